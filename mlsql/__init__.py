@@ -1,0 +1,1 @@
+"""MLSQL: machine learning in SQL."""

@@ -1,0 +1,125 @@
+"""One error hierarchy for everything a user can get wrong.
+
+Every error a user sees derives from :class:`MLSQLError`. Messages name what was
+wrong and where; :func:`did_you_mean` supplies the nearest existing name.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``name`` (case-insensitive), or None."""
+    cands = [c for c in candidates if c]
+    lowered = {c.lower(): c for c in cands}
+    hit = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[hit[0]] if hit else None
+
+
+class MLSQLError(Exception):
+    """Base of every error MLSQL raises for a user mistake or a failed statement."""
+
+    def __init__(self, message: str, *, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+
+
+class ParseError(MLSQLError):
+    """Text that is not valid MLSQL; carries 1-based line and column."""
+
+    def __init__(self, message: str, *, sql: str = "", line: int | None = None,
+                 col: int | None = None, hint: str | None = None):
+        self.sql, self.line, self.col = sql, line, col
+        text = message
+        if line is not None and col is not None:
+            text = f"{message}. Line {line}, Col: {col}."
+            snippet = caret_snippet(sql, line, col)
+            if snippet:
+                text = f"{text}\n{snippet}"
+        super().__init__(text, hint=hint)
+
+
+def caret_snippet(sql: str, line: int, col: int) -> str:
+    """The offending line of ``sql`` with a caret under column ``col``."""
+    lines = sql.splitlines()
+    if not (1 <= line <= len(lines)):
+        return ""
+    src = lines[line - 1]
+    return f"  {src}\n  {' ' * max(col - 1, 0)}^"
+
+
+class UnknownNameError(MLSQLError):
+    """A table, model, column, option, device or function that does not exist."""
+
+    kind = "name"
+
+    def __init__(self, name: str, candidates: Iterable[str] = (), *, where: str | None = None,
+                 message: str | None = None):
+        self.name = name
+        self.candidates = list(candidates)
+        self.suggestion = did_you_mean(name, self.candidates)
+        msg = message or f"Unknown {self.kind} '{name}'" + (f" {where}" if where else "")
+        hint = f"Did you mean '{self.suggestion}'?" if self.suggestion else None
+        super().__init__(msg, hint=hint)
+
+
+class UnknownTableError(UnknownNameError):
+    kind = "table"
+
+
+class UnknownModelError(UnknownNameError):
+    kind = "model"
+
+
+class UnknownColumnError(UnknownNameError):
+    kind = "column"
+
+
+class UnknownOptionError(UnknownNameError):
+    kind = "option"
+
+
+class UnknownDeviceError(UnknownNameError):
+    kind = "device"
+
+
+class UnknownFunctionError(UnknownNameError):
+    kind = "function"
+
+
+class UnknownVariableError(UnknownNameError):
+    kind = "variable"
+
+
+class OptionError(MLSQLError):
+    """An option with a value of the wrong type or out of range."""
+
+
+class EngineError(MLSQLError):
+    """The engine (DuckDB, Spark) refused a statement."""
+
+
+class TrainingError(MLSQLError):
+    """Training could not proceed (no rows, constant label, bad label type...)."""
+
+
+class ModelError(MLSQLError):
+    """A model cannot do what was asked (wrong input columns, wrong kind of model)."""
+
+
+class WorkspaceError(MLSQLError):
+    """The workspace cannot be used (locked by another process, unreadable)."""
+
+
+class ExportError(MLSQLError):
+    """A model or expression that cannot be exported to ONNX."""
+
+
+class DeviceError(MLSQLError):
+    """A device refused or failed a request."""
