@@ -29,6 +29,12 @@ class MLSQLError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
+    def with_context(self, where: str) -> MLSQLError:
+        """Prefix the message with where it happened (e.g. the statement of a script)."""
+        self.message = f"{where}: {self.message}"
+        self.args = (str(self),)
+        return self
+
 
 class ParseError(MLSQLError):
     """Text that is not valid MLSQL; carries 1-based line and column."""

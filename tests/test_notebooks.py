@@ -1,0 +1,48 @@
+"""The example notebooks, executed for real with nbclient."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def execute(name: str, tmp_path) -> nbformat.NotebookNode:
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    os.environ["MLSQL_HOME"] = str(tmp_path / "ws")
+    try:
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    finally:
+        os.environ.pop("MLSQL_HOME", None)
+    return nb
+
+
+def outputs_text(cell) -> str:
+    parts = []
+    for o in cell.get("outputs", []):
+        parts.append(o.get("text", ""))
+        data = o.get("data", {})
+        parts.append(data.get("text/plain", ""))
+        parts.append(data.get("text/html", ""))
+    return "\n".join(parts)
+
+
+@pytest.mark.slow
+def test_quickstart(tmp_path):
+    nb = execute("01_quickstart.ipynb", tmp_path)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    by_source = {c.source.split("\n")[-1][:60]: c for c in code}
+    train = next(c for c in code if "CREATE OR REPLACE MODEL late_model" in c.source)
+    assert "Created model late_model version 1" in outputs_text(train)
+    assert "roc_auc" in outputs_text(train)
+    show = next(c for c in code if c.source.strip() == "%mlsql SHOW MODELS")
+    assert "late_model" in outputs_text(show)
+    assert (tmp_path / "ws" / "catalog.duckdb").exists() and (tmp_path / "ws" / "mlflow.db").exists()
+    assert by_source
