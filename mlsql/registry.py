@@ -177,7 +177,13 @@ class Registry:
 
     # -- reading ---------------------------------------------------------
     def names(self) -> list[str]:
-        return sorted(m.name for m in self.client.search_registered_models(max_results=10000))
+        names, token = [], None
+        while True:  # the store pages at 1,000
+            page = self.client.search_registered_models(max_results=1000, page_token=token)
+            names += [m.name for m in page]
+            token = page.token
+            if not token:
+                return sorted(names)
 
     def exists(self, name: str) -> bool:
         return self._registered(name) is not None

@@ -92,13 +92,16 @@ class Session:
         """
         results: list[Result] = []
         stmts = self._statements(text)
-        for i, stmt in enumerate(stmts):
+        for i, item in enumerate(stmts):
             is_last = i == len(stmts) - 1
+            line = None
             try:
-                results.append(self._run_statement(stmt, params, autolimit if is_last else None))
+                for stmt in (item() if callable(item) else [item]):
+                    line = stmt.line
+                    results.append(self._run_statement(stmt, params, autolimit if is_last else None))
             except MLSQLError as exc:
                 if len(stmts) > 1:
-                    exc.with_context(f"Statement {i + 1} (line {stmt.line})")
+                    exc.with_context(f"Statement {i + 1}" + (f" (line {line})" if line else ""))
                 raise
         return results
 
@@ -125,25 +128,26 @@ class Session:
         self.close()
 
     # -- parsing ---------------------------------------------------------------
-    def _statements(self, text: str):
-        """Yield statements; ``${var}`` is substituted per statement so a SET earlier in the
-        script applies to the statements after it."""
+    def _statements(self, text: str) -> list:
+        """The script's statements. With ``${var}`` in the text, each statement is a thunk parsed
+        just before it runs, so a SET earlier in the script applies to the statements after it."""
         if "${" not in text:
-            yield from parse_script(text)
-            return
-        from sqlglot.dialects.duckdb import DuckDB
+            return parse_script(text)
         from sqlglot.tokens import TokenType
 
+        from .dialect import _DIALECT
+
         bounds, start = [], 0
-        for tok in DuckDB().tokenize(text):
+        for tok in _DIALECT.tokenize(text):
             if tok.token_type == TokenType.SEMICOLON:
                 bounds.append((start, tok.start))
                 start = tok.end + 1
         bounds.append((start, len(text)))
-        for a, b in bounds:
+        return [self._thunk(text, a, b) for a, b in bounds if text[a:b].strip()]
+
+    def _thunk(self, text: str, a: int, b: int):
+        def parse() -> list[Statement]:
             chunk = text[a:b]
-            if not chunk.strip():
-                continue
             line0 = text.count("\n", 0, a)
             try:
                 parsed = parse_script(substitute_variables(chunk, self.variables))
@@ -152,11 +156,10 @@ class Session:
                     exc.message.split(". Line")[0], sql=text,
                     line=(exc.line or 1) + line0, col=exc.col, hint=exc.hint,
                 ) from None
-            except MLSQLError:
-                raise
-            for st in parsed:
-                yield Statement(sql=st.sql, expression=st.expression, start=st.start + a,
-                                line=st.line + line0, is_ml=st.is_ml)
+            return [Statement(sql=st.sql, expression=st.expression, start=st.start + a,
+                              line=st.line + line0, is_ml=st.is_ml) for st in parsed]
+
+        return parse
 
     # -- running ---------------------------------------------------------------
     def _run_statement(self, stmt: Statement, params, autolimit) -> Result:

@@ -24,7 +24,7 @@ def test_plain_sql_passes_through(session):
 
 
 def test_duckdb_specific_syntax_untouched(session):
-    r = session.sql("SELECT [x * 2 FOR x IN [1, 2, 3]] AS l, {'a': 1}.a AS s, list_transform([1, 2], y -> y + 1) AS m")
+    r = session.sql("SELECT [x * 2 FOR x IN [1, 2, 3]] AS l, {'a': 1}.a AS s, list_transform([1, 2], lambda y: y + 1) AS m")
     assert r.fetchone() == ([2, 4, 6], 1, [2, 3])
 
 
@@ -174,7 +174,7 @@ def test_transform_is_fitted_and_reapplied(shared_ws):
                    ML.IMPUTER(sex, 'most_frequent') OVER () AS sex,
                    ML.LABEL_ENCODER(island) OVER () AS island_code,
                    ML.QUANTILE_BUCKETIZE(bill_length_mm, 4) OVER () AS bill_q,
-                   LOG(body_mass_g) AS log_mass,
+                   LN(body_mass_g) AS log_mass,
                    species)
         OPTIONS (model_type = 'linear_reg', input_label_cols = ['log_mass'])
         AS SELECT * FROM penguins WHERE body_mass_g IS NOT NULL

@@ -14,6 +14,19 @@ _MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
 _LINE = re.compile(r"^LINE (\d+):", re.M)
 
 
+def _locate(msg: str, sql: str) -> str:
+    """DuckDB's binder errors carry no position: point at the first name they quote."""
+    for name in re.findall(r'"([^"]+)"', msg.split("\n")[0]):
+        m = re.search(r"(?<![\w.])" + re.escape(name) + r"(?!\w)", sql, re.IGNORECASE)
+        if m:
+            lno = sql.count("\n", 0, m.start()) + 1
+            col = m.start() - (sql.rfind("\n", 0, m.start()) + 1)
+            src = sql.splitlines()[lno - 1]
+            head = f"LINE {lno}: "
+            return f"\n\n{head}{src}\n{' ' * (len(head) + col)}^"
+    return ""
+
+
 class DuckDBEngine:
     """One DuckDB connection on the workspace catalog (or in memory)."""
 
@@ -53,10 +66,16 @@ class DuckDBEngine:
                 rel = rel.limit(limit)
             return rel.to_arrow_table()
         except self._duckdb.Error as exc:
-            raise self._translate(exc, line) from None
+            raise self._translate(exc, line, sql) from None
 
-    def _translate(self, exc: Exception, line: int) -> Exception:
+    def _rows(self, sql: str, params: list | None = None) -> list[tuple]:
+        """Small catalog queries, fully fetched (DuckDB refuses new work while a result is open)."""
+        return self.con.sql(sql, params=params).fetchall()
+
+    def _translate(self, exc: Exception, line: int, sql: str = "") -> Exception:
         msg = str(exc)
+        if not _LINE.search(msg) and sql:
+            msg += _locate(msg, sql)
         if line > 1:  # DuckDB counts lines from the statement; users read the script
             msg = _LINE.sub(lambda m: f"LINE {int(m.group(1)) + line - 1}:", msg)
         missing = _MISSING_TABLE.search(msg)
@@ -69,21 +88,21 @@ class DuckDBEngine:
 
     # -- catalog ---------------------------------------------------------------
     def table_names(self) -> list[str]:
-        rows = self.con.execute(
+        rows = self._rows(
             "SELECT table_name FROM information_schema.tables WHERE table_schema NOT IN "
             "('information_schema', 'pg_catalog')"
-        ).fetchall()
+        )
         return sorted({r[0] for r in rows})
 
     def has_relation(self, name: str) -> bool:
-        rows = self.con.execute(
+        rows = self._rows(
             "SELECT 1 FROM information_schema.tables WHERE lower(table_name) = lower(?) LIMIT 1", [name]
-        ).fetchall()
+        )
         return bool(rows)
 
     def settings(self) -> set[str]:
         if self._settings is None:
-            rows = self.con.execute("SELECT name FROM duckdb_settings()").fetchall()
+            rows = self._rows("SELECT name FROM duckdb_settings()")
             self._settings = {r[0].lower() for r in rows}
         return self._settings
 
@@ -103,9 +122,9 @@ class DuckDBEngine:
 
     def fingerprint(self, relation: str) -> tuple[int, str]:
         """Row count and an order-insensitive hash of every row of ``relation``."""
-        n, h = self.con.execute(
+        ((n, h),) = self._rows(
             f"SELECT count(*), CAST(COALESCE(sum(hash(t)), 0) AS VARCHAR) FROM {relation} AS t"
-        ).fetchone()
+        )
         return int(n), f"{int(h) % (1 << 64):016x}"
 
     def close(self) -> None:

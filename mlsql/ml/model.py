@@ -1,0 +1,397 @@
+"""TrainedModel: training, prediction, evaluation and explanation on Arrow tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import ModelError, TrainingError, UnknownColumnError
+from . import metrics as M
+from .estimators import load_estimator, make_estimator
+from .features import FeatureSpec, encode, encoded_names, feature_of_column, fit_features
+from .options import Options
+
+AUTO_SPLIT_SMALL = 500
+AUTO_SPLIT_MEDIUM = 50_000
+AUTO_SPLIT_EVAL_ROWS = 10_000
+
+TRAINING_INFO_SCHEMA = pa.schema([
+    ("iteration", pa.int64()), ("loss", pa.float64()), ("eval_loss", pa.float64()),
+    ("learning_rate", pa.float64()), ("duration_ms", pa.float64()),
+])
+
+
+def _find(table: pa.Table, name: str) -> str | None:
+    by_lower = {c.lower(): c for c in table.column_names}
+    return by_lower.get(name.lower())
+
+
+def _eval_mask(table: pa.Table, opts: Options, n: int) -> np.ndarray | None:
+    """True for evaluation rows, following BigQuery ML's data_split_* options."""
+    method = opts.data_split_method
+    rng = np.random.default_rng(opts.random_seed)
+    if method == "no_split":
+        return None
+    if method == "auto_split":
+        if n < AUTO_SPLIT_SMALL:
+            return None
+        k = int(round(n * 0.2)) if n <= AUTO_SPLIT_MEDIUM else AUTO_SPLIT_EVAL_ROWS
+        mask = np.zeros(n, dtype=bool)
+        mask[rng.choice(n, size=k, replace=False)] = True
+        return mask
+    if method == "random":
+        return rng.random(n) < opts.data_split_eval_fraction
+    if method == "custom":
+        col = _find(table, opts.data_split_col)
+        if col is None:
+            raise UnknownColumnError(opts.data_split_col, table.column_names,
+                                     message=f"data_split_col '{opts.data_split_col}' is not a column of the training data")
+        return pc.fill_null(table.column(col).cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
+    # seq: the last fraction of rows, ordered by data_split_col when given
+    k = int(round(n * opts.data_split_eval_fraction))
+    mask = np.zeros(n, dtype=bool)
+    if opts.data_split_col:
+        col = _find(table, opts.data_split_col)
+        if col is None:
+            raise UnknownColumnError(opts.data_split_col, table.column_names,
+                                     message=f"data_split_col '{opts.data_split_col}' is not a column of the training data")
+        order = pc.sort_indices(table.column(col)).to_numpy()
+        mask[order[n - k:]] = True
+    else:
+        mask[n - k:] = True
+    return mask
+
+
+class TrainedModel:
+    """A trained model and everything needed to reuse it: encoding, classes, metrics."""
+
+    def __init__(self, *, model_type, task, label, label_type, classes, features, estimator,
+                 eval_metrics, training_info, options, n_train=0, n_eval=0):
+        self.model_type = model_type
+        self.task = task
+        self.label = label
+        self.label_type = label_type
+        self.classes = classes
+        self.features: list[FeatureSpec] = features
+        self.estimator = estimator
+        self.eval_metrics: dict = eval_metrics
+        self.training_info: pa.Table = training_info
+        self.options = options
+        self.n_train, self.n_eval = n_train, n_eval
+
+    # -- encoding ------------------------------------------------------------------
+    @property
+    def encoded_names(self) -> list[str]:
+        return encoded_names(self.features)
+
+    @property
+    def is_classifier(self) -> bool:
+        return self.task == "classification"
+
+    def encode(self, table: pa.Table) -> np.ndarray:
+        return encode(table, self.features)
+
+    def _label_arrow_type(self) -> pa.DataType:
+        return _type_from_str(self.label_type)
+
+    def _class_array(self) -> pa.Array:
+        return pa.array(self.classes, type=self._label_arrow_type())
+
+    def _codes(self, table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+        """Class codes of the label column and a mask of rows whose label is known."""
+        col = table.column(_find(table, self.label))
+        if pa.types.is_dictionary(col.type):
+            col = col.cast(col.type.value_type)
+        want = self._label_arrow_type()
+        if col.type != want:
+            try:
+                col = col.cast(want)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise ModelError(f"Label column '{self.label}' has type {col.type}; the model was trained on {want}") from exc
+        codes = pc.index_in(col, value_set=self._class_array())
+        valid = pc.is_valid(codes).to_numpy(zero_copy_only=False)
+        return pc.fill_null(codes, -1).to_numpy(zero_copy_only=False), valid
+
+    def _probs(self, X) -> np.ndarray:
+        return self.estimator.predict_raw(X)
+
+    # -- prediction ------------------------------------------------------------------
+    def predict(self, features: pa.Table, threshold: float | None = None) -> pa.Table:
+        X = self.encode(features)
+        name = f"predicted_{self.label}"
+        if not self.is_classifier:
+            return pa.table({name: pa.array(self.estimator.predict_raw(X), pa.float64())})
+        probs = self._probs(X)
+        return pa.table({name: self._labels_for(probs, threshold),
+                         f"{name}_probs": self._probs_array(probs)})
+
+    def _pred_codes(self, probs, threshold=None) -> np.ndarray:
+        if probs.shape[1] == 2 and threshold is not None:
+            return (probs[:, 1] >= threshold).astype(np.int64)
+        return probs.argmax(axis=1)
+
+    def _labels_for(self, probs, threshold=None) -> pa.Array:
+        return self._class_array().take(pa.array(self._pred_codes(probs, threshold)))
+
+    def _probs_array(self, probs: np.ndarray) -> pa.Array:
+        n, k = probs.shape
+        labels = self._class_array().take(pa.array(np.tile(np.arange(k), n)))
+        structs = pa.StructArray.from_arrays([labels, pa.array(probs.ravel(), pa.float64())], names=["label", "prob"])
+        return pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), structs)
+
+    # -- evaluation ----------------------------------------------------------------
+    def _labelled(self, table: pa.Table):
+        if _find(table, self.label) is None:
+            raise UnknownColumnError(self.label, table.column_names,
+                                     message=f"Input has no label column '{self.label}'")
+        if self.is_classifier:
+            codes, valid = self._codes(table)
+        else:
+            y = table.column(_find(table, self.label))
+            yv = y.cast(pa.float64()).to_numpy(zero_copy_only=False)
+            valid = ~np.isnan(yv)
+            codes = yv
+        if not valid.all():
+            table = table.filter(pa.array(valid))
+            codes = codes[valid]
+        if table.num_rows == 0:
+            raise ModelError(f"No rows with a known label '{self.label}' to evaluate on")
+        return table, codes
+
+    def evaluate(self, table: pa.Table, threshold: float | None = None) -> dict:
+        table, y = self._labelled(table)
+        X = self.encode(table)
+        if self.is_classifier:
+            return M.classification_metrics(y, self._probs(X), threshold)
+        return M.regression_metrics(y, self.estimator.predict_raw(X))
+
+    def confusion_matrix(self, table: pa.Table, threshold: float | None = None) -> pa.Table:
+        if not self.is_classifier:
+            raise ModelError("ML.CONFUSION_MATRIX needs a classification model", hint="Use ML.EVALUATE for regressors.")
+        table, y = self._labelled(table)
+        pred = self._pred_codes(self._probs(self.encode(table)), threshold)
+        k = len(self.classes)
+        cm = M.confusion(y, pred, k)
+        cols = {"expected_label": self._class_array()}
+        for j, c in enumerate(self.classes):
+            cols[str(c)] = pa.array(cm[:, j], pa.int64())
+        return pa.table(cols)
+
+    def roc_curve(self, table: pa.Table) -> pa.Table:
+        if not self.is_classifier or len(self.classes) != 2:
+            raise ModelError("ML.ROC_CURVE needs a binary classification model")
+        table, y = self._labelled(table)
+        probs = self._probs(self.encode(table))
+        return pa.table(M.roc_points(y == 1, probs[:, 1]))
+
+    # -- explanation ---------------------------------------------------------------
+    def explain_predict(self, features: pa.Table, top_k: int = 5) -> pa.Table:
+        X = self.encode(features)
+        contrib = self.estimator.contributions(X)  # [n, n_out, f+1]
+        n = len(X)
+        pred = self.predict(features)
+        if self.is_classifier:
+            probs = self._probs(X)
+            codes = probs.argmax(axis=1)
+            if contrib.shape[1] == 1:  # binary margin is for class 1: flip sign for class 0
+                c = contrib[:, 0, :] * np.where(codes == 1, 1.0, -1.0)[:, None]
+            else:
+                c = contrib[np.arange(n), codes, :]
+        else:
+            c = contrib[:, 0, :]
+        base = c[:, -1]
+        per_col = c[:, :-1]
+        groups = feature_of_column(self.features)
+        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]]) if len(groups) else np.array([], int)
+        per_feat = np.add.reduceat(per_col, starts, axis=1) if len(starts) else np.zeros((n, 0))
+        k = min(top_k, per_feat.shape[1])
+        order = np.argsort(-np.abs(per_feat), axis=1, kind="stable")[:, :k]
+        vals = np.take_along_axis(per_feat, order, axis=1)
+        names = pa.array([f.name for f in self.features], pa.string()).take(pa.array(order.ravel()))
+        structs = pa.StructArray.from_arrays([names, pa.array(vals.ravel(), pa.float64())],
+                                             names=["feature", "attribution"])
+        attrs = pa.ListArray.from_arrays(pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), structs)
+        value = base + per_feat.sum(axis=1)
+        cols = {c_: pred.column(c_) for c_ in pred.column_names}
+        cols.update({
+            "top_feature_attributions": attrs,
+            "baseline_prediction_value": pa.array(base, pa.float64()),
+            "prediction_value": pa.array(value, pa.float64()),
+            "approximation_error": pa.array(np.zeros(n), pa.float64()),
+        })
+        return pa.table(cols)
+
+    def feature_importance(self) -> pa.Table:
+        imp = self.estimator.importance()
+        if imp is None:
+            raise ModelError(
+                f"ML.FEATURE_IMPORTANCE is available for boosted tree models, not {self.model_type}",
+                hint="Use ML.EXPLAIN_PREDICT for per-row attributions.",
+            )
+        groups = feature_of_column(self.features)
+        n_feat = len(self.features)
+        acc = np.zeros((n_feat, 3))
+        for key, v in imp.items():
+            j = int(key[1:]) if key.startswith("f") and key[1:].isdigit() else None
+            if j is None or j >= len(groups):
+                continue
+            acc[groups[j]] += [v["weight"], v["gain"], v["cover"]]
+        return pa.table({
+            "feature": [f.name for f in self.features],
+            "importance_weight": pa.array(acc[:, 0], pa.float64()),
+            "importance_gain": pa.array(acc[:, 1], pa.float64()),
+            "importance_cover": pa.array(acc[:, 2], pa.float64()),
+        })
+
+    # -- persistence ---------------------------------------------------------------
+    def save(self, folder) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.estimator.save(folder)
+        meta = {
+            "format": 1, "model_type": self.model_type, "task": self.task, "label": self.label,
+            "label_type": self.label_type, "classes": self.classes,
+            "features": [f.to_dict() for f in self.features],
+            "eval_metrics": self.eval_metrics, "options": self.options,
+            "n_train": self.n_train, "n_eval": self.n_eval,
+        }
+        (folder / "model.json").write_text(json.dumps(meta, indent=1, default=str))
+        import pyarrow.parquet as pq
+
+        pq.write_table(self.training_info, folder / "training_info.parquet")
+
+    @classmethod
+    def load(cls, folder) -> TrainedModel:
+        import pyarrow.parquet as pq
+
+        folder = Path(folder)
+        meta = json.loads((folder / "model.json").read_text())
+        return cls(
+            model_type=meta["model_type"], task=meta["task"], label=meta["label"],
+            label_type=meta["label_type"], classes=meta["classes"],
+            features=[FeatureSpec(**f) for f in meta["features"]],
+            estimator=load_estimator(folder), eval_metrics=meta["eval_metrics"],
+            training_info=pq.read_table(folder / "training_info.parquet"), options=meta.get("options", {}),
+            n_train=meta.get("n_train", 0), n_eval=meta.get("n_eval", 0),
+        )
+
+
+def _type_from_str(s: str) -> pa.DataType:
+    simple = {"string": pa.string(), "large_string": pa.string(), "bool": pa.bool_(), "double": pa.float64(),
+              "float": pa.float32(), "int64": pa.int64(), "int32": pa.int32(), "int16": pa.int16(),
+              "int8": pa.int8(), "uint8": pa.uint8(), "uint16": pa.uint16(), "uint32": pa.uint32(),
+              "uint64": pa.uint64()}
+    return simple.get(s, pa.string())
+
+
+def _label_values(col) -> tuple[pa.Array, str]:
+    """The label column normalized for classification: bools and integers keep their type, the rest → string."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    t = col.type
+    if pa.types.is_dictionary(t):
+        col = col.cast(t.value_type)
+        t = t.value_type
+    if pa.types.is_boolean(t):
+        return col, "bool"
+    if pa.types.is_integer(t):
+        return col.cast(pa.int64()), "int64"
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        f = col.cast(pa.float64())
+        vals = f.drop_null().to_numpy(zero_copy_only=False)
+        if len(vals) and np.all(vals == np.round(vals)):
+            return f.cast(pa.int64()), "int64"
+        raise TrainingError(
+            f"The label column has fractional values ({t}); a classifier needs discrete classes",
+            hint="Use a regressor model_type, or CAST the label to an integer or string.",
+        )
+    return col.cast(pa.string()), "string"
+
+
+def train(table: pa.Table, opts: Options, progress=None) -> TrainedModel:
+    """Train the model ``opts`` describes on ``table`` (features + label, as Arrow)."""
+    label = _find(table, opts.label)
+    if label is None:
+        raise UnknownColumnError(
+            opts.label, table.column_names,
+            message=f"Label column '{opts.label}' (input_label_cols) is not a column of the training query",
+        )
+    split_col = _find(table, opts.data_split_col) if opts.data_split_col else None
+    feature_names = [c for c in table.column_names if c not in (label, split_col)]
+    if not feature_names:
+        raise TrainingError("The training query has no feature columns besides the label")
+    # rows with a NULL label cannot teach anything
+    lab = table.column(label)
+    if lab.null_count:
+        table = table.filter(pc.is_valid(lab))
+    n = table.num_rows
+    if n == 0:
+        raise TrainingError(f"Every row of the training data has a NULL label '{label}'")
+
+    task = "classification" if opts.is_classifier else "regression"
+    classes = None
+    label_type = str(table.column(label).type)
+    if task == "classification":
+        values, label_type = _label_values(table.column(label))
+        uniq = pc.unique(values)
+        classes = sorted(uniq.to_pylist())
+        if len(classes) < 2:
+            raise TrainingError(f"The label '{label}' has a single value ({classes[0]!r}); a classifier needs at least two")
+        y_all = pc.index_in(values, value_set=pa.array(classes, values.type)).to_numpy(zero_copy_only=False)
+        y_all = y_all.astype(np.int64)
+    else:
+        t = table.column(label).type
+        if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)):
+            raise TrainingError(f"A regressor needs a numeric label; '{label}' is {t}",
+                                hint="Use a classifier model_type for categorical labels.")
+        y_all = table.column(label).cast(pa.float64()).to_numpy()
+        label_type = "double"
+
+    eval_mask = _eval_mask(table, opts, n)
+    if eval_mask is not None and (eval_mask.all() or not eval_mask.any()):
+        eval_mask = None if not eval_mask.any() else eval_mask
+        if eval_mask is not None:
+            raise TrainingError("The data split leaves no training rows")
+    train_mask = None if eval_mask is None else ~eval_mask
+
+    estimator = make_estimator(opts)
+    specs = fit_features(table, feature_names, estimator.encoding, train_mask)
+    X = encode(table, specs)
+    if eval_mask is not None:
+        X_tr, y_tr = X[train_mask], y_all[train_mask]
+        X_ev, y_ev = X[eval_mask], y_all[eval_mask]
+        del X
+    else:
+        X_tr, y_tr, X_ev, y_ev = X, y_all, None, None
+
+    w = None
+    if task == "classification" and (opts.class_weights or opts.auto_class_weights):
+        counts = np.bincount(y_tr, minlength=len(classes)).astype(np.float64)
+        if opts.auto_class_weights:
+            cw = np.where(counts > 0, len(y_tr) / (len(classes) * np.maximum(counts, 1)), 0.0)
+        else:
+            by_str = {str(k): v for k, v in opts.class_weights.items()}
+            unknown = [k for k in by_str if k not in {str(c) for c in classes}]
+            if unknown:
+                raise TrainingError(f"class_weights names label {unknown[0]!r}, which is not a class of '{label}'",
+                                    hint=f"Classes: {', '.join(map(str, classes))}.")
+            cw = np.array([by_str.get(str(c), 1.0) for c in classes])
+        w = cw[y_tr]
+
+    history = estimator.fit(X_tr, y_tr, w, X_ev, y_ev, opts, task, len(classes) if classes else 1, progress)
+    model = TrainedModel(
+        model_type=opts.model_type, task=task, label=label, label_type=label_type, classes=classes,
+        features=specs, estimator=estimator, eval_metrics={},
+        training_info=pa.Table.from_pylist(history, schema=TRAINING_INFO_SCHEMA),
+        options=opts.given, n_train=len(y_tr), n_eval=0 if y_ev is None else len(y_ev),
+    )
+    Xm, ym = (X_ev, y_ev) if X_ev is not None else (X_tr, y_tr)
+    if task == "classification":
+        model.eval_metrics = M.classification_metrics(ym, estimator.predict_raw(Xm))
+    else:
+        model.eval_metrics = M.regression_metrics(ym, estimator.predict_raw(Xm))
+    return model
