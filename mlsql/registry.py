@@ -76,10 +76,12 @@ class Registry:
         uri = self.workspace.tracking_uri
         with _lock:
             if uri not in _clients:
-                for name in ("mlflow", "alembic"):
-                    logging.getLogger(name).setLevel(logging.WARNING)
                 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
                 from mlflow.tracking import MlflowClient
+
+                # mlflow configures its loggers on import; quiet them afterwards
+                for name in ("mlflow", "mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+                    logging.getLogger(name).setLevel(logging.WARNING)
 
                 _clients[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
             return _clients[uri]

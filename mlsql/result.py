@@ -124,6 +124,8 @@ def _fmt_cell(v: Any) -> str:
     if v is None:
         return "NULL"
     if isinstance(v, float):
+        if v.is_integer() and abs(v) < 1e15:
+            return f"{v:.1f}"
         return f"{v:.6g}"
     if isinstance(v, list) and v and isinstance(v[0], dict):
         return "[" + ", ".join("{" + ", ".join(f"{k}: {_fmt_cell(x)}" for k, x in d.items()) + "}" for d in v) + "]"

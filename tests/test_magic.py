@@ -7,10 +7,10 @@ import pytest
 
 @pytest.fixture
 def ip(tmp_path, monkeypatch):
-    from IPython.testing.globalipapp import start_ipython
+    from IPython.testing.globalipapp import get_ipython, start_ipython
 
     monkeypatch.setenv("MLSQL_HOME", str(tmp_path / "ws"))
-    shell = start_ipython()
+    shell = start_ipython() or get_ipython()  # the global shell starts once per process
     shell.run_line_magic("load_ext", "mlsql")
     yield shell
     magic = shell.magics_manager.registry["MLSQLMagic"]
