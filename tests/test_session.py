@@ -273,8 +273,9 @@ def test_flights_delay_classifier_quality(shared_ws):
     r = shared_ws.sql("""
         CREATE OR REPLACE MODEL late_model
         OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['late'],
-                 data_split_method = 'random', data_split_eval_fraction = 0.2)
-        AS SELECT f.month, f.day, f.hour AS dep_hour, f.carrier, f.origin, f.dest, f.distance,
+                 data_split_method = 'random', data_split_eval_fraction = 0.2,
+                 max_iterations = 100, early_stop = FALSE)
+        AS SELECT f.month, f.day, dayofweek(f.time_hour) AS dow, f.hour AS dep_hour, f.carrier, f.origin, f.dest, f.distance,
                   w.temp, w.dewp, w.humid, w.wind_dir, w.wind_speed, w.precip, w.pressure, w.visib,
                   p.year AS plane_year, p.seats, f.arr_delay > 15 AS late
            FROM flights f

@@ -205,8 +205,9 @@ class MLSQLParser(DuckDB.Parser):
                 self.raise_error("Expected a version number or alias after '@'")
             self._advance()
             if tok.token_type == TokenType.NUMBER:
-                if not tok.text.isdigit():
-                    self.raise_error(f"Model version must be a whole number, got {tok.text}")
+                nxt = self._curr
+                if not tok.text.isdigit() or (nxt is not None and nxt.text in (".", "e", "E") and nxt.start == tok.end + 1):
+                    self.raise_error(f"Model version must be a whole number, got {tok.text}{nxt.text if nxt else ''}...")
                 version = tok.text
             else:
                 alias = tok.text

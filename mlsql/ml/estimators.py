@@ -272,6 +272,7 @@ class LinearEstimator:
 
         history: list[dict] = []
         state = {"t0": t0}
+        self.link = "sigmoid" if k == 2 else "softmax"
 
         def callback(theta):
             W = theta[: n_out * d].reshape(n_out, d)
