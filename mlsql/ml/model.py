@@ -361,18 +361,12 @@ def train(table: pa.Table, opts: Options, progress=None) -> TrainedModel:
     estimator = make_estimator(opts)
     specs = fit_features(table, feature_names, estimator.encoding, train_mask)
     X = encode(table, specs)
-    if eval_mask is not None:
-        X_tr, y_tr = X[train_mask], y_all[train_mask]
-        X_ev, y_ev = X[eval_mask], y_all[eval_mask]
-        del X
-    else:
-        X_tr, y_tr, X_ev, y_ev = X, y_all, None, None
-
-    w = None
+    w_all = None
     if task == "classification" and (opts.class_weights or opts.auto_class_weights):
-        counts = np.bincount(y_tr, minlength=len(classes)).astype(np.float64)
+        y_fit = y_all if eval_mask is None else y_all[train_mask]
+        counts = np.bincount(y_fit, minlength=len(classes)).astype(np.float64)
         if opts.auto_class_weights:
-            cw = np.where(counts > 0, len(y_tr) / (len(classes) * np.maximum(counts, 1)), 0.0)
+            cw = np.where(counts > 0, len(y_fit) / (len(classes) * np.maximum(counts, 1)), 0.0)
         else:
             by_str = {str(k): v for k, v in opts.class_weights.items()}
             unknown = [k for k in by_str if k not in {str(c) for c in classes}]
@@ -380,14 +374,27 @@ def train(table: pa.Table, opts: Options, progress=None) -> TrainedModel:
                 raise TrainingError(f"class_weights names label {unknown[0]!r}, which is not a class of '{label}'",
                                     hint=f"Classes: {', '.join(map(str, classes))}.")
             cw = np.array([by_str.get(str(c), 1.0) for c in classes])
-        w = cw[y_tr]
+        w_all = cw[y_all]
+    if eval_mask is None:
+        X_tr, y_tr, w, X_ev, y_ev = X, y_all, w_all, None, None
+    else:
+        X_ev, y_ev = X[eval_mask], y_all[eval_mask]
+        if estimator.kind == "xgboost":
+            # no copy of the training rows: evaluation rows stay in the matrix with weight 0
+            X_tr, y_tr = X, y_all
+            w = (w_all if w_all is not None else np.ones(n)) * train_mask
+        else:
+            X_tr, y_tr = X[train_mask], y_all[train_mask]
+            w = None if w_all is None else w_all[train_mask]
+        del X
+    n_train = n if eval_mask is None else int(train_mask.sum())
 
     history = estimator.fit(X_tr, y_tr, w, X_ev, y_ev, opts, task, len(classes) if classes else 1, progress)
     model = TrainedModel(
         model_type=opts.model_type, task=task, label=label, label_type=label_type, classes=classes,
         features=specs, estimator=estimator, eval_metrics={},
         training_info=pa.Table.from_pylist(history, schema=TRAINING_INFO_SCHEMA),
-        options=opts.given, n_train=len(y_tr), n_eval=0 if y_ev is None else len(y_ev),
+        options=opts.given, n_train=n_train, n_eval=0 if y_ev is None else len(y_ev),
     )
     Xm, ym = (X_ev, y_ev) if X_ev is not None else (X_tr, y_tr)
     if task == "classification":
