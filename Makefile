@@ -15,7 +15,8 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
-	$(PIP) install -e '.[lab,data,test]'
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[lab,data,test,torch]'
 	$(PY) -m mlsql.kernel install --sys-prefix
 	touch $@
 
