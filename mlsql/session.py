@@ -378,6 +378,7 @@ class Session:
             if transform is not None:
                 (d / TRANSFORM_FILE).write_text(transform.to_json())
             meta = {
+                "query_sql": step.query_sql,
                 "input_columns": transform.input_columns if transform else [f.name for f in model.features],
                 "training_schema": {f.name: str(f.type) for f in data.schema},
                 "data_rows": rows,
