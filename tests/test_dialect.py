@@ -42,6 +42,8 @@ ROUND_TRIP = [
     "CREATE DEVICE GROUP 'field' OPTIONS (devices = ['a', 'b'])",
     "SHOW DEVICES",
     "DROP DEVICE 'pixel-7'",
+    "DROP DEVICE IF EXISTS 'pixel-7'",
+    "DROP DEVICE GROUP 'field'",
     "CREATE JOB nightly OPTIONS (schedule = '0 3 * * *') AS NOTEBOOK 'notebooks/retrain.ipynb'",
     "SHOW JOBS",
     "DROP JOB nightly",

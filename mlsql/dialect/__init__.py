@@ -83,6 +83,9 @@ class MLSQLParser(DuckDB.Parser):
         if self._match_text_seq("DROP", "MODEL"):
             exists = self._match_text_seq("IF", "EXISTS")
             return self.expression(mx.DropModel(this=self._parse_model_ref(allow_version=False), exists=exists))
+        if self._match_text_seq("DROP", "DEVICE", "GROUP"):
+            exists = self._match_text_seq("IF", "EXISTS")
+            return self.expression(mx.DropDeviceGroup(this=self._parse_object_name("device group"), exists=exists))
         if self._match_text_seq("DROP", "DEVICE"):
             exists = self._match_text_seq("IF", "EXISTS")
             return self.expression(mx.DropDevice(this=self._parse_object_name("device"), exists=exists))
@@ -345,6 +348,7 @@ class MLSQLGenerator(DuckDB.Generator):
         mx.DescribeModel: lambda g, e: "DESCRIBE MODEL " + g.sql(e.this),
         mx.DropModel: lambda g, e: "DROP MODEL " + ("IF EXISTS " if e.args.get("exists") else "") + g.sql(e.this),
         mx.DropDevice: _named_sql("DROP DEVICE"),
+        mx.DropDeviceGroup: _named_sql("DROP DEVICE GROUP"),
         mx.DropJob: _named_sql("DROP JOB"),
         mx.CreateDevice: _named_sql("CREATE DEVICE"),
         mx.CreateDeviceGroup: _named_sql("CREATE DEVICE GROUP"),

@@ -207,6 +207,10 @@ class DropDevice(_Named):
     pass
 
 
+class DropDeviceGroup(_Named):
+    pass
+
+
 class DropJob(_Named):
     pass
 

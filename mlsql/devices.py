@@ -1,0 +1,186 @@
+"""The workspace's devices and device groups (``devices.json``), shared by every session.
+
+Writes go to a temporary file and replace the old one in one rename, under a
+lock file, so two kernels on one workspace never lose each other's devices.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import MLSQLError, OptionError, UnknownDeviceError, UnknownOptionError
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+DEVICE_OPTIONS = {"url", "token", "providers", "description", "timeout_s", "verify_tls"}
+GROUP_OPTIONS = {"devices", "hub", "hub_token", "description"}
+
+
+@dataclass
+class Device:
+    name: str
+    url: str
+    token: str = ""
+    providers: list[str] = field(default_factory=list)
+    description: str = ""
+    timeout_s: float = 30.0
+    verify_tls: bool = True
+
+
+@dataclass
+class DeviceGroup:
+    name: str
+    devices: list[str] = field(default_factory=list)
+    hub: str = ""
+    hub_token: str = ""
+    description: str = ""
+
+
+class DeviceStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    @contextmanager
+    def _locked(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"devices": {}, "groups": {}}
+        try:
+            data = json.loads(self.path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MLSQLError(f"The device list {self.path} is not valid JSON ({exc})",
+                             hint="Fix or remove the file; devices can be added again with CREATE DEVICE.") from None
+        data.setdefault("devices", {})
+        data.setdefault("groups", {})
+        return data
+
+    def _write(self, data: dict) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)  # holds device tokens
+        os.replace(tmp, self.path)
+
+    # -- devices ---------------------------------------------------------------
+    def devices(self) -> list[Device]:
+        return [Device(**d) for _, d in sorted(self._read()["devices"].items())]
+
+    def get(self, name: str) -> Device:
+        data = self._read()["devices"]
+        if name not in data:
+            raise UnknownDeviceError(name, list(data), where="(CREATE DEVICE registers one)")
+        return Device(**data[name])
+
+    def add(self, name: str, options: dict, *, replace: bool = False, if_not_exists: bool = False) -> Device | None:
+        _check_name(name, "device")
+        _check_options(options, DEVICE_OPTIONS, "CREATE DEVICE")
+        if not options.get("url"):
+            raise OptionError(f"CREATE DEVICE '{name}' needs OPTIONS (url = 'http://host:port', token = '...')")
+        url = str(options["url"]).rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise OptionError(f"Device url must start with http:// or https://, got {url!r}")
+        providers = options.get("providers") or []
+        if isinstance(providers, str):
+            providers = [providers]
+        dev = Device(name=name, url=url, token=str(options.get("token") or ""), providers=list(providers),
+                     description=str(options.get("description") or ""),
+                     timeout_s=float(options.get("timeout_s") or 30.0),
+                     verify_tls=bool(options.get("verify_tls", True)))
+        with self._locked():
+            data = self._read()
+            if name in data["devices"]:
+                if if_not_exists:
+                    return None
+                if not replace:
+                    raise MLSQLError(f"Device '{name}' already exists",
+                                     hint=f"Use CREATE OR REPLACE DEVICE '{name}' to change it, or DROP DEVICE '{name}'.")
+            data["devices"][name] = asdict(dev)
+            self._write(data)
+        return dev
+
+    def drop(self, name: str, *, if_exists: bool = False) -> bool:
+        with self._locked():
+            data = self._read()
+            if name not in data["devices"]:
+                if if_exists:
+                    return False
+                raise UnknownDeviceError(name, list(data["devices"]))
+            del data["devices"][name]
+            for g in data["groups"].values():
+                if name in g.get("devices", []):
+                    g["devices"].remove(name)
+            self._write(data)
+        return True
+
+    # -- groups ----------------------------------------------------------------
+    def groups(self) -> list[DeviceGroup]:
+        return [DeviceGroup(**g) for _, g in sorted(self._read()["groups"].items())]
+
+    def group(self, name: str) -> DeviceGroup:
+        data = self._read()["groups"]
+        if name not in data:
+            raise UnknownDeviceError(name, list(data), message=f"Unknown device group '{name}'")
+        return DeviceGroup(**data[name])
+
+    def add_group(self, name: str, options: dict, *, replace: bool = False, if_not_exists: bool = False):
+        _check_name(name, "device group")
+        _check_options(options, GROUP_OPTIONS, "CREATE DEVICE GROUP")
+        members = options.get("devices") or []
+        if isinstance(members, str):
+            members = [members]
+        with self._locked():
+            data = self._read()
+            unknown = [m for m in members if m not in data["devices"]]
+            if unknown and not options.get("hub"):
+                raise UnknownDeviceError(unknown[0], list(data["devices"]),
+                                         where=f"in device group '{name}'")
+            if name in data["groups"]:
+                if if_not_exists:
+                    return None
+                if not replace:
+                    raise MLSQLError(f"Device group '{name}' already exists",
+                                     hint=f"Use CREATE OR REPLACE DEVICE GROUP '{name}'.")
+            g = DeviceGroup(name=name, devices=list(members), hub=str(options.get("hub") or "").rstrip("/"),
+                            hub_token=str(options.get("hub_token") or ""),
+                            description=str(options.get("description") or ""))
+            data["groups"][name] = asdict(g)
+            self._write(data)
+        return g
+
+    def drop_group(self, name: str, *, if_exists: bool = False) -> bool:
+        with self._locked():
+            data = self._read()
+            if name not in data["groups"]:
+                if if_exists:
+                    return False
+                raise UnknownDeviceError(name, list(data["groups"]), message=f"Unknown device group '{name}'")
+            del data["groups"][name]
+            self._write(data)
+        return True
+
+
+def _check_name(name: str, what: str) -> None:
+    if not NAME.match(name or ""):
+        raise OptionError(f"Invalid {what} name {name!r}: use letters, digits, '_', '.', ':' or '-'")
+
+
+def _check_options(options: dict, allowed: set[str], statement: str) -> None:
+    for k in options:
+        if k not in allowed:
+            raise UnknownOptionError(k, sorted(allowed), where=f"in {statement} OPTIONS")
