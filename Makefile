@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m mlsql.kernel install --sys-prefix
 	touch $@
 
+# Jupyter refuses to run as root unless told; containers often run as root.
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
+
 lab: install
-	cd notebooks && ../$(VENV)/bin/jupyter lab 01_quickstart.ipynb
+	cd notebooks && ../$(VENV)/bin/jupyter lab $(LAB_ARGS) 01_quickstart.ipynb
 
 test: install
 	$(VENV)/bin/pytest
