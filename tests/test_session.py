@@ -11,7 +11,6 @@ import pytest
 import mlsql
 from mlsql.errors import MLSQLError, WorkspaceError
 
-
 # -- plain SQL ------------------------------------------------------------------
 
 

@@ -82,7 +82,7 @@ class DuckDBEngine:
         if missing:
             name = missing.group(1).strip('"')
             head = msg.split("\n")[0].replace("!", "")
-            rest = "\n".join(l for l in msg.split("\n")[1:] if not l.startswith("Did you mean"))
+            rest = "\n".join(ln for ln in msg.split("\n")[1:] if not ln.startswith("Did you mean"))
             return UnknownTableError(name, self.table_names(), message=(head + "\n" + rest).rstrip())
         return EngineError(msg)
 
