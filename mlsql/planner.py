@@ -135,6 +135,17 @@ class ExplainStep:
 
 
 @dataclass
+class ExportStep:
+    model: ModelSpec
+    options: dict[str, Any]
+    kind = "export"
+
+    def describe(self):
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return f"export model {self.model} to ONNX ({opts}), check parity, record in the registry", ""
+
+
+@dataclass
 class UnsupportedStep:
     what: str
     kind = "unsupported"
@@ -206,6 +217,8 @@ class Planner:
             return [DropModelStep(e.model.name, bool(e.args.get("exists")))]
         if isinstance(e, mx.SetVariable):
             return [SetStep(e.name, e.value, stmt.sql)]
+        if isinstance(e, mx.ExportModel):
+            return [ExportStep(ModelSpec.of(e.model), e.options())]
         for node_type, what in _LATER.items():
             cls = getattr(mx, node_type, None)
             if cls is not None and isinstance(e, cls):
@@ -282,7 +295,6 @@ def _literal(a) -> Any:
 
 
 _LATER = {
-    "ExportModel": "EXPORT MODEL",
     "DeployModel": "DEPLOY MODEL",
     "RollbackModel": "ROLLBACK MODEL",
     "CreateDevice": "CREATE DEVICE",

@@ -177,6 +177,9 @@ class Registry:
         """Attach a file (an export, a parity report) to the run of a model version."""
         self.client.log_artifact(mv.run_id, str(path), artifact_path)
 
+    def set_version_tag(self, mv: ModelVersion, key: str, value: str) -> None:
+        self.client.set_model_version_tag(mv.name, str(mv.version), _TAG + key, value)
+
     # -- reading ---------------------------------------------------------
     def names(self) -> list[str]:
         names, token = [], None

@@ -111,9 +111,11 @@ class Session:
 
     def model(self, ref: str) -> LoadedModel:
         """Load ``name``, ``name@3`` or ``name@alias`` from the registry."""
-        name, _, tail = ref.partition("@")
-        spec = P.ModelSpec(name, int(tail) if tail.isdigit() else None, tail if tail and not tail.isdigit() else None)
-        return self._load(spec)
+        return self._load(_spec(ref))
+
+    def export(self, ref: str, **options) -> Result:
+        """Python form of ``EXPORT MODEL ref OPTIONS (...)``: the parity report as a Result."""
+        return self._export(_spec(ref), options)
 
     def set_alias(self, model: str, alias: str, version: int) -> None:
         self.registry.set_alias(model, alias, version)
@@ -209,6 +211,8 @@ class Session:
             return self._set(step)
         if isinstance(step, P.ExplainStep):
             return Result(step.plan.explain_table(), kind="explain")
+        if isinstance(step, P.ExportStep):
+            return self._export(step.model, step.options)
         if isinstance(step, P.UnsupportedStep):
             raise MLSQLError(f"{step.what} is not available in this version of MLSQL")
         raise AssertionError(f"no runner for {step!r}")
@@ -406,6 +410,57 @@ class Session:
         return Result(table, kind="create_model",
                       message=f"Created model {name} version {mv.version} ({model.model_type}). {shown}")
 
+    # -- export ------------------------------------------------------------------
+    def _sample_rows(self, lm: LoadedModel, n: int = 2000) -> pa.Table:
+        query = lm.meta.get("query_sql")
+        if not query:
+            raise MLSQLError(f"Model {lm.version.ref} does not record its training query; retrain it to export")
+        return self.engine.query(f"SELECT * FROM ({query}) AS t USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE (42)")
+
+    def _native_predict(self, lm: LoadedModel):
+        def run(raw: pa.Table):
+            feats = self._features(lm, raw, need_label=False, func="PREDICT")
+            return lm.model.estimator.predict_raw(lm.model.encode(feats))
+
+        return run
+
+    def _export(self, spec: P.ModelSpec, options: dict, *, quiet: bool = False):
+        from .onnx import export_model, resolve_export_options
+
+        opts = resolve_export_options({k.lower(): v for k, v in options.items()})
+        lm = self._load(spec)
+        mv = lm.version
+        sample = self._sample_rows(lm)
+        calibration = None
+        if opts.get("calibration_query"):
+            calibration = self.engine.query(str(opts["calibration_query"]))
+        suffix = "" if opts["quantize"] == "none" else f"_{opts['quantize']}"
+        uri = opts.get("uri") or str(self.workspace.exports_dir / f"{mv.name}_v{mv.version}{suffix}.onnx")
+        raw_schema = lm.meta.get("training_schema", {})
+        result = export_model(lm.model, lm.transform, raw_schema,
+                              {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers")},
+                              sample, self._native_predict(lm), Path(uri).expanduser(), calibration, name=mv.ref)
+        report_path = result.path.with_suffix(".parity.json")
+        report_path.write_text(json.dumps(result.report.to_dict(), indent=1, default=str))
+        try:
+            self.registry.log_artifact(mv, result.path, "exports")
+            self.registry.log_artifact(mv, report_path, "exports")
+            self.registry.set_version_tag(mv, f"export.{opts['quantize']}", str(result.path))
+        except Exception as exc:  # the file is written; say the registry could not record it
+            raise MLSQLError(f"Exported {mv.ref} to {result.path}, but the registry could not record it: {exc}") from exc
+        if quiet:
+            return result
+        r = result.report
+        msg = (f"Exported {mv.ref} to {result.path} ({r.size_bytes / 1024:.1f} KiB, quantize={r.quantize}); "
+               f"parity max diff {r.max_abs_diff:.2g} on {r.rows} rows")
+        if r.metric:
+            msg += f"; {r.metric} {r.metric_native:.4f} native, {r.metric_onnx:.4f} ONNX"
+            if r.metric_quantized is not None:
+                msg += f", {r.metric_quantized:.4f} {r.quantize}"
+        out = Result(r.to_table(), kind="export", message=msg)
+        out.export = result
+        return out
+
     def _show_models(self) -> pa.Table:
         rows = []
         for name in self.registry.names():
@@ -447,6 +502,11 @@ class Session:
         if sql_file.exists():
             props.append(("sql", sql_file.read_text()))
         return pa.table({"property": [p for p, _ in props], "value": [v for _, v in props]})
+
+
+def _spec(ref: str) -> P.ModelSpec:
+    name, _, tail = ref.partition("@")
+    return P.ModelSpec(name.lower(), int(tail) if tail.isdigit() else None, tail if tail and not tail.isdigit() else None)
 
 
 def _params_for(sql: str, params: dict | None) -> dict | None:

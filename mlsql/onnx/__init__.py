@@ -1,0 +1,536 @@
+"""Export a trained model to one ONNX graph that takes the raw columns a device has.
+
+raw inputs (by name: double with NaN for NULL, string with '' for NULL, bool)
+  → TRANSFORM, compiled from its fitted SQL          (stage "pre")
+  → the automatic encoding (mean fill, LabelEncoder, one-hot)
+  → the estimator: trees (TreeEnsemble or tensor form), linear, MLP   (stage "est")
+  → outputs ``predicted_<label>`` and, for classifiers, ``predicted_<label>_probs`` [N, k]
+
+Quantization (int8 dynamic, int8 static QDQ, fp16) touches only the estimator's
+MatMuls; the TRANSFORM and encoding stay exact. Every export ends with a parity
+report against the native model, and fails when fp32 parity breaks.
+"""
+
+from __future__ import annotations
+
+import html
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import ExportError, OptionError, UnknownOptionError
+
+QUANTIZE = ("none", "int8", "int8_static", "fp16")
+TREE_FORMATS = ("ensemble", "tensor")
+EXPORT_OPTIONS = ("uri", "format", "quantize", "calibration_query", "opset", "tree_format", "providers")
+PARITY_TOL = 1e-4
+
+
+def resolve_export_options(raw: dict) -> dict:
+    opts = {"format": "onnx", "quantize": "none", "tree_format": "ensemble", "opset": 17}
+    for k, v in raw.items():
+        if k not in EXPORT_OPTIONS:
+            raise UnknownOptionError(k, EXPORT_OPTIONS, where="in EXPORT MODEL OPTIONS")
+        opts[k] = v
+    if str(opts["format"]).lower() != "onnx":
+        raise OptionError(f"EXPORT MODEL format = {opts['format']!r} is not supported; use 'onnx'")
+    for key, allowed in (("quantize", QUANTIZE), ("tree_format", TREE_FORMATS)):
+        v = str(opts[key]).lower()
+        if v not in allowed:
+            raise OptionError(f"Option {key} = {opts[key]!r} is not one of {', '.join(map(repr, allowed))}")
+        opts[key] = v
+    if not isinstance(opts["opset"], int) or not 13 <= opts["opset"] <= 21:
+        raise OptionError(f"Option opset must be a whole number from 13 to 21, got {opts['opset']!r}")
+    return opts
+
+
+# -- raw inputs ------------------------------------------------------------------------
+def input_kind(arrow_type: str) -> str:
+    t = arrow_type.lower()
+    if t in ("bool", "boolean"):
+        return "bool"
+    if t in ("string", "large_string", "string_view", "utf8") or t.startswith("dictionary"):
+        return "str"
+    if t.startswith(("int", "uint", "double", "float", "halffloat", "decimal")):
+        return "num"
+    return "unsupported"
+
+
+def feeds(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
+    """ORT feeds for raw rows: doubles with NaN for NULL, strings with '' for NULL, bools."""
+    by_lower = {c.lower(): c for c in table.column_names}
+    out = {}
+    for spec in inputs:
+        col = table.column(by_lower[spec["name"].lower()])
+        if spec["type"] == "double":
+            out[spec["name"]] = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+        elif spec["type"] == "string":
+            s = pc.fill_null(col.cast(pa.string()), "")
+            out[spec["name"]] = np.asarray(s.to_numpy(zero_copy_only=False), dtype=object)
+        else:
+            out[spec["name"]] = pc.fill_null(col.cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
+    return out
+
+
+# -- the graph -------------------------------------------------------------------------
+def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str = "ensemble"):
+    """The fp32 ONNX model and its input/output schema."""
+    from onnx import TensorProto
+
+    from .builder import Graph
+    from .sqlexpr import Compiler, V
+
+    g = Graph()
+    feature_names = [f.name for f in model.features]
+    if transform is not None:
+        items = {n.lower(): (n, sql) for n, sql in transform.items}
+        needed: list[str] = []
+        for f in feature_names:
+            for c in transform.reads.get(items[f.lower()][0], []) if f.lower() in items else [f]:
+                if c not in needed:
+                    needed.append(c)
+    else:
+        needed = list(feature_names)
+    schema_lower = {k.lower(): (k, v) for k, v in raw_schema.items()}
+    inputs, columns = [], {}
+    elem = {"num": (TensorProto.DOUBLE, "double"), "str": (TensorProto.STRING, "string"), "bool": (TensorProto.BOOL, "bool")}
+    for c in needed:
+        real, t = schema_lower.get(c.lower(), (c, "double"))
+        kind = input_kind(t)
+        if kind == "unsupported":
+            raise ExportError(f"Input column '{real}' has type {t}, which the exported model cannot take",
+                              hint="Turn it into a number or a string in the training query (e.g. epoch(ts)).")
+        et, tname = elem[kind]
+        g.add_input(real, et, ["N"])
+        inputs.append({"name": real, "type": tname, "shape": [None], "nullable": kind != "bool",
+                       "arrow_type": t})
+        columns[real] = V(real, kind)
+    values: dict[str, V] = {}
+    if transform is not None:
+        comp = Compiler(g, columns)
+        for f in feature_names:
+            name, sql = items[f.lower()]
+            values[f.lower()] = comp.compile_sql(sql, name)
+    else:
+        values = {k.lower(): v for k, v in columns.items()}
+
+    # the automatic encoding
+    blocks = []
+    comp = Compiler(g, {})
+    comp._output, comp._sql = "", ""
+    for spec in model.features:
+        v = values[spec.name.lower()]
+        if spec.kind == "numeric":
+            if v.kind == "str":
+                raise ExportError(f"Feature '{spec.name}' was numeric at training but is a string here")
+            x = comp.num(v, None) if v.kind != "num" else v.name
+            filled = g.op("Where", [g.op("IsNaN", [x]), g.const(float(spec.mean or 0.0), np.float64), x])
+            col = g.op("Cast", [filled], to=TensorProto.FLOAT)
+            blocks.append(g.op("Unsqueeze", [col, g.const(np.array([1], np.int64))]))
+        else:
+            if v.kind not in ("str", "null"):
+                raise ExportError(f"Feature '{spec.name}' was a string column at training but is not one here")
+            s = comp.string(v, None)
+            k = len(spec.categories)
+            if k:
+                codes = g.op("LabelEncoder", [s], domain="ai.onnx.ml", keys_strings=list(spec.categories),
+                             values_int64s=list(range(k)), default_int64=k)
+            else:
+                zero = g.op("Cast", [g.op("Equal", [s, s])], to=TensorProto.INT64)
+                codes = g.op("Mul", [zero, g.const(np.int64(0))])
+                codes = g.op("Add", [codes, g.const(np.int64(k))])
+            if spec.encoding == "ordinal":
+                col = g.op("Cast", [codes], to=TensorProto.FLOAT)
+                blocks.append(g.op("Unsqueeze", [col, g.const(np.array([1], np.int64))]))
+            else:
+                c2 = g.op("Unsqueeze", [codes, g.const(np.array([1], np.int64))])
+                hot = g.op("Equal", [c2, g.const(np.arange(k + 1, dtype=np.int64))])
+                blocks.append(g.op("Cast", [hot], to=TensorProto.FLOAT))
+    X = g.op("Concat", blocks, axis=1, hint="X") if len(blocks) > 1 else blocks[0]
+
+    # the estimator
+    g.stage = "est"
+    est = model.estimator
+    n_features = len(model.encoded_names)
+    if est.kind == "xgboost":
+        from .trees import ensemble, margin_base, parse_booster, tensor
+
+        n_out = est.n_out
+        trees = parse_booster(est.booster, n_out)
+        base = margin_base(est.booster, trees, n_out, np.zeros(n_features, np.float32))
+        if tree_format == "tensor":
+            margins = tensor(g, X, trees, n_out, n_features, base)
+        else:
+            margins = ensemble(g, X, trees, n_out, base)
+        link = {"binary:logistic": "sigmoid", "multi:softprob": "softmax"}.get(est.objective, "identity")
+    elif est.kind == "linear":
+        # standardize first, so that every input of the MatMul is O(1) (int8 quantization needs it)
+        mu, sd = est.x_mean.astype(np.float64), est.x_std.astype(np.float64)
+        Z = g.op("Div", [g.op("Sub", [X, g.const(mu.astype(np.float32), hint="x_mean")]),
+                         g.const(sd.astype(np.float32), hint="x_std")])
+        W = (est.coef * sd).T.astype(np.float32)
+        b = (est.intercept + est.coef @ mu).astype(np.float32)
+        margins = g.op("Add", [g.op("MatMul", [Z, g.const(W, hint="coef")]), g.const(b, hint="intercept")])
+        link = est.link
+    elif est.kind == "dnn":
+        z = g.op("Div", [g.op("Sub", [X, g.const(est.x_mean.astype(np.float32))]), g.const(est.x_std.astype(np.float32))])
+        for i, (Wl, bl) in enumerate(est.weights):
+            z = g.op("Add", [g.op("MatMul", [z, g.const(Wl.T.astype(np.float32), hint=f"W{i}")]),
+                             g.const(bl.astype(np.float32), hint=f"b{i}")])
+            if i < len(est.weights) - 1:
+                z = _activation(g, z, est.activation)
+        margins = z
+        link = est.link
+    else:
+        raise ExportError(f"Cannot export a model whose estimator is '{est.kind}'")
+
+    g.stage = "post"
+    outputs = []
+    label_out = f"predicted_{model.label}"
+    if model.task == "regression":
+        value = g.op("Squeeze", [g.op("Slice", [margins, g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)),
+                                                 g.const(np.array([1], np.int64))]), g.const(np.array([1], np.int64))])
+        g.add_output(g.op("Cast", [value], to=TensorProto.DOUBLE), label_out, TensorProto.DOUBLE, ["N"])
+        outputs.append({"name": label_out, "type": "double", "shape": [None]})
+    else:
+        if link == "sigmoid":
+            m0 = g.op("Slice", [margins, g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)),
+                                g.const(np.array([1], np.int64))])
+            p1 = g.op("Sigmoid", [m0])
+            probs = g.op("Concat", [g.op("Sub", [g.const(np.float32(1.0)), p1]), p1], axis=1)
+        else:
+            probs = g.op("Softmax", [margins], axis=1)
+        idx = g.op("ArgMax", [probs], axis=1, keepdims=0)
+        classes = np.array(model.classes, dtype=object if model.label_type == "string" else
+                           (np.bool_ if model.label_type == "bool" else np.int64))
+        labels = g.op("Gather", [g.const(classes, hint="classes"), idx], axis=0)
+        ctype = {"string": (TensorProto.STRING, "string"), "bool": (TensorProto.BOOL, "bool")}.get(
+            model.label_type, (TensorProto.INT64, "int64"))
+        g.add_output(labels, label_out, ctype[0], ["N"])
+        g.add_output(probs, f"{label_out}_probs", TensorProto.FLOAT, ["N", len(model.classes)])
+        outputs += [{"name": label_out, "type": ctype[1], "shape": [None]},
+                    {"name": f"{label_out}_probs", "type": "float32", "shape": [None, len(model.classes)]}]
+    return g.model(doc=f"MLSQL {model.model_type} predicting {model.label}"), inputs, outputs
+
+
+def _activation(g, z: str, name: str) -> str:
+    if name == "relu":
+        return g.op("Relu", [z])
+    if name == "relu6":
+        return g.op("Clip", [z, g.const(np.float32(0)), g.const(np.float32(6))])
+    if name == "tanh":
+        return g.op("Tanh", [z])
+    if name == "sigmoid":
+        return g.op("Sigmoid", [z])
+    if name == "elu":
+        return g.op("Elu", [z])
+    if name == "selu":
+        return g.op("Selu", [z])
+    if name == "gelu":  # exact erf form
+        half = g.op("Mul", [z, g.const(np.float32(0.5))])
+        erf = g.op("Erf", [g.op("Div", [z, g.const(np.float32(np.sqrt(2.0)))])])
+        return g.op("Mul", [half, g.op("Add", [erf, g.const(np.float32(1.0))])])
+    if name == "crelu":
+        return g.op("Concat", [g.op("Relu", [z]), g.op("Relu", [g.op("Neg", [z])])], axis=1)
+    raise ExportError(f"Activation '{name}' cannot be exported")
+
+
+# -- quantization ------------------------------------------------------------------------
+def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None):
+    """A quantized copy of the model; only the estimator's MatMul/Gemm (stage 'est') change."""
+    import onnx
+
+    if mode == "none":
+        return model_proto
+    # the tensor-tree feature selection (X @ one-hot) stays exact: quantizing X there moves thresholds
+    est_matmuls = [n.name for n in model_proto.graph.node
+                   if n.op_type in ("MatMul", "Gemm") and n.name.startswith("est/") and "tree_A" not in n.input[1]]
+    if mode == "fp16":
+        return _fp16_weights(model_proto)
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "q.onnx"
+        onnx.save(model_proto, src)
+        if not est_matmuls:  # nothing to quantize (e.g. a TreeEnsemble op): same graph
+            return model_proto
+        extra = {"MatMulConstBOnly": True}
+        if mode == "int8":
+            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                             nodes_to_quantize=est_matmuls, extra_options=extra)
+        else:
+            if not calibration_feeds:
+                raise ExportError("quantize = 'int8_static' needs calibration rows")
+
+            class Reader(CalibrationDataReader):
+                def __init__(self):
+                    self.it = iter(calibration_feeds)
+
+                def get_next(self):
+                    return next(self.it, None)
+
+            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
+                            nodes_to_quantize=est_matmuls, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, extra_options=extra)
+        return onnx.load(dst)
+
+
+def _fp16_weights(model_proto):
+    """Store the estimator's float32 weights in half precision, upcast by a Cast node at load.
+
+    Halves the file; CPU providers fold the Casts and compute in fp32, accelerators
+    that prefer fp16 can run the weights as they are.
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model_proto)
+    users = {}
+    for n in m.graph.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    new_inits, casts = [], []
+    for init in m.graph.initializer:
+        if init.data_type == TensorProto.FLOAT and init.name.startswith("est/"):
+            arr = numpy_helper.to_array(init)
+            if arr.size > 16:
+                half = numpy_helper.from_array(arr.astype(np.float16), init.name + "_fp16")
+                new_inits.append(half)
+                casts.append(helper.make_node("Cast", [half.name], [init.name], name=init.name + "_upcast",
+                                              to=TensorProto.FLOAT))
+                continue
+        new_inits.append(init)
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(new_inits)
+    nodes = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(casts + nodes)
+    return m
+
+
+# -- parity -----------------------------------------------------------------------------------
+@dataclass
+class ParityReport:
+    model: str
+    quantize: str
+    tree_format: str | None
+    rows: int
+    max_abs_diff: float
+    mean_abs_diff: float
+    max_abs_diff_quantized: float | None
+    mean_abs_diff_quantized: float | None
+    metric: str | None
+    metric_native: float | None
+    metric_onnx: float | None
+    metric_quantized: float | None
+    size_bytes: int
+    size_bytes_fp32: int
+    latency_ms: dict = field(default_factory=dict)  # {native|onnx_fp32|onnx_<q>: {batch_1, batch_256}}
+    passed: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_table(self) -> pa.Table:
+        rows = [(k, _fmt(v)) for k, v in self.to_dict().items() if k != "latency_ms"]
+        for who, lat in self.latency_ms.items():
+            for b, ms in lat.items():
+                rows.append((f"latency_ms.{who}.{b}", _fmt(ms)))
+        return pa.table({"property": [r[0] for r in rows], "value": [r[1] for r in rows]})
+
+    def _repr_html_(self) -> str:
+        t = self.to_table()
+        body = "".join(f"<tr><td>{html.escape(p)}</td><td>{html.escape(v)}</td></tr>"
+                       for p, v in zip(t.column(0).to_pylist(), t.column(1).to_pylist()))
+        return f"<table><tr><th>parity</th><th></th></tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _outputs_as_array(model, outs: list[np.ndarray]) -> np.ndarray:
+    if model.task == "regression":
+        return np.asarray(outs[0], dtype=np.float64)
+    return np.asarray(outs[1], dtype=np.float64)
+
+
+def _latency(fn, batch: int, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn(batch)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0
+
+
+def ort_session(model_bytes: bytes, providers=("CPUExecutionProvider",)):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=list(providers))
+
+
+def _metric(model, sample: pa.Table, pred: np.ndarray) -> tuple[str | None, float | None]:
+    from ..ml import metrics as M
+
+    by_lower = {c.lower(): c for c in sample.column_names}
+    if model.label.lower() not in by_lower:
+        return None, None
+    try:
+        sub, y = model._labelled(sample)
+    except Exception:
+        return None, None
+    if len(y) != len(pred):
+        keep = pc.is_valid(sample.column(by_lower[model.label.lower()])).to_numpy(zero_copy_only=False)
+        pred = pred[keep]
+    if model.task == "regression":
+        return "r2_score", M.regression_metrics(y, pred)["r2_score"]
+    m = M.classification_metrics(y, pred)
+    if len(model.classes) == 2:
+        return "roc_auc", m["roc_auc"]
+    return "accuracy", m["accuracy"]
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    model_bytes: bytes
+    inputs: list[dict]
+    outputs: list[dict]
+    report: ParityReport
+    options: dict
+
+    def _repr_html_(self):
+        return self.report._repr_html_()
+
+
+def export_model(model, transform, raw_schema: dict[str, str], options: dict, sample: pa.Table,
+                 native_predict: Callable[[pa.Table], np.ndarray], out_path: str | Path,
+                 calibration: pa.Table | None = None, name: str = "model") -> ExportResult:
+    """Export ``model`` (with its fitted ``transform``) to ``out_path``; see the module docstring."""
+    opts = resolve_export_options(options)
+    proto, inputs, outputs = build_graph(model, transform, raw_schema, opts["tree_format"])
+    fp32 = proto.SerializeToString()
+    if sample.num_rows == 0:
+        raise ExportError("No rows to check the exported model against (the training query returned none)")
+    feed = feeds(sample, inputs)
+    try:
+        sess = ort_session(fp32)
+        onnx_out = _outputs_as_array(model, sess.run(None, feed))
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"The exported graph does not run on ONNX Runtime: {exc}") from exc
+    native = np.asarray(native_predict(sample), dtype=np.float64)
+    diff = np.abs(onnx_out - native)
+    if model.task == "regression":  # float32 holds ~7 digits: compare relative to the value
+        diff = diff / np.maximum(1.0, np.abs(native))
+    max_diff, mean_diff = float(np.nanmax(diff)), float(np.nanmean(diff))
+
+    q_bytes, q_out = fp32, None
+    if opts["quantize"] != "none":
+        calib = calibration if calibration is not None else sample
+        calib_feeds = None
+        if opts["quantize"] == "int8_static":
+            cf = feeds(calib, inputs)
+            n = calib.num_rows
+            calib_feeds = [{k: v[a:a + 64] for k, v in cf.items()} for a in range(0, n, 64)]
+        qproto = quantize(proto, opts["quantize"], calib_feeds)
+        q_bytes = qproto.SerializeToString()
+        q_sess = ort_session(q_bytes)
+        q_out = _outputs_as_array(model, q_sess.run(None, feed))
+    qd = None if q_out is None else np.abs(q_out - native)
+    if qd is not None and model.task == "regression":
+        qd = qd / np.maximum(1.0, np.abs(native))
+
+    metric, m_native = _metric(model, sample, native)
+    _, m_onnx = _metric(model, sample, onnx_out)
+    m_q = _metric(model, sample, q_out)[1] if q_out is not None else None
+
+    # latency: one row and a batch of 256, ONNX Runtime on CPU vs the native model
+    def rows(b):
+        idx = np.arange(b) % sample.num_rows
+        return sample.take(pa.array(idx))
+
+    r1, r256 = rows(1), rows(256)
+    lat_feeds = {1: feeds(r1, inputs), 256: feeds(r256, inputs)}
+    feats = {1: r1, 256: r256}
+    lat = {"native": {f"batch_{b}": _latency(lambda b: native_predict(feats[b]), b, 15 if b == 1 else 7) for b in (1, 256)},
+           "onnx_fp32": {f"batch_{b}": _latency(lambda b: sess.run(None, lat_feeds[b]), b, 50 if b == 1 else 20)
+                         for b in (1, 256)}}
+    if q_out is not None:
+        lat[f"onnx_{opts['quantize']}"] = {f"batch_{b}": _latency(lambda b: q_sess.run(None, lat_feeds[b]), b,
+                                                                  50 if b == 1 else 20) for b in (1, 256)}
+    report = ParityReport(
+        model=name, quantize=opts["quantize"], tree_format=opts["tree_format"] if model.estimator.kind == "xgboost" else None,
+        rows=sample.num_rows, max_abs_diff=max_diff, mean_abs_diff=mean_diff,
+        max_abs_diff_quantized=None if qd is None else float(np.nanmax(qd)),
+        mean_abs_diff_quantized=None if qd is None else float(np.nanmean(qd)),
+        metric=metric, metric_native=m_native, metric_onnx=m_onnx, metric_quantized=m_q,
+        size_bytes=len(q_bytes), size_bytes_fp32=len(fp32), latency_ms=lat, passed=max_diff <= PARITY_TOL,
+    )
+    if not report.passed:
+        raise ExportError(
+            f"The ONNX graph of {name} disagrees with the native model: max difference {max_diff:.3g} "
+            f"on {sample.num_rows} rows (tolerance {PARITY_TOL:g}); nothing was written",
+        )
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+    tmp.write_bytes(q_bytes)
+    tmp.replace(out_path)
+    return ExportResult(out_path, q_bytes, inputs, outputs, report, opts)
+
+
+def input_statistics(sample: pa.Table, inputs: list[dict]) -> dict[str, Any]:
+    """Training-side statistics of each raw input, for drift checks on devices."""
+    stats = {}
+    by_lower = {c.lower(): c for c in sample.column_names}
+    for spec in inputs:
+        col = sample.column(by_lower[spec["name"].lower()])
+        n = len(col)
+        if spec["type"] == "string":
+            vc = pc.value_counts(pc.fill_null(col.cast(pa.string()), "")).to_pylist()
+            vc.sort(key=lambda d: -d["counts"])
+            stats[spec["name"]] = {"kind": "string", "null_rate": col.null_count / max(n, 1),
+                                   "top": {d["values"]: d["counts"] / max(n, 1) for d in vc[:20]}}
+        else:
+            x = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            ok = x[~np.isnan(x)]
+            stats[spec["name"]] = {"kind": "number", "null_rate": float(1 - len(ok) / max(n, 1)),
+                                   "mean": float(ok.mean()) if len(ok) else None,
+                                   "std": float(ok.std()) if len(ok) else None}
+    return stats
+
+
+def build_device_package(result: ExportResult, *, name: str, version: int, key_dir: Path, label: str,
+                         classes: list | None, model_type: str, metrics: dict, stats: dict,
+                         providers: list[str] | None = None, out: Path | None = None) -> bytes:
+    """Sign the exported model into a device package (device_bridge's format)."""
+    from device_bridge.keys import load_or_create_keypair
+    from device_bridge.package import build_package
+
+    kp = load_or_create_keypair(key_dir)
+    fields = {
+        "name": name, "version": int(version),
+        "inputs": [{k: v for k, v in i.items() if k in ("name", "type", "shape", "nullable")} for i in result.inputs],
+        "outputs": result.outputs, "providers": providers or ["cpu"],
+        "metrics": {k: v for k, v in metrics.items() if v is not None},
+        "label": label, "classes": classes, "model_type": model_type,
+        "quantize": result.options["quantize"], "training_stats": stats,
+        "parity": {k: v for k, v in result.report.to_dict().items() if k != "latency_ms"},
+    }
+    return build_package(result.model_bytes, fields, kp.private_key, out=out)
