@@ -438,13 +438,18 @@ class Session:
         uri = opts.get("uri") or str(self.workspace.exports_dir / f"{mv.name}_v{mv.version}{suffix}.onnx")
         raw_schema = lm.meta.get("training_schema", {})
         result = export_model(lm.model, lm.transform, raw_schema,
-                              {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers")},
+                              {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers", "package")},
                               sample, self._native_predict(lm), Path(uri).expanduser(), calibration, name=mv.ref)
         report_path = result.path.with_suffix(".parity.json")
         report_path.write_text(json.dumps(result.report.to_dict(), indent=1, default=str))
+        result.package_path = None
+        if opts.get("package") or opts.get("providers"):
+            result.package_path = self._package(lm, result, sample, opts.get("providers"))
         try:
             self.registry.log_artifact(mv, result.path, "exports")
             self.registry.log_artifact(mv, report_path, "exports")
+            if result.package_path is not None:
+                self.registry.log_artifact(mv, result.package_path, "exports")
             self.registry.set_version_tag(mv, f"export.{opts['quantize']}", str(result.path))
         except Exception as exc:  # the file is written; say the registry could not record it
             raise MLSQLError(f"Exported {mv.ref} to {result.path}, but the registry could not record it: {exc}") from exc
@@ -453,6 +458,8 @@ class Session:
         r = result.report
         msg = (f"Exported {mv.ref} to {result.path} ({r.size_bytes / 1024:.1f} KiB, quantize={r.quantize}); "
                f"parity max diff {r.max_abs_diff:.2g} on {r.rows} rows")
+        if result.package_path is not None:
+            msg += f"; signed package {result.package_path}"
         if r.metric:
             msg += f"; {r.metric} {r.metric_native:.4f} native, {r.metric_onnx:.4f} ONNX"
             if r.metric_quantized is not None:
@@ -460,6 +467,21 @@ class Session:
         out = Result(r.to_table(), kind="export", message=msg)
         out.export = result
         return out
+
+    def _package(self, lm: LoadedModel, result, sample: pa.Table, providers=None) -> Path:
+        """Sign the export into a device package next to it (``<file>.mlpkg``)."""
+        from .onnx import build_device_package, input_statistics
+
+        mv = lm.version
+        if isinstance(providers, str):
+            providers = [providers]
+        path = result.path.with_suffix(".mlpkg")
+        build_device_package(
+            result, name=mv.name, version=mv.version, key_dir=self.workspace.keys_dir, label=lm.label,
+            classes=lm.model.classes, model_type=lm.model.model_type, metrics=dict(lm.model.eval_metrics),
+            stats=input_statistics(sample, result.inputs), providers=list(providers or ["cpu"]), out=path,
+        )
+        return path
 
     def _show_models(self) -> pa.Table:
         rows = []

