@@ -46,3 +46,15 @@ def test_quickstart(tmp_path):
     assert "late_model" in outputs_text(show)
     assert (tmp_path / "ws" / "catalog.duckdb").exists() and (tmp_path / "ws" / "mlflow.db").exists()
     assert by_source
+
+
+@pytest.mark.slow
+def test_export_notebook(tmp_path):
+    nb = execute("03_export.ipynb", tmp_path)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    for f in ("species_dnn.onnx", "species_dnn_int8.onnx", "species_dnn_int8.mlpkg", "species_dnn_fp16.onnx",
+              "species_trees.onnx"):
+        assert (tmp_path / f).exists(), f
+    text = "\n".join(outputs_text(c) for c in nb.cells)
+    assert "max_abs_diff" in text and "parity max diff" in text

@@ -271,9 +271,12 @@ def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None
         if not est_matmuls:  # nothing to quantize (e.g. a TreeEnsemble op): same graph
             return model_proto
         extra = {"MatMulConstBOnly": True}
+        # per-channel scales for 2-D weights; batched 3-D weights (tensor-form trees) take one scale
+        dims = {i.name: len(i.dims) for i in model_proto.graph.initializer}
+        per_channel = all(dims.get(n.input[1], 2) == 2 for n in model_proto.graph.node if n.name in est_matmuls)
         if mode == "int8":
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                             nodes_to_quantize=est_matmuls, extra_options=extra)
+                             nodes_to_quantize=est_matmuls, per_channel=per_channel, extra_options=extra)
         else:
             if not calibration_feeds:
                 raise ExportError("quantize = 'int8_static' needs calibration rows")
@@ -287,7 +290,7 @@ def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None
 
             quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
                             nodes_to_quantize=est_matmuls, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, extra_options=extra)
+                            weight_type=QuantType.QInt8, per_channel=per_channel, extra_options=extra)
         return onnx.load(dst)
 
 

@@ -5,7 +5,7 @@ The tensor form follows the Hummingbird paper's GEMM compilation: for every tree
 for each leaf which internal nodes lie on its path and on which side, ``D`` how
 many left turns reach it, ``E`` its value. Then
 
-    T = (X @ A) < B            one bit per internal node
+    T = (X @ A) < B            one bit per internal node (X @ A done as a Gather of columns)
     L = (T @ C) == D           one-hot of the leaf each row reaches
     y = L @ E                  summed over trees
 
@@ -138,8 +138,8 @@ def tensor(g: Graph, X: str, trees: list[Tree], n_out: int, n_features: int, bas
                 node = p
             D[ti, 0, li] = lefts
             E[ti, li, t.cls] = t.leaf[leaf]
-    # T[n, k] = x[feature_k] < threshold_k  (as 1.0 / 0.0)
-    picked = g.op("MatMul", [X, g.const(A, hint="tree_A")])
+    # T[n, k] = x[feature_k] < threshold_k  (as 1.0 / 0.0); A is one-hot per column, so X @ A is a Gather
+    picked = g.op("Gather", [X, g.const(A.argmax(axis=0).astype(np.int64), hint="tree_features")], axis=1)
     bits = g.op("Cast", [g.op("Less", [picked, g.const(B, hint="tree_B")])], to=1)
     # [N, trees*max_int] -> [trees, N, max_int]
     bits3 = g.op("Transpose", [g.op("Reshape", [bits, g.const(np.array([-1, n_trees, max_int], np.int64))])],

@@ -1,0 +1,1 @@
+"""The on-device agent: model store + runtime (core.py), HTTP app (app.py), hub sync (hubsync.py)."""

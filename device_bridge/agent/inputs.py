@@ -1,0 +1,298 @@
+"""Turn request payloads (JSON rows/columns, or an .npz batch) into ORT feeds, with validation."""
+
+from __future__ import annotations
+
+import difflib
+import io
+import math
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+MAX_ROWS = 100_000
+_INT_RANGES = {k: (np.iinfo(k).min, np.iinfo(k).max) for k in
+               ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")}
+
+
+class InputError(ValueError):
+    """The request's data does not fit the model's input schema; the message says where."""
+
+
+@dataclass
+class InputSpec:
+    name: str
+    type: str                 # manifest type: float32 ... string
+    row_shape: tuple           # per-row shape; -1 = any size
+    nullable: bool
+
+    @property
+    def width(self) -> int | None:
+        if len(self.row_shape) == 0:
+            return None
+        if len(self.row_shape) == 1:
+            return self.row_shape[0]
+        return -2  # higher rank
+
+
+def make_spec(col, session_shape) -> InputSpec:
+    shape = col.shape if col.shape is not None else session_shape
+    if shape is None or len(shape) == 0:
+        row = ()
+    else:
+        row = tuple(d if isinstance(d, int) and d > 0 else -1 for d in list(shape)[1:])
+    return InputSpec(col.name, col.type, row, col.nullable)
+
+
+def _suggest(name: str, names: list[str]) -> str:
+    m = difflib.get_close_matches(name, names, n=1)
+    return f" (did you mean {m[0]!r}?)" if m else ""
+
+
+def columns_from_json(payload: Any, specs: list[InputSpec]) -> dict[str, list]:
+    """{"rows": [{col: v}...]} or {"columns": {col: [v...]}} -> {col: [v...]}, names checked."""
+    if not isinstance(payload, dict):
+        raise InputError('request body must be a JSON object with "rows" or "columns"')
+    unknown_keys = set(payload) - {"rows", "columns", "outputs"}
+    if unknown_keys:
+        raise InputError(f"unknown field(s) in request: {', '.join(sorted(map(str, unknown_keys)))} "
+                         '(expected "rows" or "columns")')
+    names = [s.name for s in specs]
+    if ("rows" in payload) == ("columns" in payload):
+        raise InputError('request body needs exactly one of "rows" or "columns"')
+    if "rows" in payload:
+        rows = payload["rows"]
+        if not isinstance(rows, list) or not rows:
+            raise InputError('"rows" must be a non-empty list of objects')
+        if len(rows) > MAX_ROWS:
+            raise InputError(f"{len(rows)} rows is over the limit of {MAX_ROWS} per request")
+        cols: dict[str, list] = {n: [] for n in names}
+        known = set(names)
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise InputError(f"row {i} is not a JSON object")
+            extra = set(row) - known
+            if extra:
+                bad = sorted(map(str, extra))[0]
+                raise InputError(f"row {i}: unknown column {bad!r}{_suggest(bad, names)}; "
+                                 f"model inputs: {', '.join(names)}")
+            for n in names:
+                if n not in row:
+                    raise InputError(f"row {i}: missing column {n!r}")
+                cols[n].append(row[n])
+        return cols
+    columns = payload["columns"]
+    if not isinstance(columns, dict) or not columns:
+        raise InputError('"columns" must be a non-empty object of column name -> list of values')
+    for k in columns:
+        if k not in names:
+            raise InputError(f"unknown column {k!r}{_suggest(str(k), names)}; model inputs: {', '.join(names)}")
+    missing = [n for n in names if n not in columns]
+    if missing:
+        raise InputError(f"missing column(s): {', '.join(missing)}")
+    n_rows = None
+    for n in names:
+        v = columns[n]
+        if not isinstance(v, list) or not v:
+            raise InputError(f"column {n!r} must be a non-empty list of values")
+        if n_rows is None:
+            n_rows = len(v)
+        elif len(v) != n_rows:
+            raise InputError(f"column {n!r} has {len(v)} values, column {names[0]!r} has {n_rows}")
+    if n_rows > MAX_ROWS:
+        raise InputError(f"{n_rows} rows is over the limit of {MAX_ROWS} per request")
+    return {n: columns[n] for n in names}
+
+
+def _bad_value(spec: InputSpec, row: int, v: Any, why: str = "") -> InputError:
+    shown = repr(v)
+    if len(shown) > 40:
+        shown = shown[:40] + "..."
+    what = "a string" if spec.type == "string" else f"a {spec.type} number"
+    if spec.nullable:
+        what += " or null"
+    return InputError(f"column {spec.name!r} row {row}: expected {what}, got {shown}{why}")
+
+
+def _check_scalar(spec: InputSpec, row: int, v: Any):
+    t = spec.type
+    if v is None:
+        if not spec.nullable:
+            raise _bad_value(spec, row, v, " (column is not nullable)")
+        return "" if t == "string" else (math.nan if t.startswith("float") else None)
+    if t == "string":
+        if not isinstance(v, str):
+            raise _bad_value(spec, row, v)
+        return v
+    if t == "bool":
+        if not isinstance(v, bool):
+            raise _bad_value(spec, row, v)
+        return v
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise _bad_value(spec, row, v)
+    if t.startswith("float"):
+        if isinstance(v, float) and not math.isfinite(v) and not spec.nullable:
+            raise _bad_value(spec, row, v, " (NaN/inf not allowed)")
+        return v
+    # integer column
+    if isinstance(v, float):
+        if not math.isfinite(v) or not v.is_integer():
+            raise _bad_value(spec, row, v, " (not an integer)")
+        v = int(v)
+    lo, hi = _INT_RANGES[t]
+    if not lo <= v <= hi:
+        raise _bad_value(spec, row, v, f" (out of range for {t})")
+    return v
+
+
+def _np_dtype(t: str):
+    return object if t == "string" else np.dtype(t)
+
+
+def column_array(spec: InputSpec, values: list) -> np.ndarray:
+    """Validate one column's JSON values and build the ORT array."""
+    n = len(values)
+    width = spec.width
+    if width is None or width == 1:
+        checked = []
+        for i, v in enumerate(values):
+            if width == 1 and isinstance(v, list):
+                if len(v) != 1:
+                    raise InputError(f"column {spec.name!r} row {i}: expected 1 value, got a list of {len(v)}")
+                v = v[0]
+            checked.append(_check_scalar(spec, i, v))
+        if spec.type.startswith("int") or spec.type.startswith("uint"):
+            if any(c is None for c in checked):
+                raise InputError(f"column {spec.name!r}: null in an integer column")
+        arr = np.array(checked, dtype=_np_dtype(spec.type))
+        return arr.reshape(n, 1) if width == 1 else arr
+    if width == -2:
+        try:
+            arr = np.array(values)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"column {spec.name!r}: values are not a regular array ({exc})") from None
+        return _check_array(spec, arr, n)
+    rows = []
+    k = None
+    for i, v in enumerate(values):
+        if not isinstance(v, list):
+            raise InputError(f"column {spec.name!r} row {i}: expected a list of "
+                             f"{width if width > 0 else 'N'} values, got {type(v).__name__}")
+        if width > 0 and len(v) != width:
+            raise InputError(f"column {spec.name!r} row {i}: expected {width} values, got {len(v)}")
+        if k is None:
+            k = len(v)
+        elif len(v) != k:
+            raise InputError(f"column {spec.name!r} row {i}: {len(v)} values, row 0 has {k}")
+        rows.append([_check_scalar(spec, i, x) for x in v])
+    if k == 0:
+        raise InputError(f"column {spec.name!r}: empty lists")
+    return np.array(rows, dtype=_np_dtype(spec.type))
+
+
+def _check_array(spec: InputSpec, arr: np.ndarray, n: int) -> np.ndarray:
+    t = spec.type
+    kind = arr.dtype.kind
+    if t == "string":
+        if kind not in "US":
+            raise InputError(f"column {spec.name!r}: expected strings, got dtype {arr.dtype}")
+        arr = arr.astype(object) if kind == "U" else np.char.decode(arr, "utf-8", "replace").astype(object)
+    elif t == "bool":
+        if kind != "b":
+            raise InputError(f"column {spec.name!r}: expected bool, got dtype {arr.dtype}")
+    elif t.startswith("float"):
+        if kind not in "fiub" or kind == "b":
+            raise InputError(f"column {spec.name!r}: expected {t} numbers, got dtype {arr.dtype}")
+        arr = arr.astype(t, copy=False)
+        if not spec.nullable and arr.size and not np.isfinite(arr).all():
+            bad = int(np.argwhere(~np.isfinite(arr.reshape(arr.shape[0], -1)))[0][0])
+            raise InputError(f"column {spec.name!r} row {bad}: NaN/inf not allowed (column is not nullable)")
+    else:
+        if kind not in "iu":
+            raise InputError(f"column {spec.name!r}: expected {t} integers, got dtype {arr.dtype}")
+        lo, hi = _INT_RANGES[t]
+        if arr.size and (arr.min() < lo or arr.max() > hi):
+            raise InputError(f"column {spec.name!r}: values out of range for {t}")
+        arr = arr.astype(t, copy=False)
+    # shape
+    if arr.ndim == 0 or arr.shape[0] != n:
+        raise InputError(f"column {spec.name!r}: {arr.shape[0] if arr.ndim else 0} rows, expected {n}")
+    row = spec.row_shape
+    if row == (1,) and arr.ndim == 1:
+        arr = arr.reshape(n, 1)
+    if row == () and arr.ndim == 2 and arr.shape[1] == 1:
+        arr = arr.reshape(n)
+    if len(arr.shape) - 1 != len(row) or any(r > 0 and r != s for r, s in zip(row, arr.shape[1:])):
+        want = "x".join("N" if r < 0 else str(r) for r in row) or "scalar"
+        raise InputError(f"column {spec.name!r}: each row has shape {tuple(arr.shape[1:])}, expected {want}")
+    return arr
+
+
+def feed_from_json(payload: Any, specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], int]:
+    cols = columns_from_json(payload, specs)
+    feed = {s.name: column_array(s, cols[s.name]) for s in specs}
+    return feed, len(next(iter(cols.values())))
+
+
+def feed_from_npz(body: bytes, specs: list[InputSpec], max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
+    """An uncompressed or compressed .npz (numpy.savez) with one array per input column."""
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(body))
+        total = sum(i.file_size for i in zf.infolist())
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
+        raise InputError(f"binary body is not an .npz archive: {exc}") from None
+    if total > max_bytes:
+        raise InputError(f".npz expands to {total} bytes, over the limit of {max_bytes}")
+    if len(zf.infolist()) > 1024:
+        raise InputError(".npz holds too many arrays")
+    try:
+        npz = np.load(io.BytesIO(body), allow_pickle=False)
+        arrays = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as exc:
+        raise InputError(f"cannot read .npz arrays (object arrays are refused): {exc}") from None
+    names = [s.name for s in specs]
+    for k in arrays:
+        if k not in names:
+            raise InputError(f"unknown column {k!r}{_suggest(k, names)}; model inputs: {', '.join(names)}")
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InputError(f"missing column(s): {', '.join(missing)}")
+    first = arrays[names[0]]
+    n = first.shape[0] if first.ndim else 0
+    if n == 0:
+        raise InputError("batch has no rows")
+    if n > MAX_ROWS:
+        raise InputError(f"{n} rows is over the limit of {MAX_ROWS} per request")
+    return {s.name: _check_array(s, arrays[s.name], n) for s in specs}, n
+
+
+def outputs_to_json(names: list[str], values: list) -> dict[str, Any]:
+    out = {}
+    for name, v in zip(names, values):
+        out[name] = _jsonable(v)
+    return out
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind == "f":
+            if v.size and not np.isfinite(v).all():
+                obj = v.astype(object)
+                obj[~np.isfinite(v)] = None
+                return obj.tolist()
+            return v.tolist()
+        if v.dtype.kind in "OUS":
+            return [_jsonable(x) for x in v.tolist()] if v.ndim else str(v)
+        return v.tolist()
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, float | np.floating):
+        return float(v) if math.isfinite(v) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    return v

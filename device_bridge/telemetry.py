@@ -1,0 +1,290 @@
+"""Bounded-memory telemetry per (model, version) and the circuit breaker."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+
+# Latency buckets: 4 per doubling from 10 us to ~84 s (fixed, 93 buckets).
+_BUCKET_BOUNDS_MS = [0.01 * 2 ** (i / 4) for i in range(93)]
+MAX_TRACKED_ELEMENTS = 64   # per-element stats for vector columns, up to this width
+TOP_K = 16                  # string values remembered per column
+
+
+class LatencyHistogram:
+    def __init__(self) -> None:
+        self.counts = [0] * (len(_BUCKET_BOUNDS_MS) + 1)
+        self.total = 0
+        self.sum_ms = 0.0
+        self.max_ms = 0.0
+
+    def add(self, ms: float) -> None:
+        lo, hi = 0, len(_BUCKET_BOUNDS_MS)
+        while lo < hi:  # first bound >= ms
+            mid = (lo + hi) // 2
+            if _BUCKET_BOUNDS_MS[mid] < ms:
+                lo = mid + 1
+            else:
+                hi = mid
+        self.counts[lo] += 1
+        self.total += 1
+        self.sum_ms += ms
+        self.max_ms = max(self.max_ms, ms)
+
+    def quantile(self, q: float) -> float | None:
+        if not self.total:
+            return None
+        rank = q * self.total
+        seen = 0
+        for i, c in enumerate(self.counts):
+            seen += c
+            if seen >= rank and c:
+                upper = _BUCKET_BOUNDS_MS[i] if i < len(_BUCKET_BOUNDS_MS) else self.max_ms
+                lower = _BUCKET_BOUNDS_MS[i - 1] if i > 0 else 0.0
+                return round(min(math.sqrt(max(lower, 1e-6) * upper), self.max_ms), 4)
+        return round(self.max_ms, 4)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "count": self.total,
+            "mean_ms": round(self.sum_ms / self.total, 4) if self.total else None,
+            "p50_ms": self.quantile(0.50), "p95_ms": self.quantile(0.95), "p99_ms": self.quantile(0.99),
+            "max_ms": round(self.max_ms, 4) if self.total else None,
+            "buckets": {f"{_BUCKET_BOUNDS_MS[i]:.4g}" if i < len(_BUCKET_BOUNDS_MS) else "inf": c
+                        for i, c in enumerate(self.counts) if c},
+        }
+
+
+class NumericStats:
+    """Streaming mean/std (Welford, merged per batch with Chan's formula) and null rate."""
+
+    __slots__ = ("n", "mean", "m2", "nulls", "min", "max")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.nulls = 0
+        self.min = math.inf
+        self.max = -math.inf
+
+    def update(self, values: np.ndarray) -> None:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        finite = np.isfinite(v)
+        self.nulls += int(v.size - finite.sum())
+        v = v[finite]
+        if not v.size:
+            return
+        nb = v.size
+        mb = float(v.mean())
+        m2b = float(((v - mb) ** 2).sum())
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * nb / n
+        self.m2 += m2b + delta * delta * self.n * nb / n
+        self.n = n
+        self.min = min(self.min, float(v.min()))
+        self.max = max(self.max, float(v.max()))
+
+    def snapshot(self) -> dict[str, Any]:
+        total = self.n + self.nulls
+        return {
+            "kind": "numeric", "count": self.n,
+            "mean": self.mean if self.n else None,
+            "std": math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else None,
+            "min": self.min if self.n else None, "max": self.max if self.n else None,
+            "null_rate": self.nulls / total if total else None,
+        }
+
+
+class StringStats:
+    """Top values with a bounded Space-Saving counter, and null rate."""
+
+    def __init__(self, capacity: int = TOP_K * 4) -> None:
+        self.capacity = capacity
+        self.counts: dict[str, int] = {}
+        self.n = 0
+        self.nulls = 0
+
+    def update(self, values) -> None:
+        for v in np.asarray(values, dtype=object).ravel():
+            if v is None:
+                self.nulls += 1
+                continue
+            s = str(v)[:64]
+            self.n += 1
+            if s in self.counts:
+                self.counts[s] += 1
+            elif len(self.counts) < self.capacity:
+                self.counts[s] = 1
+            else:  # replace the smallest, inheriting its count (over-estimates, bounded)
+                smallest = min(self.counts, key=self.counts.__getitem__)
+                c = self.counts.pop(smallest)
+                self.counts[s] = c + 1
+
+    def snapshot(self) -> dict[str, Any]:
+        total = self.n + self.nulls
+        top = sorted(self.counts.items(), key=lambda kv: -kv[1])[:TOP_K]
+        return {"kind": "string", "count": self.n, "null_rate": self.nulls / total if total else None,
+                "top": [{"value": k, "count": c} for k, c in top]}
+
+
+class VersionTelemetry:
+    def __init__(self, model: str, version: int) -> None:
+        self.model = model
+        self.version = version
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.rows = 0
+        self.errors: dict[str, int] = {}
+        self.latency = LatencyHistogram()
+        self.columns: dict[str, NumericStats | StringStats] = {}
+        self.started = time.time()
+        self.last_request: float | None = None
+        self.per_second: deque = deque(maxlen=60)  # [second, requests, rows]
+        self.providers: list[str] = []
+        self.node_providers: dict[str, int] | None = None
+
+    def _tick(self, rows: int) -> None:
+        now = int(time.time())
+        if self.per_second and self.per_second[-1][0] == now:
+            self.per_second[-1][1] += 1
+            self.per_second[-1][2] += rows
+        else:
+            self.per_second.append([now, 1, rows])
+
+    def record_success(self, latency_ms: float, rows: int, columns: dict[str, np.ndarray] | None) -> None:
+        with self.lock:
+            self.requests += 1
+            self.rows += rows
+            self.latency.add(latency_ms)
+            self.last_request = time.time()
+            self._tick(rows)
+            if columns:
+                for name, arr in columns.items():
+                    self._update_column(name, arr)
+
+    def _update_column(self, name: str, arr: np.ndarray) -> None:
+        if arr.dtype.kind in "OUS":
+            st = self.columns.get(name)
+            if st is None and len(self.columns) < 4 * MAX_TRACKED_ELEMENTS:
+                st = self.columns[name] = StringStats()
+            if st is not None:
+                st.update(arr)
+            return
+        if arr.ndim >= 2 and arr.shape[-1] > 1:
+            flat = arr.reshape(arr.shape[0], -1)
+            for j in range(min(flat.shape[1], MAX_TRACKED_ELEMENTS)):
+                self._numeric(f"{name}[{j}]", flat[:, j])
+        else:
+            self._numeric(name, arr)
+
+    def _numeric(self, key: str, values) -> None:
+        st = self.columns.get(key)
+        if st is None:
+            if len(self.columns) >= 4 * MAX_TRACKED_ELEMENTS:
+                return
+            st = self.columns[key] = NumericStats()
+        st.update(values)
+
+    def record_error(self, kind: str) -> None:
+        with self.lock:
+            self.requests += 1
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+            self.last_request = time.time()
+            self._tick(0)
+
+    def snapshot(self, columns: bool = True) -> dict[str, Any]:
+        with self.lock:
+            now = time.time()
+            recent = [s for s in self.per_second if s[0] >= int(now) - 10]
+            span = max(1.0, min(10.0, now - self.started))
+            n_err = sum(self.errors.values())
+            out = {
+                "model": self.model, "version": self.version,
+                "requests": self.requests, "rows": self.rows,
+                "errors": dict(self.errors), "error_count": n_err,
+                "error_rate": n_err / self.requests if self.requests else 0.0,
+                "latency": self.latency.snapshot(),
+                "throughput_rps": round(sum(s[1] for s in recent) / span, 3),
+                "throughput_rows_per_s": round(sum(s[2] for s in recent) / span, 3),
+                "providers": list(self.providers),
+                "node_providers": self.node_providers,
+                "since": self.started, "last_request": self.last_request,
+            }
+            if columns:
+                out["columns"] = {k: v.snapshot() for k, v in self.columns.items()}
+            return out
+
+
+class CircuitBreaker:
+    """Error rate over the last `window` requests; trips when >= min_requests and rate > threshold."""
+
+    def __init__(self, window: int = 100, min_requests: int = 20, threshold: float = 0.5) -> None:
+        self.window = window
+        self.min_requests = min_requests
+        self.threshold = threshold
+        self.outcomes: deque = deque(maxlen=window)
+        self.lock = threading.Lock()
+        self.tripped = False
+
+    def record(self, error: bool) -> bool:
+        """Record one outcome; True exactly once, when this outcome trips the breaker."""
+        with self.lock:
+            if self.tripped:
+                return False
+            self.outcomes.append(bool(error))
+            n = len(self.outcomes)
+            if n >= self.min_requests and sum(self.outcomes) / n > self.threshold:
+                self.tripped = True
+                return True
+            return False
+
+    def rate(self) -> float:
+        with self.lock:
+            return sum(self.outcomes) / len(self.outcomes) if self.outcomes else 0.0
+
+
+class Telemetry:
+    """All versions' telemetry on one agent, plus an event log (bounded)."""
+
+    def __init__(self, max_versions: int = 64, max_events: int = 200) -> None:
+        self.lock = threading.Lock()
+        self.versions: dict[tuple[str, int], VersionTelemetry] = {}
+        self.max_versions = max_versions
+        self.events: deque = deque(maxlen=max_events)
+        self.event_seq = 0
+
+    def get(self, model: str, version: int) -> VersionTelemetry:
+        key = (model, version)
+        with self.lock:
+            vt = self.versions.get(key)
+            if vt is None:
+                if len(self.versions) >= self.max_versions:  # drop the least recently used
+                    oldest = min(self.versions, key=lambda k: self.versions[k].last_request or 0)
+                    del self.versions[oldest]
+                vt = self.versions[key] = VersionTelemetry(model, version)
+            return vt
+
+    def drop_model(self, model: str) -> None:
+        with self.lock:
+            for k in [k for k in self.versions if k[0] == model]:
+                del self.versions[k]
+
+    def event(self, kind: str, **fields: Any) -> dict:
+        with self.lock:
+            self.event_seq += 1
+            ev = {"seq": self.event_seq, "time": time.time(), "kind": kind, **fields}
+            self.events.append(ev)
+            return ev
+
+    def snapshot(self, columns: bool = True) -> dict[str, Any]:
+        with self.lock:
+            items = list(self.versions.values())
+            events = list(self.events)
+        return {"time": time.time(), "models": [v.snapshot(columns) for v in items], "events": events}
