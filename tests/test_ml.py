@@ -194,3 +194,35 @@ def test_bad_inputs_to_training():
     with pytest.raises(TrainingError, match="cannot be a model feature"):
         train(pa.table({"x": [[1], [2]], "y": [1.0, 2.0]}),
               resolve_options({"model_type": "linear_reg", "input_label_cols": ["y"]}))
+
+
+def test_dnn_classifier_trains_per_epoch_and_reloads(tmp_path):
+    from palmerpenguins import load_penguins
+
+    df = load_penguins().dropna()
+    t = pa.Table.from_pandas(df[["species", "island", "bill_length_mm", "bill_depth_mm", "flipper_length_mm",
+                                 "body_mass_g", "sex"]], preserve_index=False)
+    epochs = []
+    m = train(t, resolve_options({"model_type": "dnn_classifier", "input_label_cols": ["species"],
+                                  "hidden_units": [32, 16], "max_iterations": 25, "batch_size": 32,
+                                  "learn_rate": 0.01, "early_stop": False, "data_split_method": "random"}),
+              progress=lambda i, total, row: epochs.append((i, total)))
+    assert epochs == [(i, 25) for i in range(1, 26)]
+    assert m.training_info.num_rows == 25 and m.eval_metrics["accuracy"] >= 0.9
+    m.save(tmp_path / "dnn")
+    again = TrainedModel.load(tmp_path / "dnn")
+    feats = t.drop_columns(["species"])
+    assert np.allclose(again.predict(feats).column(1).to_pylist()[0][0]["prob"],
+                       m.predict(feats).column(1).to_pylist()[0][0]["prob"])
+    ex = m.explain_predict(feats.slice(0, 5), top_k=3).to_pylist()
+    assert all(len(r["top_feature_attributions"]) == 3 for r in ex)
+
+
+def test_heavy_libraries_stay_unloaded_for_plain_sql(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys, mlsql; s = mlsql.connect(sys.argv[1]); s.sql('SELECT 42'); "
+            "print(sorted(m for m in ('torch', 'mlflow', 'xgboost', 'onnxruntime', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -135,7 +135,7 @@ class DNNEstimator:
                 loss = batch_loss(Xt[idx], yt[idx], wt[idx] if wt is not None else None)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += float(loss.detach()) * len(idx)
                 seen += len(idx)
             self._snapshot(net, n_out, link, act, y_mu, y_sd)
             ev = None
