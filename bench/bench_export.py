@@ -75,7 +75,8 @@ def main() -> None:
         for model, variants in (("mlp", [("fp32", "none", "ensemble"), ("int8", "int8", "ensemble"),
                                           ("fp16", "fp16", "ensemble")]),
                                 ("trees", [("fp32", "none", "ensemble"), ("fp32_tensor", "none", "tensor"),
-                                           ("int8_tensor", "int8", "tensor"), ("fp16_tensor", "fp16", "tensor")])):
+                                           ("fp16_tensor", "fp16", "tensor"), ("fp32_gemm", "none", "gemm"),
+                                           ("int8_gemm", "int8", "gemm")])):
             lm = s.model(model)
             res: dict = {}
             # the native model: encode + predict in-process (what ML.PREDICT runs after SQL)

@@ -35,7 +35,7 @@ def ws(tmp_path_factory):
 
 
 CASES = [(m, q, tf) for m in MODELS for q in ("none", "int8", "int8_static", "fp16")
-         for tf in (("ensemble", "tensor") if m.startswith("bt") else ("ensemble",))]
+         for tf in (("ensemble", "tensor", "gemm") if m.startswith("bt") else ("ensemble",))]
 
 
 @pytest.mark.parametrize("model, quantize, tree_format", CASES)
@@ -218,7 +218,7 @@ def test_flights_model_exports_with_strings_and_nulls(tmp_path):
                        p.seats, f.arr_delay > 15 AS late
                 FROM flights f LEFT JOIN weather w USING (origin, time_hour) LEFT JOIN planes p USING (tailnum)
                 WHERE f.arr_delay IS NOT NULL AND f.month <= 3""")
-    for q, tf in (("none", "ensemble"), ("int8", "tensor"), ("fp16", "tensor")):
+    for q, tf in (("none", "ensemble"), ("none", "tensor"), ("int8", "gemm"), ("fp16", "tensor")):
         rep = s.sql(f"EXPORT MODEL late OPTIONS (quantize = '{q}', tree_format = '{tf}')").export.report
         assert rep.max_abs_diff <= 1e-4 and rep.metric == "roc_auc"
         if q != "none":

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from ..errors import ExportError, OptionError, UnknownOptionError
 
 QUANTIZE = ("none", "int8", "int8_static", "fp16")
-TREE_FORMATS = ("ensemble", "tensor")
+TREE_FORMATS = ("ensemble", "tensor", "gemm")
 EXPORT_OPTIONS = ("uri", "format", "quantize", "calibration_query", "opset", "tree_format", "providers", "package")
 PARITY_TOL = 1e-4
 
@@ -163,13 +163,15 @@ def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str =
     est = model.estimator
     n_features = len(model.encoded_names)
     if est.kind == "xgboost":
-        from .trees import ensemble, margin_base, parse_booster, tensor
+        from .trees import ensemble, margin_base, parse_booster, tensor, traversal
 
         n_out = est.n_out
         trees = parse_booster(est.booster, n_out)
         base = margin_base(est.booster, trees, n_out, np.zeros(n_features, np.float32))
-        if tree_format == "tensor":
+        if tree_format == "gemm":
             margins = tensor(g, X, trees, n_out, n_features, base)
+        elif tree_format == "tensor":
+            margins = traversal(g, X, trees, n_out, base)
         else:
             margins = ensemble(g, X, trees, n_out, base)
         link = {"binary:logistic": "sigmoid", "multi:softprob": "softmax"}.get(est.objective, "identity")

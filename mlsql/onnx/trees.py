@@ -1,6 +1,7 @@
-"""xgboost boosters as ONNX: ai.onnx.ml TreeEnsemble ops, or plain tensor ops (the GEMM strategy).
+"""xgboost boosters as ONNX: ai.onnx.ml TreeEnsemble ops, or plain tensor ops (Hummingbird's strategies).
 
-The tensor form follows the Hummingbird paper's GEMM compilation: for every tree,
+``traversal`` (tree_format 'tensor') is the perfect-tree traversal: Gather steps, one per level.
+``tensor`` (tree_format 'gemm') is the GEMM compilation: for every tree,
 ``A`` picks each internal node's feature, ``B`` holds the thresholds, ``C`` says
 for each leaf which internal nodes lie on its path and on which side, ``D`` how
 many left turns reach it, ``E`` its value. Then
@@ -151,4 +152,59 @@ def tensor(g: Graph, X: str, trees: list[Tree], n_out: int, n_features: int, bas
     reached = g.op("Cast", [g.op("Less", [off, g.const(np.float32(0.5))])], to=1)
     per_tree = g.op("MatMul", [reached, g.const(E, hint="tree_E")])  # [trees, N, n_out]
     summed = g.op("ReduceSum", [per_tree, g.const(np.array([0], np.int64))], keepdims=0)
+    return g.op("Add", [summed, g.const(base.astype(np.float32), hint="base")])
+
+
+def tree_depth(t: Tree) -> int:
+    depth = {0: 0}
+    order = [0]
+    for nid in order:
+        if nid in t.feature:
+            for c in (t.yes[nid], t.no[nid]):
+                depth[c] = depth[nid] + 1
+                order.append(c)
+    return max(depth[n] for n in t.leaf)
+
+
+def traversal(g: Graph, X: str, trees: list[Tree], n_out: int, base: np.ndarray) -> str:
+    """Perfect-tree traversal (Hummingbird): every tree padded to depth D, one Gather step per level.
+
+    Node h of a tree sits at heap position h (children 2h+1 for yes, 2h+2 for no); a
+    row's position after D steps names its leaf. Padding nodes test ``x < +inf`` and
+    always take the yes branch, so a shallow leaf is found at its leftmost descendant.
+    """
+    D = max(1, max(tree_depth(t) for t in trees))
+    n_int, n_leaf, T = 2**D - 1, 2**D, len(trees)
+    feat = np.zeros((T, n_int), np.int64)
+    thr = np.full((T, n_int), np.inf, np.float32)
+    leaf = np.zeros((T, n_leaf, n_out), np.float32)
+    for ti, t in enumerate(trees):
+        stack = [(0, 0)]  # (xgboost node id, heap position)
+        while stack:
+            nid, h = stack.pop()
+            if nid in t.leaf:
+                while h < n_int:  # pad down the yes side
+                    h = 2 * h + 1
+                leaf[ti, h - n_int, t.cls] = t.leaf[nid]
+                continue
+            feat[ti, h] = t.feature[nid]
+            thr[ti, h] = t.threshold[nid]
+            stack.append((t.yes[nid], 2 * h + 1))
+            stack.append((t.no[nid], 2 * h + 2))
+    feat_c = g.const(feat.ravel(), hint="trav_feature")
+    thr_c = g.const(thr.ravel(), hint="trav_threshold")
+    toff = g.const(np.arange(T, dtype=np.int64) * n_int, hint="trav_tree_offset")
+    n_rows = g.op("Slice", [g.op("Shape", [X]), g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))])
+    shape = g.op("Concat", [n_rows, g.const(np.array([T], np.int64))], axis=0)
+    h = g.op("ConstantOfShape", [shape], value=__import__("onnx").helper.make_tensor("z", 7, [1], [0]))
+    one, two = g.const(np.int64(1)), g.const(np.int64(2))
+    for _ in range(D):
+        flat = g.op("Add", [h, toff])
+        f = g.op("Gather", [feat_c, flat], axis=0)
+        v = g.op("GatherElements", [X, f], axis=1)
+        go_no = g.op("Cast", [g.op("Not", [g.op("Less", [v, g.op("Gather", [thr_c, flat], axis=0)])])], to=7)
+        h = g.op("Add", [g.op("Add", [g.op("Mul", [h, two]), one]), go_no])
+    lidx = g.op("Add", [g.op("Sub", [h, g.const(np.int64(n_int))]), g.const(np.arange(T, dtype=np.int64) * n_leaf)])
+    vals = g.op("Gather", [g.const(leaf.reshape(T * n_leaf, n_out), hint="trav_leaves"), lidx], axis=0)  # [N,T,n_out]
+    summed = g.op("ReduceSum", [vals, g.const(np.array([1], np.int64))], keepdims=0)
     return g.op("Add", [summed, g.const(base.astype(np.float32), hint="base")])
