@@ -146,6 +146,27 @@ class ExportStep:
 
 
 @dataclass
+class DeviceStep:
+    """A device statement: action is create_device, create_group, show_devices, drop_device,
+    drop_group, deploy or rollback."""
+
+    action: str
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    model: ModelSpec | None = None
+    target_kind: str = "DEVICE"
+    replace: bool = False
+    exists: bool = False
+    kind = "device"
+
+    def describe(self):
+        what = {"deploy": f"export + package {self.model}, install on {self.target_kind.lower()} '{self.name}'",
+                "rollback": f"roll {self.model} back on {self.target_kind.lower()} '{self.name}'",
+                "show_devices": "list devices with their live status"}.get(self.action, f"{self.action} '{self.name}'")
+        return what, ""
+
+
+@dataclass
 class UnsupportedStep:
     what: str
     kind = "unsupported"
@@ -219,6 +240,22 @@ class Planner:
             return [SetStep(e.name, e.value, stmt.sql)]
         if isinstance(e, mx.ExportModel):
             return [ExportStep(ModelSpec.of(e.model), e.options())]
+        if isinstance(e, mx.CreateDevice):
+            return [DeviceStep("create_device", e.name, e.options(), replace=bool(e.args.get("replace")),
+                               exists=bool(e.args.get("exists")))]
+        if isinstance(e, mx.CreateDeviceGroup):
+            return [DeviceStep("create_group", e.name, e.options(), replace=bool(e.args.get("replace")),
+                               exists=bool(e.args.get("exists")))]
+        if isinstance(e, mx.ShowDevices):
+            return [DeviceStep("show_devices")]
+        if isinstance(e, mx.DropDeviceGroup):
+            return [DeviceStep("drop_group", e.name, exists=bool(e.args.get("exists")))]
+        if isinstance(e, mx.DropDevice):
+            return [DeviceStep("drop_device", e.name, exists=bool(e.args.get("exists")))]
+        if isinstance(e, mx.DeployModel):
+            return [DeviceStep("deploy", e.target, e.options(), ModelSpec.of(e.model), e.target_kind)]
+        if isinstance(e, mx.RollbackModel):
+            return [DeviceStep("rollback", e.target, {}, ModelSpec.of(e.model), e.target_kind)]
         for node_type, what in _LATER.items():
             cls = getattr(mx, node_type, None)
             if cls is not None and isinstance(e, cls):
@@ -295,12 +332,6 @@ def _literal(a) -> Any:
 
 
 _LATER = {
-    "DeployModel": "DEPLOY MODEL",
-    "RollbackModel": "ROLLBACK MODEL",
-    "CreateDevice": "CREATE DEVICE",
-    "CreateDeviceGroup": "CREATE DEVICE GROUP",
-    "ShowDevices": "SHOW DEVICES",
-    "DropDevice": "DROP DEVICE",
     "CreateJob": "CREATE JOB",
     "ShowJobs": "SHOW JOBS",
     "DropJob": "DROP JOB",

@@ -71,6 +71,9 @@ class Session:
         self.progress = None  # factory(title, total) -> reporter with update(i, total, metrics), close()
         self.display_limit = 10
         self._planner = P.Planner(self.engine.temp_name)
+        from .devices import DeviceStore
+
+        self.devices = DeviceStore(self.workspace.devices_path)
         self._models: dict[tuple[str, int], LoadedModel] = {}
         self._from_namespace: set[str] = set()
 
@@ -213,6 +216,8 @@ class Session:
             return Result(step.plan.explain_table(), kind="explain")
         if isinstance(step, P.ExportStep):
             return self._export(step.model, step.options)
+        if isinstance(step, P.DeviceStep):
+            return self._device_step(step)
         if isinstance(step, P.UnsupportedStep):
             raise MLSQLError(f"{step.what} is not available in this version of MLSQL")
         raise AssertionError(f"no runner for {step!r}")
@@ -300,11 +305,25 @@ class Session:
         data = None
         if step.input_sql is not None:
             data = self.engine.query(step.input_sql, _params_for(step.input_sql, params))
+        if func == "DEVICE_METRICS":
+            from .deploy import metrics_table
+
+            if len(step.args) != 1 or not isinstance(step.args[0], str):
+                raise MLSQLError("ML.DEVICE_METRICS takes one device name: ML.DEVICE_METRICS('my-device')")
+            return metrics_table(self.devices.get(step.args[0]))
         if step.model is None:
             raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
         lm = self._load(step.model)
         model = lm.model
         s = {k.lower(): v for k, v in step.settings.items()}
+        if func == "PREDICT" and s.get("device"):
+            from .deploy import remote_predict
+
+            data = _require_input(data, func, step)
+            dev = self.devices.get(str(s["device"]))
+            version = lm.version.version if (step.model.version or step.model.alias) else None
+            preds = remote_predict(dev, lm.version.name, version, data, lm.label, model.classes, model.label_type)
+            return _hconcat(preds, data)
         if func == "PREDICT":
             data = _require_input(data, func, step)
             preds = model.predict(self._features(lm, data, need_label=False, func=func),
@@ -482,6 +501,112 @@ class Session:
             stats=input_statistics(sample, result.inputs), providers=list(providers or ["cpu"]), out=path,
         )
         return path
+
+    # -- devices -----------------------------------------------------------------
+    def _device_step(self, step: P.DeviceStep) -> Result:
+        from . import deploy as D
+
+        a = step.action
+        if a == "create_device":
+            dev = self.devices.add(step.name, step.options, replace=step.replace, if_not_exists=step.exists)
+            if dev is None:
+                return Result(pa.table({}), message=f"Device {step.name} already exists; nothing changed.")
+            p = D.probe(dev)
+            if p["ok"]:
+                info = p["info"]
+                provs = ", ".join(D._short(x) for x in info.get("available_providers", []))
+                msg = (f"Registered device {dev.name} at {dev.url}: online, onnxruntime {info.get('onnxruntime')}, "
+                       f"providers {provs}")
+            else:
+                msg = f"Registered device {dev.name} at {dev.url}; not reachable now ({p['error']})"
+            return Result(D.devices_table([dev]), kind="device", message=msg)
+        if a == "show_devices":
+            return Result(D.devices_table(self.devices.devices()), kind="show")
+        if a == "drop_device":
+            dropped = self.devices.drop(step.name, if_exists=step.exists)
+            return Result(pa.table({}), message=f"Dropped device {step.name}." if dropped
+                          else f"Device {step.name} does not exist; nothing dropped.")
+        if a == "create_group":
+            g = self.devices.add_group(step.name, step.options, replace=step.replace, if_not_exists=step.exists)
+            if g is None:
+                return Result(pa.table({}), message=f"Device group {step.name} already exists; nothing changed.")
+            return Result(pa.table({"group": [g.name], "devices": [g.devices], "hub": [g.hub or None]}),
+                          message=f"Created device group {g.name} with {len(g.devices)} devices"
+                                  + (f" behind hub {g.hub}" if g.hub else ""))
+        if a == "drop_group":
+            dropped = self.devices.drop_group(step.name, if_exists=step.exists)
+            return Result(pa.table({}), message=f"Dropped device group {step.name}." if dropped
+                          else f"Device group {step.name} does not exist; nothing dropped.")
+        if a == "deploy":
+            if step.target_kind == "GROUP":
+                return self._deploy_group(step)
+            return self._deploy_device(step)
+        if a == "rollback":
+            if step.target_kind == "GROUP":
+                raise MLSQLError("ROLLBACK MODEL ... ON GROUP is not available; a failed rollout rolls its waves back")
+            dev = self.devices.get(step.name)
+            c = D.client_for(dev)
+            try:
+                r = c.rollback(step.model.name)
+            except Exception as exc:
+                raise D.wrap(exc, f"Rollback of {step.model.name} on device '{dev.name}' failed") from None
+            finally:
+                c.close()
+            return Result(pa.table({"device": [dev.name], "model": [step.model.name], "active": [r.get("active")],
+                                    "previous": [r.get("previous")]}),
+                          message=f"Rolled {step.model.name} back on {dev.name}: version {r.get('active')} is active.")
+        raise AssertionError(a)
+
+    def _deployable(self, step: P.DeviceStep, opts: dict):
+        """Export (with the deploy's quantization) and sign a package for the model version."""
+        export_opts = {"quantize": opts["quantize"], "tree_format": opts["tree_format"], "package": True,
+                       "providers": opts["providers"] or ["cpu"]}
+        if opts.get("calibration_query"):
+            export_opts["calibration_query"] = opts["calibration_query"]
+        result = self._export(step.model, export_opts, quiet=True)
+        return self._load(step.model), result
+
+    def _deploy_device(self, step: P.DeviceStep) -> Result:
+        from . import deploy as D
+
+        opts = D.resolve_deploy_options(step.options)
+        dev = self.devices.get(step.name)
+        lm, result = self._deployable(step, opts)
+        data = result.package_path.read_bytes()
+        c = D.client_for(dev)
+        try:
+            r = c.install(data, providers=opts["providers"] or ["cpu"], strict_providers=opts["strict_providers"],
+                          model=lm.version.name)
+        except Exception as exc:
+            raise D.wrap(exc, f"Deploying {lm.version.ref} to device '{dev.name}' failed") from None
+        finally:
+            c.close()
+        try:
+            sample = self._sample_rows(lm, 1)
+            rtt, on_device = D.first_inference(dev, lm.version.name, sample, result.inputs)
+        except MLSQLError:
+            raise
+        except Exception as exc:
+            raise D.wrap(exc, f"{lm.version.ref} is installed on '{dev.name}' but its first prediction failed") from None
+        placed = D.placement_text(r.get("node_providers"), r.get("providers"))
+        table = pa.table({
+            "device": [dev.name], "model": [lm.version.name], "version": [lm.version.version],
+            "active": [r.get("active")], "previous": [r.get("previous")],
+            "providers": [[D._short(p) for p in r.get("providers") or []]],
+            "placement": [json.dumps(r.get("node_providers") or {})],
+            "package_bytes": [len(data)], "first_inference_ms": [rtt], "on_device_ms": [on_device],
+        })
+        return Result(table, kind="deploy", message=(
+            f"Deployed {lm.version.ref} to {dev.name} (version {r.get('active')} active, previous {r.get('previous')}); "
+            f"runs on {placed}; first inference {rtt:.1f} ms round trip, {on_device:.2f} ms on the device"))
+
+    def _deploy_group(self, step: P.DeviceStep) -> Result:
+        from . import deploy as D
+
+        opts = D.resolve_deploy_options(step.options)
+        group = self.devices.group(step.name)
+        lm, result = self._deployable(step, opts)
+        return D.deploy_group(group, lm, result, opts, self.devices)
 
     def _show_models(self) -> pa.Table:
         rows = []

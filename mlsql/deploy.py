@@ -1,0 +1,215 @@
+"""The notebook side of the device bridge: devices, deploys, remote prediction, telemetry.
+
+Statements: CREATE/DROP DEVICE, SHOW DEVICES, CREATE/DROP DEVICE GROUP,
+DEPLOY MODEL ... TO DEVICE | GROUP, ROLLBACK MODEL ... ON DEVICE,
+ML.PREDICT(..., STRUCT('d' AS device)) and ML.DEVICE_METRICS('d'). The HTTP
+work is device_bridge.client's; this module turns it into tables and errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .devices import Device
+from .errors import DeviceError, MLSQLError, OptionError, UnknownOptionError
+
+DEPLOY_OPTIONS = ("providers", "quantize", "strict_providers", "tree_format", "calibration_query",
+                  "rollout_percent", "batch_size", "max_error_rate", "max_p95_ms", "max_drift",
+                  "required_provider", "wave_timeout_s", "observe_s", "min_requests")
+PREDICT_BATCH = 50_000
+
+
+def client_for(dev: Device, timeout: float | None = None):
+    from device_bridge.client import DeviceClient
+
+    return DeviceClient(dev.url, dev.token or None, timeout=timeout or dev.timeout_s, verify=dev.verify_tls)
+
+
+def wrap(exc: Exception, what: str) -> MLSQLError:
+    """A device_bridge error as an MLSQL DeviceError naming the device and the step."""
+    msg = getattr(exc, "message", None) or str(exc)
+    status = getattr(exc, "status", None)
+    hint = None
+    if "trusts no signing key" in msg or "not trusted" in msg or "untrusted" in msg:
+        hint = "Start the agent with --trust <workspace>/keys/signing_key.pub (mlsql device key prints the path)."
+    elif status in (401, 403):
+        hint = "Check the device's token: CREATE OR REPLACE DEVICE '...' OPTIONS (url = ..., token = ...)."
+    return DeviceError(f"{what}: {msg}" + (f" (HTTP {status})" if status else ""), hint=hint)
+
+
+def probe(dev: Device, timeout: float = 3.0) -> dict:
+    try:
+        c = client_for(dev, timeout)
+        try:
+            return {"ok": True, "info": c.info()}
+        finally:
+            c.close()
+    except Exception as exc:  # unreachable, refused, bad token: all shown as status
+        return {"ok": False, "error": getattr(exc, "message", None) or str(exc)}
+
+
+def devices_table(devices: list[Device]) -> pa.Table:
+    """SHOW DEVICES: each device probed live, in parallel."""
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(devices)))) as pool:
+        probes = list(pool.map(probe, devices))
+    rows = []
+    for d, p in zip(devices, probes):
+        info = p.get("info") or {}
+        models = info.get("models") or {}
+        rows.append({
+            "device": d.name, "url": d.url, "status": "online" if p["ok"] else "unreachable",
+            "platform": info.get("platform"), "onnxruntime": info.get("onnxruntime"),
+            "available_providers": [_short(x) for x in info.get("available_providers") or []],
+            "models": [f"{n}@{m.get('active')}" for n, m in sorted(models.items())],
+            "error": None if p["ok"] else p["error"],
+        })
+    schema = pa.schema([("device", pa.string()), ("url", pa.string()), ("status", pa.string()),
+                        ("platform", pa.string()), ("onnxruntime", pa.string()),
+                        ("available_providers", pa.list_(pa.string())), ("models", pa.list_(pa.string())),
+                        ("error", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _short(p: str) -> str:
+    return p.replace("ExecutionProvider", "").lower()
+
+
+def resolve_deploy_options(raw: dict) -> dict:
+    opts: dict[str, Any] = {"providers": None, "quantize": "none", "strict_providers": False, "tree_format": "ensemble"}
+    for k, v in raw.items():
+        if k not in DEPLOY_OPTIONS:
+            raise UnknownOptionError(k, DEPLOY_OPTIONS, where="in DEPLOY MODEL OPTIONS")
+        opts[k] = v
+    if isinstance(opts["providers"], str):
+        opts["providers"] = [opts["providers"]]
+    if opts["providers"] is not None and (not isinstance(opts["providers"], list) or not opts["providers"]
+                                          or not all(isinstance(p, str) for p in opts["providers"])):
+        raise OptionError(f"Option providers must be a list of names such as ['cuda', 'cpu'], got {opts['providers']!r}")
+    if not isinstance(opts["strict_providers"], bool):
+        raise OptionError(f"Option strict_providers must be TRUE or FALSE, got {opts['strict_providers']!r}")
+    return opts
+
+
+def placement_text(node_providers: dict | None, providers: list | None) -> str:
+    if node_providers:
+        return ", ".join(f"{_short(k)} ({v} nodes)" for k, v in sorted(node_providers.items(), key=lambda kv: -kv[1]))
+    return ", ".join(_short(p) for p in providers or []) or "unknown"
+
+
+def columns_for(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
+    """Raw columns as the device's model takes them: numbers with NaN for NULL, strings with ''."""
+    by_lower = {c.lower(): c for c in table.column_names}
+    out = {}
+    for spec in inputs:
+        real = by_lower.get(spec["name"].lower())
+        if real is None:
+            from .errors import UnknownColumnError
+
+            raise UnknownColumnError(spec["name"], table.column_names,
+                                     message=f"Input has no column '{spec['name']}', which the deployed model takes")
+        col = table.column(real)
+        t = spec["type"]
+        if t == "string":
+            out[spec["name"]] = np.asarray(pc.fill_null(col.cast(pa.string()), "").to_numpy(zero_copy_only=False),
+                                           dtype=object)
+        elif t == "bool":
+            out[spec["name"]] = pc.fill_null(col.cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
+        else:
+            out[spec["name"]] = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.dtype(t))
+    return out
+
+
+def remote_predict(dev: Device, model_name: str, version: int | None, data: pa.Table, label: str,
+                   classes: list | None, label_type: str) -> pa.Table:
+    """ML.PREDICT on a device: batches of raw columns out, prediction columns back (BigQuery ML's names)."""
+    c = client_for(dev)
+    try:
+        try:
+            info = c.model(model_name)
+        except Exception as exc:
+            raise wrap(exc, f"Device '{dev.name}' cannot serve model {model_name}") from None
+        inputs = info.get("inputs") or []
+        pred_name = f"predicted_{label}"
+        values: list = []
+        probs: list = []
+        for a in range(0, max(data.num_rows, 1), PREDICT_BATCH):
+            part = data.slice(a, PREDICT_BATCH)
+            if part.num_rows == 0:
+                break
+            try:
+                r = c.predict_batch(model_name, columns_for(part, inputs), version=version)
+            except Exception as exc:
+                raise wrap(exc, f"Prediction on device '{dev.name}' failed") from None
+            outs = r["outputs"]
+            values.extend(outs[pred_name])
+            if classes is not None:
+                probs.extend(outs[f"{pred_name}_probs"])
+    finally:
+        c.close()
+    n = data.num_rows
+    if classes is None:
+        return pa.table({pred_name: pa.array(values, pa.float64())})
+    from .ml.model import _type_from_str
+
+    ltype = _type_from_str(label_type)
+    k = len(classes)
+    p = np.asarray(probs, dtype=np.float64).reshape(n, k)
+    labels = pa.array(classes, ltype).take(pa.array(np.tile(np.arange(k), n)))
+    structs = pa.StructArray.from_arrays([labels, pa.array(p.ravel(), pa.float64())], names=["label", "prob"])
+    return pa.table({pred_name: pa.array(values, ltype),
+                     f"{pred_name}_probs": pa.ListArray.from_arrays(
+                         pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), structs)})
+
+
+METRICS_SCHEMA = pa.schema([
+    ("device", pa.string()), ("model", pa.string()), ("version", pa.int64()), ("active", pa.bool_()),
+    ("suspended", pa.bool_()), ("requests", pa.int64()), ("rows", pa.int64()), ("error_count", pa.int64()),
+    ("error_rate", pa.float64()), ("errors", pa.string()), ("p50_ms", pa.float64()), ("p95_ms", pa.float64()),
+    ("p99_ms", pa.float64()), ("throughput_rows_per_s", pa.float64()), ("providers", pa.list_(pa.string())),
+    ("node_providers", pa.string()), ("inputs", pa.string()),
+])
+
+
+def metrics_table(dev: Device) -> pa.Table:
+    c = client_for(dev)
+    try:
+        snap = c.metrics()
+    except Exception as exc:
+        raise wrap(exc, f"Cannot read metrics from device '{dev.name}'") from None
+    finally:
+        c.close()
+    rows = []
+    for m in snap.get("models", []):
+        lat = m.get("latency") or {}
+        rows.append({
+            "device": dev.name, "model": m.get("model"), "version": m.get("version"),
+            "active": m.get("active"), "suspended": m.get("suspended"), "requests": m.get("requests"),
+            "rows": m.get("rows"), "error_count": m.get("error_count"), "error_rate": m.get("error_rate"),
+            "errors": json.dumps(m.get("errors") or {}), "p50_ms": lat.get("p50_ms"), "p95_ms": lat.get("p95_ms"),
+            "p99_ms": lat.get("p99_ms"), "throughput_rows_per_s": m.get("throughput_rows_per_s"),
+            "providers": [_short(p) for p in m.get("providers") or []],
+            "node_providers": json.dumps(m.get("node_providers") or {}),
+            "inputs": json.dumps(m.get("columns") or {}),
+        })
+    return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+
+
+def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list[dict]) -> tuple[float, float]:
+    """Round-trip and on-device milliseconds of one single-row prediction right after a deploy."""
+    c = client_for(dev)
+    try:
+        cols = columns_for(sample.slice(0, 1), inputs)
+        body = {k: [None if isinstance(x, float) and np.isnan(x) else x for x in arr.tolist()]
+                for k, arr in cols.items()}
+        t0 = time.perf_counter()
+        r = c.predict(model_name, columns=body)
+        return (time.perf_counter() - t0) * 1000.0, float(r.get("latency_ms") or 0.0)
+    finally:
+        c.close()
