@@ -18,11 +18,51 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--workspace", help="workspace folder (default: MLSQL_HOME or ./.mlsql)")
     run.add_argument("--engine", default="duckdb", help="engine (default: duckdb)")
     run.add_argument("--max-rows", type=int, default=20, help="rows to print per result (default: 20)")
+    hub = sub.add_parser("hub", help="the fleet hub devices poll (see docs/DEVICE.md)")
+    hub.add_argument("action", choices=["serve"], help="serve: run the hub")
+    hub.add_argument("hub_args", nargs=argparse.REMAINDER, help="--port P --store DIR --token T (mlsql-device hub)")
+    dev = sub.add_parser("device", help="the local device agent and the workspace's signing key")
+    dev.add_argument("action", choices=["serve", "key"],
+                     help="serve: run an agent that trusts this workspace's key; key: print the public key file")
+    dev.add_argument("--workspace", help="workspace folder (default: MLSQL_HOME or ./.mlsql)")
+    dev.add_argument("agent_args", nargs=argparse.REMAINDER, help="arguments of mlsql-device serve")
     args = parser.parse_args(argv)
-    if args.command != "run":
-        parser.print_help()
-        return 2
-    return _run(args)
+    if args.command == "run":
+        return _run(args)
+    if args.command == "hub":
+        from device_bridge.cli import main as device_main
+
+        return device_main(["hub", *args.hub_args]) or 0
+    if args.command == "device":
+        return _device(args)
+    parser.print_help()
+    return 2
+
+
+def _device(args) -> int:
+    from device_bridge.keys import PUBLIC_KEY_FILE, load_or_create_keypair
+
+    from .workspace import Workspace
+
+    extra = list(args.agent_args)
+    workspace = args.workspace
+    if "--workspace" in extra:  # REMAINDER swallows options written after the action
+        i = extra.index("--workspace")
+        workspace = extra[i + 1] if i + 1 < len(extra) else None
+        del extra[i:i + 2]
+    ws = Workspace.open(workspace)
+    load_or_create_keypair(ws.keys_dir)
+    pub = ws.keys_dir / PUBLIC_KEY_FILE
+    if args.action == "key":
+        print(pub)
+        return 0
+    from device_bridge.cli import main as device_main
+
+    if "--name" not in extra:
+        extra += ["--name", "local"]
+    if "--store" not in extra:
+        extra += ["--store", str(ws.root / "device")]
+    return device_main(["serve", "--trust", str(pub), *extra]) or 0
 
 
 def _run(args) -> int:

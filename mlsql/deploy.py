@@ -213,3 +213,56 @@ def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list
         return (time.perf_counter() - t0) * 1000.0, float(r.get("latency_ms") or 0.0)
     finally:
         c.close()
+
+
+def deploy_group(group, lm, result, opts: dict, store) -> "Result":  # noqa: F821
+    """DEPLOY MODEL ... TO GROUP: a staged rollout through the group's hub, gated wave by wave."""
+    from device_bridge.client import HubClient
+    from device_bridge.rollout import rollout
+
+    from .result import Result
+
+    if not group.hub:
+        raise OptionError(f"Device group '{group.name}' has no hub",
+                          hint=f"CREATE OR REPLACE DEVICE GROUP '{group.name}' OPTIONS (hub = 'http://host:port', "
+                               "hub_token = '...', devices = [...]); start one with `mlsql hub serve`.")
+    hub = HubClient(group.hub, group.hub_token or "", timeout=30.0)
+    try:
+        devices = list(group.devices)
+        if not devices:
+            devices = sorted(a["name"] for a in hub.agents() if a.get("group") in (group.name, None) or not group.devices)
+        if not devices:
+            raise DeviceError(f"Device group '{group.name}' has no devices (none listed, none registered at {group.hub})")
+        log: list[str] = []
+        try:
+            report = rollout(
+                hub, lm.version.name, result.package_path.read_bytes(), devices,
+                rollout_percent=opts.get("rollout_percent"), batch_size=opts.get("batch_size"),
+                max_error_rate=opts.get("max_error_rate"), max_p95_ms=opts.get("max_p95_ms"),
+                required_provider=opts.get("required_provider"), max_drift=opts.get("max_drift"),
+                min_requests=int(opts.get("min_requests") or 0), observe_s=float(opts.get("observe_s") or 0.0),
+                activation_timeout=float(opts.get("wave_timeout_s") or 60.0),
+                providers=opts.get("providers"), strict_providers=opts["strict_providers"], log=log.append,
+            )
+        except MLSQLError:
+            raise
+        except Exception as exc:
+            raise wrap(exc, f"Rollout of {lm.version.ref} to group '{group.name}' failed") from None
+    finally:
+        hub.close()
+    rows = [{"wave": w.index, "devices": len(w.devices), "device_names": w.devices, "status": w.status,
+             "failures": "; ".join(w.failures) or None, "metrics": json.dumps(w.metrics, default=str),
+             "seconds": w.seconds} for w in report.waves]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("wave", pa.int64()), ("devices", pa.int64()), ("device_names", pa.list_(pa.string())),
+        ("status", pa.string()), ("failures", pa.string()), ("metrics", pa.string()), ("seconds", pa.float64())]))
+    if report.ok:
+        msg = (f"Rolled {lm.version.ref} out to group {group.name}: {len(devices)} devices in "
+               f"{len(report.waves)} waves, every gate passed")
+    else:
+        bad = report.waves[-1]
+        msg = (f"Rollout of {lm.version.ref} to group {group.name} stopped at wave {bad.index}: "
+               f"{'; '.join(bad.failures)}; the wave was {bad.status.replace('_', ' ')}")
+    out = Result(table, kind="rollout", message=msg)
+    out.rollout = report
+    return out

@@ -71,7 +71,12 @@ class UnknownNameError(MLSQLError):
         self.candidates = list(candidates)
         self.suggestion = did_you_mean(name, self.candidates)
         msg = message or f"Unknown {self.kind} '{name}'" + (f" {where}" if where else "")
-        hint = f"Did you mean '{self.suggestion}'?" if self.suggestion else None
+        if self.suggestion:
+            hint = f"Did you mean '{self.suggestion}'?"
+        elif 0 < len(self.candidates) <= 10:
+            hint = f"Known {self.kind}s: {', '.join(sorted(map(str, self.candidates)))}."
+        else:
+            hint = None
         super().__init__(msg, hint=hint)
 
 

@@ -1,0 +1,150 @@
+"""DEPLOY and friends from SQL, against real agent and hub processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlsql.errors import DeviceError, MLSQLError, UnknownDeviceError
+
+TOKEN = "sql-test-token"
+
+
+def start(args: list[str], tmp: Path, tag: str) -> tuple[subprocess.Popen, list[dict]]:
+    ready = tmp / f"{tag}.ready.json"
+    log = open(tmp / f"{tag}.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "device_bridge", *args, "--ready-file", str(ready)],
+                         stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if ready.exists():
+            try:
+                data = json.loads(ready.read_text())
+                return p, data.get("listening") or data.get("devices") or [data]
+            except json.JSONDecodeError:
+                pass
+        if p.poll() is not None:
+            raise RuntimeError((tmp / f"{tag}.log").read_text())
+        time.sleep(0.05)
+    p.kill()
+    raise RuntimeError(f"{tag} did not start: {(tmp / f'{tag}.log').read_text()}")
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import mlsql
+    import mlsql.datasets
+    from device_bridge.keys import load_or_create_keypair
+
+    tmp = tmp_path_factory.mktemp("deploy")
+    s = mlsql.connect(tmp / "ws")
+    mlsql.datasets.load("penguins", session=s)
+    load_or_create_keypair(s.workspace.keys_dir)
+    pub = s.workspace.keys_dir / "signing_key.pub"
+    agent, listening = start(["serve", "--name", "d1", "--port", "0", "--store", str(tmp / "d1"), "--token", TOKEN,
+                              "--trust", str(pub)], tmp, "agent")
+    s.sql(f"CREATE DEVICE 'd1' OPTIONS (url = '{listening[0]['url']}', token = '{TOKEN}')")
+    s.sql("""CREATE MODEL species OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['species'],
+             max_iterations = 10) AS SELECT * FROM penguins""")
+    yield s, tmp, pub
+    agent.kill()
+    s.close()
+
+
+def test_deploy_predict_metrics_new_version_rollback(env):
+    s, _, _ = env
+    r = s.sql("DEPLOY MODEL species TO DEVICE 'd1' OPTIONS (providers = ['cuda', 'cpu'])")
+    assert "Deployed species@1 to d1" in r.message and "runs on cpu" in r.message
+    row = r.to_arrow().to_pylist()[0]
+    assert row["active"] == 1 and row["providers"] == ["cpu"] and row["first_inference_ms"] > 0
+    assert json.loads(row["placement"])["CPUExecutionProvider"] > 0
+    # remote prediction equals local prediction, row for row
+    remote = s.sql("SELECT predicted_species, predicted_species_probs FROM ML.PREDICT(MODEL species, TABLE penguins, "
+                   "STRUCT('d1' AS device))").to_arrow()
+    local = s.sql("SELECT predicted_species, predicted_species_probs FROM ML.PREDICT(MODEL species, TABLE penguins)").to_arrow()
+    assert remote.num_rows == 344
+    assert remote.column(0).to_pylist() == local.column(0).to_pylist()
+    rp = [[p["prob"] for p in row] for row in remote.column(1).to_pylist()]
+    lp = [[p["prob"] for p in row] for row in local.column(1).to_pylist()]
+    assert max(abs(a - b) for x, y in zip(rp, lp) for a, b in zip(x, y)) < 1e-5
+    # composes with SQL like any ML.PREDICT
+    n = s.sql("SELECT count(*) FROM ML.PREDICT(MODEL species, (SELECT * FROM penguins WHERE island = 'Dream'), "
+              "STRUCT('d1' AS device)) WHERE predicted_species = species").scalar()
+    assert n >= 120
+    # a new version, then back
+    s.sql("CREATE OR REPLACE MODEL species OPTIONS (model_type = 'logistic_reg', input_label_cols = ['species']) "
+          "AS SELECT * FROM penguins")
+    r2 = s.sql("DEPLOY MODEL species TO DEVICE 'd1'").to_arrow().to_pylist()[0]
+    assert (r2["active"], r2["previous"]) == (2, 1)
+    rb = s.sql("ROLLBACK MODEL species ON DEVICE 'd1'").to_arrow().to_pylist()[0]
+    assert rb["active"] == 1
+    m = s.sql("SELECT version, active, requests, rows, p50_ms, providers FROM ML.DEVICE_METRICS('d1') "
+              "WHERE model = 'species' ORDER BY version").to_arrow().to_pylist()
+    assert [x["version"] for x in m] == [1, 2] and m[0]["active"] and not m[1]["active"]
+    assert m[0]["rows"] >= 344 + 124 and m[0]["p50_ms"] > 0 and m[0]["providers"] == ["cpu"]
+    shown = s.sql("SHOW DEVICES").to_arrow().to_pylist()[0]
+    assert shown["status"] == "online" and shown["models"] == ["species@1"]
+
+
+def test_device_errors_are_clear(env):
+    s, tmp, _ = env
+    with pytest.raises(UnknownDeviceError, match="Known devices: d1"):
+        s.sql("DEPLOY MODEL species TO DEVICE 'd2'")
+    with pytest.raises(MLSQLError, match="providres"):
+        s.sql("DEPLOY MODEL species TO DEVICE 'd1' OPTIONS (providres = ['cpu'])")
+    with pytest.raises(MLSQLError, match="already exists"):
+        s.sql("CREATE DEVICE 'd1' OPTIONS (url = 'http://127.0.0.1:9')")
+    s.sql("CREATE DEVICE 'gone' OPTIONS (url = 'http://127.0.0.1:9', timeout_s = 2)")
+    assert {r["device"]: r["status"] for r in s.sql("SHOW DEVICES").to_arrow().to_pylist()}["gone"] == "unreachable"
+    with pytest.raises(DeviceError, match="gone"):
+        s.sql("DEPLOY MODEL species TO DEVICE 'gone'")
+    s.sql("DROP DEVICE 'gone'")
+    # an agent that does not trust the workspace key refuses the package, and says how to fix it
+    agent, listening = start(["serve", "--name", "untrusting", "--port", "0", "--store", str(tmp / "u"),
+                              "--token", TOKEN], tmp, "untrusting")
+    try:
+        s.sql(f"CREATE DEVICE 'u' OPTIONS (url = '{listening[0]['url']}', token = '{TOKEN}')")
+        with pytest.raises(DeviceError) as info:
+            s.sql("DEPLOY MODEL species TO DEVICE 'u'")
+        assert "trust" in str(info.value)
+        s.sql(f"CREATE OR REPLACE DEVICE 'u' OPTIONS (url = '{listening[0]['url']}', token = 'wrong')")
+        with pytest.raises(DeviceError, match="401|token"):
+            s.sql("DEPLOY MODEL species TO DEVICE 'u'")
+    finally:
+        agent.kill()
+        s.sql("DROP DEVICE IF EXISTS 'u'")
+    # and the deployed model on d1 is untouched by all of this
+    assert s.sql("SELECT count(*) FROM ML.PREDICT(MODEL species@1, TABLE penguins, STRUCT('d1' AS device))").scalar() == 344
+
+
+@pytest.mark.slow
+def test_group_rollout_through_the_hub(env):
+    s, tmp, pub = env
+    hub, hl = start(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN], tmp, "hub")
+    fleet, _ = start(["serve", "--name", "edge", "--devices", "6", "--port", "0", "--store", str(tmp / "fleet"),
+                      "--token", TOKEN, "--trust", str(pub), "--hub", hl[0]["url"], "--hub-interval", "0.2",
+                      "--group", "field"], tmp, "fleet")
+    try:
+        names = [f"edge-{i}" for i in range(6)]
+        s.sql(f"CREATE DEVICE GROUP 'field' OPTIONS (hub = '{hl[0]['url']}', hub_token = '{TOKEN}', devices = {names})")
+        ok = s.sql("DEPLOY MODEL species@1 TO GROUP 'field' OPTIONS (batch_size = 2, max_error_rate = 0.01)")
+        assert "every gate passed" in ok.message
+        assert [w["status"] for w in ok.to_arrow().to_pylist()] == ["passed"] * 3
+        # a gate the devices cannot pass (they run on CPU) stops the rollout at its first wave and rolls it back
+        bad = s.sql("DEPLOY MODEL species@2 TO GROUP 'field' OPTIONS (batch_size = 2, required_provider = 'cuda')")
+        waves = bad.to_arrow().to_pylist()
+        assert "stopped at wave 0" in bad.message and len(waves) == 1 and waves[0]["status"] == "rolled_back"
+        assert "cuda" in waves[0]["failures"]
+        from device_bridge.client import HubClient
+
+        status = HubClient(hl[0]["url"], TOKEN).status()
+        actives = {n: ((status[n].get("status") or {}).get("species") or {}).get("active") for n in names}
+        assert actives == {n: 1 for n in names}  # the wave went back to version 1; the rest never left it
+    finally:
+        fleet.kill()
+        hub.kill()
