@@ -58,3 +58,13 @@ def test_export_notebook(tmp_path):
         assert (tmp_path / f).exists(), f
     text = "\n".join(outputs_text(c) for c in nb.cells)
     assert "max_abs_diff" in text and "parity max diff" in text
+
+
+@pytest.mark.slow
+def test_deploy_notebook(tmp_path):
+    nb = execute("04_deploy.ipynb", tmp_path)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    text = "\n".join(outputs_text(c) for c in nb.cells)
+    assert "Deployed species@1 to edge-1" in text and "Deployed species@2 to edge-1" in text
+    assert "Rolled species back on edge-1" in text
