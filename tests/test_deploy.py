@@ -48,12 +48,14 @@ def env(tmp_path_factory):
     pub = s.workspace.keys_dir / "signing_key.pub"
     agent, listening = start(["serve", "--name", "d1", "--port", "0", "--store", str(tmp / "d1"), "--token", TOKEN,
                               "--trust", str(pub)], tmp, "agent")
-    s.sql(f"CREATE DEVICE 'd1' OPTIONS (url = '{listening[0]['url']}', token = '{TOKEN}')")
-    s.sql("""CREATE MODEL species OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['species'],
-             max_iterations = 10) AS SELECT * FROM penguins""")
-    yield s, tmp, pub
-    agent.kill()
-    s.close()
+    try:
+        s.sql(f"CREATE DEVICE 'd1' OPTIONS (url = '{listening[0]['url']}', token = '{TOKEN}')")
+        s.sql("""CREATE MODEL species OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['species'],
+                 max_iterations = 10) AS SELECT * FROM penguins""")
+        yield s, tmp, pub
+    finally:
+        agent.kill()
+        s.close()
 
 
 def test_deploy_predict_metrics_new_version_rollback(env):
