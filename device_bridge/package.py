@@ -357,7 +357,7 @@ def _read_members(data: bytes) -> dict[str, bytes]:
         try:
             members[info.filename] = zf.read(info)
         except (zipfile.BadZipFile, ValueError, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
-            raise PackageError(f"not a valid package: cannot read {info.filename} ({exc})") from None
+            raise PackageError(f"not a valid package: cannot read {info.filename} ({exc}; corrupt or tampered)") from None
     return members
 
 

@@ -91,6 +91,19 @@ class NumericStats:
         self.min = min(self.min, float(v.min()))
         self.max = max(self.max, float(v.max()))
 
+    def merge(self, nb: int, mb: float, m2b: float, nulls: int, mn: float, mx: float) -> None:
+        """Merge precomputed batch moments (Chan et al.)."""
+        self.nulls += nulls
+        if not nb:
+            return
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean += delta * nb / n
+        self.m2 += m2b + delta * delta * self.n * nb / n
+        self.n = n
+        self.min = min(self.min, mn)
+        self.max = max(self.max, mx)
+
     def snapshot(self) -> dict[str, Any]:
         total = self.n + self.nulls
         return {
@@ -178,19 +191,34 @@ class VersionTelemetry:
                 st.update(arr)
             return
         if arr.ndim >= 2 and arr.shape[-1] > 1:
-            flat = arr.reshape(arr.shape[0], -1)
-            for j in range(min(flat.shape[1], MAX_TRACKED_ELEMENTS)):
-                self._numeric(f"{name}[{j}]", flat[:, j])
+            flat = arr.reshape(arr.shape[0], -1)[:, :MAX_TRACKED_ELEMENTS].astype(np.float64)
+            finite = np.isfinite(flat)
+            nb = finite.sum(axis=0)
+            if finite.all():  # one vectorized pass for all elements
+                mb = flat.mean(axis=0)
+                m2b = ((flat - mb) ** 2).sum(axis=0)
+                mn, mx = flat.min(axis=0), flat.max(axis=0)
+                for j in range(flat.shape[1]):
+                    st = self._stats(f"{name}[{j}]")
+                    if st is not None:
+                        st.merge(int(nb[j]), float(mb[j]), float(m2b[j]), 0, float(mn[j]), float(mx[j]))
+            else:
+                for j in range(flat.shape[1]):
+                    st = self._stats(f"{name}[{j}]")
+                    if st is not None:
+                        st.update(flat[:, j])
         else:
-            self._numeric(name, arr)
+            st = self._stats(name)
+            if st is not None:
+                st.update(arr)
 
-    def _numeric(self, key: str, values) -> None:
+    def _stats(self, key: str) -> NumericStats | None:
         st = self.columns.get(key)
         if st is None:
             if len(self.columns) >= 4 * MAX_TRACKED_ELEMENTS:
-                return
+                return None
             st = self.columns[key] = NumericStats()
-        st.update(values)
+        return st if isinstance(st, NumericStats) else None
 
     def record_error(self, kind: str) -> None:
         with self.lock:

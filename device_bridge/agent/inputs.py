@@ -54,7 +54,7 @@ def columns_from_json(payload: Any, specs: list[InputSpec]) -> dict[str, list]:
     """{"rows": [{col: v}...]} or {"columns": {col: [v...]}} -> {col: [v...]}, names checked."""
     if not isinstance(payload, dict):
         raise InputError('request body must be a JSON object with "rows" or "columns"')
-    unknown_keys = set(payload) - {"rows", "columns", "outputs"}
+    unknown_keys = set(payload) - {"rows", "columns"}
     if unknown_keys:
         raise InputError(f"unknown field(s) in request: {', '.join(sorted(map(str, unknown_keys)))} "
                          '(expected "rows" or "columns")')
@@ -124,6 +124,10 @@ def _check_scalar(spec: InputSpec, row: int, v: Any):
     if t == "string":
         if not isinstance(v, str):
             raise _bad_value(spec, row, v)
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad_value(spec, row, v, " (not valid UTF-8: lone surrogate)") from None
         return v
     if t == "bool":
         if not isinstance(v, bool):
@@ -197,7 +201,14 @@ def _check_array(spec: InputSpec, arr: np.ndarray, n: int) -> np.ndarray:
     if t == "string":
         if kind not in "US":
             raise InputError(f"column {spec.name!r}: expected strings, got dtype {arr.dtype}")
-        arr = arr.astype(object) if kind == "U" else np.char.decode(arr, "utf-8", "replace").astype(object)
+        if kind == "U":
+            try:
+                "".join(arr.ravel().tolist()).encode("utf-8")
+            except UnicodeEncodeError:
+                raise InputError(f"column {spec.name!r}: strings are not valid UTF-8 (lone surrogate)") from None
+            arr = arr.astype(object)
+        else:
+            arr = np.char.decode(arr, "utf-8", "replace").astype(object)
     elif t == "bool":
         if kind != "b":
             raise InputError(f"column {spec.name!r}: expected bool, got dtype {arr.dtype}")
