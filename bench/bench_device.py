@@ -1,0 +1,292 @@
+"""Device bridge figures, measured on loopback in one run.
+
+    python bench/bench_device.py [--quick]
+
+- single-row predict round trip through the agent vs in-process ONNX Runtime
+  (p50/p99 and the overhead), an xgboost classifier (20 features) exported with onnxmltools
+- throughput with 16 concurrent clients at batch 1 (JSON) and batch 256 (.npz)
+- time to deploy a 5 MB package to 100 agents through the hub (simulated devices,
+  25 per process; --quick: 20)
+- agent cold start: process start -> listening with the model loaded -> first prediction
+- installed size of the agent's dependency closure (onnxruntime, numpy, starlette,
+  uvicorn, cryptography and what they require)
+
+Prints a table and writes bench/results/device.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from device_bridge.client import DeviceClient, HubClient  # noqa: E402
+from device_bridge.keys import load_or_create_keypair, public_key_to_pem  # noqa: E402
+from device_bridge.package import build_package  # noqa: E402
+
+TOKEN = "bench-token"
+
+
+def xgb_onnx(n_trees: int, depth: int = 6, seed: int = 0) -> bytes:
+    import onnxmltools
+    import xgboost as xgb
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(5000, 20)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] * X[:, 2] + rng.normal(scale=0.5, size=5000) > 0).astype(int)
+    clf = xgb.XGBClassifier(n_estimators=n_trees, max_depth=depth, learning_rate=0.1, n_jobs=2)
+    clf.fit(X, y)
+    onx = onnxmltools.convert_xgboost(clf, initial_types=[("input", FloatTensorType([None, 20]))],
+                                      target_opset=15)
+    return onx.SerializeToString()
+
+
+class Agent:
+    def __init__(self, args: list[str], ready: Path):
+        self.ready = ready
+        if ready.exists():
+            ready.unlink()
+        self.t0 = time.perf_counter()
+        self.p = subprocess.Popen([sys.executable, "-m", "device_bridge", *args, "--ready-file", str(ready)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not ready.exists():
+            if self.p.poll() is not None:
+                raise RuntimeError(f"agent exited: {args}")
+            time.sleep(0.005)
+        self.ready_s = time.perf_counter() - self.t0
+        self.info = json.loads(ready.read_text())
+
+    @property
+    def url(self):
+        return self.info["devices"][0]["url"] if "devices" in self.info else self.info["url"]
+
+    def stop(self):
+        self.p.kill()
+        self.p.wait()
+
+
+def pct(xs, q):
+    return float(np.percentile(np.asarray(xs) * 1000.0, q))
+
+
+def bench_round_trip(url, model_bytes, n):
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(1)
+    rows = rng.normal(size=(n, 20)).astype(np.float32)
+    so = ort.SessionOptions()
+    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    ort_t = []
+    for i in range(n):
+        t = time.perf_counter()
+        sess.run(None, {"input": rows[i:i + 1]})
+        ort_t.append(time.perf_counter() - t)
+    c = DeviceClient(url, TOKEN)
+    for i in range(50):
+        c.predict("xgb", columns={"input": [rows[i].tolist()]})
+    rt = []
+    for i in range(n):
+        payload = {"input": [rows[i].tolist()]}
+        t = time.perf_counter()
+        c.predict("xgb", columns=payload)
+        rt.append(time.perf_counter() - t)
+    out = {"requests": n,
+           "in_process_ort_ms": {"p50": pct(ort_t, 50), "p99": pct(ort_t, 99)},
+           "agent_round_trip_ms": {"p50": pct(rt, 50), "p99": pct(rt, 99)}}
+    out["overhead_ms"] = {"p50": out["agent_round_trip_ms"]["p50"] - out["in_process_ort_ms"]["p50"],
+                          "p99": out["agent_round_trip_ms"]["p99"] - out["in_process_ort_ms"]["p99"]}
+    return out
+
+
+def bench_throughput(url, batch, seconds, clients=16):
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(batch, 20)).astype(np.float32)
+    c = DeviceClient(url, TOKEN)
+    counts = [0] * clients
+    lat = [[] for _ in range(clients)]
+    stop = time.perf_counter() + seconds
+    payload = {"input": X.tolist()}
+
+    def worker(k):
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            if batch == 1:
+                c.predict("xgb", columns=payload)
+            else:
+                c.predict_batch("xgb", {"input": X})
+            lat[k].append(time.perf_counter() - t)
+            counts[k] += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    dt = time.perf_counter() - t0
+    all_lat = [x for ls in lat for x in ls]
+    return {"clients": clients, "batch": batch, "body": "json" if batch == 1 else "npz",
+            "requests_per_s": sum(counts) / dt, "rows_per_s": sum(counts) * batch / dt,
+            "p50_ms": pct(all_lat, 50), "p99_ms": pct(all_lat, 99)}
+
+
+def bench_fleet_deploy(tmp: Path, kp, pub: Path, n_devices: int, per_proc: int, big_model: bytes):
+    pad = max(0, 5 * 1024 * 1024 - len(big_model) - 4096)
+    pkg = build_package(big_model, {"name": "xgb", "version": 2, "providers": ["cpu"]}, kp.private_key,
+                        extra_files={"assets/pad.bin": os.urandom(pad)} if pad else None)
+    hub = Agent(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN,
+                 "--max-package-mb", "64"], tmp / "hub.json")
+    procs = []
+    try:
+        for i in range(0, n_devices, per_proc):
+            k = min(per_proc, n_devices - i)
+            procs.append(Agent(["serve", "--name", f"p{i // per_proc}", "--devices", str(k), "--port", "0",
+                                "--store", str(tmp / f"fleet{i}"), "--token", TOKEN, "--trust", str(pub),
+                                "--hub", hub.url, "--hub-interval", "0.5"], tmp / f"fleet{i}.json"))
+        hc = HubClient(hub.url, TOKEN, timeout=120)
+        deadline = time.time() + 120
+        while len(hc.agents()) < n_devices and time.time() < deadline:
+            time.sleep(0.2)
+        names = [a["name"] for a in hc.agents()]
+        t0 = time.perf_counter()
+        hc.set_desired("xgb", pkg, devices=names)
+        done_at = {}
+        while len(done_at) < len(names) and time.perf_counter() - t0 < 300:
+            for a in hc.agents():
+                st = (a.get("status") or {}).get("xgb") or {}
+                if st.get("active") == 2 and a["name"] not in done_at:
+                    done_at[a["name"]] = time.perf_counter() - t0
+            time.sleep(0.1)
+        times = sorted(done_at.values())
+        return {"devices": n_devices, "devices_per_process": per_proc, "package_bytes": len(pkg),
+                "hub_poll_interval_s": 0.5, "all_active_s": times[-1] if len(times) == len(names) else None,
+                "median_device_s": statistics.median(times) if times else None,
+                "activated": len(times)}
+    finally:
+        for p in procs + [hub]:
+            p.stop()
+
+
+def bench_cold_start(tmp: Path, store: Path, pub: Path, runs: int):
+    out = []
+    for i in range(runs):
+        a = Agent(["serve", "--name", "cold", "--port", "0", "--store", str(store), "--token", TOKEN,
+                   "--trust", str(pub)], tmp / f"cold{i}.json")
+        c = DeviceClient(a.url, TOKEN)
+        c.predict("xgb", columns={"input": [[0.0] * 20]})
+        first = time.perf_counter() - a.t0
+        out.append({"listening_s": a.ready_s, "first_prediction_s": first})
+        a.stop()
+    return {"runs": runs, "listening_s": statistics.median(o["listening_s"] for o in out),
+            "first_prediction_s": statistics.median(o["first_prediction_s"] for o in out)}
+
+
+def dep_closure(roots):
+    seen = {}
+    todo = list(roots)
+    while todo:
+        name = todo.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        seen[key] = dist
+        for req in dist.requires or []:
+            if "extra ==" in req:
+                continue
+            if ";" in req:
+                marker = req.split(";", 1)[1]
+                try:
+                    from packaging.markers import Marker
+
+                    if not Marker(marker).evaluate():
+                        continue
+                except Exception:  # noqa: BLE001
+                    pass
+            todo.append(re.split(r"[ ;<>=!~\[(]", req.strip(), maxsplit=1)[0])
+    sizes = {}
+    for key, dist in seen.items():
+        total = 0
+        for f in dist.files or []:
+            try:
+                total += os.path.getsize(dist.locate_file(f))
+            except OSError:
+                pass
+        sizes[key] = total
+    return sizes
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args(argv)
+    q = args.quick
+    results = {"quick": q, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                       "python": platform.python_version()}}
+    with tempfile.TemporaryDirectory(prefix="bench-device-") as d:
+        tmp = Path(d)
+        kp = load_or_create_keypair(tmp / "keys")
+        pub = tmp / "ws.pub"
+        pub.write_bytes(public_key_to_pem(kp.public_key))
+        model = xgb_onnx(100)
+        results["model"] = {"kind": "xgboost classifier, 100 trees depth 6, 20 features", "onnx_bytes": len(model)}
+        store = tmp / "agent"
+        agent = Agent(["serve", "--name", "bench", "--port", "0", "--store", str(store), "--token", TOKEN,
+                       "--trust", str(pub)], tmp / "agent.json")
+        try:
+            c = DeviceClient(agent.url, TOKEN)
+            c.install(build_package(model, {"name": "xgb", "version": 1, "providers": ["cpu"]}, kp.private_key))
+            results["round_trip"] = bench_round_trip(agent.url, model, 300 if q else 3000)
+            secs = 2.0 if q else 8.0
+            results["throughput"] = [bench_throughput(agent.url, 1, secs), bench_throughput(agent.url, 256, secs)]
+        finally:
+            agent.stop()
+        results["cold_start"] = bench_cold_start(tmp, store, pub, 2 if q else 5)
+        big = xgb_onnx(300 if q else 600, depth=6, seed=3)
+        results["fleet_deploy"] = bench_fleet_deploy(tmp, kp, pub, 20 if q else 100, 10 if q else 25, big)
+    sizes = dep_closure(["onnxruntime", "numpy", "starlette", "uvicorn", "cryptography"])
+    results["agent_install_size"] = {"total_mb": round(sum(sizes.values()) / 2**20, 1),
+                                     "packages_mb": {k: round(v / 2**20, 2) for k, v in
+                                                     sorted(sizes.items(), key=lambda kv: -kv[1])}}
+    out = HERE / "results" / "device.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    rt = results["round_trip"]
+    print(f"single row: ORT in-process p50 {rt['in_process_ort_ms']['p50']:.3f} ms p99 "
+          f"{rt['in_process_ort_ms']['p99']:.3f} | agent round trip p50 {rt['agent_round_trip_ms']['p50']:.3f} "
+          f"p99 {rt['agent_round_trip_ms']['p99']:.3f} | overhead p50 {rt['overhead_ms']['p50']:.3f} "
+          f"p99 {rt['overhead_ms']['p99']:.3f} ms")
+    for t in results["throughput"]:
+        print(f"16 clients batch {t['batch']:>3} ({t['body']}): {t['requests_per_s']:.0f} req/s, "
+              f"{t['rows_per_s']:.0f} rows/s, p50 {t['p50_ms']:.2f} ms p99 {t['p99_ms']:.2f} ms")
+    cs = results["cold_start"]
+    print(f"cold start: listening {cs['listening_s']:.2f} s, first prediction {cs['first_prediction_s']:.2f} s")
+    fd = results["fleet_deploy"]
+    print(f"deploy {fd['package_bytes'] / 2**20:.1f} MB to {fd['devices']} agents via hub: all active in "
+          f"{fd['all_active_s']} s (median device {fd['median_device_s']}), {fd['activated']} activated")
+    print(f"agent dependency closure: {results['agent_install_size']['total_mb']} MB installed")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

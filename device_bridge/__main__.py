@@ -1,0 +1,3 @@
+from device_bridge.cli import main
+
+raise SystemExit(main())

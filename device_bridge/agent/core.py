@@ -1,0 +1,586 @@
+"""The agent's model store and runtime, independent of HTTP.
+
+Store layout (``--store DIR``)::
+
+    DIR/state.json                  which versions exist and which is active (the ONE switch)
+    DIR/trusted_keys/*.pub          public keys whose packages this device installs
+    DIR/models/<name>/<version>/    manifest.json, manifest.sig, model.onnx, extra files,
+                                    providers.json (cached node placement)
+    DIR/models/<name>/.incoming-*   an install in progress (removed at start-up)
+
+Install: verify -> unpack into ``.incoming-*`` (files fsynced) -> rename to
+``<version>/`` -> load a session -> write ``state.json.tmp``, fsync, ``os.replace``
+onto ``state.json``, fsync the folder. A crash before the replace leaves the old
+state (and an orphan folder that start-up removes); after it, the new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_bridge import keys as keys_mod
+from device_bridge import package as pkg
+from device_bridge import providers as prov
+from device_bridge.agent import inputs as inp
+from device_bridge.telemetry import CircuitBreaker, Telemetry
+
+STATE_FILE = "state.json"
+INSTALL_PAUSE_ENV = "MLSQL_DEVICE_TEST_INSTALL_PAUSE"  # test hook: seconds to sleep mid-install
+
+
+class AgentError(Exception):
+    """An error with an HTTP status and a message for the caller."""
+
+    def __init__(self, status: int, message: str, kind: str = "request"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
+@dataclass
+class AgentConfig:
+    name: str
+    store: Path
+    keep_versions: int = 3
+    max_package_bytes: int = 256 * 1024 * 1024
+    max_body_bytes: int = 64 * 1024 * 1024
+    trust_files: list[str] = field(default_factory=list)
+    breaker_window: int = 100
+    breaker_min_requests: int = 20
+    breaker_threshold: float = 0.5
+    hub_url: str | None = None
+    hub_token: str | None = None
+    available_providers: list[str] | None = None  # override (tests); None = ORT's list
+
+
+@dataclass
+class LoadedVersion:
+    manifest: pkg.Manifest
+    folder: Path
+    session: Any
+    specs: list[inp.InputSpec]
+    output_names: list[str]
+    providers: list[str]
+    requested: list[str]
+    attempts: list[dict]
+    node_providers: dict[str, int] | None
+    breaker: CircuitBreaker
+    strict: bool
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class AgentCore:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.store = Path(config.store)
+        self.store.mkdir(parents=True, exist_ok=True)
+        (self.store / "models").mkdir(exist_ok=True)
+        (self.store / "trusted_keys").mkdir(exist_ok=True)
+        self.lock = threading.RLock()          # all mutations
+        self.load_lock = threading.Lock()
+        self.telemetry = Telemetry()
+        self.loaded: dict[tuple[str, int], LoadedVersion] = {}
+        self.state = self._read_state()
+        self.started = time.time()
+        self._cleanup()
+        self.load_errors: dict[str, str] = {}
+        for name, m in self.state["models"].items():
+            if m.get("active") is not None:
+                try:
+                    self._load(name, m["active"])
+                except Exception as exc:  # keep serving the others; report it
+                    self.load_errors[name] = str(exc)
+                    self.telemetry.event("load_failed", model=name, version=m["active"], error=str(exc)[:300])
+
+    # ------------------------------------------------------------------ state
+
+    def _read_state(self) -> dict:
+        path = self.store / STATE_FILE
+        if path.exists():
+            try:
+                st = json.loads(path.read_bytes())
+                if isinstance(st, dict) and isinstance(st.get("models"), dict):
+                    return st
+            except (OSError, ValueError):
+                pass
+        return {"models": {}, "generation": 0}
+
+    def _write_state(self, state: dict) -> None:
+        state["generation"] = int(state.get("generation", 0)) + 1
+        atomic_write(self.store / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
+        self.state = state
+
+    def _copy_state(self) -> dict:
+        return json.loads(json.dumps(self.state))
+
+    def _cleanup(self) -> None:
+        """Remove half-done installs and folders the state does not list."""
+        models_dir = self.store / "models"
+        for mdir in models_dir.iterdir():
+            if not mdir.is_dir():
+                continue
+            known = {str(v) for v in self.state["models"].get(mdir.name, {}).get("versions", [])}
+            for vdir in mdir.iterdir():
+                if vdir.name.startswith(".incoming-") or (vdir.is_dir() and vdir.name not in known):
+                    shutil.rmtree(vdir, ignore_errors=True)
+            if mdir.name not in self.state["models"] and not any(mdir.iterdir()):
+                shutil.rmtree(mdir, ignore_errors=True)
+        for tmp in self.store.glob(".state.json.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def trusted_keys(self) -> dict:
+        out = {}
+        files = list((self.store / "trusted_keys").glob("*.pub")) + [Path(p) for p in self.config.trust_files]
+        for f in files:
+            try:
+                k = keys_mod.load_public_key(f)
+            except ValueError:
+                continue
+            out[keys_mod.key_id(k)] = k
+        return out
+
+    def available_providers(self) -> list[str]:
+        if self.config.available_providers is not None:
+            return list(self.config.available_providers)
+        import onnxruntime as ort
+
+        return list(ort.get_available_providers())
+
+    # ------------------------------------------------------------------ loading
+
+    def _folder(self, name: str, version: int) -> Path:
+        return self.store / "models" / name / str(version)
+
+    def _load(self, name: str, version: int, providers: list[str] | None = None,
+              strict: bool | None = None, folder: Path | None = None) -> LoadedVersion:
+        key = (name, version)
+        with self.load_lock:
+            if key in self.loaded and folder is None:
+                return self.loaded[key]
+        folder = folder or self._folder(name, version)
+        manifest = pkg.manifest_from_json((folder / pkg.MANIFEST_FILE).read_bytes())
+        cfg = self.state["models"].get(name, {}).get("config", {}).get(str(version), {})
+        if providers is None:
+            providers = cfg.get("providers") or list(manifest.providers)
+        if strict is None:
+            strict = bool(cfg.get("strict", False))
+        try:
+            plan = prov.plan_providers(providers, self.available_providers(), strict)
+        except prov.ProviderError as exc:
+            raise AgentError(422, str(exc), "providers") from None
+        model_path = str(folder / pkg.MODEL_FILE)
+        try:
+            res = prov.create_session(model_path, plan)
+        except prov.ProviderError as exc:
+            raise AgentError(422, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
+        cache = folder / "providers.json"
+        node_providers = None
+        try:
+            cached = json.loads(cache.read_text())
+            if cached.get("providers") == res.providers:
+                node_providers = cached.get("node_providers")
+        except (OSError, ValueError):
+            pass
+        if node_providers is None:
+            node_providers = prov.profile_node_providers(model_path, res.requested, plan.strict)
+            try:
+                atomic_write(cache, json.dumps({"providers": res.providers,
+                                                "node_providers": node_providers}).encode())
+            except OSError:
+                pass
+        sess_inputs = {i.name: i.shape for i in res.session.get_inputs()}
+        specs = [inp.make_spec(c, sess_inputs.get(c.name)) for c in manifest.inputs]
+        missing = [c.name for c in manifest.inputs if c.name not in sess_inputs]
+        if missing:
+            raise AgentError(422, f"manifest inputs not in the ONNX graph: {', '.join(missing)}", "package")
+        lv = LoadedVersion(
+            manifest=manifest, folder=folder, session=res.session, specs=specs,
+            output_names=[o.name for o in res.session.get_outputs()], providers=res.providers,
+            requested=res.requested, attempts=res.attempts, node_providers=node_providers,
+            breaker=CircuitBreaker(self.config.breaker_window, self.config.breaker_min_requests,
+                                   self.config.breaker_threshold),
+            strict=plan.strict,
+        )
+        vt = self.telemetry.get(name, version)
+        vt.providers = list(res.providers)
+        vt.node_providers = node_providers
+        with self.load_lock:
+            self.loaded[key] = lv
+        return lv
+
+    # ------------------------------------------------------------------ info
+
+    def info(self) -> dict:
+        import onnxruntime as ort
+
+        models = {}
+        for name, m in self.state["models"].items():
+            active = m.get("active")
+            lv = self.loaded.get((name, active)) if active is not None else None
+            models[name] = {
+                "active": active, "versions": m.get("versions", []), "suspended": m.get("suspended", []),
+                "sha256": m.get("sha256", {}),
+                "providers": lv.providers if lv else None,
+                "node_providers": lv.node_providers if lv else None,
+                "requested_providers": lv.requested if lv else None,
+                "provider_attempts": lv.attempts if lv else None,
+                "inputs": [c.to_dict() for c in lv.manifest.inputs] if lv else None,
+                "outputs": [c.to_dict() for c in lv.manifest.outputs] if lv else None,
+                "load_error": self.load_errors.get(name),
+            }
+        return {
+            "name": self.config.name, "agent_version": "0.1.0",
+            "platform": platform.platform(), "machine": platform.machine(),
+            "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
+            "memory_bytes": _memory_bytes(), "onnxruntime": ort.__version__,
+            "available_providers": self.available_providers(),
+            "trusted_keys": sorted(self.trusted_keys()), "models": models,
+            "uptime_s": round(time.time() - self.started, 3), "hub": self.config.hub_url,
+        }
+
+    def status(self) -> dict:
+        """Compact state for the hub."""
+        return {name: {"active": m.get("active"), "versions": m.get("versions", []),
+                       "suspended": m.get("suspended", []),
+                       "sha256": m.get("sha256", {}).get(str(m.get("active")))}
+                for name, m in self.state["models"].items()}
+
+    # ------------------------------------------------------------------ install
+
+    def install(self, name: str | None, data: bytes, providers: list[str] | None = None,
+                strict: bool = False, activate: bool = True) -> dict:
+        if len(data) > self.config.max_package_bytes:
+            raise AgentError(413, f"package is {len(data)} bytes, over the limit of "
+                                  f"{self.config.max_package_bytes}", "package")
+        trusted = self.trusted_keys()
+        if not trusted:
+            raise AgentError(422, "this device trusts no signing key: put the workspace's public key in "
+                                  f"{self.store / 'trusted_keys'}/ or start the agent with --trust KEYFILE",
+                             "package")
+        try:
+            manifest, files = pkg.verify_package(data, trusted, self.config.max_package_bytes)
+        except pkg.PackageError as exc:
+            raise AgentError(422, f"package refused: {exc}", "package") from None
+        if name is not None and manifest.name != name:
+            raise AgentError(400, f"package holds model {manifest.name!r}, not {name!r}", "package")
+        name, version = manifest.name, manifest.version
+        if providers is not None:
+            try:
+                providers = [prov.to_ort_name(p) for p in providers]
+            except prov.ProviderError as exc:
+                raise AgentError(400, str(exc)) from None
+        sha = hashlib.sha256(data).hexdigest()
+        with self.lock:
+            m = self.state["models"].get(name)
+            if m and version in m.get("versions", []):
+                if m.get("sha256", {}).get(str(version)) != sha:
+                    raise AgentError(409, f"model {name} version {version} is already installed with "
+                                          "different content; bump the version", "package")
+                if activate and (m.get("active") != version or providers is not None):
+                    return self.activate(name, version, providers=providers, strict=strict)
+                return {"model": name, "version": version, "installed": False, "active": m.get("active")}
+            mdir = self.store / "models" / name
+            mdir.mkdir(parents=True, exist_ok=True)
+            incoming = mdir / f".incoming-{uuid.uuid4().hex[:12]}"
+            incoming.mkdir()
+            try:
+                all_files = dict(files)
+                all_files[pkg.MANIFEST_FILE] = manifest.canonical_bytes()
+                for fname, content in all_files.items():
+                    target = incoming / fname
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with open(target, "wb") as f:
+                        f.write(content)
+                        f.flush()
+                        os.fsync(f.fileno())
+                fsync_dir(incoming)
+                final = self._folder(name, version)
+                if final.exists():  # orphan of an earlier crash
+                    shutil.rmtree(final)
+                os.rename(incoming, final)
+                fsync_dir(mdir)
+            except OSError as exc:
+                shutil.rmtree(incoming, ignore_errors=True)
+                raise AgentError(507, f"cannot write the package to the store: {exc}", "store") from None
+            pause = os.environ.get(INSTALL_PAUSE_ENV)
+            if pause:
+                time.sleep(float(pause))
+            try:
+                lv = self._load(name, version, providers, strict, folder=final)
+            except AgentError:
+                shutil.rmtree(final, ignore_errors=True)
+                raise
+            except Exception as exc:
+                shutil.rmtree(final, ignore_errors=True)
+                raise AgentError(422, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
+            st = self._copy_state()
+            mm = st["models"].setdefault(name, {"active": None, "versions": [], "suspended": [],
+                                                "config": {}, "sha256": {}})
+            mm["versions"].append(version)
+            mm["sha256"][str(version)] = sha
+            mm["config"][str(version)] = {"providers": providers or list(manifest.providers),
+                                          "strict": bool(strict)}
+            previous = mm.get("active")
+            if activate:
+                mm["active"] = version
+                if version in mm["suspended"]:
+                    mm["suspended"].remove(version)
+            pruned = self._prune(mm)
+            self._write_state(st)  # <- the switch
+            self.load_errors.pop(name, None)
+            for v in pruned:
+                self._unload(name, v)
+                shutil.rmtree(self._folder(name, v), ignore_errors=True)
+            self.telemetry.event("installed", model=name, version=version, activated=activate,
+                                 previous=previous, providers=lv.providers)
+            return {"model": name, "version": version, "installed": True, "active": mm["active"],
+                    "previous": previous, "providers": lv.providers, "node_providers": lv.node_providers,
+                    "provider_attempts": lv.attempts, "pruned": pruned}
+
+    def _prune(self, mm: dict) -> list[int]:
+        keep = max(1, self.config.keep_versions)
+        pruned = []
+        while len(mm["versions"]) > keep:
+            victim = next((v for v in mm["versions"] if v != mm.get("active")), None)
+            if victim is None:
+                break
+            mm["versions"].remove(victim)
+            mm["sha256"].pop(str(victim), None)
+            mm["config"].pop(str(victim), None)
+            if victim in mm["suspended"]:
+                mm["suspended"].remove(victim)
+            pruned.append(victim)
+        return pruned
+
+    def _unload(self, name: str, version: int) -> None:
+        with self.load_lock:
+            self.loaded.pop((name, version), None)
+
+    def install_from_url(self, name: str | None, url: str, sha256: str | None, providers=None,
+                         strict=False, activate=True, token: str | None = None) -> dict:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise AgentError(400, "url must be an http(s) URL")
+        req = urllib.request.Request(url)
+        tok = token or (self.config.hub_token if self.config.hub_url and url.startswith(self.config.hub_url)
+                        else None)
+        if tok:
+            req.add_header("Authorization", f"Bearer {tok}")
+        limit = self.config.max_package_bytes
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp:
+                data = resp.read(limit + 1)
+        except Exception as exc:
+            raise AgentError(424, f"cannot download the package from {url}: {exc}",
+                             "download") from None
+        if len(data) > limit:
+            raise AgentError(413, f"package at {url} is over the limit of {limit} bytes", "package")
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise AgentError(422, f"package downloaded from {url} does not match sha256 {sha256}", "package")
+        return self.install(name, data, providers, strict, activate)
+
+    # ------------------------------------------------------------------ activate / rollback / delete
+
+    def _model(self, name: str) -> dict:
+        m = self.state["models"].get(name)
+        if m is None:
+            known = ", ".join(sorted(self.state["models"])) or "none"
+            raise AgentError(404, f"unknown model {name!r} (installed: {known})", "not_found")
+        return m
+
+    def activate(self, name: str, version: int, providers=None, strict=False, reason: str = "activate") -> dict:
+        with self.lock:
+            m = self._model(name)
+            if isinstance(version, bool) or not isinstance(version, int) or version not in m["versions"]:
+                raise AgentError(404, f"model {name} has no version {version!r} "
+                                      f"(installed: {', '.join(map(str, m['versions']))})", "not_found")
+            if providers is not None:
+                try:
+                    providers = [prov.to_ort_name(p) for p in providers]
+                except prov.ProviderError as exc:
+                    raise AgentError(400, str(exc)) from None
+                self._unload(name, version)
+            lv = self._load(name, version, providers, strict if providers is not None else None)
+            lv.breaker = CircuitBreaker(self.config.breaker_window, self.config.breaker_min_requests,
+                                        self.config.breaker_threshold)
+            st = self._copy_state()
+            mm = st["models"][name]
+            previous = mm["active"]
+            mm["active"] = version
+            if version in mm["suspended"]:
+                mm["suspended"].remove(version)
+            if providers is not None:
+                mm["config"][str(version)] = {"providers": providers, "strict": bool(strict)}
+            self._write_state(st)
+            self.telemetry.event(reason, model=name, version=version, previous=previous)
+            return {"model": name, "active": version, "previous": previous, "providers": lv.providers}
+
+    def rollback(self, name: str, reason: str = "rollback") -> dict:
+        with self.lock:
+            m = self._model(name)
+            active = m.get("active")
+            candidates = [v for v in m["versions"] if v != active and v not in m["suspended"]]
+            if active is not None:
+                older = [v for v in candidates if m["versions"].index(v) < m["versions"].index(active)]
+                candidates = older or []
+            if not candidates:
+                raise AgentError(409, f"model {name} has no earlier version to roll back to "
+                                      f"(installed: {', '.join(map(str, m['versions']))}, active: {active})")
+            return self.activate(name, candidates[-1], reason=reason)
+
+    def delete(self, name: str, version: int | None = None) -> dict:
+        with self.lock:
+            m = self._model(name)
+            st = self._copy_state()
+            if version is None:
+                del st["models"][name]
+                self._write_state(st)
+                for v in m["versions"]:
+                    self._unload(name, v)
+                shutil.rmtree(self.store / "models" / name, ignore_errors=True)
+                self.telemetry.event("deleted", model=name)
+                return {"model": name, "deleted": m["versions"]}
+            if version not in m["versions"]:
+                raise AgentError(404, f"model {name} has no version {version}", "not_found")
+            if version == m.get("active"):
+                raise AgentError(409, f"version {version} of {name} is active; activate another first")
+            mm = st["models"][name]
+            mm["versions"].remove(version)
+            mm["sha256"].pop(str(version), None)
+            mm["config"].pop(str(version), None)
+            if version in mm["suspended"]:
+                mm["suspended"].remove(version)
+            self._write_state(st)
+            self._unload(name, version)
+            shutil.rmtree(self._folder(name, version), ignore_errors=True)
+            return {"model": name, "deleted": [version]}
+
+    def suspend(self, name: str, version: int, reason: str) -> None:
+        """Circuit breaker: suspend the version and roll back when a previous one exists."""
+        with self.lock:
+            m = self.state["models"].get(name)
+            if m is None or version not in m["versions"] or version in m["suspended"]:
+                return
+            st = self._copy_state()
+            st["models"][name]["suspended"].append(version)
+            self._write_state(st)
+            ev = {"model": name, "version": version, "reason": reason}
+            try:
+                res = self.rollback(name, reason="auto_rollback") if m.get("active") == version else None
+                ev["rolled_back_to"] = res["active"] if res else None
+            except AgentError as exc:
+                ev["rolled_back_to"] = None
+                ev["note"] = exc.message
+            self.telemetry.event("circuit_breaker", **ev)
+
+    # ------------------------------------------------------------------ predict
+
+    def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
+        m = self.state["models"].get(name)
+        if m is None:
+            known = ", ".join(sorted(self.state["models"])) or "none"
+            raise AgentError(404, f"unknown model {name!r} (installed: {known})", "not_found")
+        if version is None:
+            version = m.get("active")
+            if version is None:
+                raise AgentError(409, f"model {name} has no active version")
+        elif version not in m["versions"]:
+            raise AgentError(404, f"model {name} has no version {version}", "not_found")
+        if version in m.get("suspended", []):
+            raise AgentError(503, f"model {name} version {version} is suspended by the circuit breaker "
+                                  "and no earlier version is available", "suspended")
+        try:
+            return self._load(name, version)
+        except AgentError:
+            raise
+        except Exception as exc:
+            raise AgentError(503, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
+
+    def predict(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int) -> dict:
+        name, version = lv.manifest.name, lv.manifest.version
+        vt = self.telemetry.get(name, version)
+        t0 = time.perf_counter()
+        try:
+            values = lv.session.run(None, feed)
+        except Exception as exc:
+            vt.record_error("runtime")
+            if lv.breaker.record(True):
+                self.suspend(name, version, f"error rate {lv.breaker.rate():.2f} over the last "
+                                            f"{len(lv.breaker.outcomes)} requests")
+            msg = str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__
+            raise AgentError(422, f"model {name} version {version} failed on this input: {msg}",
+                             "runtime") from None
+        ms = (time.perf_counter() - t0) * 1000.0
+        vt.record_success(ms, n_rows, feed)
+        if lv.breaker.record(False):  # the window can cross the threshold on a success too
+            self.suspend(name, version, f"error rate {lv.breaker.rate():.2f} over the last "
+                                        f"{len(lv.breaker.outcomes)} requests")
+        return {"model": name, "version": version, "rows": n_rows,
+                "outputs": inp.outputs_to_json(lv.output_names, values),
+                "providers": lv.providers, "latency_ms": round(ms, 4)}
+
+    def record_invalid(self, lv: LoadedVersion) -> None:
+        self.telemetry.get(lv.manifest.name, lv.manifest.version).record_error("invalid_input")
+
+    def metrics(self, columns: bool = True) -> dict:
+        snap = self.telemetry.snapshot(columns)
+        snap["agent"] = self.config.name
+        snap["active"] = {n: m.get("active") for n, m in self.state["models"].items()}
+        for entry in snap["models"]:
+            m = self.state["models"].get(entry["model"], {})
+            entry["active"] = m.get("active") == entry["version"]
+            entry["suspended"] = entry["version"] in m.get("suspended", [])
+        return snap
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "processor\t: arm")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

@@ -1,0 +1,112 @@
+"""Agent side of the hub: register, poll desired state, install it, push status + telemetry.
+
+Telemetry that cannot be sent stays in a bounded deque on the device and goes
+with the next successful report.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+
+from device_bridge.agent.core import AgentCore, AgentError
+
+
+class HubSync:
+    def __init__(self, core: AgentCore, hub_url: str, token: str, agent_url: str,
+                 interval: float = 1.0, buffer: int = 120, group: str | None = None):
+        self.core = core
+        self.hub = hub_url.rstrip("/")
+        self.token = token
+        self.agent_url = agent_url
+        self.interval = interval
+        self.group = group
+        self.buffer: deque = deque(maxlen=buffer)
+        self.errors: dict[str, str] = {}
+        self.failed: dict[str, str] = {}   # model -> sha256 whose install failed (not retried)
+        self.registered = False
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, name=f"hubsync-{core.config.name}", daemon=True)
+        self.last_ok: float | None = None
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _call(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0):
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        req = urllib.request.Request(self.hub + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def run(self) -> None:
+        name = self.core.config.name
+        while not self.stop.is_set():
+            try:
+                if not self.registered:
+                    self._call("POST", f"/v1/agents/{name}/register",
+                               {"url": self.agent_url, "group": self.group,
+                                "providers": self.core.available_providers()})
+                    self.registered = True
+                desired = self._call("GET", f"/v1/agents/{name}/desired")
+                self.apply(desired.get("models", {}) if isinstance(desired, dict) else {})
+            except (urllib.error.URLError, OSError, ValueError) as exc:
+                self.errors["hub"] = str(exc)[:200]
+            self.buffer.append(self.core.metrics(columns=True))
+            self.report()
+            self.stop.wait(self.interval)
+
+    def report(self) -> None:
+        items = list(self.buffer)
+        body = {"url": self.agent_url, "status": self.core.status(), "errors": dict(self.errors),
+                "telemetry": items, "time": time.time()}
+        try:
+            self._call("POST", f"/v1/agents/{self.core.config.name}/report", body)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.errors["hub"] = str(exc)[:200]
+            return
+        self.errors.pop("hub", None)
+        self.last_ok = time.time()
+        for _ in items:  # sent: drop them (new ones may have arrived meanwhile)
+            if self.buffer:
+                self.buffer.popleft()
+
+    def apply(self, models: dict) -> None:
+        core = self.core
+        for model, want in models.items():
+            if not isinstance(want, dict):
+                continue
+            m = core.state["models"].get(model)
+            try:
+                if want.get("absent"):
+                    if m is not None:
+                        core.delete(model)
+                    self.errors.pop(model, None)
+                    continue
+                sha, version = want.get("sha256"), want.get("version")
+                if m and version in m.get("versions", []) and m.get("sha256", {}).get(str(version)) == sha:
+                    if version in m.get("suspended", []):
+                        self.errors[model] = {"sha256": sha, "suspended": True,
+                                              "error": f"version {version} is suspended by the circuit breaker"}
+                    else:
+                        if m.get("active") != version:
+                            core.activate(model, version)
+                        self.errors.pop(model, None)
+                    continue
+                if self.failed.get(model) == sha:
+                    continue
+                core.install_from_url(model, f"{self.hub}/v1/blobs/{sha}", sha, want.get("providers"),
+                                      bool(want.get("strict_providers", False)), True, self.token)
+                self.errors.pop(model, None)
+            except AgentError as exc:
+                self.errors[model] = {"sha256": want.get("sha256"), "error": exc.message[:300]}
+                if exc.kind in ("package", "load", "providers"):
+                    self.failed[model] = want.get("sha256")
+            except Exception as exc:  # never let the loop die
+                self.errors[model] = {"sha256": want.get("sha256"), "error": f"{type(exc).__name__}: {exc}"[:300]}

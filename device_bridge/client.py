@@ -1,0 +1,251 @@
+"""Clients for the device agent and the hub (stdlib only: http.client, keep-alive per thread)."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import ssl
+import threading
+import urllib.parse
+from collections.abc import Iterator
+from typing import Any
+
+from device_bridge.errors import DeviceError, DeviceUnreachableError, error_for_status
+
+
+class _HTTP:
+    def __init__(self, url: str, token: str | None, timeout: float, verify: bool | str = True):
+        u = urllib.parse.urlsplit(url.rstrip("/"))
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise DeviceError(f"bad URL {url!r}: expected http(s)://host:port")
+        self.url = url.rstrip("/")
+        self.scheme, self.host = u.scheme, u.hostname
+        self.port = u.port or (443 if u.scheme == "https" else 80)
+        self.base = u.path
+        self.token = token
+        self.timeout = timeout
+        self.ctx = None
+        if u.scheme == "https":
+            self.ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+            if verify is False:
+                self.ctx.check_hostname = False
+                self.ctx.verify_mode = ssl.CERT_NONE
+        self.local = threading.local()
+
+    def _conn(self, timeout=None) -> http.client.HTTPConnection:
+        c = getattr(self.local, "conn", None)
+        if c is None:
+            if self.ctx is not None:
+                c = http.client.HTTPSConnection(self.host, self.port, timeout=timeout or self.timeout,
+                                                context=self.ctx)
+            else:
+                c = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
+            self.local.conn = c
+        return c
+
+    def close(self) -> None:
+        c = getattr(self.local, "conn", None)
+        if c is not None:
+            c.close()
+            self.local.conn = None
+
+    def request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
+                params: dict | None = None, raw: bool = False) -> Any:
+        if params:
+            path += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+        headers = {}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if ctype:
+            headers["Content-Type"] = ctype
+        for attempt in (0, 1):
+            conn = self._conn()
+            try:
+                conn.request(method, self.base + path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                break
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    http.client.CannotSendRequest) as exc:
+                self.close()
+                if attempt:
+                    raise DeviceUnreachableError(f"{self.url}: connection lost: {exc}", url=self.url) from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                kind = "timed out" if isinstance(exc, socket.timeout) else str(exc)
+                raise DeviceUnreachableError(f"{self.url} unreachable: {kind}", url=self.url) from None
+        if resp.status >= 400:
+            try:
+                err = json.loads(data)
+                msg, kind = err.get("error", str(err)), err.get("kind")
+            except ValueError:
+                msg, kind = data[:300].decode("utf-8", "replace"), None
+            raise error_for_status(resp.status, f"{self.url}: {msg}", self.url, kind)
+        if raw:
+            return data
+        return json.loads(data) if data else None
+
+    def stream(self, path: str, params: dict | None = None) -> Iterator[dict]:
+        if params:
+            path += "?" + urllib.parse.urlencode(params)
+        if self.ctx is not None:
+            conn = http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.ctx)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        headers = {"Accept": "text/event-stream"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            conn.request("GET", self.base + path, headers=headers)
+            resp = conn.getresponse()
+            if resp.status >= 400:
+                raise error_for_status(resp.status, f"{self.url}: {resp.read()[:300]!r}", self.url)
+            data_lines: list[str] = []
+            for line in resp:
+                line = line.decode().rstrip("\r\n")
+                if line.startswith("data:"):
+                    data_lines.append(line[5:].strip())
+                elif not line and data_lines:
+                    yield json.loads("\n".join(data_lines))
+                    data_lines = []
+        except OSError as exc:
+            raise DeviceUnreachableError(f"{self.url}: stream lost: {exc}", url=self.url) from None
+        finally:
+            conn.close()
+
+
+def _npz(columns: dict[str, Any]) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    arrays = {}
+    for k, v in columns.items():
+        a = np.asarray(v)
+        if a.dtype.kind == "O":
+            a = a.astype(str)
+        arrays[k] = a
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+class DeviceClient:
+    """Talk to one agent. Errors are DeviceError subclasses carrying the agent's message."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 30.0, verify: bool | str = True):
+        self.http = _HTTP(url, token, timeout, verify)
+        self.url = self.http.url
+
+    def health(self) -> dict:
+        return self.http.request("GET", "/v1/health")
+
+    def info(self) -> dict:
+        return self.http.request("GET", "/v1/info")
+
+    def model(self, name: str) -> dict:
+        return self.http.request("GET", f"/v1/models/{_q(name)}")
+
+    def install(self, package_bytes: bytes, providers: list[str] | None = None,
+                strict_providers: bool = False, activate: bool = True, model: str | None = None) -> dict:
+        path = f"/v1/models/{_q(model)}/install" if model else "/v1/models/install"
+        params = {"providers": ",".join(providers) if providers else None,
+                  "strict_providers": "true" if strict_providers else "false",
+                  "activate": "true" if activate else "false"}
+        return self.http.request("POST", path, bytes(package_bytes), "application/octet-stream", params)
+
+    def install_from_url(self, model: str, url: str, sha256: str | None = None,
+                         providers: list[str] | None = None, strict_providers: bool = False,
+                         token: str | None = None) -> dict:
+        """Have the device download a package itself (`token`: bearer token for that URL, e.g. the hub's)."""
+        body = {"url": url, "sha256": sha256, "providers": providers, "strict_providers": strict_providers}
+        if token:
+            body["token"] = token
+        return self.http.request("POST", f"/v1/models/{_q(model)}/install", _json(body), "application/json")
+
+    def activate(self, model: str, version: int, providers: list[str] | None = None,
+                 strict_providers: bool = False) -> dict:
+        body = {"version": version, "providers": providers, "strict_providers": strict_providers}
+        return self.http.request("POST", f"/v1/models/{_q(model)}/activate", _json(body), "application/json")
+
+    def rollback(self, model: str) -> dict:
+        return self.http.request("POST", f"/v1/models/{_q(model)}/rollback", b"{}", "application/json")
+
+    def delete(self, model: str, version: int | None = None) -> dict:
+        return self.http.request("DELETE", f"/v1/models/{_q(model)}",
+                                 params={"version": version} if version else None)
+
+    def predict(self, model: str, columns: dict[str, list] | None = None, rows: list[dict] | None = None,
+                version: int | None = None) -> dict:
+        if (columns is None) == (rows is None):
+            raise DeviceError("give columns or rows")
+        body = {"columns": columns} if columns is not None else {"rows": rows}
+        return self.http.request("POST", f"/v1/models/{_q(model)}/predict", _json(body), "application/json",
+                                 {"version": version} if version else None)
+
+    def predict_batch(self, model: str, columns: dict[str, Any], version: int | None = None) -> dict:
+        """Binary batch: one numpy array per input column, sent as an .npz body."""
+        return self.http.request("POST", f"/v1/models/{_q(model)}/predict", _npz(columns), "application/x-npz",
+                                 {"version": version} if version else None)
+
+    def metrics(self, columns: bool = True) -> dict:
+        return self.http.request("GET", "/v1/metrics", params=None if columns else {"columns": "0"})
+
+    def events(self) -> list[dict]:
+        return self.http.request("GET", "/v1/events")["events"]
+
+    def stream(self, interval: float = 1.0, count: int | None = None, columns: bool = True) -> Iterator[dict]:
+        params = {"interval": interval, "columns": "1" if columns else "0"}
+        if count is not None:
+            params["count"] = count
+        return self.http.stream("/v1/metrics/stream", params)
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class HubClient:
+    def __init__(self, url: str, token: str, timeout: float = 30.0, verify: bool | str = True):
+        self.http = _HTTP(url, token, timeout, verify)
+        self.url = self.http.url
+
+    def upload(self, package_bytes: bytes) -> dict:
+        return self.http.request("POST", "/v1/blobs", bytes(package_bytes), "application/octet-stream")
+
+    def set_desired(self, model: str, package: bytes | None = None, *, sha256: str | None = None,
+                    devices: list[str] | None = None, group: str | None = None,
+                    providers: list[str] | None = None, strict_providers: bool = False,
+                    absent: bool = False, restore_previous: bool = False) -> dict:
+        if package is not None:
+            sha256 = self.upload(package)["sha256"]
+        body = {"model": model, "sha256": sha256, "devices": devices, "group": group, "providers": providers,
+                "strict_providers": strict_providers, "absent": absent, "restore_previous": restore_previous}
+        return self.http.request("POST", "/v1/desired", _json({k: v for k, v in body.items() if v is not None}),
+                                 "application/json")
+
+    def set_group(self, group: str, devices: list[str]) -> dict:
+        return self.http.request("POST", f"/v1/groups/{_q(group)}", _json({"devices": devices}),
+                                 "application/json")
+
+    def agents(self) -> list[dict]:
+        return self.http.request("GET", "/v1/agents")["agents"]
+
+    def agent(self, name: str) -> dict:
+        return self.http.request("GET", f"/v1/agents/{_q(name)}")
+
+    def status(self) -> dict[str, dict]:
+        return {a["name"]: a for a in self.agents()}
+
+    def events(self) -> list[dict]:
+        return self.http.request("GET", "/v1/events")["events"]
+
+    def close(self) -> None:
+        self.http.close()
+
+
+def _q(s: str) -> str:
+    return urllib.parse.quote(str(s), safe="")
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()

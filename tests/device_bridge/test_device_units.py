@@ -1,0 +1,186 @@
+"""Unit tests: provider selection (fake availability lists), telemetry, breaker, input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from device_bridge import providers as prov
+from device_bridge.agent import inputs as inp
+from device_bridge.package import Column
+from device_bridge.rollout import evaluate_gates, plan_waves
+from device_bridge.telemetry import CircuitBreaker, LatencyHistogram, NumericStats, StringStats
+
+ANDROID = ["NnapiExecutionProvider", "XnnpackExecutionProvider", "CPUExecutionProvider"]
+GPU_BOX = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+PLAIN = ["CPUExecutionProvider"]
+
+
+def test_nnapi_preferred_on_android():
+    plan = prov.plan_providers(["nnapi", "cuda", "cpu"], ANDROID)
+    assert plan.candidates[0] == ["NnapiExecutionProvider", "CPUExecutionProvider"]
+    assert plan.candidates[-1] == ["CPUExecutionProvider"]
+    assert "CUDAExecutionProvider" in plan.skipped
+
+
+def test_cuda_chosen_on_gpu_box_and_cpu_appended():
+    plan = prov.plan_providers(["nnapi", "cuda"], GPU_BOX)
+    assert plan.candidates == [["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]]
+    assert set(plan.skipped) == {"NnapiExecutionProvider"}
+
+
+def test_plain_cpu_falls_back():
+    plan = prov.plan_providers(["nnapi", "cuda", "cpu"], PLAIN)
+    assert plan.candidates == [["CPUExecutionProvider"]]
+
+
+def test_strict_refuses_missing_provider():
+    with pytest.raises(prov.ProviderError, match="nnapi not available"):
+        prov.plan_providers(["nnapi"], GPU_BOX, strict=True)
+    plan = prov.plan_providers(["cuda"], GPU_BOX, strict=True)
+    assert plan.candidates == [["CUDAExecutionProvider"]] and plan.strict
+
+
+def test_unknown_provider_named():
+    with pytest.raises(prov.ProviderError, match="unknown provider 'tpu'"):
+        prov.plan_providers(["tpu"], PLAIN)
+    assert prov.to_ort_name("CUDA") == "CUDAExecutionProvider"
+    assert prov.to_ort_name("cudaexecutionprovider") == "CUDAExecutionProvider"
+
+
+class _FakeSession:
+    def __init__(self, providers):
+        self._p = providers
+
+    def get_providers(self):
+        return self._p
+
+
+def test_create_session_falls_down_the_list():
+    plan = prov.plan_providers(["nnapi", "cpu"], ANDROID)
+
+    def factory(path, so, providers):
+        if "NnapiExecutionProvider" in providers:
+            raise RuntimeError("NNAPI cannot compile this model")
+        return _FakeSession(providers)
+
+    res = prov.create_session("m.onnx", plan, factory)
+    assert res.providers == ["CPUExecutionProvider"]
+    assert res.attempts[0]["error"].startswith("RuntimeError") and res.attempts[1]["error"] is None
+
+
+def test_strict_does_not_fall_back():
+    plan = prov.plan_providers(["cuda"], GPU_BOX, strict=True)
+
+    def factory(path, so, providers):
+        raise RuntimeError("no libcudart")
+
+    with pytest.raises(prov.ProviderError, match="no libcudart"):
+        prov.create_session("m.onnx", plan, factory)
+
+
+def test_count_node_providers():
+    events = [
+        {"cat": "Session", "name": "model_loading"},
+        {"cat": "Node", "name": "a_kernel_time", "args": {"provider": "CUDAExecutionProvider"}},
+        {"cat": "Node", "name": "a_fence_before", "args": {"provider": "CUDAExecutionProvider"}},
+        {"cat": "Node", "name": "b_kernel_time", "args": {"provider": "CPUExecutionProvider"}},
+        {"cat": "Node", "name": "c_kernel_time", "args": {"provider": "CUDAExecutionProvider"}},
+    ]
+    assert prov.count_node_providers(events) == {"CPUExecutionProvider": 1, "CUDAExecutionProvider": 2}
+
+
+def test_histogram_quantiles_close():
+    h = LatencyHistogram()
+    rng = np.random.default_rng(0)
+    xs = rng.lognormal(0, 1, 20000)
+    for x in xs:
+        h.add(float(x))
+    for q in (0.5, 0.95, 0.99):
+        true = np.quantile(xs, q)
+        assert abs(h.quantile(q) - true) / true < 0.1
+
+
+def test_welford_matches_numpy_and_counts_nulls():
+    s = NumericStats()
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(5, 2, n) for n in (1, 7, 100, 3)]
+    for p in parts:
+        s.update(p)
+    s.update(np.array([np.nan, 1.0]))
+    allv = np.concatenate(parts + [np.array([1.0])])
+    snap = s.snapshot()
+    assert snap["mean"] == pytest.approx(allv.mean())
+    assert snap["std"] == pytest.approx(allv.std(ddof=1))
+    assert snap["null_rate"] == pytest.approx(1 / (allv.size + 1))
+
+
+def test_string_stats_bounded():
+    s = StringStats(capacity=8)
+    s.update(np.array(["a"] * 300 + [f"x{i}" for i in range(1000)], dtype=object))
+    assert len(s.counts) <= 8 and s.snapshot()["top"][0]["value"] == "a"
+
+
+def test_breaker_trips_once():
+    b = CircuitBreaker(window=10, min_requests=5, threshold=0.5)
+    assert not any(b.record(False) for _ in range(3))
+    trips = [b.record(True) for _ in range(10)]
+    assert trips.count(True) == 1
+
+
+def test_input_validation_messages():
+    specs = [inp.make_spec(Column("x", "float32", (None, 1)), None),
+             inp.make_spec(Column("city", "string", (None, 1)), None)]
+    feed, n = inp.feed_from_json({"rows": [{"x": 1, "city": "a"}, {"x": 2.5, "city": "b"}]}, specs)
+    assert n == 2 and feed["x"].shape == (2, 1) and feed["x"].dtype == np.float32
+    for payload, msg in [
+        ({"rows": [{"x": 1, "cty": "a"}]}, "did you mean 'city'"),
+        ({"rows": [{"x": "1", "city": "a"}]}, "expected a float32 number"),
+        ({"columns": {"x": [1], "city": [3]}}, "expected a string"),
+        ({"columns": {"x": [None], "city": ["a"]}}, "not nullable"),
+        ({"columns": {"x": [1, 2], "city": ["a"]}}, "has 1 values"),
+        ([1, 2], "JSON object"),
+        ({"columns": {"x": [1], "city": ["\ud800"]}}, "lone surrogate"),
+    ]:
+        with pytest.raises(inp.InputError, match=msg):
+            inp.feed_from_json(payload, specs)
+
+
+def test_waves_and_gates():
+    devs = [f"d{i}" for i in range(20)]
+    assert [len(w) for w in plan_waves(devs, rollout_percent=10)] == [2] * 10
+    assert [len(w) for w in plan_waves(devs, batch_size=8)] == [8, 8, 4]
+    entries = {"d0": {"requests": 100, "error_count": 5, "latency": {"p95_ms": 3.0},
+                      "providers": ["CPUExecutionProvider"], "node_providers": {"CPUExecutionProvider": 4},
+                      "columns": {"x": {"mean": 3.0, "count": 100}}}}
+    fails, metrics = evaluate_gates(entries, {"x": {"mean": 0.0, "std": 1.0}}, max_error_rate=0.01,
+                                    max_p95_ms=1.0, required_provider="nnapi", max_drift=1.0)
+    assert len(fails) == 4 and metrics["drift"]["x"] == pytest.approx(3.0)
+    assert evaluate_gates(entries, {}, max_error_rate=0.1, required_provider="cpu")[0] == []
+
+
+def test_vector_column_stats_per_element():
+    from device_bridge.telemetry import VersionTelemetry
+
+    vt = VersionTelemetry("m", 1)
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(7, 3))
+    vt.record_success(1.0, 5, {"v": a})
+    vt.record_success(1.0, 7, {"v": b})
+    both = np.vstack([a, b])
+    snap = vt.snapshot()["columns"]
+    for j in range(3):
+        assert snap[f"v[{j}]"]["mean"] == pytest.approx(both[:, j].mean())
+        assert snap[f"v[{j}]"]["std"] == pytest.approx(both[:, j].std(ddof=1))
+
+
+def test_agent_imports_stay_small():
+    import subprocess
+    import sys
+
+    code = ("import sys; import device_bridge.cli, device_bridge.agent.app, device_bridge.agent.core, "
+            "device_bridge.agent.hubsync, device_bridge.hub, onnxruntime; "
+            "bad = [m for m in ('duckdb', 'mlflow', 'torch', 'pandas', 'pyarrow', 'mlsql', 'sklearn', 'onnx', "
+            "'xgboost', 'httpx') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
