@@ -215,7 +215,7 @@ def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list
         c.close()
 
 
-def deploy_group(group, lm, result, opts: dict, store) -> "Result":  # noqa: F821
+def deploy_group(group, lm, result, opts: dict, store):
     """DEPLOY MODEL ... TO GROUP: a staged rollout through the group's hub, gated wave by wave."""
     from device_bridge.client import HubClient
     from device_bridge.rollout import rollout
