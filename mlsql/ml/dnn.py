@@ -69,6 +69,11 @@ class DNNEstimator:
         mean = X.mean(axis=0, dtype=np.float64)
         std = X.std(axis=0, dtype=np.float64)
         std[std < 1e-12] = 1.0
+        # 0/1 columns (one-hot categories, booleans) stay as they are: standardizing a rare category
+        # gives it huge values, which would also coarsen int8 quantization of the first layer
+        head = X[: min(len(X), 20_000)]
+        binary = np.all((head == 0) | (head == 1), axis=0)
+        mean[binary], std[binary] = 0.0, 1.0
         self.x_mean, self.x_std = mean.astype(np.float32), std.astype(np.float32)
         n_out = 1 if task == "regression" else (1 if n_classes == 2 else n_classes)
         link = "identity" if task == "regression" else ("sigmoid" if n_classes == 2 else "softmax")
