@@ -52,7 +52,7 @@ class _HTTP:
             self.local.conn = None
 
     def request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
-                params: dict | None = None, raw: bool = False) -> Any:
+                params: dict | None = None, raw: bool = False, accept: str | None = None) -> Any:
         if params:
             path += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         headers = {}
@@ -60,6 +60,8 @@ class _HTTP:
             headers["Authorization"] = f"Bearer {self.token}"
         if ctype:
             headers["Content-Type"] = ctype
+        if accept:
+            headers["Accept"] = accept
         for attempt in (0, 1):
             conn = self._conn()
             try:
@@ -83,7 +85,7 @@ class _HTTP:
             except ValueError:
                 msg, kind = data[:300].decode("utf-8", "replace"), None
             raise error_for_status(resp.status, f"{self.url}: {msg}", self.url, kind)
-        if raw:
+        if raw or (accept and resp.getheader("content-type", "").startswith(accept)):
             return data
         return json.loads(data) if data else None
 
@@ -184,9 +186,20 @@ class DeviceClient:
                                  {"version": version} if version else None)
 
     def predict_batch(self, model: str, columns: dict[str, Any], version: int | None = None) -> dict:
-        """Binary batch: one numpy array per input column, sent as an .npz body."""
-        return self.http.request("POST", f"/v1/models/{_q(model)}/predict", _npz(columns), "application/x-npz",
-                                 {"version": version} if version else None)
+        """Binary batch: one numpy array per input column, sent as an .npz body; the answer comes
+        back as .npz too (outputs as numpy arrays), or as JSON when an output is not a tensor."""
+        import io
+
+        import numpy as np
+
+        ans = self.http.request("POST", f"/v1/models/{_q(model)}/predict", _npz(columns), "application/x-npz",
+                                {"version": version} if version else None, accept="application/x-npz")
+        if isinstance(ans, bytes | bytearray):
+            with np.load(io.BytesIO(ans), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = json.loads(arrays.pop("__meta__").tobytes().decode())
+            return {**meta, "outputs": arrays}
+        return ans
 
     def metrics(self, columns: bool = True) -> dict:
         return self.http.request("GET", "/v1/metrics", params=None if columns else {"columns": "0"})

@@ -148,22 +148,25 @@ def remote_predict(dev: Device, model_name: str, version: int | None, data: pa.T
             except Exception as exc:
                 raise wrap(exc, f"Prediction on device '{dev.name}' failed") from None
             outs = r["outputs"]
-            values.extend(outs[pred_name])
+            values.append(np.asarray(outs[pred_name]))
             if classes is not None:
-                probs.extend(outs[f"{pred_name}_probs"])
+                probs.append(np.asarray(outs[f"{pred_name}_probs"], dtype=np.float64))
     finally:
         c.close()
     n = data.num_rows
+    values = np.concatenate(values) if values else np.zeros(0)
     if classes is None:
-        return pa.table({pred_name: pa.array(values, pa.float64())})
+        return pa.table({pred_name: pa.array(values.astype(np.float64), pa.float64())})
     from .ml.model import _type_from_str
 
     ltype = _type_from_str(label_type)
     k = len(classes)
-    p = np.asarray(probs, dtype=np.float64).reshape(n, k)
+    p = (np.concatenate(probs) if probs else np.zeros((0, k))).reshape(n, k)
+    if values.dtype.kind in "US":
+        values = values.astype(object)
     labels = pa.array(classes, ltype).take(pa.array(np.tile(np.arange(k), n)))
     structs = pa.StructArray.from_arrays([labels, pa.array(p.ravel(), pa.float64())], names=["label", "prob"])
-    return pa.table({pred_name: pa.array(values, ltype),
+    return pa.table({pred_name: pa.array(values.tolist(), ltype),
                      f"{pred_name}_probs": pa.ListArray.from_arrays(
                          pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), structs)})
 

@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from device_bridge.agent import inputs as inp
@@ -200,6 +200,7 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False) -> Starlet
         lv = core.resolve(name, version)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await read_body(request, max_body)
+        binary_answer = any(t in request.headers.get("accept", "") for t in NPZ_TYPES)
 
         def work():
             try:
@@ -216,9 +217,18 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False) -> Starlet
             except AgentError:
                 core.record_invalid(lv)
                 raise
-            return core.predict(lv, feed, n)
+            result = core.predict(lv, feed, n, raw=binary_answer)
+            if binary_answer:
+                data = inp.outputs_to_npz(result)
+                if data is not None:
+                    return data
+                result["outputs"] = inp.outputs_to_json(list(result["outputs"]), list(result["outputs"].values()))
+            return result
 
-        return JSONResponse(await run_in_threadpool(work))
+        out = await run_in_threadpool(work)
+        if isinstance(out, bytes):
+            return Response(out, media_type="application/x-npz")
+        return JSONResponse(out)
 
     @endpoint(False)
     async def metrics(request):

@@ -531,7 +531,8 @@ class AgentCore:
         except Exception as exc:
             raise AgentError(503, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
 
-    def predict(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int) -> dict:
+    def predict(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int, raw: bool = False) -> dict:
+        """Run the model. ``raw``: outputs stay numpy arrays (for binary answers)."""
         name, version = lv.manifest.name, lv.manifest.version
         vt = self.telemetry.get(name, version)
         t0 = time.perf_counter()
@@ -550,8 +551,8 @@ class AgentCore:
         if lv.breaker.record(False):  # the window can cross the threshold on a success too
             self.suspend(name, version, f"error rate {lv.breaker.rate():.2f} over the last "
                                         f"{len(lv.breaker.outcomes)} requests")
-        return {"model": name, "version": version, "rows": n_rows,
-                "outputs": inp.outputs_to_json(lv.output_names, values),
+        outputs = dict(zip(lv.output_names, values)) if raw else inp.outputs_to_json(lv.output_names, values)
+        return {"model": name, "version": version, "rows": n_rows, "outputs": outputs,
                 "providers": lv.providers, "latency_ms": round(ms, 4)}
 
     def record_invalid(self, lv: LoadedVersion) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import io
+import json
 import math
 import zipfile
 from dataclasses import dataclass
@@ -249,16 +250,17 @@ def feed_from_json(payload: Any, specs: list[InputSpec]) -> tuple[dict[str, np.n
 def feed_from_npz(body: bytes, specs: list[InputSpec], max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
     """An uncompressed or compressed .npz (numpy.savez) with one array per input column."""
     try:
-        zf = zipfile.ZipFile(io.BytesIO(body))
-        total = sum(i.file_size for i in zf.infolist())
+        npz = np.load(io.BytesIO(body), allow_pickle=False)  # one pass over the archive
     except (zipfile.BadZipFile, ValueError, EOFError, OSError) as exc:
         raise InputError(f"binary body is not an .npz archive: {exc}") from None
-    if total > max_bytes:
-        raise InputError(f".npz expands to {total} bytes, over the limit of {max_bytes}")
-    if len(zf.infolist()) > 1024:
+    if not hasattr(npz, "zip"):
+        raise InputError("binary body is a single .npy array, not an .npz archive with one array per column")
+    infos = npz.zip.infolist()
+    if sum(i.file_size for i in infos) > max_bytes:
+        raise InputError(f".npz expands to {sum(i.file_size for i in infos)} bytes, over the limit of {max_bytes}")
+    if len(infos) > 1024:
         raise InputError(".npz holds too many arrays")
     try:
-        npz = np.load(io.BytesIO(body), allow_pickle=False)
         arrays = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as exc:
         raise InputError(f"cannot read .npz arrays (object arrays are refused): {exc}") from None
@@ -276,6 +278,23 @@ def feed_from_npz(body: bytes, specs: list[InputSpec], max_bytes: int) -> tuple[
     if n > MAX_ROWS:
         raise InputError(f"{n} rows is over the limit of {MAX_ROWS} per request")
     return {s.name: _check_array(s, arrays[s.name], n) for s in specs}, n
+
+
+def outputs_to_npz(result: dict) -> bytes | None:
+    """A predict result as an .npz answer: one array per output plus ``__meta__`` (JSON bytes).
+
+    None when an output is not a plain tensor (a ZipMap's list of maps): answer in JSON then.
+    """
+    arrays = {}
+    for name, v in result["outputs"].items():
+        if not isinstance(v, np.ndarray):
+            return None
+        arrays[name] = v.astype(str) if v.dtype.kind == "O" else v
+    meta = {k: v for k, v in result.items() if k != "outputs"}
+    arrays["__meta__"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
 
 
 def outputs_to_json(names: list[str], values: list) -> dict[str, Any]:
