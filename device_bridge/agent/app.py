@@ -19,6 +19,7 @@ from device_bridge.agent import inputs as inp
 from device_bridge.agent.core import AgentCore, AgentError
 
 NPZ_TYPES = ("application/x-npz", "application/npz")
+SMALL_BODY = 8 * 1024
 
 
 def error(status: int, message: str, kind: str = "request") -> JSONResponse:
@@ -225,7 +226,9 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False) -> Starlet
                 result["outputs"] = inp.outputs_to_json(list(result["outputs"]), list(result["outputs"].values()))
             return result
 
-        out = await run_in_threadpool(work)
+        # a small request costs less than the hop to a worker thread: run it on the event loop;
+        # batches go to the thread pool, where ORT runs them in parallel (it releases the GIL)
+        out = work() if len(body) <= SMALL_BODY else await run_in_threadpool(work)
         if isinstance(out, bytes):
             return Response(out, media_type="application/x-npz")
         return JSONResponse(out)
