@@ -29,7 +29,7 @@ DEVICE_TOKEN ?= local-dev-token
 
 lab: install
 	mkdir -p "$(MLSQL_HOME)"
-	$(VENV)/bin/mlsql device serve --name local --port $(DEVICE_PORT) --token $(DEVICE_TOKEN) \
+	@$(VENV)/bin/mlsql device serve --name local --port $(DEVICE_PORT) --token $(DEVICE_TOKEN) \
 	  > "$(MLSQL_HOME)/agent.log" 2>&1 & AGENT=$$!; trap 'kill $$AGENT 2>/dev/null' EXIT INT TERM; \
 	echo "device agent 'local' on http://127.0.0.1:$(DEVICE_PORT) (token $(DEVICE_TOKEN)), log in $(MLSQL_HOME)/agent.log"; \
 	cd notebooks && ../$(VENV)/bin/jupyter lab $(LAB_ARGS) 01_quickstart.ipynb
