@@ -114,22 +114,26 @@ def bench_round_trip(url, model_bytes, n):
     return out
 
 
-def bench_throughput(url, batch, seconds, clients=16):
-    rng = np.random.default_rng(2)
-    X = rng.normal(size=(batch, 20)).astype(np.float32)
+def bench_throughput(url, batch, seconds, clients=16, model="xgb", columns=None):
+    """``columns``: {name: numpy array of >= batch rows}; default: the synthetic model's one input."""
+    if columns is None:
+        rng = np.random.default_rng(2)
+        columns = {"input": rng.normal(size=(batch, 20)).astype(np.float32)}
+    cols = {k: v[:batch] for k, v in columns.items()}
     c = DeviceClient(url, TOKEN)
     counts = [0] * clients
     lat = [[] for _ in range(clients)]
     stop = time.perf_counter() + seconds
-    payload = {"input": X.tolist()}
+    payload = {k: [None if isinstance(x, float) and x != x else x for x in v.tolist()] for k, v in cols.items()}
+    binary = {k: (v.astype(str) if v.dtype == object else v) for k, v in cols.items()}
 
     def worker(k):
         while time.perf_counter() < stop:
             t = time.perf_counter()
             if batch == 1:
-                c.predict("xgb", columns=payload)
+                c.predict(model, columns=payload)
             else:
-                c.predict_batch("xgb", {"input": X})
+                c.predict_batch(model, binary)
             lat[k].append(time.perf_counter() - t)
             counts[k] += 1
 
@@ -141,7 +145,7 @@ def bench_throughput(url, batch, seconds, clients=16):
         t.join()
     dt = time.perf_counter() - t0
     all_lat = [x for ls in lat for x in ls]
-    return {"clients": clients, "batch": batch, "body": "json" if batch == 1 else "npz",
+    return {"model": model, "clients": clients, "batch": batch, "body": "json" if batch == 1 else "npz",
             "requests_per_s": sum(counts) / dt, "rows_per_s": sum(counts) * batch / dt,
             "p50_ms": pct(all_lat, 50), "p99_ms": pct(all_lat, 99)}
 
@@ -235,6 +239,34 @@ def dep_closure(roots):
     return sizes
 
 
+FLIGHTS_QUERY = """
+SELECT f.hour, dayofweek(f.time_hour) AS dow, f.carrier, f.origin, f.dest, f.distance, w.temp, w.dewp, w.humid,
+       w.wind_dir, w.wind_speed, w.precip, w.pressure, w.visib, p.year AS plane_year, p.seats,
+       f.arr_delay > 15 AS late
+FROM flights f LEFT JOIN weather w USING (origin, time_hour) LEFT JOIN planes p USING (tailnum)
+WHERE f.arr_delay IS NOT NULL
+"""
+
+
+def flights_model(tmp: Path, rounds: int):
+    """The nycflights13 delay classifier as MLSQL exports it: raw columns in (3 strings), signed package."""
+    import mlsql
+    import mlsql.datasets
+    from mlsql.deploy import columns_for
+
+    s = mlsql.connect(tmp / "flights-ws")
+    try:
+        mlsql.datasets.load("nycflights13", session=s)
+        s.sql(f"CREATE MODEL late OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['late'], "
+              f"max_iterations = {rounds}, early_stop = FALSE) AS {FLIGHTS_QUERY}")
+        r = s.export("late", package=True, uri=str(tmp / "late.onnx")).export
+        sample = s.sql(f"SELECT * FROM ({FLIGHTS_QUERY}) USING SAMPLE 256 ROWS").to_arrow()
+        cols = columns_for(sample, r.inputs)
+        return r.package_path.read_bytes(), cols, s.workspace.keys_dir / "signing_key.pub", len(r.model_bytes)
+    finally:
+        s.close()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -248,16 +280,22 @@ def main(argv=None):
         pub = tmp / "ws.pub"
         pub.write_bytes(public_key_to_pem(kp.public_key))
         model = xgb_onnx(100)
-        results["model"] = {"kind": "xgboost classifier, 100 trees depth 6, 20 features", "onnx_bytes": len(model)}
+        flights_pkg, flights_cols, flights_pub, flights_bytes = flights_model(tmp, 30 if q else 100)
+        results["model"] = {"kind": "xgboost classifier, 100 trees depth 6, 20 features", "onnx_bytes": len(model),
+                            "flights": {"kind": "MLSQL export of the nycflights13 delay classifier (boosted trees, "
+                                                "16 raw columns, 3 of them strings)", "onnx_bytes": flights_bytes}}
         store = tmp / "agent"
         agent = Agent(["serve", "--name", "bench", "--port", "0", "--store", str(store), "--token", TOKEN,
-                       "--trust", str(pub)], tmp / "agent.json")
+                       "--trust", str(pub), "--trust", str(flights_pub)], tmp / "agent.json")
         try:
             c = DeviceClient(agent.url, TOKEN)
             c.install(build_package(model, {"name": "xgb", "version": 1, "providers": ["cpu"]}, kp.private_key))
+            c.install(flights_pkg)
             results["round_trip"] = bench_round_trip(agent.url, model, 300 if q else 3000)
             secs = 2.0 if q else 8.0
-            results["throughput"] = [bench_throughput(agent.url, 1, secs), bench_throughput(agent.url, 256, secs)]
+            results["throughput"] = [bench_throughput(agent.url, 1, secs), bench_throughput(agent.url, 256, secs),
+                                     bench_throughput(agent.url, 1, secs, model="late", columns=flights_cols),
+                                     bench_throughput(agent.url, 256, secs, model="late", columns=flights_cols)]
         finally:
             agent.stop()
         results["cold_start"] = bench_cold_start(tmp, store, pub, 2 if q else 5)
@@ -276,7 +314,7 @@ def main(argv=None):
           f"p99 {rt['agent_round_trip_ms']['p99']:.3f} | overhead p50 {rt['overhead_ms']['p50']:.3f} "
           f"p99 {rt['overhead_ms']['p99']:.3f} ms")
     for t in results["throughput"]:
-        print(f"16 clients batch {t['batch']:>3} ({t['body']}): {t['requests_per_s']:.0f} req/s, "
+        print(f"16 clients {t['model']:>4} batch {t['batch']:>3} ({t['body']}): {t['requests_per_s']:.0f} req/s, "
               f"{t['rows_per_s']:.0f} rows/s, p50 {t['p50_ms']:.2f} ms p99 {t['p99_ms']:.2f} ms")
     cs = results["cold_start"]
     print(f"cold start: listening {cs['listening_s']:.2f} s, first prediction {cs['first_prediction_s']:.2f} s")

@@ -185,15 +185,27 @@ class DeviceClient:
         return self.http.request("POST", f"/v1/models/{_q(model)}/predict", _json(body), "application/json",
                                  {"version": version} if version else None)
 
-    def predict_batch(self, model: str, columns: dict[str, Any], version: int | None = None) -> dict:
-        """Binary batch: one numpy array per input column, sent as an .npz body; the answer comes
-        back as .npz too (outputs as numpy arrays), or as JSON when an output is not a tensor."""
+    def predict_batch(self, model: str, columns: dict[str, Any], version: int | None = None,
+                      fmt: str = "columns") -> dict:
+        """Binary batch: one numpy array per input column, sent as application/x-mlsql-columns
+        (``fmt='columns'``, see device_bridge.columns) or as an .npz (``fmt='npz'``). The answer
+        comes back in the same form, outputs as numpy arrays (JSON when an output is not a tensor)."""
         import io
 
         import numpy as np
 
-        ans = self.http.request("POST", f"/v1/models/{_q(model)}/predict", _npz(columns), "application/x-npz",
-                                {"version": version} if version else None, accept="application/x-npz")
+        from device_bridge import columns as colfmt
+
+        params = {"version": version} if version else None
+        path = f"/v1/models/{_q(model)}/predict"
+        if fmt == "columns":
+            ans = self.http.request("POST", path, colfmt.encode(columns), colfmt.CONTENT_TYPE, params,
+                                    accept=colfmt.CONTENT_TYPE)
+            if isinstance(ans, bytes | bytearray):
+                arrays, meta = colfmt.decode(bytes(ans))
+                return {**meta, "outputs": arrays}
+            return ans
+        ans = self.http.request("POST", path, _npz(columns), "application/x-npz", params, accept="application/x-npz")
         if isinstance(ans, bytes | bytearray):
             with np.load(io.BytesIO(ans), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}

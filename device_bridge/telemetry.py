@@ -125,20 +125,23 @@ class StringStats:
         self.nulls = 0
 
     def update(self, values) -> None:
-        for v in np.asarray(values, dtype=object).ravel():
-            if v is None:
-                self.nulls += 1
-                continue
-            s = str(v)[:64]
-            self.n += 1
+        arr = np.asarray(values).ravel()
+        if arr.dtype.kind == "O":
+            missing = np.array([v is None for v in arr], dtype=bool)
+            self.nulls += int(missing.sum())
+            arr = arr[~missing]
+        # one pass over the distinct values of the batch, not over its rows
+        uniq, counts = np.unique(arr.astype(str), return_counts=True)
+        for v, c in zip(uniq.tolist(), counts.tolist()):
+            s = v[:64]
+            self.n += c
             if s in self.counts:
-                self.counts[s] += 1
+                self.counts[s] += c
             elif len(self.counts) < self.capacity:
-                self.counts[s] = 1
-            else:  # replace the smallest, inheriting its count (over-estimates, bounded)
+                self.counts[s] = c
+            else:  # replace the smallest, inheriting its count (Space-Saving: over-estimates, bounded)
                 smallest = min(self.counts, key=self.counts.__getitem__)
-                c = self.counts.pop(smallest)
-                self.counts[s] = c + 1
+                self.counts[s] = self.counts.pop(smallest) + c
 
     def snapshot(self) -> dict[str, Any]:
         total = self.n + self.nulls

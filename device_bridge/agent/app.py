@@ -19,6 +19,7 @@ from device_bridge.agent import inputs as inp
 from device_bridge.agent.core import AgentCore, AgentError
 
 NPZ_TYPES = ("application/x-npz", "application/npz")
+COLUMNS_TYPE = "application/x-mlsql-columns"
 SMALL_BODY = 8 * 1024
 
 
@@ -201,36 +202,40 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False) -> Starlet
         lv = core.resolve(name, version)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         body = await read_body(request, max_body)
-        binary_answer = any(t in request.headers.get("accept", "") for t in NPZ_TYPES)
+        accept = request.headers.get("accept", "")
+        answer = ("columns" if COLUMNS_TYPE in accept else
+                  "npz" if any(t in accept for t in NPZ_TYPES) else None)
 
         def work():
             try:
-                if ctype in NPZ_TYPES:
+                if ctype == COLUMNS_TYPE:
+                    feed, n = inp.feed_from_columns(body, lv.specs, max_body)
+                elif ctype in NPZ_TYPES:
                     feed, n = inp.feed_from_npz(body, lv.specs, max_body * 4)
                 elif ctype in ("application/json", ""):
                     feed, n = inp.feed_from_json(parse_json(body), lv.specs)
                 else:
-                    raise AgentError(415, f"unsupported content type {ctype!r}: send application/json "
-                                          "or application/x-npz")
+                    raise AgentError(415, f"unsupported content type {ctype!r}: send application/json, "
+                                          f"{COLUMNS_TYPE} or application/x-npz")
             except inp.InputError as exc:
                 core.record_invalid(lv)
                 raise AgentError(400, str(exc), "invalid_input") from None
             except AgentError:
                 core.record_invalid(lv)
                 raise
-            result = core.predict(lv, feed, n, raw=binary_answer)
-            if binary_answer:
-                data = inp.outputs_to_npz(result)
+            result = core.predict(lv, feed, n, raw=answer is not None)
+            if answer is not None:
+                data = inp.outputs_to_columns(result) if answer == "columns" else inp.outputs_to_npz(result)
                 if data is not None:
-                    return data
+                    return answer, data
                 result["outputs"] = inp.outputs_to_json(list(result["outputs"]), list(result["outputs"].values()))
             return result
 
         # a small request costs less than the hop to a worker thread: run it on the event loop;
         # batches go to the thread pool, where ORT runs them in parallel (it releases the GIL)
         out = work() if len(body) <= SMALL_BODY else await run_in_threadpool(work)
-        if isinstance(out, bytes):
-            return Response(out, media_type="application/x-npz")
+        if isinstance(out, tuple):
+            return Response(out[1], media_type=COLUMNS_TYPE if out[0] == "columns" else "application/x-npz")
         return JSONResponse(out)
 
     @endpoint(False)

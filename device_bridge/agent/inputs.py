@@ -264,6 +264,21 @@ def feed_from_npz(body: bytes, specs: list[InputSpec], max_bytes: int) -> tuple[
         arrays = {k: npz[k] for k in npz.files}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile, KeyError, TypeError) as exc:
         raise InputError(f"cannot read .npz arrays (object arrays are refused): {exc}") from None
+    return _feed_from_arrays(arrays, specs)
+
+
+def feed_from_columns(body: bytes, specs: list[InputSpec], max_bytes: int) -> tuple[dict[str, np.ndarray], int]:
+    """An application/x-mlsql-columns body (device_bridge.columns): one typed buffer per column."""
+    from device_bridge.columns import ColumnsError, decode
+
+    try:
+        arrays, _ = decode(body, max_bytes)
+    except ColumnsError as exc:
+        raise InputError(str(exc)) from None
+    return _feed_from_arrays(arrays, specs)
+
+
+def _feed_from_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> tuple[dict[str, np.ndarray], int]:
     names = [s.name for s in specs]
     for k in arrays:
         if k not in names:
@@ -278,6 +293,18 @@ def feed_from_npz(body: bytes, specs: list[InputSpec], max_bytes: int) -> tuple[
     if n > MAX_ROWS:
         raise InputError(f"{n} rows is over the limit of {MAX_ROWS} per request")
     return {s.name: _check_array(s, arrays[s.name], n) for s in specs}, n
+
+
+def outputs_to_columns(result: dict) -> bytes | None:
+    """A predict result as an application/x-mlsql-columns answer (None when an output is not a tensor)."""
+    from device_bridge.columns import encode
+
+    arrays = {}
+    for name, v in result["outputs"].items():
+        if not isinstance(v, np.ndarray):
+            return None
+        arrays[name] = v
+    return encode(arrays, {k: v for k, v in result.items() if k != "outputs"})
 
 
 def outputs_to_npz(result: dict) -> bytes | None:

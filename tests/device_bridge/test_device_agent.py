@@ -247,7 +247,8 @@ def test_fuzz_no_5xx(agent, keys):
              "/v1/models/scorer", "/v1/info", "/v1/metrics", "/v1/metrics/stream?count=1&interval=x",
              "/v1/models/..%2f..%2fetc/predict", "/v1/nothing", "/v1/models/scorer/predict?version=abc",
              "/v1/models/scorer/predict?version=99", "/v1/models/%00/install"]
-    ctypes = ["application/json", "application/x-npz", "text/plain", "", "application/octet-stream"]
+    ctypes = ["application/json", "application/x-npz", "application/x-mlsql-columns", "text/plain", "",
+              "application/octet-stream"]
     statuses = {}
     for _ in range(600):
         path = rng.choice(paths)

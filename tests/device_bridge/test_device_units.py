@@ -184,3 +184,40 @@ def test_agent_imports_stay_small():
             "'xgboost', 'httpx') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_columns_format_round_trip_and_refusals():
+    import struct
+
+    import numpy as np
+    import pytest
+
+    from device_bridge.columns import ColumnsError, decode, encode
+
+    cols = {"x": np.array([1.5, np.nan, 3.0]), "city": np.array(["paris", "", "oslo"], dtype=object),
+            "flag": np.array([True, False, True]), "k": np.arange(3, dtype=np.int64),
+            "m": np.ones((3, 2), dtype=np.float32)}
+    arrays, meta = decode(encode(cols, {"model": "m", "version": 2}))
+    assert meta == {"model": "m", "version": 2}
+    assert arrays["city"].tolist() == ["paris", "", "oslo"] and arrays["flag"].dtype == bool
+    assert np.array_equal(arrays["x"], cols["x"], equal_nan=True) and arrays["m"].shape == (3, 2)
+    good = encode({"x": np.zeros(4)})
+    header_len = struct.unpack_from("<I", good, 4)[0]
+
+    def with_header(h: bytes, tail: bytes = b"") -> bytes:
+        return b"MLC1" + struct.pack("<I", len(h)) + h + tail
+
+    bad = [b"", b"PK\x03\x04", good[:4], b"MLC1" + struct.pack("<I", 1 << 30),
+           good[:-1],  # truncated buffer
+           with_header(b"not json"), with_header(b"[]"), with_header(b'{"columns": [1]}'),
+           with_header(b'{"columns": [{"name": "x", "dtype": "|O", "shape": [1]}]}', b"\0" * 8),
+           with_header(b'{"columns": [{"name": "x", "dtype": "<f8", "shape": [-1]}]}'),
+           with_header(b'{"columns": [{"name": "x", "dtype": "<f8", "shape": [2]}, {"name": "x", "dtype": "<f8", "shape": [0]}]}',
+                       b"\0" * 16),
+           with_header(b'{"columns": [{"name": "x", "dtype": "nope", "shape": [1]}]}')]
+    for body in bad:
+        with pytest.raises(ColumnsError):
+            decode(body)
+    assert header_len > 0
+    with pytest.raises(ColumnsError, match="over the limit"):
+        decode(good, max_bytes=8)
