@@ -145,7 +145,7 @@ def bench_throughput(url, batch, seconds, clients=16, model="xgb", columns=None)
         t.join()
     dt = time.perf_counter() - t0
     all_lat = [x for ls in lat for x in ls]
-    return {"model": model, "clients": clients, "batch": batch, "body": "json" if batch == 1 else "npz",
+    return {"model": model, "clients": clients, "batch": batch, "body": "json" if batch == 1 else "columns",
             "requests_per_s": sum(counts) / dt, "rows_per_s": sum(counts) * batch / dt,
             "p50_ms": pct(all_lat, 50), "p99_ms": pct(all_lat, 99)}
 
