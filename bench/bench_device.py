@@ -301,7 +301,7 @@ def main(argv=None):
         results["cold_start"] = bench_cold_start(tmp, store, pub, 2 if q else 5)
         big = xgb_onnx(300 if q else 600, depth=6, seed=3)
         results["fleet_deploy"] = bench_fleet_deploy(tmp, kp, pub, 20 if q else 100, 10 if q else 25, big)
-    sizes = dep_closure(["onnxruntime", "numpy", "starlette", "uvicorn", "cryptography"])
+    sizes = dep_closure(["onnxruntime", "numpy", "starlette", "uvicorn", "httptools", "cryptography"])
     results["agent_install_size"] = {"total_mb": round(sum(sizes.values()) / 2**20, 1),
                                      "packages_mb": {k: round(v / 2**20, 2) for k, v in
                                                      sorted(sizes.items(), key=lambda kv: -kv[1])}}
