@@ -434,6 +434,8 @@ class Session:
         query = lm.meta.get("query_sql")
         if not query:
             raise MLSQLError(f"Model {lm.version.ref} does not record its training query; retrain it to export")
+        if n <= 16:  # a probe row: no need to scan the whole training query
+            return self.engine.query(f"SELECT * FROM ({query}) AS t LIMIT {int(n)}")
         return self.engine.query(f"SELECT * FROM ({query}) AS t USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE (42)")
 
     def _native_predict(self, lm: LoadedModel):
