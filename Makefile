@@ -42,6 +42,8 @@ test-fast: install
 
 bench: install
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_export.py
+	$(PY) bench/bench_device.py
 
 lint: install
 	$(VENV)/bin/ruff check .
