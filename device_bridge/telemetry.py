@@ -75,6 +75,20 @@ class NumericStats:
 
     def update(self, values: np.ndarray) -> None:
         v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size <= 8:  # single rows: plain float arithmetic beats numpy's per-call overhead
+            for x in v.tolist():
+                if not math.isfinite(x):
+                    self.nulls += 1
+                    continue
+                self.n += 1
+                d = x - self.mean
+                self.mean += d / self.n
+                self.m2 += d * (x - self.mean)
+                if x < self.min:
+                    self.min = x
+                if x > self.max:
+                    self.max = x
+            return
         finite = np.isfinite(v)
         self.nulls += int(v.size - finite.sum())
         v = v[finite]
@@ -130,9 +144,12 @@ class StringStats:
             missing = np.array([v is None for v in arr], dtype=bool)
             self.nulls += int(missing.sum())
             arr = arr[~missing]
-        # one pass over the distinct values of the batch, not over its rows
-        uniq, counts = np.unique(arr.astype(str), return_counts=True)
-        for v, c in zip(uniq.tolist(), counts.tolist()):
+        if arr.size <= 8:  # single rows: no sort needed
+            pairs = [(str(v), 1) for v in arr.tolist()]
+        else:  # one pass over the distinct values of the batch, not over its rows
+            uniq, counts = np.unique(arr.astype(str), return_counts=True)
+            pairs = zip(uniq.tolist(), counts.tolist())
+        for v, c in pairs:
             s = v[:64]
             self.n += c
             if s in self.counts:
@@ -182,8 +199,33 @@ class VersionTelemetry:
             self.last_request = time.time()
             self._tick(rows)
             if columns:
+                # 1-D numeric columns of a batch: moments of all of them in one vectorized pass
+                batch = [(k, a) for k, a in columns.items()
+                         if a.ndim == 1 and a.dtype.kind in "fiub" and a.size > 8] if rows > 8 else []
+                if len(batch) > 1:
+                    self._update_numeric_block(batch)
+                    done = {k for k, _ in batch}
+                else:
+                    done = set()
                 for name, arr in columns.items():
-                    self._update_column(name, arr)
+                    if name not in done:
+                        self._update_column(name, arr)
+
+    def _update_numeric_block(self, batch: list[tuple[str, np.ndarray]]) -> None:
+        block = np.column_stack([a.astype(np.float64, copy=False) for _, a in batch])
+        finite = np.isfinite(block)
+        nb = finite.sum(axis=0)
+        nulls = block.shape[0] - nb
+        x = np.where(finite, block, 0.0)
+        safe = np.maximum(nb, 1)
+        mb = x.sum(axis=0) / safe
+        m2b = (np.where(finite, block - mb, 0.0) ** 2).sum(axis=0)
+        mn = np.where(finite, block, np.inf).min(axis=0)
+        mx = np.where(finite, block, -np.inf).max(axis=0)
+        for j, (name, _) in enumerate(batch):
+            st = self._stats(name)
+            if st is not None:
+                st.merge(int(nb[j]), float(mb[j]), float(m2b[j]), int(nulls[j]), float(mn[j]), float(mx[j]))
 
     def _update_column(self, name: str, arr: np.ndarray) -> None:
         if arr.dtype.kind in "OUS":

@@ -221,3 +221,30 @@ def test_columns_format_round_trip_and_refusals():
     assert header_len > 0
     with pytest.raises(ColumnsError, match="over the limit"):
         decode(good, max_bytes=8)
+
+
+def test_batched_numeric_statistics_equal_per_column_ones():
+    import numpy as np
+
+    from device_bridge.telemetry import VersionTelemetry
+
+    rng = np.random.default_rng(5)
+    a = rng.normal(3, 2, 300)
+    a[::7] = np.nan
+    b = rng.integers(0, 10, 300).astype(np.int64)
+    c = np.array(["x", "y", ""] * 100)
+    batched, single = VersionTelemetry("m", 1), VersionTelemetry("m", 1)
+    for lo in range(0, 300, 100):  # three batches of 100 rows (the vectorized block path)
+        batched.record_success(1.0, 100, {"a": a[lo:lo + 100], "b": b[lo:lo + 100], "c": c[lo:lo + 100]})
+    for i in range(300):  # one row at a time (the scalar path)
+        single.record_success(1.0, 1, {"a": a[i:i + 1], "b": b[i:i + 1], "c": c[i:i + 1]})
+    sb, ss = batched.snapshot(), single.snapshot()
+    for col in ("a", "b"):
+        x, y = sb["columns"][col], ss["columns"][col]
+        assert x["count"] == y["count"] and abs(x["null_rate"] - y["null_rate"]) < 1e-12
+        assert abs(x["mean"] - y["mean"]) < 1e-9 and abs(x["std"] - y["std"]) < 1e-9
+        assert (x["min"], x["max"]) == (y["min"], y["max"])
+    ok = a[~np.isnan(a)]
+    assert abs(sb["columns"]["a"]["mean"] - ok.mean()) < 1e-9 and abs(sb["columns"]["a"]["std"] - ok.std(ddof=1)) < 1e-9
+    top = {d["value"]: d["count"] for d in sb["columns"]["c"]["top"]}
+    assert top == {d["value"]: d["count"] for d in ss["columns"]["c"]["top"]} == {"x": 100, "y": 100, "": 100}
