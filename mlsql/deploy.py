@@ -218,7 +218,7 @@ def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list
         c.close()
 
 
-def deploy_group(group, lm, result, opts: dict, store):
+def deploy_group(group, lm, result, opts: dict):
     """DEPLOY MODEL ... TO GROUP: a staged rollout through the group's hub, gated wave by wave."""
     from device_bridge.client import HubClient
     from device_bridge.rollout import rollout
@@ -233,7 +233,7 @@ def deploy_group(group, lm, result, opts: dict, store):
     try:
         devices = list(group.devices)
         if not devices:
-            devices = sorted(a["name"] for a in hub.agents() if a.get("group") in (group.name, None) or not group.devices)
+            devices = sorted(a["name"] for a in hub.agents() if a.get("group") == group.name)
         if not devices:
             raise DeviceError(f"Device group '{group.name}' has no devices (none listed, none registered at {group.hub})")
         log: list[str] = []

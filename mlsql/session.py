@@ -608,7 +608,7 @@ class Session:
         opts = D.resolve_deploy_options(step.options)
         group = self.devices.group(step.name)
         lm, result = self._deployable(step, opts)
-        return D.deploy_group(group, lm, result, opts, self.devices)
+        return D.deploy_group(group, lm, result, opts)
 
     def _show_models(self) -> pa.Table:
         rows = []

@@ -147,6 +147,10 @@ def test_group_rollout_through_the_hub(env):
         status = HubClient(hl[0]["url"], TOKEN).status()
         actives = {n: ((status[n].get("status") or {}).get("species") or {}).get("active") for n in names}
         assert actives == {n: 1 for n in names}  # the wave went back to version 1; the rest never left it
+        # a group that lists no devices takes every agent registered at the hub under its name
+        s.sql(f"CREATE OR REPLACE DEVICE GROUP 'field' OPTIONS (hub = '{hl[0]['url']}', hub_token = '{TOKEN}')")
+        waves = s.sql("DEPLOY MODEL species@1 TO GROUP 'field' OPTIONS (batch_size = 3)").to_arrow().to_pylist()
+        assert sorted(n for w in waves for n in w["device_names"]) == sorted(names)
     finally:
         fleet.kill()
         hub.kill()

@@ -30,6 +30,14 @@ def _find(table: pa.Table, name: str) -> str | None:
     return by_lower.get(name.lower())
 
 
+def _split_column(table: pa.Table, opts: Options) -> str:
+    col = _find(table, opts.data_split_col)
+    if col is None:
+        raise UnknownColumnError(opts.data_split_col, table.column_names,
+                                 message=f"data_split_col '{opts.data_split_col}' is not a column of the training data")
+    return col
+
+
 def _eval_mask(table: pa.Table, opts: Options, n: int) -> np.ndarray | None:
     """True for evaluation rows, following BigQuery ML's data_split_* options."""
     method = opts.data_split_method
@@ -46,19 +54,13 @@ def _eval_mask(table: pa.Table, opts: Options, n: int) -> np.ndarray | None:
     if method == "random":
         return rng.random(n) < opts.data_split_eval_fraction
     if method == "custom":
-        col = _find(table, opts.data_split_col)
-        if col is None:
-            raise UnknownColumnError(opts.data_split_col, table.column_names,
-                                     message=f"data_split_col '{opts.data_split_col}' is not a column of the training data")
+        col = _split_column(table, opts)
         return pc.fill_null(table.column(col).cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
     # seq: the last fraction of rows, ordered by data_split_col when given
     k = int(round(n * opts.data_split_eval_fraction))
     mask = np.zeros(n, dtype=bool)
     if opts.data_split_col:
-        col = _find(table, opts.data_split_col)
-        if col is None:
-            raise UnknownColumnError(opts.data_split_col, table.column_names,
-                                     message=f"data_split_col '{opts.data_split_col}' is not a column of the training data")
+        col = _split_column(table, opts)
         order = pc.sort_indices(table.column(col)).to_numpy()
         mask[order[n - k:]] = True
     else:
@@ -352,10 +354,10 @@ def train(table: pa.Table, opts: Options, progress=None) -> TrainedModel:
         label_type = "double"
 
     eval_mask = _eval_mask(table, opts, n)
-    if eval_mask is not None and (eval_mask.all() or not eval_mask.any()):
-        eval_mask = None if not eval_mask.any() else eval_mask
-        if eval_mask is not None:
-            raise TrainingError("The data split leaves no training rows")
+    if eval_mask is not None and not eval_mask.any():
+        eval_mask = None  # nothing held out: evaluate on the training rows
+    elif eval_mask is not None and eval_mask.all():
+        raise TrainingError("The data split leaves no training rows")
     train_mask = None if eval_mask is None else ~eval_mask
 
     estimator = make_estimator(opts)

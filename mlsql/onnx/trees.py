@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
+from onnx import TensorProto, helper
 
 from .builder import Graph
 
@@ -196,7 +197,7 @@ def traversal(g: Graph, X: str, trees: list[Tree], n_out: int, base: np.ndarray)
     toff = g.const(np.arange(T, dtype=np.int64) * n_int, hint="trav_tree_offset")
     n_rows = g.op("Slice", [g.op("Shape", [X]), g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))])
     shape = g.op("Concat", [n_rows, g.const(np.array([T], np.int64))], axis=0)
-    h = g.op("ConstantOfShape", [shape], value=__import__("onnx").helper.make_tensor("z", 7, [1], [0]))
+    h = g.op("ConstantOfShape", [shape], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))
     one, two = g.const(np.int64(1)), g.const(np.int64(2))
     for _ in range(D):
         flat = g.op("Add", [h, toff])
