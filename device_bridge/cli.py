@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--breaker-window", type=int, default=100)
     s.add_argument("--breaker-min-requests", type=int, default=20)
     s.add_argument("--breaker-threshold", type=float, default=0.5)
+    s.add_argument("--ort-threads", type=int, default=1,
+                   help="ONNX Runtime intra-op threads per model session (default 1: concurrent requests run "
+                        "side by side, a core each; 0: ORT's default, one per core, better for one client "
+                        "sending large batches)")
     s.add_argument("--auth-reads", action="store_true", help="require the token for reads and predict too")
     s.add_argument("--devices", type=int, default=1,
                    help="simulate K devices in this process (each its own port, store and hub sync)")
@@ -93,6 +97,9 @@ def serve(args) -> int:
     if not args.token:
         print("mlsql-device: --token (or MLSQL_DEVICE_TOKEN) is required", file=sys.stderr)
         return 2
+    if args.ort_threads < 0:
+        print("mlsql-device: --ort-threads must be 0 (ONNX Runtime's default) or more", file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("mlsql-device: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -109,7 +116,7 @@ def serve(args) -> int:
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), trust_files=list(args.trust),
             breaker_window=args.breaker_window, breaker_min_requests=args.breaker_min_requests,
             breaker_threshold=args.breaker_threshold, hub_url=args.hub,
-            hub_token=args.hub_token or args.token, available_providers=fake)
+            hub_token=args.hub_token or args.token, available_providers=fake, ort_threads=args.ort_threads)
         core = AgentCore(cfg)
         port = args.port if args.devices <= 1 or args.port == 0 else args.port + i
         sock = _bind(args.host, port)

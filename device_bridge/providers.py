@@ -10,6 +10,7 @@ how many graph nodes each provider really took (from ORT's profiling output).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -104,11 +105,17 @@ def plan_providers(preference: list[str] | tuple[str, ...] | None, available: li
     return ProviderPlan(prefs, avail, candidates, skipped, False)
 
 
-def _session_options(strict: bool, providers: list[str]):
+def _session_options(strict: bool, providers: list[str], threads: int = 0):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if threads > 0:
+        # a server runs requests side by side, one core each: an intra-op pool per request
+        # would only have its threads spin against each other (measured in bench/bench_device.py)
+        so.intra_op_num_threads = threads
+        if threads == 1:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if strict and CPU not in providers:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     return so
@@ -120,10 +127,17 @@ class SessionResult:
     requested: list[str]         # the list the session was created with
     providers: list[str]         # session.get_providers(): what really registered
     attempts: list[dict]         # [{"providers": [...], "error": str | None}]
+    node_providers: dict[str, int] | None = None  # with profile=True: nodes per provider
 
 
-def create_session(model_path: str, plan: ProviderPlan, session_factory=None) -> SessionResult:
-    """Create an InferenceSession, falling down the plan's candidates on failure."""
+def create_session(model_path: str, plan: ProviderPlan, session_factory=None, threads: int = 0,
+                   profile: bool = False) -> SessionResult:
+    """Create an InferenceSession, falling down the plan's candidates on failure.
+
+    ``threads``: ONNX Runtime's intra-op threads for the session (0: its default, one per core).
+    ``profile``: create the session with profiling on, run it once on a dummy row and stop the
+    profiler (which then costs nothing), filling ``node_providers``: the placement comes with the
+    serving session instead of a second, throwaway one."""
     if session_factory is None:
         import onnxruntime as ort
 
@@ -132,18 +146,45 @@ def create_session(model_path: str, plan: ProviderPlan, session_factory=None) ->
 
     attempts = []
     last_error = None
-    for cand in plan.candidates:
-        so = _session_options(plan.strict, cand)
-        try:
-            sess = session_factory(model_path, so, cand)
-        except Exception as exc:  # ORT raises many kinds: Fail, RuntimeException, EPFail...
-            last_error = f"{type(exc).__name__}: {exc}"
-            attempts.append({"providers": cand, "error": last_error[:500]})
-            continue
-        attempts.append({"providers": cand, "error": None})
-        return SessionResult(sess, cand, list(sess.get_providers()), attempts)
+    with tempfile.TemporaryDirectory(prefix="mlsql-prof-") if profile else contextlib.nullcontext() as tmp:
+        for cand in plan.candidates:
+            so = _session_options(plan.strict, cand, threads)
+            if tmp:
+                so.enable_profiling = True
+                so.profile_file_prefix = os.path.join(tmp, f"prof{len(attempts)}")
+            try:
+                sess = session_factory(model_path, so, cand)
+            except Exception as exc:  # ORT raises many kinds: Fail, RuntimeException, EPFail...
+                last_error = f"{type(exc).__name__}: {exc}"
+                attempts.append({"providers": cand, "error": last_error[:500]})
+                continue
+            attempts.append({"providers": cand, "error": None})
+            res = SessionResult(sess, cand, list(sess.get_providers()), attempts)
+            if tmp:
+                res.node_providers = _end_profile(sess, None, tmp)
+            return res
     names = " -> ".join(",".join(to_short_name(p) for p in c) for c in plan.candidates)
     raise ProviderError(f"could not create a session with any provider list ({names}): {last_error}")
+
+
+def _end_profile(sess, feed: dict | None, tmp: str) -> dict[str, int] | None:
+    """One run (node placement is in the init events even when it fails), then the counts."""
+    try:
+        try:
+            sess.run(None, feed if feed is not None else dummy_feed(sess))
+        except Exception:
+            pass
+        path = sess.end_profiling()
+    except Exception:
+        return None
+    files = [path] if path and os.path.exists(path) else glob.glob(os.path.join(tmp, "prof*.json"))
+    if not files:
+        return None
+    try:
+        with open(files[0]) as f:
+            return count_node_providers(json.load(f))
+    except (OSError, ValueError):
+        return None
 
 
 def dummy_feed(session) -> dict[str, Any]:
@@ -197,22 +238,9 @@ def profile_node_providers(model_path: str, providers: list[str], strict: bool =
         so.profile_file_prefix = os.path.join(tmp, "prof")
         try:
             sess = ort.InferenceSession(model_path, sess_options=so, providers=providers)
-            try:
-                sess.run(None, feed if feed is not None else dummy_feed(sess))
-            except Exception:
-                pass  # node placement is still in the profile of the session init
-            path = sess.end_profiling()
         except Exception:
             return None
-        files = [path] if path and os.path.exists(path) else glob.glob(os.path.join(tmp, "prof*.json"))
-        if not files:
-            return None
-        try:
-            with open(files[0]) as f:
-                events = json.load(f)
-        except (OSError, ValueError):
-            return None
-    return count_node_providers(events)
+        return _end_profile(sess, feed, tmp)
 
 
 def count_node_providers(events: list[dict]) -> dict[str, int]:

@@ -65,6 +65,7 @@ class AgentConfig:
     hub_url: str | None = None
     hub_token: str | None = None
     available_providers: list[str] | None = None  # override (tests); None = ORT's list
+    ort_threads: int = 1  # intra-op threads per ORT session; 0 = ORT's default (one per core)
 
 
 @dataclass
@@ -205,20 +206,23 @@ class AgentCore:
         except prov.ProviderError as exc:
             raise AgentError(422, str(exc), "providers") from None
         model_path = str(folder / pkg.MODEL_FILE)
-        try:
-            res = prov.create_session(model_path, plan)
-        except prov.ProviderError as exc:
-            raise AgentError(422, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
         cache = folder / "providers.json"
-        node_providers = None
         try:
             cached = json.loads(cache.read_text())
-            if cached.get("providers") == res.providers:
-                node_providers = cached.get("node_providers")
         except (OSError, ValueError):
-            pass
-        if node_providers is None:
+            cached = None
+        fresh = not isinstance(cached, dict) or cached.get("node_providers") is None
+        try:
+            res = prov.create_session(model_path, plan, threads=self.config.ort_threads, profile=fresh)
+        except prov.ProviderError as exc:
+            raise AgentError(422, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
+        if fresh:
+            node_providers = res.node_providers
+        elif cached.get("providers") == res.providers:
+            node_providers = cached["node_providers"]
+        else:  # a provider came or went since the placement was recorded
             node_providers = prov.profile_node_providers(model_path, res.requested, plan.strict)
+        if node_providers is not None and (fresh or node_providers != cached.get("node_providers")):
             try:
                 atomic_write(cache, json.dumps({"providers": res.providers,
                                                 "node_providers": node_providers}).encode())
@@ -269,7 +273,7 @@ class AgentCore:
             "platform": platform.platform(), "machine": platform.machine(),
             "python": platform.python_version(), "cpu": _cpu_name(), "cpu_count": os.cpu_count(),
             "memory_bytes": _memory_bytes(), "onnxruntime": ort.__version__,
-            "available_providers": self.available_providers(),
+            "available_providers": self.available_providers(), "ort_threads": self.config.ort_threads,
             "trusted_keys": sorted(self.trusted_keys()), "models": models,
             "uptime_s": round(time.time() - self.started, 3), "hub": self.config.hub_url,
         }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -317,9 +319,11 @@ def test_providers_reported_and_strict(tmp_path, keys):
     trust(store, keys)
     # this agent believes NNAPI is offered (as on an Android build); ORT here has no NNAPI, so the
     # session really runs on CPU, and the agent must say so rather than echo the request
-    a = start_agent(tmp_path, "android", store, ["--fake-providers", "NnapiExecutionProvider,CPUExecutionProvider"])
+    a = start_agent(tmp_path, "android", store, ["--fake-providers", "NnapiExecutionProvider,CPUExecutionProvider",
+                                                 "--ort-threads", "2"])
     try:
         c = DeviceClient(a.url, TOKEN)
+        assert c.info()["ort_threads"] == 2
         r = c.install(package(keys, 1), providers=["nnapi", "cuda", "cpu"])
         assert r["provider_attempts"][0]["providers"] == ["NnapiExecutionProvider", "CPUExecutionProvider"]
         assert r["providers"] == ["CPUExecutionProvider"]
@@ -333,6 +337,17 @@ def test_providers_reported_and_strict(tmp_path, keys):
         assert m["providers"] == ["CPUExecutionProvider"] and m["node_providers"]["CPUExecutionProvider"] >= 3
     finally:
         a.kill()
+    # after a restart the placement comes from the version's providers.json
+    cached = json.loads((store / "models" / "scorer" / "1" / "providers.json").read_text())
+    assert cached["node_providers"] == m["node_providers"]
+    a = start_agent(tmp_path, "android", store)
+    try:
+        assert DeviceClient(a.url, TOKEN).info()["models"]["scorer"]["node_providers"] == m["node_providers"]
+    finally:
+        a.kill()
+    bad = subprocess.run([sys.executable, "-m", "device_bridge", "serve", "--name", "x", "--store", str(tmp_path / "x"),
+                          "--token", "t", "--ort-threads", "-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--ort-threads must be 0" in bad.stderr
 
 
 def test_install_from_url_via_hub(tmp_path, keys):

@@ -79,6 +79,24 @@ def test_strict_does_not_fall_back():
         prov.create_session("m.onnx", plan, factory)
 
 
+def test_serving_session_reports_its_own_placement(tmp_path):
+    """profile=True: node placement comes from the serving session (no second session), the profiler is
+    stopped afterwards and its file removed; threads=1 gives one intra-op thread per session."""
+    from device_test_helpers import scorer_model
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(scorer_model(3.0))
+    plan = prov.plan_providers(["cpu"], PLAIN)
+    res = prov.create_session(str(path), plan, threads=1, profile=True)
+    assert res.node_providers == {"CPUExecutionProvider": 3}
+    assert res.session.get_session_options().intra_op_num_threads == 1
+    out = res.session.run(None, {"x": np.array([[2.0]], np.float32), "city": np.array([["paris"]], object)})
+    assert out[0].tolist() == [[7.0]]
+    assert list(tmp_path.iterdir()) == [path]
+    plain = prov.create_session(str(path), plan)
+    assert plain.node_providers is None and plain.session.get_session_options().intra_op_num_threads == 0
+
+
 def test_count_node_providers():
     events = [
         {"cat": "Session", "name": "model_loading"},
