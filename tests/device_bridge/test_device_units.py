@@ -164,6 +164,19 @@ def test_input_validation_messages():
             inp.feed_from_json(payload, specs)
 
 
+def test_binary_string_columns_are_checked_for_valid_unicode():
+    from device_bridge import columns as colfmt
+
+    specs = [inp.make_spec(Column("city", "string", (None,)), None)]
+    ok = colfmt.encode({"city": np.array(["paris", "köln", "東京"])})
+    feed, n = inp.feed_from_columns(ok, specs, 1 << 20)
+    assert n == 3 and feed["city"].tolist() == ["paris", "köln", "東京"]
+    for cp in (0xD800, 0xDFFF, 0x110000):  # UTF-32 code units that are not characters
+        units = np.array([[80, 97], [cp, 0]], dtype=np.uint32).view("<U2").reshape(2)
+        with pytest.raises(inp.InputError, match="column 'city': strings are not valid Unicode"):
+            inp.feed_from_columns(colfmt.encode({"city": units}), specs, 1 << 20)
+
+
 def test_waves_and_gates():
     devs = [f"d{i}" for i in range(20)]
     assert [len(w) for w in plan_waves(devs, rollout_percent=10)] == [2] * 10
@@ -190,6 +203,47 @@ def test_vector_column_stats_per_element():
     for j in range(3):
         assert snap[f"v[{j}]"]["mean"] == pytest.approx(both[:, j].mean())
         assert snap[f"v[{j}]"]["std"] == pytest.approx(both[:, j].std(ddof=1))
+
+
+def test_single_rows_are_profiled_exactly_in_blocks():
+    from device_bridge.telemetry import PENDING_ROWS, VersionTelemetry
+
+    vt = VersionTelemetry("m", 1)
+    rng = np.random.default_rng(5)
+    x = rng.normal(3, 2, 150)
+    x[7] = np.nan
+    cities = np.array(["paris", "lyon", None] * 50, dtype=object)
+    for i in range(150):  # 150 single-row requests: two blocks of PENDING_ROWS, the rest pending
+        vt.record_success(0.1, 1, {"x": x[i:i + 1], "n": np.array([i]), "city": cities[i:i + 1]})
+    vt.record_success(0.1, 20, {"x": x[:20], "n": np.arange(20), "city": cities[:20]})  # a batch in between
+    assert 150 % PENDING_ROWS  # the snapshot has to profile what is still pending
+    snap = vt.snapshot()
+    cols = snap["columns"]
+    allx = np.concatenate([x, x[:20]])
+    finite = allx[np.isfinite(allx)]
+    assert snap["profiled_rows"] == 170 and cols["x"]["count"] == finite.size == 168
+    assert cols["x"]["mean"] == pytest.approx(finite.mean()) and cols["x"]["std"] == pytest.approx(finite.std(ddof=1))
+    assert cols["x"]["null_rate"] == pytest.approx(2 / 170)
+    alln = np.concatenate([np.arange(150), np.arange(20)])
+    assert cols["n"]["mean"] == pytest.approx(alln.mean()) and cols["n"]["max"] == 149
+    top = {d["value"]: d["count"] for d in cols["city"]["top"]}
+    assert top == {"paris": 57, "lyon": 57} and cols["city"]["null_rate"] == pytest.approx(56 / 170)
+
+
+def test_column_stats_are_a_bounded_sample_under_load():
+    from device_bridge import telemetry
+
+    vt = telemetry.VersionTelemetry("m", 1)
+    x = np.arange(1000, dtype=np.float64)
+    for _ in range(100):  # 100,000 rows, well within a second or two
+        vt.record_success(1.0, 1000, {"x": x, "y": x * 2})
+    snap = vt.snapshot()
+    assert snap["requests"] == 100 and snap["rows"] == 100_000
+    # every request counted, the statistics only cover the budget (per second; a second boundary may pass)
+    assert telemetry.STATS_ROWS_PER_S <= snap["profiled_rows"] <= 3 * (telemetry.STATS_ROWS_PER_S + 1000)
+    assert snap["profiled_rows"] % 1000 == 0
+    assert snap["columns"]["x"]["count"] == snap["profiled_rows"]
+    assert snap["columns"]["x"]["mean"] == pytest.approx(499.5) and snap["columns"]["y"]["max"] == 1998.0
 
 
 def test_agent_imports_stay_small():
