@@ -248,7 +248,8 @@ def test_fuzz_no_5xx(agent, keys):
              "/v1/models/install", "/v1/models/scorer/activate", "/v1/models/scorer/rollback",
              "/v1/models/scorer", "/v1/info", "/v1/metrics", "/v1/metrics/stream?count=1&interval=x",
              "/v1/models/..%2f..%2fetc/predict", "/v1/nothing", "/v1/models/scorer/predict?version=abc",
-             "/v1/models/scorer/predict?version=99", "/v1/models/%00/install"]
+             "/v1/models/scorer/predict?version=99", "/v1/models/%00/install", "/v1/models//predict",
+             "/v1/models/scorer/x/predict"]
     ctypes = ["application/json", "application/x-npz", "application/x-mlsql-columns", "text/plain", "",
               "application/octet-stream"]
     statuses = {}
@@ -270,6 +271,14 @@ def test_fuzz_no_5xx(agent, keys):
     assert agent.alive()
     assert c.health()["ok"]
     assert sum(statuses.values()) == 600 and any(s >= 400 for s in statuses)
+    # predict has a fast path beside the router: its edges answer as the router does
+    for method, path, want, words in [("POST", "/v1/models//predict", 404, "Not Found"),
+                                      ("POST", "/v1/models/scorer/x/predict", 404, "Not Found"),
+                                      ("GET", "/v1/models/scorer/predict", 405, "Method Not Allowed"),
+                                      ("POST", "/v1/models/nope/predict", 404, "nope")]:
+        status, body = _raw(agent.url, method, path, b"{}" if method == "POST" else None,
+                            {"Content-Type": "application/json", **auth})
+        assert status == want and words in json.loads(body)["error"], (method, path, status, body)
 
 
 def test_tls_and_body_limit(tmp_path, keys):
