@@ -288,7 +288,8 @@ class AgentCore:
     # ------------------------------------------------------------------ install
 
     def install(self, name: str | None, data: bytes, providers: list[str] | None = None,
-                strict: bool = False, activate: bool = True) -> dict:
+                strict: bool = False, activate: bool = True, sha256: str | None = None) -> dict:
+        """``sha256``: the package's digest when the caller has just checked it (a hub download)."""
         if len(data) > self.config.max_package_bytes:
             raise AgentError(413, f"package is {len(data)} bytes, over the limit of "
                                   f"{self.config.max_package_bytes}", "package")
@@ -309,7 +310,7 @@ class AgentCore:
                 providers = [prov.to_ort_name(p) for p in providers]
             except prov.ProviderError as exc:
                 raise AgentError(400, str(exc)) from None
-        sha = hashlib.sha256(data).hexdigest()
+        sha = sha256 or hashlib.sha256(data).hexdigest()
         with self.lock:
             m = self.state["models"].get(name)
             if m and version in m.get("versions", []):
@@ -414,9 +415,10 @@ class AgentCore:
                              "download") from None
         if len(data) > limit:
             raise AgentError(413, f"package at {url} is over the limit of {limit} bytes", "package")
-        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        digest = hashlib.sha256(data).hexdigest()
+        if sha256 is not None and digest != sha256:
             raise AgentError(422, f"package downloaded from {url} does not match sha256 {sha256}", "package")
-        return self.install(name, data, providers, strict, activate)
+        return self.install(name, data, providers, strict, activate, sha256=digest)
 
     # ------------------------------------------------------------------ activate / rollback / delete
 
