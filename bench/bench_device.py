@@ -9,7 +9,8 @@
   separate process sending a pre-encoded request, as wrk would), and the same load from 16 threads
   sharing one Python DeviceClient (which pays for encoding and decoding under one interpreter lock)
 - time to deploy a 5 MB package to 100 agents through the hub (simulated devices,
-  25 per process; --quick: 20)
+  25 per process; --quick: 20), then one hub process's capacity for agent polls (GET the
+  desired state, POST a report with telemetry) with loadgen.py, the agents stopped
 - agent cold start: process start -> listening with the model loaded -> first prediction
 - installed size of the agent's dependency closure (onnxruntime, numpy, starlette,
   uvicorn, cryptography and what they require)
@@ -188,7 +189,8 @@ def bench_throughput_python_client(url, batch, seconds, clients=16, model="xgb",
             "rows_per_s": sum(counts) * batch / dt, "p50_ms": pct(all_lat, 50), "p99_ms": pct(all_lat, 99)}
 
 
-def bench_fleet_deploy(tmp: Path, kp, pub: Path, n_devices: int, per_proc: int, big_model: bytes):
+def bench_fleet_deploy(tmp: Path, kp, pub: Path, n_devices: int, per_proc: int, big_model: bytes,
+                       poll_seconds: float = 4.0):
     pad = max(0, 5 * 1024 * 1024 - len(big_model) - 4096)
     pkg = build_package(big_model, {"name": "xgb", "version": 2, "providers": ["cpu"]}, kp.private_key,
                         extra_files={"assets/pad.bin": os.urandom(pad)} if pad else None)
@@ -216,13 +218,44 @@ def bench_fleet_deploy(tmp: Path, kp, pub: Path, n_devices: int, per_proc: int, 
                     done_at[a["name"]] = time.perf_counter() - t0
             time.sleep(0.1)
         times = sorted(done_at.values())
-        return {"devices": n_devices, "devices_per_process": per_proc, "package_bytes": len(pkg),
-                "hub_poll_interval_s": 0.5, "all_active_s": times[-1] if len(times) == len(names) else None,
-                "median_device_s": statistics.median(times) if times else None,
-                "activated": len(times)}
+        out = {"devices": n_devices, "devices_per_process": per_proc, "package_bytes": len(pkg),
+               "hub_poll_interval_s": 0.5, "all_active_s": times[-1] if len(times) == len(names) else None,
+               "median_device_s": statistics.median(times) if times else None,
+               "activated": len(times)}
+        for p in procs:  # the hub alone on the machine for its own figures
+            p.stop()
+        out["hub_capacity"] = bench_hub_capacity(hub.url, hc, names[0], tmp, seconds=poll_seconds)
+        return out
     finally:
         for p in procs + [hub]:
             p.stop()
+
+
+def _loadgen(url, path, clients, seconds, method="POST", ctype="-", body_file="-", token=None):
+    cmd = [sys.executable, str(HERE / "loadgen.py"), url, path, ctype, str(body_file), "--clients", str(clients),
+           "--seconds", str(seconds), "--method", method]
+    if token:
+        cmd += ["--token", token]
+    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    if res["errors"] or not res["first"] or res["first"]["status"] != 200:
+        raise RuntimeError(f"{method} {path}: {res['errors']} error answers, e.g. {res['error_example']}")
+    return res
+
+
+def bench_hub_capacity(hub_url, hc, name, tmp: Path, seconds: float, clients: int = 16):
+    """One hub process's capacity for the two calls each agent makes per poll: GET its desired state,
+    POST its report (status and one telemetry snapshot, as the agent sent it during the deploy)."""
+    view = hc.agent(name)
+    report = {"url": view.get("url"), "status": view.get("status") or {}, "errors": {},
+              "telemetry": [view.get("telemetry") or {}], "time": time.time()}
+    body = tmp / "report.json"
+    body.write_text(json.dumps(report))
+    g = _loadgen(hub_url, f"/v1/agents/{name}/desired", clients, seconds, "GET", token=TOKEN)
+    r = _loadgen(hub_url, f"/v1/agents/{name}/report", clients, seconds, "POST", "application/json", body, TOKEN)
+    cycle = 1.0 / (1.0 / g["requests_per_s"] + 1.0 / r["requests_per_s"])
+    return {"clients": clients, "desired_get_per_s": g["requests_per_s"], "desired_p99_ms": g["p99_ms"],
+            "report_post_per_s": r["requests_per_s"], "report_bytes": body.stat().st_size,
+            "report_p99_ms": r["p99_ms"], "poll_cycles_per_s": cycle}
 
 
 def bench_cold_start(tmp: Path, store: Path, pub: Path, runs: int):
@@ -340,7 +373,8 @@ def main(argv=None):
             agent.stop()
         results["cold_start"] = bench_cold_start(tmp, store, pub, 2 if q else 5)
         big = xgb_onnx(300 if q else 600, depth=6, seed=3)
-        results["fleet_deploy"] = bench_fleet_deploy(tmp, kp, pub, 20 if q else 100, 10 if q else 25, big)
+        results["fleet_deploy"] = bench_fleet_deploy(tmp, kp, pub, 20 if q else 100, 10 if q else 25, big,
+                                                     poll_seconds=1.0 if q else 4.0)
     sizes = dep_closure(["onnxruntime", "numpy", "starlette", "uvicorn", "httptools", "cryptography"])
     results["agent_install_size"] = {"total_mb": round(sum(sizes.values()) / 2**20, 1),
                                      "packages_mb": {k: round(v / 2**20, 2) for k, v in
@@ -361,7 +395,11 @@ def main(argv=None):
     print(f"cold start: listening {cs['listening_s']:.2f} s, first prediction {cs['first_prediction_s']:.2f} s")
     fd = results["fleet_deploy"]
     print(f"deploy {fd['package_bytes'] / 2**20:.1f} MB to {fd['devices']} agents via hub: all active in "
-          f"{fd['all_active_s']} s (median device {fd['median_device_s']}), {fd['activated']} activated")
+          f"{fd['all_active_s']:.2f} s (median device {fd['median_device_s']:.2f} s), {fd['activated']} activated")
+    hc = fd["hub_capacity"]
+    print(f"one hub process, 16 clients: {hc['desired_get_per_s']:.0f} desired-state GETs/s, "
+          f"{hc['report_post_per_s']:.0f} reports/s ({hc['report_bytes']} B), "
+          f"{hc['poll_cycles_per_s']:.0f} agent poll cycles/s")
     print(f"agent dependency closure: {results['agent_install_size']['total_mb']} MB installed")
     print(f"wrote {out}")
     return 0

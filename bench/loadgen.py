@@ -7,7 +7,9 @@ generator spends its time on the socket, not on building bodies; it runs in its 
 (one asyncio loop), so it shares no interpreter lock with whatever started it.
 
     python bench/loadgen.py URL PATH CONTENT_TYPE BODY_FILE [--clients 16] [--seconds 8]
-                           [--token T] [--accept TYPE]
+                           [--token T] [--accept TYPE] [--method POST|GET]
+
+(``--method GET`` sends no body: pass ``-`` for CONTENT_TYPE and BODY_FILE.)
 
 prints one JSON object: requests, seconds, requests_per_s, p50_ms, p99_ms, errors, and the
 first answer's status and Content-Type (so a run that only got errors cannot pass as fast).
@@ -55,11 +57,14 @@ async def _client(host, port, request: bytes, stop_at: float, lat: list, status:
 
 
 async def run(url: str, path: str, ctype: str, body: bytes, clients: int, seconds: float,
-              token: str | None, accept: str | None) -> dict:
+              token: str | None, accept: str | None, method: str = "POST") -> dict:
     u = urlsplit(url)
     host, port = u.hostname, u.port or 80
-    headers = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", f"Content-Type: {ctype}",
-               f"Content-Length: {len(body)}"]
+    headers = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}"]
+    if method == "POST":
+        headers += [f"Content-Type: {ctype}", f"Content-Length: {len(body)}"]
+    else:
+        body = b""
     if accept:
         headers.append(f"Accept: {accept}")
     if token:
@@ -91,10 +96,14 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--token")
     ap.add_argument("--accept")
+    ap.add_argument("--method", choices=["POST", "GET"], default="POST")
     a = ap.parse_args(argv)
-    with open(a.body_file, "rb") as f:
-        body = f.read()
-    res = asyncio.run(run(a.url, a.path, a.content_type, body, a.clients, a.seconds, a.token, a.accept))
+    body = b""
+    if a.method == "POST":
+        with open(a.body_file, "rb") as f:
+            body = f.read()
+    res = asyncio.run(run(a.url, a.path, a.content_type, body, a.clients, a.seconds, a.token, a.accept,
+                          a.method))
     json.dump(res, sys.stdout)
     print()
     return 0
