@@ -145,13 +145,7 @@ def bench_throughput(url, batch, seconds, clients=16, model="xgb", columns=None,
         raise RuntimeError(f"{model} batch {batch}: answer has {got} rows")
     body_file = Path(tmp or tempfile.gettempdir()) / f"body-{model}-{batch}.bin"
     body_file.write_bytes(body)
-    cmd = [sys.executable, str(HERE / "loadgen.py"), url, f"/v1/models/{model}/predict", ctype, str(body_file),
-           "--clients", str(clients), "--seconds", str(seconds)]
-    if accept:
-        cmd += ["--accept", accept]
-    res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-    if res["errors"] or not res["first"] or res["first"]["status"] != 200:
-        raise RuntimeError(f"{model} batch {batch}: {res['errors']} error answers, e.g. {res['error_example']}")
+    res = _loadgen(url, f"/v1/models/{model}/predict", clients, seconds, "POST", ctype, body_file, accept=accept)
     return {"model": model, "clients": clients, "batch": batch, "body": "json" if batch == 1 else "columns",
             "load_generator": "bench/loadgen.py", "requests_per_s": res["requests_per_s"],
             "rows_per_s": res["requests_per_s"] * batch, "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"]}
@@ -231,11 +225,14 @@ def bench_fleet_deploy(tmp: Path, kp, pub: Path, n_devices: int, per_proc: int, 
             p.stop()
 
 
-def _loadgen(url, path, clients, seconds, method="POST", ctype="-", body_file="-", token=None):
+def _loadgen(url, path, clients, seconds, method="POST", ctype="-", body_file="-", token=None, accept=None):
+    """bench/loadgen.py in its own process; refuses a run with any error answer."""
     cmd = [sys.executable, str(HERE / "loadgen.py"), url, path, ctype, str(body_file), "--clients", str(clients),
            "--seconds", str(seconds), "--method", method]
     if token:
         cmd += ["--token", token]
+    if accept:
+        cmd += ["--accept", accept]
     res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     if res["errors"] or not res["first"] or res["first"]["status"] != 200:
         raise RuntimeError(f"{method} {path}: {res['errors']} error answers, e.g. {res['error_example']}")
