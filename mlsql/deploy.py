@@ -176,7 +176,7 @@ METRICS_SCHEMA = pa.schema([
     ("suspended", pa.bool_()), ("requests", pa.int64()), ("rows", pa.int64()), ("error_count", pa.int64()),
     ("error_rate", pa.float64()), ("errors", pa.string()), ("p50_ms", pa.float64()), ("p95_ms", pa.float64()),
     ("p99_ms", pa.float64()), ("throughput_rows_per_s", pa.float64()), ("providers", pa.list_(pa.string())),
-    ("node_providers", pa.string()), ("inputs", pa.string()),
+    ("node_providers", pa.string()), ("inputs", pa.string()), ("profiled_rows", pa.int64()),
 ])
 
 
@@ -199,7 +199,7 @@ def metrics_table(dev: Device) -> pa.Table:
             "p99_ms": lat.get("p99_ms"), "throughput_rows_per_s": m.get("throughput_rows_per_s"),
             "providers": [_short(p) for p in m.get("providers") or []],
             "node_providers": json.dumps(m.get("node_providers") or {}),
-            "inputs": json.dumps(m.get("columns") or {}),
+            "inputs": json.dumps(m.get("columns") or {}), "profiled_rows": m.get("profiled_rows"),
         })
     return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
 

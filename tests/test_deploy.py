@@ -85,10 +85,13 @@ def test_deploy_predict_metrics_new_version_rollback(env):
     assert (r2["active"], r2["previous"]) == (2, 1)
     rb = s.sql("ROLLBACK MODEL species ON DEVICE 'd1'").to_arrow().to_pylist()[0]
     assert rb["active"] == 1
-    m = s.sql("SELECT version, active, requests, rows, p50_ms, providers FROM ML.DEVICE_METRICS('d1') "
-              "WHERE model = 'species' ORDER BY version").to_arrow().to_pylist()
+    m = s.sql("SELECT version, active, requests, rows, p50_ms, providers, inputs, profiled_rows "
+              "FROM ML.DEVICE_METRICS('d1') WHERE model = 'species' ORDER BY version").to_arrow().to_pylist()
     assert [x["version"] for x in m] == [1, 2] and m[0]["active"] and not m[1]["active"]
     assert m[0]["rows"] >= 344 + 124 and m[0]["p50_ms"] > 0 and m[0]["providers"] == ["cpu"]
+    inputs = json.loads(m[0]["inputs"])  # well under the sampling budget: every row profiled
+    assert m[0]["profiled_rows"] == m[0]["rows"] and inputs["island"]["kind"] == "string"
+    assert inputs["bill_length_mm"]["count"] + round(inputs["bill_length_mm"]["null_rate"] * m[0]["rows"]) == m[0]["rows"]
     shown = s.sql("SHOW DEVICES").to_arrow().to_pylist()[0]
     assert shown["status"] == "online" and shown["models"] == ["species@1"]
 
