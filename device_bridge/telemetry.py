@@ -182,10 +182,10 @@ class VersionTelemetry:
         self.requests = 0
         self.rows = 0
         self.profiled_rows = 0               # rows that fed the column statistics
-        self._budget_second = 0
+        self._budget_second = 0              # the second whose budget _budget_used counts
+        self._budget_used = 0
         self._pending: list[dict[str, np.ndarray]] = []  # small requests not yet profiled
         self._pending_rows = 0
-        self._budget_used = 0
         self.errors: dict[str, int] = {}
         self.latency = LatencyHistogram()
         self.columns: dict[str, NumericStats | StringStats] = {}

@@ -307,5 +307,4 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False):
                     return
         await app(scope, receive, send)
 
-    agent_app.starlette = app
     return agent_app
