@@ -239,3 +239,42 @@ def test_flights_models_export_with_strings_and_nulls(tmp_path):
             if q != "none":
                 assert rep.metric_quantized >= rep.metric_native - 0.02, (mt, q, tf, rep.to_dict())
     s.close()
+
+
+@pytest.mark.parametrize("n_out", [1, 3])
+def test_tree_forms_agree_with_xgboost_on_deep_uneven_trees_nans_and_empty_batches(n_out):
+    import xgboost as xgb
+    from onnx import TensorProto
+
+    from mlsql.onnx import ort_session
+    from mlsql.onnx.builder import Graph
+    from mlsql.onnx.trees import ensemble, margin_base, parse_booster, tensor, traversal, tree_depth
+
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(3000, 12)).astype(np.float32)
+    y = (X[:, 0] * 2 + X[:, 1] * X[:, 2] > 0).astype(int) + (X[:, 3] > 1) * (n_out == 3)
+    params = {"max_depth": 9, "min_child_weight": 0.1,
+              **({"objective": "multi:softprob", "num_class": 3} if n_out == 3 else {"objective": "binary:logistic"})}
+    bst = xgb.train(params, xgb.DMatrix(X, y), 12)
+    trees = parse_booster(bst, n_out)
+    # deep trees, not perfect ones: leaves at many depths
+    assert max(tree_depth(t) for t in trees) >= 7 and all(len(t.leaf) < 2 ** tree_depth(t) for t in trees)
+    base = margin_base(bst, trees, n_out, np.zeros(12, np.float32))
+    sessions = {}
+    for name, build in {"ensemble": lambda g, x: ensemble(g, x, trees, n_out, base),
+                        "tensor": lambda g, x: traversal(g, x, trees, n_out, base),
+                        "gemm": lambda g, x: tensor(g, x, trees, n_out, 12, base)}.items():
+        g = Graph()
+        x = g.add_input("x", TensorProto.FLOAT, [None, 12])
+        g.add_output(build(g, x), "m", TensorProto.FLOAT, [None, n_out])
+        sessions[name] = ort_session(g.model().SerializeToString())
+    test = rng.normal(size=(500, 12)).astype(np.float32)
+    native = bst.predict(xgb.DMatrix(test), output_margin=True).reshape(500, n_out)
+    with_nan = test.copy()
+    with_nan[::7, 0] = np.nan  # a missing value takes the no branch in every form
+    ens_nan = sessions["ensemble"].run(None, {"x": with_nan})[0]
+    for name, s in sessions.items():
+        assert np.abs(s.run(None, {"x": test})[0] - native).max() < 1e-4, name
+        if name != "gemm":  # the GEMM form has no NaN semantics of its own
+            assert np.abs(s.run(None, {"x": with_nan})[0] - ens_nan).max() < 1e-4, name
+        assert s.run(None, {"x": test[:0]})[0].shape == (0, n_out), name

@@ -1,6 +1,6 @@
 """xgboost boosters as ONNX: ai.onnx.ml TreeEnsemble ops, or plain tensor ops (Hummingbird's strategies).
 
-``traversal`` (tree_format 'tensor') is the perfect-tree traversal: Gather steps, one per level.
+``traversal`` (tree_format 'tensor') walks the trees in tensor ops: one GatherElements step per level.
 ``tensor`` (tree_format 'gemm') is the GEMM compilation: for every tree,
 ``A`` picks each internal node's feature, ``B`` holds the thresholds, ``C`` says
 for each leaf which internal nodes lie on its path and on which side, ``D`` how
@@ -168,44 +168,55 @@ def tree_depth(t: Tree) -> int:
 
 
 def traversal(g: Graph, X: str, trees: list[Tree], n_out: int, base: np.ndarray) -> str:
-    """Perfect-tree traversal (Hummingbird): every tree padded to depth D, one Gather step per level.
+    """Tree traversal in tensor ops (after Hummingbird's): one step per level, D = the deepest tree.
 
-    Node h of a tree sits at heap position h (children 2h+1 for yes, 2h+2 for no); a
-    row's position after D steps names its leaf. Padding nodes test ``x < +inf`` and
-    always take the yes branch, so a shallow leaf is found at its leftmost descendant.
+    All trees' nodes sit in one table, each node's yes-child right before its no-child, so a
+    step is ``h = no_child[h] - (x[feature[h]] < threshold[h])``. A leaf's threshold is NaN
+    (nothing is less than NaN) and its no_child is itself, so a row that reaches a shallow
+    leaf stays there. The node index h of every (row, tree) is kept flat, [1, N*T], and
+    looked up with GatherElements: ORT's Gather over a 1-D table costs about five times as
+    much per element. A NaN feature takes the no branch, as the TreeEnsemble form does.
     """
     D = max(1, max(tree_depth(t) for t in trees))
-    n_int, n_leaf, T = 2**D - 1, 2**D, len(trees)
-    feat = np.zeros((T, n_int), np.int64)
-    thr = np.full((T, n_int), np.inf, np.float32)
-    leaf = np.zeros((T, n_leaf, n_out), np.float32)
-    for ti, t in enumerate(trees):
-        stack = [(0, 0)]  # (xgboost node id, heap position)
-        while stack:
-            nid, h = stack.pop()
+    feat, thr, no_child, leaf_val, roots = [], [], [], [], []
+
+    def new_node() -> int:
+        for table, blank in ((feat, 0), (thr, 0.0), (no_child, 0), (leaf_val, 0.0)):
+            table.append(blank)
+        return len(feat) - 1
+
+    for t in trees:
+        pos = {0: new_node()}
+        queue = [0]
+        for nid in queue:  # breadth first; the queue grows as children are placed
+            p = pos[nid]
             if nid in t.leaf:
-                while h < n_int:  # pad down the yes side
-                    h = 2 * h + 1
-                leaf[ti, h - n_int, t.cls] = t.leaf[nid]
+                thr[p], no_child[p], leaf_val[p] = np.nan, p, t.leaf[nid]
                 continue
-            feat[ti, h] = t.feature[nid]
-            thr[ti, h] = t.threshold[nid]
-            stack.append((t.yes[nid], 2 * h + 1))
-            stack.append((t.no[nid], 2 * h + 2))
-    feat_c = g.const(feat.ravel(), hint="trav_feature")
-    thr_c = g.const(thr.ravel(), hint="trav_threshold")
-    toff = g.const(np.arange(T, dtype=np.int64) * n_int, hint="trav_tree_offset")
+            pos[t.yes[nid]], pos[t.no[nid]] = new_node(), new_node()
+            queue += [t.yes[nid], t.no[nid]]
+            feat[p], thr[p], no_child[p] = t.feature[nid], t.threshold[nid], pos[t.no[nid]]
+        roots.append(pos[0])
+    table = {k: g.const(np.asarray(v, dt).reshape(1, -1), hint=f"trav_{k}") for k, v, dt in
+             (("feature", feat, np.int32), ("threshold", thr, np.float32), ("no_child", no_child, np.int32),
+              ("leaf", leaf_val, np.float32))}
+    n_trees = len(trees)
     n_rows = g.op("Slice", [g.op("Shape", [X]), g.const(np.array([0], np.int64)), g.const(np.array([1], np.int64))])
-    shape = g.op("Concat", [n_rows, g.const(np.array([T], np.int64))], axis=0)
-    h = g.op("ConstantOfShape", [shape], value=helper.make_tensor("zero", TensorProto.INT64, [1], [0]))
-    one, two = g.const(np.int64(1)), g.const(np.int64(2))
+    rows_by_trees = g.op("Concat", [n_rows, g.const(np.array([n_trees], np.int64))], axis=0)
+    flat = g.const(np.array([1, -1], np.int64))
+    zero = g.op("ConstantOfShape", [rows_by_trees], value=helper.make_tensor("zero", TensorProto.INT32, [1], [0]))
+    h = g.op("Reshape", [g.op("Add", [zero, g.const(np.asarray(roots, np.int32), hint="trav_roots")]), flat])
     for _ in range(D):
-        flat = g.op("Add", [h, toff])
-        f = g.op("Gather", [feat_c, flat], axis=0)
-        v = g.op("GatherElements", [X, f], axis=1)
-        go_no = g.op("Cast", [g.op("Not", [g.op("Less", [v, g.op("Gather", [thr_c, flat], axis=0)])])], to=7)
-        h = g.op("Add", [g.op("Add", [g.op("Mul", [h, two]), one]), go_no])
-    lidx = g.op("Add", [g.op("Sub", [h, g.const(np.int64(n_int))]), g.const(np.arange(T, dtype=np.int64) * n_leaf)])
-    vals = g.op("Gather", [g.const(leaf.reshape(T * n_leaf, n_out), hint="trav_leaves"), lidx], axis=0)  # [N,T,n_out]
+        f = g.op("Reshape", [g.op("GatherElements", [table["feature"], h], axis=1), rows_by_trees], allowzero=1)
+        v = g.op("Reshape", [g.op("GatherElements", [X, f], axis=1), flat])
+        yes = g.op("Cast", [g.op("Less", [v, g.op("GatherElements", [table["threshold"], h], axis=1)])],
+                   to=TensorProto.INT32)
+        h = g.op("Sub", [g.op("GatherElements", [table["no_child"], h], axis=1), yes])
+    # xgboost grows one tree per class and round, in class order: tree i adds to class i % n_out
+    if n_trees % n_out or any(t.cls != i % n_out for i, t in enumerate(trees)):
+        raise ValueError("trees are not in xgboost's round-by-class order")
+    by_class = g.op("Concat", [n_rows, g.const(np.array([n_trees // n_out, n_out], np.int64))], axis=0)
+    leaves = g.op("GatherElements", [table["leaf"], h], axis=1)
+    vals = g.op("Reshape", [leaves, by_class], allowzero=1)  # [N, rounds, n_out]
     summed = g.op("ReduceSum", [vals, g.const(np.array([1], np.int64))], keepdims=0)
     return g.op("Add", [summed, g.const(base.astype(np.float32), hint="base")])
