@@ -79,6 +79,28 @@ def test_export_matches_ml_predict_on_new_rows(ws):
     assert rows.num_rows == 11 and np.abs(probs - native).max() < 1e-5
 
 
+@pytest.mark.parametrize("model", ["dnn_cls", "lin"])
+def test_static_int8_runs_each_dense_layer_as_one_quantized_gemm(ws, model):
+    import onnx
+
+    from mlsql.onnx import _bias_into_gemm, feeds, ort_session
+
+    r = ws.sql(f"EXPORT MODEL {model} OPTIONS (quantize = 'none')").export
+    fp32 = onnx.load_from_string(r.model_bytes)
+    fused = _bias_into_gemm(fp32)
+    est = [n.op_type for n in fused.graph.node if n.name.startswith("est/")]
+    n_layers = sum(op == "MatMul" for op in (n.op_type for n in fp32.graph.node if n.name.startswith("est/")))
+    assert est.count("Gemm") == n_layers >= 1 and "MatMul" not in est and "Add" not in est
+    rows = ws.sql(f"SELECT {PENGUIN_COLS} FROM penguins LIMIT 50").to_arrow()
+    feed = feeds(rows, r.inputs)
+    for a, b in zip(ort_session(r.model_bytes).run(None, feed), ort_session(fused.SerializeToString()).run(None, feed)):
+        assert (a == b).all() if a.dtype == object else np.allclose(a, b, atol=1e-5)
+    q = ws.sql(f"EXPORT MODEL {model} OPTIONS (quantize = 'int8_static')").export
+    ops = [n.op_type for n in onnx.load_from_string(q.model_bytes).graph.node if n.name.startswith("est/")]
+    assert ops.count("Gemm") == n_layers and "QuantizeLinear" in ops and "Add" not in ops
+    assert q.report.metric_quantized == pytest.approx(q.report.metric_native, abs=0.02)
+
+
 TRANSFORM_SQL = """
 CREATE OR REPLACE MODEL tf
 TRANSFORM (ML.STANDARD_SCALER(flipper_length_mm) OVER () AS fz, ML.BUCKETIZE(bill_depth_mm, [15, 17, 19]) AS db,

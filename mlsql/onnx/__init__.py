@@ -290,10 +290,50 @@ def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None
                 def get_next(self):
                     return next(self.it, None)
 
-            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=["MatMul", "Gemm"],
-                            nodes_to_quantize=est_matmuls, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8, per_channel=per_channel, extra_options=extra)
+            # a dense layer as one Gemm (bias inside) and its Relu quantized too: ORT then runs
+            # the layer as one QGemm with no float Add or Quantize/Dequantize pair between layers
+            fused = _bias_into_gemm(model_proto)
+            onnx.save(fused, src)
+            est_nodes = [n.name for n in fused.graph.node if n.name.startswith("est/")
+                         and (n.name in est_matmuls or n.op_type in ("Gemm", "Relu"))]
+            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=["MatMul", "Gemm", "Relu"], nodes_to_quantize=est_nodes,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
+                            extra_options=extra)
         return onnx.load(dst)
+
+
+def _bias_into_gemm(model_proto):
+    """The estimator's MatMul(x, W) + b (W a 2-D initializer, b a 1-D one, the sum's only use)
+    as one Gemm(x, W, b). Our estimators only multiply [N, k] activations by 2-D weights."""
+    import onnx
+    from onnx import helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model_proto)
+    g = m.graph
+    dims = {i.name: list(i.dims) for i in g.initializer}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for x in n.input:
+            users.setdefault(x, []).append(n)
+    nodes, merged = [], set()
+    for n in g.node:
+        if n.name in merged:
+            continue
+        w = dims.get(n.input[1]) if n.op_type == "MatMul" and n.name.startswith("est/") else None
+        add = users.get(n.output[0], [])
+        if w is not None and len(w) == 2 and len(add) == 1 and add[0].op_type == "Add":
+            bias = [x for x in add[0].input if x != n.output[0]]
+            if len(bias) == 1 and dims.get(bias[0]) == [w[1]]:
+                nodes.append(helper.make_node("Gemm", [n.input[0], n.input[1], bias[0]], list(add[0].output),
+                                              name=n.name))
+                merged.add(add[0].name)
+                continue
+        nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
 
 
 def _fp16_weights(model_proto):
