@@ -85,9 +85,9 @@ def _run(args) -> int:
         with mlsql.connect(args.workspace, args.engine) as session:
             session.display_limit = args.max_rows
             session.progress = _TextProgress
-            for result in session.execute(text):
+            for result in session.iter_execute(text):
                 print(result)
-                print()
+                print(flush=True)
     except MLSQLError as exc:
         print(f"mlsql: error: {exc}", file=sys.stderr)
         return 1

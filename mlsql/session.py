@@ -6,6 +6,7 @@ import json
 import re
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,12 @@ class Session:
 
         A failing statement raises; everything before it has already taken effect.
         """
-        results: list[Result] = []
+        return list(self.iter_execute(text, params, autolimit=autolimit))
+
+    def iter_execute(self, text: str, params: dict | None = None, *,
+                     autolimit: int | None = None) -> Iterator[Result]:
+        """``execute``, yielding each statement's Result as soon as it has run (``mlsql run``
+        prints them as they come, so a later failure does not hide earlier results)."""
         stmts = self._statements(text)
         for i, item in enumerate(stmts):
             is_last = i == len(stmts) - 1
@@ -101,12 +107,12 @@ class Session:
             try:
                 for stmt in (item() if callable(item) else [item]):
                     line = stmt.line
-                    results.append(self._run_statement(stmt, params, autolimit if is_last else None))
+                    result = self._run_statement(stmt, params, autolimit if is_last else None)
+                    yield result
             except MLSQLError as exc:
                 if len(stmts) > 1:
                     exc.with_context(f"Statement {i + 1}" + (f" (line {line})" if line else ""))
                 raise
-        return results
 
     def register(self, name: str, data) -> None:
         """Make a pandas/polars/Arrow object queryable as ``name``."""

@@ -32,10 +32,11 @@ def test_run_script_prints_results(tmp_path):
 
 
 def test_run_failure_exits_nonzero_with_message(tmp_path):
-    out = run("run", "-e", "SELECT 1; SELECT * FROM missing_table", "--workspace", str(tmp_path / "ws"))
+    out = run("run", "-e", "SELECT 41 + 1 AS answer; SELECT * FROM missing_table", "--workspace", str(tmp_path / "ws"))
     assert out.returncode == 1
     assert "Statement 2" in out.stderr and "missing_table" in out.stderr
     assert "Traceback" not in out.stderr
+    assert "answer" in out.stdout and "42" in out.stdout  # what ran before the failure is printed
 
 
 def test_run_missing_file(tmp_path):
