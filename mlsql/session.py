@@ -507,6 +507,7 @@ class Session:
             result, name=mv.name, version=mv.version, key_dir=self.workspace.keys_dir, label=lm.label,
             classes=lm.model.classes, model_type=lm.model.model_type, metrics=dict(lm.model.eval_metrics),
             stats=input_statistics(sample, result.inputs), providers=list(providers or ["cpu"]), out=path,
+            created_at=mv.created.isoformat(timespec="seconds"),  # UTC (the registry's timestamp)
         )
         return path
 
@@ -566,9 +567,12 @@ class Session:
         raise AssertionError(a)
 
     def _deployable(self, step: P.DeviceStep, opts: dict):
-        """Export (with the deploy's quantization) and sign a package for the model version."""
-        export_opts = {"quantize": opts["quantize"], "tree_format": opts["tree_format"], "package": True,
-                       "providers": opts["providers"] or ["cpu"]}
+        """Export (with the deploy's quantization) and sign a package for the model version.
+
+        The deploy's providers travel with the install, not in the package: the same version and
+        export options give the same bytes, so deploying again (with other providers or not)
+        re-activates what the device has instead of conflicting with it."""
+        export_opts = {"quantize": opts["quantize"], "tree_format": opts["tree_format"], "package": True}
         if opts.get("calibration_query"):
             export_opts["calibration_query"] = opts["calibration_query"]
         result = self._export(step.model, export_opts, quiet=True)
@@ -586,7 +590,12 @@ class Session:
             r = c.install(data, providers=opts["providers"] or ["cpu"], strict_providers=opts["strict_providers"],
                           model=lm.version.name)
         except Exception as exc:
-            raise D.wrap(exc, f"Deploying {lm.version.ref} to device '{dev.name}' failed") from None
+            err = D.wrap(exc, f"Deploying {lm.version.ref} to device '{dev.name}' failed")
+            if getattr(exc, "status", None) == 409:
+                err.hint = (f"'{dev.name}' already holds {lm.version.ref} built with other export options "
+                            f"(quantize, tree_format or calibration_query); a device keeps one build per model "
+                            f"version. Deploy with the options used before, or train a new version.")
+            raise err from None
         finally:
             c.close()
         try:
@@ -604,8 +613,11 @@ class Session:
             "placement": [json.dumps(r.get("node_providers") or {})],
             "package_bytes": [len(data)], "first_inference_ms": [rtt], "on_device_ms": [on_device],
         })
+        state = (f"already installed, re-activated with providers {opts['providers'] or ['cpu']}"
+                 if r.get("installed") is not True and r.get("previous") == r.get("active")
+                 else f"version {r.get('active')} active, previous {r.get('previous')}")
         return Result(table, kind="deploy", message=(
-            f"Deployed {lm.version.ref} to {dev.name} (version {r.get('active')} active, previous {r.get('previous')}); "
+            f"Deployed {lm.version.ref} to {dev.name} ({state}); "
             f"runs on {placed}; first inference {rtt:.1f} ms round trip, {on_device:.2f} ms on the device"))
 
     def _deploy_group(self, step: P.DeviceStep) -> Result:

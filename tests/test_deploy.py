@@ -127,6 +127,23 @@ def test_device_errors_are_clear(env):
     assert s.sql("SELECT count(*) FROM ML.PREDICT(MODEL species@1, TABLE penguins, STRUCT('d1' AS device))").scalar() == 344
 
 
+def test_deploying_a_version_again(env):
+    s, _, _ = env
+    # the same version and export options give the same package bytes, so a device sees the same build
+    a = s.sql("EXPORT MODEL species@1 OPTIONS (package = TRUE)").export.package_path.read_bytes()
+    b = s.sql("EXPORT MODEL species@1 OPTIONS (package = TRUE)").export.package_path.read_bytes()
+    assert a == b
+    r = s.sql("DEPLOY MODEL species@1 TO DEVICE 'd1'")
+    assert "already installed, re-activated" in r.message and r.to_arrow().to_pylist()[0]["active"] == 1
+    r = s.sql("DEPLOY MODEL species@1 TO DEVICE 'd1' OPTIONS (providers = ['nnapi', 'cpu'])")
+    assert "re-activated with providers ['nnapi', 'cpu']" in r.message and "runs on cpu" in r.message
+    # another build of the same version is refused, with what to do instead; v1 keeps serving
+    with pytest.raises(DeviceError, match="keeps one build per model version") as info:
+        s.sql("DEPLOY MODEL species@1 TO DEVICE 'd1' OPTIONS (quantize = 'fp16')")
+    assert "HTTP 409" in str(info.value)
+    assert s.sql("SELECT count(*) FROM ML.PREDICT(MODEL species@1, TABLE penguins, STRUCT('d1' AS device))").scalar() == 344
+
+
 @pytest.mark.slow
 def test_group_rollout_through_the_hub(env):
     s, tmp, pub = env

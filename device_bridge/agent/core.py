@@ -454,7 +454,8 @@ class AgentCore:
                 mm["config"][str(version)] = {"providers": providers, "strict": bool(strict)}
             self._write_state(st)
             self.telemetry.event(reason, model=name, version=version, previous=previous)
-            return {"model": name, "active": version, "previous": previous, "providers": lv.providers}
+            return {"model": name, "active": version, "previous": previous, "providers": lv.providers,
+                    "node_providers": lv.node_providers}
 
     def rollback(self, name: str, reason: str = "rollback") -> dict:
         with self.lock:
