@@ -262,6 +262,7 @@ class AgentCore:
                 "sha256": m.get("sha256", {}),
                 "providers": lv.providers if lv else None,
                 "node_providers": lv.node_providers if lv else None,
+                "preferred_providers": m.get("config", {}).get(str(active), {}).get("providers"),
                 "requested_providers": lv.requested if lv else None,
                 "provider_attempts": lv.attempts if lv else None,
                 "inputs": [c.to_dict() for c in lv.manifest.inputs] if lv else None,

@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 
+from device_bridge import providers as prov
 from device_bridge.agent.core import AgentCore, AgentError
 
 
@@ -77,6 +78,18 @@ class HubSync:
             if self.buffer:
                 self.buffer.popleft()
 
+    @staticmethod
+    def _other_providers(m: dict, version: int, want: dict) -> bool:
+        """The hub asks for this installed build with another provider preference (a deploy run again)."""
+        if not want.get("providers"):
+            return False
+        try:
+            names = [prov.to_ort_name(p) for p in want["providers"]]
+        except prov.ProviderError:
+            return False
+        cfg = m.get("config", {}).get(str(version), {})
+        return cfg.get("providers") != names or bool(cfg.get("strict")) != bool(want.get("strict_providers", False))
+
     def apply(self, models: dict) -> None:
         core = self.core
         for model, want in models.items():
@@ -95,8 +108,9 @@ class HubSync:
                         self.errors[model] = {"sha256": sha, "suspended": True,
                                               "error": f"version {version} is suspended by the circuit breaker"}
                     else:
-                        if m.get("active") != version:
-                            core.activate(model, version)
+                        if m.get("active") != version or self._other_providers(m, version, want):
+                            core.activate(model, version, want.get("providers") or None,
+                                          bool(want.get("strict_providers", False)))
                         self.errors.pop(model, None)
                     continue
                 if self.failed.get(model) == sha:

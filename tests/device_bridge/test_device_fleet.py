@@ -172,6 +172,27 @@ def test_install_failure_on_device_fails_the_wave(fleet, tmp_path):
     assert all(status[d]["status"]["scorer"]["active"] == 1 for d in devices)
 
 
+def test_same_build_with_other_providers_is_reactivated(fleet):
+    hc, kp, devices = fleet["hc"], fleet["kp"], fleet["devices"]
+    two = devices[:2]
+    status = hc.status()
+    clients = [DeviceClient(status[d]["url"], TOKEN) for d in two]
+    sha = hc.upload(package(kp, 1, name="side"))["sha256"]
+    hc.set_desired("side", sha256=sha, devices=two)
+    wait_for(lambda: all((c.info()["models"].get("side") or {}).get("active") == 1 for c in clients),
+             what="side@1 active on two devices")
+    # a deploy run again: the same package (sha), another provider preference
+    hc.set_desired("side", sha256=sha, devices=two, providers=["nnapi", "cpu"])
+    want = ["NnapiExecutionProvider", "CPUExecutionProvider"]
+    wait_for(lambda: all(c.info()["models"]["side"]["preferred_providers"] == want for c in clients),
+             what="the new provider preference applied")
+    for c in clients:  # no NNAPI on this machine: the fallback runs it, same version, no reinstall
+        m = c.info()["models"]["side"]
+        assert m["active"] == 1 and m["versions"] == [1] and m["providers"] == ["CPUExecutionProvider"]
+        assert c.predict("side", columns={"x": [1.0], "city": ["rome"]})["version"] == 1
+    assert "side" not in DeviceClient(status[devices[2]]["url"], TOKEN).info()["models"]
+
+
 def test_hub_fuzz_no_5xx(tmp_path):
     """300 malformed calls against every hub endpoint: 4xx with a message, never a 5xx or a crash."""
     import json
