@@ -20,6 +20,7 @@ TOP_K = 16                  # string values remembered per column
 STATS_ROWS_PER_S = 10_000
 SMALL_BATCH = 8      # requests of at most this many rows are profiled together ...
 PENDING_ROWS = 64    # ... once this many rows are waiting (and on every snapshot)
+PENDING_BYTES = 4096  # a small request bigger than this (wide vector columns) is profiled at once
 
 
 class LatencyHistogram:
@@ -210,13 +211,17 @@ class VersionTelemetry:
             self.latency.add(latency_ms)
             self.last_request = time.time()
             self._tick(rows)
-            profile = bool(columns) and self._take_budget(rows)
-        if not profile:
+            take = self._take_budget(rows) if columns else 0
+        if not take:
             return
+        if take < rows:  # the budget's remainder: the batch's first rows
+            columns, rows = {k: a[:take] for k, a in columns.items()}, take
         with self.stats_lock:
             self.profiled_rows += rows
-            if rows <= SMALL_BATCH:  # single rows are profiled PENDING_ROWS at a time, in one vectorized pass
-                self._pending.append(columns)
+            if rows <= SMALL_BATCH and sum(a.nbytes for a in columns.values()) <= PENDING_BYTES:
+                # small requests are profiled PENDING_ROWS rows at a time, in one vectorized pass; views
+                # are copied, so that the buffer never holds a request body alive
+                self._pending.append({k: a if a.base is None else a.copy() for k, a in columns.items()})
                 self._pending_rows += rows
                 if self._pending_rows < PENDING_ROWS:
                     return
@@ -247,15 +252,14 @@ class VersionTelemetry:
             if name not in done:
                 self._update_column(name, arr)
 
-    def _take_budget(self, rows: int) -> bool:
-        """Whether this request's rows go into the column statistics (STATS_ROWS_PER_S per second)."""
+    def _take_budget(self, rows: int) -> int:
+        """How many of this request's rows go into the column statistics (STATS_ROWS_PER_S a second)."""
         second = int(self.last_request)
         if second != self._budget_second:
             self._budget_second, self._budget_used = second, 0
-        if self._budget_used >= STATS_ROWS_PER_S:
-            return False
-        self._budget_used += rows
-        return True
+        take = max(0, min(rows, STATS_ROWS_PER_S - self._budget_used))
+        self._budget_used += take
+        return take
 
     def _update_numeric_block(self, batch: list[tuple[str, np.ndarray]]) -> None:
         block = np.column_stack([a.astype(np.float64, copy=False) for _, a in batch])

@@ -245,7 +245,7 @@ def deploy_group(group, lm, result, opts: dict):
                 required_provider=opts.get("required_provider"), max_drift=opts.get("max_drift"),
                 min_requests=int(opts.get("min_requests") or 0), observe_s=float(opts.get("observe_s") or 0.0),
                 activation_timeout=float(opts.get("wave_timeout_s") or 60.0),
-                providers=opts.get("providers"), strict_providers=opts["strict_providers"], log=log.append,
+                providers=opts.get("providers") or ["cpu"], strict_providers=opts["strict_providers"], log=log.append,
             )
         except MLSQLError:
             raise

@@ -222,7 +222,8 @@ class AgentCore:
             node_providers = cached["node_providers"]
         else:  # a provider came or went since the placement was recorded
             node_providers = prov.profile_node_providers(model_path, res.requested, plan.strict)
-        if node_providers is not None and (fresh or node_providers != cached.get("node_providers")):
+        if node_providers is not None and (fresh or node_providers != cached.get("node_providers")
+                                           or res.providers != cached.get("providers")):
             try:
                 atomic_write(cache, json.dumps({"providers": res.providers,
                                                 "node_providers": node_providers}).encode())
@@ -360,7 +361,7 @@ class AgentCore:
                                                 "config": {}, "sha256": {}})
             mm["versions"].append(version)
             mm["sha256"][str(version)] = sha
-            mm["config"][str(version)] = {"providers": providers or list(manifest.providers),
+            mm["config"][str(version)] = {"providers": providers or _ort_names(manifest.providers),
                                           "strict": bool(strict)}
             previous = mm.get("active")
             if activate:
@@ -441,8 +442,10 @@ class AgentCore:
                     providers = [prov.to_ort_name(p) for p in providers]
                 except prov.ProviderError as exc:
                     raise AgentError(400, str(exc)) from None
-                self._unload(name, version)
-            lv = self._load(name, version, providers, strict if providers is not None else None)
+            # new providers: a new session (folder= skips the loaded one), swapped in only once it
+            # loads, so a preference that cannot load leaves the serving session as it was
+            lv = self._load(name, version, providers, strict if providers is not None else None,
+                            folder=self._folder(name, version) if providers is not None else None)
             lv.breaker = CircuitBreaker(self.config.breaker_window, self.config.breaker_min_requests,
                                         self.config.breaker_threshold)
             st = self._copy_state()
@@ -575,6 +578,14 @@ class AgentCore:
             entry["active"] = m.get("active") == entry["version"]
             entry["suspended"] = entry["version"] in m.get("suspended", [])
         return snap
+
+
+def _ort_names(providers) -> list[str]:
+    """A manifest's provider preference in ORT's names (as the hub's and the API's are stored)."""
+    try:
+        return [prov.to_ort_name(p) for p in providers]
+    except prov.ProviderError:  # an unknown name: kept as written, plan_providers says what is wrong
+        return list(providers)
 
 
 def _cpu_name() -> str:

@@ -28,7 +28,7 @@ class HubSync:
         self.group = group
         self.buffer: deque = deque(maxlen=buffer)
         self.errors: dict[str, str] = {}
-        self.failed: dict[str, str] = {}   # model -> sha256 whose install failed (not retried)
+        self.failed: dict[str, tuple] = {}  # model -> (sha256, providers, strict) that failed (not retried)
         self.registered = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name=f"hubsync-{core.config.name}", daemon=True)
@@ -103,17 +103,20 @@ class HubSync:
                     self.errors.pop(model, None)
                     continue
                 sha, version = want.get("sha256"), want.get("version")
+                wish = (sha, tuple(want.get("providers") or ()), bool(want.get("strict_providers", False)))
                 if m and version in m.get("versions", []) and m.get("sha256", {}).get(str(version)) == sha:
                     if version in m.get("suspended", []):
                         self.errors[model] = {"sha256": sha, "suspended": True,
                                               "error": f"version {version} is suspended by the circuit breaker"}
                     else:
                         if m.get("active") != version or self._other_providers(m, version, want):
+                            if self.failed.get(model) == wish:
+                                continue  # this activation failed already: its error stays reported
                             core.activate(model, version, want.get("providers") or None,
                                           bool(want.get("strict_providers", False)))
                         self.errors.pop(model, None)
                     continue
-                if self.failed.get(model) == sha:
+                if self.failed.get(model) == wish:
                     continue
                 core.install_from_url(model, f"{self.hub}/v1/blobs/{sha}", sha, want.get("providers"),
                                       bool(want.get("strict_providers", False)), True, self.token)
@@ -121,6 +124,7 @@ class HubSync:
             except AgentError as exc:
                 self.errors[model] = {"sha256": want.get("sha256"), "error": exc.message[:300]}
                 if exc.kind in ("package", "load", "providers"):
-                    self.failed[model] = want.get("sha256")
+                    self.failed[model] = (want.get("sha256"), tuple(want.get("providers") or ()),
+                                          bool(want.get("strict_providers", False)))
             except Exception as exc:  # never let the loop die
                 self.errors[model] = {"sha256": want.get("sha256"), "error": f"{type(exc).__name__}: {exc}"[:300]}

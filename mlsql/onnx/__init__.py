@@ -317,18 +317,20 @@ def _bias_into_gemm(model_proto):
     for n in g.node:
         for x in n.input:
             users.setdefault(x, []).append(n)
+    graph_outputs = {o.name for o in g.output}
     nodes, merged = [], set()
     for n in g.node:
-        if n.name in merged:
+        if id(n) in merged:
             continue
-        w = dims.get(n.input[1]) if n.op_type == "MatMul" and n.name.startswith("est/") else None
+        w = (dims.get(n.input[1]) if n.op_type == "MatMul" and n.name.startswith("est/")
+             and n.output[0] not in graph_outputs else None)
         add = users.get(n.output[0], [])
         if w is not None and len(w) == 2 and len(add) == 1 and add[0].op_type == "Add":
             bias = [x for x in add[0].input if x != n.output[0]]
             if len(bias) == 1 and dims.get(bias[0]) == [w[1]]:
                 nodes.append(helper.make_node("Gemm", [n.input[0], n.input[1], bias[0]], list(add[0].output),
                                               name=n.name))
-                merged.add(add[0].name)
+                merged.add(id(add[0]))
                 continue
         nodes.append(n)
     del g.node[:]

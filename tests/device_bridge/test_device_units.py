@@ -246,6 +246,24 @@ def test_column_stats_are_a_bounded_sample_under_load():
     assert snap["columns"]["x"]["mean"] == pytest.approx(499.5) and snap["columns"]["y"]["max"] == 1998.0
 
 
+def test_one_huge_batch_is_profiled_up_to_the_budget_and_wide_rows_are_not_buffered():
+    from device_bridge import telemetry
+
+    vt = telemetry.VersionTelemetry("m", 1)
+    x = np.arange(100_000, dtype=np.float64)
+    vt.record_success(1.0, 100_000, {"x": x})
+    snap = vt.snapshot()
+    assert snap["rows"] == 100_000 and snap["profiled_rows"] == telemetry.STATS_ROWS_PER_S
+    assert snap["columns"]["x"]["max"] == telemetry.STATS_ROWS_PER_S - 1  # the batch's first rows
+
+    vt = telemetry.VersionTelemetry("m", 2)
+    wide = np.ones((1, 200_000), np.float32)  # 800 kB a row: profiled at once, never held in the buffer
+    for _ in range(5):
+        vt.record_success(1.0, 1, {"v": wide})
+    assert vt._pending_rows == 0
+    assert vt.snapshot()["columns"]["v[0]"]["count"] == 5
+
+
 def test_agent_imports_stay_small():
     import subprocess
     import sys
@@ -320,3 +338,34 @@ def test_batched_numeric_statistics_equal_per_column_ones():
     assert abs(sb["columns"]["a"]["mean"] - ok.mean()) < 1e-9 and abs(sb["columns"]["a"]["std"] - ok.std(ddof=1)) < 1e-9
     top = {d["value"]: d["count"] for d in sb["columns"]["c"]["top"]}
     assert top == {d["value"]: d["count"] for d in ss["columns"]["c"]["top"]} == {"x": 100, "y": 100, "": 100}
+
+
+def test_hub_asking_for_providers_that_cannot_load_leaves_the_serving_session(tmp_path):
+    import hashlib
+
+    from device_test_helpers import make_keys, package, trust
+
+    from device_bridge.agent.core import AgentConfig, AgentCore
+    from device_bridge.agent.hubsync import HubSync
+
+    kp = make_keys(tmp_path / "keys")
+    store = tmp_path / "store"
+    trust(store, kp)
+    core = AgentCore(AgentConfig(name="d", store=store, available_providers=["CPUExecutionProvider"]))
+    data = package(kp, 1)
+    core.install(None, data)
+    sha = hashlib.sha256(data).hexdigest()
+    serving = core.resolve("scorer").session
+    sync = HubSync(core, "http://127.0.0.1:9", "t", "http://127.0.0.1:8")  # apply() only: no hub needed
+    strict_cuda = {"scorer": {"sha256": sha, "version": 1, "providers": ["cuda"], "strict_providers": True}}
+    for _ in range(3):  # polls: the failed activation is reported, not retried, and nothing is unloaded
+        sync.apply(strict_cuda)
+        assert "cuda not available" in sync.errors["scorer"]["error"]
+        assert core.resolve("scorer").session is serving
+    assert core.predict(core.resolve("scorer"), {"x": np.ones((1, 1), np.float32),
+                                                 "city": np.array([["a"]], dtype=object)}, 1)["version"] == 1
+    # a preference that can load is applied (another wish than the one that failed)
+    sync.apply({"scorer": {"sha256": sha, "version": 1, "providers": ["cuda", "cpu"]}})
+    assert "scorer" not in sync.errors
+    assert core.info()["models"]["scorer"]["preferred_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert core.resolve("scorer").session is not serving
