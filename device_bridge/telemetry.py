@@ -223,22 +223,23 @@ class VersionTelemetry:
                 # are copied, so that the buffer never holds a request body alive
                 self._pending.append({k: a if a.base is None else a.copy() for k, a in columns.items()})
                 self._pending_rows += rows
-                if self._pending_rows < PENDING_ROWS:
-                    return
-                columns = self._take_pending()
-            if columns:
+                if self._pending_rows >= PENDING_ROWS:
+                    self._flush_pending()
+            else:
                 self._profile(columns)
 
-    def _take_pending(self) -> dict[str, np.ndarray] | None:
+    def _flush_pending(self) -> None:
+        """Profile the buffered small requests as one batch (one by one if they do not stack)."""
         feeds, self._pending, self._pending_rows = self._pending, [], 0
         if not feeds:
-            return None
+            return
         try:
-            return {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
-        except (ValueError, KeyError):  # feeds that do not stack (other columns or widths): one by one
+            stacked = {k: np.concatenate([f[k] for f in feeds]) for k in feeds[0]}
+        except (ValueError, KeyError):  # other columns or widths
             for f in feeds:
                 self._profile(f)
-            return None
+            return
+        self._profile(stacked)
 
     def _profile(self, columns: dict[str, np.ndarray]) -> None:
         # 1-D numeric columns of a batch: moments of all of them in one vectorized pass
@@ -342,9 +343,7 @@ class VersionTelemetry:
             }
         if columns:
             with self.stats_lock:
-                pending = self._take_pending()
-                if pending:
-                    self._profile(pending)
+                self._flush_pending()
                 out["profiled_rows"] = self.profiled_rows
                 out["columns"] = {k: v.snapshot() for k, v in self.columns.items()}
         return out

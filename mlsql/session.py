@@ -107,8 +107,7 @@ class Session:
             try:
                 for stmt in (item() if callable(item) else [item]):
                     line = stmt.line
-                    result = self._run_statement(stmt, params, autolimit if is_last else None)
-                    yield result
+                    yield self._run_statement(stmt, params, autolimit if is_last else None)
             except MLSQLError as exc:
                 if len(stmts) > 1:
                     exc.with_context(f"Statement {i + 1}" + (f" (line {line})" if line else ""))

@@ -28,7 +28,7 @@ class HubSync:
         self.group = group
         self.buffer: deque = deque(maxlen=buffer)
         self.errors: dict[str, str] = {}
-        self.failed: dict[str, tuple] = {}  # model -> (sha256, providers, strict) that failed (not retried)
+        self.failed: dict[str, tuple] = {}  # model -> the (sha256, providers, strict) that failed
         self.registered = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name=f"hubsync-{core.config.name}", daemon=True)
@@ -79,16 +79,16 @@ class HubSync:
                 self.buffer.popleft()
 
     @staticmethod
-    def _other_providers(m: dict, version: int, want: dict) -> bool:
+    def _other_providers(m: dict, version: int, providers: list | None, strict: bool) -> bool:
         """The hub asks for this installed build with another provider preference (a deploy run again)."""
-        if not want.get("providers"):
+        if not providers:
             return False
         try:
-            names = [prov.to_ort_name(p) for p in want["providers"]]
+            names = [prov.to_ort_name(p) for p in providers]
         except prov.ProviderError:
             return False
         cfg = m.get("config", {}).get(str(version), {})
-        return cfg.get("providers") != names or bool(cfg.get("strict")) != bool(want.get("strict_providers", False))
+        return cfg.get("providers") != names or bool(cfg.get("strict")) != strict
 
     def apply(self, models: dict) -> None:
         core = self.core
@@ -96,6 +96,8 @@ class HubSync:
             if not isinstance(want, dict):
                 continue
             m = core.state["models"].get(model)
+            providers, strict = want.get("providers"), bool(want.get("strict_providers", False))
+            wish = (want.get("sha256"), tuple(providers or ()), strict)  # what failed is not retried as is
             try:
                 if want.get("absent"):
                     if m is not None:
@@ -103,28 +105,25 @@ class HubSync:
                     self.errors.pop(model, None)
                     continue
                 sha, version = want.get("sha256"), want.get("version")
-                wish = (sha, tuple(want.get("providers") or ()), bool(want.get("strict_providers", False)))
                 if m and version in m.get("versions", []) and m.get("sha256", {}).get(str(version)) == sha:
                     if version in m.get("suspended", []):
                         self.errors[model] = {"sha256": sha, "suspended": True,
                                               "error": f"version {version} is suspended by the circuit breaker"}
                     else:
-                        if m.get("active") != version or self._other_providers(m, version, want):
+                        if m.get("active") != version or self._other_providers(m, version, providers, strict):
                             if self.failed.get(model) == wish:
                                 continue  # this activation failed already: its error stays reported
-                            core.activate(model, version, want.get("providers") or None,
-                                          bool(want.get("strict_providers", False)))
+                            core.activate(model, version, providers or None, strict)
                         self.errors.pop(model, None)
                     continue
                 if self.failed.get(model) == wish:
                     continue
-                core.install_from_url(model, f"{self.hub}/v1/blobs/{sha}", sha, want.get("providers"),
-                                      bool(want.get("strict_providers", False)), True, self.token)
+                core.install_from_url(model, f"{self.hub}/v1/blobs/{sha}", sha, providers, strict, True,
+                                      self.token)
                 self.errors.pop(model, None)
             except AgentError as exc:
                 self.errors[model] = {"sha256": want.get("sha256"), "error": exc.message[:300]}
                 if exc.kind in ("package", "load", "providers"):
-                    self.failed[model] = (want.get("sha256"), tuple(want.get("providers") or ()),
-                                          bool(want.get("strict_providers", False)))
+                    self.failed[model] = wish
             except Exception as exc:  # never let the loop die
                 self.errors[model] = {"sha256": want.get("sha256"), "error": f"{type(exc).__name__}: {exc}"[:300]}

@@ -269,7 +269,6 @@ def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None
 
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "q.onnx"
-        onnx.save(model_proto, src)
         if not est_matmuls:  # nothing to quantize (e.g. a TreeEnsemble op): same graph
             return model_proto
         extra = {"MatMulConstBOnly": True}
@@ -277,6 +276,7 @@ def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None
         dims = {i.name: len(i.dims) for i in model_proto.graph.initializer}
         per_channel = all(dims.get(n.input[1], 2) == 2 for n in model_proto.graph.node if n.name in est_matmuls)
         if mode == "int8":
+            onnx.save(model_proto, src)
             quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
                              nodes_to_quantize=est_matmuls, per_channel=per_channel, extra_options=extra)
         else:

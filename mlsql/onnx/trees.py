@@ -213,8 +213,6 @@ def traversal(g: Graph, X: str, trees: list[Tree], n_out: int, base: np.ndarray)
                    to=TensorProto.INT32)
         h = g.op("Sub", [g.op("GatherElements", [table["no_child"], h], axis=1), yes])
     # xgboost grows one tree per class and round, in class order: tree i adds to class i % n_out
-    if n_trees % n_out or any(t.cls != i % n_out for i, t in enumerate(trees)):
-        raise ValueError("trees are not in xgboost's round-by-class order")
     by_class = g.op("Concat", [n_rows, g.const(np.array([n_trees // n_out, n_out], np.int64))], axis=0)
     leaves = g.op("GatherElements", [table["leaf"], h], axis=1)
     vals = g.op("Reshape", [leaves, by_class], allowzero=1)  # [N, rounds, n_out]
