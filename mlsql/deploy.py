@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from .devices import Device
 from .errors import DeviceError, MLSQLError, OptionError, UnknownOptionError
 
-DEPLOY_OPTIONS = ("providers", "quantize", "strict_providers", "tree_format", "calibration_query",
+DEPLOY_OPTIONS = ("providers", "quantize", "strict_providers", "tree_format", "calibration_query", "max_metric_drop",
                   "rollout_percent", "batch_size", "max_error_rate", "max_p95_ms", "max_drift",
                   "required_provider", "wave_timeout_s", "observe_s", "min_requests")
 PREDICT_BATCH = 50_000
@@ -82,7 +82,10 @@ def _short(p: str) -> str:
 
 
 def resolve_deploy_options(raw: dict) -> dict:
-    opts: dict[str, Any] = {"providers": None, "quantize": "none", "strict_providers": False, "tree_format": "ensemble"}
+    from .onnx import MAX_METRIC_DROP
+
+    opts: dict[str, Any] = {"providers": None, "quantize": "none", "strict_providers": False, "tree_format": "ensemble",
+                            "max_metric_drop": MAX_METRIC_DROP}
     for k, v in raw.items():
         if k not in DEPLOY_OPTIONS:
             raise UnknownOptionError(k, DEPLOY_OPTIONS, where="in DEPLOY MODEL OPTIONS")

@@ -571,7 +571,8 @@ class Session:
         The deploy's providers travel with the install, not in the package: the same version and
         export options give the same bytes, so deploying again (with other providers or not)
         re-activates what the device has instead of conflicting with it."""
-        export_opts = {"quantize": opts["quantize"], "tree_format": opts["tree_format"], "package": True}
+        export_opts = {"quantize": opts["quantize"], "tree_format": opts["tree_format"], "package": True,
+                       "max_metric_drop": opts["max_metric_drop"]}
         if opts.get("calibration_query"):
             export_opts["calibration_query"] = opts["calibration_query"]
         result = self._export(step.model, export_opts, quiet=True)
