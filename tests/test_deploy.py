@@ -174,3 +174,34 @@ def test_group_rollout_through_the_hub(env):
     finally:
         fleet.kill()
         hub.kill()
+
+
+def test_a_parity_gate_failure_leaves_nothing_behind(env):
+    """A quantized export that loses accuracy is refused by EXPORT and by DEPLOY, and neither
+    leaves a file, a registry artifact, a version tag or a package on the device."""
+    s, tmp, _ = env
+    s.sql("""CREATE OR REPLACE MODEL mass OPTIONS (model_type = 'linear_reg', input_label_cols = ['body_mass_g'])
+             AS SELECT * FROM penguins WHERE body_mass_g IS NOT NULL""")
+    uri = tmp / "gate" / "mass.onnx"
+    # calibrated on a single penguin, int8 activations clip everyone else's: r2 falls below zero
+    bad = "quantize = 'int8_static', calibration_query = 'SELECT * FROM penguins LIMIT 1'"
+    with pytest.raises(MLSQLError) as info:
+        s.sql(f"EXPORT MODEL mass OPTIONS (uri = '{uri}', {bad})")
+    msg = str(info.value)
+    assert "r2_score" in msg and "max_metric_drop = 0.005" in msg and "calibration_query" in msg, msg
+    before = msg.split("r2_score ")[1].split(" native")[0]
+    assert float(before) > 0.8  # the value before is named, and the value after
+    assert "int8_static (a drop of" in msg
+    with pytest.raises(MLSQLError, match="r2_score"):
+        s.sql(f"DEPLOY MODEL mass TO DEVICE 'd1' OPTIONS ({bad})")
+    assert not uri.parent.exists() or list(uri.parent.iterdir()) == []
+    exports = s.workspace.exports_dir
+    assert not exports.exists() or not [p for p in exports.iterdir() if p.name.startswith("mass_")]
+    mv = s.registry.get("mass")
+    assert [a.path for a in s.registry.client.list_artifacts(mv.run_id, "exports")] == []
+    assert not [t for t in mv.tags if t.startswith("mlsql.export")]
+    shown = s.sql("SHOW DEVICES").to_arrow().to_pylist()[0]
+    assert not [m for m in shown["models"] if m.startswith("mass@")]
+    # the same statements pass with the drop allowed, and then leave what they should
+    r = s.sql(f"EXPORT MODEL mass OPTIONS (uri = '{uri}', {bad}, max_metric_drop = 10)")
+    assert uri.exists() and r.export.report.metric_drop > 0.005 and r.export.report.max_metric_drop == 10.0

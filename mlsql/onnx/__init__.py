@@ -14,6 +14,7 @@ report against the native model, and fails when fp32 parity breaks.
 from __future__ import annotations
 
 import html
+import logging
 import statistics
 import tempfile
 import time
@@ -27,6 +28,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import ExportError, OptionError, UnknownOptionError
+
+log = logging.getLogger(__name__)
 
 QUANTIZE = ("none", "int8", "int8_static", "fp16")
 TREE_FORMATS = ("ensemble", "tensor", "gemm")
@@ -58,8 +61,8 @@ def resolve_export_options(raw: dict) -> dict:
     if not isinstance(opts["package"], bool):
         raise OptionError(f"Option package must be TRUE or FALSE, got {opts['package']!r}")
     d = opts["max_metric_drop"]
-    if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d <= 1:
-        raise OptionError(f"Option max_metric_drop must be a number from 0 to 1, got {d!r}")
+    if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < float("inf"):
+        raise OptionError(f"Option max_metric_drop must be a number ≥ 0, got {d!r}")
     opts["max_metric_drop"] = float(d)
     if not isinstance(opts["opset"], int) or not 13 <= opts["opset"] <= 21:
         raise OptionError(f"Option opset must be a whole number from 13 to 21, got {opts['opset']!r}")
@@ -319,11 +322,13 @@ def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None
         # per-channel scales for 2-D weights; batched 3-D weights (tensor-form trees) take one scale
         dims = {i.name: len(i.dims) for i in model_proto.graph.initializer}
         per_channel = all(dims.get(n.input[1], 2) == 2 for n in model_proto.graph.node if n.name in est_matmuls)
+        quiet = _QuietQuantizer()
         if mode == "int8":
             onnx.save(model_proto, src)
-            quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
-                             nodes_to_quantize=est_matmuls, per_channel=per_channel,
-                             reduce_range=settings.reduce_range, extra_options=extra)
+            with quiet:
+                quantize_dynamic(src, dst, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                                 nodes_to_quantize=est_matmuls, per_channel=per_channel,
+                                 reduce_range=settings.reduce_range, extra_options=extra)
         else:
             if not calibration_feeds:
                 raise ExportError("quantize = 'int8_static' needs calibration rows")
@@ -341,11 +346,38 @@ def quantize(model_proto, mode: str, calibration_feeds: list[dict] | None = None
             onnx.save(fused, src)
             est_nodes = [n.name for n in fused.graph.node if n.name.startswith("est/")
                          and (n.name in est_matmuls or n.op_type == "Relu")]
-            quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=["MatMul", "Gemm", "Relu"], nodes_to_quantize=est_nodes,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=per_channel,
-                            reduce_range=settings.reduce_range, extra_options=extra)
+            with quiet:
+                quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=["MatMul", "Gemm", "Relu"], nodes_to_quantize=est_nodes,
+                                activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                per_channel=per_channel, reduce_range=settings.reduce_range, extra_options=extra)
         return onnx.load(dst)
+
+
+class _QuietQuantizer(logging.Filter):
+    """onnxruntime.quantization warns through the root logger ('Please consider pre-processing
+    before quantization'), which a notebook shows as an error box; those go to our debug log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "onnxruntime" in record.pathname and "quantization" in record.pathname:
+            log.debug("onnxruntime.quantization: %s", record.getMessage())
+            return False
+        return True
+
+    def __enter__(self):
+        root = logging.getLogger()
+        # with no handler, logging.warning() would install a stderr one for good (basicConfig)
+        self._null = logging.NullHandler() if not root.handlers else None
+        if self._null:
+            root.addHandler(self._null)
+        root.addFilter(self)
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        root.removeFilter(self)
+        if self._null:
+            root.removeHandler(self._null)
 
 
 def _bias_into_gemm(model_proto):
