@@ -6,19 +6,26 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 export MLSQL_HOME ?= $(CURDIR)/.mlsql
 
-.PHONY: install lab test test-fast bench lint clean
+.PHONY: install lock lab test test-fast bench lint clean
 
 install: $(VENV)/.installed
 
-# torch is pinned to the CPU build that pip has at hand; an open range would
-# pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# Installs the exact versions in requirements.lock (torch is locked at its CPU build; an
+# open range would pull a multi-GB CUDA one), then MLSQL itself. The check fails when the
+# lock no longer matches pyproject.toml: `make lock` writes it again.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip
-	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[lab,data,test,torch]'
+	$(PY) .ci/lock.py --check
+	$(PIP) install -r requirements.lock
+	$(PIP) install --no-deps -e .
+	$(PY) -m pip check
 	$(PY) -m mlsql.kernel install --sys-prefix
 	touch $@
+
+# Resolve pyproject.toml again and rewrite requirements.lock (needs the package index).
+lock:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) .ci/lock.py
 
 # Jupyter refuses to run as root unless told; containers often run as root.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)

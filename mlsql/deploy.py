@@ -124,8 +124,10 @@ def columns_for(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
                                            dtype=object)
         elif t == "bool":
             out[spec["name"]] = pc.fill_null(col.cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
-        else:
-            out[spec["name"]] = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.dtype(t))
+        else:  # numbers; dates and timestamps as the numbers the model was trained on
+            from .ml.features import numeric_values
+
+            out[spec["name"]] = numeric_values(col).astype(np.dtype(t))
     return out
 
 

@@ -120,6 +120,10 @@ class TrainingError(MLSQLError):
     """Training could not proceed (no rows, constant label, bad label type...)."""
 
 
+class InputTypeError(MLSQLError):
+    """A column given to a model has another type than the model was trained on."""
+
+
 class ModelError(MLSQLError):
     """A model cannot do what was asked (wrong input columns, wrong kind of model)."""
 

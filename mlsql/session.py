@@ -303,7 +303,11 @@ class Session:
                 )
             arrays.append(data.column(real))
             names.append(name)
-        return pa.table(arrays, names=names)
+        out = pa.table(arrays, names=names)
+        from .ml.features import check_input_types
+
+        check_input_types(out, lm.model.features, where=f"ML.{func} with model {lm.version.ref}")
+        return out
 
     def _run_ml(self, step: P.MLStep, params) -> pa.Table:
         func = step.func

@@ -144,3 +144,20 @@ def test_errors_leave_nothing_half_done(s):
             s.sql(bad)
     assert s.sql("SELECT count(*) FROM data").scalar() == 60
     assert s.sql("SELECT predicted_y FROM ML.PREDICT(MODEL good, (SELECT 1.0 AS x))").scalar() == pytest.approx(2.0)
+
+
+def test_a_column_of_the_wrong_type_names_column_and_types(penguin_models):
+    from mlsql.errors import InputTypeError
+
+    s = penguin_models
+    with pytest.raises(InputTypeError) as info:
+        s.sql("SELECT * FROM ML.PREDICT(MODEL mass_model, (SELECT 'Adelie' AS species, 'Dream' AS island, "
+              "'long' AS bill_length_mm, 18.0 AS bill_depth_mm, 190 AS flipper_length_mm, 'male' AS sex))")
+    msg = str(info.value)
+    assert "column 'bill_length_mm' is VARCHAR" in msg and "trained on it as DOUBLE" in msg, msg
+    assert "ML.PREDICT with model mass_model@" in msg and "TRY_CAST(bill_length_mm AS DOUBLE)" in msg
+    with pytest.raises(InputTypeError, match="column 'island' is STRUCT, but the model was trained on it as VARCHAR"):
+        s.sql("SELECT * FROM ML.PREDICT(MODEL mass_model, (SELECT 'Adelie' AS species, {'a': 1} AS island, "
+              "40.0 AS bill_length_mm, 18.0 AS bill_depth_mm, 190 AS flipper_length_mm, 'male' AS sex))")
+    # and nothing is lost: the model still answers good input
+    assert s.sql("SELECT count(*) FROM ML.PREDICT(MODEL mass_model, TABLE penguins)").scalar() == 344

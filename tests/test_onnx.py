@@ -321,3 +321,45 @@ def test_tree_forms_agree_with_xgboost_on_deep_uneven_trees_nans_and_empty_batch
         if name != "gemm":  # the GEMM form has no NaN semantics of its own
             assert np.abs(s.run(None, {"x": with_nan})[0] - ens_nan).max() < 1e-4, name
         assert s.run(None, {"x": test[:0]})[0].shape == (0, n_out), name
+
+
+def test_dates_and_timestamps_as_features(tmp_path):
+    """DATE and TIMESTAMP columns train, predict and export as they are: the graph takes them as
+    days / seconds since 1970-01-01, the same numbers the native model encodes."""
+    import mlsql
+    from mlsql.onnx import feeds, ort_session
+
+    s = mlsql.connect(tmp_path / "ws")
+    s.sql("""CREATE TABLE sales AS
+             SELECT DATE '2023-01-01' + (i % 700)::INTEGER AS day,
+                    TIMESTAMP '2023-01-01 00:00:00.25' + to_seconds(i * 5437) AS placed,
+                    (i % 700) * 2.0 + (i * 5437 % 86400) / 3600.0 AS amount,
+                    (i % 700) > 350 AS late
+             FROM range(3000) r(i)""")
+    s.sql("""CREATE MODEL late OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['late'],
+             max_iterations = 10) AS SELECT day, placed, late FROM sales""")
+    s.sql("""CREATE MODEL amount OPTIONS (model_type = 'linear_reg', input_label_cols = ['amount'])
+             AS SELECT day, placed, amount FROM sales""")
+    new = """SELECT * FROM (VALUES (DATE '2024-06-30', TIMESTAMP '2024-06-30 12:00:00'),
+                                  (DATE '2023-02-01', TIMESTAMP '2023-02-01 06:30:00.5'),
+                                  (NULL, NULL)) v(day, placed)"""
+    pred = s.sql(f"SELECT predicted_late, predicted_late_probs FROM ML.PREDICT(MODEL late, ({new}))").to_arrow()
+    assert pred.column("predicted_late").to_pylist()[:2] == [True, False]
+    assert s.sql("SELECT * FROM ML.EVALUATE(MODEL amount)").to_arrow().column("r2_score")[0].as_py() > 0.99
+    rows = s.sql(new).to_arrow()
+    for name in ("late", "amount"):
+        r = s.sql(f"EXPORT MODEL {name}").export
+        types = {i["name"]: (i["type"], i["arrow_type"]) for i in r.inputs}
+        assert types == {"day": ("float64", "date32[day]"), "placed": ("float64", "timestamp[us]")}
+        f = feeds(rows, r.inputs)
+        assert f["day"][0] == (np.datetime64("2024-06-30") - np.datetime64("1970-01-01")).astype(int)
+        assert f["placed"][1] == (np.datetime64("2023-02-01T06:30:00.5") - np.datetime64("1970-01-01")) / np.timedelta64(1, "s")
+        assert np.isnan(f["day"][2]) and np.isnan(f["placed"][2])
+        got = ort_session(r.model_bytes).run(None, f)
+        if name == "late":
+            native = np.array([[p["prob"] for p in row] for row in pred.column("predicted_late_probs").to_pylist()])
+            assert np.abs(got[1] - native).max() < 1e-5 and got[0].tolist() == pred.column(0).to_pylist()
+        else:
+            native = s.sql(f"SELECT predicted_amount FROM ML.PREDICT(MODEL amount, ({new}))").to_arrow().column(0)
+            assert np.allclose(got[0], native.to_numpy(), rtol=1e-5)
+    s.close()

@@ -1,6 +1,9 @@
 """Automatic feature encoding: Arrow columns → one float32 matrix, the way BigQuery ML does it.
 
-Numeric and boolean columns pass through (NULL → the training mean). String
+Numeric and boolean columns pass through (NULL → the training mean). Dates are
+days since 1970-01-01, timestamps seconds since 1970-01-01 00:00 (UTC for a
+time zone-aware column), times seconds since midnight, durations seconds: the
+same numbers the exported ONNX graph takes as its double input. String
 columns are categorical: ordinal codes for trees, one-hot for linear and DNN
 models; NULL and values unseen at training time share a bucket of their own.
 Everything here works column-at-a-time on Arrow/numpy arrays, never per row.
@@ -14,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import TrainingError
+from ..errors import InputTypeError, TrainingError
 
 MAX_CATEGORIES = 10_000
 
@@ -41,7 +44,7 @@ def _kind(t: pa.DataType) -> str | None:
         t = t.value_type
     if pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t):
         return "numeric"
-    if pa.types.is_temporal(t):
+    if pa.types.is_temporal(t) and not pa.types.is_interval(t):
         return "numeric"
     if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
         return "categorical"
@@ -54,18 +57,63 @@ def numeric_values(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
     if pa.types.is_dictionary(t):
         col = col.cast(t.value_type)
         t = t.value_type
-    if pa.types.is_temporal(t):
-        if pa.types.is_date(t):
-            col = col.cast(pa.date32()).cast(pa.int32())
-        elif pa.types.is_timestamp(t):
-            col = col.cast(pa.timestamp("s", tz=t.tz)).cast(pa.int64())
-        else:
-            col = col.cast(pa.int64())
+    if pa.types.is_date(t):
+        col = col.cast(pa.date32()).cast(pa.int32())
+    elif pa.types.is_timestamp(t) or pa.types.is_time(t) or pa.types.is_duration(t):
+        per_second = {"s": 1, "ms": 1e3, "us": 1e6, "ns": 1e9}[t.unit]
+        col = pc.divide(col.cast(pa.int64()).cast(pa.float64()), per_second)
     if not pa.types.is_float64(col.type):
         col = col.cast(pa.float64())
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
     return col.to_numpy(zero_copy_only=False)
+
+
+_SQL_TYPES = {"string": "VARCHAR", "large_string": "VARCHAR", "string_view": "VARCHAR", "double": "DOUBLE",
+              "float": "FLOAT", "int64": "BIGINT", "int32": "INTEGER", "int16": "SMALLINT", "int8": "TINYINT",
+              "uint64": "UBIGINT", "uint32": "UINTEGER", "uint16": "USMALLINT", "uint8": "UTINYINT",
+              "bool": "BOOLEAN", "date32[day]": "DATE", "binary": "BLOB"}
+
+
+def sql_type(t: pa.DataType | str) -> str:
+    """An Arrow type as the SQL type name a user wrote (VARCHAR, DOUBLE, DATE, ...)."""
+    name = str(t)
+    if name in _SQL_TYPES:
+        return _SQL_TYPES[name]
+    if name.startswith("timestamp"):
+        return "TIMESTAMP WITH TIME ZONE" if "tz=" in name else "TIMESTAMP"
+    if name.startswith("decimal"):
+        return name.replace("decimal128", "DECIMAL").replace("decimal256", "DECIMAL")
+    if name.startswith(("list", "large_list")):
+        return "LIST"
+    if name.startswith("struct"):
+        return "STRUCT"
+    return name.upper()
+
+
+def check_input_types(table: pa.Table, specs: list[FeatureSpec], where: str) -> None:
+    """Each feature column can be read the way the model was trained on it, or an
+    ``InputTypeError`` names the column, the type the model expects and the type it got."""
+    by_lower = {c.lower(): c for c in table.column_names}
+    for s in specs:
+        real = by_lower.get(s.name.lower())
+        if real is None:
+            continue
+        got = table.column(real).type
+        kind = _kind(got)
+        if s.kind == "numeric" and kind != "numeric":
+            if pa.types.is_null(got):  # an all-NULL column: every row takes the training mean
+                continue
+            trained = sql_type(s.arrow_type)
+            target = trained if trained.startswith(("DATE", "TIME")) else "DOUBLE"
+            raise InputTypeError(
+                f"{where}: column '{s.name}' is {sql_type(got)}, but the model was trained on it as {trained}",
+                hint=f"Give it as {'a ' + trained if target != 'DOUBLE' else 'a number'}, "
+                     f"e.g. TRY_CAST({s.name} AS {target}).")
+        if s.kind == "categorical" and kind is None and not pa.types.is_null(got):
+            raise InputTypeError(
+                f"{where}: column '{s.name}' is {sql_type(got)}, but the model was trained on it as VARCHAR",
+                hint=f"Give it as a string, e.g. CAST({s.name} AS VARCHAR).")
 
 
 def string_values(col) -> pa.Array:

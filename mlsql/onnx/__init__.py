@@ -78,17 +78,22 @@ def input_kind(arrow_type: str) -> str:
         return "str"
     if t.startswith(("int", "uint", "double", "float", "halffloat", "decimal")):
         return "num"
+    if t.startswith(("date32", "date64", "timestamp", "time32", "time64", "duration")):
+        return "num"  # as the number the model was trained on (mlsql.ml.features.numeric_values)
     return "unsupported"
 
 
 def feeds(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
-    """ORT feeds for raw rows: doubles with NaN for NULL, strings with '' for NULL, bools."""
+    """ORT feeds for raw rows: doubles with NaN for NULL (dates as days and timestamps as seconds
+    since 1970-01-01), strings with '' for NULL, bools."""
+    from ..ml.features import numeric_values
+
     by_lower = {c.lower(): c for c in table.column_names}
     out = {}
     for spec in inputs:
         col = table.column(by_lower[spec["name"].lower()])
         if spec["type"] == "float64":
-            out[spec["name"]] = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
+            out[spec["name"]] = numeric_values(col)
         elif spec["type"] == "string":
             s = pc.fill_null(col.cast(pa.string()), "")
             out[spec["name"]] = np.asarray(s.to_numpy(zero_copy_only=False), dtype=object)
@@ -191,10 +196,13 @@ def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str =
             margins = ensemble(g, X, trees, n_out, base)
         link = {"binary:logistic": "sigmoid", "multi:softprob": "softmax"}.get(est.objective, "identity")
     elif est.kind == "linear":
-        # standardize first, so that every input of the MatMul is O(1) (int8 quantization needs it)
+        # standardize first, so that every input of the MatMul is O(1) (int8 quantization needs it);
+        # in double, as the native model computes: a timestamp (1.7e9 s) minus its float32 mean
+        # would keep two digits
         mu, sd = est.x_mean.astype(np.float64), est.x_std.astype(np.float64)
-        Z = g.op("Div", [g.op("Sub", [X, g.const(mu.astype(np.float32), hint="x_mean")]),
-                         g.const(sd.astype(np.float32), hint="x_std")])
+        Xd = g.op("Cast", [X], to=TensorProto.DOUBLE)
+        Z = g.op("Cast", [g.op("Div", [g.op("Sub", [Xd, g.const(mu, hint="x_mean")]), g.const(sd, hint="x_std")])],
+                 to=TensorProto.FLOAT)
         W = (est.coef * sd).T.astype(np.float32)
         b = (est.intercept + est.coef @ mu).astype(np.float32)
         margins = g.op("Add", [g.op("MatMul", [Z, g.const(W, hint="coef")]), g.const(b, hint="intercept")])

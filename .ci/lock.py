@@ -1,0 +1,127 @@
+"""The lock file: the exact versions `make install` installs, so two fresh machines get the same packages.
+
+    python .ci/lock.py            # resolve pyproject.toml again (pip's resolver) and rewrite requirements.lock
+    python .ci/lock.py --check    # exit 1 when requirements.lock no longer matches pyproject.toml
+
+`make lock` runs the first. The lock holds every package (with its dependencies) that
+`pip install -e '.[EXTRAS]'` resolves on Linux x86-64 with CPython 3.11, as `name==version`
+lines, and a header with the sha256 of pyproject.toml's dependency tables: `--check`
+(run by `make install`, and so by CI) fails when those tables changed since the lock
+was written, or when a locked version falls outside a range pyproject.toml asks for.
+A plain `pip install mlsql` still uses pyproject.toml's ranges.
+
+torch is locked at the CPU build (2.13.0): the newest release in its range pulls a
+multi-GB CUDA build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOCK = ROOT / "requirements.lock"
+PYPROJECT = ROOT / "pyproject.toml"
+EXTRAS = ("lab", "data", "test", "torch")
+PINS = {"torch": "2.13.0"}  # the CPU build; see the module docstring
+
+
+def _pyproject() -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        from pip._vendor import tomli as tomllib
+    return tomllib.loads(PYPROJECT.read_text())
+
+
+def _requirements(project: dict) -> list[str]:
+    reqs = list(project.get("dependencies", []))
+    for extra in EXTRAS:
+        reqs += project.get("optional-dependencies", {}).get(extra, [])
+    return reqs
+
+
+def _digest(project: dict) -> str:
+    tables = {"dependencies": project.get("dependencies", []), "extras": list(EXTRAS),
+              "optional-dependencies": {e: project.get("optional-dependencies", {}).get(e, []) for e in EXTRAS},
+              "pins": PINS}
+    return hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _locked() -> tuple[str | None, dict[str, str]]:
+    digest, pins = None, {}
+    for line in LOCK.read_text().splitlines():
+        m = re.match(r"# pyproject-sha256: ([0-9a-f]{64})", line)
+        if m:
+            digest = m.group(1)
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[_canonical(name)] = version.strip()
+    return digest, pins
+
+
+def write() -> None:
+    project = _pyproject()["project"]
+    with tempfile.TemporaryDirectory() as tmp:
+        constraints = Path(tmp) / "pins.txt"
+        constraints.write_text("".join(f"{k}=={v}\n" for k, v in PINS.items()))
+        report = Path(tmp) / "report.json"
+        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                        "--report", str(report), "-c", str(constraints), f".[{','.join(EXTRAS)}]"],
+                       cwd=ROOT, check=True)
+        resolved = json.loads(report.read_text())["install"]
+    own = _canonical(project["name"])
+    lines = sorted(f"{_canonical(i['metadata']['name'])}=={i['metadata']['version'].split('+')[0]}"
+                   for i in resolved if _canonical(i["metadata"]["name"]) != own)
+    header = [
+        "# The exact versions `make install` installs. Written by `make lock` (python .ci/lock.py); do not edit.",
+        f"# extras: {','.join(EXTRAS)}; resolved for CPython {sys.version_info.major}.{sys.version_info.minor} "
+        f"on {sys.platform}",
+        f"# pyproject-sha256: {_digest(project)}",
+    ]
+    LOCK.write_text("\n".join(header + lines) + "\n")
+    print(f"wrote {LOCK.name}: {len(lines)} packages")
+
+
+def check() -> int:
+    from pip._vendor.packaging.requirements import Requirement
+
+    if not LOCK.exists():
+        print(f"{LOCK.name} is missing: run `make lock`", file=sys.stderr)
+        return 1
+    project = _pyproject()["project"]
+    digest, pins = _locked()
+    problems = []
+    if digest != _digest(project):
+        problems.append("pyproject.toml's dependencies changed since the lock was written")
+    for text in _requirements(project):
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        version = pins.get(_canonical(req.name))
+        if version is None:
+            problems.append(f"{req.name} is not in the lock")
+        elif req.specifier and not req.specifier.contains(version, prereleases=True):
+            problems.append(f"{req.name}=={version} in the lock is outside pyproject.toml's range {req.specifier}")
+    if problems:
+        print(f"{LOCK.name} does not match pyproject.toml:\n  " + "\n  ".join(problems)
+              + "\nRun `make lock` and commit requirements.lock.", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only check that the lock matches pyproject.toml")
+    sys.exit(check() if ap.parse_args().check else write())
