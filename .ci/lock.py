@@ -28,6 +28,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "requirements.lock"
 PYPROJECT = ROOT / "pyproject.toml"
+
+
+def _at(root: Path) -> None:
+    global ROOT, LOCK, PYPROJECT
+    ROOT, LOCK, PYPROJECT = root, root / "requirements.lock", root / "pyproject.toml"
 EXTRAS = ("lab", "data", "test", "torch")
 PINS = {"torch": "2.13.0"}  # the CPU build; see the module docstring
 
@@ -124,4 +129,7 @@ def check() -> int:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="only check that the lock matches pyproject.toml")
-    sys.exit(check() if ap.parse_args().check else write())
+    ap.add_argument("--root", type=Path, default=ROOT, help="the project folder (default: this clone)")
+    a = ap.parse_args()
+    _at(a.root.resolve())
+    sys.exit(check() if a.check else write())

@@ -22,11 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     hub.add_argument("action", choices=["serve"], help="serve: run the hub")
     hub.add_argument("hub_args", nargs=argparse.REMAINDER, help="--port P --store DIR --token T (mlsql-device hub)")
     dev = sub.add_parser("device", help="the local device agent and the workspace's signing key")
-    dev.add_argument("action", choices=["serve", "key"],
-                     help="serve: run an agent that trusts this workspace's key; key: print the public key file")
-    dev.add_argument("--workspace", help="workspace folder (default: MLSQL_HOME or ./.mlsql)")
-    dev.add_argument("agent_args", nargs=argparse.REMAINDER, help="arguments of mlsql-device serve")
-    args = parser.parse_args(argv)
+    dsub = dev.add_subparsers(dest="action", metavar="{key,serve}")
+    key = dsub.add_parser("key", help="print the path of the workspace's public signing key (made on first use)")
+    key.add_argument("--workspace", help="workspace folder (default: MLSQL_HOME or ./.mlsql)")
+    # serve's own options are mlsql-device serve's: `mlsql device serve --help` lists them
+    serve = dsub.add_parser("serve", add_help=False, help="run an agent that trusts this workspace's key")
+    serve.add_argument("--workspace", help="workspace folder (default: MLSQL_HOME or ./.mlsql)")
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (args.command == "device" and args.action == "serve"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "run":
         return _run(args)
     if args.command == "hub":
@@ -34,30 +38,30 @@ def main(argv: list[str] | None = None) -> int:
 
         return device_main(["hub", *args.hub_args]) or 0
     if args.command == "device":
-        return _device(args)
+        if args.action is None:
+            dev.print_help()
+            return 2
+        return _device(args, extra)
     parser.print_help()
     return 2
 
 
-def _device(args) -> int:
+def _device(args, extra: list[str]) -> int:
+    from device_bridge.cli import main as device_main
+
+    if args.action == "serve" and {"-h", "--help"} & set(extra):  # help only: no workspace, no key
+        return device_main(["serve", "--help"]) or 0
     from device_bridge.keys import PUBLIC_KEY_FILE, load_or_create_keypair
 
     from .workspace import Workspace
 
-    extra = list(args.agent_args)
     workspace = args.workspace
-    if "--workspace" in extra:  # REMAINDER swallows options written after the action
-        i = extra.index("--workspace")
-        workspace = extra[i + 1] if i + 1 < len(extra) else None
-        del extra[i:i + 2]
     ws = Workspace.open(workspace)
     load_or_create_keypair(ws.keys_dir)
     pub = ws.keys_dir / PUBLIC_KEY_FILE
     if args.action == "key":
         print(pub)
         return 0
-    from device_bridge.cli import main as device_main
-
     if "--name" not in extra:
         extra += ["--name", "local"]
     if "--store" not in extra:

@@ -42,3 +42,43 @@ def test_run_failure_exits_nonzero_with_message(tmp_path):
 def test_run_missing_file(tmp_path):
     out = run("run", str(tmp_path / "nope.sql"))
     assert out.returncode == 2 and "cannot read" in out.stderr
+
+
+def test_help_has_no_side_effects(tmp_path):
+    """Every --help prints usage and exits 0 without making a workspace or a signing key."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLSQL_HOME"} | {"HOME": str(tmp_path)}
+    for args in (["--help"], ["run", "--help"], ["device", "--help"], ["device", "key", "--help"],
+                 ["device", "serve", "--help"], ["hub", "--help"], ["hub", "serve", "--help"]):
+        out = subprocess.run([sys.executable, "-m", "mlsql.cli", *args], capture_output=True, text=True,
+                             cwd=tmp_path, env=env, timeout=60)
+        assert out.returncode == 0 and out.stdout.startswith("usage:"), (args, out.stdout, out.stderr)
+        assert list(tmp_path.iterdir()) == [], (args, list(tmp_path.iterdir()))
+    out = subprocess.run([sys.executable, "-m", "mlsql.cli", "device", "key", "--workspace", str(tmp_path / "ws")],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and (tmp_path / "ws" / "keys" / "signing_key.pub").exists(), out.stderr
+    assert out.stdout.strip() == str(tmp_path / "ws" / "keys" / "signing_key.pub")
+
+
+def test_lock_file_matches_pyproject_and_the_check_catches_drift(tmp_path):
+    """`make install` installs requirements.lock; its check fails once pyproject.toml's dependencies move."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    lock = root / ".ci" / "lock.py"
+    ok = subprocess.run([sys.executable, str(lock), "--check"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    pins = dict(line.split("==") for line in (root / "requirements.lock").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert pins["torch"] == "2.13.0" and {"duckdb", "sqlglot", "onnxruntime", "mlflow", "xgboost-cpu"} <= set(pins)
+    for f in ("pyproject.toml", "requirements.lock"):
+        shutil.copy(root / f, tmp_path / f)
+    py = tmp_path / "pyproject.toml"
+    py.write_text(py.read_text().replace('"duckdb>=1.2",', '"duckdb>=1.2",\n  "left-pad>=1",'))
+    bad = subprocess.run([sys.executable, str(lock), "--check", "--root", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "dependencies changed" in bad.stderr and "left-pad is not in the lock" in bad.stderr
+    assert "make lock" in bad.stderr
