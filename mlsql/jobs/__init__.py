@@ -1,0 +1,14 @@
+"""Scheduled notebook jobs: definitions and history in the workspace, runs through papermill.
+
+Light to import: papermill and APScheduler load when a job runs or is scheduled.
+See docs/JOBS.md.
+"""
+
+from __future__ import annotations
+
+from .options import JOB_OPTIONS, parse_duration, resolve_job_options
+from .runner import job_dir, run_job
+from .store import JobRun, JobSpec, JobStore
+
+__all__ = ["JOB_OPTIONS", "JobRun", "JobSpec", "JobStore", "job_dir", "parse_duration", "resolve_job_options",
+           "run_job"]
