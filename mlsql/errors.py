@@ -100,6 +100,14 @@ class UnknownDeviceError(UnknownNameError):
     kind = "device"
 
 
+class UnknownJobError(UnknownNameError):
+    kind = "job"
+
+
+class JobError(MLSQLError):
+    """A scheduled job could not be created, run or changed."""
+
+
 class UnknownFunctionError(UnknownNameError):
     kind = "function"
 

@@ -15,14 +15,13 @@ import pyarrow as pa
 
 from . import planner as P
 from .dialect import Statement, parse_script, substitute_variables
-from .engines.duckdb import DuckDBEngine
+from .engines.base import engine_class, open_engine
 from .errors import MLSQLError, ModelError, ParseError, UnknownColumnError
 from .registry import ModelVersion, Registry
 from .result import Result
 from .transform import FittedTransform, fit_transform
 from .workspace import Workspace
 
-ENGINES = ("duckdb",)
 _PARAM = re.compile(r"(?<![$\w])\$([A-Za-z_]\w*)")
 _FRAME_TYPES = {
     ("pandas", "DataFrame"),
@@ -60,12 +59,9 @@ class Session:
 
     def __init__(self, workspace: str | Path | None = None, engine: str = "duckdb", *,
                  namespace: dict | None = None):
-        if engine not in ENGINES:
-            raise MLSQLError(
-                f"Unknown engine '{engine}'", hint=f"Available engines: {', '.join(ENGINES)}."
-            )
+        engine_class(engine)  # an unknown engine fails before the workspace is touched
         self.workspace = Workspace.open(workspace)
-        self.engine = DuckDBEngine(self.workspace.catalog_path)
+        self.engine = open_engine(engine, self.workspace)
         self.registry = Registry(self.workspace)
         self.variables: dict[str, Any] = {}
         self.namespace = namespace
@@ -223,15 +219,16 @@ class Session:
             return self._export(step.model, step.options)
         if isinstance(step, P.DeviceStep):
             return self._device_step(step)
-        if isinstance(step, P.UnsupportedStep):
-            raise MLSQLError(f"{step.what} is not available in this version of MLSQL")
+        if isinstance(step, P.JobStep):
+            from .job_statements import run_job_step
+
+            return run_job_step(self.workspace, step)
         raise AssertionError(f"no runner for {step!r}")
 
     def _set(self, step: P.SetStep) -> Result:
         name = step.name.lower()
         if name == "engine":
-            if str(step.value).lower() not in ENGINES:
-                raise MLSQLError(f"Unknown engine '{step.value}'", hint=f"Available engines: {', '.join(ENGINES)}.")
+            engine_class(str(step.value))
             self.variables[step.name] = step.value
             return Result(pa.table({}), message=f"engine = {step.value}")
         self.variables[step.name] = step.value
@@ -320,6 +317,10 @@ class Session:
             if len(step.args) != 1 or not isinstance(step.args[0], str):
                 raise MLSQLError("ML.DEVICE_METRICS takes one device name: ML.DEVICE_METRICS('my-device')")
             return metrics_table(self.devices.get(step.args[0]))
+        if func == "JOB_RUNS":
+            from .job_statements import job_runs_table
+
+            return job_runs_table(self.workspace, step.args)
         if step.model is None:
             raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
         lm = self._load(step.model)
@@ -393,7 +394,8 @@ class Session:
         if step.transform:
             transform = fit_transform(step.transform, raw_name, data.column_names, self.engine.query)
             features = self.engine.query(transform.select_sql(raw_name, data.column_names))
-        rows, data_hash = self.engine.fingerprint(raw_name)
+        fp = self.engine.fingerprint(raw_name)
+        rows, data_hash = fp.rows, fp.digest
 
         reporter = self.progress(f"Training {name}", 0) if self.progress else None
         try:
@@ -415,6 +417,8 @@ class Session:
                 "training_schema": {f.name: str(f.type) for f in data.schema},
                 "data_rows": rows,
                 "data_hash": data_hash,
+                "data_hash_algorithm": fp.algorithm,
+                "query_dialect": self.engine.dialect,
             }
             (d / META_FILE).write_text(json.dumps(meta, indent=1))
             params_log = {k: v for k, v in raw.items()}
@@ -445,7 +449,7 @@ class Session:
             raise MLSQLError(f"Model {lm.version.ref} does not record its training query; retrain it to export")
         if n <= 16:  # a probe row: no need to scan the whole training query
             return self.engine.query(f"SELECT * FROM ({query}) AS t LIMIT {int(n)}")
-        return self.engine.query(f"SELECT * FROM ({query}) AS t USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE (42)")
+        return self.engine.sample(query, n, seed=42)
 
     def _native_predict(self, lm: LoadedModel):
         def run(raw: pa.Table):
@@ -587,6 +591,14 @@ class Session:
 
         opts = D.resolve_deploy_options(step.options)
         dev = self.devices.get(step.name)
+        if opts.get("only_if_better"):
+            candidate = self._load(step.model).version
+            active = D.active_version(dev, candidate.name)
+            reason = D.not_better_reason(self.registry, candidate, active, opts["only_if_better"])
+            if reason:
+                return Result(pa.table({"device": [dev.name], "model": [candidate.name],
+                                        "version": [candidate.version], "active": [active], "deployed": [False]}),
+                              kind="deploy", message=f"Not deployed to {dev.name}: {reason}.")
         lm, result = self._deployable(step, opts)
         data = result.package_path.read_bytes()
         c = D.client_for(dev)
@@ -628,6 +640,10 @@ class Session:
         from . import deploy as D
 
         opts = D.resolve_deploy_options(step.options)
+        if opts.get("only_if_better"):
+            raise MLSQLError("only_if_better applies to DEPLOY ... TO DEVICE",
+                             hint="A group's rollout is gated by max_error_rate, max_p95_ms, max_drift and "
+                                  "required_provider; compare metrics before the DEPLOY ... TO GROUP instead.")
         group = self.devices.group(step.name)
         lm, result = self._deployable(step, opts)
         return D.deploy_group(group, lm, result, opts)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from pathlib import Path
 
 from mlsql.errors import ExportError, MLSQLError
 

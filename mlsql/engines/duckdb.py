@@ -1,17 +1,39 @@
-"""The DuckDB engine: runs engine SQL on an embedded database, returns Arrow."""
+"""The DuckDB engine: runs engine SQL on an embedded database, returns Arrow.
+
+Many processes share one workspace (kernels, the CLI, the scheduler, the Jupyter server),
+and a DuckDB file has one process at a time. So each engine keeps its own in-memory
+DuckDB (the session's temporary tables, registered DataFrames, settings and attached
+databases of its own live there), and attaches the workspace catalog only while it
+works, behind the workspace's cross-process lock (:mod:`mlsql.locks`).
+
+Attaching costs a few milliseconds on a catalog of a hundred tables, so an engine keeps
+the catalog for ``idle_release_s`` (0.25 s) after its last statement: statements that
+follow each other (a cell, a script, a loop) pay it once. It lets go at once when another
+process is waiting, and never holds it while idle for longer than that. docs/INTERNALS.md
+weighs this against the alternatives.
+"""
 
 from __future__ import annotations
 
 import itertools
+import os
 import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
 
 from ..errors import EngineError, UnknownTableError, WorkspaceError
+from ..locks import DEFAULT_TIMEOUT_S, FileLock
+from .base import Engine, Fingerprint
 
 _MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
 _LINE = re.compile(r"^LINE (\d+):", re.M)
+ALIAS = "workspace"  # the catalog's name while attached: current_database() in a session
+IDLE_RELEASE_S = 0.25
 
 
 def _locate(msg: str, sql: str) -> str:
@@ -27,50 +49,149 @@ def _locate(msg: str, sql: str) -> str:
     return ""
 
 
-class DuckDBEngine:
-    """One DuckDB connection on the workspace catalog (or in memory)."""
+class DuckDBEngine(Engine):
+    """An in-memory DuckDB of the session's own, with the workspace catalog attached while it works."""
 
     name = "duckdb"
     dialect = "duckdb"
 
-    def __init__(self, path: Path | str | None = None, *, read_only: bool = False):
+    def __init__(self, catalog: Path | str | None = None, *, lock_timeout: float | None = None,
+                 idle_release_s: float = IDLE_RELEASE_S, who: str | None = None):
         import duckdb
 
         self._duckdb = duckdb
-        self.path = str(path) if path else ":memory:"
-        try:
-            self.con = duckdb.connect(self.path, read_only=read_only)
-        except duckdb.IOException as exc:
-            msg = str(exc)
-            if "lock" in msg.lower():
-                holder = re.search(r"held in (.+?) \(PID (\d+)\)", msg)
-                who = f"process {holder.group(2)} ({holder.group(1)})" if holder else "another process"
-                raise WorkspaceError(
-                    f"The workspace catalog {self.path} is locked by {who}",
-                    hint="DuckDB lets one process write a database file at a time. Close the other "
-                    "kernel, or use another workspace (%mlsql --workspace DIR, or MLSQL_HOME).",
-                ) from None
-            raise WorkspaceError(f"Cannot open the workspace catalog {self.path}: {msg}") from None
+        self.catalog = Path(catalog) if catalog else None
+        self.path = str(self.catalog) if self.catalog else ":memory:"
+        self.con = duckdb.connect(":memory:")
+        self.lock = FileLock(self.catalog.with_suffix(".lock"), who=who) if self.catalog else None
+        if lock_timeout is None:
+            lock_timeout = float(os.environ.get("MLSQL_LOCK_TIMEOUT") or DEFAULT_TIMEOUT_S)
+        self.lock_timeout = lock_timeout
+        self.idle_release_s = idle_release_s
+        self.on_wait: Callable[[str, float], None] | None = None  # (message, waited_s) while waiting
+        self._busy = threading.RLock()  # one user of the connection at a time
+        self._depth = 0
+        self._attached = False
+        self._deadline: float | None = None
+        self._wake = threading.Condition(threading.Lock())
+        self._releaser: threading.Thread | None = None
+        self._closed = False
         self._names = itertools.count(1)
         self._settings: set[str] | None = None
+
+    @classmethod
+    def open(cls, workspace, **conf) -> DuckDBEngine:
+        return cls(workspace.catalog_path if workspace is not None else None, **conf)
+
+    # -- the workspace catalog ---------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return self._attached
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """The workspace catalog attached for the duration (re-entrant)."""
+        with self._busy:
+            if self.catalog is not None and not self._attached:
+                self._attach()
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0 and self._attached:
+                    self._lease()
+
+    def release(self) -> None:
+        """Detach the catalog now (it is attached again by the next statement)."""
+        with self._busy:
+            if self._depth == 0 and self._attached:
+                self._detach()
+
+    def _attach(self) -> None:
+        t0 = time.monotonic()
+        self.lock.acquire(self.lock_timeout, self.on_wait)
+        try:
+            while True:
+                try:
+                    self.con.execute(f"ATTACH '{_quote(self.path)}' AS {ALIAS}")
+                    break
+                except self._duckdb.IOException as exc:  # a process outside MLSQL has the file open
+                    msg = str(exc)
+                    if "lock" not in msg.lower() or time.monotonic() - t0 > self.lock_timeout:
+                        raise _lock_error(self.path, msg) from None
+                    if self.on_wait is not None:
+                        self.on_wait(f"Waiting for the workspace catalog: {_holder_of(msg)} has it open",
+                                     time.monotonic() - t0)
+                    time.sleep(0.1)
+                except self._duckdb.Error as exc:
+                    raise WorkspaceError(f"Cannot open the workspace catalog {self.path}: {exc}") from None
+            self.con.execute(f"USE {ALIAS}")
+        except BaseException:
+            self.lock.release()
+            raise
+        self._attached = True
+
+    def _detach(self) -> None:
+        self._deadline = None
+        try:
+            self.con.execute("USE memory")
+            self.con.execute(f"DETACH {ALIAS}")
+        finally:
+            self._attached = False
+            self.lock.release()
+
+    def _lease(self) -> None:
+        """Keep the catalog a little longer for the next statement, unless someone waits for it."""
+        if self.idle_release_s <= 0 or self.lock.someone_waiting():
+            self._detach()
+            return
+        with self._wake:
+            self._deadline = time.monotonic() + self.idle_release_s
+            if self._releaser is None:
+                self._releaser = threading.Thread(target=self._release_when_idle, daemon=True,
+                                                  name="mlsql-catalog-release")
+                self._releaser.start()
+            self._wake.notify()
+
+    def _release_when_idle(self) -> None:
+        while not self._closed:
+            with self._wake:
+                while self._deadline is None and not self._closed:
+                    self._wake.wait()
+                deadline = self._deadline
+                if deadline is not None and time.monotonic() < deadline:
+                    self._wake.wait(deadline - time.monotonic())
+                    continue
+            if self._busy.acquire(blocking=False):  # busy: the statement's end will lease again
+                try:
+                    if self._depth == 0 and self._attached and self._deadline is not None \
+                            and time.monotonic() >= self._deadline:
+                        self._detach()
+                finally:
+                    self._busy.release()
+            else:
+                time.sleep(0.01)
 
     # -- running SQL ---------------------------------------------------------
     def query(self, sql: str, params: dict | None = None, *, limit: int | None = None,
               line: int = 1) -> pa.Table:
         """Run one statement; its rows as an Arrow table (DDL gives DuckDB's count row)."""
-        try:
-            rel = self.con.sql(sql, params=params or None)
-            if rel is None:
-                return pa.table({})
-            if limit:
-                rel = rel.limit(limit)
-            return rel.to_arrow_table()
-        except self._duckdb.Error as exc:
-            raise self._translate(exc, line, sql) from None
+        with self.holding():
+            try:
+                rel = self.con.sql(sql, params=params or None)
+                if rel is None:
+                    return pa.table({})
+                if limit:
+                    rel = rel.limit(limit)
+                return rel.to_arrow_table()
+            except self._duckdb.Error as exc:
+                raise self._translate(exc, line, sql) from None
 
     def _rows(self, sql: str, params: list | None = None) -> list[tuple]:
         """Small catalog queries, fully fetched (DuckDB refuses new work while a result is open)."""
-        return self.con.sql(sql, params=params).fetchall()
+        with self.holding():
+            return self.con.sql(sql, params=params).fetchall()
 
     def _translate(self, exc: Exception, line: int, sql: str = "") -> Exception:
         msg = str(exc)
@@ -112,23 +233,54 @@ class DuckDBEngine:
 
     def register(self, name: str, data) -> None:
         """Expose an Arrow table / pandas / polars frame as a view, without copying it."""
-        self.con.register(name, data)
+        with self._busy:
+            self.con.register(name, data)
 
     def unregister(self, name: str) -> None:
-        try:
-            self.con.unregister(name)
-        except self._duckdb.Error:
-            pass
+        with self._busy:
+            try:
+                self.con.unregister(name)
+            except self._duckdb.Error:
+                pass
 
-    def fingerprint(self, relation: str) -> tuple[int, str]:
+    # -- data ----------------------------------------------------------------------
+    def sample(self, query: str, n: int, seed: int = 42) -> pa.Table:
+        return self.query(f"SELECT * FROM ({query}) AS t USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})")
+
+    def fingerprint(self, relation: str) -> Fingerprint:
         """Row count and an order-insensitive hash of every row of ``relation``."""
         ((n, h),) = self._rows(
             f"SELECT count(*), CAST(COALESCE(sum(hash(t)), 0) AS VARCHAR) FROM {relation} AS t"
         )
-        return int(n), f"{int(h) % (1 << 64):016x}"
+        return Fingerprint(int(n), f"{int(h) % (1 << 64):016x}", "duckdb:sum(hash(row))")
 
     def close(self) -> None:
-        try:
-            self.con.close()
-        except Exception:
-            pass
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        with self._busy:
+            try:
+                if self._attached:
+                    self._detach()
+            except Exception:
+                pass
+            try:
+                self.con.close()
+            except Exception:
+                pass
+
+
+def _quote(s: str) -> str:
+    return s.replace("'", "''")
+
+
+def _holder_of(msg: str) -> str:
+    holder = re.search(r"held in (.+?) \(PID (\d+)\)", msg)
+    return f"process {holder.group(2)} ({holder.group(1)})" if holder else "another process"
+
+
+def _lock_error(path: str, msg: str) -> WorkspaceError:
+    return WorkspaceError(
+        f"The workspace catalog {path} is open in {_holder_of(msg)}, outside MLSQL",
+        hint="A program that opens catalog.duckdb directly (the duckdb CLI, a script) keeps it from everyone "
+             "else until it closes it. Close it, or read the workspace through MLSQL.")

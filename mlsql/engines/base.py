@@ -1,0 +1,141 @@
+"""The engine contract, and the registry of engines by name.
+
+An engine runs SQL for a session and hands back Arrow. Everything else in MLSQL (the
+planner, the trainers, the export) talks to it through this class only, so a new engine
+is one module with one subclass plus a line in ``ENGINES`` (or an entry point in the
+``mlsql.engines`` group), imported only when a session asks for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from ..errors import MLSQLError, did_you_mean
+
+if TYPE_CHECKING:
+    from ..workspace import Workspace
+
+# name -> "module:Class"; third-party engines register in the entry-point group "mlsql.engines"
+ENGINES = {
+    "duckdb": "mlsql.engines.duckdb:DuckDBEngine",
+}
+EXTRAS = {}  # engine name -> the pip extra that brings its dependencies
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Row count and an order-insensitive digest of a relation's rows; ``algorithm`` names how
+    the digest was computed, so two digests are compared only when they were made alike."""
+
+    rows: int
+    digest: str
+    algorithm: str
+
+
+class Engine(ABC):
+    """One engine serving one session. Subclasses set ``name`` and ``dialect`` (sqlglot's)."""
+
+    name: str = ""
+    dialect: str = ""
+
+    # -- running SQL -----------------------------------------------------------
+    @abstractmethod
+    def query(self, sql: str, params: dict | None = None, *, limit: int | None = None,
+              line: int = 1) -> pa.Table:
+        """Run one statement in this engine's SQL; its rows as Arrow. Errors are MLSQLErrors
+        (``line``: where the statement starts in the user's script, for positions)."""
+
+    @contextmanager
+    def holding(self) -> Iterator[None]:
+        """Keep the workspace's shared state available across several calls (a statement that
+        queries more than once). Engines with nothing to hold need not override it."""
+        yield
+
+    # -- Arrow in --------------------------------------------------------------
+    @abstractmethod
+    def register(self, name: str, data: Any) -> None:
+        """Expose an Arrow table (or a pandas/polars frame) as a temporary relation ``name``."""
+
+    @abstractmethod
+    def unregister(self, name: str) -> None:
+        """Drop a relation made by ``register``; unknown names are ignored."""
+
+    @abstractmethod
+    def temp_name(self, kind: str = "t") -> str:
+        """A fresh name for a temporary relation."""
+
+    # -- catalog -----------------------------------------------------------------
+    @abstractmethod
+    def table_names(self) -> list[str]:
+        """Tables and views the user can query by name."""
+
+    @abstractmethod
+    def has_relation(self, name: str) -> bool:
+        """Is ``name`` a table or view of the catalog?"""
+
+    # -- data ------------------------------------------------------------------------
+    @abstractmethod
+    def sample(self, query: str, n: int, seed: int = 42) -> pa.Table:
+        """At most ``n`` rows of ``query``, the same ones for the same data and seed."""
+
+    @abstractmethod
+    def fingerprint(self, relation: str) -> Fingerprint:
+        """Row count and order-insensitive digest of the relation's rows."""
+
+    # -- settings ----------------------------------------------------------------------
+    @abstractmethod
+    def settings(self) -> set[str]:
+        """Names of the engine's own settings (lower case)."""
+
+    @classmethod
+    @abstractmethod
+    def open(cls, workspace: Workspace | None, **conf) -> Engine:
+        """An engine on ``workspace`` (None: nothing shared, everything in memory)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything the engine holds."""
+
+
+def engine_class(name: str) -> type[Engine]:
+    """The Engine subclass registered under ``name``, imported on first use."""
+    key = str(name).lower()
+    target = ENGINES.get(key) or _entry_points().get(key)
+    if target is None:
+        names = engine_names()
+        near = did_you_mean(key, names)
+        raise MLSQLError(f"Unknown engine '{name}'",
+                         hint=(f"Did you mean '{near}'? " if near else "") + f"Available engines: {', '.join(names)}.")
+    module, _, cls = target.partition(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get(key, key)
+        raise MLSQLError(f"The {key} engine needs {exc.name}, which is not installed",
+                         hint=f"pip install 'mlsql[{extra}]'") from None
+    return getattr(mod, cls)
+
+
+def open_engine(name: str, workspace: Workspace, **conf) -> Engine:
+    """A new engine of kind ``name`` on ``workspace``."""
+    return engine_class(name).open(workspace, **conf)
+
+
+def engine_names() -> list[str]:
+    return sorted({*ENGINES, *_entry_points()})
+
+
+def _entry_points() -> dict[str, str]:
+    from importlib.metadata import entry_points
+
+    try:
+        return {ep.name.lower(): ep.value for ep in entry_points(group="mlsql.engines")}
+    except Exception:  # a broken third-party distribution must not break the built-in engines
+        return {}
