@@ -1,8 +1,15 @@
 """The MLSQL Jupyter kernel: every cell is MLSQL, IPython underneath.
 
-A cell that starts with ``%``, ``!`` or ``?`` runs as IPython (so ``%pip``,
-``%config MLSQLMagic.displaylimit = 50`` and ``%%python`` work); every other
-cell runs as ``%%mlsql``.
+- A cell is MLSQL, run as ``%%mlsql``.
+- ``%%python`` as a cell's first line: the rest of the cell is Python, run in the kernel's
+  own namespace (variables, DataFrames and widgets work as in the Python kernel).
+- ``%python <code>`` (or ``%py <code>``) as a line inside an MLSQL cell: that line is
+  Python, run in order between the cell's statements: ``%python m = 12`` then
+  ``SELECT {m}``.
+- Any other cell that starts with ``%``, ``!`` or ``?`` runs as IPython (``%pip``,
+  ``%config MLSQLMagic.displaylimit = 50``).
+
+Errors name the line of the cell, as the cell reads.
 
     python -m mlsql.kernel install [--user | --sys-prefix | --prefix DIR]
 """
@@ -37,10 +44,50 @@ class MLSQLKernel(IPythonKernel):
 
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, **kwargs):
-        stripped = code.lstrip()
-        if stripped and stripped[0] not in "%!?":
-            code = "%%mlsql\n" + code
-        return await super().do_execute(code, silent, store_history, user_expressions, allow_stdin, **kwargs)
+        return await super().do_execute(as_python(code), silent, store_history, user_expressions, allow_stdin,
+                                        **kwargs)
+
+
+_PY_LINE = ("%python ", "%py ")
+
+
+def as_python(cell: str) -> str:
+    """The IPython code that runs an MLSQL kernel cell (see the module docstring)."""
+    stripped = cell.lstrip()
+    first = stripped.split("\n", 1)[0].strip()
+    if first == "%%python":
+        return stripped.split("\n", 1)[1] if "\n" in stripped else ""
+    if not stripped:
+        return cell
+    lines = cell.split("\n")
+    if not any(ln.lstrip().startswith(_PY_LINE) for ln in lines):
+        if stripped[0] in "%!?":
+            return cell
+        return "%%mlsql\n" + cell
+    # a mixed cell: Python lines and SQL runs, in order; each SQL run keeps its lines' numbers
+    # (blank lines in front), so an error names the line of the cell
+    out: list[str] = []
+    sql: list[str] = []
+    first_sql = 0
+
+    def flush(last: bool) -> None:
+        if any(s.strip() for s in sql):
+            text = "\n" * first_sql + "\n".join(sql)
+            call = f"get_ipython().run_cell_magic('mlsql', '', {text!r})"
+            out.append(call if last else f"{call};")  # only the cell's last result is shown
+        sql.clear()
+
+    for i, ln in enumerate(lines):
+        head = ln.lstrip()
+        if head.startswith(_PY_LINE):
+            flush(last=False)
+            out.append(head.split(" ", 1)[1])
+        else:
+            if not sql:
+                first_sql = i
+            sql.append(ln)
+    flush(last=True)
+    return "\n".join(out)
 
 
 def spec() -> dict:
