@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     # serve's own options are mlsql-device serve's: `mlsql device serve --help` lists them
     serve = dsub.add_parser("serve", add_help=False, help="run an agent that trusts this workspace's key")
     serve.add_argument("--workspace", help="workspace folder (default: MLSQL_HOME or ./.mlsql)")
+    _add_job_commands(sub)
     args, extra = parser.parse_known_args(argv)
     if extra and not (args.command == "device" and args.action == "serve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -42,8 +43,43 @@ def main(argv: list[str] | None = None) -> int:
             dev.print_help()
             return 2
         return _device(args, extra)
+    if args.command in ("scheduler", "jobs"):
+        from .jobs.cli import main as jobs_main
+
+        return jobs_main(args)
     parser.print_help()
     return 2
+
+
+def _add_job_commands(sub) -> None:
+    ws_help = "workspace folder (default: MLSQL_HOME or ./.mlsql)"
+    sched = sub.add_parser("scheduler", help="run the workspace's scheduled jobs until stopped (see docs/JOBS.md)",
+                           description="Run the jobs of a workspace on their schedules until SIGTERM or "
+                                       "Ctrl-C. One scheduler per workspace: a second one exits with status 1 "
+                                       "and names the first.")
+    sched.add_argument("--workspace", help=ws_help)
+    jobs = sub.add_parser("jobs", help="list, inspect, run, pause, resume, drop or export scheduled jobs")
+    jsub = jobs.add_subparsers(dest="action", metavar="{list,show,runs,run,pause,resume,drop,export}")
+    lst = jsub.add_parser("list", help="every job with its schedule, state, next and last run")
+    lst.add_argument("--workspace", help=ws_help)
+    for name, text in (("show", "a job's definition and its next run"),
+                       ("runs", "a job's run history, newest first"),
+                       ("run", "run a job now, here, and wait for it (exit status 1 when it does not succeed)"),
+                       ("pause", "stop scheduling a job (its definition and history stay)"),
+                       ("resume", "schedule a paused job again"),
+                       ("drop", "remove a job and its history (executed notebooks stay on disk)")):
+        p = jsub.add_parser(name, help=text)
+        p.add_argument("name", help="the job")
+        p.add_argument("--workspace", help=ws_help)
+        if name == "runs":
+            p.add_argument("--limit", type=int, default=20, help="runs to show (default: 20)")
+        if name == "drop":
+            p.add_argument("--if-exists", action="store_true", help="no error when there is no such job")
+    exp = jsub.add_parser("export", help="print an Airflow DAG or a papermill command that runs the job elsewhere")
+    exp.add_argument("name", help="the job")
+    exp.add_argument("--format", choices=["airflow", "papermill"], default="papermill",
+                     help="airflow: a DAG file; papermill: a command line (default)")
+    exp.add_argument("--workspace", help=ws_help)
 
 
 def _device(args, extra: list[str]) -> int:

@@ -1,0 +1,175 @@
+"""``mlsql scheduler`` and ``mlsql jobs ...``: the shell side of scheduled jobs (argparse is in mlsql.cli)."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import sys
+from datetime import datetime
+
+from ..errors import MLSQLError
+
+
+def main(args) -> int:
+    try:
+        if args.command == "scheduler":
+            return _scheduler(args)
+        if args.action is None:
+            print("usage: mlsql jobs {list,show,runs,run,pause,resume,drop,export} ... (mlsql jobs --help)",
+                  file=sys.stderr)
+            return 2
+        return _jobs(args)
+    except MLSQLError as exc:
+        print(f"mlsql: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _log_to_stderr() -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    logging.getLogger("mlsql.jobs").setLevel(logging.INFO)
+
+
+def _scheduler(args) -> int:
+    from ..workspace import Workspace
+    from .scheduler import Scheduler
+
+    _log_to_stderr()
+    ws = Workspace.open(args.workspace)
+    Scheduler(ws, who=f"mlsql scheduler --workspace {ws.root}").run_forever()
+    return 0
+
+
+def _jobs(args) -> int:
+    from ..workspace import Workspace
+    from .store import JobStore
+
+    ws = Workspace.open(args.workspace)
+    store = JobStore(ws)
+    action = args.action
+    if action == "list":
+        _print_list(ws, store)
+    elif action == "show":
+        _print_show(ws, store, store.get(args.name))
+    elif action == "runs":
+        _print_runs(store.runs(args.name, limit=args.limit))
+    elif action == "run":
+        from .runner import run_job
+
+        _log_to_stderr()
+        run = run_job(ws, args.name, trigger="manual")
+        _print_runs([run])
+        if run.status != "succeeded":
+            print(f"mlsql: job {run.job} {run.status.replace('_', ' ')}: {run.error}", file=sys.stderr)
+            return 1
+    elif action in ("pause", "resume"):
+        spec = store.set_paused(args.name, action == "pause")
+        print(f"Job {spec.name} {'paused' if spec.paused else 'resumed'}")
+    elif action == "drop":
+        if store.drop(args.name, if_exists=args.if_exists):
+            print(f"Dropped job {args.name}")
+        else:
+            print(f"No job {args.name}")
+    elif action == "export":
+        from .export import airflow_dag, papermill_command
+
+        spec = store.get(args.name)
+        print(airflow_dag(ws, spec) if args.format == "airflow" else papermill_command(ws, spec))
+    return 0
+
+
+def scheduler_holder(ws) -> str | None:
+    """Who schedules this workspace now ('' when its holder is unknown), or None when no one does.
+
+    Peeks with a shared, non-blocking flock released at once, so it never waits or keeps
+    a scheduler from starting for longer than the peek."""
+    from ..locks import FileLock
+
+    lock = FileLock(ws.root / "scheduler.lock")
+    if not lock.path.exists():
+        return None
+    fd = os.open(lock.path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        h = lock.holder()
+        return h.describe() if h else ""
+    finally:
+        os.close(fd)
+
+
+def _when(t: datetime | None) -> str:
+    return "-" if t is None else t.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for r in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(r, widths)).rstrip())
+
+
+def _print_list(ws, store) -> None:
+    specs = store.list()
+    if not specs:
+        print("No jobs in this workspace (CREATE JOB name OPTIONS (every = '1 hour') AS NOTEBOOK 'path.ipynb')")
+    else:
+        rows = []
+        for s in specs:
+            last = store.runs(s.name, limit=1)
+            rows.append([s.name, s.kind, s.schedule_text, "paused" if s.paused else "active",
+                         _when(store.next_run_time(s)),
+                         f"{last[0].status} {_when(last[0].start)}" if last else "-"])
+        _table(["name", "kind", "schedule", "state", "next run", "last run"], rows)
+    _print_scheduler(ws)
+
+
+def _print_scheduler(ws) -> None:
+    who = scheduler_holder(ws)
+    if who is None:
+        print("\nNo scheduler is running for this workspace: start one with `mlsql scheduler` "
+              "(or JupyterLab with the mlsql.server extension).")
+    else:
+        print(f"\nScheduled by {who or 'another process'}.")
+
+
+def _print_show(ws, store, spec) -> None:
+    from .options import format_duration
+
+    o = spec.options
+    print(f"Job {spec.name}")
+    fields = [
+        ("kind", spec.kind),
+        ("notebook" if spec.kind == "notebook" else "script", spec.target),
+        ("schedule", spec.schedule_text),
+        ("state", "paused" if spec.paused else "active"),
+        ("next run", _when(store.next_run_time(spec))),
+        ("parameters", o.get("parameters") or {}),
+        ("timeout", format_duration(o.get("timeout")) if o.get("timeout") else "none"),
+        ("retries", f"{o.get('retries', 0)} (backoff {format_duration(o.get('retry_backoff'))}, doubling)"),
+        ("max_concurrent", o.get("max_concurrent", 1)),
+        ("kernel", o.get("kernel") or "the notebook's own"),
+        ("description", o.get("description") or "-"),
+        ("created", spec.created_at),
+    ]
+    for k, v in fields:
+        text = str(v)
+        if "\n" in text:
+            text = "\n" + "\n".join("    " + ln for ln in text.splitlines())
+        print(f"  {k + ':':<16}{text}")
+    _print_scheduler(ws)
+
+
+def _print_runs(runs) -> None:
+    if not runs:
+        print("No runs yet")
+        return
+    rows = []
+    for r in runs:
+        took = "-" if r.duration_s is None else f"{r.duration_s:.1f}s"
+        err = (r.error or "").strip().splitlines()
+        rows.append([r.run_id, r.attempt, r.trigger, _when(r.start), took, r.status,
+                     (err[0][:80] if err else "") or (r.output_path or "")])
+    _table(["run", "attempt", "trigger", "start", "took", "status", "error / notebook"], rows)

@@ -1,0 +1,217 @@
+"""The scheduler: fires the workspace's jobs on time, one scheduler per workspace.
+
+Definitions and history live in the JobStore, never only here: any process may CREATE, DROP,
+PAUSE or RESUME a job at any time, and a scheduler killed and started again loses nothing.
+It polls the store's change counter every ``poll_s`` and reloads only the jobs that changed.
+
+Missed runs (the scheduler was down, or the machine slept): a job whose scheduled time passed
+less than ``grace_s`` (1 hour) ago without a run gets one run as soon as the scheduler is up,
+however many times were missed (coalesced); older missed times are skipped, and the job goes
+on at its next time. Inside a running scheduler APScheduler applies the same rule
+(``misfire_grace_time`` = ``grace_s``, ``coalesce``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from datetime import timedelta
+
+from ..errors import JobError, UnknownJobError, WorkspaceError
+from ..workspace import Workspace
+from .runner import run_job
+from .store import JobSpec, JobStore, _parse, trigger_for, utcnow
+
+log = logging.getLogger("mlsql.jobs")
+GRACE_S = 3600.0
+
+
+class Scheduler:
+    """Runs the jobs of one workspace on their schedules, in worker threads of this process."""
+
+    def __init__(self, workspace=None, *, who: str | None = None, poll_s: float = 1.0, grace_s: float = GRACE_S,
+                 max_workers: int = 16):
+        from ..locks import FileLock, describe_process
+
+        self.workspace = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
+        self.store = JobStore(self.workspace)
+        self.poll_s = poll_s
+        self.grace_s = grace_s
+        self.max_workers = max_workers
+        self.lock = FileLock(self.workspace.root / "scheduler.lock", who=who or describe_process(),
+                             what="the workspace's scheduler")
+        self._aps = None
+        self._loaded: dict[str, tuple] = {}
+        self._version: int | None = None
+        self._reload_mutex = threading.Lock()
+        self._cancel = threading.Event()  # set on shutdown: running attempts are stopped
+        self._stop = threading.Event()  # asks run_forever to return
+
+    @property
+    def running(self) -> bool:
+        return self._aps is not None
+
+    def holder(self) -> str | None:
+        """Who schedules this workspace now, when it is not us."""
+        h = self.lock.holder()
+        return h.describe() if h else None
+
+    def start(self) -> Scheduler:
+        """Start in the background. JobError when another process already schedules this workspace."""
+        if self._aps is not None:
+            return self
+        try:
+            self.lock.acquire(timeout=0)
+        except WorkspaceError:
+            who = self.holder() or "another process"
+            raise JobError(f"Another process already schedules the jobs of workspace {self.workspace.root}: {who}",
+                           hint="One scheduler per workspace runs every job, whichever process created it; "
+                                "stop that one first to run the scheduler here.") from None
+        try:
+            from apscheduler.executors.pool import ThreadPoolExecutor
+            from apscheduler.schedulers.background import BackgroundScheduler
+
+            logging.getLogger("apscheduler").setLevel(logging.WARNING)  # not a line per fired job
+            self._cancel.clear()
+            self._stop.clear()
+            aps = BackgroundScheduler(
+                executors={"default": ThreadPoolExecutor(self.max_workers), "poll": ThreadPoolExecutor(1)},
+                job_defaults={"coalesce": True, "misfire_grace_time": int(self.grace_s)}, timezone="UTC")
+            aps.start()
+            self._aps = aps
+            self.reload(force=True)
+            aps.add_job(self._poll, "interval", seconds=self.poll_s, id="__poll__", executor="poll",
+                        max_instances=1, coalesce=True, misfire_grace_time=None)
+        except BaseException:
+            self._teardown(wait=False)
+            raise
+        log.info("scheduler started for workspace %s (%d job%s)", self.workspace.root, len(self._loaded),
+                 "" if len(self._loaded) == 1 else "s")
+        return self
+
+    def run_forever(self) -> None:
+        """Start and block until shutdown(), SIGTERM or SIGINT; then stop cleanly."""
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        self.start()
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.shutdown()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop firing jobs, stop the runs in progress (recorded as failed), release the workspace."""
+        self._stop.set()
+        self._teardown(wait=wait)
+
+    def _teardown(self, wait: bool) -> None:
+        self._cancel.set()
+        aps, self._aps = self._aps, None
+        if aps is not None:
+            try:
+                aps.shutdown(wait=wait)
+            except Exception:  # already stopped
+                pass
+            log.info("scheduler stopped for workspace %s", self.workspace.root)
+        self._loaded.clear()
+        self._version = None
+        self.lock.release()
+
+    # -- keeping APScheduler in step with the store -------------------------------------------------
+
+    def _poll(self) -> None:
+        try:
+            self.reload()
+        except Exception:  # a busy or briefly unreadable store: try again next poll
+            log.exception("could not reload the job definitions")
+
+    def reload(self, force: bool = False) -> None:
+        """Apply the store's definitions: add new jobs, drop removed or paused ones, redo changed ones."""
+        with self._reload_mutex:
+            aps = self._aps
+            if aps is None:
+                return
+            version = self.store.version()
+            if version == self._version and not force:
+                return
+            self._version = version
+            specs = {s.name.lower(): s for s in self.store.list()}
+            for key in list(self._loaded):
+                if key not in specs or specs[key].paused or self._loaded[key] != _fingerprint(specs[key]):
+                    self._remove(key)
+                    if key not in specs:
+                        log.info("job %s dropped", key)
+            for key, spec in specs.items():
+                if spec.paused or key in self._loaded:
+                    continue
+                self._add(key, spec)
+
+    def _remove(self, key: str) -> None:
+        for job_id in (f"job:{key}", f"catchup:{key}"):
+            try:
+                self._aps.remove_job(job_id)
+            except Exception:  # not scheduled (a catch-up that already ran)
+                pass
+        self._loaded.pop(key, None)
+
+    def _add(self, key: str, spec: JobSpec) -> None:
+        try:
+            trigger = trigger_for(spec)
+        except Exception as exc:  # a definition this version cannot read: say so, keep the others
+            log.error("job %s cannot be scheduled: %s", spec.name, exc)
+            return
+        n = max(1, int(spec.options.get("max_concurrent") or 1))
+        # one more instance than allowed reaches run_job, which records it as skipped with the reason
+        self._aps.add_job(self._fire, trigger, args=[spec.name], id=f"job:{key}", name=spec.name,
+                          max_instances=n + 1)
+        self._loaded[key] = _fingerprint(spec)
+        missed = self._missed(spec, trigger)
+        if missed is not None:
+            log.info("job %s missed its run at %s: running it now", spec.name, missed.isoformat(timespec="seconds"))
+            self._aps.add_job(self._fire, "date", run_date=utcnow(), args=[spec.name], id=f"catchup:{key}",
+                              name=f"{spec.name} (missed run)", replace_existing=True)
+        nxt = self._aps.get_job(f"job:{key}")
+        log.info("job %s scheduled (%s), next run %s", spec.name, spec.schedule_text,
+                 nxt.next_run_time.isoformat(timespec="seconds") if nxt and nxt.next_run_time else "-")
+
+    def _missed(self, spec: JobSpec, trigger):
+        """The newest scheduled time within the grace period that passed without a run, or None."""
+        now = utcnow()
+        anchor = max(t for t in (self.store.last_start(spec.name, "schedule"), _parse(spec.updated_at),
+                                 _parse(spec.created_at)) if t is not None)
+        since = max(anchor + timedelta(milliseconds=1), now - timedelta(seconds=self.grace_s))
+        if since >= now:
+            return None
+        t = trigger.get_next_fire_time(None, since)
+        if t is None or t >= now:
+            return None
+        latest = t
+        for _ in range(10000):  # the newest missed time, for the log
+            nxt = trigger.get_next_fire_time(latest, latest + timedelta(microseconds=1))
+            if nxt is None or nxt >= now:
+                break
+            latest = nxt
+        return latest
+
+    def _fire(self, name: str) -> None:
+        if self._cancel.is_set():
+            return
+        try:
+            spec = self.store.get(name)
+            if spec.paused:
+                return
+            run_job(self.workspace, spec, trigger="schedule", cancel=self._cancel)
+        except UnknownJobError:
+            pass  # dropped since it was scheduled
+        except Exception:
+            log.exception("job %s could not run", name)
+
+
+def _fingerprint(spec: JobSpec) -> tuple:
+    return (spec.kind, spec.target, json.dumps(spec.options, sort_keys=True), spec.created_at, spec.updated_at)
