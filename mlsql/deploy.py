@@ -21,6 +21,7 @@ from .devices import Device
 from .errors import DeviceError, MLSQLError, OptionError, UnknownOptionError
 
 DEPLOY_OPTIONS = ("providers", "quantize", "strict_providers", "tree_format", "calibration_query", "max_metric_drop",
+                  "only_if_better",
                   "rollout_percent", "batch_size", "max_error_rate", "max_p95_ms", "max_drift",
                   "required_provider", "wave_timeout_s", "observe_s", "min_requests")
 PREDICT_BATCH = 50_000
@@ -97,7 +98,48 @@ def resolve_deploy_options(raw: dict) -> dict:
         raise OptionError(f"Option providers must be a list of names such as ['cuda', 'cpu'], got {opts['providers']!r}")
     if not isinstance(opts["strict_providers"], bool):
         raise OptionError(f"Option strict_providers must be TRUE or FALSE, got {opts['strict_providers']!r}")
+    if opts.get("only_if_better") is not None and not isinstance(opts["only_if_better"], str):
+        raise OptionError(f"Option only_if_better must be a metric name such as 'roc_auc', got {opts['only_if_better']!r}")
     return opts
+
+
+# metrics where smaller is better; every other metric (roc_auc, accuracy, r2_score, f1_score...) grows
+LOWER_IS_BETTER = {"mean_absolute_error", "mean_squared_error", "mean_squared_log_error", "median_absolute_error",
+                   "log_loss", "rmse", "root_mean_squared_error"}
+
+
+def active_version(dev: Device, model: str) -> int | None:
+    """The version of ``model`` active on the device now (None: the device has none)."""
+    c = client_for(dev)
+    try:
+        info = c.info()
+    except Exception as exc:
+        raise wrap(exc, f"Cannot ask device '{dev.name}' which version of {model} it runs") from None
+    finally:
+        c.close()
+    active = ((info.get("models") or {}).get(model) or {}).get("active")
+    return int(active) if active is not None else None
+
+
+def not_better_reason(registry, candidate, active: int | None, metric: str) -> str | None:
+    """Why ``candidate`` (a ModelVersion) should not replace the active version by ``metric``,
+    or None when it should (no version active, or a better value)."""
+    metric = metric.lower()
+    if metric not in candidate.metrics:
+        from .errors import UnknownOptionError
+
+        raise UnknownOptionError(metric, list(candidate.metrics), message=(
+            f"only_if_better = '{metric}': model {candidate.ref} has no metric '{metric}'"))
+    if active is None or active == candidate.version:
+        return None
+    current = registry.get(candidate.name, active)
+    new, old = float(candidate.metrics[metric]), current.metrics.get(metric)
+    if old is None:
+        return None
+    better = new < old if metric in LOWER_IS_BETTER else new > old
+    if better:
+        return None
+    return (f"{candidate.ref} has {metric} {new:.4f}, not better than {current.ref} (active) with {old:.4f}")
 
 
 def placement_text(node_providers: dict | None, providers: list | None) -> str:

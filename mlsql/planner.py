@@ -167,12 +167,22 @@ class DeviceStep:
 
 
 @dataclass
-class UnsupportedStep:
-    what: str
-    kind = "unsupported"
+class JobStep:
+    """A job statement: action is create, show, describe, drop, run, pause or resume."""
+
+    action: str
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    notebook: str | None = None
+    body: str | None = None
+    replace: bool = False
+    exists: bool = False
+    kind = "job"
 
     def describe(self):
-        return f"{self.what} (not available in this version)", ""
+        what = {"create": f"create job '{self.name}'", "show": "list jobs with their next run",
+                "run": f"run job '{self.name}' now and wait for it"}.get(self.action, f"{self.action} job '{self.name}'")
+        return what, self.body or self.notebook or ""
 
 
 @dataclass
@@ -256,10 +266,19 @@ class Planner:
             return [DeviceStep("deploy", e.target, e.options(), ModelSpec.of(e.model), e.target_kind)]
         if isinstance(e, mx.RollbackModel):
             return [DeviceStep("rollback", e.target, {}, ModelSpec.of(e.model), e.target_kind)]
-        for node_type, what in _LATER.items():
-            cls = getattr(mx, node_type, None)
-            if cls is not None and isinstance(e, cls):
-                return [UnsupportedStep(what)]
+        if isinstance(e, mx.CreateJob):
+            return [JobStep("create", e.name, e.options(), e.notebook, e.body, replace=bool(e.args.get("replace")),
+                            exists=bool(e.args.get("exists")))]
+        if isinstance(e, mx.ShowJobs):
+            return [JobStep("show")]
+        if isinstance(e, mx.DescribeJob):
+            return [JobStep("describe", e.name)]
+        if isinstance(e, mx.DropJob):
+            return [JobStep("drop", e.name, exists=bool(e.args.get("exists")))]
+        if isinstance(e, mx.RunJob):
+            return [JobStep("run", e.name)]
+        if isinstance(e, mx.AlterJob):
+            return [JobStep(e.args["action"].lower(), e.name)]
         steps, tree = self._lift_ml_functions(e.copy())
         steps.append(QueryStep(tree.sql("duckdb"), stmt.line))
         return steps
@@ -329,10 +348,3 @@ def _literal(a) -> Any:
     if isinstance(a, exp.Expression):
         return a.sql("duckdb")
     return a
-
-
-_LATER = {
-    "CreateJob": "CREATE JOB",
-    "ShowJobs": "SHOW JOBS",
-    "DropJob": "DROP JOB",
-}

@@ -92,6 +92,17 @@ class MLSQLParser(DuckDB.Parser):
         if self._match_text_seq("DROP", "JOB"):
             exists = self._match_text_seq("IF", "EXISTS")
             return self.expression(mx.DropJob(this=self._parse_object_name("job"), exists=exists))
+        if self._match_text_seq("DESCRIBE", "JOB"):
+            return self.expression(mx.DescribeJob(this=self._parse_object_name("job")))
+        if self._match_text_seq("RUN", "JOB"):
+            return self.expression(mx.RunJob(this=self._parse_object_name("job")))
+        if self._match_text_seq("ALTER", "JOB"):
+            name = self._parse_object_name("job")
+            action = self._curr.text.upper() if self._curr is not None else ""
+            if action not in ("PAUSE", "RESUME"):
+                self.raise_error("Expected PAUSE or RESUME after ALTER JOB <name>")
+            self._advance()
+            return self.expression(mx.AlterJob(this=name, action=action))
         if self._match_text_seq("EXPORT", "MODEL"):
             ref = self._parse_model_ref()
             return self.expression(mx.ExportModel(this=ref, options=self._parse_options()))
@@ -152,12 +163,21 @@ class MLSQLParser(DuckDB.Parser):
         exists = self._match_text_seq("IF", "NOT", "EXISTS")
         name = self._parse_object_name("job")
         options = self._parse_options()
-        if not (self._match(TokenType.ALIAS) and self._match_text_seq("NOTEBOOK")):
-            self.raise_error("Expected AS NOTEBOOK '<path>' after CREATE JOB's OPTIONS")
-        nb = self._parse_string()
-        if nb is None:
-            self.raise_error("Expected the notebook path as a string after AS NOTEBOOK")
-        return self.expression(mx.CreateJob(this=name, replace=replace, exists=exists, options=options, notebook=nb))
+        if not self._match(TokenType.ALIAS):
+            self.raise_error("Expected AS NOTEBOOK '<path>' or AS (<statements>) after CREATE JOB's OPTIONS")
+        if self._match_text_seq("NOTEBOOK"):
+            nb = self._parse_string()
+            if nb is None:
+                self.raise_error("Expected the notebook path as a string after AS NOTEBOOK")
+            return self.expression(mx.CreateJob(this=name, replace=replace, exists=exists, options=options, notebook=nb))
+        if not self._match(TokenType.L_PAREN):
+            self.raise_error("Expected AS NOTEBOOK '<path>' or AS (<statements>) after CREATE JOB's OPTIONS")
+        body = self._parse_string()
+        if body is None or not body.this.strip():
+            self.raise_error("Expected the job's statements inside AS ( ... )")
+        if not self._match(TokenType.R_PAREN):
+            self.raise_error("Expected ')' after the job's statements")
+        return self.expression(mx.CreateJob(this=name, replace=replace, exists=exists, options=options, body=body))
 
     def _parse_named(self, cls, replace: bool):
         exists = self._match_text_seq("IF", "NOT", "EXISTS")
@@ -330,7 +350,8 @@ def _named_sql(keyword: str):
             head += " IF EXISTS" if head.startswith("DROP") else " IF NOT EXISTS"
         text = f"{head} {gen.sql(e.this)}" + _opts_sql(gen, e)
         if isinstance(e, mx.CreateJob):
-            text += " AS NOTEBOOK " + gen.sql(e.args["notebook"])
+            text += (" AS NOTEBOOK " + gen.sql(e.args["notebook"]) if e.args.get("notebook") is not None
+                     else f" AS ({e.body})")
         return text
 
     return gen_sql
@@ -353,6 +374,9 @@ class MLSQLGenerator(DuckDB.Generator):
         mx.CreateDevice: _named_sql("CREATE DEVICE"),
         mx.CreateDeviceGroup: _named_sql("CREATE DEVICE GROUP"),
         mx.CreateJob: _named_sql("CREATE JOB"),
+        mx.DescribeJob: _named_sql("DESCRIBE JOB"),
+        mx.RunJob: _named_sql("RUN JOB"),
+        mx.AlterJob: lambda g, e: f"ALTER JOB {g.sql(e.this)} {e.args['action']}",
         mx.Explain: lambda g, e: "EXPLAIN " + g.sql(e.this),
         mx.SetVariable: lambda g, e: f"SET {g.sql(e.this)} = {g.sql(e.expression)}",
         mx.ExportModel: lambda g, e: "EXPORT MODEL " + g.sql(e.this) + _opts_sql(g, e),
@@ -379,7 +403,7 @@ _ML_HEADS = {
     ("CREATE", "MODEL"), ("CREATE", "OR", "REPLACE", "MODEL"), ("CREATE", "DEVICE"), ("CREATE", "OR", "REPLACE", "DEVICE"),
     ("CREATE", "JOB"), ("CREATE", "OR", "REPLACE", "JOB"), ("EXPORT", "MODEL"), ("DEPLOY", "MODEL"),
     ("ROLLBACK", "MODEL"), ("SHOW", "MODELS"), ("SHOW", "DEVICES"), ("SHOW", "JOBS"), ("DESCRIBE", "MODEL"),
-    ("DROP", "MODEL"), ("DROP", "DEVICE"), ("DROP", "JOB"),
+    ("DROP", "MODEL"), ("DROP", "DEVICE"), ("DROP", "JOB"), ("DESCRIBE", "JOB"), ("RUN", "JOB"), ("ALTER", "JOB"),
 }
 
 
@@ -395,9 +419,15 @@ def _looks_ml(tokens: list[Token]) -> bool:
 
 
 def _split(tokens: list[Token]) -> list[list[Token]]:
+    """Statements at top-level ``;`` (a ``;`` inside parentheses belongs to a CREATE JOB's body)."""
     chunks, cur = [], []
+    depth = 0
     for t in tokens:
-        if t.token_type == TokenType.SEMICOLON:
+        if t.token_type == TokenType.L_PAREN:
+            depth += 1
+        elif t.token_type == TokenType.R_PAREN:
+            depth = max(0, depth - 1)
+        if t.token_type == TokenType.SEMICOLON and depth == 0:
             if cur:
                 chunks.append(cur)
             cur = []
@@ -406,6 +436,31 @@ def _split(tokens: list[Token]) -> list[list[Token]]:
     if cur:
         chunks.append(cur)
     return chunks
+
+
+def _job_body_as_string(chunk: list[Token], text: str) -> list[Token]:
+    """``CREATE JOB … AS ( <statements> )``: the body, semicolons and all, as one string token,
+    so the statement parses as ``AS ('<statements>')`` and the body keeps its exact text."""
+    words = [t.text.upper() for t in chunk[:8]]
+    if "JOB" not in words[:4] or words[0] != "CREATE":
+        return chunk
+    for i, t in enumerate(chunk[:-1]):
+        if t.token_type == TokenType.ALIAS and chunk[i + 1].token_type == TokenType.L_PAREN:
+            depth = 0
+            for j in range(i + 1, len(chunk)):
+                if chunk[j].token_type == TokenType.L_PAREN:
+                    depth += 1
+                elif chunk[j].token_type == TokenType.R_PAREN:
+                    depth -= 1
+                    if depth == 0:
+                        open_, close = chunk[i + 1], chunk[j]
+                        if j == i + 2:
+                            return chunk  # empty body: the parser says what is missing
+                        body = Token(TokenType.STRING, text[open_.end + 1: close.start].strip(), line=chunk[i + 2].line,
+                                     col=chunk[i + 2].col, start=chunk[i + 2].start, end=chunk[j - 1].end)
+                        return chunk[: i + 2] + [body] + chunk[j:]
+            return chunk
+    return chunk
 
 
 def _line_col(text: str, offset: int) -> tuple[int, int]:
@@ -438,6 +493,7 @@ def parse_script(text: str) -> list[Statement]:
         return [Statement(sql=text.strip().rstrip(";"), expression=None, start=0, line=1)] if text.strip() else []
     out: list[Statement] = []
     for chunk in _split(tokens):
+        chunk = _job_body_as_string(chunk, text)
         start = chunk[0].start
         # leading comments belong to the first token; keep the statement text from its first token
         sql = text[start: chunk[-1].end + 1]

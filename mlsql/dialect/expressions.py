@@ -224,11 +224,31 @@ class CreateDeviceGroup(_Named):
 
 
 class CreateJob(_Named):
-    arg_types = {"this": True, "replace": False, "exists": False, "options": False, "notebook": True}
+    """``CREATE JOB j OPTIONS (...) AS NOTEBOOK 'path'`` or ``... AS (<statements>)``."""
+
+    arg_types = {"this": True, "replace": False, "exists": False, "options": False, "notebook": False, "body": False}
 
     @property
-    def notebook(self) -> str:
-        return _name_of(self.args["notebook"])
+    def notebook(self) -> str | None:
+        nb = self.args.get("notebook")
+        return _name_of(nb) if nb is not None else None
+
+    @property
+    def body(self) -> str | None:
+        b = self.args.get("body")
+        return b.this if b is not None else None
+
+
+class DescribeJob(_Named):
+    pass
+
+
+class RunJob(_Named):
+    pass
+
+
+class AlterJob(_Named):
+    arg_types = {"this": True, "action": True}
 
 
 class Explain(MLNode, exp.Expression):
@@ -310,6 +330,7 @@ ML_FUNCTIONS = (
     "CONFUSION_MATRIX",
     "ROC_CURVE",
     "DEVICE_METRICS",
+    "JOB_RUNS",
 )
 # Functions whose first argument is not a model.
-NO_MODEL_FUNCTIONS = ("DEVICE_METRICS",)
+NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "JOB_RUNS")
