@@ -50,7 +50,9 @@ def test_help_has_no_side_effects(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "MLSQL_HOME"} | {"HOME": str(tmp_path)}
     for args in (["--help"], ["run", "--help"], ["device", "--help"], ["device", "key", "--help"],
-                 ["device", "serve", "--help"], ["hub", "--help"], ["hub", "serve", "--help"]):
+                 ["device", "serve", "--help"], ["hub", "--help"], ["hub", "serve", "--help"],
+                 ["scheduler", "--help"], ["jobs", "--help"], *[["jobs", a, "--help"] for a in (
+                     "list", "show", "runs", "run", "pause", "resume", "drop", "export")]):
         out = subprocess.run([sys.executable, "-m", "mlsql.cli", *args], capture_output=True, text=True,
                              cwd=tmp_path, env=env, timeout=60)
         assert out.returncode == 0 and out.stdout.startswith("usage:"), (args, out.stdout, out.stderr)

@@ -58,6 +58,13 @@ class Scheduler:
         h = self.lock.holder()
         return h.describe() if h else None
 
+    def scheduled(self) -> dict:
+        """Job name -> next scheduled run time, for the jobs this scheduler has loaded."""
+        aps = self._aps
+        if aps is None:
+            return {}
+        return {j.name: j.next_run_time for j in aps.get_jobs() if j.id.startswith("job:")}
+
     def start(self) -> Scheduler:
         """Start in the background. JobError when another process already schedules this workspace."""
         if self._aps is not None:
