@@ -114,7 +114,7 @@ def _table(header: list[str], rows: list[list[str]]) -> None:
 def _print_list(ws, store) -> None:
     specs = store.list()
     if not specs:
-        print("No jobs in this workspace (CREATE JOB name OPTIONS (every = '1 hour') AS NOTEBOOK 'path.ipynb')")
+        print("No jobs in this workspace (CREATE JOB makes one: see docs/JOBS.md)")
     else:
         rows = []
         for s in specs:
