@@ -125,15 +125,16 @@ def not_better_reason(registry, candidate, active: int | None, metric: str) -> s
     """Why ``candidate`` (a ModelVersion) should not replace the active version by ``metric``,
     or None when it should (no version active, or a better value)."""
     metric = metric.lower()
-    if metric not in candidate.metrics:
+    mine = registry.run_metrics(candidate)
+    if metric not in mine:
         from .errors import UnknownOptionError
 
-        raise UnknownOptionError(metric, list(candidate.metrics), message=(
+        raise UnknownOptionError(metric, list(mine), message=(
             f"only_if_better = '{metric}': model {candidate.ref} has no metric '{metric}'"))
     if active is None or active == candidate.version:
         return None
     current = registry.get(candidate.name, active)
-    new, old = float(candidate.metrics[metric]), current.metrics.get(metric)
+    new, old = float(mine[metric]), registry.run_metrics(current).get(metric)
     if old is None:
         return None
     better = new < old if metric in LOWER_IS_BETTER else new > old

@@ -36,7 +36,6 @@ class ModelVersion:
     created: datetime
     aliases: list[str] = field(default_factory=list)
     tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def model_type(self) -> str:

@@ -383,7 +383,8 @@ class Session:
         aliases = [aliases] if isinstance(aliases, str) else list(aliases)
         opts = resolve_options(raw)  # bad options fail before any data is read
 
-        data = self.engine.query(step.query_sql, _params_for(step.query_sql, params))
+        query_params = _params_for(step.query_sql, params)
+        data = self.engine.query(step.query_sql, query_params)
         if data.num_rows == 0:
             raise MLSQLError(f"The training query for model {name} returned no rows")
         raw_name = self.engine.temp_name("train")
@@ -413,6 +414,8 @@ class Session:
                 (d / TRANSFORM_FILE).write_text(transform.to_json())
             meta = {
                 "query_sql": step.query_sql,
+                # the values of its {name} / $name parameters: export and deploy sample the same rows
+                "query_params": _json_safe(query_params),
                 "input_columns": transform.input_columns if transform else [f.name for f in model.features],
                 "training_schema": {f.name: str(f.type) for f in data.schema},
                 "data_rows": rows,
@@ -447,9 +450,10 @@ class Session:
         query = lm.meta.get("query_sql")
         if not query:
             raise MLSQLError(f"Model {lm.version.ref} does not record its training query; retrain it to export")
+        params = lm.meta.get("query_params") or None
         if n <= 16:  # a probe row: no need to scan the whole training query
-            return self.engine.query(f"SELECT * FROM ({query}) AS t LIMIT {int(n)}")
-        return self.engine.sample(query, n, seed=42)
+            return self.engine.query(f"SELECT * FROM ({query}) AS t LIMIT {int(n)}", params)
+        return self.engine.sample(query, n, seed=42, params=params)
 
     def _native_predict(self, lm: LoadedModel):
         def run(raw: pa.Table):
@@ -694,6 +698,13 @@ class Session:
 def _spec(ref: str) -> P.ModelSpec:
     name, _, tail = ref.partition("@")
     return P.ModelSpec(name.lower(), int(tail) if tail.isdigit() else None, tail if tail and not tail.isdigit() else None)
+
+
+def _json_safe(params: dict | None) -> dict | None:
+    """Parameter values as JSON keeps them (dates as ISO text, which DuckDB casts back)."""
+    if not params:
+        return None
+    return json.loads(json.dumps(params, default=str))
 
 
 def _params_for(sql: str, params: dict | None) -> dict | None:

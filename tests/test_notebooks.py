@@ -68,3 +68,116 @@ def test_deploy_notebook(tmp_path):
     text = "\n".join(outputs_text(c) for c in nb.cells)
     assert "Deployed species@1 to edge-1" in text and "Deployed species@2 to edge-1" in text
     assert "Rolled species back on edge-1" in text
+
+
+def _errors(nb) -> list:
+    return [f"{o.get('ename')}: {o.get('evalue')}" for c in nb.cells for o in c.get("outputs", [])
+            if o.get("output_type") == "error"]
+
+
+@pytest.mark.slow
+def test_notebooks_one_after_another_on_one_workspace(tmp_path):
+    """01, 03 and 04 in turn, each in its own kernel, all on the same workspace."""
+    import mlsql
+
+    ws = tmp_path / "ws"
+    for name in ("01_quickstart.ipynb", "03_export.ipynb", "04_deploy.ipynb"):
+        cwd = tmp_path / name.split("_")[0]
+        cwd.mkdir()
+        nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+        os.environ["MLSQL_HOME"] = str(ws)
+        try:
+            NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+        finally:
+            os.environ.pop("MLSQL_HOME", None)
+        assert not _errors(nb), (name, _errors(nb))
+    s = mlsql.connect(ws)
+    models = set(s.sql("SHOW MODELS").to_arrow().column("model").to_pylist())
+    assert {"late_model", "species_dnn", "species"} <= models
+    s.close()
+
+
+@pytest.mark.slow
+def test_notebooks_at_the_same_time_on_one_workspace(tmp_path):
+    """01, 03 and 04 at once, in three kernels of three processes, on one workspace."""
+    import subprocess
+    import sys
+
+    import mlsql
+
+    ws = tmp_path / "ws"
+    procs = {}
+    for name in ("01_quickstart.ipynb", "03_export.ipynb", "04_deploy.ipynb"):
+        cwd = tmp_path / name.split("_")[0]
+        cwd.mkdir()
+        procs[name] = (cwd, subprocess.Popen(
+            [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--output",
+             str(cwd / name), "--ExecutePreprocessor.timeout=900", "--ExecutePreprocessor.kernel_name=python3",
+             str(NOTEBOOKS / name)],
+            cwd=cwd, env={**os.environ, "MLSQL_HOME": str(ws)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    for name, (cwd, p) in procs.items():
+        out, _ = p.communicate(timeout=1200)
+        assert p.returncode == 0, (name, out[-3000:])
+        nb = nbformat.read(cwd / name, as_version=4)
+        assert not _errors(nb), (name, _errors(nb))
+    s = mlsql.connect(ws)
+    models = set(s.sql("SHOW MODELS").to_arrow().column("model").to_pylist())
+    assert {"late_model", "species_dnn", "species"} <= models
+    assert s.sql("SELECT count(*) FROM flights").scalar() == 336776
+    s.close()
+
+
+@pytest.mark.slow
+def test_retrain_job_notebook_scheduled_against_a_local_agent(tmp_path):
+    """notebooks/05 as a scheduled job: the scheduler process runs it twice; the first run deploys,
+    the second retrains the same model and deploys only if it is better, which it is not."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlsql
+
+    ws = tmp_path / "ws"
+    s = mlsql.connect(ws)
+    pub = subprocess.run([sys.executable, "-m", "mlsql.cli", "device", "key", "--workspace", str(ws)],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    ready = tmp_path / "agent.json"
+    agent = subprocess.Popen([sys.executable, "-m", "device_bridge", "serve", "--name", "nightly", "--port", "0",
+                              "--store", str(tmp_path / "device"), "--token", "t0k", "--trust", pub,
+                              "--ready-file", str(ready)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    sched = None
+    try:
+        deadline = time.time() + 30
+        while not ready.exists() and time.time() < deadline:
+            time.sleep(0.1)
+        url = json.loads(ready.read_text())["devices"][0]["url"]
+        s.sql(f"""CREATE JOB nightly_retrain OPTIONS (every = '4s', timeout = '5m',
+                  parameters = {{'through_month': 3, 'device': 'nightly', 'device_url': '{url}', 'device_token': 't0k'}})
+                  AS NOTEBOOK '{NOTEBOOKS / "05_retrain_job.ipynb"}'""")
+        sched = subprocess.Popen([sys.executable, "-m", "mlsql.cli", "scheduler", "--workspace", str(ws)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.time() + 600
+        runs = []
+        while time.time() < deadline:
+            runs = s.sql("SELECT status, error, output_path FROM ML.JOB_RUNS('nightly_retrain') "
+                         "WHERE status NOT IN ('running', 'skipped') ORDER BY start").to_arrow().to_pylist()
+            if len(runs) >= 2:
+                break
+            time.sleep(1)
+        assert len(runs) >= 2 and all(r["status"] == "succeeded" for r in runs[:2]), runs
+        s.sql("ALTER JOB nightly_retrain PAUSE")
+        first = nbformat.read(runs[0]["output_path"], as_version=4)
+        second = nbformat.read(runs[1]["output_path"], as_version=4)
+        assert "Deployed late_nightly@1 to nightly" in "\n".join(outputs_text(c) for c in first.cells)
+        assert "Not deployed to nightly: late_nightly@2 has roc_auc" in "\n".join(outputs_text(c) for c in second.cells)
+        info = s.sql("SHOW DEVICES").to_arrow().to_pylist()[0]
+        assert info["models"] == ["late_nightly@1"]  # the device keeps the best model
+    finally:
+        if sched is not None:
+            sched.send_signal(signal.SIGTERM)
+            sched.wait(timeout=60)
+        agent.kill()
+        s.close()

@@ -363,3 +363,18 @@ def test_dates_and_timestamps_as_features(tmp_path):
             native = s.sql(f"SELECT predicted_amount FROM ML.PREDICT(MODEL amount, ({new}))").to_arrow().column(0)
             assert np.allclose(got[0], native.to_numpy(), rtol=1e-5)
     s.close()
+
+
+def test_a_model_trained_with_query_parameters_exports(tmp_path):
+    """The training query's {name} / $name values are kept, so EXPORT samples the same rows."""
+    import mlsql
+    import mlsql.datasets
+
+    s = mlsql.connect(tmp_path / "ws")
+    mlsql.datasets.load("penguins", session=s)
+    s.sql("""CREATE MODEL heavy OPTIONS (model_type = 'linear_reg', input_label_cols = ['body_mass_g'])
+             AS SELECT bill_length_mm, flipper_length_mm, body_mass_g FROM penguins WHERE body_mass_g > $min_mass""",
+          {"min_mass": 4000})
+    r = s.sql("EXPORT MODEL heavy").export
+    assert r.report.passed and r.report.rows == s.sql("SELECT count(*) FROM penguins WHERE body_mass_g > 4000").scalar()
+    s.close()

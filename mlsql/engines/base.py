@@ -82,8 +82,8 @@ class Engine(ABC):
 
     # -- data ------------------------------------------------------------------------
     @abstractmethod
-    def sample(self, query: str, n: int, seed: int = 42) -> pa.Table:
-        """At most ``n`` rows of ``query``, the same ones for the same data and seed."""
+    def sample(self, query: str, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
+        """At most ``n`` rows of ``query`` (with its named ``params``), the same ones for the same data and seed."""
 
     @abstractmethod
     def fingerprint(self, relation: str) -> Fingerprint:

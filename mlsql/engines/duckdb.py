@@ -244,8 +244,9 @@ class DuckDBEngine(Engine):
                 pass
 
     # -- data ----------------------------------------------------------------------
-    def sample(self, query: str, n: int, seed: int = 42) -> pa.Table:
-        return self.query(f"SELECT * FROM ({query}) AS t USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})")
+    def sample(self, query: str, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
+        return self.query(f"SELECT * FROM ({query}) AS t USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})",
+                          params)
 
     def fingerprint(self, relation: str) -> Fingerprint:
         """Row count and an order-insensitive hash of every row of ``relation``."""
