@@ -68,8 +68,12 @@ class MLSQLMagic(Magics):
             session = self.session(opts.get("workspace"), opts.get("engine"))
             session.display_limit = self.displaylimit
             session.progress = _NotebookProgress if (self.progress and not opts.get("no_progress")) else None
+            session.on_wait = notice = _WaitNotice()
             sql, params = bind_python_variables(sql, ns)
-            result = session.sql(sql, params, autolimit=self.autolimit or None)
+            try:
+                result = session.sql(sql, params, autolimit=self.autolimit or None)
+            finally:
+                notice.done()
         except MLSQLError as exc:
             raise UsageError(str(exc)) from None
         if opts.get("out"):
@@ -128,6 +132,28 @@ def bind_python_variables(sql: str, namespace: dict) -> tuple[str, dict]:
     for start, end, text in reversed(edits):
         sql = sql[:start] + text + sql[end:]
     return sql, params
+
+
+class _WaitNotice:
+    """One line in the cell's output, updated in place, while the cell waits for the workspace."""
+
+    def __init__(self):
+        self.handle = None
+        self.waited = 0.0
+
+    def __call__(self, message: str, waited_s: float) -> None:
+        from IPython.display import display
+
+        text = f"{message} (waited {waited_s:.0f} s)"
+        self.waited = waited_s
+        if self.handle is None:
+            self.handle = display({"text/plain": text}, raw=True, display_id=True)
+        else:
+            self.handle.update({"text/plain": text}, raw=True)
+
+    def done(self) -> None:
+        if self.handle is not None:
+            self.handle.update({"text/plain": f"Waited {self.waited:.0f} s for the workspace."}, raw=True)
 
 
 class _NotebookProgress:

@@ -73,6 +73,18 @@ class Session:
         self.devices = DeviceStore(self.workspace.devices_path)
         self._models: dict[tuple[str, int], LoadedModel] = {}
         self._from_namespace: set[str] = set()
+        self.on_wait = _say_on_stderr
+
+    @property
+    def on_wait(self):
+        """Called as ``on_wait(message, waited_s)`` about every half second while a statement waits
+        for the workspace (another process holds it); the notebook shows it in the cell."""
+        return getattr(self.engine, "on_wait", None)
+
+    @on_wait.setter
+    def on_wait(self, fn) -> None:
+        if hasattr(self.engine, "on_wait"):
+            self.engine.on_wait = fn
 
     # -- public API ------------------------------------------------------------
     def sql(self, text: str, params: dict | None = None, *, autolimit: int | None = None) -> Result:
@@ -698,6 +710,13 @@ class Session:
 def _spec(ref: str) -> P.ModelSpec:
     name, _, tail = ref.partition("@")
     return P.ModelSpec(name.lower(), int(tail) if tail.isdigit() else None, tail if tail and not tail.isdigit() else None)
+
+
+def _say_on_stderr(message: str, waited_s: float) -> None:
+    import sys
+
+    if waited_s < 1.0 or int(waited_s * 2) % 4 == 0:  # at once, then every two seconds
+        print(f"{message} (waited {waited_s:.0f} s)", file=sys.stderr, flush=True)
 
 
 def _json_safe(params: dict | None) -> dict | None:

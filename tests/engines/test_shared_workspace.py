@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -31,7 +32,7 @@ def _run(kc, code: str, timeout: float = 120) -> tuple[str, list[str]]:
             out.append(c["text"])
         elif t == "error":
             errors.append(f"{c['ename']}: {c['evalue']}")
-        elif t in ("execute_result", "display_data") and "text/plain" in c.get("data", {}):
+        elif t in ("execute_result", "display_data", "update_display_data") and "text/plain" in c.get("data", {}):
             out.append(c["data"]["text/plain"])
 
     kc.execute_interactive(code, output_hook=hook, timeout=timeout)
@@ -158,3 +159,27 @@ def test_engines_are_found_by_name(tmp_path):
         mlsql.connect(tmp_path / "ws", engine="duckbd")
     assert "Available engines: duckdb" in str(info.value)
     assert not (tmp_path / "ws").exists()  # nothing made for a session that could not start
+
+
+def test_a_notebook_cell_shows_whom_it_waits_for(tmp_path):
+    ws = tmp_path / "ws"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent("""
+            import mlsql, sys, time
+            s = mlsql.connect(sys.argv[1])
+            with s.engine.holding():
+                print("holding", flush=True)
+                time.sleep(4)
+        """), str(ws)], stdout=subprocess.PIPE, text=True, env={**os.environ, "MLSQL_PROCESS": "the nightly import"})
+    km, kc = _kernel(ws)
+    try:
+        _run(kc, "%load_ext mlsql")
+        assert holder.stdout.readline().strip() == "holding"
+        out, err = _run(kc, "%mlsql SELECT 42 AS answer")
+        assert err == [] and "42" in out, (out, err)
+        assert "Waiting for the workspace catalog: the nightly import" in out, out
+        assert "Waited" in out
+    finally:
+        holder.kill()
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
