@@ -8,6 +8,7 @@ so it reloads only when something changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -122,6 +123,13 @@ class JobStore:
     def create(self, spec: JobSpec, *, replace: bool = False, if_not_exists: bool = False) -> JobSpec | None:
         if spec.kind not in ("notebook", "sql"):
             raise JobError(f"A job runs a notebook or an MLSQL script, not {spec.kind!r}")
+        if spec.kind == "notebook":
+            nb = Path(spec.target).expanduser()
+            if not nb.is_file():
+                raise JobError(f"Notebook {spec.target} does not exist",
+                               hint="A notebook job names an .ipynb file, absolute or relative to the folder "
+                                    "this process runs in.")
+            spec = dataclasses.replace(spec, target=str(nb.resolve()))
         if replace and if_not_exists:
             raise JobError("CREATE OR REPLACE JOB and IF NOT EXISTS cannot be used together")
         now = _iso(utcnow())

@@ -18,15 +18,16 @@ def _in_other_process(code: str) -> str:
     return out.stdout
 
 
-def test_store_round_trip_across_processes(ws, store):
+def test_store_round_trip_across_processes(tmp_path, ws, store):
+    (tmp_path / "etl.ipynb").write_text("{}")
     _in_other_process(
         "from mlsql.jobs import JobSpec, JobStore, resolve_job_options\n"
         f"st = JobStore({str(ws.root)!r})\n"
         "opts = resolve_job_options({'every': '5 minutes', 'parameters': {'n': 3, 'tags': ['a', 'b']}, "
         "'retries': 2, 'description': 'nightly load'})\n"
-        "st.create(JobSpec('Nightly', 'notebook', '/abs/path/etl.ipynb', opts))\n")
+        f"st.create(JobSpec('Nightly', 'notebook', {str(tmp_path / 'etl.ipynb')!r}, opts))\n")
     spec = store.get("nightly")  # names are case-insensitive, kept as written
-    assert spec.name == "Nightly" and spec.kind == "notebook" and spec.target == "/abs/path/etl.ipynb"
+    assert spec.name == "Nightly" and spec.kind == "notebook" and spec.target == str(tmp_path / "etl.ipynb")
     assert spec.options["every"] == 300.0 and spec.options["parameters"] == {"n": 3, "tags": ["a", "b"]}
     assert spec.options["retries"] == 2 and spec.options["retry_backoff"] == 10.0 and not spec.paused
     assert datetime.fromisoformat(spec.created_at).tzinfo is not None
@@ -63,6 +64,8 @@ def test_create_replace_drop_and_unknown_names(store):
     assert store.drop("etl") is True and store.list() == []
     with pytest.raises(UnknownJobError):
         store.drop("etl")
+    with pytest.raises(JobError, match="Notebook /no/such.ipynb does not exist"):
+        store.create(JobSpec("nb", "notebook", "/no/such.ipynb", opts))
 
 
 def test_option_messages():
