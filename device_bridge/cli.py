@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import socket
 import sys
@@ -40,7 +41,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads per model session (default 1: concurrent requests run "
                         "side by side, a core each; 0: ORT's default, one per core, better for one client "
                         "sending large batches)")
-    s.add_argument("--auth-reads", action="store_true", help="require the token for reads and predict too")
+    s.add_argument("--open-reads", action="store_true",
+                   help="serve info, metrics, events and predict without the token (default: token required; "
+                        "health is always open)")
+    s.add_argument("--auth-reads", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    s.add_argument("--max-json-mb", type=float, default=16, help="limit for a JSON predict body")
+    s.add_argument("--request-timeout", type=float, default=15.0,
+                   help="seconds a connection may sit without completing a request's headers")
+    s.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request's whole body")
     s.add_argument("--devices", type=int, default=1,
                    help="simulate K devices in this process (each its own port, store and hub sync)")
     s.add_argument("--ready-file", help="write {devices: [{name, port, url}]} here once listening")
@@ -54,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--tls-cert")
     h.add_argument("--tls-key")
     h.add_argument("--max-package-mb", type=float, default=256)
+    h.add_argument("--request-timeout", type=float, default=15.0)
+    h.add_argument("--body-timeout", type=float, default=120.0)
     h.add_argument("--ready-file")
     return p
 
@@ -72,9 +82,10 @@ def _bind(host: str, port: int) -> socket.socket:
 def _server(app, args):
     import uvicorn
 
-    cfg = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                         ssl_certfile=args.tls_cert, ssl_keyfile=args.tls_key, timeout_keep_alive=60)
-    return uvicorn.Server(cfg)
+    from device_bridge.web import server_config
+
+    return uvicorn.Server(server_config(app, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                                       request_timeout=args.request_timeout))
 
 
 def _write_ready(path: str | None, payload: dict) -> None:
@@ -91,7 +102,7 @@ async def _serve_all(servers_socks) -> None:
 
 def serve(args) -> int:
     from device_bridge.agent.app import create_app
-    from device_bridge.agent.core import AgentConfig, AgentCore
+    from device_bridge.agent.core import AgentConfig, AgentCore, StoreError
     from device_bridge.agent.hubsync import HubSync
 
     if not args.token:
@@ -114,15 +125,22 @@ def serve(args) -> int:
             name=name, store=store, keep_versions=args.keep_versions,
             max_package_bytes=int(args.max_package_mb * 1024 * 1024),
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), trust_files=list(args.trust),
+            max_json_bytes=int(args.max_json_mb * 1024 * 1024),
             breaker_window=args.breaker_window, breaker_min_requests=args.breaker_min_requests,
             breaker_threshold=args.breaker_threshold, hub_url=args.hub,
             hub_token=args.hub_token or args.token, available_providers=fake, ort_threads=args.ort_threads)
-        core = AgentCore(cfg)
+        try:
+            core = AgentCore(cfg)
+        except StoreError as exc:
+            print(f"mlsql-device: {exc}", file=sys.stderr)
+            return 2
         port = args.port if args.devices <= 1 or args.port == 0 else args.port + i
         sock = _bind(args.host, port)
         real_port = sock.getsockname()[1]
         url = f"{scheme}://{args.host}:{real_port}"
-        items.append((_server(create_app(core, args.token, args.auth_reads), args), sock))
+        app = create_app(core, args.token, open_reads=args.open_reads, request_timeout=args.request_timeout,
+                         body_timeout=args.body_timeout)
+        items.append((_server(app, args), sock))
         devices.append({"name": name, "port": real_port, "url": url})
         if args.hub:
             HubSync(core, args.hub, cfg.hub_token, url, args.hub_interval, group=args.group).start()
@@ -138,7 +156,8 @@ def hub(args) -> int:
     if not args.token:
         print("mlsql-device hub: --token (or MLSQL_HUB_TOKEN) is required", file=sys.stderr)
         return 2
-    app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024))
+    app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
+                         body_timeout=args.body_timeout)
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     scheme = "https" if args.tls_cert else "http"
@@ -150,6 +169,7 @@ def hub(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.command == "serve":
         return serve(args)
     return hub(args)

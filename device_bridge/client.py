@@ -79,12 +79,7 @@ class _HTTP:
                 kind = "timed out" if isinstance(exc, socket.timeout) else str(exc)
                 raise DeviceUnreachableError(f"{self.url} unreachable: {kind}", url=self.url) from None
         if resp.status >= 400:
-            try:
-                err = json.loads(data)
-                msg, kind = err.get("error", str(err)), err.get("kind")
-            except ValueError:
-                msg, kind = data[:300].decode("utf-8", "replace"), None
-            raise error_for_status(resp.status, f"{self.url}: {msg}", self.url, kind)
+            raise _answer_error(resp.status, data, self.url)
         if raw or (accept and resp.getheader("content-type", "").startswith(accept)):
             return data
         return json.loads(data) if data else None
@@ -103,7 +98,7 @@ class _HTTP:
             conn.request("GET", self.base + path, headers=headers)
             resp = conn.getresponse()
             if resp.status >= 400:
-                raise error_for_status(resp.status, f"{self.url}: {resp.read()[:300]!r}", self.url)
+                raise _answer_error(resp.status, resp.read(), self.url)
             data_lines: list[str] = []
             for line in resp:
                 line = line.decode().rstrip("\r\n")
@@ -116,6 +111,16 @@ class _HTTP:
             raise DeviceUnreachableError(f"{self.url}: stream lost: {exc}", url=self.url) from None
         finally:
             conn.close()
+
+
+def _answer_error(status: int, data: bytes, url: str) -> DeviceError:
+    """The typed error for an error answer: its ``kind`` picks the class (device_bridge.errors)."""
+    try:
+        err = json.loads(data)
+        msg, kind = str(err.get("error", err)), err.get("kind")
+    except (ValueError, AttributeError):
+        msg, kind = data[:300].decode("utf-8", "replace"), None
+    return error_for_status(status, f"{url}: {msg}", url, kind if isinstance(kind, str) else None)
 
 
 def _npz(columns: dict[str, Any]) -> bytes:

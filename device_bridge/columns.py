@@ -13,6 +13,7 @@ Used for predict requests and answers; numpy is the only dependency.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from typing import Any
 
@@ -60,8 +61,10 @@ def decode(body: bytes, max_bytes: int = 1 << 30) -> tuple[dict[str, np.ndarray]
         raise ColumnsError(f"header length {hlen} does not fit the body of {len(body)} bytes")
     try:
         header = json.loads(body[8:8 + hlen].decode("utf-8"))
+    except RecursionError:
+        raise ColumnsError("header is not JSON: nested too deeply") from None
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ColumnsError(f"header is not JSON: {exc}") from None
+        raise ColumnsError(f"header is not JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict) or not isinstance(header.get("columns"), list):
         raise ColumnsError("header must be an object with a 'columns' list")
     cols = header["columns"]
@@ -80,15 +83,17 @@ def decode(body: bytes, max_bytes: int = 1 << 30) -> tuple[dict[str, np.ndarray]
             raise ColumnsError(f"column {name!r} appears twice")
         try:
             dtype = np.dtype(c["dtype"])
-        except TypeError:
+        except (TypeError, ValueError, OverflowError, SyntaxError, RecursionError):
             raise ColumnsError(f"column {name!r}: unknown dtype {c['dtype']!r}") from None
         if dtype.kind not in _KINDS or dtype.fields is not None or dtype.subdtype is not None:
             raise ColumnsError(f"column {name!r}: dtype {c['dtype']!r} is not allowed (numbers, bools, strings)")
+        if dtype.itemsize == 0:  # <U0: any element count in zero bytes, then one Python object each
+            raise ColumnsError(f"column {name!r}: dtype {c['dtype']!r} has zero-size items")
         shape = c["shape"]
         if not 1 <= len(shape) <= 4 or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 31
                                                 for d in shape):
             raise ColumnsError(f"column {name!r}: bad shape {shape!r}")
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)  # Python ints: a product that cannot wrap around
         nbytes = count * dtype.itemsize
         if offset + nbytes > len(body):
             raise ColumnsError(f"column {name!r}: {nbytes} bytes announced, the body ends before")

@@ -1,21 +1,41 @@
-"""Errors raised by the device client, hub client and rollout.
+"""One error hierarchy for the agent, the hub, their clients and the notebook side.
 
-Every error carries the server's message (the JSON ``{"error": ...}`` body) and
-the HTTP status when there was one. The mlsql side wraps these in its own
-``MLSQLError`` classes.
+Servers raise :class:`ApiError` (status, message, ``kind``); every JSON error answer is
+``{"error": message, "kind": kind}``. Clients turn an answer back into the
+:class:`DeviceError` subclass of its kind (``error_for_status``), so callers (rollout,
+``mlsql.deploy.wrap``) branch on the type or on ``.kind``, never on the message text.
+
+Kinds: ``auth``, ``not_found``, ``method``, ``request`` (malformed call), ``invalid_input``
+(data that does not fit the model), ``model_input`` (the model failed on this request's
+data), ``package``, ``untrusted`` (no trusted key / key not trusted), ``version`` (an
+older version refused by the anti-rollback policy), ``conflict``, ``too_large``,
+``content_type``, ``timeout``, ``busy``, ``suspended``, ``load``, ``providers``,
+``download``, ``store``, ``internal``.
 """
 
 from __future__ import annotations
 
 
+class ApiError(Exception):
+    """Raised inside the agent and the hub: answered as ``{"error", "kind"}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, kind: str = "request"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+
+
 class DeviceError(Exception):
     """Base class: something went wrong talking to a device or the hub."""
 
-    def __init__(self, message: str, status: int | None = None, url: str | None = None):
+    def __init__(self, message: str, status: int | None = None, url: str | None = None,
+                 kind: str | None = None):
         super().__init__(message)
         self.message = message
         self.status = status
         self.url = url
+        self.kind = kind
 
     def __str__(self) -> str:
         return self.message
@@ -37,8 +57,24 @@ class DeviceRequestError(DeviceError):
     """400/409/413/415/422: the device refused the request (bad input, bad package...)."""
 
 
+class InvalidInputError(DeviceRequestError):
+    """Predict input that does not fit the model (kind ``invalid_input`` or ``model_input``)."""
+
+
+class RequestTooLargeError(DeviceRequestError):
+    """413: body, rows or elements over a limit."""
+
+
 class PackageRejectedError(DeviceRequestError):
     """The device refused a package: unsigned, tampered, untrusted key, too large..."""
+
+
+class UntrustedKeyError(PackageRejectedError):
+    """The device trusts no key, or not the key that signed the package."""
+
+
+class VersionRefusedError(DeviceRequestError):
+    """Anti-rollback: a package older than the model's newest version; use activate/rollback."""
 
 
 class DeviceUnavailableError(DeviceError):
@@ -53,15 +89,28 @@ class RolloutError(DeviceError):
     """A staged rollout could not run (not a gate failure: those are in the report)."""
 
 
+_BY_KIND: dict[str, type[DeviceError]] = {
+    "auth": DeviceAuthError, "not_found": DeviceNotFoundError,
+    "invalid_input": InvalidInputError, "model_input": InvalidInputError,
+    "too_large": RequestTooLargeError, "package": PackageRejectedError, "untrusted": UntrustedKeyError,
+    "version": VersionRefusedError, "suspended": DeviceUnavailableError, "busy": DeviceUnavailableError,
+}
+
+
 def error_for_status(status: int, message: str, url: str | None = None, kind: str | None = None) -> DeviceError:
-    if status in (401, 403):
-        return DeviceAuthError(message, status, url)
-    if status == 404:
-        return DeviceNotFoundError(message, status, url)
-    if status == 503:
-        return DeviceUnavailableError(message, status, url)
-    if 400 <= status < 500:
-        if kind == "package":
-            return PackageRejectedError(message, status, url)
-        return DeviceRequestError(message, status, url)
-    return DeviceServerError(message, status, url)
+    """The client-side error for an HTTP error answer: by ``kind`` first, then by status."""
+    cls = _BY_KIND.get(kind or "")
+    if cls is None or (status >= 500 and cls is not DeviceUnavailableError):
+        if status in (401, 403):
+            cls = DeviceAuthError
+        elif status == 404:
+            cls = DeviceNotFoundError
+        elif status == 413:
+            cls = RequestTooLargeError
+        elif status == 503:
+            cls = DeviceUnavailableError
+        elif 400 <= status < 500:
+            cls = DeviceRequestError
+        else:
+            cls = DeviceServerError
+    return cls(message, status, url, kind)

@@ -10,7 +10,6 @@ replaced atomically; blobs are files named by their sha256.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import re
 import threading
@@ -22,21 +21,40 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.responses import FileResponse
 from starlette.routing import Route
 
 from device_bridge import package as pkg
+from device_bridge import web
 from device_bridge.agent.core import atomic_write
+from device_bridge.errors import ApiError
+from device_bridge.web import JSONAnswer
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-class HubError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
+class HubError(ApiError):
+    """An error the hub answers with (status, message, kind)."""
+
+    def __init__(self, status: int, message: str, kind: str | None = None):
+        if kind is None:
+            kind = {401: "auth", 404: "not_found", 409: "conflict", 413: "too_large"}.get(status, "request")
+        super().__init__(status, message, kind)
+
+
+def _names(v, what: str) -> list[str]:
+    if not isinstance(v, list) or len(v) > 100_000 or not all(isinstance(d, str) and _NAME.match(d) for d in v):
+        raise HubError(400, f"{what} must be a list of names (letters, digits, '_', '.', '-')")
+    return v
+
+
+def _opt_name(v, what: str) -> str | None:
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _NAME.match(v):
+        raise HubError(400, f"{what} must be a name (letters, digits, '_', '.', '-'), got {type(v).__name__}")
+    return v
 
 
 class HubState:
@@ -66,7 +84,7 @@ class HubState:
         try:
             manifest = pkg.read_manifest(data)
         except pkg.PackageError as exc:
-            raise HubError(422, f"not a package: {exc}") from None
+            raise HubError(422, f"not a package: {exc}", "package") from None
         sha = hashlib.sha256(data).hexdigest()
         path = self.store / "blobs" / sha
         if not path.exists():
@@ -79,6 +97,7 @@ class HubState:
 
     def agent_names(self, devices=None, group=None) -> list[str]:
         names: list[str] = []
+        group = _opt_name(group, "group")
         if group is not None:
             if group not in self.state["groups"]:
                 known = {a for a, info in self.state["agents"].items() if info.get("group") == group}
@@ -88,9 +107,7 @@ class HubState:
             else:
                 names += self.state["groups"][group]
         if devices is not None:
-            if not isinstance(devices, list) or not all(isinstance(d, str) and _NAME.match(d) for d in devices):
-                raise HubError(400, "devices must be a list of device names")
-            names += devices
+            names += _names(devices, "devices")
         if not names:
             raise HubError(400, "name devices or a group")
         return list(dict.fromkeys(names))
@@ -114,8 +131,8 @@ class HubState:
             if meta["name"] != model:
                 raise HubError(400, f"package {sha[:12]} holds model {meta['name']!r}, not {model!r}")
             providers = body.get("providers")
-            if providers is not None and (not isinstance(providers, list)
-                                          or not all(isinstance(p, str) for p in providers)):
+            if providers is not None and (not isinstance(providers, list) or len(providers) > 16
+                                          or not all(isinstance(p, str) and len(p) < 64 for p in providers)):
                 raise HubError(400, "providers must be a list of names")
             entry = {"sha256": sha, "version": meta["version"], "providers": providers,
                      "strict_providers": bool(body.get("strict_providers", False))}
@@ -138,12 +155,17 @@ class HubState:
 
     def register(self, name: str, body: dict) -> dict:
         url = body.get("url")
-        if not isinstance(url, str):
+        if not isinstance(url, str) or len(url) > 2048:
             raise HubError(400, "register needs the agent's url")
+        group = _opt_name(body.get("group"), "group")
+        providers = body.get("providers")
+        if providers is not None and not (isinstance(providers, list) and len(providers) <= 64
+                                          and all(isinstance(p, str) for p in providers)):
+            raise HubError(400, "providers must be a list of names")
         with self.lock:
-            self.state["agents"][name] = {"url": url, "group": body.get("group"),
-                                          "providers": body.get("providers"), "registered_at": time.time()}
-            g = body.get("group")
+            self.state["agents"][name] = {"url": url, "group": group,
+                                          "providers": providers, "registered_at": time.time()}
+            g = group
             if isinstance(g, str) and g:
                 members = self.state["groups"].setdefault(g, [])
                 if name not in members:
@@ -155,6 +177,9 @@ class HubState:
         tel = body.get("telemetry") or []
         if not isinstance(tel, list):
             raise HubError(400, "telemetry must be a list")
+        for field in ("status", "errors"):
+            if body.get(field) is not None and not isinstance(body[field], dict):
+                raise HubError(400, f"{field} must be an object")
         hist = self.history.setdefault(name, deque(maxlen=20))
         for snap in tel[-20:]:
             if isinstance(snap, dict):
@@ -181,34 +206,16 @@ class HubState:
                 "telemetry": rep.get("telemetry")}
 
 
-def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024) -> Starlette:
+def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
+                   body_timeout: float = 120.0) -> Starlette:
     hub = HubState(store, max_package_bytes)
-    token_b = token.encode()
-
-    def endpoint(fn):
-        async def wrapper(request: Request):
-            h = request.headers.get("authorization", "")
-            if not (h.lower().startswith("bearer ")
-                    and hmac.compare_digest(h[7:].strip().encode("utf-8", "replace"), token_b)):
-                return JSONResponse({"error": "missing or wrong hub token"}, status_code=401)
-            try:
-                return await fn(request)
-            except HubError as exc:
-                return JSONResponse({"error": exc.message}, status_code=exc.status)
-            except Exception as exc:
-                return JSONResponse({"error": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
-        return wrapper
+    budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
+    _endpoint = web.endpoint_factory(token.encode(), budget=budget)
+    endpoint = _endpoint(True)  # every hub call needs the hub token
 
     async def body_json(request: Request, limit: int = 16 * 1024 * 1024) -> dict:
-        raw = b""
-        async for chunk in request.stream():
-            raw += chunk
-            if len(raw) > limit:
-                raise HubError(413, "body too large")
-        try:
-            body = json.loads(raw or b"{}")
-        except (ValueError, RecursionError) as exc:
-            raise HubError(400, f"malformed JSON: {exc}") from None
+        raw = await web.read_body(request, limit, body_timeout, budget)
+        body = web.parse_json(raw, nonfinite_as_null=True) if raw.strip() else {}
         if not isinstance(body, dict):
             raise HubError(400, "body must be a JSON object")
         return body
@@ -221,13 +228,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint
     async def put_blob(request):
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > hub.max_package_bytes:
-                raise HubError(413, f"package over the limit of {hub.max_package_bytes} bytes")
-            chunks.append(chunk)
-        return JSONResponse(await run_in_threadpool(hub.put_blob, b"".join(chunks)))
+        data = await web.read_body(request, hub.max_package_bytes, body_timeout, budget)
+        return JSONAnswer(await run_in_threadpool(hub.put_blob, data))
 
     @endpoint
     async def get_blob(request):
@@ -238,53 +240,48 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint
     async def register(request):
-        return JSONResponse(hub.register(agent_name(request), await body_json(request)))
+        return JSONAnswer(hub.register(agent_name(request), await body_json(request)))
 
     @endpoint
     async def desired(request):
         name = agent_name(request)
-        return JSONResponse({"agent": name, "models": hub.state["desired"].get(name, {})})
+        return JSONAnswer({"agent": name, "models": hub.state["desired"].get(name, {})})
 
     @endpoint
     async def report(request):
-        return JSONResponse(hub.report(agent_name(request), await body_json(request)))
+        return JSONAnswer(hub.report(agent_name(request), await body_json(request)))
 
     @endpoint
     async def agents(request):
         names = sorted(set(hub.state["agents"]) | set(hub.reports))
-        return JSONResponse({"agents": [hub.agent_view(n) for n in names]})
+        return JSONAnswer({"agents": [hub.agent_view(n) for n in names]})
 
     @endpoint
     async def agent(request):
-        return JSONResponse(hub.agent_view(agent_name(request)))
+        return JSONAnswer(hub.agent_view(agent_name(request)))
 
     @endpoint
     async def set_desired(request):
         body = await body_json(request)
-        return JSONResponse(await run_in_threadpool(hub.set_desired, body))
+        return JSONAnswer(await run_in_threadpool(hub.set_desired, body))
 
     @endpoint
     async def set_group(request):
         body = await body_json(request)
-        devices = body.get("devices")
-        if not isinstance(devices, list) or not all(isinstance(d, str) for d in devices):
-            raise HubError(400, "devices must be a list of names")
+        group = _opt_name(request.path_params["group"], "group")
+        devices = _names(body.get("devices"), "devices")
         with hub.lock:
-            hub.state["groups"][request.path_params["group"]] = devices
+            hub.state["groups"][group] = devices
             hub.save()
-        return JSONResponse({"group": request.path_params["group"], "devices": devices})
+        return JSONAnswer({"group": group, "devices": devices})
 
     @endpoint
     async def events(request):
-        return JSONResponse({"events": list(hub.events)})
+        return JSONAnswer({"events": list(hub.events)})
 
     @endpoint
     async def blobs(request):
-        return JSONResponse({"blobs": list(hub.state["blobs"].values())})
-
-    async def http_error(request, exc: HTTPException):
-        return JSONResponse({"error": f"{exc.detail}: {request.method} {request.url.path}"},
-                            status_code=exc.status_code)
+        return JSONAnswer({"blobs": list(hub.state["blobs"].values())})
 
     routes = [
         Route("/v1/blobs", put_blob, methods=["POST"]),
@@ -299,6 +296,6 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         Route("/v1/groups/{group}", set_group, methods=["POST"]),
         Route("/v1/events", events, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: web.not_found_or_method})
     app.state.hub = hub
     return app

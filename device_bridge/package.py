@@ -64,6 +64,10 @@ class PackageError(ValueError):
     """A package that cannot be built or must not be installed; the message says why."""
 
 
+class UntrustedKeyError(PackageError):
+    """Signed by a key this device does not trust."""
+
+
 @dataclass(frozen=True)
 class Column:
     """One column of a model's input or output: one ONNX input/output tensor."""
@@ -266,7 +270,7 @@ def verify_package(
     key = trusted.get(manifest.key_id)
     if key is None:
         known = ", ".join(sorted(trusted)) or "none"
-        raise PackageError(
+        raise UntrustedKeyError(
             f"package is signed by key {manifest.key_id}, which this device does not trust "
             f"(trusted keys: {known})"
         )
@@ -302,6 +306,33 @@ def read_manifest(data: bytes) -> Manifest:
     if not isinstance(raw, dict):
         raise PackageError("manifest.json must hold a JSON object")
     return _parse_manifest(raw)
+
+
+def verify_installed(folder: str | os.PathLike, trusted: dict) -> Manifest:
+    """An installed version folder checked as at install: manifest.sig by a trusted key over the
+    canonical manifest.json, and every listed file's hash."""
+    folder = Path(folder)
+    try:
+        manifest_bytes = (folder / MANIFEST_FILE).read_bytes()
+        sig = (folder / SIGNATURE_FILE).read_bytes()
+    except OSError as exc:
+        raise PackageError(f"cannot read the manifest or its signature: {exc}") from None
+    manifest = manifest_from_json(manifest_bytes)
+    if manifest.canonical_bytes() != manifest_bytes:
+        raise PackageError("manifest.json is not in canonical form")
+    key = trusted.get(manifest.key_id)
+    if key is None:
+        raise UntrustedKeyError(f"signed by key {manifest.key_id}, which this device does not trust")
+    try:
+        key.verify(sig, manifest_bytes)
+    except InvalidSignature:
+        raise PackageError("bad signature") from None
+    check_installed_files(manifest, folder)
+    return manifest
+
+
+def signature_of(data: bytes) -> bytes:
+    return _read_members(data)[SIGNATURE_FILE]
 
 
 def check_installed_files(manifest: Manifest, folder: str | os.PathLike) -> None:

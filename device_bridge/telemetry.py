@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 import threading
 import time
@@ -21,6 +23,14 @@ STATS_ROWS_PER_S = 10_000
 SMALL_BATCH = 8      # requests of at most this many rows are profiled together ...
 PENDING_ROWS = 64    # ... once this many rows are waiting (and on every snapshot)
 PENDING_BYTES = 4096  # a small request bigger than this (wide vector columns) is profiled at once
+# Moments are computed on values clipped to +-CLIP: squares and sums of squares of up to 10**12
+# such values stay finite, so no input (1e308 then -1e308) can turn a mean or std into inf/NaN.
+# min and max keep the real values.
+CLIP = 1e100
+
+
+def _num(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 class LatencyHistogram:
@@ -88,9 +98,10 @@ class NumericStats:
                     self.nulls += 1
                     continue
                 self.n += 1
-                d = x - self.mean
+                xc = CLIP if x > CLIP else (-CLIP if x < -CLIP else x)
+                d = xc - self.mean
                 self.mean += d / self.n
-                self.m2 += d * (x - self.mean)
+                self.m2 += d * (xc - self.mean)
                 if x < self.min:
                     self.min = x
                 if x > self.max:
@@ -101,16 +112,10 @@ class NumericStats:
         v = v[finite]
         if not v.size:
             return
-        nb = v.size
-        mb = float(v.mean())
-        m2b = float(((v - mb) ** 2).sum())
-        n = self.n + nb
-        delta = mb - self.mean
-        self.mean += delta * nb / n
-        self.m2 += m2b + delta * delta * self.n * nb / n
-        self.n = n
-        self.min = min(self.min, float(v.min()))
-        self.max = max(self.max, float(v.max()))
+        vc = np.clip(v, -CLIP, CLIP)
+        mb = float(vc.mean())
+        m2b = float(((vc - mb) ** 2).sum())
+        self.merge(v.size, mb, m2b, 0, float(v.min()), float(v.max()))
 
     def merge(self, nb: int, mb: float, m2b: float, nulls: int, mn: float, mx: float) -> None:
         """Merge precomputed batch moments (Chan et al.)."""
@@ -127,23 +132,34 @@ class NumericStats:
 
     def snapshot(self) -> dict[str, Any]:
         total = self.n + self.nulls
+        var = self.m2 / (self.n - 1) if self.n > 1 else None
         return {
             "kind": "numeric", "count": self.n,
-            "mean": self.mean if self.n else None,
-            "std": math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else None,
-            "min": self.min if self.n else None, "max": self.max if self.n else None,
+            "mean": _num(self.mean) if self.n else None,
+            "std": _num(math.sqrt(var)) if var is not None and var >= 0 and math.isfinite(var) else None,
+            "min": _num(self.min) if self.n else None, "max": _num(self.max) if self.n else None,
             "null_rate": self.nulls / total if total else None,
         }
 
 
 class StringStats:
-    """Top values with a bounded Space-Saving counter, and null rate."""
+    """Top values with a bounded Space-Saving counter, null rate, mean length.
 
-    def __init__(self, capacity: int = TOP_K * 4) -> None:
+    Values are kept in memory only. A snapshot shows a value as written only when the model's
+    signed manifest lists it among the column's training values (``training_stats[col]["values"]``,
+    so the workspace knew it already); any other value appears as a keyed hash (HMAC with this
+    agent's secret: stable, comparable between snapshots, not reversible by guessing names) and
+    counts towards ``unseen_rate``. Request data never leaves the device as text."""
+
+    def __init__(self, capacity: int = TOP_K * 4, vocab: frozenset | None = None, secret: bytes = b"") -> None:
         self.capacity = capacity
         self.counts: dict[str, int] = {}
         self.n = 0
         self.nulls = 0
+        self.vocab = vocab
+        self.secret = secret
+        self.unseen = 0
+        self.chars = 0
 
     def update(self, values) -> None:
         arr = np.asarray(values).ravel()
@@ -159,6 +175,9 @@ class StringStats:
         for v, c in pairs:
             s = v[:64]
             self.n += c
+            self.chars += len(v) * c
+            if self.vocab is not None and v not in self.vocab:
+                self.unseen += c
             if s in self.counts:
                 self.counts[s] += c
             elif len(self.counts) < self.capacity:
@@ -167,17 +186,26 @@ class StringStats:
                 smallest = min(self.counts, key=self.counts.__getitem__)
                 self.counts[s] = self.counts.pop(smallest) + c
 
+    def shown(self, value: str) -> dict[str, str]:
+        if self.vocab is not None and value in self.vocab:
+            return {"value": value}
+        return {"hash": hmac.new(self.secret, value.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:16]}
+
     def snapshot(self) -> dict[str, Any]:
         total = self.n + self.nulls
         top = sorted(self.counts.items(), key=lambda kv: -kv[1])[:TOP_K]
         return {"kind": "string", "count": self.n, "null_rate": self.nulls / total if total else None,
-                "top": [{"value": k, "count": c} for k, c in top]}
+                "mean_length": self.chars / self.n if self.n else None,
+                "unseen_rate": (self.unseen / self.n if self.n else None) if self.vocab is not None else None,
+                "top": [{**self.shown(k), "count": c} for k, c in top]}
 
 
 class VersionTelemetry:
-    def __init__(self, model: str, version: int) -> None:
+    def __init__(self, model: str, version: int, secret: bytes = b"") -> None:
         self.model = model
         self.version = version
+        self.secret = secret
+        self.vocab: dict[str, frozenset] = {}  # string column -> training values (from the manifest)
         self.lock = threading.Lock()         # counters, latency, throughput
         self.stats_lock = threading.Lock()   # the column statistics
         self.requests = 0
@@ -267,10 +295,10 @@ class VersionTelemetry:
         finite = np.isfinite(block)
         nb = finite.sum(axis=0)
         nulls = block.shape[0] - nb
-        x = np.where(finite, block, 0.0)
+        x = np.where(finite, np.clip(block, -CLIP, CLIP), 0.0)
         safe = np.maximum(nb, 1)
         mb = x.sum(axis=0) / safe
-        m2b = (np.where(finite, block - mb, 0.0) ** 2).sum(axis=0)
+        m2b = (np.where(finite, x - mb, 0.0) ** 2).sum(axis=0)
         mn = np.where(finite, block, np.inf).min(axis=0)
         mx = np.where(finite, block, -np.inf).max(axis=0)
         for j, (name, _) in enumerate(batch):
@@ -282,7 +310,7 @@ class VersionTelemetry:
         if arr.dtype.kind in "OUS":
             st = self.columns.get(name)
             if st is None and len(self.columns) < 4 * MAX_TRACKED_ELEMENTS:
-                st = self.columns[name] = StringStats()
+                st = self.columns[name] = StringStats(vocab=self.vocab.get(name), secret=self.secret)
             if st is not None:
                 st.update(arr)
             return
@@ -291,8 +319,9 @@ class VersionTelemetry:
             finite = np.isfinite(flat)
             nb = finite.sum(axis=0)
             if finite.all():  # one vectorized pass for all elements
-                mb = flat.mean(axis=0)
-                m2b = ((flat - mb) ** 2).sum(axis=0)
+                clipped = np.clip(flat, -CLIP, CLIP)
+                mb = clipped.mean(axis=0)
+                m2b = ((clipped - mb) ** 2).sum(axis=0)
                 mn, mx = flat.min(axis=0), flat.max(axis=0)
                 for j in range(flat.shape[1]):
                     st = self._stats(f"{name}[{j}]")
@@ -380,7 +409,8 @@ class CircuitBreaker:
 class Telemetry:
     """All versions' telemetry on one agent, plus an event log (bounded)."""
 
-    def __init__(self, max_versions: int = 64, max_events: int = 200) -> None:
+    def __init__(self, max_versions: int = 64, max_events: int = 200, secret: bytes = b"") -> None:
+        self.secret = secret
         self.lock = threading.Lock()
         self.versions: dict[tuple[str, int], VersionTelemetry] = {}
         self.max_versions = max_versions
@@ -395,7 +425,7 @@ class Telemetry:
                 if len(self.versions) >= self.max_versions:  # drop the least recently used
                     oldest = min(self.versions, key=lambda k: self.versions[k].last_request or 0)
                     del self.versions[oldest]
-                vt = self.versions[key] = VersionTelemetry(model, version)
+                vt = self.versions[key] = VersionTelemetry(model, version, self.secret)
             return vt
 
     def drop_model(self, model: str) -> None:

@@ -34,15 +34,26 @@ def client_for(dev: Device, timeout: float | None = None):
 
 
 def wrap(exc: Exception, what: str) -> MLSQLError:
-    """A device_bridge error as an MLSQL DeviceError naming the device and the step."""
+    """A device_bridge error as an MLSQL DeviceError naming the device and the step.
+
+    Recognised by type (device_bridge.errors, chosen from the answer's ``kind``), never by its
+    text; the result carries ``kind`` and ``status`` too."""
+    from device_bridge import errors as dberr
+
     msg = getattr(exc, "message", None) or str(exc)
     status = getattr(exc, "status", None)
+    kind = getattr(exc, "kind", None)
     hint = None
-    if "trusts no signing key" in msg or "not trusted" in msg or "untrusted" in msg:
+    if isinstance(exc, dberr.UntrustedKeyError):
         hint = "Start the agent with --trust <workspace>/keys/signing_key.pub (mlsql device key prints the path)."
-    elif status in (401, 403):
+    elif isinstance(exc, dberr.DeviceAuthError):
         hint = "Check the device's token: CREATE OR REPLACE DEVICE '...' OPTIONS (url = ..., token = ...)."
-    return DeviceError(f"{what}: {msg}" + (f" (HTTP {status})" if status else ""), hint=hint)
+    elif isinstance(exc, dberr.VersionRefusedError):
+        hint = "A device never installs an older version over a newer one; use ROLLBACK MODEL ... ON DEVICE."
+    err = DeviceError(f"{what}: {msg}" + (f" (HTTP {status})" if status else ""), hint=hint)
+    err.kind, err.status = kind, status
+    err.device_error = exc  # the typed original (raise ... from None drops __cause__)
+    return err
 
 
 def probe(dev: Device, timeout: float = 3.0) -> dict:

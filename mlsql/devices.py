@@ -70,11 +70,14 @@ class DeviceStore:
 
     def _write(self, data: dict) -> None:
         tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
+        # holds device tokens: created 0600, never readable by others even for a moment (a leftover
+        # from a crash is removed first, since O_CREAT keeps an existing file's mode)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)  # holds device tokens
         os.replace(tmp, self.path)
 
     # -- devices ---------------------------------------------------------------

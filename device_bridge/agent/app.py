@@ -3,43 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import functools
-import hmac
 import json
+import threading
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from device_bridge import web
 from device_bridge.agent import inputs as inp
 from device_bridge.agent.core import AgentCore, AgentError
+from device_bridge.errors import ApiError
+from device_bridge.web import JSONAnswer, parse_json
 
 NPZ_TYPES = ("application/x-npz", "application/npz")
 COLUMNS_TYPE = "application/x-mlsql-columns"
 SMALL_BODY = 8 * 1024
-
-
-def error(status: int, message: str, kind: str = "request") -> JSONResponse:
-    return JSONResponse({"error": message, "kind": kind}, status_code=status)
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not allowed in JSON (send null for a missing value)")
-
-
-def parse_json(body: bytes) -> Any:
-    if not body:
-        raise AgentError(400, "request body is empty; expected JSON")
-    try:
-        return json.loads(body, parse_constant=_reject_constant)
-    except RecursionError:
-        raise AgentError(400, "malformed JSON: nested too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AgentError(400, f"malformed JSON: {exc}") from None
+BIG_PARSE = inp.BIG_PARSE    # bodies (or .npz contents) over this are parsed under a semaphore ...
+BIG_PARSES_AT_ONCE = 2       # ... so that a few large requests cannot multiply their memory
+MAX_STREAMS = 8              # concurrent /v1/metrics/stream answers
+MIN_STREAM_INTERVAL = 0.25   # seconds: a snapshot costs a pass over every version's statistics
 
 
 def _bool(v: Any, what: str) -> bool:
@@ -68,68 +55,45 @@ def _version(v: Any) -> int:
     return v
 
 
-def create_app(core: AgentCore, token: str, auth_reads: bool = False):
+def create_app(core: AgentCore, token: str, open_reads: bool = False, request_timeout: float = 15.0,
+               body_timeout: float = 60.0):
+    """``open_reads``: info, metrics, events and predict without the token (health is always open;
+    installs, activation, rollback and deletion always need it)."""
     token_b = token.encode()
     max_body = core.config.max_body_bytes
+    max_json = min(max_body, core.config.max_json_bytes)
+    # bodies buffered at once, all requests together: a few maximal binary batches
+    budget = web.BodyBudget(max(3 * max_body, 8 << 20))
+    big_parses = threading.BoundedSemaphore(BIG_PARSES_AT_ONCE)  # held in worker threads
+    streams = {"open": 0}
 
-    def authorized(request: Request) -> bool:
-        h = request.headers.get("authorization", "")
-        if not h.lower().startswith("bearer "):
-            return False
-        return hmac.compare_digest(h[7:].strip().encode("utf-8", "replace"), token_b)
+    def internal(exc: BaseException) -> None:
+        core.telemetry.event("internal_error", error=type(exc).__name__)
 
-    def endpoint(mutating: bool):
-        def deco(fn):
-            @functools.wraps(fn)
-            async def wrapper(request: Request):
-                if (mutating or auth_reads) and not authorized(request):
-                    return error(401, "missing or wrong device token (Authorization: Bearer <token>)", "auth")
-                try:
-                    return await fn(request)
-                except AgentError as exc:
-                    return error(exc.status, exc.message, exc.kind)
-                except ClientDisconnect:
-                    return error(400, "client disconnected")
-                except Exception as exc:  # a bug: still a JSON answer, and the agent lives on
-                    core.telemetry.event("internal_error", error=f"{type(exc).__name__}: {exc}"[:300])
-                    return error(500, f"internal error: {type(exc).__name__}: {exc}", "internal")
-            return wrapper
-        return deco
+    endpoint = web.endpoint_factory(token_b, internal, budget)
+    read_auth = not open_reads
 
     async def read_body(request: Request, limit: int) -> bytes:
-        cl = request.headers.get("content-length")
-        if cl is not None:
-            if not cl.isdigit():
-                raise AgentError(400, "bad Content-Length")
-            if int(cl) > limit:
-                raise AgentError(413, f"request body of {cl} bytes is over the limit of {limit}", "too_large")
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise AgentError(413, f"request body is over the limit of {limit} bytes", "too_large")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        return await web.read_body(request, limit, body_timeout, budget)
 
     def name_of(request: Request) -> str:
         return request.path_params["name"]
 
     @endpoint(False)
     async def health(request):
-        return JSONResponse({"ok": True, "name": core.config.name})
+        return JSONAnswer({"ok": True, "name": core.config.name})
 
-    @endpoint(False)
+    @endpoint(read_auth)
     async def info(request):
-        return JSONResponse(await run_in_threadpool(core.info))
+        return JSONAnswer(await run_in_threadpool(core.info))
 
-    @endpoint(False)
+    @endpoint(read_auth)
     async def model_info(request):
         name = name_of(request)
         data = core.info()["models"].get(name)
         if data is None:
             core._model(name)
-        return JSONResponse({"name": name, **data})
+        return JSONAnswer({"name": name, **data})
 
     @endpoint(True)
     async def install(request):
@@ -154,7 +118,7 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False):
                 core.install_from_url, name, body["url"], sha, _providers(body.get("providers")),
                 _bool(body.get("strict_providers", False), "strict_providers"),
                 _bool(body.get("activate", True), "activate"), tok)
-            return JSONResponse(res)
+            return JSONAnswer(res)
         data = await read_body(request, core.config.max_package_bytes)
         if not data:
             raise AgentError(400, "request body is empty; send the package bytes", "package")
@@ -162,7 +126,7 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False):
             core.install, name, data, _providers(q.get("providers")),
             _bool(q.get("strict_providers", "false"), "strict_providers"),
             _bool(q.get("activate", "true"), "activate"))
-        return JSONResponse(res)
+        return JSONAnswer(res)
 
     async def _json_body(request, limit=64 * 1024) -> dict:
         raw = await read_body(request, limit)
@@ -181,46 +145,56 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False):
         res = await run_in_threadpool(core.activate, name_of(request), _version(body["version"]),
                                       _providers(body.get("providers")),
                                       _bool(body.get("strict_providers", False), "strict_providers"))
-        return JSONResponse(res)
+        return JSONAnswer(res)
 
     @endpoint(True)
     async def rollback(request):
         await _json_body(request)
-        return JSONResponse(await run_in_threadpool(core.rollback, name_of(request)))
+        return JSONAnswer(await run_in_threadpool(core.rollback, name_of(request)))
 
     @endpoint(True)
     async def delete(request):
         v = request.query_params.get("version")
         version = _version(v) if v is not None else None
-        return JSONResponse(await run_in_threadpool(core.delete, name_of(request), version))
+        return JSONAnswer(await run_in_threadpool(core.delete, name_of(request), version))
 
-    @endpoint(False)
+    @endpoint(read_auth)
     async def predict(request):
         name = name_of(request)
         v = request.query_params.get("version")
         version = _version(v) if v is not None else None
         lv = core.resolve(name, version)
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await read_body(request, max_body)
+        is_json = ctype in ("application/json", "")
+        if not is_json and ctype != COLUMNS_TYPE and ctype not in NPZ_TYPES:
+            core.record_invalid(lv)
+            raise AgentError(415, f"unsupported content type {ctype!r}: send application/json, "
+                                  f"{COLUMNS_TYPE} or application/x-npz", "content_type")
+        # JSON costs about 20 bytes of Python objects per byte of body: its own, lower limit
+        body = await read_body(request, max_json if is_json else max_body)
+        # each row is at least one object (rows) or each vector value one list (columns)
+        max_containers = inp.MAX_ROWS * (len(lv.specs) + 1) + 16
         accept = request.headers.get("accept", "")
         answer = ("columns" if COLUMNS_TYPE in accept else
                   "npz" if any(t in accept for t in NPZ_TYPES) else None)
 
+        def parse():
+            if ctype == COLUMNS_TYPE:
+                return inp.feed_from_columns(body, lv.specs, max_body)
+            if ctype in NPZ_TYPES:
+                return inp.feed_from_npz(body, lv.specs, max_body, big_parses)
+            if len(body) > BIG_PARSE:
+                with big_parses:
+                    return inp.feed_from_json(parse_json(body, max_containers), lv.specs)
+            return inp.feed_from_json(parse_json(body, max_containers), lv.specs)
+
         def work():
             try:
-                if ctype == COLUMNS_TYPE:
-                    feed, n = inp.feed_from_columns(body, lv.specs, max_body)
-                elif ctype in NPZ_TYPES:
-                    feed, n = inp.feed_from_npz(body, lv.specs, max_body * 4)
-                elif ctype in ("application/json", ""):
-                    feed, n = inp.feed_from_json(parse_json(body), lv.specs)
-                else:
-                    raise AgentError(415, f"unsupported content type {ctype!r}: send application/json, "
-                                          f"{COLUMNS_TYPE} or application/x-npz")
+                feed, n = parse()
             except inp.InputError as exc:
                 core.record_invalid(lv)
                 raise AgentError(400, str(exc), "invalid_input") from None
-            except AgentError:
+            except ApiError:
                 core.record_invalid(lv)
                 raise
             result = core.predict(lv, feed, n, raw=answer is not None)
@@ -232,49 +206,66 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False):
             return result
 
         # a small request costs less than the hop to a worker thread: run it on the event loop;
-        # batches go to the thread pool, where ORT runs them in parallel (it releases the GIL)
-        out = work() if len(body) <= SMALL_BODY else await run_in_threadpool(work)
+        # batches go to the thread pool, where ORT runs them in parallel (it releases the GIL). An
+        # .npz always goes there (a small deflated member can expand); big parses take turns there.
+        if len(body) <= SMALL_BODY and ctype not in NPZ_TYPES:
+            out = work()
+        else:
+            out = await run_in_threadpool(work)
         if isinstance(out, tuple):
             return Response(out[1], media_type=COLUMNS_TYPE if out[0] == "columns" else "application/x-npz")
-        return JSONResponse(out)
+        return JSONAnswer(out)
 
-    @endpoint(False)
+    @endpoint(read_auth)
     async def metrics(request):
         cols = request.query_params.get("columns", "1") not in ("0", "false")
-        return JSONResponse(await run_in_threadpool(core.metrics, cols))
+        return JSONAnswer(await run_in_threadpool(core.metrics, cols))
 
-    @endpoint(False)
+    @endpoint(read_auth)
     async def events(request):
-        return JSONResponse({"events": list(core.telemetry.events)})
+        return JSONAnswer({"events": list(core.telemetry.events)})
 
-    @endpoint(False)
+    @endpoint(read_auth)
     async def stream(request):
         q = request.query_params
         try:
-            interval = min(60.0, max(0.05, float(q.get("interval", "1"))))
+            interval = float(q.get("interval", "1"))
             count = int(q["count"]) if "count" in q else None
         except ValueError:
             raise AgentError(400, "interval must be a number and count an integer") from None
+        if interval != interval:  # NaN
+            raise AgentError(400, "interval must be a number")
+        interval = min(60.0, max(MIN_STREAM_INTERVAL, interval))
         cols = q.get("columns", "1") not in ("0", "false")
+        if streams["open"] >= MAX_STREAMS:
+            raise AgentError(503, f"{MAX_STREAMS} metric streams are open already; close one or poll "
+                                  "/v1/metrics", "busy")
+        streams["open"] += 1
 
         async def gen():
             sent = 0
-            while count is None or sent < count:
-                snap = await run_in_threadpool(core.metrics, cols)
-                yield f"event: metrics\ndata: {json.dumps(snap, separators=(',', ':'))}\n\n"
-                sent += 1
-                if count is not None and sent >= count:
-                    break
-                await asyncio.sleep(interval)
-                if await request.is_disconnected():
-                    break
+            try:
+                while count is None or sent < count:
+                    try:
+                        snap = await run_in_threadpool(core.metrics, cols)
+                        core.note_background("metrics_stream")
+                    except Exception as exc:  # noqa: BLE001 - the stream says so and ends
+                        core.note_background("metrics_stream", exc)
+                        yield f"event: error\ndata: {json.dumps({'error': type(exc).__name__})}\n\n"
+                        break
+                    yield f"event: metrics\ndata: {web.dumps(snap).decode()}\n\n"
+                    sent += 1
+                    if count is not None and sent >= count:
+                        break
+                    await asyncio.sleep(interval)
+                    if await request.is_disconnected():
+                        break
+            finally:
+                streams["open"] -= 1
 
         return StreamingResponse(gen(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def http_error(request, exc: HTTPException):
-        return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
-                     "not_found" if exc.status_code == 404 else "request")
 
     routes = [
         Route("/v1/health", health, methods=["GET"]),
@@ -290,7 +281,7 @@ def create_app(core: AgentCore, token: str, auth_reads: bool = False):
         Route("/v1/models/{name}/rollback", rollback, methods=["POST"]),
         Route("/v1/models/{name}/predict", predict, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, exception_handlers={HTTPException: web.not_found_or_method})
 
     async def agent_app(scope, receive, send):
         """Predict calls skip Starlette's router and middleware stack (a fifth of a single-row

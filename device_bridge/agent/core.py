@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
+import secrets
 import shutil
 import threading
 import time
@@ -34,21 +36,27 @@ import numpy as np
 from device_bridge import keys as keys_mod
 from device_bridge import package as pkg
 from device_bridge import providers as prov
+from device_bridge import urls
 from device_bridge.agent import inputs as inp
+from device_bridge.errors import ApiError
 from device_bridge.telemetry import CircuitBreaker, Telemetry
 
 STATE_FILE = "state.json"
+PLACEMENT_FILE = ".placement.json"  # the agent's own measurement; a package cannot ship a dot-file
 INSTALL_PAUSE_ENV = "MLSQL_DEVICE_TEST_INSTALL_PAUSE"  # test hook: seconds to sleep mid-install
+# test hook: with this env set to 1, a version folder holding a file ".test_broken" fails every run,
+# as a session whose provider died would (for the circuit breaker tests)
+TEST_HOOKS_ENV = "MLSQL_DEVICE_TEST_HOOKS"
+
+log = logging.getLogger("device_bridge.agent")
 
 
-class AgentError(Exception):
-    """An error with an HTTP status and a message for the caller."""
+class AgentError(ApiError):
+    """An error with an HTTP status, a message for the caller and a ``kind`` (device_bridge.errors)."""
 
-    def __init__(self, status: int, message: str, kind: str = "request"):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.kind = kind
+
+class StoreError(Exception):
+    """The store cannot be used as it is; the agent does not start."""
 
 
 @dataclass
@@ -58,6 +66,7 @@ class AgentConfig:
     keep_versions: int = 3
     max_package_bytes: int = 256 * 1024 * 1024
     max_body_bytes: int = 64 * 1024 * 1024
+    max_json_bytes: int = 16 * 1024 * 1024  # JSON bodies: Python objects cost ~20x their bytes
     trust_files: list[str] = field(default_factory=list)
     breaker_window: int = 100
     breaker_min_requests: int = 20
@@ -81,6 +90,7 @@ class LoadedVersion:
     node_providers: dict[str, int] | None
     breaker: CircuitBreaker
     strict: bool
+    canary: dict | None = None  # one row of the last request that ran: a known-good input
 
 
 def fsync_dir(path: Path) -> None:
@@ -115,11 +125,15 @@ class AgentCore:
         (self.store / "trusted_keys").mkdir(exist_ok=True)
         self.lock = threading.RLock()          # all mutations
         self.load_lock = threading.Lock()
-        self.telemetry = Telemetry()
+        self.telemetry = Telemetry(secret=self._secret())
         self.loaded: dict[tuple[str, int], LoadedVersion] = {}
+        self.background: dict[str, dict] = {}  # background loop -> last ok / last error
+        self.unaccounted: list[str] = []
+        self.rebuilt = False
         self.state = self._read_state()
         self.started = time.time()
-        self._cleanup()
+        if not self.rebuilt:
+            self._cleanup()
         self.load_errors: dict[str, str] = {}
         for name, m in self.state["models"].items():
             if m.get("active") is not None:
@@ -131,16 +145,90 @@ class AgentCore:
 
     # ------------------------------------------------------------------ state
 
+    def _secret(self) -> bytes:
+        """This agent's key for hashing string values in telemetry (stable across restarts)."""
+        path = self.store / "telemetry.key"
+        try:
+            return path.read_bytes()
+        except OSError:
+            pass
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+
     def _read_state(self) -> dict:
         path = self.store / STATE_FILE
         if path.exists():
             try:
                 st = json.loads(path.read_bytes())
-                if isinstance(st, dict) and isinstance(st.get("models"), dict):
+                if _valid_state(st):
                     return st
-            except (OSError, ValueError):
-                pass
-        return {"models": {}, "generation": 0}
+                why = "state.json does not hold a valid state"
+            except (OSError, ValueError, RecursionError) as exc:
+                why = f"state.json cannot be read ({type(exc).__name__})"
+            return self._rebuild_state(why)
+        if any(v.is_dir() and v.name.isdigit() for m in (self.store / "models").iterdir() if m.is_dir()
+               for v in m.iterdir()):
+            # state.json is written when a store is created, before any install: versions without it
+            # mean it was removed, not that the first install was cut short
+            return self._rebuild_state("state.json is missing but installed versions are on disk")
+        st = {"models": {}, "generation": 0}
+        self._write_state(st)
+        return st
+
+    def _rebuild_state(self, why: str) -> dict:
+        """A damaged state.json: rebuild it from the version folders whose signed manifests verify
+        (the newest verified version of each model becomes active) and delete nothing; folders that
+        do not verify stay on disk, listed as ``unaccounted`` in /v1/info."""
+        trusted = self.trusted_keys()
+        damaged = self.store / STATE_FILE
+        if damaged.exists():
+            keep = self.store / f"{STATE_FILE}.damaged-{int(time.time())}"
+            try:
+                os.replace(damaged, keep)
+            except OSError as exc:
+                raise StoreError(f"{damaged}: {why}, and it cannot be moved aside ({exc})") from None
+        models: dict[str, dict] = {}
+        for mdir in sorted((self.store / "models").iterdir()):
+            if not mdir.is_dir():
+                continue
+            for vdir in sorted((v for v in mdir.iterdir() if v.is_dir() and not v.name.startswith(".")),
+                               key=lambda v: (not v.name.isdigit(), int(v.name) if v.name.isdigit() else 0)):
+                try:
+                    manifest = pkg.verify_installed(vdir, trusted)
+                    if manifest.name != mdir.name or str(manifest.version) != vdir.name:
+                        raise pkg.PackageError("folder name does not match its manifest")
+                except pkg.PackageError as exc:
+                    self.unaccounted.append(f"{mdir.name}/{vdir.name}: {exc}")
+                    continue
+                m = models.setdefault(mdir.name, {"active": None, "versions": [], "suspended": [],
+                                                  "config": {}, "sha256": {}, "floor": 0})
+                m["versions"].append(manifest.version)
+                m["sha256"][str(manifest.version)] = None  # the package bytes are not kept: unknown
+                m["active"] = manifest.version
+                m["floor"] = manifest.version
+        st = {"models": models, "generation": 0}
+        self.rebuilt = True
+        self._write_state(st)
+        log.error("%s: rebuilt the state from the verified version folders (%s); unaccounted: %s",
+                  self.store, ", ".join(f"{n}@{m['active']}" for n, m in models.items()) or "none",
+                  self.unaccounted or "none")
+        self.telemetry.event("state_rebuilt", reason=why, models={n: m["versions"] for n, m in models.items()},
+                             unaccounted=self.unaccounted[:20])
+        return st
+
+    def note_background(self, name: str, error: BaseException | None = None) -> None:
+        """A background loop's last outcome, shown in /v1/info (a failing loop is seen, not silent)."""
+        entry = self.background.setdefault(name, {"last_ok": None, "last_error": None, "last_error_time": None,
+                                                  "errors": 0})
+        if error is None:
+            entry["last_ok"] = time.time()
+        else:
+            entry["errors"] += 1
+            entry["last_error"] = f"{type(error).__name__}: {error}"[:300]
+            entry["last_error_time"] = time.time()
 
     def _write_state(self, state: dict) -> None:
         state["generation"] = int(state.get("generation", 0)) + 1
@@ -206,7 +294,7 @@ class AgentCore:
         except prov.ProviderError as exc:
             raise AgentError(422, str(exc), "providers") from None
         model_path = str(folder / pkg.MODEL_FILE)
-        cache = folder / "providers.json"
+        cache = folder / PLACEMENT_FILE
         try:
             cached = json.loads(cache.read_text())
         except (OSError, ValueError):
@@ -245,6 +333,7 @@ class AgentCore:
         vt = self.telemetry.get(name, version)
         vt.providers = list(res.providers)
         vt.node_providers = node_providers
+        vt.vocab = _vocab(manifest)
         with self.load_lock:
             self.loaded[key] = lv
         return lv
@@ -278,6 +367,8 @@ class AgentCore:
             "available_providers": self.available_providers(), "ort_threads": self.config.ort_threads,
             "trusted_keys": sorted(self.trusted_keys()), "models": models,
             "uptime_s": round(time.time() - self.started, 3), "hub": self.config.hub_url,
+            "background": json.loads(json.dumps(self.background)),
+            "state": {"rebuilt": self.rebuilt, "unaccounted": list(self.unaccounted)},
         }
 
     def status(self) -> dict:
@@ -299,9 +390,12 @@ class AgentCore:
         if not trusted:
             raise AgentError(422, "this device trusts no signing key: put the workspace's public key in "
                                   f"{self.store / 'trusted_keys'}/ or start the agent with --trust KEYFILE",
-                             "package")
+                             "untrusted")
         try:
             manifest, files = pkg.verify_package(data, trusted, self.config.max_package_bytes)
+            signature = pkg.signature_of(data)
+        except pkg.UntrustedKeyError as exc:
+            raise AgentError(422, f"package refused: {exc}", "untrusted") from None
         except pkg.PackageError as exc:
             raise AgentError(422, f"package refused: {exc}", "package") from None
         if name is not None and manifest.name != name:
@@ -316,12 +410,26 @@ class AgentCore:
         with self.lock:
             m = self.state["models"].get(name)
             if m and version in m.get("versions", []):
-                if m.get("sha256", {}).get(str(version)) != sha:
+                known = m.get("sha256", {}).get(str(version))
+                if known is None and self._same_manifest(name, version, manifest):
+                    known = self._adopt_sha(name, version, sha)  # a rebuilt state learns the package's digest
+                if known != sha:
                     raise AgentError(409, f"model {name} version {version} is already installed with "
-                                          "different content; bump the version", "package")
-                if activate and (m.get("active") != version or providers is not None):
+                                          "different content; bump the version", "conflict")
+                active = m.get("active")
+                if activate and active is not None and version < active:
+                    raise AgentError(409, f"model {name} version {version} is older than the active version "
+                                          f"{active}: installing a package never moves a model back; use "
+                                          "activate or rollback (ROLLBACK MODEL) for that", "version")
+                if activate and (active != version or providers is not None):
                     return self.activate(name, version, providers=providers, strict=strict)
-                return {"model": name, "version": version, "installed": False, "active": m.get("active")}
+                return {"model": name, "version": version, "installed": False, "active": active}
+            newest = max([*(m or {}).get("versions", []), int((m or {}).get("floor") or 0)], default=0)
+            if version < newest:
+                raise AgentError(409, f"model {name} version {version} is older than version {newest}, which "
+                                      "this device has installed: older versions are not installed again "
+                                      "(anti-rollback); roll back to an installed version, or publish the old "
+                                      "model as a new version", "version")
             mdir = self.store / "models" / name
             mdir.mkdir(parents=True, exist_ok=True)
             incoming = mdir / f".incoming-{uuid.uuid4().hex[:12]}"
@@ -329,6 +437,7 @@ class AgentCore:
             try:
                 all_files = dict(files)
                 all_files[pkg.MANIFEST_FILE] = manifest.canonical_bytes()
+                all_files[pkg.SIGNATURE_FILE] = signature  # kept: a damaged state is rebuilt from these
                 for fname, content in all_files.items():
                     target = incoming / fname
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -360,6 +469,7 @@ class AgentCore:
             mm = st["models"].setdefault(name, {"active": None, "versions": [], "suspended": [],
                                                 "config": {}, "sha256": {}})
             mm["versions"].append(version)
+            mm["floor"] = max(int(mm.get("floor") or 0), version)
             mm["sha256"][str(version)] = sha
             mm["config"][str(version)] = {"providers": providers or _ort_names(manifest.providers),
                                           "strict": bool(strict)}
@@ -368,7 +478,7 @@ class AgentCore:
                 mm["active"] = version
                 if version in mm["suspended"]:
                     mm["suspended"].remove(version)
-            pruned = self._prune(mm)
+            pruned = self._prune(mm, previous if activate else None)
             self._write_state(st)  # <- the switch
             self.load_errors.pop(name, None)
             for v in pruned:
@@ -380,11 +490,26 @@ class AgentCore:
                     "previous": previous, "providers": lv.providers, "node_providers": lv.node_providers,
                     "provider_attempts": lv.attempts, "pruned": pruned}
 
-    def _prune(self, mm: dict) -> list[int]:
+    def _same_manifest(self, name: str, version: int, manifest: pkg.Manifest) -> bool:
+        try:
+            return (self._folder(name, version) / pkg.MANIFEST_FILE).read_bytes() == manifest.canonical_bytes()
+        except OSError:
+            return False
+
+    def _adopt_sha(self, name: str, version: int, sha: str) -> str:
+        st = self._copy_state()
+        st["models"][name]["sha256"][str(version)] = sha
+        self._write_state(st)
+        return sha
+
+    def _prune(self, mm: dict, previous: int | None = None) -> list[int]:
+        """Drop the oldest versions over --keep-versions, never the active one nor the one it
+        replaced: that is where a rollback goes, and anti-rollback would refuse to install it again."""
         keep = max(1, self.config.keep_versions)
         pruned = []
         while len(mm["versions"]) > keep:
-            victim = next((v for v in mm["versions"] if v != mm.get("active")), None)
+            victim = next((v for v in mm["versions"] if v != mm.get("active") and (v != previous or keep < 2)),
+                          None)
             if victim is None:
                 break
             mm["versions"].remove(victim)
@@ -401,16 +526,17 @@ class AgentCore:
 
     def install_from_url(self, name: str | None, url: str, sha256: str | None, providers=None,
                          strict=False, activate=True, token: str | None = None) -> dict:
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        if not isinstance(url, str) or urls.origin(url) is None:
             raise AgentError(400, "url must be an http(s) URL")
         req = urllib.request.Request(url)
-        tok = token or (self.config.hub_token if self.config.hub_url and url.startswith(self.config.hub_url)
-                        else None)
+        # the hub token goes to the hub's exact origin only (a URL that merely starts with the hub's,
+        # such as :40011 for :4001, is another server); redirects are never followed
+        tok = token or (self.config.hub_token if urls.same_origin(url, self.config.hub_url) else None)
         if tok:
             req.add_header("Authorization", f"Bearer {tok}")
         limit = self.config.max_package_bytes
         try:
-            with urllib.request.urlopen(req, timeout=60) as resp:
+            with urls.open_url(req, timeout=60) as resp:
                 data = resp.read(limit + 1)
         except Exception as exc:
             raise AgentError(424, f"cannot download the package from {url}: {exc}",
@@ -542,22 +668,47 @@ class AgentCore:
         except Exception as exc:
             raise AgentError(503, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
 
+    @staticmethod
+    def _run(lv: LoadedVersion, feed: dict):
+        if os.environ.get(TEST_HOOKS_ENV) == "1" and (lv.folder / ".test_broken").exists():
+            raise RuntimeError("simulated execution provider failure (test hook)")
+        return lv.session.run(None, feed)
+
+    def _session_broken(self, lv: LoadedVersion) -> bool:
+        """After a failed run: does the session also fail on a known-good input (the last row that
+        ran, or a dummy row before any did)? Only then is the failure the model's, not the request's."""
+        try:
+            self._run(lv, lv.canary if lv.canary is not None else prov.dummy_feed(lv.session))
+            return False
+        except Exception:
+            return True
+
     def predict(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int, raw: bool = False) -> dict:
-        """Run the model. ``raw``: outputs stay numpy arrays (for binary answers)."""
+        """Run the model. ``raw``: outputs stay numpy arrays (for binary answers).
+
+        A failure counts towards the circuit breaker only when the session fails on a known-good
+        input too: a request whose data makes the model fail (an index out of range...) gets a 422
+        of kind ``model_input`` and cannot suspend the version for everyone."""
         name, version = lv.manifest.name, lv.manifest.version
         vt = self.telemetry.get(name, version)
         t0 = time.perf_counter()
         try:
-            values = lv.session.run(None, feed)
+            values = self._run(lv, feed)
         except Exception as exc:
+            msg = str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__
+            if not self._session_broken(lv):
+                vt.record_error("model_input")
+                raise AgentError(422, f"model {name} version {version} failed on this input: {msg}",
+                                 "model_input") from None
             vt.record_error("runtime")
             if lv.breaker.record(True):
                 self.suspend(name, version, f"error rate {lv.breaker.rate():.2f} over the last "
                                             f"{len(lv.breaker.outcomes)} requests")
-            msg = str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__
-            raise AgentError(422, f"model {name} version {version} failed on this input: {msg}",
+            raise AgentError(503, f"model {name} version {version} fails on every input now: {msg}",
                              "runtime") from None
         ms = (time.perf_counter() - t0) * 1000.0
+        if lv.canary is None or n_rows <= 8:
+            lv.canary = {k: np.array(a[:1]) for k, a in feed.items()}
         vt.record_success(ms, n_rows, feed)
         if lv.breaker.record(False):  # the window can cross the threshold on a success too
             self.suspend(name, version, f"error rate {lv.breaker.rate():.2f} over the last "
@@ -578,6 +729,35 @@ class AgentCore:
             entry["active"] = m.get("active") == entry["version"]
             entry["suspended"] = entry["version"] in m.get("suspended", [])
         return snap
+
+
+def _valid_state(st) -> bool:
+    if not isinstance(st, dict) or not isinstance(st.get("models"), dict):
+        return False
+    for m in st["models"].values():
+        if not isinstance(m, dict) or not isinstance(m.get("versions"), list) \
+                or not all(isinstance(v, int) for v in m["versions"]):
+            return False
+        if m.get("active") is not None and m["active"] not in m["versions"]:
+            return False
+        m.setdefault("suspended", [])
+        m.setdefault("config", {})
+        m.setdefault("sha256", {})
+    return True
+
+
+def _vocab(manifest: pkg.Manifest) -> dict[str, frozenset]:
+    """String columns' training values from the signed manifest (``training_stats[col]["values"]``
+    or ``["top"]``): the only values telemetry shows as written."""
+    stats = manifest.extra.get("training_stats") or manifest.metrics.get("training_stats") or {}
+    out = {}
+    if isinstance(stats, dict):
+        for col, st in stats.items():
+            vals = st.get("values", st.get("top")) if isinstance(st, dict) else None
+            if isinstance(vals, list):
+                vals = [v.get("value") if isinstance(v, dict) else v for v in vals]
+                out[str(col)] = frozenset(v for v in vals if isinstance(v, str))
+    return out
 
 
 def _ort_names(providers) -> list[str]:

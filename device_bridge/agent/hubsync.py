@@ -7,6 +7,7 @@ with the next successful report.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.error
@@ -14,7 +15,11 @@ import urllib.request
 from collections import deque
 
 from device_bridge import providers as prov
+from device_bridge import urls
 from device_bridge.agent.core import AgentCore, AgentError
+from device_bridge.web import dumps
+
+log = logging.getLogger("device_bridge.hubsync")
 
 
 class HubSync:
@@ -38,30 +43,41 @@ class HubSync:
         self.thread.start()
 
     def _call(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0):
-        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        data = None if body is None else dumps(body)  # strict JSON: a non-finite number goes as null
         req = urllib.request.Request(self.hub + path, data=data, method=method)
         req.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urls.open_url(req, timeout=timeout) as resp:  # no redirects: the token stays with the hub
             return json.loads(resp.read() or b"null")
 
     def run(self) -> None:
-        name = self.core.config.name
         while not self.stop.is_set():
             try:
-                if not self.registered:
-                    self._call("POST", f"/v1/agents/{name}/register",
-                               {"url": self.agent_url, "group": self.group,
-                                "providers": self.core.available_providers()})
-                    self.registered = True
-                desired = self._call("GET", f"/v1/agents/{name}/desired")
-                self.apply(desired.get("models", {}) if isinstance(desired, dict) else {})
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                self.errors["hub"] = str(exc)[:200]
-            self.buffer.append(self.core.metrics(columns=True))
-            self.report()
+                self.cycle()
+                hub_error = self.errors.get("hub")
+                self.core.note_background("hubsync", ConnectionError(hub_error) if hub_error else None)
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any error, and says so
+                log.exception("hub sync cycle failed")
+                self.core.note_background("hubsync", exc)
             self.stop.wait(self.interval)
+
+    def cycle(self) -> None:
+        name = self.core.config.name
+        try:
+            if not self.registered:
+                self._call("POST", f"/v1/agents/{name}/register",
+                           {"url": self.agent_url, "group": self.group,
+                            "providers": self.core.available_providers()})
+                self.registered = True
+            desired = self._call("GET", f"/v1/agents/{name}/desired")
+            self.apply(desired.get("models", {}) if isinstance(desired, dict) else {})
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.errors["hub"] = str(exc)[:200]
+        try:
+            self.buffer.append(self.core.metrics(columns=True))
+        finally:
+            self.report()
 
     def report(self) -> None:
         items = list(self.buffer)
@@ -123,7 +139,7 @@ class HubSync:
                 self.errors.pop(model, None)
             except AgentError as exc:
                 self.errors[model] = {"sha256": want.get("sha256"), "error": exc.message[:300]}
-                if exc.kind in ("package", "load", "providers"):
+                if exc.kind in ("package", "untrusted", "version", "conflict", "load", "providers"):
                     self.failed[model] = wish
             except Exception as exc:  # never let the loop die
                 self.errors[model] = {"sha256": want.get("sha256"), "error": f"{type(exc).__name__}: {exc}"[:300]}

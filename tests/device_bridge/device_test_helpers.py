@@ -65,7 +65,8 @@ def make_keys(folder: Path):
 def package(kp, version: int, mult: float = 2.0, fragile: bool = False, name: str = "scorer",
             training_stats: dict | None = None, **extra) -> bytes:
     fields = {"name": name, "version": version, "providers": ["cpu"],
-              "training_stats": training_stats or {"x": {"mean": 0.0, "std": 1.0}}}
+              "training_stats": training_stats or {"x": {"mean": 0.0, "std": 1.0},
+                                                   "city": {"values": ["paris", "rome"]}}}
     fields.update(extra)
     return build_package(scorer_model(mult, fragile), fields, kp.private_key)
 

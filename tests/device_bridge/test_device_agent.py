@@ -19,6 +19,8 @@ from device_bridge.errors import (
     DeviceAuthError,
     DeviceNotFoundError,
     DeviceRequestError,
+    DeviceUnavailableError,
+    InvalidInputError,
     PackageRejectedError,
 )
 from device_bridge.keys import load_or_create_keypair
@@ -161,30 +163,44 @@ def _swallow(fn, *args):
         pass
 
 
-def test_circuit_breaker_rolls_back(tmp_path, keys):
+def test_circuit_breaker_counts_only_failures_of_the_model_not_of_a_request(tmp_path, keys):
+    """Attack: 20+ anonymous requests whose values make the model fail used to suspend the only
+    version (persisted: everyone got 503). Now a failure that a known-good row does not reproduce
+    is the request's (422 model_input) and never trips the breaker; a session that fails for every
+    input still does, and rolls back."""
     store = tmp_path / "s"
     trust(store, keys)
     a = start_agent(tmp_path, "cb", store, ["--breaker-window", "50", "--breaker-min-requests", "20",
-                                            "--breaker-threshold", "0.3"])
+                                            "--breaker-threshold", "0.3", "--open-reads"],
+                    env={"MLSQL_DEVICE_TEST_HOOKS": "1"})
     try:
         c = DeviceClient(a.url, TOKEN)
         c.install(package(keys, 1))
         c.install(package(keys, 2, fragile=True))
-        assert c.predict("scorer", columns={"x": [1.0], "city": ["a"]})["version"] == 2
-        failures = 0
-        for i in range(40):
-            x = 7.0 if i % 2 else 1.0  # x >= 3: Gather out of bounds inside ORT
-            try:
-                c.predict("scorer", columns={"x": [x], "city": ["a"]})
-            except DeviceRequestError as exc:
-                assert "failed on this input" in str(exc)
-                failures += 1
-        assert failures >= 1
+        anon = DeviceClient(a.url)  # no token: --open-reads lets anyone predict
+        assert anon.predict("scorer", columns={"x": [1.0], "city": ["a"]})["version"] == 2
+        for _ in range(40):
+            with pytest.raises(InvalidInputError, match="failed on this input") as e:
+                anon.predict("scorer", columns={"x": [7.0], "city": ["a"]})  # x >= 3: Gather out of bounds
+            assert e.value.kind == "model_input" and e.value.status == 422
         info = c.info()["models"]["scorer"]
-        assert info["active"] == 1 and 2 in info["suspended"], (info, c.events(), c.metrics(False))
+        assert info["active"] == 2 and info["suspended"] == []
+        assert anon.predict("scorer", columns={"x": [1.0], "city": ["a"]})["version"] == 2
+        m = {e["version"]: e for e in c.metrics()["models"]}
+        assert m[2]["errors"] == {"model_input": 40} and not m[2]["suspended"]
+
+        # the session itself breaks (as when an execution provider dies): every input fails
+        (store / "models" / "scorer" / "2" / ".test_broken").write_text("")
+        for _ in range(25):
+            try:
+                anon.predict("scorer", columns={"x": [1.0], "city": ["a"]})
+            except DeviceUnavailableError:
+                pass
+        info = c.info()["models"]["scorer"]
+        assert info["active"] == 1 and 2 in info["suspended"], (info, c.events())
         ev = [e for e in c.events() if e["kind"] == "circuit_breaker"]
         assert ev and ev[0]["version"] == 2 and ev[0]["rolled_back_to"] == 1
-        assert c.predict("scorer", columns={"x": [7.0], "city": ["a"]})["version"] == 1
+        assert anon.predict("scorer", columns={"x": [7.0], "city": ["a"]})["version"] == 1
         m = {e["version"]: e for e in c.metrics()["models"]}
         assert m[2]["errors"]["runtime"] >= 1 and m[2]["suspended"]
     finally:
@@ -347,7 +363,7 @@ def test_providers_reported_and_strict(tmp_path, keys):
     finally:
         a.kill()
     # after a restart the placement comes from the version's providers.json
-    cached = json.loads((store / "models" / "scorer" / "1" / "providers.json").read_text())
+    cached = json.loads((store / "models" / "scorer" / "1" / ".placement.json").read_text())
     assert cached["node_providers"] == m["node_providers"]
     a = start_agent(tmp_path, "android", store)
     try:

@@ -134,7 +134,8 @@ def test_required_provider_and_error_rate_gates_stop_rollout(fleet):
                   min_requests=6, on_wave=bad_traffic)
     assert rep.status == "stopped" and rep.waves[0].metrics["error_rate"] == pytest.approx(0.5)
     status = hc.status()
-    assert all(status[d]["status"]["scorer"]["active"] == 1 for d in devices)
+    assert all(status[d]["status"]["scorer"]["active"] == 1 for d in devices), \
+        {d: (status[d]["status"], status[d]["errors"]) for d in devices if status[d]["status"]["scorer"]["active"] != 1}
 
 
 def test_hub_refuses_bad_calls(fleet):

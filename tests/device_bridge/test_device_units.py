@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -134,9 +136,13 @@ def test_welford_matches_numpy_and_counts_nulls():
 
 
 def test_string_stats_bounded():
-    s = StringStats(capacity=8)
+    s = StringStats(capacity=8, vocab=frozenset({"a"}), secret=b"k")
     s.update(np.array(["a"] * 300 + [f"x{i}" for i in range(1000)], dtype=object))
-    assert len(s.counts) <= 8 and s.snapshot()["top"][0]["value"] == "a"
+    snap = s.snapshot()
+    assert len(s.counts) <= 8 and snap["top"][0]["value"] == "a"
+    # values outside the training vocabulary never leave as text: a keyed hash and the unseen rate
+    assert all(set(t) == {"hash", "count"} for t in snap["top"][1:]) and "x" not in json.dumps(snap)
+    assert snap["unseen_rate"] == pytest.approx(1000 / 1300) and snap["mean_length"] > 1
 
 
 def test_breaker_trips_once():
@@ -209,6 +215,7 @@ def test_single_rows_are_profiled_exactly_in_blocks():
     from device_bridge.telemetry import PENDING_ROWS, VersionTelemetry
 
     vt = VersionTelemetry("m", 1)
+    vt.vocab = {"city": frozenset({"paris", "lyon"})}
     rng = np.random.default_rng(5)
     x = rng.normal(3, 2, 150)
     x[7] = np.nan
@@ -324,6 +331,7 @@ def test_batched_numeric_statistics_equal_per_column_ones():
     b = rng.integers(0, 10, 300).astype(np.int64)
     c = np.array(["x", "y", ""] * 100)
     batched, single = VersionTelemetry("m", 1), VersionTelemetry("m", 1)
+    batched.vocab = single.vocab = {"c": frozenset({"x", "y", ""})}
     for lo in range(0, 300, 100):  # three batches of 100 rows (the vectorized block path)
         batched.record_success(1.0, 100, {"a": a[lo:lo + 100], "b": b[lo:lo + 100], "c": c[lo:lo + 100]})
     for i in range(300):  # one row at a time (the scalar path)

@@ -1,0 +1,239 @@
+"""HTTP plumbing shared by the agent and the hub: auth, bounded body reading, JSON answers,
+error answers with a ``kind``, and a uvicorn server that drops stalled connections.
+
+Written once so that both servers refuse the same way: every error is
+``{"error": message, "kind": kind}`` (see device_bridge.errors), every body is read
+under a size limit, a deadline and a shared in-flight byte budget, and every JSON
+answer is valid JSON even if a number went non-finite somewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import math
+from typing import Any
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from device_bridge.errors import ApiError
+
+log = logging.getLogger("device_bridge")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any) -> bytes:
+    """Strict JSON; a non-finite float becomes null instead of making the answer invalid (or a 500)."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:
+        return json.dumps(_finite(obj), separators=(",", ":"), allow_nan=False).encode()
+
+
+class JSONAnswer(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return dumps(content)
+
+
+def error(status: int, message: str, kind: str = "request") -> JSONAnswer:
+    return JSONAnswer({"error": message, "kind": kind}, status_code=status)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON (send null for a missing value)")
+
+
+def _finite_float(text: str) -> float:
+    v = float(text)
+    if not math.isfinite(v):
+        raise ValueError(f"number {text[:40]} is out of range for a 64-bit float")
+    return v
+
+
+def _null(_text: str) -> None:
+    return None
+
+
+def _finite_or_null(text: str) -> float | None:
+    v = float(text)
+    return v if math.isfinite(v) else None
+
+
+def parse_json(body: bytes, max_containers: int | None = None, nonfinite_as_null: bool = False) -> Any:
+    """JSON without NaN/Infinity literals or out-of-range numbers; ``max_containers`` bounds the
+    objects and arrays the body may build, counted on the bytes before any Python object exists
+    (a string holding '{' only makes the count an over-estimate)."""
+    if not body:
+        raise ApiError(400, "request body is empty; expected JSON")
+    if max_containers is not None:
+        n = body.count(b"{") + body.count(b"[")
+        if n > max_containers:
+            raise ApiError(413, f"JSON body holds about {n} objects/arrays, over the limit of {max_containers} "
+                                "for this request (send fewer rows, or a binary batch)", "too_large")
+    try:
+        if nonfinite_as_null:  # reports from older agents: keep the data, drop what JSON cannot hold
+            return json.loads(body, parse_constant=_null, parse_float=_finite_or_null)
+        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ApiError(400, "malformed JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"malformed JSON: {str(exc)[:200]}") from None
+
+
+def bearer_ok(request: Request, token_b: bytes) -> bool:
+    h = request.headers.get("authorization", "")
+    if not h.lower().startswith("bearer "):
+        return False
+    return hmac.compare_digest(h[7:].strip().encode("utf-8", "replace"), token_b)
+
+
+class BodyBudget:
+    """Bytes of request bodies buffered at once, across all requests of one server. Over the
+    budget a request gets 503 ``busy`` instead of memory: the event loop is single-threaded, so
+    plain integers need no lock."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self.used = 0
+
+    def take(self, request: Request, n: int) -> None:
+        if self.used + n > self.total:
+            raise ApiError(503, "too many large requests in flight; retry shortly", "busy")
+        self.used += n
+        request.scope["mlsql.held"] = request.scope.get("mlsql.held", 0) + n
+
+    def release(self, request: Request) -> None:
+        self.used -= request.scope.pop("mlsql.held", 0)
+
+
+async def read_body(request: Request, limit: int, deadline_s: float, budget: BodyBudget | None = None) -> bytes:
+    """The whole body: at most ``limit`` bytes, within ``deadline_s`` seconds from now (a client
+    that sends half a body and stalls gets 408, not a connection held forever)."""
+    cl = request.headers.get("content-length")
+    if cl is not None:
+        if not cl.isdigit() or len(cl) > 18:
+            raise ApiError(400, "bad Content-Length")
+        if int(cl) > limit:
+            raise ApiError(413, f"request body of {cl} bytes is over the limit of {limit}", "too_large")
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline_s
+    chunks = []
+    size = 0
+    it = request.stream().__aiter__()
+    while True:
+        remaining = end - loop.time()
+        if remaining <= 0:
+            raise ApiError(408, f"request body not received within {deadline_s:g} s", "timeout")
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), remaining)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"request body not received within {deadline_s:g} s", "timeout") from None
+        if not chunk:
+            continue
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes", "too_large")
+        if budget is not None:
+            budget.take(request, len(chunk))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def endpoint_factory(token_b: bytes, on_internal=None, budget: BodyBudget | None = None):
+    """``endpoint(auth: bool)``: a decorator that checks the bearer token when ``auth``, answers
+    ApiError as ``{"error", "kind"}``, any other exception as a logged 500 (the server lives on),
+    and gives back the request's share of the body budget."""
+
+    def endpoint(auth: bool):
+        def deco(fn):
+            @functools.wraps(fn)
+            async def wrapper(request: Request):
+                if auth and not bearer_ok(request, token_b):
+                    return error(401, "missing or wrong token (Authorization: Bearer <token>)", "auth")
+                try:
+                    return await fn(request)
+                except ApiError as exc:
+                    return error(exc.status, exc.message, exc.kind)
+                except ClientDisconnect:
+                    return error(400, "client disconnected")
+                except Exception as exc:  # a bug: logged, still a JSON answer
+                    log.exception("internal error in %s %s", request.method, request.url.path)
+                    if on_internal is not None:
+                        on_internal(exc)
+                    return error(500, f"internal error: {type(exc).__name__}", "internal")
+                finally:
+                    if budget is not None:
+                        budget.release(request)
+            return wrapper
+        return deco
+
+    return endpoint
+
+
+async def not_found_or_method(request: Request, exc) -> JSONAnswer:
+    status = exc.status_code
+    kind = {404: "not_found", 405: "method"}.get(status, "request")
+    return error(status, f"{exc.detail}: {request.method} {request.url.path}", kind)
+
+
+def _guarded(base: type, idle_s: float) -> type:
+    """A uvicorn protocol class that closes a connection which, for ``idle_s`` seconds and more,
+    neither runs a request nor completes the headers of a new one. uvicorn arms its keep-alive
+    timer only after a response and cancels it on any byte received, so a client that sends half
+    a request line (or half the headers) would otherwise hold the connection forever."""
+
+    class Guarded(base):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._seen_cycle = None
+            self._guard = self.loop.call_later(idle_s, self._guard_check)
+
+        def _guard_check(self) -> None:
+            cycle = getattr(self, "cycle", None)
+            busy = cycle is not None and not cycle.response_complete
+            if not busy and cycle is self._seen_cycle:
+                if not self.transport.is_closing():
+                    self.transport.close()
+                return
+            self._seen_cycle = cycle
+            self._guard = self.loop.call_later(idle_s, self._guard_check)
+
+        def connection_lost(self, exc) -> None:
+            guard = getattr(self, "_guard", None)
+            if guard is not None:
+                guard.cancel()
+            super().connection_lost(exc)
+
+    Guarded.__name__ = f"Guarded{base.__name__}"
+    return Guarded
+
+
+def server_config(app, *, tls_cert=None, tls_key=None, request_timeout: float = 15.0):
+    import uvicorn
+
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
+    except ImportError:  # httptools not installed
+        from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                          ssl_certfile=tls_cert, ssl_keyfile=tls_key,
+                          http=_guarded(base, request_timeout),
+                          timeout_keep_alive=max(1, int(request_timeout)),
+                          h11_max_incomplete_event_size=64 * 1024)
