@@ -191,6 +191,9 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         def work():
             try:
                 feed, n = parse()
+            except inp.LimitError as exc:
+                core.record_invalid(lv)
+                raise AgentError(413, str(exc), "too_large") from None
             except inp.InputError as exc:
                 core.record_invalid(lv)
                 raise AgentError(400, str(exc), "invalid_input") from None

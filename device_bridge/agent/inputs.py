@@ -26,6 +26,10 @@ class InputError(ValueError):
     """The request's data does not fit the model's input schema; the message says where."""
 
 
+class LimitError(InputError):
+    """The request is over a size limit (rows, strings, bytes): answered 413."""
+
+
 @dataclass
 class InputSpec:
     name: str
@@ -72,7 +76,7 @@ def columns_from_json(payload: Any, specs: list[InputSpec]) -> dict[str, list]:
         if not isinstance(rows, list) or not rows:
             raise InputError('"rows" must be a non-empty list of objects')
         if len(rows) > MAX_ROWS:
-            raise InputError(f"{len(rows)} rows is over the limit of {MAX_ROWS} per request")
+            raise LimitError(f"{len(rows)} rows is over the limit of {MAX_ROWS} per request")
         cols: dict[str, list] = {n: [] for n in names}
         known = set(names)
         for i, row in enumerate(rows):
@@ -107,7 +111,7 @@ def columns_from_json(payload: Any, specs: list[InputSpec]) -> dict[str, list]:
         elif len(v) != n_rows:
             raise InputError(f"column {n!r} has {len(v)} values, column {names[0]!r} has {n_rows}")
     if n_rows > MAX_ROWS:
-        raise InputError(f"{n_rows} rows is over the limit of {MAX_ROWS} per request")
+        raise LimitError(f"{n_rows} rows is over the limit of {MAX_ROWS} per request")
     return {n: columns[n] for n in names}
 
 
@@ -216,7 +220,7 @@ def _check_array(spec: InputSpec, arr: np.ndarray, n: int) -> np.ndarray:
         if kind not in "US":
             raise InputError(f"column {spec.name!r}: expected strings, got dtype {arr.dtype}")
         if arr.size > MAX_STRING_ELEMENTS:
-            raise InputError(f"column {spec.name!r}: {arr.size} strings, over the limit of "
+            raise LimitError(f"column {spec.name!r}: {arr.size} strings, over the limit of "
                              f"{MAX_STRING_ELEMENTS} per request")
         if kind == "U":
             # one join and encode holds the interpreter lock throughout: under 16 concurrent requests
@@ -280,13 +284,13 @@ def _check_header(name: str, shape: Any, dtype: np.dtype, max_bytes: int) -> int
     if not isinstance(shape, tuple) or not 1 <= len(shape) <= 4:
         raise InputError(f"array {name!r}: shape {shape!r} (1 to 4 dimensions, first = rows)")
     if shape[0] > MAX_ROWS:
-        raise InputError(f"array {name!r}: {shape[0]} rows is over the limit of {MAX_ROWS} per request")
+        raise LimitError(f"array {name!r}: {shape[0]} rows is over the limit of {MAX_ROWS} per request")
     count = math.prod(shape)
     if dtype.kind in "US" and count > MAX_STRING_ELEMENTS:
-        raise InputError(f"array {name!r}: {count} strings, over the limit of {MAX_STRING_ELEMENTS} per request")
+        raise LimitError(f"array {name!r}: {count} strings, over the limit of {MAX_STRING_ELEMENTS} per request")
     nbytes = count * dtype.itemsize
     if nbytes > max_bytes:
-        raise InputError(f"array {name!r} declares {nbytes} bytes, over the limit of {max_bytes}")
+        raise LimitError(f"array {name!r} declares {nbytes} bytes, over the limit of {max_bytes}")
     return nbytes
 
 
@@ -307,7 +311,7 @@ def feed_from_npz(body: bytes, specs: list[InputSpec], max_bytes: int,
         raise InputError(f".npz holds {len(infos)} arrays; the model takes {len(specs)} columns")
     declared = sum(i.file_size for i in infos)
     if declared > max_bytes:
-        raise InputError(f".npz expands to {declared} bytes, over the limit of {max_bytes}")
+        raise LimitError(f".npz expands to {declared} bytes, over the limit of {max_bytes}")
     if big_lock is not None and declared > BIG_PARSE:
         with big_lock:
             return _read_npz(zf, infos, specs, max_bytes)
@@ -370,13 +374,13 @@ def _feed_from_arrays(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> 
         raise InputError(f"missing column(s): {', '.join(missing)}")
     strings = sum(a.size for a in arrays.values() if a.dtype.kind in "US")
     if strings > MAX_STRING_ELEMENTS:
-        raise InputError(f"{strings} strings in one request, over the limit of {MAX_STRING_ELEMENTS}")
+        raise LimitError(f"{strings} strings in one request, over the limit of {MAX_STRING_ELEMENTS}")
     first = arrays[names[0]]
     n = first.shape[0] if first.ndim else 0
     if n == 0:
         raise InputError("batch has no rows")
     if n > MAX_ROWS:
-        raise InputError(f"{n} rows is over the limit of {MAX_ROWS} per request")
+        raise LimitError(f"{n} rows is over the limit of {MAX_ROWS} per request")
     return {s.name: _check_array(s, arrays[s.name], n) for s in specs}, n
 
 
