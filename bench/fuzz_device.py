@@ -1,0 +1,338 @@
+"""Fuzz a real agent and a real hub: malformed JSON, x-mlsql-columns and .npz bodies, lying
+headers, every endpoint, with and without tokens. Passes when no answer is a 5xx, neither
+process dies, and the agent's RSS stays under a bound.
+
+    python bench/fuzz_device.py [--requests 10000] [--seconds 300] [--rss-mb 400]
+
+Prints and writes bench/results/fuzz.json. tests/device_bridge/test_device_fuzz.py runs a
+shorter version of the same.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import io
+import json
+import random
+import struct
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "device_bridge"))
+sys.path.insert(0, str(ROOT))
+
+from device_test_helpers import TOKEN, Proc, make_keys, package, trust  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results" / "fuzz.json"
+VALUES = [None, True, False, 0, 1, -1, 2**63, 2**70, 10**400, 1.5, 1e300, 1e308, -1e308, 1e-320, "", "x" * 300,
+          "paris", "\udcff", [], {}, [1, 2], [[1]], [None], ["paris"], {"a": 1}, "NaN"]
+DTYPES = ["<f8", "<f4", "<f2", "<i8", "<u1", "|b1", "<U0", "<U1", "<U5", "|S3", "|O", "<c8", "<M8[s]", "V4",
+          "<U99999999", "nope", 5, None]
+SHAPES = [[1], [1, 1], [3, 1], [0], [0, 1], [100001, 1], [1, 10**8], [2**31 - 1] * 4, [-1], [1.5], "x", [],
+          [1, 1, 1, 1, 1], [10**12]]
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def npy(descr, shape, data: bytes = b"", fortran=False, version=1) -> bytes:
+    hdr = f"{{'descr': {descr!r}, 'fortran_order': {fortran}, 'shape': {tuple(shape) if isinstance(shape, list) else shape}, }}"
+    hdr = hdr.encode("latin1", "replace")
+    hdr += b" " * ((-(len(hdr) + 11)) % 64) + b"\n"
+    head = struct.pack("<H", len(hdr)) if version == 1 else struct.pack("<I", len(hdr))
+    return b"\x93NUMPY" + bytes([version, 0]) + head + hdr + data
+
+
+class Gen:
+    def __init__(self, seed: int, sha: str):
+        self.r = random.Random(seed)
+        self.sha = sha
+
+    def value(self):
+        return self.r.choice(VALUES)
+
+    def json_body(self) -> bytes:
+        r = self.r
+        k = r.randrange(12)
+        if k == 0:
+            obj = {"rows": [{r.choice(["x", "city", "y", ""]): self.value() for _ in range(r.randrange(3))}
+                            for _ in range(r.randrange(4))]}
+        elif k == 1:
+            obj = {"columns": {r.choice(["x", "city", "v"]): self.value() for _ in range(2)}}
+        elif k in (2, 3):
+            obj = {"columns": {"x": [self.value() for _ in range(r.randrange(1, 4))],
+                               "city": [self.value() for _ in range(r.randrange(1, 4))]}}
+        elif k == 4:
+            obj = {"columns": {"v": [[self.value()]]}}
+        elif k == 5:
+            obj = {"version": self.value(), "providers": self.value(), "strict_providers": self.value()}
+        elif k == 6:
+            obj = {"url": r.choice(["ftp://x", "http://127.0.0.1:1/x", "http://[::1", 5, None, "file:///etc/passwd"]),
+                   "sha256": self.value(), "token": self.value()}
+        elif k == 7:
+            obj = {"model": r.choice(["scorer", 5, None, "../x"]), "sha256": r.choice([self.sha, "0" * 64, 5]),
+                   "devices": self.value(), "group": self.value(), "absent": self.value(),
+                   "restore_previous": self.value(), "providers": self.value()}
+        elif k == 8:
+            obj = {"url": self.value(), "group": self.value(), "providers": self.value(), "status": self.value(),
+                   "errors": self.value(), "telemetry": [{"models": self.value(), "events": self.value()}]}
+        elif k == 9:
+            return r.choice([b"{" * r.randrange(1, 20000), b"[" * 3000, b'{"columns": {"x": [NaN]}}',
+                             b'{"columns": {"x": [1e999], "city": ["a"]}}', b"\xff\xfe", b"", b"null",
+                             b'{"rows": [' + b"{}," * r.randrange(1000) + b"{}]}"])
+        elif k == 10:
+            return bytes(r.randrange(256) for _ in range(r.randrange(80)))
+        else:
+            obj = {"columns": {"x": [1.0], "city": ["paris"]}}
+        try:
+            return json.dumps(obj).encode()
+        except (ValueError, UnicodeEncodeError, OverflowError):
+            return b"{}"
+
+    def columns_body(self) -> bytes:
+        r = self.r
+        cols = []
+        data = b""
+        for name in r.sample(["x", "city", "v", "zz"], r.randrange(0, 4)):
+            d, sh = r.choice(DTYPES), r.choice(SHAPES)
+            cols.append({"name": name, "dtype": d, "shape": sh})
+            data += bytes(r.randrange(256) for _ in range(r.choice([0, 4, 8, 64])))
+        if r.random() < 0.3:  # a valid batch
+            from device_bridge.columns import encode
+
+            n = r.randrange(1, 50)
+            return encode({"x": np.full((n, 1), r.choice([1.0, 1e300, np.nan, -3.0]), np.float64),
+                           "city": np.array([[r.choice(["paris", "", "\u00e9t\u00e9"])]] * n)})
+        header = json.dumps({"columns": cols, "meta": self.value()} if r.random() < 0.9 else self.value()).encode()
+        if r.random() < 0.05:
+            header = b"[" * 50000
+        hlen = len(header) if r.random() < 0.9 else r.choice([0, 2**31, len(header) + 100])
+        return b"MLC1" + struct.pack("<I", hlen % 2**32) + header + data
+
+    def npz_body(self) -> bytes:
+        r = self.r
+        out = io.BytesIO()
+        comp = zipfile.ZIP_DEFLATED if r.random() < 0.3 else zipfile.ZIP_STORED
+        with zipfile.ZipFile(out, "w", compression=comp) as z:
+            for name in r.sample(["x", "city", "v", "zz", "../x"], r.randrange(0, 4)):
+                if r.random() < 0.3:
+                    arr = np.full((r.randrange(1, 20), 1), r.choice([1.0, 7.0, 1e300]), np.float32) \
+                        if name != "city" else np.array([["paris"]] * r.randrange(1, 20))
+                    buf = io.BytesIO()
+                    np.save(buf, arr)
+                    member = buf.getvalue()
+                else:
+                    member = npy(r.choice(DTYPES), r.choice(SHAPES),
+                                 bytes(r.randrange(256) for _ in range(r.choice([0, 8, 64]))),
+                                 r.choice([False, True]), r.choice([1, 1, 2]))
+                z.writestr(name + r.choice([".npy", ".npy", "", ".txt"]), member)
+        body = bytearray(out.getvalue())
+        if body and r.random() < 0.2:  # corrupt a few bytes (headers, deflate streams, directory)
+            for _ in range(r.randrange(1, 6)):
+                body[r.randrange(len(body))] ^= r.randrange(1, 256)
+        return bytes(body)
+
+
+AGENT_PATHS = ["/v1/models/scorer/predict", "/v1/models/wide/predict", "/v1/models/nope/predict",
+               "/v1/models/scorer/predict?version=abc", "/v1/models/scorer/predict?version=99",
+               "/v1/models/scorer/install", "/v1/models/install", "/v1/models/scorer/activate",
+               "/v1/models/scorer/rollback", "/v1/models/scorer", "/v1/models/nope", "/v1/info", "/v1/health",
+               "/v1/metrics", "/v1/metrics?columns=0", "/v1/metrics/stream?count=1&interval=x",
+               "/v1/metrics/stream?count=1&interval=nan", "/v1/metrics/stream?count=1", "/v1/events",
+               "/v1/models/..%2f..%2fetc/predict", "/v1/models//predict", "/v1/models/%00/install", "/v1/nothing"]
+HUB_PATHS = ["/v1/blobs", "/v1/blobs/{sha}", "/v1/blobs/" + "0" * 64, "/v1/blobs/..%2f..%2fetc%2fpasswd",
+             "/v1/agents", "/v1/agents/fz", "/v1/agents/%00/register", "/v1/agents/edge-1/register",
+             "/v1/agents/edge-1/desired", "/v1/agents/edge-1/report", "/v1/desired", "/v1/groups/field",
+             "/v1/groups/" + "g" * 300, "/v1/events", "/v1/nothing"]
+CTYPES = ["application/json", "application/x-npz", "application/x-mlsql-columns", "text/plain", "",
+          "application/octet-stream", "application/json; charset=latin1"]
+
+
+def one_request(gen: Gen, agent_url: str, hub_url: str) -> tuple[str, str, str, dict, bytes]:
+    r = gen.r
+    to_hub = r.random() < 0.25
+    base = hub_url if to_hub else agent_url
+    path = r.choice(HUB_PATHS if to_hub else AGENT_PATHS).replace("{sha}", gen.sha)
+    if r.random() < 0.8:  # mostly the method the route takes, so that the bodies reach the handlers
+        gets = ("/v1/info", "/v1/health", "/v1/metrics", "/v1/events", "/desired", "/v1/agents", "/v1/blobs/")
+        method = "GET" if any(g in path for g in gets) or path.rstrip("/").endswith(("/fz", "scorer", "nope")) \
+            else "POST"
+        if path == "/v1/blobs" and r.random() < 0.5:
+            method = "GET"
+    else:
+        method = r.choice(["POST", "GET", "DELETE", "PUT", "PATCH"])
+    if not to_hub and method == "DELETE" and path in ("/v1/models/scorer", "/v1/models/wide"):
+        method = "GET"  # keep the models installed: deleting is allowed, and would end the test early
+    ctype = r.choice(CTYPES)
+    if method in ("GET", "DELETE"):
+        body = b""
+    elif "npz" in ctype:
+        body = gen.npz_body()
+    elif "columns" in ctype:
+        body = gen.columns_body()
+    else:
+        body = gen.json_body()
+    headers = {"Content-Type": ctype}
+    roll = r.random()
+    if roll < 0.75:
+        headers["Authorization"] = f"Bearer {TOKEN}"
+    elif roll < 0.85:
+        headers["Authorization"] = r.choice(["Bearer x", "Basic a", "Bearer", "Bearer " + "\u00e9" * 3, "x" * 5000])
+    if r.random() < 0.1:
+        headers["Accept"] = r.choice(["application/x-npz", "application/x-mlsql-columns", "*/*", "text/html"])
+    if r.random() < 0.03:
+        headers["Content-Length"] = r.choice(["-1", "abc", "99999999999999999999", str(len(body) + 5)])
+    return base, method, path, headers, body
+
+
+def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads: int = 4,
+        rss_bound_mb: float = 400.0, workdir: Path | None = None) -> dict:
+    tmp = Path(workdir or tempfile.mkdtemp(prefix="mlsql-fuzz-"))
+    keys = make_keys(tmp / "keys")
+    hub = Proc(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN, "--body-timeout", "1"],
+               tmp / "ready-hub.json")
+    store = tmp / "agent"
+    trust(store, keys)
+    agent = Proc(["serve", "--name", "fz", "--port", "0", "--store", str(store), "--token", TOKEN,
+                  "--hub", hub.url, "--hub-interval", "0.5", "--body-timeout", "1", "--request-timeout", "2"],
+                 tmp / "ready-agent.json")
+    from device_bridge.client import DeviceClient, HubClient
+    from device_bridge.package import build_package
+
+    sys.path.insert(0, str(ROOT / "tests" / "device_bridge"))
+    from test_device_security import float64_model
+
+    c = DeviceClient(agent.url, TOKEN)
+    c.install(package(keys, 1))
+    c.install(build_package(float64_model(), {"name": "wide", "version": 1, "providers": ["cpu"]}, keys.private_key))
+    sha = HubClient(hub.url, TOKEN).upload(package(keys, 1))["sha256"]
+    rss_start = rss_mb(agent.p.pid)
+    lock = threading.Lock()
+    statuses: dict[int, int] = {}
+    fives: list = []
+    conn_errors: list = []
+    rss_max = [rss_start]
+    protocol = [0]
+    no_kind: list = []
+    sent = [0]
+    deadline = time.time() + seconds
+    per_thread = -(-n_requests // threads)
+
+    def worker(i: int) -> None:
+        gen = Gen(seed * 1000 + i, sha)
+        conns: dict[str, http.client.HTTPConnection] = {}
+        for _ in range(per_thread):
+            if time.time() > deadline:
+                return
+            base, method, path, headers, body = one_request(gen, agent.url, hub.url)
+            hostport = base.split("//", 1)[1]
+            for attempt in (0, 1):
+                conn = conns.get(hostport) or http.client.HTTPConnection(hostport, timeout=15)
+                conns[hostport] = conn
+                try:
+                    conn.putrequest(method, path, skip_accept_encoding=True)
+                    for hk, hv in headers.items():
+                        conn.putheader(hk, hv.encode("utf-8", "replace") if isinstance(hv, str) else hv)
+                    if "Content-Length" not in headers:
+                        conn.putheader("Content-Length", str(len(body)))
+                    conn.endheaders(body)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                    status = resp.status
+                    if resp.getheader("connection", "").lower() == "close" or "Content-Length" in headers:
+                        conn.close()
+                        conns.pop(hostport, None)
+                    break
+                except (OSError, http.client.HTTPException) as exc:
+                    conn.close()
+                    conns.pop(hostport, None)
+                    if attempt:  # refused twice: the server closed on us (allowed for lying headers)
+                        status, data = -1, repr(exc).encode()
+            with lock:
+                sent[0] += 1
+                statuses[status] = statuses.get(status, 0) + 1
+                if status >= 500:
+                    fives.append({"method": method, "path": path, "status": status, "answer": data[:300].decode(
+                        "utf-8", "replace"), "ctype": headers.get("Content-Type")})
+                elif status == -1 and "Content-Length" not in headers:
+                    conn_errors.append({"method": method, "path": path, "error": data[:200].decode()})
+                if sent[0] % 250 == 0:
+                    rss_max[0] = max(rss_max[0], rss_mb(agent.p.pid))
+                if status == 400 and data.startswith(b"Invalid HTTP request"):
+                    protocol[0] += 1  # uvicorn's HTTP parser refused the request line or headers itself
+                elif status >= 400 and status != -1 and data:
+                    try:
+                        assert isinstance(json.loads(data).get("kind"), str)
+                    except Exception:  # noqa: BLE001 - recorded as a finding
+                        no_kind.append({"method": method, "path": path, "status": status,
+                                        "answer": data[:200].decode("utf-8", "replace")})
+
+    t0 = time.time()
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    elapsed = time.time() - t0
+    rss_max[0] = max(rss_max[0], rss_mb(agent.p.pid))
+    alive = {"agent": agent.alive(), "hub": hub.alive()}
+    try:
+        healthy = DeviceClient(agent.url, TOKEN).predict("scorer", columns={"x": [1.0], "city": ["paris"]})["rows"] == 1
+        healthy = healthy and bool(HubClient(hub.url, TOKEN).agents())
+    except Exception as exc:  # noqa: BLE001 - reported
+        healthy = False
+        conn_errors.append({"final_check": repr(exc)})
+    bg = DeviceClient(agent.url, TOKEN).info().get("background", {}) if alive["agent"] else {}
+    agent.kill()
+    hub.kill()
+    res = {
+        "requests": sent[0], "seconds": round(elapsed, 1), "requests_per_s": round(sent[0] / max(elapsed, 1e-9), 1),
+        "statuses": {str(k): v for k, v in sorted(statuses.items())}, "5xx": len(fives), "examples_5xx": fives[:20],
+        "http_parser_400": protocol[0], "errors_without_kind": len(no_kind), "examples_without_kind": no_kind[:10],
+        "connection_errors": len(conn_errors), "examples_connection_errors": conn_errors[:10],
+        "crashes": sum(not v for v in alive.values()), "alive": alive, "healthy_after": healthy,
+        "agent_rss_mb": {"start": round(rss_start, 1), "max": round(rss_max[0], 1), "bound": rss_bound_mb},
+        "background": bg, "seed": seed, "threads": threads,
+    }
+    res["ok"] = (res["5xx"] == 0 and res["crashes"] == 0 and healthy and res["connection_errors"] == 0
+                 and not no_kind
+                 and rss_max[0] < rss_bound_mb)
+    return res
+
+
+def main() -> int:
+    import warnings
+
+    warnings.simplefilter("ignore", RuntimeWarning)  # the generator's own casts of 1e300 to float32
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=10_000)
+    ap.add_argument("--seconds", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--rss-mb", type=float, default=400.0)
+    a = ap.parse_args()
+    res = run(a.requests, a.seconds, a.seed, a.threads, a.rss_mb)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    return 0 if res["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
