@@ -205,3 +205,39 @@ def test_a_parity_gate_failure_leaves_nothing_behind(env):
     # the same statements pass with the drop allowed, and then leave what they should
     r = s.sql(f"EXPORT MODEL mass OPTIONS (uri = '{uri}', {bad}, max_metric_drop = 10)")
     assert uri.exists() and r.export.report.metric_drop > 0.005 and r.export.report.max_metric_drop == 10.0
+
+
+def test_device_list_temp_file_is_never_readable_by_others(tmp_path):
+    """devices.tmp holds tokens: it is created 0600 (it used to be created 0644, then chmod-ed)."""
+    import os
+    import stat
+    import threading
+
+    from mlsql.devices import DeviceStore
+
+    store = DeviceStore(tmp_path / "devices.json")
+    tmp = (tmp_path / "devices.json").with_suffix(".tmp")
+    tmp.write_text("{}")
+    os.chmod(tmp, 0o644)  # a leftover of a crash: must not lend its mode to the next write
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            try:
+                seen.add(stat.S_IMODE(os.stat(tmp).st_mode))
+            except FileNotFoundError:
+                pass
+
+    old = os.umask(0)
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        for i in range(200):
+            store.add(f"d{i % 3}", {"url": "http://127.0.0.1:9", "token": "secret"}, replace=True)
+    finally:
+        done.set()
+        t.join()
+        os.umask(old)
+    assert seen - {0o644} <= {0o600}, seen  # only the planted leftover was ever 0644
+    assert stat.S_IMODE(os.stat(tmp_path / "devices.json").st_mode) == 0o600
