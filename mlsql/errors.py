@@ -21,6 +21,8 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
 class MLSQLError(Exception):
     """Base of every error MLSQL raises for a user mistake or a failed statement."""
 
+    engine_error: str | None = None  # the engine's own error class, when the engine raised it
+
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
         self.hint = hint
@@ -121,7 +123,12 @@ class OptionError(MLSQLError):
 
 
 class EngineError(MLSQLError):
-    """The engine (DuckDB, Spark) refused a statement."""
+    """The engine (DuckDB, Spark) refused a statement. ``engine_error`` names the engine's own
+    error class (e.g. DuckDB's ``CatalogException``)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, engine_error: str | None = None):
+        super().__init__(message, hint=hint)
+        self.engine_error = engine_error
 
 
 class TrainingError(MLSQLError):

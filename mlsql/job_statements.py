@@ -40,7 +40,8 @@ def run_job_step(workspace: Workspace, step: JobStep) -> Result:
         return Result(_describe(store, step.name), kind="describe")
     if a == "drop":
         dropped = store.drop(step.name, if_exists=step.exists)
-        return Result(pa.table({}), message=f"Dropped job {step.name}; its run history stays in the workspace."
+        return Result(pa.table({}), message=f"Dropped job {step.name} and its run history; executed notebooks stay "
+                      f"in {workspace.root / 'jobs' / step.name}."
                       if dropped else f"Job {step.name} does not exist; nothing dropped.")
     if a in ("pause", "resume"):
         spec = store.set_paused(step.name, a == "pause")

@@ -82,7 +82,19 @@ class Registry:
                 for name in ("mlflow", "mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
                     logging.getLogger(name).setLevel(logging.WARNING)
 
-                _clients[uri] = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                # the first use creates and migrates the SQLite store: two processes doing it at
+                # once break each other's migration ("No such index: ...")
+                from .locks import FileLock
+
+                lock = FileLock(self.workspace.root / "mlflow.lock", what="the MLflow store while it is created")
+                lock.acquire()
+                try:
+                    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                    client.search_experiments(max_results=1)
+                    client.search_registered_models(max_results=1)
+                finally:
+                    lock.release()
+                _clients[uri] = client
             return _clients[uri]
 
     @property

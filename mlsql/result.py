@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,12 +23,17 @@ class Result:
     log: list[str] = field(default_factory=list)
     display_limit: int = 10
     extras: dict[str, Any] = field(default_factory=dict)
+    # the engine's own conversions (DuckDB's fetchall() and df()), for plain SQL results
+    python_rows: Callable[[pa.Table], list[tuple]] | None = None
+    pandas_frame: Callable[[pa.Table], Any] | None = None
 
     # -- data out ------------------------------------------------------------
     def to_arrow(self) -> pa.Table:
         return self.table
 
     def to_pandas(self):
+        if self.pandas_frame is not None:
+            return self.pandas_frame(self.table)
         return self.table.to_pandas()
 
     def to_polars(self):
@@ -36,8 +42,7 @@ class Result:
         return polars.from_arrow(self.table)
 
     def fetchall(self) -> list[tuple]:
-        cols = [c.to_pylist() for c in self.table.columns]
-        return list(zip(*cols)) if cols else []
+        return self._rows(self.table)
 
     def fetchone(self) -> tuple | None:
         rows = self.table.slice(0, 1)
@@ -54,8 +59,9 @@ class Result:
     def __len__(self) -> int:
         return self.table.num_rows
 
-    @staticmethod
-    def _rows(t: pa.Table) -> list[tuple]:
+    def _rows(self, t: pa.Table) -> list[tuple]:
+        if self.python_rows is not None:
+            return self.python_rows(t)
         cols = [c.to_pylist() for c in t.columns]
         return list(zip(*cols))
 

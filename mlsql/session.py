@@ -14,15 +14,16 @@ from typing import Any
 import pyarrow as pa
 
 from . import planner as P
-from .dialect import Statement, parse_script, substitute_variables
+from .dialect import ML_SYNTAX, Statement, parse_script, plain_statements, substitute_variables
 from .engines.base import engine_class, open_engine
-from .errors import MLSQLError, ModelError, ParseError, UnknownColumnError
+from .errors import MLSQLError, ModelError, OptionError, ParseError, UnknownColumnError, UnknownOptionError
 from .registry import ModelVersion, Registry
 from .result import Result
 from .transform import FittedTransform, fit_transform
 from .workspace import Workspace
 
 _PARAM = re.compile(r"(?<![$\w])\$([A-Za-z_]\w*)")
+_WORD = re.compile(r"[A-Za-z_]\w*")
 _FRAME_TYPES = {
     ("pandas", "DataFrame"),
     ("pyarrow", "Table"),
@@ -32,6 +33,7 @@ _FRAME_TYPES = {
     ("polars", "DataFrame"),
     ("polars", "LazyFrame"),
 }
+MLSQL_SETTINGS = ("mlsql_engine", "mlsql_lock_timeout")
 TRANSFORM_FILE = "transform.json"
 META_FILE = "mlsql_meta.json"
 
@@ -63,7 +65,6 @@ class Session:
         self.workspace = Workspace.open(workspace)
         self.engine = open_engine(engine, self.workspace)
         self.registry = Registry(self.workspace)
-        self.variables: dict[str, Any] = {}
         self.namespace = namespace
         self.progress = None  # factory(title, total) -> reporter with update(i, total, metrics), close()
         self.display_limit = 10
@@ -150,6 +151,8 @@ class Session:
         """The script's statements. With ``${var}`` in the text, each statement is a thunk parsed
         just before it runs, so a SET earlier in the script applies to the statements after it."""
         if "${" not in text:
+            if not ML_SYNTAX.search(text):  # plain DuckDB SQL: no sqlglot parse, DuckDB reads it
+                return plain_statements(text)
             return parse_script(text)
         from sqlglot.tokens import TokenType
 
@@ -183,8 +186,7 @@ class Session:
     def _run_statement(self, stmt: Statement, params, autolimit) -> Result:
         t0 = time.perf_counter()
         plan = self._planner.plan(stmt)
-        if stmt.expression is not None:
-            self._bind_namespace(stmt.expression)
+        self._bind_namespace(stmt.sql)
         temps: list[str] = []
         try:
             result = None
@@ -200,10 +202,9 @@ class Session:
 
     def _run_step(self, step, params, autolimit, temps: list[str]) -> Result | None:
         if isinstance(step, P.QueryStep):
-            table = self.engine.query(step.sql, _params_for(step.sql, params), limit=autolimit,
-                                      line=step.line)
-            truncated = bool(autolimit) and table.num_rows == autolimit
-            return Result(table, truncated=truncated)
+            got = self.engine.run(step.sql, _params_for(step.sql, params), limit=autolimit, line=step.line)
+            truncated = bool(autolimit) and got.table.num_rows == autolimit
+            return Result(got.table, truncated=truncated, python_rows=got.rows, pandas_frame=got.frame)
         if isinstance(step, P.MLStep):
             table = self._run_ml(step, params)
             self.engine.register(step.output, table)
@@ -237,28 +238,39 @@ class Session:
             return run_job_step(self.workspace, step)
         raise AssertionError(f"no runner for {step!r}")
 
-    def _set(self, step: P.SetStep) -> Result:
-        name = step.name.lower()
-        if name == "engine":
-            engine_class(str(step.value))
-            self.variables[step.name] = step.value
-            return Result(pa.table({}), message=f"engine = {step.value}")
-        self.variables[step.name] = step.value
-        if name in self.engine.settings():
-            self.engine.query(step.sql)
-        return Result(pa.table({}), message=f"{step.name} = {step.value!r}")
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The script variables (``SET VARIABLE name = value``, read as ``${name}``)."""
+        return self.engine.variables()
 
-    def _bind_namespace(self, tree) -> None:
-        """Expose notebook DataFrames named in FROM clauses that are not catalog tables."""
+    def _set(self, step: P.SetStep) -> Result:
+        """MLSQL's own settings, ``SET mlsql_<name> = value`` (``RESET mlsql_<name>``: the default)."""
+        name = step.name.lower()
+        reset = step.value is None
+        if name == "mlsql_engine":
+            want = "duckdb" if reset else str(step.value).lower()
+            engine_class(want)  # unknown names fail with a suggestion
+            if want != self.engine.name:
+                self.engine.close()
+                self.engine = open_engine(want, self.workspace)
+                self._planner = P.Planner(self.engine.temp_name)
+            return Result(pa.table({}), message=f"mlsql_engine = '{want}'")
+        if name == "mlsql_lock_timeout":
+            from .locks import DEFAULT_TIMEOUT_S
+
+            v = DEFAULT_TIMEOUT_S if reset else step.value
+            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+                raise OptionError(f"mlsql_lock_timeout must be a number of seconds ≥ 0, got {v!r}")
+            self.engine.lock_timeout = float(v)
+            return Result(pa.table({}), message=f"mlsql_lock_timeout = {float(v):g} s")
+        raise UnknownOptionError(step.name, MLSQL_SETTINGS, where="(MLSQL's own settings)")
+
+    def _bind_namespace(self, sql: str) -> None:
+        """Expose notebook DataFrames named in the statement that are not catalog tables."""
         ns = self.namespace
         if not ns:
             return
-        from sqlglot import exp
-
-        for t in tree.find_all(exp.Table):
-            name = t.name
-            if t.args.get("db") or not name or name not in ns:
-                continue
+        for name in set(_WORD.findall(sql)) & ns.keys():
             obj = ns[name]
             cls = type(obj)
             if (cls.__module__.split(".")[0], cls.__name__) not in _FRAME_TYPES:

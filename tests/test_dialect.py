@@ -32,8 +32,13 @@ ROUND_TRIP = [
     "DROP MODEL m",
     "DROP MODEL IF EXISTS m",
     "EXPLAIN SELECT * FROM ML.PREDICT(MODEL m, TABLE t)",
-    "EXPLAIN SELECT 1",
-    "SET threshold = 0.5",
+    "EXPLAIN MLSQL SELECT 1",
+    "SET mlsql_lock_timeout = 5",
+    "CREATE OR REPLACE JOB refresh OPTIONS (every = '1h') AS (CREATE OR REPLACE TABLE t AS SELECT 1; SELECT * FROM t)",
+    "DESCRIBE JOB nightly",
+    "RUN JOB nightly",
+    "ALTER JOB nightly PAUSE",
+    "SELECT * FROM ML.JOB_RUNS('nightly')",
     "EXPORT MODEL m@2 OPTIONS (uri = 'out/m.onnx', format = 'onnx', quantize = 'int8')",
     "DEPLOY MODEL m TO DEVICE 'pixel-7' OPTIONS (providers = ['nnapi', 'cpu'], strict_providers = TRUE)",
     "DEPLOY MODEL m@3 TO GROUP 'field' OPTIONS (rollout_percent = 10, max_error_rate = 0.01)",
@@ -105,8 +110,12 @@ def test_nodes_expose_python_values():
     assert (f.func, f.model.name, f.model.version, f.settings()) == ("PREDICT", "m", 4, {"threshold": 0.3})
     d = parse_one("DEPLOY MODEL m VERSION 2 TO DEVICE 'd1' OPTIONS (providers = ['cuda', 'cpu'])")
     assert (d.model.version, d.target_kind, d.target, d.options()) == (2, "DEVICE", "d1", {"providers": ["cuda", "cpu"]})
-    s = parse_one("SET engine = 'duckdb'")
-    assert (s.name, s.value) == ("engine", "duckdb")
+    s = parse_one("SET mlsql_engine = 'duckdb'")
+    assert (s.name, s.value) == ("mlsql_engine", "duckdb")
+    # every other SET, RESET and a plain EXPLAIN are DuckDB's, passed through as written
+    for text in ("SET threads = 2", "SET VARIABLE x = 1", "RESET threads", "EXPLAIN SELECT 1", "SET engine = 'spark'"):
+        (st,) = parse_script(text)
+        assert not st.is_ml and st.sql == text, text
 
 
 @pytest.mark.parametrize("sql, where, fragment", [
@@ -130,8 +139,11 @@ def test_parse_errors_point_at_the_problem(sql, where, fragment):
 
 
 def test_variable_substitution():
+    # never inside string literals, quoted names, dollar quotes or comments
     assert substitute_variables("SELECT ${n} + 1, '${name}.onnx', ${name}", {"n": 41, "name": "m"}) == \
-        "SELECT 41 + 1, 'm.onnx', 'm'"
+        "SELECT 41 + 1, '${name}.onnx', 'm'"
+    text = "SELECT \"${n}\", $$ ${n} $$, $t$ ${n} $t$, E'a\\' ${n}' -- ${n}\n/* ${n} */, ${n}"
+    assert substitute_variables(text, {"n": 1}) == text[: -len("${n}")] + "1"
     assert substitute_variables("SELECT ${flag}, ${xs}", {"flag": True, "xs": [1, 2]}) == "SELECT TRUE, [1, 2]"
     assert substitute_variables("SELECT ${s}", {"s": "it's"}) == "SELECT 'it''s'"
     with pytest.raises(UnknownVariableError) as info:

@@ -110,10 +110,10 @@ def test_notebooks_at_the_same_time_on_one_workspace(tmp_path):
     for name in ("01_quickstart.ipynb", "03_export.ipynb", "04_deploy.ipynb"):
         cwd = tmp_path / name.split("_")[0]
         cwd.mkdir()
+        (cwd / name).write_text((NOTEBOOKS / name).read_text())  # a kernel runs in its notebook's folder
         procs[name] = (cwd, subprocess.Popen(
-            [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--output",
-             str(cwd / name), "--ExecutePreprocessor.timeout=900", "--ExecutePreprocessor.kernel_name=python3",
-             str(NOTEBOOKS / name)],
+            [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
+             "--ExecutePreprocessor.timeout=900", "--ExecutePreprocessor.kernel_name=python3", str(cwd / name)],
             cwd=cwd, env={**os.environ, "MLSQL_HOME": str(ws)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True))
     for name, (cwd, p) in procs.items():

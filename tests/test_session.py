@@ -53,9 +53,30 @@ def test_namespace_dataframes_are_queryable(tmp_path):
 
 
 def test_variables_substitute_per_statement(session):
-    r = session.sql("SET min_i = 95; SELECT count(*) FROM range(100) t(i) WHERE i >= ${min_i}")
+    r = session.sql("SET VARIABLE min_i = 95; SELECT count(*) FROM range(100) t(i) WHERE i >= ${min_i}")
     assert r.scalar() == 5
     assert session.variables["min_i"] == 95
+    assert session.sql("SELECT getvariable('min_i') + 1").scalar() == 96  # DuckDB's own variable
+    assert session.sql("SELECT 'cost: ${min_i}'").scalar() == "cost: ${min_i}"  # strings stay as written
+
+
+def test_set_reaches_duckdb_and_old_spellings_say_what_to_write(session):
+    from mlsql.errors import EngineError
+
+    session.sql("SET regex_match_operator_semantics = 'full'")  # a setting duckdb_settings() does not list
+    assert session.sql("SELECT 'abc' ~ 'b'").scalar() is False
+    with pytest.raises(EngineError) as info:
+        session.sql("SET no_such_setting = 1")
+    assert "unrecognized configuration parameter" in str(info.value) and "SET VARIABLE no_such_setting" in str(info.value)
+    with pytest.raises(EngineError, match="SET mlsql_engine"):
+        session.sql("SET engine = 'duckdb'")
+    assert session.sql("SET mlsql_lock_timeout = 7").message == "mlsql_lock_timeout = 7 s"
+    assert session.engine.lock_timeout == 7
+    session.sql("RESET mlsql_lock_timeout")
+    assert session.engine.lock_timeout == 60
+    plan = session.sql("EXPLAIN SELECT 42").to_arrow()
+    assert plan.column_names == ["explain_key", "explain_value"]  # DuckDB's physical plan
+    assert session.sql("EXPLAIN MLSQL SELECT 42").to_arrow().column_names == ["step", "kind", "detail", "engine_sql"]
 
 
 def test_duckdb_settings_still_apply(session):

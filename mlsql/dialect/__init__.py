@@ -35,7 +35,7 @@ class Statement:
     is_ml: bool = False
 
 
-_PASSTHROUGH_SET = {"GLOBAL", "SESSION", "LOCAL", "VARIABLE"}
+MLSQL_SETTING_PREFIX = "mlsql_"  # SET mlsql_engine = 'duckdb': DuckDB has no setting of that name
 
 
 class MLSQLTokenizer(DuckDB.Tokenizer):
@@ -120,22 +120,31 @@ class MLSQLParser(DuckDB.Parser):
             kind = self._parse_target_kind()
             return self.expression(mx.RollbackModel(this=ref, kind=kind, target=self._parse_object_name(kind.lower())))
         if self._match_text_seq("EXPLAIN"):
-            if self._curr is not None and self._curr.text.upper() in ("ANALYZE", "ANALYSE"):
+            # EXPLAIN of plain SQL is DuckDB's; MLSQL's plan is for ML statements, or asked for
+            # by name: EXPLAIN MLSQL <statement>
+            ours = self._match_text_seq("MLSQL")
+            if not ours and self._curr is not None and self._curr.text.upper() in ("ANALYZE", "ANALYSE"):
                 self._retreat(start)
                 return None
             inner = self._parse_statement()
             if inner is None:
                 self.raise_error("Expected a statement after EXPLAIN")
+            if not ours and not any(isinstance(n, MLNode) for n in inner.walk()):
+                self._retreat(start)
+                return None
             return self.expression(mx.Explain(this=inner))
-        if self._curr.token_type == TokenType.SET or self._curr.text.upper() == "SET":
+        if self._curr.text.upper() in ("SET", "RESET"):
+            # only MLSQL's own settings (mlsql_*) are ours; every other SET / RESET is DuckDB's
+            reset = self._curr.text.upper() == "RESET"
             nxt = self._next
-            if nxt is None or nxt.text.upper() in _PASSTHROUGH_SET:
+            if nxt is None or not nxt.text.lower().startswith(MLSQL_SETTING_PREFIX):
                 return None
             self._advance()
             name = self._parse_id_var(any_token=True)
+            if reset:
+                return self.expression(mx.SetVariable(this=name, expression=exp.Null()))
             if name is None or not (self._match(TokenType.EQ) or self._match_text_seq("TO")):
-                self._retreat(start)
-                return None
+                self.raise_error(f"Expected SET {nxt.text} = <value>")
             value = self._parse_bitwise()
             if value is None:
                 self.raise_error(f"Expected a value after SET {name.name} =")
@@ -377,7 +386,9 @@ class MLSQLGenerator(DuckDB.Generator):
         mx.DescribeJob: _named_sql("DESCRIBE JOB"),
         mx.RunJob: _named_sql("RUN JOB"),
         mx.AlterJob: lambda g, e: f"ALTER JOB {g.sql(e.this)} {e.args['action']}",
-        mx.Explain: lambda g, e: "EXPLAIN " + g.sql(e.this),
+        # plain SQL under EXPLAIN means DuckDB's; MLSQL's plan of it is spelled EXPLAIN MLSQL
+        mx.Explain: lambda g, e: "EXPLAIN " + ("" if any(isinstance(n, MLNode) for n in e.this.walk()) else "MLSQL ")
+        + g.sql(e.this),
         mx.SetVariable: lambda g, e: f"SET {g.sql(e.this)} = {g.sql(e.expression)}",
         mx.ExportModel: lambda g, e: "EXPORT MODEL " + g.sql(e.this) + _opts_sql(g, e),
         mx.DeployModel: lambda g, e: (
@@ -410,6 +421,8 @@ _ML_HEADS = {
 def _looks_ml(tokens: list[Token]) -> bool:
     words = tuple(t.text.upper() for t in tokens[:4] if t.token_type != TokenType.STRING)
     if any(words[: len(h)] == h for h in _ML_HEADS):
+        return True
+    if words[:2] == ("EXPLAIN", "MLSQL"):
         return True
     if words[:1] == ("EXPLAIN",) and words[1:2] not in (("ANALYZE",), ("ANALYSE",)):
         return _looks_ml(tokens[1:]) or any(
@@ -516,6 +529,47 @@ def parse_script(text: str) -> list[Statement]:
     return out
 
 
+# Anything that may be MLSQL's own syntax; text without it is plain DuckDB SQL, split and run
+# without a sqlglot parse. A false alarm (a column named "model") only costs the full parse.
+ML_SYNTAX = re.compile(r"\bML\s*\.|\b(MODELS?|DEVICES?|JOBS?)\b|\bEXPLAIN\s+MLSQL\b|\b(SET|RESET)\s+mlsql_",
+                       re.IGNORECASE)
+
+
+def plain_statements(text: str) -> list[Statement]:
+    """Split plain SQL at top-level ``;`` (not inside strings, quoted names, dollar quotes,
+    comments or parentheses); comment-only pieces are dropped."""
+    out: list[Statement] = []
+    i, depth, n = 0, 0, len(text)
+    code_at = -1  # first character of the piece that is not blank or comment
+
+    def emit(end: int) -> None:
+        if code_at >= 0:
+            sql = text[code_at:end].rstrip()
+            out.append(Statement(sql=sql, expression=None, start=code_at, line=text.count("\n", 0, code_at) + 1))
+
+    while i < n:
+        c = text[i]
+        j = _quoted_end(text, i)
+        if j > i:
+            if code_at < 0 and not text.startswith(("--", "/*"), i):
+                code_at = i
+            i = j
+            continue
+        if c == ";" and depth == 0:
+            emit(i)
+            code_at = -1
+        else:
+            if c == "(":
+                depth += 1
+            elif c == ")":
+                depth = max(0, depth - 1)
+            if code_at < 0 and not c.isspace():
+                code_at = i
+        i += 1
+    emit(n)
+    return out
+
+
 def parse_one(text: str) -> exp.Expression:
     """Parse exactly one statement (for tests and tools)."""
     stmts = parse_script(text)
@@ -528,26 +582,20 @@ _VAR = re.compile(r"\$\{\s*([A-Za-z_]\w*)\s*\}")
 
 
 def substitute_variables(text: str, variables: dict[str, Any]) -> str:
-    """Replace ``${name}`` with the variable's value: a SQL literal outside quotes, raw text inside."""
+    """Replace ``${name}`` with the variable's value as a SQL literal. String literals, dollar-quoted
+    strings, quoted identifiers and comments are left exactly as written."""
     if "${" not in text:
         return text
     lowered = {k.lower(): v for k, v in variables.items()}
-    out, i, quote = [], 0, None
-    n = len(text)
+    out: list[str] = []
+    i, n = 0, len(text)
     while i < n:
-        c = text[i]
-        if quote:
-            if c == quote:
-                quote = None
-        elif c in ("'", '"'):
-            quote = c
-        elif c == "-" and text.startswith("--", i):
-            j = text.find("\n", i)
-            j = n if j < 0 else j
-            out.append(text[i:j])
-            i = j
+        skip = _quoted_end(text, i)
+        if skip > i:
+            out.append(text[i:skip])
+            i = skip
             continue
-        if c == "$" and text.startswith("${", i):
+        if text.startswith("${", i):
             m = _VAR.match(text, i)
             if m:
                 name = m.group(1)
@@ -556,12 +604,51 @@ def substitute_variables(text: str, variables: dict[str, Any]) -> str:
                     raise UnknownVariableError(
                         name, list(variables),
                         message=f"Unknown variable '${{{name}}}' at line {line}, column {col}; "
-                                f"set it first with SET {name} = <value>",
+                                f"set it first with SET VARIABLE {name} = <value>",
                     )
-                v = lowered[name.lower()]
-                out.append(str(v) if quote else _literal_sql(v))
+                out.append(_literal_sql(lowered[name.lower()]))
                 i = m.end()
                 continue
-        out.append(c)
+        out.append(text[i])
         i += 1
     return "".join(out)
+
+
+_DOLLAR_TAG = re.compile(r"\$([A-Za-z_]\w*)?\$")
+
+
+def _quoted_end(text: str, i: int) -> int:
+    """If a string, quoted identifier, dollar-quoted string or comment starts at ``i``, where it
+    ends (exclusive); else ``i``."""
+    c = text[i]
+    if c == "'":
+        escapes = i > 0 and text[i - 1] in "eE" and (i == 1 or not (text[i - 2].isalnum() or text[i - 2] == "_"))
+        j = i + 1
+        while j < len(text):
+            if escapes and text[j] == "\\":
+                j += 2
+                continue
+            if text[j] == "'":
+                if text.startswith("''", j):
+                    j += 2
+                    continue
+                return j + 1
+            j += 1
+        return len(text)
+    if c == '"':
+        j = text.find('"', i + 1)
+        while j >= 0 and text.startswith('""', j):
+            j = text.find('"', j + 2)
+        return len(text) if j < 0 else j + 1
+    if c == "-" and text.startswith("--", i):
+        j = text.find("\n", i)
+        return len(text) if j < 0 else j
+    if c == "/" and text.startswith("/*", i):
+        j = text.find("*/", i + 2)
+        return len(text) if j < 0 else j + 2
+    if c == "$" and not text.startswith("${", i):
+        m = _DOLLAR_TAG.match(text, i)
+        if m and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] == "_")):
+            j = text.find(m.group(0), m.end())
+            return len(text) if j < 0 else j + len(m.group(0))
+    return i

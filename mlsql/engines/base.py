@@ -39,6 +39,16 @@ class Fingerprint:
     algorithm: str
 
 
+@dataclass
+class Fetched:
+    """A statement's rows as Arrow, with the engine's own Python values when they differ from
+    Arrow's (``rows(table)`` → what the engine's ``fetchall`` gives; ``frame(table)`` → its pandas)."""
+
+    table: pa.Table
+    rows: Any = None
+    frame: Any = None
+
+
 class Engine(ABC):
     """One engine serving one session. Subclasses set ``name`` and ``dialect`` (sqlglot's)."""
 
@@ -51,6 +61,10 @@ class Engine(ABC):
               line: int = 1) -> pa.Table:
         """Run one statement in this engine's SQL; its rows as Arrow. Errors are MLSQLErrors
         (``line``: where the statement starts in the user's script, for positions)."""
+
+    def run(self, sql: str, params: dict | None = None, *, limit: int | None = None, line: int = 1) -> Fetched:
+        """``query``, keeping what the engine knows about its own Python values."""
+        return Fetched(self.query(sql, params, limit=limit, line=line))
 
     @contextmanager
     def holding(self) -> Iterator[None]:
@@ -90,6 +104,10 @@ class Engine(ABC):
         """Row count and order-insensitive digest of the relation's rows."""
 
     # -- settings ----------------------------------------------------------------------
+    @abstractmethod
+    def variables(self) -> dict[str, Any]:
+        """The script variables the engine holds (DuckDB: ``SET VARIABLE``), by name."""
+
     @abstractmethod
     def settings(self) -> set[str]:
         """Names of the engine's own settings (lower case)."""

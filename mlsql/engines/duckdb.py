@@ -28,10 +28,11 @@ import pyarrow as pa
 
 from ..errors import EngineError, UnknownTableError, WorkspaceError
 from ..locks import DEFAULT_TIMEOUT_S, FileLock
-from .base import Engine, Fingerprint
+from .base import Engine, Fetched, Fingerprint
 
 _MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
 _LINE = re.compile(r"^LINE (\d+):", re.M)
+_UNKNOWN_SETTING = re.compile(r'unrecognized configuration parameter "([^"]+)"')
 ALIAS = "workspace"  # the catalog's name while attached: current_database() in a session
 IDLE_RELEASE_S = 0.25
 
@@ -188,17 +189,73 @@ class DuckDBEngine(Engine):
             except self._duckdb.Error as exc:
                 raise self._translate(exc, line, sql) from None
 
+    def run(self, sql: str, params: dict | None = None, *, limit: int | None = None, line: int = 1) -> Fetched:
+        """One statement as the user typed it: Arrow rows, and DuckDB's own Python values and
+        pandas frame for ``fetchall()`` and ``to_pandas()`` (see ``duckdb_values``)."""
+        from .duckdb_values import needs_duckdb_values, pandas_frame, python_rows
+
+        with self.holding():
+            try:
+                rel = self.con.sql(sql, params=params or None)
+                if rel is None:
+                    return Fetched(pa.table({}))
+                if limit:
+                    rel = rel.limit(limit)
+                types = [d[1] for d in rel.description]
+                if needs_duckdb_values(types):  # the Arrow export would lose values: ask DuckDB for them
+                    return self._run_exactly(rel)
+                table = rel.to_arrow_table()
+            except self._duckdb.Error as exc:
+                raise self._translate(exc, line, sql) from None
+        return Fetched(table, rows=lambda t: python_rows(t, types), frame=lambda t: pandas_frame(t, types))
+
+    def _run_exactly(self, rel) -> Fetched:
+        """Run once into a temporary table, then take Arrow, Python values and pandas from it."""
+        view, tmp = self.temp_name("rel"), self.temp_name("result")
+        rel.to_view(view)
+        try:
+            self.con.execute(f"CREATE TEMP TABLE {tmp} AS FROM {view}")
+            stored = self.con.table(tmp)
+            table, rows = stored.to_arrow_table(), stored.fetchall()
+            try:
+                frame = stored.df()
+            except self._duckdb.Error as exc:  # e.g. UHUGEINT has no NumPy form: to_pandas() says so
+                frame = EngineError(str(exc).split("\n")[0])
+        finally:
+            self.con.execute(f"DROP VIEW IF EXISTS {view}")
+            self.con.execute(f"DROP TABLE IF EXISTS temp.main.{tmp}")
+
+        def as_frame(t: pa.Table):
+            if isinstance(frame, Exception):
+                raise frame
+            return frame.iloc[: t.num_rows]
+
+        return Fetched(table, rows=lambda t: rows[: t.num_rows], frame=as_frame)
+
     def _rows(self, sql: str, params: list | None = None) -> list[tuple]:
         """Small catalog queries, fully fetched (DuckDB refuses new work while a result is open)."""
         with self.holding():
             return self.con.sql(sql, params=params).fetchall()
 
     def _translate(self, exc: Exception, line: int, sql: str = "") -> Exception:
+        err = self._translate_message(exc, line, sql)
+        err.engine_error = type(exc).__name__
+        return err
+
+    def _translate_message(self, exc: Exception, line: int, sql: str = "") -> Exception:
         msg = str(exc)
         if not _LINE.search(msg) and sql:
             msg += _locate(msg, sql)
         if line > 1:  # DuckDB counts lines from the statement; users read the script
             msg = _LINE.sub(lambda m: f"LINE {int(m.group(1)) + line - 1}:", msg)
+        setting = _UNKNOWN_SETTING.search(msg)
+        if setting:
+            name = setting.group(1)
+            own = f"mlsql_{name.lower()}"
+            hint = (f"MLSQL's own settings start with mlsql_: SET {own} = ..." if own in ("mlsql_engine", "mlsql_lock_timeout")
+                    else f"'{name}' is not a DuckDB setting. A script variable is SET VARIABLE {name} = <value> "
+                         f"(read it as ${{{name}}} or getvariable('{name}')).")
+            return EngineError(msg.split("\n")[0], hint=hint)
         missing = _MISSING_TABLE.search(msg)
         if missing:
             name = missing.group(1).strip('"')
@@ -220,6 +277,15 @@ class DuckDBEngine(Engine):
             "SELECT 1 FROM information_schema.tables WHERE lower(table_name) = lower(?) LIMIT 1", [name]
         )
         return bool(rows)
+
+    def variables(self) -> dict:
+        """DuckDB's own variables (``SET VARIABLE``), with their values as DuckDB returns them."""
+        with self._busy:
+            names = [r[0] for r in self.con.execute("SELECT name FROM duckdb_variables()").fetchall()]
+            if not names:
+                return {}
+            row = self.con.execute("SELECT " + ", ".join("getvariable(?)" for _ in names), names).fetchall()[0]
+        return dict(zip(names, row))
 
     def settings(self) -> set[str]:
         if self._settings is None:
