@@ -134,6 +134,22 @@ def bind_python_variables(sql: str, namespace: dict) -> tuple[str, dict]:
     return sql, params
 
 
+def _tqdm():
+    """A widget bar in a notebook's kernel, a text bar on stderr elsewhere. Decided by the shell
+    that runs us, not by whether ipykernel happens to be imported (tqdm.auto's test)."""
+    try:
+        from IPython import get_ipython
+
+        in_kernel = type(get_ipython()).__name__ == "ZMQInteractiveShell"
+    except ImportError:
+        in_kernel = False
+    if in_kernel:
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+    return tqdm
+
+
 class _WaitNotice:
     """One line in the cell's output, updated in place, while the cell waits for the workspace."""
 
@@ -165,9 +181,7 @@ class _NotebookProgress:
 
     def update(self, iteration: int, total: int, metrics: dict | None = None) -> None:
         if self.bar is None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total or None, desc=self.title, unit="iter", leave=True)
+            self.bar = _tqdm()(total=total or None, desc=self.title, unit="iter", leave=True)
         self.bar.n = iteration
         if metrics:
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))},

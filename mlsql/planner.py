@@ -9,13 +9,21 @@ single :class:`QueryStep` that runs its original text.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-from sqlglot import exp
+from .scripts import Statement
 
-from .dialect import Statement
-from .dialect import expressions as mx
+if TYPE_CHECKING:  # sqlglot loads with the first statement that has ML syntax
+    import pyarrow as pa
+    from sqlglot import exp
+
+
+def _sqlglot():
+    from sqlglot import exp
+
+    from .dialect import expressions as mx
+
+    return exp, mx
 
 
 @dataclass(frozen=True)
@@ -191,6 +199,8 @@ class Plan:
     steps: list = field(default_factory=list)
 
     def explain_table(self) -> pa.Table:
+        import pyarrow as pa
+
         rows = [(i, s.kind, *s.describe()) for i, s in enumerate(self.steps, start=1)]
         cols = list(zip(*rows)) if rows else [[], [], [], []]
         return pa.table(
@@ -219,6 +229,7 @@ class Planner:
         return plan
 
     def _plan_expression(self, e: exp.Expression, stmt: Statement) -> list:
+        _, mx = _sqlglot()
         if isinstance(e, mx.Explain):
             inner = Statement(
                 sql=e.this.sql(dialect="mlsql"), expression=e.this, start=stmt.start, line=stmt.line,
@@ -285,6 +296,7 @@ class Planner:
 
     def _lift_ml_functions(self, tree: exp.Expression) -> tuple[list, exp.Expression]:
         """Replace each ML table function (innermost first) by a temp relation name."""
+        _, mx = _sqlglot()
         steps: list = []
         nodes = list(tree.find_all(mx.MLFunction))
         # find_all is breadth-first: reversed, inner calls come before the calls holding them.
@@ -305,6 +317,7 @@ class Planner:
 
     @staticmethod
     def _input_sql(node, tree: exp.Expression) -> str | None:
+        exp, _ = _sqlglot()
         src = node.input
         if src is None:
             return None
@@ -326,6 +339,7 @@ class Planner:
 
 def _visible_ctes(node, tree: exp.Expression) -> list[exp.CTE]:
     """CTEs of the enclosing statement that the ML function's input may reference."""
+    exp, _ = _sqlglot()
     w = tree.args.get("with_") or tree.args.get("with")
     if not isinstance(w, exp.With):
         return []
@@ -338,11 +352,13 @@ def _visible_ctes(node, tree: exp.Expression) -> list[exp.CTE]:
 
 
 def _has_ml(e: exp.Expression) -> bool:
+    _, mx = _sqlglot()
     nodes = tuple(getattr(mx, n) for n in ("MLFunction", "CreateModel", "ModelRef") if hasattr(mx, n))
     return isinstance(e, mx.Explain) or any(isinstance(n, nodes) for n in e.walk())
 
 
 def _literal(a) -> Any:
+    exp, _ = _sqlglot()
     if isinstance(a, exp.Literal):
         return a.this if a.is_string else float(a.this)
     if isinstance(a, exp.Expression):

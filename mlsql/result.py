@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
+from ._lazy import pyarrow as pa  # imported by the first statement, not by connect()
 
 
 @dataclass

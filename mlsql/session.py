@@ -9,18 +9,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from . import planner as P
-from .dialect import ML_SYNTAX, Statement, parse_script, plain_statements, substitute_variables
+from ._lazy import pyarrow as pa  # imported by the first statement, not by connect()
 from .engines.base import engine_class, open_engine
 from .errors import MLSQLError, ModelError, OptionError, ParseError, UnknownColumnError, UnknownOptionError
 from .registry import ModelVersion, Registry
 from .result import Result
-from .transform import FittedTransform, fit_transform
+from .scripts import ML_SYNTAX, Statement, plain_statements, substitute_variables
 from .workspace import Workspace
+
+if TYPE_CHECKING:
+    from .transform import FittedTransform
 
 _PARAM = re.compile(r"(?<![$\w])\$([A-Za-z_]\w*)")
 _WORD = re.compile(r"[A-Za-z_]\w*")
@@ -150,13 +151,14 @@ class Session:
     def _statements(self, text: str) -> list:
         """The script's statements. With ``${var}`` in the text, each statement is a thunk parsed
         just before it runs, so a SET earlier in the script applies to the statements after it."""
-        if "${" not in text:
-            if not ML_SYNTAX.search(text):  # plain DuckDB SQL: no sqlglot parse, DuckDB reads it
-                return plain_statements(text)
-            return parse_script(text)
+        if "${" not in text and not ML_SYNTAX.search(text):
+            return plain_statements(text)  # plain DuckDB SQL: no sqlglot parse, DuckDB reads it
         from sqlglot.tokens import TokenType
 
-        from .dialect import _DIALECT
+        from .dialect import _DIALECT, parse_script
+
+        if "${" not in text:
+            return parse_script(text)
 
         bounds, start = [], 0
         for tok in _DIALECT.tokenize(text):
@@ -168,6 +170,8 @@ class Session:
 
     def _thunk(self, text: str, a: int, b: int):
         def parse() -> list[Statement]:
+            from .dialect import parse_script
+
             chunk = text[a:b]
             line0 = text.count("\n", 0, a)
             try:
@@ -289,6 +293,8 @@ class Session:
             path = self.registry.local_path(mv)
             model = TrainedModel.load(path)
             tf = path / TRANSFORM_FILE
+            from .transform import FittedTransform
+
             transform = FittedTransform.from_json(tf.read_text()) if tf.exists() else None
             meta_path = path / META_FILE
             meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -417,6 +423,8 @@ class Session:
         transform = None
         features = data
         if step.transform:
+            from .transform import fit_transform
+
             transform = fit_transform(step.transform, raw_name, data.column_names, self.engine.query)
             features = self.engine.query(transform.select_sql(raw_name, data.column_names))
         fp = self.engine.fingerprint(raw_name)

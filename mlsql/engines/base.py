@@ -15,8 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-
+from .._lazy import pyarrow as pa  # imported by the first statement, not by connect()
 from ..errors import MLSQLError, did_you_mean
 
 if TYPE_CHECKING:

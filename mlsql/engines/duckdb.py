@@ -24,8 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pyarrow as pa
-
+from .._lazy import pyarrow as pa  # imported by the first statement, not by connect()
 from ..errors import EngineError, UnknownTableError, WorkspaceError
 from ..locks import DEFAULT_TIMEOUT_S, FileLock
 from .base import Engine, Fetched, Fingerprint
