@@ -145,7 +145,8 @@ def bench_throughput(url, batch, seconds, clients=16, model="xgb", columns=None,
         raise RuntimeError(f"{model} batch {batch}: answer has {got} rows")
     body_file = Path(tmp or tempfile.gettempdir()) / f"body-{model}-{batch}.bin"
     body_file.write_bytes(body)
-    res = _loadgen(url, f"/v1/models/{model}/predict", clients, seconds, "POST", ctype, body_file, accept=accept)
+    res = _loadgen(url, f"/v1/models/{model}/predict", clients, seconds, "POST", ctype, body_file, token=TOKEN,
+                   accept=accept)
     return {"model": model, "clients": clients, "batch": batch, "body": "json" if batch == 1 else "columns",
             "load_generator": "bench/loadgen.py", "requests_per_s": res["requests_per_s"],
             "rows_per_s": res["requests_per_s"] * batch, "p50_ms": res["p50_ms"], "p99_ms": res["p99_ms"]}

@@ -678,8 +678,11 @@ def input_statistics(sample: pa.Table, inputs: list[dict]) -> dict[str, Any]:
         if spec["type"] == "string":
             vc = pc.value_counts(pc.fill_null(col.cast(pa.string()), "")).to_pylist()
             vc.sort(key=lambda d: -d["counts"])
+            top = {d["values"]: d["counts"] / max(n, 1) for d in vc[:20]}
+            # "values": training values the agent may show as written in its statistics; any
+            # other string a client sends appears only as a keyed hash (docs/DEVICE.md)
             stats[spec["name"]] = {"kind": "string", "null_rate": col.null_count / max(n, 1),
-                                   "top": {d["values"]: d["counts"] / max(n, 1) for d in vc[:20]}}
+                                   "top": top, "values": sorted(top)}
         else:
             x = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
             ok = x[~np.isnan(x)]
