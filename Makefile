@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) .ci/lock.py --check
 	$(PIP) install -r requirements.lock
-	$(PIP) install --no-deps -e .
+	$(PIP) install --no-deps -e ./device_bridge -e .
 	$(PY) -m pip check
 	$(PY) -m mlsql.kernel install --sys-prefix
 	touch $@

@@ -33,27 +33,35 @@ PYPROJECT = ROOT / "pyproject.toml"
 def _at(root: Path) -> None:
     global ROOT, LOCK, PYPROJECT
     ROOT, LOCK, PYPROJECT = root, root / "requirements.lock", root / "pyproject.toml"
-EXTRAS = ("lab", "data", "test", "torch")
+EXTRAS = ("lab", "data", "test", "torch", "spark")
 PINS = {"torch": "2.13.0"}  # the CPU build; see the module docstring
+OWN = ("mlsql", "mlsql-device")  # this repository's distributions: installed from the clone, never locked
+LOCAL = ["./device_bridge"]  # resolved from the clone, not the index
 
 
-def _pyproject() -> dict:
+def _toml(path: Path) -> dict:
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         from pip._vendor import tomli as tomllib
-    return tomllib.loads(PYPROJECT.read_text())
+    return tomllib.loads(path.read_text())
+
+
+def _pyproject() -> dict:
+    return _toml(PYPROJECT)
 
 
 def _requirements(project: dict) -> list[str]:
     reqs = list(project.get("dependencies", []))
+    reqs += _toml(ROOT / "device_bridge" / "pyproject.toml")["project"].get("dependencies", [])
     for extra in EXTRAS:
         reqs += project.get("optional-dependencies", {}).get(extra, [])
     return reqs
 
 
 def _digest(project: dict) -> str:
-    tables = {"dependencies": project.get("dependencies", []), "extras": list(EXTRAS),
+    device = _toml(ROOT / "device_bridge" / "pyproject.toml")["project"].get("dependencies", [])
+    tables = {"dependencies": project.get("dependencies", []), "extras": list(EXTRAS), "device": device,
               "optional-dependencies": {e: project.get("optional-dependencies", {}).get(e, []) for e in EXTRAS},
               "pins": PINS}
     return hashlib.sha256(json.dumps(tables, sort_keys=True).encode()).hexdigest()
@@ -83,12 +91,11 @@ def write() -> None:
         constraints.write_text("".join(f"{k}=={v}\n" for k, v in PINS.items()))
         report = Path(tmp) / "report.json"
         subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), "-c", str(constraints), f".[{','.join(EXTRAS)}]"],
+                        "--report", str(report), "-c", str(constraints), *LOCAL, f".[{','.join(EXTRAS)}]"],
                        cwd=ROOT, check=True)
         resolved = json.loads(report.read_text())["install"]
-    own = _canonical(project["name"])
     lines = sorted(f"{_canonical(i['metadata']['name'])}=={i['metadata']['version'].split('+')[0]}"
-                   for i in resolved if _canonical(i["metadata"]["name"]) != own)
+                   for i in resolved if _canonical(i["metadata"]["name"]) not in OWN)
     header = [
         "# The exact versions `make install` installs. Written by `make lock` (python .ci/lock.py); do not edit.",
         f"# extras: {','.join(EXTRAS)}; resolved for CPython {sys.version_info.major}.{sys.version_info.minor} "
@@ -112,7 +119,7 @@ def check() -> int:
         problems.append("pyproject.toml's dependencies changed since the lock was written")
     for text in _requirements(project):
         req = Requirement(text)
-        if req.marker is not None and not req.marker.evaluate():
+        if (req.marker is not None and not req.marker.evaluate()) or _canonical(req.name) in OWN:
             continue
         version = pins.get(_canonical(req.name))
         if version is None:

@@ -75,7 +75,8 @@ def test_lock_file_matches_pyproject_and_the_check_catches_drift(tmp_path):
     pins = dict(line.split("==") for line in (root / "requirements.lock").read_text().splitlines()
                 if "==" in line and not line.startswith("#"))
     assert pins["torch"] == "2.13.0" and {"duckdb", "sqlglot", "onnxruntime", "mlflow", "xgboost-cpu"} <= set(pins)
-    for f in ("pyproject.toml", "requirements.lock"):
+    (tmp_path / "device_bridge").mkdir()
+    for f in ("pyproject.toml", "requirements.lock", "device_bridge/pyproject.toml"):
         shutil.copy(root / f, tmp_path / f)
     py = tmp_path / "pyproject.toml"
     py.write_text(py.read_text().replace('"duckdb>=1.2",', '"duckdb>=1.2",\n  "left-pad>=1",'))
