@@ -34,7 +34,7 @@ _FRAME_TYPES = {
     ("polars", "DataFrame"),
     ("polars", "LazyFrame"),
 }
-MLSQL_SETTINGS = ("mlsql_engine", "mlsql_lock_timeout")
+MLSQL_SETTINGS = ("mlsql_engine", "mlsql_lock_timeout", "mlsql_dialect")
 TRANSFORM_FILE = "transform.json"
 META_FILE = "mlsql_meta.json"
 
@@ -61,10 +61,13 @@ class Session:
     """Runs MLSQL scripts. ``mlsql.connect()`` makes one; the notebook magic wraps one."""
 
     def __init__(self, workspace: str | Path | None = None, engine: str = "duckdb", *,
-                 namespace: dict | None = None):
+                 namespace: dict | None = None, **engine_conf):
         engine_class(engine)  # an unknown engine fails before the workspace is touched
         self.workspace = Workspace.open(workspace)
-        self.engine = open_engine(engine, self.workspace)
+        # e.g. master=, remote=, conf= for Spark; kept so SET mlsql_engine back to it reopens it alike
+        self._engine_conf = {str(engine).lower(): engine_conf} if engine_conf else {}
+        self.engine = open_engine(engine, self.workspace, **engine_conf)
+        self.sql_dialect: str | None = None  # SET mlsql_dialect: plain statements in the engine's own SQL
         self.registry = Registry(self.workspace)
         self.namespace = namespace
         self.progress = None  # factory(title, total) -> reporter with update(i, total, metrics), close()
@@ -194,8 +197,10 @@ class Session:
         temps: list[str] = []
         try:
             result = None
+            # the user's own text (not MLSQL's rendering of an ML statement) may be in the engine's dialect
+            own = self.sql_dialect if not stmt.is_ml else None
             for step in plan.steps:
-                result = self._run_step(step, params, autolimit, temps)
+                result = self._run_step(step, params, autolimit, temps, own)
         finally:
             for name in temps:
                 self.engine.unregister(name)
@@ -204,9 +209,10 @@ class Session:
         result.display_limit = self.display_limit
         return result
 
-    def _run_step(self, step, params, autolimit, temps: list[str]) -> Result | None:
+    def _run_step(self, step, params, autolimit, temps: list[str], dialect: str | None = None) -> Result | None:
         if isinstance(step, P.QueryStep):
-            got = self.engine.run(step.sql, _params_for(step.sql, params), limit=autolimit, line=step.line)
+            kw = {"dialect": dialect} if dialect else {}  # DuckDB's run() knows no dialect: it is never set there
+            got = self.engine.run(step.sql, _params_for(step.sql, params), limit=autolimit, line=step.line, **kw)
             truncated = bool(autolimit) and got.table.num_rows == autolimit
             return Result(got.table, truncated=truncated, python_rows=got.rows, pandas_frame=got.frame)
         if isinstance(step, P.MLStep):
@@ -255,10 +261,25 @@ class Session:
             want = "duckdb" if reset else str(step.value).lower()
             engine_class(want)  # unknown names fail with a suggestion
             if want != self.engine.name:
+                on_wait = self.on_wait
                 self.engine.close()
-                self.engine = open_engine(want, self.workspace)
+                self.engine = open_engine(want, self.workspace, **self._engine_conf.get(want, {}))
+                self.on_wait = on_wait
                 self._planner = P.Planner(self.engine.temp_name)
+                if self.sql_dialect and self.sql_dialect != self.engine.dialect:
+                    self.sql_dialect = None
             return Result(pa.table({}), message=f"mlsql_engine = '{want}'")
+        if name == "mlsql_dialect":
+            want = None if reset else str(step.value).lower()
+            if want in ("duckdb", "mlsql"):
+                want = None
+            if want is not None and want != self.engine.dialect:
+                raise OptionError(f"mlsql_dialect = '{want}': the {self.engine.name} engine reads MLSQL's "
+                                  f"(DuckDB) SQL{' or ' + repr(self.engine.dialect) if self.engine.dialect != 'duckdb' else ''}",
+                                  hint="SET mlsql_engine = 'spark' first to write Spark SQL directly.")
+            self.sql_dialect = want
+            return Result(pa.table({}), message=f"mlsql_dialect = '{want or 'duckdb'}'"
+                          + (" (plain statements go to the engine as written)" if want else ""))
         if name == "mlsql_lock_timeout":
             from .locks import DEFAULT_TIMEOUT_S
 
@@ -453,7 +474,10 @@ class Session:
                 "data_rows": rows,
                 "data_hash": data_hash,
                 "data_hash_algorithm": fp.algorithm,
-                "query_dialect": self.engine.dialect,
+                # the planner writes the training query in MLSQL's (DuckDB) SQL on every engine;
+                # each engine renders it for itself when it reads the rows again
+                "query_dialect": "duckdb",
+                "engine": self.engine.name,
             }
             (d / META_FILE).write_text(json.dumps(meta, indent=1))
             params_log = {k: v for k, v in raw.items()}

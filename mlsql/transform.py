@@ -41,6 +41,9 @@ class FittedTransform:
     input_columns: list[str] = field(default_factory=list)
     # for each output, the raw columns it reads
     reads: dict[str, list[str]] = field(default_factory=dict)
+    # the dialect the items are written in: every engine and the ONNX compiler read them in it
+    # (DuckDB's LOG(x) is base 10; rendered for Spark it becomes LOG(10, x), not Spark's natural log)
+    dialect: str = "duckdb"
 
     @property
     def output_columns(self) -> list[str]:
@@ -60,18 +63,22 @@ class FittedTransform:
                     available,
                     message=f"Input has no column '{missing[0]}', needed by TRANSFORM output '{name}'",
                 )
+            if self.dialect != "duckdb":  # engines read MLSQL's (DuckDB) SQL and render it themselves
+                sql = _parse(sql, self.dialect).sql("duckdb")
             parts.append(f"{sql} AS {exp.to_identifier(name).sql('duckdb')}")
         return f"SELECT {', '.join(parts)} FROM {source}"
 
     def to_json(self) -> str:
         return json.dumps(
-            {"items": self.items, "input_columns": self.input_columns, "reads": self.reads}, indent=1
+            {"items": self.items, "input_columns": self.input_columns, "reads": self.reads,
+             "dialect": self.dialect}, indent=1
         )
 
     @classmethod
     def from_json(cls, text: str) -> FittedTransform:
         d = json.loads(text)
-        return cls([tuple(i) for i in d["items"]], d.get("input_columns", []), d.get("reads", {}))
+        return cls([tuple(i) for i in d["items"]], d.get("input_columns", []), d.get("reads", {}),
+                   d.get("dialect", "duckdb"))
 
 
 def ml_call(node: exp.Expression) -> tuple[str, list[exp.Expression]] | None:
@@ -188,10 +195,10 @@ def _paren(e: exp.Expression) -> exp.Expression:
     return exp.paren(e.copy(), copy=False)
 
 
-def _parse(sql: str) -> exp.Expression:
+def _parse(sql: str, dialect: str = "duckdb") -> exp.Expression:
     import sqlglot
 
-    return sqlglot.parse_one(sql, read="duckdb")
+    return sqlglot.parse_one(sql, read=dialect)
 
 
 def _arg_literal(args: list[exp.Expression], i: int, default, where: str):

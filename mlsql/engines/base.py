@@ -24,8 +24,9 @@ if TYPE_CHECKING:
 # name -> "module:Class"; third-party engines register in the entry-point group "mlsql.engines"
 ENGINES = {
     "duckdb": "mlsql.engines.duckdb:DuckDBEngine",
+    "spark": "mlsql.engines.spark:SparkEngine",
 }
-EXTRAS = {}  # engine name -> the pip extra that brings its dependencies
+EXTRAS = {"spark": "spark"}  # engine name -> the pip extra that brings its dependencies
 
 
 @dataclass(frozen=True)
