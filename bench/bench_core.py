@@ -12,7 +12,13 @@
     cross-process lock, on a catalog of 100 tables, against a session that holds
     it open (target: < 2 ms added to a plain statement)
 
-``--only sharing`` (or parse_plan, import, aggregation, training) runs one part.
+(f) plain statements: median time of 1,000 small statements (a constant SELECT, a point
+    lookup, a 10-row CREATE TABLE AS, a SET) through MLSQL vs raw DuckDB on the same catalog
+    file (target: ≤ 0.5 ms added per statement), and ``import mlsql; mlsql.connect()`` vs
+    ``import duckdb; duckdb.connect()`` on a workspace with 20 models, each in a fresh process
+    (target: ≤ 0.2 s more)
+
+``--only sharing`` (or parse_plan, import, aggregation, training, plain) runs one part.
 
 Prints a table and writes bench/results/core.json.
 """
@@ -248,17 +254,88 @@ def bench_sharing(tables: int = 100, repeat: int = 400) -> dict:
             "target_added_ms": 2.0}
 
 
+PLAIN = {
+    "constant": "SELECT 42",
+    "point_lookup": "SELECT v FROM t7 WHERE id = 42",
+    "ctas_10_rows": "CREATE OR REPLACE TABLE small AS SELECT range AS i FROM range(10)",
+    "set": "SET threads = 2",
+}
+CONNECT_CHILD = """
+import sys, time, json
+t0 = time.perf_counter()
+if sys.argv[1] == "mlsql":
+    import mlsql
+    s = mlsql.connect(sys.argv[2])
+else:
+    import duckdb
+    c = duckdb.connect(sys.argv[2] + "/catalog.duckdb")
+print(json.dumps({"s": time.perf_counter() - t0}))
+"""
+
+
+def bench_plain(n: int = 1000, models: int = 20, runs: int = 7) -> dict:
+    """Small statements through Session.sql vs raw DuckDB on the same catalog file, and connect()."""
+    import duckdb
+
+    import mlsql
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Path(tmp) / "ws"
+        s = mlsql.connect(ws)
+        for i in range(10):
+            s.sql(f"CREATE TABLE t{i} AS SELECT range AS id, range * 2 AS v FROM range(1000)")
+        s.sql("CREATE TABLE d AS SELECT range::DOUBLE AS x, range * 2.0 AS y FROM range(100)")
+        for i in range(models):
+            s.sql(f"CREATE MODEL m{i} OPTIONS (model_type = 'linear_reg', input_label_cols = ['y']) AS SELECT * FROM d")
+
+        def median_ms(run) -> float:
+            for _ in range(50):
+                run()
+            times = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times) * 1000
+
+        ours = {k: median_ms(lambda q=q: s.sql(q).to_arrow()) for k, q in PLAIN.items()}
+        s.close()
+        raw = duckdb.connect(str(ws / "catalog.duckdb"))
+        def run_raw(q):
+            rel = raw.sql(q)  # DDL and SET run here and give no relation
+            return rel.to_arrow_table() if rel is not None else None
+
+        theirs = {k: median_ms(lambda q=q: run_raw(q)) for k, q in PLAIN.items()}
+        raw.close()
+
+        def fresh(kind: str) -> float:
+            out = []
+            for _ in range(runs):
+                p = subprocess.run([sys.executable, "-c", CONNECT_CHILD, kind, str(ws)], capture_output=True, text=True)
+                if p.returncode != 0:
+                    raise RuntimeError(p.stderr[-2000:])
+                out.append(json.loads(p.stdout.strip().splitlines()[-1])["s"])
+            return statistics.median(out)
+
+        connect_mlsql, connect_duckdb = fresh("mlsql"), fresh("duckdb")
+    added = {k: ours[k] - theirs[k] for k in PLAIN}
+    return {"statements": PLAIN, "repeat": n, "mlsql_ms": ours, "duckdb_ms": theirs, "added_ms": added,
+            "median_added_ms": statistics.median(added.values()), "target_added_ms": 0.5,
+            "models": models, "connect_mlsql_s": connect_mlsql, "connect_duckdb_s": connect_duckdb,
+            "connect_added_s": connect_mlsql - connect_duckdb, "target_connect_added_s": 0.2}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows-agg", type=int, default=10_000_000)
     ap.add_argument("--rows-train", type=int, default=5_000_000)
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     ap.add_argument("--out", default=str(HERE / "results" / "core.json"))
-    ap.add_argument("--only", choices=["parse_plan", "import", "aggregation", "training", "sharing"],
+    ap.add_argument("--only", choices=["parse_plan", "import", "aggregation", "training", "sharing", "plain"],
                     help="run one part and merge it into the saved results")
     args = ap.parse_args()
     if args.only:
-        fn = {"parse_plan": bench_parse_plan, "import": bench_import, "sharing": bench_sharing,
+        fn = {"parse_plan": bench_parse_plan, "import": bench_import, "sharing": bench_sharing, "plain": bench_plain,
               "aggregation": lambda: bench_aggregation(args.rows_agg),
               "training": lambda: bench_training(args.rows_train)}[args.only]
         part = fn()
@@ -283,9 +360,11 @@ def main() -> None:
     results["training"] = bench_training(args.rows_train)
     print("(e) shared workspace, per statement ...", flush=True)
     results["sharing"] = bench_sharing()
+    print("(f) plain statements and connect() ...", flush=True)
+    results["plain"] = bench_plain()
 
     pp, ag, tr, im = results["parse_plan"], results["aggregation"], results["training"], results["import"]
-    sh = results["sharing"]
+    sh, pl = results["sharing"], results["plain"]
     lines = [
         ("(a) parse+plan median per statement", f"{pp['median_ms']:.3f} ms", "< 1 ms", pp["median_ms"] < 1),
         ("(b) Session.sql / raw duckdb (10M agg)", f"{ag['ratio']:.3f}  ({ag['mlsql_s']*1000:.1f} vs {ag['raw_duckdb_s']*1000:.1f} ms)", "≤ 1.05", ag["ratio"] <= 1.05),
@@ -294,12 +373,16 @@ def main() -> None:
         ("(d) import mlsql + %load_ext mlsql", f"{im['import_and_load_ext_s']*1000:.0f} ms", "< 500 ms", im["import_and_load_ext_s"] < 0.5),
         ("(e) shared catalog, added per statement", f"{sh['added_ms']:.3f} ms  ({sh['shared_ms']:.2f} vs {sh['held_ms']:.2f} ms held)", "< 2 ms", sh["added_ms"] < 2),
         ("(e) ... attached for every statement", f"{sh['added_attach_each_ms']:.3f} ms  ({sh['attach_each_ms']:.2f} ms)", "—", True),
+        ("(f) plain statement, added (median of 4)", f"{pl['median_added_ms']:.3f} ms", "≤ 0.5 ms", pl["median_added_ms"] <= 0.5),
+        ("(f) import + connect(), added", f"{pl['connect_added_s']:.3f} s  ({pl['connect_mlsql_s']:.3f} vs {pl['connect_duckdb_s']:.3f} s)", "≤ 0.2 s", pl["connect_added_s"] <= 0.2),
     ]
     print()
     for name, value, target, ok in lines:
         print(f"{name:<44} {value:<36} target {target:<8} {'OK' if ok else 'MISSED'}")
     for k, v in pp["per_statement_ms"].items():
         print(f"    parse+plan {k:<18} {v:.3f} ms")
+    for k in pl["statements"]:
+        print(f"    plain {k:<14} {pl['mlsql_ms'][k]:.3f} ms MLSQL vs {pl['duckdb_ms'][k]:.3f} ms DuckDB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str))
     print(f"\nsaved {args.out}")
