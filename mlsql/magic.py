@@ -11,15 +11,21 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope
 from traitlets import Bool, Int, Unicode
 
-USAGE = """%%mlsql [-o NAME] [--engine ENGINE] [--workspace DIR] [--no-progress]
+USAGE = """%%mlsql [-o NAME] [--engine ENGINE] [--workspace DIR] [--limit N] [--no-progress]
 <statements separated by ;>
+%mlsql [options] <statement>
 
   -o, --out NAME     store the last result as a pandas DataFrame in NAME
   --engine ENGINE    run on this engine (default: MLSQLMagic.engine, 'duckdb')
   --workspace DIR    use this workspace folder (default: MLSQLMagic.workspace,
                      MLSQL_HOME or ./.mlsql)
+  --limit N          fetch at most N rows of the last result (default: MLSQLMagic.autolimit)
   --no-progress      no progress bar while training
-{name} in the SQL is bound as a query parameter from the notebook's variables."""
+
+{name} in the SQL is bound as a query parameter from the notebook's variable
+`name` (an unknown {name} is an error); ${name} is a script variable (SET VARIABLE).
+Configuration: %config MLSQLMagic.displaylimit = 50 (also autolimit, engine,
+workspace, progress). The language: docs/LANGUAGE.md."""
 
 
 @magics_class
@@ -53,7 +59,6 @@ class MLSQLMagic(Magics):
     @needs_local_scope
     @line_cell_magic
     def mlsql(self, line: str, cell: str | None = None, local_ns=None):
-        """Run MLSQL statements. See ``%mlsql?`` for options."""
         from .errors import MLSQLError
 
         opts, rest = _parse_options(line)
@@ -70,12 +75,19 @@ class MLSQLMagic(Magics):
             session.progress = _NotebookProgress if (self.progress and not opts.get("no_progress")) else None
             session.on_wait = notice = _WaitNotice()
             sql, params = bind_python_variables(sql, ns)
+            limit = opts.get("limit") or self.autolimit or None
             try:
-                result = session.sql(sql, params, autolimit=self.autolimit or None)
+                result = session.sql(sql, params, autolimit=limit)
             finally:
                 notice.done()
         except MLSQLError as exc:
             raise UsageError(str(exc)) from None
+        except KeyboardInterrupt:
+            # a statement stops where it was: nothing half-done is registered (a model is
+            # registered only after training ends), earlier statements of the cell stay done
+            raise UsageError("Interrupted. The statement that was running was stopped and left nothing "
+                             "behind (no half-trained model is registered); statements before it in the "
+                             "cell took effect.") from None
         if opts.get("out"):
             self.shell.user_ns[opts["out"]] = result.to_pandas()
         return result
@@ -85,7 +97,7 @@ def _parse_options(line: str) -> tuple[dict, str]:
     """Leading options of a magic line; the rest of the line is SQL, untouched."""
     opts: dict = {}
     rest = line.lstrip()
-    flags = {"-o": "out", "--out": "out", "--engine": "engine", "--workspace": "workspace"}
+    flags = {"-o": "out", "--out": "out", "--engine": "engine", "--workspace": "workspace", "--limit": "limit"}
     while rest.startswith("-") and not rest.startswith("-- ") and rest.strip() != "--":
         head, _, tail = rest.partition(" ")
         if head == "--no-progress":
@@ -104,6 +116,10 @@ def _parse_options(line: str) -> tuple[dict, str]:
             raise UsageError(f"Option {head} needs a value\n\n{USAGE}")
         opts[flags[key]] = value.strip("'\"")
         rest = rest.lstrip()
+    if "limit" in opts:
+        if not str(opts["limit"]).isdigit() or int(opts["limit"]) < 1:
+            raise UsageError(f"--limit takes a positive whole number of rows, got {opts['limit']!r}")
+        opts["limit"] = int(opts["limit"])
     return opts, rest
 
 
@@ -111,7 +127,7 @@ def bind_python_variables(sql: str, namespace: dict) -> tuple[str, dict]:
     """Turn ``{name}`` into the query parameter ``$name`` bound to the notebook's value.
 
     Values never enter the SQL text. Braces inside strings and DuckDB struct
-    literals (``{'a': 1}``) are left alone; so is an unknown ``{name}``.
+    literals (``{'a': 1}``) are left alone; an unknown ``{name}`` is a UsageError naming it.
     """
     if "{" not in sql:
         return sql, {}
@@ -125,8 +141,15 @@ def bind_python_variables(sql: str, namespace: dict) -> tuple[str, dict]:
         a, b, c = toks[i], toks[i + 1], toks[i + 2]
         if (a.token_type == TokenType.L_BRACE and c.token_type == TokenType.R_BRACE
                 and b.start == a.end + 1 and c.start == b.end + 1 and b.text.isidentifier()
-                and not (i > 0 and toks[i - 1].end + 1 == a.start and toks[i - 1].text == "$")
-                and b.text in namespace):
+                and not (i > 0 and toks[i - 1].end + 1 == a.start and toks[i - 1].text == "$")):
+            if b.text not in namespace:
+                import difflib
+
+                near = difflib.get_close_matches(b.text, [k for k in namespace if not k.startswith("_")], n=1)
+                line = sql.count("\n", 0, a.start) + 1
+                raise UsageError(f"{{{b.text}}} at line {line}: no notebook variable named '{b.text}'"
+                                 + (f". Did you mean {{{near[0]}}}?" if near else
+                                    ". Set it in a Python cell first, e.g. " + b.text + " = ..."))
             params[b.text] = namespace[b.text]
             edits.append((a.start, c.end + 1, f"${b.text}"))
     for start, end, text in reversed(edits):
@@ -148,6 +171,9 @@ def _tqdm():
     else:
         from tqdm.std import tqdm
     return tqdm
+
+
+MLSQLMagic.mlsql.__doc__ = "Run MLSQL statements.\n\n" + USAGE
 
 
 class _WaitNotice:

@@ -35,6 +35,9 @@ _FRAME_TYPES = {
     ("polars", "LazyFrame"),
 }
 MLSQL_SETTINGS = ("mlsql_engine", "mlsql_lock_timeout", "mlsql_dialect")
+# the STRUCT(... AS name) settings each ML table function reads; any other name is a typo
+ML_SETTINGS = {"PREDICT": ("threshold", "device"), "EXPLAIN_PREDICT": ("top_k_features", "threshold"),
+               "EVALUATE": ("threshold",), "CONFUSION_MATRIX": ("threshold",)}
 TRANSFORM_FILE = "transform.json"
 META_FILE = "mlsql_meta.json"
 
@@ -377,6 +380,11 @@ class Session:
         lm = self._load(step.model)
         model = lm.model
         s = {k.lower(): v for k, v in step.settings.items()}
+        allowed = ML_SETTINGS.get(func, ())
+        for key in s:
+            if key not in allowed:
+                raise UnknownOptionError(key, allowed, where=f"in ML.{func}'s STRUCT(...)") if allowed else \
+                    MLSQLError(f"ML.{func} takes no settings, got STRUCT(... AS {key})")
         if func == "PREDICT" and s.get("device"):
             from .deploy import remote_predict
 
@@ -691,7 +699,8 @@ class Session:
         })
         state = (f"already installed, re-activated with providers {opts['providers'] or ['cpu']}"
                  if r.get("installed") is not True and r.get("previous") == r.get("active")
-                 else f"version {r.get('active')} active, previous {r.get('previous')}")
+                 else f"version {r.get('active')} active, " + (f"previous {r.get('previous')}" if r.get("previous")
+                                                                else "no previous version"))
         return Result(table, kind="deploy", message=(
             f"Deployed {lm.version.ref} to {dev.name} ({state}); "
             f"runs on {placed}; first inference {rtt:.1f} ms round trip, {on_device:.2f} ms on the device"))

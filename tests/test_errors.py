@@ -161,3 +161,23 @@ def test_a_column_of_the_wrong_type_names_column_and_types(penguin_models):
               "40.0 AS bill_length_mm, 18.0 AS bill_depth_mm, 190 AS flipper_length_mm, 'male' AS sex))")
     # and nothing is lost: the model still answers good input
     assert s.sql("SELECT count(*) FROM ML.PREDICT(MODEL mass_model, TABLE penguins)").scalar() == 344
+
+
+def test_messages_a_user_reads_instead_of_silence_or_noise(penguin_models, tmp_path):
+    from mlsql.errors import EngineError, OptionError, UnknownOptionError
+
+    s = penguin_models
+    with pytest.raises(EngineError) as info:
+        s.sql("SELEC 42")
+    assert "Did you mean SELECT?" in str(info.value)
+    with pytest.raises(UnknownOptionError, match="Did you mean 'top_k_features'"):
+        s.sql("SELECT * FROM ML.EXPLAIN_PREDICT(MODEL species_model, TABLE penguins, STRUCT(3 AS top_k_feature))")
+    with pytest.raises(OptionError, match="gs:// is not supported"):
+        s.sql("EXPORT MODEL species_model OPTIONS (uri = 'gs://my-bucket/species.onnx')")
+    assert not (tmp_path / "gs:").exists() and not __import__("pathlib").Path("gs:").exists()
+    # BigQuery ML's backticked names
+    r = s.sql("""CREATE OR REPLACE MODEL `mydataset.penguin_reg` OPTIONS (model_type = 'linear_reg',
+                 input_label_cols = ['body_mass_g']) AS SELECT bill_length_mm, body_mass_g FROM penguins
+                 WHERE body_mass_g IS NOT NULL""")
+    assert "Created model mydataset.penguin_reg version 1" in r.message
+    assert s.sql("SELECT count(*) FROM ML.PREDICT(MODEL `mydataset.penguin_reg`, TABLE penguins)").scalar() == 344

@@ -88,3 +88,20 @@ def test_workspace_option(ip, tmp_path):
 
     with pytest.raises(UsageError, match="only_here"):
         ip.run_line_magic("mlsql", "SELECT * FROM only_here")
+
+
+def test_limit_option_unbound_variables_and_usage(ip):
+    from IPython.core.error import UsageError
+
+    r = ip.run_cell_magic("mlsql", "--limit 3", "SELECT range AS i FROM range(100)")
+    assert len(r) == 3 and r.truncated
+    with pytest.raises(UsageError, match="--limit takes a positive whole number"):
+        ip.run_cell_magic("mlsql", "--limit x", "SELECT 1")
+    ip.user_ns["airport"] = "JFK"
+    with pytest.raises(UsageError) as info:
+        ip.run_cell_magic("mlsql", "", "SELECT 1 AS a,\n  {airpot} AS b")
+    assert "{airpot} at line 2: no notebook variable named 'airpot'. Did you mean {airport}?" in str(info.value)
+    assert ip.run_cell_magic("mlsql", "", "SELECT {airport} AS a, {'k': 1} AS s").fetchall() == [("JFK", {"k": 1})]
+    doc = ip.find_line_magic("mlsql").__doc__
+    for option in ("-o, --out", "--engine", "--workspace", "--limit", "--no-progress", "{name}", "%config"):
+        assert option in doc, option

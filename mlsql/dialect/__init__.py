@@ -39,6 +39,8 @@ MLSQL_SETTING_PREFIX = "mlsql_"  # SET mlsql_engine = 'duckdb': DuckDB has no se
 class MLSQLTokenizer(DuckDB.Tokenizer):
     # DuckDB's tokenizer reads EXPLAIN as an opaque command; MLSQL parses what follows it.
     KEYWORDS = {**DuckDB.Tokenizer.KEYWORDS, "EXPLAIN": TokenType.VAR}
+    # BigQuery ML users quote names with backticks (`mydataset.penguin_model`)
+    IDENTIFIERS = ['"', "`"]
 
 
 class MLSQLParser(DuckDB.Parser):

@@ -32,6 +32,12 @@ from .base import Engine, Fetched, Fingerprint
 _MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
 _LINE = re.compile(r"^LINE (\d+):", re.M)
 _UNKNOWN_SETTING = re.compile(r'unrecognized configuration parameter "([^"]+)"')
+_SYNTAX_AT = re.compile(r'syntax error at or near "([^"]+)"')
+# words a statement starts with, for a did-you-mean on a mistyped first word ("SELEC 42")
+_STATEMENT_WORDS = ("SELECT", "WITH", "FROM", "VALUES", "CREATE", "INSERT", "UPDATE", "DELETE", "DROP", "ALTER",
+                    "COPY", "EXPLAIN", "DESCRIBE", "SUMMARIZE", "PIVOT", "UNPIVOT", "SHOW", "SET", "RESET", "ATTACH",
+                    "DETACH", "INSTALL", "LOAD", "PRAGMA", "CALL", "EXPORT", "IMPORT", "VACUUM", "CHECKPOINT",
+                    "BEGIN", "COMMIT", "ROLLBACK", "USE", "TRUNCATE", "MERGE", "DEPLOY")
 ALIAS = "workspace"  # the catalog's name while attached: current_database() in a session
 IDLE_RELEASE_S = 0.25
 
@@ -247,6 +253,15 @@ class DuckDBEngine(Engine):
             msg += _locate(msg, sql)
         if line > 1:  # DuckDB counts lines from the statement; users read the script
             msg = _LINE.sub(lambda m: f"LINE {int(m.group(1)) + line - 1}:", msg)
+        near = _SYNTAX_AT.search(msg)
+        if near and sql:
+            first = sql.split(None, 1)[0].upper() if sql.split() else ""
+            if near.group(1).upper() == first and first not in _STATEMENT_WORDS:
+                from ..errors import did_you_mean
+
+                guess = did_you_mean(first, _STATEMENT_WORDS)
+                if guess:
+                    return EngineError(msg, hint=f"Did you mean {guess}?")
         setting = _UNKNOWN_SETTING.search(msg)
         if setting:
             name = setting.group(1)

@@ -51,6 +51,12 @@ def resolve_export_options(raw: dict) -> dict:
         if k not in EXPORT_OPTIONS:
             raise UnknownOptionError(k, EXPORT_OPTIONS, where="in EXPORT MODEL OPTIONS")
         opts[k] = v
+    uri = opts.get("uri")
+    if uri is not None:
+        scheme = str(uri).split("://", 1)[0].lower() if "://" in str(uri) else ""
+        if scheme and scheme != "file":
+            raise OptionError(f"uri = {uri!r}: {scheme}:// is not supported; MLSQL writes exports to local "
+                              "paths (copy the file to cloud storage afterwards)")
     if str(opts["format"]).lower() != "onnx":
         raise OptionError(f"EXPORT MODEL format = {opts['format']!r} is not supported; use 'onnx'")
     for key, allowed in (("quantize", QUANTIZE), ("tree_format", TREE_FORMATS)):
