@@ -205,7 +205,8 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
         rss_bound_mb: float = 400.0, workdir: Path | None = None) -> dict:
     tmp = Path(workdir or tempfile.mkdtemp(prefix="mlsql-fuzz-"))
     keys = make_keys(tmp / "keys")
-    hub = Proc(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN, "--body-timeout", "1"],
+    hub = Proc(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN, "--body-timeout", "1",
+                "--enroll-open"],  # the agent enrolls itself (its own hub credential)
                tmp / "ready-hub.json")
     store = tmp / "agent"
     trust(store, keys)

@@ -27,8 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-cert")
     s.add_argument("--tls-key")
     s.add_argument("--hub", help="hub URL to poll for desired state")
-    s.add_argument("--hub-token", default=os.environ.get("MLSQL_HUB_TOKEN"),
-                   help="token for the hub (default: the device token)")
+    s.add_argument("--hub-token", default=os.environ.get("MLSQL_AGENT_HUB_TOKEN"),
+                   help="this agent's own hub credential, from `mlsql-device hub enroll NAME` (or env "
+                        "MLSQL_AGENT_HUB_TOKEN); never the device token, never the hub's operator token")
+    s.add_argument("--hub-token-file",
+                   help="file holding this agent's hub credential (default STORE/hub_token; with --devices K, "
+                        "each device reads STORE/NAME-i/hub_token). Without one the agent asks the hub to "
+                        "enroll it, which a hub started with --enroll-open does, and keeps it there")
     s.add_argument("--hub-interval", type=float, default=1.0, help="seconds between hub polls")
     s.add_argument("--group", help="group to register with at the hub")
     s.add_argument("--keep-versions", type=int, default=3)
@@ -54,11 +59,25 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", help="write {devices: [{name, port, url}]} here once listening")
     s.add_argument("--fake-providers", help=argparse.SUPPRESS)  # tests: comma list of 'available' providers
 
-    h = sub.add_parser("hub", help="run the fleet hub")
+    h = sub.add_parser("hub", help="run the fleet hub (or: hub enroll NAME / hub revoke NAME --store DIR)",
+                       usage="mlsql-device hub [serve] --store DIR --token T [options]\n"
+                             "       mlsql-device hub enroll NAME --store DIR [--out FILE]\n"
+                             "       mlsql-device hub revoke NAME --store DIR")
+    h.add_argument("action", nargs="?", choices=["serve", "enroll", "revoke"], default="serve",
+                   help="serve (default): run the hub; enroll NAME: print (or --out) a fresh credential for "
+                        "agent NAME, replacing its earlier one; revoke NAME: refuse NAME's credential. "
+                        "enroll and revoke work on the hub's store, also while the hub runs")
+    h.add_argument("name", nargs="?", help="agent name (enroll, revoke)")
+    h.add_argument("--out", help="enroll: write the credential to this file (0600) instead of printing it")
     h.add_argument("--port", type=int, default=7000)
     h.add_argument("--host", default="127.0.0.1")
     h.add_argument("--store", required=True)
-    h.add_argument("--token", default=os.environ.get("MLSQL_HUB_TOKEN"))
+    h.add_argument("--token", "--operator-token", dest="token", default=os.environ.get("MLSQL_HUB_TOKEN"),
+                   help="the operator credential (or env MLSQL_HUB_TOKEN): desired state, rollouts, fleet "
+                        "reads, enrollment. Agents get their own (enroll)")
+    h.add_argument("--enroll-open", action="store_true",
+                   help="tests and development: an agent without a credential may enroll itself under a "
+                        "name that never had one (first come, first served)")
     h.add_argument("--tls-cert")
     h.add_argument("--tls-key")
     h.add_argument("--max-package-mb", type=float, default=256)
@@ -114,6 +133,19 @@ def serve(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("mlsql-device: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if args.hub_token and args.hub_token == args.token:
+        print("mlsql-device: the hub credential must not be the device token (enroll the agent: "
+              "mlsql-device hub enroll NAME)", file=sys.stderr)
+        return 2
+    if args.hub_token and args.devices > 1:
+        print("mlsql-device: --hub-token is one agent's credential; with --devices K each device reads its own "
+              "from STORE/NAME-i/hub_token (or enrolls itself at a hub started with --enroll-open)",
+              file=sys.stderr)
+        return 2
+    if args.hub_token_file and args.devices > 1:
+        print("mlsql-device: --hub-token-file is one agent's credential; with --devices K each device reads "
+              "STORE/NAME-i/hub_token", file=sys.stderr)
+        return 2
     scheme = "https" if args.tls_cert else "http"
     fake = [p.strip() for p in args.fake_providers.split(",")] if args.fake_providers else None
     items = []
@@ -128,7 +160,7 @@ def serve(args) -> int:
             max_json_bytes=int(args.max_json_mb * 1024 * 1024),
             breaker_window=args.breaker_window, breaker_min_requests=args.breaker_min_requests,
             breaker_threshold=args.breaker_threshold, hub_url=args.hub,
-            hub_token=args.hub_token or args.token, available_providers=fake, ort_threads=args.ort_threads)
+            hub_token=args.hub_token, available_providers=fake, ort_threads=args.ort_threads)
         try:
             core = AgentCore(cfg)
         except StoreError as exc:
@@ -143,21 +175,58 @@ def serve(args) -> int:
         items.append((_server(app, args), sock))
         devices.append({"name": name, "port": real_port, "url": url})
         if args.hub:
-            HubSync(core, args.hub, cfg.hub_token, url, args.hub_interval, group=args.group).start()
+            sync = HubSync(core, args.hub, cfg.hub_token, url, args.hub_interval, group=args.group,
+                           token_file=args.hub_token_file)
+            if sync.token and sync.token == args.token:
+                print(f"mlsql-device: {sync.token_file} holds the device token; the hub credential must "
+                      "be the agent's own (mlsql-device hub enroll NAME)", file=sys.stderr)
+                return 2
+            sync.start()
     _write_ready(args.ready_file, {"pid": os.getpid(), "devices": devices})
     print(json.dumps({"listening": devices}), flush=True)
     asyncio.run(_serve_all(items))
     return 0
 
 
+def hub_credential(args) -> int:
+    """``hub enroll NAME`` / ``hub revoke NAME``: on the hub's store, which a running hub reads again."""
+    from device_bridge.agent.hubsync import write_token_file
+    from device_bridge.errors import ApiError
+    from device_bridge.hub import Credentials
+
+    if not args.name:
+        print(f"mlsql-device hub {args.action}: name the agent (mlsql-device hub {args.action} NAME --store DIR)",
+              file=sys.stderr)
+        return 2
+    creds = Credentials(args.store)
+    try:
+        if args.action == "revoke":
+            had = creds.revoke(args.name)
+            print(json.dumps({"agent": args.name, "revoked": had}))
+            return 0
+        token = creds.enroll(args.name)
+    except ApiError as exc:
+        print(f"mlsql-device hub {args.action}: {exc.message}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_token_file(args.out, token)
+        print(json.dumps({"agent": args.name, "token_file": str(args.out)}))
+    else:
+        print(token)
+    return 0
+
+
 def hub(args) -> int:
     from device_bridge.hub import create_hub_app
 
+    if args.action != "serve":
+        return hub_credential(args)
     if not args.token:
-        print("mlsql-device hub: --token (or MLSQL_HUB_TOKEN) is required", file=sys.stderr)
+        print("mlsql-device hub: --token (or MLSQL_HUB_TOKEN) is required: the operator credential",
+              file=sys.stderr)
         return 2
     app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
-                         body_timeout=args.body_timeout)
+                         body_timeout=args.body_timeout, enroll_open=args.enroll_open)
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     scheme = "https" if args.tls_cert else "http"

@@ -5,7 +5,8 @@ Servers raise :class:`ApiError` (status, message, ``kind``); every JSON error an
 :class:`DeviceError` subclass of its kind (``error_for_status``), so callers (rollout,
 ``mlsql.deploy.wrap``) branch on the type or on ``.kind``, never on the message text.
 
-Kinds: ``auth``, ``not_found``, ``method``, ``request`` (malformed call), ``invalid_input``
+Kinds: ``auth`` (no or wrong credential), ``forbidden`` (a valid credential that may not make
+this call: an agent's hub credential outside its own ``/v1/agents/{name}/...``), ``not_found``, ``method``, ``request`` (malformed call), ``invalid_input``
 (data that does not fit the model), ``model_input`` (the model failed on this request's
 data), ``package``, ``untrusted`` (no trusted key / key not trusted), ``version`` (an
 older version refused by the anti-rollback policy), ``conflict``, ``too_large``,
@@ -49,6 +50,10 @@ class DeviceAuthError(DeviceError):
     """401/403: missing or wrong token."""
 
 
+class DeviceForbiddenError(DeviceAuthError):
+    """403 ``forbidden``: the credential is valid but not for this call (an agent acting for another)."""
+
+
 class DeviceNotFoundError(DeviceError):
     """404: unknown model, version or route."""
 
@@ -90,7 +95,7 @@ class RolloutError(DeviceError):
 
 
 _BY_KIND: dict[str, type[DeviceError]] = {
-    "auth": DeviceAuthError, "not_found": DeviceNotFoundError,
+    "auth": DeviceAuthError, "forbidden": DeviceForbiddenError, "not_found": DeviceNotFoundError,
     "invalid_input": InvalidInputError, "model_input": InvalidInputError,
     "too_large": RequestTooLargeError, "package": PackageRejectedError, "untrusted": UntrustedKeyError,
     "version": VersionRefusedError, "suspended": DeviceUnavailableError, "busy": DeviceUnavailableError,

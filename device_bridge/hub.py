@@ -3,15 +3,27 @@
 Agents (``mlsql-device serve --hub URL``) register, poll ``GET /v1/agents/{name}/desired``,
 pull ``GET /v1/blobs/{sha256}``, and push ``POST /v1/agents/{name}/report`` (status +
 buffered telemetry). Operators (HubClient, rollout) upload packages and set desired state.
-Every call needs the hub token. State (agents, groups, desired) is one JSON file
+
+Two kinds of credential. The operator token (``--token``) may do everything. Each agent has
+its own credential, enrolled once (``POST /v1/agents/{name}/enroll`` by the operator, or
+``mlsql-device hub enroll NAME --store DIR``), kept at the hub only as a sha256 in
+``STORE/credentials.json``, and revocable: it opens only that agent's own paths
+(``/v1/agents/{name}/register|desired|report``) and the packages its desired state names;
+anything else is 403 ``forbidden``. What an agent reports is attributed to the credential's
+name, never to a name from the body. State (agents, groups, desired) is one JSON file
 replaced atomically; blobs are files named by their sha256.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
+import hmac
 import json
+import os
 import re
+import secrets
 import threading
 import time
 from collections import deque
@@ -39,7 +51,7 @@ class HubError(ApiError):
 
     def __init__(self, status: int, message: str, kind: str | None = None):
         if kind is None:
-            kind = {401: "auth", 404: "not_found", 409: "conflict", 413: "too_large"}.get(status, "request")
+            kind = {401: "auth", 403: "forbidden", 404: "not_found", 409: "conflict", 413: "too_large"}.get(status, "request")
         super().__init__(status, message, kind)
 
 
@@ -55,6 +67,108 @@ def _opt_name(v, what: str) -> str | None:
     if not isinstance(v, str) or not _NAME.match(v):
         raise HubError(400, f"{what} must be a name (letters, digits, '_', '.', '-'), got {type(v).__name__}")
     return v
+
+
+def _digest(token: bytes) -> str:
+    return hashlib.sha256(token).hexdigest()
+
+
+class Credentials:
+    """The agents' hub credentials: ``STORE/credentials.json`` maps a name to the sha256 of its
+    token (random, 256 bits, so an unsalted hash is enough) or to a revocation. The file is read
+    again whenever it changes, so ``mlsql-device hub enroll/revoke`` works on a running hub;
+    writers (hub and CLI) hold ``credentials.lock``."""
+
+    def __init__(self, store: str | Path):
+        self.path = Path(store) / "credentials.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sig: tuple | None = None
+        self._entries: dict[str, dict] = {}
+        self._by_hash: dict[str, str] = {}
+        self._mu = threading.Lock()
+
+    def _read(self) -> dict[str, dict]:
+        try:
+            data = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:  # never start open because the file is damaged
+            raise HubError(500, f"cannot read {self.path}: {exc}", "store") from None
+        return data if isinstance(data, dict) else {}
+
+    def _fresh(self) -> dict[str, dict]:
+        try:
+            st = os.stat(self.path)
+            sig = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            sig = None
+        with self._mu:
+            if sig != self._sig or (sig is None and self._entries):
+                entries = self._read()
+                self._entries = entries
+                self._by_hash = {e["sha256"]: n for n, e in entries.items()
+                                 if isinstance(e, dict) and isinstance(e.get("sha256"), str)}
+                self._sig = sig
+            return self._entries
+
+    def who(self, token: bytes) -> str | None:
+        """The agent this token belongs to (None: no enrolled agent holds it)."""
+        self._fresh()
+        name = self._by_hash.get(_digest(token))
+        entry = self._entries.get(name) if name else None
+        if entry and hmac.compare_digest(entry.get("sha256", ""), _digest(token)):
+            return name
+        return None
+
+    def state(self, name: str) -> str | None:
+        """``enrolled``, ``revoked`` or None (never enrolled)."""
+        e = self._fresh().get(name)
+        if not isinstance(e, dict):
+            return None
+        return "enrolled" if e.get("sha256") else "revoked"
+
+    def _update(self, fn):
+        lock = self.path.with_suffix(".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            entries = self._read()
+            out = fn(entries)
+            data = json.dumps(entries, sort_keys=True, indent=1).encode()
+            tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(4)}.tmp")
+            wfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(wfd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        finally:
+            os.close(fd)  # closing releases the lock
+        self._fresh()
+        return out
+
+    def enroll(self, name: str, *, only_new: bool = False) -> str:
+        """A fresh token for ``name`` (replacing any earlier one). ``only_new``: refuse a name that
+        holds or held a credential (open enrollment must not take over, or undo a revocation)."""
+        if not _NAME.match(name or ""):
+            raise HubError(400, f"bad agent name {name!r}")
+        token = "mlsqlhub_" + secrets.token_urlsafe(32)
+
+        def put(entries):
+            if only_new and name in entries:
+                raise HubError(409, f"agent {name!r} is already enrolled (or was revoked); open enrollment "
+                                    "takes only new names: the operator enrolls it again", "conflict")
+            entries[name] = {"sha256": _digest(token.encode()), "enrolled_at": time.time()}
+        self._update(put)
+        return token
+
+    def revoke(self, name: str) -> bool:
+        """Refuse ``name``'s credential from now on; False when it had none."""
+        def drop(entries):
+            had = isinstance(entries.get(name), dict) and bool(entries[name].get("sha256"))
+            entries[name] = {"revoked_at": time.time()}
+            return had
+        return self._update(drop)
 
 
 class HubState:
@@ -163,13 +277,10 @@ class HubState:
                                           and all(isinstance(p, str) for p in providers)):
             raise HubError(400, "providers must be a list of names")
         with self.lock:
+            # the agent's declared group counts where the operator has not listed the group's
+            # members (POST /v1/groups/{g}); an agent never edits such a list
             self.state["agents"][name] = {"url": url, "group": group,
                                           "providers": providers, "registered_at": time.time()}
-            g = group
-            if isinstance(g, str) and g:
-                members = self.state["groups"].setdefault(g, [])
-                if name not in members:
-                    members.append(name)
             self.save()
         return {"ok": True}
 
@@ -188,7 +299,7 @@ class HubState:
                     if isinstance(ev, dict) and isinstance(ev.get("seq"), int) \
                             and ev["seq"] > self.event_seq.get(name, 0):
                         self.event_seq[name] = ev["seq"]
-                        self.events.append({"agent": name, **ev})
+                        self.events.append({**ev, "agent": name})  # the credential's name wins
         self.reports[name] = {"status": body.get("status"), "errors": body.get("errors"),
                               "url": body.get("url"), "last_seen": time.time(),
                               "telemetry": hist[-1] if hist else None}
@@ -201,17 +312,69 @@ class HubState:
         rep = self.reports.get(name, {})
         if info is None and not rep:
             raise HubError(404, f"unknown agent {name!r}")
+        seen = rep.get("last_seen")
         return {"name": name, **(info or {}), "desired": self.state["desired"].get(name, {}),
-                "status": rep.get("status"), "errors": rep.get("errors"), "last_seen": rep.get("last_seen"),
+                "status": rep.get("status"), "errors": rep.get("errors"), "last_seen": seen,
+                # seconds since the last report, by the hub's clock: a rollout counts only reports
+                # made after it set the desired state, whatever the two machines' clocks say
+                "age_s": None if seen is None else max(0.0, time.time() - seen),
                 "telemetry": rep.get("telemetry")}
 
 
 def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
-                   body_timeout: float = 120.0) -> Starlette:
+                   body_timeout: float = 120.0, enroll_open: bool = False) -> Starlette:
+    """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
+    without a credential, under a name that never had one."""
+    if not token:
+        raise ValueError("the hub needs an operator token")
     hub = HubState(store, max_package_bytes)
+    creds = Credentials(store)
+    operator_b = token.encode()
     budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
-    _endpoint = web.endpoint_factory(token.encode(), budget=budget)
-    endpoint = _endpoint(True)  # every hub call needs the hub token
+    endpoint = web.endpoint_factory(operator_b, budget=budget)
+
+    def caller(request) -> str | None:
+        """None for the operator, else the name of the agent whose credential this is (401 otherwise)."""
+        tok = web.bearer(request)
+        if tok:
+            if hmac.compare_digest(tok, operator_b):
+                request.scope["mlsql.caller"] = None
+                return None
+            name = creds.who(tok)
+            if name is not None:
+                request.scope["mlsql.caller"] = name
+                return name
+        raise HubError(401, "missing or wrong token (Authorization: Bearer <token>: the operator token, "
+                            "or the agent's own credential from enrollment)", "auth")
+
+    def operator(request) -> None:
+        name = caller(request)
+        if name is not None:
+            raise HubError(403, f"agent {name!r}'s credential opens only /v1/agents/{name}/...; "
+                                f"{request.method} {request.url.path} needs the operator token", "forbidden")
+
+    def own(operator_too: bool):
+        def check(request) -> None:
+            name = caller(request)
+            target = request.path_params.get("name")
+            if name is None:
+                if not operator_too:
+                    raise HubError(403, f"{request.method} {request.url.path} is the agent's own call: "
+                                        "it needs that agent's credential, not the operator token", "forbidden")
+                return
+            if name != target:
+                raise HubError(403, f"agent {name!r}'s credential opens only /v1/agents/{name}/..., "
+                                    f"not {request.url.path}", "forbidden")
+        return check
+
+    def blob_reader(request) -> None:
+        name = caller(request)
+        if name is None:
+            return
+        sha = request.path_params["sha"]
+        wanted = {e.get("sha256") for e in hub.state["desired"].get(name, {}).values() if isinstance(e, dict)}
+        if sha not in wanted:
+            raise HubError(403, f"agent {name!r} may download only the packages of its desired state", "forbidden")
 
     async def body_json(request: Request, limit: int = 16 * 1024 * 1024) -> dict:
         raw = await web.read_body(request, limit, body_timeout, budget)
@@ -226,46 +389,72 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             raise HubError(400, f"bad agent name {name!r}")
         return name
 
-    @endpoint
+    def view(name: str) -> dict:
+        return {**hub.agent_view(name), "credential": creds.state(name)}
+
+    @endpoint(operator)
     async def put_blob(request):
         data = await web.read_body(request, hub.max_package_bytes, body_timeout, budget)
         return JSONAnswer(await run_in_threadpool(hub.put_blob, data))
 
-    @endpoint
+    @endpoint(blob_reader)
     async def get_blob(request):
         sha = request.path_params["sha"]
         if not _SHA.match(sha) or not (hub.store / "blobs" / sha).exists():
             raise HubError(404, f"no blob {sha}")
         return FileResponse(hub.store / "blobs" / sha, media_type="application/octet-stream")
 
-    @endpoint
+    @endpoint(own(operator_too=False))
     async def register(request):
         return JSONAnswer(hub.register(agent_name(request), await body_json(request)))
 
-    @endpoint
+    @endpoint(own(operator_too=True))
     async def desired(request):
         name = agent_name(request)
         return JSONAnswer({"agent": name, "models": hub.state["desired"].get(name, {})})
 
-    @endpoint
+    @endpoint(own(operator_too=False))
     async def report(request):
         return JSONAnswer(hub.report(agent_name(request), await body_json(request)))
 
-    @endpoint
+    @endpoint(False)
+    async def enroll(request):
+        name = agent_name(request)
+        try:
+            who, known = caller(request), True
+        except HubError:
+            who, known = None, False
+        if known and who is None:  # the operator: a fresh credential, replacing any earlier one
+            tok = await run_in_threadpool(creds.enroll, name)
+        elif enroll_open:  # dev/tests: first come, first served, never over a name that has (had) one
+            tok = await run_in_threadpool(functools.partial(creds.enroll, name, only_new=True))
+        elif known:
+            raise HubError(403, f"agent {who!r} cannot enroll agents: the operator does", "forbidden")
+        else:
+            raise HubError(401, "enrolling an agent needs the operator token (or a hub started with "
+                                "--enroll-open, for tests and development)", "auth")
+        return JSONAnswer({"agent": name, "token": tok})
+
+    @endpoint(operator)
+    async def revoke(request):
+        name = agent_name(request)
+        return JSONAnswer({"agent": name, "revoked": await run_in_threadpool(creds.revoke, name)})
+
+    @endpoint(operator)
     async def agents(request):
         names = sorted(set(hub.state["agents"]) | set(hub.reports))
-        return JSONAnswer({"agents": [hub.agent_view(n) for n in names]})
+        return JSONAnswer({"agents": [view(n) for n in names]})
 
-    @endpoint
+    @endpoint(operator)
     async def agent(request):
-        return JSONAnswer(hub.agent_view(agent_name(request)))
+        return JSONAnswer(view(agent_name(request)))
 
-    @endpoint
+    @endpoint(operator)
     async def set_desired(request):
         body = await body_json(request)
         return JSONAnswer(await run_in_threadpool(hub.set_desired, body))
 
-    @endpoint
+    @endpoint(operator)
     async def set_group(request):
         body = await body_json(request)
         group = _opt_name(request.path_params["group"], "group")
@@ -275,11 +464,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             hub.save()
         return JSONAnswer({"group": group, "devices": devices})
 
-    @endpoint
+    @endpoint(operator)
     async def events(request):
         return JSONAnswer({"events": list(hub.events)})
 
-    @endpoint
+    @endpoint(operator)
     async def blobs(request):
         return JSONAnswer({"blobs": list(hub.state["blobs"].values())})
 
@@ -289,6 +478,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         Route("/v1/blobs/{sha}", get_blob, methods=["GET"]),
         Route("/v1/agents", agents, methods=["GET"]),
         Route("/v1/agents/{name}", agent, methods=["GET"]),
+        Route("/v1/agents/{name}/enroll", enroll, methods=["POST"]),
+        Route("/v1/agents/{name}/credential", revoke, methods=["DELETE"]),
         Route("/v1/agents/{name}/register", register, methods=["POST"]),
         Route("/v1/agents/{name}/desired", desired, methods=["GET"]),
         Route("/v1/agents/{name}/report", report, methods=["POST"]),
@@ -298,4 +489,5 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: web.not_found_or_method})
     app.state.hub = hub
+    app.state.credentials = creds
     return app

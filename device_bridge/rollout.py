@@ -14,6 +14,10 @@ telemetry from the hub and checks the gates:
 
 A failed gate stops the rollout and puts the wave's devices back on what they had
 (the hub's previous desired state; ``absent`` when the model is new to them).
+
+Only reports the hub received after the wave's desired state was set count (the hub's
+``age_s`` of each agent's last report, so no clock is compared across machines): a device that
+went offline cannot pass a wave on what it reported before.
 """
 
 from __future__ import annotations
@@ -156,16 +160,17 @@ def rollout(hub: HubClient, model: str, package: bytes, devices: list[str], *,
         report.waves.append(res)
         before = {d: ((hub.agent(d).get("status") or {}).get(model) or {}).get("active") for d in wave}
         hub.set_desired(model, sha256=sha, devices=wave, providers=providers, strict_providers=strict_providers)
+        t_set = time.monotonic()
         say(f"wave {i}: {len(wave)} device(s) -> {model} v{version}")
-        pending = _wait_active(hub, model, version, sha, wave, activation_timeout, poll, res)
+        pending = _wait_active(hub, model, version, sha, wave, activation_timeout, poll, res, t_set)
         if pending:
             res.failures.append(f"not active within {activation_timeout:.0f}s on: {', '.join(sorted(pending))}")
-        else:
+        if not res.failures:  # every device runs the version: let traffic flow, then check the gates
             if on_wave is not None:
                 on_wave(i, wave)
             if observe_s:
                 time.sleep(observe_s)
-            entries = _gather(hub, model, version, wave, min_requests, telemetry_timeout, poll, res)
+            entries = _gather(hub, model, version, wave, min_requests, telemetry_timeout, poll, res, t_set)
             failures, metrics = evaluate_gates(entries, stats, max_error_rate=max_error_rate,
                                                max_p95_ms=max_p95_ms, required_provider=required_provider,
                                                max_drift=max_drift)
@@ -174,7 +179,7 @@ def rollout(hub: HubClient, model: str, package: bytes, devices: list[str], *,
         if res.failures:
             say(f"wave {i} failed: {'; '.join(res.failures)}; rolling back")
             hub.set_desired(model, devices=wave, restore_previous=True)
-            back = _wait_restored(hub, model, before, activation_timeout, poll)
+            back = _wait_restored(hub, model, before, activation_timeout, poll, time.monotonic())
             res.status = "rolled_back" if not back else "failed"
             if back:
                 res.failures.append(f"rollback not confirmed on: {', '.join(sorted(back))}")
@@ -187,11 +192,19 @@ def rollout(hub: HubClient, model: str, package: bytes, devices: list[str], *,
     return report
 
 
-def _wait_active(hub, model, version, sha, wave, timeout, poll, res) -> set[str]:
+def _fresh_status(hub, since: float) -> dict[str, dict]:
+    """The hub's agents whose last report came after ``since`` (time.monotonic() here): the others
+    are left out, as if they had not reported yet."""
+    window = time.monotonic() - since  # taken before asking: an age under it is a later report
+    return {d: a for d, a in hub.status().items()
+            if "age_s" not in a or (a["age_s"] is not None and a["age_s"] < window)}
+
+
+def _wait_active(hub, model, version, sha, wave, timeout, poll, res, since) -> set[str]:
     pending = set(wave)
     deadline = time.time() + timeout
     while pending and time.time() < deadline:
-        status = hub.status()
+        status = _fresh_status(hub, since)
         for d in list(pending):
             a = status.get(d) or {}
             st = ((a.get("status") or {}).get(model)) or {}
@@ -210,30 +223,36 @@ def _wait_active(hub, model, version, sha, wave, timeout, poll, res) -> set[str]
     return pending
 
 
-def _gather(hub, model, version, wave, min_requests, timeout, poll, res) -> dict[str, dict]:
+def _gather(hub, model, version, wave, min_requests, timeout, poll, res, since) -> dict[str, dict]:
     deadline = time.time() + timeout
     entries: dict[str, dict] = {}
     while True:
-        status = hub.status()
+        status = _fresh_status(hub, since)
         entries = {}
         for d in wave:
             e = _version_entry((status.get(d) or {}).get("telemetry"), model, version)
             if e is not None:
                 entries[d] = e
-        short = [d for d in wave if entries.get(d, {}).get("requests", 0) < min_requests]
-        if not short or time.time() > deadline:
+        # a device with no telemetry for the version passes no gate (it would be left out of them)
+        missing = [d for d in wave if d not in entries]
+        short = [d for d in wave if d in entries and entries[d].get("requests", 0) < min_requests]
+        if not (short or missing) or time.time() > deadline:
+            if missing:
+                res.failures.append(f"no telemetry for version {version} reported by: {', '.join(sorted(missing))}")
             if short:
                 res.failures.append(f"fewer than {min_requests} requests reported by: {', '.join(sorted(short))}")
             return entries
         time.sleep(poll)
 
 
-def _wait_restored(hub, model, before: dict[str, int | None], timeout, poll) -> set[str]:
+def _wait_restored(hub, model, before: dict[str, int | None], timeout, poll, since) -> set[str]:
     pending = set(before)
     deadline = time.time() + timeout
     while pending and time.time() < deadline:
-        status = hub.status()
+        status = _fresh_status(hub, since)
         for d in list(pending):
+            if d not in status:
+                continue
             st = ((status.get(d) or {}).get("status") or {}).get(model)
             active = st.get("active") if st else None
             if active == before[d]:

@@ -95,11 +95,17 @@ def parse_json(body: bytes, max_containers: int | None = None, nonfinite_as_null
         raise ApiError(400, f"malformed JSON: {str(exc)[:200]}") from None
 
 
-def bearer_ok(request: Request, token_b: bytes) -> bool:
+def bearer(request: Request) -> bytes | None:
+    """The bearer token of the request, or None."""
     h = request.headers.get("authorization", "")
     if not h.lower().startswith("bearer "):
-        return False
-    return hmac.compare_digest(h[7:].strip().encode("utf-8", "replace"), token_b)
+        return None
+    return h[7:].strip().encode("utf-8", "replace")
+
+
+def bearer_ok(request: Request, token_b: bytes) -> bool:
+    tok = bearer(request)
+    return tok is not None and hmac.compare_digest(tok, token_b)
 
 
 class BodyBudget:
@@ -157,17 +163,20 @@ async def read_body(request: Request, limit: int, deadline_s: float, budget: Bod
 
 
 def endpoint_factory(token_b: bytes, on_internal=None, budget: BodyBudget | None = None):
-    """``endpoint(auth: bool)``: a decorator that checks the bearer token when ``auth``, answers
-    ApiError as ``{"error", "kind"}``, any other exception as a logged 500 (the server lives on),
-    and gives back the request's share of the body budget."""
+    """``endpoint(auth)``: a decorator that checks the bearer token when ``auth`` is True (or calls
+    ``auth(request)``, which raises ApiError to refuse, when it is a function), answers ApiError as
+    ``{"error", "kind"}``, any other exception as a logged 500 (the server lives on), and gives back
+    the request's share of the body budget."""
 
-    def endpoint(auth: bool):
+    def endpoint(auth):
         def deco(fn):
             @functools.wraps(fn)
             async def wrapper(request: Request):
-                if auth and not bearer_ok(request, token_b):
+                if auth is True and not bearer_ok(request, token_b):
                     return error(401, "missing or wrong token (Authorization: Bearer <token>)", "auth")
                 try:
+                    if callable(auth):
+                        auth(request)
                     return await fn(request)
                 except ApiError as exc:
                     return error(exc.status, exc.message, exc.kind)

@@ -33,7 +33,12 @@ def client_for(dev: Device, timeout: float | None = None):
     return DeviceClient(dev.url, dev.token or None, timeout=timeout or dev.timeout_s, verify=dev.verify_tls)
 
 
-def wrap(exc: Exception, what: str) -> MLSQLError:
+_HUB_AUTH_HINT = ("The group's hub_token is the hub's operator token (its --token): CREATE OR REPLACE DEVICE GROUP "
+                  "'...' OPTIONS (hub = ..., hub_token = ...). An agent's own hub credential opens only that "
+                  "agent's paths.")
+
+
+def wrap(exc: Exception, what: str, auth_hint: str | None = None) -> MLSQLError:
     """A device_bridge error as an MLSQL DeviceError naming the device and the step.
 
     Recognised by type (device_bridge.errors, chosen from the answer's ``kind``), never by its
@@ -47,7 +52,7 @@ def wrap(exc: Exception, what: str) -> MLSQLError:
     if isinstance(exc, dberr.UntrustedKeyError):
         hint = "Start the agent with --trust <workspace>/keys/signing_key.pub (mlsql device key prints the path)."
     elif isinstance(exc, dberr.DeviceAuthError):
-        hint = "Check the device's token: CREATE OR REPLACE DEVICE '...' OPTIONS (url = ..., token = ...)."
+        hint = auth_hint or "Check the device's token: CREATE OR REPLACE DEVICE '...' OPTIONS (url = ..., token = ...)."
     elif isinstance(exc, dberr.VersionRefusedError):
         hint = "A device never installs an older version over a newer one; use ROLLBACK MODEL ... ON DEVICE."
     err = DeviceError(f"{what}: {msg}" + (f" (HTTP {status})" if status else ""), hint=hint)
@@ -292,7 +297,10 @@ def deploy_group(group, lm, result, opts: dict):
     try:
         devices = list(group.devices)
         if not devices:
-            devices = sorted(a["name"] for a in hub.agents() if a.get("group") == group.name)
+            try:
+                devices = sorted(a["name"] for a in hub.agents() if a.get("group") == group.name)
+            except Exception as exc:
+                raise wrap(exc, f"Cannot list the agents of hub {group.hub}", _HUB_AUTH_HINT) from None
         if not devices:
             raise DeviceError(f"Device group '{group.name}' has no devices (none listed, none registered at {group.hub})")
         log: list[str] = []
@@ -309,7 +317,7 @@ def deploy_group(group, lm, result, opts: dict):
         except MLSQLError:
             raise
         except Exception as exc:
-            raise wrap(exc, f"Rollout of {lm.version.ref} to group '{group.name}' failed") from None
+            raise wrap(exc, f"Rollout of {lm.version.ref} to group '{group.name}' failed", _HUB_AUTH_HINT) from None
     finally:
         hub.close()
     rows = [{"wave": w.index, "devices": len(w.devices), "device_names": w.devices, "status": w.status,

@@ -147,7 +147,10 @@ def test_deploying_a_version_again(env):
 @pytest.mark.slow
 def test_group_rollout_through_the_hub(env):
     s, tmp, pub = env
-    hub, hl = start(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN], tmp, "hub")
+    # --enroll-open: each simulated device enrolls itself and keeps its own hub credential; the
+    # group's hub_token is the operator's
+    hub, hl = start(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN, "--enroll-open"],
+                    tmp, "hub")
     fleet, _ = start(["serve", "--name", "edge", "--devices", "6", "--port", "0", "--store", str(tmp / "fleet"),
                       "--token", TOKEN, "--trust", str(pub), "--hub", hl[0]["url"], "--hub-interval", "0.2",
                       "--group", "field"], tmp, "fleet")
@@ -157,6 +160,13 @@ def test_group_rollout_through_the_hub(env):
         ok = s.sql("DEPLOY MODEL species@1 TO GROUP 'field' OPTIONS (batch_size = 2, max_error_rate = 0.01)")
         assert "every gate passed" in ok.message
         assert [w["status"] for w in ok.to_arrow().to_pylist()] == ["passed"] * 3
+        # an agent's own hub credential is no operator token: the hub refuses it, the error says which to use
+        agent_cred = (tmp / "fleet" / "edge-0" / "hub_token").read_text().strip()
+        assert agent_cred != TOKEN
+        s.sql(f"CREATE DEVICE GROUP 'rogue' OPTIONS (hub = '{hl[0]['url']}', hub_token = '{agent_cred}')")
+        with pytest.raises(DeviceError, match="operator token") as info:
+            s.sql("DEPLOY MODEL species@1 TO GROUP 'rogue'")
+        assert info.value.kind == "forbidden" and info.value.status == 403
         # a gate the devices cannot pass (they run on CPU) stops the rollout at its first wave and rolls it back
         bad = s.sql("DEPLOY MODEL species@2 TO GROUP 'field' OPTIONS (batch_size = 2, required_provider = 'cuda')")
         waves = bad.to_arrow().to_pylist()

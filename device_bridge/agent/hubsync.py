@@ -2,17 +2,23 @@
 
 Telemetry that cannot be sent stays in a bounded deque on the device and goes
 with the next successful report.
+
+The agent talks to the hub with its own credential (never the device token): ``--hub-token``,
+``--hub-token-file``, or ``STORE/hub_token``; without one it asks the hub to enroll it, which
+only a hub started with ``--enroll-open`` does, and keeps the answer in ``STORE/hub_token`` (0600).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import deque
+from pathlib import Path
 
 from device_bridge import providers as prov
 from device_bridge import urls
@@ -22,12 +28,44 @@ from device_bridge.web import dumps
 log = logging.getLogger("device_bridge.hubsync")
 
 
+class HubAnswer(OSError):
+    """An HTTP error answer from the hub, with its message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def read_token_file(path: str | Path) -> str | None:
+    try:
+        token = Path(path).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return token or None
+
+
+def write_token_file(path: str | Path, token: str) -> None:
+    """Atomically, created 0600 (it is a credential)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class HubSync:
-    def __init__(self, core: AgentCore, hub_url: str, token: str, agent_url: str,
-                 interval: float = 1.0, buffer: int = 120, group: str | None = None):
+    def __init__(self, core: AgentCore, hub_url: str, token: str | None, agent_url: str,
+                 interval: float = 1.0, buffer: int = 120, group: str | None = None,
+                 token_file: str | Path | None = None):
         self.core = core
         self.hub = hub_url.rstrip("/")
-        self.token = token
+        self.token_file = Path(token_file) if token_file else Path(core.store) / "hub_token"
+        self.token = token or read_token_file(self.token_file)
+        core.config.hub_token = self.token
         self.agent_url = agent_url
         self.interval = interval
         self.group = group
@@ -42,14 +80,40 @@ class HubSync:
     def start(self) -> None:
         self.thread.start()
 
-    def _call(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0):
+    def _call(self, method: str, path: str, body: dict | None = None, timeout: float = 10.0,
+              auth: bool = True):
         data = None if body is None else dumps(body)  # strict JSON: a non-finite number goes as null
         req = urllib.request.Request(self.hub + path, data=data, method=method)
-        req.add_header("Authorization", f"Bearer {self.token}")
+        if auth:
+            req.add_header("Authorization", f"Bearer {self.token}")
         if data is not None:
             req.add_header("Content-Type", "application/json")
-        with urls.open_url(req, timeout=timeout) as resp:  # no redirects: the token stays with the hub
-            return json.loads(resp.read() or b"null")
+        try:
+            with urls.open_url(req, timeout=timeout) as resp:  # no redirects: the token stays with the hub
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:  # say what the hub said (a revoked credential, ...)
+            try:
+                msg = json.loads(exc.read(4096)).get("error")
+            except Exception:  # noqa: BLE001 - not the hub's JSON
+                msg = None
+            raise HubAnswer(exc.code, f"hub answered {exc.code} to {method} {path}: {msg or exc.reason}") from None
+
+    def _enroll(self) -> bool:
+        """No credential: ask the hub to enroll this agent (a hub with --enroll-open does), and keep it."""
+        name = self.core.config.name
+        try:
+            answer = self._call("POST", f"/v1/agents/{name}/enroll", {}, auth=False)
+        except HubAnswer as exc:
+            self.errors["hub"] = (f"not enrolled at the hub ({exc}); enroll it (mlsql-device hub enroll {name}) "
+                                  "and start the agent with --hub-token-file")[:400]
+            return False
+        token = answer.get("token") if isinstance(answer, dict) else None
+        if not isinstance(token, str) or not token:
+            self.errors["hub"] = "the hub's enrollment answer holds no token"
+            return False
+        write_token_file(self.token_file, token)
+        self.token = self.core.config.hub_token = token
+        return True
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -64,6 +128,14 @@ class HubSync:
 
     def cycle(self) -> None:
         name = self.core.config.name
+        try:
+            if not self.token:  # a credential dropped in meanwhile, or enrollment at an open hub
+                self.token = self.core.config.hub_token = read_token_file(self.token_file)
+            if not self.token and not self._enroll():
+                return
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.errors["hub"] = str(exc)[:200]
+            return
         try:
             if not self.registered:
                 self._call("POST", f"/v1/agents/{name}/register",

@@ -116,8 +116,22 @@ def start_agent(tmp: Path, name: str = "dev", store: Path | None = None, extra: 
                  *(extra or [])], tmp / f"ready-{name}.json", env)
 
 
-def start_hub(tmp: Path) -> Proc:
-    return Proc(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN], tmp / "ready-hub.json")
+def start_hub(tmp: Path, extra: list[str] | None = None, name: str = "hub") -> Proc:
+    """A hub whose operator token is TOKEN (agents get their own credentials: ``enroll``)."""
+    return Proc(["hub", "--port", "0", "--store", str(tmp / name), "--token", TOKEN, *(extra or [])],
+                tmp / f"ready-{name}.json")
+
+
+def enroll(hub_url: str, name: str, store: Path) -> str:
+    """Enroll agent ``name`` through the operator API and leave its credential where the agent reads
+    it (``STORE/hub_token``; for a device of ``--devices K``, STORE is ``DIR/NAME-i``)."""
+    from device_bridge.agent.hubsync import write_token_file
+    from device_bridge.client import HubClient
+
+    token = HubClient(hub_url, TOKEN).enroll(name)
+    store.mkdir(parents=True, exist_ok=True)
+    write_token_file(store / "hub_token", token)
+    return token
 
 
 def wait_for(fn, timeout: float = 30.0, interval: float = 0.05, what: str = "condition"):

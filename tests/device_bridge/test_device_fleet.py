@@ -8,11 +8,13 @@ start on a 2-core machine, and the code path per device is the same.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
-from device_test_helpers import TOKEN, Proc, make_keys, package, start_hub, wait_for
+from device_test_helpers import TOKEN, Proc, enroll, make_keys, package, start_hub, wait_for
 
 from device_bridge.client import DeviceClient, HubClient
 from device_bridge.keys import public_key_to_pem
@@ -28,6 +30,9 @@ def fleet(tmp_path_factory):
     pub = tmp / "workspace.pub"
     pub.write_bytes(public_key_to_pem(kp.public_key))
     hub = start_hub(tmp)
+    for prefix in ("fa", "fb"):  # each simulated device has its own credential, in its own store
+        for i in range(10):
+            enroll(hub.url, f"{prefix}-{i}", tmp / prefix / f"{prefix}-{i}")
     procs = [Proc(["serve", "--name", prefix, "--devices", "10", "--port", "0", "--store", str(tmp / prefix),
                    "--token", TOKEN, "--trust", str(pub), "--hub", hub.url, "--hub-interval", "0.2",
                    "--group", "field"], tmp / f"ready-{prefix}.json")
@@ -98,6 +103,10 @@ def test_telemetry_buffered_while_hub_down(tmp_path):
         for _ in range(5):
             c.predict("scorer", columns={"x": [1.0], "city": ["a"]})
         time.sleep(0.6)  # reports fail meanwhile: the snapshots stay on the device
+        # enrolled on the hub's store before the hub starts (the operator's offline path)
+        assert subprocess.run([sys.executable, "-m", "device_bridge", "hub", "enroll", "lonely", "--store",
+                               str(tmp_path / "hub"), "--out", str(tmp_path / "st" / "hub_token")],
+                              capture_output=True).returncode == 0
         hub = Proc(["hub", "--port", str(port), "--store", str(tmp_path / "hub"), "--token", TOKEN],
                    tmp_path / "ready-hub.json")
         hc = HubClient(hub_url, TOKEN)
@@ -167,7 +176,7 @@ def test_install_failure_on_device_fails_the_wave(fleet, tmp_path):
     stranger = make_keys(tmp_path / "stranger")  # devices do not trust this key
     t0 = time.time()
     rep = rollout(hc, "scorer", package(stranger, 9), devices, batch_size=3, activation_timeout=30)
-    assert rep.status == "stopped" and len(rep.waves) == 1 and time.time() - t0 < 20
+    assert rep.status == "stopped" and len(rep.waves) == 1 and time.time() - t0 < 20, rep.waves[0].failures
     assert all("does not trust" in f for f in rep.waves[0].failures[:3]), rep.waves[0].failures
     status = hc.status()
     assert all(status[d]["status"]["scorer"]["active"] == 1 for d in devices)

@@ -19,7 +19,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from device_test_helpers import TOKEN, make_keys, package, start_agent, start_hub, trust, wait_for
+from device_test_helpers import TOKEN, enroll, make_keys, package, start_agent, start_hub, trust, wait_for
 from onnx import TensorProto, helper
 
 from device_bridge.client import DeviceClient, HubClient
@@ -58,6 +58,7 @@ def open_agent(tmp_path_factory, keys):
     hub = start_hub(tmp)
     store = tmp / "store"
     trust(store, keys)
+    enroll(hub.url, "open", store)
     a = start_agent(tmp, "open", store, ["--open-reads", "--hub", hub.url, "--hub-interval", "0.2",
                                          "--request-timeout", "1", "--body-timeout", "2"])
     c = DeviceClient(a.url, TOKEN)
@@ -331,11 +332,12 @@ def test_older_versions_are_not_installed_or_reactivated_by_a_package(tmp_path, 
     a = start_agent(tmp_path, "ar", store, ["--keep-versions", "2"])
     try:
         c = DeviceClient(a.url, TOKEN)
+        built = {v: package(keys, v, mult=float(v)) for v in (1, 2, 3)}  # built once: created_at is signed
         for v in (1, 2, 3):
-            c.install(package(keys, v, mult=float(v)))
+            c.install(built[v])
         assert c.info()["models"]["scorer"]["versions"] == [2, 3]
         with pytest.raises(VersionRefusedError, match="older"):
-            c.install(package(keys, 2, mult=2.0))  # installed, older than the active one
+            c.install(built[2])  # installed, older than the active one
         with pytest.raises(VersionRefusedError, match="anti-rollback") as e:
             c.install(package(keys, 1, mult=1.0))  # pruned: not installed again
         assert e.value.kind == "version" and e.value.status == 409
