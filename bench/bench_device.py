@@ -189,8 +189,9 @@ def bench_fleet_deploy(tmp: Path, kp, pub: Path, n_devices: int, per_proc: int, 
     pad = max(0, 5 * 1024 * 1024 - len(big_model) - 4096)
     pkg = build_package(big_model, {"name": "xgb", "version": 2, "providers": ["cpu"]}, kp.private_key,
                         extra_files={"assets/pad.bin": os.urandom(pad)} if pad else None)
+    # --enroll-open: each simulated device enrolls itself and keeps its own hub credential
     hub = Agent(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN,
-                 "--max-package-mb", "64"], tmp / "hub.json")
+                 "--max-package-mb", "64", "--enroll-open"], tmp / "hub.json")
     procs = []
     try:
         for i in range(0, n_devices, per_proc):
@@ -248,8 +249,10 @@ def bench_hub_capacity(hub_url, hc, name, tmp: Path, seconds: float, clients: in
               "telemetry": [view.get("telemetry") or {}], "time": time.time()}
     body = tmp / "report.json"
     body.write_text(json.dumps(report))
-    g = _loadgen(hub_url, f"/v1/agents/{name}/desired", clients, seconds, "GET", token=TOKEN)
-    r = _loadgen(hub_url, f"/v1/agents/{name}/report", clients, seconds, "POST", "application/json", body, TOKEN)
+    agent_token = next(tmp.glob(f"fleet*/{name}/hub_token")).read_text().strip()  # the agent's own credential
+    g = _loadgen(hub_url, f"/v1/agents/{name}/desired", clients, seconds, "GET", token=agent_token)
+    r = _loadgen(hub_url, f"/v1/agents/{name}/report", clients, seconds, "POST", "application/json", body,
+                 agent_token)
     cycle = 1.0 / (1.0 / g["requests_per_s"] + 1.0 / r["requests_per_s"])
     return {"clients": clients, "desired_get_per_s": g["requests_per_s"], "desired_p99_ms": g["p99_ms"],
             "report_post_per_s": r["requests_per_s"], "report_bytes": body.stat().st_size,
