@@ -96,6 +96,10 @@ class HubSync:
                 msg = json.loads(exc.read(4096)).get("error")
             except Exception:  # noqa: BLE001 - not the hub's JSON
                 msg = None
+            if exc.code == 401 and auth:  # refused: a new credential may have been put in the file
+                fresh = read_token_file(self.token_file)
+                if fresh and fresh != self.token:
+                    self.token = self.core.config.hub_token = fresh
             raise HubAnswer(exc.code, f"hub answered {exc.code} to {method} {path}: {msg or exc.reason}") from None
 
     def _enroll(self) -> bool:

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -217,6 +218,14 @@ def test_a_revoked_credential_is_refused(fleet):
         d = DeviceClient(delta.url, TOKEN)  # the agent says why its hub sync fails
         wait_for(lambda: "401" in (d.info()["background"]["hubsync"].get("last_error") or ""),
                  what="the agent reports the refusal")
+        # enrolled again into the same file: the running agent picks the new credential up
+        t_again = time.time()
+        out = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "enroll", "delta", "--store",
+                              str(tmp / "hub"), "--out", str(token_file)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        wait_for(lambda: (d.info()["background"]["hubsync"]["last_ok"] or 0) > t_again + 0.3,
+                 what="delta reports again")
+        assert hc.agent("delta")["age_s"] < 2
         # through the API too: a fresh enrollment works, a revocation ends it
         again = hc.enroll("delta")
         assert again != token and _call(hub.url, "GET", "/v1/agents/delta/desired", again)[0] == 200
