@@ -96,8 +96,8 @@ def _create(store, step: JobStep) -> Result:
         return Result(pa.table({}), message=f"Job {step.name} already exists; nothing changed.")
     nxt = store.next_run_time(made)
     return Result(_jobs_table(store, [made]), kind="show", message=(
-        f"Created job {made.name} ({_schedule(made.options)}); next run {_when(nxt)}. The scheduler runs it: "
-        "JupyterLab with MLSQL, or `mlsql scheduler`."))
+        f"Created job {made.name} ({_schedule(made.options)}); next run {_when(nxt)}. The scheduler runs it "
+        "(inside JupyterLab started with make lab, or mlsql scheduler in a shell)."))
 
 
 def _run_now(workspace, store, name: str) -> Result:
