@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope
-from traitlets import Bool, Int, Unicode
+from traitlets import Bool, Dict, Int, Unicode
 
 USAGE = """%%mlsql [-o NAME] [--engine ENGINE] [--workspace DIR] [--limit N] [--no-progress]
 <statements separated by ;>
@@ -34,7 +34,9 @@ class MLSQLMagic(Magics):
 
     autolimit = Int(0, help="Fetch at most this many rows of a query's result (0: no limit).").tag(config=True)
     displaylimit = Int(10, help="Show at most this many rows of a result (0: all).").tag(config=True)
-    engine = Unicode("duckdb", help="Engine for new sessions: 'duckdb'.").tag(config=True)
+    engine = Unicode("duckdb", help="Engine for new sessions: 'duckdb' or 'spark'.").tag(config=True)
+    engine_options = Dict(help="Keyword arguments for opening an engine, by engine name "
+                               "(e.g. {'spark': {'master': 'local[4]', 'conf': {...}}}).").tag(config=True)
     workspace = Unicode(
         None, allow_none=True, help="Workspace folder (default: MLSQL_HOME or ./.mlsql)."
     ).tag(config=True)
@@ -52,7 +54,8 @@ class MLSQLMagic(Magics):
 
         key = (workspace or self.workspace, engine or self.engine)
         if key not in self._sessions:
-            s = Session(key[0], key[1], namespace=self.shell.user_ns if self.shell else None)
+            s = Session(key[0], key[1], namespace=self.shell.user_ns if self.shell else None,
+                        **self.engine_options.get(str(key[1]).lower(), {}))
             self._sessions[key] = s
         return self._sessions[key]
 

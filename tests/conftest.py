@@ -57,3 +57,29 @@ def penguin_models(shared_ws):
            FROM penguins
     """)
     return s
+
+
+SPARK_TABLES = ("flights", "weather", "planes", "airports", "airlines", "penguins")
+
+
+@pytest.fixture(scope="session")
+def spark_ws(shared_ws):
+    """A Spark session on the shared workspace, its DuckDB tables handed over as temp views.
+    One SparkSession (local[2]) serves the whole test run: it takes ~10 s to start."""
+    pytest.importorskip("pyspark")
+    import mlsql
+
+    s = mlsql.connect(shared_ws.workspace.root, engine="spark", master="local[2]")
+    for t in SPARK_TABLES:
+        s.sql(f"CREATE OR REPLACE TEMP VIEW {t} AS SELECT * FROM workspace.{t}")
+    yield s
+    s.close()
+
+
+@pytest.fixture(params=["duckdb", "spark"], scope="session")
+def backend(request):
+    """An engine-independent test runs once per engine (ibis's backend fixture): the same tables,
+    the same statements; each test compares with DuckDB's answer where it needs one."""
+    if request.param == "duckdb":
+        return request.getfixturevalue("shared_ws")
+    return request.getfixturevalue("spark_ws")

