@@ -82,7 +82,11 @@ def bench_aggregation(rows: int, repeat: int = 7) -> dict:
         s.sql(f"CREATE TABLE big AS SELECT range AS i, range % 1000 AS g, random() AS v FROM range({rows})")
         s.close()
         q = "SELECT g, count(*) AS n, sum(v) AS s, avg(i) AS a FROM big GROUP BY g ORDER BY g"
-        raw = duckdb.connect(str(ws / "catalog.duckdb"))
+        # a copy of the catalog for raw DuckDB: one process cannot open the same file twice
+        import shutil
+
+        shutil.copy(ws / "catalog.duckdb", Path(tmp) / "raw.duckdb")
+        raw = duckdb.connect(str(Path(tmp) / "raw.duckdb"))
         s = mlsql.connect(ws)
         raw_times, mlsql_times = [], []
         for _ in range(2):  # warm both
