@@ -55,10 +55,9 @@ def wrap(exc: Exception, what: str, auth_hint: str | None = None) -> MLSQLError:
         hint = auth_hint or "Check the device's token: CREATE OR REPLACE DEVICE '...' OPTIONS (url = ..., token = ...)."
     elif isinstance(exc, dberr.VersionRefusedError):
         hint = "A device never installs an older version over a newer one; use ROLLBACK MODEL ... ON DEVICE."
-    err = DeviceError(f"{what}: {msg}" + (f" (HTTP {status})" if status else ""), hint=hint)
-    err.kind, err.status = kind, status
-    err.device_error = exc  # the typed original (raise ... from None drops __cause__)
-    return err
+    # the typed original travels on the error (raise ... from None drops __cause__)
+    return DeviceError(f"{what}: {msg}" + (f" (HTTP {status})" if status else ""), hint=hint, kind=kind,
+                       status=status, device_error=exc)
 
 
 def probe(dev: Device, timeout: float = 3.0) -> dict:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
+from device_bridge import errors as _device_errors  # light: no third-party imports
+
 
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate closest to ``name`` (case-insensitive), or None."""
@@ -26,7 +28,7 @@ class MLSQLError(Exception):
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
         self.hint = hint
-        super().__init__(self.__str__())
+        Exception.__init__(self, self.__str__())  # not super(): DeviceError also derives from device_bridge's
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
@@ -151,5 +153,16 @@ class ExportError(MLSQLError):
     """A model or expression that cannot be exported to ONNX."""
 
 
-class DeviceError(MLSQLError):
-    """A device refused or failed a request."""
+class DeviceError(MLSQLError, _device_errors.DeviceError):
+    """A device or hub refused or failed a request: the notebook side of device_bridge's one
+    error hierarchy (``except device_bridge.errors.DeviceError`` catches it too). ``kind`` and
+    ``status`` come from the device's answer; ``device_error`` is the typed original."""
+
+    def __init__(self, message: str, *, hint: str | None = None, kind: str | None = None,
+                 status: int | None = None, device_error: Exception | None = None):
+        MLSQLError.__init__(self, message, hint=hint)
+        self.status, self.url, self.kind = status, getattr(device_error, "url", None), kind
+        self.device_error = device_error
+
+    def __str__(self) -> str:
+        return MLSQLError.__str__(self)
