@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from starlette.requests import ClientDisconnect, Request
@@ -74,7 +75,11 @@ def _finite_or_null(text: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def parse_json(body: bytes, max_containers: int | None = None, nonfinite_as_null: bool = False) -> Any:
+_MAY_OVERFLOW = re.compile(rb"[eE]\+?\d{3}|\d{300}")
+
+
+def parse_json(body: bytes, max_containers: int | None = None, nonfinite_as_null: bool = False,
+               check_floats: bool = True) -> Any:
     """JSON without NaN/Infinity literals or out-of-range numbers; ``max_containers`` bounds the
     objects and arrays the body may build, counted on the bytes before any Python object exists
     (a string holding '{' only makes the count an over-estimate)."""
@@ -85,10 +90,17 @@ def parse_json(body: bytes, max_containers: int | None = None, nonfinite_as_null
         if n > max_containers:
             raise ApiError(413, f"JSON body holds about {n} objects/arrays, over the limit of {max_containers} "
                                 "for this request (send fewer rows, or a binary batch)", "too_large")
+    # a float can only overflow to inf with a 3-digit exponent or 300 digits in a row: only then
+    # is every float checked by a callback (which costs a Python call per number)
+    may_overflow = check_floats and _MAY_OVERFLOW.search(body) is not None
     try:
         if nonfinite_as_null:  # reports from older agents: keep the data, drop what JSON cannot hold
-            return json.loads(body, parse_constant=_null, parse_float=_finite_or_null)
-        return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+            if may_overflow:
+                return json.loads(body, parse_constant=_null, parse_float=_finite_or_null)
+            return json.loads(body, parse_constant=_null)
+        if may_overflow:
+            return json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+        return json.loads(body, parse_constant=_reject_constant)
     except RecursionError:
         raise ApiError(400, "malformed JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:

@@ -185,8 +185,8 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
                 return inp.feed_from_npz(body, lv.specs, max_body, big_parses)
             if len(body) > BIG_PARSE:
                 with big_parses:
-                    return inp.feed_from_json(parse_json(body, max_containers), lv.specs)
-            return inp.feed_from_json(parse_json(body, max_containers), lv.specs)
+                    return inp.feed_from_json(parse_json(body, max_containers, check_floats=False), lv.specs)
+            return inp.feed_from_json(parse_json(body, max_containers, check_floats=False), lv.specs)
 
         def work():
             try:

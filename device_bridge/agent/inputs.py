@@ -150,8 +150,9 @@ def _check_scalar(spec: InputSpec, row: int, v: Any):
             f = float(v)
         except OverflowError:  # an integer literal such as 10**400
             raise _bad_value(spec, row, v, f" (out of range for {t})") from None
-        if not math.isfinite(f):
-            raise _bad_value(spec, row, v, " (NaN/inf not allowed; send null for a missing value)")
+        if not math.isfinite(f):  # JSON's NaN/Infinity literals are refused earlier: 1e400 lands here
+            raise _bad_value(spec, row, v, " (out of range: NaN and infinity are not allowed; send null for a "
+                                           "missing value)")
         if abs(f) > _FLOAT_MAX.get(t, math.inf):
             raise _bad_value(spec, row, v, f" (out of range for {t})")
         return f
