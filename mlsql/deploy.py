@@ -38,6 +38,17 @@ _HUB_AUTH_HINT = ("The group's hub_token is the hub's operator token (its --toke
                   "agent's paths.")
 
 
+def ask(dev: Device, call, what: str):
+    """``call(client)`` against the device, its failure as a DeviceError saying ``what`` failed."""
+    c = client_for(dev)
+    try:
+        return call(c)
+    except Exception as exc:
+        raise wrap(exc, what) from None
+    finally:
+        c.close()
+
+
 def wrap(exc: Exception, what: str, auth_hint: str | None = None) -> MLSQLError:
     """A device_bridge error as an MLSQL DeviceError naming the device and the step.
 
@@ -125,13 +136,7 @@ LOWER_IS_BETTER = {"mean_absolute_error", "mean_squared_error", "mean_squared_lo
 
 def active_version(dev: Device, model: str) -> int | None:
     """The version of ``model`` active on the device now (None: the device has none)."""
-    c = client_for(dev)
-    try:
-        info = c.info()
-    except Exception as exc:
-        raise wrap(exc, f"Cannot ask device '{dev.name}' which version of {model} it runs") from None
-    finally:
-        c.close()
+    info = ask(dev, lambda c: c.info(), f"Cannot ask device '{dev.name}' which version of {model} it runs")
     active = ((info.get("models") or {}).get(model) or {}).get("active")
     return int(active) if active is not None else None
 
@@ -244,13 +249,7 @@ METRICS_SCHEMA = pa.schema([
 
 
 def metrics_table(dev: Device) -> pa.Table:
-    c = client_for(dev)
-    try:
-        snap = c.metrics()
-    except Exception as exc:
-        raise wrap(exc, f"Cannot read metrics from device '{dev.name}'") from None
-    finally:
-        c.close()
+    snap = ask(dev, lambda c: c.metrics(), f"Cannot read metrics from device '{dev.name}'")
     rows = []
     for m in snap.get("models", []):
         lat = m.get("latency") or {}

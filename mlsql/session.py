@@ -629,13 +629,8 @@ class Session:
             if step.target_kind == "GROUP":
                 raise MLSQLError("ROLLBACK MODEL ... ON GROUP is not available; a failed rollout rolls its waves back")
             dev = self.devices.get(step.name)
-            c = D.client_for(dev)
-            try:
-                r = c.rollback(step.model.name)
-            except Exception as exc:
-                raise D.wrap(exc, f"Rollback of {step.model.name} on device '{dev.name}' failed") from None
-            finally:
-                c.close()
+            r = D.ask(dev, lambda c: c.rollback(step.model.name),
+                      f"Rollback of {step.model.name} on device '{dev.name}' failed")
             return Result(pa.table({"device": [dev.name], "model": [step.model.name], "active": [r.get("active")],
                                     "previous": [r.get("previous")]}),
                           message=f"Rolled {step.model.name} back on {dev.name}: version {r.get('active')} is active.")
