@@ -357,6 +357,7 @@ class AgentCore:
                 "provider_attempts": lv.attempts if lv else None,
                 "inputs": [c.to_dict() for c in lv.manifest.inputs] if lv else None,
                 "outputs": [c.to_dict() for c in lv.manifest.outputs] if lv else None,
+                "training_stats": _training_moments(lv.manifest) if lv else None,
                 "load_error": self.load_errors.get(name),
             }
         return {
@@ -757,6 +758,21 @@ def _vocab(manifest: pkg.Manifest) -> dict[str, frozenset]:
             if isinstance(vals, list):
                 vals = [v.get("value") if isinstance(v, dict) else v for v in vals]
                 out[str(col)] = frozenset(v for v in vals if isinstance(v, str))
+    return out
+
+
+def _training_moments(manifest: pkg.Manifest) -> dict[str, dict]:
+    """The numeric training statistics of the signed manifest (mean, std, null rate per column),
+    for drift views such as the notebook's monitor; string columns' training values stay out."""
+    stats = manifest.extra.get("training_stats") or manifest.metrics.get("training_stats") or {}
+    out = {}
+    if isinstance(stats, dict):
+        for col, st in stats.items():
+            if isinstance(st, dict):
+                keep = {k: st[k] for k in ("mean", "std", "null_rate")
+                        if isinstance(st.get(k), int | float) and not isinstance(st.get(k), bool)}
+                if keep:
+                    out[str(col)] = keep
     return out
 
 

@@ -377,3 +377,18 @@ def test_hub_asking_for_providers_that_cannot_load_leaves_the_serving_session(tm
     assert "scorer" not in sync.errors
     assert core.info()["models"]["scorer"]["preferred_providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert core.resolve("scorer").session is not serving
+
+
+def test_info_reports_the_active_versions_numeric_training_statistics(tmp_path):
+    from device_test_helpers import make_keys, package, trust
+
+    from device_bridge.agent.core import AgentConfig, AgentCore
+
+    kp = make_keys(tmp_path / "keys")
+    store = tmp_path / "store"
+    trust(store, kp)
+    core = AgentCore(AgentConfig(name="d", store=store, available_providers=["CPUExecutionProvider"]))
+    core.install(None, package(kp, 1, training_stats={"x": {"mean": 1.5, "std": 0.5, "null_rate": 0.0},
+                                                      "city": {"values": ["paris", "rome"]}}))
+    # the monitor's drift flags compare these with the live input means; training values stay out
+    assert core.info()["models"]["scorer"]["training_stats"] == {"x": {"mean": 1.5, "std": 0.5, "null_rate": 0.0}}
