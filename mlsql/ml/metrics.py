@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 EPS = 1e-15
@@ -114,3 +116,90 @@ def roc_points(pos: np.ndarray, score: np.ndarray, n_points: int = 101) -> dict[
         "true_negatives": tn.astype(np.int64),
         "false_negatives": fn.astype(np.int64),
     }
+
+
+@dataclass
+class RocCurve:
+    """One ROC curve: the exact curve over every distinct score, with collinear points dropped
+    (which keeps its area), so ``auc`` is the ``roc_auc`` metric."""
+
+    label: str
+    false_positive_rate: np.ndarray
+    true_positive_rate: np.ndarray
+    thresholds: np.ndarray
+    auc: float
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "false_positive_rate": self.false_positive_rate.tolist(),
+                "true_positive_rate": self.true_positive_rate.tolist(),
+                "thresholds": [None if not np.isfinite(t) else float(t) for t in self.thresholds],
+                "auc": self.auc}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RocCurve:
+        thr = np.array([np.inf if t is None else t for t in d["thresholds"]], dtype=np.float64)
+        return cls(str(d["label"]), np.asarray(d["false_positive_rate"], np.float64),
+                   np.asarray(d["true_positive_rate"], np.float64), thr, float(d["auc"]))
+
+
+@dataclass
+class Evaluation:
+    """Metrics and the curves behind them, from one pass over the scored rows.
+
+    ``roc``: one curve for a binary classifier (positive = the second class), one per class
+    (one-vs-rest) otherwise; ``confusion``: [k, k] counts, row = expected, column = predicted."""
+
+    metrics: dict
+    classes: list = field(default_factory=list)
+    roc: list[RocCurve] = field(default_factory=list)
+    confusion: np.ndarray | None = None
+    rows: int = 0
+
+    def to_dict(self) -> dict:
+        return {"classes": self.classes, "roc": [r.to_dict() for r in self.roc], "rows": self.rows,
+                "confusion": None if self.confusion is None else self.confusion.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict, metrics: dict) -> Evaluation:
+        cm = d.get("confusion")
+        return cls(metrics, list(d.get("classes") or []), [RocCurve.from_dict(r) for r in d.get("roc", [])],
+                   None if cm is None else np.asarray(cm, dtype=np.int64), int(d.get("rows", 0)))
+
+
+def roc_exact(pos: np.ndarray, score: np.ndarray, label: str = "", max_points: int = 2000) -> RocCurve | None:
+    """The ROC curve at every distinct score (None when one class is absent)."""
+    pos = np.asarray(pos, dtype=bool)
+    n_pos = int(pos.sum())
+    n_neg = len(pos) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(-score, kind="mergesort")
+    s, p = score[order], pos[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the last row of each run of equal scores
+    tps = np.cumsum(p)[last]
+    fps = (last + 1) - tps
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    thr = np.r_[np.inf, s[last]]
+    auc = float(np.trapezoid(tpr, fpr))
+    if len(tpr) > 2:  # drop points in the middle of a straight segment: the area stays the same
+        keep = np.r_[True, np.logical_or(np.diff(fpr, 2) != 0, np.diff(tpr, 2) != 0), True]
+        tpr, fpr, thr = tpr[keep], fpr[keep], thr[keep]
+    if len(tpr) > max_points:  # a picture needs no more; the area was taken before thinning
+        idx = np.unique(np.r_[np.linspace(0, len(tpr) - 1, max_points).astype(np.int64), len(tpr) - 1])
+        tpr, fpr, thr = tpr[idx], fpr[idx], thr[idx]
+    return RocCurve(label, fpr, tpr, thr, auc)
+
+
+def evaluation(codes: np.ndarray, probs: np.ndarray, classes: list, threshold: float | None = None) -> Evaluation:
+    """``classification_metrics`` plus the ROC curve(s) and the confusion matrix of the same rows."""
+    n, k = probs.shape
+    metrics = classification_metrics(codes, probs, threshold)
+    if k == 2:
+        t = 0.5 if threshold is None else threshold
+        pred = (probs[:, 1] >= t).astype(np.int64)
+        curves = [roc_exact(codes == 1, probs[:, 1], str(classes[1]))]
+    else:
+        pred = probs.argmax(axis=1)
+        curves = [roc_exact(codes == c, probs[:, c], str(classes[c])) for c in range(k)]
+    return Evaluation(metrics, list(classes), [c for c in curves if c is not None], confusion(codes, pred, k), n)

@@ -18,6 +18,7 @@ from .options import Options
 AUTO_SPLIT_SMALL = 500
 AUTO_SPLIT_MEDIUM = 50_000
 AUTO_SPLIT_EVAL_ROWS = 10_000
+EVALUATION_FILE = "evaluation.json"
 
 TRAINING_INFO_SCHEMA = pa.schema([
     ("iteration", pa.int64()), ("loss", pa.float64()), ("eval_loss", pa.float64()),
@@ -84,6 +85,8 @@ class TrainedModel:
         self.training_info: pa.Table = training_info
         self.options = options
         self.n_train, self.n_eval = n_train, n_eval
+        # a classifier's ROC curve(s) and confusion matrix on its evaluation rows (ML.EVALUATE(MODEL m))
+        self.evaluation: M.Evaluation | None = None
 
     # -- encoding ------------------------------------------------------------------
     @property
@@ -165,11 +168,15 @@ class TrainedModel:
         return table, codes
 
     def evaluate(self, table: pa.Table, threshold: float | None = None) -> dict:
+        return self.evaluation_of(table, threshold).metrics
+
+    def evaluation_of(self, table: pa.Table, threshold: float | None = None) -> M.Evaluation:
+        """Metrics of ``table`` and, for a classifier, the ROC curve(s) and confusion matrix behind them."""
         table, y = self._labelled(table)
         X = self.encode(table)
         if self.is_classifier:
-            return M.classification_metrics(y, self._probs(X), threshold)
-        return M.regression_metrics(y, self.estimator.predict_raw(X))
+            return M.evaluation(y, self._probs(X), self.classes, threshold)
+        return M.Evaluation(M.regression_metrics(y, self.estimator.predict_raw(X)), rows=len(y))
 
     def confusion_matrix(self, table: pa.Table, threshold: float | None = None) -> pa.Table:
         if not self.is_classifier:
@@ -262,6 +269,8 @@ class TrainedModel:
             "n_train": self.n_train, "n_eval": self.n_eval,
         }
         (folder / "model.json").write_text(json.dumps(meta, indent=1, default=str))
+        if self.evaluation is not None:
+            (folder / EVALUATION_FILE).write_text(json.dumps(self.evaluation.to_dict(), default=str))
         import pyarrow.parquet as pq
 
         pq.write_table(self.training_info, folder / "training_info.parquet")
@@ -272,7 +281,7 @@ class TrainedModel:
 
         folder = Path(folder)
         meta = json.loads((folder / "model.json").read_text())
-        return cls(
+        model = cls(
             model_type=meta["model_type"], task=meta["task"], label=meta["label"],
             label_type=meta["label_type"], classes=meta["classes"],
             features=[FeatureSpec(**f) for f in meta["features"]],
@@ -280,6 +289,10 @@ class TrainedModel:
             training_info=pq.read_table(folder / "training_info.parquet"), options=meta.get("options", {}),
             n_train=meta.get("n_train", 0), n_eval=meta.get("n_eval", 0),
         )
+        ev = folder / EVALUATION_FILE
+        if ev.exists():
+            model.evaluation = M.Evaluation.from_dict(json.loads(ev.read_text()), model.eval_metrics)
+        return model
 
 
 def _type_from_str(s: str) -> pa.DataType:
@@ -400,7 +413,8 @@ def train(table: pa.Table, opts: Options, progress=None) -> TrainedModel:
     )
     Xm, ym = (X_ev, y_ev) if X_ev is not None else (X_tr, y_tr)
     if task == "classification":
-        model.eval_metrics = M.classification_metrics(ym, estimator.predict_raw(Xm))
+        model.evaluation = M.evaluation(ym, estimator.predict_raw(Xm), classes)
+        model.eval_metrics = model.evaluation.metrics
     else:
         model.eval_metrics = M.regression_metrics(ym, estimator.predict_raw(Xm))
     return model
