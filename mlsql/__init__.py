@@ -35,4 +35,8 @@ def __getattr__(name: str):
         from .session import Session
 
         return Session
+    if name == "monitor":  # the live device monitor (mlsql.widgets: anywidget loads on first use)
+        from .widgets import monitor
+
+        return monitor
     raise AttributeError(f"module 'mlsql' has no attribute {name!r}")
