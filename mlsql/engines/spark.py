@@ -282,6 +282,31 @@ class SparkEngine(Engine):
             except Exception as exc:
                 raise self._translate(exc, line, text) from None
 
+    def dataframe(self, sql: str, params: dict | None = None, *, line: int = 1, dialect: str | None = None):
+        """The statement as a Spark DataFrame, not yet run: training and scoring work on it in the
+        executors, and nothing reaches the driver until the user fetches rows."""
+        with self._busy:
+            text = sql if dialect == "spark" else self.render(sql, line=line)
+            try:
+                return self.spark.sql(text, args=_spark_params(params))
+            except MLSQLError:
+                raise
+            except Exception as exc:
+                raise self._translate(exc, line, text) from None
+
+    @property
+    def distributed(self) -> bool:
+        """Train and score in the executors (classic sessions); Spark Connect sessions bring the
+        rows to the driver instead (xgboost.spark needs a SparkContext, which Connect hides)."""
+        return self.remote is None
+
+    def workers(self) -> int:
+        """Task slots to spread one training over (xgboost.spark's ``num_workers``)."""
+        try:
+            return max(1, int(self.spark.sparkContext.defaultParallelism))
+        except Exception:
+            return 1
+
     def run(self, sql: str, params: dict | None = None, *, limit: int | None = None, line: int = 1,
             dialect: str | None = None) -> Fetched:
         return Fetched(self.query(sql, params, limit=limit, line=line, dialect=dialect))
@@ -310,6 +335,11 @@ class SparkEngine(Engine):
         return f"__mlsql_{kind}_{next(self._names)}"
 
     def register(self, name: str, data) -> None:
+        if _is_spark_frame(data):  # a DataFrame of this session stays where it is
+            with self._busy:
+                data.createOrReplaceTempView(name)
+                self._views.add(name)
+            return
         table = _to_arrow(data)
         with self._busy:
             try:
@@ -461,6 +491,11 @@ def _spark_params(params: dict | None) -> dict | None:
     if not params:
         return None
     return {k: v for k, v in params.items()}
+
+
+def _is_spark_frame(data) -> bool:
+    mod = type(data).__module__
+    return mod.startswith("pyspark.sql") and type(data).__name__ == "DataFrame"
 
 
 def _to_arrow(data) -> pa.Table:
