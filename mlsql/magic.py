@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, needs_local_scope
-from traitlets import Bool, Dict, Int, Unicode
+from traitlets import Bool, Dict, Int, Unicode, default
 
-USAGE = """%%mlsql [-o NAME] [--engine ENGINE] [--workspace DIR] [--limit N] [--no-progress]
+USAGE = """%%mlsql [-o NAME] [--engine ENGINE] [--workspace DIR] [--limit N] [--no-progress] [--plot | --no-plot]
 <statements separated by ;>
 %mlsql [options] <statement>
 
@@ -21,11 +21,16 @@ USAGE = """%%mlsql [-o NAME] [--engine ENGINE] [--workspace DIR] [--limit N] [--
                      MLSQL_HOME or ./.mlsql)
   --limit N          fetch at most N rows of the last result (default: MLSQLMagic.autolimit)
   --no-progress      no progress bar while training
+  --plot, --no-plot  draw (or not) the charts of this cell's result: ROC curve and confusion
+                     matrix of ML.EVALUATE, bars of ML.FEATURE_IMPORTANCE / ML.EXPLAIN_PREDICT,
+                     the loss curve of CREATE MODEL / ML.TRAINING_INFO, a live loss curve while
+                     training (default: MLSQLMagic.plots, on in a notebook's kernel)
 
 {name} in the SQL is bound as a query parameter from the notebook's variable
 `name` (an unknown {name} is an error); ${name} is a script variable (SET VARIABLE).
+Results longer than displaylimit page and sort in the kernel (a table widget).
 Configuration: %config MLSQLMagic.displaylimit = 50 (also autolimit, engine,
-workspace, progress). The language: docs/LANGUAGE.md."""
+workspace, progress, plots). The language: docs/LANGUAGE.md."""
 
 
 @magics_class
@@ -41,6 +46,15 @@ class MLSQLMagic(Magics):
         None, allow_none=True, help="Workspace folder (default: MLSQL_HOME or ./.mlsql)."
     ).tag(config=True)
     progress = Bool(True, help="Show a progress bar while a model trains.").tag(config=True)
+    plots = Bool(help="Draw charts with results (ROC curve, confusion matrix, importance bars, loss "
+                      "curves, a live loss curve while training); default: on in a notebook's kernel.",
+                 ).tag(config=True)
+
+    @default("plots")
+    def _plots_default(self):
+        from .progress import in_kernel
+
+        return in_kernel()
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -75,7 +89,8 @@ class MLSQLMagic(Magics):
         try:
             session = self.session(opts.get("workspace"), opts.get("engine"))
             session.display_limit = self.displaylimit
-            session.progress = _NotebookProgress if (self.progress and not opts.get("no_progress")) else None
+            plots = self.plots if opts.get("plot") is None else opts["plot"]
+            session.progress = _progress_factory(plots) if (self.progress and not opts.get("no_progress")) else None
             session.on_wait = notice = _WaitNotice()
             sql, params = bind_python_variables(sql, ns)
             limit = opts.get("limit") or self.autolimit or None
@@ -93,6 +108,8 @@ class MLSQLMagic(Magics):
                              "cell took effect.") from None
         if opts.get("out"):
             self.shell.user_ns[opts["out"]] = result.to_pandas()
+        result.show_plots = plots
+        result.interactive = _widgets_here()
         return result
 
 
@@ -105,6 +122,10 @@ def _parse_options(line: str) -> tuple[dict, str]:
         head, _, tail = rest.partition(" ")
         if head == "--no-progress":
             opts["no_progress"] = True
+            rest = tail.lstrip()
+            continue
+        if head in ("--plot", "--no-plot"):
+            opts["plot"] = head == "--plot"
             rest = tail.lstrip()
             continue
         key = head.split("=", 1)[0]
@@ -160,22 +181,6 @@ def bind_python_variables(sql: str, namespace: dict) -> tuple[str, dict]:
     return sql, params
 
 
-def _tqdm():
-    """A widget bar in a notebook's kernel, a text bar on stderr elsewhere. Decided by the shell
-    that runs us, not by whether ipykernel happens to be imported (tqdm.auto's test)."""
-    try:
-        from IPython import get_ipython
-
-        in_kernel = type(get_ipython()).__name__ == "ZMQInteractiveShell"
-    except ImportError:
-        in_kernel = False
-    if in_kernel:
-        from tqdm.notebook import tqdm
-    else:
-        from tqdm.std import tqdm
-    return tqdm
-
-
 MLSQLMagic.mlsql.__doc__ = "Run MLSQL statements.\n\n" + USAGE
 
 
@@ -201,22 +206,22 @@ class _WaitNotice:
             self.handle.update({"text/plain": f"Waited {self.waited:.0f} s for the workspace."}, raw=True)
 
 
-class _NotebookProgress:
-    """A progress bar per training run (a widget in notebooks, text in terminals)."""
+def _progress_factory(live_plot: bool):
+    """The training display: a bar (a widget in a kernel, text elsewhere), with a live loss curve."""
+    from .progress import TrainingProgress
 
-    def __init__(self, title: str, total: int):
-        self.title = title
-        self.bar = None
+    def make(title: str, total: int):
+        return TrainingProgress(title, total, live_plot=live_plot)
 
-    def update(self, iteration: int, total: int, metrics: dict | None = None) -> None:
-        if self.bar is None:
-            self.bar = _tqdm()(total=total or None, desc=self.title, unit="iter", leave=True)
-        self.bar.n = iteration
-        if metrics:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float))},
-                                 refresh=False)
-        self.bar.refresh()
+    return make
 
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+
+def _widgets_here() -> bool:
+    """Whether results may be browsable widgets: in a kernel, with anywidget installed."""
+    from .progress import in_kernel
+
+    if not in_kernel():
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("anywidget") is not None

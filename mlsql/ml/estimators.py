@@ -94,6 +94,9 @@ class XGBEstimator:
                     key = "eval_loss" if eval_loss is not None else "loss"
                     prev, cur = history[-2][key], history[-1][key]
                     if prev > 0 and (prev - cur) / prev < opts.min_rel_progress:
+                        if progress is not None:  # the bar ends as a finished run, saying why it is short
+                            progress(epoch + 1, total, {**row, "stopped": early_stop_reason(
+                                key, opts.min_rel_progress, "iteration")})
                         return True
                 return False
 
@@ -143,6 +146,12 @@ class XGBEstimator:
         b = xgb.Booster()
         b.load_model(str(folder / "xgboost.json"))
         return cls(b, meta["objective"], meta["n_out"])
+
+
+def early_stop_reason(key: str, min_rel: float, unit: str) -> str:
+    """Why training stopped before max_iterations, as the progress display says it."""
+    where = "on the evaluation rows" if key == "eval_loss" else "on the training rows"
+    return f"no improvement of {min_rel * 100:g}% or more in the loss {where} in 1 {unit}"
 
 
 def _sigmoid(z):
