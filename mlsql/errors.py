@@ -7,7 +7,9 @@ wrong and where; :func:`did_you_mean` supplies the nearest existing name.
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from device_bridge import errors as _device_errors  # light: no third-party imports
 
@@ -20,10 +22,32 @@ def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     return lowered[hit[0]] if hit else None
 
 
+@dataclass(frozen=True)
+class Span:
+    """Where an error is in the SQL the user wrote: 1-based lines and columns, the end exclusive."""
+
+    line: int
+    column: int
+    end_line: int
+    end_column: int
+
+    def shifted(self, lines: int) -> Span:
+        return Span(self.line + lines, self.column, self.end_line + lines, self.end_column)
+
+
 class MLSQLError(Exception):
-    """Base of every error MLSQL raises for a user mistake or a failed statement."""
+    """Base of every error MLSQL raises for a user mistake or a failed statement.
+
+    ``line``, ``column``, ``end_line``, ``end_column`` (1-based, relative to the script the user
+    wrote) are set when the error knows where it is; :meth:`span` finds it for the errors that
+    only know a name (an unknown model, option, column...)."""
 
     engine_error: str | None = None  # the engine's own error class, when the engine raised it
+    line: int | None = None
+    column: int | None = None
+    end_line: int | None = None
+    end_column: int | None = None
+    statement_line: int | None = None  # the line of the script where the failing statement starts
 
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
@@ -33,11 +57,53 @@ class MLSQLError(Exception):
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message}\n{self.hint}"
 
-    def with_context(self, where: str) -> MLSQLError:
-        """Prefix the message with where it happened (e.g. the statement of a script)."""
+    def with_context(self, where: str, *, line: int | None = None) -> MLSQLError:
+        """Prefix the message with where it happened (e.g. the statement of a script); ``line``:
+        the script line where that statement starts (read from ``where``'s "(line N)" if not given)."""
         self.message = f"{where}: {self.message}"
         self.args = (str(self),)
+        if line is None:
+            m = re.search(r"\(line (\d+)\)", where)
+            line = int(m.group(1)) if m else None
+        if line is not None and self.statement_line is None:
+            self.statement_line = line
         return self
+
+    def set_span(self, line: int, column: int, end_line: int | None = None, end_column: int | None = None) -> None:
+        self.line, self.column = line, column
+        self.end_line = end_line if end_line is not None else line
+        self.end_column = end_column if end_column is not None else column + 1
+
+    def span(self, sql: str | None = None) -> Span | None:
+        """Where the error is in ``sql`` (the script that ran): the error's own position, else the
+        first whole-word occurrence of the name it is about at or after its statement's line."""
+        if self.line is not None and self.column is not None:
+            return Span(self.line, self.column, self.end_line or self.line, self.end_column or self.column + 1)
+        from_engine = engine_span(self.message)
+        if from_engine is not None:
+            return from_engine
+        name = getattr(self, "name", None)
+        if not sql or not isinstance(name, str) or not name:
+            return None
+        first = self.statement_line or 1
+        offset = 0
+        for _ in range(first - 1):
+            nl = sql.find("\n", offset)
+            if nl < 0:
+                return None
+            offset = nl + 1
+        m = re.compile(r"(?<![\w$])" + re.escape(name) + r"(?!\w)", re.IGNORECASE).search(sql, offset)
+        if m is None:
+            return None
+        line, col = line_col(sql, m.start())
+        end_line, end_col = line_col(sql, m.end())
+        return Span(line, col, end_line, end_col)
+
+
+def line_col(text: str, offset: int) -> tuple[int, int]:
+    """1-based line and column of a character offset in ``text``."""
+    offset = max(0, min(offset, len(text)))
+    return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
 class ParseError(MLSQLError):
@@ -45,7 +111,7 @@ class ParseError(MLSQLError):
 
     def __init__(self, message: str, *, sql: str = "", line: int | None = None,
                  col: int | None = None, hint: str | None = None):
-        self.sql, self.line, self.col = sql, line, col
+        self.sql = sql
         text = message
         if line is not None and col is not None:
             text = f"{message}. Line {line}, Col: {col}."
@@ -53,6 +119,21 @@ class ParseError(MLSQLError):
             if snippet:
                 text = f"{text}\n{snippet}"
         super().__init__(text, hint=hint)
+        if line is not None and col is not None:
+            self.set_span(line, col, line, col + _token_length(sql, line, col))
+
+    @property
+    def col(self) -> int | None:
+        return self.column
+
+
+def _token_length(sql: str, line: int, col: int) -> int:
+    """Length of the word (or one character) at a 1-based line and column of ``sql``."""
+    lines = sql.splitlines()
+    if not (1 <= line <= len(lines)):
+        return 1
+    m = re.match(r"[\w$]+", lines[line - 1][col - 1:])
+    return len(m.group(0)) if m else 1
 
 
 def caret_snippet(sql: str, line: int, col: int) -> str:
@@ -131,6 +212,27 @@ class EngineError(MLSQLError):
     def __init__(self, message: str, *, hint: str | None = None, engine_error: str | None = None):
         super().__init__(message, hint=hint)
         self.engine_error = engine_error
+        span = engine_span(message)
+        if span is not None:
+            self.set_span(span.line, span.column, span.end_line, span.end_column)
+
+
+# DuckDB's errors end with the script line and a caret under the column: "LINE 3: SELECT a FRM t\n   ^"
+_ENGINE_LINE = re.compile(r"^LINE (\d+): (.*)\n( *)\^", re.M)
+
+
+def engine_span(message: str) -> Span | None:
+    """The position DuckDB's message points at (its "LINE n:" line and the caret under it)."""
+    m = _ENGINE_LINE.search(message)
+    if m is None:
+        return None
+    head = len(f"LINE {m.group(1)}: ")
+    col = len(m.group(3)) - head + 1
+    if col < 1:
+        return None
+    word = re.match(r"[\w$]+", m.group(2)[col - 1:])
+    line = int(m.group(1))
+    return Span(line, col, line, col + (len(word.group(0)) if word else 1))
 
 
 class TrainingError(MLSQLError):
