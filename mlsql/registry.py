@@ -125,23 +125,34 @@ class Registry:
         sql: str = "",
         tags: dict[str, str] | None = None,
         aliases: list[str] | tuple[str, ...] = (),
+        started: float | None = None,
+        ended: float | None = None,
+        examples: tuple[Any, Any] | None = None,
     ) -> ModelVersion:
-        """Log a run for a trained model and add it as the next version of ``name``."""
+        """Log a run for a trained model and add it as the next version of ``name``.
+
+        ``started``/``ended``: when training began and ended (epoch seconds), so the run's duration
+        is the training's, not the registration's. ``examples``: (input rows, output rows) as Arrow
+        tables, from which the version's MLflow signature is inferred."""
         from mlflow.entities import Metric, Param, RunTag
 
         client = self.client
-        run = client.create_run(self.experiment_id, run_name=name)
+        now = int(datetime.now(timezone.utc).timestamp() * 1000)
+        start_ms = int(started * 1000) if started else now
+        end_ms = int(ended * 1000) if ended else now
+        run = client.create_run(self.experiment_id, run_name=name, start_time=start_ms)
         run_id = run.info.run_id
         try:
-            now = int(datetime.now(timezone.utc).timestamp() * 1000)
             mlflow_params = [Param(k, _short(v, 6000)) for k, v in sorted(params.items())]
             mlflow_metrics = [
-                Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)
+                Metric(k, float(v), end_ms, 0) for k, v in metrics.items() if _is_number(v)
             ]
+            at = float(start_ms)
             for row in iterations or []:
                 step = int(row.get("iteration", 0))
+                at += float(row.get("duration_ms") or 0.0) if _is_number(row.get("duration_ms")) else 0.0
                 mlflow_metrics += [
-                    Metric(f"train_{k}", float(v), now, step)
+                    Metric(f"train_{k}", float(v), int(min(at, end_ms)), step)
                     for k, v in row.items()
                     if k != "iteration" and _is_number(v)
                 ]
@@ -156,10 +167,12 @@ class Registry:
                     tags=mlflow_tags if i == 0 else [],
                 )
             (Path(model_dir) / "statement.sql").write_text(sql)
+            if examples is not None:
+                _write_signature(Path(model_dir), run_id, *examples)
             client.log_artifacts(run_id, str(model_dir), "model")
-            client.set_terminated(run_id)
-        except Exception:
-            client.set_terminated(run_id, status="FAILED")
+            client.set_terminated(run_id, end_time=end_ms)
+        except BaseException:  # an interrupt too: the run is marked failed, no version is made
+            client.set_terminated(run_id, status="FAILED", end_time=end_ms)
             raise
         try:
             client.create_registered_model(name)
@@ -172,6 +185,9 @@ class Registry:
             run_id=run_id,
             tags=all_tags,
         )
+        # the run names its version (the version names its run through run_id and source)
+        client.set_tag(run_id, _TAG + "model_version", f"{name}@{mv.version}")
+        client.set_tag(run_id, _TAG + "model_uri", f"models:/{name}/{mv.version}")
         for alias in aliases:
             client.set_registered_model_alias(name, alias, mv.version)
         return self.get(name, int(mv.version))
@@ -281,6 +297,19 @@ class Registry:
             aliases=sorted(aliases),
             tags=dict(mv.tags or {}),
         )
+
+
+def _write_signature(model_dir: Path, run_id: str, inputs, outputs) -> None:
+    """An MLmodel file holding the version's input/output signature (what ML.PREDICT takes and
+    returns), inferred from example rows; the MLflow UI shows it on the version's page."""
+    from mlflow.models import Model, infer_signature
+
+    try:
+        signature = infer_signature(inputs.to_pandas(), outputs.to_pandas())
+    except Exception as exc:  # a type MLflow cannot describe must not stop the registration
+        logging.getLogger(__name__).warning("no MLflow signature for this model: %s", exc)
+        return
+    Model(artifact_path="model", run_id=run_id, signature=signature).save(str(model_dir / "MLmodel"))
 
 
 def _is_number(v: Any) -> bool:
