@@ -85,7 +85,8 @@ class TrainingProgress:
             shown = [f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss") if isinstance(last.get(k), (int, float))]
             losses = f" · {', '.join(shown)}" if shown else ""
         if self.stopped:
-            return f"Trained {name}: stopped early at iteration {where}: {self.stopped} ({secs:.1f} s){losses}"
+            unit = "epoch" if self.stopped.endswith("epoch") else "iteration"
+            return f"Trained {name}: stopped early at {unit} {where}: {self.stopped} ({secs:.1f} s){losses}"
         return f"Trained {name}: {where} iterations in {secs:.1f} s{losses}"
 
 
