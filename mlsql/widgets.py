@@ -194,7 +194,7 @@ class DeviceMonitor(anywidget.AnyWidget):
                         msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
                         with self.hold_sync():
                             self.status = "disconnected"
-                            self.error = f"{type(exc).__name__}: {msg}"[:500]
+                            self.error = msg[:500]
                     self._info = None  # ask again once it is back (it may have restarted)
                 self._stop.wait(max(0.05, self.interval - (time.monotonic() - started)))
         finally:

@@ -30,6 +30,7 @@ function s(tag, attrs = {}) {
 
 function fmt(v, unit = "") {
   if (v === null || v === undefined || Number.isNaN(v)) return "–";
+  if (v === 0) return "0" + unit;
   if (unit === "%") return (v * 100).toFixed(v < 0.001 && v > 0 ? 3 : 2) + "%";
   const a = Math.abs(v);
   let out;
@@ -47,11 +48,19 @@ function clock(t) {
   return new Date(t * 1000).toLocaleTimeString([], { hour12: false });
 }
 
+// The smallest 1, 2 or 5 times a power of ten at or above v (round axis labels).
+function niceCeil(v) {
+  const p = Math.pow(10, Math.floor(Math.log10(v)));
+  for (const m of [1, 2, 5, 10]) if (m * p >= v - 1e-12) return m * p;
+  return 10 * p;
+}
+
 // One line chart: series = [{name, color, values}], times = epoch seconds.
 function chart(title, times, series, unit, opts = {}) {
   const W = 300, H = 120, L = 42, R = 6, T = 6, B = 18;
   const box = h("div", { class: "mlsql-mon-chart" });
-  const legend = h("div", { class: "mlsql-mon-legend" }, h("b", {}, title));
+  box.append(h("div", { class: "mlsql-mon-chart-title" }, title));
+  const legend = h("div", { class: "mlsql-mon-legend" });
   for (const sr of series) {
     const last = [...sr.values].reverse().find((v) => v !== null && v !== undefined);
     legend.append(h("span", { class: "mlsql-mon-key" },
@@ -63,7 +72,7 @@ function chart(title, times, series, unit, opts = {}) {
   let max = 0;
   for (const sr of series) for (const v of sr.values) if (v !== null && v !== undefined && v > max) max = v;
   if (opts.minMax) max = Math.max(max, opts.minMax);
-  max = max > 0 ? max * 1.15 : 1;
+  max = niceCeil(max > 0 ? max * 1.05 : 1);
   const n = times.length;
   const t0 = n ? times[0] : 0, t1 = n ? times[n - 1] : 1;
   const span = Math.max(t1 - t0, 1);
@@ -112,7 +121,8 @@ function draw(model, el) {
   const hist = model.get("history") || [];
   const col = (name) => { const i = fields.indexOf(name); return hist.map((p) => p[i]); };
   const times = col("t");
-  const root = h("div", { class: `mlsql-mon mlsql-mon-${status}` });
+  const root = h("div", { class: `mlsql-mon mlsql-mon-${status}`, "data-status": status,
+                          "data-updates": String(model.get("updates")) });
 
   // header: device, state badge, model and where it really runs
   const head = h("div", { class: "mlsql-mon-head" },
@@ -137,7 +147,7 @@ function draw(model, el) {
   if (status === "disconnected") {
     const since = model.get("last_ok");
     root.append(h("div", { class: "mlsql-mon-alert" },
-      `Agent unreachable at ${model.get("url")}: ${model.get("error")}. `,
+      h("b", {}, "⚠ "), `${model.get("error")}. `,
       since ? `Last good update ${clock(since)} (${Math.round(Date.now() / 1000 - since)} s ago); retrying every ${model.get("interval")} s.`
             : `No update yet; retrying every ${model.get("interval")} s.`));
   } else if (status === "stopped") {
@@ -160,7 +170,7 @@ function draw(model, el) {
     chart("latency (ms)", times, [
       { name: "p50", color: "#1f77b4", values: col("p50_ms") },
       { name: "p95", color: "#ff7f0e", values: col("p95_ms") },
-      { name: "p99", color: "#d62728", values: col("p99_ms") }], " ms"),
+      { name: "p99", color: "#d62728", values: col("p99_ms") }], ""),
     chart("requests/s", times, [{ name: "req/s", color: "#2ca02c", values: col("requests_per_s") }], ""),
     chart("rows/s", times, [{ name: "rows/s", color: "#9467bd", values: col("rows_per_s") }], ""),
     chart("error rate", times, [{ name: "errors", color: "#d62728", values: col("error_rate") }], "%", { minMax: 0.01 }));
