@@ -1,0 +1,40 @@
+/** Calls to the mlsql.server REST handlers, through Jupyter's authenticated connection (token, XSRF). */
+import { URLExt } from '@jupyterlab/coreutils';
+import { ServerConnection } from '@jupyterlab/services';
+
+import { IDeployBody, IDeployStatus } from './logic/deploy';
+import { IDevice, IGroup, IJob, IModel } from './logic/format';
+
+export async function requestAPI<T>(endPoint: string, init: RequestInit = {}): Promise<T> {
+  const settings = ServerConnection.makeSettings();
+  const url = URLExt.join(settings.baseUrl, 'mlsql', 'api', endPoint);
+  let response: Response;
+  try {
+    response = await ServerConnection.makeRequest(url, init, settings);
+  } catch (error) {
+    throw new ServerConnection.NetworkError(error as TypeError);
+  }
+  const text = await response.text();
+  let data: any = text;
+  if (text.length > 0) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      // not JSON: keep the text for the error message
+    }
+  }
+  if (!response.ok) {
+    const message = (data && (data.message || data.error || data.reason)) || (typeof data === 'string' && data) || response.statusText;
+    throw new ServerConnection.ResponseError(response, String(message));
+  }
+  return data as T;
+}
+
+export const api = {
+  models: () => requestAPI<{ models: IModel[] }>('models'),
+  devices: () => requestAPI<{ devices: IDevice[]; groups: IGroup[] }>('devices'),
+  jobs: () => requestAPI<{ jobs: IJob[] }>('jobs'),
+  info: () => requestAPI<{ version: string; workspace: string; mlflow_ui: string | null }>('info'),
+  deploy: (body: IDeployBody) => requestAPI<{ id: string }>('deploys', { method: 'POST', body: JSON.stringify(body) }),
+  deployStatus: (id: string) => requestAPI<IDeployStatus>(`deploys/${encodeURIComponent(id)}`)
+};

@@ -1,0 +1,86 @@
+/**
+ * Which language each code cell gets: MLSQL for a `%%mlsql` cell (back to the notebook's language
+ * when its first line no longer starts the magic) and for every cell of an MLSQL-kernel notebook.
+ * JupyterLab resets the mimetypes of all cells when the kernel's language_info arrives, so each
+ * cell model's mimeTypeChanged is watched and the MLSQL choice put back.
+ */
+import { ICellModel } from '@jupyterlab/cells';
+import { NotebookPanel } from '@jupyterlab/notebook';
+
+import { cellMimeType, isMlsqlKernel } from './logic/magic';
+
+export function watchNotebook(panel: NotebookPanel): void {
+  const notebook = panel.content;
+  const watched = new WeakSet<ICellModel>();
+
+  const mlsqlKernel = (): boolean => {
+    const kernel = panel.sessionContext.session?.kernel;
+    const spec = panel.model?.getMetadata('kernelspec') as { name?: string } | undefined;
+    const info = panel.model?.getMetadata('language_info') as { name?: string; mimetype?: string } | undefined;
+    return isMlsqlKernel(kernel?.name ?? spec?.name, info);
+  };
+
+  const apply = (model: ICellModel): void => {
+    if (model.type !== 'code') {
+      return;
+    }
+    const desired = cellMimeType(model.sharedModel.getSource(), notebook.codeMimetype, mlsqlKernel());
+    if (model.mimeType !== desired) {
+      model.mimeType = desired;
+    }
+  };
+
+  const watch = (model: ICellModel): void => {
+    if (watched.has(model) || model.type !== 'code') {
+      return;
+    }
+    watched.add(model);
+    let first = firstLineOf(model);
+    model.mimeTypeChanged.connect(() => apply(model));
+    model.sharedModel.changed.connect((_, change) => {
+      if (change.sourceChange) {
+        const now = firstLineOf(model);
+        if (now !== first) {
+          first = now;
+          apply(model);
+        }
+      }
+    });
+    apply(model);
+  };
+
+  const all = (): void => {
+    const cells = panel.model?.cells;
+    if (!cells) {
+      return;
+    }
+    for (let i = 0; i < cells.length; i++) {
+      watch(cells.get(i));
+      apply(cells.get(i));
+    }
+  };
+
+  const connectModel = (): void => {
+    const model = panel.model;
+    if (!model) {
+      return;
+    }
+    model.cells.changed.connect((_, change) => {
+      if (change.type === 'add' || change.type === 'set') {
+        change.newValues.forEach(watch);
+      }
+    });
+    model.metadataChanged.connect(() => requestAnimationFrame(all));
+    all();
+  };
+
+  panel.context.ready.then(connectModel);
+  panel.sessionContext.kernelChanged.connect(() => requestAnimationFrame(all));
+  panel.sessionContext.ready.then(() => requestAnimationFrame(all));
+}
+
+function firstLineOf(model: ICellModel): string {
+  const s = model.sharedModel.getSource();
+  const nl = s.indexOf('\n');
+  return nl < 0 ? s : s.slice(0, nl);
+}

@@ -1,0 +1,247 @@
+/**
+ * The Deploy dialog: registered models (versions, metrics), devices and groups with their live
+ * status, providers and quantization, a Deploy button; then the deploy's progress (polled) and
+ * its result (placement per provider, first-inference latency, parity verdict) or its error.
+ */
+import { Dialog, showDialog } from '@jupyterlab/apputils';
+import { Signal } from '@lumino/signaling';
+import { Widget } from '@lumino/widgets';
+
+import { api } from './api';
+import {
+  buildDeployBody,
+  DeployChoiceError,
+  deploySummary,
+  formatParity,
+  formatPlacement,
+  IDeployStatus,
+  PROVIDERS,
+  QUANTIZE
+} from './logic/deploy';
+import { formatMetrics, formatMs, IDevice, IGroup, IModel } from './logic/format';
+
+/** Deploys started in this browser session: the side panel lists them. */
+export class DeployLog {
+  readonly changed = new Signal<this, IDeployStatus>(this);
+  readonly entries = new Map<string, { model: string; target: string; status: IDeployStatus }>();
+
+  update(model: string, target: string, status: IDeployStatus): void {
+    this.entries.set(status.id, { model, target, status });
+    this.changed.emit(status);
+  }
+}
+
+function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: Partial<HTMLElementTagNameMap[K]> = {}, ...children: (Node | string)[]) {
+  const node = document.createElement(tag);
+  Object.assign(node, props);
+  for (const c of children) {
+    node.append(c);
+  }
+  return node;
+}
+
+const POLL_MS = 500;
+
+export class DeployBody extends Widget {
+  private models: IModel[] = [];
+  private devices: IDevice[] = [];
+  private groups: IGroup[] = [];
+  private modelSelect = el('select', { className: 'mlsql-deploy-model' });
+  private versionSelect = el('select', { className: 'mlsql-deploy-version' });
+  private targetSelect = el('select', { className: 'mlsql-deploy-target' });
+  private quantizeSelect = el('select', { className: 'mlsql-deploy-quantize' });
+  private providerBoxes = new Map<string, HTMLInputElement>();
+  private metrics = el('div', { className: 'mlsql-deploy-metrics' });
+  private targetStatus = el('div', { className: 'mlsql-deploy-target-status' });
+  private deployButton = el('button', { className: 'jp-Button jp-mod-accept mlsql-deploy-button', textContent: 'Deploy' });
+  private progress = el('ol', { className: 'mlsql-deploy-steps' });
+  private outcome = el('div', { className: 'mlsql-deploy-outcome' });
+  private stopped = false;
+
+  constructor(private log: DeployLog, private preselect: string | null) {
+    super();
+    this.addClass('mlsql-deploy');
+    const providers = el('div', { className: 'mlsql-deploy-providers' });
+    for (const p of PROVIDERS) {
+      const box = el('input', { type: 'checkbox', value: p, checked: p === 'cpu' });
+      this.providerBoxes.set(p, box);
+      providers.append(el('label', {}, box, ` ${p}`));
+    }
+    for (const q of QUANTIZE) {
+      this.quantizeSelect.append(el('option', { value: q, textContent: q === 'none' ? 'none (float32)' : q }));
+    }
+    this.node.append(
+      el('label', { className: 'mlsql-field' }, 'Model', this.modelSelect),
+      el('label', { className: 'mlsql-field' }, 'Version', this.versionSelect),
+      this.metrics,
+      el('label', { className: 'mlsql-field' }, 'Target', this.targetSelect),
+      this.targetStatus,
+      el('div', { className: 'mlsql-field' }, 'Providers', providers),
+      el('label', { className: 'mlsql-field' }, 'Quantize', this.quantizeSelect),
+      this.deployButton,
+      this.progress,
+      this.outcome
+    );
+    this.modelSelect.onchange = () => this.fillVersions();
+    this.versionSelect.onchange = () => this.showMetrics();
+    this.targetSelect.onchange = () => this.showTarget();
+    this.deployButton.onclick = () => void this.deploy();
+    void this.load();
+  }
+
+  dispose(): void {
+    this.stopped = true;
+    super.dispose();
+  }
+
+  private async load(): Promise<void> {
+    this.outcome.textContent = 'Loading models and devices…';
+    try {
+      const [m, d] = await Promise.all([api.models(), api.devices()]);
+      this.models = m.models;
+      this.devices = d.devices;
+      this.groups = d.groups;
+    } catch (e) {
+      this.outcome.textContent = `Could not reach the MLSQL server extension: ${(e as Error).message}`;
+      this.outcome.className = 'mlsql-deploy-outcome mlsql-failed';
+      return;
+    }
+    this.outcome.textContent = '';
+    this.modelSelect.replaceChildren(
+      ...this.models.map(m => el('option', { value: m.name, textContent: m.model_type ? `${m.name} (${m.model_type})` : m.name }))
+    );
+    if (this.preselect && this.models.some(m => m.name === this.preselect)) {
+      this.modelSelect.value = this.preselect;
+    }
+    this.targetSelect.replaceChildren(
+      ...this.devices.map(d =>
+        el('option', {
+          value: `device:${d.name}`,
+          textContent: `${d.name} — ${d.online ? 'online' : 'offline'}${d.active_model ? `, runs ${d.active_model}@${d.active_version}` : ''}`
+        })
+      ),
+      ...this.groups.map(g => el('option', { value: `group:${g.name}`, textContent: `group ${g.name} (${g.devices.length} devices)` }))
+    );
+    const online = this.devices.find(d => d.online);
+    if (online) {
+      this.targetSelect.value = `device:${online.name}`;
+    }
+    if (!this.models.length) {
+      this.outcome.textContent = 'No registered models yet: CREATE MODEL first.';
+    } else if (!this.devices.length && !this.groups.length) {
+      this.outcome.textContent = "No devices: CREATE DEVICE 'name' OPTIONS (url = ..., token = ...) first.";
+    }
+    this.fillVersions();
+    this.showTarget();
+  }
+
+  private fillVersions(): void {
+    const model = this.models.find(m => m.name === this.modelSelect.value);
+    const versions = model ? [...model.versions].sort((a, b) => b.version - a.version) : [];
+    this.versionSelect.replaceChildren(
+      el('option', { value: '', textContent: 'latest' }),
+      ...versions.map(v =>
+        el('option', { value: String(v.version), textContent: `v${v.version}${v.aliases?.length ? ` (${v.aliases.join(', ')})` : ''}` })
+      )
+    );
+    this.showMetrics();
+  }
+
+  private showMetrics(): void {
+    const model = this.models.find(m => m.name === this.modelSelect.value);
+    if (!model || !model.versions.length) {
+      this.metrics.textContent = '';
+      return;
+    }
+    const wanted = this.versionSelect.value ? Number(this.versionSelect.value) : Math.max(...model.versions.map(v => v.version));
+    const v = model.versions.find(x => x.version === wanted);
+    this.metrics.textContent = v ? formatMetrics(v.metrics, 4) || 'no metrics' : '';
+  }
+
+  private showTarget(): void {
+    const [kind, name] = this.targetSelect.value.split(/:(.*)/s);
+    if (kind === 'device') {
+      const d = this.devices.find(x => x.name === name);
+      this.targetStatus.textContent = d
+        ? `${d.online ? '● online' : '○ offline'} · ${d.active_model ? `active ${d.active_model}@${d.active_version}` : 'nothing deployed'}` +
+          `${d.providers?.length ? ` · providers ${d.providers.join(', ')}` : ''}${d.error ? ` · ${d.error}` : ''}`
+        : '';
+      this.targetStatus.className = `mlsql-deploy-target-status ${d?.online ? 'mlsql-online' : 'mlsql-offline'}`;
+    } else if (kind === 'group') {
+      const g = this.groups.find(x => x.name === name);
+      this.targetStatus.textContent = g ? `devices: ${g.devices.join(', ') || 'none'}` : '';
+      this.targetStatus.className = 'mlsql-deploy-target-status';
+    } else {
+      this.targetStatus.textContent = '';
+    }
+  }
+
+  private async deploy(): Promise<void> {
+    let body;
+    try {
+      body = buildDeployBody({
+        model: this.modelSelect.value,
+        version: this.versionSelect.value ? Number(this.versionSelect.value) : null,
+        target: this.targetSelect.value || null,
+        providers: [...this.providerBoxes.values()].filter(b => b.checked).map(b => b.value),
+        quantize: this.quantizeSelect.value
+      });
+    } catch (e) {
+      if (e instanceof DeployChoiceError) {
+        this.outcome.textContent = e.message;
+        this.outcome.className = 'mlsql-deploy-outcome mlsql-failed';
+        return;
+      }
+      throw e;
+    }
+    const target = body.device ?? `group ${body.group}`;
+    this.deployButton.disabled = true;
+    this.progress.replaceChildren();
+    this.outcome.className = 'mlsql-deploy-outcome';
+    this.outcome.textContent = `Deploying ${body.model} to ${target}…`;
+    let status: IDeployStatus;
+    try {
+      const { id } = await api.deploy(body);
+      status = { id, state: 'running', steps: [], result: null, error: null };
+      this.log.update(body.model, target, status);
+      while (!this.stopped) {
+        status = await api.deployStatus(id);
+        this.log.update(body.model, target, status);
+        this.showProgress(status);
+        if (status.state !== 'running') {
+          break;
+        }
+        await new Promise(r => setTimeout(r, POLL_MS));
+      }
+    } catch (e) {
+      this.outcome.textContent = `Deploy failed: ${(e as Error).message}`;
+      this.outcome.className = 'mlsql-deploy-outcome mlsql-failed';
+    } finally {
+      this.deployButton.disabled = false;
+    }
+  }
+
+  private showProgress(status: IDeployStatus): void {
+    this.progress.replaceChildren(...status.steps.map(s => el('li', { textContent: s.message })));
+    this.outcome.replaceChildren(el('div', { className: 'mlsql-deploy-summary', textContent: deploySummary(status) }));
+    if (status.state === 'done' && status.result) {
+      const r = status.result;
+      const table = el('table', { className: 'mlsql-deploy-result' });
+      const rows: Array<[string, string]> = [
+        ['Placement', formatPlacement(r.placement)],
+        ['First inference', formatMs(r.first_inference_ms)],
+        ['Parity gate', formatParity(r.parity)]
+      ];
+      for (const [k, v] of rows) {
+        table.append(el('tr', {}, el('th', { textContent: k }), el('td', { textContent: v })));
+      }
+      this.outcome.append(table);
+    }
+    this.outcome.className = `mlsql-deploy-outcome ${status.state === 'done' ? 'mlsql-done' : status.state === 'failed' ? 'mlsql-failed' : ''}`;
+  }
+}
+
+export async function openDeployDialog(log: DeployLog, preselect: string | null): Promise<void> {
+  const body = new DeployBody(log, preselect);
+  await showDialog({ title: 'Deploy a model', body, buttons: [Dialog.cancelButton({ label: 'Close' })] });
+}

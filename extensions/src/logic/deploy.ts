@@ -1,0 +1,123 @@
+/** The Deploy dialog's choices, checked and turned into the body of POST /mlsql/api/deploys. */
+
+export const QUANTIZE = ['none', 'fp16', 'int8'] as const;
+export type Quantize = (typeof QUANTIZE)[number];
+
+/** Execution providers a user may ask for, in order of preference (the agent keeps those it has). */
+export const PROVIDERS = ['cuda', 'tensorrt', 'coreml', 'nnapi', 'openvino', 'cpu'] as const;
+
+export interface IDeployChoice {
+  model: string;
+  version: number | null;
+  /** "device:<name>" or "group:<name>" (the dialog's target list), or null for the model's default. */
+  target: string | null;
+  providers: string[];
+  quantize: string | null;
+}
+
+export interface IDeployBody {
+  model: string;
+  version: number | null;
+  device: string | null;
+  group: string | null;
+  providers: string[] | null;
+  quantize: Quantize | null;
+}
+
+export class DeployChoiceError extends Error {}
+
+/** The POST body for a choice; throws DeployChoiceError saying what is missing or wrong. */
+export function buildDeployBody(choice: IDeployChoice): IDeployBody {
+  const model = (choice.model || '').trim();
+  if (!model) {
+    throw new DeployChoiceError('Choose a model to deploy.');
+  }
+  if (choice.version !== null && (!Number.isInteger(choice.version) || choice.version < 1)) {
+    throw new DeployChoiceError(`Version ${choice.version} is not a version number.`);
+  }
+  let device: string | null = null;
+  let group: string | null = null;
+  if (choice.target) {
+    const m = /^(device|group):(.+)$/.exec(choice.target);
+    if (!m) {
+      throw new DeployChoiceError(`Unknown target ${choice.target}: choose a device or a group.`);
+    }
+    if (m[1] === 'device') {
+      device = m[2];
+    } else {
+      group = m[2];
+    }
+  } else {
+    throw new DeployChoiceError('Choose a device or a group to deploy to.');
+  }
+  const unknown = choice.providers.filter(p => !(PROVIDERS as readonly string[]).includes(p));
+  if (unknown.length) {
+    throw new DeployChoiceError(`Unknown provider ${unknown.join(', ')}: choose among ${PROVIDERS.join(', ')}.`);
+  }
+  let quantize: Quantize | null = null;
+  if (choice.quantize) {
+    if (!(QUANTIZE as readonly string[]).includes(choice.quantize)) {
+      throw new DeployChoiceError(`Unknown quantization ${choice.quantize}: choose ${QUANTIZE.join(', ')}.`);
+    }
+    quantize = choice.quantize as Quantize;
+  }
+  return {
+    model,
+    version: choice.version,
+    device,
+    group,
+    providers: choice.providers.length ? [...choice.providers] : null,
+    quantize
+  };
+}
+
+export interface IDeployResult {
+  version?: number;
+  device?: string;
+  placement?: Record<string, number>;
+  first_inference_ms?: number | null;
+  parity?: { passed: boolean; metric?: string; native?: number | null; onnx?: number | null; quantized?: number | null } | null;
+}
+
+export interface IDeployStatus {
+  id: string;
+  state: 'running' | 'done' | 'failed';
+  steps: Array<{ t: string | number; message: string }>;
+  result: IDeployResult | null;
+  error: string | null;
+}
+
+/** "CPUExecutionProvider 12 nodes, CUDAExecutionProvider 3 nodes" (the biggest share first). */
+export function formatPlacement(placement: Record<string, number> | undefined): string {
+  if (!placement || !Object.keys(placement).length) {
+    return '—';
+  }
+  return Object.entries(placement)
+    .sort((a, b) => b[1] - a[1])
+    .map(([p, n]) => `${p.replace(/ExecutionProvider$/, '')} ${n} node${n === 1 ? '' : 's'}`)
+    .join(', ');
+}
+
+/** The parity gate's verdict in one line: "passed (roc_auc: native 0.91, onnx 0.91)". */
+export function formatParity(parity: IDeployResult['parity']): string {
+  if (!parity) {
+    return 'not checked';
+  }
+  const parts = (['native', 'onnx', 'quantized'] as const)
+    .filter(k => typeof parity[k] === 'number')
+    .map(k => `${k} ${Number((parity[k] as number).toPrecision(4))}`);
+  const detail = parts.length ? ` (${parity.metric ? `${parity.metric}: ` : ''}${parts.join(', ')})` : '';
+  return `${parity.passed ? 'passed' : 'FAILED'}${detail}`;
+}
+
+/** The dialog's summary of a finished deploy. */
+export function deploySummary(status: IDeployStatus): string {
+  if (status.state === 'failed') {
+    return `Deploy failed: ${status.error || 'no reason given'}`;
+  }
+  if (status.state !== 'done' || !status.result) {
+    return status.steps.length ? status.steps[status.steps.length - 1].message : 'Deploying…';
+  }
+  const r = status.result;
+  return `Deployed v${r.version ?? '?'} to ${r.device ?? '?'}`;
+}

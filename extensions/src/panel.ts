@@ -1,0 +1,208 @@
+/**
+ * The MLSQL side panel: models (versions, metrics, aliases, devices, MLflow run link), devices
+ * (online, active model/version, providers used, p95, error rate; refreshed every 2 s while the
+ * panel is visible), deploys started here, and jobs (next run, last status, output notebook).
+ */
+import { Message } from '@lumino/messaging';
+import { Widget } from '@lumino/widgets';
+
+import { api } from './api';
+import { DeployLog } from './deployDialog';
+import { deploySummary, formatPlacement } from './logic/deploy';
+import { deviceRows, jobRows, modelRows } from './logic/format';
+
+const REFRESH_MS = 2000;
+
+function el<K extends keyof HTMLElementTagNameMap>(tag: K, props: Partial<HTMLElementTagNameMap[K]> = {}, ...children: (Node | string)[]) {
+  const node = document.createElement(tag);
+  Object.assign(node, props);
+  for (const c of children) {
+    node.append(c);
+  }
+  return node;
+}
+
+export interface IPanelActions {
+  deploy(): void;
+  openNotebook(path: string): void;
+}
+
+export class MlsqlPanel extends Widget {
+  private models = el('div', { className: 'mlsql-panel-models' });
+  private devices = el('div', { className: 'mlsql-panel-devices' });
+  private deploys = el('div', { className: 'mlsql-panel-deploys' });
+  private jobs = el('div', { className: 'mlsql-panel-jobs' });
+  private status = el('div', { className: 'mlsql-panel-status' });
+  private timer: number | null = null;
+  private tick = 0;
+
+  constructor(private log: DeployLog, private actions: IPanelActions) {
+    super();
+    this.id = 'mlsql-panel';
+    this.addClass('mlsql-panel');
+    this.title.caption = 'MLSQL: models, devices, jobs';
+    const refresh = el('button', { className: 'jp-Button jp-mod-styled mlsql-panel-refresh', textContent: 'Refresh' });
+    refresh.onclick = () => void this.refresh(true);
+    const deploy = el('button', { className: 'jp-Button jp-mod-styled jp-mod-accept mlsql-panel-deploy', textContent: 'Deploy…' });
+    deploy.onclick = () => this.actions.deploy();
+    this.node.append(
+      el('div', { className: 'mlsql-panel-header' }, el('h2', { textContent: 'MLSQL' }), deploy, refresh),
+      this.status,
+      el('h3', { textContent: 'Models' }),
+      this.models,
+      el('h3', { textContent: 'Devices' }),
+      this.devices,
+      el('h3', { textContent: 'Deploys' }),
+      this.deploys,
+      el('h3', { textContent: 'Jobs' }),
+      this.jobs
+    );
+    this.log.changed.connect((_, status) => {
+      this.renderDeploys();
+      if (status.state !== 'running') {
+        void this.refresh(true); // a finished deploy changes the devices' active versions
+      }
+    });
+    this.renderDeploys();
+  }
+
+  protected onAfterShow(msg: Message): void {
+    void this.refresh(true);
+    this.timer = window.setInterval(() => void this.refresh(false), REFRESH_MS);
+  }
+
+  protected onBeforeHide(msg: Message): void {
+    this.stop();
+  }
+
+  dispose(): void {
+    this.stop();
+    super.dispose();
+  }
+
+  private stop(): void {
+    if (this.timer !== null) {
+      window.clearInterval(this.timer);
+      this.timer = null;
+    }
+  }
+
+  /** Devices every time; models and jobs on the first call, every 5th, and on demand. */
+  async refresh(all: boolean): Promise<void> {
+    if (!this.isVisible && !all) {
+      return;
+    }
+    const full = all || this.tick++ % 5 === 0;
+    try {
+      const [d, m, j] = await Promise.all([api.devices(), full ? api.models() : null, full ? api.jobs() : null]);
+      this.renderDevices(d.devices);
+      if (m) {
+        this.renderModels(m.models);
+      }
+      if (j) {
+        this.renderJobs(j.jobs);
+      }
+      this.status.textContent = '';
+      this.status.className = 'mlsql-panel-status';
+    } catch (e) {
+      this.status.textContent = `MLSQL server extension unreachable: ${(e as Error).message}`;
+      this.status.className = 'mlsql-panel-status mlsql-failed';
+    }
+  }
+
+  private renderModels(models: Parameters<typeof modelRows>[0]): void {
+    const rows = modelRows(models);
+    if (!rows.length) {
+      this.models.replaceChildren(el('p', { className: 'mlsql-empty', textContent: 'No models yet (CREATE MODEL).' }));
+      return;
+    }
+    this.models.replaceChildren(
+      ...rows.map(r =>
+        el(
+          'details',
+          { className: 'mlsql-model', open: rows.length <= 3 },
+          el('summary', {}, el('span', { className: 'mlsql-name', textContent: r.label }), el('span', { className: 'mlsql-detail', textContent: ` ${r.detail}` })),
+          el(
+            'table',
+            {},
+            ...r.versions.map(v =>
+              el(
+                'tr',
+                { className: 'mlsql-version' },
+                el('td', { textContent: v.label }),
+                el('td', { textContent: v.metrics }),
+                el('td', { textContent: [v.aliases, v.devices && `on ${v.devices}`].filter(Boolean).join(' · ') }),
+                el('td', {}, v.runUrl ? el('a', { href: v.runUrl, target: '_blank', rel: 'noopener', textContent: 'MLflow run' }) : '')
+              )
+            )
+          )
+        )
+      )
+    );
+  }
+
+  private renderDevices(devices: Parameters<typeof deviceRows>[0]): void {
+    const rows = deviceRows(devices);
+    if (!rows.length) {
+      this.devices.replaceChildren(el('p', { className: 'mlsql-empty', textContent: "No devices (CREATE DEVICE 'name' OPTIONS (url = ...))." }));
+      return;
+    }
+    const head = el('tr', {}, ...['', 'Device', 'Active', 'Providers', 'p95', 'Errors'].map(h => el('th', { textContent: h })));
+    this.devices.replaceChildren(
+      el(
+        'table',
+        { className: 'mlsql-devices' },
+        head,
+        ...rows.map(r =>
+          el(
+            'tr',
+            { className: `mlsql-device mlsql-${r.status}`, title: r.title },
+            el('td', { className: 'mlsql-dot', textContent: r.status === 'online' ? '●' : '○', title: r.status }),
+            el('td', { className: 'mlsql-name', textContent: r.name }),
+            el('td', { className: 'mlsql-active', textContent: r.active }),
+            el('td', { textContent: r.providers }),
+            el('td', { textContent: r.p95 }),
+            el('td', { textContent: r.errors })
+          )
+        )
+      )
+    );
+  }
+
+  private renderDeploys(): void {
+    const entries = [...this.log.entries.values()].reverse();
+    if (!entries.length) {
+      this.deploys.replaceChildren(el('p', { className: 'mlsql-empty', textContent: 'None from this window yet.' }));
+      return;
+    }
+    this.deploys.replaceChildren(
+      ...entries.map(e => {
+        const s = e.status;
+        const detail = s.state === 'done' && s.result ? ` · ${formatPlacement(s.result.placement)}` : '';
+        return el('div', { className: `mlsql-deploy-entry mlsql-${s.state}` }, `${e.model} → ${e.target}: ${deploySummary(s)}${detail}`);
+      })
+    );
+  }
+
+  private renderJobs(jobs: Parameters<typeof jobRows>[0]): void {
+    const rows = jobRows(jobs);
+    if (!rows.length) {
+      this.jobs.replaceChildren(el('p', { className: 'mlsql-empty', textContent: 'No jobs (CREATE JOB).' }));
+      return;
+    }
+    this.jobs.replaceChildren(
+      el(
+        'table',
+        { className: 'mlsql-jobs' },
+        el('tr', {}, ...['Job', 'Schedule', 'Next', 'Last', ''].map(h => el('th', { textContent: h }))),
+        ...rows.map(r => {
+          const link = r.notebook
+            ? el('a', { href: '#', textContent: 'output', title: r.notebook, onclick: (ev: MouseEvent) => { ev.preventDefault(); this.actions.openNotebook(r.notebook!); } })
+            : '';
+          return el('tr', { className: 'mlsql-job' }, el('td', { textContent: r.name }), el('td', { textContent: r.schedule }),
+            el('td', { textContent: r.next }), el('td', { textContent: r.last }), el('td', {}, link));
+        })
+      )
+    );
+  }
+}

@@ -1,0 +1,52 @@
+import { deviceRows, formatMetrics, formatNumber, jobRows, modelRows, relativeTime } from '../src/logic/format';
+
+describe('panel rows', () => {
+  it('formats numbers as people read them', () => {
+    expect(formatNumber(0.912345)).toBe('0.912');
+    expect(formatNumber(1632661.0)).toBe('1,632,661');
+    expect(formatNumber(42)).toBe('42');
+    expect(formatNumber(null)).toBe('—');
+    expect(formatMetrics({ roc_auc: 0.98765, log_loss: 0.1234, accuracy: 0.9, f1: 0.5 })).toBe(
+      'roc_auc 0.988 · log_loss 0.123 · accuracy 0.9'
+    );
+  });
+
+  it('lists models by name with versions newest first and the MLflow link', () => {
+    const rows = modelRows([
+      { name: 'zeta', versions: [] },
+      {
+        name: 'species',
+        model_type: 'boosted_tree_classifier',
+        versions: [
+          { version: 1, metrics: { accuracy: 0.97 }, aliases: [], devices: [] },
+          { version: 2, metrics: { accuracy: 0.985 }, aliases: ['champion'], devices: ['local'], mlflow_run_url: 'http://m/runs/abc' }
+        ]
+      }
+    ]);
+    expect(rows.map(r => r.name)).toEqual(['species', 'zeta']);
+    expect(rows[0].detail).toBe('boosted_tree_classifier · 2 versions');
+    expect(rows[0].versions[0]).toEqual({ label: 'v2', metrics: 'accuracy 0.985', aliases: 'champion', devices: 'local', runUrl: 'http://m/runs/abc' });
+    expect(rows[0].versions[1].runUrl).toBeNull();
+  });
+
+  it('lists devices with status, active version, providers, p95 and error rate', () => {
+    const [a, b] = deviceRows([
+      { name: 'pi', online: false, error: 'connection refused', url: 'http://pi:7070' },
+      { name: 'local', online: true, active_model: 'species', active_version: 2, providers: ['cpu'], p95_ms: 1.234, error_rate: 0.0125 }
+    ]);
+    expect(a).toEqual({ name: 'local', status: 'online', active: 'species@2', providers: 'cpu', p95: '1.23 ms', errors: '1.25 %', title: '' });
+    expect(b.status).toBe('offline');
+    expect(b.active).toBe('nothing deployed');
+    expect(b.title).toBe('http://pi:7070 — connection refused');
+  });
+
+  it('says when jobs run next and how they last ended', () => {
+    const now = new Date('2026-12-01T12:00:00Z');
+    expect(relativeTime('2026-12-01T12:05:00Z', now)).toBe('in 5 min');
+    expect(relativeTime('2026-12-01T11:59:30Z', now)).toBe('30 s ago');
+    const [j] = jobRows([{ name: 'nightly', schedule: '0 3 * * *', next_run: '2026-12-01T15:00:00Z', last_status: 'ok',
+      last_run_at: '2026-12-01T11:00:00Z', last_output_notebook: 'jobs/nightly/out.ipynb' }], now);
+    expect(j).toEqual({ name: 'nightly', schedule: '0 3 * * *', next: 'in 3 h', last: 'ok 1 h ago', notebook: 'jobs/nightly/out.ipynb' });
+    expect(jobRows([{ name: 'x' }], now)[0].last).toBe('never run');
+  });
+});
