@@ -38,12 +38,42 @@ class MLSQLKernel(IPythonKernel):
     }
     banner = "MLSQL: machine learning in SQL (cells are %%mlsql; %-prefixed cells are IPython)"
 
+    mlsql_native = True  # the magic's hooks for the Python kernel stay out: do_complete/do_inspect are ours
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.shell.run_line_magic("load_ext", "mlsql")
+        self.magic = self.shell.magics_manager.registry["MLSQLMagic"]
+
+    def do_complete(self, code, cursor_pos):
+        from .completion import complete
+
+        view = sql_view(code, cursor_pos)
+        if view is None:
+            return super().do_complete(code, cursor_pos)
+        sql, session = view[0], self._session(view[1])
+        return {"status": "ok", **complete(sql, cursor_pos, session)}
+
+    def do_inspect(self, code, cursor_pos, detail_level=0, omit_sections=()):
+        from .completion import inspect
+
+        view = sql_view(code, cursor_pos)
+        if view is None:
+            return super().do_inspect(code, cursor_pos, detail_level, omit_sections)
+        return {"status": "ok", **inspect(view[0], cursor_pos, self._session(view[1]), detail_level)}
+
+    def _session(self, options: str):
+        from .completion import _magic_session
+
+        return _magic_session(self.magic, options)
 
     async def do_execute(self, code, silent, store_history=True, user_expressions=None,
                          allow_stdin=False, **kwargs):
+        # where an error's line is in the cell: a cell is all SQL (line 1 is the SQL's line 1)
+        # unless it starts with its own %%mlsql line
+        stripped = code.lstrip()
+        self.magic.cell_line_offset = (code.count("\n", 0, len(code) - len(stripped)) + 1
+                                       if stripped.startswith("%%mlsql") else 0)
         return await super().do_execute(as_python(code), silent, store_history, user_expressions, allow_stdin,
                                         **kwargs)
 
@@ -88,6 +118,31 @@ def as_python(cell: str) -> str:
             sql.append(ln)
     flush(last=True)
     return "\n".join(out)
+
+
+def sql_view(cell: str, cursor_pos: int | None) -> tuple[str, str] | None:
+    """A cell as completion sees it: the SQL with Python lines (and a ``%%mlsql`` line) blanked
+    to spaces, so offsets stay the cell's, and that line's options; None where the cursor is in
+    Python or IPython (a ``%%python`` cell, a ``%python`` line, a ``%``/``!``/``?`` cell)."""
+    cursor = len(cell) if cursor_pos is None else cursor_pos
+    stripped = cell.lstrip()
+    options = ""
+    lines = cell.split("\n")
+    if stripped.startswith("%%mlsql"):
+        first = next(i for i, ln in enumerate(lines) if ln.strip())
+        options = lines[first].strip()[len("%%mlsql"):]
+        lines[first] = " " * len(lines[first])
+    elif stripped.startswith(("%%python", "%", "!", "?")) and not stripped.startswith(_PY_LINE):
+        return None
+    at = cell.count("\n", 0, cursor)
+    out = []
+    for i, ln in enumerate(lines):
+        if ln.lstrip().startswith(_PY_LINE):
+            if i == at:
+                return None
+            ln = " " * len(ln)
+        out.append(ln)
+    return "\n".join(out), options
 
 
 def spec() -> dict:

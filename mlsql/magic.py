@@ -56,11 +56,18 @@ class MLSQLMagic(Magics):
 
         return in_kernel()
 
+    # lines of the cell above its SQL (the %%mlsql line); the MLSQL kernel, whose cells are all SQL, sets 0
+    cell_line_offset = 1
+
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
         self._sessions: dict = {}
         if shell is not None and hasattr(shell, "configurables"):
             shell.configurables.append(self)
+        if shell is not None:
+            from .completion import install_ipython_hooks
+
+            install_ipython_hooks(shell, self)  # Tab and Shift-Tab in %%mlsql cells
 
     def session(self, workspace: str | None = None, engine: str | None = None):
         """The session for a workspace and engine, opened on first use."""
@@ -99,6 +106,8 @@ class MLSQLMagic(Magics):
             finally:
                 notice.done()
         except MLSQLError as exc:
+            if cell is not None:
+                publish_error_span(exc, cell, self.cell_line_offset)
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             # a statement stops where it was: nothing half-done is registered (a model is
@@ -225,3 +234,19 @@ def _widgets_here() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("anywidget") is not None
+
+
+ERROR_MIME = "application/vnd.mlsql.error+json"
+
+
+def publish_error_span(exc, sql: str, line_offset: int) -> None:
+    """Before the error itself: where it is in the cell, for the JupyterLab extension to mark
+    (docs/EXTENSION.md). Only that MIME type, no text/plain: other front-ends show nothing."""
+    span = exc.span(sql)
+    if span is None:
+        return
+    from IPython.display import publish_display_data
+
+    publish_display_data({ERROR_MIME: {
+        "message": str(exc), "kind": type(exc).__name__, "line": span.line + line_offset, "column": span.column,
+        "end_line": span.end_line + line_offset, "end_column": span.end_column}})
