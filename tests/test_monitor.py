@@ -168,9 +168,9 @@ def test_monitor_updates_under_load_while_other_cells_run(rig):
                   "print(n, round(time.perf_counter() - t, 3))")
         assert not r["errors"], r["errors"]
         n_selects, took = r["out"].split()
-        assert int(n_selects) >= 10 and float(took) < 2.5
+        assert int(n_selects) >= 10 and float(took) < 3.0
         assert time.time() - t0 < 4.0, "the SELECT cell was held up"
-        k.drain(max(0.0, 3.6 - (time.time() - t0)))
+        k.drain(max(0.0, 4.0 - (time.time() - t0)))
         ups = k.updates_since(t0, view["model_id"])
         # one comm message per interval carries the new point, the history and the rest together
         assert len(ups) >= 3, [u[1].get("updates") for u in ups]
