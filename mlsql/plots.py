@@ -102,7 +102,8 @@ class BarPanel:
         colors = np.where(vals >= 0, "#4c78a8", "#e45756")
         ax.barh(np.arange(n), vals, color=colors)
         ax.set_yticks(np.arange(n), [str(x) for x in self.names[:n]][::-1], fontsize=8)
-        ax.set(xlabel=self.xlabel, title=self.title)
+        ax.set_xlabel(self.xlabel)
+        ax.set_title(self.title, fontsize=10)
         ax.axvline(0, color="#666", lw=0.6)
 
     def height(self) -> float:
@@ -189,7 +190,7 @@ def attribution_panel(table) -> BarPanel | None:
     vals = g.column("a_mean").to_numpy(zero_copy_only=False).astype(np.float64)
     names = g.column("feature").to_pylist()
     order = np.argsort(-vals, kind="stable")
-    return BarPanel(f"Mean |attribution| over {table.num_rows:,} rows (top features of each row)",
+    return BarPanel(f"Mean |attribution| over {table.num_rows:,} rows",
                     [names[i] for i in order], vals[order], "mean |attribution|")
 
 
