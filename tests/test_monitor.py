@@ -248,3 +248,39 @@ def test_stop_shows_stopped_keeps_last_values_and_sends_nothing_more(rig):
     total = snap["latest"]["total_requests"]
     assert f"{total:,} requests" in text and "species@1 on CPUExecutionProvider" in text and "stopped" in text
     assert "drift: flipper_length_mm" in text
+
+
+def test_window_quantiles_are_those_of_the_requests_between_two_polls():
+    from device_bridge.telemetry import LatencyHistogram
+    from mlsql.widgets import _bounds, _window_quantiles
+
+    agent, only_new = LatencyHistogram(), LatencyHistogram()
+    for ms in [0.05] * 300:  # before the first poll
+        agent.add(ms)
+    before = agent.snapshot()["buckets"]
+    for ms in [0.2] * 100 + [1.0] * 90 + [8.0] * 8 + [40.0] * 2 + [60.0]:
+        agent.add(ms)
+        only_new.add(ms)
+    q = _window_quantiles(agent.snapshot()["buckets"], before, _bounds())
+    want = only_new.snapshot()
+    assert (q["p50_ms"], q["p95_ms"], q["p99_ms"]) == (want["p50_ms"], want["p95_ms"], want["p99_ms"])
+    assert 0.5 < q["p50_ms"] < 1.2 and 5 < q["p95_ms"] < 10 < 30 < q["p99_ms"] < 50
+    # no request in the interval: no point rather than a zero
+    assert _window_quantiles(before, before, _bounds()) == {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+
+
+def test_event_lines_and_drift_without_training_statistics():
+    from types import SimpleNamespace
+
+    from mlsql.widgets import DeviceMonitor, _event_text
+
+    trip = {"kind": "circuit_breaker", "model": "m", "version": 2, "rolled_back_to": 1,
+            "reason": "error rate 0.60 over the last 20 requests"}
+    assert _event_text(trip) == "circuit breaker m@2 -> rolled back to @1 - error rate 0.60 over the last 20 requests"
+    assert _event_text({"kind": "rollback", "model": "m", "version": 1, "previous": 2}) == "rollback m@1 (was @2)"
+    me = SimpleNamespace(drift_threshold=3.0, _unseen_threshold=0.1)
+    live = {"columns": {"x": {"kind": "numeric", "count": 10, "mean": 7.0}}}
+    rows, note = DeviceMonitor._drift(me, live, {"active": 1}, {"models": {}})
+    assert rows == [] and "not available" in note  # an agent from before training_stats in /v1/info
+    rows, note = DeviceMonitor._drift(me, live, {"training_stats": {"x": {"mean": 1.0, "std": 2.0}}}, {"models": {}})
+    assert note == "" and rows[0]["score"] == 3.0 and not rows[0]["flagged"]  # 3 std: at the threshold
