@@ -1,8 +1,8 @@
 """A browsable table: the kernel holds the Arrow table, the browser gets one page at a time.
 
 An anywidget: state as traits (the page, the sort, the formatted rows of that page). The
-browser changes ``page``, ``page_size``, ``sort_by`` or ``descending``; the kernel answers with
-the rows of that page, sorted with ``pyarrow.compute.sort_indices`` (computed once per sort).
+browser asks for a page, page size or sort (``request``); the kernel sets ``page``,
+``page_size``, ``sort_by`` and ``descending`` and answers with the rows of that page, sorted with ``pyarrow.compute.sort_indices`` (computed once per sort).
 Only ``page_size`` rows ever cross to the browser. Where widgets cannot render (nbconvert,
 exported HTML, a notebook reopened without its kernel) the static table of the first rows beside
 it in the same display bundle is what shows.
@@ -39,6 +39,9 @@ class TablePager(anywidget.AnyWidget):
     descending = T.Bool(False).tag(sync=True)
     messages = T.List(T.Unicode()).tag(sync=True)  # the result's log and message, as HTML
     footer = T.Unicode("").tag(sync=True)
+    # what the browser asks for ({page, page_size, sort_by, descending}): it never sets the state
+    # traits itself, so a click made before the previous answer arrived cannot be undone by it
+    request = T.Dict().tag(sync=True)
 
     def __init__(self, table: pa.Table, page_size: int = 10, **kwargs):
         self._table = table
@@ -53,6 +56,19 @@ class TablePager(anywidget.AnyWidget):
         with self.hold_sync():
             self.messages = list(messages)
             self.footer = footer
+
+    @T.observe("request")
+    def _on_request(self, change):
+        r = change["new"] or {}
+        with self.hold_sync():
+            if "page_size" in r:
+                self.page_size = int(r["page_size"])
+            if "sort_by" in r:
+                self.sort_by = str(r["sort_by"] or "")
+            if "descending" in r:
+                self.descending = bool(r["descending"])
+            if "page" in r:  # last: a new sort starts at page 0 unless the request says otherwise
+                self.page = int(r["page"])
 
     @T.validate("page")
     def _valid_page(self, proposal):

@@ -16,10 +16,18 @@ function render({ model, el: root }) {
   const nav = el("div", "mlsql-pager-nav");
   root.append(msgs, wrap, nav);
 
+  // requests to the kernel, which owns the state: the view draws what it answers. `want` is the
+  // state asked for last, so a click made before the previous answer arrived builds on it
+  const state = () => ({ page: model.get("page"), page_size: model.get("page_size"),
+                         sort_by: model.get("sort_by"), descending: model.get("descending") });
+  let want = state(), seq = 0;
   const set = (changes) => {
-    for (const [k, v] of Object.entries(changes)) model.set(k, v);
+    want = { ...want, ...changes };
+    model.set("request", { ...want, seq: ++seq });
     model.save_changes();
   };
+  const follow = (key) => () => { want[key] = model.get(key); };  // set from Python, e.g. w.page = 3
+  for (const key of ["page", "page_size", "sort_by", "descending"]) model.on(`change:${key}`, follow(key));
 
   function drawMessages() {
     msgs.innerHTML = (model.get("messages") || []).join("\n");  // built and escaped by the kernel
@@ -37,8 +45,8 @@ function render({ model, el: root }) {
         th.classList.add("sortable");
         th.title = "sort by " + c;
         th.onclick = () => {
-          if (c !== sortBy) set({ sort_by: c, descending: false, page: 0 });
-          else if (!desc) set({ descending: true, page: 0 });
+          if (c !== want.sort_by) set({ sort_by: c, descending: false, page: 0 });
+          else if (!want.descending) set({ descending: true, page: 0 });
           else set({ sort_by: "", descending: false, page: 0 });
         };
       }
@@ -72,15 +80,15 @@ function render({ model, el: root }) {
       const b = el("button", "", label);
       b.title = title;
       b.disabled = disabled;
-      b.onclick = () => set({ page: target });
+      b.onclick = () => set({ page: Math.min(Math.max(target(want.page), 0), pages - 1) });
       return b;
     };
     nav.append(
-      btn("«", "first page", 0, page === 0),
-      btn("‹", "previous page", page - 1, page === 0),
+      btn("«", "first page", () => 0, page === 0),
+      btn("‹", "previous page", (p) => p - 1, page === 0),
       el("span", "mlsql-pager-pos", `rows ${first.toLocaleString()}–${last.toLocaleString()} of ${total.toLocaleString()} · page ${page + 1} of ${pages.toLocaleString()}`),
-      btn("›", "next page", page + 1, page >= pages - 1),
-      btn("»", "last page", pages - 1, page >= pages - 1),
+      btn("›", "next page", (p) => p + 1, page >= pages - 1),
+      btn("»", "last page", () => pages - 1, page >= pages - 1),
     );
     const sel = el("select");
     for (const n of [10, 25, 50, 100]) {
@@ -105,6 +113,7 @@ function render({ model, el: root }) {
   model.on("change:rows", () => { drawTable(); drawNav(); });
   model.on("change:sort_by", drawTable);
   model.on("change:descending", drawTable);
+  model.on("change:page", drawNav);
   model.on("change:messages", drawMessages);
   model.on("change:footer", drawNav);
   model.on("change:total", drawNav);
