@@ -209,6 +209,15 @@ def loss_panel(training_info, title: str = "Loss by iteration") -> LossPanel | N
     return LossPanel(it, series, title)
 
 
+def panels(kind: str, data) -> list:
+    """The charts of one kind of ML output: 'evaluation' (an Evaluation), 'importance',
+    'attribution' or 'loss' (the function's Arrow table)."""
+    if kind == "evaluation":
+        return evaluation_panels(data)
+    made = {"importance": importance_panel, "attribution": attribution_panel, "loss": loss_panel}[kind](data)
+    return [made] if made is not None else []
+
+
 # -- rendering -------------------------------------------------------------------------------------
 def render_png(panels: list) -> bytes:
     """The panels side by side in one PNG."""
