@@ -62,6 +62,7 @@ def test_deploy_predict_metrics_new_version_rollback(env):
     s, _, _ = env
     r = s.sql("DEPLOY MODEL species TO DEVICE 'd1' OPTIONS (providers = ['cuda', 'cpu'])")
     assert "Deployed species@1 to d1" in r.message and "runs on cpu" in r.message
+    assert "version 1 active, no previous version" in r.message and "None" not in r.message
     row = r.to_arrow().to_pylist()[0]
     assert row["active"] == 1 and row["providers"] == ["cpu"] and row["first_inference_ms"] > 0
     assert json.loads(row["placement"])["CPUExecutionProvider"] > 0
