@@ -1,5 +1,6 @@
 """The Jupyter server extension ``mlsql.server``: runs the workspace's job scheduler while
-JupyterLab is up.
+JupyterLab is up, and serves the REST API of the JupyterLab extension under ``/mlsql/api/``
+(:mod:`mlsql.server.api`, docs/EXTENSION.md).
 
     jupyter lab --ServerApp.jpserver_extensions="{'mlsql.server': True}"
 
@@ -36,6 +37,13 @@ def _load_jupyter_server_extension(serverapp) -> None:
     log = serverapp.log
     try:
         ws = Workspace.open(workspace_path(serverapp))
+    except Exception:
+        log.exception("MLSQL: the workspace cannot be opened; no MLSQL API or scheduler in this server")
+        return
+    from .api import add_handlers
+
+    add_handlers(serverapp, ws)
+    try:
         scheduler = Scheduler(ws, who=f"the Jupyter server at {serverapp.root_dir}")
         scheduler.start()
     except MLSQLError as exc:
@@ -58,6 +66,9 @@ def _stop(scheduler, log) -> None:
 
 
 def _unload_jupyter_server_extension(serverapp) -> None:
+    api = serverapp.web_app.settings.pop("mlsql_api", None)
+    if api is not None:
+        api.close()
     scheduler = serverapp.web_app.settings.pop(_SCHEDULER_KEY, None)
     if scheduler is not None:
         _stop(scheduler, serverapp.log)
