@@ -300,7 +300,8 @@ class API:
             except ValueError:
                 placement = None
         version = row.get("version")
-        return {"version": version, "device": row.get("device", body.get("device")), "group": body.get("group"),
+        return {"version": version, "device": body.get("device") and row.get("device", body["device"]),
+                "group": body.get("group"),
                 "placement": placement, "first_inference_ms": _number(row.get("first_inference_ms")),
                 "parity": self._parity(body["model"], version, body.get("quantize")), "message": r.message}
 
