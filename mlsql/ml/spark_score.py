@@ -181,12 +181,13 @@ def evaluate(engine, lm, df, threshold: float | None = None) -> dict:
     frame, where = with_features(engine, lm, df, need_label=True, func="EVALUATE")
     if lm.label not in where:
         raise UnknownColumnError(lm.label, df.columns, message=f"Input has no label column '{lm.label}'")
-    return metrics(engine, lm.model, frame, where, threshold)
+    return metrics(engine, lm.model, frame, where, threshold).metrics
 
 
-def metrics(engine, model, frame, where: dict[str, str], threshold: float | None = None) -> dict:
+def metrics(engine, model, frame, where: dict[str, str], threshold: float | None = None) -> M.Evaluation:
     """Evaluation metrics of ``model`` on ``frame`` (features and label in the columns ``where``
-    names), BigQuery ML's names and the values ``mlsql.ml.metrics`` gives on the same rows."""
+    names), BigQuery ML's names and the values ``mlsql.ml.metrics`` gives on the same rows; for a
+    classifier with its confusion matrix (the ROC curves stay on the cluster: not drawn)."""
     F = engine._functions()
     k = len(model.classes) if model.is_classifier else 0
     out = pa.schema([("y", pa.float64()), ("pred", pa.float64())]) if not k else pa.schema(
@@ -255,14 +256,14 @@ def _regression(F, scored, model) -> dict:
     var = float(row["var_y"])
     mse = float(row["mse"])
     msle = float(row["msle"]) if row["min_y"] > -1 and row["min_pred"] > -1 else None
-    return {
+    return M.Evaluation({
         "mean_absolute_error": float(row["mae"]),
         "mean_squared_error": mse,
         "mean_squared_log_error": msle,
         "median_absolute_error": float(row["medae"]),
         "r2_score": 1.0 - mse / var if var > 0 else 0.0,
         "explained_variance": 1.0 - float(row["var_err"]) / var if var > 0 else 0.0,
-    }
+    }, rows=int(row["n"]))
 
 
 def _classification(F, scored, model, k: int) -> dict:
@@ -292,14 +293,14 @@ def _classification(F, scored, model, k: int) -> dict:
         precision, recall = float(np.mean(precs)), float(np.mean(recs))
         auc = float(np.mean(aucs)) if aucs else None
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
+    return M.Evaluation({
         "precision": float(precision),
         "recall": float(recall),
         "accuracy": float(np.trace(cm) / n),
         "f1_score": float(f1),
         "log_loss": float(-logp / n),
         "roc_auc": auc,
-    }
+    }, list(model.classes), [], cm, n)
 
 
 def _auc(F, scored, c: int, cm: np.ndarray) -> float | None:

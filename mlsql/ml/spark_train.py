@@ -1,0 +1,655 @@
+"""CREATE MODEL on Spark, in the executors: no training rows reach the driver.
+
+The training query stays a Spark DataFrame. Passes over it (``mapInArrow``, Arrow batches):
+rows per partition (each row's position is the partition's offset plus its place in it, as
+``RDD.zipWithIndex`` numbers rows, so the data split picks the rows DuckDB's path picks for the
+same order of rows: ``random`` draws the same numpy numbers by advancing the generator to
+each partition's offset), then the statistics the feature encoding learns (means, categories,
+classes), computed with ``mlsql.ml.features`` on each batch, then the encoded matrix.
+
+- ``boosted_tree_*``: ``xgboost.spark`` across the executors (``num_workers`` = the session's
+  task slots); its booster is an ordinary ``xgboost.Booster``, so the model is the same
+  ``XGBEstimator`` the DuckDB path makes.
+- ``linear_reg`` / ``logistic_reg``: the same ``LinearEstimator`` as on DuckDB, its sums
+  computed on the cluster: the weighted Gram matrix and moments for least squares (one pass),
+  the loss and gradient of each L-BFGS step for the logistic model (one pass over the cached
+  encoded rows per evaluation, as Spark ML's own L-BFGS does). The model is the one DuckDB's
+  path fits on the same rows, up to the order of floating-point sums.
+- ``dnn_*``: not trained on Spark (an error says how to train it on DuckDB).
+
+The evaluation metrics are aggregated on the cluster (``spark_score.metrics``).
+Nothing here is imported by ``import mlsql``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..errors import TrainingError, UnknownColumnError
+from . import spark_score as S
+from .estimators import LinearEstimator, XGBEstimator, _sigmoid, _softmax
+from .features import MAX_CATEGORIES, FeatureSpec, _kind, encode, numeric_values, string_values
+from .model import (AUTO_SPLIT_EVAL_ROWS, AUTO_SPLIT_MEDIUM, AUTO_SPLIT_SMALL, TRAINING_INFO_SCHEMA, TrainedModel,
+                    _label_values)
+from .options import Options
+
+IDX, EVAL, LABEL, WEIGHT = "__mlsql_idx", "__mlsql_eval", "__mlsql_label", "__mlsql_weight"
+
+
+def _find(columns: list[str], name: str) -> str | None:
+    return {c.lower(): c for c in columns}.get(name.lower())
+
+
+def _partition() -> int:
+    from pyspark import TaskContext
+
+    return TaskContext.get().partitionId()
+
+
+def _struct(fields):
+    return S._struct(pa.schema(fields))
+
+
+# -- executor side -------------------------------------------------------------------------------
+
+
+def _count_rows(batches):
+    n = 0
+    for b in batches:
+        n += b.num_rows
+    yield pa.RecordBatch.from_arrays([pa.array([_partition()], pa.int32()), pa.array([n], pa.int64())],
+                                     names=["p", "n"])
+
+
+def _index_and_split(offsets: dict, split: dict, batches):
+    """Each row's position in the query's order and whether it is an evaluation row."""
+    start = offsets.get(_partition(), 0)
+    rng = None
+    if split["method"] == "random":
+        rng = np.random.default_rng(split["seed"])
+        rng.bit_generator.advance(start)  # one 64-bit draw per number: as if the rows before were drawn
+    chosen = split.get("chosen")
+    for b in batches:
+        n = b.num_rows
+        idx = np.arange(start, start + n, dtype=np.int64)
+        start += n
+        m = split["method"]
+        if m == "random":
+            ev = rng.random(n) < split["fraction"]
+        elif m == "chosen":
+            ev = np.isin(idx, chosen)
+        elif m == "tail":
+            ev = idx >= split["first_eval"]
+        elif m == "custom":
+            col = b.column(b.schema.get_field_index(split["col"]))
+            ev = pc.fill_null(col.cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
+        else:
+            ev = np.zeros(n, dtype=bool)
+        yield pa.RecordBatch.from_arrays(list(b.columns) + [pa.array(idx), pa.array(ev)],
+                                         names=list(b.schema.names) + [IDX, EVAL])
+
+
+def _statistics(numeric: list[str], categorical: list[str], label: str, classifier: bool, has_eval: bool, batches):
+    """What the encoding learns, summed over this partition's training rows (all rows for the classes)."""
+    sums = {c: [0.0, 0, False] for c in numeric}
+    cats: dict[str, set] = {c: set() for c in categorical}
+    labels_all: dict = {}
+    labels_train: dict = {}
+    y_sum, n_train, n_eval, fractional = 0.0, 0, 0, False
+    for b in batches:
+        t = pa.Table.from_batches([b])
+        train = ~t.column(EVAL).to_numpy(zero_copy_only=False) if has_eval else np.ones(b.num_rows, bool)
+        tt = t.filter(pa.array(train)) if not train.all() else t
+        n_train += tt.num_rows
+        n_eval += t.num_rows - tt.num_rows
+        for c in numeric:
+            x = numeric_values(tt.column(c))
+            s = sums[c]
+            s[0] += float(np.nansum(x))
+            s[1] += int(np.count_nonzero(~np.isnan(x)))
+            s[2] = s[2] or bool(np.isfinite(x).any())
+        for c in categorical:
+            vals = string_values(tt.column(c))
+            cats[c].update(v for v in pc.unique(vals.drop_null()).to_pylist())
+        if classifier:
+            try:
+                values, _ = _label_values(t.column(label))
+            except TrainingError:
+                fractional = True
+                continue
+            for into, vs in ((labels_all, values), (labels_train, values.filter(pa.array(train)))):
+                counts = pc.value_counts(vs)
+                for v, k in zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist()):
+                    into[v] = into.get(v, 0) + k
+        else:
+            y = tt.column(label).cast(pa.float64()).to_numpy(zero_copy_only=False)
+            y_sum += float(y.sum())
+    blob = {"sums": sums, "cats": {c: sorted(v) for c, v in cats.items()},
+            "labels_all": list(labels_all.items()), "labels_train": list(labels_train.items()),
+            "y_sum": y_sum, "n_train": n_train, "n_eval": n_eval, "fractional": fractional}
+    yield pa.RecordBatch.from_arrays([pa.array([json.dumps(blob, default=str)])], names=["stats"])
+
+
+def _encode(specs: list[dict], label: str, label_info: dict, batches):
+    """The float32 design matrix (columns f0, f1, ...), the label (class code or value), weight, eval flag."""
+    specs = [FeatureSpec(**s) for s in specs]
+    width = sum(s.width for s in specs)
+    classes = label_info.get("classes")
+    cw = label_info.get("class_weights")
+    for b in batches:
+        t = pa.Table.from_batches([b])
+        X = encode(t, specs)
+        if classes is not None:
+            values, _ = _label_values(t.column(label))
+            y = pc.index_in(values, value_set=pa.array(classes, values.type)).to_numpy(zero_copy_only=False)
+            y = y.astype(np.float64)
+        else:
+            y = t.column(label).cast(pa.float64()).to_numpy(zero_copy_only=False)
+        ev = t.column(EVAL).to_numpy(zero_copy_only=False)
+        w = np.ones(len(y)) if cw is None else np.where(ev, 1.0, np.asarray(cw)[y.astype(np.int64)])
+        arrays = [pa.array(X[:, j]) for j in range(width)]
+        arrays += [pa.array(y), pa.array(w), pa.array(ev)]
+        yield pa.RecordBatch.from_arrays(arrays, names=[f"f{j}" for j in range(width)] + [LABEL, WEIGHT, EVAL])
+
+
+def _matrix(b: pa.RecordBatch, width: int):
+    X = np.column_stack([b.column(j).to_numpy(zero_copy_only=False) for j in range(width)]) if width else \
+        np.zeros((b.num_rows, 0), np.float32)
+    y = b.column(width).to_numpy(zero_copy_only=False)
+    w = b.column(width + 1).to_numpy(zero_copy_only=False)
+    ev = b.column(width + 2).to_numpy(zero_copy_only=False)
+    return X.astype(np.float32, copy=False), y, w, ev
+
+
+def _moments(width: int, regression: bool, batches):
+    """LinearEstimator.fit's sums over training rows: Σw, Σwx, Σwx², Σwxxᵀ, Σwy, Σwxy."""
+    d = width
+    acc = {"wsum": 0.0, "n": 0, "mean": np.zeros(d), "sq": np.zeros(d), "gram": np.zeros((d, d)),
+           "wy": 0.0, "xy": np.zeros(d)}
+    for b in batches:
+        X, y, w, ev = _matrix(b, width)
+        keep = ~ev
+        X, y, w = X[keep].astype(np.float64), y[keep], w[keep]
+        acc["wsum"] += float(w.sum())
+        acc["n"] += len(y)
+        acc["mean"] += w @ X
+        acc["sq"] += w @ (X * X)
+        if regression:
+            acc["gram"] += (X * w[:, None]).T @ X
+            acc["wy"] += float(w @ y)
+            acc["xy"] += (X * w[:, None]).T @ y
+    yield pa.RecordBatch.from_arrays([pa.array([json.dumps({k: np.asarray(v).tolist() for k, v in acc.items()})])],
+                                     names=["m"])
+
+
+def _residuals(width: int, coefs: list, batches):
+    """Σw·(margin − y)² on training rows and Σ(margin − y)², count on evaluation rows, per iterate."""
+    out = np.zeros((len(coefs), 3))
+    for b in batches:
+        X, y, w, ev = _matrix(b, width)
+        Xd = X.astype(np.float64)
+        for i, (coef, intercept) in enumerate(coefs):
+            r = (Xd @ np.asarray(coef).T + np.asarray(intercept))[:, 0] - y
+            out[i, 0] += float(w[~ev] @ (r[~ev] ** 2))
+            out[i, 1] += float((r[ev] ** 2).sum())
+            out[i, 2] += int(ev.sum())
+    yield pa.RecordBatch.from_arrays([pa.array([json.dumps(out.tolist())])], names=["r"])
+
+
+def _logistic(width: int, mean, std, theta, k: int, batches):
+    """The unnormalized loss and gradient of LinearEstimator._fit_logistic at ``theta`` (training rows),
+    and the evaluation rows' summed log loss, in the same float32 arithmetic."""
+    d = width
+    n_out = 1 if k == 2 else k
+    W = theta[: n_out * d].reshape(n_out, d)
+    bias = theta[n_out * d:]
+    mean32, std32 = np.asarray(mean).astype(np.float32), np.asarray(std).astype(np.float32)
+    loss, gW, gb, ev_loss, ev_n = 0.0, np.zeros((n_out, d)), np.zeros(n_out), 0.0, 0
+    for b in batches:
+        X, y, w, ev = _matrix(b, width)
+        Z = (X - mean32) / std32
+        yi = y.astype(np.int64)
+        m = Z @ W.T.astype(np.float32) + bias
+        tr = ~ev
+        if k == 2:
+            m = m[:, 0].astype(np.float64)
+            loss += float(w[tr] @ (np.logaddexp(0.0, m[tr]) - y[tr] * m[tr]))
+            r = (_sigmoid(m[tr]) - y[tr]) * w[tr]
+            gW += (r @ Z[tr])[None, :]
+            gb += np.array([r.sum()])
+            p = _sigmoid(m[ev])
+            p_true = np.where(yi[ev] == 1, p, 1.0 - p)
+        else:
+            m = m.astype(np.float64)
+            lse = np.logaddexp.reduce(m[tr], axis=1)
+            loss += float(w[tr] @ (lse - m[tr][np.arange(int(tr.sum())), yi[tr]]))
+            r = (_softmax(m[tr]) - np.eye(k)[yi[tr]]) * w[tr][:, None]
+            gW += r.T @ Z[tr]
+            gb += r.sum(axis=0)
+            p_true = _softmax(m[ev])[np.arange(int(ev.sum())), yi[ev]] if ev.any() else np.zeros(0)
+        ev_loss += float(-np.log(np.clip(p_true, 1e-15, 1)).sum())
+        ev_n += int(ev.sum())
+    yield pa.RecordBatch.from_arrays(
+        [pa.array([json.dumps({"loss": loss, "gW": gW.tolist(), "gb": gb.tolist(), "ev": ev_loss, "ev_n": ev_n})])],
+        names=["g"])
+
+
+class _RelativeProgressStop:
+    """xgboost callback: MLSQL's early stop (relative improvement below min_rel_progress), run on
+    every worker alike since they see the same allreduced metric."""
+
+    def __new__(cls, metric: str, min_rel: float, use_eval: bool):
+        import xgboost as xgb
+
+        class Stop(xgb.callback.TrainingCallback):
+            def __init__(self):
+                self.history: list[float] = []
+
+            def after_iteration(self, model, epoch, evals_log):
+                logs = evals_log.get("validation" if use_eval else "training") or \
+                    evals_log.get("eval" if use_eval else "train") or next(iter(evals_log.values()), {})
+                vals = logs.get(metric)
+                if not vals:
+                    return False
+                v = vals[-1] ** 2 if metric == "rmse" else vals[-1]
+                self.history.append(v)
+                if len(self.history) >= 2:
+                    prev, cur = self.history[-2], self.history[-1]
+                    if prev > 0 and (prev - cur) / prev < min_rel:
+                        return True
+                return False
+
+        return Stop()
+
+
+# -- driver side ---------------------------------------------------------------------------------
+
+
+def _collect_json(df, column: str) -> list:
+    return [json.loads(r[column]) for r in df.collect()]
+
+
+def _split_plan(engine, df, opts: Options, n: int, columns: list[str]) -> dict:
+    method = opts.data_split_method
+    if method == "no_split":
+        return {"method": "none"}
+    if method == "auto_split":
+        if n < AUTO_SPLIT_SMALL:
+            return {"method": "none"}
+        k = int(round(n * 0.2)) if n <= AUTO_SPLIT_MEDIUM else AUTO_SPLIT_EVAL_ROWS
+        rng = np.random.default_rng(opts.random_seed)
+        return {"method": "chosen", "chosen": np.sort(rng.choice(n, size=k, replace=False))}
+    if method == "random":
+        return {"method": "random", "seed": opts.random_seed, "fraction": opts.data_split_eval_fraction}
+    if method == "custom":
+        col = _split_col(columns, opts)
+        return {"method": "custom", "col": col}
+    k = int(round(n * opts.data_split_eval_fraction))
+    if opts.data_split_col:
+        return {"method": "seq_col", "col": _split_col(columns, opts), "k": k}
+    return {"method": "tail", "first_eval": n - k}
+
+
+def _split_col(columns: list[str], opts: Options) -> str:
+    col = _find(columns, opts.data_split_col)
+    if col is None:
+        raise UnknownColumnError(opts.data_split_col, columns,
+                                 message=f"data_split_col '{opts.data_split_col}' is not a column of the training data")
+    return col
+
+
+def _seq_by_column(F, idf, col: str, k: int, n: int):
+    """The last ``k`` rows in the order of ``col`` (NULLs last, ties by position), as DuckDB's path
+    orders them (pyarrow's stable sort_indices)."""
+    if k <= 0:
+        return idf.withColumn(EVAL, F.lit(False))
+    if k >= n:
+        return idf.withColumn(EVAL, F.lit(True))
+    first = (idf.select(col, IDX).orderBy(F.col(col).asc_nulls_last(), F.col(IDX)).offset(n - k).limit(1).first())
+    bc, bi = first[0], first[1]
+    c, i = F.col(col), F.col(IDX)
+    if bc is None:
+        cond = c.isNull() & (i >= bi)
+    else:
+        cond = c.isNull() | (c > F.lit(bc)) | ((c == F.lit(bc)) & (i >= bi))
+    return idf.withColumn(EVAL, cond)
+
+
+def train(engine, df, opts: Options, progress=None) -> TrainedModel:
+    """Train the model ``opts`` describes on the Spark DataFrame ``df`` (features + label)."""
+    F = engine._functions()
+    if opts.family == "dnn":
+        raise TrainingError(
+            f"model_type = '{opts.model_type}' does not train on the Spark engine",
+            hint="Train it on DuckDB: SET mlsql_engine = 'duckdb', with the rows in the workspace (e.g. a sample "
+                 "written from Spark to a parquet file and read with read_parquet); the model then scores on "
+                 "Spark like any other.")
+    columns = df.columns
+    label = _find(columns, opts.label)
+    if label is None:
+        raise UnknownColumnError(
+            opts.label, columns,
+            message=f"Label column '{opts.label}' (input_label_cols) is not a column of the training query")
+    split_col = _find(columns, opts.data_split_col) if opts.data_split_col else None
+    feature_names = [c for c in columns if c not in (label, split_col)]
+    if not feature_names:
+        raise TrainingError("The training query has no feature columns besides the label")
+    schema = S.arrow_schema(df)
+    for name in feature_names:
+        if _kind(schema.field(name).type) is None:
+            raise TrainingError(
+                f"Column '{name}' has type {schema.field(name).type}, which cannot be a model feature",
+                hint="Use numbers, booleans, dates or strings; turn lists and structs into columns first.")
+    task = "classification" if opts.is_classifier else "regression"
+    t = schema.field(label).type
+    if task == "regression" and not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+                                     or pa.types.is_boolean(t)):
+        raise TrainingError(f"A regressor needs a numeric label; '{label}' is {t}",
+                            hint="Use a classifier model_type for categorical labels.")
+
+    df = df.where(F.col(f"`{label}`").isNotNull())
+    counts = {r["p"]: r["n"] for r in df.mapInArrow(_count_rows, "p int, n long").collect()}
+    n = int(sum(counts.values()))
+    if n == 0:
+        raise TrainingError(f"Every row of the training data has a NULL label '{label}'")
+    offsets, acc = {}, 0
+    for p in sorted(counts):
+        offsets[p] = acc
+        acc += counts[p]
+    plan = _split_plan(engine, df, opts, n, columns)
+    idx_schema = pa.schema(list(schema) + [pa.field(IDX, pa.int64()), pa.field(EVAL, pa.bool_())])
+    idf = df.mapInArrow(partial(_index_and_split, offsets, plan), S._struct(idx_schema))
+    if plan["method"] == "seq_col":
+        idf = _seq_by_column(F, idf, plan["col"], plan["k"], n)
+    idf = idf.persist()  # every later pass sees the same rows in the same places
+    try:
+        return _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, plan, progress)
+    finally:
+        idf.unpersist()
+
+
+def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, plan, progress):
+    numeric = [c for c in feature_names if _kind(schema.field(c).type) == "numeric"]
+    categorical = [c for c in feature_names if c not in numeric]
+    has_eval = plan["method"] != "none"
+    stats = _collect_json(idf.mapInArrow(
+        partial(_statistics, numeric, categorical, label, task == "classification", has_eval), "stats string"),
+        "stats")
+    n_train = sum(s["n_train"] for s in stats)
+    n_eval = sum(s["n_eval"] for s in stats)
+    if has_eval and n_eval == 0:
+        has_eval = False  # nothing held out: evaluate on the training rows
+    elif has_eval and n_train == 0:
+        raise TrainingError("The data split leaves no training rows")
+
+    classes, label_type, class_weights = None, "double", None
+    if task == "classification":
+        if any(s["fractional"] for s in stats):
+            raise TrainingError(
+                f"The label column has fractional values ({schema.field(label).type}); a classifier needs discrete classes",
+                hint="Use a regressor model_type, or CAST the label to an integer or string.")
+        _, label_type = _label_values(pa.array([], schema.field(label).type))
+        all_counts: dict = {}
+        for s in stats:
+            for v, k in s["labels_all"]:
+                all_counts[v] = all_counts.get(v, 0) + k
+        classes = sorted(all_counts)
+        if len(classes) < 2:
+            raise TrainingError(f"The label '{label}' has a single value ({classes[0]!r}); a classifier needs at least two")
+        if opts.class_weights or opts.auto_class_weights:
+            train_counts = dict.fromkeys(classes, 0)
+            for s in stats:
+                for v, k in s["labels_train" if has_eval else "labels_all"]:
+                    train_counts[v] += k
+            cnt = np.array([train_counts[c] for c in classes], dtype=np.float64)
+            n_fit = n_train if has_eval else n
+            if opts.auto_class_weights:
+                class_weights = np.where(cnt > 0, n_fit / (len(classes) * np.maximum(cnt, 1)), 0.0).tolist()
+            else:
+                by_str = {str(k): v for k, v in opts.class_weights.items()}
+                unknown = [k for k in by_str if k not in {str(c) for c in classes}]
+                if unknown:
+                    raise TrainingError(f"class_weights names label {unknown[0]!r}, which is not a class of '{label}'",
+                                        hint=f"Classes: {', '.join(map(str, classes))}.")
+                class_weights = [float(by_str.get(str(c), 1.0)) for c in classes]
+
+    if not has_eval:
+        idf = idf.withColumn(EVAL, engine._functions().lit(False))
+        n_train = n
+    encoding = "ordinal" if opts.family == "boosted_tree" else "onehot"
+    specs = []
+    for name in feature_names:
+        at = str(schema.field(name).type)
+        if name in numeric:
+            s0, c0, finite = 0.0, 0, False
+            for s in stats:
+                a, b, f = s["sums"][name]
+                s0, c0, finite = s0 + a, c0 + b, finite or f
+            mean = s0 / c0 if finite and c0 else 0.0
+            specs.append(FeatureSpec(name, "numeric", at, mean=mean, encoding="value"))
+        else:
+            cats = sorted({v for s in stats for v in s["cats"][name]})
+            if len(cats) > MAX_CATEGORIES:
+                raise TrainingError(
+                    f"Column '{name}' has {len(cats):,} distinct values; at most {MAX_CATEGORIES:,} are supported",
+                    hint="Group rare values, hash them into buckets, or leave the column out.")
+            specs.append(FeatureSpec(name, "categorical", at, categories=cats,
+                                     encoding="onehot" if encoding == "onehot" else "ordinal"))
+    width = sum(s.width for s in specs)
+    enc_schema = [(f"f{j}", pa.float32()) for j in range(width)] + [(LABEL, pa.float64()), (WEIGHT, pa.float64()),
+                                                                     (EVAL, pa.bool_())]
+    info = {"classes": classes, "class_weights": class_weights}
+    encoded = idf.mapInArrow(partial(_encode, [s.to_dict() for s in specs], label, info), _struct(enc_schema))
+    k = len(classes) if classes else 1
+    if opts.family == "boosted_tree":
+        y_mean = sum(s["y_sum"] for s in stats) / n_train if task == "regression" else None
+        estimator, history = _fit_xgboost(engine, encoded, width, opts, task, k, has_eval, class_weights, y_mean,
+                                          progress)
+    else:
+        encoded = encoded.persist()
+        try:
+            estimator, history = _fit_linear(encoded, width, opts, task, k, n_train, has_eval, progress)
+        finally:
+            encoded.unpersist()
+
+    model = TrainedModel(
+        model_type=opts.model_type, task=task, label=label, label_type=label_type, classes=classes,
+        features=specs, estimator=estimator, eval_metrics={},
+        training_info=pa.Table.from_pylist(history, schema=TRAINING_INFO_SCHEMA),
+        options=opts.given, n_train=n_train, n_eval=n_eval if has_eval else 0,
+    )
+    F = engine._functions()
+    rows = idf.where(F.col(EVAL)) if has_eval else idf
+    where = {c: c for c in feature_names + [label]}
+    evaluation = S.metrics(engine, model, rows, where)
+    model.eval_metrics = evaluation.metrics
+    if task == "classification":
+        model.evaluation = evaluation
+    return model
+
+
+def _fit_xgboost(engine, encoded, width, opts, task, k, has_eval, class_weights, y_mean, progress):
+    from xgboost.spark import SparkXGBClassifier, SparkXGBRegressor
+
+    if task == "regression":
+        objective, metric = "reg:squarederror", "rmse"
+    elif k == 2:
+        objective, metric = "binary:logistic", "logloss"
+    else:
+        objective, metric = "multi:softprob", "mlogloss"
+    params = dict(
+        features_col=[f"f{j}" for j in range(width)], label_col=LABEL, num_workers=engine.workers(),
+        n_estimators=opts.max_iterations, learning_rate=opts.learn_rate, max_depth=opts.max_tree_depth,
+        reg_alpha=opts.l1_reg, reg_lambda=opts.l2_reg, subsample=opts.subsample,
+        colsample_bytree=opts.colsample_bytree, colsample_bylevel=opts.colsample_bylevel,
+        colsample_bynode=opts.colsample_bynode, gamma=opts.min_split_loss,
+        min_child_weight=opts.min_tree_child_weight, num_parallel_tree=opts.num_parallel_tree,
+        tree_method=opts.tree_method, booster=opts.booster_type, random_state=opts.random_seed,
+        eval_metric=metric, verbosity=0, device="cpu",
+    )
+    if has_eval:
+        # xgboost.spark needs training and evaluation rows in every partition: a split by position
+        # (seq) leaves the last partitions with evaluation rows only unless the rows are dealt anew
+        params["validation_indicator_col"] = EVAL
+        params["force_repartition"] = True
+    if class_weights is not None:
+        params["weight_col"] = WEIGHT
+    if task == "regression":
+        params["base_score"] = float(y_mean)
+        est = SparkXGBRegressor(objective=objective, **params)
+    else:
+        est = SparkXGBClassifier(**params)
+    if opts.early_stop:
+        params_cb = [_RelativeProgressStop(metric, opts.min_rel_progress, has_eval)]
+        est.set(est.callbacks, params_cb)
+    t0 = time.perf_counter()
+    fitted = est.fit(encoded)
+    elapsed = time.perf_counter() - t0
+    booster = fitted.get_booster()
+    booster.feature_names = None  # f0, f1, ... as the DuckDB path's booster (importance keys, ONNX export)
+    summary = fitted.training_summary
+    train_h = (summary.train_objective_history if summary else {}).get(metric, [])
+    eval_h = (summary.validation_objective_history if summary else {}).get(metric, [])
+    history = []
+    for i, loss in enumerate(train_h):
+        ev = eval_h[i] if i < len(eval_h) else None
+        if metric == "rmse":  # MSE, like BigQuery ML's loss for regressors
+            loss, ev = loss**2, (None if ev is None else ev**2)
+        row = {"iteration": i + 1, "loss": float(loss), "eval_loss": None if ev is None else float(ev),
+               "learning_rate": opts.learn_rate, "duration_ms": elapsed * 1000.0 / max(len(train_h), 1)}
+        history.append(row)
+        if progress is not None:
+            progress(i + 1, opts.max_iterations, row)
+    return XGBEstimator(booster, objective, k if objective == "multi:softprob" else 1), history
+
+
+def _fit_linear(encoded, width, opts, task, k, n_train, has_eval, progress):
+    est = LinearEstimator()
+    m = _collect_json(encoded.mapInArrow(partial(_moments, width, task == "regression"), "m string"), "m")
+    tot = {key: sum(np.asarray(x[key], dtype=np.float64) for x in m) for key in m[0]}
+    wsum = float(tot["wsum"])
+    mean = tot["mean"] / wsum
+    std = np.sqrt(np.maximum(tot["sq"] / wsum - mean**2, 0.0))
+    std[std < 1e-12] = 1.0
+    est.x_mean, est.x_std = mean, std
+    t0 = time.perf_counter()
+    if task == "regression":
+        return est, _least_squares(est, encoded, width, tot, wsum, opts, has_eval, progress, t0)
+    return est, _logistic_fit(est, encoded, width, opts, k, n_train, has_eval, progress, t0)
+
+
+def _least_squares(est, encoded, width, tot, wsum, opts, has_eval, progress, t0):
+    """LinearEstimator._fit_least_squares on the summed moments."""
+    mean, std = est.x_mean, est.x_std
+    y_mean = float(tot["wy"]) / wsum
+    xty = tot["xy"] - y_mean * tot["mean"]
+    cov = (tot["gram"] / wsum - np.outer(mean, mean)) / np.outer(std, std)
+    rhs = xty / wsum / std
+    d = len(mean)
+    l2 = opts.l2_reg / wsum
+    if opts.l1_reg == 0:
+        beta, *_ = np.linalg.lstsq(cov + l2 * np.eye(d), rhs, rcond=1e-10)
+        iters = [beta]
+    else:
+        l1 = opts.l1_reg / wsum
+        lip = float(np.linalg.eigvalsh(cov + l2 * np.eye(d)).max()) or 1.0
+        beta = np.zeros(d)
+        iters = []
+        for _ in range(max(opts.max_iterations, 1) * 10):
+            g = (cov + l2 * np.eye(d)) @ beta - rhs
+            z = beta - g / lip
+            beta = np.sign(z) * np.maximum(np.abs(z) - l1 / lip, 0.0)
+            iters.append(beta.copy())
+        iters = iters[9::10]
+    coefs = []
+    for b in iters:
+        est._set_from_standardized(b[None, :], np.array([y_mean]))
+        coefs.append((est.coef.tolist(), est.intercept.tolist()))
+    parts = _collect_json(encoded.mapInArrow(partial(_residuals, width, coefs), "r string"), "r")
+    res = np.sum([np.asarray(p) for p in parts], axis=0)
+    history = []
+    for i, b in enumerate(iters, start=1):
+        now = time.perf_counter()
+        ev = float(res[i - 1, 1] / res[i - 1, 2]) if has_eval and res[i - 1, 2] else None
+        row = {"iteration": i, "loss": float(res[i - 1, 0] / wsum), "eval_loss": ev, "learning_rate": None,
+               "duration_ms": (now - t0) * 1000.0}
+        t0 = now
+        history.append(row)
+        if progress is not None:
+            progress(i, len(iters), row)
+    est._set_from_standardized(iters[-1][None, :], np.array([y_mean]))
+    est.link = "identity"
+    return history
+
+
+def _logistic_fit(est, encoded, width, opts, k, n, has_eval, progress, t0):
+    """LinearEstimator._fit_logistic, each loss and gradient summed over the executors."""
+    from scipy.optimize import minimize
+
+    d = width
+    n_out = 1 if k == 2 else k
+    l2, l1 = opts.l2_reg / n, opts.l1_reg / n
+    wsum = None
+    seen: dict[bytes, tuple] = {}
+
+    def sums(theta):
+        key = theta.tobytes()
+        if key not in seen:
+            parts = _collect_json(encoded.mapInArrow(
+                partial(_logistic, width, est.x_mean.tolist(), est.x_std.tolist(), theta, k), "g string"), "g")
+            seen.clear()
+            seen[key] = (sum(p["loss"] for p in parts), sum(np.asarray(p["gW"]) for p in parts),
+                         sum(np.asarray(p["gb"]) for p in parts), sum(p["ev"] for p in parts),
+                         sum(p["ev_n"] for p in parts))
+        return seen[key]
+
+    def loss_grad(theta):
+        loss, gW, gb, _, _ = sums(theta)
+        W = theta[: n_out * d].reshape(n_out, d)
+        loss, gW, gb = loss / wsum, gW / wsum, gb / wsum
+        loss += 0.5 * l2 * float((W**2).sum()) + l1 * float(np.sqrt(W**2 + 1e-12).sum())
+        gW = gW + l2 * W + l1 * W / np.sqrt(W**2 + 1e-12)
+        return loss, np.concatenate([np.asarray(gW, dtype=np.float64).ravel(), gb])
+
+    F_sum = _collect_json(encoded.mapInArrow(partial(_weight_sum, width), "s string"), "s")
+    wsum = float(sum(F_sum))
+    history: list[dict] = []
+    state = {"t0": t0}
+
+    def callback(theta):
+        W = theta[: n_out * d].reshape(n_out, d)
+        est._set_from_standardized(W, theta[n_out * d:])
+        loss = loss_grad(theta)[0]
+        _, _, _, ev_sum, ev_n = sums(theta)
+        ev = float(ev_sum / ev_n) if has_eval and ev_n else None
+        now = time.perf_counter()
+        row = {"iteration": len(history) + 1, "loss": float(loss), "eval_loss": ev,
+               "learning_rate": None, "duration_ms": (now - state["t0"]) * 1000.0}
+        state["t0"] = now
+        history.append(row)
+        if progress is not None:
+            progress(len(history), opts.max_iterations, row)
+
+    theta0 = np.zeros(n_out * d + n_out)
+    res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", callback=callback,
+                   options={"maxiter": opts.max_iterations, "gtol": 1e-7})
+    W = res.x[: n_out * d].reshape(n_out, d)
+    est._set_from_standardized(W, res.x[n_out * d:])
+    est.link = "sigmoid" if k == 2 else "softmax"
+    if not history:
+        callback(res.x)
+    return history
+
+
+def _weight_sum(width: int, batches):
+    s = 0.0
+    for b in batches:
+        _, _, w, ev = _matrix(b, width)
+        s += float(w[~ev].sum())
+    yield pa.RecordBatch.from_arrays([pa.array([json.dumps(s)])], names=["s"])
