@@ -1,8 +1,9 @@
 /** MLSQL as a CodeMirror 6 language: lang-sql with a DuckDB + ML dialect, and `{name}` / `$name` marked. */
 import { SQLDialect } from '@codemirror/lang-sql';
-import { LanguageSupport } from '@codemirror/language';
+import { LanguageSupport, syntaxHighlighting } from '@codemirror/language';
 import { RangeSetBuilder } from '@codemirror/state';
 import { Decoration, DecorationSet, EditorView, ViewPlugin, ViewUpdate } from '@codemirror/view';
+import { classHighlighter } from '@lezer/highlight';
 
 import { builtinList, keywordList, parameterRanges, typeList } from './logic/dialect';
 
@@ -53,6 +54,10 @@ const parameters = ViewPlugin.fromClass(
   { decorations: v => v.decorations }
 );
 
+/**
+ * The language, with stable token classes (tok-keyword, tok-string, ...) beside JupyterLab's theme
+ * colours, so MLSQL's tokens can be styled and checked by name.
+ */
 export function mlsql(): LanguageSupport {
-  return new LanguageSupport(mlsqlDialect.language, [mlsqlDialect.language.data.of({}), parameters]);
+  return new LanguageSupport(mlsqlDialect.language, [syntaxHighlighting(classHighlighter), parameters]);
 }

@@ -1,0 +1,195 @@
+"""The MLSQL JupyterLab extension in a real JupyterLab and Debian's chromium (Playwright): a typed
+``%%mlsql`` cell is highlighted as SQL, Tab completes a table and a column through the kernel,
+``CREATE MODEL`` runs, the Deploy button deploys the new model to a real local agent and the side
+panel shows it running there; a failed statement marks its span in the cell.
+Screenshots: tests/ui/artifacts/extension-*.png."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from conftest import ARTIFACTS
+
+MODEL = "ui_species"
+
+
+def _notebook(cells: list[str], kernel: str = "python3") -> str:
+    spec = {"python3": {"name": "python3", "display_name": "Python 3", "language": "python"},
+            "mlsql": {"name": "mlsql", "display_name": "MLSQL", "language": "sql"}}[kernel]
+    return json.dumps({
+        "cells": [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [],
+                   "source": src} for i, src in enumerate(cells)],
+        "metadata": {"kernelspec": spec}, "nbformat": 4, "nbformat_minor": 5})
+
+
+def _open(page, url: str, name: str) -> None:
+    page.goto(f"{url}/lab/tree/{name}")
+    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+    page.wait_for_function("document.body.innerText.includes('| Idle')", timeout=90_000)
+
+
+def _run_cell(page, index: int, timeout: float = 120) -> None:
+    """Shift+Enter in cell ``index`` and wait until it has an execution count."""
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(index)
+    prompt = cell.locator(".jp-InputPrompt")
+    for _ in range(5):
+        cell.locator(".jp-InputArea-editor").click()
+        page.keyboard.press("Shift+Enter")
+        deadline = time.time() + 4
+        while time.time() < deadline and not any(ch in (prompt.text_content() or "") for ch in "*0123456789"):
+            page.wait_for_timeout(100)
+        if any(ch in (prompt.text_content() or "") for ch in "*0123456789"):
+            break
+    deadline = time.time() + timeout
+    while "*" in (prompt.text_content() or "") or not any(ch in (prompt.text_content() or "") for ch in "0123456789"):
+        assert time.time() < deadline, f"cell {index} did not finish: {prompt.text_content()!r}"
+        page.wait_for_timeout(200)
+
+
+def _cell_text(page, index: int) -> str:
+    return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".cm-content").inner_text()
+
+
+def _tab_complete(page, index: int, expect: str) -> None:
+    """Press Tab; pick ``expect`` from the completer when it offers several; wait for it in the cell.
+    JupyterLab drops a kernel's answer that takes over 1 s (the completer's providerTimeout) and the
+    kernel's first MLSQL completion opens the workspace catalog (about 1.4 s here), so Tab is pressed
+    again, as a user would, when nothing came after 3 s."""
+    item = page.locator(f".jp-Completer-item[data-value='{expect}']")
+    for _ in range(3):
+        page.keyboard.press("Tab")
+        deadline = time.time() + 3
+        while time.time() < deadline:
+            if expect in _cell_text(page, index):
+                return
+            if item.count() and item.first.is_visible():
+                item.first.click()
+            page.wait_for_timeout(150)
+    raise AssertionError(f"Tab did not complete {expect!r}: {_cell_text(page, index)!r}")
+
+
+def _prepare(lab_workspace) -> None:
+    import mlsql
+    import mlsql.datasets
+
+    s = mlsql.connect(lab_workspace)
+    try:
+        if "penguins" not in s.sql("SHOW TABLES").to_arrow().column(0).to_pylist():
+            mlsql.datasets.load("penguins", session=s)
+    finally:
+        s.close()
+
+
+def test_highlight_complete_train_deploy(lab_server, lab_workspace, local_agent, browser_page):
+    url, _, root = lab_server
+    device = local_agent[0]
+    _prepare(lab_workspace)
+    (Path(root) / "extension.ipynb").write_text(_notebook(["%load_ext mlsql", ""]))
+    page = browser_page
+    _open(page, url, "extension.ipynb")
+    _run_cell(page, 0)
+
+    # type a %%mlsql cell: it becomes MLSQL (SQL highlighting), Tab completes a table, then a column
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
+    cell.locator(".jp-InputArea-editor").click()
+    page.keyboard.type("%%mlsql\nSELECT count(*) AS n FROM pengu")
+    _tab_complete(page, 1, "penguins")
+    page.keyboard.type(" WHERE bill_dep")
+    _tab_complete(page, 1, "bill_depth_mm")
+    page.keyboard.type(" > 18")
+    keywords = cell.locator(".cm-content .tok-keyword").all_inner_texts()
+    assert {"SELECT", "AS", "FROM", "WHERE"} <= {k.upper() for k in keywords}, keywords
+    page.screenshot(path=str(ARTIFACTS / "extension-1-highlight-complete.png"))
+    _run_cell(page, 1)
+    assert "n" in cell.locator(".jp-OutputArea").inner_text()
+
+    # a Python cell stays Python (no MLSQL tokens); removing the magic line turns a cell back
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")
+    py = page.locator(".jp-Notebook .jp-Cell").nth(2)
+    py.locator(".jp-InputArea-editor").click()
+    page.keyboard.type("%%mlsql\nselect = [x for x in range(2)]")
+    assert "select" in [k.lower() for k in py.locator(".cm-content .tok-keyword").all_inner_texts()]
+    page.keyboard.press("Control+Home")
+    page.keyboard.press("Shift+End")
+    page.keyboard.press("Delete")
+    page.keyboard.press("Delete")
+    page.wait_for_timeout(300)
+    assert _cell_text(page, 2) == "select = [x for x in range(2)]"
+    assert py.locator(".cm-content .tok-keyword").count() == 0
+
+    # CREATE MODEL, then Deploy from the toolbar: the model and the local agent, one click
+    page.keyboard.press("Escape")
+    page.keyboard.press("b")
+    train = page.locator(".jp-Notebook .jp-Cell").nth(3)
+    train.locator(".jp-InputArea-editor").click()
+    page.keyboard.insert_text(
+        f"%%mlsql\nCREATE OR REPLACE MODEL {MODEL} OPTIONS (model_type = 'boosted_tree_classifier', "
+        "input_label_cols = ['species'], max_iterations = 10) AS SELECT species, island, bill_length_mm, "
+        "bill_depth_mm, flipper_length_mm FROM penguins")
+    _run_cell(page, 3, timeout=240)
+    assert MODEL in train.locator(".jp-OutputArea").inner_text()
+
+    page.locator(".mlsql-deploy-toolbar").first.click()
+    dialog = page.locator(".jp-Dialog .mlsql-deploy")
+    dialog.wait_for()
+    page.wait_for_function(
+        f"[...document.querySelectorAll('.mlsql-deploy-model option')].some(o => o.value === '{MODEL}')",
+        timeout=30_000)
+    dialog.locator(".mlsql-deploy-model").select_option(MODEL)
+    dialog.locator(".mlsql-deploy-target").select_option(f"device:{device}")
+    assert "online" in dialog.locator(".mlsql-deploy-target-status").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "extension-2-deploy-dialog.png"))
+    dialog.locator(".mlsql-deploy-button").click()
+    page.wait_for_selector(".mlsql-deploy-outcome.mlsql-done, .mlsql-deploy-outcome.mlsql-failed", timeout=180_000)
+    outcome = dialog.locator(".mlsql-deploy-outcome").inner_text()
+    page.screenshot(path=str(ARTIFACTS / "extension-3-deployed.png"))
+    assert f"to {device}" in outcome and "Deployed" in outcome, outcome
+    assert "CPU" in outcome and "passed" in outcome and " ms" in outcome, outcome
+    page.locator(".jp-Dialog button", has_text="Close").click()
+
+    # the side panel: the device runs the new model, the deploy is listed as done
+    page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('.mlsql-device.mlsql-online .mlsql-active')]"
+        f".some(e => e.textContent.startsWith('{MODEL}@'))", timeout=30_000)
+    panel = page.locator("#mlsql-panel")
+    assert MODEL in panel.locator(".mlsql-panel-models").inner_text()
+    assert "Deployed" in panel.locator(".mlsql-deploy-entry.mlsql-done").first.inner_text()
+    page.screenshot(path=str(ARTIFACTS / "extension-4-panel.png"))
+
+
+def test_error_span_marked_and_cleared(lab_server, lab_workspace, browser_page):
+    url, _, root = lab_server
+    _prepare(lab_workspace)
+    (Path(root) / "errors.ipynb").write_text(_notebook(
+        ["%load_ext mlsql", "%%mlsql\nSELECT species,\n       bil_length\nFROM penguins"]))
+    page = browser_page
+    _open(page, url, "errors.ipynb")
+    _run_cell(page, 0)
+    _run_cell(page, 1)
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
+    link = cell.locator(".mlsql-error-position a")
+    link.wait_for(timeout=30_000)
+    assert link.inner_text() == "line 3, column 8"
+    page.wait_for_selector(".mlsql-error-span", timeout=10_000)
+    assert cell.locator(".mlsql-error-span").inner_text() == "bil_length"
+    page.screenshot(path=str(ARTIFACTS / "extension-5-error-span.png"))
+    link.click()
+    page.keyboard.type("x")  # the click selected the span: typing replaces it, and the mark goes
+    assert cell.locator(".mlsql-error-span").count() == 0
+    assert "x\nFROM penguins" in _cell_text(page, 1)
+
+
+def test_mlsql_kernel_cells_are_mlsql(lab_server, browser_page):
+    url, _, root = lab_server
+    (Path(root) / "kernel.ipynb").write_text(_notebook(["SELECT 42 AS answer GROUP BY ALL ORDER BY ALL"], kernel="mlsql"))
+    page = browser_page
+    _open(page, url, "kernel.ipynb")
+    cell = page.locator(".jp-Notebook .jp-Cell").nth(0)
+    keywords = {k.upper() for k in cell.locator(".cm-content .tok-keyword").all_inner_texts()}
+    assert {"SELECT", "AS", "GROUP", "BY", "ALL", "ORDER"} <= keywords, keywords
+    _run_cell(page, 0)
+    assert "42" in cell.locator(".jp-OutputArea").inner_text()
