@@ -160,8 +160,8 @@ class _Context:
         self.code = code
         self.cursor = cursor
         self.masked, spans = mask(code)
-        self.in_string = next((s for s in spans if s[0] < cursor < s[1] or (s[0] < cursor == s[1] == len(code)
-                                                                              and not _closed(code, s))), None)
+        self.in_string = next((s for s in spans if s[0] < cursor < s[1]
+                               or (s[0] < cursor == s[1] and not _closed(code, s))), None)
         a = self.masked.rfind(";", 0, cursor) + 1
         b = self.masked.find(";", cursor)
         self.stmt_start, self.stmt_end = a, (len(code) if b < 0 else b)
@@ -214,6 +214,8 @@ class _Context:
 
 
 def _closed(code: str, span: tuple[int, int, str]) -> bool:
+    """Whether a string or comment ends before its span's end (a -- comment never does: the
+    cursor at the end of its line is still in it)."""
     if span[2] == "'":
         return span[1] - span[0] >= 2 and code[span[1] - 1] == "'"
     return code[span[0]:span[1]].startswith("/*") and code[span[0]:span[1]].endswith("*/")

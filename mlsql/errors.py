@@ -77,11 +77,11 @@ class MLSQLError(Exception):
     def span(self, sql: str | None = None) -> Span | None:
         """Where the error is in ``sql`` (the script that ran): the error's own position, else the
         first whole-word occurrence of the name it is about at or after its statement's line."""
-        if self.line is not None and self.column is not None:
-            return Span(self.line, self.column, self.end_line or self.line, self.end_column or self.column + 1)
         from_engine = engine_span(self.message)
         if from_engine is not None:
-            return from_engine
+            return _align(from_engine, self.message, sql)
+        if self.line is not None and self.column is not None:
+            return Span(self.line, self.column, self.end_line or self.line, self.end_column or self.column + 1)
         name = getattr(self, "name", None)
         if not sql or not isinstance(name, str) or not name:
             return None
@@ -219,6 +219,19 @@ class EngineError(MLSQLError):
 
 # DuckDB's errors end with the script line and a caret under the column: "LINE 3: SELECT a FRM t\n   ^"
 _ENGINE_LINE = re.compile(r"^LINE (\d+): (.*)\n( *)\^", re.M)
+
+
+def _align(span: Span, message: str, sql: str | None) -> Span:
+    """DuckDB counts columns from the statement's start: a statement that starts inside a line
+    (``SELECT 1; SELECT zz``) is found in the script's line and its columns shifted."""
+    m = _ENGINE_LINE.search(message)
+    lines = sql.split("\n") if sql else []
+    if m is None or not m.group(2).strip() or not 1 <= span.line <= len(lines):
+        return span
+    at = lines[span.line - 1].find(m.group(2))
+    if at <= 0:
+        return span
+    return Span(span.line, span.column + at, span.end_line, span.end_column + at)
 
 
 def engine_span(message: str) -> Span | None:

@@ -41,6 +41,12 @@ def test_fields_on_the_errors(tmp_path):
     with pytest.raises(ParseError) as info:
         s.sql("SELECT 1;\n\nCREATE MODEL m OPTIONS (model_type = 'linear_reg' AS SELECT 1")
     assert (info.value.line, info.value.column) == (3, 51)  # as fields, not only in the message
+    # DuckDB counts from the statement; a second statement on the same line is found in it
+    script = "SELECT 1; SELECT species, bill_lenght_mm FROM penguins"
+    with pytest.raises(EngineError) as info:
+        s.sql(script)
+    span = info.value.span(script)
+    assert (span.line, span.column, span.end_column) == (1, script.index("bill_") + 1, script.index(" FROM") + 1)
     s.close()
 
 
