@@ -50,7 +50,17 @@ class MLSQLKernel(IPythonKernel):
 
         view = sql_view(code, cursor_pos)
         if view is None:
-            return super().do_complete(code, cursor_pos)
+            line = python_line_at(code, cursor_pos)
+            if line is None:
+                return super().do_complete(code, cursor_pos)
+            start, end = line  # a %python line: complete its Python, then count from the cell again
+            reply = super().do_complete(code[start:end], (cursor_pos if cursor_pos is not None else len(code)) - start)
+            reply["cursor_start"] += start
+            reply["cursor_end"] += start
+            for t in reply.get("metadata", {}).get("_jupyter_types_experimental", []):
+                t["start"] += start
+                t["end"] += start
+            return reply
         sql, session = view[0], self._session(view[1])
         return {"status": "ok", **complete(sql, cursor_pos, session)}
 
@@ -143,6 +153,19 @@ def sql_view(cell: str, cursor_pos: int | None) -> tuple[str, str] | None:
             ln = " " * len(ln)
         out.append(ln)
     return "\n".join(out), options
+
+
+def python_line_at(cell: str, cursor_pos: int | None) -> tuple[int, int] | None:
+    """Where the Python of the ``%python`` line under the cursor starts and ends, or None."""
+    cursor = len(cell) if cursor_pos is None else cursor_pos
+    a = cell.rfind("\n", 0, cursor) + 1
+    b = cell.find("\n", cursor)
+    b = len(cell) if b < 0 else b
+    head = cell[a:b].lstrip()
+    if not head.startswith(_PY_LINE):
+        return None
+    start = b - len(head) + len(head.split(" ", 1)[0]) + 1
+    return (start, b) if cursor >= start else None
 
 
 def spec() -> dict:

@@ -141,6 +141,10 @@ def test_complete_request(kernels, kernel):
         code = cell.replace("|", "")
         word = code[start:cell.index("|")]
         assert expected.lower().startswith(word.lower()), (cell, start, word)
+    if kernel == "mlsql":
+        assert complete_in(kc, "%%mlsql\nSELECT * FROM peng|")["matches"] == ["penguins"]
+        assert "island" in complete_in(kc, "%python t = 1\nSELECT isl| FROM penguins")["matches"]
+        assert "print" in complete_in(kc, "%python pri|\nSELECT 1")["matches"]  # a Python line is Python
     if kernel == "python3":
         assert "penguins" in complete_in(kc, "x = 1\n%mlsql SELECT * FROM pen|")["matches"]
         assert "print" in complete_in(kc, "pri|")["matches"]  # Python cells complete as before
