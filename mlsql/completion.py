@@ -13,7 +13,6 @@ when it is one, without importing MLflow), the device registry.
 from __future__ import annotations
 
 import re
-import sqlite3
 import sys
 from functools import cached_property
 from typing import Any
@@ -291,6 +290,8 @@ class _Names:
         """name -> {'versions': [int], 'aliases': {alias: version}}."""
         if self.session is None:
             return {}
+        import sqlite3
+
         ws = self.session.workspace
         uri = ws.tracking_uri
         if uri.startswith("sqlite:///"):
