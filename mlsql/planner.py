@@ -8,6 +8,7 @@ single :class:`QueryStep` that runs its original text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +17,17 @@ from .scripts import Statement
 if TYPE_CHECKING:  # sqlglot loads with the first statement that has ML syntax
     import pyarrow as pa
     from sqlglot import exp
+
+
+_PARAM = re.compile(r"(?<![$\w])\$([A-Za-z_]\w*)")
+
+
+def params_for(sql: str, params: dict | None) -> dict | None:
+    """Only the named parameters a step's SQL uses: DuckDB rejects extra ones."""
+    if not params:
+        return None
+    used = set(_PARAM.findall(sql))
+    return {k: v for k, v in params.items() if k in used} or None
 
 
 def _sqlglot():

@@ -1,0 +1,184 @@
+"""ML table functions (``ML.PREDICT``, ``ML.EVALUATE``, ``ML.EXPLAIN_PREDICT``, ...): load a registered
+model version and score the Arrow rows of its input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .. import planner as P
+from .._lazy import pyarrow as pa
+from ..errors import MLSQLError, ModelError, UnknownColumnError, UnknownOptionError
+from ..registry import ModelVersion
+from . import SessionState
+
+if TYPE_CHECKING:
+    from ..transform import FittedTransform
+
+# the STRUCT(... AS name) settings each ML table function reads; any other name is a typo
+ML_SETTINGS = {"PREDICT": ("threshold", "device"), "EXPLAIN_PREDICT": ("top_k_features", "threshold"),
+               "EVALUATE": ("threshold",), "CONFUSION_MATRIX": ("threshold",)}
+TRANSFORM_FILE = "transform.json"
+META_FILE = "mlsql_meta.json"
+
+
+@dataclass
+class LoadedModel:
+    """A registered model version, loaded and ready to score Arrow tables."""
+
+    version: ModelVersion
+    model: Any  # mlsql.ml.TrainedModel
+    transform: FittedTransform | None
+    meta: dict
+
+    @property
+    def label(self) -> str:
+        return self.model.label
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.model.features]
+
+
+def load_model(s: SessionState, spec: P.ModelSpec) -> LoadedModel:
+    """The model version ``spec`` names, loaded once per session."""
+    mv = s.registry.get(spec.name, spec.version, spec.alias)
+    key = (mv.name, mv.version)
+    if key not in s.loaded_models:
+        from ..ml import TrainedModel
+        from ..transform import FittedTransform
+
+        path = s.registry.local_path(mv)
+        model = TrainedModel.load(path)
+        tf = path / TRANSFORM_FILE
+        transform = FittedTransform.from_json(tf.read_text()) if tf.exists() else None
+        meta_path = path / META_FILE
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        s.loaded_models[key] = LoadedModel(mv, model, transform, meta)
+    return s.loaded_models[key]
+
+
+def model_features(s: SessionState, lm: LoadedModel, data: pa.Table, *, need_label: bool, func: str) -> pa.Table:
+    """The model's input columns (after TRANSFORM) for ``data``; label kept if present."""
+    cols = data.column_names
+    label = lm.label
+    if need_label and label.lower() not in {c.lower() for c in cols} and lm.transform is None:
+        raise UnknownColumnError(
+            label, cols, message=f"ML.{func} input has no label column '{label}' for model {lm.version.ref}"
+        )
+    if lm.transform is not None:
+        tmp = s.engine.temp_name("in")
+        s.engine.register(tmp, data)
+        try:
+            sql = lm.transform.select_sql(tmp, cols, optional=set() if need_label else {label})
+            data = s.engine.query(sql)
+        finally:
+            s.engine.unregister(tmp)
+        cols = data.column_names
+    by_lower = {c.lower(): c for c in cols}
+    wanted = lm.feature_names + ([label] if label.lower() in by_lower else [])
+    arrays, names = [], []
+    for name in wanted:
+        real = by_lower.get(name.lower())
+        if real is None:
+            raise UnknownColumnError(
+                name, cols,
+                message=f"ML.{func} input has no column '{name}', which model {lm.version.ref} needs",
+            )
+        arrays.append(data.column(real))
+        names.append(name)
+    out = pa.table(arrays, names=names)
+    from ..ml.features import check_input_types
+
+    check_input_types(out, lm.model.features, where=f"ML.{func} with model {lm.version.ref}")
+    return out
+
+
+def run_ml(s: SessionState, step: P.MLStep, params) -> pa.Table:
+    """One ML table function's rows."""
+    func = step.func
+    data = None
+    if step.input_sql is not None:
+        data = s.engine.query(step.input_sql, P.params_for(step.input_sql, params))
+    if func == "DEVICE_METRICS":
+        from ..deploy import metrics_table
+
+        if len(step.args) != 1 or not isinstance(step.args[0], str):
+            raise MLSQLError("ML.DEVICE_METRICS takes one device name: ML.DEVICE_METRICS('my-device')")
+        return metrics_table(s.devices.get(step.args[0]))
+    if func == "JOB_RUNS":
+        from ..job_statements import job_runs_table
+
+        return job_runs_table(s.workspace, step.args)
+    if step.model is None:
+        raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
+    lm = load_model(s, step.model)
+    model = lm.model
+    st = {k.lower(): v for k, v in step.settings.items()}
+    allowed = ML_SETTINGS.get(func, ())
+    for key in st:
+        if key not in allowed:
+            raise UnknownOptionError(key, allowed, where=f"in ML.{func}'s STRUCT(...)") if allowed else \
+                MLSQLError(f"ML.{func} takes no settings, got STRUCT(... AS {key})")
+    if func == "PREDICT" and st.get("device"):
+        from ..deploy import remote_predict
+
+        data = _require_input(data, func, step)
+        dev = s.devices.get(str(st["device"]))
+        version = lm.version.version if (step.model.version or step.model.alias) else None
+        preds = remote_predict(dev, lm.version.name, version, data, lm.label, model.classes, model.label_type)
+        return _hconcat(preds, data)
+    if func == "PREDICT":
+        data = _require_input(data, func, step)
+        preds = model.predict(model_features(s, lm, data, need_label=False, func=func),
+                              **({"threshold": float(st["threshold"])} if "threshold" in st else {}))
+        return _hconcat(preds, data)
+    if func == "EXPLAIN_PREDICT":
+        data = _require_input(data, func, step)
+        top_k = int(st.get("top_k_features", 5))
+        out = model.explain_predict(model_features(s, lm, data, need_label=False, func=func), top_k=top_k)
+        return _hconcat(out, data)
+    if func == "EVALUATE":
+        if data is None:
+            metrics = dict(model.eval_metrics)
+        else:
+            feats = model_features(s, lm, data, need_label=True, func=func)
+            kw = {"threshold": float(st["threshold"])} if "threshold" in st else {}
+            metrics = model.evaluate(feats, **kw)
+        return pa.table({k: pa.array([v], pa.float64()) for k, v in metrics.items()})
+    if func == "FEATURE_IMPORTANCE":
+        return model.feature_importance()
+    if func == "TRAINING_INFO":
+        return model.training_info
+    if func in ("CONFUSION_MATRIX", "ROC_CURVE"):
+        data = _require_input(data, func, step)
+        feats = model_features(s, lm, data, need_label=True, func=func)
+        if func == "ROC_CURVE":
+            return model.roc_curve(feats)
+        kw = {"threshold": float(st["threshold"])} if "threshold" in st else {}
+        return model.confusion_matrix(feats, **kw)
+    raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
+
+
+def _require_input(data, func: str, step) -> pa.Table:
+    if data is None:
+        raise MLSQLError(
+            f"ML.{func} needs input rows",
+            hint=f"Write ML.{func}(MODEL {step.model}, TABLE my_table) or ML.{func}(MODEL {step.model}, (SELECT ...)).",
+        )
+    return data
+
+
+def _hconcat(new: pa.Table, data: pa.Table) -> pa.Table:
+    """Prediction columns first, then the input columns (BigQuery ML's order)."""
+    if new.num_rows != data.num_rows:
+        raise ModelError(f"Model returned {new.num_rows} rows for {data.num_rows} input rows")
+    taken = {c.lower() for c in new.column_names}
+    names = list(new.column_names)
+    arrays = list(new.columns)
+    for name, col in zip(data.column_names, data.columns):
+        if name.lower() not in taken:
+            names.append(name)
+            arrays.append(col)
+    return pa.table(arrays, names=names)

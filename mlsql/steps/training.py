@@ -1,0 +1,108 @@
+"""``CREATE MODEL``: read the training rows from the engine, fit the TRANSFORM, train, register."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from .. import planner as P
+from .._lazy import pyarrow as pa
+from ..errors import MLSQLError
+from ..result import Result
+from . import SessionState
+from .ml_functions import META_FILE, TRANSFORM_FILE
+
+
+def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[str]) -> Result:
+    """Train a new model version; ``temps`` collects the temporary relations to drop afterwards."""
+    from ..ml import resolve_options, train
+
+    name = step.model
+    if s.registry.exists(name):
+        if step.if_not_exists:
+            return Result(pa.table({}), message=f"Model {name} already exists; nothing trained.")
+        if not step.replace:
+            latest = s.registry.get(name)
+            raise MLSQLError(
+                f"Model '{name}' already exists (latest version {latest.version})",
+                hint=f"Use CREATE OR REPLACE MODEL {name} to add a new version, or DROP MODEL {name}.",
+            )
+    raw = dict(step.options)
+    aliases = raw.pop("aliases", None) or raw.pop("alias", None) or []
+    aliases = [aliases] if isinstance(aliases, str) else list(aliases)
+    opts = resolve_options(raw)  # bad options fail before any data is read
+
+    query_params = P.params_for(step.query_sql, params)
+    data = s.engine.query(step.query_sql, query_params)
+    if data.num_rows == 0:
+        raise MLSQLError(f"The training query for model {name} returned no rows")
+    raw_name = s.engine.temp_name("train")
+    s.engine.register(raw_name, data)
+    temps.append(raw_name)
+    transform = None
+    features = data
+    if step.transform:
+        from ..transform import fit_transform
+
+        transform = fit_transform(step.transform, raw_name, data.column_names, s.engine.query)
+        features = s.engine.query(transform.select_sql(raw_name, data.column_names))
+    fp = s.engine.fingerprint(raw_name)
+    rows, data_hash = fp.rows, fp.digest
+
+    reporter = s.progress(f"Training {name}", 0) if s.progress else None
+    try:
+        model = train(features, opts, progress=reporter.update if reporter else None)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    if transform is not None and model.label not in transform.output_columns:
+        raise MLSQLError(f"TRANSFORM must output the label column '{model.label}'")
+
+    with tempfile.TemporaryDirectory(prefix="mlsql-model-") as tmp:
+        d = Path(tmp)
+        model.save(d)
+        if transform is not None:
+            (d / TRANSFORM_FILE).write_text(transform.to_json())
+        meta = {
+            "query_sql": step.query_sql,
+            # the values of its {name} / $name parameters: export and deploy sample the same rows
+            "query_params": _json_safe(query_params),
+            "input_columns": transform.input_columns if transform else [f.name for f in model.features],
+            "training_schema": {f.name: str(f.type) for f in data.schema},
+            "data_rows": rows,
+            "data_hash": data_hash,
+            "data_hash_algorithm": fp.algorithm,
+            # the planner writes the training query in MLSQL's (DuckDB) SQL on every engine;
+            # each engine renders it for itself when it reads the rows again
+            "query_dialect": "duckdb",
+            "engine": s.engine.name,
+        }
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        params_log = {k: v for k, v in raw.items()}
+        mv = s.registry.register(
+            name, d,
+            params=params_log,
+            metrics=model.eval_metrics,
+            iterations=model.training_info.to_pylist(),
+            sql=step.statement,
+            tags={"model_type": model.model_type, "label": model.label,
+                  "data_rows": str(rows), "data_hash": data_hash},
+            aliases=aliases,
+        )
+    metrics = {k: v for k, v in model.eval_metrics.items() if v is not None}
+    table = pa.table({
+        "model": [name], "version": [mv.version], "model_type": [model.model_type],
+        "training_rows": [rows],
+        **{k: pa.array([v], pa.float64()) for k, v in metrics.items()},
+    })
+    shown = ", ".join(f"{k} = {v:.4g}" for k, v in metrics.items())
+    return Result(table, kind="create_model",
+                  message=f"Created model {name} version {mv.version} ({model.model_type}). {shown}")
+
+
+def _json_safe(params: dict | None) -> dict | None:
+    """Parameter values as JSON keeps them (dates as ISO text, which DuckDB casts back)."""
+    if not params:
+        return None
+    return json.loads(json.dumps(params, default=str))
