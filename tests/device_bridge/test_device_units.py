@@ -170,6 +170,37 @@ def test_input_validation_messages():
             inp.feed_from_json(payload, specs)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "int32", "int64", "uint8"])
+@pytest.mark.parametrize("shape", [(), (1,), (4,)])
+def test_numeric_json_fast_path_equals_the_per_value_check(monkeypatch, dtype, shape):
+    """Plain numbers take one type scan and one conversion; the array is the same as the per-value
+    path's, and every unusual value still gets the per-value path's message naming the row."""
+    spec = inp.InputSpec("x", dtype, shape, False)
+    rng = np.random.default_rng(0)
+    raw = rng.normal(scale=50, size=(3, *shape))
+    values = (np.abs(raw).round() if dtype.startswith(("int", "uint")) else raw).tolist()
+    if dtype.startswith(("int", "uint")):
+        values = np.asarray(values, dtype=np.int64).tolist()
+    fast = inp.column_array(spec, values)
+    with monkeypatch.context() as m:
+        m.setattr(inp, "_fast_numeric", lambda *a: None)
+        slow = inp.column_array(spec, values)
+    assert fast.dtype == slow.dtype == np.dtype(dtype) and fast.shape == slow.shape
+    np.testing.assert_array_equal(fast, slow)
+
+    def first(bad):
+        return [bad] if shape == () else [[bad] * (shape[0] or 1)]
+    big = 10 ** 400 if dtype.startswith("float") else 2 ** 70
+    for bad, msg in [(None, "not nullable"), (True, "expected"), ("1", "expected"),
+                     (big, "out of range"),
+                     (float("inf"), "out of range" if dtype.startswith("float") else "not an integer")]:
+        with pytest.raises(inp.InputError, match=msg):
+            inp.column_array(spec, first(bad) + values)
+    if shape == (4,):
+        with pytest.raises(inp.InputError, match="expected 4 values, got 3"):
+            inp.column_array(spec, [[1, 2, 3]])
+
+
 def test_binary_string_columns_are_checked_for_valid_unicode():
     from device_bridge import columns as colfmt
 
@@ -392,3 +423,57 @@ def test_info_reports_the_active_versions_numeric_training_statistics(tmp_path):
                                                       "city": {"values": ["paris", "rome"]}}))
     # the monitor's drift flags compare these with the live input means; training values stay out
     assert core.info()["models"]["scorer"]["training_stats"] == {"x": {"mean": 1.5, "std": 0.5, "null_rate": 0.0}}
+
+
+def test_a_stalled_body_gets_408_at_its_deadline_while_other_reads_complete():
+    """Body deadlines share one sweep per event loop: the stalled read ends with a 408 near its
+    deadline, a read that completes is untouched, and a cancellation from elsewhere stays one."""
+    import asyncio
+    import time
+
+    from starlette.requests import Request
+
+    from device_bridge import web
+    from device_bridge.errors import ApiError
+
+    def request(receive):
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", b"5")],
+                 "query_string": b""}
+        return Request(scope, receive)
+
+    async def main():
+        stalled = asyncio.Event()
+
+        async def never():
+            await stalled.wait()
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        parts = [b"ab", b"cde"]
+
+        async def slow_but_steady():
+            await asyncio.sleep(0.05)
+            return {"type": "http.request", "body": parts.pop(0), "more_body": bool(parts)}
+
+        t0 = time.monotonic()
+        late = asyncio.create_task(web.read_body(request(never), 100, 0.3))
+        fine = asyncio.create_task(web.read_body(request(slow_but_steady), 100, 5.0))
+        assert await fine == b"abcde"
+        try:
+            await late
+        except ApiError as exc:
+            assert exc.status == 408 and "0.3 s" in exc.message
+        else:
+            raise AssertionError("a stalled body was accepted")
+        assert 0.25 <= time.monotonic() - t0 < 1.5
+        other = asyncio.create_task(web.read_body(request(never), 100, 5.0))
+        await asyncio.sleep(0.05)
+        other.cancel()
+        try:
+            await other
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("an outside cancellation was swallowed")
+        assert not web._body_watch().reads
+
+    asyncio.run(main())
