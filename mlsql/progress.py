@@ -50,7 +50,9 @@ class TrainingProgress:
         self.iteration, self.total = iteration, total or self.total
         row = dict(metrics or {})
         if row.get("stopped"):
-            self.stopped = str(row.pop("stopped"))
+            reason = str(row.pop("stopped"))
+            if not total or iteration < total:  # a stop on the last iteration is no early stop
+                self.stopped = reason
         elif row:
             self.rows.append(row)
         if self._view is None:
