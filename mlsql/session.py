@@ -174,12 +174,16 @@ class Session:
         # the user's own text (not MLSQL's rendering of an ML statement) may be in the engine's dialect
         ctx = _StepContext(params, autolimit, temps=[], dialect=self.sql_dialect if not stmt.is_ml else None)
         try:
-            result = None
+            result = charted = None  # charted: the ML function's result that has charts, if any
             for step in plan.steps:
                 result = self._run_step(step, ctx)
+                if result is not None and result.plots:
+                    charted = result
         finally:
             for name in ctx.temps:
                 self.engine.unregister(name)
+        if charted is not None and result is not charted and _same_rows(result.table, charted.table):
+            result.plots = charted.plots  # SELECT * FROM ML.EVALUATE(...): its charts go with it
         result.elapsed = time.perf_counter() - t0
         result.statement = stmt.sql
         result.display_limit = self.display_limit
@@ -198,10 +202,11 @@ class Session:
         return Result(got.table, truncated=truncated, python_rows=got.rows, pandas_frame=got.frame)
 
     def _run_ml(self, step: P.MLStep, ctx: _StepContext) -> Result:
-        table = ml_functions.run_ml(self, step, ctx.params)
+        charts: list = []
+        table = ml_functions.run_ml(self, step, ctx.params, charts)
         self.engine.register(step.output, table)
         ctx.temps.append(step.output)
-        return Result(table, kind="ml")
+        return Result(table, kind="ml", plots=charts)
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -263,6 +268,11 @@ class Session:
 def _spec(ref: str) -> P.ModelSpec:
     name, _, tail = ref.partition("@")
     return P.ModelSpec(name.lower(), int(tail) if tail.isdigit() else None, tail if tail and not tail.isdigit() else None)
+
+
+def _same_rows(a: pa.Table, b: pa.Table) -> bool:
+    """Whether a statement returned an ML function's rows as they are (same columns, same count)."""
+    return a.num_rows == b.num_rows and a.column_names == b.column_names
 
 
 def _say_on_stderr(message: str, waited_s: float) -> None:

@@ -92,9 +92,10 @@ class Deploy:
 class API:
     """What the handlers ask; one per server."""
 
-    def __init__(self, workspace: Workspace, settings: MLSQLServer):
+    def __init__(self, workspace: Workspace, settings: MLSQLServer, root_dir: str | None = None):
         self.workspace = workspace
         self.settings = settings
+        self.root_dir = root_dir  # the server's: a run's notebook inside it opens by its contents path
         self.deploys: dict[str, Deploy] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -215,8 +216,20 @@ class API:
             out.append({"name": spec.name, "schedule": spec.schedule_text, "next_run": _utc(nxt),
                         "paused": spec.paused, "last_status": last.status if last else None,
                         "last_run_at": _utc(last.start) if last else None,
-                        "last_output_notebook": last.output_path if last else None})
+                        "last_output_notebook": last.output_path if last else None,
+                        "last_output_notebook_path": self._contents_path(last.output_path if last else None)})
         return {"jobs": out}
+
+    def _contents_path(self, path: str | None) -> str | None:
+        """``path`` relative to the server's root (what JupyterLab opens), None when outside it."""
+        if not path or not self.root_dir:
+            return None
+        from pathlib import Path
+
+        try:
+            return Path(path).resolve().relative_to(Path(self.root_dir).resolve()).as_posix()
+        except ValueError:
+            return None
 
     # -- deploying --------------------------------------------------------------------------------
     def check_deploy(self, body: Any) -> dict:
@@ -401,7 +414,7 @@ class DeployHandler(_Handler):
 def add_handlers(serverapp, workspace: Workspace) -> API:
     """Mount the API under ``<base_url>mlsql/api/``."""
     settings = MLSQLServer(parent=serverapp)
-    api = API(workspace, settings)
+    api = API(workspace, settings, getattr(serverapp, "root_dir", None))
     web_app = serverapp.web_app
     web_app.settings["mlsql_api"] = api
     base = url_path_join(web_app.settings.get("base_url", "/"), "mlsql/api")

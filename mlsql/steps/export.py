@@ -46,7 +46,9 @@ def export(s: SessionState, spec: P.ModelSpec, options: dict, *, quiet: bool = F
     if opts.get("calibration_query"):
         calibration = s.engine.query(str(opts["calibration_query"]))
     suffix = "" if opts["quantize"] == "none" else f"_{opts['quantize']}"
-    uri = opts.get("uri") or str(s.workspace.exports_dir / f"{mv.name}_v{mv.version}{suffix}.onnx")
+    # into the workspace, never beside the notebook: a relative uri is relative to <workspace>/exports
+    out = Path(str(opts.get("uri") or f"{mv.name}_v{mv.version}{suffix}.onnx")).expanduser()
+    uri = str(out if out.is_absolute() else s.workspace.exports_dir / out)
     raw_schema = lm.meta.get("training_schema", {})
     result = export_model(lm.model, lm.transform, raw_schema,
                           {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers", "package")},

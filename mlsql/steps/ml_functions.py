@@ -95,7 +95,7 @@ def model_features(s: SessionState, lm: LoadedModel, data: pa.Table, *, need_lab
     return out
 
 
-def run_ml(s: SessionState, step: P.MLStep, params) -> pa.Table:
+def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) -> pa.Table:
     """One ML table function's rows."""
     func = step.func
     data = None
@@ -138,19 +138,23 @@ def run_ml(s: SessionState, step: P.MLStep, params) -> pa.Table:
         data = _require_input(data, func, step)
         top_k = int(st.get("top_k_features", 5))
         out = model.explain_predict(model_features(s, lm, data, need_label=False, func=func), top_k=top_k)
+        _chart(charts, "attribution", out)
         return _hconcat(out, data)
     if func == "EVALUATE":
         if data is None:
             metrics = dict(model.eval_metrics)
+            _chart(charts, "evaluation", model.evaluation)  # the curves of the evaluation rows kept at training
         else:
             feats = model_features(s, lm, data, need_label=True, func=func)
             kw = {"threshold": float(st["threshold"])} if "threshold" in st else {}
-            metrics = model.evaluate(feats, **kw)
+            ev = model.evaluation_of(feats, **kw)  # metrics, ROC curve(s), confusion matrix in one pass
+            metrics = ev.metrics
+            _chart(charts, "evaluation", ev)
         return pa.table({k: pa.array([v], pa.float64()) for k, v in metrics.items()})
     if func == "FEATURE_IMPORTANCE":
-        return model.feature_importance()
+        return _chart(charts, "importance", model.feature_importance())
     if func == "TRAINING_INFO":
-        return model.training_info
+        return _chart(charts, "loss", model.training_info)
     if func in ("CONFUSION_MATRIX", "ROC_CURVE"):
         data = _require_input(data, func, step)
         feats = model_features(s, lm, data, need_label=True, func=func)
@@ -159,6 +163,16 @@ def run_ml(s: SessionState, step: P.MLStep, params) -> pa.Table:
         kw = {"threshold": float(st["threshold"])} if "threshold" in st else {}
         return model.confusion_matrix(feats, **kw)
     raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
+
+
+def _chart(charts: list | None, kind: str, data):
+    """Add the charts of ``data`` (mlsql.plots panels, drawn only when the result is shown) to
+    ``charts``, the statement's; ``data`` back."""
+    if charts is not None and data is not None:
+        from .. import plots
+
+        charts.extend(plots.panels(kind, data))
+    return data
 
 
 def _require_input(data, func: str, step) -> pa.Table:

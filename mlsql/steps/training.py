@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from .. import planner as P
@@ -49,13 +50,17 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
         features = s.engine.query(transform.select_sql(raw_name, data.column_names))
     fp = s.engine.fingerprint(raw_name)
     rows, data_hash = fp.rows, fp.digest
+    # a few training rows, from which the registry infers the version's signature (Arrow data only)
+    sample = data.slice(0, 50) if isinstance(features, pa.Table) else None
 
     reporter = s.progress(f"Training {name}", 0) if s.progress else None
+    started = time.time()  # the MLflow run spans the training, not its registration
     try:
         model = train(features, opts, progress=reporter.update if reporter else None)
     finally:
         if reporter is not None:
             reporter.close()
+    ended = time.time()
     if transform is not None and model.label not in transform.output_columns:
         raise MLSQLError(f"TRANSFORM must output the label column '{model.label}'")
 
@@ -89,6 +94,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             tags={"model_type": model.model_type, "label": model.label,
                   "data_rows": str(rows), "data_hash": data_hash},
             aliases=aliases,
+            started=started, ended=ended, examples=_examples(model, sample, features, meta["input_columns"]),
         )
     metrics = {k: v for k, v in model.eval_metrics.items() if v is not None}
     table = pa.table({
@@ -97,8 +103,26 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
         **{k: pa.array([v], pa.float64()) for k, v in metrics.items()},
     })
     shown = ", ".join(f"{k} = {v:.4g}" for k, v in metrics.items())
-    return Result(table, kind="create_model",
+    from .. import plots
+
+    return Result(table, kind="create_model", plots=plots.panels("loss", model.training_info),
                   message=f"Created model {name} version {mv.version} ({model.model_type}). {shown}")
+
+
+def _examples(model, sample: pa.Table | None, features: pa.Table, input_columns: list[str]):
+    """A few rows in (the columns ML.PREDICT reads) and out (what it returns), from which the
+    registry infers the version's MLflow signature; None when there are none to take."""
+    if sample is None:
+        return None
+    by_lower = {c.lower(): c for c in sample.column_names}
+    try:
+        inputs = sample.select([by_lower[c.lower()] for c in input_columns if c.lower() in by_lower])
+        return inputs, model.predict(features.slice(0, sample.num_rows))
+    except Exception as exc:  # a signature describes the model: never a reason to lose it
+        import logging
+
+        logging.getLogger(__name__).warning("no example rows for the MLflow signature: %s", exc)
+        return None
 
 
 def _json_safe(params: dict | None) -> dict | None:

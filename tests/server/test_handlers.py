@@ -60,7 +60,11 @@ def workspace(tmp_path_factory):
                  max_iterations = 5) AS SELECT species, island, bill_length_mm, flipper_length_mm FROM penguins""")
         s.sql("CREATE JOB nightly OPTIONS (every = '1h') AS (SELECT count(*) FROM penguins)")
         root = s.workspace.root
-        s.close()
+        s.close()  # the job's run opens the workspace in its own kernel
+        import mlsql as m
+
+        with m.connect(root) as runner:
+            runner.sql("RUN JOB nightly")
         yield root
     finally:
         agent.kill()
@@ -69,6 +73,11 @@ def workspace(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _home(workspace, monkeypatch):
     monkeypatch.setenv("MLSQL_HOME", str(workspace))
+
+
+@pytest.fixture
+def jp_root_dir(workspace):
+    return workspace.parent  # the server's root holds the workspace, as with `make lab`
 
 
 @pytest.fixture
@@ -114,10 +123,13 @@ async def test_devices_live(jp_fetch):
     assert data["groups"] == [{"name": "line_a", "devices": ["d1", "ghost"]}]
 
 
-async def test_jobs(jp_fetch):
+async def test_jobs(jp_fetch, workspace):
     (job,) = (await get(jp_fetch, "jobs"))["jobs"]
     assert job["name"] == "nightly" and job["schedule"].startswith("every "), job
-    assert job["next_run"] and job["last_status"] is None and job["last_output_notebook"] is None
+    assert job["next_run"] > job["last_run_at"]
+    assert job["last_status"] == "succeeded" and Path(job["last_output_notebook"]).is_file()
+    assert job["last_output_notebook_path"] == Path(job["last_output_notebook"]).relative_to(workspace.parent).as_posix()
+    assert job["last_output_notebook_path"].startswith("ws/")
 
 
 async def test_deploy_end_to_end(jp_fetch):
