@@ -53,9 +53,11 @@ def test_export_notebook(tmp_path):
     nb = execute("03_export.ipynb", tmp_path)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    # relative uris land in the workspace's exports folder, nothing beside the notebook
     for f in ("species_dnn.onnx", "species_dnn_int8.onnx", "species_dnn_int8.mlpkg", "species_dnn_fp16.onnx",
-              "species_trees.onnx"):
-        assert (tmp_path / f).exists(), f
+              "species_trees.onnx", "species_dnn.parity.json"):
+        assert (tmp_path / "ws" / "exports" / f).exists(), f
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".mlpkg", ".json")]
     text = "\n".join(outputs_text(c) for c in nb.cells)
     assert "max_abs_diff" in text and "parity max diff" in text
 
@@ -68,6 +70,7 @@ def test_deploy_notebook(tmp_path):
     text = "\n".join(outputs_text(c) for c in nb.cells)
     assert "Deployed species@1 to edge-1" in text and "Deployed species@2 to edge-1" in text
     assert "Rolled species back on edge-1" in text
+    assert not [p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".mlpkg", ".json")]  # all in ws/
 
 
 def _errors(nb) -> list:
