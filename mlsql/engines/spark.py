@@ -148,6 +148,8 @@ class SparkEngine(Engine):
         self._views: set[str] = set()
         self._duckdb = None
         self._busy = threading.RLock()
+        self._rendered: dict[str, str] = {}  # statement -> its Spark SQL, for statements with no handover
+        self._handed_over = False
 
     @classmethod
     def open(cls, workspace, **conf) -> SparkEngine:
@@ -176,7 +178,22 @@ class SparkEngine(Engine):
 
     # -- rendering -------------------------------------------------------------------------
     def render(self, sql: str, *, line: int = 1) -> str:
-        """MLSQL's (DuckDB) SQL as Spark SQL, sources resolved; an error names what cannot be rendered."""
+        """MLSQL's (DuckDB) SQL as Spark SQL, sources resolved; an error names what cannot be rendered.
+
+        A statement that reads no file and no workspace table renders the same every time: its
+        rendering is kept (parsing and generating cost tens of milliseconds a statement)."""
+        got = self._rendered.get(sql)
+        if got is not None:
+            return got
+        self._handed_over = False
+        text = self._render(sql, line=line)
+        if not self._handed_over:
+            if len(self._rendered) >= 256:
+                self._rendered.clear()
+            self._rendered[sql] = text
+        return text
+
+    def _render(self, sql: str, *, line: int = 1) -> str:
         try:
             trees = [t for t in sqlglot.parse(sql, read="duckdb") if t is not None]
         except SqlglotParseError as exc:
@@ -208,6 +225,7 @@ class SparkEngine(Engine):
             elif table.db.lower() in DUCKDB_PREFIXES and not table.catalog:
                 view = self._duckdb_view(table.name)
             if view is not None:
+                self._handed_over = True  # read anew at each statement: not kept with the rendering
                 alias = table.args.get("alias") or exp.TableAlias(this=exp.to_identifier(table.name if table.db else "t"))
                 table.replace(exp.Table(this=exp.to_identifier(view), alias=alias))
         return tree

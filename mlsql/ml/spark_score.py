@@ -176,12 +176,13 @@ def _score_batches(blob, func, where, head, keep, kw, batches):
 # -- EVALUATE -------------------------------------------------------------------------------------
 
 
-def evaluate(engine, lm, df, threshold: float | None = None) -> dict:
-    """ML.EVALUATE of ``df``: the metrics of ``TrainedModel.evaluate``, aggregated on the cluster."""
+def evaluate(engine, lm, df, threshold: float | None = None) -> M.Evaluation:
+    """ML.EVALUATE of ``df``: the metrics of ``TrainedModel.evaluate`` (and a classifier's confusion
+    matrix), aggregated on the cluster."""
     frame, where = with_features(engine, lm, df, need_label=True, func="EVALUATE")
     if lm.label not in where:
         raise UnknownColumnError(lm.label, df.columns, message=f"Input has no label column '{lm.label}'")
-    return metrics(engine, lm.model, frame, where, threshold).metrics
+    return metrics(engine, lm.model, frame, where, threshold)
 
 
 def metrics(engine, model, frame, where: dict[str, str], threshold: float | None = None) -> M.Evaluation:

@@ -653,3 +653,26 @@ def _weight_sum(width: int, batches):
         _, _, w, ev = _matrix(b, width)
         s += float(w[~ev].sum())
     yield pa.RecordBatch.from_arrays([pa.array([json.dumps(s)])], names=["s"])
+
+
+def prepare(engine, step, query_params, temps: list[str]):
+    """CREATE MODEL's reading on Spark, nothing collected: the training query as a temporary view,
+    its TRANSFORM fitted (aggregates only come back), its fingerprint. ``(transform, raw Arrow
+    schema, fingerprint, the DataFrame to train on)``."""
+    from ..errors import MLSQLError
+
+    data = engine.dataframe(step.query_sql, query_params)
+    raw_name = engine.temp_name("train")
+    engine.register(raw_name, data)
+    temps.append(raw_name)
+    fp = engine.fingerprint(raw_name)
+    if fp.rows == 0:
+        raise MLSQLError(f"The training query for model {step.model} returned no rows")
+    transform = None
+    features = data
+    if step.transform:
+        from ..transform import fit_transform
+
+        transform = fit_transform(step.transform, raw_name, data.columns, engine.query)
+        features = engine.dataframe(transform.select_sql(raw_name, data.columns))
+    return transform, S.arrow_schema(data), fp, features

@@ -143,7 +143,7 @@ def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str =
         columns[real] = V(real, kind)
     values: dict[str, V] = {}
     if transform is not None:
-        comp = Compiler(g, columns)
+        comp = Compiler(g, columns, dialect=transform.dialect)
         for f in feature_names:
             name, sql = items[f.lower()]
             values[f.lower()] = comp.compile_sql(sql, name)

@@ -32,20 +32,23 @@ class V:
 
 
 class Compiler:
-    def __init__(self, g: Graph, columns: dict[str, V], where: str = ""):
+    def __init__(self, g: Graph, columns: dict[str, V], where: str = "", dialect: str = "duckdb"):
         self.g = g
         self.columns = {k.lower(): v for k, v in columns.items()}
         self.where = where
+        # the dialect the expressions were fitted in (FittedTransform.dialect): read in it, a Spark
+        # TRANSFORM's LOG(x) is the natural logarithm and DuckDB's the base-10 one
+        self.dialect = dialect
 
     # -- entry -------------------------------------------------------------------
     def compile_sql(self, sql: str, output: str) -> V:
-        tree = sqlglot.parse_one(sql, read="duckdb")
+        tree = sqlglot.parse_one(sql, read=self.dialect)
         self._output = output
         self._sql = sql
         return self.compile(tree)
 
     def fail(self, node: exp.Expression, why: str = "") -> ExportError:
-        text = node.sql("duckdb")
+        text = node.sql(self.dialect)
         pos = self._sql.find(text) if getattr(self, "_sql", None) else -1
         at = f" at character {pos + 1} of '{self._sql}'" if pos >= 0 else ""
         return ExportError(

@@ -35,20 +35,28 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
     opts = resolve_options(raw)  # bad options fail before any data is read
 
     query_params = P.params_for(step.query_sql, params)
-    data = s.engine.query(step.query_sql, query_params)
-    if data.num_rows == 0:
-        raise MLSQLError(f"The training query for model {name} returned no rows")
-    raw_name = s.engine.temp_name("train")
-    s.engine.register(raw_name, data)
-    temps.append(raw_name)
-    transform = None
-    features = data
-    if step.transform:
-        from ..transform import fit_transform
+    if getattr(s.engine, "distributed", False):  # Spark: the rows stay in the executors
+        from functools import partial
 
-        transform = fit_transform(step.transform, raw_name, data.column_names, s.engine.query)
-        features = s.engine.query(transform.select_sql(raw_name, data.column_names))
-    fp = s.engine.fingerprint(raw_name)
+        from ..ml import spark_train
+
+        transform, schema, fp, features = spark_train.prepare(s.engine, step, query_params, temps)
+        train = partial(spark_train.train, s.engine)
+    else:
+        data = s.engine.query(step.query_sql, query_params)
+        if data.num_rows == 0:
+            raise MLSQLError(f"The training query for model {name} returned no rows")
+        raw_name = s.engine.temp_name("train")
+        s.engine.register(raw_name, data)
+        temps.append(raw_name)
+        transform = None
+        features, schema = data, data.schema
+        if step.transform:
+            from ..transform import fit_transform
+
+            transform = fit_transform(step.transform, raw_name, data.column_names, s.engine.query)
+            features = s.engine.query(transform.select_sql(raw_name, data.column_names))
+        fp = s.engine.fingerprint(raw_name)
     rows, data_hash = fp.rows, fp.digest
     # a few training rows, from which the registry infers the version's signature (Arrow data only)
     sample = data.slice(0, 50) if isinstance(features, pa.Table) else None
@@ -74,7 +82,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             # the values of its {name} / $name parameters: export and deploy sample the same rows
             "query_params": _json_safe(query_params),
             "input_columns": transform.input_columns if transform else [f.name for f in model.features],
-            "training_schema": {f.name: str(f.type) for f in data.schema},
+            "training_schema": {f.name: str(f.type) for f in schema},
             "data_rows": rows,
             "data_hash": data_hash,
             "data_hash_algorithm": fp.algorithm,

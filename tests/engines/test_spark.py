@@ -233,13 +233,6 @@ def test_export_parity_on_each_engine(backend, shared_ws):
 def test_fitted_transform_same_on_duckdb_spark_and_onnx(shared_ws, spark_ws):
     """LOG (base 10 in DuckDB, natural in Spark's own SQL), quantiles and bucketizers: one fitted
     TRANSFORM, fitted on Spark, gives the same values on DuckDB, on Spark and in ONNX."""
-    import numpy as np
-    from onnx import TensorProto
-
-    from mlsql.onnx import feeds, ort_session
-    from mlsql.onnx.builder import Graph
-    from mlsql.onnx.sqlexpr import Compiler, V
-
     spark_ws.sql(f"CREATE OR REPLACE MODEL spark_tf OPTIONS (model_type = 'linear_reg', input_label_cols = "
                  f"['body_mass_g']) AS SELECT body_mass_g, flipper_length_mm, bill_depth_mm, bill_length_mm, "
                  f"island, sex FROM ({PENGUINS})".replace("OPTIONS", TRANSFORM.replace(
@@ -251,10 +244,27 @@ def test_fitted_transform_same_on_duckdb_spark_and_onnx(shared_ws, spark_ws):
     spark_sql = spark_ws.engine.render(f"SELECT {items['log_mass']} FROM penguins")
     assert "LOG(10," in spark_sql.upper().replace(" ", "")  # DuckDB's meaning said out loud for Spark
 
-    rows = ("SELECT body_mass_g, flipper_length_mm, bill_depth_mm, bill_length_mm FROM penguins "
-            "WHERE body_mass_g IS NOT NULL ORDER BY body_mass_g, flipper_length_mm, bill_depth_mm, bill_length_mm")
-    data = shared_ws.engine.query(rows)
-    outs = ["log_mass", "flipper_q", "depth_b", "bill_z"]
+    on = _same_on_duckdb_spark_and_onnx(tf, shared_ws, spark_ws, ["log_mass", "flipper_q", "depth_b", "bill_z"])
+    data = on["input"]
+    assert math.isclose(on["spark"].column("log_mass")[0].as_py(), math.log10(data.column("body_mass_g")[0].as_py()))
+
+
+_ROWS = ("SELECT body_mass_g, flipper_length_mm, bill_depth_mm, bill_length_mm FROM penguins "
+         "WHERE body_mass_g IS NOT NULL ORDER BY body_mass_g, flipper_length_mm, bill_depth_mm, bill_length_mm")
+
+
+def _same_on_duckdb_spark_and_onnx(tf, shared_ws, spark_ws, outs: list[str]) -> dict:
+    """Apply the fitted TRANSFORM ``tf`` to the same penguin rows on DuckDB, on Spark and through its
+    ONNX graph (compiled in ``tf.dialect``); assert the values agree; DuckDB's, Spark's and the input rows."""
+    import numpy as np
+    from onnx import TensorProto
+
+    from mlsql.onnx import feeds, ort_session
+    from mlsql.onnx.builder import Graph
+    from mlsql.onnx.sqlexpr import Compiler, V
+
+    items = dict(tf.items)
+    data = shared_ws.engine.query(_ROWS)
     on = {}
     for label, eng in (("duckdb", shared_ws.engine), ("spark", spark_ws.engine)):
         tmp = eng.temp_name("tfin")
@@ -273,7 +283,7 @@ def test_fitted_transform_same_on_duckdb_spark_and_onnx(shared_ws, spark_ws):
         g.add_input(c, TensorProto.DOUBLE, ["N"])
         cols[c] = V(c, "num")
         inputs.append({"name": c, "type": "float64"})
-    comp = Compiler(g, cols)
+    comp = Compiler(g, cols, dialect=tf.dialect)
     for name in outs:
         v = comp.compile_sql(items[name], name)
         if v.kind == "num":
@@ -293,7 +303,30 @@ def test_fitted_transform_same_on_duckdb_spark_and_onnx(shared_ws, spark_ws):
         else:
             assert s == d
             assert [x.decode() if isinstance(x, bytes) else x for x in o] == d
-    assert math.isclose(on["spark"].column("log_mass")[0].as_py(), math.log10(data.column("body_mass_g")[0].as_py()))
+    return {**on, "input": data}
+
+
+def test_transform_fitted_in_spark_dialect_same_everywhere(shared_ws, spark_ws):
+    """A fitted TRANSFORM whose items are Spark SQL (``dialect='spark'``): Spark's LOG(x) is the natural
+    logarithm, and DuckDB, Spark and the ONNX graph all read it so."""
+    from sqlglot import parse_one
+
+    from mlsql.engines.spark import _keep_duckdb_meaning
+    from mlsql.transform import FittedTransform
+
+    _trained_on_duckdb(shared_ws, "logistic_transform")
+    fitted = shared_ws.model("ref_logistic_transform").transform
+    assert fitted.dialect == "duckdb"
+    # the same fitted items (quantile bucketizer, bucketizer, scaler) written in Spark SQL, plus Spark's LOG
+    items = [(n, _keep_duckdb_meaning(parse_one(sql, read="duckdb")).sql("spark")) for n, sql in fitted.items]
+    items.append(("ln_mass", "LOG(body_mass_g)"))
+    reads = {**fitted.reads, "ln_mass": ["body_mass_g"]}
+    tf = FittedTransform(items, fitted.input_columns, reads, dialect="spark")
+    on = _same_on_duckdb_spark_and_onnx(tf, shared_ws, spark_ws,
+                                        ["log_mass", "flipper_q", "depth_b", "bill_z", "ln_mass"])
+    mass = on["input"].column("body_mass_g")[0].as_py()
+    assert math.isclose(on["duckdb"].column("ln_mass")[0].as_py(), math.log(mass))
+    assert math.isclose(on["duckdb"].column("log_mass")[0].as_py(), math.log10(mass))
 
 
 # -- Spark Connect -----------------------------------------------------------------------------
@@ -354,3 +387,32 @@ def test_script_through_spark_connect(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def test_set_on_spark(spark_ws):
+    """SET of a Spark conf reaches Spark (and SparkEngine.settings() lists it); MLSQL's own settings are
+    checked: a misspelt mlsql_* setting is an error naming the nearest one, not a Spark conf."""
+    from mlsql.errors import UnknownOptionError
+
+    eng = spark_ws.engine
+    assert "spark.sql.shuffle.partitions" in eng.settings()
+    try:
+        r = spark_ws.sql("SET spark.sql.shuffle.partitions = 7")
+        assert r.table.to_pylist() == [{"key": "spark.sql.shuffle.partitions", "value": "7"}]
+        assert eng.spark.conf.get("spark.sql.shuffle.partitions") == "7"
+        assert spark_ws.sql("SELECT count(*) AS n FROM flights GROUP BY origin ORDER BY n").table.num_rows == 3
+    finally:
+        spark_ws.sql("SET spark.sql.shuffle.partitions = 4")
+    with pytest.raises(UnknownOptionError, match="mlsql_enginee") as err:
+        spark_ws.sql("SET mlsql_enginee = 'duckdb'")
+    assert "mlsql_engine" in err.value.hint
+    assert spark_ws.engine is eng  # nothing changed
+    try:
+        spark_ws.sql("SET mlsql_dialect = 'spark'")
+        assert spark_ws.sql("SELECT LOG(100) AS l").scalar() == pytest.approx(math.log(100))  # Spark's own LOG
+    finally:
+        spark_ws.sql("RESET mlsql_dialect")
+    assert spark_ws.sql("SELECT LOG(100) AS l").scalar() == pytest.approx(2.0)  # MLSQL's (DuckDB) LOG
