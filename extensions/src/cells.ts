@@ -4,12 +4,15 @@
  * JupyterLab resets the mimetypes of all cells when the kernel's language_info arrives, so each
  * cell model's mimeTypeChanged is watched and the MLSQL choice put back.
  */
-import { ICellModel } from '@jupyterlab/cells';
+import { Cell, ICellModel } from '@jupyterlab/cells';
+import { language as languageFacet } from '@codemirror/language';
+import { mlsqlDialect } from './language';
+import { IEditorLanguageRegistry } from '@jupyterlab/codemirror';
 import { NotebookPanel } from '@jupyterlab/notebook';
 
-import { cellMimeType, isMlsqlKernel } from './logic/magic';
+import { cellMimeType, isMlsqlKernel, MLSQL_MIME } from './logic/magic';
 
-export function watchNotebook(panel: NotebookPanel): void {
+export function watchNotebook(panel: NotebookPanel, languages: IEditorLanguageRegistry): void {
   const notebook = panel.content;
   const watched = new WeakSet<ICellModel>();
 
@@ -36,7 +39,20 @@ export function watchNotebook(panel: NotebookPanel): void {
     }
     watched.add(model);
     let first = firstLineOf(model);
-    model.mimeTypeChanged.connect(() => apply(model));
+    // Put MLSQL back only once the editor has loaded the language it was just given: the editor
+    // applies each mimetype change when that language has loaded, in order of loading, so a
+    // slower first load of (say) SQL would otherwise land after MLSQL and win.
+    model.mimeTypeChanged.connect(() => {
+      void languages
+        .getLanguage(model.mimeType)
+        .catch(() => null)
+        .then(() => setTimeout(() => apply(model), 0));
+      // ... which is not always enough (the editor's own load of the language it was given can
+      // still land last): check the editor a little later and make it load MLSQL again.
+      for (const ms of [300, 1500]) {
+        setTimeout(() => ensureEditorLanguage(notebook.widgets.find(c => c.model === model), model), ms);
+      }
+    });
     model.sharedModel.changed.connect((_, change) => {
       if (change.sourceChange) {
         const now = firstLineOf(model);
@@ -77,6 +93,18 @@ export function watchNotebook(panel: NotebookPanel): void {
   panel.context.ready.then(connectModel);
   panel.sessionContext.kernelChanged.connect(() => requestAnimationFrame(all));
   panel.sessionContext.ready.then(() => requestAnimationFrame(all));
+}
+
+/** Make the cell's editor show MLSQL when its model says MLSQL (see the race above). */
+function ensureEditorLanguage(cell: Cell | undefined, model: ICellModel): void {
+  const editor = cell?.editor as any;
+  const view = editor?.editor;
+  if (model.mimeType !== MLSQL_MIME || !view || view.state.facet(languageFacet) === mlsqlDialect.language) {
+    return;
+  }
+  if (typeof editor._onMimeTypeChanged === 'function') {
+    editor._onMimeTypeChanged(); // loads the model's (current) mimetype into the editor
+  }
 }
 
 function firstLineOf(model: ICellModel): string {

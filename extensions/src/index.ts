@@ -94,7 +94,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
           onClick: () => void app.commands.execute(DEPLOY)
         })
       );
-      watchNotebook(nb);
+      watchNotebook(nb, languages);
     });
 
     // a marked error span goes when its cell runs again

@@ -24,10 +24,11 @@ def _notebook(cells: list[str], kernel: str = "python3") -> str:
         "metadata": {"kernelspec": spec}, "nbformat": 4, "nbformat_minor": 5})
 
 
-def _open(page, url: str, name: str) -> None:
-    page.goto(f"{url}/lab/tree/{name}")
-    page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-    page.wait_for_function("document.body.innerText.includes('| Idle')", timeout=90_000)
+def _open(page, url: str, name: str, kernel: str = "Python 3 (ipykernel)") -> None:
+    """Open ``name`` alone in a workspace of its own, and wait for its kernel to be idle."""
+    page.goto(f"{url}/lab/workspaces/{Path(name).stem}/tree/{name}?reset")
+    page.wait_for_selector(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell", timeout=60_000)
+    page.wait_for_function(f"document.body.innerText.includes({json.dumps(kernel + ' | Idle')})", timeout=90_000)
 
 
 def _run_cell(page, index: int, timeout: float = 120) -> None:
@@ -187,8 +188,9 @@ def test_mlsql_kernel_cells_are_mlsql(lab_server, browser_page):
     url, _, root = lab_server
     (Path(root) / "kernel.ipynb").write_text(_notebook(["SELECT 42 AS answer GROUP BY ALL ORDER BY ALL"], kernel="mlsql"))
     page = browser_page
-    _open(page, url, "kernel.ipynb")
+    _open(page, url, "kernel.ipynb", kernel="MLSQL")
     cell = page.locator(".jp-Notebook .jp-Cell").nth(0)
+    cell.locator(".tok-keyword").first.wait_for(timeout=10_000)
     keywords = {k.upper() for k in cell.locator(".cm-content .tok-keyword").all_inner_texts()}
     assert {"SELECT", "AS", "GROUP", "BY", "ALL", "ORDER"} <= keywords, keywords
     _run_cell(page, 0)
