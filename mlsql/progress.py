@@ -19,7 +19,8 @@ import sys
 import time
 
 BAR_EVERY_S = 0.1  # redraw the bar at most this often
-CURVE_EVERY_S = 0.5  # and the loss curve (a PNG) at most this often
+CURVE_EVERY_S = 0.5  # and the loss curve (a PNG) at most this often,
+CURVE_SHARE = 0.1  # and so that drawing it takes at most this share of the training's time
 CURVE_AFTER_S = 0.8  # a training that ends sooner never needs a live chart
 
 
@@ -44,6 +45,7 @@ class TrainingProgress:
         self.stopped: str | None = None
         self.t0 = time.perf_counter()
         self._last_bar = self._last_curve = 0.0
+        self._curve_s = 0.0
         self._view = None  # _WidgetView or _TextView, made on the first update
 
     def update(self, iteration: int, total: int, metrics: dict | None = None) -> None:
@@ -62,10 +64,11 @@ class TrainingProgress:
         if last or now - self._last_bar >= BAR_EVERY_S:
             self._last_bar = now
             self._view.bar()
-        if (self.live_plot and now - self.t0 >= CURVE_AFTER_S and now - self._last_curve >= CURVE_EVERY_S
-                and len(self.rows) >= 2):
-            self._last_curve = now
+        wait = max(CURVE_EVERY_S, self._curve_s / CURVE_SHARE)
+        if self.live_plot and now - self.t0 >= CURVE_AFTER_S and now - self._last_curve >= wait and len(self.rows) >= 2:
             self._view.curve()
+            self._last_curve = time.perf_counter()
+            self._curve_s = self._last_curve - now  # what one drawing costs here
 
     def close(self) -> None:
         """End the display: one line saying how training ended (an exception in flight means it failed)."""

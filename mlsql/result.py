@@ -75,15 +75,16 @@ class Result:
         return list(zip(*cols))
 
     # -- display -------------------------------------------------------------
-    def footer(self) -> str:
+    def footer(self, shown: bool = True) -> str:
+        """'N rows × M columns[, showing 1–k] · time' (``shown``: say which rows a static table shows)."""
         n = self.table.num_rows
         rows = f"{n:,} row{'s' if n != 1 else ''}"
         if self.truncated:
             rows += " (autolimit reached)"
         rows += f" × {self.table.num_columns} columns"
-        shown = self._shown_rows()
-        if shown < n:
-            rows += f", showing 1–{shown:,}"
+        k = self._shown_rows()
+        if shown and k < n:
+            rows += f", showing 1–{k:,}"
         return f"{rows} · {_fmt_time(self.elapsed)}"
 
     def _shown_rows(self) -> int:
@@ -128,7 +129,7 @@ class Result:
             if isinstance(view, tuple):
                 view = view[0]
             if "application/vnd.jupyter.widget-view+json" in view:
-                widget.set_messages(self._messages_html(), self.footer())
+                widget.set_messages(self._messages_html(), self.footer(shown=False))
                 bundle["application/vnd.jupyter.widget-view+json"] = view[
                     "application/vnd.jupyter.widget-view+json"]
         return bundle
