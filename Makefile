@@ -8,7 +8,7 @@ export MLSQL_HOME ?= $(CURDIR)/.mlsql
 
 .PHONY: install lock lab test test-fast bench lint clean
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed $(VENV)/.labextension
 
 # Installs the exact versions in requirements.lock (torch is locked at its CPU build; an
 # open range would pull a multi-GB CUDA one), then MLSQL itself. The check fails when the
@@ -20,6 +20,25 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PIP) install --no-deps -e ./device_bridge -e .
 	$(PY) -m pip check
 	$(PY) -m mlsql.kernel install --sys-prefix
+	touch $@
+
+# The JupyterLab extension (extensions/, TypeScript) is built with node and jlpm (which comes with
+# jupyterlab) into mlsql/labextension/, only when its sources changed; the venv's JupyterLab sees it
+# through a link (edit, `make install`, reload the page). A wheel carries the built files itself.
+LABEXT_DIR := $(VENV)/share/jupyter/labextensions/mlsql-jupyterlab
+EXT_BUILT := mlsql/labextension/package.json
+EXT_SOURCES := $(wildcard extensions/src/*.ts extensions/src/logic/*.ts extensions/style/*) \
+  extensions/package.json extensions/yarn.lock extensions/tsconfig.json extensions/.yarnrc.yml
+
+$(EXT_BUILT): $(EXT_SOURCES) | $(VENV)/.installed
+	@command -v node >/dev/null || { echo "node (>= 18) is needed to build the JupyterLab extension in extensions/"; exit 1; }
+	cd extensions && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" jlpm install --immutable && PATH="$(CURDIR)/$(VENV)/bin:$$PATH" jlpm build
+	touch $@
+
+$(VENV)/.labextension: $(EXT_BUILT) $(VENV)/.installed
+	rm -rf "$(LABEXT_DIR)"
+	mkdir -p "$(dir $(LABEXT_DIR))"
+	ln -s "$(CURDIR)/mlsql/labextension" "$(LABEXT_DIR)"
 	touch $@
 
 # Resolve pyproject.toml again and rewrite requirements.lock (needs the package index).
@@ -58,4 +77,4 @@ lint: install
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .mlsql build *.egg-info
+	rm -rf $(VENV) .mlsql build *.egg-info mlsql/labextension extensions/lib extensions/node_modules extensions/tsconfig.tsbuildinfo
