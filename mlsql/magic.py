@@ -30,7 +30,7 @@ USAGE = """%%mlsql [-o NAME] [--engine ENGINE] [--workspace DIR] [--limit N] [--
 `name` (an unknown {name} is an error); ${name} is a script variable (SET VARIABLE).
 Results longer than displaylimit page and sort in the kernel (a table widget).
 Configuration: %config MLSQLMagic.displaylimit = 50 (also autolimit, engine,
-workspace, progress, plots). The language: docs/LANGUAGE.md."""
+workspace, progress, plots, pager). The language: docs/LANGUAGE.md."""
 
 
 @magics_class
@@ -46,6 +46,8 @@ class MLSQLMagic(Magics):
         None, allow_none=True, help="Workspace folder (default: MLSQL_HOME or ./.mlsql)."
     ).tag(config=True)
     progress = Bool(True, help="Show a progress bar while a model trains.").tag(config=True)
+    pager = Bool(True, help="Show results longer than displaylimit as a table widget that pages and sorts "
+                            "in the kernel (False: a static table of the first rows).").tag(config=True)
     plots = Bool(help="Draw charts with results (ROC curve, confusion matrix, importance bars, loss "
                       "curves, a live loss curve while training); default: on in a notebook's kernel.",
                  ).tag(config=True)
@@ -118,7 +120,7 @@ class MLSQLMagic(Magics):
         if opts.get("out"):
             self.shell.user_ns[opts["out"]] = result.to_pandas()
         result.show_plots = plots
-        result.interactive = _widgets_here()
+        result.interactive = self.pager and _widgets_here()
         return result
 
 

@@ -193,6 +193,11 @@ def test_a_long_result_pages_and_sorts_in_the_kernel(kernel):
                         "setattr(w, 'page', 1), w.rows)[-1])(big.pager(10))")
     assert [r[1] for r in page] == [str(v) for v in range(989, 979, -1)]
     assert [int(r[0]) * 7919 % 1000 for r in page] == list(range(989, 979, -1))
+    # headless runs can ask for static tables
+    outs = kernel.run("%config MLSQLMagic.pager = False\n%mlsql SELECT * FROM range(1000)")
+    data = next(o["data"] for o in outs if "text/html" in o.get("data", {}))
+    assert "application/vnd.jupyter.widget-view+json" not in data and "showing 1–10" in data["text/html"]
+    kernel.run("%config MLSQLMagic.pager = True")
 
 
 def test_reports_whole_numbers_alike_json_bounded(kernel, trained):
