@@ -24,8 +24,17 @@ export async function requestAPI<T>(endPoint: string, init: RequestInit = {}): P
     }
   }
   if (!response.ok) {
-    const message = (data && (data.message || data.error || data.reason)) || (typeof data === 'string' && data) || response.statusText;
-    throw new ServerConnection.ResponseError(response, String(message));
+    let message: string;
+    if (data && typeof data === 'object' && (data.message || data.error || data.reason)) {
+      message = String(data.message || data.error || data.reason);
+    } else if (response.status === 404) {
+      message =
+        "this Jupyter server does not run the mlsql.server extension (start it with `make lab`, or " +
+        "jupyter lab --ServerApp.jpserver_extensions=\"{'mlsql.server': True}\")";
+    } else {
+      message = `${response.status} ${response.statusText}`; // an HTML error page says nothing more
+    }
+    throw new ServerConnection.ResponseError(response, message);
   }
   return data as T;
 }

@@ -79,8 +79,8 @@ export class DeployBody extends Widget {
       el('div', { className: 'mlsql-field' }, 'Providers', providers),
       el('label', { className: 'mlsql-field' }, 'Quantize', this.quantizeSelect),
       this.deployButton,
-      this.progress,
-      this.outcome
+      this.outcome,
+      this.progress
     );
     this.modelSelect.onchange = () => this.fillVersions();
     this.versionSelect.onchange = () => this.showMetrics();
@@ -238,6 +238,9 @@ export class DeployBody extends Widget {
       this.outcome.append(table);
     }
     this.outcome.className = `mlsql-deploy-outcome ${status.state === 'done' ? 'mlsql-done' : status.state === 'failed' ? 'mlsql-failed' : ''}`;
+    if (status.state !== 'running') {
+      this.outcome.scrollIntoView({ block: 'nearest' });
+    }
   }
 }
 

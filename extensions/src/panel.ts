@@ -147,23 +147,21 @@ export class MlsqlPanel extends Widget {
       this.devices.replaceChildren(el('p', { className: 'mlsql-empty', textContent: "No devices (CREATE DEVICE 'name' OPTIONS (url = ...))." }));
       return;
     }
-    const head = el('tr', {}, ...['', 'Device', 'Active', 'Providers', 'p95', 'Errors'].map(h => el('th', { textContent: h })));
+    // two short lines per device: the panel is narrow
     this.devices.replaceChildren(
-      el(
-        'table',
-        { className: 'mlsql-devices' },
-        head,
-        ...rows.map(r =>
+      ...rows.map(r =>
+        el(
+          'div',
+          { className: `mlsql-device mlsql-${r.status}`, title: r.title },
           el(
-            'tr',
-            { className: `mlsql-device mlsql-${r.status}`, title: r.title },
-            el('td', { className: 'mlsql-dot', textContent: r.status === 'online' ? '●' : '○', title: r.status }),
-            el('td', { className: 'mlsql-name', textContent: r.name }),
-            el('td', { className: 'mlsql-active', textContent: r.active }),
-            el('td', { textContent: r.providers }),
-            el('td', { textContent: r.p95 }),
-            el('td', { textContent: r.errors })
-          )
+            'div',
+            {},
+            el('span', { className: 'mlsql-dot', textContent: r.status === 'online' ? '● ' : '○ ', title: r.status }),
+            el('span', { className: 'mlsql-name', textContent: r.name }),
+            ' ',
+            el('span', { className: 'mlsql-active', textContent: r.active })
+          ),
+          el('div', { className: 'mlsql-detail', textContent: `${r.status} · providers ${r.providers} · p95 ${r.p95} · errors ${r.errors}` })
         )
       )
     );

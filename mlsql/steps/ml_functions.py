@@ -174,9 +174,9 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
         data = _require_input(data, func, step)
         feats = model_features(s, lm, data, need_label=True, func=func)
         if func == "ROC_CURVE":
-            return model.roc_curve(feats)
+            return _chart(charts, "roc_table", model.roc_curve(feats))
         kw = {"threshold": float(st["threshold"])} if "threshold" in st else {}
-        return model.confusion_matrix(feats, **kw)
+        return _chart(charts, "confusion_table", model.confusion_matrix(feats, **kw))
     raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
 
 

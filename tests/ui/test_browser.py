@@ -127,8 +127,8 @@ def test_highlight_complete_train_deploy(lab_server, lab_workspace, local_agent,
     train = page.locator(".jp-Notebook .jp-Cell").nth(3)
     train.locator(".jp-InputArea-editor").click()
     page.keyboard.insert_text(
-        f"%%mlsql\nCREATE OR REPLACE MODEL {MODEL} OPTIONS (model_type = 'boosted_tree_classifier', "
-        "input_label_cols = ['species'], max_iterations = 10) AS SELECT species, island, bill_length_mm, "
+        f"%%mlsql\nCREATE OR REPLACE MODEL {MODEL}\nOPTIONS (model_type = 'boosted_tree_classifier', "
+        "input_label_cols = ['species'], max_iterations = 10)\nAS SELECT species, island, bill_length_mm, "
         "bill_depth_mm, flipper_length_mm FROM penguins")
     _run_cell(page, 3, timeout=240)
     assert MODEL in train.locator(".jp-OutputArea").inner_text()
