@@ -33,7 +33,7 @@ class RocPanel:
     kind: str = "roc"
 
     def summary(self) -> str:
-        parts = [f"'{c.label}' AUC {c.auc:.4f}" for c in self.curves]
+        parts = [(f"'{c.label}' " if c.label else "") + f"AUC {c.auc:.4f}" for c in self.curves]
         what = "ROC curve" if len(self.curves) == 1 else "ROC curves (one class vs the rest)"
         return f"{what}: " + ", ".join(parts)
 
@@ -194,6 +194,27 @@ def attribution_panel(table) -> BarPanel | None:
                     [names[i] for i in order], vals[order], "mean |attribution|")
 
 
+def roc_table_panel(table) -> RocPanel | None:
+    """``ML.ROC_CURVE``'s points (false_positive_rate, recall at score quantiles), area by trapezoids."""
+    if not {"false_positive_rate", "recall", "threshold"} <= set(table.column_names) or table.num_rows == 0:
+        return None
+    fpr = np.r_[0.0, table.column("false_positive_rate").to_numpy(zero_copy_only=False).astype(np.float64), 1.0]
+    tpr = np.r_[0.0, table.column("recall").to_numpy(zero_copy_only=False).astype(np.float64), 1.0]
+    thr = np.r_[np.inf, table.column("threshold").to_numpy(zero_copy_only=False).astype(np.float64), -np.inf]
+    order = np.lexsort((tpr, fpr))
+    fpr, tpr, thr = fpr[order], tpr[order], thr[order]
+    return RocPanel([RocCurve("", fpr, tpr, thr, float(np.trapezoid(tpr, fpr)))])
+
+
+def confusion_table_panel(table) -> ConfusionPanel | None:
+    """``ML.CONFUSION_MATRIX``: expected_label, then one count column per predicted class."""
+    if "expected_label" not in table.column_names or table.num_rows == 0:
+        return None
+    classes = table.column("expected_label").to_pylist()
+    counts = np.column_stack([table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names[1:]])
+    return ConfusionPanel(classes, counts.astype(np.int64))
+
+
 def loss_panel(training_info, title: str = "Loss by iteration") -> LossPanel | None:
     """``ML.TRAINING_INFO`` (iteration, loss, eval_loss) as a curve per evaluation set."""
     cols = training_info.column_names
@@ -211,10 +232,11 @@ def loss_panel(training_info, title: str = "Loss by iteration") -> LossPanel | N
 
 def panels(kind: str, data) -> list:
     """The charts of one kind of ML output: 'evaluation' (an Evaluation), 'importance',
-    'attribution' or 'loss' (the function's Arrow table)."""
+    'attribution', 'loss', 'roc_table' or 'confusion_table' (the function's Arrow table)."""
     if kind == "evaluation":
         return evaluation_panels(data)
-    made = {"importance": importance_panel, "attribution": attribution_panel, "loss": loss_panel}[kind](data)
+    made = {"importance": importance_panel, "attribution": attribution_panel, "loss": loss_panel,
+            "roc_table": roc_table_panel, "confusion_table": confusion_table_panel}[kind](data)
     return [made] if made is not None else []
 
 

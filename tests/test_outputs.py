@@ -150,6 +150,21 @@ def test_evaluate_shows_roc_and_confusion_matrix_with_their_numbers(kernel, trai
     assert len(_images(outs)) == 1
 
 
+def test_roc_curve_and_confusion_matrix_functions_draw_their_rows(kernel, trained):
+    q = "(SELECT *, species = 'Adelie' AS adelie FROM penguins)"
+    outs = kernel.run(f"rc = %mlsql SELECT * FROM ML.ROC_CURVE(MODEL adelie, {q})\nrc")
+    assert not _errors(outs) and _images(outs) and _images(outs)[0]["text/plain"].startswith("ROC curve: AUC")
+    drawn = kernel.value("[list(map(float, rc.plots[0].curves[0].false_positive_rate)), "
+                         "list(map(float, rc.plots[0].curves[0].true_positive_rate))]")
+    rows = kernel.value("sorted(zip(rc.to_arrow().column('false_positive_rate').to_pylist(), "
+                        "rc.to_arrow().column('recall').to_pylist()))")
+    assert sorted(zip(*drawn))[1:-1] == [tuple(r) for r in rows]  # plus the (0, 0) and (1, 1) ends
+    outs = kernel.run(f"cm = %mlsql SELECT * FROM ML.CONFUSION_MATRIX(MODEL adelie, {q})\ncm")
+    assert _images(outs) and "Confusion matrix" in _images(outs)[0]["text/plain"]
+    assert kernel.value("cm.plots[0].counts.tolist()") == kernel.value(
+        "[[r['false'], r['true']] for r in cm.to_arrow().rename_columns(['e', 'false', 'true']).to_pylist()]")
+
+
 def test_feature_importance_bars_are_its_values(kernel, trained):
     outs = kernel.run("fi = %mlsql SELECT * FROM ML.FEATURE_IMPORTANCE(MODEL adelie)\nfi")
     assert not _errors(outs)
