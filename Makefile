@@ -49,13 +49,15 @@ lock:
 # Jupyter refuses to run as root unless told; containers often run as root.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-# `make lab` also runs a local device agent (trusting this workspace's key) for DEPLOY ... TO DEVICE,
+# `make lab` also runs a local device agent (trusting this workspace's key, registered as device 'local') for DEPLOY ... TO DEVICE,
 # and the job scheduler inside the Jupyter server (the mlsql.server extension).
 DEVICE_PORT ?= 7070
 DEVICE_TOKEN ?= local-dev-token
 
 lab: install
 	mkdir -p "$(MLSQL_HOME)"
+	@# the agent as device 'local' of the workspace: the Deploy dialog and the MLSQL panel list it
+	$(VENV)/bin/mlsql run -e "CREATE OR REPLACE DEVICE 'local' OPTIONS (url = 'http://127.0.0.1:$(DEVICE_PORT)', token = '$(DEVICE_TOKEN)')" >/dev/null
 	@$(VENV)/bin/mlsql device serve --name local --port $(DEVICE_PORT) --token $(DEVICE_TOKEN) \
 	  > "$(MLSQL_HOME)/agent.log" 2>&1 & AGENT=$$!; trap 'kill $$AGENT 2>/dev/null' EXIT INT TERM; \
 	echo "device agent 'local' on http://127.0.0.1:$(DEVICE_PORT) (token $(DEVICE_TOKEN)), log in $(MLSQL_HOME)/agent.log"; \

@@ -56,7 +56,6 @@ export class DeployBody extends Widget {
   private deployButton = el('button', { className: 'jp-Button jp-mod-accept mlsql-deploy-button', textContent: 'Deploy' });
   private progress = el('ol', { className: 'mlsql-deploy-steps' });
   private outcome = el('div', { className: 'mlsql-deploy-outcome' });
-  private stopped = false;
 
   constructor(private log: DeployLog, private preselect: string | null) {
     super();
@@ -87,11 +86,6 @@ export class DeployBody extends Widget {
     this.targetSelect.onchange = () => this.showTarget();
     this.deployButton.onclick = () => void this.deploy();
     void this.load();
-  }
-
-  dispose(): void {
-    this.stopped = true;
-    super.dispose();
   }
 
   private async load(): Promise<void> {
@@ -204,10 +198,13 @@ export class DeployBody extends Widget {
       const { id } = await api.deploy(body);
       status = { id, state: 'running', steps: [], result: null, error: null };
       this.log.update(body.model, target, status);
-      while (!this.stopped) {
+      // polled to the end even after the dialog closes: the panel's Deploys list follows it
+      for (;;) {
         status = await api.deployStatus(id);
         this.log.update(body.model, target, status);
-        this.showProgress(status);
+        if (!this.isDisposed) {
+          this.showProgress(status);
+        }
         if (status.state !== 'running') {
           break;
         }
