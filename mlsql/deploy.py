@@ -11,19 +11,16 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .devices import Device
-from .errors import DeviceError, MLSQLError, OptionError, UnknownOptionError
+from .errors import DeviceError, MLSQLError, OptionError
+from .options import options_of, validate
 
-DEPLOY_OPTIONS = ("providers", "quantize", "strict_providers", "tree_format", "calibration_query", "max_metric_drop",
-                  "only_if_better",
-                  "rollout_percent", "batch_size", "max_error_rate", "max_p95_ms", "max_drift",
-                  "required_provider", "wave_timeout_s", "observe_s", "min_requests")
+DEPLOY_OPTIONS = tuple(o.name for o in options_of("DEPLOY MODEL"))  # declared in mlsql.options
 PREDICT_BATCH = 50_000
 
 
@@ -109,24 +106,9 @@ def _short(p: str) -> str:
 
 
 def resolve_deploy_options(raw: dict) -> dict:
-    from .onnx import MAX_METRIC_DROP
-
-    opts: dict[str, Any] = {"providers": None, "quantize": "none", "strict_providers": False, "tree_format": "ensemble",
-                            "max_metric_drop": MAX_METRIC_DROP}
-    for k, v in raw.items():
-        if k not in DEPLOY_OPTIONS:
-            raise UnknownOptionError(k, DEPLOY_OPTIONS, where="in DEPLOY MODEL OPTIONS")
-        opts[k] = v
-    if isinstance(opts["providers"], str):
-        opts["providers"] = [opts["providers"]]
-    if opts["providers"] is not None and (not isinstance(opts["providers"], list) or not opts["providers"]
-                                          or not all(isinstance(p, str) for p in opts["providers"])):
-        raise OptionError(f"Option providers must be a list of names such as ['cuda', 'cpu'], got {opts['providers']!r}")
-    if not isinstance(opts["strict_providers"], bool):
-        raise OptionError(f"Option strict_providers must be TRUE or FALSE, got {opts['strict_providers']!r}")
-    if opts.get("only_if_better") is not None and not isinstance(opts["only_if_better"], str):
-        raise OptionError(f"Option only_if_better must be a metric name such as 'roc_auc', got {opts['only_if_better']!r}")
-    return opts
+    """DEPLOY MODEL's options, checked by ``mlsql.options``' table (all of them, the group rollout's
+    gates included), every default filled in."""
+    return validate("DEPLOY MODEL", raw, defaults=True)
 
 
 # metrics where smaller is better; every other metric (roc_auc, accuracy, r2_score, f1_score...) grows

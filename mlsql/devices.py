@@ -15,11 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MLSQLError, OptionError, UnknownDeviceError, UnknownOptionError
+from .errors import MLSQLError, OptionError, UnknownDeviceError
+from .options import options_of, validate
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-DEVICE_OPTIONS = {"url", "token", "providers", "description", "timeout_s", "verify_tls"}
-GROUP_OPTIONS = {"devices", "hub", "hub_token", "description"}
+# declared, with their types and defaults, in mlsql.options' table
+DEVICE_OPTIONS = {o.name for o in options_of("CREATE DEVICE")}
+GROUP_OPTIONS = {o.name for o in options_of("CREATE DEVICE GROUP")}
 
 
 @dataclass
@@ -92,19 +94,9 @@ class DeviceStore:
 
     def add(self, name: str, options: dict, *, replace: bool = False, if_not_exists: bool = False) -> Device | None:
         _check_name(name, "device")
-        _check_options(options, DEVICE_OPTIONS, "CREATE DEVICE")
-        if not options.get("url"):
-            raise OptionError(f"CREATE DEVICE '{name}' needs OPTIONS (url = 'http://host:port', token = '...')")
-        url = str(options["url"]).rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise OptionError(f"Device url must start with http:// or https://, got {url!r}")
-        providers = options.get("providers") or []
-        if isinstance(providers, str):
-            providers = [providers]
-        dev = Device(name=name, url=url, token=str(options.get("token") or ""), providers=list(providers),
-                     description=str(options.get("description") or ""),
-                     timeout_s=float(options.get("timeout_s") or 30.0),
-                     verify_tls=bool(options.get("verify_tls", True)))
+        o = validate("CREATE DEVICE", options, defaults=True)  # url required, http(s) only
+        dev = Device(name=name, url=o["url"].rstrip("/"), token=o["token"], providers=o["providers"],
+                     description=o["description"], timeout_s=o["timeout_s"], verify_tls=o["verify_tls"])
         with self._locked():
             data = self._read()
             if name in data["devices"]:
@@ -143,10 +135,8 @@ class DeviceStore:
 
     def add_group(self, name: str, options: dict, *, replace: bool = False, if_not_exists: bool = False):
         _check_name(name, "device group")
-        _check_options(options, GROUP_OPTIONS, "CREATE DEVICE GROUP")
-        members = options.get("devices") or []
-        if isinstance(members, str):
-            members = [members]
+        options = validate("CREATE DEVICE GROUP", options, defaults=True)
+        members = options["devices"]
         with self._locked():
             data = self._read()
             unknown = [m for m in members if m not in data["devices"]]
@@ -181,9 +171,3 @@ class DeviceStore:
 def _check_name(name: str, what: str) -> None:
     if not NAME.match(name or ""):
         raise OptionError(f"Invalid {what} name {name!r}: use letters, digits, '_', '.', ':' or '-'")
-
-
-def _check_options(options: dict, allowed: set[str], statement: str) -> None:
-    for k in options:
-        if k not in allowed:
-            raise UnknownOptionError(k, sorted(allowed), where=f"in {statement} OPTIONS")

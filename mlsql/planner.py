@@ -370,9 +370,7 @@ def _has_ml(e: exp.Expression) -> bool:
 
 
 def _literal(a) -> Any:
+    from .options import read_literal
+
     exp, _ = _sqlglot()
-    if isinstance(a, exp.Literal):
-        return a.this if a.is_string else float(a.this)
-    if isinstance(a, exp.Expression):
-        return a.sql("duckdb")
-    return a
+    return read_literal(a) if isinstance(a, exp.Expression) else a

@@ -204,14 +204,10 @@ def _parse(sql: str, dialect: str = "duckdb") -> exp.Expression:
 def _arg_literal(args: list[exp.Expression], i: int, default, where: str):
     if len(args) <= i:
         return default
-    a = args[i]
-    if isinstance(a, exp.Literal):
-        return a.this if a.is_string else float(a.this)
-    if isinstance(a, exp.Boolean):
-        return a.this
-    if isinstance(a, exp.Neg) and isinstance(a.this, exp.Literal):
-        return -float(a.this.this)
-    raise MLSQLError(f"{where}: argument {i + 1} must be a literal, got {a.sql('duckdb')}")
+    from .options import read_literal
+
+    v = read_literal(args[i], where=f"{where}: argument {i + 1}")
+    return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
 
 
 def _fit_standard(e, args, source, run, where):

@@ -11,54 +11,11 @@ from typing import Any
 
 from sqlglot import exp
 
+from ..options import read_literal as to_python  # the one reader of SQL literals (options, settings, SET)
+
 
 class MLNode:
     """Marker base: a tree holding any MLNode is an ML statement."""
-
-
-def to_python(e: exp.Expression | None) -> Any:
-    """A literal option value as Python: strings, numbers, booleans, NULL, arrays, structs."""
-    if e is None:
-        return None
-    if isinstance(e, exp.Literal):
-        if e.is_string:
-            return e.this
-        text = e.this
-        try:
-            return int(text)
-        except ValueError:
-            return float(text)
-    if isinstance(e, exp.Boolean):
-        return bool(e.this)
-    if isinstance(e, exp.Null):
-        return None
-    if isinstance(e, exp.Neg):
-        v = to_python(e.this)
-        return -v if isinstance(v, (int, float)) else f"-{v}"
-    if isinstance(e, exp.Paren):
-        return to_python(e.this)
-    if isinstance(e, (exp.Array, exp.Tuple)):
-        return [to_python(x) for x in e.expressions]
-    if isinstance(e, exp.Struct):
-        out: dict[str, Any] = {}
-        positional = []
-        for x in e.expressions:
-            if isinstance(x, (exp.PropertyEQ, exp.EQ, exp.Slice)):
-                out[x.this.name] = to_python(x.expression)
-            elif isinstance(x, exp.Alias):
-                out[x.alias] = to_python(x.this)
-            else:
-                positional.append(to_python(x))
-        if positional and not out:
-            return positional
-        if positional:
-            out["_"] = positional
-        return out
-    if isinstance(e, (exp.Column, exp.Identifier, exp.Var)):
-        return e.name
-    if isinstance(e, exp.Cast):
-        return to_python(e.this)
-    return e.sql("duckdb")
 
 
 def options_dict(options: list[exp.Expression] | None) -> dict[str, Any]:

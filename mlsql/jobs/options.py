@@ -6,45 +6,13 @@ parser. A cron string is only checked with APScheduler when a job is created.
 
 from __future__ import annotations
 
-import json
-import math
-import re
+from ..errors import OptionError
+from ..options import defaults, options_of, parse_duration, validate
 
-from ..errors import OptionError, UnknownOptionError
-
-JOB_OPTIONS: tuple[str, ...] = ("schedule", "every", "timezone", "parameters", "timeout", "retries",
-                                "retry_backoff", "max_concurrent", "kernel", "description")
-
-DEFAULTS: dict = {"schedule": None, "every": None, "timezone": "UTC", "parameters": {}, "timeout": None,
-                  "retries": 0, "retry_backoff": 10.0, "max_concurrent": 1, "kernel": None, "description": None}
-
-_UNITS = {
-    "ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
-    "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
-    "m": 60.0, "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
-    "h": 3600.0, "hr": 3600.0, "hrs": 3600.0, "hour": 3600.0, "hours": 3600.0,
-    "d": 86400.0, "day": 86400.0, "days": 86400.0,
-    "w": 604800.0, "week": 604800.0, "weeks": 604800.0,
-}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", re.IGNORECASE)
-DURATION_HELP = "a duration such as '2s', '90 seconds', '5 minutes', '1h', '1 day', or a number of seconds"
-
-
-def parse_duration(option: str, value, *, allow_zero: bool = False) -> float:
-    """Seconds in ``value`` ('90 seconds', '1h', 2.5); an OptionError naming ``option`` otherwise."""
-    seconds: float | None = None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        m = _DURATION.match(value)
-        if m and m.group(2).lower() in _UNITS | {"": 1.0}:
-            seconds = float(m.group(1)) * (_UNITS.get(m.group(2).lower(), 1.0))
-    if seconds is None or not math.isfinite(seconds):
-        raise OptionError(f"Option {option} = {value!r} is not a duration", hint=f"Use {DURATION_HELP}.")
-    if seconds < 0 or (seconds == 0 and not allow_zero):
-        raise OptionError(f"Option {option} = {value!r} must be {'0 or more' if allow_zero else 'more than 0'} "
-                          "seconds", hint=f"Use {DURATION_HELP}.")
-    return seconds
+# names, types, ranges and defaults are declared in mlsql.options' table, with every other statement's
+JOB_OPTIONS: tuple[str, ...] = tuple(o.name for o in options_of("CREATE JOB"))
+DEFAULTS: dict = defaults("CREATE JOB")
+__all__ = ["DEFAULTS", "JOB_OPTIONS", "check_cron", "format_duration", "parse_duration", "resolve_job_options"]
 
 
 def format_duration(seconds: float | None) -> str:
@@ -95,33 +63,6 @@ def _check_timezone(value) -> str:
     return value
 
 
-def _check_int(option: str, value, minimum: int) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise OptionError(f"Option {option} = {value!r} must be a whole number >= {minimum}")
-    return value
-
-
-def _check_parameters(value) -> dict:
-    if not isinstance(value, dict):
-        raise OptionError(f"Option parameters = {value!r} must be a STRUCT of name = value",
-                          hint="For example: parameters = STRUCT(10 AS n, 'eu' AS region), "
-                               "or parameters = {'n': 10, 'region': 'eu'}.")
-    out = {}
-    for k, v in value.items():
-        if not isinstance(k, str) or not k.isidentifier():
-            raise OptionError(f"Option parameters: {k!r} is not a valid Python variable name",
-                              hint="Each parameter becomes a variable assigned in the notebook.")
-        try:
-            json.dumps(v)
-        except (TypeError, ValueError):
-            raise OptionError(f"Option parameters: {k} = {v!r} is not a plain value",
-                              hint="Use numbers, strings, booleans, NULL, lists and structs of those.") from None
-        out[k] = v
-    return out
-
-
 def _check_kernel(value) -> str | None:
     if value is None:
         return None
@@ -145,14 +86,8 @@ def _check_kernel(value) -> str | None:
 
 def resolve_job_options(raw: dict) -> dict:
     """Checked, normalized job options (durations in seconds) with every default filled in."""
-    opts = dict(DEFAULTS)
-    opts["parameters"] = {}
-    given = {}
-    for key, value in (raw or {}).items():
-        name = str(key).lower()
-        if name not in JOB_OPTIONS:
-            raise UnknownOptionError(name, JOB_OPTIONS, where="in CREATE JOB OPTIONS")
-        given[name] = value
+    given = validate("CREATE JOB", raw)  # names, types and ranges
+    opts = defaults("CREATE JOB")
     has_schedule = given.get("schedule") is not None
     has_every = given.get("every") is not None
     if has_schedule and has_every:
@@ -162,27 +97,14 @@ def resolve_job_options(raw: dict) -> dict:
     if not has_schedule and not has_every:
         raise OptionError("A job needs OPTIONS (schedule = '<cron>') or OPTIONS (every = '<duration>')",
                           hint="For example schedule = '0 3 * * *' (03:00 every day) or every = '15 minutes'.")
-    if "timezone" in given and given["timezone"] is not None:
+    if given.get("timezone") is not None:
         opts["timezone"] = _check_timezone(given["timezone"])
     if has_schedule:
         check_cron(given["schedule"], opts["timezone"])
         opts["schedule"] = " ".join(given["schedule"].split())
-    else:
-        opts["every"] = parse_duration("every", given["every"])
-    if given.get("parameters") is not None:
-        opts["parameters"] = _check_parameters(given["parameters"])
-    if given.get("timeout") is not None:
-        opts["timeout"] = parse_duration("timeout", given["timeout"])
-    if given.get("retries") is not None:
-        opts["retries"] = _check_int("retries", given["retries"], 0)
-    if given.get("retry_backoff") is not None:
-        opts["retry_backoff"] = parse_duration("retry_backoff", given["retry_backoff"], allow_zero=True)
-    if given.get("max_concurrent") is not None:
-        opts["max_concurrent"] = _check_int("max_concurrent", given["max_concurrent"], 1)
     if "kernel" in given:
         opts["kernel"] = _check_kernel(given["kernel"])
-    if given.get("description") is not None:
-        if not isinstance(given["description"], str):
-            raise OptionError(f"Option description = {given['description']!r} must be a string")
-        opts["description"] = given["description"]
+    for name in ("every", "parameters", "timeout", "retries", "retry_backoff", "max_concurrent", "description"):
+        if name in given:
+            opts[name] = given[name]
     return opts

@@ -27,16 +27,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import ExportError, OptionError, UnknownOptionError
+from ..errors import ExportError
+from ..options import options_of, validate
 
 log = logging.getLogger(__name__)
 
-QUANTIZE = ("none", "int8", "int8_static", "fp16")
-TREE_FORMATS = ("ensemble", "tensor", "gemm")
-EXPORT_OPTIONS = ("uri", "format", "quantize", "calibration_query", "opset", "tree_format", "providers", "package",
-                  "max_metric_drop")
+EXPORT_OPTIONS = tuple(o.name for o in options_of("EXPORT MODEL"))  # declared in mlsql.options
 PARITY_TOL = 1e-4
-MAX_METRIC_DROP = 0.005
 # Initializers that decide which branch a row takes (split thresholds) or what a tree adds
 # (leaf values, the base score): kept in float32 by every quantize mode. A threshold in
 # fp16 or int8 sends rows down the other branch; the structure matrices around them
@@ -45,34 +42,8 @@ TREE_EXACT = ("tree_B", "tree_E", "trav_threshold", "trav_leaf", "base")
 
 
 def resolve_export_options(raw: dict) -> dict:
-    opts = {"format": "onnx", "quantize": "none", "tree_format": "ensemble", "opset": 17, "package": False,
-            "max_metric_drop": MAX_METRIC_DROP}
-    for k, v in raw.items():
-        if k not in EXPORT_OPTIONS:
-            raise UnknownOptionError(k, EXPORT_OPTIONS, where="in EXPORT MODEL OPTIONS")
-        opts[k] = v
-    uri = opts.get("uri")
-    if uri is not None:
-        scheme = str(uri).split("://", 1)[0].lower() if "://" in str(uri) else ""
-        if scheme and scheme != "file":
-            raise OptionError(f"uri = {uri!r}: {scheme}:// is not supported; MLSQL writes exports to local "
-                              "paths (copy the file to cloud storage afterwards)")
-    if str(opts["format"]).lower() != "onnx":
-        raise OptionError(f"EXPORT MODEL format = {opts['format']!r} is not supported; use 'onnx'")
-    for key, allowed in (("quantize", QUANTIZE), ("tree_format", TREE_FORMATS)):
-        v = str(opts[key]).lower()
-        if v not in allowed:
-            raise OptionError(f"Option {key} = {opts[key]!r} is not one of {', '.join(map(repr, allowed))}")
-        opts[key] = v
-    if not isinstance(opts["package"], bool):
-        raise OptionError(f"Option package must be TRUE or FALSE, got {opts['package']!r}")
-    d = opts["max_metric_drop"]
-    if isinstance(d, bool) or not isinstance(d, int | float) or not 0 <= d < float("inf"):
-        raise OptionError(f"Option max_metric_drop must be a number ≥ 0, got {d!r}")
-    opts["max_metric_drop"] = float(d)
-    if not isinstance(opts["opset"], int) or not 13 <= opts["opset"] <= 21:
-        raise OptionError(f"Option opset must be a whole number from 13 to 21, got {opts['opset']!r}")
-    return opts
+    """EXPORT MODEL's options, checked by ``mlsql.options``' table, every default filled in."""
+    return validate("EXPORT MODEL", raw, defaults=True)
 
 
 # -- raw inputs ------------------------------------------------------------------------
@@ -580,12 +551,29 @@ class ExportResult:
         return self.report._repr_html_()
 
 
+def _set_opset(proto, opset: int) -> None:
+    """Stamp the requested ONNX opset (the option ``opset``). The graph uses no op whose meaning
+    changed between opsets 13 and 21; the checker and the parity run on ONNX Runtime below refuse
+    a graph that needs a newer one (an ExportError naming the op)."""
+    import onnx
+
+    for o in proto.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version != opset:
+            o.version = opset
+            try:
+                onnx.checker.check_model(proto)
+            except onnx.checker.ValidationError as exc:
+                raise ExportError(f"The exported graph cannot be written at opset {opset}: {exc}".split("\n")[0],
+                                  hint="Leave opset at its default (17), or choose a newer one.") from None
+
+
 def export_model(model, transform, raw_schema: dict[str, str], options: dict, sample: pa.Table,
                  native_predict: Callable[[pa.Table], np.ndarray], out_path: str | Path,
                  calibration: pa.Table | None = None, name: str = "model") -> ExportResult:
     """Export ``model`` (with its fitted ``transform``) to ``out_path``; see the module docstring."""
     opts = resolve_export_options(options)
     proto, inputs, outputs = build_graph(model, transform, raw_schema, opts["tree_format"])
+    _set_opset(proto, opts["opset"])
     fp32 = proto.SerializeToString()
     if sample.num_rows == 0:
         raise ExportError("No rows to check the exported model against (the training query returned none)")

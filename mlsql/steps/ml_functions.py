@@ -9,16 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import planner as P
 from .._lazy import pyarrow as pa
-from ..errors import MLSQLError, ModelError, UnknownColumnError, UnknownOptionError
+from ..errors import MLSQLError, ModelError, UnknownColumnError
+from ..options import validate
 from ..registry import ModelVersion
 from . import SessionState
 
 if TYPE_CHECKING:
     from ..transform import FittedTransform
 
-# the STRUCT(... AS name) settings each ML table function reads; any other name is a typo
-ML_SETTINGS = {"PREDICT": ("threshold", "device"), "EXPLAIN_PREDICT": ("top_k_features", "threshold"),
-               "EVALUATE": ("threshold",), "CONFUSION_MATRIX": ("threshold",)}
 TRANSFORM_FILE = "transform.json"
 META_FILE = "mlsql_meta.json"
 
@@ -120,12 +118,7 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
         raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
     lm = load_model(s, step.model)
     model = lm.model
-    st = {k.lower(): v for k, v in step.settings.items()}
-    allowed = ML_SETTINGS.get(func, ())
-    for key in st:
-        if key not in allowed:
-            raise UnknownOptionError(key, allowed, where=f"in ML.{func}'s STRUCT(...)") if allowed else \
-                MLSQLError(f"ML.{func} takes no settings, got STRUCT(... AS {key})")
+    st = validate(f"ML.{func}", step.settings)  # names, types and ranges: mlsql.options' table
     if func == "PREDICT" and st.get("device"):
         from ..deploy import remote_predict
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from .. import planner as P
 from .._lazy import pyarrow as pa
 from ..errors import MLSQLError
+from ..options import validate
 from ..result import Result
 from . import SessionState
 from .ml_functions import META_FILE, TRANSFORM_FILE
@@ -30,9 +31,12 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
                 hint=f"Use CREATE OR REPLACE MODEL {name} to add a new version, or DROP MODEL {name}.",
             )
     raw = dict(step.options)
-    aliases = raw.pop("aliases", None) or raw.pop("alias", None) or []
-    aliases = [aliases] if isinstance(aliases, str) else list(aliases)
-    opts = resolve_options(raw)  # bad options fail before any data is read
+    checked = validate("CREATE MODEL", raw)  # every option, aliases included, before any data is read
+    # aliases are the registry's, not the trainer's: kept out of the model's options
+    aliases = checked.get("aliases") or checked.get("alias") or []
+    raw.pop("aliases", None)
+    raw.pop("alias", None)
+    opts = resolve_options(raw)
 
     query_params = P.params_for(step.query_sql, params)
     if getattr(s.engine, "distributed", False):  # Spark: the rows stay in the executors
