@@ -138,6 +138,9 @@ class LossPanel:
                 ax.plot(self.iterations[ok], ys[ok], marker="o" if ok.sum() < 30 else None, ms=3, lw=1.5,
                         label=name)
         ax.set(xlabel="iteration", ylabel="loss", title=self.title)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole
         if self.series:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
