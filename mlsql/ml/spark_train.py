@@ -1,11 +1,13 @@
 """CREATE MODEL on Spark, in the executors: no training rows reach the driver.
 
-The training query stays a Spark DataFrame. Passes over it (``mapInArrow``, Arrow batches):
-rows per partition (each row's position is the partition's offset plus its place in it, as
-``RDD.zipWithIndex`` numbers rows, so the data split picks the rows DuckDB's path picks for the
-same order of rows: ``random`` draws the same numpy numbers by advancing the generator to
-each partition's offset), then the statistics the feature encoding learns (means, categories,
-classes), computed with ``mlsql.ml.features`` on each batch, then the encoded matrix.
+The training query stays a Spark DataFrame. When the data split depends on positions, rows
+are counted per partition (in the JVM) and each row's position is its partition's offset plus
+its place in it, as ``RDD.zipWithIndex`` numbers rows, so the split picks the rows DuckDB's
+path picks for the same order of rows (``random`` draws the same numpy numbers, the generator
+advanced to each row's position); those rows are cached so every pass sees them in the same
+places. Then (``mapInArrow``, Arrow batches) the statistics the feature encoding learns
+(means, categories, classes), computed with ``mlsql.ml.features`` on each batch, and the
+encoded matrix.
 
 - ``boosted_tree_*``: ``xgboost.spark`` across the executors (``num_workers`` = the session's
   task slots); its booster is an ordinary ``xgboost.Booster``, so the model is the same
@@ -46,12 +48,6 @@ def _find(columns: list[str], name: str) -> str | None:
     return {c.lower(): c for c in columns}.get(name.lower())
 
 
-def _partition() -> int:
-    from pyspark import TaskContext
-
-    return TaskContext.get().partitionId()
-
-
 def _struct(fields):
     return S._struct(pa.schema(fields))
 
@@ -59,40 +55,17 @@ def _struct(fields):
 # -- executor side -------------------------------------------------------------------------------
 
 
-def _count_rows(batches):
-    n = 0
+def _random_split(seed: int, fraction: float, batches):
+    """``data_split_method = 'random'``: numpy's ``default_rng(seed).random(n) < fraction`` for the
+    rows at these positions (the generator advanced to the batch's first row: one 64-bit draw a number)."""
     for b in batches:
-        n += b.num_rows
-    yield pa.RecordBatch.from_arrays([pa.array([_partition()], pa.int32()), pa.array([n], pa.int64())],
-                                     names=["p", "n"])
-
-
-def _index_and_split(offsets: dict, split: dict, batches):
-    """Each row's position in the query's order and whether it is an evaluation row."""
-    start = offsets.get(_partition(), 0)
-    rng = None
-    if split["method"] == "random":
-        rng = np.random.default_rng(split["seed"])
-        rng.bit_generator.advance(start)  # one 64-bit draw per number: as if the rows before were drawn
-    chosen = split.get("chosen")
-    for b in batches:
-        n = b.num_rows
-        idx = np.arange(start, start + n, dtype=np.int64)
-        start += n
-        m = split["method"]
-        if m == "random":
-            ev = rng.random(n) < split["fraction"]
-        elif m == "chosen":
-            ev = np.isin(idx, chosen)
-        elif m == "tail":
-            ev = idx >= split["first_eval"]
-        elif m == "custom":
-            col = b.column(b.schema.get_field_index(split["col"]))
-            ev = pc.fill_null(col.cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
-        else:
-            ev = np.zeros(n, dtype=bool)
-        yield pa.RecordBatch.from_arrays(list(b.columns) + [pa.array(idx), pa.array(ev)],
-                                         names=list(b.schema.names) + [IDX, EVAL])
+        if b.num_rows == 0:
+            continue
+        idx = b.column(b.schema.get_field_index(IDX)).to_numpy(zero_copy_only=False)
+        rng = np.random.default_rng(seed)
+        rng.bit_generator.advance(int(idx[0]))  # positions within a partition are consecutive
+        ev = rng.random(b.num_rows) < fraction
+        yield pa.RecordBatch.from_arrays(list(b.columns) + [pa.array(ev)], names=list(b.schema.names) + [EVAL])
 
 
 def _statistics(numeric: list[str], categorical: list[str], label: str, classifier: bool, has_eval: bool, batches):
@@ -288,8 +261,7 @@ def _split_plan(engine, df, opts: Options, n: int, columns: list[str]) -> dict:
     if method == "random":
         return {"method": "random", "seed": opts.random_seed, "fraction": opts.data_split_eval_fraction}
     if method == "custom":
-        col = _split_col(columns, opts)
-        return {"method": "custom", "col": col}
+        return {"method": "custom", "col": _split_col(columns, opts)}
     k = int(round(n * opts.data_split_eval_fraction))
     if opts.data_split_col:
         return {"method": "seq_col", "col": _split_col(columns, opts), "k": k}
@@ -354,18 +326,34 @@ def train(engine, df, opts: Options, progress=None) -> TrainedModel:
                             hint="Use a classifier model_type for categorical labels.")
 
     df = df.where(F.col(f"`{label}`").isNotNull())
-    counts = {r["p"]: r["n"] for r in df.mapInArrow(_count_rows, "p int, n long").collect()}
+    # rows per partition, counted in the JVM; a row's position = its partition's offset + its place
+    # there (monotonically_increasing_id holds the partition in its upper 31 bits, the place below)
+    counts = {r[0]: r[1] for r in df.groupBy(F.spark_partition_id()).count().collect()}
     n = int(sum(counts.values()))
     if n == 0:
         raise TrainingError(f"Every row of the training data has a NULL label '{label}'")
-    offsets, acc = {}, 0
-    for p in sorted(counts):
-        offsets[p] = acc
-        acc += counts[p]
     plan = _split_plan(engine, df, opts, n, columns)
-    idx_schema = pa.schema(list(schema) + [pa.field(IDX, pa.int64()), pa.field(EVAL, pa.bool_())])
-    idf = df.mapInArrow(partial(_index_and_split, offsets, plan), S._struct(idx_schema))
-    if plan["method"] == "seq_col":
+    if plan["method"] == "none":  # no position needed: nothing to number, nothing to keep in place
+        return _train_indexed(engine, df.withColumn(EVAL, F.lit(False)), opts, task, label, feature_names,
+                              schema, n, plan, progress)
+    offsets, acc = [], 0
+    for p in sorted(counts):
+        offsets += [F.lit(p), F.lit(acc)]
+        acc += counts[p]
+    pid = F.spark_partition_id()
+    idf = df.withColumn(IDX, F.monotonically_increasing_id() - pid.cast("long") * F.lit(1 << 33)
+                        + F.element_at(F.create_map(*offsets), pid))
+    m = plan["method"]
+    if m == "random":  # numpy's numbers, drawn in the executors
+        idx_schema = pa.schema(list(schema) + [pa.field(IDX, pa.int64()), pa.field(EVAL, pa.bool_())])
+        idf = idf.mapInArrow(partial(_random_split, plan["seed"], plan["fraction"]), S._struct(idx_schema))
+    elif m == "chosen":
+        idf = idf.withColumn(EVAL, F.col(IDX).isin([int(i) for i in plan["chosen"]]))
+    elif m == "tail":
+        idf = idf.withColumn(EVAL, F.col(IDX) >= F.lit(int(plan["first_eval"])))
+    elif m == "custom":
+        idf = idf.withColumn(EVAL, F.coalesce(F.col(f"`{plan['col']}`").cast("boolean"), F.lit(False)))
+    else:
         idf = _seq_by_column(F, idf, plan["col"], plan["k"], n)
     idf = idf.persist()  # every later pass sees the same rows in the same places
     try:
@@ -508,8 +496,16 @@ def _fit_xgboost(engine, encoded, width, opts, task, k, has_eval, class_weights,
     if opts.early_stop:
         params_cb = [_RelativeProgressStop(metric, opts.min_rel_progress, has_eval)]
         est.set(est.callbacks, params_cb)
+    import logging
+
+    log = logging.getLogger("XGBoost-PySpark")  # its INFO lines would land in the notebook's stderr
+    level = log.level
+    log.setLevel(logging.WARNING)
     t0 = time.perf_counter()
-    fitted = est.fit(encoded)
+    try:
+        fitted = est.fit(encoded)
+    finally:
+        log.setLevel(level)
     elapsed = time.perf_counter() - t0
     booster = fitted.get_booster()
     booster.feature_names = None  # f0, f1, ... as the DuckDB path's booster (importance keys, ONNX export)

@@ -416,3 +416,54 @@ def test_set_on_spark(spark_ws):
     finally:
         spark_ws.sql("RESET mlsql_dialect")
     assert spark_ws.sql("SELECT LOG(100) AS l").scalar() == pytest.approx(2.0)  # MLSQL's (DuckDB) LOG
+
+
+# -- training and scoring in the executors -------------------------------------------------------
+
+SPLITS = {  # data splits that number rows: the same rows held out on both engines
+    "auto_split_chosen": """OPTIONS (model_type = 'linear_reg', input_label_cols = ['arr_delay'])
+        AS SELECT dep_delay, distance, carrier, origin, arr_delay FROM flights
+        WHERE month = 2 AND day <= 10 AND arr_delay IS NOT NULL""",
+    "seq_by_column": """OPTIONS (model_type = 'logistic_reg', input_label_cols = ['sex'], data_split_method = 'seq',
+        data_split_col = 'bill_length_mm', data_split_eval_fraction = 0.3)
+        AS SELECT sex, island, bill_length_mm, bill_depth_mm, body_mass_g FROM penguins WHERE sex IS NOT NULL""",
+}
+
+
+@pytest.mark.parametrize("kind", list(SPLITS))
+def test_split_picks_the_same_rows(shared_ws, spark_ws, kind):
+    want = shared_ws.sql(f"CREATE OR REPLACE MODEL split_{kind} {SPLITS[kind]}")
+    got = spark_ws.sql(f"CREATE OR REPLACE MODEL split_{kind}_spark {SPLITS[kind]}")
+    _close(_metrics(got), _metrics(want), 1e-6)
+    a, b = shared_ws.model(f"split_{kind}").model, spark_ws.model(f"split_{kind}_spark").model
+    assert (a.n_train, a.n_eval) == (b.n_train, b.n_eval) and a.n_eval > 0
+    for fa, fb in zip(a.features, b.features, strict=True):  # the encoding learnt from the same training rows
+        assert (fa.name, fa.kind, fa.categories, fa.encoding) == (fb.name, fb.kind, fb.categories, fb.encoding)
+        assert fb.mean == pytest.approx(fa.mean, rel=1e-12) if fa.mean is not None else fb.mean is None
+
+
+def test_predict_is_scored_in_the_executors(shared_ws, spark_ws):
+    """ML.PREDICT on Spark is a DataFrame whose plan scores with mapInArrow; nothing ran on the driver."""
+    from mlsql import planner as P
+    from mlsql.dialect import parse_script
+    from mlsql.steps.ml_functions import run_ml
+
+    _trained_on_duckdb(shared_ws, "boosted_classifier")
+    stmt = parse_script("SELECT * FROM ML.PREDICT(MODEL ref_boosted_classifier, TABLE penguins)")[0]
+    step = next(s for s in spark_ws._planner.plan(stmt).steps if isinstance(s, P.MLStep))
+    df = run_ml(spark_ws, step, None)
+    assert type(df).__name__ == "DataFrame" and "MapInArrow" in df._jdf.queryExecution().toString()
+    assert df.count() == 344
+    n = spark_ws.sql("SELECT count(*) FROM ML.PREDICT(MODEL ref_boosted_classifier, TABLE penguins) "
+                     "WHERE predicted_species = species").scalar()
+    assert n == shared_ws.sql("SELECT count(*) FROM ML.PREDICT(MODEL ref_boosted_classifier, TABLE penguins) "
+                              "WHERE predicted_species = species").scalar()
+
+
+def test_dnn_on_spark_says_train_on_duckdb(spark_ws):
+    from mlsql.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="does not train on the Spark engine") as err:
+        spark_ws.sql("CREATE OR REPLACE MODEL dnn_spark OPTIONS (model_type = 'dnn_regressor', "
+                     "input_label_cols = ['body_mass_g']) AS SELECT bill_length_mm, body_mass_g FROM penguins")
+    assert "SET mlsql_engine = 'duckdb'" in err.value.hint
