@@ -492,8 +492,8 @@ def validate(statement_kind: str, raw: dict[str, Any] | None, *, defaults: bool 
     """Check what a user wrote in a statement's OPTIONS (or STRUCT settings): names lower-cased,
     values converted to the declared type. An unknown name is an ``UnknownOptionError`` naming the
     statement and the nearest option; a value of the wrong type or out of range is an
-    ``OptionError`` naming the option, the value and what is allowed. NULL means 'not given'.
-    With ``defaults``, every declared option not given is filled with its default."""
+    ``OptionError`` naming the option, the value and what is allowed; so is an option given for a
+    model type it does not apply to. NULL means 'not given'. With ``defaults``, every declared option not given is filled with its default."""
     kind = kind_of(statement_kind)
     table = {o.name: o for o in OPTIONS.get(kind, ())}
     out: dict[str, Any] = {}
@@ -508,6 +508,10 @@ def validate(statement_kind: str, raw: dict[str, Any] | None, *, defaults: bool 
             continue
         v = _convert(o, value)
         out[name] = o.check(name, v) if o.check else v
+    model_type = out.get("model_type")
+    for name in out:
+        if not table[name].applies_to(model_type):  # BigQuery ML refuses these too, rather than ignore them
+            raise OptionError(f"Option {name} applies to {', '.join(table[name].model_types)}, not {model_type}")
     for o in table.values():
         if o.required and o.name not in out:
             raise OptionError(f"{kind} needs OPTIONS ({o.name} = ...)",

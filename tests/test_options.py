@@ -57,6 +57,8 @@ def test_create_model_options(s):
             "data_split_eval_fraction = 1.5", "must be a number in (0, 1)")
     _raises(s, MODEL.format("tree_method = 'histo'"), OptionError,
             "tree_method = 'histo'", "is not one of 'hist'", "Did you mean 'hist'?")
+    _raises(s, MODEL.format("hidden_units = [8]"), OptionError,
+            "Option hidden_units applies to dnn_classifier, dnn_regressor, not boosted_tree_regressor")
     s.sql(MODEL.format("max_iterations = 3, early_stop = FALSE, data_split_method = 'no_split'"))
     assert s.sql("SELECT count(*) FROM ML.TRAINING_INFO(MODEL m)").scalar() == 3
     # nothing was trained by the refused statements: one version only

@@ -82,8 +82,6 @@ def resolve_options(raw: dict[str, Any]) -> Options:
         setattr(opts, k, v)
     if opts.data_split_method == "custom" and not opts.data_split_col:
         raise OptionError("data_split_method = 'custom' needs data_split_col (a BOOL column: TRUE = evaluation row)")
-    if opts.class_weights and not opts.is_classifier:
-        raise OptionError(f"Option class_weights applies to classifiers, not {model_type}")
     if opts.class_weights and opts.auto_class_weights:
         raise OptionError("Give either class_weights or auto_class_weights, not both")
     return opts
