@@ -62,17 +62,21 @@ const plugin: JupyterFrontEndPlugin<void> = {
     app.shell.add(panel, 'left', { rank: 650 });
     restorer?.add(panel, 'mlsql-panel');
 
-    const activeCellModel = (): string | null => {
-      const cell = tracker.activeCell;
+    /** The model created by the cell under the context menu (fromCell), else by the active cell. */
+    const cellModelName = (fromCell: boolean): string | null => {
+      let cell = tracker.activeCell;
+      if (fromCell) {
+        const hit = app.contextMenuHitTest(node => node.classList.contains('jp-CodeCell'));
+        cell = (hit && tracker.currentWidget?.content.widgets.find(c => c.node === hit)) || null;
+      }
       return cell && cell.model.type === 'code' ? modelCreatedBy(cell.model.sharedModel.getSource()) : null;
     };
 
     app.commands.addCommand(DEPLOY, {
-      label: args => (args.fromCell ? `Deploy ${activeCellModel() ?? 'model'}…` : 'Deploy a model…'),
+      label: args => (args.fromCell ? `Deploy ${cellModelName(true) ?? 'model'}…` : 'Deploy a model…'),
       caption: 'Deploy a registered model to a device or a group (MLSQL)',
-      icon: args => (args.toolbar ? mlsqlIcon : undefined),
-      isVisible: args => !args.fromCell || activeCellModel() !== null,
-      execute: () => openDeployDialog(log, activeCellModel())
+      isVisible: args => !args.fromCell || cellModelName(true) !== null,
+      execute: args => openDeployDialog(log, cellModelName(!!args.fromCell))
     });
     app.commands.addCommand(PANEL, {
       label: 'Show the MLSQL panel',

@@ -97,6 +97,18 @@ def test_highlight_complete_train_deploy(lab_server, lab_workspace, local_agent,
     cell.locator(".jp-InputArea-editor").click()
     page.keyboard.type("%%mlsql\nSELECT count(*) AS n FROM pengu")
     _tab_complete(page, 1, "penguins")
+    # Shift-Tab on the table: the kernel's inspection shows its schema in JupyterLab's tooltip
+    page.keyboard.press("Shift+Tab")
+    tooltip = page.locator(".jp-Tooltip")
+    tooltip.wait_for(timeout=20_000)
+    deadline = time.time() + 20
+    while "bill_depth_mm" not in (tooltip.inner_text() if tooltip.count() else ""):
+        assert time.time() < deadline, f"Shift-Tab on penguins showed {tooltip.inner_text()!r}"
+        page.wait_for_timeout(200)
+    page.screenshot(path=str(ARTIFACTS / "extension-1b-inspect.png"))
+    page.keyboard.press("Escape")
+    cell.locator(".jp-InputArea-editor").click()
+    page.keyboard.press("Control+End")
     page.keyboard.type(" WHERE bill_dep")
     _tab_complete(page, 1, "bill_depth_mm")
     page.keyboard.type(" > 18")
@@ -132,6 +144,12 @@ def test_highlight_complete_train_deploy(lab_server, lab_workspace, local_agent,
         "bill_depth_mm, flipper_length_mm FROM penguins")
     _run_cell(page, 3, timeout=240)
     assert MODEL in train.locator(".jp-OutputArea").inner_text()
+
+    # the cell's context menu offers to deploy the model it created
+    train.locator(".jp-InputArea-editor").click(button="right")
+    item = page.locator(".lm-Menu-itemLabel", has_text=f"Deploy {MODEL}…")
+    item.wait_for(timeout=10_000)
+    page.keyboard.press("Escape")
 
     page.locator(".mlsql-deploy-toolbar").first.click()
     dialog = page.locator(".jp-Dialog .mlsql-deploy")
