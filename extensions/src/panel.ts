@@ -194,9 +194,12 @@ export class MlsqlPanel extends Widget {
         { className: 'mlsql-jobs' },
         el('tr', {}, ...['Job', 'Schedule', 'Next', 'Last', ''].map(h => el('th', { textContent: h }))),
         ...rows.map(r => {
+          // the output notebook opens when it is under the server's root; else its path is shown
           const link = r.notebook
             ? el('a', { href: '#', textContent: 'output', title: r.notebook, onclick: (ev: MouseEvent) => { ev.preventDefault(); this.actions.openNotebook(r.notebook!); } })
-            : '';
+            : r.notebookFile
+              ? el('span', { className: 'mlsql-detail', textContent: 'output', title: r.notebookFile })
+              : '';
           return el('tr', { className: 'mlsql-job' }, el('td', { textContent: r.name }), el('td', { textContent: r.schedule }),
             el('td', { textContent: r.next }), el('td', { textContent: r.last }), el('td', {}, link));
         })

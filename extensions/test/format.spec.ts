@@ -45,8 +45,11 @@ describe('panel rows', () => {
     expect(relativeTime('2026-12-01T12:05:00Z', now)).toBe('in 5 min');
     expect(relativeTime('2026-12-01T11:59:30Z', now)).toBe('30 s ago');
     const [j] = jobRows([{ name: 'nightly', schedule: '0 3 * * *', next_run: '2026-12-01T15:00:00Z', last_status: 'ok',
-      last_run_at: '2026-12-01T11:00:00Z', last_output_notebook: 'jobs/nightly/out.ipynb' }], now);
-    expect(j).toEqual({ name: 'nightly', schedule: '0 3 * * *', next: 'in 3 h', last: 'ok 1 h ago', notebook: 'jobs/nightly/out.ipynb' });
-    expect(jobRows([{ name: 'x' }], now)[0].last).toBe('never run');
+      last_run_at: '2026-12-01T11:00:00Z', last_output_notebook: '/srv/root/jobs/nightly/out.ipynb',
+      last_output_notebook_path: 'jobs/nightly/out.ipynb' }], now);
+    expect(j).toEqual({ name: 'nightly', schedule: '0 3 * * *', next: 'in 3 h', last: 'ok 1 h ago',
+      notebook: 'jobs/nightly/out.ipynb', notebookFile: '/srv/root/jobs/nightly/out.ipynb' });
+    const [x] = jobRows([{ name: 'x', paused: true, last_output_notebook: '/elsewhere/out.ipynb', last_output_notebook_path: null }], now);
+    expect(x).toMatchObject({ schedule: 'manual (paused)', last: 'never run', notebook: null, notebookFile: '/elsewhere/out.ipynb' });
   });
 });

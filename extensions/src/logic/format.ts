@@ -42,6 +42,9 @@ export interface IJob {
   last_status?: string | null;
   last_run_at?: string | null;
   last_output_notebook?: string | null;
+  /** the output notebook relative to the server's root (what JupyterLab opens), null outside it */
+  last_output_notebook_path?: string | null;
+  paused?: boolean;
 }
 
 /** A number as people read it: 3 significant digits below 1000, thousands separated above. */
@@ -173,7 +176,10 @@ export interface IJobRow {
   schedule: string;
   next: string;
   last: string;
+  /** the path JupyterLab can open, or null */
   notebook: string | null;
+  /** the output notebook's full path (shown when it cannot be opened) */
+  notebookFile: string | null;
 }
 
 export function jobRows(jobs: IJob[], now: Date = new Date()): IJobRow[] {
@@ -181,9 +187,10 @@ export function jobRows(jobs: IJob[], now: Date = new Date()): IJobRow[] {
     .sort((a, b) => a.name.localeCompare(b.name))
     .map(j => ({
       name: j.name,
-      schedule: j.schedule || 'manual',
+      schedule: `${j.schedule || 'manual'}${j.paused ? ' (paused)' : ''}`,
       next: j.next_run ? relativeTime(j.next_run, now) : '—',
       last: j.last_status ? `${j.last_status}${j.last_run_at ? ` ${relativeTime(j.last_run_at, now)}` : ''}` : 'never run',
-      notebook: j.last_output_notebook || null
+      notebook: j.last_output_notebook_path || null,
+      notebookFile: j.last_output_notebook || null
     }));
 }
