@@ -29,8 +29,8 @@ export async function requestAPI<T>(endPoint: string, init: RequestInit = {}): P
       message = String(data.message || data.error || data.reason);
     } else if (response.status === 404) {
       message =
-        "this Jupyter server does not run the mlsql.server extension (start it with `make lab`, or " +
-        "jupyter lab --ServerApp.jpserver_extensions=\"{'mlsql.server': True}\")";
+        'this Jupyter server does not run the mlsql.server extension: enable it with ' +
+        '`jupyter server extension enable mlsql.server` and restart (`make lab` runs it)';
     } else {
       message = `${response.status} ${response.statusText}`; // an HTML error page says nothing more
     }

@@ -25,7 +25,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, _stop, _wait_http, free_port, require_browser
+from conftest import ARTIFACTS, _stop, _wait_http, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -103,10 +103,7 @@ def test_browser_check_passes_without_node(fresh_venv, tmp_path):
     assert "Exiting normally" in out, out[-3000:]
 
 
-def test_lab_from_the_wheel_loads_the_extension_in_chromium(fresh_venv, tmp_path):
-    require_browser()
-    from playwright.sync_api import sync_playwright
-
+def test_lab_from_the_wheel_loads_the_extension_in_chromium(fresh_venv, tmp_path, _browser):
     _, py, env, _ = fresh_venv
     port, token = free_port(), "wheel-check-token"
     log = tmp_path / "lab.log"
@@ -120,22 +117,24 @@ def test_lab_from_the_wheel_loads_the_extension_in_chromium(fresh_venv, tmp_path
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_http(f"{url}/api/status?token={token}", proc, log)
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-            try:
-                page = browser.new_page(viewport={"width": 1400, "height": 900})
-                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: errors.append(str(e)))
-                page.goto(f"{url}/lab?token={token}")
-                page.wait_for_selector(".jp-SideBar [data-id='mlsql-panel']", timeout=90_000)
-                page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
-                page.wait_for_selector("#mlsql-panel h3", timeout=30_000)
-                ARTIFACTS.mkdir(exist_ok=True)
-                page.screenshot(path=str(ARTIFACTS / "extension-wheel.png"))
-            finally:
-                browser.close()
+        context = _browser.new_context(viewport={"width": 1400, "height": 900})
+        try:
+            page = context.new_page()
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(f"{url}/lab?token={token}")
+            page.wait_for_selector(".jp-SideBar [data-id='mlsql-panel']", timeout=90_000)
+            page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
+            page.wait_for_selector("#mlsql-panel h3", timeout=30_000)
+            # this server runs no mlsql.server: the panel says how to start it
+            page.wait_for_function("document.querySelector('.mlsql-panel-status').textContent.includes('mlsql.server')",
+                                   timeout=30_000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "extension-wheel.png"))
+        finally:
+            context.close()
     finally:
         _stop(proc)
-    ours = [e for e in errors if "mlsql" in e.lower() and "/mlsql/api/" not in e]
+    # the panel's calls to the absent REST API fail (404) by design here; nothing else of ours may
+    ours = [e for e in errors if "mlsql" in e.lower() and "404" not in e]
     assert not ours, ours
-    assert "mlsql-jupyterlab" not in log.read_text().lower() or "error" not in log.read_text().lower()
