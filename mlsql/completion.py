@@ -370,46 +370,12 @@ def keywords() -> list[str]:
 def option_names(kind: str, model_type: str | None = None) -> list[str]:
     """The OPTIONS names of a statement kind ('CREATE MODEL', 'EXPORT MODEL', 'DEPLOY MODEL',
     'CREATE DEVICE', 'CREATE DEVICE GROUP'), for CREATE MODEL those of ``model_type`` when known."""
+    from .options import options_for
+
     try:
-        from .options import options_for  # the one options table (mlsql/options.py), once it exists
-    except ImportError:
-        options_for = None
-    if options_for is not None:
-        try:
-            return [o[0] if isinstance(o, tuple) else str(o) for o in options_for(kind, model_type=model_type)]
-        except Exception:
-            pass
-    if kind == "CREATE MODEL":
-        from .ml.options import SPEC
-
-        tree = {"max_tree_depth", "subsample", "colsample_bytree", "colsample_bylevel", "colsample_bynode",
-                "min_split_loss", "min_tree_child_weight", "num_parallel_tree", "tree_method", "booster_type"}
-        dnn = {"hidden_units", "activation_fn", "dropout", "batch_size", "optimizer"}
-        classifier = {"class_weights", "auto_class_weights"}
-        names = set(SPEC)
-        mt = (model_type or "").lower()
-        if mt.startswith("boosted_tree"):
-            names -= dnn
-        elif mt.startswith("dnn"):
-            names -= tree
-        elif mt:
-            names -= tree | dnn
-        if mt and not mt.endswith(("classifier", "logistic_reg")):
-            names -= classifier
-        return sorted(names)
-    if kind == "EXPORT MODEL":
-        from .onnx import EXPORT_OPTIONS
-
-        return sorted(EXPORT_OPTIONS)
-    if kind == "DEPLOY MODEL":
-        from .deploy import DEPLOY_OPTIONS
-
-        return sorted(DEPLOY_OPTIONS)
-    if kind in ("CREATE DEVICE", "CREATE DEVICE GROUP"):
-        from .devices import DEVICE_OPTIONS, GROUP_OPTIONS
-
-        return sorted(DEVICE_OPTIONS if kind == "CREATE DEVICE" else GROUP_OPTIONS)
-    return []
+        return sorted({name for name, _type, _doc in options_for(kind, model_type=model_type)})
+    except Exception:  # an unknown statement kind or model type: nothing to offer, never an error
+        return []
 
 
 def _statement_kind(words: list[str]) -> str | None:
