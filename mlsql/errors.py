@@ -59,12 +59,9 @@ class MLSQLError(Exception):
 
     def with_context(self, where: str, *, line: int | None = None) -> MLSQLError:
         """Prefix the message with where it happened (e.g. the statement of a script); ``line``:
-        the script line where that statement starts (read from ``where``'s "(line N)" if not given)."""
+        the script line where that statement starts."""
         self.message = f"{where}: {self.message}"
         self.args = (str(self),)
-        if line is None:
-            m = re.search(r"\(line (\d+)\)", where)
-            line = int(m.group(1)) if m else None
         if line is not None and self.statement_line is None:
             self.statement_line = line
         return self

@@ -100,7 +100,7 @@ class Session:
                     yield self._run_statement(stmt, params, autolimit if is_last else None)
             except MLSQLError as exc:
                 if len(stmts) > 1:
-                    exc.with_context(f"Statement {i + 1}" + (f" (line {line})" if line else ""))
+                    exc.with_context(f"Statement {i + 1}" + (f" (line {line})" if line else ""), line=line or None)
                 raise
 
     def register(self, name: str, data) -> None:
