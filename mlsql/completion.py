@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import sys
+import threading
 from functools import cached_property
 from typing import Any
 
@@ -631,10 +632,26 @@ def magic_view(code: str, cursor_pos: int | None) -> tuple[str, int, str] | None
     return code[m.end():line_end], cursor - m.end(), code[line_start:m.end()].strip()[len("%mlsql"):]
 
 
+def warm_up() -> None:
+    """Read DuckDB's function and keyword lists in a background thread (its own in-memory
+    connection), so that the first Tab of a kernel answers within the front-end's patience
+    (JupyterLab drops a completion that takes over a second) without slowing ``%load_ext``."""
+    if _functions_cache is None:
+        threading.Thread(target=_quietly, args=(functions,), name="mlsql-completion-warm-up", daemon=True).start()
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:  # the first Tab tries again
+        pass
+
+
 def install_ipython_hooks(shell, magic) -> None:
     """Tab and Shift-Tab in ``%%mlsql`` cells and after ``%mlsql`` in the Python kernel:
     a context matcher in IPython's completer, and a wrapper around the kernel's ``do_inspect``
     (IPython's object inspection sees only a name, not the cell) that answers for those cells."""
+    warm_up()
     completer = getattr(shell, "Completer", None)
     if completer is not None and not any(getattr(m, "_mlsql", False) for m in completer.custom_matchers):
         completer.custom_matchers.insert(0, _ipython_matcher(magic))
