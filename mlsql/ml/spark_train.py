@@ -37,8 +37,14 @@ from ..errors import TrainingError, UnknownColumnError
 from . import spark_score as S
 from .estimators import LinearEstimator, XGBEstimator, _sigmoid, _softmax
 from .features import MAX_CATEGORIES, FeatureSpec, _kind, encode, numeric_values, string_values
-from .model import (AUTO_SPLIT_EVAL_ROWS, AUTO_SPLIT_MEDIUM, AUTO_SPLIT_SMALL, TRAINING_INFO_SCHEMA, TrainedModel,
-                    _label_values)
+from .model import (
+    AUTO_SPLIT_EVAL_ROWS,
+    AUTO_SPLIT_MEDIUM,
+    AUTO_SPLIT_SMALL,
+    TRAINING_INFO_SCHEMA,
+    TrainedModel,
+    _label_values,
+)
 from .options import Options
 
 IDX, EVAL, LABEL, WEIGHT = "__mlsql_idx", "__mlsql_eval", "__mlsql_label", "__mlsql_weight"
@@ -570,7 +576,7 @@ def _least_squares(est, encoded, width, tot, wsum, opts, has_eval, progress, t0)
     parts = _collect_json(encoded.mapInArrow(partial(_residuals, width, coefs), "r string"), "r")
     res = np.sum([np.asarray(p) for p in parts], axis=0)
     history = []
-    for i, b in enumerate(iters, start=1):
+    for i in range(1, len(iters) + 1):
         now = time.perf_counter()
         ev = float(res[i - 1, 1] / res[i - 1, 2]) if has_eval and res[i - 1, 2] else None
         row = {"iteration": i, "loss": float(res[i - 1, 0] / wsum), "eval_loss": ev, "learning_rate": None,
