@@ -467,3 +467,25 @@ def test_dnn_on_spark_says_train_on_duckdb(spark_ws):
         spark_ws.sql("CREATE OR REPLACE MODEL dnn_spark OPTIONS (model_type = 'dnn_regressor', "
                      "input_label_cols = ['body_mass_g']) AS SELECT bill_length_mm, body_mass_g FROM penguins")
     assert "SET mlsql_engine = 'duckdb'" in err.value.hint
+
+
+def test_spark_roc_auc_is_sklearns(shared_ws, spark_ws):
+    """ML.EVALUATE's roc_auc aggregated on Spark (counts per distinct score) equals sklearn's
+    roc_auc_score on the same model's probabilities, ties included (trees give many tied scores)."""
+    from sklearn.metrics import roc_auc_score
+
+    _trained_on_duckdb(shared_ws, "boosted_classifier")
+    _trained_on_duckdb(shared_ws, "logistic_transform")
+    for model, label, positive in (("ref_logistic_transform", "sex", "male"),
+                                   ("ref_boosted_classifier", "species", None)):
+        got = spark_ws.sql(f"SELECT roc_auc FROM ML.EVALUATE(MODEL {model}, TABLE penguins)").scalar()
+        rows = shared_ws.sql(f"SELECT {label}, predicted_{label}_probs FROM ML.PREDICT(MODEL {model}, "
+                             f"(SELECT * FROM penguins WHERE {label} IS NOT NULL))").table.to_pylist()
+        y = [r[label] for r in rows]
+        probs = [[p["prob"] for p in r[f"predicted_{label}_probs"]] for r in rows]
+        classes = [p["label"] for p in rows[0][f"predicted_{label}_probs"]]
+        if positive is not None:
+            want = roc_auc_score([v == positive for v in y], [p[classes.index(positive)] for p in probs])
+        else:  # macro average of one-vs-rest, as BigQuery ML reports it
+            want = roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=classes)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
