@@ -54,6 +54,9 @@ class Engine(ABC):
 
     name: str = ""
     dialect: str = ""
+    # True when training and ML functions run where the data is (Spark's executors) instead of on
+    # Arrow tables fetched to this process; such an engine also offers ``dataframe(sql)``.
+    distributed: bool = False
 
     # -- running SQL -----------------------------------------------------------
     @abstractmethod

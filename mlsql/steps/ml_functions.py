@@ -99,7 +99,7 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
     func = step.func
     data = None
     # Spark: PREDICT and EXPLAIN_PREDICT give a DataFrame scored in the executors, EVALUATE aggregates there
-    spark = (getattr(s.engine, "distributed", False) and func in ("PREDICT", "EXPLAIN_PREDICT", "EVALUATE")
+    spark = (s.engine.distributed and func in ("PREDICT", "EXPLAIN_PREDICT", "EVALUATE")
              and not any(k.lower() == "device" for k in step.settings))
     if step.input_sql is not None:
         read = s.engine.dataframe if spark else s.engine.query

@@ -39,7 +39,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
     opts = resolve_options(raw)
 
     query_params = P.params_for(step.query_sql, params)
-    if getattr(s.engine, "distributed", False):  # Spark: the rows stay in the executors
+    if s.engine.distributed:  # Spark: the rows stay in the executors
         from functools import partial
 
         from ..ml import spark_train
