@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
+from bridge_procs import start_bridge
 
 from mlsql.errors import DeviceError, MLSQLError, UnknownDeviceError
 
 TOKEN = "sql-test-token"
-
-
-def start(args: list[str], tmp: Path, tag: str) -> tuple[subprocess.Popen, list[dict]]:
-    ready = tmp / f"{tag}.ready.json"
-    log = open(tmp / f"{tag}.log", "w")
-    p = subprocess.Popen([sys.executable, "-m", "device_bridge", *args, "--ready-file", str(ready)],
-                         stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if ready.exists():
-            try:
-                data = json.loads(ready.read_text())
-                return p, data.get("listening") or data.get("devices") or [data]
-            except json.JSONDecodeError:
-                pass
-        if p.poll() is not None:
-            raise RuntimeError((tmp / f"{tag}.log").read_text())
-        time.sleep(0.05)
-    p.kill()
-    raise RuntimeError(f"{tag} did not start: {(tmp / f'{tag}.log').read_text()}")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +23,7 @@ def env(tmp_path_factory):
     mlsql.datasets.load("penguins", session=s)
     load_or_create_keypair(s.workspace.keys_dir)
     pub = s.workspace.keys_dir / "signing_key.pub"
-    agent, listening = start(["serve", "--name", "d1", "--port", "0", "--store", str(tmp / "d1"), "--token", TOKEN,
+    agent, listening = start_bridge(["serve", "--name", "d1", "--port", "0", "--store", str(tmp / "d1"), "--token", TOKEN,
                               "--trust", str(pub)], tmp, "agent")
     try:
         s.sql(f"CREATE DEVICE 'd1' OPTIONS (url = '{listening[0]['url']}', token = '{TOKEN}')")
@@ -111,7 +88,7 @@ def test_device_errors_are_clear(env):
         s.sql("DEPLOY MODEL species TO DEVICE 'gone'")
     s.sql("DROP DEVICE 'gone'")
     # an agent that does not trust the workspace key refuses the package, and says how to fix it
-    agent, listening = start(["serve", "--name", "untrusting", "--port", "0", "--store", str(tmp / "u"),
+    agent, listening = start_bridge(["serve", "--name", "untrusting", "--port", "0", "--store", str(tmp / "u"),
                               "--token", TOKEN], tmp, "untrusting")
     try:
         s.sql(f"CREATE DEVICE 'u' OPTIONS (url = '{listening[0]['url']}', token = '{TOKEN}')")
@@ -150,9 +127,9 @@ def test_group_rollout_through_the_hub(env):
     s, tmp, pub = env
     # --enroll-open: each simulated device enrolls itself and keeps its own hub credential; the
     # group's hub_token is the operator's
-    hub, hl = start(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN, "--enroll-open"],
+    hub, hl = start_bridge(["hub", "--port", "0", "--store", str(tmp / "hub"), "--token", TOKEN, "--enroll-open"],
                     tmp, "hub")
-    fleet, _ = start(["serve", "--name", "edge", "--devices", "6", "--port", "0", "--store", str(tmp / "fleet"),
+    fleet, _ = start_bridge(["serve", "--name", "edge", "--devices", "6", "--port", "0", "--store", str(tmp / "fleet"),
                       "--token", TOKEN, "--trust", str(pub), "--hub", hl[0]["url"], "--hub-interval", "0.2",
                       "--group", "field"], tmp, "fleet")
     try:

@@ -4,14 +4,11 @@ allowed named), and a valid one that takes effect. Real workspace, real agent, r
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
+from bridge_procs import start_agent
 
 from mlsql.errors import MLSQLError, OptionError, UnknownOptionError
 from mlsql.options import OPTIONS, markdown, options_for, read_literal, validate
@@ -83,32 +80,14 @@ def test_export_options(s, tmp_path):
 
 
 # -- DEPLOY MODEL ----------------------------------------------------------------------------
-def _agent(tmp: Path, pub: Path) -> tuple[subprocess.Popen, str]:
-    ready = tmp / "agent.ready.json"
-    log = open(tmp / "agent.log", "w")
-    p = subprocess.Popen([sys.executable, "-m", "device_bridge", "serve", "--name", "opt", "--port", "0",
-                          "--store", str(tmp / "store"), "--token", TOKEN, "--trust", str(pub),
-                          "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if ready.exists():
-            try:
-                data = json.loads(ready.read_text())
-                return p, (data.get("listening") or data.get("devices") or [data])[0]["url"]
-            except (json.JSONDecodeError, KeyError):
-                pass
-        if p.poll() is not None:
-            raise RuntimeError((tmp / "agent.log").read_text())
-        time.sleep(0.05)
-    p.kill()
-    raise RuntimeError("the agent did not start: " + (tmp / "agent.log").read_text())
 
 
 def test_deploy_options(s, tmp_path):
     from device_bridge.keys import load_or_create_keypair
 
     load_or_create_keypair(s.workspace.keys_dir)
-    agent, url = _agent(tmp_path, s.workspace.keys_dir / "signing_key.pub")
+    agent, url = start_agent(tmp_path, token=TOKEN, trust=s.workspace.keys_dir / "signing_key.pub", name="opt",
+                             store=tmp_path / "store")
     try:
         s.sql(f"CREATE OR REPLACE DEVICE 'opt' OPTIONS (url = '{url}', token = '{TOKEN}')")
         _raises(s, "DEPLOY MODEL species TO DEVICE 'opt' OPTIONS (max_eror_rate = 0.1)", UnknownOptionError,

@@ -6,39 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from bridge_procs import start_agent
 from tornado.httpclient import HTTPClientError
 
 pytest_plugins = ["pytest_jupyter.jupyter_server"]
 
 TOKEN = "handler-test-token"
 MLFLOW_UI = "http://mlflow.example:5000"
-
-
-def start_agent(tmp: Path, pub: Path) -> tuple[subprocess.Popen, str]:
-    ready = tmp / "agent.ready.json"
-    log = open(tmp / "agent.log", "w")
-    p = subprocess.Popen([sys.executable, "-m", "device_bridge", "serve", "--name", "d1", "--port", "0",
-                          "--store", str(tmp / "d1"), "--token", TOKEN, "--trust", str(pub),
-                          "--ready-file", str(ready)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if ready.exists():
-            try:
-                data = json.loads(ready.read_text())
-                return p, (data.get("listening") or data.get("devices") or [data])[0]["url"]
-            except (json.JSONDecodeError, KeyError):
-                pass
-        if p.poll() is not None:
-            raise RuntimeError((tmp / "agent.log").read_text())
-        time.sleep(0.05)
-    p.kill()
-    raise RuntimeError("the agent did not start: " + (tmp / "agent.log").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +29,7 @@ def workspace(tmp_path_factory):
     s = mlsql.connect(tmp / "ws")
     mlsql.datasets.load("penguins", session=s)
     load_or_create_keypair(s.workspace.keys_dir)
-    agent, url = start_agent(tmp, s.workspace.keys_dir / "signing_key.pub")
+    agent, url = start_agent(tmp, token=TOKEN, trust=s.workspace.keys_dir / "signing_key.pub")
     try:
         s.sql(f"CREATE DEVICE 'd1' OPTIONS (url = '{url}', token = '{TOKEN}')")
         s.sql("CREATE DEVICE ghost OPTIONS (url = 'http://127.0.0.1:9', timeout_s = 1)")
