@@ -13,8 +13,6 @@ import pytest
 from bridge_procs import start_agent
 from tornado.httpclient import HTTPClientError
 
-pytest_plugins = ["pytest_jupyter.jupyter_server"]
-
 TOKEN = "handler-test-token"
 MLFLOW_UI = "http://mlflow.example:5000"
 

@@ -74,7 +74,7 @@ def test_monitor_updates_every_second_under_load_while_another_cell_runs(lab_ser
                             "--seconds", "40", "--token", token], stdout=subprocess.PIPE, text=True)
     page = browser_page
     try:
-        page.goto(f"{url}/lab/tree/monitor.ipynb")
+        page.goto(f"{url}/lab/workspaces/monitor/tree/monitor.ipynb?reset")
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
         page.wait_for_function("document.querySelector('.jp-StatusBar-Widget') && "
                                "document.body.innerText.includes('| Idle')", timeout=60_000)

@@ -50,7 +50,7 @@ def test_loss_curve_while_training_then_roc_curve_and_reopen(lab_server, browser
     (Path(root) / "outputs.ipynb").write_text(_notebook(CELLS))
     page = browser_page
     page.set_viewport_size({"width": 1300, "height": 1000})
-    page.goto(f"{url}/lab/tree/outputs.ipynb")
+    page.goto(f"{url}/lab/workspaces/outputs/tree/outputs.ipynb?reset")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
     page.wait_for_function("document.body.innerText.includes('| Idle')", timeout=60_000)
     _run_cell(page, 0)
