@@ -5,9 +5,11 @@
 The baseline revision is checked out into a temporary git worktree; each round starts one agent
 of each revision (interleaved, so both see the same machine load), installs the same signed
 xgboost classifier (100 trees, 20 features) and drives it with bench/loadgen.py (16 keep-alive
-connections, a pre-encoded request) at batch 1 (JSON) and batch 256 (binary columns). Reported per
-revision: requests/s and the agent process's CPU time per request (user + system, from /proc),
-the figure least disturbed by other load. The default baseline is the last revision before the
+connections, a pre-encoded request) at batch 1 (JSON) and batch 256 (binary columns), after a
+single-row round trip from one client (500 calls; the overhead over in-process ONNX Runtime).
+Reported per revision, medians over the rounds: the round trip, requests/s and the agent
+process's CPU time per request (user + system, from /proc), the figure least disturbed by other
+load. The default baseline is the last revision before the
 security hardening. Writes bench/results/agent_baseline.json.
 """
 
@@ -52,6 +54,9 @@ with tempfile.TemporaryDirectory() as d:
     try:
         DeviceClient(agent.url, B.TOKEN).install(
             build_package(B.xgb_onnx(100), {"name": "xgb", "version": 1, "providers": ["cpu"]}, kp.private_key))
+        rt = B.bench_round_trip(agent.url, B.xgb_onnx(100), 500)
+        out["round_trip"] = {"agent_p50_ms": rt["agent_round_trip_ms"]["p50"],
+                             "overhead_p50_ms": rt["overhead_ms"]["p50"], "overhead_p99_ms": rt["overhead_ms"]["p99"]}
         for batch in (1, 256):
             c0 = cpu(agent.p.pid)
             r = B.bench_throughput(agent.url, batch, seconds, model="xgb", tmp=tmp)
@@ -111,7 +116,15 @@ def main(argv=None) -> int:
     out = HERE / "results" / "agent_baseline.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    for batch, row in summary.items():
+    rt = {which: {k: statistics.median(r["round_trip"][k] for r in runs[which])
+                  for k in ("agent_p50_ms", "overhead_p50_ms", "overhead_p99_ms")} for which in ("baseline", "current")}
+    summary["round_trip"] = {**rt, "overhead_p50_ratio": rt["current"]["overhead_p50_ms"] / rt["baseline"]["overhead_p50_ms"]}
+    print(f"single-row round trip (one client), overhead over in-process ORT p50: {base_rev} "
+          f"{rt['baseline']['overhead_p50_ms']:.3f} ms | {head_rev} {rt['current']['overhead_p50_ms']:.3f} ms "
+          f"(x{summary['round_trip']['overhead_p50_ratio']:.2f}); p99 {rt['baseline']['overhead_p99_ms']:.3f} | "
+          f"{rt['current']['overhead_p99_ms']:.3f} ms")
+    for batch in ("1", "256"):
+        row = summary[batch]
         print(f"batch {batch:>3}: {base_rev} {row['baseline']['requests_per_s']:8.0f} req/s "
               f"{row['baseline']['cpu_us_per_request']:7.0f} us CPU/req | {head_rev} "
               f"{row['current']['requests_per_s']:8.0f} req/s {row['current']['cpu_us_per_request']:7.0f} us CPU/req"
