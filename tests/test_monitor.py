@@ -122,11 +122,14 @@ def rig(tmp_path_factory):
         k = Kernel(env)
         r = k.run("import mlsql, time\nm = mlsql.monitor('d1', interval=1.0)\nm")
         assert not r["errors"], r["errors"]
-        yield {"tmp": tmp, "agent": agent, "url": url, "body": body, "k": k, "display": r["data"]}
+        rig = {"tmp": tmp, "agent": agent, "url": url, "body": body, "k": k, "display": r["data"]}
+        yield rig
+        agent = rig["agent"]  # a test may have restarted it
     finally:
         if k is not None:
             k.close()
         agent.kill()
+        agent.wait()
 
 
 def test_monitor_updates_under_load_while_other_cells_run(rig):
