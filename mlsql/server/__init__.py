@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import threading
 from pathlib import Path
 
 _SCHEDULER_KEY = "mlsql_scheduler"
@@ -54,8 +55,11 @@ def _load_jupyter_server_extension(serverapp) -> None:
         return
     serverapp.web_app.settings[_SCHEDULER_KEY] = scheduler
     # a plain extension module gets no stop hook from jupyter_server (only ExtensionApps do):
-    # stop with the process, which the server leaves through a normal exit on SIGTERM/Ctrl-C
-    atexit.register(_stop, scheduler, log)
+    # stop with the process, which the server leaves through a normal exit on SIGTERM/Ctrl-C.
+    # Before the thread pools shut down (threading's exit hooks run before atexit's, and in
+    # reverse order): else APScheduler's next poll meets a closed pool and logs a traceback.
+    register = getattr(threading, "_register_atexit", None) or atexit.register
+    register(_stop, scheduler, log)
     log.info("MLSQL: scheduling the jobs of workspace %s", ws.root)
 
 
