@@ -327,6 +327,19 @@ def _label_values(col) -> tuple[pa.Array, str]:
     return col.cast(pa.string()), "string"
 
 
+def class_weights(opts: Options, classes, counts: np.ndarray, n_fit: int, label: str) -> list[float]:
+    """One weight per class: ``auto_class_weights`` (n / (k * count), 0 for an absent class) or
+    the ``class_weights`` the user named (1.0 for the others; a name that is no class is an error)."""
+    if opts.auto_class_weights:
+        return np.where(counts > 0, n_fit / (len(classes) * np.maximum(counts, 1)), 0.0).tolist()
+    by_str = {str(k): v for k, v in opts.class_weights.items()}
+    unknown = [k for k in by_str if k not in {str(c) for c in classes}]
+    if unknown:
+        raise TrainingError(f"class_weights names label {unknown[0]!r}, which is not a class of '{label}'",
+                            hint=f"Classes: {', '.join(map(str, classes))}.")
+    return [float(by_str.get(str(c), 1.0)) for c in classes]
+
+
 def train(table: pa.Table, opts: Options, progress=None) -> TrainedModel:
     """Train the model ``opts`` describes on ``table`` (features + label, as Arrow)."""
     label = _find(table, opts.label)
@@ -380,15 +393,7 @@ def train(table: pa.Table, opts: Options, progress=None) -> TrainedModel:
     if task == "classification" and (opts.class_weights or opts.auto_class_weights):
         y_fit = y_all if eval_mask is None else y_all[train_mask]
         counts = np.bincount(y_fit, minlength=len(classes)).astype(np.float64)
-        if opts.auto_class_weights:
-            cw = np.where(counts > 0, len(y_fit) / (len(classes) * np.maximum(counts, 1)), 0.0)
-        else:
-            by_str = {str(k): v for k, v in opts.class_weights.items()}
-            unknown = [k for k in by_str if k not in {str(c) for c in classes}]
-            if unknown:
-                raise TrainingError(f"class_weights names label {unknown[0]!r}, which is not a class of '{label}'",
-                                    hint=f"Classes: {', '.join(map(str, classes))}.")
-            cw = np.array([by_str.get(str(c), 1.0) for c in classes])
+        cw = np.array(class_weights(opts, classes, counts, len(y_fit), label))
         w_all = cw[y_all]
     if eval_mask is None:
         X_tr, y_tr, w, X_ev, y_ev = X, y_all, w_all, None, None

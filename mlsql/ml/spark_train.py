@@ -45,6 +45,7 @@ from .model import (
     TrainedModel,
     _label_values,
 )
+from .model import class_weights as model_class_weights  # the local class_weights holds the result
 from .options import Options
 
 IDX, EVAL, LABEL, WEIGHT = "__mlsql_idx", "__mlsql_eval", "__mlsql_label", "__mlsql_weight"
@@ -403,15 +404,7 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
                     train_counts[v] += k
             cnt = np.array([train_counts[c] for c in classes], dtype=np.float64)
             n_fit = n_train if has_eval else n
-            if opts.auto_class_weights:
-                class_weights = np.where(cnt > 0, n_fit / (len(classes) * np.maximum(cnt, 1)), 0.0).tolist()
-            else:
-                by_str = {str(k): v for k, v in opts.class_weights.items()}
-                unknown = [k for k in by_str if k not in {str(c) for c in classes}]
-                if unknown:
-                    raise TrainingError(f"class_weights names label {unknown[0]!r}, which is not a class of '{label}'",
-                                        hint=f"Classes: {', '.join(map(str, classes))}.")
-                class_weights = [float(by_str.get(str(c), 1.0)) for c in classes]
+            class_weights = model_class_weights(opts, classes, cnt, n_fit, label)
 
     if not has_eval:
         idf = idf.withColumn(EVAL, engine._functions().lit(False))
