@@ -219,7 +219,17 @@ function draw(model, el) {
     root.append(h("div", { class: "mlsql-mon-small" },
       "also on this device: " + others.map((m) => `${m.model}@${m.active ?? "–"} (${fmt(m.requests)} requests)`).join(", ")));
   }
-  el.replaceChildren(root);
+  // keep one panel element for the widget's life and swap only its contents: a panel replaced at
+  // every update would flicker, lose a text selection and detach whatever a page holds on to
+  const panel = el.firstElementChild;
+  if (panel && panel.classList.contains("mlsql-mon")) {
+    panel.className = root.className;
+    panel.dataset.status = root.dataset.status;
+    panel.dataset.updates = root.dataset.updates;
+    panel.replaceChildren(...root.childNodes);
+  } else {
+    el.replaceChildren(root);
+  }
 }
 
 function render({ model, el }) {
