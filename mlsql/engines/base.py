@@ -54,9 +54,15 @@ class Engine(ABC):
 
     name: str = ""
     dialect: str = ""
-    # True when training and ML functions run where the data is (Spark's executors) instead of on
-    # Arrow tables fetched to this process; such an engine also offers ``dataframe(sql)``.
+    # True when ML functions (and training, see ``trains_in_executors``) run where the data is
+    # (Spark's executors) instead of on Arrow tables fetched to this process; such an engine also
+    # offers ``dataframe(sql)``.
     distributed: bool = False
+
+    def trains_in_executors(self, family: str) -> bool:
+        """Whether CREATE MODEL of this model family (``boosted_tree``, ``linear``, ``dnn``) trains
+        where the data is; otherwise the training rows come to this process as Arrow."""
+        return self.distributed
 
     # -- running SQL -----------------------------------------------------------
     @abstractmethod

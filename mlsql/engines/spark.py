@@ -40,6 +40,9 @@ from .base import Engine, Fetched, Fingerprint
 
 DEFAULT_MASTER = "local[2]"
 FINGERPRINT_ALGORITHM = "spark:sum(xxhash64(row))"
+# read_csv's options that mean the same to Spark's CSV reader (DuckDB name -> Spark option)
+_CSV_OPTIONS = {"nullstr": "nullValue", "delim": "sep", "sep": "sep", "header": "header", "quote": "quote",
+                "escape": "escape"}
 # names under which a statement reaches the workspace's DuckDB tables
 DUCKDB_PREFIXES = ("workspace", "duckdb")
 _FILE_FORMATS = {"readparquet": "parquet", "readcsv": "csv", "readjson": "json", "read_parquet": "parquet",
@@ -238,11 +241,19 @@ class SparkEngine(Engine):
             if isinstance(a, exp.Literal) and a.is_string:
                 paths.append(a.this)
             elif isinstance(a, exp.EQ | exp.PropertyEQ | exp.Kwarg):
+                from ..options import read_literal
+
                 key = a.this.name.lower()
-                val = a.expression
-                options[key] = val.this if isinstance(val, exp.Literal | exp.Boolean) else val.sql()
+                options[key] = read_literal(a.expression, where=f"{fn.sql('duckdb')}: option {key}")
         if not paths:
             raise EngineError(f"{fn.sql('duckdb')}: give the file path as a string literal")
+        known = _CSV_OPTIONS if fmt == "csv" else {}
+        unknown = sorted(set(options) - set(known))
+        if unknown:  # read differently by Spark or not at all: never a silently different table
+            raise EngineError(
+                f"{fn.sql('duckdb')}: option {', '.join(unknown)} has no Spark equivalent here",
+                hint=(f"Options read on Spark: {', '.join(sorted(known))}. " if known else "")
+                + "Or read the file on DuckDB and hand the table over (workspace.<table>).")
         return self._path_view(paths[0], options, fmt)
 
     def _path_view(self, path: str, options: dict, fmt: str | None = None) -> str:
@@ -251,11 +262,9 @@ class SparkEngine(Engine):
         reader = self.spark.read.format(fmt)
         if fmt == "csv":
             # DuckDB's read_csv sniffs a header and the column types; Spark does when asked to
-            names = {"nullstr": "nullValue", "delim": "sep", "sep": "sep", "header": "header", "quote": "quote"}
             reader = reader.option("header", "true").option("inferSchema", "true")
             for k, v in options.items():
-                if k in names:
-                    reader = reader.option(names[k], str(v).lower() if isinstance(v, bool) else str(v))
+                reader = reader.option(_CSV_OPTIONS[k], str(v).lower() if isinstance(v, bool) else str(v))
         view = self.temp_name("file")
         try:
             reader.load(path).createOrReplaceTempView(view)
@@ -312,11 +321,13 @@ class SparkEngine(Engine):
             except Exception as exc:
                 raise self._translate(exc, line, text) from None
 
-    @property
-    def distributed(self) -> bool:
-        """Train and score in the executors (classic sessions); Spark Connect sessions bring the
-        rows to the driver instead (xgboost.spark needs a SparkContext, which Connect hides)."""
-        return self.remote is None
+    distributed = True  # ML functions score in the executors, classic and Spark Connect sessions alike
+
+    def trains_in_executors(self, family: str) -> bool:
+        """Classic sessions train every family in the executors (``dnn`` is refused there with a
+        hint). Spark Connect sessions train linear models in the executors too; boosted trees and
+        DNNs come to the driver, because xgboost.spark needs a SparkContext, which Connect hides."""
+        return self.remote is None or family == "linear"
 
     def workers(self) -> int:
         """Task slots to spread one training over (xgboost.spark's ``num_workers``)."""
@@ -416,9 +427,13 @@ class SparkEngine(Engine):
         F = self._functions()
         with self._busy:
             df = self.spark.table(relation)
-            h = F.xxhash64(*[F.col(f"`{c}`") for c in df.columns]).cast("decimal(38,0)")
-            n, total = df.agg(F.count(F.lit(1)), F.coalesce(F.sum(h), F.lit(0).cast("decimal(38,0)"))).first()
-        return Fingerprint(int(n), f"{int(total) % (1 << 64):016x}", FINGERPRINT_ALGORITHM)
+            h = F.xxhash64(*[F.col(f"`{c}`") for c in df.columns])
+            # Σ hash mod 2⁶⁴ as Σ(upper 32 bits, signed)·2³² + Σ(lower 32 bits): two long sums, which
+            # cannot overflow below 2³¹ rows, instead of a decimal(38) sum (a quarter of the pass)
+            n, hi, lo = df.agg(F.count(F.lit(1)), F.sum(F.shiftright(h, 32)),
+                               F.sum(h.bitwiseAND(F.lit(0xFFFFFFFF)))).first()
+        total = ((hi or 0) << 32) + (lo or 0)
+        return Fingerprint(int(n), f"{total % (1 << 64):016x}", FINGERPRINT_ALGORITHM)
 
     # -- settings --------------------------------------------------------------------------
     def variables(self) -> dict:

@@ -185,16 +185,23 @@ def evaluate(engine, lm, df, threshold: float | None = None) -> M.Evaluation:
     return metrics(engine, lm.model, frame, where, threshold)
 
 
-def metrics(engine, model, frame, where: dict[str, str], threshold: float | None = None) -> M.Evaluation:
+def metrics(engine, model, frame, where: dict[str, str] | None, threshold: float | None = None,
+            encoded_width: int | None = None) -> M.Evaluation:
     """Evaluation metrics of ``model`` on ``frame`` (features and label in the columns ``where``
     names), BigQuery ML's names and the values ``mlsql.ml.metrics`` gives on the same rows; for a
-    classifier with its confusion matrix (the ROC curves stay on the cluster: not drawn)."""
+    classifier with its confusion matrix and ROC curves.
+
+    ``encoded_width``: ``frame`` holds the encoded matrix instead (float columns f0, f1, ...,
+    then the label's value or class code), as CREATE MODEL's training pass made it."""
     F = engine._functions()
     k = len(model.classes) if model.is_classifier else 0
     out = pa.schema([("y", pa.float64()), ("pred", pa.float64())]) if not k else pa.schema(
         [("code", pa.int64()), ("pred", pa.int64()), ("logp", pa.float64())]
         + [(f"p{c}", pa.float64()) for c in range(k)])
-    fn = partial(_evaluate_batches, model_bytes(model), where, threshold)
+    if encoded_width is None:
+        fn = partial(_evaluate_batches, model_bytes(model), where, threshold)
+    else:
+        fn = partial(_evaluate_encoded, model_bytes(model), encoded_width, threshold)
     scored = frame.mapInArrow(fn, _struct(out))
     if not k:
         return _regression(F, scored, model)
@@ -221,20 +228,35 @@ def _evaluate_batches(blob, where, threshold, batches):
             codes = codes[valid]
         if table.num_rows == 0:
             continue
-        raw = model.estimator.predict_raw(model.encode(table))
-        if not model.is_classifier:
-            yield pa.RecordBatch.from_arrays([pa.array(codes, pa.float64()), pa.array(raw, pa.float64())],
-                                             names=["y", "pred"])
+        yield _scored(model, model.estimator.predict_raw(model.encode(table)), codes, threshold)
+
+
+def _evaluate_encoded(blob, width, threshold, batches):
+    model = _model(blob)
+    for batch in batches:
+        if batch.num_rows == 0:
             continue
-        n, k = raw.shape
-        if k == 2:  # as mlsql.ml.metrics.classification_metrics decides a binary prediction
-            pred = (raw[:, 1] >= (0.5 if threshold is None else threshold)).astype(np.int64)
-        else:
-            pred = raw.argmax(axis=1)
-        logp = np.log(np.clip(raw[np.arange(n), codes], M.EPS, 1.0))
-        arrays = [pa.array(codes.astype(np.int64)), pa.array(pred), pa.array(logp)]
-        arrays += [pa.array(raw[:, c]) for c in range(k)]
-        yield pa.RecordBatch.from_arrays(arrays, names=["code", "pred", "logp"] + [f"p{c}" for c in range(k)])
+        X = np.column_stack([batch.column(j).to_numpy(zero_copy_only=False) for j in range(width)])
+        y = batch.column(width).to_numpy(zero_copy_only=False)
+        yield _scored(model, model.estimator.predict_raw(X.astype(np.float32, copy=False)),
+                      y.astype(np.int64) if model.is_classifier else y, threshold)
+
+
+def _scored(model, raw: np.ndarray, codes: np.ndarray, threshold: float | None) -> pa.RecordBatch:
+    """One batch of what the metrics aggregate: label and prediction (a classifier: class codes,
+    the log probability of the true class, each class's probability)."""
+    if not model.is_classifier:
+        return pa.RecordBatch.from_arrays([pa.array(codes, pa.float64()), pa.array(raw, pa.float64())],
+                                          names=["y", "pred"])
+    n, k = raw.shape
+    if k == 2:  # as mlsql.ml.metrics.classification_metrics decides a binary prediction
+        pred = (raw[:, 1] >= (0.5 if threshold is None else threshold)).astype(np.int64)
+    else:
+        pred = raw.argmax(axis=1)
+    logp = np.log(np.clip(raw[np.arange(n), codes], M.EPS, 1.0))
+    arrays = [pa.array(codes.astype(np.int64)), pa.array(pred), pa.array(logp)]
+    arrays += [pa.array(raw[:, c]) for c in range(k)]
+    return pa.RecordBatch.from_arrays(arrays, names=["code", "pred", "logp"] + [f"p{c}" for c in range(k)])
 
 
 def _no_rows(model) -> ModelError:
@@ -281,16 +303,18 @@ def _classification(F, scored, model, k: int) -> dict:
         tp, fp, fn = int(cm[1, 1]), int(cm[0, 1]), int(cm[1, 0])
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
-        auc = _auc(F, scored, 1, cm)
+        auc, curve = _auc(F, scored, 1, cm, str(model.classes[1]))
+        curves = [curve] if curve is not None else []
     else:
-        precs, recs, aucs = [], [], []
+        precs, recs, aucs, curves = [], [], [], []
         for c in range(k):
             said, is_c = int(cm[:, c].sum()), int(cm[c, :].sum())
             precs.append(cm[c, c] / said if said else 0.0)
             recs.append(cm[c, c] / is_c if is_c else 0.0)
-            a = _auc(F, scored, c, cm)
+            a, curve = _auc(F, scored, c, cm, str(model.classes[c]))
             if a is not None:
                 aucs.append(a)
+                curves.append(curve)
         precision, recall = float(np.mean(precs)), float(np.mean(recs))
         auc = float(np.mean(aucs)) if aucs else None
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -301,22 +325,42 @@ def _classification(F, scored, model, k: int) -> dict:
         "f1_score": float(f1),
         "log_loss": float(-logp / n),
         "roc_auc": auc,
-    }, list(model.classes), [], cm, n)
+    }, list(model.classes), curves, cm, n)
 
 
-def _auc(F, scored, c: int, cm: np.ndarray) -> float | None:
-    """Exact ROC AUC of class ``c`` against the rest: for each distinct score, positives there times
-    (negatives below + half the negatives tied), summed, over positives × negatives."""
+def _auc(F, scored, c: int, cm: np.ndarray, label: str = "", max_points: int = 2000):
+    """Exact ROC AUC of class ``c`` against the rest, and its ROC curve for the picture:
+    ``(auc, RocCurve)``, ``(None, None)`` when one side is absent.
+
+    From the positives ``p`` and negatives ``q`` at each distinct score, summed on the cluster:
+    AUC = Σ p·(negatives below + q/2) / (positives × negatives), ties counted half (sklearn's
+    ``roc_auc_score``). The curve is the exact one (true and false positives at or above each
+    distinct score, highest first) at no more than ``max_points`` of those scores, evenly
+    spaced in rank, the last always kept: only these points come to the driver."""
     from pyspark.sql import Window
 
     n_pos = int(cm[c, :].sum())
     n_neg = int(cm.sum()) - n_pos
     if n_pos == 0 or n_neg == 0:
-        return None
+        return None, None
     pos = (F.col("code") == c).cast("long")
     per_score = scored.groupBy(F.col(f"p{c}").alias("s")).agg(F.sum(pos).alias("p"), F.sum(1 - pos).alias("q"))
-    below = Window.orderBy("s").rowsBetween(Window.unboundedPreceding, -1)
-    total = (per_score.withColumn("below", F.coalesce(F.sum("q").over(below), F.lit(0)))
-             .agg(F.sum(F.col("p") * (F.col("below") + F.col("q") / 2.0)).alias("u")).first()["u"])
-    return float(total) / (n_pos * n_neg)
-
+    down = Window.orderBy(F.desc("s"))
+    upto = down.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    ranked = (per_score.withColumn("tp", F.sum("p").over(upto)).withColumn("fp", F.sum("q").over(upto))
+              .withColumn("rank", F.row_number().over(down))
+              # negatives strictly below this score = all negatives − those at or above it
+              .withColumn("u", F.col("p") * (F.lit(n_neg) - F.col("fp") + F.col("q") / 2.0))
+              .withColumn("distinct", F.count(F.lit(1)).over(Window.partitionBy())).persist())
+    try:
+        total, m = ranked.agg(F.sum("u"), F.max("distinct")).first()
+        step = max(1, -(-int(m) // max_points))
+        pts = ranked.where((F.col("rank") % step == 0) | (F.col("rank") == m)).orderBy("rank") \
+            .select("s", "tp", "fp").collect()
+    finally:
+        ranked.unpersist()
+    auc = float(total) / (n_pos * n_neg)
+    thr = np.array([np.inf] + [float(r["s"]) for r in pts])
+    tpr = np.array([0.0] + [r["tp"] / n_pos for r in pts])
+    fpr = np.array([0.0] + [r["fp"] / n_neg for r in pts])
+    return auc, M.RocCurve(label, fpr, tpr, thr, auc)

@@ -248,6 +248,102 @@ class _RelativeProgressStop:
         return Stop()
 
 
+# -- in the JVM ----------------------------------------------------------------------------------
+# Plain columns (numbers, booleans, strings) and labels need no Python to learn their encoding or
+# to encode: the same statistics and the same float32 matrix come from Spark expressions, so the
+# rows never cross to a Python worker before xgboost.spark's own hand-over. Other columns (dates,
+# timestamps, many categories) take the Arrow path above, which is the DuckDB path's code.
+
+JVM_MAX_CATEGORIES = 256  # categories (and classes) looked up in a literal array: a linear scan a row
+
+
+def _jvm_type(t: pa.DataType, kind: str) -> bool:
+    if kind == "numeric":
+        return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t) or pa.types.is_boolean(t)
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _jvm_statistics(F, idf, numeric, categorical, label, classifier, has_eval, schema) -> list[dict]:
+    """``_statistics``'s summary in one aggregation (plus a count per label value for a classifier),
+    in the shape its per-partition blobs have."""
+    tr = ~F.col(EVAL) if has_eval else F.lit(True)
+    aggs = [F.count(F.when(tr, 1)).alias("n_train"), F.count(F.when(~tr, 1)).alias("n_eval")]
+    for i, c in enumerate(numeric):
+        x = F.col(f"`{c}`").cast("double")
+        valid = tr & x.isNotNull() & ~F.isnan(x)
+        aggs += [F.sum(F.when(valid, x)).alias(f"s{i}"), F.count(F.when(valid, 1)).alias(f"c{i}"),
+                 F.max(F.when(valid & (F.abs(x) != F.lit(float("inf"))), 1)).alias(f"f{i}")]
+    for i, c in enumerate(categorical):
+        aggs.append(F.collect_set(F.when(tr, F.col(f"`{c}`"))).alias(f"k{i}"))
+    if not classifier:
+        aggs.append(F.sum(F.when(tr, F.col(f"`{label}`").cast("double"))).alias("y_sum"))
+    row = idf.agg(*aggs).first()
+    blob = {"sums": {c: [float(row[f"s{i}"] or 0.0), int(row[f"c{i}"]), row[f"f{i}"] is not None]
+                     for i, c in enumerate(numeric)},
+            "cats": {c: sorted(row[f"k{i}"]) for i, c in enumerate(categorical)},
+            "labels_all": [], "labels_train": [], "y_sum": float(row["y_sum"] or 0.0) if not classifier else 0.0,
+            "n_train": int(row["n_train"]), "n_eval": int(row["n_eval"]), "fractional": False}
+    if classifier:
+        ev = F.col(EVAL) if has_eval else F.lit(False)
+        counts = idf.groupBy(F.col(f"`{label}`").alias("v"), ev.alias("e")).count().collect()
+        try:
+            values, _ = _label_values(pa.array([r["v"] for r in counts], schema.field(label).type))
+        except TrainingError:
+            blob["fractional"] = True
+            return [blob]
+        alls: dict = {}
+        train: dict = {}
+        for v, r in zip(values.to_pylist(), counts):
+            alls[v] = alls.get(v, 0) + r["count"]
+            if not r["e"]:
+                train[v] = train.get(v, 0) + r["count"]
+        blob["labels_all"], blob["labels_train"] = list(alls.items()), list(train.items())
+    return [blob]
+
+
+def _position(F, col, values: list, type_name: str):
+    """1-based place of ``col`` in ``values`` (a literal array), 0 when absent, NULL for NULL."""
+    return F.array_position(F.array(*[F.lit(v).cast(type_name) for v in values]), col.cast(type_name))
+
+
+def _jvm_encode(F, idf, specs: list[FeatureSpec], label: str, info: dict, task: str):
+    """``_encode``'s columns as Spark expressions: f0, f1, ... (float), label, weight, eval flag."""
+    cols = []
+    for s in specs:
+        c = F.col(f"`{s.name}`")
+        if s.kind == "numeric":
+            x = c.cast("double")
+            cols.append(F.when(x.isNull() | F.isnan(x), F.lit(s.mean)).otherwise(x).cast("float"))
+            continue
+        pos = F.coalesce(_position(F, c, s.categories, "string"), F.lit(0))
+        code = F.when(pos > 0, pos - 1).otherwise(F.lit(len(s.categories)))
+        if s.encoding == "ordinal":
+            cols.append(code.cast("float"))
+        else:
+            cols += [(code == j).cast("float") for j in range(s.width)]
+    if task == "classification":
+        classes = info["classes"]
+        y = F.col(f"`{label}`")
+        if isinstance(classes[0], bool):
+            code = F.when(y == F.lit(classes[-1]), 1).otherwise(0) if len(classes) == 2 else y.cast("int")
+        elif isinstance(classes[0], int):
+            code = _position(F, y, classes, "long") - 1
+        else:
+            code = _position(F, y, classes, "string") - 1
+        y = code.cast("double")
+    else:
+        code = None
+        y = F.col(f"`{label}`").cast("double")
+    cw = info.get("class_weights")
+    if cw is None:
+        w = F.lit(1.0)
+    else:
+        w = F.when(F.col(EVAL), F.lit(1.0)).otherwise(
+            F.element_at(F.array(*[F.lit(float(v)) for v in cw]), code.cast("int") + 1))
+    return idf.select(*[e.alias(f"f{j}") for j, e in enumerate(cols)], y.alias(LABEL), w.cast("double").alias(WEIGHT),
+                      F.col(EVAL))
+
+
 # -- driver side ---------------------------------------------------------------------------------
 
 
@@ -333,6 +429,9 @@ def train(engine, df, opts: Options, progress=None) -> TrainedModel:
                             hint="Use a classifier model_type for categorical labels.")
 
     df = df.where(F.col(f"`{label}`").isNotNull())
+    if opts.data_split_method == "no_split":  # no positions: nothing to count, number or keep in place
+        return _train_indexed(engine, df.withColumn(EVAL, F.lit(False)), opts, task, label, feature_names,
+                              schema, None, {"method": "none"}, progress)
     # rows per partition, counted in the JVM; a row's position = its partition's offset + its place
     # there (monotonically_increasing_id holds the partition in its upper 31 bits, the place below)
     counts = {r[0]: r[1] for r in df.groupBy(F.spark_partition_id()).count().collect()}
@@ -373,11 +472,23 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
     numeric = [c for c in feature_names if _kind(schema.field(c).type) == "numeric"]
     categorical = [c for c in feature_names if c not in numeric]
     has_eval = plan["method"] != "none"
-    stats = _collect_json(idf.mapInArrow(
-        partial(_statistics, numeric, categorical, label, task == "classification", has_eval), "stats string"),
-        "stats")
+    F = engine._functions()
+    label_t = schema.field(label).type
+    jvm = (all(_jvm_type(schema.field(c).type, "numeric") for c in numeric)
+           and all(_jvm_type(schema.field(c).type, "categorical") for c in categorical)
+           and (_jvm_type(label_t, "numeric") or _jvm_type(label_t, "categorical")))
+    if jvm:
+        stats = _jvm_statistics(F, idf, numeric, categorical, label, task == "classification", has_eval, schema)
+    else:
+        stats = _collect_json(idf.mapInArrow(
+            partial(_statistics, numeric, categorical, label, task == "classification", has_eval), "stats string"),
+            "stats")
     n_train = sum(s["n_train"] for s in stats)
     n_eval = sum(s["n_eval"] for s in stats)
+    if n is None:  # not counted before: no split needed positions
+        n = n_train + n_eval
+        if n == 0:
+            raise TrainingError(f"Every row of the training data has a NULL label '{label}'")
     if has_eval and n_eval == 0:
         has_eval = False  # nothing held out: evaluate on the training rows
     elif has_eval and n_train == 0:
@@ -389,7 +500,9 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
             raise TrainingError(
                 f"The label column has fractional values ({schema.field(label).type}); a classifier needs discrete classes",
                 hint="Use a regressor model_type, or CAST the label to an integer or string.")
-        _, label_type = _label_values(pa.array([], schema.field(label).type))
+        lt = schema.field(label).type
+        label_type = "bool" if pa.types.is_boolean(lt) else "int64" if (
+            pa.types.is_integer(lt) or pa.types.is_floating(lt) or pa.types.is_decimal(lt)) else "string"
         all_counts: dict = {}
         for s in stats:
             for v, k in s["labels_all"]:
@@ -432,7 +545,12 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
     enc_schema = [(f"f{j}", pa.float32()) for j in range(width)] + [(LABEL, pa.float64()), (WEIGHT, pa.float64()),
                                                                      (EVAL, pa.bool_())]
     info = {"classes": classes, "class_weights": class_weights}
-    encoded = idf.mapInArrow(partial(_encode, [s.to_dict() for s in specs], label, info), _struct(enc_schema))
+    jvm_encoded = jvm and all(len(s.categories or ()) <= JVM_MAX_CATEGORIES for s in specs) \
+        and len(classes or ()) <= JVM_MAX_CATEGORIES
+    if jvm_encoded:
+        encoded = _jvm_encode(F, idf, specs, label, info, task)
+    else:
+        encoded = idf.mapInArrow(partial(_encode, [s.to_dict() for s in specs], label, info), _struct(enc_schema))
     k = len(classes) if classes else 1
     if opts.family == "boosted_tree":
         y_mean = sum(s["y_sum"] for s in stats) / n_train if task == "regression" else None
@@ -451,10 +569,13 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
         training_info=pa.Table.from_pylist(history, schema=TRAINING_INFO_SCHEMA),
         options=opts.given, n_train=n_train, n_eval=n_eval if has_eval else 0,
     )
-    F = engine._functions()
-    rows = idf.where(F.col(EVAL)) if has_eval else idf
-    where = {c: c for c in feature_names + [label]}
-    evaluation = S.metrics(engine, model, rows, where)
+    if jvm_encoded:  # score the matrix the model was trained on: no second encoding, no strings shipped
+        rows = encoded.where(F.col(EVAL)) if has_eval else encoded
+        evaluation = S.metrics(engine, model, rows.select(*[f"f{j}" for j in range(width)], LABEL), None,
+                               encoded_width=width)
+    else:
+        rows = idf.where(F.col(EVAL)) if has_eval else idf
+        evaluation = S.metrics(engine, model, rows, {c: c for c in feature_names + [label]})
     model.eval_metrics = evaluation.metrics
     if task == "classification":
         model.evaluation = evaluation
@@ -651,9 +772,11 @@ def _weight_sum(width: int, batches):
 
 
 def prepare(engine, step, query_params, temps: list[str]):
-    """CREATE MODEL's reading on Spark, nothing collected: the training query as a temporary view,
-    its TRANSFORM fitted (aggregates only come back), its fingerprint. ``(transform, raw Arrow
-    schema, fingerprint, the DataFrame to train on)``."""
+    """CREATE MODEL's reading on Spark, nothing collected but 50 example rows: the training query
+    as a temporary view, its TRANSFORM fitted (aggregates only come back), its fingerprint.
+    ``(transform, raw Arrow schema, fingerprint, the DataFrame to train on, example rows as the
+    query gives them, the same rows as the model reads them)``; the examples give the registered
+    version its MLflow signature."""
     from ..errors import MLSQLError
 
     data = engine.dataframe(step.query_sql, query_params)
@@ -670,4 +793,11 @@ def prepare(engine, step, query_params, temps: list[str]):
 
         transform = fit_transform(step.transform, raw_name, data.columns, engine.query)
         features = engine.dataframe(transform.select_sql(raw_name, data.columns))
-    return transform, S.arrow_schema(data), fp, features
+    examples = data.limit(50).toArrow()
+    example_features = examples
+    if transform is not None:
+        ex_name = engine.temp_name("examples")
+        engine.register(ex_name, examples)
+        temps.append(ex_name)
+        example_features = engine.query(transform.select_sql(ex_name, data.columns))
+    return transform, S.arrow_schema(data), fp, features, examples, example_features

@@ -39,12 +39,13 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
     opts = resolve_options(raw)
 
     query_params = P.params_for(step.query_sql, params)
-    if s.engine.distributed:  # Spark: the rows stay in the executors
+    if s.engine.trains_in_executors(opts.family):  # Spark: the rows stay in the executors
         from functools import partial
 
         from ..ml import spark_train
 
-        transform, schema, fp, features = spark_train.prepare(s.engine, step, query_params, temps)
+        transform, schema, fp, features, sample, sample_features = spark_train.prepare(
+            s.engine, step, query_params, temps)
         train = partial(spark_train.train, s.engine)
     else:
         data = s.engine.query(step.query_sql, query_params)
@@ -61,9 +62,9 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             transform = fit_transform(step.transform, raw_name, data.column_names, s.engine.query)
             features = s.engine.query(transform.select_sql(raw_name, data.column_names))
         fp = s.engine.fingerprint(raw_name)
+        # a few training rows, from which the registry infers the version's signature
+        sample, sample_features = data.slice(0, 50), features
     rows, data_hash = fp.rows, fp.digest
-    # a few training rows, from which the registry infers the version's signature (Arrow data only)
-    sample = data.slice(0, 50) if isinstance(features, pa.Table) else None
 
     reporter = s.progress(f"Training {name}", 0) if s.progress else None
     started = time.time()  # the MLflow run spans the training, not its registration
@@ -106,7 +107,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             tags={"model_type": model.model_type, "label": model.label,
                   "data_rows": str(rows), "data_hash": data_hash},
             aliases=aliases,
-            started=started, ended=ended, examples=_examples(model, sample, features, meta["input_columns"]),
+            started=started, ended=ended, examples=_examples(model, sample, sample_features, meta["input_columns"]),
         )
     metrics = {k: v for k, v in model.eval_metrics.items() if v is not None}
     table = pa.table({

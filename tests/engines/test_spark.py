@@ -187,6 +187,15 @@ def test_create_model_same_metrics(backend, shared_ws, kind):
     meta = backend.model(name).meta
     assert meta["engine"] == backend.engine.name and meta["query_dialect"] == "duckdb"
     assert meta["data_rows"] == shared_ws.model(f"ref_{kind}").meta["data_rows"]
+    # and the MLflow version has the same signature (inputs as the query gives them, outputs as ML.PREDICT)
+    import mlflow.models
+
+    def signature(session, model):
+        mv = session.registry.get(model)
+        sig = mlflow.models.Model.load(str(session.registry.local_path(mv) / "MLmodel")).signature
+        return sig.inputs.input_names(), sig.outputs.input_names()
+
+    assert signature(backend, name) == signature(shared_ws, f"ref_{kind}")
 
 
 ML_QUERIES = {
@@ -338,11 +347,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_script_through_spark_connect(tmp_path):
-    """A real Spark Connect server (its own JVM) and a script sent through remote='sc://localhost:…'."""
+def test_script_through_spark_connect(tmp_path, monkeypatch):
+    """A real Spark Connect server (its own JVM) and a script sent through remote='sc://localhost:…':
+    a linear model trains in the server's executors, ML.PREDICT is a Connect DataFrame scored there,
+    ML.EVALUATE aggregates there with DuckDB's values, boosted trees train on the driver."""
     import pyarrow as pa
 
     import mlsql
+    from mlsql import planner as P
+    from mlsql.dialect import parse_script
+    from mlsql.ml import spark_train
+    from mlsql.steps.ml_functions import run_ml
+
+    in_executors = []
+    real_train = spark_train.train
+    monkeypatch.setattr(spark_train, "train", lambda *a, **k: in_executors.append(a[2].model_type) or real_train(*a, **k))
 
     port = _free_port()
     from pyspark.find_spark_home import _find_spark_home
@@ -378,8 +397,25 @@ def test_script_through_spark_connect(tmp_path):
             assert m.table.column("training_rows").to_pylist() == [10]
             p = s.sql("SELECT predicted_sq FROM ML.PREDICT(MODEL sq_model, TABLE sq) ORDER BY i LIMIT 1")
             assert p.table.num_rows == 1
+            assert in_executors == ["linear_reg"]
+            stmt = parse_script("SELECT * FROM ML.PREDICT(MODEL sq_model, TABLE sq)")[0]
+            step = next(x for x in s._planner.plan(stmt).steps if isinstance(x, P.MLStep))
+            scored = run_ml(s, step, None)
+            assert type(scored).__module__.startswith("pyspark.sql.connect") and scored.count() == 10
+            here = _metrics(s.sql("SELECT * FROM ML.EVALUATE(MODEL sq_model, TABLE sq)"))
+            t = s.sql("CREATE MODEL sq_tree OPTIONS (model_type = 'boosted_tree_regressor', input_label_cols = "
+                      "['sq'], max_iterations = 3) AS SELECT i, sq FROM sq")
+            assert t.table.column("training_rows").to_pylist() == [10] and in_executors == ["linear_reg"]
         finally:
             s.close()
+        d = mlsql.connect(tmp_path / "ws")  # the same workspace on DuckDB: the same model, the same metrics
+        try:
+            d.register("sq", pa.table({"i": list(range(10)), "sq": [i * i for i in range(10)]}))
+            there = _metrics(d.sql("SELECT * FROM ML.EVALUATE(MODEL sq_model, TABLE sq)"))
+            _close(here, there, 1e-9)
+            assert here["r2_score"] > 0.9
+        finally:
+            d.close()
     finally:
         server.terminate()
         try:
@@ -489,3 +525,106 @@ def test_spark_roc_auc_is_sklearns(shared_ws, spark_ws):
         else:  # macro average of one-vs-rest, as BigQuery ML reports it
             want = roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=classes)
         assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+    # the curves drawn beside a Spark evaluation are sklearn's roc_curve, point for point
+    from sklearn.metrics import roc_curve
+
+    r = spark_ws.sql("SELECT * FROM ML.EVALUATE(MODEL ref_boosted_classifier, TABLE penguins)")
+    panel = next(p for p in r.plots if p.kind == "roc")
+    rows = shared_ws.sql("SELECT species, predicted_species_probs FROM ML.PREDICT(MODEL ref_boosted_classifier, "
+                         "TABLE penguins)").table.to_pylist()
+    classes = [p["label"] for p in rows[0]["predicted_species_probs"]]
+    assert [c.label for c in panel.curves] == classes
+    for c, curve in enumerate(panel.curves):
+        fpr, tpr, thr = roc_curve([r["species"] == classes[c] for r in rows],
+                                  [r["predicted_species_probs"][c]["prob"] for r in rows], drop_intermediate=False)
+        assert curve.false_positive_rate == pytest.approx(fpr) and curve.true_positive_rate == pytest.approx(tpr)
+        assert curve.thresholds[1:] == pytest.approx(thr[1:])
+
+
+ENCODINGS = {  # name -> (CREATE MODEL body, relative tolerance, the encoding runs in the JVM?)
+    # plain columns (numbers with NULL and NaN, booleans, a few strings), an integer label, auto weights
+    "jvm_trees_weighted": ("""OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['grade'],
+        max_iterations = 8, auto_class_weights = TRUE, data_split_method = 'random', data_split_eval_fraction = 0.3)
+        AS SELECT grade, n, flag, small, x, dec FROM enc_mix""", 0.01, True),
+    # a boolean label, named class weights, one-hot strings
+    "jvm_logistic_bool_label": ("""OPTIONS (model_type = 'logistic_reg', input_label_cols = ['yes'],
+        class_weights = [STRUCT(TRUE, 3.0)], data_split_method = 'seq', data_split_eval_fraction = 0.25)
+        AS SELECT yes, n, flag, small, x FROM enc_mix""", 1e-6, True),
+    # a float label with whole values is a class too
+    "jvm_float_classes_no_split": ("""OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['g'],
+        max_iterations = 5, data_split_method = 'no_split') AS SELECT CAST(grade AS DOUBLE) AS g, n, small, x
+        FROM enc_mix""", 0.01, True),
+    # a date column: its statistics and encoding take the Arrow path (the DuckDB path's code)
+    "arrow_date": ("""OPTIONS (model_type = 'linear_reg', input_label_cols = ['x'], data_split_method = 'random',
+        data_split_eval_fraction = 0.2) AS SELECT d, n, small, x FROM enc_mix WHERE x IS NOT NULL AND NOT isnan(x)""",
+                   1e-6, False),
+    # 301 categories: statistics in the JVM, the encoding in Arrow
+    "arrow_many_categories": ("""OPTIONS (model_type = 'logistic_reg', input_label_cols = ['small'],
+        data_split_method = 'no_split', max_iterations = 15) AS SELECT small, many, n, x FROM enc_mix""", 1e-6, False),
+}
+
+
+@pytest.mark.parametrize("name", list(ENCODINGS))
+def test_encoding_in_the_jvm_and_in_arrow_gives_duckdbs_model(shared_ws, spark_ws, name, monkeypatch):
+    """What the encoding learns (means, categories, classes, class weights) and the matrix it
+    makes are the same whether Spark computes them with its own expressions or in Python workers
+    with the DuckDB path's code, and the model equals DuckDB's."""
+    from mlsql.ml import spark_train
+
+    if "enc_mix" not in shared_ws.sql("SHOW TABLES").to_arrow().column(0).to_pylist():
+        shared_ws.sql("""CREATE TABLE enc_mix AS SELECT i % 3 AS grade, i % 4 = 0 OR i % 7 = 0 AS yes,
+            CAST(i % 11 AS INTEGER) AS n, i % 5 = 1 AS flag, ['red', 'green', 'blue', NULL][i % 4 + 1] AS small,
+            'm' || (i % 301) AS many, DATE '2024-01-01' + CAST(i % 90 AS INTEGER) AS d,
+            CAST(i % 13 AS DECIMAL(6, 2)) / 4 AS dec,
+            CASE WHEN i % 17 = 0 THEN NULL WHEN i % 19 = 0 THEN 'NaN'::DOUBLE
+                 ELSE (i % 3) * 2.5 + (i * 7919 % 101) / 50.0 + (i % 11) * 0.1 END AS x
+            FROM range(3000) t(i)""")
+    spark_ws.sql("CREATE OR REPLACE TEMP VIEW enc_mix AS SELECT * FROM workspace.enc_mix")
+    body, rel, in_jvm = ENCODINGS[name]
+    used = []
+    real = spark_train._jvm_encode
+    monkeypatch.setattr(spark_train, "_jvm_encode", lambda *a, **k: used.append(True) or real(*a, **k))
+    want = shared_ws.sql(f"CREATE OR REPLACE MODEL enc_{name} {body}")
+    got = spark_ws.sql(f"CREATE OR REPLACE MODEL enc_{name}_spark {body}")
+    assert bool(used) == in_jvm
+    _close(_metrics(got), _metrics(want), rel)
+    a, b = shared_ws.model(f"enc_{name}").model, spark_ws.model(f"enc_{name}_spark").model
+    assert (a.n_train, a.n_eval, a.classes) == (b.n_train, b.n_eval, b.classes)
+    for fa, fb in zip(a.features, b.features, strict=True):
+        assert (fa.name, fa.kind, fa.categories, fa.encoding) == (fb.name, fb.kind, fb.categories, fb.encoding)
+        assert fb.mean == pytest.approx(fa.mean, rel=1e-12) if fa.mean is not None else fb.mean is None
+
+
+def test_spark_fingerprint_is_the_sum_of_row_hashes(spark_ws):
+    """The training data's fingerprint on Spark: row count and Σ xxhash64(row) mod 2⁶⁴ (computed as
+    two long sums), equal to the exact decimal sum, and different when one value changes."""
+    eng = spark_ws.engine
+    spark_ws.sql("CREATE OR REPLACE TEMP VIEW fp_a AS SELECT day, flight, origin, dep_delay FROM flights "
+                 "WHERE month = 3")
+    spark_ws.sql("CREATE OR REPLACE TEMP VIEW fp_b AS SELECT day, flight, origin, CASE WHEN flight = 1545 AND "
+                 "day = 1 THEN dep_delay + 1 ELSE dep_delay END AS dep_delay FROM flights WHERE month = 3")
+    a, b = eng.fingerprint("fp_a"), eng.fingerprint("fp_b")
+    cols = ", ".join(f"`{c}`" for c in eng.spark.table("fp_a").columns)
+    exact = eng.spark.sql(f"SELECT sum(CAST(xxhash64({cols}) AS DECIMAL(38, 0))) FROM fp_a").first()[0]
+    assert a.rows == b.rows == spark_ws.sql("SELECT count(*) FROM flights WHERE month = 3").scalar()
+    assert a.digest == f"{int(exact) % (1 << 64):016x}" and a.algorithm == "spark:sum(xxhash64(row))"
+    assert a.digest != b.digest
+
+
+def test_files_by_path_read_alike_on_spark(shared_ws, spark_ws, tmp_path):
+    """Parquet, CSV (with read_csv's options) and JSON files named in the query read the same
+    rows on Spark as on DuckDB; a read_csv option Spark would read differently is an error naming it."""
+    from mlsql.errors import EngineError
+
+    shared_ws.sql(f"""COPY (SELECT carrier, name FROM airlines ORDER BY carrier) TO '{tmp_path}/a.parquet' (FORMAT parquet);
+        COPY (SELECT carrier, name FROM airlines ORDER BY carrier) TO '{tmp_path}/a.csv' (HEADER, DELIMITER ';');
+        COPY (SELECT carrier, name FROM airlines ORDER BY carrier) TO '{tmp_path}/a.json' (FORMAT json)""")
+    want = shared_ws.sql("SELECT carrier, name FROM airlines ORDER BY carrier").table.to_pylist()
+    for source in (f"'{tmp_path}/a.parquet'", f"read_parquet('{tmp_path}/a.parquet')",
+                   f"read_csv('{tmp_path}/a.csv', delim = ';', header = true)", f"read_json('{tmp_path}/a.json')"):
+        q = f"SELECT carrier, name FROM {source} ORDER BY carrier"
+        assert spark_ws.sql(q).table.to_pylist() == want, source
+        assert shared_ws.sql(q).table.to_pylist() == want, source
+    with pytest.raises(EngineError, match="option skip has no Spark equivalent") as err:
+        spark_ws.sql(f"SELECT * FROM read_csv('{tmp_path}/a.csv', delim = ';', skip = 1)")
+    assert "delim" in err.value.hint and "workspace.<table>" in err.value.hint
