@@ -264,25 +264,42 @@ def _jvm_type(t: pa.DataType, kind: str) -> bool:
 
 
 def _jvm_statistics(F, idf, numeric, categorical, label, classifier, has_eval, schema) -> list[dict]:
-    """``_statistics``'s summary in one aggregation (plus a count per label value for a classifier),
-    in the shape its per-partition blobs have."""
+    """``_statistics``'s summary from one aggregation (plus a count per label value for a
+    classifier), in the shape its per-partition blobs have.
+
+    The categories come from a ``groupBy`` over (column, value) pairs, each row given once per
+    string column (``inline``), which Spark's hash aggregation does about twice as fast as
+    ``collect_set`` (that copies every value it sees); the numeric sums ride on the first
+    column's pairs, where each row appears once."""
     tr = ~F.col(EVAL) if has_eval else F.lit(True)
-    aggs = [F.count(F.when(tr, 1)).alias("n_train"), F.count(F.when(~tr, 1)).alias("n_eval")]
+    if categorical:
+        frame = idf.select("*", F.inline(F.array(*[F.struct(F.lit(i).alias("__mlsql_i"),
+                                                            F.col(f"`{c}`").alias("__mlsql_v"))
+                                                   for i, c in enumerate(categorical)])))
+        first = F.col("__mlsql_i") == 0
+    else:
+        frame, first = idf, F.lit(True)
+    aggs = [F.count(F.when(first & tr, 1)).alias("n_train"), F.count(F.when(first & ~tr, 1)).alias("n_eval")]
     for i, c in enumerate(numeric):
         x = F.col(f"`{c}`").cast("double")
-        valid = tr & x.isNotNull() & ~F.isnan(x)
+        valid = first & tr & x.isNotNull() & ~F.isnan(x)
         aggs += [F.sum(F.when(valid, x)).alias(f"s{i}"), F.count(F.when(valid, 1)).alias(f"c{i}"),
                  F.max(F.when(valid & (F.abs(x) != F.lit(float("inf"))), 1)).alias(f"f{i}")]
-    for i, c in enumerate(categorical):
-        aggs.append(F.collect_set(F.when(tr, F.col(f"`{c}`"))).alias(f"k{i}"))
     if not classifier:
-        aggs.append(F.sum(F.when(tr, F.col(f"`{label}`").cast("double"))).alias("y_sum"))
-    row = idf.agg(*aggs).first()
-    blob = {"sums": {c: [float(row[f"s{i}"] or 0.0), int(row[f"c{i}"]), row[f"f{i}"] is not None]
+        aggs.append(F.sum(F.when(first & tr, F.col(f"`{label}`").cast("double"))).alias("y_sum"))
+    if categorical:
+        aggs.append(F.count(F.when(tr, 1)).alias("seen"))  # the pair's count among training rows
+        rows = frame.groupBy("__mlsql_i", "__mlsql_v").agg(*aggs).collect()
+    else:
+        rows = [frame.agg(*aggs).first()]
+    total = lambda key: sum(r[key] or 0 for r in rows)  # noqa: E731
+    blob = {"sums": {c: [float(total(f"s{i}")), int(total(f"c{i}")), any(r[f"f{i}"] is not None for r in rows)]
                      for i, c in enumerate(numeric)},
-            "cats": {c: sorted(row[f"k{i}"]) for i, c in enumerate(categorical)},
-            "labels_all": [], "labels_train": [], "y_sum": float(row["y_sum"] or 0.0) if not classifier else 0.0,
-            "n_train": int(row["n_train"]), "n_eval": int(row["n_eval"]), "fractional": False}
+            "cats": {c: sorted(r["__mlsql_v"] for r in rows
+                               if r["__mlsql_i"] == i and r["__mlsql_v"] is not None and r["seen"])
+                     for i, c in enumerate(categorical)},
+            "labels_all": [], "labels_train": [], "y_sum": float(total("y_sum")) if not classifier else 0.0,
+            "n_train": int(total("n_train")), "n_eval": int(total("n_eval")), "fractional": False}
     if classifier:
         ev = F.col(EVAL) if has_eval else F.lit(False)
         counts = idf.groupBy(F.col(f"`{label}`").alias("v"), ev.alias("e")).count().collect()
