@@ -54,15 +54,25 @@ class Engine(ABC):
 
     name: str = ""
     dialect: str = ""
-    # True when ML functions (and training, see ``trains_in_executors``) run where the data is
-    # (Spark's executors) instead of on Arrow tables fetched to this process; such an engine also
-    # offers ``dataframe(sql)``.
-    distributed: bool = False
+    # -- training and ML functions where the data is (optional) ------------------
+    # An engine whose data lives elsewhere (Spark's executors) may train and score there. It
+    # returns the code that does so from these two hooks, and the steps call it without knowing
+    # the engine; by default the rows come to this process as Arrow and MLSQL's own trainers and
+    # ML functions run on them.
 
-    def trains_in_executors(self, family: str) -> bool:
-        """Whether CREATE MODEL of this model family (``boosted_tree``, ``linear``, ``dnn``) trains
-        where the data is; otherwise the training rows come to this process as Arrow."""
-        return self.distributed
+    def executor_trainer(self, family: str):
+        """For CREATE MODEL of this model family (``boosted_tree``, ``linear``, ``dnn``) where the
+        data is: an object with ``prepare(engine, step, params, temps)`` → ``(transform, raw Arrow
+        schema, Fingerprint, frame, example rows, example features)`` and ``train(engine, frame,
+        opts, progress)`` → ``TrainedModel`` (``mlsql.ml.spark_train`` is one). None: train here."""
+        return None
+
+    def executor_scorer(self):
+        """For ML.PREDICT, ML.EXPLAIN_PREDICT and ML.EVALUATE where the data is: an object with
+        ``predict(engine, loaded_model, frame, func, settings)`` → a lazy frame and
+        ``evaluate(engine, loaded_model, frame, threshold)`` → ``Evaluation`` (``mlsql.ml.spark_score``
+        is one), the frames read by ``self.dataframe(sql, params)``. None: score here."""
+        return None
 
     # -- running SQL -----------------------------------------------------------
     @abstractmethod

@@ -206,6 +206,7 @@ class SparkEngine(Engine):
         if len(trees) != 1:
             raise EngineError(f"Expected one statement, got {len(trees)}")
         tree = self._resolve_sources(_keep_duckdb_meaning(trees[0]))
+        _refuse_duckdb_only(tree)
         try:
             return tree.sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
         except UnsupportedError as exc:
@@ -321,13 +322,21 @@ class SparkEngine(Engine):
             except Exception as exc:
                 raise self._translate(exc, line, text) from None
 
-    distributed = True  # ML functions score in the executors, classic and Spark Connect sessions alike
-
-    def trains_in_executors(self, family: str) -> bool:
+    def executor_trainer(self, family: str):
         """Classic sessions train every family in the executors (``dnn`` is refused there with a
         hint). Spark Connect sessions train linear models in the executors too; boosted trees and
         DNNs come to the driver, because xgboost.spark needs a SparkContext, which Connect hides."""
-        return self.remote is None or family == "linear"
+        if self.remote is None or family == "linear":
+            from ..ml import spark_train
+
+            return spark_train
+        return None
+
+    def executor_scorer(self):
+        """ML functions score in the executors, classic and Spark Connect sessions alike."""
+        from ..ml import spark_score
+
+        return spark_score
 
     def workers(self) -> int:
         """Task slots to spread one training over (xgboost.spark's ``num_workers``)."""
@@ -510,6 +519,24 @@ def _weekday_part(node: exp.Expression) -> tuple[exp.Expression, bool] | None:
         if name == "isodow":
             return day, True
     return None
+
+
+def _refuse_duckdb_only(tree: exp.Expression) -> None:
+    """DuckDB's star modifiers and COLUMNS(), which sqlglot writes out unchanged for Spark (whose
+    parser then fails somewhere else): an error naming the construct instead."""
+    found = None
+    for node in tree.walk():
+        if isinstance(node, exp.Star):
+            for key, what in (("replace", "SELECT * REPLACE (...)"), ("rename", "SELECT * RENAME (...)"),
+                              ("ilike", "SELECT * ILIKE '...'")):
+                if node.args.get(key):
+                    found = what
+        elif isinstance(node, exp.Columns):
+            found = "COLUMNS(...)"
+        if found:
+            raise EngineError(
+                f"Spark SQL cannot express this DuckDB construct: {found}",
+                hint="Name the columns, or write Spark SQL directly after SET mlsql_dialect = 'spark'.")
 
 
 def _looks_like_path(name: str) -> bool:

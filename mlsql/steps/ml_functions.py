@@ -98,11 +98,12 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
     the statement's query fetches its rows)."""
     func = step.func
     data = None
-    # Spark: PREDICT and EXPLAIN_PREDICT give a DataFrame scored in the executors, EVALUATE aggregates there
-    spark = (s.engine.distributed and func in ("PREDICT", "EXPLAIN_PREDICT", "EVALUATE")
-             and not any(k.lower() == "device" for k in step.settings))
+    # where the engine scores where its data is (Spark): PREDICT and EXPLAIN_PREDICT give a lazy
+    # frame scored there, EVALUATE aggregates there
+    scorer = (s.engine.executor_scorer() if func in ("PREDICT", "EXPLAIN_PREDICT", "EVALUATE")
+              and not any(k.lower() == "device" for k in step.settings) else None)
     if step.input_sql is not None:
-        read = s.engine.dataframe if spark else s.engine.query
+        read = s.engine.dataframe if scorer is not None else s.engine.query
         data = read(step.input_sql, P.params_for(step.input_sql, params))
     if func == "DEVICE_METRICS":
         from ..deploy import metrics_table
@@ -127,10 +128,8 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
         version = lm.version.version if (step.model.version or step.model.alias) else None
         preds = remote_predict(dev, lm.version.name, version, data, lm.label, model.classes, model.label_type)
         return _hconcat(preds, data)
-    if spark and func in ("PREDICT", "EXPLAIN_PREDICT"):
-        from ..ml import spark_score
-
-        return spark_score.predict(s.engine, lm, _require_input(data, func, step), func, st)
+    if scorer is not None and func in ("PREDICT", "EXPLAIN_PREDICT"):
+        return scorer.predict(s.engine, lm, _require_input(data, func, step), func, st)
     if func == "PREDICT":
         data = _require_input(data, func, step)
         preds = model.predict(model_features(s, lm, data, need_label=False, func=func),
@@ -146,10 +145,8 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
         if data is None:
             metrics = dict(model.eval_metrics)
             _chart(charts, "evaluation", model.evaluation)  # the curves of the evaluation rows kept at training
-        elif spark:
-            from ..ml import spark_score
-
-            ev = spark_score.evaluate(s.engine, lm, data, float(st["threshold"]) if "threshold" in st else None)
+        elif scorer is not None:
+            ev = scorer.evaluate(s.engine, lm, data, float(st["threshold"]) if "threshold" in st else None)
             metrics = ev.metrics
             _chart(charts, "evaluation", ev)
         else:

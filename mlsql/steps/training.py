@@ -39,14 +39,13 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
     opts = resolve_options(raw)
 
     query_params = P.params_for(step.query_sql, params)
-    if s.engine.trains_in_executors(opts.family):  # Spark: the rows stay in the executors
+    trainer = s.engine.executor_trainer(opts.family)
+    if trainer is not None:  # e.g. Spark: the rows stay in the executors
         from functools import partial
 
-        from ..ml import spark_train
-
-        transform, schema, fp, features, sample, sample_features = spark_train.prepare(
+        transform, schema, fp, features, sample, sample_features = trainer.prepare(
             s.engine, step, query_params, temps)
-        train = partial(spark_train.train, s.engine)
+        train = partial(trainer.train, s.engine)
     else:
         data = s.engine.query(step.query_sql, query_params)
         if data.num_rows == 0:

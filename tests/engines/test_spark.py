@@ -628,3 +628,19 @@ def test_files_by_path_read_alike_on_spark(shared_ws, spark_ws, tmp_path):
     with pytest.raises(EngineError, match="option skip has no Spark equivalent") as err:
         spark_ws.sql(f"SELECT * FROM read_csv('{tmp_path}/a.csv', delim = ';', skip = 1)")
     assert "delim" in err.value.hint and "workspace.<table>" in err.value.hint
+
+
+@pytest.mark.parametrize("query, construct", [
+    ("SELECT * REPLACE (dep_delay + 1 AS dep_delay) FROM flights", "SELECT * REPLACE (...)"),
+    ("SELECT * RENAME (dep_delay AS d) FROM flights", "SELECT * RENAME (...)"),
+    ("SELECT COLUMNS('.*delay') FROM flights", "COLUMNS(...)"),
+])
+def test_duckdb_only_constructs_are_named_on_spark(spark_ws, query, construct):
+    """What Spark SQL cannot express is an error naming the DuckDB construct (not Spark's parse
+    error somewhere else), with the way out; the session goes on."""
+    from mlsql.errors import EngineError
+
+    with pytest.raises(EngineError, match="Spark SQL cannot express this DuckDB construct") as err:
+        spark_ws.sql(query)
+    assert construct in str(err.value) and "mlsql_dialect = 'spark'" in err.value.hint
+    assert spark_ws.sql("SELECT count(*) FROM flights WHERE month = 1").scalar() > 0
