@@ -36,7 +36,7 @@ function fmt(v, unit = "") {
   let out;
   if (a >= 1e6) out = (v / 1e6).toFixed(2) + "M";
   else if (a >= 1e4) out = (v / 1e3).toFixed(1) + "k";
-  else if (a >= 100) out = v.toFixed(0);
+  else if (a >= 100 || Number.isInteger(v)) out = v.toFixed(0);  // counts: "1", not "1.00"
   else if (a >= 10) out = v.toFixed(1);
   else if (a >= 1) out = v.toFixed(2);
   else out = v.toPrecision(2);
