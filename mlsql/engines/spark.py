@@ -235,6 +235,8 @@ class SparkEngine(Engine):
         return tree
 
     def _file_view(self, fn: exp.Expression, fmt: str) -> str:
+        from ..options import read_literal
+
         args = [fn.this] if fn.this is not None else []
         args += list(fn.expressions)
         paths, options = [], {}
@@ -242,8 +244,6 @@ class SparkEngine(Engine):
             if isinstance(a, exp.Literal) and a.is_string:
                 paths.append(a.this)
             elif isinstance(a, exp.EQ | exp.PropertyEQ | exp.Kwarg):
-                from ..options import read_literal
-
                 key = a.this.name.lower()
                 options[key] = read_literal(a.expression, where=f"{fn.sql('duckdb')}: option {key}")
         if not paths:

@@ -318,7 +318,7 @@ def _label_values(col) -> tuple[pa.Array, str]:
     if pa.types.is_floating(t) or pa.types.is_decimal(t):
         f = col.cast(pa.float64())
         vals = f.drop_null().to_numpy(zero_copy_only=False)
-        if len(vals) and np.all(vals == np.round(vals)):
+        if np.all(vals == np.round(vals)):  # none at all (an empty batch) is no fractional value either
             return f.cast(pa.int64()), "int64"
         raise TrainingError(
             f"The label column has fractional values ({t}); a classifier needs discrete classes",

@@ -350,10 +350,9 @@ def _auc(F, scored, c: int, cm: np.ndarray, label: str = "", max_points: int = 2
     ranked = (per_score.withColumn("tp", F.sum("p").over(upto)).withColumn("fp", F.sum("q").over(upto))
               .withColumn("rank", F.row_number().over(down))
               # negatives strictly below this score = all negatives − those at or above it
-              .withColumn("u", F.col("p") * (F.lit(n_neg) - F.col("fp") + F.col("q") / 2.0))
-              .withColumn("distinct", F.count(F.lit(1)).over(Window.partitionBy())).persist())
+              .withColumn("u", F.col("p") * (F.lit(n_neg) - F.col("fp") + F.col("q") / 2.0)).persist())
     try:
-        total, m = ranked.agg(F.sum("u"), F.max("distinct")).first()
+        total, m = ranked.agg(F.sum("u"), F.count(F.lit(1))).first()
         step = max(1, -(-int(m) // max_points))
         pts = ranked.where((F.col("rank") % step == 0) | (F.col("rank") == m)).orderBy("rank") \
             .select("s", "tp", "fp").collect()

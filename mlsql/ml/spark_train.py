@@ -292,7 +292,10 @@ def _jvm_statistics(F, idf, numeric, categorical, label, classifier, has_eval, s
         rows = frame.groupBy("__mlsql_i", "__mlsql_v").agg(*aggs).collect()
     else:
         rows = [frame.agg(*aggs).first()]
-    total = lambda key: sum(r[key] or 0 for r in rows)  # noqa: E731
+
+    def total(key):
+        return sum(r[key] or 0 for r in rows)
+
     blob = {"sums": {c: [float(total(f"s{i}")), int(total(f"c{i}")), any(r[f"f{i}"] is not None for r in rows)]
                      for i, c in enumerate(numeric)},
             "cats": {c: sorted(r["__mlsql_v"] for r in rows
@@ -342,7 +345,7 @@ def _jvm_encode(F, idf, specs: list[FeatureSpec], label: str, info: dict, task: 
         classes = info["classes"]
         y = F.col(f"`{label}`")
         if isinstance(classes[0], bool):
-            code = F.when(y == F.lit(classes[-1]), 1).otherwise(0) if len(classes) == 2 else y.cast("int")
+            code = y.cast("int")  # classes [False, True]
         elif isinstance(classes[0], int):
             code = _position(F, y, classes, "long") - 1
         else:
@@ -517,9 +520,7 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
             raise TrainingError(
                 f"The label column has fractional values ({schema.field(label).type}); a classifier needs discrete classes",
                 hint="Use a regressor model_type, or CAST the label to an integer or string.")
-        lt = schema.field(label).type
-        label_type = "bool" if pa.types.is_boolean(lt) else "int64" if (
-            pa.types.is_integer(lt) or pa.types.is_floating(lt) or pa.types.is_decimal(lt)) else "string"
+        _, label_type = _label_values(pa.array([], schema.field(label).type))
         all_counts: dict = {}
         for s in stats:
             for v, k in s["labels_all"]:
@@ -537,7 +538,7 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
             class_weights = model_class_weights(opts, classes, cnt, n_fit, label)
 
     if not has_eval:
-        idf = idf.withColumn(EVAL, engine._functions().lit(False))
+        idf = idf.withColumn(EVAL, F.lit(False))
         n_train = n
     encoding = "ordinal" if opts.family == "boosted_tree" else "onehot"
     specs = []

@@ -121,11 +121,9 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
                   message=f"Created model {name} version {mv.version} ({model.model_type}). {shown}")
 
 
-def _examples(model, sample: pa.Table | None, features: pa.Table, input_columns: list[str]):
+def _examples(model, sample: pa.Table, features: pa.Table, input_columns: list[str]):
     """A few rows in (the columns ML.PREDICT reads) and out (what it returns), from which the
-    registry infers the version's MLflow signature; None when there are none to take."""
-    if sample is None:
-        return None
+    registry infers the version's MLflow signature; None when they cannot be taken."""
     by_lower = {c.lower(): c for c in sample.column_names}
     try:
         inputs = sample.select([by_lower[c.lower()] for c in input_columns if c.lower() in by_lower])
