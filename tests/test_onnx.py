@@ -51,6 +51,9 @@ def export_within_gate(s, model: str, quantize: str, tree_format: str, uri=None)
         assert "loses accuracy" in exc.message and "max_metric_drop" in exc.message, exc
         assert any(m in exc.message for m in ("roc_auc", "accuracy", "r2_score")), exc
         assert uri is None or not Path(uri).exists()
+        # the refusal carries the report of what failed: fp32 parity held, the quantized metric did not
+        assert not exc.report.passed and exc.report.max_abs_diff <= 1e-4, exc.report
+        assert exc.report.metric_drop > exc.report.max_metric_drop, exc.report
         return None
     rep = r.export.report
     assert rep.passed and rep.max_abs_diff <= 1e-4  # fp32 parity on the rows sampled from the training query
@@ -193,6 +196,53 @@ def test_transform_compiled_equals_transform_in_sql(ws):
     # and the whole model with its TRANSFORM exports with parity
     r = ws.sql("EXPORT MODEL tf OPTIONS (quantize = 'int8')")
     assert r.export.report.max_abs_diff <= 1e-4
+
+
+def _scaled_coef(proto, factor: float):
+    """A copy of the ONNX model with the linear model's coefficient initializer scaled by ``factor``."""
+    from onnx import numpy_helper
+
+    bad = type(proto)()
+    bad.CopyFrom(proto)
+    (init,) = [i for i in bad.graph.initializer if i.name.startswith("est/coef")]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(factor), init.name))
+    return bad
+
+
+def test_parity_report_passes_only_what_parity_checks(ws, tmp_path, monkeypatch):
+    """An export whose graph is wrong on purpose fails, and the error carries a report that says so
+    (passed False, the figure that failed); the same export of the right graph passed."""
+    import mlsql.onnx as ox
+
+    good = ws.sql(f"EXPORT MODEL lin OPTIONS (uri = '{tmp_path / 'good.onnx'}')").export.report
+    assert good.passed and good.max_abs_diff <= ox.PARITY_TOL and good.metric == "r2_score"
+
+    real_build = ox.build_graph
+
+    def build_1pct_off(*a, **k):  # every coefficient 1% off: predictions ~1% off, far over PARITY_TOL
+        proto, inputs, outputs = real_build(*a, **k)
+        return _scaled_coef(proto, 1.01), inputs, outputs
+
+    monkeypatch.setattr(ox, "build_graph", build_1pct_off)
+    with pytest.raises(ExportError, match="disagrees with the native model") as info:
+        ws.sql(f"EXPORT MODEL lin OPTIONS (uri = '{tmp_path / 'bad.onnx'}')")
+    rep = info.value.report
+    assert not rep.passed and rep.max_abs_diff > ox.PARITY_TOL and rep.rows == good.rows
+    assert not (tmp_path / "bad.onnx").exists()
+    monkeypatch.setattr(ox, "build_graph", real_build)
+
+    # the quantized gate: an int8 graph whose weights are halved loses most of r2 (max_metric_drop 0.005)
+    real_quantize = ox.quantize
+    monkeypatch.setattr(ox, "quantize", lambda proto, *a, **k: real_quantize(_scaled_coef(proto, 0.5), *a, **k))
+    with pytest.raises(ExportError, match="loses accuracy") as info:
+        ws.sql(f"EXPORT MODEL lin OPTIONS (uri = '{tmp_path / 'q.onnx'}', quantize = 'int8')")
+    rep = info.value.report
+    assert not rep.passed and rep.max_abs_diff <= ox.PARITY_TOL  # fp32 parity held; the quantized metric did not
+    assert rep.metric_drop > rep.max_metric_drop and rep.quantize == "int8"
+    assert rep.metric_native - rep.metric_quantized == pytest.approx(rep.metric_drop)
+    monkeypatch.setattr(ox, "quantize", real_quantize)
+    ok = ws.sql(f"EXPORT MODEL lin OPTIONS (uri = '{tmp_path / 'q.onnx'}', quantize = 'int8')").export.report
+    assert ok.passed and ok.metric_drop <= ok.max_metric_drop
 
 
 def test_uncompilable_expression_names_itself(ws):

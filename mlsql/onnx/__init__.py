@@ -456,7 +456,14 @@ class ParityReport:
     size_bytes: int
     size_bytes_fp32: int
     latency_ms: dict = field(default_factory=dict)  # {native|onnx_fp32|onnx_<q>: {batch_1, batch_256}}
-    passed: bool = True
+    passed: bool = field(init=False, default=False)  # both checks below held; set from the figures, never given
+
+    def __post_init__(self) -> None:
+        # export_model's two checks, read from the figures themselves: fp32 parity within PARITY_TOL,
+        # and the quantized metric's drop (when there is one) within max_metric_drop
+        fp32_ok = not self.max_abs_diff > PARITY_TOL
+        quantized_ok = self.metric_drop is None or not self.metric_drop > self.max_metric_drop
+        self.passed = fp32_ok and quantized_ok
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -593,14 +600,34 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
 
     metric, m_native = _metric(model, sample, native)
     _, m_onnx = _metric(model, sample, onnx_out)
-    if max_diff > PARITY_TOL:
-        raise ExportError(
-            f"The ONNX graph of {name} disagrees with the native model: max difference {max_diff:.3g} "
-            f"on {sample.num_rows} rows (tolerance {PARITY_TOL:g}); nothing was written",
+    q_bytes, q_out, m_q, q_sess, chosen = fp32, None, None, None, None
+    qd = drop = None
+
+    def report(latency: dict | None = None) -> ParityReport:
+        """The report of what has been checked so far (``passed`` follows from its figures)."""
+        return ParityReport(
+            model=name, quantize=opts["quantize"],
+            tree_format=opts["tree_format"] if model.estimator.kind == "xgboost" else None,
+            rows=sample.num_rows, max_abs_diff=max_diff, mean_abs_diff=mean_diff,
+            max_abs_diff_quantized=None if qd is None else float(np.nanmax(qd)),
+            mean_abs_diff_quantized=None if qd is None else float(np.nanmean(qd)),
+            metric=metric, metric_native=m_native, metric_onnx=m_onnx, metric_quantized=m_q,
+            metric_drop=drop, max_metric_drop=opts["max_metric_drop"],
+            quantize_settings=chosen,
+            size_bytes=len(q_bytes), size_bytes_fp32=len(fp32), latency_ms=latency or {},
         )
 
+    def refused(err: ExportError) -> ExportError:
+        err.report = report()  # what failed, for a caller to read: passed is False
+        return err
+
+    if max_diff > PARITY_TOL:
+        raise refused(ExportError(
+            f"The ONNX graph of {name} disagrees with the native model: max difference {max_diff:.3g} "
+            f"on {sample.num_rows} rows (tolerance {PARITY_TOL:g}); nothing was written",
+        ))
+
     # the quantized graph: each candidate setting in turn, the first whose metric holds on this CPU
-    q_bytes, q_out, m_q, q_sess, chosen = fp32, None, None, None, None
     tried: list[str] = []
     if opts["quantize"] != "none":
         calib = calibration if calibration is not None else sample
@@ -623,12 +650,12 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
         qd = qd / np.maximum(1.0, np.abs(native))
     drop = None if m_q is None or m_native is None else m_native - m_q
     if drop is not None and drop > opts["max_metric_drop"]:
-        raise ExportError(
+        raise refused(ExportError(
             f"The {opts['quantize']} export of {name} loses accuracy: {metric} {m_native:.4f} native, "
             f"{m_q:.4f} {opts['quantize']} (a drop of {drop:.4f}; max_metric_drop = {opts['max_metric_drop']:g}) "
             f"on {sample.num_rows} rows of the training query; nothing was written, registered or deployed",
             hint=_gate_hint(model, opts, tried),
-        )
+        ))
 
     # latency: one row and a batch of 256, ONNX Runtime on CPU vs the native model
     def rows(b):
@@ -644,22 +671,13 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
     if q_sess is not None:
         lat[f"onnx_{opts['quantize']}"] = {f"batch_{b}": _latency(lambda b: q_sess.run(None, lat_feeds[b]), b,
                                                                   50 if b == 1 else 20) for b in (1, 256)}
-    report = ParityReport(
-        model=name, quantize=opts["quantize"], tree_format=opts["tree_format"] if model.estimator.kind == "xgboost" else None,
-        rows=sample.num_rows, max_abs_diff=max_diff, mean_abs_diff=mean_diff,
-        max_abs_diff_quantized=None if qd is None else float(np.nanmax(qd)),
-        mean_abs_diff_quantized=None if qd is None else float(np.nanmean(qd)),
-        metric=metric, metric_native=m_native, metric_onnx=m_onnx, metric_quantized=m_q,
-        metric_drop=drop, max_metric_drop=opts["max_metric_drop"],
-        quantize_settings=chosen,
-        size_bytes=len(q_bytes), size_bytes_fp32=len(fp32), latency_ms=lat, passed=True,
-    )
+    checked = report(lat)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")
     tmp.write_bytes(q_bytes)
     tmp.replace(out_path)
-    return ExportResult(out_path, q_bytes, inputs, outputs, report, opts)
+    return ExportResult(out_path, q_bytes, inputs, outputs, checked, opts)
 
 
 def input_statistics(sample: pa.Table, inputs: list[dict]) -> dict[str, Any]:
