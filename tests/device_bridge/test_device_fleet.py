@@ -17,10 +17,12 @@ import pytest
 from device_test_helpers import TOKEN, Proc, enroll, make_keys, package, start_hub, wait_for
 
 from device_bridge.client import DeviceClient, HubClient
+from device_bridge.errors import InvalidInputError
 from device_bridge.keys import public_key_to_pem
 from device_bridge.rollout import rollout
 
 pytestmark = pytest.mark.timeout(180)
+V1_STATS = {"x": {"mean": 0.0, "std": 1.0}}
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +42,26 @@ def fleet(tmp_path_factory):
     hc = HubClient(hub.url, TOKEN)
     wait_for(lambda: len(hc.agents()) == 20, what="20 devices registered")
     yield {"hub": hub, "procs": procs, "hc": hc, "kp": kp, "tmp": tmp,
-           "devices": [d["name"] for p in procs for d in p.info["devices"]]}
+           "devices": [d["name"] for p in procs for d in p.info["devices"]],
+           "v1": package(kp, 1, training_stats=V1_STATS)}  # one build of v1: the same sha whoever installs it
     for p in procs + [hub]:
         p.kill()
+
+
+@pytest.fixture
+def fleet_on_v1(fleet):
+    """The fleet with scorer v1 active on every device, whatever an earlier test left: a test that
+    needs it sets it up itself instead of skipping when the staged-rollout test failed."""
+    hc, devices = fleet["hc"], fleet["devices"]
+
+    def all_on_v1() -> bool:
+        status = hc.status()
+        return all((status[d].get("status") or {}).get("scorer", {}).get("active") == 1 for d in devices)
+
+    if not all_on_v1():  # v1 installed with this sha is activated again; otherwise installed
+        hc.set_desired("scorer", fleet["v1"], devices=devices)
+        wait_for(all_on_v1, timeout=60, what="scorer v1 active on all 20 devices")
+    return fleet
 
 
 def _traffic(hc, mean: float, n: int = 6):
@@ -59,9 +78,9 @@ def _traffic(hc, mean: float, n: int = 6):
 
 def test_staged_rollout_passes_then_stops_at_first_failing_wave(fleet):
     hc, kp, devices = fleet["hc"], fleet["kp"], fleet["devices"]
-    stats = {"x": {"mean": 0.0, "std": 1.0}}
+    stats = V1_STATS
     gates = dict(max_error_rate=0.05, max_p95_ms=1000.0, required_provider="cpu", max_drift=2.0, min_requests=6)
-    rep = rollout(hc, "scorer", package(kp, 1, training_stats=stats), devices, rollout_percent=25,
+    rep = rollout(hc, "scorer", fleet["v1"], devices, rollout_percent=25,
                   on_wave=_traffic(hc, 0.0), **gates)
     assert rep.ok, rep.to_dict()
     assert [len(w.devices) for w in rep.waves] == [5, 5, 5, 5]
@@ -119,10 +138,9 @@ def test_telemetry_buffered_while_hub_down(tmp_path):
             hub.kill()
 
 
-def test_required_provider_and_error_rate_gates_stop_rollout(fleet):
+def test_required_provider_and_error_rate_gates_stop_rollout(fleet_on_v1):
+    fleet = fleet_on_v1
     hc, kp, devices = fleet["hc"], fleet["kp"], fleet["devices"]
-    if (hc.agent(devices[0]).get("status") or {}).get("scorer", {}).get("active") != 1:
-        pytest.skip("needs the fleet on v1 (previous test)")
     rep = rollout(hc, "scorer", package(kp, 3), devices, batch_size=2, required_provider="nnapi",
                   min_requests=0)
     assert rep.status == "stopped" and len(rep.waves) == 1
@@ -134,10 +152,11 @@ def test_required_provider_and_error_rate_gates_stop_rollout(fleet):
         for d in wave:
             c = DeviceClient(status[d]["url"], TOKEN)
             for k in range(6):
+                x = 7.0 if k % 2 else 1.0
                 try:
-                    c.predict("scorer", columns={"x": [7.0 if k % 2 else 1.0], "city": ["a"]})
-                except Exception:  # noqa: BLE001 - the fragile model fails on x >= 3
-                    pass
+                    c.predict("scorer", columns={"x": [x], "city": ["a"]})
+                except InvalidInputError as exc:  # the fragile model fails on x >= 3, and on nothing else
+                    assert x >= 3 and exc.kind == "model_input", exc
 
     rep = rollout(hc, "scorer", package(kp, 4, fragile=True), devices, batch_size=2, max_error_rate=0.1,
                   min_requests=6, on_wave=bad_traffic)
@@ -171,7 +190,8 @@ def test_hub_refuses_bad_calls(fleet):
         assert 400 <= e.value.code < 500
 
 
-def test_install_failure_on_device_fails_the_wave(fleet, tmp_path):
+def test_install_failure_on_device_fails_the_wave(fleet_on_v1, tmp_path):
+    fleet = fleet_on_v1
     hc, devices = fleet["hc"], fleet["devices"]
     stranger = make_keys(tmp_path / "stranger")  # devices do not trust this key
     t0 = time.time()
