@@ -35,7 +35,16 @@ import pyarrow.compute as pc
 
 from ..errors import TrainingError, UnknownColumnError
 from . import spark_score as S
-from .estimators import LinearEstimator, XGBEstimator, _sigmoid, _softmax
+from .estimators import (
+    LOGISTIC_GTOL,
+    LinearEstimator,
+    XGBEstimator,
+    _sigmoid,
+    _softmax,
+    logistic_margin,
+    logistic_objective,
+    logistic_sums,
+)
 from .features import MAX_CATEGORIES, FeatureSpec, _kind, encode, numeric_values, string_values
 from .model import (
     AUTO_SPLIT_EVAL_ROWS,
@@ -183,38 +192,29 @@ def _residuals(width: int, coefs: list, batches):
 
 
 def _logistic(width: int, mean, std, theta, k: int, batches):
-    """The unnormalized loss and gradient of LinearEstimator._fit_logistic at ``theta`` (training rows),
-    and the evaluation rows' summed log loss, in the same float32 arithmetic."""
+    """The unnormalized loss and gradient of LinearEstimator._fit_logistic at ``theta`` (training rows,
+    ``estimators.logistic_sums``), and the evaluation rows' summed log loss."""
     d = width
     n_out = 1 if k == 2 else k
     W = theta[: n_out * d].reshape(n_out, d)
     bias = theta[n_out * d:]
-    mean32, std32 = np.asarray(mean).astype(np.float32), np.asarray(std).astype(np.float32)
+    mean, std = np.asarray(mean), np.asarray(std)
     loss, gW, gb, ev_loss, ev_n = 0.0, np.zeros((n_out, d)), np.zeros(n_out), 0.0, 0
     for b in batches:
         X, y, w, ev = _matrix(b, width)
-        Z = (X - mean32) / std32
-        yi = y.astype(np.int64)
-        m = Z @ W.T.astype(np.float32) + bias
         tr = ~ev
-        if k == 2:
-            m = m[:, 0].astype(np.float64)
-            loss += float(w[tr] @ (np.logaddexp(0.0, m[tr]) - y[tr] * m[tr]))
-            r = (_sigmoid(m[tr]) - y[tr]) * w[tr]
-            gW += (r @ Z[tr])[None, :]
-            gb += np.array([r.sum()])
-            p = _sigmoid(m[ev])
-            p_true = np.where(yi[ev] == 1, p, 1.0 - p)
-        else:
-            m = m.astype(np.float64)
-            lse = np.logaddexp.reduce(m[tr], axis=1)
-            loss += float(w[tr] @ (lse - m[tr][np.arange(int(tr.sum())), yi[tr]]))
-            r = (_softmax(m[tr]) - np.eye(k)[yi[tr]]) * w[tr][:, None]
-            gW += r.T @ Z[tr]
-            gb += r.sum(axis=0)
-            p_true = _softmax(m[ev])[np.arange(int(ev.sum())), yi[ev]] if ev.any() else np.zeros(0)
-        ev_loss += float(-np.log(np.clip(p_true, 1e-15, 1)).sum())
-        ev_n += int(ev.sum())
+        part = logistic_sums(X[tr], y[tr], w[tr], mean, std, W, bias, k)
+        loss, gW, gb = loss + part[0], gW + part[1], gb + part[2]
+        if ev.any():
+            m = logistic_margin(X[ev], mean, std, W, bias)[0]
+            yi = y[ev].astype(np.int64)
+            if k == 2:
+                p = _sigmoid(m[:, 0])
+                p_true = np.where(yi == 1, p, 1.0 - p)
+            else:
+                p_true = _softmax(m)[np.arange(len(yi)), yi]
+            ev_loss += float(-np.log(np.clip(p_true, 1e-15, 1)).sum())
+            ev_n += int(ev.sum())
     yield pa.RecordBatch.from_arrays(
         [pa.array([json.dumps({"loss": loss, "gW": gW.tolist(), "gb": gb.tolist(), "ev": ev_loss, "ev_n": ev_n})])],
         names=["g"])
@@ -745,11 +745,7 @@ def _logistic_fit(est, encoded, width, opts, k, n, has_eval, progress, t0):
 
     def loss_grad(theta):
         loss, gW, gb, _, _ = sums(theta)
-        W = theta[: n_out * d].reshape(n_out, d)
-        loss, gW, gb = loss / wsum, gW / wsum, gb / wsum
-        loss += 0.5 * l2 * float((W**2).sum()) + l1 * float(np.sqrt(W**2 + 1e-12).sum())
-        gW = gW + l2 * W + l1 * W / np.sqrt(W**2 + 1e-12)
-        return loss, np.concatenate([np.asarray(gW, dtype=np.float64).ravel(), gb])
+        return logistic_objective(loss, gW, gb, wsum, theta[: n_out * d].reshape(n_out, d), l2, l1)
 
     F_sum = _collect_json(encoded.mapInArrow(partial(_weight_sum, width), "s string"), "s")
     wsum = float(sum(F_sum))
@@ -772,7 +768,7 @@ def _logistic_fit(est, encoded, width, opts, k, n, has_eval, progress, t0):
 
     theta0 = np.zeros(n_out * d + n_out)
     res = minimize(loss_grad, theta0, jac=True, method="L-BFGS-B", callback=callback,
-                   options={"maxiter": opts.max_iterations, "gtol": 1e-7})
+                   options={"maxiter": opts.max_iterations, "gtol": LOGISTIC_GTOL})
     W = res.x[: n_out * d].reshape(n_out, d)
     est._set_from_standardized(W, res.x[n_out * d:])
     est.link = "sigmoid" if k == 2 else "softmax"
