@@ -123,6 +123,7 @@ def serve(args) -> int:
     from device_bridge.agent.app import create_app
     from device_bridge.agent.core import AgentConfig, AgentCore, StoreError
     from device_bridge.agent.hubsync import HubSync
+    from device_bridge.agent.storelock import StoreInUse, claim
 
     if not args.token:
         print("mlsql-device: --token (or MLSQL_DEVICE_TOKEN) is required", file=sys.stderr)
@@ -150,6 +151,7 @@ def serve(args) -> int:
     fake = [p.strip() for p in args.fake_providers.split(",")] if args.fake_providers else None
     items = []
     devices = []
+    claims = []
     for i in range(max(1, args.devices)):
         name = args.name if args.devices <= 1 else f"{args.name}-{i}"
         store = Path(args.store) if args.devices <= 1 else Path(args.store) / name
@@ -161,12 +163,13 @@ def serve(args) -> int:
             breaker_window=args.breaker_window, breaker_min_requests=args.breaker_min_requests,
             breaker_threshold=args.breaker_threshold, hub_url=args.hub,
             hub_token=args.hub_token, available_providers=fake, ort_threads=args.ort_threads)
+        port = args.port if args.devices <= 1 or args.port == 0 else args.port + i
         try:
+            claims.append(claim(store, name, port or None))  # held until this process ends
             core = AgentCore(cfg)
-        except StoreError as exc:
+        except (StoreError, StoreInUse) as exc:
             print(f"mlsql-device: {exc}", file=sys.stderr)
             return 2
-        port = args.port if args.devices <= 1 or args.port == 0 else args.port + i
         sock = _bind(args.host, port)
         real_port = sock.getsockname()[1]
         url = f"{scheme}://{args.host}:{real_port}"

@@ -100,11 +100,39 @@ def _device(args, extra: list[str]) -> int:
     if args.action == "key":
         print(pub)
         return 0
-    if "--name" not in extra:
-        extra += ["--name", "local"]
-    if "--store" not in extra:
-        extra += ["--store", str(ws.root / "device")]
+    name = _flag(extra, "--name")
+    if name is None:
+        name = "local"
+        extra += ["--name", name]
+    if _flag(extra, "--store") is None:
+        extra += ["--store", str(device_store(ws.root, name))]
     return device_main(["serve", "--trust", str(pub), *extra]) or 0
+
+
+def _flag(args: list[str], flag: str) -> str | None:
+    """The value of ``--flag V`` or ``--flag=V`` among arguments passed through, else None."""
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def device_store(root, name: str):
+    """The default store of ``mlsql device serve --name NAME``: one folder per device name, so that
+    two devices on one machine never report each other's models. Before, every device used
+    ``<workspace>/device``; the ``local`` agent of `make lab` moves its models from there once."""
+    from pathlib import Path
+
+    root = Path(root)
+    store = root / "devices" / name
+    legacy = root / "device"
+    if name == "local" and legacy.is_dir() and not store.exists():
+        store.parent.mkdir(parents=True, exist_ok=True)
+        legacy.rename(store)
+        print(f"mlsql device serve: moved the agent store {legacy} to {store}", file=sys.stderr)
+    return store
 
 
 def _run(args) -> int:

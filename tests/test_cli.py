@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 
 def run(*args, cwd=None, input=None):
@@ -85,3 +86,48 @@ def test_lock_file_matches_pyproject_and_the_check_catches_drift(tmp_path):
     assert bad.returncode == 1
     assert "dependencies changed" in bad.stderr and "left-pad is not in the lock" in bad.stderr
     assert "make lock" in bad.stderr
+
+
+def test_each_device_name_gets_its_own_store_and_two_agents_cannot_share_one(tmp_path):
+    """`mlsql device serve --name N` without --store serves <workspace>/devices/N: a second device on
+    the machine starts empty instead of reporting the first one's models, and a second agent on a
+    store that is in use is refused with the holder's name and pid (nothing of the first is touched)."""
+    import json
+    import urllib.request
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bridge_procs import start_bridge
+
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "mlsql.cli", "device"]
+    legacy = ws / "device"  # the store every device shared before
+    legacy.mkdir(parents=True)
+    (legacy / "telemetry.key").write_bytes(b"k" * 32)  # state of the old store that must carry over
+    local, on_local = start_bridge(["serve", "--workspace", str(ws), "--name", "local", "--port", "0",
+                                    "--token", "t"], tmp_path, "local", command=cmd)
+    edge, on_edge = start_bridge(["serve", "--workspace", str(ws), "--name=edge-1", "--port", "0",
+                                  "--token", "t"], tmp_path, "edge", command=cmd)
+    try:
+        # make lab's 'local' agent took the old shared store over; edge-1 has a store of its own
+        assert (ws / "devices" / "local" / "telemetry.key").read_bytes() == b"k" * 32 and not legacy.exists()
+        assert (ws / "devices" / "edge-1" / "telemetry.key").read_bytes() != b"k" * 32
+        for proc, where, name in ((local, "local", "local"), (edge, "edge-1", "edge-1")):
+            held = json.loads((ws / "devices" / where / "agent.lock").read_text())
+            assert held["pid"] == proc.pid and held["name"] == name
+        req = urllib.request.Request(on_edge[0]["url"] + "/v1/info", headers={"Authorization": "Bearer t"})
+        assert json.load(urllib.request.urlopen(req, timeout=10))["name"] == "edge-1"
+
+        second = subprocess.run([*cmd, "serve", "--workspace", str(ws), "--name", "edge-1", "--port", "0",
+                                 "--token", "t"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2
+        assert f"in use by agent 'edge-1' (pid {edge.pid}" in second.stderr, second.stderr
+        assert edge.poll() is None  # the first one goes on serving
+    finally:
+        for p in (local, edge):
+            p.terminate()
+            p.wait(timeout=30)
+    # a killed agent leaves no claim behind: the kernel dropped its flock with the process
+    again, _ = start_bridge(["serve", "--workspace", str(ws), "--name", "edge-1", "--port", "0", "--token", "t"],
+                            tmp_path, "again", command=cmd)
+    again.terminate()
+    again.wait(timeout=30)
