@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 export MLSQL_HOME ?= $(CURDIR)/.mlsql
 
-.PHONY: install lock lab test test-fast bench lint clean
+.PHONY: install lock lock-upgrade lab test test-fast bench lint clean
 
 install: $(VENV)/.installed $(VENV)/.labextension
 
@@ -41,10 +41,15 @@ $(VENV)/.labextension: $(EXT_BUILT) $(VENV)/.installed
 	ln -s "$(CURDIR)/mlsql/labextension" "$(LABEXT_DIR)"
 	touch $@
 
-# Resolve pyproject.toml again and rewrite requirements.lock (needs the package index).
+# Resolve pyproject.toml again and rewrite requirements.lock (needs the package index): `make lock`
+# keeps every locked version that still fits, `make lock-upgrade` takes the newest ones allowed.
 lock:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) .ci/lock.py
+
+lock-upgrade:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) .ci/lock.py --upgrade
 
 # Jupyter refuses to run as root unless told; containers often run as root.
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)

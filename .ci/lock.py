@@ -1,6 +1,8 @@
 """The lock file: the exact versions `make install` installs, so two fresh machines get the same packages.
 
-    python .ci/lock.py            # resolve pyproject.toml again (pip's resolver) and rewrite requirements.lock
+    python .ci/lock.py            # resolve pyproject.toml again (pip's resolver) and rewrite requirements.lock,
+                                  # keeping every locked version that still fits (as pip-compile and uv do)
+    python .ci/lock.py --upgrade  # resolve from scratch: the newest versions pyproject.toml allows
     python .ci/lock.py --check    # exit 1 when requirements.lock no longer matches pyproject.toml
 
 `make lock` runs the first. The lock holds every package (with its dependencies) that
@@ -84,16 +86,44 @@ def _locked() -> tuple[str | None, dict[str, str]]:
     return digest, pins
 
 
-def write() -> None:
-    project = _pyproject()["project"]
+def _kept(project: dict) -> dict[str, str]:
+    """The locked versions that still fit pyproject.toml's direct requirements: the next resolution
+    keeps them, so a change to one requirement moves only what it must."""
+    from pip._vendor.packaging.requirements import Requirement
+
+    if not LOCK.exists():
+        return {}
+    pins = _locked()[1]
+    for text in _requirements(project):
+        req = Requirement(text)
+        name = _canonical(req.name)
+        if name in pins and req.specifier and not req.specifier.contains(pins[name], prereleases=True):
+            del pins[name]
+    pinned = {_canonical(k) for k in PINS}
+    return {k: v for k, v in pins.items() if k not in OWN and k not in pinned}
+
+
+def _resolve(pins: dict[str, str]) -> list[dict] | None:
     with tempfile.TemporaryDirectory() as tmp:
         constraints = Path(tmp) / "pins.txt"
-        constraints.write_text("".join(f"{k}=={v}\n" for k, v in PINS.items()))
+        constraints.write_text("".join(f"{k}=={v}\n" for k, v in pins.items()))
         report = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
-                        "--report", str(report), "-c", str(constraints), *LOCAL, f".[{','.join(EXTRAS)}]"],
-                       cwd=ROOT, check=True)
-        resolved = json.loads(report.read_text())["install"]
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                               "--report", str(report), "-c", str(constraints), *LOCAL, f".[{','.join(EXTRAS)}]"],
+                              cwd=ROOT)
+        return json.loads(report.read_text())["install"] if done.returncode == 0 else None
+
+
+def write(upgrade: bool = False) -> None:
+    project = _pyproject()["project"]
+    kept = {} if upgrade else _kept(project)
+    resolved = _resolve({**kept, **PINS})
+    if resolved is None and kept:
+        print("the locked versions no longer resolve together with pyproject.toml; resolving from scratch",
+              file=sys.stderr)
+        resolved = _resolve(dict(PINS))
+    if resolved is None:
+        sys.exit("pip could not resolve pyproject.toml's dependencies (see above)")
     lines = sorted(f"{_canonical(i['metadata']['name'])}=={i['metadata']['version'].split('+')[0]}"
                    for i in resolved if _canonical(i["metadata"]["name"]) not in OWN)
     header = [
@@ -136,7 +166,8 @@ def check() -> int:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="only check that the lock matches pyproject.toml")
+    ap.add_argument("--upgrade", action="store_true", help="resolve from scratch instead of keeping locked versions")
     ap.add_argument("--root", type=Path, default=ROOT, help="the project folder (default: this clone)")
     a = ap.parse_args()
     _at(a.root.resolve())
-    sys.exit(check() if a.check else write())
+    sys.exit(check() if a.check else write(a.upgrade))
