@@ -762,14 +762,16 @@ def _vocab(manifest: pkg.Manifest) -> dict[str, frozenset]:
 
 
 def _training_moments(manifest: pkg.Manifest) -> dict[str, dict]:
-    """The numeric training statistics of the signed manifest (mean, std, null rate per column),
-    for drift views such as the notebook's monitor; string columns' training values stay out."""
+    """The numeric training statistics of the signed manifest (mean, std, null rate per column, and
+    for a string column the share of training rows outside its listed values, ``other_share``: the
+    baseline of ``unseen_rate``), for drift views such as the notebook's monitor; string columns'
+    training values stay out."""
     stats = manifest.extra.get("training_stats") or manifest.metrics.get("training_stats") or {}
     out = {}
     if isinstance(stats, dict):
         for col, st in stats.items():
             if isinstance(st, dict):
-                keep = {k: st[k] for k in ("mean", "std", "null_rate")
+                keep = {k: st[k] for k in ("mean", "std", "null_rate", "other_share")
                         if isinstance(st.get(k), int | float) and not isinstance(st.get(k), bool)}
                 if keep:
                     out[str(col)] = keep

@@ -21,7 +21,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -678,30 +677,6 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
     tmp.write_bytes(q_bytes)
     tmp.replace(out_path)
     return ExportResult(out_path, q_bytes, inputs, outputs, checked, opts)
-
-
-def input_statistics(sample: pa.Table, inputs: list[dict]) -> dict[str, Any]:
-    """Training-side statistics of each raw input, for drift checks on devices."""
-    stats = {}
-    by_lower = {c.lower(): c for c in sample.column_names}
-    for spec in inputs:
-        col = sample.column(by_lower[spec["name"].lower()])
-        n = len(col)
-        if spec["type"] == "string":
-            vc = pc.value_counts(pc.fill_null(col.cast(pa.string()), "")).to_pylist()
-            vc.sort(key=lambda d: -d["counts"])
-            top = {d["values"]: d["counts"] / max(n, 1) for d in vc[:20]}
-            # "values": training values the agent may show as written in its statistics; any
-            # other string a client sends appears only as a keyed hash (docs/DEVICE.md)
-            stats[spec["name"]] = {"kind": "string", "null_rate": col.null_count / max(n, 1),
-                                   "top": top, "values": sorted(top)}
-        else:
-            x = col.cast(pa.float64()).to_numpy(zero_copy_only=False).astype(np.float64)
-            ok = x[~np.isnan(x)]
-            stats[spec["name"]] = {"kind": "number", "null_rate": float(1 - len(ok) / max(n, 1)),
-                                   "mean": float(ok.mean()) if len(ok) else None,
-                                   "std": float(ok.std()) if len(ok) else None}
-    return stats
 
 
 def build_device_package(result: ExportResult, *, name: str, version: int, key_dir: Path, label: str,

@@ -57,7 +57,7 @@ def export(s: SessionState, spec: P.ModelSpec, options: dict, *, quiet: bool = F
     report_path.write_text(json.dumps(result.report.to_dict(), indent=1, default=str))
     result.package_path = None
     if opts.get("package") or opts.get("providers"):
-        result.package_path = package(s, lm, result, sample, opts.get("providers"))
+        result.package_path = package(s, lm, result, opts.get("providers"))
     try:
         s.registry.log_artifact(mv, result.path, "exports")
         s.registry.log_artifact(mv, report_path, "exports")
@@ -82,9 +82,27 @@ def export(s: SessionState, spec: P.ModelSpec, options: dict, *, quiet: bool = F
     return out
 
 
-def package(s: SessionState, lm: LoadedModel, result, sample: pa.Table, providers=None) -> Path:
+def package_statistics(s: SessionState, lm: LoadedModel, inputs: list[dict]) -> dict:
+    """The training statistics of the package's inputs: those stored at CREATE MODEL, or for a
+    model trained before they were, computed now over its whole training query."""
+    from .stats import training_statistics
+
+    stats = lm.meta.get("training_stats")
+    names = [i["name"] for i in inputs]
+    if stats is None:
+        query = lm.meta.get("query_sql")
+        if not query:
+            return {}
+        params = lm.meta.get("query_params") or None
+        schema = s.engine.query(f"SELECT * FROM ({query}) AS t LIMIT 0", params).schema
+        stats = training_statistics(s.engine, f"({query})", params, schema, names)
+    by_lower = {k.lower(): k for k in stats}
+    return {n: stats[by_lower[n.lower()]] for n in names if n.lower() in by_lower}
+
+
+def package(s: SessionState, lm: LoadedModel, result, providers=None) -> Path:
     """Sign the export into a device package next to it (``<file>.mlpkg``)."""
-    from ..onnx import build_device_package, input_statistics
+    from ..onnx import build_device_package
 
     mv = lm.version
     if isinstance(providers, str):
@@ -93,7 +111,7 @@ def package(s: SessionState, lm: LoadedModel, result, sample: pa.Table, provider
     build_device_package(
         result, name=mv.name, version=mv.version, key_dir=s.workspace.keys_dir, label=lm.label,
         classes=lm.model.classes, model_type=lm.model.model_type, metrics=dict(lm.model.eval_metrics),
-        stats=input_statistics(sample, result.inputs), providers=list(providers or ["cpu"]), out=path,
+        stats=package_statistics(s, lm, result.inputs), providers=list(providers or ["cpu"]), out=path,
         created_at=mv.created.isoformat(timespec="seconds"),  # UTC (the registry's timestamp)
     )
     return path

@@ -46,6 +46,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
         transform, schema, fp, features, sample, sample_features = trainer.prepare(
             s.engine, step, query_params, temps)
         train = partial(trainer.train, s.engine)
+        relation, relation_params = f"({step.query_sql})", query_params
     else:
         data = s.engine.query(step.query_sql, query_params)
         if data.num_rows == 0:
@@ -61,6 +62,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             transform = fit_transform(step.transform, raw_name, data.column_names, s.engine.query)
             features = s.engine.query(transform.select_sql(raw_name, data.column_names))
         fp = s.engine.fingerprint(raw_name)
+        relation, relation_params = raw_name, None
         # a few training rows, from which the registry infers the version's signature
         sample, sample_features = data.slice(0, 50), features
     rows, data_hash = fp.rows, fp.digest
@@ -75,6 +77,10 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
     ended = time.time()
     if transform is not None and model.label not in transform.output_columns:
         raise MLSQLError(f"TRANSFORM must output the label column '{model.label}'")
+    input_columns = transform.input_columns if transform else [f.name for f in model.features]
+    from .stats import training_statistics
+
+    stats = training_statistics(s.engine, relation, relation_params, schema, input_columns)
 
     with tempfile.TemporaryDirectory(prefix="mlsql-model-") as tmp:
         d = Path(tmp)
@@ -85,7 +91,10 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             "query_sql": step.query_sql,
             # the values of its {name} / $name parameters: export and deploy sample the same rows
             "query_params": _json_safe(query_params),
-            "input_columns": transform.input_columns if transform else [f.name for f in model.features],
+            "input_columns": input_columns,
+            # every training row's statistics per input column (mlsql/steps/stats.py): the baseline
+            # that device packages carry for drift, so that no copy of the training data is needed
+            "training_stats": stats,
             "training_schema": {f.name: str(f.type) for f in schema},
             "data_rows": rows,
             "data_hash": data_hash,
