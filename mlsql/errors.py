@@ -39,8 +39,12 @@ class MLSQLError(Exception):
     """Base of every error MLSQL raises for a user mistake or a failed statement.
 
     ``line``, ``column``, ``end_line``, ``end_column`` (1-based, relative to the script the user
-    wrote) are set when the error knows where it is; :meth:`span` finds it for the errors that
-    only know a name (an unknown model, option, column...)."""
+    wrote) are set when the error knows where it is: the session sets them from the statement's
+    tree (:mod:`mlsql.dialect.positions`) for the errors that only know a name (an unknown model,
+    option, column...), and ``source``, the script, from which the message shows the line with a
+    caret. ``line_offset``: lines above the script where the user reads it (the ``%%mlsql`` line
+    of a notebook cell), added to every line number the message and :meth:`span` give. ``also``:
+    more errors of the same statement, reported with this one (every bad option, not the first)."""
 
     engine_error: str | None = None  # the engine's own error class, when the engine raised it
     line: int | None = None
@@ -48,37 +52,91 @@ class MLSQLError(Exception):
     end_line: int | None = None
     end_column: int | None = None
     statement_line: int | None = None  # the line of the script where the failing statement starts
+    source: str | None = None
+    line_offset: int = 0
+    also: tuple[MLSQLError, ...] = ()
+    summary: str | None = None  # the first line when ``also`` is not empty ("2 problems in ...")
 
     def __init__(self, message: str, *, hint: str | None = None):
         self.message = message
         self.hint = hint
+        self._contexts: list[tuple[str, int | None]] = []
         Exception.__init__(self, self.__str__())  # not super(): DeviceError also derives from device_bridge's
 
     def __str__(self) -> str:
-        return self.message if not self.hint else f"{self.message}\n{self.hint}"
+        off = self.line_offset
+        if self.also:
+            text = "\n".join([self.summary or f"{1 + len(self.also)} problems"]
+                             + [e._block(off) for e in (self, *self.also)])
+        else:
+            text = self._block(off)
+        for where, line in getattr(self, "_contexts", ()):
+            text = f"{where}{f' (line {line + off})' if line is not None else ''}: {text}"
+        return text
+
+    def _block(self, off: int) -> str:
+        """The message, where it is (line, column, and the line with a caret) and the hint."""
+        text = self.message
+        if _ENGINE_LINE.search(text):  # the engine's own "LINE n:" and caret: renumbered, not repeated
+            if off:
+                text = _ENGINE_LINE_NO.sub(lambda m: f"LINE {int(m.group(1)) + off}:", text)
+        elif self.line is not None and self.column is not None:
+            # sqlglot's way: the first line ends with the position, the line with a caret follows
+            head, _, rest = text.rstrip().partition("\n")
+            head += f"{' ' if head[-1:] in ('.', '!', '?') else '. '}Line {self.line + off}, Col: {self.column}."
+            snippet = caret_snippet(self.source or "", self.line, self.column)
+            text = "\n".join(part for part in (head, snippet, rest) if part)
+        return text if not self.hint else f"{text}\n{self.hint}"
+
+    def _changed(self) -> None:
+        self.args = (str(self),)
 
     def with_context(self, where: str, *, line: int | None = None) -> MLSQLError:
-        """Prefix the message with where it happened (e.g. the statement of a script); ``line``:
-        the script line where that statement starts."""
-        self.message = f"{where}: {self.message}"
-        self.args = (str(self),)
+        """Prefix the message with where it happened (e.g. ``Statement 2`` of a script); ``line``:
+        the script line where that statement starts, shown after ``where`` as ``(line L)``."""
+        self._contexts.append((where, line))
         if line is not None and self.statement_line is None:
             self.statement_line = line
+        self._changed()
         return self
 
-    def set_span(self, line: int, column: int, end_line: int | None = None, end_column: int | None = None) -> None:
+    def set_span(self, line: int, column: int, end_line: int | None = None, end_column: int | None = None,
+                 *, source: str | None = None) -> None:
         self.line, self.column = line, column
         self.end_line = end_line if end_line is not None else line
         self.end_column = end_column if end_column is not None else column + 1
+        if source is not None:
+            self.source = source
+        self._changed()
+
+    def shift_lines(self, lines: int) -> None:
+        """Number every line as the user reads it: ``lines`` lines above the script (a cell's
+        ``%%mlsql`` line). The message and :meth:`span` follow."""
+        for e in (self, *self.also):
+            e.line_offset = lines
+        self._changed()
+
+    def add(self, others: list[MLSQLError], summary: str | None = None) -> MLSQLError:
+        """Report ``others`` (errors of the same statement) with this one."""
+        self.also = (*self.also, *others)
+        self.summary = summary or self.summary
+        self._changed()
+        return self
 
     def span(self, sql: str | None = None) -> Span | None:
-        """Where the error is in ``sql`` (the script that ran): the error's own position, else the
-        first whole-word occurrence of the name it is about at or after its statement's line."""
+        """Where the error is, lines as the user reads them (``line_offset`` added): the error's own
+        position, else the caret of the engine's message, else the first whole-word occurrence in
+        ``sql`` (the script that ran) of the name the error is about, at or after its statement's
+        line."""
+        found = self._script_span(sql)
+        return found.shifted(self.line_offset) if found is not None and self.line_offset else found
+
+    def _script_span(self, sql: str | None) -> Span | None:
+        if self.line is not None and self.column is not None:
+            return Span(self.line, self.column, self.end_line or self.line, self.end_column or self.column + 1)
         from_engine = engine_span(self.message)
         if from_engine is not None:
             return _align(from_engine, self.message, sql)
-        if self.line is not None and self.column is not None:
-            return Span(self.line, self.column, self.end_line or self.line, self.end_column or self.column + 1)
         name = getattr(self, "name", None)
         if not sql or not isinstance(name, str) or not name:
             return None
@@ -103,21 +161,22 @@ def line_col(text: str, offset: int) -> tuple[int, int]:
     return text.count("\n", 0, offset) + 1, offset - (text.rfind("\n", 0, offset) + 1) + 1
 
 
+def span_of(text: str, start: int, end: int) -> Span:
+    """The span of characters ``start`` to ``end`` (exclusive) of ``text``."""
+    line, col = line_col(text, start)
+    end_line, end_col = line_col(text, max(end, start + 1))
+    return Span(line, col, end_line, end_col)
+
+
 class ParseError(MLSQLError):
     """Text that is not valid MLSQL; carries 1-based line and column."""
 
     def __init__(self, message: str, *, sql: str = "", line: int | None = None,
                  col: int | None = None, hint: str | None = None):
         self.sql = sql
-        text = message
+        super().__init__(message, hint=hint)
         if line is not None and col is not None:
-            text = f"{message}. Line {line}, Col: {col}."
-            snippet = caret_snippet(sql, line, col)
-            if snippet:
-                text = f"{text}\n{snippet}"
-        super().__init__(text, hint=hint)
-        if line is not None and col is not None:
-            self.set_span(line, col, line, col + _token_length(sql, line, col))
+            self.set_span(line, col, line, col + _token_length(sql, line, col), source=sql)
 
     @property
     def col(self) -> int | None:
@@ -148,17 +207,15 @@ class UnknownNameError(MLSQLError):
     kind = "name"
 
     def __init__(self, name: str, candidates: Iterable[str] = (), *, where: str | None = None,
-                 message: str | None = None):
+                 message: str | None = None, hint: str | None = None):
         self.name = name
         self.candidates = list(candidates)
         self.suggestion = did_you_mean(name, self.candidates)
         msg = message or f"Unknown {self.kind} '{name}'" + (f" {where}" if where else "")
-        if self.suggestion:
+        if hint is None and self.suggestion:
             hint = f"Did you mean '{self.suggestion}'?"
-        elif 0 < len(self.candidates) <= 10:
+        elif hint is None and 0 < len(self.candidates) <= 10:
             hint = f"Known {self.kind}s: {', '.join(sorted(map(str, self.candidates)))}."
-        else:
-            hint = None
         super().__init__(msg, hint=hint)
 
 
@@ -172,10 +229,13 @@ class UnknownModelError(UnknownNameError):
 
 class UnknownColumnError(UnknownNameError):
     kind = "column"
+    function: str | None = None  # the ML function whose input lacks the column ('PREDICT'), if any
+    missing: list[str] | None = None  # every column that input lacks, this one first
 
 
 class UnknownOptionError(UnknownNameError):
     kind = "option"
+    statement_kind: str | None = None  # whose OPTIONS or STRUCT settings ('CREATE MODEL', 'ML.PREDICT')
 
 
 class UnknownDeviceError(UnknownNameError):
@@ -199,7 +259,13 @@ class UnknownVariableError(UnknownNameError):
 
 
 class OptionError(MLSQLError):
-    """An option with a value of the wrong type or out of range."""
+    """An option with a value of the wrong type or out of range. ``option``: its name, when the
+    error is about one option's value; ``statement_kind``: whose OPTIONS ('CREATE MODEL',
+    'ML.PREDICT'); ``at_name``: the error is about the option's name, not its value."""
+
+    option: str | None = None
+    statement_kind: str | None = None
+    at_name: bool = False
 
 
 class EngineError(MLSQLError):
@@ -209,13 +275,11 @@ class EngineError(MLSQLError):
     def __init__(self, message: str, *, hint: str | None = None, engine_error: str | None = None):
         super().__init__(message, hint=hint)
         self.engine_error = engine_error
-        span = engine_span(message)
-        if span is not None:
-            self.set_span(span.line, span.column, span.end_line, span.end_column)
 
 
 # DuckDB's errors end with the script line and a caret under the column: "LINE 3: SELECT a FRM t\n   ^"
 _ENGINE_LINE = re.compile(r"^LINE (\d+): (.*)\n( *)\^", re.M)
+_ENGINE_LINE_NO = re.compile(r"^LINE (\d+):", re.M)
 
 
 def _align(span: Span, message: str, sql: str | None) -> Span:
@@ -229,6 +293,12 @@ def _align(span: Span, message: str, sql: str | None) -> Span:
     if at <= 0:
         return span
     return Span(span.line, span.column + at, span.end_line, span.end_column + at)
+
+
+def without_engine_position(message: str) -> str:
+    """The engine's message without its "LINE n:" line and caret: for a statement the engine ran
+    as MLSQL rendered it, they point into that rendering, not into what the user wrote."""
+    return _ENGINE_LINE.sub("", message).rstrip()
 
 
 def engine_span(message: str) -> Span | None:

@@ -101,15 +101,19 @@ class MLSQLMagic(Magics):
             plots = self.plots if opts.get("plot") is None else opts["plot"]
             session.progress = _progress_factory(plots) if (self.progress and not opts.get("no_progress")) else None
             session.on_wait = notice = _WaitNotice()
-            sql, params = bind_python_variables(sql, ns)
+            sql, params = bind_python_variables(sql, ns, line_offset=self.cell_line_offset if cell is not None else 0)
             limit = opts.get("limit") or self.autolimit or None
             try:
                 result = session.sql(sql, params, autolimit=limit)
             finally:
                 notice.done()
         except MLSQLError as exc:
-            if cell is not None:
-                publish_error_span(exc, cell, self.cell_line_offset)
+            if cell is not None:  # every line number as the editor shows the cell: the %%mlsql line counts
+                exc.shift_lines(self.cell_line_offset)
+                for e in (exc, *exc.also):
+                    if e.source == sql:
+                        e.source = cell  # the caret under the cell's own text ({name}, not $name)
+                publish_error_span(exc, cell)
             raise UsageError(str(exc)) from None
         except KeyboardInterrupt:
             # a statement stops where it was: nothing half-done is registered (a model is
@@ -158,11 +162,12 @@ def _parse_options(line: str) -> tuple[dict, str]:
     return opts, rest
 
 
-def bind_python_variables(sql: str, namespace: dict) -> tuple[str, dict]:
+def bind_python_variables(sql: str, namespace: dict, *, line_offset: int = 0) -> tuple[str, dict]:
     """Turn ``{name}`` into the query parameter ``$name`` bound to the notebook's value.
 
     Values never enter the SQL text. Braces inside strings and DuckDB struct
-    literals (``{'a': 1}``) are left alone; an unknown ``{name}`` is a UsageError naming it.
+    literals (``{'a': 1}``) are left alone; an unknown ``{name}`` is a UsageError naming it and
+    its line (``line_offset``: lines of the cell above ``sql``, its ``%%mlsql`` line).
     """
     if "{" not in sql:
         return sql, {}
@@ -181,12 +186,13 @@ def bind_python_variables(sql: str, namespace: dict) -> tuple[str, dict]:
                 import difflib
 
                 near = difflib.get_close_matches(b.text, [k for k in namespace if not k.startswith("_")], n=1)
-                line = sql.count("\n", 0, a.start) + 1
+                line = sql.count("\n", 0, a.start) + 1 + line_offset
                 raise UsageError(f"{{{b.text}}} at line {line}: no notebook variable named '{b.text}'"
                                  + (f". Did you mean {{{near[0]}}}?" if near else
                                     ". Set it in a Python cell first, e.g. " + b.text + " = ..."))
             params[b.text] = namespace[b.text]
-            edits.append((a.start, c.end + 1, f"${b.text}"))
+            # as long as what it replaces (a trailing space): an error's column stays the cell's
+            edits.append((a.start, c.end + 1, f"${b.text} "))
     for start, end, text in reversed(edits):
         sql = sql[:start] + text + sql[end:]
     return sql, params
@@ -241,14 +247,22 @@ def _widgets_here() -> bool:
 ERROR_MIME = "application/vnd.mlsql.error+json"
 
 
-def publish_error_span(exc, sql: str, line_offset: int) -> None:
+def publish_error_span(exc, sql: str) -> None:
     """Before the error itself: where it is in the cell, for the JupyterLab extension to mark
-    (docs/EXTENSION.md). Only that MIME type, no text/plain: other front-ends show nothing."""
-    span = exc.span(sql)
-    if span is None:
+    (docs/EXTENSION.md). Only that MIME type, no text/plain: other front-ends show nothing.
+    Lines are the cell's (``exc.shift_lines`` done), as the message says them. ``errors``: every
+    error reported together (each bad option of a statement), the first one's also at the top."""
+    spans = [(e, e.span(sql)) for e in (exc, *exc.also)]
+    spans = [(e, sp) for e, sp in spans if sp is not None]
+    if not spans:
         return
     from IPython.display import publish_display_data
 
-    publish_display_data({ERROR_MIME: {
-        "message": str(exc), "kind": type(exc).__name__, "line": span.line + line_offset, "column": span.column,
-        "end_line": span.end_line + line_offset, "end_column": span.end_column}})
+    def fields(sp) -> dict:
+        return {"line": sp.line, "column": sp.column, "end_line": sp.end_line, "end_column": sp.end_column}
+
+    data = {"message": str(exc), "kind": type(exc).__name__, **fields(spans[0][1])}
+    if exc.also:
+        data["errors"] = [{"message": e._block(e.line_offset), "kind": type(e).__name__, **fields(sp)}
+                          for e, sp in spans]
+    publish_display_data({ERROR_MIME: data})

@@ -493,32 +493,53 @@ def validate(statement_kind: str, raw: dict[str, Any] | None, *, defaults: bool 
     values converted to the declared type. An unknown name is an ``UnknownOptionError`` naming the
     statement and the nearest option; a value of the wrong type or out of range is an
     ``OptionError`` naming the option, the value and what is allowed; so is an option given for a
-    model type it does not apply to. NULL means 'not given'. With ``defaults``, every declared option not given is filled with its default."""
+    model type it does not apply to. Every option is checked: the first error raised carries the
+    others (``also``), in the order they were written, each naming its option (``option``,
+    ``statement_kind``) for the session to point at. NULL means 'not given'. With ``defaults``,
+    every declared option not given is filled with its default."""
     kind = kind_of(statement_kind)
     table = {o.name: o for o in OPTIONS.get(kind, ())}
+    where = _WHERE.get(kind, f"in {kind} OPTIONS")
     out: dict[str, Any] = {}
+    errors: list[MLSQLError] = []
+
+    def bad(err: MLSQLError, name: str, at_name: bool = False) -> None:
+        if isinstance(err, OptionError) and err.option is None:
+            err.option, err.at_name = name, at_name
+        if isinstance(err, OptionError | UnknownOptionError):
+            err.statement_kind = kind
+        errors.append(err)
+
     for key, value in (raw or {}).items():
         name = str(key).lower()
         o = table.get(name)
         if o is None:
             if not table and kind.startswith("ML."):
                 raise MLSQLError(f"{kind} takes no settings, got STRUCT(... AS {name})")
-            raise UnknownOptionError(name, list(table), where=_WHERE.get(kind, f"in {kind} OPTIONS"))
+            bad(UnknownOptionError(name, list(table), where=where), name)
+            continue
         if value is None:
             continue
-        v = _convert(o, value)
-        out[name] = o.check(name, v) if o.check else v
+        try:
+            v = _convert(o, value)
+            out[name] = o.check(name, v) if o.check else v
+        except OptionError as exc:
+            bad(exc, name)
     model_type = out.get("model_type")
     for name in out:
         if not table[name].applies_to(model_type):  # BigQuery ML refuses these too, rather than ignore them
-            raise OptionError(f"Option {name} applies to {', '.join(table[name].model_types)}, not {model_type}")
+            bad(OptionError(f"Option {name} applies to {', '.join(table[name].model_types)}, not {model_type}"),
+                name, at_name=True)
+    given = {str(k).lower() for k, v in (raw or {}).items() if v is not None}
     for o in table.values():
-        if o.required and o.name not in out:
-            raise OptionError(f"{kind} needs OPTIONS ({o.name} = ...)",
-                              hint=("One of: " + ", ".join(f"'{c}'" for c in o.choices) + ".") if o.choices
-                              else f"{o.name}: {o.doc}.")
+        if o.required and o.name not in given:  # given but wrong is reported above
+            errors.append(OptionError(f"{kind} needs OPTIONS ({o.name} = ...)",
+                                      hint=("One of: " + ", ".join(f"'{c}'" for c in o.choices) + ".") if o.choices
+                                      else f"{o.name}: {o.doc}."))
         if defaults and o.name not in out:
             out[o.name] = copy.deepcopy(o.default)
+    if errors:
+        raise errors[0].add(errors[1:], f"{len(errors)} bad options {where}") if len(errors) > 1 else errors[0]
     return out
 
 

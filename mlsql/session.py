@@ -12,7 +12,7 @@ from typing import Any
 from . import planner as P
 from ._lazy import pyarrow as pa  # imported by the first statement, not by connect()
 from .engines.base import engine_class, open_engine
-from .errors import MLSQLError, OptionError, ParseError, UnknownOptionError
+from .errors import MLSQLError, OptionError, ParseError, UnknownOptionError, UnknownVariableError, span_of
 from .registry import Registry
 from .result import Result
 from .scripts import ML_SYNTAX, Statement, plain_statements, substitute_variables
@@ -93,14 +93,17 @@ class Session:
         stmts = self._statements(text)
         for i, item in enumerate(stmts):
             is_last = i == len(stmts) - 1
-            line = None
+            stmt = None
             try:
                 for stmt in (item() if callable(item) else [item]):
-                    line = stmt.line
                     yield self._run_statement(stmt, params, autolimit if is_last else None)
             except MLSQLError as exc:
+                line = stmt.line if stmt is not None else getattr(item, "line", None)
                 if len(stmts) > 1:
-                    exc.with_context(f"Statement {i + 1}" + (f" (line {line})" if line else ""), line=line or None)
+                    exc.with_context(f"Statement {i + 1}", line=line)
+                elif line is not None:
+                    exc.statement_line = line
+                _place(exc, stmt, text)
                 raise
 
     def register(self, name: str, data) -> None:
@@ -156,14 +159,30 @@ class Session:
             line0 = text.count("\n", 0, a)
             try:
                 parsed = parse_script(substitute_variables(chunk, self.variables))
+            except UnknownVariableError as exc:  # where ${name} is in the script, not in the chunk
+                found = re.search(r"\$\{\s*" + re.escape(exc.name) + r"\s*\}", chunk, re.IGNORECASE)
+                err = UnknownVariableError(exc.name, exc.candidates, message=f"Unknown variable '${{{exc.name}}}'",
+                                           hint=f"Set it first with SET VARIABLE {exc.name} = <value>.")
+                if found:
+                    sp = span_of(text, a + found.start(), a + found.end())
+                    err.set_span(sp.line, sp.column, sp.end_line, sp.end_column, source=text)
+                raise err from None
             except ParseError as exc:
-                raise ParseError(
-                    exc.message.split(". Line")[0], sql=text,
-                    line=(exc.line or 1) + line0, col=exc.col, hint=exc.hint,
-                ) from None
+                # the chunk's text, variables substituted: its line moved to the script's (a
+                # column after a substituted variable on the same line is the substituted text's)
+                col = exc.col if exc.line != 1 else (exc.col or 1) + a - (text.rfind("\n", 0, a) + 1)
+                raise ParseError(exc.message, sql=text, line=(exc.line or 1) + line0, col=col,
+                                 hint=exc.hint) from None
+            for st in parsed:  # positions in the tree: offsets of the script, not of the chunk
+                for node in st.expression.walk() if st.expression is not None else ():
+                    if node._meta and "start" in node.meta:
+                        node.meta["start"] += a
+                        node.meta["end"] += a
             return [Statement(sql=st.sql, expression=st.expression, start=st.start + a,
                               line=st.line + line0, is_ml=st.is_ml) for st in parsed]
 
+        chunk = text[a:b]
+        parse.line = text.count("\n", 0, a + len(chunk) - len(chunk.lstrip())) + 1  # for an error before it parses
         return parse
 
     # -- running ---------------------------------------------------------------
@@ -263,6 +282,33 @@ class Session:
             if name in self._from_namespace or not self.engine.has_relation(name):
                 self.engine.register(name, obj)
                 self._from_namespace.add(name)
+
+
+def _place(exc: MLSQLError, stmt: Statement | None, text: str) -> None:
+    """Give ``exc`` (and the errors reported with it) its position in ``text``, the script: the
+    node of the statement's tree it is about, else the caret of the engine's message, else the
+    first use of the name it is about in the statement."""
+    from .errors import engine_span, without_engine_position
+
+    for e in (exc, *exc.also):
+        e.statement_line = e.statement_line or exc.statement_line
+        if stmt is not None and stmt.is_ml and engine_span(e.message) is not None:
+            # the engine ran MLSQL's rendering of the statement: its caret points there
+            e.message = without_engine_position(e.message)
+        if e.line is None:
+            found = None
+            tree = stmt.expression if stmt is not None else None
+            if tree is not None and engine_span(e.message) is None:
+                from .dialect.positions import locate
+
+                at = locate(e, tree)
+                found = span_of(text, *at) if at is not None else None
+            found = found or e.span(text)
+            if found is not None:
+                e.set_span(found.line, found.column, found.end_line, found.end_column)
+        if e.source is None:
+            e.source = text
+    exc.args = (str(exc),)
 
 
 def _spec(ref: str) -> P.ModelSpec:

@@ -181,3 +181,20 @@ def test_messages_a_user_reads_instead_of_silence_or_noise(penguin_models, tmp_p
                  WHERE body_mass_g IS NOT NULL""")
     assert "Created model mydataset.penguin_reg version 1" in r.message
     assert s.sql("SELECT count(*) FROM ML.PREDICT(MODEL `mydataset.penguin_reg`, TABLE penguins)").scalar() == 344
+
+
+def test_every_bad_option_at_once_each_with_its_place(s):
+    script = ("SELECT 1;\nCREATE MODEL m OPTIONS (model_type = 'linear_reg', input_label_cols = ['y'],\n"
+              "  l2_reg = -1, max_iteration = 3, learn_rate = 'fast') AS SELECT x, y FROM data")
+    with pytest.raises(OptionError) as info:
+        s.sql(script)
+    errors = [info.value, *info.value.also]
+    line = script.split("\n")[2]
+    assert [(type(e).__name__, e.line, e.column, e.end_column) for e in errors] == [
+        ("OptionError", 3, line.index("-1") + 1, line.index("-1") + 3),
+        ("UnknownOptionError", 3, line.index("max_iteration") + 1, line.index("max_iteration") + 14),
+        ("OptionError", 3, line.index("'fast'") + 1, line.index("'fast'") + 7),
+    ]
+    msg = str(info.value)
+    assert msg.split("\n")[0] == "Statement 2 (line 2): 3 bad options in CREATE MODEL OPTIONS"
+    assert "Did you mean 'max_iterations'?" in msg and msg.count("^") == 3

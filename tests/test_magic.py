@@ -100,7 +100,8 @@ def test_limit_option_unbound_variables_and_usage(ip):
     ip.user_ns["airport"] = "JFK"
     with pytest.raises(UsageError) as info:
         ip.run_cell_magic("mlsql", "", "SELECT 1 AS a,\n  {airpot} AS b")
-    assert "{airpot} at line 2: no notebook variable named 'airpot'. Did you mean {airport}?" in str(info.value)
+    # line 3 of the cell as the editor numbers it: "%%mlsql" is its line 1
+    assert "{airpot} at line 3: no notebook variable named 'airpot'. Did you mean {airport}?" in str(info.value)
     assert ip.run_cell_magic("mlsql", "", "SELECT {airport} AS a, {'k': 1} AS s").fetchall() == [("JFK", {"k": 1})]
     doc = ip.find_line_magic("mlsql").__doc__
     for option in ("-o, --out", "--engine", "--workspace", "--limit", "--no-progress", "{name}", "%config"):

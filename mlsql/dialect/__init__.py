@@ -219,10 +219,19 @@ class MLSQLParser(DuckDB.Parser):
             self.raise_error("Expected an option name")
         if not self._match(TokenType.EQ):
             self.raise_error(f"Expected '=' after option {key.name}")
-        value = self._parse_bitwise()
+        first = self._curr
+        value = self._spanned(first, self._parse_bitwise())
         if value is None:
             self.raise_error(f"Expected a value for option {key.name}")
         return self.expression(exp.EQ(this=key, expression=value))
+
+    def _spanned(self, first: Token | None, node: exp.Expression | None) -> exp.Expression | None:
+        """``node`` placed over all its tokens, ``first`` to the last one read (an option's value
+        ``-1`` or ``['a', 'b']``, an ML function's input ``(SELECT ...)``): an error about it
+        points at the whole of it (mlsql.dialect.positions)."""
+        if node is not None and first is not None and self._prev is not None:
+            node.update_positions(line=first.line, col=first.col, start=first.start, end=self._prev.end)
+        return node
 
     # -- model references and ML table functions ---------------------------------
     def _parse_model_ref(self, allow_version: bool = True) -> mx.ModelRef:
@@ -275,9 +284,9 @@ class MLSQLParser(DuckDB.Parser):
         model = self._parse_model_ref()
         while self._match(TokenType.COMMA) or self._expect_arg_end(name):
             if self._match(TokenType.TABLE):
-                input_ = self._parse_table_parts()
+                input_ = self._spanned(self._curr, self._parse_table_parts())
             elif self._curr is not None and self._curr.token_type == TokenType.L_PAREN and input_ is None:
-                input_ = self._parse_table()
+                input_ = self._spanned(self._curr, self._parse_table())
                 if not isinstance(input_, exp.Subquery):
                     self.raise_error(f"ML.{name} input must be TABLE <name> or a (SELECT ...) query")
             else:

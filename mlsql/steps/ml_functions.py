@@ -76,14 +76,10 @@ def model_features(s: SessionState, lm: LoadedModel, data: pa.Table, *, need_lab
         cols = data.column_names
     by_lower = {c.lower(): c for c in cols}
     wanted = lm.feature_names + ([label] if label.lower() in by_lower else [])
+    missing_inputs(lm.version.ref, lm.feature_names, cols, func, label=label)
     arrays, names = [], []
     for name in wanted:
-        real = by_lower.get(name.lower())
-        if real is None:
-            raise UnknownColumnError(
-                name, cols,
-                message=f"ML.{func} input has no column '{name}', which model {lm.version.ref} needs",
-            )
+        real = by_lower[name.lower()]
         arrays.append(data.column(real))
         names.append(name)
     out = pa.table(arrays, names=names)
@@ -91,6 +87,57 @@ def model_features(s: SessionState, lm: LoadedModel, data: pa.Table, *, need_lab
 
     check_input_types(out, lm.model.features, where=f"ML.{func} with model {lm.version.ref}")
     return out
+
+
+def model_inputs(lm: LoadedModel) -> list[str]:
+    """The columns a model reads from its input rows: its features, or what its TRANSFORM reads
+    to make them (the label's own columns left out)."""
+    if lm.transform is None:
+        return lm.feature_names
+    out: dict[str, str] = {}
+    for name in lm.transform.output_columns:
+        if name.lower() != lm.label.lower():
+            out.update({c.lower(): c for c in lm.transform.reads.get(name, []) if c.lower() not in out})
+    return list(out.values())
+
+
+def missing_inputs(ref: str, inputs: list[str], columns: list[str], func: str, *, label: str | None) -> None:
+    """Every column of ``inputs`` (what model ``ref`` reads) must be among ``columns`` (its input
+    rows'); else an ``UnknownColumnError`` naming all the missing ones and the model's inputs. A
+    did-you-mean only offers a column not already used for something else: not one of the
+    model's inputs (present, it is read as itself) nor the label."""
+    have = {c.lower() for c in columns}
+    missing = [c for c in inputs if c.lower() not in have]
+    if not missing:
+        return
+    taken = {c.lower() for c in inputs} | ({label.lower()} if label else set())
+    free = [c for c in columns if c.lower() not in taken]
+    from ..errors import did_you_mean
+
+    guesses = [(m, did_you_mean(m, free)) for m in missing]
+    guesses = [(m, g) for m, g in guesses if g]
+    if len(missing) == 1:
+        message = f"ML.{func} input has no column '{missing[0]}', which model {ref} needs"
+        hint = f"Did you mean '{guesses[0][1]}'? " if guesses else ""
+    else:
+        message = (f"ML.{func} input has no columns {', '.join(repr(m) for m in missing)}, "
+                   f"which model {ref} needs")
+        hint = "".join(f"For '{m}', did you mean '{g}'? " for m, g in guesses)
+    shown = inputs if len(inputs) <= 30 else [*inputs[:30], f"... ({len(inputs) - 30} more)"]
+    hint += f"Model {ref} reads {len(inputs)} input column{'s' if len(inputs) != 1 else ''}: {', '.join(shown)}."
+    err = UnknownColumnError(missing[0], free, message=message, hint=hint)
+    err.function, err.missing = func, missing
+    raise err
+
+
+def _column_names(data) -> list[str]:
+    """The columns of input rows: an Arrow table's, or a lazy engine frame's (Spark)."""
+    names = getattr(data, "column_names", None)
+    return list(names if names is not None else data.columns)
+
+
+# the functions that score input rows with the model: the input must have every column it reads
+_SCORING = ("PREDICT", "EXPLAIN_PREDICT", "EVALUATE", "CONFUSION_MATRIX", "ROC_CURVE")
 
 
 def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) -> pa.Table:
@@ -120,6 +167,8 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
     lm = load_model(s, step.model)
     model = lm.model
     st = validate(f"ML.{func}", step.settings)  # names, types and ranges: mlsql.options' table
+    if data is not None and func in _SCORING:  # on every engine, before any scoring: one message
+        missing_inputs(lm.version.ref, model_inputs(lm), _column_names(data), func, label=lm.label)
     if func == "PREDICT" and st.get("device"):
         from ..deploy import remote_predict
 
