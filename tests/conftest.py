@@ -79,7 +79,9 @@ def spark_ws(shared_ws):
 @pytest.fixture(params=["duckdb", "spark"], scope="session")
 def backend(request):
     """An engine-independent test runs once per engine (ibis's backend fixture): the same tables,
-    the same statements; each test compares with DuckDB's answer where it needs one."""
+    the same statements. Each test compares with an answer that does not come from the engine
+    under test: Spark's with DuckDB's, DuckDB's with raw DuckDB (no MLSQL) or with the numbers
+    redone by hand (tests/engines/by_hand.py), never a session with itself."""
     if request.param == "duckdb":
         return request.getfixturevalue("shared_ws")
     return request.getfixturevalue("spark_ws")
