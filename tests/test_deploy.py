@@ -175,6 +175,8 @@ def test_a_parity_gate_failure_leaves_nothing_behind(env):
     bad = "quantize = 'int8_static', calibration_query = 'SELECT * FROM penguins LIMIT 1'"
     with pytest.raises(MLSQLError) as info:
         s.sql(f"EXPORT MODEL mass OPTIONS (uri = '{uri}', {bad})")
+    refused = info.value.report  # the parity report of what failed comes with the refusal
+    assert not refused.passed and refused.metric_drop > refused.max_metric_drop == 0.005
     msg = str(info.value)
     assert "r2_score" in msg and "max_metric_drop = 0.005" in msg and "calibration_query" in msg, msg
     before = msg.split("r2_score ")[1].split(" native")[0]
@@ -193,6 +195,7 @@ def test_a_parity_gate_failure_leaves_nothing_behind(env):
     # the same statements pass with the drop allowed, and then leave what they should
     r = s.sql(f"EXPORT MODEL mass OPTIONS (uri = '{uri}', {bad}, max_metric_drop = 10)")
     assert uri.exists() and r.export.report.metric_drop > 0.005 and r.export.report.max_metric_drop == 10.0
+    assert r.export.report.passed
 
 
 def test_device_list_temp_file_is_never_readable_by_others(tmp_path):

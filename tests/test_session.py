@@ -163,8 +163,10 @@ def test_explain_predict_attributions(penguin_models):
     assert all(len(a) == 2 for a in attrs)
     base = t.column("baseline_prediction_value").to_pylist()
     pred = t.column("prediction_value").to_pylist()
-    assert abs(pred[0] - t.column("predicted_body_mass_g").to_pylist()[0]) < 1e-6
-    assert base[0] == base[1]
+    # baseline + every feature's attribution is the prediction: the same few float64 terms summed in
+    # another order than the model's dot product (~1e-16 relative each)
+    assert pred == pytest.approx(t.column("predicted_body_mass_g").to_pylist(), rel=1e-12)
+    assert len(set(base)) == 1  # one baseline (the prediction at the training mean) for every row
 
 
 def test_confusion_matrix_and_roc_curve(penguin_models):
@@ -174,14 +176,30 @@ def test_confusion_matrix_and_roc_curve(penguin_models):
         AS SELECT bill_depth_mm, flipper_length_mm, species = 'Gentoo' AS is_gentoo FROM penguins
            WHERE flipper_length_mm IS NOT NULL
     """)
-    cm = s.sql("SELECT * FROM ML.CONFUSION_MATRIX(MODEL gentoo_model, (SELECT bill_depth_mm, flipper_length_mm, "
-               "species = 'Gentoo' AS is_gentoo FROM penguins WHERE flipper_length_mm IS NOT NULL))").to_arrow()
-    assert cm.num_rows == 2
-    total = sum(v for col in cm.columns[1:] for v in col.to_pylist())
-    assert total == 342
-    roc = s.sql("SELECT * FROM ML.ROC_CURVE(MODEL gentoo_model, (SELECT bill_depth_mm, flipper_length_mm, "
-                "species = 'Gentoo' AS is_gentoo FROM penguins WHERE flipper_length_mm IS NOT NULL))").to_arrow()
-    assert {"threshold", "recall", "false_positive_rate"} <= set(roc.column_names)
+    import numpy as np
+    from sklearn.metrics import confusion_matrix
+
+    rows = ("(SELECT bill_depth_mm, flipper_length_mm, species = 'Gentoo' AS is_gentoo FROM penguins "
+            "WHERE flipper_length_mm IS NOT NULL)")
+    scored = s.sql(f"SELECT is_gentoo, predicted_is_gentoo, predicted_is_gentoo_probs "
+                   f"FROM ML.PREDICT(MODEL gentoo_model, {rows})").to_arrow().to_pylist()
+    y = np.array([r["is_gentoo"] for r in scored])
+    p = np.array([next(x["prob"] for x in r["predicted_is_gentoo_probs"] if x["label"] is True) for r in scored])
+    # the matrix is sklearn's on ML.PREDICT's labels: row = expected, column = predicted
+    want = confusion_matrix(y, [r["predicted_is_gentoo"] for r in scored], labels=[False, True])
+    cm = s.sql(f"SELECT * FROM ML.CONFUSION_MATRIX(MODEL gentoo_model, {rows})").to_arrow().to_pylist()
+    assert cm == [{"expected_label": False, "False": want[0, 0], "True": want[0, 1]},
+                  {"expected_label": True, "False": want[1, 0], "True": want[1, 1]}]
+    assert want.sum() == 342
+    # the ROC curve: BigQuery ML's thresholds (the distinct 0/100 ... 100/100 quantiles of the scores),
+    # each with the counts of ML.PREDICT's scores at or above it
+    roc = s.sql(f"SELECT * FROM ML.ROC_CURVE(MODEL gentoo_model, {rows}) ORDER BY threshold").to_arrow().to_pylist()
+    assert [r["threshold"] for r in roc] == list(np.unique(np.quantile(p, np.linspace(0, 1, 101))))
+    for r in roc:
+        tp, fp = int((y & (p >= r["threshold"])).sum()), int((~y & (p >= r["threshold"])).sum())
+        assert (r["true_positives"], r["false_positives"], r["false_negatives"], r["true_negatives"]) == \
+            (tp, fp, int(y.sum()) - tp, int((~y).sum()) - fp), r
+        assert (r["recall"], r["false_positive_rate"]) == (tp / y.sum(), fp / (~y).sum())
 
 
 def test_transform_is_fitted_and_reapplied(shared_ws):

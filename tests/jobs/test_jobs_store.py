@@ -9,7 +9,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from mlsql.errors import JobError, OptionError, UnknownJobError, UnknownOptionError
-from mlsql.jobs import JOB_OPTIONS, JobSpec, JobStore, resolve_job_options
+from mlsql.jobs import JOB_OPTIONS, JobSpec, resolve_job_options
 
 
 def _in_other_process(code: str) -> str:
@@ -127,4 +127,3 @@ def test_import_mlsql_stays_light():
                             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
                             "('papermill', 'apscheduler', 'nbformat', 'jupyter_client')))")
     assert out.strip() == "[]"
-    assert isinstance(JobStore, type)
