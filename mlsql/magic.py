@@ -207,12 +207,13 @@ class _WaitNotice:
     def __init__(self):
         self.handle = None
         self.waited = 0.0
+        self.message = ""
 
     def __call__(self, message: str, waited_s: float) -> None:
         from IPython.display import display
 
         text = f"{message} (waited {waited_s:.0f} s)"
-        self.waited = waited_s
+        self.waited, self.message = waited_s, message
         if self.handle is None:
             self.handle = display({"text/plain": text}, raw=True, display_id=True)
         else:
@@ -220,7 +221,8 @@ class _WaitNotice:
 
     def done(self) -> None:
         if self.handle is not None:
-            self.handle.update({"text/plain": f"Waited {self.waited:.0f} s for the workspace."}, raw=True)
+            # what it waited for: the workspace (another process held it) or Spark's start
+            self.handle.update({"text/plain": f"{self.message}: {self.waited:.0f} s."}, raw=True)
 
 
 def _progress_factory(live_plot: bool):

@@ -78,9 +78,12 @@ class Registry:
                 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
                 from mlflow.tracking import MlflowClient
 
-                # mlflow configures its loggers on import; quiet them afterwards
-                for name in ("mlflow", "mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
-                    logging.getLogger(name).setLevel(logging.WARNING)
+                # mlflow configures its loggers on import; quiet them afterwards (mlsql_log_level)
+                from . import logs
+
+                for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+                    logging.getLogger(name).setLevel(logs.library_level())
+                logs.apply()
 
                 # the first use creates and migrates the SQLite store: two processes doing it at
                 # once break each other's migration ("No such index: ...")
@@ -301,15 +304,50 @@ class Registry:
 
 def _write_signature(model_dir: Path, run_id: str, inputs, outputs) -> None:
     """An MLmodel file holding the version's input/output signature (what ML.PREDICT takes and
-    returns), inferred from example rows; the MLflow UI shows it on the version's page."""
-    from mlflow.models import Model, infer_signature
+    returns), written from the Arrow schemas of example rows; the MLflow UI shows it on the
+    version's page. The types are the query's own: MLflow's inference from pandas would turn an
+    integer column into a question (its "Integer columns ... cannot represent missing values"
+    hint) that the Arrow type, nullable or not, already answers."""
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
 
     try:
-        signature = infer_signature(inputs.to_pandas(), outputs.to_pandas())
-    except Exception as exc:  # a type MLflow cannot describe must not stop the registration
+        signature = ModelSignature(
+            Schema([ColSpec(_mlflow_type(f.type), f.name, required=not f.nullable) for f in inputs.schema]),
+            Schema([ColSpec(_mlflow_type(f.type), f.name, required=not f.nullable) for f in outputs.schema]))
+    except (TypeError, ValueError) as exc:  # a type MLflow cannot describe must not stop the registration
         logging.getLogger(__name__).warning("no MLflow signature for this model: %s", exc)
         return
     Model(artifact_path="model", run_id=run_id, signature=signature).save(str(model_dir / "MLmodel"))
+
+
+def _mlflow_type(t):
+    """An Arrow type as MLflow's schema type (lists as Array, structs as Object), or TypeError."""
+    import pyarrow as pa
+    from mlflow.types.schema import Array, DataType, Object, Property
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_boolean(t):
+        return DataType.boolean
+    if pa.types.is_integer(t):
+        return DataType.integer if t.bit_width <= 16 or (t.bit_width == 32 and pa.types.is_signed_integer(t)) \
+            else DataType.long
+    if pa.types.is_float16(t) or pa.types.is_float32(t):
+        return DataType.float
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return DataType.double
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return DataType.string
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return DataType.binary
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return DataType.datetime
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return Array(_mlflow_type(t.value_type))
+    if pa.types.is_struct(t):
+        return Object([Property(f.name, _mlflow_type(f.type), required=not f.nullable) for f in t])
+    raise TypeError(f"no MLflow type for the Arrow type {t}")
 
 
 def _is_number(v: Any) -> bool:

@@ -30,7 +30,7 @@ _FRAME_TYPES = {
     ("polars", "DataFrame"),
     ("polars", "LazyFrame"),
 }
-MLSQL_SETTINGS = ("mlsql_engine", "mlsql_lock_timeout", "mlsql_dialect")
+MLSQL_SETTINGS = ("mlsql_engine", "mlsql_lock_timeout", "mlsql_dialect", "mlsql_log_level")
 
 
 class Session:
@@ -39,6 +39,9 @@ class Session:
     def __init__(self, workspace: str | Path | None = None, engine: str = "duckdb", *,
                  namespace: dict | None = None, **engine_conf):
         engine_class(engine)  # an unknown engine fails before the workspace is touched
+        from . import logs
+
+        logs.apply()  # the libraries' loggers at the process's mlsql_log_level (errors only by default)
         self.workspace = Workspace.open(workspace)
         # e.g. master=, remote=, conf= for Spark; kept so SET mlsql_engine back to it reopens it alike
         self._engine_conf = {str(engine).lower(): engine_conf} if engine_conf else {}
@@ -267,6 +270,13 @@ class Session:
                 raise OptionError(f"mlsql_lock_timeout must be a number of seconds ≥ 0, got {v!r}")
             self.engine.lock_timeout = float(v)
             return Result(pa.table({}), message=f"mlsql_lock_timeout = {float(v):g} s")
+        if name == "mlsql_log_level":
+            from . import logs
+
+            want = logs.set_level(logs.DEFAULT if reset else step.value)
+            self.engine.log_level_changed()
+            return Result(pa.table({}), message=f"mlsql_log_level = '{want}'" + (
+                " (library logs shown at this level)" if logs.verbose() else ""))
         raise UnknownOptionError(step.name, MLSQL_SETTINGS, where="(MLSQL's own settings)")
 
     def _bind_namespace(self, sql: str) -> None:

@@ -136,6 +136,11 @@ class Engine(ABC):
     def open(cls, workspace: Workspace | None, **conf) -> Engine:
         """An engine on ``workspace`` (None: nothing shared, everything in memory)."""
 
+    def log_level_changed(self) -> None:
+        """``SET mlsql_log_level`` changed :mod:`mlsql.logs`' level: apply it to what the engine
+        runs outside Python's loggers (Spark's JVM). Nothing to do for an in-process engine."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release everything the engine holds."""

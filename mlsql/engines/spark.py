@@ -27,6 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -63,12 +64,43 @@ _shared: dict[str, Any] = {}  # master or remote URL -> the process's SparkSessi
 _shared_lock = threading.Lock()
 
 
+def _local_session(master: str, settings: dict, log_path: Path):
+    """A SparkSession whose JVM writes to ``log_path``: log4j's start-up lines, its WARNs, the JDK's
+    and the Python workers' output (the workers are the JVM's children: xgboost.spark's per-round
+    lines come from there) would otherwise reach the notebook cell through the kernel's stderr."""
+    import subprocess
+
+    from pyspark import SparkConf, SparkContext
+    from pyspark.java_gateway import launch_gateway
+    from pyspark.sql import SparkSession
+
+    conf = SparkConf().setAppName("mlsql").setMaster(master)
+    for k, v in settings.items():
+        conf.set(k, v)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+        log.write(f"\n--- Spark ({master}) started by pid {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode())
+        log.flush()
+        gateway = launch_gateway(conf, popen_kwargs={"stdout": log, "stderr": subprocess.STDOUT})
+    return SparkSession(SparkContext(conf=conf, gateway=gateway))
+
+
+def _log_tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
 def spark_session(master: str | None = None, remote: str | None = None, conf: dict | None = None,
-                  on_wait: Callable[[str, float], None] | None = None):
+                  on_wait: Callable[[str, float], None] | None = None, log_path: Path | None = None):
     """The process's SparkSession for ``master`` (or Spark Connect ``remote``), started on first use.
 
     Starting takes seconds (a JVM for local masters), so ``on_wait`` hears about it every half
-    second: the notebook shows it in the cell."""
+    second: the notebook shows it in the cell. A local JVM's own output goes to ``log_path``
+    (default: a file in the temporary folder), never to the notebook."""
     key = f"remote:{remote}" if remote else f"master:{master or DEFAULT_MASTER}"
     with _shared_lock:
         got = _shared.get(key)
@@ -99,9 +131,12 @@ def spark_session(master: str | None = None, remote: str | None = None, conf: di
         where = remote or master or DEFAULT_MASTER
         box: dict = {}
 
+        log_path = Path(log_path or Path(tempfile.gettempdir()) / "mlsql-spark.log")
+
         def start():
             try:
-                box["spark"] = builder.getOrCreate()
+                box["spark"] = builder.getOrCreate() if remote else _local_session(master or DEFAULT_MASTER,
+                                                                                   settings, log_path)
             except BaseException as exc:  # reported in the caller's thread
                 box["error"] = exc
 
@@ -114,11 +149,15 @@ def spark_session(master: str | None = None, remote: str | None = None, conf: di
                 on_wait(f"Starting Spark ({where})", time.monotonic() - t0)
         if "error" in box:
             exc = box["error"]
-            raise EngineError(f"Spark could not start on {where}: {str(exc).splitlines()[0] if str(exc) else exc!r}",
+            tail = "" if remote else _log_tail(log_path)
+            raise EngineError(f"Spark could not start on {where}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                              + (f"\nIts log ({log_path}) ends with:\n{tail}" if tail else ""),
                               hint="Check that Java 17+ is installed (JAVA_HOME) and that the master/remote URL "
                                    "is reachable.") from None
         if not remote:
-            box["spark"].sparkContext.setLogLevel("ERROR")  # Spark's WARN lines would fill the notebook
+            from .. import logs
+
+            box["spark"].sparkContext.setLogLevel(logs.spark_level())  # into the log file, not the cell
         _shared[key] = box["spark"]
         return box["spark"]
 
@@ -158,11 +197,19 @@ class SparkEngine(Engine):
     def open(cls, workspace, **conf) -> SparkEngine:
         return cls(workspace, **conf)
 
+    def log_level_changed(self) -> None:
+        if self._spark is not None and not self.remote:
+            from .. import logs
+
+            self._spark.sparkContext.setLogLevel(logs.spark_level())
+
     @property
     def spark(self):
         """This engine's SparkSession, started (once per process) on first use."""
         if self._spark is None:
-            base = spark_session(self.master, self.remote, self.conf, self.on_wait)
+            root = getattr(self.workspace, "root", None)
+            base = spark_session(self.master, self.remote, self.conf, self.on_wait,
+                                 log_path=Path(root) / "logs" / "spark.log" if root is not None else None)
             if self.remote:
                 self._spark = base  # a Connect session is already the client's own
             else:

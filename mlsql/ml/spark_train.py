@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .. import logs
 from ..errors import TrainingError, UnknownColumnError
 from . import spark_score as S
 from .estimators import (
@@ -618,6 +619,9 @@ def _fit_xgboost(engine, encoded, width, opts, task, k, has_eval, class_weights,
         min_child_weight=opts.min_tree_child_weight, num_parallel_tree=opts.num_parallel_tree,
         tree_method=opts.tree_method, booster=opts.booster_type, random_state=opts.random_seed,
         eval_metric=metric, verbosity=0, device="cpu",
+        # no per-round evaluation lines unless mlsql_log_level asks: the workers send them to the tracker,
+        # which prints them on the driver's stdout, i.e. into the cell (MLSQL's progress bar shows rounds)
+        verbose=logs.verbose(),
     )
     if has_eval:
         # xgboost.spark needs training and evaluation rows in every partition: a split by position
@@ -638,7 +642,7 @@ def _fit_xgboost(engine, encoded, width, opts, task, k, has_eval, class_weights,
 
     log = logging.getLogger("XGBoost-PySpark")  # its INFO lines would land in the notebook's stderr
     level = log.level
-    log.setLevel(logging.WARNING)
+    log.setLevel(logs.library_level())
     t0 = time.perf_counter()
     try:
         fitted = est.fit(encoded)
