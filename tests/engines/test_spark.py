@@ -319,7 +319,8 @@ def _hand_explain_predict(ws, raw):
     model, _ = _learnt(ws, "ref_linear_reg")
     body = MODELS["linear_reg"][0]
     train = raw.sql(H.training_query(body)).to_arrow_table()
-    held_out = H.eval_mask(train.num_rows, "random", H.option(body, "data_split_eval_fraction"))
+    held_out = H.eval_mask(train.num_rows, H.option(body, "data_split_method"),
+                           H.option(body, "data_split_eval_fraction"))
     mean = H.encode(model.features, train.filter(pa.array(~held_out))).mean(axis=0)
     rows = raw.sql("SELECT * FROM penguins WHERE sex = 'male' ORDER BY bill_length_mm, bill_depth_mm "
                    "LIMIT 5").to_arrow_table()
