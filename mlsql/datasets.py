@@ -55,8 +55,45 @@ def csv_path(dataset: str, table: str, cache: Path) -> Path:
     return out
 
 
-def load(dataset: str, *, session=None, workspace=None, replace: bool = False) -> list[str]:
-    """Create the data set's tables in the workspace catalog; returns the names it created.
+class Loaded(list):
+    """What ``load`` did: a list of the tables it created (as before), which also knows the
+    tables that were already there (``existing``) and says both when a notebook shows it, instead
+    of an empty ``[]`` when nothing needed loading."""
+
+    def __init__(self, dataset: str, created: list[str], existing: list[str], workspace) -> None:
+        super().__init__(created)
+        self.dataset = dataset
+        self.existing = list(existing)
+        self.workspace = workspace
+
+    @property
+    def created(self) -> list[str]:
+        return list(self)
+
+    def message(self) -> str:
+        if not self.existing:
+            return f"Created {_tables(self)} from data set {self.dataset}."
+        one = len(self.existing) == 1
+        kept = f"{_tables(self.existing)} {'was' if one else 'were'} already in the workspace"
+        again = f"replace=True loads {'it' if one else 'them'} again"
+        if not self:
+            return f"{kept[0].upper()}{kept[1:]} {self.workspace}: nothing loaded ({again})."
+        return f"Created {_tables(self)} from data set {self.dataset}; {kept} and kept ({again})."
+
+    def __repr__(self) -> str:
+        return self.message()
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.message())
+
+
+def _tables(names: list[str]) -> str:
+    return ("table " if len(names) == 1 else "tables ") + ", ".join(names)
+
+
+def load(dataset: str, *, session=None, workspace=None, replace: bool = False) -> Loaded:
+    """Create the data set's tables in the workspace catalog; returns the names it created
+    (a list that also knows, in ``.existing``, the tables that were already there and kept).
 
     Without ``session``, opens the workspace (default: ``MLSQL_HOME`` or ``./.mlsql``);
     sessions of one process share its catalog, so the notebook magic sees the tables.
@@ -67,9 +104,10 @@ def load(dataset: str, *, session=None, workspace=None, replace: bool = False) -
 
         session = Session(workspace)
     cache = session.workspace.root / "datasets" / dataset
-    made = []
+    made, kept = [], []
     for table in spec["tables"]:
         if not replace and session.engine.has_relation(table):
+            kept.append(table)
             continue
         path = csv_path(dataset, table, cache)
         verb = "CREATE OR REPLACE TABLE" if replace else "CREATE TABLE"
@@ -77,7 +115,7 @@ def load(dataset: str, *, session=None, workspace=None, replace: bool = False) -
             f"{verb} {table} AS SELECT * FROM read_csv('{path}', nullstr = 'NA', header = true)"
         )
         made.append(table)
-    return made
+    return Loaded(dataset, made, kept, session.workspace.root)
 
 
 def _spec(dataset: str) -> dict:

@@ -11,7 +11,10 @@ What a point holds (over the last interval, for the monitored model, all its ver
 requests/s, rows/s, error rate, and p50/p95/p99 latency computed from the difference of the
 agent's latency histograms between two polls (the agent's own quantiles cover the version's whole
 life). The first point, with no earlier poll, carries the agent's own figures (its 10-second
-throughput and lifetime quantiles). The last ``history`` points (default 300) are kept.
+throughput and lifetime quantiles). The last ``history`` points (default 300) are kept. An
+interval without requests has no latency: the latency tiles, the chart's legend and the text
+summary all show the newest interval that had requests (``last_latency``), marked "N s ago"
+when that is not the newest one.
 
 Drift flags, per input column of the active version: for a numeric column, the shift of the mean
 of the inputs the agent profiled since activation from the training mean stored in the signed
@@ -85,6 +88,17 @@ def _window_quantiles(now: dict[str, int], before: dict[str, int], bounds: list[
                 out[name] = round(math.sqrt(max(lower, 1e-6) * upper), 4)
                 break
     return out
+
+
+def last_latency(history: list, fields: list | tuple = HISTORY_FIELDS) -> dict[str, Any]:
+    """p50/p95/p99 of the newest interval that had requests, and its time ``t`` (None when none
+    had): an interval without requests has no latency, and the panel's tiles, its chart legends
+    and the text summary all show this same window."""
+    i = {f: fields.index(f) for f in ("t", "p50_ms", "p95_ms", "p99_ms")}
+    for point in reversed(history):
+        if point[i["p50_ms"]] is not None:
+            return {k: point[j] for k, j in i.items()}
+    return {"t": None, "p50_ms": None, "p95_ms": None, "p99_ms": None}
 
 
 def _event_text(ev: dict) -> str:
@@ -361,10 +375,12 @@ class DeviceMonitor(anywidget.AnyWidget):
             head += f"; last update {time.strftime('%H:%M:%S', time.localtime(self.last_ok))}"
         lines = [head]
         if self.model:
+            q = last_latency(self.history, self.history_fields)
             lines.append(f"{self.model}@{self.version or '-'} on {', '.join(self.providers) or '-'}: "
                          f"{_fmt(lat.get('total_requests'))} requests, {_fmt(lat.get('requests_per_s'))} req/s, "
                          f"{_fmt(lat.get('rows_per_s'))} rows/s, errors {_fmt(lat.get('error_rate'), '%')}, "
-                         f"p50/p95/p99 {_fmt(lat.get('p50_ms'))}/{_fmt(lat.get('p95_ms'))}/{_fmt(lat.get('p99_ms'))} ms")
+                         f"p50/p95/p99 {_fmt(q['p50_ms'])}/{_fmt(q['p95_ms'])}/{_fmt(q['p99_ms'])} ms"
+                         + self._latency_age(q))
         flagged = [d["column"] for d in self.drift if d.get("flagged")]
         if self.drift:
             lines.append("drift: " + (", ".join(flagged) if flagged else "none flagged"))
@@ -385,11 +401,13 @@ class DeviceMonitor(anywidget.AnyWidget):
         if self.status == "disconnected" and self.error:
             parts.append(f"<div style='color:#cf222e'>{e(self.error)}</div>")
         if self.model:
+            q = last_latency(self.history, self.history_fields)
+            age = self._latency_age(q)
             cells = [("model", f"{self.model}@{self.version or '–'}"), ("providers", ", ".join(self.providers) or "–"),
                      ("requests", _fmt(lat.get("total_requests"))), ("req/s", _fmt(lat.get("requests_per_s"))),
                      ("rows/s", _fmt(lat.get("rows_per_s"))), ("error rate", _fmt(lat.get("error_rate"), "%")),
-                     ("p50 ms", _fmt(lat.get("p50_ms"))), ("p95 ms", _fmt(lat.get("p95_ms"))),
-                     ("p99 ms", _fmt(lat.get("p99_ms")))]
+                     ("p50 ms", _fmt(q["p50_ms"]) + age), ("p95 ms", _fmt(q["p95_ms"]) + age),
+                     ("p99 ms", _fmt(q["p99_ms"]) + age)]
             parts.append("<table><tr>" + "".join(f"<th>{e(k)}</th>" for k, _ in cells) + "</tr><tr>"
                          + "".join(f"<td>{e(v)}</td>" for _, v in cells) + "</tr></table>")
         flagged = [d for d in self.drift if d.get("flagged")]
@@ -403,6 +421,13 @@ class DeviceMonitor(anywidget.AnyWidget):
                 f"<li>{e(time.strftime('%H:%M:%S', time.localtime(ev.get('time') or 0)))} {e(ev['text'])}</li>"
                 for ev in self.events[:5]) + "</ul>")
         return "".join(parts) + "</div>"
+
+    def _latency_age(self, q: dict) -> str:
+        """" (12 s ago)" when the latency shown is not from the newest interval (no requests since)."""
+        newest = self.history[-1][self.history_fields.index("t")] if self.history else None
+        if q["t"] is None or newest is None or q["t"] >= newest:
+            return ""
+        return f" ({newest - q['t']:.0f} s ago)"
 
     def _summary_bundle(self) -> dict:
         return {"text/plain": self._summary_text(), "text/html": self._summary_html()}

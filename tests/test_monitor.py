@@ -268,3 +268,29 @@ def test_event_lines_and_drift_without_training_statistics():
     assert rows == [] and "not available" in note  # an agent from before training_stats in /v1/info
     rows, note = DeviceMonitor._drift(me, live, {"training_stats": {"x": {"mean": 1.0, "std": 2.0}}}, {"models": {}})
     assert note == "" and rows[0]["score"] == 3.0 and not rows[0]["flagged"]  # 3 std: at the threshold
+
+
+def test_latency_shown_is_the_newest_window_that_had_requests():
+    """An interval without requests has no latency: the text summary shows the same window as
+    the chart's legend (the newest with requests) and how old it is, never '–' beside a legend
+    that reads 89.3 ms."""
+    from types import SimpleNamespace
+
+    from mlsql.widgets import HISTORY_FIELDS, DeviceMonitor, last_latency
+
+    history = [[100.0, 80.1, 95.0, 99.0, 2.0, 16.0, 0.0, 10],
+               [101.0, 89.3, 120.0, 130.0, 2.0, 16.0, 0.0, 12],
+               [102.0, None, None, None, 0.0, 0.0, 0.0, 12],
+               [103.0, None, None, None, 0.0, 0.0, 0.0, 12]]
+    assert last_latency(history) == {"t": 101.0, "p50_ms": 89.3, "p95_ms": 120.0, "p99_ms": 130.0}
+    assert last_latency(history[2:]) == {"t": None, "p50_ms": None, "p95_ms": None, "p99_ms": None}
+    me = SimpleNamespace(device_name="d1", url="http://d1", status="live", error="", last_ok=0.0, model="species",
+                         version=1, providers=["CPUExecutionProvider"], drift=[], drift_note="", events=[],
+                         history=history, history_fields=list(HISTORY_FIELDS),
+                         latest={"p50_ms": None, "p95_ms": None, "p99_ms": None, "total_requests": 12,
+                                 "requests_per_s": 0.0, "rows_per_s": 0.0, "error_rate": 0.0})
+    me._latency_age = lambda q: DeviceMonitor._latency_age(me, q)
+    assert "p50/p95/p99 89.3/120/130 ms (2 s ago)" in DeviceMonitor._summary_text(me)
+    assert "<td>89.3 (2 s ago)</td>" in DeviceMonitor._summary_html(me)
+    me.history = history[:2]  # the newest interval had requests: no age
+    assert DeviceMonitor._summary_text(me).endswith("p50/p95/p99 89.3/120/130 ms")

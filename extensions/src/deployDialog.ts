@@ -3,7 +3,7 @@
  * status, providers and quantization, a Deploy button; then the deploy's progress (polled) and
  * its result (placement per provider, first-inference latency, parity verdict) or its error.
  */
-import { Dialog, showDialog } from '@jupyterlab/apputils';
+import { Dialog } from '@jupyterlab/apputils';
 import { Signal } from '@lumino/signaling';
 import { Widget } from '@lumino/widgets';
 
@@ -15,10 +15,11 @@ import {
   formatParity,
   formatPlacement,
   IDeployStatus,
+  parityNote,
   PROVIDERS,
   QUANTIZE
 } from './logic/deploy';
-import { formatMetrics, formatMs, IDevice, IGroup, IModel } from './logic/format';
+import { activeModels, formatMetrics, formatMs, IDevice, IGroup, IModel, metricsOn } from './logic/format';
 
 /** Deploys started in this browser session: the side panel lists them. */
 export class DeployLog {
@@ -56,6 +57,7 @@ export class DeployBody extends Widget {
   private deployButton = el('button', { className: 'jp-Button jp-mod-accept mlsql-deploy-button', textContent: 'Deploy' });
   private progress = el('ol', { className: 'mlsql-deploy-steps' });
   private outcome = el('div', { className: 'mlsql-deploy-outcome' });
+  private deployedModel = '';
 
   constructor(private log: DeployLog, private preselect: string | null) {
     super();
@@ -107,15 +109,7 @@ export class DeployBody extends Widget {
     if (this.preselect && this.models.some(m => m.name === this.preselect)) {
       this.modelSelect.value = this.preselect;
     }
-    this.targetSelect.replaceChildren(
-      ...this.devices.map(d =>
-        el('option', {
-          value: `device:${d.name}`,
-          textContent: `${d.name} — ${d.online ? 'online' : 'offline'}${d.active_model ? `, runs ${d.active_model}@${d.active_version}` : ''}`
-        })
-      ),
-      ...this.groups.map(g => el('option', { value: `group:${g.name}`, textContent: `group ${g.name} (${g.devices.length} devices)` }))
-    );
+    this.fillTargets();
     const online = this.devices.find(d => d.online);
     if (online) {
       this.targetSelect.value = `device:${online.name}`;
@@ -127,6 +121,38 @@ export class DeployBody extends Widget {
     }
     this.fillVersions();
     this.showTarget();
+  }
+
+  /** The target list from this.devices and this.groups, keeping the chosen target. */
+  private fillTargets(): void {
+    const chosen = this.targetSelect.value;
+    this.targetSelect.replaceChildren(
+      ...this.devices.map(d =>
+        el('option', {
+          value: `device:${d.name}`,
+          textContent: `${d.name} — ${d.online ? 'online' : 'offline'}${activeModels(d) ? `, runs ${activeModels(d)}` : ''}`
+        })
+      ),
+      ...this.groups.map(g => el('option', { value: `group:${g.name}`, textContent: `group ${g.name} (${g.devices.length} devices)` }))
+    );
+    if (chosen && Array.from(this.targetSelect.options).some(o => o.value === chosen)) {
+      this.targetSelect.value = chosen;
+    }
+  }
+
+  /** Read the devices' live state again (a finished deploy changes what they run). */
+  private async refreshTargets(): Promise<void> {
+    try {
+      const d = await api.devices();
+      this.devices = d.devices;
+      this.groups = d.groups;
+    } catch {
+      return; // the outcome already says how the deploy ended; the old status stays
+    }
+    if (!this.isDisposed) {
+      this.fillTargets();
+      this.showTarget();
+    }
   }
 
   private fillVersions(): void {
@@ -149,7 +175,8 @@ export class DeployBody extends Widget {
     }
     const wanted = this.versionSelect.value ? Number(this.versionSelect.value) : Math.max(...model.versions.map(v => v.version));
     const v = model.versions.find(x => x.version === wanted);
-    this.metrics.textContent = v ? formatMetrics(v.metrics, 4) || 'no metrics' : '';
+    const on = v ? metricsOn(v) : '';
+    this.metrics.textContent = v ? `${formatMetrics(v.metrics, 4) || 'no metrics'}${on ? ` (${on})` : ''}` : '';
   }
 
   private showTarget(): void {
@@ -157,7 +184,7 @@ export class DeployBody extends Widget {
     if (kind === 'device') {
       const d = this.devices.find(x => x.name === name);
       this.targetStatus.textContent = d
-        ? `${d.online ? '● online' : '○ offline'} · ${d.active_model ? `active ${d.active_model}@${d.active_version}` : 'nothing deployed'}` +
+        ? `${d.online ? '● online' : '○ offline'} · ${activeModels(d) ? `active ${activeModels(d)}` : 'nothing deployed'}` +
           `${d.providers?.length ? ` · providers ${d.providers.join(', ')}` : ''}${d.error ? ` · ${d.error}` : ''}`
         : '';
       this.targetStatus.className = `mlsql-deploy-target-status ${d?.online ? 'mlsql-online' : 'mlsql-offline'}`;
@@ -189,6 +216,7 @@ export class DeployBody extends Widget {
       throw e;
     }
     const target = body.device ?? `group ${body.group}`;
+    this.deployedModel = body.model;
     this.deployButton.disabled = true;
     this.progress.replaceChildren();
     this.outcome.className = 'mlsql-deploy-outcome';
@@ -216,10 +244,15 @@ export class DeployBody extends Widget {
     } finally {
       this.deployButton.disabled = false;
     }
+    if (!this.isDisposed) {
+      await this.refreshTargets();
+    }
   }
 
   private showProgress(status: IDeployStatus): void {
     this.progress.replaceChildren(...status.steps.map(s => el('li', { textContent: s.message })));
+    // the list grows up to its max height, then scrolls: keep the newest step in view
+    this.progress.scrollTop = this.progress.scrollHeight;
     this.outcome.replaceChildren(el('div', { className: 'mlsql-deploy-summary', textContent: deploySummary(status) }));
     if (status.state === 'done' && status.result) {
       const r = status.result;
@@ -233,6 +266,13 @@ export class DeployBody extends Widget {
         table.append(el('tr', {}, el('th', { textContent: k }), el('td', { textContent: v })));
       }
       this.outcome.append(table);
+      const deployed = this.models
+        .find(m => m.name === this.deployedModel)
+        ?.versions.find(v => v.version === r.version);
+      const note = parityNote(r.parity, deployed?.metrics_on ?? null);
+      if (note) {
+        this.outcome.append(el('div', { className: 'mlsql-deploy-note', textContent: note }));
+      }
     }
     this.outcome.className = `mlsql-deploy-outcome ${status.state === 'done' ? 'mlsql-done' : status.state === 'failed' ? 'mlsql-failed' : ''}`;
     if (status.state !== 'running') {
@@ -243,5 +283,7 @@ export class DeployBody extends Widget {
 
 export async function openDeployDialog(log: DeployLog, preselect: string | null): Promise<void> {
   const body = new DeployBody(log, preselect);
-  await showDialog({ title: 'Deploy a model', body, buttons: [Dialog.cancelButton({ label: 'Close' })] });
+  const dialog = new Dialog({ title: 'Deploy a model', body, buttons: [Dialog.cancelButton({ label: 'Close' })] });
+  dialog.addClass('mlsql-deploy-dialog'); // taller than JupyterLab's 500 px: the result and every step in view
+  await dialog.launch();
 }

@@ -1,7 +1,8 @@
 /**
  * MLSQL in JupyterLab 4: the MLSQL language (CodeMirror 6) for `%%mlsql` cells and MLSQL-kernel
  * notebooks, error positions marked in the cell, the Deploy command/dialog/toolbar button, and
- * the MLSQL side panel. Completion and Shift-Tab come from the kernels (complete/inspect requests).
+ * the MLSQL side panel. Completion and Shift-Tab come from the kernels (complete/inspect requests);
+ * in MLSQL cells a single match is inserted at the first Tab (completion.ts).
  */
 import { ILayoutRestorer, JupyterFrontEnd, JupyterFrontEndPlugin } from '@jupyterlab/application';
 import { ICommandPalette, ToolbarButton } from '@jupyterlab/apputils';
@@ -11,6 +12,7 @@ import { IRenderMimeRegistry } from '@jupyterlab/rendermime';
 import { LabIcon } from '@jupyterlab/ui-components';
 
 import { watchNotebook } from './cells';
+import { insertSingleCompletion } from './completion';
 import { DeployLog, openDeployDialog } from './deployDialog';
 import { clearError, errorRendererFactory } from './errors';
 import { mlsql } from './language';
@@ -100,6 +102,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       );
       watchNotebook(nb, languages);
     });
+
+    // Tab in an MLSQL cell: a single match goes in at once
+    insertSingleCompletion(app, tracker);
 
     // a marked error span goes when its cell runs again
     NotebookActions.executionScheduled.connect((_, { cell }) => clearError(cell));

@@ -130,7 +130,7 @@ export class MlsqlPanel extends Widget {
                 'tr',
                 { className: 'mlsql-version' },
                 el('td', { textContent: v.label }),
-                el('td', { textContent: v.metrics }),
+                el('td', { textContent: v.metrics, title: v.metricsOn ? `ML.EVALUATE ${v.metricsOn}` : '' }),
                 el('td', { textContent: [v.aliases, v.devices && `on ${v.devices}`].filter(Boolean).join(' · ') }),
                 el('td', {}, v.runUrl ? el('a', { href: v.runUrl, target: '_blank', rel: 'noopener', textContent: 'MLflow run' }) : '')
               )
@@ -188,22 +188,23 @@ export class MlsqlPanel extends Widget {
       this.jobs.replaceChildren(el('p', { className: 'mlsql-empty', textContent: 'No jobs (CREATE JOB).' }));
       return;
     }
+    // short lines per job, like the devices: a table's five columns do not fit the sidebar
     this.jobs.replaceChildren(
-      el(
-        'table',
-        { className: 'mlsql-jobs' },
-        el('tr', {}, ...['Job', 'Schedule', 'Next', 'Last', ''].map(h => el('th', { textContent: h }))),
-        ...rows.map(r => {
-          // the output notebook opens when it is under the server's root; else its path is shown
-          const link = r.notebook
-            ? el('a', { href: '#', textContent: 'output', title: r.notebook, onclick: (ev: MouseEvent) => { ev.preventDefault(); this.actions.openNotebook(r.notebook!); } })
-            : r.notebookFile
-              ? el('span', { className: 'mlsql-detail', textContent: 'output', title: r.notebookFile })
-              : '';
-          return el('tr', { className: 'mlsql-job' }, el('td', { textContent: r.name }), el('td', { textContent: r.schedule }),
-            el('td', { textContent: r.next }), el('td', { textContent: r.last }), el('td', {}, link));
-        })
-      )
+      ...rows.map(r => {
+        // the output notebook opens when it is under the server's root; else its path is shown
+        const link = r.notebook
+          ? el('a', { className: 'mlsql-job-output', href: '#', textContent: 'output', title: r.notebook, onclick: (ev: MouseEvent) => { ev.preventDefault(); this.actions.openNotebook(r.notebook!); } })
+          : r.notebookFile
+            ? el('span', { className: 'mlsql-detail mlsql-job-output', textContent: 'output', title: r.notebookFile })
+            : null;
+        return el(
+          'div',
+          { className: 'mlsql-job' },
+          el('div', {}, el('span', { className: 'mlsql-name', textContent: r.name }), ...(link ? [' · ', link] : [])),
+          el('div', { className: 'mlsql-job-last', textContent: `last: ${r.last}` }),
+          el('div', { className: 'mlsql-detail mlsql-job-when', textContent: `${r.schedule} · next ${r.next}` })
+        );
+      })
     );
   }
 }

@@ -1,4 +1,4 @@
-import { deviceRows, formatMetrics, formatNumber, jobRows, modelRows, relativeTime } from '../src/logic/format';
+import { activeModels, deviceRows, formatMetrics, formatNumber, jobRows, metricsOn, modelRows, relativeTime } from '../src/logic/format';
 
 describe('panel rows', () => {
   it('formats numbers as people read them', () => {
@@ -25,8 +25,16 @@ describe('panel rows', () => {
     ]);
     expect(rows.map(r => r.name)).toEqual(['species', 'zeta']);
     expect(rows[0].detail).toBe('boosted_tree_classifier · 2 versions');
-    expect(rows[0].versions[0]).toEqual({ label: 'v2', metrics: 'accuracy 0.985', aliases: 'champion', devices: 'local', runUrl: 'http://m/runs/abc' });
+    expect(rows[0].versions[0]).toEqual({ label: 'v2', metrics: 'accuracy 0.985', metricsOn: '', aliases: 'champion', devices: 'local', runUrl: 'http://m/runs/abc' });
     expect(rows[0].versions[1].runUrl).toBeNull();
+  });
+
+  it('says which rows a version was evaluated on', () => {
+    expect(metricsOn({ metrics_on: { rows: 69, held_out: true } })).toBe('on 69 held-out rows');
+    expect(metricsOn({ metrics_on: { rows: 344, held_out: false } })).toBe('on 344 training rows, no held-out split');
+    expect(metricsOn({})).toBe('');
+    const [m] = modelRows([{ name: 'm', versions: [{ version: 1, metrics: { roc_auc: 0.783 }, metrics_on: { rows: 69, held_out: true } }] }]);
+    expect(m.versions[0].metricsOn).toBe('on 69 held-out rows');
   });
 
   it('lists devices with status, active version, providers, p95 and error rate', () => {
@@ -38,6 +46,12 @@ describe('panel rows', () => {
     expect(b.status).toBe('offline');
     expect(b.active).toBe('nothing deployed');
     expect(b.title).toBe('http://pi:7070 — connection refused');
+  });
+
+  it('names every model a device runs, the busiest first', () => {
+    expect(activeModels({ name: 'd', online: true, active_model: 'b', active_version: 2, models: [{ model: 'a', version: 1 }, { model: 'b', version: 2 }] })).toBe('b@2, a@1');
+    expect(activeModels({ name: 'd', online: true, active_model: 'b', active_version: 2 })).toBe('b@2');
+    expect(activeModels({ name: 'd', online: true, models: [] })).toBe('');
   });
 
   it('says when jobs run next and how they last ended', () => {

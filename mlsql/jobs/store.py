@@ -224,6 +224,16 @@ class JobStore:
                                   (name, limit))
             return [self._run(r) for r in rows]
 
+    def running(self, name: str) -> list[JobRun]:
+        """The job's runs in progress, newest first. A schedule faster than the job records a
+        'skipped' run each time it comes round, so the newest record alone can hide a run
+        that is still going."""
+        self._settle_orphans()
+        with closing(self._connect()) as db:
+            rows = db.execute("SELECT * FROM runs WHERE job = ? AND status = 'running' "
+                              "ORDER BY start_at DESC, rowid DESC", (name,))
+            return [self._run(r) for r in rows]
+
     def get_run(self, run_id: str) -> JobRun:
         with closing(self._connect()) as db:
             row = db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()

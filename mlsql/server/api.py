@@ -152,6 +152,7 @@ class API:
                 rows.append({
                     "version": v.version, "created": _utc(v.created),
                     "metrics": {k: _number(x) for k, x in sorted(run.data.metrics.items())},
+                    "metrics_on": _metrics_on(v),
                     "aliases": list(v.aliases), "run_id": v.run_id,
                     "mlflow_run_url": self.run_url(run.info.experiment_id, v.run_id),
                     "devices": sorted(running.get((name, v.version), [])),
@@ -207,7 +208,8 @@ class API:
         store = JobStore(self.workspace)
         out = []
         for spec in store.list():
-            runs = store.runs(spec.name, limit=1)
+            # a run in progress rather than the 'skipped' rows a faster schedule adds meanwhile
+            runs = store.running(spec.name) or store.runs(spec.name, limit=1)
             last = runs[0] if runs else None
             try:
                 nxt = store.next_run_time(spec)
@@ -329,12 +331,38 @@ class API:
         if not found:
             return None
         rep = json.loads(found[0].read_text())
+        # the export checks parity on a sample of the model's training query (mlsql.steps.export.sample_rows),
+        # training rows included: its metric is not ML.EVALUATE's on the held-out rows, and says so
         return {"passed": bool(rep.get("passed", True)), "metric": rep.get("metric"),
                 "native": _number(rep.get("metric_native")), "onnx": _number(rep.get("metric_onnx")),
-                "quantized": _number(rep.get("metric_quantized")), "max_abs_diff": _number(rep.get("max_abs_diff"))}
+                "quantized": _number(rep.get("metric_quantized")), "max_abs_diff": _number(rep.get("max_abs_diff")),
+                "rows": rep.get("rows"), "rows_from": "training query"}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _metrics_on(version) -> dict | None:
+    """Which rows a version's registered metrics were computed on: {"rows": n, "held_out": bool}
+    (the held-out split, or the training rows when CREATE MODEL made no split); None when its
+    files are not on this machine (they are not downloaded for this)."""
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    src = urlparse(version.source or "")
+    if src.scheme not in ("", "file"):
+        return None
+    folder = Path(unquote(src.path))
+    for meta in (folder / "model.json", folder / "model" / "model.json"):
+        try:
+            m = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            continue
+        n_eval, n_train = int(m.get("n_eval") or 0), int(m.get("n_train") or 0)
+        if n_eval:
+            return {"rows": n_eval, "held_out": True}
+        return {"rows": n_train, "held_out": False} if n_train else None
+    return None
 
 
 def deploy_sql(body: dict) -> str:

@@ -55,6 +55,16 @@ function niceCeil(v) {
   return 10 * p;
 }
 
+// The newest point of a series that has a value, and its time: {v, t} ({v: null} when none).
+// An interval without requests has no latency: legends and tiles both show the newest window
+// that had one, so they always agree.
+function lastPoint(times, values) {
+  for (let i = values.length - 1; i >= 0; i--) {
+    if (values[i] !== null && values[i] !== undefined) return { v: values[i], t: times[i] };
+  }
+  return { v: null, t: null };
+}
+
 // One line chart: series = [{name, color, values}], times = epoch seconds.
 function chart(title, times, series, unit, opts = {}) {
   const W = 300, H = 120, L = 42, R = 6, T = 6, B = 18;
@@ -62,8 +72,8 @@ function chart(title, times, series, unit, opts = {}) {
   box.append(h("div", { class: "mlsql-mon-chart-title" }, title));
   const legend = h("div", { class: "mlsql-mon-legend" });
   for (const sr of series) {
-    const last = [...sr.values].reverse().find((v) => v !== null && v !== undefined);
-    legend.append(h("span", { class: "mlsql-mon-key" },
+    const last = lastPoint(times, sr.values).v;
+    legend.append(h("span", { class: "mlsql-mon-key", "data-series": sr.name },
       h("i", { style: `background:${sr.color}` }), `${sr.name} ${fmt(last, unit)}`));
   }
   box.append(legend);
@@ -109,9 +119,20 @@ function chart(title, times, series, unit, opts = {}) {
   return box;
 }
 
-function tile(label, value, cls = "") {
-  return h("div", { class: `mlsql-mon-tile ${cls}` }, h("div", { class: "mlsql-mon-tile-v" }, value),
-           h("div", { class: "mlsql-mon-tile-l" }, label));
+function tile(label, value, cls = "", note = "") {
+  return h("div", { class: `mlsql-mon-tile ${cls}`, "data-tile": label },
+           h("div", { class: "mlsql-mon-tile-v" }, value),
+           h("div", { class: "mlsql-mon-tile-l" }, label),
+           note ? h("div", { class: "mlsql-mon-tile-note" }, note) : null);
+}
+
+// A latency tile: the same window as the chart's legend; "12 s ago" when that is not the newest
+// interval (no requests since).
+function latencyTile(label, times, values) {
+  const p = lastPoint(times, values);
+  const newest = times.length ? times[times.length - 1] : null;
+  const note = p.t !== null && newest !== null && p.t < newest ? `${Math.round(newest - p.t)} s ago` : "";
+  return tile(label, fmt(p.v), "", note);
 }
 
 function draw(model, el) {
@@ -161,9 +182,9 @@ function draw(model, el) {
     tile("req/s", fmt(latest.requests_per_s)),
     tile("rows/s", fmt(latest.rows_per_s)),
     tile("error rate", fmt(latest.error_rate, "%"), latest.error_rate > 0.01 ? "mlsql-mon-bad" : ""),
-    tile("p50 ms", fmt(latest.p50_ms)),
-    tile("p95 ms", fmt(latest.p95_ms)),
-    tile("p99 ms", fmt(latest.p99_ms)));
+    latencyTile("p50 ms", times, col("p50_ms")),
+    latencyTile("p95 ms", times, col("p95_ms")),
+    latencyTile("p99 ms", times, col("p99_ms")));
   root.append(tiles);
 
   const charts = h("div", { class: "mlsql-mon-charts" },

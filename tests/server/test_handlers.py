@@ -86,6 +86,8 @@ async def test_models(jp_fetch):
     assert 0.5 < v["metrics"]["roc_auc"] <= 1.0 and "accuracy" in v["metrics"]
     assert v["mlflow_run_url"].startswith(MLFLOW_UI + "/#/experiments/") and v["mlflow_run_url"].endswith(v["run_id"])
     assert v["created"].endswith("+00:00")
+    # 344 rows are too few for CREATE MODEL's automatic split: the metrics are the training rows'
+    assert v["metrics_on"] == {"rows": 344, "held_out": False}
 
 
 async def test_devices_live(jp_fetch):
@@ -108,6 +110,25 @@ async def test_jobs(jp_fetch, workspace):
     assert job["last_output_notebook_path"].startswith("ws/")
 
 
+async def test_jobs_last_is_the_run_in_progress(jp_fetch, workspace):
+    """A job still running, with 'skipped' rows recorded after it (its schedule came round
+    meanwhile): the panel's last status is the run in progress."""
+    from mlsql.jobs import JobRun, JobSpec, JobStore, resolve_job_options
+    from mlsql.jobs.store import utcnow
+
+    store = JobStore(workspace)
+    store.create(JobSpec("busy", "sql", "SELECT 1", resolve_job_options({"every": "1h"})))
+    try:
+        t = utcnow()  # recorded by this test's (live) process: not an orphan run
+        store.record_start(JobRun("r-running", "busy", 1, "schedule", t, None, "running", None, "/o.ipynb"))
+        store.record_start(JobRun("r-skipped", "busy", 1, "schedule", utcnow(), utcnow(), "skipped", "busy", None))
+        jobs = {j["name"]: j for j in (await get(jp_fetch, "jobs"))["jobs"]}
+        assert jobs["busy"]["last_status"] == "running", jobs["busy"]
+        assert jobs["busy"]["last_run_at"] == t.isoformat(timespec="seconds")
+    finally:
+        store.drop("busy")
+
+
 async def test_deploy_end_to_end(jp_fetch):
     r = await jp_fetch("mlsql", "api", "deploys", method="POST",
                        body=json.dumps({"model": "species", "version": None, "device": "d1", "group": None,
@@ -128,6 +149,8 @@ async def test_deploy_end_to_end(jp_fetch):
     assert res["first_inference_ms"] > 0
     assert res["parity"]["passed"] is True and res["parity"]["metric"]
     assert abs(res["parity"]["native"] - res["parity"]["onnx"]) < 1e-3
+    # which rows the gate's metric is on: the training query's (all 344 penguins), not held-out rows
+    assert res["parity"]["rows"] == 344 and res["parity"]["rows_from"] == "training query"
     # the device and the model now say so
     devs = {d["name"]: d for d in (await get(jp_fetch, "devices"))["devices"]}
     assert devs["d1"]["active_model"] == "species" and devs["d1"]["active_version"] == 1

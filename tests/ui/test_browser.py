@@ -1,7 +1,8 @@
 """The MLSQL JupyterLab extension in a real JupyterLab and Debian's chromium (Playwright): a typed
-``%%mlsql`` cell is highlighted as SQL, Tab completes a table and a column through the kernel,
-``CREATE MODEL`` runs, the Deploy button deploys the new model to a real local agent and the side
-panel shows it running there; a failed statement marks its span in the cell.
+``%%mlsql`` cell is highlighted as SQL, Tab inserts a table and a column (their only match) at once,
+``CREATE MODEL`` runs, the Deploy button deploys the new model to a real local agent (the dialog's
+status line then shows it running there) and the side panel shows it too; the panel's jobs fit the
+sidebar; a failed statement marks its span in the cell.
 Screenshots: tests/ui/artifacts/extension-*.png."""
 
 from __future__ import annotations
@@ -53,21 +54,22 @@ def _cell_text(page, index: int) -> str:
     return page.locator(".jp-Notebook .jp-Cell").nth(index).locator(".cm-content").inner_text()
 
 
-def _tab_complete(page, index: int, expect: str) -> None:
-    """Press Tab; pick ``expect`` from the completer when it offers several; wait for it in the cell.
-    JupyterLab drops a kernel's answer that takes over 1 s (the completer's providerTimeout) and the
-    kernel's first MLSQL completion opens the workspace catalog (about 1.4 s here), so Tab is pressed
-    again, as a user would, when nothing came after 3 s."""
-    item = page.locator(f".jp-Completer-item[data-value='{expect}']")
-    for _ in range(3):
+def _tab_inserts(page, index: int, expect: str) -> None:
+    """Press Tab at a prefix only ``expect`` completes: the word must go into the cell at once,
+    not be listed for a second Tab or a click. Tab is pressed again only when nothing came:
+    JupyterLab drops a kernel's answer that takes over 1 s (the completer's providerTimeout), and
+    the kernel's first MLSQL completion opens the workspace catalog (about 1.4 s here)."""
+    listed = page.locator(".jp-Completer:not(.lm-mod-hidden) .jp-Completer-item")
+    for _ in range(4):
         page.keyboard.press("Tab")
         deadline = time.time() + 3
         while time.time() < deadline:
             if expect in _cell_text(page, index):
                 return
-            if item.count() and item.first.is_visible():
-                item.first.click()
-            page.wait_for_timeout(150)
+            page.wait_for_timeout(100)
+        if listed.count():
+            page.screenshot(path=str(ARTIFACTS / "extension-tab-listed-failed.png"))
+            raise AssertionError(f"Tab listed {listed.all_inner_texts()} instead of inserting {expect!r}")
     raise AssertionError(f"Tab did not complete {expect!r}: {_cell_text(page, index)!r}")
 
 
@@ -96,7 +98,9 @@ def test_highlight_complete_train_deploy(lab_server, lab_workspace, local_agent,
     cell = page.locator(".jp-Notebook .jp-Cell").nth(1)
     cell.locator(".jp-InputArea-editor").click()
     page.keyboard.type("%%mlsql\nSELECT count(*) AS n FROM pengu")
-    _tab_complete(page, 1, "penguins")
+    _tab_inserts(page, 1, "penguins")  # the one table that starts so: in the cell at the first Tab
+    assert _cell_text(page, 1) == "%%mlsql\nSELECT count(*) AS n FROM penguins"  # the prefix replaced
+    page.screenshot(path=str(ARTIFACTS / "extension-1a-tab-inserts.png"))
     # Shift-Tab on the table: the kernel's inspection shows its schema in JupyterLab's tooltip
     page.keyboard.press("Shift+Tab")
     tooltip = page.locator(".jp-Tooltip")
@@ -110,7 +114,8 @@ def test_highlight_complete_train_deploy(lab_server, lab_workspace, local_agent,
     cell.locator(".jp-InputArea-editor").click()
     page.keyboard.press("Control+End")
     page.keyboard.type(" WHERE bill_dep")
-    _tab_complete(page, 1, "bill_depth_mm")
+    _tab_inserts(page, 1, "bill_depth_mm")
+    assert _cell_text(page, 1).endswith(" WHERE bill_depth_mm")
     page.keyboard.type(" > 18")
     keywords = cell.locator(".cm-content .tok-keyword").all_inner_texts()
     assert {"SELECT", "AS", "FROM", "WHERE"} <= {k.upper() for k in keywords}, keywords
@@ -140,7 +145,8 @@ def test_highlight_complete_train_deploy(lab_server, lab_workspace, local_agent,
     train.locator(".jp-InputArea-editor").click()
     page.keyboard.insert_text(
         f"%%mlsql\nCREATE OR REPLACE MODEL {MODEL}\nOPTIONS (model_type = 'boosted_tree_classifier', "
-        "input_label_cols = ['species'], max_iterations = 10)\nAS SELECT species, island, bill_length_mm, "
+        "input_label_cols = ['species'], max_iterations = 10, data_split_method = 'random', "
+        "data_split_eval_fraction = 0.2)\nAS SELECT species, island, bill_length_mm, "
         "bill_depth_mm, flipper_length_mm FROM penguins")
     _run_cell(page, 3, timeout=240)
     assert MODEL in train.locator(".jp-OutputArea").inner_text()
@@ -154,30 +160,93 @@ def test_highlight_complete_train_deploy(lab_server, lab_workspace, local_agent,
     page.locator(".mlsql-deploy-toolbar").first.click()
     dialog = page.locator(".jp-Dialog .mlsql-deploy")
     dialog.wait_for()
+    page.set_viewport_size({"width": 800, "height": 760})  # a laptop's window: the long steps wrap
     page.wait_for_function(
         f"[...document.querySelectorAll('.mlsql-deploy-model option')].some(o => o.value === '{MODEL}')",
         timeout=30_000)
     dialog.locator(".mlsql-deploy-model").select_option(MODEL)
     dialog.locator(".mlsql-deploy-target").select_option(f"device:{device}")
-    assert "online" in dialog.locator(".mlsql-deploy-target-status").inner_text()
+    status = dialog.locator(".mlsql-deploy-target-status")
+    assert "online" in status.inner_text()
+    assert f"{MODEL}@" not in status.inner_text()  # nothing of it deployed yet
+    # the version's metrics say which rows they are on: the held-out fifth of the penguins
+    metrics = dialog.locator(".mlsql-deploy-metrics").inner_text()
+    held_out = int(metrics.split("(on ")[1].split(" held-out rows)")[0])
+    assert 40 < held_out < 100, metrics
     page.screenshot(path=str(ARTIFACTS / "extension-2-deploy-dialog.png"))
     dialog.locator(".mlsql-deploy-button").click()
     page.wait_for_selector(".mlsql-deploy-outcome.mlsql-done, .mlsql-deploy-outcome.mlsql-failed", timeout=180_000)
     outcome = dialog.locator(".mlsql-deploy-outcome").inner_text()
-    page.screenshot(path=str(ARTIFACTS / "extension-3-deployed.png"))
     assert f"to {device}" in outcome and "Deployed" in outcome, outcome
     assert "CPU" in outcome and "passed" in outcome and " ms" in outcome, outcome
+    # the parity gate's figure names its rows, and why it is not ML.EVALUATE's
+    assert " on 344 rows of the training query: native " in outcome, outcome
+    note = dialog.locator(".mlsql-deploy-note").inner_text()
+    assert "rows of the training query, training rows included" in note, note
+    assert f"ML.EVALUATE) are computed on its {held_out} held-out rows" in note, note
+    # the target's status line follows the deploy: the device now runs the model
+    page.wait_for_function(  # "active ui_species@1", or beside another model the agent runs
+        "(t => /active (.*, )?" + MODEL + "@/.test(t))"
+        "(document.querySelector('.mlsql-deploy-target-status').textContent)", timeout=30_000)
+    assert "nothing deployed" not in status.inner_text()
+    target = dialog.locator(".mlsql-deploy-target option:checked").inner_text()
+    assert f"runs {MODEL}@" in target or f", {MODEL}@" in target, target
+    # every step whole: the list shows them all without a scroll bar, the last one in view
+    steps = dialog.locator(".mlsql-deploy-steps")
+    box = steps.evaluate("e => ({n: e.children.length, sh: e.scrollHeight, ch: e.clientHeight})")
+    assert box["n"] >= 4 and box["sh"] <= box["ch"] + 1, box
+    last = steps.locator("li").last
+    assert last.inner_text().startswith(f"Deployed {MODEL}@"), last.inner_text()
+    # ... and in view as the deploy ends, with the result: the dialog grew instead of scrolling
+    view = page.locator(".jp-Dialog-body").bounding_box()
+    for part in (last, dialog.locator(".mlsql-deploy-summary")):
+        b = part.bounding_box()
+        assert view["y"] <= b["y"] and b["y"] + b["height"] <= view["y"] + view["height"] + 0.5, (b, view)
+    page.screenshot(path=str(ARTIFACTS / "extension-3-deployed.png"))
     page.locator(".jp-Dialog button", has_text="Close").click()
+    page.set_viewport_size({"width": 1400, "height": 900})
 
     # the side panel: the device runs the new model, the deploy is listed as done
     page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
     page.wait_for_function(
         "[...document.querySelectorAll('.mlsql-device.mlsql-online .mlsql-active')]"
-        f".some(e => e.textContent.startsWith('{MODEL}@'))", timeout=30_000)
+        f".some(e => e.textContent.split(', ').some(m => m.startsWith('{MODEL}@')))", timeout=30_000)
     panel = page.locator("#mlsql-panel")
     assert MODEL in panel.locator(".mlsql-panel-models").inner_text()
     assert "Deployed" in panel.locator(".mlsql-deploy-entry.mlsql-done").first.inner_text()
     page.screenshot(path=str(ARTIFACTS / "extension-4-panel.png"))
+
+
+def test_panel_jobs_fit_the_sidebar(lab_server, lab_workspace, browser_page):
+    """The side panel's Jobs section in JupyterLab's default sidebar width: every job's name,
+    schedule, next run, last status and output link inside the panel, nothing cut."""
+    from mlsql.jobs import JobSpec, JobStore, resolve_job_options, run_job
+
+    store = JobStore(lab_workspace)
+    store.create(JobSpec("ui_nightly_retrain", "sql", "SELECT 42 AS answer",
+                         resolve_job_options({"schedule": "0 3 * * *", "timezone": "Europe/Berlin"})), replace=True)
+    run = run_job(lab_workspace, "ui_nightly_retrain")
+    assert run.status == "succeeded", run.error
+    page = browser_page
+    page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
+    job = page.locator("#mlsql-panel .mlsql-job", has_text="ui_nightly_retrain")
+    job.wait_for(timeout=30_000)
+    text = job.inner_text()
+    assert "last: succeeded" in text and "output" in text and "cron '0 3 * * *' (Europe/Berlin)" in text, text
+    panel = page.locator("#mlsql-panel").bounding_box()
+    jobs = page.locator("#mlsql-panel .mlsql-panel-jobs")
+    assert jobs.evaluate("e => e.scrollWidth <= e.clientWidth"), "the Jobs section scrolls sideways"
+    for part in (".mlsql-name", ".mlsql-job-last", ".mlsql-job-output", ".mlsql-job-when"):
+        b = job.locator(part).first.bounding_box()
+        assert b and b["x"] + b["width"] <= panel["x"] + panel["width"] + 0.5, (part, b, panel)
+    # ... and readable: the name and the last status each whole on one line, not broken letter by letter
+    for part in (".mlsql-name", ".mlsql-job-last"):
+        lines = job.locator(part).first.evaluate(
+            "e => { const r = document.createRange(); r.selectNodeContents(e);"
+            " return new Set([...r.getClientRects()].map(x => Math.round(x.top))).size; }")
+        assert lines == 1, (part, lines)
+    page.locator(".mlsql-panel-jobs").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "extension-6-panel-jobs.png"))
 
 
 def test_error_span_marked_and_cleared(lab_server, lab_workspace, browser_page):

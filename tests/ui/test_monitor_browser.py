@@ -132,3 +132,46 @@ def test_monitor_updates_every_second_under_load_while_another_cell_runs(lab_ser
     finally:
         gen.kill()
         gen.wait()
+
+
+def test_latency_tiles_show_the_legends_window(_browser):
+    """monitor.js alone in chromium, fed the state the kernel sends when the newest interval had
+    no requests (latest p50 null, history ending in null latencies): the p50/p95/p99 tiles show the
+    same window as the latency chart's legend (the newest with requests) and how old it is."""
+    static = ROOT / "mlsql" / "static"
+    page = _browser.new_context(viewport={"width": 1000, "height": 700}).new_page()
+    try:
+        def serve(route):
+            name = route.request.url.rsplit("/", 1)[-1]
+            if name == "monitor.js":
+                route.fulfill(body=(static / "monitor.js").read_text(), content_type="text/javascript")
+            else:
+                route.fulfill(body=f"<html><head><style>{(static / 'monitor.css').read_text()}</style></head>"
+                                   "<body><div id='out'></div></body></html>", content_type="text/html")
+
+        page.route("http://mlsql.test/**", serve)
+        page.goto("http://mlsql.test/index.html")
+        page.evaluate("""async () => {
+            const t = Date.now() / 1000;
+            const state = {
+              status: 'live', device_name: 'd1', url: 'http://d1', error: '', last_ok: t, updates: 4, interval: 1,
+              model: 'species', version: 1, providers: ['CPUExecutionProvider'], node_providers: {}, models: [],
+              latest: {total_requests: 12, requests_per_s: 0, rows_per_s: 0, error_rate: 0,
+                       p50_ms: null, p95_ms: null, p99_ms: null},
+              history_fields: ['t', 'p50_ms', 'p95_ms', 'p99_ms', 'requests_per_s', 'rows_per_s', 'error_rate', 'requests'],
+              history: [[t - 3, 80.1, 95, 99, 2, 16, 0, 10], [t - 2, 89.3, 120, 130, 2, 16, 0, 12],
+                        [t - 1, null, null, null, 0, 0, 0, 12], [t, null, null, null, 0, 0, 0, 12]],
+              drift: [], drift_note: '', drift_threshold: 3, events: []};
+            const model = {get: k => state[k], on() {}, off() {}};
+            const m = await import('/monitor.js');
+            m.default.render({model, el: document.getElementById('out')});
+        }""")
+        tiles = {page.locator(f"[data-tile='{k}'] .mlsql-mon-tile-v").inner_text(): k
+                 for k in ("p50 ms", "p95 ms", "p99 ms")}
+        legend = page.locator(".mlsql-mon-chart").first.locator(".mlsql-mon-key").all_inner_texts()
+        page.locator(".mlsql-mon").screenshot(path=str(ARTIFACTS / "monitor-tiles-legend.png"))
+        assert legend == ["p50 89.3", "p95 120", "p99 130"], legend
+        assert tiles == {"89.3": "p50 ms", "120": "p95 ms", "130": "p99 ms"}, tiles
+        assert page.locator("[data-tile='p50 ms'] .mlsql-mon-tile-note").inner_text() == "2 s ago"
+    finally:
+        page.context.close()

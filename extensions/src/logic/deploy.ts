@@ -76,7 +76,19 @@ export interface IDeployResult {
   device?: string;
   placement?: Record<string, number>;
   first_inference_ms?: number | null;
-  parity?: { passed: boolean; metric?: string; native?: number | null; onnx?: number | null; quantized?: number | null } | null;
+  parity?: IParity | null;
+}
+
+/** The export's parity report as the server gives it (GET /mlsql/api/deploys/<id>). */
+export interface IParity {
+  passed: boolean;
+  metric?: string;
+  native?: number | null;
+  onnx?: number | null;
+  quantized?: number | null;
+  /** how many rows the figures are computed on, and which ("training query": a sample of the model's training query) */
+  rows?: number | null;
+  rows_from?: string | null;
 }
 
 export interface IDeployStatus {
@@ -98,7 +110,16 @@ export function formatPlacement(placement: Record<string, number> | undefined): 
     .join(', ');
 }
 
-/** The parity gate's verdict in one line: "passed (roc_auc: native 0.91, onnx 0.91)". */
+/** Which rows the parity figures are computed on: "344 rows of the training query" ('' when unknown). */
+export function parityRows(parity: IDeployResult['parity']): string {
+  if (!parity || typeof parity.rows !== 'number') {
+    return '';
+  }
+  return `${parity.rows} row${parity.rows === 1 ? '' : 's'}${parity.rows_from ? ` of the ${parity.rows_from}` : ''}`;
+}
+
+/** The parity gate's verdict in one line, with the rows it was computed on:
+ * "passed (roc_auc on 344 rows of the training query: native 0.91, onnx 0.91)". */
 export function formatParity(parity: IDeployResult['parity']): string {
   if (!parity) {
     return 'not checked';
@@ -106,8 +127,24 @@ export function formatParity(parity: IDeployResult['parity']): string {
   const parts = (['native', 'onnx', 'quantized'] as const)
     .filter(k => typeof parity[k] === 'number')
     .map(k => `${k} ${Number((parity[k] as number).toPrecision(4))}`);
-  const detail = parts.length ? ` (${parity.metric ? `${parity.metric}: ` : ''}${parts.join(', ')})` : '';
+  const rows = parityRows(parity);
+  const what = [parity.metric, rows && `on ${rows}`].filter(Boolean).join(' ');
+  const detail = parts.length ? ` (${what ? `${what}: ` : ''}${parts.join(', ')})` : '';
   return `${parity.passed ? 'passed' : 'FAILED'}${detail}`;
+}
+
+/** Why the parity metric need not match ML.EVALUATE's: it is computed on other rows. '' when the
+ * rows are not known, or when the version's metrics are on the training rows too (no held-out
+ * split). `evaluated`: the rows the version's registered metrics were computed on. */
+export function parityNote(parity: IDeployResult['parity'], evaluated: { rows: number; held_out: boolean } | null = null): string {
+  if (!parity || parity.rows_from !== 'training query' || !parity.metric || (evaluated && !evaluated.held_out)) {
+    return '';
+  }
+  const heldOut = evaluated ? `its ${evaluated.rows} held-out rows` : 'its held-out rows';
+  return (
+    `The parity gate's ${parity.metric} is computed on rows of the training query, training rows included; ` +
+    `the version's metrics (ML.EVALUATE) are computed on ${heldOut}, so the two can differ.`
+  );
 }
 
 /** The dialog's summary of a finished deploy. */

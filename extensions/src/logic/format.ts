@@ -8,6 +8,8 @@ export interface IModelVersion {
   run_id?: string | null;
   mlflow_run_url?: string | null;
   devices?: string[];
+  /** the rows `metrics` were computed on: the held-out split, or the training rows when there was none */
+  metrics_on?: { rows: number; held_out: boolean } | null;
 }
 
 export interface IModel {
@@ -28,6 +30,15 @@ export interface IDevice {
   rows_per_s?: number | null;
   updated?: string | null;
   error?: string | null;
+  /** every model active on the device (active_model is the one it serves most) */
+  models?: Array<{ model: string; version: number }>;
+}
+
+/** What a device runs: "species@2, churn@1" (every active model, the busiest first), '' for none. */
+export function activeModels(d: IDevice): string {
+  const all = (d.models ?? []).map(m => `${m.model}@${m.version}`);
+  const main = d.active_model ? `${d.active_model}@${d.active_version ?? '?'}` : '';
+  return [main, ...all.filter(m => m !== main)].filter(Boolean).join(', ');
 }
 
 export interface IGroup {
@@ -63,6 +74,17 @@ export function formatNumber(x: number | null | undefined): string {
     return String(x);
   }
   return String(Number(x.toPrecision(3)));
+}
+
+/** Which rows a version's metrics were computed on: "on 69 held-out rows", "on 344 training rows,
+ * no held-out split", or '' when the server does not know. */
+export function metricsOn(v: Pick<IModelVersion, 'metrics_on'>): string {
+  const m = v.metrics_on;
+  if (!m) {
+    return '';
+  }
+  const rows = `${m.rows} ${m.held_out ? 'held-out' : 'training'} row${m.rows === 1 ? '' : 's'}`;
+  return `on ${rows}${m.held_out ? '' : ', no held-out split'}`;
 }
 
 /** Metrics as "roc_auc 0.912 · log_loss 0.231", the first `max` of them. */
@@ -122,7 +144,7 @@ export interface IModelRow {
   name: string;
   label: string;
   detail: string;
-  versions: Array<{ label: string; metrics: string; aliases: string; devices: string; runUrl: string | null }>;
+  versions: Array<{ label: string; metrics: string; metricsOn: string; aliases: string; devices: string; runUrl: string | null }>;
 }
 
 /** One row per model for the panel: "species (boosted_tree_classifier) · 2 versions", then its versions newest first. */
@@ -138,6 +160,7 @@ export function modelRows(models: IModel[]): IModelRow[] {
         versions: versions.map(v => ({
           label: `v${v.version}`,
           metrics: formatMetrics(v.metrics),
+          metricsOn: metricsOn(v),
           aliases: (v.aliases ?? []).join(', '),
           devices: (v.devices ?? []).join(', '),
           runUrl: v.mlflow_run_url || null
@@ -156,14 +179,15 @@ export interface IDeviceRow {
   title: string;
 }
 
-/** One row per device: status, "species@2" (or "nothing deployed"), providers really used, p95, error rate. */
+/** One row per device: status, "species@2" (every model it runs, or "nothing deployed"), providers really used
+ * (by the busiest model), p95, error rate. */
 export function deviceRows(devices: IDevice[]): IDeviceRow[] {
   return [...devices]
     .sort((a, b) => a.name.localeCompare(b.name))
     .map(d => ({
       name: d.name,
       status: d.online ? 'online' : 'offline',
-      active: d.active_model ? `${d.active_model}@${d.active_version ?? '?'}` : 'nothing deployed',
+      active: activeModels(d) || 'nothing deployed',
       providers: (d.providers ?? []).join(', ') || '—',
       p95: formatMs(d.p95_ms),
       errors: formatRate(d.error_rate),
