@@ -20,8 +20,9 @@ Drift flags, per input column of the active version: for a numeric column, the s
 of the inputs the agent profiled since activation from the training mean stored in the signed
 package, in training standard deviations (|mean - mean_train| / std_train, the rollout gate's
 ``max_drift`` measure), flagged above ``drift_threshold`` (default 3); for a string column, the
-share of values not seen in training (the agent's ``unseen_rate``), flagged above
-``unseen_threshold`` (default 0.1). Agents that do not report training statistics get a note
+share of values outside the training values the package lists (the agent's ``unseen_rate``) less
+the share of training rows outside that list (``other_share``, 0 unless the column had more than
+1,000 distinct values), flagged above ``unseen_threshold`` (default 0.1). Agents that do not report training statistics get a note
 instead of flags.
 
 States: ``connecting`` until the first answer, ``live``, ``disconnected`` (the error and the time
@@ -323,12 +324,15 @@ class DeviceMonitor(anywidget.AnyWidget):
                                    "unseen_rate": st.get("unseen_rate"), "score": None, "flagged": False, "note": ""}
             if row["kind"] == "string":
                 u = st.get("unseen_rate")
+                # training rows outside the package's listed values: what "unseen" is compared with
+                base = float(tr.get("other_share") or 0.0)
                 if u is None:
                     row["note"] = "no live values yet" if not st else "no training values to compare"
                 else:
-                    row["score"] = round(u, 4)
-                    row["flagged"] = u > self._unseen_threshold
-                    row["note"] = f"{u:.1%} unseen in training"
+                    row["score"] = round(u - base, 4)
+                    row["flagged"] = u - base > self._unseen_threshold
+                    row["note"] = (f"{u:.1%} unseen in training" if not base else
+                                   f"{u:.1%} outside the training's listed values ({base:.1%} of training rows)")
             elif tr.get("mean") is None:
                 row["note"] = "no training statistic"
             elif st.get("mean") is None:
