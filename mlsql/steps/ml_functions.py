@@ -131,9 +131,11 @@ def missing_inputs(ref: str, inputs: list[str], columns: list[str], func: str, *
 
 
 def _column_names(data) -> list[str]:
-    """The columns of input rows: an Arrow table's, or a lazy engine frame's (Spark)."""
-    names = getattr(data, "column_names", None)
-    return list(names if names is not None else data.columns)
+    """The columns of input rows: an Arrow table's, or a lazy engine frame's (Spark). Not by
+    ``getattr``: on a Spark Connect DataFrame any attribute name is a column reference."""
+    if isinstance(data, pa.Table | pa.RecordBatch):
+        return list(data.column_names)
+    return list(data.columns)
 
 
 # the functions that score input rows with the model: the input must have every column it reads
