@@ -28,6 +28,24 @@ _TYPES = {"int": "INTEGER", "uint": "INTEGER", "bool": "INTEGER", "float": "REAL
           "string": "TEXT", "large_string": "TEXT"}
 
 
+class _StddevPop:
+    """Population standard deviation, Welford's running mean and sum of squares (no cancellation)."""
+
+    def __init__(self):
+        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def step(self, x):
+        if x is None:
+            return
+        self.n += 1
+        d = float(x) - self.mean
+        self.mean += d / self.n
+        self.m2 += d * (float(x) - self.mean)
+
+    def finalize(self):
+        return (self.m2 / self.n) ** 0.5 if self.n else None
+
+
 class SQLiteEngine(Engine):
     name = "sqlite"
     dialect = "sqlite"
@@ -35,6 +53,8 @@ class SQLiteEngine(Engine):
 
     def __init__(self, path: str = ":memory:"):
         self.db = sqlite3.connect(path, check_same_thread=False)
+        # the aggregates MLSQL's statements use that SQLite lacks (training statistics' std)
+        self.db.create_aggregate("stddev_pop", 1, _StddevPop)
 
     @classmethod
     def open(cls, workspace, **conf) -> SQLiteEngine:
