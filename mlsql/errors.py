@@ -332,7 +332,11 @@ class WorkspaceError(MLSQLError):
 
 
 class ExportError(MLSQLError):
-    """A model or expression that cannot be exported to ONNX."""
+    """A model or expression that cannot be exported to ONNX. ``report``: the parity report when
+    the export was refused by its parity or quantization check (``report.passed`` is False), else
+    None (the graph could not be built or run at all)."""
+
+    report = None
 
 
 class DeviceError(MLSQLError, _device_errors.DeviceError):
