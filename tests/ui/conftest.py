@@ -16,6 +16,7 @@ Screenshots go to ``tests/ui/artifacts/`` (``ARTIFACTS``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -95,19 +96,20 @@ def lab_workspace(lab_home) -> Path:
     return ws
 
 
-@pytest.fixture(scope="session")
-def lab_server(lab_home, lab_workspace):
-    """A real ``jupyter lab`` with the mlsql server extension: yields (url, token, root_dir)."""
-    root = lab_home / "root"
-    root.mkdir(exist_ok=True)
-    settings = lab_home / "settings"
+@contextlib.contextmanager
+def running_lab(home: Path, workspace: Path, root: Path | None = None):
+    """A real ``jupyter lab`` with the mlsql server extension, its settings and logs in ``home``,
+    ``MLSQL_HOME`` = ``workspace``, serving ``root`` (default ``home/root``): (url, token, root)."""
+    root = root or home / "root"
+    root.mkdir(parents=True, exist_ok=True)
+    settings = home / "settings"
     # no "would you like news?" toast over the screenshots
     (settings / "@jupyterlab" / "apputils-extension").mkdir(parents=True, exist_ok=True)
     (settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
     port, token = free_port(), "mlsql-ui-test-token"
-    env = dict(os.environ, MLSQL_HOME=str(lab_workspace), JUPYTER_CONFIG_DIR=str(lab_home / "config"),
-               JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(lab_home / "workspaces"),
+    env = dict(os.environ, MLSQL_HOME=str(workspace), JUPYTER_CONFIG_DIR=str(home / "config"),
+               JUPYTERLAB_SETTINGS_DIR=str(settings), JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"),
                PYTHONUNBUFFERED="1")
     env.pop("JUPYTER_TOKEN", None)
     argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
@@ -116,7 +118,7 @@ def lab_server(lab_home, lab_workspace):
             "--LabApp.news_url=None", "--ServerApp.disable_check_xsrf=False"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         argv.append("--allow-root")
-    log = lab_home / "lab.log"
+    log = home / "lab.log"
     with open(log, "w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
     url = f"http://127.0.0.1:{port}"
@@ -125,6 +127,13 @@ def lab_server(lab_home, lab_workspace):
         yield url, token, root
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def lab_server(lab_home, lab_workspace):
+    """A real ``jupyter lab`` with the mlsql server extension: yields (url, token, root_dir)."""
+    with running_lab(lab_home, lab_workspace) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="session")
