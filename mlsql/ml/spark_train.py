@@ -42,6 +42,7 @@ from .estimators import (
     XGBEstimator,
     _sigmoid,
     _softmax,
+    early_stop_reason,
     logistic_margin,
     logistic_objective,
     logistic_sums,
@@ -664,6 +665,9 @@ def _fit_xgboost(engine, encoded, width, opts, task, k, has_eval, class_weights,
         history.append(row)
         if progress is not None:
             progress(i + 1, opts.max_iterations, row)
+            if i + 1 == len(train_h) < opts.max_iterations and opts.early_stop:  # the bar says why it is short
+                progress(i + 1, opts.max_iterations, {**row, "stopped": early_stop_reason(
+                    "eval_loss" if has_eval else "loss", opts.min_rel_progress, "iteration")})
     return XGBEstimator(booster, objective, k if objective == "multi:softprob" else 1), history
 
 

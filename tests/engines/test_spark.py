@@ -834,3 +834,30 @@ def test_duckdb_only_constructs_are_named_on_spark(spark_ws, query, construct):
         spark_ws.sql(query)
     assert construct in str(err.value) and "mlsql_dialect = 'spark'" in err.value.hint
     assert spark_ws.sql("SELECT count(*) FROM flights WHERE month = 1").scalar() > 0
+
+
+def test_spark_training_says_why_it_stopped_early(spark_ws):
+    """xgboost.spark stops on MLSQL's min_rel_progress rule; the progress display hears the reason
+    on the last round, as on DuckDB (the bar read '5/30 iterations' with no word why)."""
+    calls = []
+
+    class Recorder:
+        def update(self, iteration, total, metrics=None):
+            calls.append((iteration, total, dict(metrics or {})))
+
+        def close(self):
+            pass
+
+    spark_ws.progress = lambda title, total: Recorder()
+    try:
+        spark_ws.sql("""CREATE OR REPLACE MODEL stops_early OPTIONS (model_type = 'boosted_tree_classifier',
+            input_label_cols = ['species'], max_iterations = 50, min_rel_progress = 0.2,
+            data_split_method = 'random', data_split_eval_fraction = 0.3)
+            AS SELECT species, island, bill_length_mm, flipper_length_mm FROM penguins""")
+    finally:
+        spark_ws.progress = None
+    rounds = spark_ws.model("stops_early").model.training_info.num_rows
+    assert rounds < 50
+    last = calls[-1]
+    assert last[0] == rounds and last[1] == 50
+    assert last[2]["stopped"] == "no improvement of 20% or more in the loss on the evaluation rows in 1 iteration"
