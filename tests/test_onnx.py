@@ -428,3 +428,24 @@ def test_a_model_trained_with_query_parameters_exports(tmp_path):
     r = s.sql("EXPORT MODEL heavy").export
     assert r.report.passed and r.report.rows == s.sql("SELECT count(*) FROM penguins WHERE body_mass_g > 4000").scalar()
     s.close()
+
+
+def test_every_figure_names_the_rows_it_is_computed_on(ws, tmp_path):
+    """The parity gate's metric is on rows of the training query, CREATE MODEL's on the held-out rows
+    (or on the training rows when there is no split): the messages say which, so the two can be told
+    apart (a user saw roc_auc 0.8202 at the gate and 0.783 from ML.EVALUATE with no word why)."""
+    r = ws.sql(f"EXPORT MODEL logit OPTIONS (uri = '{tmp_path / 'logit.onnx'}')")
+    report = r.export.report
+    assert report.rows_from.startswith("rows of the training query") and report.rows == 344
+    assert f"parity max diff {report.max_abs_diff:.2g} on 344 rows of the training query" in r.message
+    assert f"; on those rows accuracy {report.metric_native:.4f} native" in r.message
+    split = ws.sql("""CREATE OR REPLACE MODEL logit_split OPTIONS (model_type = 'logistic_reg',
+                      input_label_cols = ['species'], data_split_method = 'random', data_split_eval_fraction = 0.25)
+                      AS SELECT species, island, bill_length_mm, flipper_length_mm FROM penguins""")
+    n_eval = ws.model("logit_split").model.n_eval
+    assert n_eval > 0 and f"(logistic_reg). On {n_eval:,} held-out rows: precision = " in split.message
+    none = ws.model("logit").model  # trained with data_split_method = 'no_split'
+    again = ws.sql(f"""CREATE OR REPLACE MODEL logit_all OPTIONS (model_type = 'logistic_reg',
+                       input_label_cols = ['species'], data_split_method = 'no_split')
+                       AS SELECT {PENGUIN_COLS} FROM penguins""")
+    assert f"On the {none.n_train:,} training rows (no evaluation split): precision = " in again.message

@@ -441,6 +441,7 @@ class ParityReport:
     quantize: str
     tree_format: str | None
     rows: int
+    rows_from: str  # which rows every figure below is computed on (the caller's sample)
     max_abs_diff: float
     mean_abs_diff: float
     max_abs_diff_quantized: float | None
@@ -575,8 +576,10 @@ def _set_opset(proto, opset: int) -> None:
 
 def export_model(model, transform, raw_schema: dict[str, str], options: dict, sample: pa.Table,
                  native_predict: Callable[[pa.Table], np.ndarray], out_path: str | Path,
-                 calibration: pa.Table | None = None, name: str = "model") -> ExportResult:
-    """Export ``model`` (with its fitted ``transform``) to ``out_path``; see the module docstring."""
+                 calibration: pa.Table | None = None, name: str = "model",
+                 rows_from: str = "the rows given") -> ExportResult:
+    """Export ``model`` (with its fitted ``transform``) to ``out_path``; see the module docstring.
+    ``rows_from`` says what ``sample`` is, for the report and its messages."""
     opts = resolve_export_options(options)
     proto, inputs, outputs = build_graph(model, transform, raw_schema, opts["tree_format"])
     _set_opset(proto, opts["opset"])
@@ -607,7 +610,7 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
         return ParityReport(
             model=name, quantize=opts["quantize"],
             tree_format=opts["tree_format"] if model.estimator.kind == "xgboost" else None,
-            rows=sample.num_rows, max_abs_diff=max_diff, mean_abs_diff=mean_diff,
+            rows=sample.num_rows, rows_from=rows_from, max_abs_diff=max_diff, mean_abs_diff=mean_diff,
             max_abs_diff_quantized=None if qd is None else float(np.nanmax(qd)),
             mean_abs_diff_quantized=None if qd is None else float(np.nanmean(qd)),
             metric=metric, metric_native=m_native, metric_onnx=m_onnx, metric_quantized=m_q,
@@ -623,7 +626,7 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
     if max_diff > PARITY_TOL:
         raise refused(ExportError(
             f"The ONNX graph of {name} disagrees with the native model: max difference {max_diff:.3g} "
-            f"on {sample.num_rows} rows (tolerance {PARITY_TOL:g}); nothing was written",
+            f"on {sample.num_rows} {rows_from} (tolerance {PARITY_TOL:g}); nothing was written",
         ))
 
     # the quantized graph: each candidate setting in turn, the first whose metric holds on this CPU
@@ -652,7 +655,7 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
         raise refused(ExportError(
             f"The {opts['quantize']} export of {name} loses accuracy: {metric} {m_native:.4f} native, "
             f"{m_q:.4f} {opts['quantize']} (a drop of {drop:.4f}; max_metric_drop = {opts['max_metric_drop']:g}) "
-            f"on {sample.num_rows} rows of the training query; nothing was written, registered or deployed",
+            f"on {sample.num_rows} {rows_from}; nothing was written, registered or deployed",
             hint=_gate_hint(model, opts, tried),
         ))
 

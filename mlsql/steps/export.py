@@ -13,6 +13,10 @@ from ..result import Result
 from . import SessionState
 from .ml_functions import LoadedModel, load_model, model_features
 
+# what sample_rows' rows are, as the parity report and every message about it say: its figures are
+# not ML.EVALUATE's on the held-out rows, and a reader comparing the two must be able to tell
+SAMPLE_ROWS_FROM = "rows of the training query (a seeded sample; training and held-out rows alike)"
+
 
 def sample_rows(s: SessionState, lm: LoadedModel, n: int = 2000) -> pa.Table:
     """Up to ``n`` rows of the model's training query (the same rows for the same data)."""
@@ -52,7 +56,8 @@ def export(s: SessionState, spec: P.ModelSpec, options: dict, *, quiet: bool = F
     raw_schema = lm.meta.get("training_schema", {})
     result = export_model(lm.model, lm.transform, raw_schema,
                           {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers", "package")},
-                          sample, native_predict(s, lm), Path(uri).expanduser(), calibration, name=mv.ref)
+                          sample, native_predict(s, lm), Path(uri).expanduser(), calibration, name=mv.ref,
+                          rows_from=SAMPLE_ROWS_FROM)
     report_path = result.path.with_suffix(".parity.json")
     report_path.write_text(json.dumps(result.report.to_dict(), indent=1, default=str))
     result.package_path = None
@@ -70,11 +75,11 @@ def export(s: SessionState, spec: P.ModelSpec, options: dict, *, quiet: bool = F
         return result
     r = result.report
     msg = (f"Exported {mv.ref} to {result.path} ({r.size_bytes / 1024:.1f} KiB, quantize={r.quantize}); "
-           f"parity max diff {r.max_abs_diff:.2g} on {r.rows} rows")
+           f"parity max diff {r.max_abs_diff:.2g} on {r.rows} {r.rows_from}")
     if result.package_path is not None:
         msg += f"; signed package {result.package_path}"
     if r.metric:
-        msg += f"; {r.metric} {r.metric_native:.4f} native, {r.metric_onnx:.4f} ONNX"
+        msg += f"; on those rows {r.metric} {r.metric_native:.4f} native, {r.metric_onnx:.4f} ONNX"
         if r.metric_quantized is not None:
             msg += f", {r.metric_quantized:.4f} {r.quantize}"
     out = Result(r.to_table(), kind="export", message=msg)

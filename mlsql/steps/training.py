@@ -124,6 +124,9 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
         **{k: pa.array([v], pa.float64()) for k, v in metrics.items()},
     })
     shown = ", ".join(f"{k} = {v:.4g}" for k, v in metrics.items())
+    if shown:  # which rows the metrics are on: the held-out split's, or the training rows themselves
+        shown = (f"On {model.n_eval:,} held-out rows: " if model.n_eval else
+                 f"On the {model.n_train:,} training rows (no evaluation split): ") + shown
     from .. import plots
 
     return Result(table, kind="create_model", plots=plots.panels("loss", model.training_info),
