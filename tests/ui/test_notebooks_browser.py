@@ -85,7 +85,10 @@ def _screenshots(page, stem: str, most: int = 30) -> None:
     for i in range(most):
         page.wait_for_timeout(400)
         page.screenshot(path=str(ARTIFACTS / f"notebook-{stem}-{i:02d}.png"))
+        # on to the next screenful, unless the last cell is already in view (past it is padding)
         moved = page.evaluate(f"""() => {{ const el = document.querySelector('{scroller}');
+            const cells = el.querySelectorAll('.jp-Cell'), last = cells[cells.length - 1];
+            if (!last || last.getBoundingClientRect().bottom <= el.getBoundingClientRect().bottom) return false;
             const before = el.scrollTop; el.scrollTop = before + el.clientHeight - 80; return el.scrollTop > before; }}""")
         if not moved:
             break
