@@ -134,8 +134,7 @@ def _jobs_table(store, specs=None) -> pa.Table:
     specs = store.list() if specs is None else specs
     rows = []
     for s in specs:
-        runs = store.runs(s.name, limit=1)
-        last = runs[0] if runs else None
+        last = _last(store, s.name)
         rows.append({"job": s.name, "kind": s.kind, "target": s.target if s.kind == "notebook" else _short(s.target),
                      "schedule": _schedule(s.options), "timezone": s.options.get("timezone"),
                      "paused": s.paused, "next_run": store.next_run_time(s),
@@ -153,12 +152,21 @@ def _describe(store, name: str) -> pa.Table:
              ("paused", str(s.paused)), ("next_run", _when(store.next_run_time(s))), ("created_at", s.created_at)]
     props += [(f"option.{k}", json.dumps(v) if not isinstance(v, str) else v)
               for k, v in sorted(s.options.items()) if v is not None]
-    runs = store.runs(name, limit=1)
-    if runs:
-        r = runs[0]
+    r = _last(store, name)
+    if r is not None:
         props += [("last_run", r.run_id), ("last_status", r.status), ("last_start", str(r.start)),
                   ("last_error", r.error or ""), ("last_output", r.output_path or "")]
     return pa.table({"property": [p[0] for p in props], "value": [str(p[1]) for p in props]})
+
+
+def _last(store, name: str):
+    """The run a user means by "last": one in progress if there is one (a schedule faster than the
+    job records 'skipped' runs after it), else the newest record."""
+    running = store.running(name)
+    if running:
+        return running[0]
+    runs = store.runs(name, limit=1)
+    return runs[0] if runs else None
 
 
 def _schedule(options: dict) -> str:

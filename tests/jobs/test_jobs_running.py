@@ -43,6 +43,13 @@ def test_a_running_first_run_is_listed_as_running(tmp_path, ws, store):
         assert [r["status"] for r in runs[:-1]] == ["skipped"] * (len(runs) - 1)  # max_concurrent = 1
         # the store's view of runs in progress, whatever 'skipped' rows came after (the panel's "last")
         assert [r.run_id for r in store.running("slow")] == [first["run_id"]]
+        # SHOW JOBS and DESCRIBE JOB call it the last run too, not the newest 'skipped' record
+        _wait(lambda: len(store.runs("slow")) > 1, 30, "a skipped run after the running one")
+        shown = s.sql("SHOW JOBS").to_arrow().to_pylist()
+        assert [(j["job"], j["last_status"]) for j in shown] == [("slow", "running")]
+        props = s.sql("DESCRIBE JOB slow").to_arrow().to_pydict()
+        described = dict(zip(props["property"], props["value"]))
+        assert described["last_status"] == "running" and described["last_run"] == first["run_id"]
     finally:
         scheduler.shutdown()
         s.close()
