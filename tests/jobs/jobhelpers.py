@@ -5,7 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+
+def wait_for(cond, timeout: float, what: str):
+    """Poll ``cond()`` every 0.2 s until it is truthy (returned), or fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 def write_notebook(path: Path, *cells: str, parameters: str | None = None, kernel: str = "python3") -> Path:

@@ -4,22 +4,10 @@ store list it with status 'running', no end and no duration yet."""
 
 from __future__ import annotations
 
-import time
-
-from jobhelpers import write_notebook
+from jobhelpers import wait_for, write_notebook
 
 import mlsql
 from mlsql.jobs.scheduler import Scheduler
-
-
-def _wait(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_running_first_run_is_listed_as_running(tmp_path, ws, store):
@@ -33,7 +21,7 @@ def test_a_running_first_run_is_listed_as_running(tmp_path, ws, store):
         assert s.sql("SELECT * FROM ML.JOB_RUNS('slow')").to_arrow().num_rows == 0  # not run yet
         scheduler.start()
         # the notebook's first cell has run: the run is mid-way, in its kernel
-        _wait(started.exists, 60, "the job's kernel to start the notebook")
+        wait_for(started.exists, 60, "the job's kernel to start the notebook")
         runs = s.sql("SELECT * FROM ML.JOB_RUNS('slow')").to_arrow().to_pylist()
         first = runs[-1]  # newest first: the oldest row is the first run (later ones may be 'skipped')
         assert first["status"] == "running", runs
@@ -44,7 +32,7 @@ def test_a_running_first_run_is_listed_as_running(tmp_path, ws, store):
         # the store's view of runs in progress, whatever 'skipped' rows came after (the panel's "last")
         assert [r.run_id for r in store.running("slow")] == [first["run_id"]]
         # SHOW JOBS and DESCRIBE JOB call it the last run too, not the newest 'skipped' record
-        _wait(lambda: len(store.runs("slow")) > 1, 30, "a skipped run after the running one")
+        wait_for(lambda: len(store.runs("slow")) > 1, 30, "a skipped run after the running one")
         shown = s.sql("SHOW JOBS").to_arrow().to_pylist()
         assert [(j["job"], j["last_status"]) for j in shown] == [("slow", "running")]
         props = s.sql("DESCRIBE JOB slow").to_arrow().to_pydict()

@@ -11,19 +11,9 @@ import sys
 import time
 
 import pytest
-from jobhelpers import mlsql_cli
+from jobhelpers import mlsql_cli, wait_for
 
 from mlsql.jobs import JobSpec, resolve_job_options
-
-
-def _wait(cond, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _scheduler(ws, log_path):
@@ -55,7 +45,7 @@ def test_scheduler_process_runs_jobs_survives_restart_and_is_alone(tmp_path, ws,
                                         "INSERT INTO ticks SELECT now()", resolve_job_options({"every": "2s"})))
     first = _scheduler(ws, tmp_path / "first.log")
     try:
-        _wait(lambda: len([r for r in store.runs("tick") if r.status == "succeeded"]) >= 2, 45, "two runs")
+        wait_for(lambda: len([r for r in store.runs("tick") if r.status == "succeeded"]) >= 2, 45, "two runs")
         # a second scheduler on the same workspace refuses and names the first
         second = mlsql_cli("scheduler", "--workspace", ws.root, timeout=60)
         assert second.returncode == 1
@@ -75,7 +65,7 @@ def test_scheduler_process_runs_jobs_survives_restart_and_is_alone(tmp_path, ws,
 
     again = _scheduler(ws, tmp_path / "again.log")
     try:
-        _wait(lambda: any(r.run_id not in before and r.status == "succeeded" for r in store.runs("tick")), 45,
+        wait_for(lambda: any(r.run_id not in before and r.status == "succeeded" for r in store.runs("tick")), 45,
               "a run after the restart")
     finally:
         again.send_signal(signal.SIGINT)
@@ -107,15 +97,15 @@ def test_missed_run_policy_and_live_changes(ws, store, caplog):
         assert set(sched.scheduled()) == {"minutely", "hourly"}
         # hourly: its last time was 30 min ago, beyond the 5 min grace, so it waits for its next time
         assert sched.scheduled()["hourly"].timestamp() == pytest.approx(ago + 3 * 3600, abs=1)
-        _wait(lambda: store.runs("minutely"), 10, "the catch-up run of minutely")
+        wait_for(lambda: store.runs("minutely"), 10, "the catch-up run of minutely")
         assert store.runs("minutely")[0].trigger == "schedule"
         assert "job minutely missed its run" in caplog.text and "hourly missed" not in caplog.text
         assert store.runs("hourly") == []
         out = mlsql_cli("jobs", "pause", "hourly", "--workspace", ws.root)
         assert out.returncode == 0 and "paused" in out.stdout
-        _wait(lambda: "hourly" not in sched.scheduled(), 5, "hourly to be unscheduled")
+        wait_for(lambda: "hourly" not in sched.scheduled(), 5, "hourly to be unscheduled")
         mlsql_cli("jobs", "resume", "hourly", "--workspace", ws.root)
-        _wait(lambda: "hourly" in sched.scheduled(), 5, "hourly to be scheduled again")
+        wait_for(lambda: "hourly" in sched.scheduled(), 5, "hourly to be scheduled again")
     finally:
         sched.shutdown()
     assert not sched.running and all(r.status != "running" for r in store.runs())
@@ -140,13 +130,13 @@ def test_jupyter_server_extension_runs_the_scheduler(tmp_path):
     second = None
     try:
         ws = Workspace(root / ".mlsql")
-        _wait(lambda: (root / ".mlsql" / "scheduler.lock").exists() and scheduler_holder(ws), 60,
+        wait_for(lambda: (root / ".mlsql" / "scheduler.lock").exists() and scheduler_holder(ws), 60,
               "the server's scheduler")
         assert "the Jupyter server" in scheduler_holder(ws) and f"pid {first.pid}" in scheduler_holder(ws)
         out = mlsql_cli("scheduler", "--workspace", root / ".mlsql", timeout=60)
         assert out.returncode == 1 and "the Jupyter server" in out.stderr
         second = server("second.log")  # another server on the same workspace comes up without one
-        _wait(lambda: "not scheduling jobs" in (tmp_path / "second.log").read_text(), 60, "the second server")
+        wait_for(lambda: "not scheduling jobs" in (tmp_path / "second.log").read_text(), 60, "the second server")
         assert second.poll() is None and "Traceback" not in (tmp_path / "second.log").read_text()
     finally:
         for p in (first, second):
