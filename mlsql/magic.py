@@ -221,8 +221,10 @@ class _WaitNotice:
 
     def done(self) -> None:
         if self.handle is not None:
-            # what it waited for: the workspace (another process held it) or Spark's start
-            self.handle.update({"text/plain": f"{self.message}: {self.waited:.0f} s."}, raw=True)
+            # what it waited for: the workspace (another process held it), or Spark's start
+            m, secs = self.message, f"{self.waited:.0f} s"
+            text = f"Waited {secs} for {m[len('Waiting for '):]}." if m.startswith("Waiting for ") else f"{m}: {secs}."
+            self.handle.update({"text/plain": text}, raw=True)
 
 
 def _progress_factory(live_plot: bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,7 +180,7 @@ def test_a_notebook_cell_shows_whom_it_waits_for(tmp_path):
         out, err = _run(kc, "%mlsql SELECT 42 AS answer")
         assert err == [] and "42" in out, (out, err)
         assert "Waiting for the workspace catalog: the nightly import" in out, out
-        assert "Waited" in out
+        assert re.search(r"Waited \d+ s for the workspace catalog: the nightly import", out), out
     finally:
         holder.kill()
         kc.stop_channels()
