@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PIP) install -r requirements.lock
 	$(PIP) install --no-deps -e ./device_bridge -e .
 	$(PY) -m pip check
-	$(PY) -m mlsql.kernel install --sys-prefix
+	$(PY) -m mlsql.notebook.kernel install --sys-prefix
 	touch $@
 
 # The JupyterLab extension (extensions/, TypeScript) is built with node and jlpm (which comes with
@@ -55,7 +55,7 @@ lock-upgrade:
 LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 # `make lab` also runs a local device agent (trusting this workspace's key, registered as device 'local') for DEPLOY ... TO DEVICE,
-# and the job scheduler inside the Jupyter server (the mlsql.server extension).
+# and the job scheduler inside the Jupyter server (the mlsql.notebook.server extension).
 DEVICE_PORT ?= 7070
 DEVICE_TOKEN ?= local-dev-token
 
@@ -66,7 +66,7 @@ lab: install
 	@$(VENV)/bin/mlsql device serve --name local --port $(DEVICE_PORT) --token $(DEVICE_TOKEN) \
 	  > "$(MLSQL_HOME)/agent.log" 2>&1 & AGENT=$$!; trap 'kill $$AGENT 2>/dev/null' EXIT INT TERM; \
 	echo "device agent 'local' on http://127.0.0.1:$(DEVICE_PORT) (token $(DEVICE_TOKEN)), log in $(MLSQL_HOME)/agent.log"; \
-	cd notebooks && ../$(VENV)/bin/jupyter lab $(LAB_ARGS) --ServerApp.jpserver_extensions="{'mlsql.server': True}" \
+	cd notebooks && ../$(VENV)/bin/jupyter lab $(LAB_ARGS) --ServerApp.jpserver_extensions="{'mlsql.notebook.server': True}" \
 	  01_quickstart.ipynb
 
 test: install

@@ -53,8 +53,8 @@ STATEMENTS = {
 
 
 def bench_parse_plan(repeat: int = 300) -> dict:
-    from mlsql.dialect import parse_script
-    from mlsql.planner import Planner
+    from mlsql.language.dialect import parse_script
+    from mlsql.plan.planner import Planner
 
     counter = iter(range(10**9))
     planner = Planner(lambda kind: f"__t{next(counter)}")

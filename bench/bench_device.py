@@ -324,7 +324,7 @@ def flights_model(tmp: Path, rounds: int):
     """The nycflights13 delay classifier as MLSQL exports it: raw columns in (3 strings), signed package."""
     import mlsql
     import mlsql.datasets
-    from mlsql.deploy import columns_for
+    from mlsql.deploy.remote import columns_for
 
     s = mlsql.connect(tmp / "flights-ws")
     try:

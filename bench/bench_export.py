@@ -54,8 +54,8 @@ def main() -> None:
 
     import mlsql
     import mlsql.datasets
+    from mlsql.export import feeds, ort_session
     from mlsql.ml.metrics import roc_auc
-    from mlsql.onnx import feeds, ort_session
 
     rounds, epochs = (30, 3) if args.quick else (100, 8)
     out: dict = {"quick": args.quick}

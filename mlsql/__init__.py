@@ -7,36 +7,36 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .errors import MLSQLError
+from mlsql.errors import MLSQLError
 
 __version__ = "0.1.0"
 __all__ = ["MLSQLError", "Session", "connect", "__version__", "load_ipython_extension"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .session import Session
+    from mlsql.runtime.session import Session
 
 
 def connect(workspace: str | None = None, engine: str = "duckdb", **kwargs) -> Session:
     """Open a session on a workspace folder (default ``./.mlsql`` or ``MLSQL_HOME``)."""
-    from .session import Session
+    from mlsql.runtime.session import Session
 
     return Session(workspace, engine, **kwargs)
 
 
 def load_ipython_extension(ipython) -> None:
     """``%load_ext mlsql``: registers the ``%mlsql`` / ``%%mlsql`` magics."""
-    from .magic import MLSQLMagic
+    from mlsql.notebook.magic import MLSQLMagic
 
     ipython.register_magics(MLSQLMagic(ipython))
 
 
 def __getattr__(name: str):
     if name == "Session":
-        from .session import Session
+        from mlsql.runtime.session import Session
 
         return Session
-    if name == "monitor":  # the live device monitor (mlsql.widgets: anywidget loads on first use)
-        from .widgets import monitor
+    if name == "monitor":  # the live device monitor (mlsql.notebook.monitor: anywidget loads on first use)
+        from mlsql.notebook.monitor import monitor
 
         return monitor
     raise AttributeError(f"module 'mlsql' has no attribute {name!r}")

@@ -7,7 +7,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from . import __version__
+    from mlsql import __version__
 
     parser = argparse.ArgumentParser(prog="mlsql", description="Machine learning in SQL.")
     parser.add_argument("--version", action="version", version=f"mlsql {__version__}")
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return _device(args, extra)
     if args.command in ("scheduler", "jobs"):
-        from .jobs.cli import main as jobs_main
+        from mlsql.jobs.cli import main as jobs_main
 
         return jobs_main(args)
     parser.print_help()
@@ -90,8 +90,7 @@ def _device(args, extra: list[str]) -> int:
     if args.action == "serve" and {"-h", "--help"} & set(extra):  # help only: no workspace, no key
         return device_main(["serve", "--help"]) or 0
     from device_bridge.keys import PUBLIC_KEY_FILE, load_or_create_keypair
-
-    from .workspace import Workspace
+    from mlsql.workspace import Workspace
 
     workspace = args.workspace
     ws = Workspace.open(workspace)
@@ -136,7 +135,7 @@ def device_store(root, name: str):
 
 
 def _run(args) -> int:
-    from .errors import MLSQLError
+    from mlsql.errors import MLSQLError
 
     if args.execute is not None:
         text = args.execute

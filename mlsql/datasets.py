@@ -12,7 +12,7 @@ import importlib.util
 import zipfile
 from pathlib import Path
 
-from .errors import MLSQLError, did_you_mean
+from mlsql.errors import MLSQLError, did_you_mean
 
 DATASETS = {
     "nycflights13": {
@@ -100,7 +100,7 @@ def load(dataset: str, *, session=None, workspace=None, replace: bool = False) -
     """
     spec = _spec(dataset)
     if session is None:
-        from .session import Session
+        from mlsql.runtime.session import Session
 
         session = Session(workspace)
     cache = session.workspace.root / "datasets" / dataset

@@ -40,7 +40,7 @@ class MLSQLError(Exception):
 
     ``line``, ``column``, ``end_line``, ``end_column`` (1-based, relative to the script the user
     wrote) are set when the error knows where it is: the session sets them from the statement's
-    tree (:mod:`mlsql.dialect.positions`) for the errors that only know a name (an unknown model,
+    tree (:mod:`mlsql.language.positions`) for the errors that only know a name (an unknown model,
     option, column...), and ``source``, the script, from which the message shows the line with a
     caret. ``line_offset``: lines above the script where the user reads it (the ``%%mlsql`` line
     of a notebook cell), added to every line number the message and :meth:`span` give. ``also``:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import WorkspaceError
+from mlsql.errors import WorkspaceError
 
 DEFAULT_TIMEOUT_S = 60.0
 POLL_S = 0.005

@@ -54,7 +54,7 @@ def set_level(name: str) -> str:
     global _level
     want = str(name).lower()
     if want not in LEVELS:
-        from .errors import OptionError
+        from mlsql.errors import OptionError
 
         raise OptionError(f"mlsql_log_level must be one of {', '.join(repr(v) for v in LEVELS)}, got {name!r}")
     _level = want

@@ -1,4 +1,4 @@
-"""Tab completion and Shift-Tab inspection: mlsql.completion in process, then through real
+"""Tab completion and Shift-Tab inspection: mlsql.notebook.completion in process, then through real
 kernels (the MLSQL kernel and ipykernel with %load_ext mlsql) with complete_request and
 inspect_request, as JupyterLab sends them."""
 
@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from mlsql.completion import complete, inspect
+from mlsql.notebook.completion import complete, inspect
 
 
 @pytest.fixture(scope="module")

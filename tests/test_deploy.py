@@ -204,7 +204,7 @@ def test_device_list_temp_file_is_never_readable_by_others(tmp_path):
     import stat
     import threading
 
-    from mlsql.devices import DeviceStore
+    from mlsql.deploy.devices import DeviceStore
 
     store = DeviceStore(tmp_path / "devices.json")
     tmp = (tmp_path / "devices.json").with_suffix(".tmp")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlsql.dialect import mx, parse_one, parse_script, substitute_variables
 from mlsql.errors import ParseError, UnknownVariableError
+from mlsql.language.dialect import mx, parse_one, parse_script, substitute_variables
 
 ROUND_TRIP = [
     "CREATE MODEL m OPTIONS (model_type = 'linear_reg', input_label_cols = ['y']) AS SELECT x, y FROM t",

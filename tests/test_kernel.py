@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mlsql.kernel import as_python
+from mlsql.notebook.kernel import as_python
 
 
 def test_cells_become_python_for_ipython():

@@ -236,7 +236,7 @@ def test_stop_shows_stopped_keeps_last_values_and_sends_nothing_more(rig):
 
 def test_window_quantiles_are_those_of_the_requests_between_two_polls():
     from device_bridge.telemetry import LatencyHistogram
-    from mlsql.widgets import _bounds, _window_quantiles
+    from mlsql.notebook.monitor import _bounds, _window_quantiles
 
     agent, only_new = LatencyHistogram(), LatencyHistogram()
     for ms in [0.05] * 300:  # before the first poll
@@ -256,7 +256,7 @@ def test_window_quantiles_are_those_of_the_requests_between_two_polls():
 def test_event_lines_and_drift_without_training_statistics():
     from types import SimpleNamespace
 
-    from mlsql.widgets import DeviceMonitor, _event_text
+    from mlsql.notebook.monitor import DeviceMonitor, _event_text
 
     trip = {"kind": "circuit_breaker", "model": "m", "version": 2, "rolled_back_to": 1,
             "reason": "error rate 0.60 over the last 20 requests"}
@@ -276,7 +276,7 @@ def test_latency_shown_is_the_newest_window_that_had_requests():
     that reads 89.3 ms."""
     from types import SimpleNamespace
 
-    from mlsql.widgets import HISTORY_FIELDS, DeviceMonitor, last_latency
+    from mlsql.notebook.monitor import HISTORY_FIELDS, DeviceMonitor, last_latency
 
     history = [[100.0, 80.1, 95.0, 99.0, 2.0, 16.0, 0.0, 10],
                [101.0, 89.3, 120.0, 130.0, 2.0, 16.0, 0.0, 12],

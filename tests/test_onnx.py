@@ -98,7 +98,7 @@ def test_export_matches_ml_predict_on_new_rows(ws):
     rows = ws.sql(f"SELECT {PENGUIN_COLS} FROM penguins WHERE sex IS NULL OR bill_length_mm IS NULL").to_arrow()
     pred = ws.sql(f"SELECT predicted_species_probs FROM ML.PREDICT(MODEL bt_cls, (SELECT {PENGUIN_COLS} FROM penguins "
                   "WHERE sex IS NULL OR bill_length_mm IS NULL))").to_arrow()
-    from mlsql.onnx import feeds, ort_session
+    from mlsql.export import feeds, ort_session
 
     sess = ort_session(r.export.model_bytes)
     probs = sess.run(None, feeds(rows, r.export.inputs))[1]
@@ -110,7 +110,7 @@ def test_export_matches_ml_predict_on_new_rows(ws):
 def test_static_int8_runs_each_dense_layer_as_one_quantized_gemm(ws, model):
     import onnx
 
-    from mlsql.onnx import _bias_into_gemm, feeds, ort_session
+    from mlsql.export import _bias_into_gemm, feeds, ort_session
 
     r = ws.sql(f"EXPORT MODEL {model} OPTIONS (quantize = 'none')").export
     fp32 = onnx.load_from_string(r.model_bytes)
@@ -151,9 +151,9 @@ def test_transform_compiled_equals_transform_in_sql(ws):
     import onnx
     from onnx import TensorProto
 
-    from mlsql.onnx import feeds, input_kind, ort_session
-    from mlsql.onnx.builder import Graph
-    from mlsql.onnx.sqlexpr import Compiler, V
+    from mlsql.export import feeds, input_kind, ort_session
+    from mlsql.export.builder import Graph
+    from mlsql.export.sqlexpr import Compiler, V
 
     ws.sql(TRANSFORM_SQL)
     lm = ws.model("tf")
@@ -212,7 +212,7 @@ def _scaled_coef(proto, factor: float):
 def test_parity_report_passes_only_what_parity_checks(ws, tmp_path, monkeypatch):
     """An export whose graph is wrong on purpose fails, and the error carries a report that says so
     (passed False, the figure that failed); the same export of the right graph passed."""
-    import mlsql.onnx as ox
+    import mlsql.export as ox
 
     good = ws.sql(f"EXPORT MODEL lin OPTIONS (uri = '{tmp_path / 'good.onnx'}')").export.report
     assert good.passed and good.max_abs_diff <= ox.PARITY_TOL and good.metric == "r2_score"
@@ -339,9 +339,9 @@ def test_tree_forms_agree_with_xgboost_on_deep_uneven_trees_nans_and_empty_batch
     import xgboost as xgb
     from onnx import TensorProto
 
-    from mlsql.onnx import ort_session
-    from mlsql.onnx.builder import Graph
-    from mlsql.onnx.trees import ensemble, margin_base, parse_booster, tensor, traversal, tree_depth
+    from mlsql.export import ort_session
+    from mlsql.export.builder import Graph
+    from mlsql.export.trees import ensemble, margin_base, parse_booster, tensor, traversal, tree_depth
 
     rng = np.random.default_rng(4)
     X = rng.normal(size=(3000, 12)).astype(np.float32)
@@ -377,7 +377,7 @@ def test_dates_and_timestamps_as_features(tmp_path):
     """DATE and TIMESTAMP columns train, predict and export as they are: the graph takes them as
     days / seconds since 1970-01-01, the same numbers the native model encodes."""
     import mlsql
-    from mlsql.onnx import feeds, ort_session
+    from mlsql.export import feeds, ort_session
 
     s = mlsql.connect(tmp_path / "ws")
     s.sql("""CREATE TABLE sales AS

@@ -11,7 +11,7 @@ import pytest
 from bridge_procs import start_agent
 
 from mlsql.errors import MLSQLError, OptionError, UnknownOptionError
-from mlsql.options import OPTIONS, markdown, options_for, read_literal, validate
+from mlsql.language.options import OPTIONS, markdown, options_for, read_literal, validate
 
 TOKEN = "options-test-token"
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "LANGUAGE.md"
@@ -222,11 +222,11 @@ def test_read_literal():
 
 def test_language_docs_list_every_option():
     """docs/LANGUAGE.md's reference is the table's own text: an option added to the table and not
-    to the docs fails here (regenerate with `python -m mlsql.options`)."""
+    to the docs fails here (regenerate with `python -m mlsql.language.options`)."""
     text = DOCS.read_text()
     m = re.search(r"<!-- options:begin.*?-->\n(.*?)<!-- options:end -->", text, re.S)
     assert m, "docs/LANGUAGE.md has no generated options reference"
-    assert m.group(1) == markdown(), "docs/LANGUAGE.md's options reference is out of date: python -m mlsql.options"
+    assert m.group(1) == markdown(), "docs/LANGUAGE.md's options reference is out of date: python -m mlsql.language.options"
     for kind, opts in OPTIONS.items():
         for o in opts:
             assert f"| `{o.name}` |" in m.group(1), (kind, o.name)

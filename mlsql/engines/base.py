@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._lazy import pyarrow as pa  # imported by the first statement, not by connect()
-from ..errors import MLSQLError, did_you_mean
+from mlsql._lazy import pyarrow as pa  # imported by the first statement, not by connect()
+from mlsql.errors import MLSQLError, did_you_mean
 
 if TYPE_CHECKING:
-    from ..workspace import Workspace
+    from mlsql.workspace import Workspace
 
 # name -> "module:Class"; third-party engines register in the entry-point group "mlsql.engines"
 ENGINES = {
@@ -64,13 +64,13 @@ class Engine(ABC):
         """For CREATE MODEL of this model family (``boosted_tree``, ``linear``, ``dnn``) where the
         data is: an object with ``prepare(engine, step, params, temps)`` → ``(transform, raw Arrow
         schema, Fingerprint, frame, example rows, example features)`` and ``train(engine, frame,
-        opts, progress)`` → ``TrainedModel`` (``mlsql.ml.spark_train`` is one). None: train here."""
+        opts, progress)`` → ``TrainedModel`` (``mlsql.engines.spark.train`` is one). None: train here."""
         return None
 
     def executor_scorer(self):
         """For ML.PREDICT, ML.EXPLAIN_PREDICT and ML.EVALUATE where the data is: an object with
         ``predict(engine, loaded_model, frame, func, settings)`` → a lazy frame and
-        ``evaluate(engine, loaded_model, frame, threshold)`` → ``Evaluation`` (``mlsql.ml.spark_score``
+        ``evaluate(engine, loaded_model, frame, threshold)`` → ``Evaluation`` (``mlsql.engines.spark.score``
         is one), the frames read by ``self.dataframe(sql, params)``. None: score here."""
         return None
 

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .._lazy import pyarrow as pa  # imported by the first statement, not by connect()
-from ..errors import EngineError, UnknownTableError, WorkspaceError
-from ..locks import DEFAULT_TIMEOUT_S, FileLock
-from .base import Engine, Fetched, Fingerprint
+from mlsql._lazy import pyarrow as pa  # imported by the first statement, not by connect()
+from mlsql.engines.base import Engine, Fetched, Fingerprint
+from mlsql.errors import EngineError, UnknownTableError, WorkspaceError
+from mlsql.locks import DEFAULT_TIMEOUT_S, FileLock
 
 _MISSING_TABLE = re.compile(r"Table with name (\S+) does not exist")
 _LINE = re.compile(r"^LINE (\d+):", re.M)
@@ -197,7 +197,7 @@ class DuckDBEngine(Engine):
     def run(self, sql: str, params: dict | None = None, *, limit: int | None = None, line: int = 1) -> Fetched:
         """One statement as the user typed it: Arrow rows, and DuckDB's own Python values and
         pandas frame for ``fetchall()`` and ``to_pandas()`` (see ``duckdb_values``)."""
-        from .duckdb_values import needs_duckdb_values, pandas_frame, python_rows
+        from mlsql.engines.duckdb_values import needs_duckdb_values, pandas_frame, python_rows
 
         with self.holding():
             try:
@@ -257,7 +257,7 @@ class DuckDBEngine(Engine):
         if near and sql:
             first = sql.split(None, 1)[0].upper() if sql.split() else ""
             if near.group(1).upper() == first and first not in _STATEMENT_WORDS:
-                from ..errors import did_you_mean
+                from mlsql.errors import did_you_mean
 
                 guess = did_you_mean(first, _STATEMENT_WORDS)
                 if guess:

@@ -114,7 +114,7 @@ def pandas_frame(table: pa.Table, types: list):
     import duckdb
     import pandas as pd
 
-    from ..errors import EngineError
+    from mlsql.errors import EngineError
 
     try:
         frame = duckdb.from_arrow(table).df()

@@ -6,9 +6,9 @@ See docs/JOBS.md.
 
 from __future__ import annotations
 
-from .options import JOB_OPTIONS, parse_duration, resolve_job_options
-from .runner import job_dir, run_job
-from .store import JobRun, JobSpec, JobStore
+from mlsql.jobs.options import JOB_OPTIONS, parse_duration, resolve_job_options
+from mlsql.jobs.runner import job_dir, run_job
+from mlsql.jobs.store import JobRun, JobSpec, JobStore
 
 __all__ = ["JOB_OPTIONS", "JobRun", "JobSpec", "JobStore", "job_dir", "parse_duration", "resolve_job_options",
            "run_job"]

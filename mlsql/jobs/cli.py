@@ -8,7 +8,7 @@ import os
 import sys
 from datetime import datetime
 
-from ..errors import MLSQLError
+from mlsql.errors import MLSQLError
 
 
 def main(args) -> int:
@@ -32,8 +32,8 @@ def _log_to_stderr() -> None:
 
 
 def _scheduler(args) -> int:
-    from ..workspace import Workspace
-    from .scheduler import Scheduler
+    from mlsql.jobs.scheduler import Scheduler
+    from mlsql.workspace import Workspace
 
     _log_to_stderr()
     ws = Workspace.open(args.workspace)
@@ -42,8 +42,8 @@ def _scheduler(args) -> int:
 
 
 def _jobs(args) -> int:
-    from ..workspace import Workspace
-    from .store import JobStore
+    from mlsql.jobs.store import JobStore
+    from mlsql.workspace import Workspace
 
     ws = Workspace.open(args.workspace)
     store = JobStore(ws)
@@ -55,7 +55,7 @@ def _jobs(args) -> int:
     elif action == "runs":
         _print_runs(store.runs(args.name, limit=args.limit))
     elif action == "run":
-        from .runner import run_job
+        from mlsql.jobs.runner import run_job
 
         _log_to_stderr()
         run = run_job(ws, args.name, trigger="manual")
@@ -72,7 +72,7 @@ def _jobs(args) -> int:
         else:
             print(f"No job {args.name}")
     elif action == "export":
-        from .export import airflow_dag, papermill_command
+        from mlsql.jobs.export import airflow_dag, papermill_command
 
         spec = store.get(args.name)
         print(airflow_dag(ws, spec) if args.format == "airflow" else papermill_command(ws, spec))
@@ -84,7 +84,7 @@ def scheduler_holder(ws) -> str | None:
 
     Peeks with a shared, non-blocking flock released at once, so it never waits or keeps
     a scheduler from starting for longer than the peek."""
-    from ..locks import FileLock
+    from mlsql.locks import FileLock
 
     lock = FileLock(ws.root / "scheduler.lock")
     if not lock.path.exists():
@@ -130,13 +130,13 @@ def _print_scheduler(ws) -> None:
     who = scheduler_holder(ws)
     if who is None:
         print("\nNo scheduler is running for this workspace: start one with `mlsql scheduler` "
-              "(or JupyterLab with the mlsql.server extension).")
+              "(or JupyterLab with the mlsql.notebook.server extension).")
     else:
         print(f"\nScheduled by {who or 'another process'}.")
 
 
 def _print_show(ws, store, spec) -> None:
-    from .options import format_duration
+    from mlsql.jobs.options import format_duration
 
     o = spec.options
     print(f"Job {spec.name}")

@@ -11,9 +11,9 @@ import re
 import shlex
 from pathlib import Path
 
-from ..workspace import Workspace
-from .runner import job_dir, source_notebook
-from .store import JobSpec
+from mlsql.jobs.runner import job_dir, source_notebook
+from mlsql.jobs.store import JobSpec
+from mlsql.workspace import Workspace
 
 
 def _notebook_and_cwd(ws: Workspace, spec: JobSpec) -> tuple[Path, Path]:

@@ -6,10 +6,10 @@ parser. A cron string is only checked with APScheduler when a job is created.
 
 from __future__ import annotations
 
-from ..errors import OptionError
-from ..options import defaults, options_of, parse_duration, validate
+from mlsql.errors import OptionError
+from mlsql.language.options import defaults, options_of, parse_duration, validate
 
-# names, types, ranges and defaults are declared in mlsql.options' table, with every other statement's
+# names, types, ranges and defaults are declared in mlsql.language.options' table, with every other statement's
 JOB_OPTIONS: tuple[str, ...] = tuple(o.name for o in options_of("CREATE JOB"))
 DEFAULTS: dict = defaults("CREATE JOB")
 __all__ = ["DEFAULTS", "JOB_OPTIONS", "check_cron", "format_duration", "parse_duration", "resolve_job_options"]
@@ -54,7 +54,7 @@ def _check_timezone(value) -> str:
     try:
         ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
-        from ..errors import did_you_mean
+        from mlsql.errors import did_you_mean
 
         near = did_you_mean(value, available_timezones())
         raise OptionError(f"Option timezone = {value!r} is not a known time zone",
@@ -75,7 +75,7 @@ def _check_kernel(value) -> str | None:
     except Exception:  # no jupyter_client here: the run will say it if the kernel is missing
         return value
     if installed and value not in installed:
-        from ..errors import did_you_mean
+        from mlsql.errors import did_you_mean
 
         near = did_you_mean(value, installed)
         raise OptionError(f"Option kernel = {value!r} is not an installed Jupyter kernel",

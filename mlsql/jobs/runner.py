@@ -21,9 +21,9 @@ import time
 import uuid
 from pathlib import Path
 
-from ..errors import JobError, MLSQLError, WorkspaceError
-from ..workspace import Workspace
-from .store import JobRun, JobSpec, JobStore, utcnow
+from mlsql.errors import JobError, MLSQLError, WorkspaceError
+from mlsql.jobs.store import JobRun, JobSpec, JobStore, utcnow
+from mlsql.workspace import Workspace
 
 log = logging.getLogger("mlsql.jobs")
 POLL_S = 0.1
@@ -109,7 +109,7 @@ def run_job(workspace, job: str | JobSpec, *, trigger: str = "manual",
 
 def _take_slot(ws: Workspace, spec: JobSpec, run_id: str):
     """A held slot lock, or (when all max_concurrent are taken) the reason, naming the holders."""
-    from ..locks import FileLock
+    from mlsql.locks import FileLock
 
     n = max(1, int(spec.options.get("max_concurrent") or 1))
     holders = []
@@ -189,7 +189,7 @@ def _execute(ws: Workspace, spec: JobSpec, run: JobRun, output: Path,
         while proc.poll() is None:
             if deadline is not None and time.monotonic() >= deadline:
                 kill_tree(proc)
-                from .options import format_duration
+                from mlsql.jobs.options import format_duration
 
                 return "timed_out", f"Timed out after {format_duration(float(timeout))} (option timeout); " \
                                     "the run and its kernel were stopped"

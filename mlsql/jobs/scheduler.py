@@ -19,10 +19,10 @@ import signal
 import threading
 from datetime import timedelta
 
-from ..errors import JobError, UnknownJobError, WorkspaceError
-from ..workspace import Workspace
-from .runner import run_job
-from .store import JobSpec, JobStore, _parse, trigger_for, utcnow
+from mlsql.errors import JobError, UnknownJobError, WorkspaceError
+from mlsql.jobs.runner import run_job
+from mlsql.jobs.store import JobSpec, JobStore, _parse, trigger_for, utcnow
+from mlsql.workspace import Workspace
 
 log = logging.getLogger("mlsql.jobs")
 GRACE_S = 3600.0
@@ -33,7 +33,7 @@ class Scheduler:
 
     def __init__(self, workspace=None, *, who: str | None = None, poll_s: float = 1.0, grace_s: float = GRACE_S,
                  max_workers: int = 16):
-        from ..locks import FileLock, describe_process
+        from mlsql.locks import FileLock, describe_process
 
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         self.store = JobStore(self.workspace)

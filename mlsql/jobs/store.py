@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import JobError, UnknownJobError
-from ..workspace import Workspace
+from mlsql.errors import JobError, UnknownJobError
+from mlsql.workspace import Workspace
 
 BUSY_TIMEOUT_S = 30.0
 
@@ -76,7 +76,7 @@ class JobSpec:
 
     @property
     def schedule_text(self) -> str:
-        from .options import format_duration
+        from mlsql.jobs.options import format_duration
 
         if self.options.get("schedule"):
             return f"cron '{self.options['schedule']}' ({self.options.get('timezone') or 'UTC'})"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TrainingError
+from mlsql.errors import TrainingError
 
 
 def _threads(opts) -> int:
@@ -393,7 +393,7 @@ def make_estimator(opts):
     if fam == "linear":
         return LinearEstimator()
     try:
-        from .dnn import DNNEstimator
+        from mlsql.ml.dnn import DNNEstimator
     except ImportError as exc:
         raise TrainingError(
             f"model_type = '{opts.model_type}' needs PyTorch, which is not installed",
@@ -409,6 +409,6 @@ def load_estimator(folder):
         return XGBEstimator.load(folder)
     if kind == "linear":
         return LinearEstimator.load(folder)
-    from .dnn import DNNEstimator
+    from mlsql.ml.dnn import DNNEstimator
 
     return DNNEstimator.load(folder)

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import InputTypeError, TrainingError
+from mlsql.errors import InputTypeError, TrainingError
 
 MAX_CATEGORIES = 10_000
 

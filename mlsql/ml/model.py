@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import ModelError, TrainingError, UnknownColumnError
-from . import metrics as M
-from .estimators import load_estimator, make_estimator
-from .features import FeatureSpec, encode, encoded_names, feature_of_column, fit_features
-from .options import Options
+from mlsql.errors import ModelError, TrainingError, UnknownColumnError
+from mlsql.ml import metrics as M
+from mlsql.ml.estimators import load_estimator, make_estimator
+from mlsql.ml.features import FeatureSpec, encode, encoded_names, feature_of_column, fit_features
+from mlsql.ml.options import Options
 
 AUTO_SPLIT_SMALL = 500
 AUTO_SPLIT_MEDIUM = 50_000

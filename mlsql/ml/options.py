@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import OptionError
-from ..options import CLASSIFIERS, MODEL_TYPES, validate
+from mlsql.errors import OptionError
+from mlsql.language.options import CLASSIFIERS, MODEL_TYPES, validate
 
 __all__ = ["CLASSIFIERS", "FAMILY_DEFAULTS", "MODEL_TYPES", "Options", "resolve_options"]
 
@@ -68,7 +68,7 @@ FAMILY_DEFAULTS = {
 
 
 def resolve_options(raw: dict[str, Any]) -> Options:
-    """Validate CREATE MODEL options (``mlsql.options``' table) and fill BigQuery ML's defaults."""
+    """Validate CREATE MODEL options (``mlsql.language.options``' table) and fill BigQuery ML's defaults."""
     values = validate("CREATE MODEL", raw)
     for registry_only in ("aliases", "alias"):  # the registry's, not the trainer's
         values.pop(registry_only, None)

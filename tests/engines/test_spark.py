@@ -458,9 +458,9 @@ def _same_on_duckdb_spark_and_onnx(tf, shared_ws, spark_ws, outs: list[str]) -> 
     import numpy as np
     from onnx import TensorProto
 
-    from mlsql.onnx import feeds, ort_session
-    from mlsql.onnx.builder import Graph
-    from mlsql.onnx.sqlexpr import Compiler, V
+    from mlsql.export import feeds, ort_session
+    from mlsql.export.builder import Graph
+    from mlsql.export.sqlexpr import Compiler, V
 
     items = dict(tf.items)
     data = shared_ws.engine.query(_ROWS)
@@ -511,7 +511,7 @@ def test_transform_fitted_in_spark_dialect_same_everywhere(shared_ws, spark_ws):
     from sqlglot import parse_one
 
     from mlsql.engines.spark import _keep_duckdb_meaning
-    from mlsql.transform import FittedTransform
+    from mlsql.plan.transform import FittedTransform
 
     _trained_on_duckdb(shared_ws, "logistic_transform")
     fitted = shared_ws.model("ref_logistic_transform").transform
@@ -544,10 +544,10 @@ def test_script_through_spark_connect(tmp_path, monkeypatch):
     import pyarrow as pa
 
     import mlsql
-    from mlsql import planner as P
-    from mlsql.dialect import parse_script
-    from mlsql.ml import spark_train
-    from mlsql.steps.ml_functions import run_ml
+    from mlsql.language.dialect import parse_script
+    from mlsql.engines.spark import train as spark_train
+    from mlsql.plan import planner as P
+    from mlsql.runtime.steps.ml_functions import run_ml
 
     in_executors = []
     real_train = spark_train.train
@@ -670,9 +670,9 @@ def test_split_picks_the_same_rows(shared_ws, spark_ws, kind):
 
 def test_predict_is_scored_in_the_executors(shared_ws, spark_ws):
     """ML.PREDICT on Spark is a DataFrame whose plan scores with mapInArrow; nothing ran on the driver."""
-    from mlsql import planner as P
-    from mlsql.dialect import parse_script
-    from mlsql.steps.ml_functions import run_ml
+    from mlsql.language.dialect import parse_script
+    from mlsql.plan import planner as P
+    from mlsql.runtime.steps.ml_functions import run_ml
 
     _trained_on_duckdb(shared_ws, "boosted_classifier")
     stmt = parse_script("SELECT * FROM ML.PREDICT(MODEL ref_boosted_classifier, TABLE penguins)")[0]
@@ -759,7 +759,7 @@ def test_encoding_in_the_jvm_and_in_arrow_gives_duckdbs_model(shared_ws, spark_w
     """What the encoding learns (means, categories, classes, class weights) and the matrix it
     makes are the same whether Spark computes them with its own expressions or in Python workers
     with the DuckDB path's code, and the model equals DuckDB's."""
-    from mlsql.ml import spark_train
+    from mlsql.engines.spark import train as spark_train
 
     if "enc_mix" not in shared_ws.sql("SHOW TABLES").to_arrow().column(0).to_pylist():
         shared_ws.sql("""CREATE TABLE enc_mix AS SELECT i % 3 AS grade, i % 4 = 0 OR i % 7 = 0 AS yes,

@@ -123,7 +123,7 @@ def test_jupyter_server_extension_runs_the_scheduler(tmp_path):
         return subprocess.Popen(
             [sys.executable, "-m", "jupyter_server", "--allow-root", "--no-browser", "--port=0",
              "--ServerApp.token=t", f"--ServerApp.root_dir={root}",
-             "--ServerApp.jpserver_extensions={'mlsql.server': True}"],
+             "--ServerApp.jpserver_extensions={'mlsql.notebook.server': True}"],
             cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / name, "w"))
 
     first = server("first.log")

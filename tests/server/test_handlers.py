@@ -1,4 +1,4 @@
-"""The mlsql.server REST API through a real Jupyter server (pytest-jupyter), on a real
+"""The mlsql.notebook.server REST API through a real Jupyter server (pytest-jupyter), on a real
 workspace: a trained model in the MLflow store, a real device agent process on loopback, a
 device that is down, a group and a job."""
 
@@ -60,7 +60,7 @@ def jp_root_dir(workspace):
 def jp_server_config():
     from traitlets.config import Config
 
-    return Config({"ServerApp": {"jpserver_extensions": {"mlsql.server": True}},
+    return Config({"ServerApp": {"jpserver_extensions": {"mlsql.notebook.server": True}},
                    "MLSQLServer": {"mlflow_ui": MLFLOW_UI}})
 
 

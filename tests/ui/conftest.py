@@ -1,6 +1,6 @@
 """Fixtures for tests that drive a real JupyterLab in a real browser.
 
-``lab_server``  a ``jupyter lab`` process (this venv's, with the ``mlsql.server`` extension and
+``lab_server``  a ``jupyter lab`` process (this venv's, with the ``mlsql.notebook.server`` extension and
                 whatever labextensions are installed), on a free port with a token, serving a temp
                 root dir, with ``MLSQL_HOME`` set to a temp workspace: (url, token, root_dir).
                 One per test session; ``lab_workspace`` is its workspace folder.
@@ -114,7 +114,7 @@ def running_lab(home: Path, workspace: Path, root: Path | None = None):
     env.pop("JUPYTER_TOKEN", None)
     argv = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
             f"--ServerApp.token={token}", f"--ServerApp.root_dir={root}",
-            "--ServerApp.jpserver_extensions={'mlsql.server': True}",
+            "--ServerApp.jpserver_extensions={'mlsql.notebook.server': True}",
             "--LabApp.news_url=None", "--ServerApp.disable_check_xsrf=False"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         argv.append("--allow-root")

@@ -126,8 +126,8 @@ def test_lab_from_the_wheel_loads_the_extension_in_chromium(fresh_venv, tmp_path
             page.wait_for_selector(".jp-SideBar [data-id='mlsql-panel']", timeout=90_000)
             page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
             page.wait_for_selector("#mlsql-panel h3", timeout=30_000)
-            # this server runs no mlsql.server: the panel says how to start it
-            page.wait_for_function("document.querySelector('.mlsql-panel-status').textContent.includes('mlsql.server')",
+            # this server runs no mlsql.notebook.server: the panel says how to start it
+            page.wait_for_function("document.querySelector('.mlsql-panel-status').textContent.includes('mlsql.notebook.server')",
                                    timeout=30_000)
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "extension-wheel.png"))

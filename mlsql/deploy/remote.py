@@ -1,0 +1,317 @@
+"""The notebook side of the device bridge: devices, deploys, remote prediction, telemetry.
+
+Statements: CREATE/DROP DEVICE, SHOW DEVICES, CREATE/DROP DEVICE GROUP,
+DEPLOY MODEL ... TO DEVICE | GROUP, ROLLBACK MODEL ... ON DEVICE,
+ML.PREDICT(..., STRUCT('d' AS device)) and ML.DEVICE_METRICS('d'). The HTTP
+work is device_bridge.client's; this module turns it into tables and errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mlsql.deploy.devices import Device
+from mlsql.errors import DeviceError, MLSQLError, OptionError
+from mlsql.language.options import options_of, validate
+
+DEPLOY_OPTIONS = tuple(o.name for o in options_of("DEPLOY MODEL"))  # declared in mlsql.language.options
+PREDICT_BATCH = 50_000
+
+
+def client_for(dev: Device, timeout: float | None = None):
+    from device_bridge.client import DeviceClient
+
+    return DeviceClient(dev.url, dev.token or None, timeout=timeout or dev.timeout_s, verify=dev.verify_tls)
+
+
+_HUB_AUTH_HINT = ("The group's hub_token is the hub's operator token (its --token): CREATE OR REPLACE DEVICE GROUP "
+                  "'...' OPTIONS (hub = ..., hub_token = ...). An agent's own hub credential opens only that "
+                  "agent's paths.")
+
+
+def ask(dev: Device, call, what: str):
+    """``call(client)`` against the device, its failure as a DeviceError saying ``what`` failed."""
+    c = client_for(dev)
+    try:
+        return call(c)
+    except Exception as exc:
+        raise wrap(exc, what) from None
+    finally:
+        c.close()
+
+
+def wrap(exc: Exception, what: str, auth_hint: str | None = None) -> MLSQLError:
+    """A device_bridge error as an MLSQL DeviceError naming the device and the step.
+
+    Recognised by type (device_bridge.errors, chosen from the answer's ``kind``), never by its
+    text; the result carries ``kind`` and ``status`` too."""
+    from device_bridge import errors as dberr
+
+    msg = getattr(exc, "message", None) or str(exc)
+    status = getattr(exc, "status", None)
+    kind = getattr(exc, "kind", None)
+    hint = None
+    if isinstance(exc, dberr.UntrustedKeyError):
+        hint = "Start the agent with --trust <workspace>/keys/signing_key.pub (mlsql device key prints the path)."
+    elif isinstance(exc, dberr.DeviceAuthError):
+        hint = auth_hint or "Check the device's token: CREATE OR REPLACE DEVICE '...' OPTIONS (url = ..., token = ...)."
+    elif isinstance(exc, dberr.VersionRefusedError):
+        hint = "A device never installs an older version over a newer one; use ROLLBACK MODEL ... ON DEVICE."
+    # the typed original travels on the error (raise ... from None drops __cause__)
+    return DeviceError(f"{what}: {msg}" + (f" (HTTP {status})" if status else ""), hint=hint, kind=kind,
+                       status=status, device_error=exc)
+
+
+def probe(dev: Device, timeout: float = 3.0) -> dict:
+    try:
+        c = client_for(dev, timeout)
+        try:
+            return {"ok": True, "info": c.info()}
+        finally:
+            c.close()
+    except Exception as exc:  # unreachable, refused, bad token: all shown as status
+        return {"ok": False, "error": getattr(exc, "message", None) or str(exc)}
+
+
+def devices_table(devices: list[Device]) -> pa.Table:
+    """SHOW DEVICES: each device probed live, in parallel."""
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(devices)))) as pool:
+        probes = list(pool.map(probe, devices))
+    rows = []
+    for d, p in zip(devices, probes):
+        info = p.get("info") or {}
+        models = info.get("models") or {}
+        rows.append({
+            "device": d.name, "url": d.url, "status": "online" if p["ok"] else "unreachable",
+            "platform": info.get("platform"), "onnxruntime": info.get("onnxruntime"),
+            "available_providers": [_short(x) for x in info.get("available_providers") or []],
+            "models": [f"{n}@{m.get('active')}" for n, m in sorted(models.items())],
+            "error": None if p["ok"] else p["error"],
+        })
+    schema = pa.schema([("device", pa.string()), ("url", pa.string()), ("status", pa.string()),
+                        ("platform", pa.string()), ("onnxruntime", pa.string()),
+                        ("available_providers", pa.list_(pa.string())), ("models", pa.list_(pa.string())),
+                        ("error", pa.string())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _short(p: str) -> str:
+    return p.replace("ExecutionProvider", "").lower()
+
+
+def resolve_deploy_options(raw: dict) -> dict:
+    """DEPLOY MODEL's options, checked by ``mlsql.language.options``' table (all of them, the group rollout's
+    gates included), every default filled in."""
+    return validate("DEPLOY MODEL", raw, defaults=True)
+
+
+# metrics where smaller is better; every other metric (roc_auc, accuracy, r2_score, f1_score...) grows
+LOWER_IS_BETTER = {"mean_absolute_error", "mean_squared_error", "mean_squared_log_error", "median_absolute_error",
+                   "log_loss", "rmse", "root_mean_squared_error"}
+
+
+def active_version(dev: Device, model: str) -> int | None:
+    """The version of ``model`` active on the device now (None: the device has none)."""
+    info = ask(dev, lambda c: c.info(), f"Cannot ask device '{dev.name}' which version of {model} it runs")
+    active = ((info.get("models") or {}).get(model) or {}).get("active")
+    return int(active) if active is not None else None
+
+
+def not_better_reason(registry, candidate, active: int | None, metric: str) -> str | None:
+    """Why ``candidate`` (a ModelVersion) should not replace the active version by ``metric``,
+    or None when it should (no version active, or a better value)."""
+    metric = metric.lower()
+    mine = registry.run_metrics(candidate)
+    if metric not in mine:
+        from mlsql.errors import UnknownOptionError
+
+        raise UnknownOptionError(metric, list(mine), message=(
+            f"only_if_better = '{metric}': model {candidate.ref} has no metric '{metric}'"))
+    if active is None or active == candidate.version:
+        return None
+    current = registry.get(candidate.name, active)
+    new, old = float(mine[metric]), registry.run_metrics(current).get(metric)
+    if old is None:
+        return None
+    better = new < old if metric in LOWER_IS_BETTER else new > old
+    if better:
+        return None
+    return (f"{candidate.ref} has {metric} {new:.4f}, not better than {current.ref} (active) with {old:.4f}")
+
+
+def placement_text(node_providers: dict | None, providers: list | None) -> str:
+    if node_providers:
+        return ", ".join(f"{_short(k)} ({v} nodes)" for k, v in sorted(node_providers.items(), key=lambda kv: -kv[1]))
+    return ", ".join(_short(p) for p in providers or []) or "unknown"
+
+
+def columns_for(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
+    """Raw columns as the device's model takes them: numbers with NaN for NULL, strings with ''."""
+    by_lower = {c.lower(): c for c in table.column_names}
+    out = {}
+    for spec in inputs:
+        real = by_lower.get(spec["name"].lower())
+        if real is None:
+            from mlsql.errors import UnknownColumnError
+
+            raise UnknownColumnError(spec["name"], table.column_names,
+                                     message=f"Input has no column '{spec['name']}', which the deployed model takes")
+        col = table.column(real)
+        t = spec["type"]
+        if t == "string":
+            out[spec["name"]] = np.asarray(pc.fill_null(col.cast(pa.string()), "").to_numpy(zero_copy_only=False),
+                                           dtype=object)
+        elif t == "bool":
+            out[spec["name"]] = pc.fill_null(col.cast(pa.bool_()), False).to_numpy(zero_copy_only=False)
+        else:  # numbers; dates and timestamps as the numbers the model was trained on
+            from mlsql.ml.features import numeric_values
+
+            out[spec["name"]] = numeric_values(col).astype(np.dtype(t))
+    return out
+
+
+def remote_predict(dev: Device, model_name: str, version: int | None, data: pa.Table, label: str,
+                   classes: list | None, label_type: str) -> pa.Table:
+    """ML.PREDICT on a device: batches of raw columns out, prediction columns back (BigQuery ML's names)."""
+    c = client_for(dev)
+    try:
+        try:
+            info = c.model(model_name)
+        except Exception as exc:
+            raise wrap(exc, f"Device '{dev.name}' cannot serve model {model_name}") from None
+        inputs = info.get("inputs") or []
+        pred_name = f"predicted_{label}"
+        values: list = []
+        probs: list = []
+        for a in range(0, max(data.num_rows, 1), PREDICT_BATCH):
+            part = data.slice(a, PREDICT_BATCH)
+            if part.num_rows == 0:
+                break
+            try:
+                r = c.predict_batch(model_name, columns_for(part, inputs), version=version)
+            except Exception as exc:
+                raise wrap(exc, f"Prediction on device '{dev.name}' failed") from None
+            outs = r["outputs"]
+            values.append(np.asarray(outs[pred_name]))
+            if classes is not None:
+                probs.append(np.asarray(outs[f"{pred_name}_probs"], dtype=np.float64))
+    finally:
+        c.close()
+    n = data.num_rows
+    values = np.concatenate(values) if values else np.zeros(0)
+    if classes is None:
+        return pa.table({pred_name: pa.array(values.astype(np.float64), pa.float64())})
+    from mlsql.ml.model import _type_from_str
+
+    ltype = _type_from_str(label_type)
+    k = len(classes)
+    p = (np.concatenate(probs) if probs else np.zeros((0, k))).reshape(n, k)
+    if values.dtype.kind in "US":
+        values = values.astype(object)
+    labels = pa.array(classes, ltype).take(pa.array(np.tile(np.arange(k), n)))
+    structs = pa.StructArray.from_arrays([labels, pa.array(p.ravel(), pa.float64())], names=["label", "prob"])
+    return pa.table({pred_name: pa.array(values.tolist(), ltype),
+                     f"{pred_name}_probs": pa.ListArray.from_arrays(
+                         pa.array(np.arange(0, n * k + 1, k, dtype=np.int32)), structs)})
+
+
+METRICS_SCHEMA = pa.schema([
+    ("device", pa.string()), ("model", pa.string()), ("version", pa.int64()), ("active", pa.bool_()),
+    ("suspended", pa.bool_()), ("requests", pa.int64()), ("rows", pa.int64()), ("error_count", pa.int64()),
+    ("error_rate", pa.float64()), ("errors", pa.string()), ("p50_ms", pa.float64()), ("p95_ms", pa.float64()),
+    ("p99_ms", pa.float64()), ("throughput_rows_per_s", pa.float64()), ("providers", pa.list_(pa.string())),
+    ("node_providers", pa.string()), ("inputs", pa.string()), ("profiled_rows", pa.int64()),
+])
+
+
+def metrics_table(dev: Device) -> pa.Table:
+    snap = ask(dev, lambda c: c.metrics(), f"Cannot read metrics from device '{dev.name}'")
+    rows = []
+    for m in snap.get("models", []):
+        lat = m.get("latency") or {}
+        rows.append({
+            "device": dev.name, "model": m.get("model"), "version": m.get("version"),
+            "active": m.get("active"), "suspended": m.get("suspended"), "requests": m.get("requests"),
+            "rows": m.get("rows"), "error_count": m.get("error_count"), "error_rate": m.get("error_rate"),
+            "errors": json.dumps(m.get("errors") or {}), "p50_ms": lat.get("p50_ms"), "p95_ms": lat.get("p95_ms"),
+            "p99_ms": lat.get("p99_ms"), "throughput_rows_per_s": m.get("throughput_rows_per_s"),
+            "providers": [_short(p) for p in m.get("providers") or []],
+            "node_providers": json.dumps(m.get("node_providers") or {}),
+            "inputs": json.dumps(m.get("columns") or {}), "profiled_rows": m.get("profiled_rows"),
+        })
+    return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+
+
+def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list[dict]) -> tuple[float, float]:
+    """Round-trip and on-device milliseconds of one single-row prediction right after a deploy."""
+    c = client_for(dev)
+    try:
+        cols = columns_for(sample.slice(0, 1), inputs)
+        body = {k: [None if isinstance(x, float) and np.isnan(x) else x for x in arr.tolist()]
+                for k, arr in cols.items()}
+        t0 = time.perf_counter()
+        r = c.predict(model_name, columns=body)
+        return (time.perf_counter() - t0) * 1000.0, float(r.get("latency_ms") or 0.0)
+    finally:
+        c.close()
+
+
+def deploy_group(group, lm, result, opts: dict):
+    """DEPLOY MODEL ... TO GROUP: a staged rollout through the group's hub, gated wave by wave."""
+    from device_bridge.client import HubClient
+    from device_bridge.rollout import rollout
+    from mlsql.output.result import Result
+
+    if not group.hub:
+        raise OptionError(f"Device group '{group.name}' has no hub",
+                          hint=f"CREATE OR REPLACE DEVICE GROUP '{group.name}' OPTIONS (hub = 'http://host:port', "
+                               "hub_token = '...', devices = [...]); start one with `mlsql hub serve`.")
+    hub = HubClient(group.hub, group.hub_token or "", timeout=30.0)
+    try:
+        devices = list(group.devices)
+        if not devices:
+            try:
+                devices = sorted(a["name"] for a in hub.agents() if a.get("group") == group.name)
+            except Exception as exc:
+                raise wrap(exc, f"Cannot list the agents of hub {group.hub}", _HUB_AUTH_HINT) from None
+        if not devices:
+            raise DeviceError(f"Device group '{group.name}' has no devices (none listed, none registered at {group.hub})")
+        log: list[str] = []
+        try:
+            report = rollout(
+                hub, lm.version.name, result.package_path.read_bytes(), devices,
+                rollout_percent=opts.get("rollout_percent"), batch_size=opts.get("batch_size"),
+                max_error_rate=opts.get("max_error_rate"), max_p95_ms=opts.get("max_p95_ms"),
+                required_provider=opts.get("required_provider"), max_drift=opts.get("max_drift"),
+                min_requests=int(opts.get("min_requests") or 0), observe_s=float(opts.get("observe_s") or 0.0),
+                activation_timeout=float(opts.get("wave_timeout_s") or 60.0),
+                providers=opts.get("providers") or ["cpu"], strict_providers=opts["strict_providers"], log=log.append,
+            )
+        except MLSQLError:
+            raise
+        except Exception as exc:
+            raise wrap(exc, f"Rollout of {lm.version.ref} to group '{group.name}' failed", _HUB_AUTH_HINT) from None
+    finally:
+        hub.close()
+    rows = [{"wave": w.index, "devices": len(w.devices), "device_names": w.devices, "status": w.status,
+             "failures": "; ".join(w.failures) or None, "metrics": json.dumps(w.metrics, default=str),
+             "seconds": w.seconds} for w in report.waves]
+    table = pa.Table.from_pylist(rows, schema=pa.schema([
+        ("wave", pa.int64()), ("devices", pa.int64()), ("device_names", pa.list_(pa.string())),
+        ("status", pa.string()), ("failures", pa.string()), ("metrics", pa.string()), ("seconds", pa.float64())]))
+    if report.ok:
+        msg = (f"Rolled {lm.version.ref} out to group {group.name}: {len(devices)} devices in "
+               f"{len(report.waves)} waves, every gate passed")
+    else:
+        bad = report.waves[-1]
+        msg = (f"Rollout of {lm.version.ref} to group {group.name} stopped at wave {bad.index}: "
+               f"{'; '.join(bad.failures)}; the wave was {bad.status.replace('_', ' ')}")
+    out = Result(table, kind="rollout", message=msg)
+    out.rollout = report
+    return out

@@ -1,0 +1,588 @@
+"""Every statement's OPTIONS in one table, one checker for them, and one reader of SQL literals.
+
+``OPTIONS`` declares, per statement kind (``CREATE MODEL``, ``EXPORT MODEL``, ``DEPLOY MODEL``,
+``CREATE DEVICE``, ``CREATE DEVICE GROUP``, ``CREATE JOB`` and the ``STRUCT(...)`` settings of
+the ML table functions), each option's name, type, allowed values or range, default, the model
+types it applies to and a one-line doc. ``validate`` checks what a user wrote against it;
+``options_for`` lists it (completion); ``markdown`` writes it (docs/LANGUAGE.md's reference is
+generated from it). The statements' own resolvers (``mlsql.ml.resolve_options``,
+``mlsql.export.resolve_export_options``, ``mlsql.deploy.remote.resolve_deploy_options``,
+``mlsql.jobs.options.resolve_job_options``, ``mlsql.deploy.devices``) start with ``validate`` and add
+only the checks that tie several options together.
+
+Light on purpose: no sqlglot, numpy or pyarrow at import.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from mlsql.errors import MLSQLError, OptionError, UnknownOptionError, did_you_mean
+
+if TYPE_CHECKING:
+    from sqlglot import exp
+
+TYPES = ("int", "float", "bool", "str", "list", "enum", "struct", "duration")
+
+MODEL_TYPES = ("boosted_tree_classifier", "boosted_tree_regressor", "linear_reg", "logistic_reg",
+               "dnn_classifier", "dnn_regressor")
+CLASSIFIERS = ("boosted_tree_classifier", "logistic_reg", "dnn_classifier")
+TREES = ("boosted_tree_classifier", "boosted_tree_regressor")
+LINEAR = ("linear_reg", "logistic_reg")
+DNN = ("dnn_classifier", "dnn_regressor")
+QUANTIZE = ("none", "int8", "int8_static", "fp16")
+TREE_FORMATS = ("ensemble", "tensor", "gemm")
+PROVIDERS = ("nnapi", "cuda", "tensorrt", "coreml", "openvino", "dml", "rocm", "qnn", "xnnpack", "cpu")
+MAX_METRIC_DROP = 0.005
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of one statement kind."""
+
+    name: str
+    type: str  # one of TYPES
+    doc: str
+    default: Any = None
+    choices: tuple[str, ...] = ()  # enum: the allowed values (lower case)
+    min: float | None = None
+    max: float | None = None
+    min_open: bool = False  # min itself is not allowed
+    max_open: bool = False
+    items: str | None = None  # list: the type of its items ('str', 'int', 'float', 'struct')
+    min_items: int = 0
+    max_items: int | None = None
+    model_types: tuple[str, ...] = ()  # CREATE MODEL: the model types it applies to (empty: all)
+    required: bool = False
+    default_doc: str | None = None  # how docs show the default, where the value alone does not say
+    check: Callable[[str, Any], Any] | None = None  # a further check of the typed value; returns it
+
+    def applies_to(self, model_type: str | None) -> bool:
+        return not model_type or not self.model_types or model_type.lower() in self.model_types
+
+    def allowed(self) -> str:
+        """What the option takes, in words ('a whole number >= 1', "one of 'a', 'b'")."""
+        if self.type == "enum":
+            return "one of " + ", ".join(repr(c) for c in self.choices)
+        if self.type == "bool":
+            return "TRUE or FALSE"
+        if self.type == "duration":
+            return "a duration such as '90 seconds', '5 minutes', '1h', or a number of seconds"
+        if self.type == "struct":
+            return "a STRUCT(...)"
+        if self.type == "str":
+            return "a string"
+        if self.type == "list":
+            what = {"str": "strings", "int": "whole numbers", "float": "numbers", "struct": "STRUCTs"}[self.items or "str"]
+            if self.min_items == self.max_items == 1:
+                return f"one {what[:-1]} (or a list of one)"
+            size = "" if self.max_items is None else f" of at most {self.max_items}"
+            return f"a list{size} of {what}" + _range_text(self, " each")
+        return ("a whole number" if self.type == "int" else "a number") + _range_text(self)
+
+
+def _range_text(o: Option, each: str = "") -> str:
+    if o.min is not None and o.max is not None:
+        lo, hi = ("(" if o.min_open else "["), (")" if o.max_open else "]")
+        return f"{each} in {lo}{o.min:g}, {o.max:g}{hi}"
+    if o.min is not None:
+        return f"{each} {'>' if o.min_open else '>='} {o.min:g}"
+    if o.max is not None:
+        return f"{each} {'<' if o.max_open else '<='} {o.max:g}"
+    return ""
+
+
+# -- reading SQL literals ------------------------------------------------------------------
+def read_literal(e: exp.Expression | None, *, where: str | None = None) -> Any:
+    """A SQL literal as Python: 'x' → str, 12 → int, 1.5 → float, TRUE → bool, NULL → None,
+    -x, (x), CAST(x AS t) → x, [a, b] and (a, b) → list, STRUCT(1 AS a) → dict (positional
+    fields → list), a bare name → its text.
+
+    Anything else is returned as its DuckDB SQL text. With ``where`` (a place that needs a
+    literal, e.g. "ML.IMPUTER: argument 2"), anything else, bare names included, is an
+    ``OptionError`` naming ``where``."""
+    from sqlglot import exp
+
+    if e is None:
+        return None
+    if isinstance(e, exp.Literal):
+        if e.is_string:
+            return e.this
+        try:
+            return int(e.this)
+        except ValueError:
+            return float(e.this)
+    if isinstance(e, exp.Boolean):
+        return bool(e.this)
+    if isinstance(e, exp.Null):
+        return None
+    if isinstance(e, exp.Neg):
+        v = read_literal(e.this, where=where)
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            return -v
+        if where:
+            raise OptionError(f"{where} must be a literal, got {e.sql('duckdb')}")
+        return f"-{v}"
+    if isinstance(e, exp.Paren | exp.Cast):
+        return read_literal(e.this, where=where)
+    if isinstance(e, exp.Array | exp.Tuple):
+        return [read_literal(x, where=where) for x in e.expressions]
+    if isinstance(e, exp.Struct):
+        out: dict[str, Any] = {}
+        positional = []
+        for x in e.expressions:
+            if isinstance(x, exp.PropertyEQ | exp.EQ | exp.Slice):
+                out[x.this.name] = read_literal(x.expression, where=where)
+            elif isinstance(x, exp.Alias):
+                out[x.alias] = read_literal(x.this, where=where)
+            else:
+                positional.append(read_literal(x, where=where))
+        if positional and not out:
+            return positional
+        if positional:
+            out["_"] = positional
+        return out
+    if isinstance(e, exp.Column | exp.Identifier | exp.Var) and not where:
+        return e.name
+    if where:
+        raise OptionError(f"{where} must be a literal, got {e.sql('duckdb')}")
+    return e.sql("duckdb")
+
+
+# -- checking values -------------------------------------------------------------------------
+def _bad(o: Option, v, problem: str | None = None, hint: str | None = None) -> OptionError:
+    return OptionError(f"Option {o.name} = {v!r} {problem or 'must be ' + o.allowed()}", hint=hint)
+
+
+def _number(o: Option, v, whole: bool):
+    if isinstance(v, bool) or not isinstance(v, int | float) or (isinstance(v, float) and not math.isfinite(v)):
+        raise _bad(o, v)
+    if whole:
+        if int(v) != v:
+            raise _bad(o, v)
+        v = int(v)
+    else:
+        v = float(v)
+    if o.min is not None and (v < o.min or (o.min_open and v == o.min)):
+        raise _bad(o, v)
+    if o.max is not None and (v > o.max or (o.max_open and v == o.max)):
+        raise _bad(o, v)
+    return v
+
+
+def _item(o: Option, kind: str, v):
+    if kind == "str":
+        if not isinstance(v, str):
+            raise _bad(o, v)
+        return v
+    if kind == "struct":
+        return v
+    return _number(o, v, whole=kind == "int")
+
+
+def _convert(o: Option, v):
+    t = o.type
+    if t in ("int", "float"):
+        return _number(o, v, whole=t == "int")
+    if t == "bool":
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise _bad(o, v)
+    if t == "str":
+        if not isinstance(v, str):
+            raise _bad(o, v)
+        return v
+    if t == "enum":
+        if not isinstance(v, str) or v.lower() not in o.choices:
+            near = did_you_mean(str(v), o.choices)
+            raise _bad(o, v, f"is not one of {', '.join(repr(c) for c in o.choices)}",
+                       hint=f"Did you mean '{near}'?" if near else None)
+        return v.lower()
+    if t == "list":
+        if not isinstance(v, list):
+            v = [v]  # a single value stands for a list of one
+        if len(v) < o.min_items or (o.max_items is not None and len(v) > o.max_items):
+            raise _bad(o, v)
+        try:
+            return [_item(o, o.items or "str", x) for x in v]
+        except OptionError:
+            raise _bad(o, v) from None  # name the whole list, as the user wrote it
+    if t == "duration":
+        return parse_duration(o.name, v, allow_zero=o.min == 0)
+    if t == "struct":
+        if not isinstance(v, dict | list):
+            raise _bad(o, v)
+        return v
+    raise AssertionError(t)
+
+
+def parse_duration(option: str, value, *, allow_zero: bool = False) -> float:
+    """Seconds in ``value`` ('90 seconds', '1h', 2.5); an OptionError naming ``option`` otherwise."""
+    import re
+
+    units = {"ms": 0.001, "millisecond": 0.001, "milliseconds": 0.001,
+             "s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
+             "m": 60.0, "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0,
+             "h": 3600.0, "hr": 3600.0, "hrs": 3600.0, "hour": 3600.0, "hours": 3600.0,
+             "d": 86400.0, "day": 86400.0, "days": 86400.0, "w": 604800.0, "week": 604800.0, "weeks": 604800.0,
+             "": 1.0}
+    help_ = "a duration such as '2s', '90 seconds', '5 minutes', '1h', '1 day', or a number of seconds"
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = re.match(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*$", value, re.IGNORECASE)
+        if m and m.group(2).lower() in units:
+            seconds = float(m.group(1)) * units[m.group(2).lower()]
+    if seconds is None or not math.isfinite(seconds):
+        raise OptionError(f"Option {option} = {value!r} is not a duration", hint=f"Use {help_}.")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise OptionError(f"Option {option} = {value!r} must be {'0 or more' if allow_zero else 'more than 0'} "
+                          "seconds", hint=f"Use {help_}.")
+    return seconds
+
+
+# -- checks beyond type and range -------------------------------------------------------------
+def _class_weights(name: str, v) -> dict:
+    """``[STRUCT('a', 0.5), ...]`` or ``STRUCT(0.5 AS a, ...)`` → {label: weight}."""
+    if isinstance(v, dict):
+        items = list(v.items())
+    elif isinstance(v, list) and all(isinstance(x, list | tuple) and len(x) == 2 for x in v):
+        items = [tuple(x) for x in v]
+    else:
+        raise OptionError(f"Option {name} = {v!r} must be [STRUCT('label', weight), ...]")
+    out: dict[Any, float] = {}
+    for label, w in items:
+        if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:
+            raise OptionError(f"Option {name} = {v!r}: the weight of {label!r} must be a number > 0, got {w!r}")
+        out[label] = float(w)
+    return out
+
+
+def _no_cloud_uri(name: str, uri: str) -> str:
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme and scheme != "file":
+        raise OptionError(f"uri = {uri!r}: {scheme}:// is not supported; MLSQL writes exports to local "
+                          "paths (copy the file to cloud storage afterwards)")
+    return uri
+
+
+def _providers(name: str, v: list) -> list:
+    from device_bridge.providers import SHORT_NAMES, ProviderError, to_ort_name
+
+    for p in v:
+        try:
+            to_ort_name(p)
+        except ProviderError:
+            near = did_you_mean(p, SHORT_NAMES)
+            raise OptionError(f"Option {name} = {v!r}: {p!r} is not an execution provider; use "
+                              + ", ".join(repr(x) for x in PROVIDERS) + " or a full ONNX Runtime name",
+                              hint=f"Did you mean '{near}'?" if near else None) from None
+    return v
+
+
+def _http_url(name: str, v: str) -> str:
+    if not v.lower().startswith(("http://", "https://")):
+        raise OptionError(f"Option {name} = {v!r} must be an http:// or https:// URL")
+    return v
+
+
+def _parameters(name: str, value) -> dict:
+    import json
+
+    if not isinstance(value, dict):
+        raise OptionError(f"Option {name} = {value!r} must be a STRUCT of name = value",
+                          hint="For example: parameters = STRUCT(10 AS n, 'eu' AS region), "
+                               "or parameters = {'n': 10, 'region': 'eu'}.")
+    for k, v in value.items():
+        if not isinstance(k, str) or not k.isidentifier():
+            raise OptionError(f"Option {name}: {k!r} is not a valid Python variable name",
+                              hint="Each parameter becomes a variable assigned in the notebook.")
+        try:
+            json.dumps(v)
+        except (TypeError, ValueError):
+            raise OptionError(f"Option {name}: {k} = {v!r} is not a plain value",
+                              hint="Use numbers, strings, booleans, NULL, lists and structs of those.") from None
+    return dict(value)
+
+
+_O = Option
+_FRACTION = {"min": 0, "max": 1, "min_open": True, "max_open": True}
+_UNIT = {"min": 0, "max": 1, "min_open": True}
+
+OPTIONS: dict[str, tuple[Option, ...]] = {
+    "CREATE MODEL": (
+        _O("model_type", "enum", "the kind of model to train", choices=MODEL_TYPES, required=True),
+        _O("input_label_cols", "list", "the label column (one)", ["label"], items="str", min_items=1, max_items=1),
+        _O("max_iterations", "int", "boosting rounds (trees), L-BFGS iterations (logistic), epochs (dnn)", 20, min=1),
+        _O("learn_rate", "float", "step size", 0.3, min=0, min_open=True,
+          default_doc="0.3 (trees), 0.1 (linear), 0.001 (dnn)"),
+        _O("max_tree_depth", "int", "maximum depth of a tree", 6, min=1, model_types=TREES),
+        _O("l1_reg", "float", "L1 regularization (linear_reg with l1_reg is a lasso)", 0.0, min=0),
+        _O("l2_reg", "float", "L2 regularization", 0.0, min=0, default_doc="1.0 (trees), 0 (others)"),
+        _O("early_stop", "bool", "stop when the relative improvement of the (eval) loss falls below min_rel_progress",
+          True),
+        _O("min_rel_progress", "float", "the improvement early_stop asks of each iteration", 0.01, min=0),
+        _O("data_split_method", "enum", "how rows are held out for evaluation", "auto_split",
+          choices=("auto_split", "random", "seq", "custom", "no_split")),
+        _O("data_split_eval_fraction", "float", "share held out for 'random' and 'seq'", 0.2, **_FRACTION),
+        _O("data_split_col", "str", "ordering column for 'seq', BOOL flag column for 'custom' (TRUE = evaluation)"),
+        _O("class_weights", "struct", "weight per label: [STRUCT('a', 0.2), STRUCT('b', 0.8)] or STRUCT(0.2 AS a, ...)",
+          model_types=CLASSIFIERS, check=_class_weights),
+        _O("auto_class_weights", "bool", "weights inversely proportional to class frequency", False,
+          model_types=CLASSIFIERS),
+        _O("subsample", "float", "share of rows each tree sees", 1.0, model_types=TREES, **_UNIT),
+        _O("colsample_bytree", "float", "share of columns each tree sees", 1.0, model_types=TREES, **_UNIT),
+        _O("colsample_bylevel", "float", "share of columns each tree level sees", 1.0, model_types=TREES, **_UNIT),
+        _O("colsample_bynode", "float", "share of columns each split sees", 1.0, model_types=TREES, **_UNIT),
+        _O("min_split_loss", "float", "loss reduction a split needs (xgboost's gamma)", 0.0, min=0, model_types=TREES),
+        _O("min_tree_child_weight", "float", "hessian weight a leaf needs", 1.0, min=0, model_types=TREES),
+        _O("num_parallel_tree", "int", "trees grown per round (random-forest boosting)", 1, min=1, model_types=TREES),
+        _O("tree_method", "enum", "xgboost's tree construction", "hist", choices=("hist", "approx", "exact", "auto"),
+          model_types=TREES),
+        _O("booster_type", "enum", "xgboost's booster", "gbtree", choices=("gbtree", "dart"), model_types=TREES),
+        _O("enable_global_explain", "bool", "accepted for compatibility with BigQuery ML", False),
+        _O("hidden_units", "list", "layer sizes", [128, 64], items="int", min=1, min_items=1, model_types=DNN),
+        _O("activation_fn", "enum", "activation of the hidden layers", "relu",
+          choices=("relu", "relu6", "tanh", "sigmoid", "gelu", "elu", "selu", "crelu"), model_types=DNN),
+        _O("dropout", "float", "dropout rate", 0.0, min=0, max=1, max_open=True, model_types=DNN),
+        _O("batch_size", "int", "rows per minibatch", 1024, min=1, model_types=DNN),
+        _O("optimizer", "enum", "the optimizer", "adam", choices=("adam", "adagrad", "sgd", "rmsprop", "ftrl"),
+          model_types=DNN),
+        _O("random_seed", "int", "seed of the data split and the trainer (MLSQL extension)", 42),
+        _O("num_threads", "int", "CPU threads (MLSQL extension)", None, min=1, model_types=TREES + LINEAR,
+          default_doc="all cores"),
+        _O("aliases", "list", "registry aliases to point at the new version, e.g. ['champion']", [], items="str"),
+        _O("alias", "list", "the same as aliases", [], items="str"),
+    ),
+    "EXPORT MODEL": (
+        _O("uri", "str", "where to write the ONNX file (a local path; relative to <workspace>/exports)", None,
+          default_doc="<workspace>/exports/<name>_v<version>[_<quantize>].onnx", check=_no_cloud_uri),
+        _O("format", "enum", "the export format", "onnx", choices=("onnx",)),
+        _O("quantize", "enum", "int8 (dynamic), int8_static (calibrated QDQ), fp16 weights, or none", "none",
+          choices=QUANTIZE),
+        _O("tree_format", "enum", "boosted trees as a TreeEnsemble, tensor ops (tensor) or GEMMs (gemm)",
+          "ensemble", choices=TREE_FORMATS),
+        _O("max_metric_drop", "float", "how much of its metric a quantized model may lose before it is refused",
+          MAX_METRIC_DROP, min=0),
+        _O("calibration_query", "str", "rows (raw columns) that calibrate int8_static", None,
+          default_doc="2,000 rows sampled from the training query"),
+        _O("opset", "int", "ONNX opset of the file (a graph that needs a newer one is refused)", 17, min=13, max=21),
+        _O("package", "bool", "also write a signed device package <file>.mlpkg", False),
+        _O("providers", "list", "preferred execution providers recorded in the package (implies package = TRUE)",
+          None, items="str", min_items=1, check=_providers),
+    ),
+    "DEPLOY MODEL": (
+        _O("providers", "list", "ordered provider preference; the agent falls back down the list", ["cpu"],
+          items="str", min_items=1, check=_providers),
+        _O("strict_providers", "bool", "fail the deploy instead of falling back to another provider", False),
+        _O("quantize", "enum", "the exported form, as EXPORT", "none", choices=QUANTIZE),
+        _O("tree_format", "enum", "the exported form of boosted trees, as EXPORT", "ensemble", choices=TREE_FORMATS),
+        _O("calibration_query", "str", "rows that calibrate int8_static, as EXPORT"),
+        _O("max_metric_drop", "float", "as EXPORT: a quantized form that loses more is refused before sending",
+          MAX_METRIC_DROP, min=0),
+        _O("only_if_better", "str", "a metric name: deploy only if this version beats the one active on the device"),
+        _O("rollout_percent", "float", "groups: wave size as a share of the fleet", None, min=0, max=100,
+          min_open=True, default_doc="one wave"),
+        _O("batch_size", "int", "groups: wave size as a number of devices", None, min=1, default_doc="one wave"),
+        _O("max_error_rate", "float", "groups: a wave fails when the new version's error rate passes this", None,
+          min=0, max=1),
+        _O("max_p95_ms", "float", "groups: a wave fails when a device's p95 latency passes this", None,
+          min=0, min_open=True),
+        _O("max_drift", "float", "groups: a wave fails when an input's mean moves more training stddevs than this",
+          None, min=0),
+        _O("required_provider", "str", "groups: the provider every device must really run the model on"),
+        _O("wave_timeout_s", "float", "groups: seconds for a wave to activate", 60.0, min=0, min_open=True),
+        _O("observe_s", "float", "groups: seconds to observe a wave before its gates", 0.0, min=0),
+        _O("min_requests", "int", "groups: requests per device to wait for before the gates", 0, min=0),
+    ),
+    "CREATE DEVICE": (
+        _O("url", "str", "the agent's address, http://host:port", required=True, check=_http_url),
+        _O("token", "str", "the agent's device token", ""),
+        _O("providers", "list", "the default provider preference", [], items="str", check=_providers),
+        _O("description", "str", "free text", ""),
+        _O("timeout_s", "float", "seconds an HTTP call to the agent may take", 30.0, min=0, min_open=True),
+        _O("verify_tls", "bool", "check the agent's TLS certificate (https)", True),
+    ),
+    "CREATE DEVICE GROUP": (
+        _O("devices", "list", "the agents' names at the hub (empty: every agent of the group)", [], items="str"),
+        _O("hub", "str", "the hub's address, http://host:port", "", check=_http_url),
+        _O("hub_token", "str", "the hub's operator token", ""),
+        _O("description", "str", "free text", ""),
+    ),
+    "CREATE JOB": (
+        _O("schedule", "str", "a 5-field cron string: minute hour day-of-month month day-of-week"),
+        _O("every", "duration", "a fixed interval ('10 minutes', '1h', or seconds)"),
+        _O("timezone", "str", "the IANA time zone the cron schedule is read in", "UTC"),
+        _O("parameters", "struct", "values for the notebook's parameters cell: STRUCT(7 AS days)", {},
+          check=_parameters),
+        _O("timeout", "duration", "time for the whole run"),
+        _O("retries", "int", "how many times a failed or timed-out run is tried again", 0, min=0),
+        _O("retry_backoff", "duration", "wait before the first retry; doubles for each next one", 10.0, min=0,
+           default_doc="'10s'"),
+        _O("max_concurrent", "int", "runs of the job at once, across all processes", 1, min=1),
+        _O("kernel", "str", "a Jupyter kernel name; none: the notebook's own", None),
+        _O("description", "str", "free text", None),
+    ),
+    "ML.PREDICT": (
+        _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
+          0.5, min=0, max=1),
+        _O("device", "str", "a registered device: predict there instead of in the notebook"),
+    ),
+    "ML.EXPLAIN_PREDICT": (
+        _O("top_k_features", "int", "how many attributions to return per row", 5, min=1),
+        _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
+          0.5, min=0, max=1),
+    ),
+    "ML.EVALUATE": (
+        _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
+          0.5, min=0, max=1),
+    ),
+    "ML.CONFUSION_MATRIX": (
+        _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
+          0.5, min=0, max=1),
+    ),
+}
+del _O
+
+# what each kind is called where a user writes it, for error messages
+_WHERE = {k: (f"in {k}'s STRUCT(...)" if k.startswith("ML.") else f"in {k} OPTIONS") for k in OPTIONS}
+_SHORT = {"model": "CREATE MODEL", "export": "EXPORT MODEL", "deploy": "DEPLOY MODEL", "device": "CREATE DEVICE",
+          "group": "CREATE DEVICE GROUP", "device group": "CREATE DEVICE GROUP", "device_group": "CREATE DEVICE GROUP",
+          "job": "CREATE JOB"}
+
+
+def kind_of(statement_kind: str) -> str:
+    """The table's key for ``statement_kind`` ('CREATE MODEL', 'model', 'ml.predict', 'PREDICT', ...)."""
+    k = " ".join(str(statement_kind).split()).upper()
+    if k in OPTIONS:
+        return k
+    if k.replace("_", " ") in OPTIONS:  # 'create_model'
+        return k.replace("_", " ")
+    if f"ML.{k}" in OPTIONS:
+        return f"ML.{k}"
+    short = _SHORT.get(k.lower())
+    if short:
+        return short
+    if k.startswith("ML."):
+        return k  # an ML function without settings
+    near = did_you_mean(k, list(OPTIONS))
+    raise MLSQLError(f"No OPTIONS are declared for {statement_kind!r}",
+                     hint=f"Did you mean '{near}'?" if near else "Kinds: " + ", ".join(OPTIONS) + ".")
+
+
+def options_of(statement_kind: str) -> tuple[Option, ...]:
+    """The declared options of a statement kind (empty for an ML function without settings)."""
+    return OPTIONS.get(kind_of(statement_kind), ())
+
+
+def options_for(statement_kind: str, model_type: str | None = None) -> list[tuple[str, str, str]]:
+    """``(name, type, doc)`` of each option a statement kind takes (for CREATE MODEL, those that
+    apply to ``model_type``, when given), in the table's order: what completion offers."""
+    return [(o.name, o.type, o.doc) for o in options_of(statement_kind) if o.applies_to(model_type)]
+
+
+def validate(statement_kind: str, raw: dict[str, Any] | None, *, defaults: bool = False) -> dict[str, Any]:
+    """Check what a user wrote in a statement's OPTIONS (or STRUCT settings): names lower-cased,
+    values converted to the declared type. An unknown name is an ``UnknownOptionError`` naming the
+    statement and the nearest option; a value of the wrong type or out of range is an
+    ``OptionError`` naming the option, the value and what is allowed; so is an option given for a
+    model type it does not apply to. Every option is checked: the first error raised carries the
+    others (``also``), in the order they were written, each naming its option (``option``,
+    ``statement_kind``) for the session to point at. NULL means 'not given'. With ``defaults``,
+    every declared option not given is filled with its default."""
+    kind = kind_of(statement_kind)
+    table = {o.name: o for o in OPTIONS.get(kind, ())}
+    where = _WHERE.get(kind, f"in {kind} OPTIONS")
+    out: dict[str, Any] = {}
+    errors: list[MLSQLError] = []
+
+    def bad(err: MLSQLError, name: str, at_name: bool = False) -> None:
+        if isinstance(err, OptionError) and err.option is None:
+            err.option, err.at_name = name, at_name
+        if isinstance(err, OptionError | UnknownOptionError):
+            err.statement_kind = kind
+        errors.append(err)
+
+    for key, value in (raw or {}).items():
+        name = str(key).lower()
+        o = table.get(name)
+        if o is None:
+            if not table and kind.startswith("ML."):
+                raise MLSQLError(f"{kind} takes no settings, got STRUCT(... AS {name})")
+            bad(UnknownOptionError(name, list(table), where=where), name)
+            continue
+        if value is None:
+            continue
+        try:
+            v = _convert(o, value)
+            out[name] = o.check(name, v) if o.check else v
+        except OptionError as exc:
+            bad(exc, name)
+    model_type = out.get("model_type")
+    for name in out:
+        if not table[name].applies_to(model_type):  # BigQuery ML refuses these too, rather than ignore them
+            bad(OptionError(f"Option {name} applies to {', '.join(table[name].model_types)}, not {model_type}"),
+                name, at_name=True)
+    given = {str(k).lower() for k, v in (raw or {}).items() if v is not None}
+    for o in table.values():
+        if o.required and o.name not in given:  # given but wrong is reported above
+            errors.append(OptionError(f"{kind} needs OPTIONS ({o.name} = ...)",
+                                      hint=("One of: " + ", ".join(f"'{c}'" for c in o.choices) + ".") if o.choices
+                                      else f"{o.name}: {o.doc}."))
+        if defaults and o.name not in out:
+            out[o.name] = copy.deepcopy(o.default)
+    if errors:
+        raise errors[0].add(errors[1:], f"{len(errors)} bad options {where}") if len(errors) > 1 else errors[0]
+    return out
+
+
+def defaults(statement_kind: str) -> dict[str, Any]:
+    """Every option's default for a statement kind."""
+    return {o.name: copy.deepcopy(o.default) for o in options_of(statement_kind)}
+
+
+# -- docs --------------------------------------------------------------------------------------
+def _show_default(o: Option) -> str:
+    if o.required:
+        return "required"
+    if o.default_doc is not None:
+        return o.default_doc
+    v = o.default
+    if v is None or v == "" or v == [] or v == {}:
+        return "—"
+    if isinstance(v, bool):
+        return "TRUE" if v else "FALSE"
+    if isinstance(v, str):
+        return f"'{v}'"
+    if isinstance(v, list):
+        return "[" + ", ".join(f"'{x}'" if isinstance(x, str) else f"{x:g}" for x in v) + "]"
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+_APPLIES = {(): "all", TREES: "boosted trees", CLASSIFIERS: "classifiers", DNN: "dnn", TREES + LINEAR: "trees, linear"}
+
+
+def markdown(kinds: Iterable[str] | None = None) -> str:
+    """docs/LANGUAGE.md's options reference, written from the table."""
+    out = []
+    for kind in kinds or OPTIONS:
+        out += [f"#### {kind}", "", "| option | type | default | applies to | allowed | meaning |",
+                "|---|---|---|---|---|---|"]
+        for o in OPTIONS[kind]:
+            applies = _APPLIES.get(o.model_types) or ", ".join(o.model_types)
+            allowed = o.allowed().replace("|", "\\|")
+            out.append(f"| `{o.name}` | {o.type} | {_show_default(o).replace('|', chr(92) + '|')} | {applies} | "
+                       f"{allowed} | {o.doc} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":  # python -m mlsql.language.options: print the reference docs/LANGUAGE.md holds
+    print(markdown(), end="")

@@ -1,0 +1,122 @@
+"""``EXPORT MODEL``: the ONNX graph with its parity report, recorded in the registry, and the signed
+device package built from it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlsql._lazy import pyarrow as pa
+from mlsql.errors import MLSQLError
+from mlsql.output.result import Result
+from mlsql.plan import planner as P
+from mlsql.runtime.steps import SessionState
+from mlsql.runtime.steps.ml_functions import LoadedModel, load_model, model_features
+
+# what sample_rows' rows are, as the parity report and every message about it say: its figures are
+# not ML.EVALUATE's on the held-out rows, and a reader comparing the two must be able to tell
+SAMPLE_ROWS_FROM = "rows of the training query (a seeded sample; training and held-out rows alike)"
+
+
+def sample_rows(s: SessionState, lm: LoadedModel, n: int = 2000) -> pa.Table:
+    """Up to ``n`` rows of the model's training query (the same rows for the same data)."""
+    query = lm.meta.get("query_sql")
+    if not query:
+        raise MLSQLError(f"Model {lm.version.ref} does not record its training query; retrain it to export")
+    params = lm.meta.get("query_params") or None
+    if n <= 16:  # a probe row: no need to scan the whole training query
+        return s.engine.query(f"SELECT * FROM ({query}) AS t LIMIT {int(n)}", params)
+    return s.engine.sample(query, n, seed=42, params=params)
+
+
+def native_predict(s: SessionState, lm: LoadedModel):
+    """``run(raw_table)``: TRANSFORM on the engine, encode, the estimator's raw output (parity's reference)."""
+    def run(raw: pa.Table):
+        feats = model_features(s, lm, raw, need_label=False, func="PREDICT")
+        return lm.model.estimator.predict_raw(lm.model.encode(feats))
+
+    return run
+
+
+def export(s: SessionState, spec: P.ModelSpec, options: dict, *, quiet: bool = False):
+    """Export ``spec`` with ``options``: a Result with the parity report (``quiet``: the ExportResult)."""
+    from mlsql.export import export_model, resolve_export_options
+
+    opts = resolve_export_options({k.lower(): v for k, v in options.items()})
+    lm = load_model(s, spec)
+    mv = lm.version
+    sample = sample_rows(s, lm)
+    calibration = None
+    if opts.get("calibration_query"):
+        calibration = s.engine.query(str(opts["calibration_query"]))
+    suffix = "" if opts["quantize"] == "none" else f"_{opts['quantize']}"
+    # into the workspace, never beside the notebook: a relative uri is relative to <workspace>/exports
+    out = Path(str(opts.get("uri") or f"{mv.name}_v{mv.version}{suffix}.onnx")).expanduser()
+    uri = str(out if out.is_absolute() else s.workspace.exports_dir / out)
+    raw_schema = lm.meta.get("training_schema", {})
+    result = export_model(lm.model, lm.transform, raw_schema,
+                          {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers", "package")},
+                          sample, native_predict(s, lm), Path(uri).expanduser(), calibration, name=mv.ref,
+                          rows_from=SAMPLE_ROWS_FROM)
+    report_path = result.path.with_suffix(".parity.json")
+    report_path.write_text(json.dumps(result.report.to_dict(), indent=1, default=str))
+    result.package_path = None
+    if opts.get("package") or opts.get("providers"):
+        result.package_path = package(s, lm, result, opts.get("providers"))
+    try:
+        s.registry.log_artifact(mv, result.path, "exports")
+        s.registry.log_artifact(mv, report_path, "exports")
+        if result.package_path is not None:
+            s.registry.log_artifact(mv, result.package_path, "exports")
+        s.registry.set_version_tag(mv, f"export.{opts['quantize']}", str(result.path))
+    except Exception as exc:  # the file is written; say the registry could not record it
+        raise MLSQLError(f"Exported {mv.ref} to {result.path}, but the registry could not record it: {exc}") from exc
+    if quiet:
+        return result
+    r = result.report
+    msg = (f"Exported {mv.ref} to {result.path} ({r.size_bytes / 1024:.1f} KiB, quantize={r.quantize}); "
+           f"parity max diff {r.max_abs_diff:.2g} on {r.rows} {r.rows_from}")
+    if result.package_path is not None:
+        msg += f"; signed package {result.package_path}"
+    if r.metric:
+        msg += f"; on those rows {r.metric} {r.metric_native:.4f} native, {r.metric_onnx:.4f} ONNX"
+        if r.metric_quantized is not None:
+            msg += f", {r.metric_quantized:.4f} {r.quantize}"
+    out = Result(r.to_table(), kind="export", message=msg)
+    out.export = result
+    return out
+
+
+def package_statistics(s: SessionState, lm: LoadedModel, inputs: list[dict]) -> dict:
+    """The training statistics of the package's inputs: those stored at CREATE MODEL, or for a
+    model trained before they were, computed now over its whole training query."""
+    from mlsql.runtime.steps.stats import training_statistics
+
+    stats = lm.meta.get("training_stats")
+    names = [i["name"] for i in inputs]
+    if stats is None:
+        query = lm.meta.get("query_sql")
+        if not query:
+            return {}
+        params = lm.meta.get("query_params") or None
+        schema = s.engine.query(f"SELECT * FROM ({query}) AS t LIMIT 0", params).schema
+        stats = training_statistics(s.engine, f"({query})", params, schema, names)
+    by_lower = {k.lower(): k for k in stats}
+    return {n: stats[by_lower[n.lower()]] for n in names if n.lower() in by_lower}
+
+
+def package(s: SessionState, lm: LoadedModel, result, providers=None) -> Path:
+    """Sign the export into a device package next to it (``<file>.mlpkg``)."""
+    from mlsql.export import build_device_package
+
+    mv = lm.version
+    if isinstance(providers, str):
+        providers = [providers]
+    path = result.path.with_suffix(".mlpkg")
+    build_device_package(
+        result, name=mv.name, version=mv.version, key_dir=s.workspace.keys_dir, label=lm.label,
+        classes=lm.model.classes, model_type=lm.model.model_type, metrics=dict(lm.model.eval_metrics),
+        stats=package_statistics(s, lm, result.inputs), providers=list(providers or ["cpu"]), out=path,
+        created_at=mv.created.isoformat(timespec="seconds"),  # UTC (the registry's timestamp)
+    )
+    return path

@@ -1,0 +1,154 @@
+"""``CREATE MODEL``: read the training rows from the engine, fit the TRANSFORM, train, register."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from mlsql._lazy import pyarrow as pa
+from mlsql.errors import MLSQLError
+from mlsql.language.options import validate
+from mlsql.output.result import Result
+from mlsql.plan import planner as P
+from mlsql.runtime.steps import SessionState
+from mlsql.runtime.steps.ml_functions import META_FILE, TRANSFORM_FILE
+
+
+def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[str]) -> Result:
+    """Train a new model version; ``temps`` collects the temporary relations to drop afterwards."""
+    from mlsql.ml import resolve_options, train
+
+    name = step.model
+    if s.registry.exists(name):
+        if step.if_not_exists:
+            return Result(pa.table({}), message=f"Model {name} already exists; nothing trained.")
+        if not step.replace:
+            latest = s.registry.get(name)
+            raise MLSQLError(
+                f"Model '{name}' already exists (latest version {latest.version})",
+                hint=f"Use CREATE OR REPLACE MODEL {name} to add a new version, or DROP MODEL {name}.",
+            )
+    raw = dict(step.options)
+    checked = validate("CREATE MODEL", raw)  # every option, aliases included, before any data is read
+    # aliases are the registry's, not the trainer's: kept out of the model's options
+    aliases = checked.get("aliases") or checked.get("alias") or []
+    raw.pop("aliases", None)
+    raw.pop("alias", None)
+    opts = resolve_options(raw)
+
+    query_params = P.params_for(step.query_sql, params)
+    trainer = s.engine.executor_trainer(opts.family)
+    if trainer is not None:  # e.g. Spark: the rows stay in the executors
+        from functools import partial
+
+        transform, schema, fp, features, sample, sample_features = trainer.prepare(
+            s.engine, step, query_params, temps)
+        train = partial(trainer.train, s.engine)
+        relation, relation_params = f"({step.query_sql})", query_params
+    else:
+        data = s.engine.query(step.query_sql, query_params)
+        if data.num_rows == 0:
+            raise MLSQLError(f"The training query for model {name} returned no rows")
+        raw_name = s.engine.temp_name("train")
+        s.engine.register(raw_name, data)
+        temps.append(raw_name)
+        transform = None
+        features, schema = data, data.schema
+        if step.transform:
+            from mlsql.plan.transform import fit_transform
+
+            transform = fit_transform(step.transform, raw_name, data.column_names, s.engine.query)
+            features = s.engine.query(transform.select_sql(raw_name, data.column_names))
+        fp = s.engine.fingerprint(raw_name)
+        relation, relation_params = raw_name, None
+        # a few training rows, from which the registry infers the version's signature
+        sample, sample_features = data.slice(0, 50), features
+    rows, data_hash = fp.rows, fp.digest
+
+    reporter = s.progress(f"Training {name}", 0) if s.progress else None
+    started = time.time()  # the MLflow run spans the training, not its registration
+    try:
+        model = train(features, opts, progress=reporter.update if reporter else None)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    ended = time.time()
+    if transform is not None and model.label not in transform.output_columns:
+        raise MLSQLError(f"TRANSFORM must output the label column '{model.label}'")
+    input_columns = transform.input_columns if transform else [f.name for f in model.features]
+    from mlsql.runtime.steps.stats import training_statistics
+
+    stats = training_statistics(s.engine, relation, relation_params, schema, input_columns)
+
+    with tempfile.TemporaryDirectory(prefix="mlsql-model-") as tmp:
+        d = Path(tmp)
+        model.save(d)
+        if transform is not None:
+            (d / TRANSFORM_FILE).write_text(transform.to_json())
+        meta = {
+            "query_sql": step.query_sql,
+            # the values of its {name} / $name parameters: export and deploy sample the same rows
+            "query_params": _json_safe(query_params),
+            "input_columns": input_columns,
+            # every training row's statistics per input column (mlsql/steps/stats.py): the baseline
+            # that device packages carry for drift, so that no copy of the training data is needed
+            "training_stats": stats,
+            "training_schema": {f.name: str(f.type) for f in schema},
+            "data_rows": rows,
+            "data_hash": data_hash,
+            "data_hash_algorithm": fp.algorithm,
+            # the planner writes the training query in MLSQL's (DuckDB) SQL on every engine;
+            # each engine renders it for itself when it reads the rows again
+            "query_dialect": "duckdb",
+            "engine": s.engine.name,
+        }
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        params_log = {k: v for k, v in raw.items()}
+        mv = s.registry.register(
+            name, d,
+            params=params_log,
+            metrics=model.eval_metrics,
+            iterations=model.training_info.to_pylist(),
+            sql=step.statement,
+            tags={"model_type": model.model_type, "label": model.label,
+                  "data_rows": str(rows), "data_hash": data_hash},
+            aliases=aliases,
+            started=started, ended=ended, examples=_examples(model, sample, sample_features, meta["input_columns"]),
+        )
+    metrics = {k: v for k, v in model.eval_metrics.items() if v is not None}
+    table = pa.table({
+        "model": [name], "version": [mv.version], "model_type": [model.model_type],
+        "training_rows": [rows],
+        **{k: pa.array([v], pa.float64()) for k, v in metrics.items()},
+    })
+    shown = ", ".join(f"{k} = {v:.4g}" for k, v in metrics.items())
+    if shown:  # which rows the metrics are on: the held-out split's, or the training rows themselves
+        shown = (f"On {model.n_eval:,} held-out rows: " if model.n_eval else
+                 f"On the {model.n_train:,} training rows (no evaluation split): ") + shown
+    from mlsql.output import plots
+
+    return Result(table, kind="create_model", plots=plots.panels("loss", model.training_info),
+                  message=f"Created model {name} version {mv.version} ({model.model_type}). {shown}")
+
+
+def _examples(model, sample: pa.Table, features: pa.Table, input_columns: list[str]):
+    """A few rows in (the columns ML.PREDICT reads) and out (what it returns), from which the
+    registry infers the version's MLflow signature; None when they cannot be taken."""
+    by_lower = {c.lower(): c for c in sample.column_names}
+    try:
+        inputs = sample.select([by_lower[c.lower()] for c in input_columns if c.lower() in by_lower])
+        return inputs, model.predict(features.slice(0, sample.num_rows))
+    except Exception as exc:  # a signature describes the model: never a reason to lose it
+        import logging
+
+        logging.getLogger(__name__).warning("no example rows for the MLflow signature: %s", exc)
+        return None
+
+
+def _json_safe(params: dict | None) -> dict | None:
+    """Parameter values as JSON keeps them (dates as ISO text, which DuckDB casts back)."""
+    if not params:
+        return None
+    return json.loads(json.dumps(params, default=str))
