@@ -3,7 +3,7 @@
 Servers raise :class:`ApiError` (status, message, ``kind``); every JSON error answer is
 ``{"error": message, "kind": kind}``. Clients turn an answer back into the
 :class:`DeviceError` subclass of its kind (``error_for_status``), so callers (rollout,
-``mlsql.deploy.wrap``) branch on the type or on ``.kind``, never on the message text.
+``mlsql.deploy.remote.wrap``) branch on the type or on ``.kind``, never on the message text.
 
 Kinds: ``auth`` (no or wrong credential), ``forbidden`` (a valid credential that may not make
 this call: an agent's hub credential outside its own ``/v1/agents/{name}/...``), ``not_found``, ``method``, ``request`` (malformed call), ``invalid_input``
