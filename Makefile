@@ -82,6 +82,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports  # the architecture's contracts (.importlinter)
 
 clean:
 	rm -rf $(VENV) .mlsql build *.egg-info mlsql/labextension extensions/lib extensions/node_modules extensions/tsconfig.tsbuildinfo

@@ -159,7 +159,7 @@ class DNNEstimator:
                 prev, cur = history[-2][key], history[-1][key]
                 if prev > 0 and (prev - cur) / prev < opts.min_rel_progress * 0.1:
                     if progress is not None:  # the bar ends as a finished run, saying why it is short
-                        from mlsql.ml.estimators import early_stop_reason
+                        from mlsql.ml.options import early_stop_reason
 
                         progress(epoch, opts.max_iterations,
                                  {**row, "stopped": early_stop_reason(key, opts.min_rel_progress * 0.1, "epoch")})

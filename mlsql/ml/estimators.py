@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mlsql.errors import TrainingError
+from mlsql.ml.options import early_stop_reason
 
 
 def _threads(opts) -> int:
@@ -146,12 +147,6 @@ class XGBEstimator:
         b = xgb.Booster()
         b.load_model(str(folder / "xgboost.json"))
         return cls(b, meta["objective"], meta["n_out"])
-
-
-def early_stop_reason(key: str, min_rel: float, unit: str) -> str:
-    """Why training stopped before max_iterations, as the progress display says it."""
-    where = "on the evaluation rows" if key == "eval_loss" else "on the training rows"
-    return f"no improvement of {min_rel * 100:g}% or more in the loss {where} in 1 {unit}"
 
 
 def _sigmoid(z):

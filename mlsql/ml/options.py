@@ -85,3 +85,9 @@ def resolve_options(raw: dict[str, Any]) -> Options:
     if opts.class_weights and opts.auto_class_weights:
         raise OptionError("Give either class_weights or auto_class_weights, not both")
     return opts
+
+
+def early_stop_reason(key: str, min_rel: float, unit: str) -> str:
+    """Why training stopped before max_iterations, as the progress display says it."""
+    where = "on the evaluation rows" if key == "eval_loss" else "on the training rows"
+    return f"no improvement of {min_rel * 100:g}% or more in the loss {where} in 1 {unit}"

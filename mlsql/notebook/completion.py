@@ -674,9 +674,9 @@ def install_ipython_hooks(shell, magic) -> None:
 def _magic_session(magic, options: str):
     """The session the magic would run this cell in (its --workspace and --engine)."""
     try:
-        from mlsql.notebook.magic import _parse_options
+        from mlsql.notebook.cell import parse_magic_options
 
-        opts, _ = _parse_options(options)
+        opts, _ = parse_magic_options(options)
         return magic.session(opts.get("workspace"), opts.get("engine"))
     except Exception:
         return None

@@ -16,7 +16,7 @@ import anywidget
 import traitlets as T
 
 from mlsql._lazy import pyarrow as pa
-from mlsql.output.result import format_rows, numeric_columns
+from mlsql.output.formats import format_rows, numeric_columns
 
 _STATIC = Path(__file__).parent.parent / "static"
 MAX_PAGE_SIZE = 500

@@ -56,7 +56,7 @@ class ConfusionPanel:
     kind: str = "confusion"
 
     def summary(self) -> str:
-        from mlsql.output.result import format_table
+        from mlsql.output.formats import format_table
 
         names = [str(c) for c in self.classes]
         rows = [(n, *map(int, r)) for n, r in zip(names, self.counts)]
@@ -90,7 +90,7 @@ class BarPanel:
     kind: str = "bars"
 
     def summary(self) -> str:
-        from mlsql.output.result import format_number
+        from mlsql.output.formats import format_number
 
         shown = ", ".join(f"{n} {format_number(float(v))}" for n, v in zip(self.names[:10], self.values[:10]))
         more = f" (+{len(self.names) - 10} more)" if len(self.names) > 10 else ""
@@ -120,7 +120,7 @@ class LossPanel:
     kind: str = "loss"
 
     def summary(self) -> str:
-        from mlsql.output.result import format_number
+        from mlsql.output.formats import format_number
 
         if not len(self.iterations):
             return f"{self.title}: no iterations"

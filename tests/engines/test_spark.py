@@ -544,8 +544,8 @@ def test_script_through_spark_connect(tmp_path, monkeypatch):
     import pyarrow as pa
 
     import mlsql
-    from mlsql.language.dialect import parse_script
     from mlsql.engines.spark import train as spark_train
+    from mlsql.language.dialect import parse_script
     from mlsql.plan import planner as P
     from mlsql.runtime.steps.ml_functions import run_ml
 

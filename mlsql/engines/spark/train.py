@@ -34,15 +34,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mlsql import logs
-from mlsql.errors import TrainingError, UnknownColumnError
 from mlsql.engines.spark import score as S
+from mlsql.errors import TrainingError, UnknownColumnError
 from mlsql.ml.estimators import (
     LOGISTIC_GTOL,
     LinearEstimator,
     XGBEstimator,
     _sigmoid,
     _softmax,
-    early_stop_reason,
     logistic_margin,
     logistic_objective,
     logistic_sums,
@@ -57,7 +56,7 @@ from mlsql.ml.model import (
     _label_values,
 )
 from mlsql.ml.model import class_weights as model_class_weights  # the local class_weights holds the result
-from mlsql.ml.options import Options
+from mlsql.ml.options import Options, early_stop_reason
 
 IDX, EVAL, LABEL, WEIGHT = "__mlsql_idx", "__mlsql_eval", "__mlsql_label", "__mlsql_weight"
 
