@@ -28,7 +28,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 LABEXT_DIR := $(VENV)/share/jupyter/labextensions/mlsql-jupyterlab
 EXT_BUILT := mlsql/labextension/package.json
 EXT_SOURCES := $(wildcard extensions/src/*.ts extensions/src/logic/*.ts extensions/style/*) \
-  extensions/package.json extensions/yarn.lock extensions/tsconfig.json extensions/.yarnrc.yml
+  extensions/package.json extensions/yarn.lock extensions/tsconfig.json extensions/.yarnrc.yml \
+  $(wildcard mlsql/language/*.py)
 
 $(EXT_BUILT): $(EXT_SOURCES) | $(VENV)/.installed
 	@command -v node >/dev/null || { echo "node (>= 18) is needed to build the JupyterLab extension in extensions/"; exit 1; }

@@ -10,6 +10,8 @@ import { Widget } from '@lumino/widgets';
 import { api } from './api';
 import {
   buildDeployBody,
+  DEFAULT_PROVIDERS,
+  DEFAULT_QUANTIZE,
   DeployChoiceError,
   deploySummary,
   formatParity,
@@ -17,7 +19,9 @@ import {
   IDeployStatus,
   parityNote,
   PROVIDERS,
-  QUANTIZE
+  PROVIDERS_DOC,
+  QUANTIZE,
+  QUANTIZE_DOC
 } from './logic/deploy';
 import { activeModels, formatMetrics, formatMs, IDevice, IGroup, IModel, metricsOn } from './logic/format';
 
@@ -63,22 +67,24 @@ export class DeployBody extends Widget {
     super();
     this.addClass('mlsql-deploy');
     const providers = el('div', { className: 'mlsql-deploy-providers' });
+    // the providers and quantizations DEPLOY MODEL takes, its defaults checked (mlsql.language.options)
     for (const p of PROVIDERS) {
-      const box = el('input', { type: 'checkbox', value: p, checked: p === 'cpu' });
+      const box = el('input', { type: 'checkbox', value: p, checked: DEFAULT_PROVIDERS.includes(p) });
       this.providerBoxes.set(p, box);
       providers.append(el('label', {}, box, ` ${p}`));
     }
     for (const q of QUANTIZE) {
       this.quantizeSelect.append(el('option', { value: q, textContent: q === 'none' ? 'none (float32)' : q }));
     }
+    this.quantizeSelect.value = DEFAULT_QUANTIZE;
     this.node.append(
       el('label', { className: 'mlsql-field' }, 'Model', this.modelSelect),
       el('label', { className: 'mlsql-field' }, 'Version', this.versionSelect),
       this.metrics,
       el('label', { className: 'mlsql-field' }, 'Target', this.targetSelect),
       this.targetStatus,
-      el('div', { className: 'mlsql-field' }, 'Providers', providers),
-      el('label', { className: 'mlsql-field' }, 'Quantize', this.quantizeSelect),
+      el('div', { className: 'mlsql-field', title: PROVIDERS_DOC }, 'Providers', providers),
+      el('label', { className: 'mlsql-field', title: QUANTIZE_DOC }, 'Quantize', this.quantizeSelect),
       this.deployButton,
       this.outcome,
       this.progress

@@ -1,6 +1,8 @@
 """The extension's jest unit tests (extensions/test/*.spec.ts: %%mlsql detection, the dialect's
-word lists, panel rows, error spans from line/column, deploy bodies), run by pytest through
-`jlpm test` so that `make test` runs them too."""
+word lists, panel rows, error spans from line/column, deploy bodies, the lists read from the
+vocabulary Python generates), run by pytest through `jlpm test` so that `make test` runs them too.
+`jlpm test` first writes extensions/src/generated/vocabulary.json with this interpreter's
+`python -m mlsql.language.vocabulary` (its bin folder leads the PATH)."""
 
 from __future__ import annotations
 

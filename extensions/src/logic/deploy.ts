@@ -1,10 +1,20 @@
 /** The Deploy dialog's choices, checked and turned into the body of POST /mlsql/api/deploys. */
+import { option } from './vocabulary';
 
-export const QUANTIZE = ['none', 'fp16', 'int8'] as const;
-export type Quantize = (typeof QUANTIZE)[number];
+const QUANTIZE_OPTION = option('DEPLOY MODEL', 'quantize');
+const PROVIDERS_OPTION = option('DEPLOY MODEL', 'providers');
 
-/** Execution providers a user may ask for, in order of preference (the agent keeps those it has). */
-export const PROVIDERS = ['cuda', 'tensorrt', 'coreml', 'nnapi', 'openvino', 'cpu'] as const;
+/** DEPLOY MODEL's quantize values and default, as Python declares them (mlsql.language.options). */
+export const QUANTIZE: readonly string[] = QUANTIZE_OPTION.choices;
+export const DEFAULT_QUANTIZE = String(QUANTIZE_OPTION.default);
+export const QUANTIZE_DOC = QUANTIZE_OPTION.doc;
+export type Quantize = string;
+
+/** Execution providers a user may ask for, in the order Python lists them (the agent keeps those it has),
+ * and DEPLOY MODEL's default preference. */
+export const PROVIDERS: readonly string[] = PROVIDERS_OPTION.values ?? [];
+export const DEFAULT_PROVIDERS: readonly string[] = Array.isArray(PROVIDERS_OPTION.default) ? (PROVIDERS_OPTION.default as string[]) : [];
+export const PROVIDERS_DOC = PROVIDERS_OPTION.doc;
 
 export interface IDeployChoice {
   model: string;
@@ -50,16 +60,16 @@ export function buildDeployBody(choice: IDeployChoice): IDeployBody {
   } else {
     throw new DeployChoiceError('Choose a device or a group to deploy to.');
   }
-  const unknown = choice.providers.filter(p => !(PROVIDERS as readonly string[]).includes(p));
+  const unknown = choice.providers.filter(p => !PROVIDERS.includes(p));
   if (unknown.length) {
     throw new DeployChoiceError(`Unknown provider ${unknown.join(', ')}: choose among ${PROVIDERS.join(', ')}.`);
   }
   let quantize: Quantize | null = null;
   if (choice.quantize) {
-    if (!(QUANTIZE as readonly string[]).includes(choice.quantize)) {
+    if (!QUANTIZE.includes(choice.quantize)) {
       throw new DeployChoiceError(`Unknown quantization ${choice.quantize}: choose ${QUANTIZE.join(', ')}.`);
     }
-    quantize = choice.quantize as Quantize;
+    quantize = choice.quantize;
   }
   return {
     model,

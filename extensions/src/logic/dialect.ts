@@ -1,8 +1,10 @@
 /**
  * The words MLSQL highlights: DuckDB's SQL, MLSQL's statements (CREATE MODEL, DEPLOY MODEL ...
  * TO DEVICE, EXPORT, ROLLBACK, jobs, devices), and the ML.* functions. Space-separated lists,
- * lower case, the form @codemirror/lang-sql's SQLDialect.define takes.
+ * lower case, the form @codemirror/lang-sql's SQLDialect.define takes. DuckDB's words are listed here;
+ * MLSQL's own (statement words, ML.* functions) come from Python (./vocabulary).
  */
+import { VOCABULARY } from './vocabulary';
 
 const SQL_KEYWORDS = `
 abort absolute access action add admin after aggregate all also alter always analyse analyze and anti any array as asc
@@ -35,9 +37,8 @@ until update use user using vacuum valid validate validator value values variabl
 views virtual volatile when where whitespace window with within without work wrapper write xml year years yes zone
 `;
 
-/** MLSQL's own statement words (CREATE MODEL, DEPLOY MODEL m TO DEVICE 'd', CREATE JOB, ...). */
-export const ML_KEYWORDS = `
-model models deploy device devices job jobs notebook rollback mlsql run`;
+/** MLSQL's own statement words (CREATE MODEL, DEPLOY MODEL m TO DEVICE 'd', CREATE JOB, ...), lower case: Python's parser's. */
+export const ML_KEYWORDS: string[] = VOCABULARY.keywords.map(w => w.toLowerCase());
 
 const SQL_TYPES = `
 bigint binary bit bitstring blob bool boolean bpchar bytea char character date datetime dec decimal double enum
@@ -45,12 +46,11 @@ float float4 float8 hugeint int int1 int128 int16 int2 int32 int4 int64 int8 int
 logical map numeric nvarchar real short signed smallint string struct text time timestamp timestamptz tinyint
 ubigint uhugeint uinteger union usmallint utinyint uuid varbinary varchar`;
 
-/** The ML.* functions: highlighted as builtins (lang-sql sees `ML`, `.`, `PREDICT` as words). */
-export const ML_FUNCTIONS = [
-  'PREDICT', 'EVALUATE', 'EXPLAIN_PREDICT', 'FEATURE_IMPORTANCE', 'CONFUSION_MATRIX', 'ROC_CURVE', 'TRAINING_INFO',
-  'DEVICE_METRICS', 'JOB_RUNS', 'BUCKETIZE', 'QUANTILE_BUCKETIZE', 'STANDARD_SCALER', 'MIN_MAX_SCALER',
-  'MAX_ABS_SCALER', 'IMPUTER', 'LABEL_ENCODER', 'ONE_HOT_ENCODER'
-];
+/** The ML.* functions (table and TRANSFORM functions), upper case: highlighted as builtins (lang-sql reads ML.PREDICT as the words ML, ., PREDICT). */
+export const ML_FUNCTIONS: string[] = Object.keys(VOCABULARY.functions);
+
+/** The functions' namespace, `ml`. */
+export const ML_NAMESPACE: string = VOCABULARY.namespace.toLowerCase();
 
 const SQL_BUILTINS = `
 abs any_value approx_count_distinct approx_quantile arg_max arg_min array_agg avg bit_and bit_or bool_and bool_or
@@ -71,12 +71,12 @@ function words(text: string): string[] {
 
 /** Keywords: DuckDB's plus MLSQL's statements, deduplicated, lower case, space-separated. */
 export function keywordList(): string {
-  return Array.from(new Set([...words(SQL_KEYWORDS), ...words(ML_KEYWORDS)])).join(' ');
+  return Array.from(new Set([...words(SQL_KEYWORDS), ...ML_KEYWORDS])).join(' ');
 }
 
-/** Builtins: DuckDB functions, `ml` and the ML.* function names. */
+/** Builtins: DuckDB functions, `ml` and the ML.* function names, lower case. */
 export function builtinList(): string {
-  return Array.from(new Set([...words(SQL_BUILTINS), 'ml', ...ML_FUNCTIONS.map(f => f.toLowerCase())])).join(' ');
+  return Array.from(new Set([...words(SQL_BUILTINS), ML_NAMESPACE, ...ML_FUNCTIONS.map(f => f.toLowerCase())])).join(' ');
 }
 
 export function typeList(): string {
