@@ -1,4 +1,4 @@
-/** Calls to the mlsql.server REST handlers, through Jupyter's authenticated connection (token, XSRF). */
+/** Calls to the mlsql.notebook.server REST handlers, through Jupyter's authenticated connection (token, XSRF). */
 import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
@@ -29,8 +29,8 @@ export async function requestAPI<T>(endPoint: string, init: RequestInit = {}): P
       message = String(data.message || data.error || data.reason);
     } else if (response.status === 404) {
       message =
-        'this Jupyter server does not run the mlsql.server extension: enable it with ' +
-        '`jupyter server extension enable mlsql.server` and restart (`make lab` runs it)';
+        'this Jupyter server does not run the mlsql.notebook.server extension: enable it with ' +
+        '`jupyter server extension enable mlsql.notebook.server` and restart (`make lab` runs it)';
     } else {
       message = `${response.status} ${response.statusText}`; // an HTML error page says nothing more
     }

@@ -19,7 +19,13 @@ from mlsql._lazy import pyarrow as pa  # imported by the first statement, not by
 from mlsql.errors import MLSQLError, did_you_mean
 
 if TYPE_CHECKING:
+    from sqlglot import exp
+
     from mlsql.workspace import Workspace
+
+# What an engine runs: a plain statement's text exactly as the user typed it, or a tree of a plan
+# step (``mlsql.plan.planner``), which the engine renders in its own dialect (``render``).
+SQL = "str | exp.Expression"
 
 # name -> "module:Class"; third-party engines register in the entry-point group "mlsql.engines"
 ENGINES = {
@@ -76,14 +82,34 @@ class Engine(ABC):
 
     # -- running SQL -----------------------------------------------------------
     @abstractmethod
-    def query(self, sql: str, params: dict | None = None, *, limit: int | None = None,
-              line: int = 1) -> pa.Table:
-        """Run one statement in this engine's SQL; its rows as Arrow. Errors are MLSQLErrors
-        (``line``: where the statement starts in the user's script, for positions)."""
+    def render(self, tree: exp.Expression) -> str:
+        """A plan step's tree as this engine's SQL text (sqlglot's generator for its dialect, and
+        whatever the engine resolves itself, such as Spark's views of workspace tables)."""
 
-    def run(self, sql: str, params: dict | None = None, *, limit: int | None = None, line: int = 1) -> Fetched:
-        """``query``, keeping what the engine knows about its own Python values."""
+    def text(self, sql: SQL) -> str:
+        """What the engine sends: the user's text as typed, or the tree rendered once."""
+        return sql if isinstance(sql, str) else self.render(sql)
+
+    @abstractmethod
+    def query(self, sql: SQL, params: dict | None = None, *, limit: int | None = None,
+              line: int = 1) -> pa.Table:
+        """Run one statement (``sql``: text in this engine's SQL, or a tree it renders); its rows
+        as Arrow. Errors are MLSQLErrors (``line``: where the statement starts in the user's
+        script, for positions). ``$name`` placeholders take ``params``."""
+
+    def run(self, sql: SQL, params: dict | None = None, *, limit: int | None = None, line: int = 1) -> Fetched:
+        """``query`` of a statement's last step, keeping what the engine knows about its own
+        Python values (DuckDB's ``fetchall`` types)."""
         return Fetched(self.query(sql, params, limit=limit, line=line))
+
+    def dataframe(self, sql: SQL, params: dict | None = None, *, line: int = 1):
+        """The statement as the engine's own lazy frame, for an engine whose ``executor_trainer`` or
+        ``executor_scorer`` works where the data is; by default its rows as Arrow (``query``)."""
+        return self.query(sql, params, line=line)
+
+    def workers(self) -> int:
+        """How many tasks one training may spread over where the data is (1: this process)."""
+        return 1
 
     @contextmanager
     def holding(self) -> Iterator[None]:
@@ -115,7 +141,7 @@ class Engine(ABC):
 
     # -- data ------------------------------------------------------------------------
     @abstractmethod
-    def sample(self, query: str, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
+    def sample(self, query: SQL, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
         """At most ``n`` rows of ``query`` (with its named ``params``), the same ones for the same data and seed."""
 
     @abstractmethod

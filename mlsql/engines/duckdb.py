@@ -180,9 +180,13 @@ class DuckDBEngine(Engine):
                 time.sleep(0.01)
 
     # -- running SQL ---------------------------------------------------------
-    def query(self, sql: str, params: dict | None = None, *, limit: int | None = None,
+    def render(self, tree) -> str:
+        return tree.sql("duckdb")
+
+    def query(self, sql, params: dict | None = None, *, limit: int | None = None,
               line: int = 1) -> pa.Table:
         """Run one statement; its rows as an Arrow table (DDL gives DuckDB's count row)."""
+        sql = self.text(sql)
         with self.holding():
             try:
                 rel = self.con.sql(sql, params=params or None)
@@ -194,11 +198,12 @@ class DuckDBEngine(Engine):
             except self._duckdb.Error as exc:
                 raise self._translate(exc, line, sql) from None
 
-    def run(self, sql: str, params: dict | None = None, *, limit: int | None = None, line: int = 1) -> Fetched:
+    def run(self, sql, params: dict | None = None, *, limit: int | None = None, line: int = 1) -> Fetched:
         """One statement as the user typed it: Arrow rows, and DuckDB's own Python values and
         pandas frame for ``fetchall()`` and ``to_pandas()`` (see ``duckdb_values``)."""
         from mlsql.engines.duckdb_values import needs_duckdb_values, pandas_frame, python_rows
 
+        sql = self.text(sql)
         with self.holding():
             try:
                 rel = self.con.sql(sql, params=params or None)
@@ -324,8 +329,8 @@ class DuckDBEngine(Engine):
                 pass
 
     # -- data ----------------------------------------------------------------------
-    def sample(self, query: str, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
-        return self.query(f"SELECT * FROM ({query}) AS t USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})",
+    def sample(self, query, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
+        return self.query(f"SELECT * FROM ({self.text(query)}) AS t USING SAMPLE reservoir({int(n)} ROWS) REPEATABLE ({int(seed)})",
                           params)
 
     def fingerprint(self, relation: str) -> Fingerprint:

@@ -579,8 +579,9 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
                  calibration: pa.Table | None = None, name: str = "model",
                  rows_from: str = "the rows given") -> ExportResult:
     """Export ``model`` (with its fitted ``transform``) to ``out_path``; see the module docstring.
-    ``rows_from`` says what ``sample`` is, for the report and its messages."""
-    opts = resolve_export_options(options)
+    ``rows_from`` says what ``sample`` is, for the report and its messages; ``options``: EXPORT
+    MODEL's, checked (``resolve_export_options``)."""
+    opts = options
     proto, inputs, outputs = build_graph(model, transform, raw_schema, opts["tree_format"])
     _set_opset(proto, opts["opset"])
     fp32 = proto.SerializeToString()

@@ -513,9 +513,17 @@ def parse_script(text: str) -> list[Statement]:
             if ml:
                 raise
             tree = None
-        is_ml = tree is not None and any(isinstance(n, MLNode) for n in tree.walk())
-        out.append(Statement(sql=sql, expression=tree, start=start, line=line, is_ml=is_ml))
+        out.append(Statement(sql=sql, expression=tree, start=start, line=line, is_ml=is_mlsql(tree)))
     return out
+
+
+def is_mlsql(tree: exp.Expression | None) -> bool:
+    """Whether a statement is MLSQL's own (a node of ``mlsql.language.expressions`` anywhere in it),
+    and so is planned into steps; otherwise its text goes to the engine as typed. Decided here
+    only: the script's ``is_ml`` and the planner's EXPLAIN both ask this. (Before a tree exists,
+    ``_looks_ml`` only decides whether a statement that does not parse is an error or DuckDB's to
+    read, and ``mlsql.language.scripts.ML_SYNTAX`` whether a script is worth parsing at all.)"""
+    return tree is not None and any(isinstance(n, MLNode) for n in tree.walk())
 
 
 def parse_one(text: str) -> exp.Expression:

@@ -37,20 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from mlsql.language import dialect, expressions, options
-
-# The TRANSFORM functions of CREATE MODEL ... TRANSFORM (ML.STANDARD_SCALER(x) OVER () AS x, ...):
-# words of the language, fitted by the planner (mlsql.plan.transform, whose fitters cover exactly
-# these: tests/test_vocabulary.py checks it; the planner can import them from here).
-TRANSFORM_FUNCTIONS = (
-    "STANDARD_SCALER",
-    "MIN_MAX_SCALER",
-    "MAX_ABS_SCALER",
-    "BUCKETIZE",
-    "QUANTILE_BUCKETIZE",
-    "IMPUTER",
-    "LABEL_ENCODER",
-    "ONE_HOT_ENCODER",
-)
+from mlsql.language.expressions import TRANSFORM_FUNCTIONS
 
 # ML.<function>: the namespace of the functions, not a statement word
 FUNCTION_NAMESPACE = "ML"

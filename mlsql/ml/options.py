@@ -46,6 +46,12 @@ class Options:
     num_threads: int | None = None
     given: dict = field(default_factory=dict)  # what the user wrote, for the registry
 
+    @classmethod
+    def checked(cls, checked: dict[str, Any], *, given: dict[str, Any]) -> Options:
+        """The options of values already checked by the options table (``checked``), BigQuery ML's
+        defaults filled in; ``given``: what the user wrote, kept for the registry."""
+        return _from_checked(checked, given)
+
     @property
     def is_classifier(self) -> bool:
         return self.model_type in CLASSIFIERS
@@ -68,12 +74,18 @@ FAMILY_DEFAULTS = {
 
 
 def resolve_options(raw: dict[str, Any]) -> Options:
-    """Validate CREATE MODEL options (``mlsql.language.options``' table) and fill BigQuery ML's defaults."""
-    values = validate("CREATE MODEL", raw)
+    """Validate CREATE MODEL options (``mlsql.language.options``' table) and fill BigQuery ML's
+    defaults: for options written by hand (a statement's are checked by the planner, which hands
+    them to ``Options.checked``)."""
+    return Options.checked(validate("CREATE MODEL", raw), given=raw)
+
+
+def _from_checked(checked: dict[str, Any], given: dict[str, Any]) -> Options:
+    values = dict(checked)
     for registry_only in ("aliases", "alias"):  # the registry's, not the trainer's
         values.pop(registry_only, None)
     model_type = values.pop("model_type")
-    opts = Options(model_type=model_type, given={k.lower(): v for k, v in raw.items()})
+    opts = Options(model_type=model_type, given={k.lower(): v for k, v in given.items()})
     for k, v in FAMILY_DEFAULTS[opts.family].items():
         setattr(opts, k, v)
     if "input_label_cols" in values:

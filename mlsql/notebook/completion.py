@@ -513,7 +513,9 @@ def _complete_in_string(ctx: _Context, names: _Names) -> dict:
 
         cands = [(m, "value") for m in MODEL_TYPES]
     elif words[-2:] == ["QUANTIZE", "="]:
-        cands = [(q, "value") for q in ("int8", "fp16", "none")]
+        from mlsql.language.options import QUANTIZE
+
+        cands = [(q, "value") for q in QUANTIZE]
     elif words[-2:] == ["DEVICE_METRICS", "("]:
         cands = [(d.name, "device") for d in names.devices]
     cands = [(c, k) for c, k in cands if c.lower().startswith(typed.lower())]

@@ -1,14 +1,23 @@
 """Statement → plan: a short list of typed steps the session runs in order.
 
-ML table functions are planned bottom-up: each becomes an :class:`MLStep` whose
-result is exposed to the engine under a temporary name, and the statement
-around it becomes ordinary engine SQL over that name. A plain statement is a
-single :class:`QueryStep` that runs its original text.
+Steps hold sqlglot trees, never SQL text rendered for one engine: each engine renders a tree
+once, in its own dialect (``Engine.render``). The one exception is a plain statement, which
+keeps the user's text exactly as typed (:class:`QueryStep` with a string).
+
+ML table functions are planned bottom-up: each becomes an :class:`MLStep` whose result is
+exposed to the engine under a temporary name, and the statement around it becomes a tree over
+that name. Every OPTIONS clause and STRUCT of settings is checked here, once, by the options
+table (``mlsql.language.options``); steps carry the checked values.
+
+What plans a statement is one table, ``STATEMENTS``: node type name → planning function. A new
+statement is one expression class (``mlsql.language.expressions``), one entry here and one step
+with its handler (``mlsql.runtime.steps``).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,12 +31,22 @@ if TYPE_CHECKING:  # sqlglot loads with the first statement that has ML syntax
 _PARAM = re.compile(r"(?<![$\w])\$([A-Za-z_]\w*)")
 
 
-def params_for(sql: str, params: dict | None) -> dict | None:
-    """Only the named parameters a step's SQL uses: DuckDB rejects extra ones."""
+def params_for(sql: str | exp.Expression, params: dict | None) -> dict | None:
+    """Only the named parameters (``$name``) a step's SQL or tree uses: DuckDB rejects extra ones."""
     if not params:
         return None
-    used = set(_PARAM.findall(sql))
+    if isinstance(sql, str):
+        used = set(_PARAM.findall(sql))
+    else:
+        exp, _ = _sqlglot()
+        used = {p.name for p in sql.find_all(exp.Placeholder)}
     return {k: v for k, v in params.items() if k in used} or None
+
+
+def sql_text(sql: str | exp.Expression) -> str:
+    """A step's SQL as MLSQL's (DuckDB) text, for EXPLAIN and the registry: the user's text as
+    typed, or the tree written out."""
+    return sql if isinstance(sql, str) else sql.sql("duckdb")
 
 
 def _sqlglot():
@@ -60,15 +79,16 @@ class ModelSpec:
 
 @dataclass
 class QueryStep:
-    """Engine SQL; its rows are the statement's result when it is the last step."""
+    """What the engine runs; its rows are the statement's result when it is the last step. A
+    plain statement's own text (run as typed), or a tree the engine renders in its dialect."""
 
-    sql: str
+    query: str | exp.Expression
     line: int = 1
 
     kind = "query"
 
     def describe(self) -> tuple[str, str]:
-        return "run SQL on the engine", self.sql
+        return "run SQL on the engine", sql_text(self.query)
 
 
 @dataclass
@@ -77,8 +97,8 @@ class MLStep:
 
     func: str
     model: ModelSpec | None
-    input_sql: str | None
-    settings: dict[str, Any]
+    input: exp.Expression | None  # the rows it reads: a query tree
+    settings: dict[str, Any]  # STRUCT(...) settings, checked
     output: str
     args: list[Any] = field(default_factory=list)
 
@@ -86,7 +106,7 @@ class MLStep:
 
     def describe(self) -> tuple[str, str]:
         target = f"MODEL {self.model}" if self.model else ", ".join(map(repr, self.args))
-        return f"ML.{self.func}({target}) → {self.output}", self.input_sql or ""
+        return f"ML.{self.func}({target}) → {self.output}", sql_text(self.input) if self.input is not None else ""
 
 
 @dataclass
@@ -94,15 +114,22 @@ class CreateModelStep:
     model: str
     replace: bool
     if_not_exists: bool
-    options: dict[str, Any]
+    options: dict[str, Any]  # checked
+    given: dict[str, Any]  # as written, for the registry
     transform: list[exp.Expression] | None
-    query_sql: str
+    query: exp.Expression
     statement: str
 
     kind = "create_model"
 
+    @property
+    def query_sql(self) -> str:
+        """The training query in MLSQL's (DuckDB) SQL: what the registry keeps, so that export and
+        deploy read the same rows again on any engine."""
+        return sql_text(self.query)
+
     def describe(self) -> tuple[str, str]:
-        opts = ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.given.items())
         fit = "fit TRANSFORM, " if self.transform else ""
         return f"train model {self.model}: {fit}{opts}", self.query_sql
 
@@ -157,7 +184,7 @@ class ExplainStep:
 @dataclass
 class ExportStep:
     model: ModelSpec
-    options: dict[str, Any]
+    options: dict[str, Any]  # checked, every default filled in
     kind = "export"
 
     def describe(self):
@@ -172,7 +199,7 @@ class DeviceStep:
 
     action: str
     name: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # DEPLOY's checked; the devices' store checks its own
     model: ModelSpec | None = None
     target_kind: str = "DEVICE"
     replace: bool = False
@@ -237,77 +264,14 @@ class Planner:
         if e is None or not stmt.is_ml:
             plan.steps.append(QueryStep(stmt.sql, stmt.line))
             return plan
-        plan.steps.extend(self._plan_expression(e, stmt))
+        how = STATEMENTS.get(type(e).__name__, _plan_query)
+        plan.steps.extend(how(self, e, stmt))
         return plan
 
-    def _plan_expression(self, e: exp.Expression, stmt: Statement) -> list:
-        _, mx = _sqlglot()
-        if isinstance(e, mx.Explain):
-            inner = Statement(
-                sql=e.this.sql(dialect="mlsql"), expression=e.this, start=stmt.start, line=stmt.line,
-                is_ml=_has_ml(e.this),
-            )
-            return [ExplainStep(self.plan(inner))]
-        if isinstance(e, mx.CreateModel):
-            query = e.query.copy()
-            steps, query = self._lift_ml_functions(query)
-            steps.append(
-                CreateModelStep(
-                    model=e.model.name,
-                    replace=bool(e.args.get("replace")),
-                    if_not_exists=bool(e.args.get("exists")),
-                    options=e.options(),
-                    transform=e.transform,
-                    query_sql=query.sql("duckdb"),
-                    statement=stmt.sql,
-                )
-            )
-            return steps
-        if isinstance(e, mx.ShowModels):
-            return [ShowModelsStep()]
-        if isinstance(e, mx.DescribeModel):
-            return [DescribeModelStep(ModelSpec.of(e.model))]
-        if isinstance(e, mx.DropModel):
-            return [DropModelStep(e.model.name, bool(e.args.get("exists")))]
-        if isinstance(e, mx.SetVariable):
-            return [SetStep(e.name, e.value, stmt.sql)]
-        if isinstance(e, mx.ExportModel):
-            return [ExportStep(ModelSpec.of(e.model), e.options())]
-        if isinstance(e, mx.CreateDevice):
-            return [DeviceStep("create_device", e.name, e.options(), replace=bool(e.args.get("replace")),
-                               exists=bool(e.args.get("exists")))]
-        if isinstance(e, mx.CreateDeviceGroup):
-            return [DeviceStep("create_group", e.name, e.options(), replace=bool(e.args.get("replace")),
-                               exists=bool(e.args.get("exists")))]
-        if isinstance(e, mx.ShowDevices):
-            return [DeviceStep("show_devices")]
-        if isinstance(e, mx.DropDeviceGroup):
-            return [DeviceStep("drop_group", e.name, exists=bool(e.args.get("exists")))]
-        if isinstance(e, mx.DropDevice):
-            return [DeviceStep("drop_device", e.name, exists=bool(e.args.get("exists")))]
-        if isinstance(e, mx.DeployModel):
-            return [DeviceStep("deploy", e.target, e.options(), ModelSpec.of(e.model), e.target_kind)]
-        if isinstance(e, mx.RollbackModel):
-            return [DeviceStep("rollback", e.target, {}, ModelSpec.of(e.model), e.target_kind)]
-        if isinstance(e, mx.CreateJob):
-            return [JobStep("create", e.name, e.options(), e.notebook, e.body, replace=bool(e.args.get("replace")),
-                            exists=bool(e.args.get("exists")))]
-        if isinstance(e, mx.ShowJobs):
-            return [JobStep("show")]
-        if isinstance(e, mx.DescribeJob):
-            return [JobStep("describe", e.name)]
-        if isinstance(e, mx.DropJob):
-            return [JobStep("drop", e.name, exists=bool(e.args.get("exists")))]
-        if isinstance(e, mx.RunJob):
-            return [JobStep("run", e.name)]
-        if isinstance(e, mx.AlterJob):
-            return [JobStep(e.args["action"].lower(), e.name)]
-        steps, tree = self._lift_ml_functions(e.copy())
-        steps.append(QueryStep(tree.sql("duckdb"), stmt.line))
-        return steps
-
-    def _lift_ml_functions(self, tree: exp.Expression) -> tuple[list, exp.Expression]:
+    def lift_ml_functions(self, tree: exp.Expression) -> tuple[list, exp.Expression]:
         """Replace each ML table function (innermost first) by a temp relation name."""
+        from mlsql.language.options import validate
+
         _, mx = _sqlglot()
         steps: list = []
         nodes = list(tree.find_all(mx.MLFunction))
@@ -318,8 +282,8 @@ class Planner:
                 MLStep(
                     func=node.func,
                     model=ModelSpec.of(node.model) if node.model is not None else None,
-                    input_sql=self._input_sql(node, tree),
-                    settings=node.settings(),
+                    input=self._input(node, tree),
+                    settings=validate(f"ML.{node.func}", node.settings()),
                     output=name,
                     args=[_literal(a) for a in node.args_list],
                 )
@@ -328,7 +292,7 @@ class Planner:
         return steps, tree
 
     @staticmethod
-    def _input_sql(node, tree: exp.Expression) -> str | None:
+    def _input(node, tree: exp.Expression) -> exp.Expression | None:
         exp, _ = _sqlglot()
         src = node.input
         if src is None:
@@ -346,7 +310,75 @@ class Planner:
                 inner = query.args.get("with_") or query.args.get("with")
                 with_.set("expressions", with_.expressions + inner.expressions)
             query.set("with_" if "with_" in query.arg_types else "with", with_)
-        return query.sql("duckdb")
+        return query
+
+
+# -- one planning function per statement ---------------------------------------------------------
+
+def _plan_query(planner: Planner, e: exp.Expression, stmt: Statement) -> list:
+    """Any statement with ML table functions in it: each function a step, then the query over them."""
+    steps, tree = planner.lift_ml_functions(e.copy())
+    return [*steps, QueryStep(tree, stmt.line)]
+
+
+def _plan_explain(planner: Planner, e, stmt: Statement) -> list:
+    from mlsql.language.dialect import is_mlsql
+
+    inner = Statement(sql=e.this.sql(dialect="mlsql"), expression=e.this, start=stmt.start, line=stmt.line,
+                      is_ml=is_mlsql(e.this))
+    return [ExplainStep(planner.plan(inner))]
+
+
+def _plan_create_model(planner: Planner, e, stmt: Statement) -> list:
+    from mlsql.language.options import validate
+
+    given = e.options()
+    checked = validate("CREATE MODEL", given)  # every option, aliases included, before any data is read
+    steps, query = planner.lift_ml_functions(e.query.copy())
+    return [*steps, CreateModelStep(model=e.model.name, replace=bool(e.args.get("replace")),
+                                    if_not_exists=bool(e.args.get("exists")), options=checked, given=given,
+                                    transform=e.transform, query=query, statement=stmt.sql)]
+
+
+def _plan_export(planner: Planner, e, stmt: Statement) -> list:
+    from mlsql.language.options import validate
+
+    return [ExportStep(ModelSpec.of(e.model), validate("EXPORT MODEL", e.options(), defaults=True))]
+
+
+def _plan_deploy(planner: Planner, e, stmt: Statement) -> list:
+    from mlsql.language.options import validate
+
+    return [DeviceStep("deploy", e.target, validate("DEPLOY MODEL", e.options(), defaults=True),
+                       ModelSpec.of(e.model), e.target_kind)]
+
+
+def _flags(e) -> dict:
+    return {"replace": bool(e.args.get("replace")), "exists": bool(e.args.get("exists"))}
+
+
+STATEMENTS: dict[str, Callable[[Planner, Any, Statement], list]] = {
+    "Explain": _plan_explain,
+    "CreateModel": _plan_create_model,
+    "ShowModels": lambda p, e, st: [ShowModelsStep()],
+    "DescribeModel": lambda p, e, st: [DescribeModelStep(ModelSpec.of(e.model))],
+    "DropModel": lambda p, e, st: [DropModelStep(e.model.name, bool(e.args.get("exists")))],
+    "SetVariable": lambda p, e, st: [SetStep(e.name, e.value, st.sql)],
+    "ExportModel": _plan_export,
+    "CreateDevice": lambda p, e, st: [DeviceStep("create_device", e.name, e.options(), **_flags(e))],
+    "CreateDeviceGroup": lambda p, e, st: [DeviceStep("create_group", e.name, e.options(), **_flags(e))],
+    "ShowDevices": lambda p, e, st: [DeviceStep("show_devices")],
+    "DropDeviceGroup": lambda p, e, st: [DeviceStep("drop_group", e.name, exists=bool(e.args.get("exists")))],
+    "DropDevice": lambda p, e, st: [DeviceStep("drop_device", e.name, exists=bool(e.args.get("exists")))],
+    "DeployModel": _plan_deploy,
+    "RollbackModel": lambda p, e, st: [DeviceStep("rollback", e.target, {}, ModelSpec.of(e.model), e.target_kind)],
+    "CreateJob": lambda p, e, st: [JobStep("create", e.name, e.options(), e.notebook, e.body, **_flags(e))],
+    "ShowJobs": lambda p, e, st: [JobStep("show")],
+    "DescribeJob": lambda p, e, st: [JobStep("describe", e.name)],
+    "DropJob": lambda p, e, st: [JobStep("drop", e.name, exists=bool(e.args.get("exists")))],
+    "RunJob": lambda p, e, st: [JobStep("run", e.name)],
+    "AlterJob": lambda p, e, st: [JobStep(e.args["action"].lower(), e.name)],
+}
 
 
 def _visible_ctes(node, tree: exp.Expression) -> list[exp.CTE]:
@@ -361,12 +393,6 @@ def _visible_ctes(node, tree: exp.Expression) -> list[exp.CTE]:
             break  # only CTEs defined before the one holding this call
         out.append(cte)
     return out
-
-
-def _has_ml(e: exp.Expression) -> bool:
-    _, mx = _sqlglot()
-    nodes = tuple(getattr(mx, n) for n in ("MLFunction", "CreateModel", "ModelRef") if hasattr(mx, n))
-    return isinstance(e, mx.Explain) or any(isinstance(n, nodes) for n in e.walk())
 
 
 def _literal(a) -> Any:

@@ -18,17 +18,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from mlsql.errors import MLSQLError, UnknownColumnError, UnknownFunctionError
-
-FUNCTIONS = (
-    "STANDARD_SCALER",
-    "MIN_MAX_SCALER",
-    "MAX_ABS_SCALER",
-    "BUCKETIZE",
-    "QUANTILE_BUCKETIZE",
-    "IMPUTER",
-    "LABEL_ENCODER",
-    "ONE_HOT_ENCODER",
-)
+from mlsql.language.expressions import TRANSFORM_FUNCTIONS as FUNCTIONS
 
 RunSQL = Callable[[str], pa.Table]
 

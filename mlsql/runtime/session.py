@@ -126,7 +126,9 @@ class Session:
 
     def export(self, ref: str, **options) -> Result:
         """Python form of ``EXPORT MODEL ref OPTIONS (...)``: the parity report as a Result."""
-        return export.export(self, _spec(ref), options)
+        from mlsql.export import resolve_export_options
+
+        return export.export(self, _spec(ref), resolve_export_options({k.lower(): v for k, v in options.items()}))
 
     def set_alias(self, model: str, alias: str, version: int) -> None:
         self.registry.set_alias(model, alias, version)
@@ -226,7 +228,7 @@ class Session:
 
     def _run_query(self, step: P.QueryStep, ctx: _StepContext) -> Result:
         kw = {"dialect": ctx.dialect} if ctx.dialect else {}  # DuckDB's run() knows no dialect: it is never set there
-        got = self.engine.run(step.sql, P.params_for(step.sql, ctx.params), limit=ctx.autolimit, line=step.line, **kw)
+        got = self.engine.run(step.query, P.params_for(step.query, ctx.params), limit=ctx.autolimit, line=step.line, **kw)
         truncated = bool(ctx.autolimit) and got.table.num_rows == ctx.autolimit
         return Result(got.table, truncated=truncated, python_rows=got.rows, pandas_frame=got.frame)
 

@@ -60,14 +60,18 @@ class SQLiteEngine(Engine):
     def open(cls, workspace, **conf) -> SQLiteEngine:
         return cls(str(workspace.root / "sqlite.db") if workspace is not None else ":memory:")
 
-    def render(self, sql: str) -> str:
+    def render(self, tree) -> str:
         try:
-            return sqlglot.transpile(sql, read="duckdb", write="sqlite", unsupported_level=ErrorLevel.RAISE)[0]
+            return tree.sql("sqlite", unsupported_level=ErrorLevel.RAISE)
         except sqlglot.errors.SqlglotError as exc:
             raise EngineError(f"SQLite cannot express this: {exc}") from None
 
+    def text(self, sql) -> str:
+        """The user's text is MLSQL's (DuckDB) SQL here too: SQLite reads it transpiled."""
+        return self.render(sqlglot.parse_one(sql, read="duckdb") if isinstance(sql, str) else sql)
+
     def query(self, sql, params=None, *, limit=None, line=1) -> pa.Table:
-        text = self.render(sql)
+        text = self.text(sql)
         if limit is not None:
             text = f"SELECT * FROM ({text}) LIMIT {int(limit)}"
         try:

@@ -227,11 +227,15 @@ class SparkEngine(Engine):
         return self._spark is not None
 
     # -- rendering -------------------------------------------------------------------------
-    def render(self, sql: str, *, line: int = 1) -> str:
-        """MLSQL's (DuckDB) SQL as Spark SQL, sources resolved; an error names what cannot be rendered.
+    def render(self, sql, *, line: int = 1) -> str:
+        """A plan step's tree, or MLSQL's (DuckDB) SQL text, as Spark SQL, sources resolved; an
+        error names what cannot be rendered. A tree is rendered as it is, never written out and read
+        again.
 
-        A statement that reads no file and no workspace table renders the same every time: its
+        A text statement that reads no file and no workspace table renders the same every time: its
         rendering is kept (parsing and generating cost tens of milliseconds a statement)."""
+        if not isinstance(sql, str):
+            return self._spark_sql(sql.copy())
         got = self._rendered.get(sql)
         if got is not None:
             return got
@@ -252,7 +256,10 @@ class SparkEngine(Engine):
                              col=err.get("col")) from None
         if len(trees) != 1:
             raise EngineError(f"Expected one statement, got {len(trees)}")
-        tree = self._resolve_sources(_keep_duckdb_meaning(trees[0]))
+        return self._spark_sql(trees[0])
+
+    def _spark_sql(self, tree: exp.Expression) -> str:
+        tree = self._resolve_sources(_keep_duckdb_meaning(tree))
         _refuse_duckdb_only(tree)
         try:
             return tree.sql(dialect="spark", unsupported_level=ErrorLevel.RAISE)
@@ -342,7 +349,7 @@ class SparkEngine(Engine):
         return view
 
     # -- running SQL -----------------------------------------------------------------------
-    def query(self, sql: str, params: dict | None = None, *, limit: int | None = None,
+    def query(self, sql, params: dict | None = None, *, limit: int | None = None,
               line: int = 1, dialect: str | None = None) -> pa.Table:
         """Run one statement; ``dialect='spark'``: the text is Spark SQL already, sent as written."""
         with self._busy:
@@ -357,7 +364,7 @@ class SparkEngine(Engine):
             except Exception as exc:
                 raise self._translate(exc, line, text) from None
 
-    def dataframe(self, sql: str, params: dict | None = None, *, line: int = 1, dialect: str | None = None):
+    def dataframe(self, sql, params: dict | None = None, *, line: int = 1, dialect: str | None = None):
         """The statement as a Spark DataFrame, not yet run: training and scoring work on it in the
         executors, and nothing reaches the driver until the user fetches rows."""
         with self._busy:
@@ -392,7 +399,7 @@ class SparkEngine(Engine):
         except Exception:
             return 1
 
-    def run(self, sql: str, params: dict | None = None, *, limit: int | None = None, line: int = 1,
+    def run(self, sql, params: dict | None = None, *, limit: int | None = None, line: int = 1,
             dialect: str | None = None) -> Fetched:
         return Fetched(self.query(sql, params, limit=limit, line=line, dialect=dialect))
 
@@ -464,7 +471,7 @@ class SparkEngine(Engine):
             from pyspark.sql import functions
         return functions
 
-    def sample(self, query: str, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
+    def sample(self, query, n: int, seed: int = 42, params: dict | None = None) -> pa.Table:
         """Rows ordered by a hash of their values and the seed: the same rows for the same data,
         whatever the partitioning (Spark's TABLESAMPLE depends on it)."""
         F = self._functions()

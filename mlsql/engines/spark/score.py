@@ -114,7 +114,7 @@ def with_features(engine, lm, df, *, need_label: bool, func: str):
             produced[item.alias_or_name] = f"{FEATURE_PREFIX}{i}"
             item.set("alias", exp.to_identifier(f"{FEATURE_PREFIX}{i}"))
         select = select.select(exp.Star())
-        frame = engine.dataframe(select.sql("duckdb"))
+        frame = engine.dataframe(select)
         available = list(produced)
     else:
         frame, produced, available = df, {c: c for c in cols}, cols

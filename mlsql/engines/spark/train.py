@@ -800,7 +800,7 @@ def prepare(engine, step, query_params, temps: list[str]):
     version its MLflow signature."""
     from mlsql.errors import MLSQLError
 
-    data = engine.dataframe(step.query_sql, query_params)
+    data = engine.dataframe(step.query, query_params)
     raw_name = engine.temp_name("train")
     engine.register(raw_name, data)
     temps.append(raw_name)

@@ -31,9 +31,9 @@ from jupyter_server.utils import url_path_join
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
 
+from mlsql.language.options import QUANTIZE
 from mlsql.workspace import Workspace
 
-QUANTIZE = ("int8", "fp16", "none")
 _MODEL_NAME = re.compile(r"^[A-Za-z_][\w]*$")
 _DEVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 _PROVIDER = re.compile(r"^[A-Za-z0-9_]{1,64}$")

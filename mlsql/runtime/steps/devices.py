@@ -97,13 +97,16 @@ def deployable(s: SessionState, step: P.DeviceStep, opts: dict):
                    "max_metric_drop": opts["max_metric_drop"]}
     if opts.get("calibration_query"):
         export_opts["calibration_query"] = opts["calibration_query"]
-    result = export(s, step.model, export_opts, quiet=True)
+    from mlsql.export import resolve_export_options
+
+    # DEPLOY's options mapped onto EXPORT MODEL's: checked by EXPORT's table, its defaults filled in
+    result = export(s, step.model, resolve_export_options(export_opts), quiet=True)
     return load_model(s, step.model), result
 
 
 def deploy_device(s: SessionState, step: P.DeviceStep) -> Result:
     """DEPLOY MODEL ... TO DEVICE: install the signed package, then one prediction on the device."""
-    opts = D.resolve_deploy_options(step.options)
+    opts = step.options  # DEPLOY's options, checked by the planner (defaults filled in)
     dev = s.devices.get(step.name)
     if opts.get("only_if_better"):
         candidate = load_model(s, step.model).version
@@ -154,7 +157,7 @@ def deploy_device(s: SessionState, step: P.DeviceStep) -> Result:
 
 def deploy_group(s: SessionState, step: P.DeviceStep) -> Result:
     """DEPLOY MODEL ... TO GROUP: a staged rollout through the group's hub."""
-    opts = D.resolve_deploy_options(step.options)
+    opts = step.options  # DEPLOY's options, checked by the planner (defaults filled in)
     if opts.get("only_if_better"):
         raise MLSQLError("only_if_better applies to DEPLOY ... TO DEVICE",
                          hint="A group's rollout is gated by max_error_rate, max_p95_ms, max_drift and "

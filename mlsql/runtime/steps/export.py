@@ -38,11 +38,12 @@ def native_predict(s: SessionState, lm: LoadedModel):
     return run
 
 
-def export(s: SessionState, spec: P.ModelSpec, options: dict, *, quiet: bool = False):
-    """Export ``spec`` with ``options``: a Result with the parity report (``quiet``: the ExportResult)."""
-    from mlsql.export import export_model, resolve_export_options
+def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = False):
+    """Export ``spec`` with ``opts`` (EXPORT MODEL's options, checked, defaults filled in: the planner's,
+    or ``mlsql.export.resolve_export_options``' for options from elsewhere): a Result with the parity
+    report (``quiet``: the ExportResult)."""
+    from mlsql.export import export_model
 
-    opts = resolve_export_options({k.lower(): v for k, v in options.items()})
     lm = load_model(s, spec)
     mv = lm.version
     sample = sample_rows(s, lm)

@@ -4,12 +4,12 @@ model version and score the Arrow rows of its input."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mlsql._lazy import pyarrow as pa
 from mlsql.errors import MLSQLError, ModelError, UnknownColumnError
-from mlsql.language.options import validate
 from mlsql.plan import planner as P
 from mlsql.runtime.registry import ModelVersion
 from mlsql.runtime.steps import SessionState
@@ -138,87 +138,136 @@ def _column_names(data) -> list[str]:
     return list(data.columns)
 
 
-# the functions that score input rows with the model: the input must have every column it reads
-_SCORING = ("PREDICT", "EXPLAIN_PREDICT", "EVALUATE", "CONFUSION_MATRIX", "ROC_CURVE")
+@dataclass
+class Call:
+    """One ML function's call as its handler sees it: the session, the planned step, its input rows
+    (Arrow, or the engine's lazy frame where it scores where the data is), the loaded model, the
+    checked STRUCT settings, the engine's scorer (or None) and the statement's charts."""
+
+    s: SessionState
+    step: P.MLStep
+    data: Any
+    lm: LoadedModel | None
+    settings: dict
+    scorer: Any
+    charts: list | None
+
+    @property
+    def model(self):
+        return self.lm.model
+
+    def rows(self) -> pa.Table:
+        """The input rows, or an error saying how to give them."""
+        return _require_input(self.data, self.step.func, self.step)
+
+    def features(self, need_label: bool) -> pa.Table:
+        return model_features(self.s, self.lm, self.rows(), need_label=need_label, func=self.step.func)
+
+    def chart(self, kind: str, data):
+        return _chart(self.charts, kind, data)
+
+    def threshold(self) -> dict:
+        return {"threshold": float(self.settings["threshold"])} if "threshold" in self.settings else {}
+
+
+@dataclass(frozen=True)
+class MLFunctionSpec:
+    """What the runner needs to know of an ML function: ``run`` computes its rows; ``model``: it
+    takes MODEL m; ``scores``: it reads its input through the model (so the input is checked for
+    every column the model reads, on every engine, before anything runs); ``in_executors``: an
+    engine with an ``executor_scorer`` computes it where its data is."""
+
+    run: Callable[[Call], Any]
+    model: bool = True
+    scores: bool = False
+    in_executors: bool = False
+
+
+def _predict(c: Call):
+    if c.settings.get("device"):
+        from mlsql.deploy.remote import remote_predict
+
+        data, model = c.rows(), c.model
+        dev = c.s.devices.get(str(c.settings["device"]))
+        version = c.lm.version.version if (c.step.model.version or c.step.model.alias) else None
+        preds = remote_predict(dev, c.lm.version.name, version, data, c.lm.label, model.classes, model.label_type)
+        return _hconcat(preds, data)
+    if c.scorer is not None:
+        return c.scorer.predict(c.s.engine, c.lm, c.rows(), "PREDICT", c.settings)
+    return _hconcat(c.model.predict(c.features(need_label=False), **c.threshold()), c.data)
+
+
+def _explain_predict(c: Call):
+    if c.scorer is not None:
+        return c.scorer.predict(c.s.engine, c.lm, c.rows(), "EXPLAIN_PREDICT", c.settings)
+    out = c.model.explain_predict(c.features(need_label=False), top_k=int(c.settings.get("top_k_features", 5)))
+    c.chart("attribution", out)
+    return _hconcat(out, c.data)
+
+
+def _evaluate(c: Call):
+    if c.data is None:
+        metrics = dict(c.model.eval_metrics)
+        c.chart("evaluation", c.model.evaluation)  # the curves of the evaluation rows kept at training
+    else:
+        if c.scorer is not None:
+            ev = c.scorer.evaluate(c.s.engine, c.lm, c.data, c.threshold().get("threshold"))
+        else:  # metrics, ROC curve(s), confusion matrix in one pass
+            ev = c.model.evaluation_of(c.features(need_label=True), **c.threshold())
+        metrics = ev.metrics
+        c.chart("evaluation", ev)
+    return pa.table({k: pa.array([v], pa.float64()) for k, v in metrics.items()})
+
+
+def _device_metrics(c: Call):
+    from mlsql.deploy.remote import metrics_table
+
+    if len(c.step.args) != 1 or not isinstance(c.step.args[0], str):
+        raise MLSQLError("ML.DEVICE_METRICS takes one device name: ML.DEVICE_METRICS('my-device')")
+    return metrics_table(c.s.devices.get(c.step.args[0]))
+
+
+def _job_runs(c: Call):
+    from mlsql.jobs.statements import job_runs_table
+
+    return job_runs_table(c.s.workspace, c.step.args)
+
+
+# name -> how to run it; the language parses ML.<name>(...) for the names in
+# mlsql.language.expressions.ML_FUNCTIONS, and the options table checks their STRUCT settings
+ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
+    "PREDICT": MLFunctionSpec(_predict, scores=True, in_executors=True),
+    "EXPLAIN_PREDICT": MLFunctionSpec(_explain_predict, scores=True, in_executors=True),
+    "EVALUATE": MLFunctionSpec(_evaluate, scores=True, in_executors=True),
+    "CONFUSION_MATRIX": MLFunctionSpec(
+        lambda c: c.chart("confusion_table", c.model.confusion_matrix(c.features(need_label=True), **c.threshold())),
+        scores=True),
+    "ROC_CURVE": MLFunctionSpec(lambda c: c.chart("roc_table", c.model.roc_curve(c.features(need_label=True))),
+                                scores=True),
+    "FEATURE_IMPORTANCE": MLFunctionSpec(lambda c: c.chart("importance", c.model.feature_importance())),
+    "TRAINING_INFO": MLFunctionSpec(lambda c: c.chart("loss", c.model.training_info)),
+    "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
+    "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),
+}
 
 
 def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) -> pa.Table:
     """One ML table function's rows (on Spark, PREDICT and EXPLAIN_PREDICT: a Spark DataFrame, run when
     the statement's query fetches its rows)."""
-    func = step.func
-    data = None
+    spec = ML_FUNCTIONS.get(step.func)
+    if spec is None or (spec.model and step.model is None):
+        raise MLSQLError(f"ML.{step.func} is not available in this version of MLSQL")
     # where the engine scores where its data is (Spark): PREDICT and EXPLAIN_PREDICT give a lazy
-    # frame scored there, EVALUATE aggregates there
-    scorer = (s.engine.executor_scorer() if func in ("PREDICT", "EXPLAIN_PREDICT", "EVALUATE")
-              and not any(k.lower() == "device" for k in step.settings) else None)
-    if step.input_sql is not None:
+    # frame scored there, EVALUATE aggregates there; a device's predictions come back as Arrow
+    scorer = s.engine.executor_scorer() if spec.in_executors and not step.settings.get("device") else None
+    data = None
+    if step.input is not None:
         read = s.engine.dataframe if scorer is not None else s.engine.query
-        data = read(step.input_sql, P.params_for(step.input_sql, params))
-    if func == "DEVICE_METRICS":
-        from mlsql.deploy.remote import metrics_table
-
-        if len(step.args) != 1 or not isinstance(step.args[0], str):
-            raise MLSQLError("ML.DEVICE_METRICS takes one device name: ML.DEVICE_METRICS('my-device')")
-        return metrics_table(s.devices.get(step.args[0]))
-    if func == "JOB_RUNS":
-        from mlsql.jobs.statements import job_runs_table
-
-        return job_runs_table(s.workspace, step.args)
-    if step.model is None:
-        raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
-    lm = load_model(s, step.model)
-    model = lm.model
-    st = validate(f"ML.{func}", step.settings)  # names, types and ranges: mlsql.language.options' table
-    if data is not None and func in _SCORING:  # on every engine, before any scoring: one message
-        missing_inputs(lm.version.ref, model_inputs(lm), _column_names(data), func, label=lm.label)
-    if func == "PREDICT" and st.get("device"):
-        from mlsql.deploy.remote import remote_predict
-
-        data = _require_input(data, func, step)
-        dev = s.devices.get(str(st["device"]))
-        version = lm.version.version if (step.model.version or step.model.alias) else None
-        preds = remote_predict(dev, lm.version.name, version, data, lm.label, model.classes, model.label_type)
-        return _hconcat(preds, data)
-    if scorer is not None and func in ("PREDICT", "EXPLAIN_PREDICT"):
-        return scorer.predict(s.engine, lm, _require_input(data, func, step), func, st)
-    if func == "PREDICT":
-        data = _require_input(data, func, step)
-        preds = model.predict(model_features(s, lm, data, need_label=False, func=func),
-                              **({"threshold": float(st["threshold"])} if "threshold" in st else {}))
-        return _hconcat(preds, data)
-    if func == "EXPLAIN_PREDICT":
-        data = _require_input(data, func, step)
-        top_k = int(st.get("top_k_features", 5))
-        out = model.explain_predict(model_features(s, lm, data, need_label=False, func=func), top_k=top_k)
-        _chart(charts, "attribution", out)
-        return _hconcat(out, data)
-    if func == "EVALUATE":
-        if data is None:
-            metrics = dict(model.eval_metrics)
-            _chart(charts, "evaluation", model.evaluation)  # the curves of the evaluation rows kept at training
-        elif scorer is not None:
-            ev = scorer.evaluate(s.engine, lm, data, float(st["threshold"]) if "threshold" in st else None)
-            metrics = ev.metrics
-            _chart(charts, "evaluation", ev)
-        else:
-            feats = model_features(s, lm, data, need_label=True, func=func)
-            kw = {"threshold": float(st["threshold"])} if "threshold" in st else {}
-            ev = model.evaluation_of(feats, **kw)  # metrics, ROC curve(s), confusion matrix in one pass
-            metrics = ev.metrics
-            _chart(charts, "evaluation", ev)
-        return pa.table({k: pa.array([v], pa.float64()) for k, v in metrics.items()})
-    if func == "FEATURE_IMPORTANCE":
-        return _chart(charts, "importance", model.feature_importance())
-    if func == "TRAINING_INFO":
-        return _chart(charts, "loss", model.training_info)
-    if func in ("CONFUSION_MATRIX", "ROC_CURVE"):
-        data = _require_input(data, func, step)
-        feats = model_features(s, lm, data, need_label=True, func=func)
-        if func == "ROC_CURVE":
-            return _chart(charts, "roc_table", model.roc_curve(feats))
-        kw = {"threshold": float(st["threshold"])} if "threshold" in st else {}
-        return _chart(charts, "confusion_table", model.confusion_matrix(feats, **kw))
-    raise MLSQLError(f"ML.{func} is not available in this version of MLSQL")
+        data = read(step.input, P.params_for(step.input, params))
+    lm = load_model(s, step.model) if spec.model else None
+    if data is not None and spec.scores:  # on every engine, before any scoring: one message
+        missing_inputs(lm.version.ref, model_inputs(lm), _column_names(data), step.func, label=lm.label)
+    return spec.run(Call(s, step, data, lm, step.settings, scorer, charts))
 
 
 def _chart(charts: list | None, kind: str, data):

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from mlsql._lazy import pyarrow as pa
 from mlsql.errors import MLSQLError
-from mlsql.language.options import validate
 from mlsql.output.result import Result
 from mlsql.plan import planner as P
 from mlsql.runtime.steps import SessionState
@@ -18,7 +17,8 @@ from mlsql.runtime.steps.ml_functions import META_FILE, TRANSFORM_FILE
 
 def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[str]) -> Result:
     """Train a new model version; ``temps`` collects the temporary relations to drop afterwards."""
-    from mlsql.ml import resolve_options, train
+    from mlsql.ml import train
+    from mlsql.ml.options import Options
 
     name = step.model
     if s.registry.exists(name):
@@ -30,15 +30,12 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
                 f"Model '{name}' already exists (latest version {latest.version})",
                 hint=f"Use CREATE OR REPLACE MODEL {name} to add a new version, or DROP MODEL {name}.",
             )
-    raw = dict(step.options)
-    checked = validate("CREATE MODEL", raw)  # every option, aliases included, before any data is read
     # aliases are the registry's, not the trainer's: kept out of the model's options
-    aliases = checked.get("aliases") or checked.get("alias") or []
-    raw.pop("aliases", None)
-    raw.pop("alias", None)
-    opts = resolve_options(raw)
+    aliases = step.options.get("aliases") or step.options.get("alias") or []
+    raw = {k: v for k, v in step.given.items() if k.lower() not in ("aliases", "alias")}
+    opts = Options.checked(step.options, given=raw)  # checked once, by the planner
 
-    query_params = P.params_for(step.query_sql, params)
+    query_params = P.params_for(step.query, params)
     trainer = s.engine.executor_trainer(opts.family)
     if trainer is not None:  # e.g. Spark: the rows stay in the executors
         from functools import partial
@@ -48,7 +45,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
         train = partial(trainer.train, s.engine)
         relation, relation_params = f"({step.query_sql})", query_params
     else:
-        data = s.engine.query(step.query_sql, query_params)
+        data = s.engine.query(step.query, query_params)
         if data.num_rows == 0:
             raise MLSQLError(f"The training query for model {name} returned no rows")
         raw_name = s.engine.temp_name("train")
