@@ -110,7 +110,8 @@ def test_export_matches_ml_predict_on_new_rows(ws):
 def test_static_int8_runs_each_dense_layer_as_one_quantized_gemm(ws, model):
     import onnx
 
-    from mlsql.export import _bias_into_gemm, feeds, ort_session
+    from mlsql.export import feeds, ort_session
+    from mlsql.export.quantize import _bias_into_gemm
 
     r = ws.sql(f"EXPORT MODEL {model} OPTIONS (quantize = 'none')").export
     fp32 = onnx.load_from_string(r.model_bytes)
@@ -212,7 +213,7 @@ def _scaled_coef(proto, factor: float):
 def test_parity_report_passes_only_what_parity_checks(ws, tmp_path, monkeypatch):
     """An export whose graph is wrong on purpose fails, and the error carries a report that says so
     (passed False, the figure that failed); the same export of the right graph passed."""
-    import mlsql.export as ox
+    import mlsql.export.parity as ox  # where export_model finds build_graph and quantize
 
     good = ws.sql(f"EXPORT MODEL lin OPTIONS (uri = '{tmp_path / 'good.onnx'}')").export.report
     assert good.passed and good.max_abs_diff <= ox.PARITY_TOL and good.metric == "r2_score"
