@@ -76,12 +76,34 @@ def spark_ws(shared_ws):
     s.close()
 
 
-@pytest.fixture(params=["duckdb", "spark"], scope="session")
+def _engines() -> list[str]:
+    from mlsql.engines.base import engine_names
+
+    return engine_names()
+
+
+_others: dict = {}
+
+
+@pytest.fixture(params=_engines(), scope="session")
 def backend(request):
-    """An engine-independent test runs once per engine (ibis's backend fixture): the same tables,
-    the same statements. Each test compares with an answer that does not come from the engine
-    under test: Spark's with DuckDB's, DuckDB's with raw DuckDB (no MLSQL) or with the numbers
-    redone by hand (tests/engines/by_hand.py), never a session with itself."""
-    if request.param == "duckdb":
+    """An engine-independent test runs once per engine (ibis's backend fixture), over every engine
+    MLSQL knows (``mlsql.engines.base.engine_names``: the registered ones and any entry point), so
+    an engine added later runs them all: the same tables (handed over from the workspace as views,
+    as Spark's are), the same statements. Each test compares with an answer that does not come
+    from the engine under test: another engine's with DuckDB's, DuckDB's with raw DuckDB (no MLSQL)
+    or with the numbers redone by hand (tests/engines/by_hand.py), never a session with itself."""
+    name = request.param
+    if name == "duckdb":
         return request.getfixturevalue("shared_ws")
-    return request.getfixturevalue("spark_ws")
+    if name == "spark":
+        return request.getfixturevalue("spark_ws")
+    if name not in _others:
+        import mlsql
+
+        ws = request.getfixturevalue("shared_ws")
+        s = _others[name] = mlsql.connect(ws.workspace.root, engine=name)
+        request.addfinalizer(s.close)
+        for t in SPARK_TABLES:
+            s.sql(f"CREATE OR REPLACE TEMP VIEW {t} AS SELECT * FROM workspace.{t}")
+    return _others[name]

@@ -226,3 +226,59 @@ def test_heavy_libraries_stay_unloaded_for_plain_sql(tmp_path):
             "print(sorted(m for m in ('torch', 'mlflow', 'xgboost', 'onnxruntime', 'sklearn') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ws")], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_ml_weights_are_the_coefficients_the_model_predicts_with(penguin_models):
+    """ML.WEIGHTS against sklearn's least squares on the same (float32-rounded) numbers (closed form,
+    float64 sums in another order: 1e-9 relative), standardized weights against numpy's std of the training column,
+    and a model with a string input: the weights, applied by hand, give ML.PREDICT's numbers."""
+    from sklearn.linear_model import LinearRegression
+
+    s = penguin_models
+    rows = s.sql("SELECT bill_length_mm, flipper_length_mm, body_mass_g FROM penguins "
+                 "WHERE body_mass_g IS NOT NULL AND bill_length_mm IS NOT NULL").to_arrow()
+    s.sql("""CREATE OR REPLACE MODEL mass_numbers OPTIONS (model_type = 'linear_reg', input_label_cols = ['body_mass_g'],
+             data_split_method = 'no_split') AS SELECT bill_length_mm, flipper_length_mm, body_mass_g FROM penguins
+             WHERE body_mass_g IS NOT NULL AND bill_length_mm IS NOT NULL""")
+    # the model reads its inputs as float32 (mlsql.ml.features' matrix): sklearn gets the same numbers
+    X = np.column_stack([rows.column(c).to_numpy().astype(np.float32).astype(float)
+                         for c in ("bill_length_mm", "flipper_length_mm")])
+    ref = LinearRegression().fit(X, rows.column("body_mass_g").to_numpy().astype(float))
+    w = {r["processed_input"]: r["weight"] for r in s.sql("SELECT * FROM ML.WEIGHTS(MODEL mass_numbers)").to_arrow().to_pylist()}
+    assert w.keys() == {"bill_length_mm", "flipper_length_mm", "__INTERCEPT__"}
+    assert [w["bill_length_mm"], w["flipper_length_mm"]] == pytest.approx(list(ref.coef_), rel=1e-9)
+    assert w["__INTERCEPT__"] == pytest.approx(ref.intercept_, rel=1e-9)
+    std = {r["processed_input"]: r["weight"] for r in
+           s.sql("SELECT * FROM ML.WEIGHTS(MODEL mass_numbers, STRUCT(TRUE AS standardize))").to_arrow().to_pylist()}
+    assert std["flipper_length_mm"] == pytest.approx(ref.coef_[1] * X[:, 1].std(), rel=1e-9)
+    assert std["__INTERCEPT__"] == pytest.approx(ref.predict(X.mean(axis=0, keepdims=True))[0], rel=1e-9)
+
+    # a string input: one weight per category (NULL: NULL and unseen values); by hand = ML.PREDICT
+    weights = s.sql("SELECT * FROM ML.WEIGHTS(MODEL mass_model)").to_arrow().to_pylist()
+    by_input = {r["processed_input"]: r for r in weights}
+    island = {c["category"]: c["weight"] for c in by_input["island"]["category_weights"]}
+    assert set(island) == {"Biscoe", "Dream", "Torgersen", None} and by_input["island"]["weight"] is None
+    sample = s.sql("SELECT * FROM penguins WHERE body_mass_g IS NOT NULL AND sex IS NOT NULL LIMIT 20").to_arrow()
+    got = s.sql("SELECT predicted_body_mass_g FROM ML.PREDICT(MODEL mass_model, (SELECT * FROM penguins "
+                "WHERE body_mass_g IS NOT NULL AND sex IS NOT NULL LIMIT 20))").to_arrow().column(0).to_pylist()
+    for row, pred in zip(sample.to_pylist(), got):
+        total = by_input["__INTERCEPT__"]["weight"]
+        for name, r in by_input.items():
+            if name == "__INTERCEPT__":
+                continue
+            if r["category_weights"] is not None:
+                cats = {c["category"]: c["weight"] for c in r["category_weights"]}
+                total += cats.get(row[name], cats[None])
+            else:
+                total += r["weight"] * float(np.float32(row[name]))  # the model reads float32 inputs
+        assert total == pytest.approx(pred, rel=1e-9)  # the same float64 sum, terms in another order
+
+
+def test_ml_weights_refuses_a_tree_model_and_a_bad_setting(penguin_models):
+    from mlsql.errors import MLSQLError
+
+    with pytest.raises(MLSQLError, match="ML.WEIGHTS is available for linear_reg and logistic_reg models, "
+                                         "not boosted_tree_classifier"):
+        penguin_models.sql("SELECT * FROM ML.WEIGHTS(MODEL species_model)")
+    with pytest.raises(MLSQLError, match="standardiz"):
+        penguin_models.sql("SELECT * FROM ML.WEIGHTS(MODEL mass_model, STRUCT(TRUE AS standardise))")

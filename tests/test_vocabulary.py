@@ -12,7 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mlsql.language import dialect, expressions, options
+from mlsql.language import dialect, options
+from mlsql.language import functions as lang_functions
 from mlsql.language.vocabulary import TRANSFORM_FUNCTIONS, dumps, main, vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,10 +63,10 @@ def test_deploy_quantize_and_providers_are_the_tables(tmp_path):
 def test_every_ml_function_with_its_argument_shape(tmp_path):
     voc = _generated(tmp_path)
     functions = voc["functions"]
-    assert set(functions) == set(expressions.ML_FUNCTIONS) | set(TRANSFORM_FUNCTIONS)
-    for name in expressions.ML_FUNCTIONS:
+    assert set(functions) == set(lang_functions.ML_FUNCTIONS) | set(TRANSFORM_FUNCTIONS)
+    for name in lang_functions.ML_FUNCTIONS:
         assert functions[name]["kind"] == "table"
-        assert functions[name]["model"] is (name not in expressions.NO_MODEL_FUNCTIONS)
+        assert functions[name]["model"] is (name not in lang_functions.NO_MODEL_FUNCTIONS)
         assert functions[name]["settings"] == [o.name for o in options.OPTIONS.get(f"ML.{name}", ())]
     assert functions["PREDICT"]["settings"] == ["threshold", "device"]
     assert functions["DEVICE_METRICS"]["model"] is False

@@ -17,7 +17,8 @@ from sqlglot.tokens import Token, TokenType
 
 from mlsql.errors import ParseError
 from mlsql.language import expressions as mx
-from mlsql.language.expressions import ML_FUNCTIONS, NO_MODEL_FUNCTIONS, MLNode
+from mlsql.language.expressions import MLNode
+from mlsql.language.functions import ML_FUNCTIONS, NO_MODEL_FUNCTIONS
 from mlsql.language.scripts import (  # noqa: F401  (re-exported: the script-text helpers live without sqlglot)
     ML_SYNTAX,
     Statement,

@@ -280,30 +280,4 @@ class RollbackModel(MLNode, exp.Expression):
     target = device
 
 
-ML_FUNCTIONS = (
-    "PREDICT",
-    "EVALUATE",
-    "EXPLAIN_PREDICT",
-    "FEATURE_IMPORTANCE",
-    "TRAINING_INFO",
-    "CONFUSION_MATRIX",
-    "ROC_CURVE",
-    "DEVICE_METRICS",
-    "JOB_RUNS",
-)
-# Functions whose first argument is not a model.
-NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "JOB_RUNS")
 
-
-# The TRANSFORM functions of CREATE MODEL ... TRANSFORM (ML.STANDARD_SCALER(x) OVER () AS x, ...):
-# words of the language, fitted by the planner (mlsql.plan.transform's fitters cover exactly these).
-TRANSFORM_FUNCTIONS = (
-    "STANDARD_SCALER",
-    "MIN_MAX_SCALER",
-    "MAX_ABS_SCALER",
-    "BUCKETIZE",
-    "QUANTILE_BUCKETIZE",
-    "IMPUTER",
-    "LABEL_ENCODER",
-    "ONE_HOT_ENCODER",
-)

@@ -444,6 +444,10 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
           0.5, min=0, max=1),
     ),
+    "ML.WEIGHTS": (
+        _O("standardize", "bool", "the weights of standardized inputs (mean 0, standard deviation 1), so "
+                                  "their magnitudes compare", False),
+    ),
     "ML.CONFUSION_MATRIX": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
           0.5, min=0, max=1),

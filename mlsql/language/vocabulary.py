@@ -10,7 +10,7 @@ TypeScript imports that file. What it holds, and where each part comes from:
   (``_match_text_seq``, ``_match(TokenType.X)``, ``.text.upper() == ...``). A word the parser
   learns is in the next build.
 - ``functions``: the ``ML.*`` functions and their argument shape. Table functions
-  (:data:`mlsql.language.expressions.ML_FUNCTIONS`; ``model``: their first argument is
+  (:data:`mlsql.language.functions.ML_FUNCTIONS`; ``model``: their first argument is
   ``MODEL m``, unless in ``NO_MODEL_FUNCTIONS``; ``settings``: the names of their
   ``STRUCT(...)`` settings from ``OPTIONS``), and the TRANSFORM functions (:data:`TRANSFORM_FUNCTIONS`).
 - ``options``: per statement kind, every option of :data:`mlsql.language.options.OPTIONS` in
@@ -36,8 +36,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mlsql.language import dialect, expressions, options
-from mlsql.language.expressions import TRANSFORM_FUNCTIONS
+from mlsql.language import dialect, options
+from mlsql.language.functions import ML_FUNCTIONS, NO_MODEL_FUNCTIONS, TRANSFORM_FUNCTIONS
 
 # ML.<function>: the namespace of the functions, not a statement word
 FUNCTION_NAMESPACE = "ML"
@@ -91,8 +91,8 @@ def functions() -> dict[str, dict[str, Any]]:
     ML.PREDICT(...)``; ``transform``: in CREATE MODEL's TRANSFORM), ``model`` (its first argument
     is ``MODEL m``) and ``settings`` (the names its ``STRUCT(...)`` takes)."""
     out: dict[str, dict[str, Any]] = {}
-    for name in expressions.ML_FUNCTIONS:
-        out[name] = {"kind": "table", "model": name not in expressions.NO_MODEL_FUNCTIONS,
+    for name in ML_FUNCTIONS:
+        out[name] = {"kind": "table", "model": name not in NO_MODEL_FUNCTIONS,
                      "settings": [o.name for o in options.OPTIONS.get(f"{FUNCTION_NAMESPACE}.{name}", ())]}
     for name in TRANSFORM_FUNCTIONS:
         out[name] = {"kind": "transform", "model": False, "settings": []}

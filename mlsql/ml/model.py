@@ -256,6 +256,44 @@ class TrainedModel:
             "importance_cover": pa.array(acc[:, 2], pa.float64()),
         })
 
+    def weights(self, standardize: bool = False) -> pa.Table:
+        """ML.WEIGHTS: a linear or logistic model's coefficients per input as the model reads it,
+        BigQuery ML's columns: ``processed_input``, ``weight`` (numbers, booleans, dates) and
+        ``category_weights`` (a string input: one {category, weight} per category it learnt, the
+        NULL category standing for NULL and any value unseen in training), the intercept as
+        ``__INTERCEPT__``. ``standardize``: the weights of standardized inputs (each times its
+        training standard deviation; the intercept is then the prediction's margin at the training
+        mean), so their magnitudes compare. A multiclass model has one row per class and input,
+        with ``class_label`` first."""
+        est = self.estimator
+        if est.kind != "linear":
+            raise ModelError(f"ML.WEIGHTS is available for linear_reg and logistic_reg models, not {self.model_type}",
+                             hint="For boosted trees, ML.FEATURE_IMPORTANCE; for any model, ML.EXPLAIN_PREDICT.")
+        coef = np.atleast_2d(est.coef) * (est.x_std if standardize else 1.0)
+        intercept = np.asarray(est.intercept, dtype=np.float64) + (
+            np.atleast_2d(est.coef) @ est.x_mean if standardize else 0.0)
+        classes = [str(c) for c in self.classes] if coef.shape[0] > 1 else [None]
+        rows = []
+        for k, label in enumerate(classes):
+            j = 0
+            for f in self.features:
+                if f.encoding == "onehot":
+                    cats = [*f.categories, None]  # the last column: NULL and unseen values
+                    rows.append((label, f.name, None, [{"category": c, "weight": float(w)}
+                                                       for c, w in zip(cats, coef[k, j:j + len(cats)])]))
+                    j += len(cats)
+                else:
+                    rows.append((label, f.name, float(coef[k, j]), None))
+                    j += 1
+            rows.append((label, "__INTERCEPT__", float(intercept[k]), None))
+        cw = pa.list_(pa.struct([("category", pa.string()), ("weight", pa.float64())]))
+        cols = {"processed_input": pa.array([r[1] for r in rows], pa.string()),
+                "weight": pa.array([r[2] for r in rows], pa.float64()),
+                "category_weights": pa.array([r[3] for r in rows], cw)}
+        if classes != [None]:
+            cols = {"class_label": pa.array([r[0] for r in rows], pa.string()), **cols}
+        return pa.table(cols)
+
     # -- persistence ---------------------------------------------------------------
     def save(self, folder) -> None:
         folder = Path(folder)

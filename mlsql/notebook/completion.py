@@ -18,6 +18,8 @@ import threading
 from functools import cached_property
 from typing import Any
 
+from mlsql.language import functions
+
 # MLSQL's statements and words on top of DuckDB's keywords
 MLSQL_KEYWORDS = (
     "MODEL", "MODELS", "OPTIONS", "TRANSFORM", "EXPORT", "DEPLOY", "ROLLBACK", "DEVICE", "DEVICES", "GROUP",
@@ -31,40 +33,8 @@ STATEMENTS = (
 )
 
 # ML.* functions: signature and what they return (docs/LANGUAGE.md has the full table)
-ML_FUNCTIONS = {
-    "PREDICT": ("ML.PREDICT(MODEL m, TABLE t | (query) [, STRUCT(0.5 AS threshold | 'd' AS device)])",
-                "Predictions: predicted_<label> (and predicted_<label>_probs for classifiers), then the input "
-                "columns. With STRUCT('d' AS device) the rows are predicted on that device."),
-    "EVALUATE": ("ML.EVALUATE(MODEL m [, TABLE t | (query)] [, STRUCT(0.5 AS threshold)])",
-                 "One row of metrics: precision, recall, accuracy, f1_score, log_loss, roc_auc for classifiers; "
-                 "mean_absolute_error, mean_squared_error, r2_score... for regressors. Without input: the "
-                 "held-out split's metrics from training."),
-    "EXPLAIN_PREDICT": ("ML.EXPLAIN_PREDICT(MODEL m, TABLE t | (query) [, STRUCT(k AS top_k_features)])",
-                        "The prediction with top_feature_attributions (SHAP values for trees, coef x (x - mean) "
-                        "for linear models), baseline_prediction_value, prediction_value, approximation_error."),
-    "FEATURE_IMPORTANCE": ("ML.FEATURE_IMPORTANCE(MODEL m)",
-                           "feature, importance_weight, importance_gain, importance_cover (tree models)."),
-    "TRAINING_INFO": ("ML.TRAINING_INFO(MODEL m)",
-                      "One row per iteration: iteration, loss, eval_loss, learning_rate, duration_ms."),
-    "CONFUSION_MATRIX": ("ML.CONFUSION_MATRIX(MODEL m, TABLE t | (query) [, STRUCT(0.5 AS threshold)])",
-                         "expected_label and one column per predicted label."),
-    "ROC_CURVE": ("ML.ROC_CURVE(MODEL m, TABLE t | (query))",
-                  "threshold, recall, false_positive_rate and the counts (binary classifiers)."),
-    "DEVICE_METRICS": ("ML.DEVICE_METRICS('device')",
-                       "Per model on the device: version, requests, rows, error_rate, p50/p95/p99 ms, throughput, "
-                       "providers really used, input statistics."),
-    "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
-    "STANDARD_SCALER": ("ML.STANDARD_SCALER(x) OVER ()", "TRANSFORM: (x - mean) / stddev, fitted on the training rows."),
-    "MIN_MAX_SCALER": ("ML.MIN_MAX_SCALER(x) OVER ()", "TRANSFORM: (x - min) / (max - min), capped to [0, 1]."),
-    "MAX_ABS_SCALER": ("ML.MAX_ABS_SCALER(x) OVER ()", "TRANSFORM: x / max(abs(x))."),
-    "BUCKETIZE": ("ML.BUCKETIZE(x, [b1, b2, ...])", "TRANSFORM: 'bin_1' for x < b1, 'bin_2' for b1 <= x < b2, ..."),
-    "QUANTILE_BUCKETIZE": ("ML.QUANTILE_BUCKETIZE(x, n) OVER ()", "TRANSFORM: BUCKETIZE on the n-quantiles."),
-    "IMPUTER": ("ML.IMPUTER(x, 'mean' | 'median' | 'most_frequent') OVER ()", "TRANSFORM: COALESCE(x, statistic)."),
-    "LABEL_ENCODER": ("ML.LABEL_ENCODER(x [, top_k, frequency_threshold]) OVER ()",
-                      "TRANSFORM: 1..k in alphabetical order, 0 for NULL or unknown."),
-    "ONE_HOT_ENCODER": ("ML.ONE_HOT_ENCODER(x [, drop, top_k, frequency_threshold]) OVER ()",
-                        "TRANSFORM: the category (rare or unknown: NULL), one-hot encoded by the model."),
-}
+# every ML function with how it is written and what it gives: the language's own table
+ML_FUNCTIONS = {**functions.ML_FUNCTIONS, **functions.TRANSFORM_FUNCTIONS}
 
 _TABLE_WORDS = {"FROM", "JOIN", "TABLE", "INTO", "UPDATE", "SUMMARIZE", "DESCRIBE"}
 _NOT_ALIAS = {

@@ -18,7 +18,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from mlsql.errors import MLSQLError, UnknownColumnError, UnknownFunctionError
-from mlsql.language.expressions import TRANSFORM_FUNCTIONS as FUNCTIONS
+from mlsql.language.functions import TRANSFORM_FUNCTIONS as FUNCTIONS
 
 RunSQL = Callable[[str], pa.Table]
 

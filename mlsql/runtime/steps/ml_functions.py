@@ -234,7 +234,7 @@ def _job_runs(c: Call):
 
 
 # name -> how to run it; the language parses ML.<name>(...) for the names in
-# mlsql.language.expressions.ML_FUNCTIONS, and the options table checks their STRUCT settings
+# mlsql.language.functions.ML_FUNCTIONS, and the options table checks their STRUCT settings
 ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "PREDICT": MLFunctionSpec(_predict, scores=True, in_executors=True),
     "EXPLAIN_PREDICT": MLFunctionSpec(_explain_predict, scores=True, in_executors=True),
@@ -246,6 +246,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
                                 scores=True),
     "FEATURE_IMPORTANCE": MLFunctionSpec(lambda c: c.chart("importance", c.model.feature_importance())),
     "TRAINING_INFO": MLFunctionSpec(lambda c: c.chart("loss", c.model.training_info)),
+    "WEIGHTS": MLFunctionSpec(lambda c: c.model.weights(standardize=bool(c.settings.get("standardize")))),
     "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
     "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),
 }

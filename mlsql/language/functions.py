@@ -1,0 +1,54 @@
+"""The language's functions as data: the ML table functions and the TRANSFORM functions, each with
+how it is written and what it gives. Read by the parser (which names are ML functions), the
+runtime (each has a handler), completion and the extension's vocabulary. No sqlglot here:
+``%load_ext mlsql`` reads it."""
+
+from __future__ import annotations
+
+# ML.<name>(...) table functions: how each is written and what it gives (completion shows both; the
+# runtime's mlsql.runtime.steps.ml_functions.ML_FUNCTIONS runs each)
+ML_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "PREDICT": ("ML.PREDICT(MODEL m, TABLE t | (query) [, STRUCT(0.5 AS threshold | 'd' AS device)])",
+                "Predictions: predicted_<label> (and predicted_<label>_probs for classifiers), then the input "
+                "columns. With STRUCT('d' AS device) the rows are predicted on that device."),
+    "EVALUATE": ("ML.EVALUATE(MODEL m [, TABLE t | (query)] [, STRUCT(0.5 AS threshold)])",
+                 "One row of metrics: precision, recall, accuracy, f1_score, log_loss, roc_auc for classifiers; "
+                 "mean_absolute_error, mean_squared_error, r2_score... for regressors. Without input: the "
+                 "held-out split's metrics from training."),
+    "EXPLAIN_PREDICT": ("ML.EXPLAIN_PREDICT(MODEL m, TABLE t | (query) [, STRUCT(k AS top_k_features)])",
+                        "The prediction with top_feature_attributions (SHAP values for trees, coef x (x - mean) "
+                        "for linear models), baseline_prediction_value, prediction_value, approximation_error."),
+    "FEATURE_IMPORTANCE": ("ML.FEATURE_IMPORTANCE(MODEL m)",
+                           "feature, importance_weight, importance_gain, importance_cover (tree models)."),
+    "TRAINING_INFO": ("ML.TRAINING_INFO(MODEL m)",
+                      "One row per iteration: iteration, loss, eval_loss, learning_rate, duration_ms."),
+    "CONFUSION_MATRIX": ("ML.CONFUSION_MATRIX(MODEL m, TABLE t | (query) [, STRUCT(0.5 AS threshold)])",
+                         "expected_label and one column per predicted label."),
+    "ROC_CURVE": ("ML.ROC_CURVE(MODEL m, TABLE t | (query))",
+                  "threshold, recall, false_positive_rate and the counts (binary classifiers)."),
+    "WEIGHTS": ("ML.WEIGHTS(MODEL m [, STRUCT(TRUE AS standardize)])",
+                "A linear or logistic model's coefficients: processed_input, weight (numbers), category_weights "
+                "(strings: category, weight), __INTERCEPT__; standardize: the weights of standardized inputs."),
+    "DEVICE_METRICS": ("ML.DEVICE_METRICS('device')",
+                       "Per model on the device: version, requests, rows, error_rate, p50/p95/p99 ms, throughput, "
+                       "providers really used, input statistics."),
+    "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
+}
+# Functions whose first argument is not a model.
+NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "JOB_RUNS")
+
+
+# The TRANSFORM functions of CREATE MODEL ... TRANSFORM (ML.STANDARD_SCALER(x) OVER () AS x, ...):
+# words of the language, fitted by the planner (mlsql.plan.transform's fitters cover exactly these).
+TRANSFORM_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "STANDARD_SCALER": ("ML.STANDARD_SCALER(x) OVER ()", "TRANSFORM: (x - mean) / stddev, fitted on the training rows."),
+    "MIN_MAX_SCALER": ("ML.MIN_MAX_SCALER(x) OVER ()", "TRANSFORM: (x - min) / (max - min), capped to [0, 1]."),
+    "MAX_ABS_SCALER": ("ML.MAX_ABS_SCALER(x) OVER ()", "TRANSFORM: x / max(abs(x))."),
+    "BUCKETIZE": ("ML.BUCKETIZE(x, [b1, b2, ...])", "TRANSFORM: 'bin_1' for x < b1, 'bin_2' for b1 <= x < b2, ..."),
+    "QUANTILE_BUCKETIZE": ("ML.QUANTILE_BUCKETIZE(x, n) OVER ()", "TRANSFORM: BUCKETIZE on the n-quantiles."),
+    "IMPUTER": ("ML.IMPUTER(x, 'mean' | 'median' | 'most_frequent') OVER ()", "TRANSFORM: COALESCE(x, statistic)."),
+    "LABEL_ENCODER": ("ML.LABEL_ENCODER(x [, top_k, frequency_threshold]) OVER ()",
+                      "TRANSFORM: 1..k in alphabetical order, 0 for NULL or unknown."),
+    "ONE_HOT_ENCODER": ("ML.ONE_HOT_ENCODER(x [, drop, top_k, frequency_threshold]) OVER ()",
+                        "TRANSFORM: the category (rare or unknown: NULL), one-hot encoded by the model."),
+}
