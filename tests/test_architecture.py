@@ -50,3 +50,19 @@ def test_each_contract_breaks_when_its_rule_is_broken(tmp_path, file):
     assert done.returncode != 0 and "Contracts: 4 kept, 1 broken." in out, out[-3000:]
     broken = out.split("Broken contracts", 1)[1]
     assert contract in broken, broken[:2000]
+
+
+def test_every_word_of_the_language_has_its_handler():
+    """One statement, one ML function: each the language parses has exactly one entry in the
+    planner's table or the runtime's, so adding one is an expression, an entry, a handler."""
+    import inspect
+
+    from mlsql.language import expressions, functions
+    from mlsql.plan.planner import STATEMENTS
+    from mlsql.runtime.steps.ml_functions import ML_FUNCTIONS
+
+    assert set(ML_FUNCTIONS) == set(functions.ML_FUNCTIONS)
+    parts = {"MLNode", "ModelRef", "MLFunction", "_Named"}  # nodes inside statements, not statements
+    statements = {name for name, cls in inspect.getmembers(expressions, inspect.isclass)
+                  if issubclass(cls, expressions.MLNode) and name not in parts}
+    assert set(STATEMENTS) == statements
