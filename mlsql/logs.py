@@ -3,7 +3,7 @@
 A notebook cell shows what MLSQL says (results, progress, errors, its own warnings). The libraries
 it drives (MLflow and its migrations, xgboost.spark, py4j, Spark's JVM) log things a user cannot act
 on, so at the default level ('warning') their loggers pass errors only, Spark's JVM logs at ERROR
-into ``<workspace>/logs/spark.log`` (mlsql/engines/spark.py) and xgboost.spark prints no line per
+into ``<workspace>/logs/spark.log`` (mlsql/engines/spark/__init__.py) and xgboost.spark prints no line per
 round. 'info' and 'debug' let them all speak at that level (xgboost.spark's per-round lines too),
 and 'error' quiets MLSQL's own warnings as well. The setting is the process's, as Python's
 loggers are.

@@ -89,7 +89,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             # the values of its {name} / $name parameters: export and deploy sample the same rows
             "query_params": _json_safe(query_params),
             "input_columns": input_columns,
-            # every training row's statistics per input column (mlsql/steps/stats.py): the baseline
+            # every training row's statistics per input column (mlsql/runtime/steps/stats.py): the baseline
             # that device packages carry for drift, so that no copy of the training data is needed
             "training_stats": stats,
             "training_schema": {f.name: str(f.type) for f in schema},
