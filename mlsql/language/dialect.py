@@ -9,6 +9,7 @@ does not parse raises :class:`mlsql.errors.ParseError` with line, column and car
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import sqlglot.errors as sqlglot_errors
 from sqlglot import exp
@@ -60,97 +61,77 @@ class MLSQLParser(DuckDB.Parser):
         return super()._parse_statement()
 
     def _parse_mlsql_statement(self):
+        """One of MLSQL's statements, by its head words (``STATEMENTS``), or None (the tokens left
+        as they were) for DuckDB's parser."""
         start = self._index
-        if self._match_text_seq("CREATE"):
-            replace = self._match_text_seq("OR", "REPLACE")
-            if self._match_text_seq("MODEL"):
-                return self._parse_create_model(replace)
-            if self._match_text_seq("DEVICE", "GROUP"):
-                return self._parse_named(mx.CreateDeviceGroup, replace=replace)
-            if self._match_text_seq("DEVICE"):
-                return self._parse_named(mx.CreateDevice, replace=replace)
-            if self._match_text_seq("JOB"):
-                return self._parse_create_job(replace)
-            self._retreat(start)
-            return None
-        if self._match_text_seq("SHOW", "MODELS"):
-            return self.expression(mx.ShowModels())
-        if self._match_text_seq("SHOW", "DEVICES"):
-            return self.expression(mx.ShowDevices())
-        if self._match_text_seq("SHOW", "JOBS"):
-            return self.expression(mx.ShowJobs())
-        if self._match_text_seq("DESCRIBE", "MODEL"):
-            return self.expression(mx.DescribeModel(this=self._parse_model_ref()))
-        if self._match_text_seq("DROP", "MODEL"):
-            exists = self._match_text_seq("IF", "EXISTS")
-            return self.expression(mx.DropModel(this=self._parse_model_ref(allow_version=False), exists=exists))
-        if self._match_text_seq("DROP", "DEVICE", "GROUP"):
-            exists = self._match_text_seq("IF", "EXISTS")
-            return self.expression(mx.DropDeviceGroup(this=self._parse_object_name("device group"), exists=exists))
-        if self._match_text_seq("DROP", "DEVICE"):
-            exists = self._match_text_seq("IF", "EXISTS")
-            return self.expression(mx.DropDevice(this=self._parse_object_name("device"), exists=exists))
-        if self._match_text_seq("DROP", "JOB"):
-            exists = self._match_text_seq("IF", "EXISTS")
-            return self.expression(mx.DropJob(this=self._parse_object_name("job"), exists=exists))
-        if self._match_text_seq("DESCRIBE", "JOB"):
-            return self.expression(mx.DescribeJob(this=self._parse_object_name("job")))
-        if self._match_text_seq("RUN", "JOB"):
-            return self.expression(mx.RunJob(this=self._parse_object_name("job")))
-        if self._match_text_seq("ALTER", "JOB"):
-            name = self._parse_object_name("job")
-            action = self._curr.text.upper() if self._curr is not None else ""
-            if action not in ("PAUSE", "RESUME"):
-                self.raise_error("Expected PAUSE or RESUME after ALTER JOB <name>")
-            self._advance()
-            return self.expression(mx.AlterJob(this=name, action=action))
-        if self._match_text_seq("EXPORT", "MODEL"):
-            ref = self._parse_model_ref()
-            return self.expression(mx.ExportModel(this=ref, options=self._parse_options()))
-        if self._match_text_seq("DEPLOY", "MODEL"):
-            ref = self._parse_model_ref()
-            if not self._match_text_seq("TO"):
-                self.raise_error("Expected TO DEVICE '<name>' or TO GROUP '<name>' after the model")
-            kind = self._parse_target_kind()
-            target = self._parse_object_name(kind.lower())
-            return self.expression(mx.DeployModel(this=ref, kind=kind, target=target, options=self._parse_options()))
-        if self._match_text_seq("ROLLBACK", "MODEL"):
-            ref = self._parse_model_ref(allow_version=False)
-            if not self._match(TokenType.ON):
-                self.raise_error("Expected ON DEVICE '<name>' after ROLLBACK MODEL <name>")
-            kind = self._parse_target_kind()
-            return self.expression(mx.RollbackModel(this=ref, kind=kind, target=self._parse_object_name(kind.lower())))
-        if self._match_text_seq("EXPLAIN"):
-            # EXPLAIN of plain SQL is DuckDB's; MLSQL's plan is for ML statements, or asked for
-            # by name: EXPLAIN MLSQL <statement>
-            ours = self._match_text_seq("MLSQL")
-            if not ours and self._curr is not None and self._curr.text.upper() in ("ANALYZE", "ANALYSE"):
-                self._retreat(start)
-                return None
-            inner = self._parse_statement()
-            if inner is None:
-                self.raise_error("Expected a statement after EXPLAIN")
-            if not ours and not any(isinstance(n, MLNode) for n in inner.walk()):
-                self._retreat(start)
-                return None
-            return self.expression(mx.Explain(this=inner))
-        if self._curr.text.upper() in ("SET", "RESET"):
-            # only MLSQL's own settings (mlsql_*) are ours; every other SET / RESET is DuckDB's
-            reset = self._curr.text.upper() == "RESET"
-            nxt = self._next
-            if nxt is None or not nxt.text.lower().startswith(MLSQL_SETTING_PREFIX):
-                return None
-            self._advance()
-            name = self._parse_id_var(any_token=True)
-            if reset:
-                return self.expression(mx.SetVariable(this=name, expression=exp.Null()))
-            if name is None or not (self._match(TokenType.EQ) or self._match_text_seq("TO")):
-                self.raise_error(f"Expected SET {nxt.text} = <value>")
-            value = self._parse_bitwise()
-            if value is None:
-                self.raise_error(f"Expected a value after SET {name.name} =")
-            return self.expression(mx.SetVariable(this=name, expression=value))
+        create = self._match_text_seq("CREATE")
+        replace = bool(create and self._match_text_seq("OR", "REPLACE"))
+        for words, parse in STATEMENTS:
+            if (words[0] == "CREATE") != bool(create):
+                continue
+            if self._match_text_seq(*(words[1:] if create else words)):
+                node = parse(self, replace)
+                if node is not None:
+                    return node
+                break
+        self._retreat(start)
         return None
+
+    def _parse_drop(self, cls, what: str, model: bool = False):
+        exists = self._match_text_seq("IF", "EXISTS")
+        name = self._parse_model_ref(allow_version=False) if model else self._parse_object_name(what)
+        return self.expression(cls(this=name, exists=exists))
+
+    def _parse_alter_job(self):
+        name = self._parse_object_name("job")
+        action = self._curr.text.upper() if self._curr is not None else ""
+        if action not in ("PAUSE", "RESUME"):
+            self.raise_error("Expected PAUSE or RESUME after ALTER JOB <name>")
+        self._advance()
+        return self.expression(mx.AlterJob(this=name, action=action))
+
+    def _parse_deploy(self):
+        ref = self._parse_model_ref()
+        if not self._match_text_seq("TO"):
+            self.raise_error("Expected TO DEVICE '<name>' or TO GROUP '<name>' after the model")
+        kind = self._parse_target_kind()
+        target = self._parse_object_name(kind.lower())
+        return self.expression(mx.DeployModel(this=ref, kind=kind, target=target, options=self._parse_options()))
+
+    def _parse_rollback(self):
+        ref = self._parse_model_ref(allow_version=False)
+        if not self._match(TokenType.ON):
+            self.raise_error("Expected ON DEVICE '<name>' after ROLLBACK MODEL <name>")
+        kind = self._parse_target_kind()
+        return self.expression(mx.RollbackModel(this=ref, kind=kind, target=self._parse_object_name(kind.lower())))
+
+    def _parse_explain(self):
+        # EXPLAIN of plain SQL is DuckDB's; MLSQL's plan is for ML statements, or asked for by
+        # name: EXPLAIN MLSQL <statement>
+        ours = self._match_text_seq("MLSQL")
+        if not ours and self._curr is not None and self._curr.text.upper() in ("ANALYZE", "ANALYSE"):
+            return None
+        inner = self._parse_statement()
+        if inner is None:
+            self.raise_error("Expected a statement after EXPLAIN")
+        if not ours and not is_mlsql(inner):
+            return None
+        return self.expression(mx.Explain(this=inner))
+
+    def _parse_mlsql_setting(self, reset: bool):
+        # only MLSQL's own settings (mlsql_*) are ours; every other SET / RESET is DuckDB's
+        head = self._prev.text
+        if self._curr is None or not self._curr.text.lower().startswith(MLSQL_SETTING_PREFIX):
+            return None
+        name = self._parse_id_var(any_token=True)
+        if reset:
+            return self.expression(mx.SetVariable(this=name, expression=exp.Null()))
+        if name is None or not (self._match(TokenType.EQ) or self._match_text_seq("TO")):
+            self.raise_error(f"Expected {head} {name.name if name is not None else ''} = <value>")
+        value = self._parse_bitwise()
+        if value is None:
+            self.raise_error(f"Expected a value after SET {name.name} =")
+        return self.expression(mx.SetVariable(this=name, expression=value))
 
     def _parse_create_model(self, replace: bool):
         exists = self._match_text_seq("IF", "NOT", "EXISTS")
@@ -362,6 +343,36 @@ def _named_sql(keyword: str):
     return gen_sql
 
 
+# MLSQL's statements by their head words -> how the rest parses (the parser's own table, as sqlglot
+# keeps STATEMENT_PARSERS by token): longest heads first, so that DROP DEVICE GROUP is tried before
+# DROP DEVICE; a CREATE head also takes CREATE OR REPLACE. The planner's table (mlsql.plan.planner.
+# STATEMENTS) maps each node made here to its steps.
+STATEMENTS: list[tuple[tuple[str, ...], Callable[[MLSQLParser, bool], exp.Expression | None]]] = sorted([
+    (("CREATE", "MODEL"), lambda p, replace: p._parse_create_model(replace)),
+    (("CREATE", "DEVICE", "GROUP"), lambda p, replace: p._parse_named(mx.CreateDeviceGroup, replace=replace)),
+    (("CREATE", "DEVICE"), lambda p, replace: p._parse_named(mx.CreateDevice, replace=replace)),
+    (("CREATE", "JOB"), lambda p, replace: p._parse_create_job(replace)),
+    (("SHOW", "MODELS"), lambda p, _: p.expression(mx.ShowModels())),
+    (("SHOW", "DEVICES"), lambda p, _: p.expression(mx.ShowDevices())),
+    (("SHOW", "JOBS"), lambda p, _: p.expression(mx.ShowJobs())),
+    (("DESCRIBE", "MODEL"), lambda p, _: p.expression(mx.DescribeModel(this=p._parse_model_ref()))),
+    (("DESCRIBE", "JOB"), lambda p, _: p.expression(mx.DescribeJob(this=p._parse_object_name("job")))),
+    (("DROP", "MODEL"), lambda p, _: p._parse_drop(mx.DropModel, "model", model=True)),
+    (("DROP", "DEVICE", "GROUP"), lambda p, _: p._parse_drop(mx.DropDeviceGroup, "device group")),
+    (("DROP", "DEVICE"), lambda p, _: p._parse_drop(mx.DropDevice, "device")),
+    (("DROP", "JOB"), lambda p, _: p._parse_drop(mx.DropJob, "job")),
+    (("RUN", "JOB"), lambda p, _: p.expression(mx.RunJob(this=p._parse_object_name("job")))),
+    (("ALTER", "JOB"), lambda p, _: p._parse_alter_job()),
+    (("EXPORT", "MODEL"), lambda p, _: p.expression(mx.ExportModel(this=p._parse_model_ref(),
+                                                                    options=p._parse_options()))),
+    (("DEPLOY", "MODEL"), lambda p, _: p._parse_deploy()),
+    (("ROLLBACK", "MODEL"), lambda p, _: p._parse_rollback()),
+    (("EXPLAIN",), lambda p, _: p._parse_explain()),
+    (("SET",), lambda p, _: p._parse_mlsql_setting(reset=False)),
+    (("RESET",), lambda p, _: p._parse_mlsql_setting(reset=True)),
+], key=lambda entry: -len(entry[0]))
+
+
 class MLSQLGenerator(DuckDB.Generator):
     TRANSFORMS = {
         **DuckDB.Generator.TRANSFORMS,
@@ -406,12 +417,10 @@ _DIALECT = MLSQL()
 
 
 # -- scripts --------------------------------------------------------------------
-_ML_HEADS = {
-    ("CREATE", "MODEL"), ("CREATE", "OR", "REPLACE", "MODEL"), ("CREATE", "DEVICE"), ("CREATE", "OR", "REPLACE", "DEVICE"),
-    ("CREATE", "JOB"), ("CREATE", "OR", "REPLACE", "JOB"), ("EXPORT", "MODEL"), ("DEPLOY", "MODEL"),
-    ("ROLLBACK", "MODEL"), ("SHOW", "MODELS"), ("SHOW", "DEVICES"), ("SHOW", "JOBS"), ("DESCRIBE", "MODEL"),
-    ("DROP", "MODEL"), ("DROP", "DEVICE"), ("DROP", "JOB"), ("DESCRIBE", "JOB"), ("RUN", "JOB"), ("ALTER", "JOB"),
-}
+# the heads that make a statement MLSQL's before it parses (EXPLAIN, SET and RESET are DuckDB's too:
+# _looks_ml looks at what follows them)
+_ML_HEADS = {w for w, _ in STATEMENTS if w[0] not in ("EXPLAIN", "SET", "RESET")} | {
+    ("CREATE", "OR", "REPLACE", *w[1:]) for w, _ in STATEMENTS if w[0] == "CREATE"}
 
 
 def _looks_ml(tokens: list[Token]) -> bool:
