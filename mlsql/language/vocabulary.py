@@ -82,7 +82,7 @@ def _parser_words() -> set[str]:
 def keywords() -> list[str]:
     """Every word of MLSQL's own statements (the parser's, and the statement heads by which the
     dialect tells an MLSQL statement), upper case, sorted."""
-    heads = {w for head in dialect._ML_HEADS for w in head}
+    heads = {w for head, _ in dialect.STATEMENTS for w in head} | {"OR", "REPLACE"}  # CREATE [OR REPLACE]
     return sorted((_parser_words() | heads) - {FUNCTION_NAMESPACE})
 
 
