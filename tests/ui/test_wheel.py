@@ -52,8 +52,10 @@ def fresh_venv(tmp_path_factory):
     purelib = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                            text=True).strip())
     (purelib / "borrowed_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    # without this run's PYTHONPATH, which would show the target venv a checkout's mlsql as installed
     r = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "--no-index", "-q",
-                        *wheels], capture_output=True, text=True, timeout=600)
+                        *wheels], capture_output=True, text=True, timeout=600,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert r.returncode == 0, r.stdout + r.stderr
     (venv / "share" / "jupyter").mkdir(parents=True, exist_ok=True)
     os.symlink(Path(sys.prefix) / "share" / "jupyter" / "lab", venv / "share" / "jupyter" / "lab")
