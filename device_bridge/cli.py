@@ -46,6 +46,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads per model session (default 1: concurrent requests run "
                         "side by side, a core each; 0: ORT's default, one per core, better for one client "
                         "sending large batches)")
+    s.add_argument("--cores", type=int, default=0,
+                   help="the budget of cores the scheduler shares out: run slots, and batch sessions' intra-op "
+                        "threads (default 0: every core of the machine)")
+    s.add_argument("--priorities", choices=["on", "off"], default="on",
+                   help="on (default): realtime first, normal and batch by weighted shares, batch at a lower CPU "
+                        "priority; off: one first-come-first-served queue for every model (for comparison)")
+    s.add_argument("--batch-nice", type=int, default=10,
+                   help="nice value of batch-class work: worker processes, and in-process pool threads on Linux")
+    s.add_argument("--memory-budget-mb", type=int, default=None,
+                   help="the device's total for the active versions' memory_mb: an install or activation past it "
+                        "is refused (409 memory_budget); default: no total")
     s.add_argument("--open-reads", action="store_true",
                    help="serve info, metrics, events and predict without the token (default: token required; "
                         "health is always open)")
@@ -131,6 +142,11 @@ def serve(args) -> int:
     if args.ort_threads < 0:
         print("mlsql-device: --ort-threads must be 0 (ONNX Runtime's default) or more", file=sys.stderr)
         return 2
+    if args.cores < 0 or not 0 <= args.batch_nice <= 19 or (args.memory_budget_mb is not None
+                                                             and args.memory_budget_mb < 16):
+        print("mlsql-device: --cores must be 0 (all) or more, --batch-nice 0 to 19, --memory-budget-mb at least 16",
+              file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("mlsql-device: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -162,7 +178,9 @@ def serve(args) -> int:
             max_json_bytes=int(args.max_json_mb * 1024 * 1024),
             breaker_window=args.breaker_window, breaker_min_requests=args.breaker_min_requests,
             breaker_threshold=args.breaker_threshold, hub_url=args.hub,
-            hub_token=args.hub_token, available_providers=fake, ort_threads=args.ort_threads)
+            hub_token=args.hub_token, available_providers=fake, ort_threads=args.ort_threads,
+            cores=args.cores, priorities=args.priorities == "on", batch_nice=args.batch_nice,
+            memory_budget_mb=args.memory_budget_mb)
         port = args.port if args.devices <= 1 or args.port == 0 else args.port + i
         try:
             claims.append(claim(store, name, port or None))  # held until this process ends

@@ -1,0 +1,86 @@
+"""Messages between the agent and its model worker processes, over a Unix socket pair.
+
+    uint32 LE header length | uint32 LE data length | JSON header | column buffers (8-byte aligned)
+
+The header holds the message's fields and ``cols``: ``[name, dtype, shape, offset, nbytes]`` per
+array (fixed-size numpy dtypes; strings as ``<U``). A message goes out in one ``sendmsg`` of the
+arrays' own buffers (no copy into a joined body) and is read into one buffer that the arrays then
+view (``np.frombuffer``): one copy through the kernel each way, numpy only (no pyarrow on a device).
+Both ends are the agent and a worker it started, so a header is trusted; the size is still capped.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+import numpy as np
+
+PREFIX = struct.Struct("<II")
+MAX_MESSAGE = 1 << 31
+_PAD = b"\0" * 8
+
+
+class Closed(EOFError):
+    """The other end closed the socket (or died)."""
+
+
+def pack(header: dict[str, Any], arrays: dict[str, np.ndarray] | None = None) -> list:
+    parts: list = []
+    cols = []
+    offset = 0
+    for name, a in (arrays or {}).items():
+        if a.dtype.kind == "O":
+            a = a.astype(str)
+        a = np.ascontiguousarray(a)
+        n = a.nbytes
+        cols.append([name, a.dtype.str, list(a.shape), offset, n])
+        if n:
+            parts.append(a.reshape(-1).view(np.uint8).data)
+        pad = (-n) % 8
+        if pad:
+            parts.append(_PAD[:pad])
+        offset += n + pad
+    if cols:
+        header = {**header, "cols": cols}
+    h = json.dumps(header, separators=(",", ":")).encode()
+    return [PREFIX.pack(len(h), offset), h, *parts]
+
+
+def send(sock: socket.socket, parts: list) -> None:
+    """One message; the caller holds the socket's write lock."""
+    total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+    sent = sock.sendmsg(parts)
+    if sent < total:  # a large message on a full socket buffer: the rest, in order
+        rest = b"".join(bytes(p) for p in parts)[sent:]
+        sock.sendall(rest)
+
+
+def _read_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    n = len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise Closed("socket closed")
+        got += k
+
+
+def recv(sock: socket.socket) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """One message: its header and its arrays (views of one buffer)."""
+    prefix = bytearray(PREFIX.size)
+    _read_exact(sock, memoryview(prefix))
+    hlen, dlen = PREFIX.unpack(prefix)
+    if hlen + dlen > MAX_MESSAGE:
+        raise Closed(f"message of {hlen + dlen} bytes: the stream is out of step")
+    buf = bytearray(hlen + dlen)
+    _read_exact(sock, memoryview(buf))
+    header = json.loads(bytes(buf[:hlen]))
+    arrays = {}
+    for name, dtype, shape, offset, nbytes in header.pop("cols", ()):
+        dt = np.dtype(dtype)
+        arrays[name] = np.frombuffer(buf, dtype=dt, count=nbytes // dt.itemsize if dt.itemsize else 0,
+                                     offset=hlen + offset).reshape(shape)
+    return header, arrays

@@ -1,0 +1,326 @@
+"""``POST /v1/models/{name}/predict``: read, check, queue, run, answer — with as little Python per
+request as the job allows.
+
+The request is a bare ASGI call (no Starlette Request or Response: a fifth of a single-row
+request's CPU went there); its headers are read once from the scope, the body in one ``receive``
+when it has arrived, and the answer is written once (web.py's transport joins head and body).
+
+Path of a request, after the token, the model and the body are checked:
+
+1. the scheduler (scheduler.py) starts it at once or queues it: 429 when the lane's queue is full,
+   504 when its deadline (``timeout_ms`` after arrival) passes while it waits;
+2. it runs where its deployment runs:
+   - ``isolation = 'thread'``: a small request to a model whose runs take under 0.5 ms runs on the
+     event loop (the hop to a thread would cost more than the run); anything else goes to its
+     class's thread pool (runners.py) as one piece of work (parse, run, encode), with ONNX
+     Runtime's ``RunOptions.terminate`` set at the deadline;
+   - ``isolation = 'process'``: the checked arrays go to the model's worker process (workers.py),
+     which stops the run at the deadline itself; the agent answers 504 on time whatever the
+     worker does, and kills a worker whose run is still going long after (``max(1 s, 4 x
+     timeout_ms)``);
+3. the slot is given back when the run really ends (not when a 504 was answered), so a model that
+   overruns keeps its share of the device, not more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs
+
+from starlette.requests import ClientDisconnect
+
+from device_bridge import web
+from device_bridge.agent import inputs as inp
+from device_bridge.agent.core import AgentCore, AgentError, LoadedVersion
+from device_bridge.agent.runners import Pools
+from device_bridge.agent.scheduler import DeadlineMissed, Overloaded
+from device_bridge.errors import ApiError
+
+log = logging.getLogger("device_bridge")
+
+NPZ_TYPES = ("application/x-npz", "application/npz")
+COLUMNS_TYPE = "application/x-mlsql-columns"
+SMALL_BODY = 8 * 1024
+INLINE_RUN_MS = 0.5        # in-process runs shorter than this (moving average) run on the event loop
+BIG_ANSWER_ROWS = 4096     # answers with more rows are encoded in a thread
+DEADLINE_SLACK_S = 0.002   # a worker stops its own run at the deadline: its answer goes first
+OVERRUN_MIN_S = 1.0        # a worker whose run is still going max(this, 4 x timeout) late is killed
+_JSON = b"application/json"
+
+
+class Answer(NamedTuple):
+    status: int
+    ctype: bytes
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+
+
+def error_answer(status: int, message: str, kind: str, headers: list | None = None) -> Answer:
+    return Answer(status, _JSON, web.dumps({"error": message, "kind": kind}), headers or [])
+
+
+class _Remote:
+    """One run in a worker process, as the event loop follows it."""
+
+    __slots__ = ("lv", "lane", "answer", "feed", "rows", "finished", "timed_out", "timer")
+
+    def __init__(self, lv: LoadedVersion, answer: asyncio.Future):
+        self.lv = lv
+        self.lane = lv.lane
+        self.answer = answer
+        self.feed: dict | None = None
+        self.rows = 0
+        self.finished = False
+        self.timed_out = False
+        self.timer: list | None = None
+
+
+class Predictor:
+    def __init__(self, core: AgentCore, token_b: bytes, read_auth: bool, budget: web.BodyBudget, big_parses,
+                 body_timeout: float, on_internal):
+        import onnxruntime as ort
+
+        self.core = core
+        self.sched = core.scheduler
+        self.token_b = token_b
+        self.read_auth = read_auth
+        self.max_body = core.config.max_body_bytes
+        # JSON costs about 20 bytes of Python objects per byte of body: its own, lower limit
+        self.max_json = min(self.max_body, core.config.max_json_bytes)
+        self.budget = budget
+        self.big_parses = big_parses
+        self.body_timeout = body_timeout
+        self.on_internal = on_internal
+        self.pools = Pools(max(4, 2 * core.cores), core.config.batch_nice if core.config.priorities else 0)
+        self.RunOptions = ort.RunOptions
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def asgi(self, scope: dict, receive, send, name: str) -> None:
+        ans = await self.handle(scope, receive, name)
+        headers = [(b"content-type", ans.ctype), (b"content-length", b"%d" % len(ans.body)), *ans.headers]
+        await send({"type": "http.response.start", "status": ans.status, "headers": headers})
+        await send({"type": "http.response.body", "body": ans.body})
+
+    async def handle(self, scope: dict, receive, name: str) -> Answer:
+        try:
+            return await self._predict(scope, receive, name)
+        except Overloaded as exc:
+            return error_answer(429, exc.message, exc.kind, [(b"retry-after", b"%d" % exc.retry_after)])
+        except ApiError as exc:
+            return error_answer(exc.status, exc.message, exc.kind)
+        except ClientDisconnect:
+            return error_answer(400, "client disconnected", "request")
+        except Exception as exc:  # a bug: logged, still a JSON answer
+            log.exception("internal error in POST %s", scope.get("path"))
+            self.on_internal(exc)
+            return error_answer(500, f"internal error: {type(exc).__name__}", "internal")
+        finally:
+            self.budget.release_scope(scope)
+
+    # ------------------------------------------------------------------ the request
+
+    async def _predict(self, scope: dict, receive, name: str) -> Answer:
+        arrived = time.monotonic()
+        auth = ctype = length = accept = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"content-type":
+                ctype = v
+            elif k == b"content-length":
+                length = v
+            elif k == b"accept":
+                accept = v
+        if self.read_auth and not hmac.compare_digest(_bearer(auth), self.token_b):
+            return error_answer(401, "missing or wrong token (Authorization: Bearer <token>)", "auth")
+        version = None
+        if scope.get("query_string"):
+            q = parse_qs(scope["query_string"].decode("latin-1"))
+            if "version" in q:
+                version = _version(q["version"][-1])
+        core = self.core
+        lv = core.resolve(name, version)
+        ctype_s = ctype.decode("latin-1").split(";")[0].strip().lower() if ctype else ""
+        is_json = ctype_s in ("application/json", "")
+        if not is_json and ctype_s != COLUMNS_TYPE and ctype_s not in NPZ_TYPES:
+            core.record_invalid(lv)
+            raise AgentError(415, f"unsupported content type {ctype_s!r}: send application/json, "
+                                  f"{COLUMNS_TYPE} or application/x-npz", "content_type")
+        body = await web.read_body_asgi(scope, receive, length, self.max_json if is_json else self.max_body,
+                                        self.body_timeout, self.budget)
+        accept_s = accept.decode("latin-1") if accept else ""
+        answer = ("columns" if COLUMNS_TYPE in accept_s else
+                  "npz" if any(t in accept_s for t in NPZ_TYPES) else None)
+        small = len(body) <= SMALL_BODY and ctype_s not in NPZ_TYPES
+        lane = lv.lane
+        deadline = arrived + lv.deploy.timeout_ms / 1000.0
+        if not self.sched.try_start(lane):
+            try:
+                await self.sched.start(lane, deadline, arrived)
+            except DeadlineMissed:
+                core.note_deadline(lv)
+                raise
+        if lv.worker is not None:
+            return await self._remote(lv, body, ctype_s, answer, deadline, small)
+        if small and lane.run_ms < INLINE_RUN_MS and lane.cls != "batch":
+            try:
+                return self._work(lv, body, ctype_s, answer, None)
+            finally:
+                self.sched.done(lane)
+        return await self._threaded(lv, body, ctype_s, answer, deadline)
+
+    # ------------------------------------------------------------------ in this process
+
+    def _parse(self, lv: LoadedVersion, body: bytes, ctype: str) -> tuple[dict, int]:
+        try:
+            if ctype == COLUMNS_TYPE:
+                return inp.feed_from_columns(body, lv.specs, self.max_body)
+            if ctype in NPZ_TYPES:
+                return inp.feed_from_npz(body, lv.specs, self.max_body, self.big_parses)
+            # each row is at least one object (rows) or each vector value one list (columns)
+            max_containers = inp.MAX_ROWS * (len(lv.specs) + 1) + 16
+            if len(body) > inp.BIG_PARSE:
+                with self.big_parses:
+                    return inp.feed_from_json(web.parse_json(body, max_containers, check_floats=False), lv.specs)
+            return inp.feed_from_json(web.parse_json(body, max_containers, check_floats=False), lv.specs)
+        except inp.LimitError as exc:
+            self.core.record_invalid(lv)
+            raise AgentError(413, str(exc), "too_large") from None
+        except inp.InputError as exc:
+            self.core.record_invalid(lv)
+            raise AgentError(400, str(exc), "invalid_input") from None
+        except ApiError:
+            self.core.record_invalid(lv)
+            raise
+
+    def _encode(self, lv: LoadedVersion, values, n: int, ms: float, answer: str | None,
+                jsoned: dict | None = None) -> Answer:
+        result = self.core.result(lv, values, n, ms, raw=answer is not None, jsoned=jsoned)
+        if answer is not None:
+            data = inp.outputs_to_columns(result) if answer == "columns" else inp.outputs_to_npz(result)
+            if data is not None:
+                return Answer(200, COLUMNS_TYPE.encode() if answer == "columns" else b"application/x-npz", data, [])
+            result["outputs"] = inp.outputs_to_json(list(result["outputs"]), list(result["outputs"].values()))
+        return Answer(200, _JSON, web.dumps(result), [])
+
+    def _work(self, lv: LoadedVersion, body: bytes, ctype: str, answer: str | None, ro) -> Answer:
+        feed, n = self._parse(lv, body, ctype)
+        values, ms = self.core.run_local(lv, feed, n, ro)
+        return self._encode(lv, values, n, ms, answer)
+
+    async def _threaded(self, lv: LoadedVersion, body: bytes, ctype: str, answer: str | None,
+                        deadline: float) -> Answer:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        lane = lv.lane
+        ro = self.RunOptions()
+
+        def finished(ok: bool, value: Any) -> None:
+            self.sched.done(lane)
+            if not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(value)
+
+        def late() -> None:  # the run did not stop at the flag (one long kernel): answer on time anyway
+            if not fut.done():
+                fut.set_exception(DeadlineMissed(lane, "run", lv.deploy.timeout_ms))
+
+        def at_deadline() -> None:
+            ro.terminate = True
+            loop.call_later(DEADLINE_SLACK_S, late)
+
+        timer = self.sched.timers.add(deadline, at_deadline)
+        self.pools[lane.cls].submit(lambda: self._work(lv, body, ctype, answer, ro), finished)
+        try:
+            return await fut
+        finally:
+            self.sched.timers.cancel(timer)
+
+    # ------------------------------------------------------------------ in a worker process
+
+    async def _remote(self, lv: LoadedVersion, body: bytes, ctype: str, answer: str | None, deadline: float,
+                      small: bool) -> Answer:
+        loop = asyncio.get_running_loop()
+        call = _Remote(lv, loop.create_future())
+        timeout_s = lv.deploy.timeout_ms / 1000.0
+
+        def reply(header: dict, arrays: dict) -> None:  # the worker's reader thread
+            loop.call_soon_threadsafe(self._on_reply, call, header, arrays)
+
+        def send() -> None:
+            call.feed, call.rows = self._parse(lv, body, ctype)
+            remaining = max(0.001, min(timeout_s, deadline - time.monotonic()))
+            lv.worker.submit({"op": "run", "rows": call.rows, "timeout_s": remaining}, call.feed, reply)
+
+        try:
+            if small:
+                send()
+            else:  # a big body is parsed and written to the socket in a thread
+                await self.pools[lv.lane.cls].run(send)
+        except BaseException:
+            self.sched.done(lv.lane)
+            raise
+        call.timer = self.sched.timers.add(deadline + DEADLINE_SLACK_S, lambda: self._on_deadline(call))
+        values, ms, jsoned = await call.answer
+        if call.rows > BIG_ANSWER_ROWS:
+            return await self.pools[lv.lane.cls].run(lambda: self._encode(lv, values, call.rows, ms, answer, jsoned))
+        return self._encode(lv, values, call.rows, ms, answer, jsoned)
+
+    def _on_reply(self, call: _Remote, header: dict, arrays: dict) -> None:
+        if call.finished:
+            return
+        call.finished = True
+        self.sched.done(call.lane)
+        self.sched.timers.cancel(call.timer)
+        lv = call.lv
+        if call.timed_out:  # answered 504 already: only what the breaker must know
+            if header.get("error") == "deadline" and header.get("counts"):
+                self.core._count_failure(lv)
+            return
+        out = self.core.remote_outcome(lv, header, arrays, call.rows, call.feed)
+        call.feed = None
+        if call.answer.done():
+            return
+        if isinstance(out, Exception):
+            call.answer.set_exception(out)
+        else:
+            call.answer.set_result(out)
+
+    def _on_deadline(self, call: _Remote) -> None:
+        if call.finished or call.answer.done():
+            return
+        lv = call.lv
+        call.timed_out = True
+        lv.lane.stats.deadline_run += 1
+        self.core.note_deadline(lv)
+        call.answer.set_exception(DeadlineMissed(lv.lane, "run", lv.deploy.timeout_ms))
+        grace = max(OVERRUN_MIN_S, 4 * lv.deploy.timeout_ms / 1000.0)
+
+        def overran() -> None:
+            if not call.finished and lv.worker is not None:
+                lv.worker.kill(f"was killed: a run was still going {grace:g} s after its deadline of "
+                               f"{lv.deploy.timeout_ms} ms (timeout_ms)")
+
+        self.sched.timers.add(time.monotonic() + grace, overran)
+
+
+def _bearer(h: bytes | None) -> bytes:
+    if h is None or h[:7].lower() != b"bearer ":
+        return b"\0"  # never equal to a token (tokens are text)
+    return h[7:].strip()
+
+
+def _version(v: Any) -> int:
+    if isinstance(v, str) and v.isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
+        raise AgentError(400, f"version must be a positive integer, got {v!r}")
+    return v
+
