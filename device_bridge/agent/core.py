@@ -81,7 +81,8 @@ class AgentConfig:
     ort_threads: int = 1  # intra-op threads per ORT session; 0 = ORT's default (one per core)
     cores: int = 0               # the budget of cores the scheduler shares out; 0 = os.cpu_count()
     priorities: bool = True      # False (--priorities off): one first-come-first-served queue for all
-    batch_nice: int = 10         # nice value of batch-class work (worker processes, pool threads)
+    batch_cpu: str = "idle"      # batch worker processes' CPU priority: idle (SCHED_IDLE), nice, normal
+    batch_nice: int = 10         # their nice value with batch_cpu = "nice" (or where SCHED_IDLE is missing)
     memory_budget_mb: int | None = None  # the device's total for the active versions' memory_mb
 
 
@@ -310,8 +311,11 @@ class AgentCore:
             return 1
         return max(1, (self.cores - 1) // max(1, s.max_concurrency))
 
-    def class_nice(self, s: DeploySettings) -> int:
-        return self.config.batch_nice if self.config.priorities and s.priority == "batch" else 0
+    def class_cpu(self, s: DeploySettings) -> tuple[str | None, int]:
+        """A worker's CPU priority: batch workers below everything else (with priorities on)."""
+        if self.config.priorities and s.priority == "batch" and self.config.batch_cpu != "normal":
+            return self.config.batch_cpu, self.config.batch_nice
+        return None, 0
 
     def check_memory_budget(self, name: str, s: DeploySettings) -> None:
         """Refuse to make active a version whose memory_mb, with the other models' active versions,
@@ -334,9 +338,9 @@ class AgentCore:
         return total
 
     def _worker_event(self, name: str, version: int):
-        def event(kind: str, **fields) -> None:
-            self.telemetry.event(kind, model=name, version=version, **fields)
-            if kind == "worker_start_failed":
+        def event(what: str, **fields) -> None:
+            self.telemetry.event(what, model=name, version=version, **fields)
+            if what == "worker_start_failed":
                 # a worker that cannot even run its known-good row again fails for everyone
                 lv = self.loaded.get((name, version))
                 if lv is not None and lv.breaker.record(True):
@@ -376,7 +380,8 @@ class AgentCore:
                 name=name, version=version, folder=folder, model_path=model_path, preference=plan.preference,
                 available=plan.available, candidates=plan.candidates, strict=plan.strict, threads=threads,
                 concurrency=settings.max_concurrency, memory_mb=settings.memory_mb,
-                nice=self.class_nice(settings), profile=fresh), self._worker_event(name, version))
+                nice=self.class_cpu(settings)[1], cpu_policy=self.class_cpu(settings)[0], profile=fresh),
+                self._worker_event(name, version))
             ready = worker.start()
             session, res_providers = None, ready["providers"]
             requested, attempts = ready["requested"], ready["attempts"]
@@ -472,7 +477,8 @@ class AgentCore:
             "background": json.loads(json.dumps(self.background)),
             "state": {"rebuilt": self.rebuilt, "unaccounted": list(self.unaccounted)},
             "scheduler": {**self.scheduler.describe(), "cores": self.cores,
-                          "batch_nice": self.config.batch_nice if self.config.priorities else 0,
+                          "batch_cpu": self.config.batch_cpu if self.config.priorities else "normal",
+                          "batch_nice": self.config.batch_nice,
                           "intra_op_threads": {c: self.class_threads(DeploySettings(**deploy_mod.class_defaults(c, self.cores)))
                                                for c in deploy_mod.PRIORITIES}},
             "memory_budget_mb": self.config.memory_budget_mb, "memory_committed_mb": self.memory_committed_mb(),
@@ -888,7 +894,10 @@ class AgentCore:
 
     def note_deadline(self, lv: LoadedVersion) -> None:
         """A request answered 504 before its run started (the scheduler counted it in the lane)."""
-        self.telemetry.get(lv.manifest.name, lv.manifest.version).record_error("deadline")
+        self.note_error(lv, "deadline")
+
+    def note_error(self, lv: LoadedVersion, kind: str) -> None:
+        self.telemetry.get(lv.manifest.name, lv.manifest.version).record_error(kind)
 
     def remote_outcome(self, lv: LoadedVersion, header: dict, arrays: dict, n_rows: int, feed: dict | None):
         """A worker's answer: (outputs, ms, json_outputs) or the AgentError it stands for."""

@@ -45,8 +45,10 @@ log = logging.getLogger("device_bridge")
 NPZ_TYPES = ("application/x-npz", "application/npz")
 COLUMNS_TYPE = "application/x-mlsql-columns"
 SMALL_BODY = 8 * 1024
+LIGHT_COLUMNS_BODY = 256 * 1024  # a columns body up to this size is checked and sent to a worker inline
 INLINE_RUN_MS = 0.5        # in-process runs shorter than this (moving average) run on the event loop
-BIG_ANSWER_ROWS = 4096     # answers with more rows are encoded in a thread
+BIG_ANSWER_ROWS = 4096     # answers with more rows are encoded in a thread (binary) ...
+BIG_JSON_ANSWER_ROWS = 256  # ... (JSON, which costs a Python object per value)
 DEADLINE_SLACK_S = 0.002   # a worker stops its own run at the deadline: its answer goes first
 OVERRUN_MIN_S = 1.0        # a worker whose run is still going max(this, 4 x timeout) late is killed
 _JSON = b"application/json"
@@ -59,8 +61,8 @@ class Answer(NamedTuple):
     headers: list[tuple[bytes, bytes]]
 
 
-def error_answer(status: int, message: str, kind: str, headers: list | None = None) -> Answer:
-    return Answer(status, _JSON, web.dumps({"error": message, "kind": kind}), headers or [])
+def error_answer(status: int, message: str, kind: str, headers: list | None = None, **extra) -> Answer:
+    return Answer(status, _JSON, web.dumps({"error": message, "kind": kind, **extra}), headers or [])
 
 
 class _Remote:
@@ -95,7 +97,7 @@ class Predictor:
         self.big_parses = big_parses
         self.body_timeout = body_timeout
         self.on_internal = on_internal
-        self.pools = Pools(max(4, 2 * core.cores), core.config.batch_nice if core.config.priorities else 0)
+        self.pools = Pools(max(4, 2 * core.cores))
         self.RunOptions = ort.RunOptions
 
     # ------------------------------------------------------------------ ASGI
@@ -110,7 +112,8 @@ class Predictor:
         try:
             return await self._predict(scope, receive, name)
         except Overloaded as exc:
-            return error_answer(429, exc.message, exc.kind, [(b"retry-after", b"%d" % exc.retry_after)])
+            return error_answer(429, exc.message, exc.kind, [(b"retry-after", b"%d" % exc.retry_after)],
+                                retry_after_s=exc.retry_after)
         except ApiError as exc:
             return error_answer(exc.status, exc.message, exc.kind)
         except ClientDisconnect:
@@ -157,6 +160,8 @@ class Predictor:
         answer = ("columns" if COLUMNS_TYPE in accept_s else
                   "npz" if any(t in accept_s for t in NPZ_TYPES) else None)
         small = len(body) <= SMALL_BODY and ctype_s not in NPZ_TYPES
+        # a columns body is read with one frombuffer per column: cheaper than a hop to a thread
+        light = small or (ctype_s == COLUMNS_TYPE and len(body) <= LIGHT_COLUMNS_BODY)
         lane = lv.lane
         deadline = arrived + lv.deploy.timeout_ms / 1000.0
         if not self.sched.try_start(lane):
@@ -166,7 +171,7 @@ class Predictor:
                 core.note_deadline(lv)
                 raise
         if lv.worker is not None:
-            return await self._remote(lv, body, ctype_s, answer, deadline, small)
+            return await self._remote(lv, body, ctype_s, answer, deadline, light)
         if small and lane.run_ms < INLINE_RUN_MS and lane.cls != "batch":
             try:
                 return self._work(lv, body, ctype_s, answer, None)
@@ -246,7 +251,7 @@ class Predictor:
     # ------------------------------------------------------------------ in a worker process
 
     async def _remote(self, lv: LoadedVersion, body: bytes, ctype: str, answer: str | None, deadline: float,
-                      small: bool) -> Answer:
+                      light: bool) -> Answer:
         loop = asyncio.get_running_loop()
         call = _Remote(lv, loop.create_future())
         timeout_s = lv.deploy.timeout_ms / 1000.0
@@ -260,17 +265,19 @@ class Predictor:
             lv.worker.submit({"op": "run", "rows": call.rows, "timeout_s": remaining}, call.feed, reply)
 
         try:
-            if small:
+            if light:
                 send()
             else:  # a big body is parsed and written to the socket in a thread
-                await self.pools[lv.lane.cls].run(send)
-        except BaseException:
+                await self.pools["io"].run(send)
+        except BaseException as exc:
             self.sched.done(lv.lane)
+            if isinstance(exc, ApiError) and exc.kind in ("worker", "memory"):
+                self.core.note_error(lv, exc.kind)  # refused while its worker restarts
             raise
         call.timer = self.sched.timers.add(deadline + DEADLINE_SLACK_S, lambda: self._on_deadline(call))
         values, ms, jsoned = await call.answer
-        if call.rows > BIG_ANSWER_ROWS:
-            return await self.pools[lv.lane.cls].run(lambda: self._encode(lv, values, call.rows, ms, answer, jsoned))
+        if call.rows > (BIG_ANSWER_ROWS if answer else BIG_JSON_ANSWER_ROWS):
+            return await self.pools["io"].run(lambda: self._encode(lv, values, call.rows, ms, answer, jsoned))
         return self._encode(lv, values, call.rows, ms, answer, jsoned)
 
     def _on_reply(self, call: _Remote, header: dict, arrays: dict) -> None:

@@ -4,17 +4,17 @@ A pool hands work to its threads with a plain queue and answers on the event loo
 ``call_soon_threadsafe``: less than a third of what anyio's ``to_thread`` costs per call. The
 scheduler (scheduler.py) decides how many runs go at once; a pool only needs as many threads.
 
-On Linux the threads of the batch pool lower their own CPU priority (``nice``, per thread), so
-that an in-process batch model yields the cores to realtime and normal work as a batch worker
-process does (workers.py).
+The agent's own threads all keep the agent's CPU priority. A lower one (``nice``) for the batch
+pool was tried and made realtime latency worse: a low-priority thread that the kernel preempts
+while it holds the interpreter lock (parsing a batch) makes the event loop wait for it, up to
+several milliseconds (priority inversion). Batch work gets a lower CPU priority where it holds no
+lock the agent needs: in its worker process (isolation = 'process', the batch default).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,22 +29,10 @@ def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
         fut.set_exception(value)
 
 
-def lower_thread_priority(nice: int) -> bool:
-    """Raise this thread's nice value (Linux: per thread). False where that is not possible."""
-    if nice <= 0 or not sys.platform.startswith("linux"):
-        return False
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        return True
-    except (OSError, AttributeError):
-        return False
-
-
 class ClassPool:
-    def __init__(self, name: str, threads: int, nice: int = 0):
+    def __init__(self, name: str, threads: int):
         self.name = name
         self.size = max(1, threads)
-        self.nice = nice
         self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
@@ -57,7 +45,6 @@ class ClassPool:
                 self.threads.append(t)
 
     def _loop(self) -> None:
-        lower_thread_priority(self.nice)
         while True:
             fn, loop, done = self.q.get()
             try:
@@ -83,11 +70,11 @@ class ClassPool:
 
 
 class Pools:
-    """One pool per class; ``batch_nice`` applies to the batch pool's threads."""
+    """One pool per class, and ``io`` for the agent's side of runs in worker processes (parsing,
+    writing to the worker, encoding big answers)."""
 
-    def __init__(self, threads: int, batch_nice: int = 0):
-        self.pools = {"realtime": ClassPool("realtime", threads), "normal": ClassPool("normal", threads),
-                      "batch": ClassPool("batch", threads, batch_nice)}
+    def __init__(self, threads: int):
+        self.pools = {c: ClassPool(c, threads) for c in ("realtime", "normal", "batch", "io")}
 
     def __getitem__(self, cls: str) -> ClassPool:
         return self.pools.get(cls) or self.pools["normal"]

@@ -171,7 +171,7 @@ class Scheduler:
     def lane(self, key: tuple[str, int], cls: str, max_concurrency: int, max_queue: int, timeout_ms: int) -> Lane:
         """The lane of a deployment, created or given its (new) settings. Called from any thread
         (a load); a lane's settings are plain attributes, read by the loop at the next request."""
-        if not self.priorities:
+        if not self.priorities:  # one class: first come, first served (_pick takes the oldest head)
             cls = "normal"
         lane = self.lanes.get(key)
         if lane is None:
@@ -263,8 +263,6 @@ class Scheduler:
         heads = [lane.waiters[0] for lane in self.lanes.values() if lane.waiters and self._may_run(lane)]
         if not heads:
             return None
-        if not self.priorities:
-            return min(heads, key=lambda w: w.since)  # first come, first served
         rt = [w for w in heads if w.lane.cls == "realtime"]
         if rt:
             return min(rt, key=lambda w: w.since)

@@ -40,6 +40,48 @@ SOCKET_BUFFER = 4 << 20
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)  # where `device_bridge` is importable
 
 
+class _Spawner:
+    """Starts every worker process from one thread that lives as long as the agent: a worker asks
+    the kernel to kill it when its parent goes (PR_SET_PDEATHSIG), and for Linux that parent is
+    the thread that forked it, so a short-lived thread (a restart timer, a pool thread that
+    retires) would take its workers with it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.jobs: list = []
+        self.cond = threading.Condition(self.lock)
+        self.thread: threading.Thread | None = None
+
+    def popen(self, *args, **kwargs) -> subprocess.Popen:
+        done = threading.Event()
+        box: list = []
+        with self.cond:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._loop, name="worker-spawner", daemon=True)
+                self.thread.start()
+            self.jobs.append((args, kwargs, box, done))
+            self.cond.notify()
+        done.wait()
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.jobs:
+                    self.cond.wait()
+                args, kwargs, box, done = self.jobs.pop(0)
+            try:
+                box.append(subprocess.Popen(*args, **kwargs))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                box.append(exc)
+            done.set()
+
+
+_spawner = _Spawner()
+
+
 class WorkerDown(ApiError):
     """503: the model's worker process is not there (crashed, restarting, over its memory budget)."""
 
@@ -61,6 +103,7 @@ class WorkerSpec:
     concurrency: int    # runs at once (max_concurrency)
     memory_mb: int | None
     nice: int
+    cpu_policy: str | None  # "idle" (SCHED_IDLE), "nice", or None: the agent's own priority
     profile: bool       # measure node placement on the first run
 
 
@@ -88,7 +131,7 @@ class WorkerProcess:
 
     def __init__(self, spec: WorkerSpec, on_event: Callable[..., None] | None = None):
         self.spec = spec
-        self.on_event = on_event or (lambda kind, **f: None)
+        self.on_event = on_event or (lambda what, **f: None)
         self.lock = threading.Lock()
         self.wlock = threading.Lock()
         self.ids = itertools.count(1)
@@ -127,15 +170,15 @@ class WorkerProcess:
         cfg = {"fd": child.fileno(), "folder": str(s.folder), "model_path": s.model_path,
                "preference": s.preference, "available": s.available, "candidates": s.candidates,
                "strict": s.strict, "threads": s.threads, "concurrency": s.concurrency,
-               "memory_mb": s.memory_mb, "nice": s.nice, "profile": s.profile}
+               "memory_mb": s.memory_mb, "nice": s.nice, "cpu_policy": s.cpu_policy, "profile": s.profile}
         env = dict(os.environ)
         # numpy's BLAS threads are not needed (ORT has its own); fewer malloc arenas keep the address
         # space, and so the memory budget, about the model
         env.update(MALLOC_ARENA_MAX="2", OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join(p for p in (_PACKAGE_PARENT, env.get("PYTHONPATH")) if p))
         try:
-            proc = subprocess.Popen([sys.executable, "-m", "device_bridge.agent.worker", json.dumps(cfg)],
-                                    pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL)
+            proc = _spawner.popen([sys.executable, "-m", "device_bridge.agent.worker", json.dumps(cfg)],
+                                  pass_fds=[child.fileno()], env=env, stdin=subprocess.DEVNULL)
         except OSError as exc:
             parent.close()
             child.close()
@@ -166,6 +209,11 @@ class WorkerProcess:
                                     f"while loading: {msg}", "memory")
             raise ApiError(422, f"{self.label} cannot be loaded: {msg}", "load")
         with self.lock:
+            if self.stopping:  # stopped while this one started (a restart racing an unload)
+                proc.kill()
+                proc.wait()
+                parent.close()
+                raise ApiError(503, f"{self.label}: its worker process was stopped", "worker")
             self.gen += 1
             gen = self.gen
             self.proc, self.sock, self.ready = proc, parent, header
@@ -261,11 +309,17 @@ class WorkerProcess:
         if stopping:
             return
         log.warning("%s: worker process (pid %s) %s; restarting in %.1f s", self.label, proc.pid, reason, self.backoff)
-        self.on_event("worker_exit", reason=reason, kind=kind, status=status, pid=proc.pid,
-                      restart_in_s=round(self.backoff, 3))
         t = threading.Timer(self.backoff, self._restart)
         t.daemon = True
         t.start()
+        self._event("worker_exit", reason=reason, cause=kind, status=status, pid=proc.pid,
+                    restart_in_s=round(self.backoff, 3))
+
+    def _event(self, what: str, **fields) -> None:
+        try:
+            self.on_event(what, **fields)
+        except Exception:  # noqa: BLE001 - reporting must not stop a restart
+            log.exception("%s: event %s", self.label, what)
 
     def _restart(self) -> None:
         if self.stopping:
@@ -282,14 +336,14 @@ class WorkerProcess:
                                   "kind": exc.kind if exc.kind in ("memory", "worker") else "worker",
                                   "status": None, "pid": None}
                 self.state = "restarting"
-            self.on_event("worker_start_failed", error=exc.message[:300], restart_in_s=round(self.backoff, 3))
             t = threading.Timer(self.backoff, self._restart)
             t.daemon = True
             t.start()
+            self._event("worker_start_failed", error=exc.message[:300], restart_in_s=round(self.backoff, 3))
             return
         with self.lock:
             self.restarts += 1
-        self.on_event("worker_restarted", pid=self.ready.get("pid"), restarts=self.restarts)
+        self._event("worker_restarted", pid=self.ready.get("pid"), restarts=self.restarts)
 
     # ------------------------------------------------------------------ stop / kill
 
