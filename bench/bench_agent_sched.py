@@ -7,7 +7,8 @@ Models: the synthetic xgboost classifier of bench_device.py (100 trees of depth 
 deployed twice on one agent: ``rt`` with ``priority = 'realtime'`` (in the agent's process) and
 ``bt`` with ``priority = 'batch'`` (its default: its own worker process).
 
-Loads, each from bench/loadgen.py in its own process:
+Loads, each from bench/loadgen.py in its own process (figures: medians over --rounds rounds of
+realtime alone, batch alone, both, so that each sees the same machine):
 - realtime: one connection sending single-row JSON requests at a steady 200 a second (light);
 - batch: 4 connections sending 4,096-row x-mlsql-columns batches back to back (saturation).
 
@@ -96,7 +97,10 @@ def start_agent(tmp: Path, pub: Path, tag: str, extra: list[str]) -> B.Agent:
                     "--trust", str(pub), *extra], tmp / f"{tag}.json")
 
 
-def sharing(tmp: Path, pub: Path, pkg_rt: bytes, pkg_bt: bytes, bodies_: dict, seconds: float, priorities: str) -> dict:
+def sharing(tmp: Path, pub: Path, pkg_rt: bytes, pkg_bt: bytes, bodies_: dict, seconds: float, priorities: str,
+            rounds: int) -> dict:
+    """``rounds`` rounds of: realtime alone, batch alone, both at once (so that each figure sees the same
+    machine, whose other load comes and goes); the medians over the rounds."""
     agent = start_agent(tmp, pub, f"sched-{priorities}", ["--priorities", priorities])
     try:
         c = DeviceClient(agent.url, B.TOKEN, timeout=120)
@@ -108,31 +112,36 @@ def sharing(tmp: Path, pub: Path, pkg_rt: bytes, pkg_bt: bytes, bodies_: dict, s
         bt_cmd = loadgen_cmd(agent.url, "bt", bt_body, bt_ct, BATCH_CLIENTS, seconds, accept=bt_acc)
         run_loads({"rt": loadgen_cmd(agent.url, "rt", rt_body, rt_ct, 1, 1.0, rate=RT_RATE),
                    "bt": loadgen_cmd(agent.url, "bt", bt_body, bt_ct, BATCH_CLIENTS, 1.0, accept=bt_acc)})  # warm
-        rt_alone = run_loads({"rt": rt_cmd})["rt"]
-        bt_alone = run_loads({"bt": bt_cmd})["bt"]
-        both = run_loads({"rt": rt_cmd, "bt": bt_cmd})
+        runs = []
+        for _ in range(rounds):
+            rt_alone = run_loads({"rt": rt_cmd})["rt"]
+            bt_alone = run_loads({"bt": bt_cmd})["bt"]
+            both = run_loads({"rt": rt_cmd, "bt": bt_cmd})
+            runs.append({"realtime_alone": rt_fig(rt_alone), "batch_alone": bt_fig(bt_alone),
+                         "realtime_under_batch": rt_fig(both["rt"]), "batch_beside_realtime": bt_fig(both["bt"])})
         info = c.info()
         metrics = {e["model"]: e for e in c.metrics(columns=False)["models"]}
     finally:
         agent.stop()
-
-    def rt_fig(r):
-        return {"requests_per_s": r["requests_per_s"], "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"],
-                "p99_ms": r["p99_ms"]}
-
-    def bt_fig(r):
-        return {"requests_per_s": r["requests_per_s"], "rows_per_s": r["requests_per_s"] * BATCH_ROWS,
-                "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]}
-
-    out = {"priorities": priorities, "realtime_alone": rt_fig(rt_alone), "batch_alone": bt_fig(bt_alone),
-           "realtime_under_batch": rt_fig(both["rt"]), "batch_beside_realtime": bt_fig(both["bt"]),
-           "deploy": {m: info["models"][m]["deploy"] for m in ("rt", "bt")},
-           "scheduler": info["scheduler"],
-           "agent_metrics": {m: {k: metrics[m].get(k) for k in ("wait_ms", "rejected", "deadline_misses",
-                                                                "worker_restarts", "memory_mb")} for m in ("rt", "bt")}}
+    out = {"priorities": priorities, "rounds": runs}
+    for k in ("realtime_alone", "batch_alone", "realtime_under_batch", "batch_beside_realtime"):
+        out[k] = {f: float(np.median([r[k][f] for r in runs])) for f in runs[0][k]}
+    out["deploy"] = {m: info["models"][m]["deploy"] for m in ("rt", "bt")}
+    out["scheduler"] = info["scheduler"]
+    out["agent_metrics"] = {m: {k: metrics[m].get(k) for k in ("wait_ms", "rejected", "deadline_misses",
+                                                              "worker_restarts", "memory_mb")} for m in ("rt", "bt")}
     out["realtime_p99_ratio"] = out["realtime_under_batch"]["p99_ms"] / out["realtime_alone"]["p99_ms"]
     out["batch_throughput_ratio"] = out["batch_beside_realtime"]["rows_per_s"] / out["batch_alone"]["rows_per_s"]
     return out
+
+
+def rt_fig(r: dict) -> dict:
+    return {"requests_per_s": r["requests_per_s"], "p50_ms": r["p50_ms"], "p90_ms": r["p90_ms"], "p99_ms": r["p99_ms"]}
+
+
+def bt_fig(r: dict) -> dict:
+    return {"requests_per_s": r["requests_per_s"], "rows_per_s": r["requests_per_s"] * BATCH_ROWS,
+            "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"]}
 
 
 def isolation_cost(tmp: Path, pub: Path, model_bytes: bytes, kp, bodies_: dict, seconds: float) -> dict:
@@ -172,13 +181,15 @@ def isolation_cost(tmp: Path, pub: Path, model_bytes: bytes, kp, bodies_: dict, 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--seconds", type=float, default=8.0)
-    ap.add_argument("--quick", action="store_true", help="3 s per measurement")
+    ap.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of (realtime alone, batch alone, both)")
+    ap.add_argument("--quick", action="store_true", help="one round, 3 s per measurement")
     args = ap.parse_args(argv)
     seconds = 3.0 if args.quick else args.seconds
+    rounds = 1 if args.quick else args.rounds
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "cpu": _cpu_name(),
                                  "python": platform.python_version(), "load_avg_at_start": os.getloadavg()},
-                     "seconds": seconds, "realtime_rate": RT_RATE, "batch_rows": BATCH_ROWS,
+                     "seconds": seconds, "rounds": rounds, "realtime_rate": RT_RATE, "batch_rows": BATCH_ROWS,
                      "batch_clients": BATCH_CLIENTS}
     with tempfile.TemporaryDirectory(prefix="bench-sched-") as d:
         tmp = Path(d)
@@ -189,7 +200,7 @@ def main(argv=None) -> int:
         pkg_rt = build_package(model, {"name": "rt", "version": 1, "providers": ["cpu"]}, kp.private_key)
         pkg_bt = build_package(model, {"name": "bt", "version": 1, "providers": ["cpu"]}, kp.private_key)
         bodies_ = bodies(tmp)
-        results["sharing"] = {p: sharing(tmp, pub, pkg_rt, pkg_bt, bodies_, seconds, p) for p in ("on", "off")}
+        results["sharing"] = {p: sharing(tmp, pub, pkg_rt, pkg_bt, bodies_, seconds, p, rounds) for p in ("on", "off")}
         results["isolation"] = isolation_cost(tmp, pub, model, kp, bodies_, seconds)
     on = results["sharing"]["on"]
     iso = results["isolation"]
@@ -209,7 +220,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps(results, indent=2))
 
     print(f"realtime model: 1 connection at {RT_RATE}/s, single-row JSON; batch model: {BATCH_CLIENTS} connections, "
-          f"{BATCH_ROWS}-row batches; {seconds:g} s each")
+          f"{BATCH_ROWS}-row batches; {seconds:g} s each, medians of {rounds} rounds")
     print(f"{'priorities':<11}{'rt alone p50/p99 ms':>21}{'rt + batch p50/p99 ms':>24}{'p99 x':>7}"
           f"{'batch alone rows/s':>20}{'batch + rt rows/s':>19}{'ratio':>7}")
     for p in ("on", "off"):

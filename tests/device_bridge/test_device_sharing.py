@@ -373,3 +373,49 @@ def test_ipc_messages_round_trip_arrays_of_every_kind():
     a.close()
     with pytest.raises(ipc.Closed):
         ipc.recv(b)
+
+
+def test_the_hubs_desired_deploy_settings_reach_the_agent(tmp_path, keys):
+    import hashlib
+
+    from device_test_helpers import start_hub
+
+    from device_bridge.agent.core import AgentConfig, AgentCore
+    from device_bridge.agent.hubsync import HubSync
+    from device_bridge.client import HubClient
+
+    hub = start_hub(tmp_path)
+    try:
+        hc = HubClient(hub.url, TOKEN)
+        data = package(keys, 1, name="m")
+        with pytest.raises(DeviceRequestError, match="deploy setting priority .*desired state"):
+            hc.set_desired("m", data, devices=["d"], deploy={"priority": "urgent"})
+        hc.set_desired("m", data, devices=["d"], deploy={"priority": "realtime", "timeout_ms": 40})
+        desired = hc.http.request("GET", "/v1/agents/d/desired")["models"]["m"]
+        assert desired["deploy"] == {"priority": "realtime", "timeout_ms": 40}
+    finally:
+        hub.kill()
+    # the agent applies what the hub asks (apply() alone: the same code the poll loop runs)
+    store = tmp_path / "store"
+    trust(store, keys)
+    core = AgentCore(AgentConfig(name="d", store=store, available_providers=["CPUExecutionProvider"]))
+    core.install(None, data)
+    sha = hashlib.sha256(data).hexdigest()
+    sync = HubSync(core, "http://127.0.0.1:9", "t", "http://127.0.0.1:8")
+    sync.apply({"m": {"sha256": sha, "version": 1, "deploy": desired["deploy"]}})
+    assert "m" not in sync.errors
+    d = core.info()["models"]["m"]["deploy"]
+    assert d["priority"] == "realtime" and d["timeout_ms"] == 40
+
+
+def test_client_error_classes_for_sharing_answers():
+    from device_bridge.errors import DeviceServerError, error_for_status
+
+    assert isinstance(error_for_status(429, "busy", kind="overloaded"), DeviceOverloadedError)
+    e = error_for_status(504, "late", kind="deadline")
+    assert isinstance(e, DeviceDeadlineError) and isinstance(e, DeviceUnavailableError)
+    assert type(error_for_status(503, "crashed", kind="worker")) is DeviceUnavailableError
+    assert type(error_for_status(503, "past budget", kind="memory")) is DeviceUnavailableError
+    assert type(error_for_status(422, "does not load", kind="memory")) is DeviceRequestError
+    assert type(error_for_status(409, "device budget", kind="memory_budget")) is DeviceRequestError
+    assert type(error_for_status(502, "x")) is DeviceServerError
