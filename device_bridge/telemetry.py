@@ -235,7 +235,8 @@ class VersionTelemetry:
         self._budget_used = 0
         self._pending: list[dict[str, np.ndarray]] = []  # small requests not yet profiled
         self._pending_rows = 0
-        self._done: deque = deque()          # (time, latency_ms, rows) of runs not yet folded in
+        self._done: deque = deque()          # (time, latency_ms, rows, cpu_ms) of runs not yet folded in
+        self.cpu_ms = 0.0                    # CPU time of the successful runs (ONNX Runtime's, by its thread)
         self._todo: deque = deque()          # (columns, rows, bytes) not yet profiled
         self._todo_bytes = 0
         self.errors: dict[str, int] = {}
@@ -266,11 +267,13 @@ class VersionTelemetry:
                     ps.insert(i, [now, requests, rows])
                 return
 
-    def record_success(self, latency_ms: float, rows: int, columns: dict[str, np.ndarray] | None) -> None:
+    def record_success(self, latency_ms: float, rows: int, columns: dict[str, np.ndarray] | None,
+                       cpu_ms: float = 0.0) -> None:
         """One successful run: an append (counters and latency are folded in later, see fold()),
-        and its rows queued for the column statistics while the budget allows."""
+        and its rows queued for the column statistics while the budget allows. ``cpu_ms``: the CPU
+        time the run took (its thread's), summed into ``model_cpu_ms``."""
         now = time.time()
-        self._done.append((now, latency_ms, rows))
+        self._done.append((now, latency_ms, rows, cpu_ms))
         self.last_request = now
         if not columns:
             return
@@ -303,6 +306,7 @@ class VersionTelemetry:
             with self.lock:
                 self.requests += n
                 self.rows += int(arr[:, 2].sum())
+                self.cpu_ms += float(arr[:, 3].sum())
                 self.latency.add_many(arr[:, 1])
                 for sec, q, r in zip(uniq.tolist(), per_req.tolist(), per_rows.tolist()):
                     self._tick(int(r), int(sec), int(q))
@@ -443,6 +447,7 @@ class VersionTelemetry:
                 "providers": list(self.providers),
                 "node_providers": self.node_providers,
                 "since": self.started, "last_request": self.last_request,
+                "model_cpu_ms": round(self.cpu_ms, 3),
             }
         if columns:
             with self.stats_lock:

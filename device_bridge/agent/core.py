@@ -142,6 +142,7 @@ class AgentCore:
         (self.store / "trusted_keys").mkdir(exist_ok=True)
         self.lock = threading.RLock()          # all mutations
         self.load_lock = threading.Lock()
+        self.hooks = os.environ.get(TEST_HOOKS_ENV) == "1"  # read once, at the agent's start
         self.cores = config.cores if config.cores > 0 else (os.cpu_count() or 1)
         self.scheduler = Scheduler(self.cores, priorities=config.priorities)
         self.telemetry = Telemetry(secret=self._secret())
@@ -816,9 +817,8 @@ class AgentCore:
         except Exception as exc:
             raise AgentError(503, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
 
-    @staticmethod
-    def _run(lv: LoadedVersion, feed: dict, ro=None):
-        if os.environ.get(TEST_HOOKS_ENV) == "1" and (lv.folder / ".test_broken").exists():
+    def _run(self, lv: LoadedVersion, feed: dict, ro=None):
+        if self.hooks and (lv.folder / ".test_broken").exists():
             raise RuntimeError("simulated execution provider failure (test hook)")
         return lv.session.run(None, feed, ro)
 
@@ -855,6 +855,7 @@ class AgentCore:
         input too: a request whose data makes the model fail (an index out of range...) gets a 422
         of kind ``model_input`` and cannot suspend the version for everyone."""
         name, version = lv.manifest.name, lv.manifest.version
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         try:
             values = self._run(lv, feed, ro)
@@ -876,16 +877,17 @@ class AgentCore:
             raise AgentError(503, f"model {name} version {version} fails on every input now: {msg}",
                              "runtime") from None
         ms = (time.perf_counter() - t0) * 1000.0
+        cpu_ms = (time.thread_time() - c0) * 1000.0
         if lv.canary is None or n_rows <= 8:
             lv.canary = {k: np.array(a[:1]) for k, a in feed.items()}
-        self.record_ok(lv, ms, n_rows, feed)
+        self.record_ok(lv, ms, n_rows, feed, cpu_ms)
         return values, ms
 
-    def record_ok(self, lv: LoadedVersion, ms: float, n_rows: int, feed: dict | None) -> None:
+    def record_ok(self, lv: LoadedVersion, ms: float, n_rows: int, feed: dict | None, cpu_ms: float = 0.0) -> None:
         """A successful run: telemetry (an append; folded in off the request path), the lane's run
         time (Retry-After, inline runs) and the breaker's window (it can cross the threshold on a
         success too)."""
-        self.telemetry.get(lv.manifest.name, lv.manifest.version).record_success(ms, n_rows, feed)
+        self.telemetry.get(lv.manifest.name, lv.manifest.version).record_success(ms, n_rows, feed, cpu_ms)
         if lv.lane is not None:
             lv.lane.ran(ms)
         if lv.breaker.record(False):
@@ -905,7 +907,7 @@ class AgentCore:
         err = header.get("error")
         if err is None:
             ms = float(header.get("ms", 0.0))
-            self.record_ok(lv, ms, n_rows, feed)
+            self.record_ok(lv, ms, n_rows, feed, float(header.get("cpu_ms", 0.0)))
             if "json" in header:
                 return None, ms, header["json"]
             return [arrays[n] for n in lv.output_names], ms, None

@@ -36,7 +36,7 @@ from starlette.requests import ClientDisconnect
 from device_bridge import web
 from device_bridge.agent import inputs as inp
 from device_bridge.agent.core import AgentCore, AgentError, LoadedVersion
-from device_bridge.agent.runners import Pools
+from device_bridge.agent.runners import Pools, inbox
 from device_bridge.agent.scheduler import DeadlineMissed, Overloaded
 from device_bridge.errors import ApiError
 
@@ -256,8 +256,10 @@ class Predictor:
         call = _Remote(lv, loop.create_future())
         timeout_s = lv.deploy.timeout_ms / 1000.0
 
+        box = inbox(loop)
+
         def reply(header: dict, arrays: dict) -> None:  # the worker's reader thread
-            loop.call_soon_threadsafe(self._on_reply, call, header, arrays)
+            box.post(self._on_reply, call, header, arrays)
 
         def send() -> None:
             call.feed, call.rows = self._parse(lv, body, ctype)

@@ -14,10 +14,55 @@ lock the agent needs: in its worker process (isolation = 'process', the batch de
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
+
+log = logging.getLogger("device_bridge.agent")
+
+
+class Inbox:
+    """Callbacks from other threads to run on the event loop, with one wake-up for a burst of them:
+    ``call_soon_threadsafe`` writes to the loop's self-pipe every time (a system call, and a wake-up
+    of the loop and of the writer's interpreter lock), where here only the first of a burst does."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.items: deque = deque()
+        self.armed = False
+
+    def post(self, fn: Callable, *args: Any) -> None:
+        self.items.append((fn, args))
+        if not self.armed:
+            self.armed = True
+            self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        # disarm first: a post that sees armed=True has appended before this line, so the loop below
+        # takes it; one that sees False wakes the loop again
+        self.armed = False
+        items = self.items
+        while items:
+            fn, args = items.popleft()
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - one callback must not strand the others
+                log.exception("callback on the event loop failed")
+
+
+_inboxes: dict[int, Inbox] = {}
+
+
+def inbox(loop: asyncio.AbstractEventLoop | None = None) -> Inbox:
+    """The inbox of ``loop`` (default: the running one)."""
+    loop = loop or asyncio.get_running_loop()
+    box = _inboxes.get(id(loop))
+    if box is None or box.loop is not loop:
+        box = _inboxes[id(loop)] = Inbox(loop)
+    return box
 
 
 def _settle(fut: asyncio.Future, ok: bool, value: Any) -> None:
@@ -46,14 +91,14 @@ class ClassPool:
 
     def _loop(self) -> None:
         while True:
-            fn, loop, done = self.q.get()
+            fn, box, done = self.q.get()
             try:
                 value = fn()
                 ok = True
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
                 value, ok = exc, False
             try:
-                loop.call_soon_threadsafe(done, ok, value)
+                box.post(done, ok, value)
             except RuntimeError:  # the loop is closed: the agent is stopping
                 return
 
@@ -61,7 +106,7 @@ class ClassPool:
         """Run ``fn`` in a thread; ``done(ok, value_or_exception)`` is then called on the loop."""
         if len(self.threads) < self.size:
             self._start()
-        self.q.put((fn, asyncio.get_running_loop(), done))
+        self.q.put((fn, inbox(), done))
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         fut = asyncio.get_running_loop().create_future()

@@ -210,6 +210,7 @@ class Worker:
         rid = header["id"]
         feed = {k: (a.astype(object) if a.dtype.kind in "US" else a) for k, a in arrays.items()}
         timeout_s = header.get("timeout_s")
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         try:
             if self.hooks:
@@ -242,13 +243,14 @@ class Worker:
             self.send({"id": rid, "error": kind, "message": msg})
             return
         ms = (time.perf_counter() - t0) * 1000.0
+        cpu_ms = (time.thread_time() - c0) * 1000.0
         n = header.get("rows", 0)
         if n <= 8:
             self.canary = {k: np.array(a[:1]) for k, a in feed.items()}
         if all(isinstance(v, np.ndarray) for v in values):
-            self.send({"id": rid, "ms": ms}, dict(zip(self.output_names, values)))
+            self.send({"id": rid, "ms": ms, "cpu_ms": cpu_ms}, dict(zip(self.output_names, values)))
         else:  # a ZipMap's list of maps: as JSON
-            self.send({"id": rid, "ms": ms, "json": self.outputs_to_json(self.output_names, values)})
+            self.send({"id": rid, "ms": ms, "cpu_ms": cpu_ms, "json": self.outputs_to_json(self.output_names, values)})
 
 
 def lower_cpu_priority(policy: str | None, nice: int) -> str | None:
