@@ -16,6 +16,7 @@ state (and an orphan folder that start-up removes); after it, the new one.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -844,8 +845,19 @@ class AgentCore:
 
     def _count_failure(self, lv: LoadedVersion) -> None:
         if lv.breaker.record(True):
-            self.suspend(lv.manifest.name, lv.manifest.version, f"error rate {lv.breaker.rate():.2f} over the "
-                                                                f"last {len(lv.breaker.outcomes)} requests")
+            self._trip(lv)
+
+    def _trip(self, lv: LoadedVersion) -> None:
+        """The breaker tripped: suspend (and roll back). A rollback can start a worker process and
+        writes the state with fsync: on the event loop's thread, that goes to a thread of its own."""
+        args = (lv.manifest.name, lv.manifest.version,
+                f"error rate {lv.breaker.rate():.2f} over the last {len(lv.breaker.outcomes)} requests")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            self.suspend(*args)
+            return
+        threading.Thread(target=self.suspend, args=args, name="suspend", daemon=True).start()
 
     def run_local(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int, ro=None) -> tuple[list, float]:
         """Run the model in this process (isolation = 'thread'); ``ro``: ONNX Runtime RunOptions whose
@@ -891,8 +903,7 @@ class AgentCore:
         if lv.lane is not None:
             lv.lane.ran(ms)
         if lv.breaker.record(False):
-            self.suspend(lv.manifest.name, lv.manifest.version, f"error rate {lv.breaker.rate():.2f} over the "
-                                                                f"last {len(lv.breaker.outcomes)} requests")
+            self._trip(lv)
 
     def note_deadline(self, lv: LoadedVersion) -> None:
         """A request answered 504 before its run started (the scheduler counted it in the lane)."""

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,54 @@ def send(sock: socket.socket, parts: list) -> None:
     if sent < total:  # a large message on a full socket buffer: the rest, in order
         rest = b"".join(bytes(p) for p in parts)[sent:]
         sock.sendall(rest)
+
+
+class Sender:
+    """The agent's writes to one worker, in order, never blocking the caller (the event loop) for
+    long: a message goes out at once if the socket's buffer takes it (``MSG_DONTWAIT``); what does
+    not fit, and every message after it, goes from a thread until the backlog is empty (a hung
+    worker that reads nothing costs a thread, not the agent)."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.backlog: deque = deque()
+        self.flushing = False
+        self.error: OSError | None = None
+
+    def send(self, parts: list) -> None:
+        total = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+        with self.lock:
+            if self.error is not None:
+                raise self.error
+            if self.flushing:
+                self.backlog.append(b"".join(parts))
+                return
+            try:
+                sent = self.sock.sendmsg(parts, [], socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent >= total:
+                return
+            self.backlog.append(b"".join(parts)[sent:])
+            self.flushing = True
+        threading.Thread(target=self._flush, name="ipc-send", daemon=True).start()
+
+    def _flush(self) -> None:
+        while True:
+            with self.lock:
+                if not self.backlog:
+                    self.flushing = False
+                    return
+                data = self.backlog.popleft()
+            try:
+                self.sock.sendall(data)
+            except OSError as exc:
+                with self.lock:
+                    self.error = exc
+                    self.backlog.clear()
+                    self.flushing = False
+                return
 
 
 def _read_exact(sock: socket.socket, view: memoryview) -> None:

@@ -161,6 +161,7 @@ class Scheduler:
         self.aging_s = aging_s
         self.weights = dict(weights or WEIGHTS)
         self.lanes: dict[tuple[str, int], Lane] = {}
+        self._all: tuple[Lane, ...] = ()    # the lanes, replaced (never changed in place) by other threads
         self.busy = 0                        # runs holding a slot (every class)
         self.waiting = 0                     # requests in all queues
         self.passes = {"normal": 0.0, "batch": 0.0}
@@ -176,12 +177,14 @@ class Scheduler:
         lane = self.lanes.get(key)
         if lane is None:
             lane = self.lanes[key] = Lane(key, cls, max_concurrency, max_queue, timeout_ms)
+            self._all = tuple(self.lanes.values())
         else:
             lane.cls, lane.max_concurrency, lane.max_queue, lane.timeout_ms = cls, max_concurrency, max_queue, timeout_ms
         return lane
 
     def drop(self, key: tuple[str, int]) -> None:
         self.lanes.pop(key, None)
+        self._all = tuple(self.lanes.values())
 
     # ------------------------------------------------------------------ admission
 
@@ -260,7 +263,7 @@ class Scheduler:
             w.future.set_result(None)
 
     def _pick(self) -> Waiter | None:
-        heads = [lane.waiters[0] for lane in self.lanes.values() if lane.waiters and self._may_run(lane)]
+        heads = [lane.waiters[0] for lane in self._all if lane.waiters and self._may_run(lane)]
         if not heads:
             return None
         rt = [w for w in heads if w.lane.cls == "realtime"]

@@ -133,12 +133,12 @@ class WorkerProcess:
         self.spec = spec
         self.on_event = on_event or (lambda what, **f: None)
         self.lock = threading.Lock()
-        self.wlock = threading.Lock()
         self.ids = itertools.count(1)
         self.pending: dict[int, Callable[[dict, dict], None]] = {}
         self.state = "starting"
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
+        self.sender: ipc.Sender | None = None
         self.gen = 0
         self.ready: dict[str, Any] = {}
         self.started_at = 0.0
@@ -217,6 +217,7 @@ class WorkerProcess:
             self.gen += 1
             gen = self.gen
             self.proc, self.sock, self.ready = proc, parent, header
+            self.sender = ipc.Sender(parent)
             self.state = "ready"
             self.started_at = time.monotonic()
             self.next_start = None
@@ -230,17 +231,14 @@ class WorkerProcess:
     def submit(self, header: dict, arrays: dict, callback: Callable[[dict, dict], None]) -> int:
         """Send one run; ``callback(reply_header, arrays)`` is called from the reader thread (an
         error reply has ``error``). Raises WorkerDown when the worker is not there."""
-        parts = None
         with self.lock:
             if self.state != "ready":
                 raise self.down_error()
             rid = next(self.ids)
             self.pending[rid] = callback
-            sock = self.sock
+            sender = self.sender
         try:
-            parts = ipc.pack({**header, "id": rid}, arrays)
-            with self.wlock:
-                ipc.send(sock, parts)
+            sender.send(ipc.pack({**header, "id": rid}, arrays))
         except OSError:
             with self.lock:
                 self.pending.pop(rid, None)

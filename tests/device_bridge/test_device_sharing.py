@@ -419,3 +419,26 @@ def test_client_error_classes_for_sharing_answers():
     assert type(error_for_status(422, "does not load", kind="memory")) is DeviceRequestError
     assert type(error_for_status(409, "device budget", kind="memory_budget")) is DeviceRequestError
     assert type(error_for_status(502, "x")) is DeviceServerError
+
+
+def test_ipc_sender_never_blocks_on_a_worker_that_reads_nothing():
+    import socket
+
+    from device_bridge.agent import ipc
+
+    a, b = socket.socketpair()
+    b.settimeout(20)
+    sender = ipc.Sender(a)
+    msgs = [np.full(200_000, i, dtype=np.float64) for i in range(6)]  # 9.6 MB: more than any socket buffer
+    for i, m in enumerate(msgs):
+        sender.send(ipc.pack({"id": i}, {"v": m}))  # nobody reads yet: the backlog goes from a thread
+    assert sender.flushing  # (a blocking send would never have come back here)
+    for i, m in enumerate(msgs):  # all of it arrives, whole and in order
+        h, got = ipc.recv(b)
+        assert h["id"] == i and np.array_equal(got["v"], m)
+    b.close()
+    wait_for(lambda: not sender.flushing, what="backlog sent")
+    with pytest.raises(OSError):
+        for _ in range(100):  # the other end is gone: an error, not a hang
+            sender.send(ipc.pack({"id": 99}, {"v": msgs[0]}))
+            time.sleep(0.01)
