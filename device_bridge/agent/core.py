@@ -16,7 +16,6 @@ state (and an orphan folder that start-up removes); after it, the new one.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -843,21 +842,20 @@ class AgentCore:
             return True
         return (time.perf_counter() - t0) * 1000.0 > lv.deploy.timeout_ms
 
-    def _count_failure(self, lv: LoadedVersion) -> None:
+    def _count_failure(self, lv: LoadedVersion, background: bool = False) -> None:
         if lv.breaker.record(True):
-            self._trip(lv)
+            self._trip(lv, background)
 
-    def _trip(self, lv: LoadedVersion) -> None:
-        """The breaker tripped: suspend (and roll back). A rollback can start a worker process and
-        writes the state with fsync: on the event loop's thread, that goes to a thread of its own."""
+    def _trip(self, lv: LoadedVersion, background: bool = False) -> None:
+        """The breaker tripped: suspend (and roll back) before the request that tripped it is answered.
+        ``background``: from a worker's answer on the event loop, where a rollback to a version in a
+        worker process would start that process: a thread of its own does it."""
         args = (lv.manifest.name, lv.manifest.version,
                 f"error rate {lv.breaker.rate():.2f} over the last {len(lv.breaker.outcomes)} requests")
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
+        if background:
+            threading.Thread(target=self.suspend, args=args, name="suspend", daemon=True).start()
+        else:
             self.suspend(*args)
-            return
-        threading.Thread(target=self.suspend, args=args, name="suspend", daemon=True).start()
 
     def run_local(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int, ro=None) -> tuple[list, float]:
         """Run the model in this process (isolation = 'thread'); ``ro``: ONNX Runtime RunOptions whose
@@ -895,7 +893,8 @@ class AgentCore:
         self.record_ok(lv, ms, n_rows, feed, cpu_ms)
         return values, ms
 
-    def record_ok(self, lv: LoadedVersion, ms: float, n_rows: int, feed: dict | None, cpu_ms: float = 0.0) -> None:
+    def record_ok(self, lv: LoadedVersion, ms: float, n_rows: int, feed: dict | None, cpu_ms: float = 0.0,
+                  background: bool = False) -> None:
         """A successful run: telemetry (an append; folded in off the request path), the lane's run
         time (Retry-After, inline runs) and the breaker's window (it can cross the threshold on a
         success too)."""
@@ -903,7 +902,7 @@ class AgentCore:
         if lv.lane is not None:
             lv.lane.ran(ms)
         if lv.breaker.record(False):
-            self._trip(lv)
+            self._trip(lv, background)
 
     def note_deadline(self, lv: LoadedVersion) -> None:
         """A request answered 504 before its run started (the scheduler counted it in the lane)."""
@@ -912,13 +911,15 @@ class AgentCore:
     def note_error(self, lv: LoadedVersion, kind: str) -> None:
         self.telemetry.get(lv.manifest.name, lv.manifest.version).record_error(kind)
 
-    def remote_outcome(self, lv: LoadedVersion, header: dict, arrays: dict, n_rows: int, feed: dict | None):
-        """A worker's answer: (outputs, ms, json_outputs) or the AgentError it stands for."""
+    def remote_outcome(self, lv: LoadedVersion, header: dict, arrays: dict, n_rows: int, feed: dict | None,
+                       background: bool = False):
+        """A worker's answer: (outputs, ms, json_outputs) or the AgentError it stands for.
+        ``background``: called on the event loop (see _trip)."""
         name, version = lv.manifest.name, lv.manifest.version
         err = header.get("error")
         if err is None:
             ms = float(header.get("ms", 0.0))
-            self.record_ok(lv, ms, n_rows, feed, float(header.get("cpu_ms", 0.0)))
+            self.record_ok(lv, ms, n_rows, feed, float(header.get("cpu_ms", 0.0)), background)
             if "json" in header:
                 return None, ms, header["json"]
             return [arrays[n] for n in lv.output_names], ms, None
@@ -928,12 +929,12 @@ class AgentCore:
         if err == "deadline":
             lv.lane.stats.deadline_run += 1
             if header.get("counts"):
-                self._count_failure(lv)
+                self._count_failure(lv, background)
             return DeadlineMissed(lv.lane, "run", lv.deploy.timeout_ms)
         if err == "model_input":
             return AgentError(422, f"model {name} version {version} failed on this input: {msg}", "model_input")
         if err == "runtime":
-            self._count_failure(lv)
+            self._count_failure(lv, background)
             return AgentError(503, f"model {name} version {version} fails on every input now: {msg}", "runtime")
         if err == "memory" and not msg.startswith("model "):
             msg = (f"model {name} version {version} exceeded its memory budget of {lv.deploy.memory_mb} MB "

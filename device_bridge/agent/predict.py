@@ -313,9 +313,9 @@ class Predictor:
         lv = call.lv
         if call.timed_out:  # answered 504 already: only what the breaker must know
             if header.get("error") == "deadline" and header.get("counts"):
-                self.core._count_failure(lv)
+                self.core._count_failure(lv, background=True)
             return
-        out = self.core.remote_outcome(lv, header, arrays, call.rows, call.feed)
+        out = self.core.remote_outcome(lv, header, arrays, call.rows, call.feed, background=True)
         call.feed = None
         if call.answer.done():
             return
