@@ -51,6 +51,7 @@ INSTALL_PAUSE_ENV = "MLSQL_DEVICE_TEST_INSTALL_PAUSE"  # test hook: seconds to s
 # test hook: with this env set to 1, a version folder holding a file ".test_broken" fails every run,
 # as a session whose provider died would (for the circuit breaker tests)
 TEST_HOOKS_ENV = "MLSQL_DEVICE_TEST_HOOKS"
+CANARY_EVERY = 64  # the known-good row is refreshed from every 64th small request (a copy per request cost)
 
 log = logging.getLogger("device_bridge.agent")
 
@@ -99,7 +100,8 @@ class LoadedVersion:
     node_providers: dict[str, int] | None
     breaker: CircuitBreaker
     strict: bool
-    canary: dict | None = None  # one row of the last request that ran: a known-good input
+    canary: dict | None = None  # one row of a recent small request that ran: a known-good input
+    since_canary: int = 0
     deploy: DeploySettings = field(default_factory=DeploySettings)
     lane: Lane | None = None            # its place in the scheduler
     worker: WorkerProcess | None = None  # isolation = 'process': the worker that holds the session
@@ -143,6 +145,7 @@ class AgentCore:
         self.lock = threading.RLock()          # all mutations
         self.load_lock = threading.Lock()
         self.hooks = os.environ.get(TEST_HOOKS_ENV) == "1"  # read once, at the agent's start
+        self.loop = None  # the agent's event loop, once it runs (attach_loop): it reads worker answers
         self.cores = config.cores if config.cores > 0 else (os.cpu_count() or 1)
         self.scheduler = Scheduler(self.cores, priorities=config.priorities)
         self.telemetry = Telemetry(secret=self._secret())
@@ -338,6 +341,14 @@ class AgentCore:
                 total += lv.deploy.memory_mb
         return total
 
+    def attach_loop(self, loop) -> None:
+        """The event loop the agent serves on: worker processes' answers are read there from now on."""
+        self.loop = loop
+        with self.load_lock:
+            workers = [lv.worker for lv in self.loaded.values() if lv.worker is not None]
+        for w in workers:
+            w.attach(loop)
+
     def _worker_event(self, name: str, version: int):
         def event(what: str, **fields) -> None:
             self.telemetry.event(what, model=name, version=version, **fields)
@@ -382,7 +393,7 @@ class AgentCore:
                 available=plan.available, candidates=plan.candidates, strict=plan.strict, threads=threads,
                 concurrency=settings.max_concurrency, memory_mb=settings.memory_mb,
                 nice=self.class_cpu(settings)[1], cpu_policy=self.class_cpu(settings)[0], profile=fresh),
-                self._worker_event(name, version))
+                self._worker_event(name, version), self.loop)
             ready = worker.start()
             session, res_providers = None, ready["providers"]
             requested, attempts = ready["requested"], ready["attempts"]
@@ -888,8 +899,10 @@ class AgentCore:
                              "runtime") from None
         ms = (time.perf_counter() - t0) * 1000.0
         cpu_ms = (time.thread_time() - c0) * 1000.0
-        if lv.canary is None or n_rows <= 8:
+        lv.since_canary += 1
+        if lv.canary is None or (n_rows <= 8 and lv.since_canary >= CANARY_EVERY):
             lv.canary = {k: np.array(a[:1]) for k, a in feed.items()}
+            lv.since_canary = 0
         self.record_ok(lv, ms, n_rows, feed, cpu_ms)
         return values, ms
 

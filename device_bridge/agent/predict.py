@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 import time
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs
@@ -99,10 +100,14 @@ class Predictor:
         self.on_internal = on_internal
         self.pools = Pools(max(4, 2 * core.cores))
         self.RunOptions = ort.RunOptions
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ ASGI
 
     async def asgi(self, scope: dict, receive, send, name: str) -> None:
+        if self.loop is None:  # from now on worker answers are read by this loop
+            self.loop = asyncio.get_running_loop()
+            self.core.attach_loop(self.loop)
         ans = await self.handle(scope, receive, name)
         headers = [(b"content-type", ans.ctype), (b"content-length", b"%d" % len(ans.body)), *ans.headers]
         await send({"type": "http.response.start", "status": ans.status, "headers": headers})
@@ -279,9 +284,13 @@ class Predictor:
         timeout_s = lv.deploy.timeout_ms / 1000.0
 
         box = inbox(loop)
+        loop_thread = threading.get_ident()
 
-        def reply(header: dict, arrays: dict) -> None:  # the worker's reader thread
-            box.post(self._on_reply, call, header, arrays)
+        def reply(header: dict, arrays: dict) -> None:  # on the event loop, or a worker's reading thread
+            if threading.get_ident() == loop_thread:
+                self._on_reply(call, header, arrays)
+            else:
+                box.post(self._on_reply, call, header, arrays)
 
         def send() -> None:
             call.feed, call.rows = self._parse(lv, body, ctype)

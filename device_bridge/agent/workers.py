@@ -11,10 +11,12 @@ start is due.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -37,6 +39,7 @@ RESTART_MAX_S = 10.0
 STABLE_S = 30.0
 START_TIMEOUT_S = 120.0
 SOCKET_BUFFER = 4 << 20
+READ_CHUNK = 256 << 10  # what the event loop reads from a worker's socket at a time
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent.parent)  # where `device_bridge` is importable
 
 
@@ -129,8 +132,12 @@ def describe_exit(status: int | None, memory_mb: int | None) -> tuple[str, str]:
 class WorkerProcess:
     """One model version's worker: start, submit runs, restart after a death, stop."""
 
-    def __init__(self, spec: WorkerSpec, on_event: Callable[..., None] | None = None):
+    def __init__(self, spec: WorkerSpec, on_event: Callable[..., None] | None = None,
+                 loop: asyncio.AbstractEventLoop | None = None):
+        """``loop``: the agent's event loop, which then reads the worker's answers itself (one thread
+        hand-off less per request); until one is known (attach()), a thread reads them."""
         self.spec = spec
+        self.loop = loop
         self.on_event = on_event or (lambda what, **f: None)
         self.lock = threading.Lock()
         self.ids = itertools.count(1)
@@ -222,9 +229,16 @@ class WorkerProcess:
             self.started_at = time.monotonic()
             self.next_start = None
             self.kill_reason = None
-        threading.Thread(target=self._read, args=(gen, proc, parent), name=f"worker-{s.name}-{s.version}",
-                         daemon=True).start()
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self._watch, gen, proc, parent)
+        else:
+            threading.Thread(target=self._read, args=(gen, proc, parent), name=f"worker-{s.name}-{s.version}",
+                             daemon=True).start()
         return header
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """From now on the event loop reads the answers (a reading thread hands over between two)."""
+        self.loop = loop
 
     # ------------------------------------------------------------------ runs
 
@@ -238,7 +252,7 @@ class WorkerProcess:
             self.pending[rid] = callback
             sender = self.sender
         try:
-            sender.send(ipc.pack({**header, "id": rid}, arrays))
+            sender.send(ipc.pack({**header, "id": rid}, arrays, ipc.TO_WORKER[0]))
         except OSError:
             with self.lock:
                 self.pending.pop(rid, None)
@@ -261,20 +275,55 @@ class WorkerProcess:
         return WorkerDown(f"{self.label}: its worker process {last.get('reason', 'is starting')}; restarting{due}",
                           last.get("kind", "worker"))
 
+    def _dispatch(self, header: dict, arrays: dict) -> None:
+        with self.lock:
+            cb = self.pending.pop(header.get("id"), None)
+        if cb is not None:
+            try:
+                cb(header, arrays)
+            except Exception:  # noqa: BLE001 - one request's callback must not stop the reader
+                log.exception("%s: answer callback failed", self.label)
+
     def _read(self, gen: int, proc: subprocess.Popen, sock: socket.socket) -> None:
+        """Answers read by a thread, until the event loop is known: then it takes over."""
         while True:
             try:
+                if self.loop is not None and not select.select([sock], [], [], 0)[0]:
+                    self.loop.call_soon_threadsafe(self._watch, gen, proc, sock)  # between two messages
+                    return
+                if not select.select([sock], [], [], 0.25)[0]:
+                    continue
                 header, arrays = ipc.recv(sock)
             except (ipc.Closed, OSError, ValueError):
                 break
-            with self.lock:
-                cb = self.pending.pop(header.get("id"), None)
-            if cb is not None:
-                try:
-                    cb(header, arrays)
-                except Exception:  # noqa: BLE001 - one request's callback must not stop the reader
-                    log.exception("%s: answer callback failed", self.label)
+            self._dispatch(header, arrays)
         self._died(gen, proc, sock)
+
+    def _watch(self, gen: int, proc: subprocess.Popen, sock: socket.socket) -> None:
+        """On the event loop: read what the socket has whenever it has something."""
+        frames = ipc.Frames()
+        fd = sock.fileno()
+        if fd < 0:  # closed meanwhile
+            return
+        chunk = bytearray(READ_CHUNK)
+        view = memoryview(chunk)
+
+        def readable() -> None:
+            try:
+                n = sock.recv_into(chunk, READ_CHUNK, socket.MSG_DONTWAIT)
+                messages = frames.feed(view[:n]) if n else None
+            except BlockingIOError:
+                return
+            except (OSError, ipc.Closed, ValueError):
+                messages = None
+            if messages is None:  # the worker is gone: the rest (waiting for its exit status) off the loop
+                self.loop.remove_reader(fd)
+                threading.Thread(target=self._died, args=(gen, proc, sock), daemon=True).start()
+                return
+            for header, arrays in messages:
+                self._dispatch(header, arrays)
+
+        self.loop.add_reader(fd, readable)
 
     def _died(self, gen: int, proc: subprocess.Popen, sock: socket.socket) -> None:
         try:
