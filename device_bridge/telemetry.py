@@ -30,6 +30,7 @@ PENDING_BYTES = 4096  # a small request bigger than this (wide vector columns) i
 # queued only up to DEFER_BYTES (and DEFER_TOTAL_BYTES queued per version); beyond, it is
 # profiled at once, so the queue never holds much memory.
 FOLD_INTERVAL_S = 0.5
+FOLD_CHUNK_ROWS = 512
 DEFER_BYTES = 1 << 20
 DEFER_TOTAL_BYTES = 16 << 20
 # Moments are computed on values clipped to +-CLIP: squares and sums of squares of up to 10**12
@@ -317,7 +318,15 @@ class VersionTelemetry:
                 for _ in range(k):
                     columns, rows, nbytes = todo.popleft()
                     self._todo_bytes -= nbytes
-                    self._take(columns, rows)
+                    if rows <= FOLD_CHUNK_ROWS:
+                        self._take(columns, rows)
+                        continue
+                    # a big batch in pieces, letting the interpreter lock go between them: the event
+                    # loop (and a realtime request) never waits for a whole batch's statistics
+                    for lo in range(0, rows, FOLD_CHUNK_ROWS):
+                        hi = min(rows, lo + FOLD_CHUNK_ROWS)
+                        self._take({c: a[lo:hi] for c, a in columns.items()}, hi - lo)
+                        time.sleep(0)
 
     def _take(self, columns: dict[str, np.ndarray], rows: int) -> None:
         """Profile a request's rows (small ones PENDING_ROWS at a time); the caller holds stats_lock."""
