@@ -14,6 +14,10 @@
 - agent cold start: process start -> listening with the model loaded -> first prediction
 - installed size of the agent's dependency closure (onnxruntime, numpy, starlette,
   uvicorn, cryptography and what they require)
+- the agent's own cost: its CPU time (with its worker processes) per request under 16 connections,
+  against ONNX Runtime's CPU time per run of the same batch (batch 1 JSON, batch 256 columns), for
+  this tree and for ``--baseline REV`` (default: the agent before the scheduler, 5 rounds
+  interleaved so that both see the same machine). ``--only cost`` runs just that.
 
 Prints a table and writes bench/results/device.json.
 """
@@ -62,13 +66,18 @@ def xgb_onnx(n_trees: int, depth: int = 6, seed: int = 0) -> bytes:
 
 
 class Agent:
-    def __init__(self, args: list[str], ready: Path):
+    def __init__(self, args: list[str], ready: Path, tree: Path | None = None, env: dict | None = None):
+        """``tree``: run the agent of another checkout (its ``device_bridge``), e.g. a baseline revision."""
         self.ready = ready
         if ready.exists():
             ready.unlink()
         self.t0 = time.perf_counter()
+        env = {**os.environ, **(env or {})}
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
         self.p = subprocess.Popen([sys.executable, "-m", "device_bridge", *args, "--ready-file", str(ready)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                                  cwd=str(tree) if tree is not None else None)
         while not ready.exists():
             if self.p.poll() is not None:
                 raise RuntimeError(f"agent exited: {args}")
@@ -182,6 +191,112 @@ def bench_throughput_python_client(url, batch, seconds, clients=16, model="xgb",
     return {"model": model, "clients": clients, "batch": batch, "body": "json" if batch == 1 else "columns",
             "load_generator": "DeviceClient, 16 threads", "requests_per_s": sum(counts) / dt,
             "rows_per_s": sum(counts) * batch / dt, "p50_ms": pct(all_lat, 50), "p99_ms": pct(all_lat, 99)}
+
+
+def proc_tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its live descendants (the agent's model
+    workers), from /proc."""
+    def stat(p):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            f = stat(d)
+            if f is not None:
+                children.setdefault(int(f[1]), []).append(int(d))
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        p = todo.pop()
+        f = stat(p)
+        if f is not None:
+            total += (int(f[11]) + int(f[12])) / tick
+        todo.extend(children.get(p, []))
+    return total
+
+
+def ort_cpu_per_run(model_bytes: bytes, batch: int, runs: int) -> float:
+    """ONNX Runtime's own CPU per run of this batch, in this process, on one thread with the agent's
+    session options (one intra-op thread, no spinning): ms of thread CPU time per run."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(2).normal(size=(batch, 20)).astype(np.float32)
+    for _ in range(20):
+        sess.run(None, {"input": x})
+    best = None
+    for _ in range(3):  # the least disturbed of three passes
+        t = time.thread_time()
+        for _ in range(runs):
+            sess.run(None, {"input": x})
+        per = (time.thread_time() - t) / runs * 1000.0
+        best = per if best is None else min(best, per)
+    return best
+
+
+def bench_agent_cost(tmp: Path, kp, pub: Path, model_bytes: bytes, seconds: float, tree: Path | None = None,
+                     tag: str = "current") -> dict:
+    """The agent's own cost: its CPU time (and its workers') per request under 16 connections of
+    bench/loadgen.py, against ONNX Runtime's CPU time per run of the same batch measured in this
+    process. ``model_share`` is the part of the agent's CPU spent in the model; ``beyond_model_ms``
+    the rest per request."""
+    store = tmp / f"cost-{tag}"
+    agent = Agent(["serve", "--name", "cost", "--port", "0", "--store", str(store), "--token", TOKEN,
+                   "--trust", str(pub)], tmp / f"cost-{tag}.json", tree=tree)
+    out = {"agent": tag, "tree": str(tree) if tree else None, "clients": 16, "seconds": seconds}
+    try:
+        c = DeviceClient(agent.url, TOKEN)
+        c.install(build_package(model_bytes, {"name": "xgb", "version": 1, "providers": ["cpu"]}, kp.private_key))
+        for batch in (1, 256):
+            _, _, body, ctype, accept = _bodies(batch, None)
+            body_file = tmp / f"cost-body-{batch}.bin"
+            body_file.write_bytes(body)
+            _loadgen(agent.url, "/v1/models/xgb/predict", 16, 1.0, "POST", ctype, body_file, TOKEN, accept)
+            m0 = _model_cpu_ms(c)
+            c0 = proc_tree_cpu(agent.p.pid)
+            res = _loadgen(agent.url, "/v1/models/xgb/predict", 16, seconds, "POST", ctype, body_file, TOKEN,
+                           accept)
+            used = proc_tree_cpu(agent.p.pid) - c0
+            m1 = _model_cpu_ms(c)
+            agent_ms = used / res["requests"] * 1000.0
+            ort_ms = ort_cpu_per_run(model_bytes, batch, 2000 if batch == 1 else 300)
+            out[str(batch)] = {"requests_per_s": res["requests_per_s"], "agent_cpu_ms_per_request": agent_ms,
+                               "ort_cpu_ms_per_run": ort_ms, "model_share": ort_ms / agent_ms,
+                               "beyond_model_ms": agent_ms - ort_ms}
+            if m0 is not None and m1 is not None:  # what the runs cost in the agent itself (its model_cpu_ms)
+                in_agent = (m1 - m0) / res["requests"]
+                out[str(batch)].update(model_cpu_ms_in_agent=in_agent, model_share_in_agent=in_agent / agent_ms,
+                                       beyond_model_in_agent_ms=agent_ms - in_agent)
+    finally:
+        agent.stop()
+    return out
+
+
+def _model_cpu_ms(c: DeviceClient) -> float | None:
+    """The agent's own count of its runs' CPU time (an agent before it has none: None)."""
+    entry = next((e for e in c.metrics(columns=False)["models"] if e["model"] == "xgb"), None)
+    return entry.get("model_cpu_ms") if entry else None
+
+
+def baseline_tree(rev: str, into: Path) -> Path:
+    """A detached git worktree of ``rev`` (removed by remove_tree)."""
+    root = HERE.parent
+    tree = into / f"tree-{rev}"
+    subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=root, check=True,
+                   capture_output=True)
+    return tree
+
+
+def remove_tree(tree: Path) -> None:
+    subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=HERE.parent, check=False,
+                   capture_output=True)
 
 
 def bench_fleet_deploy(tmp: Path, kp, pub: Path, n_devices: int, per_proc: int, big_model: bytes,
@@ -339,11 +454,70 @@ def flights_model(tmp: Path, rounds: int):
         s.close()
 
 
+BASELINE = "f047c60"  # the agent before the scheduler, worker processes and the bare ASGI predict
+
+
+def agent_cost_section(tmp: Path, kp, pub: Path, model: bytes, baseline: str | None, rounds: int,
+                       seconds: float) -> dict:
+    """Medians over ``rounds`` rounds, this tree's agent and the baseline's taking turns."""
+    trees = {"current": None}
+    if baseline:
+        trees["baseline"] = baseline_tree(baseline, tmp)
+    runs: dict[str, list] = {k: [] for k in trees}
+    try:
+        for i in range(rounds):
+            for tag, tree in trees.items():
+                runs[tag].append(bench_agent_cost(tmp, kp, pub, model, seconds, tree, f"{tag}{i}"))
+    finally:
+        if baseline:
+            remove_tree(trees["baseline"])
+    out = {"baseline_revision": baseline, "rounds": rounds, "seconds": seconds, "runs": runs}
+    for tag, rs in runs.items():
+        out[tag] = {b: {k: statistics.median(r[b][k] for r in rs if k in r[b]) for k in rs[0][b]}
+                    for b in ("1", "256")}
+    return out
+
+
+def print_cost(cost: dict) -> None:
+    for tag in ("baseline", "current"):
+        if tag not in cost:
+            continue
+        for b in ("1", "256"):
+            r = cost[tag][b]
+            print(f"agent cost ({tag}{' ' + cost['baseline_revision'] if tag == 'baseline' else ''}), batch {b:>3}: "
+                  f"{r['agent_cpu_ms_per_request']:.3f} ms agent CPU per request, ONNX Runtime {r['ort_cpu_ms_per_run']:.3f}"
+                  f" ms per run: {r['model_share']:.2f} of the agent's CPU in the model, "
+                  f"{r['beyond_model_ms']:.3f} ms beyond it ({r['requests_per_s']:.0f} req/s)"
+                  + (f"; runs as the agent counts them: {r['model_cpu_ms_in_agent']:.3f} ms, "
+                     f"{r['model_share_in_agent']:.2f} of its CPU" if "model_cpu_ms_in_agent" in r else ""))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--only", choices=["cost"], help="run only this section (merged into device.json)")
+    ap.add_argument("--baseline", default=BASELINE,
+                    help="git revision whose agent the cost section measures too ('' for none)")
+    ap.add_argument("--cost-rounds", type=int, default=5)
     args = ap.parse_args(argv)
     q = args.quick
+    out = HERE / "results" / "device.json"
+    if args.only == "cost":
+        with tempfile.TemporaryDirectory(prefix="bench-device-") as d:
+            tmp = Path(d)
+            kp = load_or_create_keypair(tmp / "keys")
+            pub = tmp / "ws.pub"
+            pub.write_bytes(public_key_to_pem(kp.public_key))
+            cost = agent_cost_section(tmp, kp, pub, xgb_onnx(100), args.baseline or None,
+                                      2 if q else args.cost_rounds, 2.0 if q else 4.0)
+        cost["load_avg"] = os.getloadavg()
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results["agent_cost"] = cost
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print_cost(cost)
+        print(f"wrote {out}")
+        return 0
     results = {"quick": q, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                        "python": platform.python_version()}}
     with tempfile.TemporaryDirectory(prefix="bench-device-") as d:
@@ -373,6 +547,8 @@ def main(argv=None):
         finally:
             agent.stop()
         results["cold_start"] = bench_cold_start(tmp, store, pub, 2 if q else 5)
+        results["agent_cost"] = agent_cost_section(tmp, kp, pub, model, args.baseline or None,
+                                                   2 if q else args.cost_rounds, 2.0 if q else 4.0)
         big = xgb_onnx(300 if q else 600, depth=6, seed=3)
         results["fleet_deploy"] = bench_fleet_deploy(tmp, kp, pub, 20 if q else 100, 10 if q else 25, big,
                                                      poll_seconds=1.0 if q else 4.0)
@@ -380,7 +556,6 @@ def main(argv=None):
     results["agent_install_size"] = {"total_mb": round(sum(sizes.values()) / 2**20, 1),
                                      "packages_mb": {k: round(v / 2**20, 2) for k, v in
                                                      sorted(sizes.items(), key=lambda kv: -kv[1])}}
-    out = HERE / "results" / "device.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     rt = results["round_trip"]
@@ -402,6 +577,7 @@ def main(argv=None):
           f"{hc['report_post_per_s']:.0f} reports/s ({hc['report_bytes']} B), "
           f"{hc['poll_cycles_per_s']:.0f} agent poll cycles/s")
     print(f"agent dependency closure: {results['agent_install_size']['total_mb']} MB installed")
+    print_cost(results["agent_cost"])
     print(f"wrote {out}")
     return 0
 

@@ -11,6 +11,8 @@ import socket
 import sys
 from pathlib import Path
 
+SWITCH_INTERVAL_S = 0.0005
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mlsql-device", description="MLSQL device agent and hub")
@@ -46,6 +48,20 @@ def _parser() -> argparse.ArgumentParser:
                    help="ONNX Runtime intra-op threads per model session (default 1: concurrent requests run "
                         "side by side, a core each; 0: ORT's default, one per core, better for one client "
                         "sending large batches)")
+    s.add_argument("--cores", type=int, default=0,
+                   help="the budget of cores the scheduler shares out: run slots, and batch sessions' intra-op "
+                        "threads (default 0: every core of the machine)")
+    s.add_argument("--priorities", choices=["on", "off"], default="on",
+                   help="on (default): realtime first, normal and batch by weighted shares, batch at a lower CPU "
+                        "priority; off: one first-come-first-served queue for every model (for comparison)")
+    s.add_argument("--batch-cpu", choices=["idle", "nice", "normal"], default="idle",
+                   help="CPU priority of batch worker processes: idle (default; Linux SCHED_IDLE: any other task "
+                        "preempts them at once), nice (--batch-nice), normal (the agent's own)")
+    s.add_argument("--batch-nice", type=int, default=10,
+                   help="nice value of batch worker processes with --batch-cpu nice, or where SCHED_IDLE is missing")
+    s.add_argument("--memory-budget-mb", type=int, default=None,
+                   help="the device's total for the active versions' memory_mb: an install or activation past it "
+                        "is refused (409 memory_budget); default: no total")
     s.add_argument("--open-reads", action="store_true",
                    help="serve info, metrics, events and predict without the token (default: token required; "
                         "health is always open)")
@@ -131,6 +147,11 @@ def serve(args) -> int:
     if args.ort_threads < 0:
         print("mlsql-device: --ort-threads must be 0 (ONNX Runtime's default) or more", file=sys.stderr)
         return 2
+    if args.cores < 0 or not 0 <= args.batch_nice <= 19 or (args.memory_budget_mb is not None
+                                                             and args.memory_budget_mb < 16):
+        print("mlsql-device: --cores must be 0 (all) or more, --batch-nice 0 to 19, --memory-budget-mb at least 16",
+              file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         print("mlsql-device: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
@@ -147,6 +168,9 @@ def serve(args) -> int:
         print("mlsql-device: --hub-token-file is one agent's credential; with --devices K each device reads "
               "STORE/NAME-i/hub_token", file=sys.stderr)
         return 2
+    # the interpreter lock changes hands at most every 0.5 ms instead of 5 ms: a thread folding telemetry
+    # or parsing a batch makes the event loop, and so a realtime request, wait that long at worst
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     scheme = "https" if args.tls_cert else "http"
     fake = [p.strip() for p in args.fake_providers.split(",")] if args.fake_providers else None
     items = []
@@ -162,7 +186,10 @@ def serve(args) -> int:
             max_json_bytes=int(args.max_json_mb * 1024 * 1024),
             breaker_window=args.breaker_window, breaker_min_requests=args.breaker_min_requests,
             breaker_threshold=args.breaker_threshold, hub_url=args.hub,
-            hub_token=args.hub_token, available_providers=fake, ort_threads=args.ort_threads)
+            hub_token=args.hub_token, available_providers=fake, ort_threads=args.ort_threads,
+            cores=args.cores, priorities=args.priorities == "on", batch_nice=args.batch_nice,
+            batch_cpu=args.batch_cpu,
+            memory_budget_mb=args.memory_budget_mb)
         port = args.port if args.devices <= 1 or args.port == 0 else args.port + i
         try:
             claims.append(claim(store, name, port or None))  # held until this process ends

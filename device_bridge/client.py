@@ -115,12 +115,17 @@ class _HTTP:
 
 def _answer_error(status: int, data: bytes, url: str) -> DeviceError:
     """The typed error for an error answer: its ``kind`` picks the class (device_bridge.errors)."""
+    retry = None
     try:
         err = json.loads(data)
         msg, kind = str(err.get("error", err)), err.get("kind")
+        retry = err.get("retry_after_s")
     except (ValueError, AttributeError):
         msg, kind = data[:300].decode("utf-8", "replace"), None
-    return error_for_status(status, f"{url}: {msg}", url, kind if isinstance(kind, str) else None)
+    exc = error_for_status(status, f"{url}: {msg}", url, kind if isinstance(kind, str) else None)
+    if isinstance(retry, int | float) and hasattr(exc, "retry_after"):
+        exc.retry_after = retry
+    return exc
 
 
 def _npz(columns: dict[str, Any]) -> bytes:
@@ -154,25 +159,29 @@ class DeviceClient:
         return self.http.request("GET", f"/v1/models/{_q(name)}")
 
     def install(self, package_bytes: bytes, providers: list[str] | None = None,
-                strict_providers: bool = False, activate: bool = True, model: str | None = None) -> dict:
+                strict_providers: bool = False, activate: bool = True, model: str | None = None,
+                deploy: dict | None = None) -> dict:
+        """``deploy``: deploy settings (priority, max_concurrency, max_queue, timeout_ms, memory_mb,
+        isolation; docs/DEVICE.md), over the package's own."""
         path = f"/v1/models/{_q(model)}/install" if model else "/v1/models/install"
         params = {"providers": ",".join(providers) if providers else None,
                   "strict_providers": "true" if strict_providers else "false",
-                  "activate": "true" if activate else "false"}
+                  "activate": "true" if activate else "false", **(deploy or {})}
         return self.http.request("POST", path, bytes(package_bytes), "application/octet-stream", params)
 
     def install_from_url(self, model: str, url: str, sha256: str | None = None,
                          providers: list[str] | None = None, strict_providers: bool = False,
-                         token: str | None = None) -> dict:
+                         token: str | None = None, deploy: dict | None = None) -> dict:
         """Have the device download a package itself (`token`: bearer token for that URL, e.g. the hub's)."""
-        body = {"url": url, "sha256": sha256, "providers": providers, "strict_providers": strict_providers}
+        body = {"url": url, "sha256": sha256, "providers": providers, "strict_providers": strict_providers,
+                **(deploy or {})}
         if token:
             body["token"] = token
         return self.http.request("POST", f"/v1/models/{_q(model)}/install", _json(body), "application/json")
 
     def activate(self, model: str, version: int, providers: list[str] | None = None,
-                 strict_providers: bool = False) -> dict:
-        body = {"version": version, "providers": providers, "strict_providers": strict_providers}
+                 strict_providers: bool = False, deploy: dict | None = None) -> dict:
+        body = {"version": version, "providers": providers, "strict_providers": strict_providers, **(deploy or {})}
         return self.http.request("POST", f"/v1/models/{_q(model)}/activate", _json(body), "application/json")
 
     def rollback(self, model: str) -> dict:
@@ -253,11 +262,12 @@ class HubClient:
     def set_desired(self, model: str, package: bytes | None = None, *, sha256: str | None = None,
                     devices: list[str] | None = None, group: str | None = None,
                     providers: list[str] | None = None, strict_providers: bool = False,
-                    absent: bool = False, restore_previous: bool = False) -> dict:
+                    absent: bool = False, restore_previous: bool = False, deploy: dict | None = None) -> dict:
         if package is not None:
             sha256 = self.upload(package)["sha256"]
         body = {"model": model, "sha256": sha256, "devices": devices, "group": group, "providers": providers,
-                "strict_providers": strict_providers, "absent": absent, "restore_previous": restore_previous}
+                "strict_providers": strict_providers, "absent": absent, "restore_previous": restore_previous,
+                "deploy": deploy}
         return self.http.request("POST", "/v1/desired", _json({k: v for k, v in body.items() if v is not None}),
                                  "application/json")
 

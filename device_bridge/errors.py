@@ -11,7 +11,11 @@ this call: an agent's hub credential outside its own ``/v1/agents/{name}/...``),
 data), ``package``, ``untrusted`` (no trusted key / key not trusted), ``version`` (an
 older version refused by the anti-rollback policy), ``conflict``, ``too_large``,
 ``content_type``, ``timeout``, ``busy``, ``suspended``, ``load``, ``providers``,
-``download``, ``store``, ``internal``.
+``download``, ``store``, ``internal``; sharing the device (docs/DEVICE.md): ``overloaded`` (429, the
+model's queue is full; ``retry_after_s``), ``deadline`` (504, not started or finished within the
+deployment's ``timeout_ms``), ``worker`` (503, its worker process crashed or restarts), ``memory``
+(503, the worker passed its ``memory_mb``; 422 when the model does not even load within it),
+``memory_budget`` (409, the install would pass the device's ``--memory-budget-mb``).
 """
 
 from __future__ import annotations
@@ -86,6 +90,19 @@ class DeviceUnavailableError(DeviceError):
     """503: model suspended by the circuit breaker, or not loaded."""
 
 
+class DeviceOverloadedError(DeviceUnavailableError):
+    """429 ``overloaded``: the model's queue is full; ``retry_after`` seconds is the agent's estimate."""
+
+    def __init__(self, message: str, status: int | None = None, url: str | None = None, kind: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message, status, url, kind)
+        self.retry_after = retry_after
+
+
+class DeviceDeadlineError(DeviceUnavailableError):
+    """504 ``deadline``: the prediction did not start or finish within the deployment's timeout_ms."""
+
+
 class DeviceServerError(DeviceError):
     """Any other 5xx."""
 
@@ -99,13 +116,17 @@ _BY_KIND: dict[str, type[DeviceError]] = {
     "invalid_input": InvalidInputError, "model_input": InvalidInputError,
     "too_large": RequestTooLargeError, "package": PackageRejectedError, "untrusted": UntrustedKeyError,
     "version": VersionRefusedError, "suspended": DeviceUnavailableError, "busy": DeviceUnavailableError,
+    "overloaded": DeviceOverloadedError, "deadline": DeviceDeadlineError, "worker": DeviceUnavailableError,
+    "memory_budget": DeviceRequestError,
 }
 
 
 def error_for_status(status: int, message: str, url: str | None = None, kind: str | None = None) -> DeviceError:
     """The client-side error for an HTTP error answer: by ``kind`` first, then by status."""
     cls = _BY_KIND.get(kind or "")
-    if cls is None or (status >= 500 and cls is not DeviceUnavailableError):
+    if kind == "memory":  # 503 from a running worker, 422 from a load
+        cls = DeviceUnavailableError if status >= 500 else DeviceRequestError
+    if cls is None or (status >= 500 and not issubclass(cls, DeviceUnavailableError)):
         if status in (401, 403):
             cls = DeviceAuthError
         elif status == 404:

@@ -38,6 +38,7 @@ from starlette.routing import Route
 
 from device_bridge import package as pkg
 from device_bridge import web
+from device_bridge.agent import deploy as deploy_settings
 from device_bridge.agent.core import atomic_write
 from device_bridge.errors import ApiError
 from device_bridge.web import JSONAnswer
@@ -250,6 +251,9 @@ class HubState:
                 raise HubError(400, "providers must be a list of names")
             entry = {"sha256": sha, "version": meta["version"], "providers": providers,
                      "strict_providers": bool(body.get("strict_providers", False))}
+            deploy = deploy_settings.parse(body.get("deploy"), "desired state")  # checked here, applied by agents
+            if deploy:
+                entry["deploy"] = deploy
         with self.lock:
             for a in targets:
                 cur = self.state["desired"].setdefault(a, {})

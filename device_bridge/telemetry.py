@@ -14,6 +14,7 @@ import numpy as np
 
 # Latency buckets: 4 per doubling from 10 us to ~84 s (fixed, 93 buckets).
 _BUCKET_BOUNDS_MS = [0.01 * 2 ** (i / 4) for i in range(93)]
+_BOUNDS = np.array(_BUCKET_BOUNDS_MS)
 MAX_TRACKED_ELEMENTS = 64   # per-element stats for vector columns, up to this width
 TOP_K = 16                  # string values remembered per column
 # Rows per second and version that feed the per-column statistics. Counters and latency cover
@@ -23,6 +24,15 @@ STATS_ROWS_PER_S = 10_000
 SMALL_BATCH = 8      # requests of at most this many rows are profiled together ...
 PENDING_ROWS = 64    # ... once this many rows are waiting (and on every snapshot)
 PENDING_BYTES = 4096  # a small request bigger than this (wide vector columns) is profiled at once
+# A request's part of the telemetry is an append to a queue; the counters, the latency histogram
+# and the column statistics are computed from those queues off the request path, by one thread
+# every FOLD_INTERVAL_S (and by every snapshot, so that a reading is exact). A batch to profile is
+# queued only up to DEFER_BYTES (and DEFER_TOTAL_BYTES queued per version); beyond, it is
+# profiled at once, so the queue never holds much memory.
+FOLD_INTERVAL_S = 0.5
+FOLD_CHUNK_ROWS = 512
+DEFER_BYTES = 1 << 20
+DEFER_TOTAL_BYTES = 16 << 20
 # Moments are computed on values clipped to +-CLIP: squares and sums of squares of up to 10**12
 # such values stay finite, so no input (1e308 then -1e308) can turn a mean or std into inf/NaN.
 # min and max keep the real values.
@@ -52,6 +62,17 @@ class LatencyHistogram:
         self.total += 1
         self.sum_ms += ms
         self.max_ms = max(self.max_ms, ms)
+
+    def add_many(self, ms: np.ndarray) -> None:
+        """The same as add() for each value, in one vectorized pass."""
+        if not ms.size:
+            return
+        idx = np.searchsorted(_BOUNDS, ms, side="left")  # first bound >= ms, as add() finds it
+        for i, c in zip(*np.unique(idx, return_counts=True)):
+            self.counts[int(i)] += int(c)
+        self.total += int(ms.size)
+        self.sum_ms += float(ms.sum())
+        self.max_ms = max(self.max_ms, float(ms.max()))
 
     def quantile(self, q: float) -> float | None:
         if not self.total:
@@ -215,6 +236,10 @@ class VersionTelemetry:
         self._budget_used = 0
         self._pending: list[dict[str, np.ndarray]] = []  # small requests not yet profiled
         self._pending_rows = 0
+        self._done: deque = deque()          # (time, latency_ms, rows, cpu_ms) of runs not yet folded in
+        self.cpu_ms = 0.0                    # CPU time of the successful runs (ONNX Runtime's, by its thread)
+        self._todo: deque = deque()          # (columns, rows, bytes) not yet profiled
+        self._todo_bytes = 0
         self.errors: dict[str, int] = {}
         self.latency = LatencyHistogram()
         self.columns: dict[str, NumericStats | StringStats] = {}
@@ -224,37 +249,97 @@ class VersionTelemetry:
         self.providers: list[str] = []
         self.node_providers: dict[str, int] | None = None
 
-    def _tick(self, rows: int) -> None:
-        now = int(time.time())
-        if self.per_second and self.per_second[-1][0] == now:
-            self.per_second[-1][1] += 1
-            self.per_second[-1][2] += rows
-        else:
-            self.per_second.append([now, 1, rows])
+    def _tick(self, rows: int, second: int | None = None, requests: int = 1) -> None:
+        now = int(time.time()) if second is None else second
+        ps = self.per_second
+        for entry in reversed(ps):
+            if entry[0] == now:
+                entry[1] += requests
+                entry[2] += rows
+                return
+            if entry[0] < now:
+                break
+        if not ps or ps[-1][0] < now:
+            ps.append([now, requests, rows])
+            return
+        for i, entry in enumerate(ps):  # an older second than the newest (folded late): in order
+            if entry[0] > now:
+                if len(ps) < (ps.maxlen or 0):
+                    ps.insert(i, [now, requests, rows])
+                return
 
-    def record_success(self, latency_ms: float, rows: int, columns: dict[str, np.ndarray] | None) -> None:
-        with self.lock:
-            self.requests += 1
-            self.rows += rows
-            self.latency.add(latency_ms)
-            self.last_request = time.time()
-            self._tick(rows)
-            take = self._take_budget(rows) if columns else 0
+    def record_success(self, latency_ms: float, rows: int, columns: dict[str, np.ndarray] | None,
+                       cpu_ms: float = 0.0) -> None:
+        """One successful run: an append (counters and latency are folded in later, see fold()),
+        and its rows queued for the column statistics while the budget allows. ``cpu_ms``: the CPU
+        time the run took (its thread's), summed into ``model_cpu_ms``."""
+        now = time.time()
+        self._done.append((now, latency_ms, rows, cpu_ms))
+        self.last_request = now
+        if not columns:
+            return
+        take = self._take_budget(rows, now)
         if not take:
             return
         if take < rows:  # the budget's remainder: the batch's first rows
             columns, rows = {k: a[:take] for k, a in columns.items()}, take
-        with self.stats_lock:
-            self.profiled_rows += rows
-            if rows <= SMALL_BATCH and sum(a.nbytes for a in columns.values()) <= PENDING_BYTES:
-                # small requests are profiled PENDING_ROWS rows at a time, in one vectorized pass; views
-                # are copied, so that the buffer never holds a request body alive
-                self._pending.append({k: a if a.base is None else a.copy() for k, a in columns.items()})
-                self._pending_rows += rows
-                if self._pending_rows >= PENDING_ROWS:
-                    self._flush_pending()
-            else:
-                self._profile(columns)
+        nbytes = sum(a.nbytes for a in columns.values())
+        if nbytes > DEFER_BYTES or self._todo_bytes + nbytes > DEFER_TOTAL_BYTES:
+            with self.stats_lock:
+                self._take(columns, rows)
+            return
+        # views are copied, so that the queue never holds a request body alive
+        self._todo.append(({k: a if a.base is None else a.copy() for k, a in columns.items()}, rows, nbytes))
+        self._todo_bytes += nbytes
+
+    def fold(self) -> None:
+        """Fold the queued requests into the counters, the latency histogram and the column statistics."""
+        done = self._done
+        n = len(done)
+        if n:
+            pop = done.popleft
+            items = [pop() for _ in range(n)]
+            arr = np.asarray(items, dtype=np.float64)
+            secs = arr[:, 0].astype(np.int64)
+            uniq, inv = np.unique(secs, return_inverse=True)
+            per_req = np.bincount(inv)
+            per_rows = np.bincount(inv, weights=arr[:, 2])
+            with self.lock:
+                self.requests += n
+                self.rows += int(arr[:, 2].sum())
+                self.cpu_ms += float(arr[:, 3].sum())
+                self.latency.add_many(arr[:, 1])
+                for sec, q, r in zip(uniq.tolist(), per_req.tolist(), per_rows.tolist()):
+                    self._tick(int(r), int(sec), int(q))
+        todo = self._todo
+        k = len(todo)
+        if k:
+            with self.stats_lock:
+                for _ in range(k):
+                    columns, rows, nbytes = todo.popleft()
+                    self._todo_bytes -= nbytes
+                    if rows <= FOLD_CHUNK_ROWS:
+                        self._take(columns, rows)
+                        continue
+                    # a big batch in pieces, letting the interpreter lock go between them: the event
+                    # loop (and a realtime request) never waits for a whole batch's statistics
+                    for lo in range(0, rows, FOLD_CHUNK_ROWS):
+                        hi = min(rows, lo + FOLD_CHUNK_ROWS)
+                        self._take({c: a[lo:hi] for c, a in columns.items()}, hi - lo)
+                        time.sleep(0)
+
+    def _take(self, columns: dict[str, np.ndarray], rows: int) -> None:
+        """Profile a request's rows (small ones PENDING_ROWS at a time); the caller holds stats_lock."""
+        self.profiled_rows += rows
+        if rows <= SMALL_BATCH and sum(a.nbytes for a in columns.values()) <= PENDING_BYTES:
+            # small requests are profiled PENDING_ROWS rows at a time, in one vectorized pass; views
+            # are copied, so that the buffer never holds a request body alive
+            self._pending.append({k: a if a.base is None else a.copy() for k, a in columns.items()})
+            self._pending_rows += rows
+            if self._pending_rows >= PENDING_ROWS:
+                self._flush_pending()
+        else:
+            self._profile(columns)
 
     def _flush_pending(self) -> None:
         """Profile the buffered small requests as one batch (one by one if they do not stack)."""
@@ -281,9 +366,10 @@ class VersionTelemetry:
             if name not in done:
                 self._update_column(name, arr)
 
-    def _take_budget(self, rows: int) -> int:
-        """How many of this request's rows go into the column statistics (STATS_ROWS_PER_S a second)."""
-        second = int(self.last_request)
+    def _take_budget(self, rows: int, now: float) -> int:
+        """How many of this request's rows go into the column statistics (STATS_ROWS_PER_S a second).
+        Not locked: two requests racing at a second's turn may take a few rows more than the budget."""
+        second = int(now)
         if second != self._budget_second:
             self._budget_second, self._budget_used = second, 0
         take = max(0, min(rows, STATS_ROWS_PER_S - self._budget_used))
@@ -353,6 +439,7 @@ class VersionTelemetry:
             self._tick(0)
 
     def snapshot(self, columns: bool = True) -> dict[str, Any]:
+        self.fold()
         with self.lock:
             now = time.time()
             recent = [s for s in self.per_second if s[0] >= int(now) - 10]
@@ -369,6 +456,7 @@ class VersionTelemetry:
                 "providers": list(self.providers),
                 "node_providers": self.node_providers,
                 "since": self.started, "last_request": self.last_request,
+                "model_cpu_ms": round(self.cpu_ms, 3),
             }
         if columns:
             with self.stats_lock:
@@ -386,6 +474,7 @@ class CircuitBreaker:
         self.min_requests = min_requests
         self.threshold = threshold
         self.outcomes: deque = deque(maxlen=window)
+        self.failures = 0  # errors among the outcomes (kept, not summed per request)
         self.lock = threading.Lock()
         self.tripped = False
 
@@ -394,9 +483,13 @@ class CircuitBreaker:
         with self.lock:
             if self.tripped:
                 return False
-            self.outcomes.append(bool(error))
-            n = len(self.outcomes)
-            if n >= self.min_requests and sum(self.outcomes) / n > self.threshold:
+            out = self.outcomes
+            if len(out) == out.maxlen and out[0]:
+                self.failures -= 1
+            out.append(bool(error))
+            self.failures += bool(error)
+            n = len(out)
+            if n >= self.min_requests and self.failures / n > self.threshold:
                 self.tripped = True
                 return True
             return False
@@ -416,6 +509,20 @@ class Telemetry:
         self.max_versions = max_versions
         self.events: deque = deque(maxlen=max_events)
         self.event_seq = 0
+        self.folder = threading.Thread(target=self._fold_loop, name="telemetry-fold", daemon=True)
+        self.folder.start()
+
+    def _fold_loop(self) -> None:
+        """Fold every version's queued requests in, off the request path (see VersionTelemetry.fold)."""
+        while True:
+            time.sleep(FOLD_INTERVAL_S)
+            with self.lock:
+                items = list(self.versions.values())
+            for vt in items:
+                try:
+                    vt.fold()
+                except Exception:  # noqa: BLE001 - the next snapshot folds again and shows the error there
+                    pass
 
     def get(self, model: str, version: int) -> VersionTelemetry:
         key = (model, version)

@@ -132,13 +132,19 @@ class BodyBudget:
         self.used = 0
 
     def take(self, request: Request, n: int) -> None:
+        self.take_scope(request.scope, n)
+
+    def release(self, request: Request) -> None:
+        self.release_scope(request.scope)
+
+    def take_scope(self, scope: dict, n: int) -> None:
         if self.used + n > self.total:
             raise ApiError(503, "too many large requests in flight; retry shortly", "busy")
         self.used += n
-        request.scope["mlsql.held"] = request.scope.get("mlsql.held", 0) + n
+        scope["mlsql.held"] = scope.get("mlsql.held", 0) + n
 
-    def release(self, request: Request) -> None:
-        self.used -= request.scope.pop("mlsql.held", 0)
+    def release_scope(self, scope: dict) -> None:
+        self.used -= scope.pop("mlsql.held", 0)
 
 
 class _BodyWatch:
@@ -237,6 +243,44 @@ async def read_body(request: Request, limit: int, deadline_s: float, budget: Bod
     return b"".join(chunks)
 
 
+async def read_body_asgi(scope: dict, receive, content_length: bytes | None, limit: int, deadline_s: float,
+                         budget: BodyBudget | None = None) -> bytes:
+    """read_body() for a bare ASGI handler (the predict path, which skips Starlette's Request)."""
+    if content_length is not None:
+        if not content_length.isdigit() or len(content_length) > 18:
+            raise ApiError(400, "bad Content-Length")
+        if int(content_length) > limit:
+            raise ApiError(413, f"request body of {int(content_length)} bytes is over the limit of {limit}",
+                           "too_large")
+    watch = _body_watch()
+    task = asyncio.current_task()
+    watch.add(task, deadline_s)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":
+                raise ClientDisconnect()
+            chunk = msg.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, f"request body is over the limit of {limit} bytes", "too_large")
+                if budget is not None:
+                    budget.take_scope(scope, len(chunk))
+                chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+    except asyncio.CancelledError:
+        if not watch.expired(task):
+            raise
+        raise ApiError(408, f"request body not received within {deadline_s:g} s", "timeout") from None
+    finally:
+        watch.discard(task)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def endpoint_factory(token_b: bytes, on_internal=None, budget: BodyBudget | None = None):
     """``endpoint(auth)``: a decorator that checks the bearer token when ``auth`` is True (or calls
     ``auth(request)``, which raises ApiError to refuse, when it is a function), answers ApiError as
@@ -277,6 +321,46 @@ async def not_found_or_method(request: Request, exc) -> JSONAnswer:
     return error(status, f"{exc.detail}: {request.method} {request.url.path}", kind)
 
 
+class _Coalescing:
+    """A transport whose writes of one event-loop turn go out together: uvicorn writes a response's
+    status line and headers, then its body, as two writes (two sends, two TCP segments with
+    TCP_NODELAY); here they leave as one."""
+
+    __slots__ = ("_t", "_loop", "_buf")
+    _JOIN_MAX = 256 * 1024  # above: no copy into one buffer, the writes go as they are
+
+    def __init__(self, transport, loop):
+        self._t = transport
+        self._loop = loop
+        self._buf: list | None = None
+
+    def write(self, data) -> None:
+        if self._buf is None:
+            self._buf = [data]
+            self._loop.call_soon(self._flush)
+        else:
+            self._buf.append(data)
+
+    def _flush(self) -> None:
+        buf, self._buf = self._buf, None
+        if not buf or self._t.is_closing():
+            return
+        if len(buf) == 1:
+            self._t.write(buf[0])
+        elif sum(len(b) for b in buf) <= self._JOIN_MAX:
+            self._t.write(b"".join(buf))
+        else:
+            for b in buf:
+                self._t.write(b)
+
+    def close(self) -> None:
+        self._flush()
+        self._t.close()
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
 def _guarded(base: type, idle_s: float) -> type:
     """A uvicorn protocol class that closes a connection which, for ``idle_s`` seconds and more,
     neither runs a request nor completes the headers of a new one. uvicorn arms its keep-alive
@@ -286,6 +370,7 @@ def _guarded(base: type, idle_s: float) -> type:
     class Guarded(base):
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.transport = _Coalescing(self.transport, self.loop)  # what the request cycles write to
             self._seen_cycle = None
             self._guard = self.loop.call_later(idle_s, self._guard_check)
 

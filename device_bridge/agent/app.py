@@ -15,14 +15,12 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from device_bridge import web
+from device_bridge.agent import deploy as deploy_mod
 from device_bridge.agent import inputs as inp
 from device_bridge.agent.core import AgentCore, AgentError
-from device_bridge.errors import ApiError
+from device_bridge.agent.predict import Predictor
 from device_bridge.web import JSONAnswer, parse_json
 
-NPZ_TYPES = ("application/x-npz", "application/npz")
-COLUMNS_TYPE = "application/x-mlsql-columns"
-SMALL_BODY = 8 * 1024
 BIG_PARSE = inp.BIG_PARSE    # bodies (or .npz contents) over this are parsed under a semaphore ...
 BIG_PARSES_AT_ONCE = 2       # ... so that a few large requests cannot multiply their memory
 MAX_STREAMS = 8              # concurrent /v1/metrics/stream answers
@@ -61,7 +59,6 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
     installs, activation, rollback and deletion always need it)."""
     token_b = token.encode()
     max_body = core.config.max_body_bytes
-    max_json = min(max_body, core.config.max_json_bytes)
     # bodies buffered at once, all requests together: a few maximal binary batches
     budget = web.BodyBudget(max(3 * max_body, 8 << 20))
     big_parses = threading.BoundedSemaphore(BIG_PARSES_AT_ONCE)  # held in worker threads
@@ -104,10 +101,12 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
             body = parse_json(await read_body(request, 64 * 1024))
             if not isinstance(body, dict):
                 raise AgentError(400, 'install body must be a JSON object with "url"')
-            extra = set(body) - {"url", "sha256", "providers", "strict_providers", "activate", "token"}
+            extra = set(body) - {"url", "sha256", "providers", "strict_providers", "activate", "token",
+                                 *deploy_mod.FIELDS}
             if extra or "url" not in body:
                 raise AgentError(400, 'install JSON takes "url" (and optional "sha256", "providers", '
-                                      f'"strict_providers", "activate"); got {sorted(body)}')
+                                      f'"strict_providers", "activate", {", ".join(map(repr, deploy_mod.FIELDS))}); '
+                                      f'got {sorted(body)}')
             sha = body.get("sha256")
             if sha is not None and not (isinstance(sha, str) and len(sha) == 64):
                 raise AgentError(400, "sha256 must be 64 hex digits")
@@ -117,7 +116,8 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
             res = await run_in_threadpool(
                 core.install_from_url, name, body["url"], sha, _providers(body.get("providers")),
                 _bool(body.get("strict_providers", False), "strict_providers"),
-                _bool(body.get("activate", True), "activate"), tok)
+                _bool(body.get("activate", True), "activate"), tok,
+                deploy_mod.parse({k: body[k] for k in deploy_mod.FIELDS if k in body}))
             return JSONAnswer(res)
         data = await read_body(request, core.config.max_package_bytes)
         if not data:
@@ -125,7 +125,7 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         res = await run_in_threadpool(
             core.install, name, data, _providers(q.get("providers")),
             _bool(q.get("strict_providers", "false"), "strict_providers"),
-            _bool(q.get("activate", "true"), "activate"))
+            _bool(q.get("activate", "true"), "activate"), None, deploy_mod.from_query(q))
         return JSONAnswer(res)
 
     async def _json_body(request, limit=64 * 1024) -> dict:
@@ -142,9 +142,14 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         body = await _json_body(request)
         if "version" not in body:
             raise AgentError(400, 'activate needs {"version": N}')
+        extra = set(body) - {"version", "providers", "strict_providers", *deploy_mod.FIELDS}
+        if extra:
+            raise AgentError(400, f"unknown field {sorted(extra)[0]!r} in activate: it takes version, providers, "
+                                  f"strict_providers and the deploy settings {', '.join(deploy_mod.FIELDS)}")
         res = await run_in_threadpool(core.activate, name_of(request), _version(body["version"]),
                                       _providers(body.get("providers")),
-                                      _bool(body.get("strict_providers", False), "strict_providers"))
+                                      _bool(body.get("strict_providers", False), "strict_providers"),
+                                      "activate", deploy_mod.parse({k: body[k] for k in deploy_mod.FIELDS if k in body}))
         return JSONAnswer(res)
 
     @endpoint(True)
@@ -158,66 +163,13 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         version = _version(v) if v is not None else None
         return JSONAnswer(await run_in_threadpool(core.delete, name_of(request), version))
 
-    @endpoint(read_auth)
+    predictor = Predictor(core, token_b, read_auth, budget, big_parses, body_timeout, internal)
+
     async def predict(request):
-        name = name_of(request)
-        v = request.query_params.get("version")
-        version = _version(v) if v is not None else None
-        lv = core.resolve(name, version)
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        is_json = ctype in ("application/json", "")
-        if not is_json and ctype != COLUMNS_TYPE and ctype not in NPZ_TYPES:
-            core.record_invalid(lv)
-            raise AgentError(415, f"unsupported content type {ctype!r}: send application/json, "
-                                  f"{COLUMNS_TYPE} or application/x-npz", "content_type")
-        # JSON costs about 20 bytes of Python objects per byte of body: its own, lower limit
-        body = await read_body(request, max_json if is_json else max_body)
-        # each row is at least one object (rows) or each vector value one list (columns)
-        max_containers = inp.MAX_ROWS * (len(lv.specs) + 1) + 16
-        accept = request.headers.get("accept", "")
-        answer = ("columns" if COLUMNS_TYPE in accept else
-                  "npz" if any(t in accept for t in NPZ_TYPES) else None)
-
-        def parse():
-            if ctype == COLUMNS_TYPE:
-                return inp.feed_from_columns(body, lv.specs, max_body)
-            if ctype in NPZ_TYPES:
-                return inp.feed_from_npz(body, lv.specs, max_body, big_parses)
-            if len(body) > BIG_PARSE:
-                with big_parses:
-                    return inp.feed_from_json(parse_json(body, max_containers, check_floats=False), lv.specs)
-            return inp.feed_from_json(parse_json(body, max_containers, check_floats=False), lv.specs)
-
-        def work():
-            try:
-                feed, n = parse()
-            except inp.LimitError as exc:
-                core.record_invalid(lv)
-                raise AgentError(413, str(exc), "too_large") from None
-            except inp.InputError as exc:
-                core.record_invalid(lv)
-                raise AgentError(400, str(exc), "invalid_input") from None
-            except ApiError:
-                core.record_invalid(lv)
-                raise
-            result = core.predict(lv, feed, n, raw=answer is not None)
-            if answer is not None:
-                data = inp.outputs_to_columns(result) if answer == "columns" else inp.outputs_to_npz(result)
-                if data is not None:
-                    return answer, data
-                result["outputs"] = inp.outputs_to_json(list(result["outputs"]), list(result["outputs"].values()))
-            return result
-
-        # a small request costs less than the hop to a worker thread: run it on the event loop;
-        # batches go to the thread pool, where ORT runs them in parallel (it releases the GIL). An
-        # .npz always goes there (a small deflated member can expand); big parses take turns there.
-        if len(body) <= SMALL_BODY and ctype not in NPZ_TYPES:
-            out = work()
-        else:
-            out = await run_in_threadpool(work)
-        if isinstance(out, tuple):
-            return Response(out[1], media_type=COLUMNS_TYPE if out[0] == "columns" else "application/x-npz")
-        return JSONAnswer(out)
+        """The Starlette route (a path the fast path below does not take); the same handler."""
+        ans = await predictor.handle(request.scope, request.receive, name_of(request))
+        return Response(ans.body, status_code=ans.status, headers={k.decode(): v.decode() for k, v in ans.headers},
+                        media_type=ans.ctype.decode())
 
     @endpoint(read_auth)
     async def metrics(request):
@@ -295,9 +247,7 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
             if path.startswith("/v1/models/") and path.endswith("/predict"):
                 name = path[11:-8]
                 if name and "/" not in name:
-                    scope["path_params"] = {"name": name}
-                    response = await predict(Request(scope, receive))
-                    await response(scope, receive, send)
+                    await predictor.asgi(scope, receive, send, name)
                     return
         await app(scope, receive, send)
 

@@ -37,7 +37,11 @@ from device_bridge import keys as keys_mod
 from device_bridge import package as pkg
 from device_bridge import providers as prov
 from device_bridge import urls
+from device_bridge.agent import deploy as deploy_mod
 from device_bridge.agent import inputs as inp
+from device_bridge.agent.deploy import DeploySettings
+from device_bridge.agent.scheduler import DeadlineMissed, Lane, Scheduler
+from device_bridge.agent.workers import WorkerDown, WorkerProcess, WorkerSpec
 from device_bridge.errors import ApiError
 from device_bridge.telemetry import CircuitBreaker, Telemetry
 
@@ -47,6 +51,7 @@ INSTALL_PAUSE_ENV = "MLSQL_DEVICE_TEST_INSTALL_PAUSE"  # test hook: seconds to s
 # test hook: with this env set to 1, a version folder holding a file ".test_broken" fails every run,
 # as a session whose provider died would (for the circuit breaker tests)
 TEST_HOOKS_ENV = "MLSQL_DEVICE_TEST_HOOKS"
+CANARY_EVERY = 64  # the known-good row is refreshed from every 64th small request (a copy per request cost)
 
 log = logging.getLogger("device_bridge.agent")
 
@@ -75,6 +80,11 @@ class AgentConfig:
     hub_token: str | None = None
     available_providers: list[str] | None = None  # override (tests); None = ORT's list
     ort_threads: int = 1  # intra-op threads per ORT session; 0 = ORT's default (one per core)
+    cores: int = 0               # the budget of cores the scheduler shares out; 0 = os.cpu_count()
+    priorities: bool = True      # False (--priorities off): one first-come-first-served queue for all
+    batch_cpu: str = "idle"      # batch worker processes' CPU priority: idle (SCHED_IDLE), nice, normal
+    batch_nice: int = 10         # their nice value with batch_cpu = "nice" (or where SCHED_IDLE is missing)
+    memory_budget_mb: int | None = None  # the device's total for the active versions' memory_mb
 
 
 @dataclass
@@ -90,7 +100,16 @@ class LoadedVersion:
     node_providers: dict[str, int] | None
     breaker: CircuitBreaker
     strict: bool
-    canary: dict | None = None  # one row of the last request that ran: a known-good input
+    canary: dict | None = None  # one row of a recent small request that ran: a known-good input
+    since_canary: int = 0
+    deploy: DeploySettings = field(default_factory=DeploySettings)
+    lane: Lane | None = None            # its place in the scheduler
+    worker: WorkerProcess | None = None  # isolation = 'process': the worker that holds the session
+    threads: int = 1                    # ONNX Runtime intra-op threads of its session
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.manifest.name, self.manifest.version)
 
 
 def fsync_dir(path: Path) -> None:
@@ -125,6 +144,10 @@ class AgentCore:
         (self.store / "trusted_keys").mkdir(exist_ok=True)
         self.lock = threading.RLock()          # all mutations
         self.load_lock = threading.Lock()
+        self.hooks = os.environ.get(TEST_HOOKS_ENV) == "1"  # read once, at the agent's start
+        self.loop = None  # the agent's event loop, once it runs (attach_loop): it reads worker answers
+        self.cores = config.cores if config.cores > 0 else (os.cpu_count() or 1)
+        self.scheduler = Scheduler(self.cores, priorities=config.priorities)
         self.telemetry = Telemetry(secret=self._secret())
         self.loaded: dict[tuple[str, int], LoadedVersion] = {}
         self.background: dict[str, dict] = {}  # background loop -> last ok / last error
@@ -138,6 +161,7 @@ class AgentCore:
         for name, m in self.state["models"].items():
             if m.get("active") is not None:
                 try:
+                    self.check_memory_budget(name, self._settings_of(name, m["active"]))
                     self._load(name, m["active"])
                 except Exception as exc:  # keep serving the others; report it
                     self.load_errors[name] = str(exc)
@@ -276,12 +300,72 @@ class AgentCore:
     def _folder(self, name: str, version: int) -> Path:
         return self.store / "models" / name / str(version)
 
+    def settings_for(self, manifest: pkg.Manifest, requested: dict | None) -> DeploySettings:
+        """The deploy settings a version runs with: class defaults <- the package's ``deploy`` field
+        <- the request's (see deploy.py)."""
+        return deploy_mod.effective(manifest.extra.get("deploy"), requested, self.cores)
+
+    def class_threads(self, s: DeploySettings) -> int:
+        """ONNX Runtime intra-op threads for a session of this class, from the budget of cores:
+        realtime 1 (requests run side by side, none waits for a pool), normal --ort-threads, batch
+        what is left once one core is kept for realtime, shared among its runs at once."""
+        if not self.config.priorities or s.priority == "normal":
+            return self.config.ort_threads
+        if s.priority == "realtime":
+            return 1
+        return max(1, (self.cores - 1) // max(1, s.max_concurrency))
+
+    def class_cpu(self, s: DeploySettings) -> tuple[str | None, int]:
+        """A worker's CPU priority: batch workers below everything else (with priorities on)."""
+        if self.config.priorities and s.priority == "batch" and self.config.batch_cpu != "normal":
+            return self.config.batch_cpu, self.config.batch_nice
+        return None, 0
+
+    def check_memory_budget(self, name: str, s: DeploySettings) -> None:
+        """Refuse to make active a version whose memory_mb, with the other models' active versions,
+        would pass the device's budget (--memory-budget-mb)."""
+        budget = self.config.memory_budget_mb
+        if not budget:
+            return
+        used = self.memory_committed_mb(exclude=name)
+        if used + s.memory_mb > budget:
+            raise AgentError(409, f"model {name} needs memory_mb {s.memory_mb}, and the device's other models "
+                                  f"hold {used} MB of its budget of {budget} MB (--memory-budget-mb): lower "
+                                  "memory_mb, or remove a model first", "memory_budget")
+
+    def memory_committed_mb(self, exclude: str | None = None) -> int:
+        total = 0
+        for n, m in self.state["models"].items():
+            lv = self.loaded.get((n, m.get("active")))
+            if n != exclude and lv is not None:
+                total += lv.deploy.memory_mb
+        return total
+
+    def attach_loop(self, loop) -> None:
+        """The event loop the agent serves on: worker processes' answers are read there from now on."""
+        self.loop = loop
+        with self.load_lock:
+            workers = [lv.worker for lv in self.loaded.values() if lv.worker is not None]
+        for w in workers:
+            w.attach(loop)
+
+    def _worker_event(self, name: str, version: int):
+        def event(what: str, **fields) -> None:
+            self.telemetry.event(what, model=name, version=version, **fields)
+            if what == "worker_start_failed":
+                # a worker that cannot even run its known-good row again fails for everyone
+                lv = self.loaded.get((name, version))
+                if lv is not None and lv.breaker.record(True):
+                    self.suspend(name, version, "its worker process does not start again")
+        return event
+
     def _load(self, name: str, version: int, providers: list[str] | None = None,
-              strict: bool | None = None, folder: Path | None = None) -> LoadedVersion:
+              strict: bool | None = None, folder: Path | None = None, deploy: dict | None = None) -> LoadedVersion:
         key = (name, version)
         with self.load_lock:
             if key in self.loaded and folder is None:
                 return self.loaded[key]
+        explicit = folder is not None  # a new session asked for, replacing a loaded one
         folder = folder or self._folder(name, version)
         manifest = pkg.manifest_from_json((folder / pkg.MANIFEST_FILE).read_bytes())
         cfg = self.state["models"].get(name, {}).get("config", {}).get(str(version), {})
@@ -289,6 +373,7 @@ class AgentCore:
             providers = cfg.get("providers") or list(manifest.providers)
         if strict is None:
             strict = bool(cfg.get("strict", False))
+        settings = self.settings_for(manifest, deploy if deploy is not None else cfg.get("deploy"))
         try:
             plan = prov.plan_providers(providers, self.available_providers(), strict)
         except prov.ProviderError as exc:
@@ -300,42 +385,72 @@ class AgentCore:
         except (OSError, ValueError):
             cached = None
         fresh = not isinstance(cached, dict) or cached.get("node_providers") is None
-        try:
-            res = prov.create_session(model_path, plan, threads=self.config.ort_threads, profile=fresh)
-        except prov.ProviderError as exc:
-            raise AgentError(422, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
-        if fresh:
-            node_providers = res.node_providers
-        elif cached.get("providers") == res.providers:
-            node_providers = cached["node_providers"]
-        else:  # a provider came or went since the placement was recorded
-            node_providers = prov.profile_node_providers(model_path, res.requested, plan.strict)
-        if node_providers is not None and (fresh or node_providers != cached.get("node_providers")
-                                           or res.providers != cached.get("providers")):
+        threads = self.class_threads(settings)
+        worker = None
+        if settings.isolation == "process":
+            worker = WorkerProcess(WorkerSpec(
+                name=name, version=version, folder=folder, model_path=model_path, preference=plan.preference,
+                available=plan.available, candidates=plan.candidates, strict=plan.strict, threads=threads,
+                concurrency=settings.max_concurrency, memory_mb=settings.memory_mb,
+                nice=self.class_cpu(settings)[1], cpu_policy=self.class_cpu(settings)[0], profile=fresh),
+                self._worker_event(name, version), self.loop)
+            ready = worker.start()
+            session, res_providers = None, ready["providers"]
+            requested, attempts = ready["requested"], ready["attempts"]
+            sess_inputs, output_names = ready["inputs"], ready["outputs"]
+            profiled = ready.get("node_providers")
+        else:
             try:
-                atomic_write(cache, json.dumps({"providers": res.providers,
+                res = prov.create_session(model_path, plan, threads=threads, profile=fresh)
+            except prov.ProviderError as exc:
+                raise AgentError(422, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
+            session, res_providers, requested, attempts = res.session, res.providers, res.requested, res.attempts
+            sess_inputs = {i.name: i.shape for i in res.session.get_inputs()}
+            output_names = [o.name for o in res.session.get_outputs()]
+            profiled = res.node_providers
+        if fresh:
+            node_providers = profiled
+        elif cached.get("providers") == res_providers:
+            node_providers = cached["node_providers"]
+        elif worker is None:  # a provider came or went since the placement was recorded
+            node_providers = prov.profile_node_providers(model_path, requested, plan.strict)
+        else:
+            node_providers = None
+        if node_providers is not None and (fresh or node_providers != cached.get("node_providers")
+                                           or res_providers != cached.get("providers")):
+            try:
+                atomic_write(cache, json.dumps({"providers": res_providers,
                                                 "node_providers": node_providers}).encode())
             except OSError:
                 pass
-        sess_inputs = {i.name: i.shape for i in res.session.get_inputs()}
         specs = [inp.make_spec(c, sess_inputs.get(c.name)) for c in manifest.inputs]
         missing = [c.name for c in manifest.inputs if c.name not in sess_inputs]
         if missing:
+            if worker is not None:
+                worker.stop(0)
             raise AgentError(422, f"manifest inputs not in the ONNX graph: {', '.join(missing)}", "package")
         lv = LoadedVersion(
-            manifest=manifest, folder=folder, session=res.session, specs=specs,
-            output_names=[o.name for o in res.session.get_outputs()], providers=res.providers,
-            requested=res.requested, attempts=res.attempts, node_providers=node_providers,
+            manifest=manifest, folder=folder, session=session, specs=specs,
+            output_names=output_names, providers=res_providers,
+            requested=requested, attempts=attempts, node_providers=node_providers,
             breaker=CircuitBreaker(self.config.breaker_window, self.config.breaker_min_requests,
                                    self.config.breaker_threshold),
-            strict=plan.strict,
+            strict=plan.strict, deploy=settings, worker=worker, threads=threads,
         )
+        lv.lane = self.scheduler.lane(key, settings.priority, settings.max_concurrency, settings.max_queue,
+                                      settings.timeout_ms)
         vt = self.telemetry.get(name, version)
-        vt.providers = list(res.providers)
+        vt.providers = list(res_providers)
         vt.node_providers = node_providers
         vt.vocab = _vocab(manifest)
         with self.load_lock:
+            old = self.loaded.get(key)
+            if old is not None and not explicit and worker is not None:  # loaded meanwhile by another request
+                worker.stop(0)
+                return old
             self.loaded[key] = lv
+        if old is not None and old is not lv and old.worker is not None:
+            old.worker.stop()
         return lv
 
     # ------------------------------------------------------------------ info
@@ -359,6 +474,9 @@ class AgentCore:
                 "outputs": [c.to_dict() for c in lv.manifest.outputs] if lv else None,
                 "training_stats": _training_moments(lv.manifest) if lv else None,
                 "load_error": self.load_errors.get(name),
+                "deploy": lv.deploy.to_dict() if lv else None,
+                "intra_op_threads": lv.threads if lv else None,
+                "worker": lv.worker.info() if lv and lv.worker else None,
             }
         return {
             "name": self.config.name, "agent_version": "0.1.0",
@@ -370,6 +488,12 @@ class AgentCore:
             "uptime_s": round(time.time() - self.started, 3), "hub": self.config.hub_url,
             "background": json.loads(json.dumps(self.background)),
             "state": {"rebuilt": self.rebuilt, "unaccounted": list(self.unaccounted)},
+            "scheduler": {**self.scheduler.describe(), "cores": self.cores,
+                          "batch_cpu": self.config.batch_cpu if self.config.priorities else "normal",
+                          "batch_nice": self.config.batch_nice,
+                          "intra_op_threads": {c: self.class_threads(DeploySettings(**deploy_mod.class_defaults(c, self.cores)))
+                                               for c in deploy_mod.PRIORITIES}},
+            "memory_budget_mb": self.config.memory_budget_mb, "memory_committed_mb": self.memory_committed_mb(),
         }
 
     def status(self) -> dict:
@@ -382,8 +506,10 @@ class AgentCore:
     # ------------------------------------------------------------------ install
 
     def install(self, name: str | None, data: bytes, providers: list[str] | None = None,
-                strict: bool = False, activate: bool = True, sha256: str | None = None) -> dict:
-        """``sha256``: the package's digest when the caller has just checked it (a hub download)."""
+                strict: bool = False, activate: bool = True, sha256: str | None = None,
+                deploy: dict | None = None) -> dict:
+        """``sha256``: the package's digest when the caller has just checked it (a hub download).
+        ``deploy``: the request's deploy settings (deploy.py), over the package's own."""
         if len(data) > self.config.max_package_bytes:
             raise AgentError(413, f"package is {len(data)} bytes, over the limit of "
                                   f"{self.config.max_package_bytes}", "package")
@@ -407,6 +533,8 @@ class AgentCore:
                 providers = [prov.to_ort_name(p) for p in providers]
             except prov.ProviderError as exc:
                 raise AgentError(400, str(exc)) from None
+        deploy = deploy_mod.parse(deploy)
+        settings = self.settings_for(manifest, deploy)  # a bad deploy field in the package: refused here
         sha = sha256 or hashlib.sha256(data).hexdigest()
         with self.lock:
             m = self.state["models"].get(name)
@@ -422,8 +550,8 @@ class AgentCore:
                     raise AgentError(409, f"model {name} version {version} is older than the active version "
                                           f"{active}: installing a package never moves a model back; use "
                                           "activate or rollback (ROLLBACK MODEL) for that", "version")
-                if activate and (active != version or providers is not None):
-                    return self.activate(name, version, providers=providers, strict=strict)
+                if activate and (active != version or providers is not None or deploy is not None):
+                    return self.activate(name, version, providers=providers, strict=strict, deploy=deploy)
                 return {"model": name, "version": version, "installed": False, "active": active}
             newest = max([*(m or {}).get("versions", []), int((m or {}).get("floor") or 0)], default=0)
             if version < newest:
@@ -431,6 +559,8 @@ class AgentCore:
                                       "this device has installed: older versions are not installed again "
                                       "(anti-rollback); roll back to an installed version, or publish the old "
                                       "model as a new version", "version")
+            if activate:
+                self.check_memory_budget(name, settings)
             mdir = self.store / "models" / name
             mdir.mkdir(parents=True, exist_ok=True)
             incoming = mdir / f".incoming-{uuid.uuid4().hex[:12]}"
@@ -459,7 +589,7 @@ class AgentCore:
             if pause:
                 time.sleep(float(pause))
             try:
-                lv = self._load(name, version, providers, strict, folder=final)
+                lv = self._load(name, version, providers, strict, folder=final, deploy=deploy)
             except AgentError:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
@@ -474,6 +604,8 @@ class AgentCore:
             mm["sha256"][str(version)] = sha
             mm["config"][str(version)] = {"providers": providers or _ort_names(manifest.providers),
                                           "strict": bool(strict)}
+            if deploy:
+                mm["config"][str(version)]["deploy"] = deploy
             previous = mm.get("active")
             if activate:
                 mm["active"] = version
@@ -485,11 +617,12 @@ class AgentCore:
             for v in pruned:
                 self._unload(name, v)
                 shutil.rmtree(self._folder(name, v), ignore_errors=True)
+            self._retire_inactive(name)
             self.telemetry.event("installed", model=name, version=version, activated=activate,
                                  previous=previous, providers=lv.providers)
             return {"model": name, "version": version, "installed": True, "active": mm["active"],
                     "previous": previous, "providers": lv.providers, "node_providers": lv.node_providers,
-                    "provider_attempts": lv.attempts, "pruned": pruned}
+                    "provider_attempts": lv.attempts, "pruned": pruned, "deploy": lv.deploy.to_dict()}
 
     def _same_manifest(self, name: str, version: int, manifest: pkg.Manifest) -> bool:
         try:
@@ -523,10 +656,28 @@ class AgentCore:
 
     def _unload(self, name: str, version: int) -> None:
         with self.load_lock:
-            self.loaded.pop((name, version), None)
+            lv = self.loaded.pop((name, version), None)
+        self.scheduler.drop((name, version))
+        if lv is not None and lv.worker is not None:
+            lv.worker.stop()
+
+    def _retire_inactive(self, name: str) -> None:
+        """A worker process holds memory out of the device's budget: only the active version keeps
+        one (another version starts its worker again when a request names it)."""
+        active = self.state["models"].get(name, {}).get("active")
+        for (n, v), lv in list(self.loaded.items()):
+            if n == name and v != active and lv.worker is not None:
+                self._unload(n, v)
+
+    def _settings_of(self, name: str, version: int, deploy: dict | None = None) -> DeploySettings:
+        folder = self._folder(name, version)
+        manifest = pkg.manifest_from_json((folder / pkg.MANIFEST_FILE).read_bytes())
+        if deploy is None:
+            deploy = self.state["models"].get(name, {}).get("config", {}).get(str(version), {}).get("deploy")
+        return self.settings_for(manifest, deploy)
 
     def install_from_url(self, name: str | None, url: str, sha256: str | None, providers=None,
-                         strict=False, activate=True, token: str | None = None) -> dict:
+                         strict=False, activate=True, token: str | None = None, deploy: dict | None = None) -> dict:
         if not isinstance(url, str) or urls.origin(url) is None:
             raise AgentError(400, "url must be an http(s) URL")
         req = urllib.request.Request(url)
@@ -547,7 +698,7 @@ class AgentCore:
         digest = hashlib.sha256(data).hexdigest()
         if sha256 is not None and digest != sha256:
             raise AgentError(422, f"package downloaded from {url} does not match sha256 {sha256}", "package")
-        return self.install(name, data, providers, strict, activate, sha256=digest)
+        return self.install(name, data, providers, strict, activate, sha256=digest, deploy=deploy)
 
     # ------------------------------------------------------------------ activate / rollback / delete
 
@@ -558,7 +709,9 @@ class AgentCore:
             raise AgentError(404, f"unknown model {name!r} (installed: {known})", "not_found")
         return m
 
-    def activate(self, name: str, version: int, providers=None, strict=False, reason: str = "activate") -> dict:
+    def activate(self, name: str, version: int, providers=None, strict=False, reason: str = "activate",
+                 deploy: dict | None = None) -> dict:
+        deploy = deploy_mod.parse(deploy)
         with self.lock:
             m = self._model(name)
             if isinstance(version, bool) or not isinstance(version, int) or version not in m["versions"]:
@@ -569,10 +722,12 @@ class AgentCore:
                     providers = [prov.to_ort_name(p) for p in providers]
                 except prov.ProviderError as exc:
                     raise AgentError(400, str(exc)) from None
-            # new providers: a new session (folder= skips the loaded one), swapped in only once it
-            # loads, so a preference that cannot load leaves the serving session as it was
+            self.check_memory_budget(name, self._settings_of(name, version, deploy))
+            # new providers or deploy settings: a new session (folder= skips the loaded one), swapped in
+            # only once it loads, so a preference that cannot load leaves the serving session as it was
+            renew = providers is not None or deploy is not None
             lv = self._load(name, version, providers, strict if providers is not None else None,
-                            folder=self._folder(name, version) if providers is not None else None)
+                            folder=self._folder(name, version) if renew else None, deploy=deploy)
             lv.breaker = CircuitBreaker(self.config.breaker_window, self.config.breaker_min_requests,
                                         self.config.breaker_threshold)
             st = self._copy_state()
@@ -582,11 +737,15 @@ class AgentCore:
             if version in mm["suspended"]:
                 mm["suspended"].remove(version)
             if providers is not None:
-                mm["config"][str(version)] = {"providers": providers, "strict": bool(strict)}
+                mm["config"][str(version)] = {**mm["config"].get(str(version), {}), "providers": providers,
+                                              "strict": bool(strict)}
+            if deploy is not None:
+                mm["config"].setdefault(str(version), {})["deploy"] = deploy
             self._write_state(st)
+            self._retire_inactive(name)
             self.telemetry.event(reason, model=name, version=version, previous=previous)
             return {"model": name, "active": version, "previous": previous, "providers": lv.providers,
-                    "node_providers": lv.node_providers}
+                    "node_providers": lv.node_providers, "deploy": lv.deploy.to_dict()}
 
     def rollback(self, name: str, reason: str = "rollback") -> dict:
         with self.lock:
@@ -669,11 +828,10 @@ class AgentCore:
         except Exception as exc:
             raise AgentError(503, f"model {name} version {version} cannot be loaded: {exc}", "load") from None
 
-    @staticmethod
-    def _run(lv: LoadedVersion, feed: dict):
-        if os.environ.get(TEST_HOOKS_ENV) == "1" and (lv.folder / ".test_broken").exists():
+    def _run(self, lv: LoadedVersion, feed: dict, ro=None):
+        if self.hooks and (lv.folder / ".test_broken").exists():
             raise RuntimeError("simulated execution provider failure (test hook)")
-        return lv.session.run(None, feed)
+        return lv.session.run(None, feed, ro)
 
     def _session_broken(self, lv: LoadedVersion) -> bool:
         """After a failed run: does the session also fail on a known-good input (the last row that
@@ -684,39 +842,150 @@ class AgentCore:
         except Exception:
             return True
 
-    def predict(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int, raw: bool = False) -> dict:
-        """Run the model. ``raw``: outputs stay numpy arrays (for binary answers).
+    def _too_slow(self, lv: LoadedVersion) -> bool:
+        """After a run overran its deadline: does a known-good row overrun it too? Only then does the
+        miss count for the circuit breaker (a big batch that overruns is the request's doing, and no
+        client may suspend a model for the others)."""
+        t0 = time.perf_counter()
+        try:
+            self._run(lv, lv.canary if lv.canary is not None else prov.dummy_feed(lv.session))
+        except Exception:
+            return True
+        return (time.perf_counter() - t0) * 1000.0 > lv.deploy.timeout_ms
+
+    def _count_failure(self, lv: LoadedVersion, background: bool = False) -> None:
+        if lv.breaker.record(True):
+            self._trip(lv, background)
+
+    def _trip(self, lv: LoadedVersion, background: bool = False) -> None:
+        """The breaker tripped: suspend (and roll back) before the request that tripped it is answered.
+        ``background``: from a worker's answer on the event loop, where a rollback to a version in a
+        worker process would start that process: a thread of its own does it."""
+        args = (lv.manifest.name, lv.manifest.version,
+                f"error rate {lv.breaker.rate():.2f} over the last {len(lv.breaker.outcomes)} requests")
+        if background:
+            threading.Thread(target=self.suspend, args=args, name="suspend", daemon=True).start()
+        else:
+            self.suspend(*args)
+
+    def run_local(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int, ro=None) -> tuple[list, float]:
+        """Run the model in this process (isolation = 'thread'); ``ro``: ONNX Runtime RunOptions whose
+        ``terminate`` the deadline sets. Returns the outputs and the run's milliseconds.
 
         A failure counts towards the circuit breaker only when the session fails on a known-good
         input too: a request whose data makes the model fail (an index out of range...) gets a 422
         of kind ``model_input`` and cannot suspend the version for everyone."""
         name, version = lv.manifest.name, lv.manifest.version
-        vt = self.telemetry.get(name, version)
+        c0 = time.thread_time()
         t0 = time.perf_counter()
         try:
-            values = self._run(lv, feed)
+            values = self._run(lv, feed, ro)
         except Exception as exc:
+            vt = self.telemetry.get(name, version)
+            if ro is not None and ro.terminate:
+                vt.record_error("deadline")
+                lv.lane.stats.deadline_run += 1
+                if self._too_slow(lv):
+                    self._count_failure(lv)
+                raise DeadlineMissed(lv.lane, "run", lv.deploy.timeout_ms) from None
             msg = str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__
             if not self._session_broken(lv):
                 vt.record_error("model_input")
                 raise AgentError(422, f"model {name} version {version} failed on this input: {msg}",
                                  "model_input") from None
             vt.record_error("runtime")
-            if lv.breaker.record(True):
-                self.suspend(name, version, f"error rate {lv.breaker.rate():.2f} over the last "
-                                            f"{len(lv.breaker.outcomes)} requests")
+            self._count_failure(lv)
             raise AgentError(503, f"model {name} version {version} fails on every input now: {msg}",
                              "runtime") from None
         ms = (time.perf_counter() - t0) * 1000.0
-        if lv.canary is None or n_rows <= 8:
+        cpu_ms = (time.thread_time() - c0) * 1000.0
+        lv.since_canary += 1
+        if lv.canary is None or (n_rows <= 8 and lv.since_canary >= CANARY_EVERY):
             lv.canary = {k: np.array(a[:1]) for k, a in feed.items()}
-        vt.record_success(ms, n_rows, feed)
-        if lv.breaker.record(False):  # the window can cross the threshold on a success too
-            self.suspend(name, version, f"error rate {lv.breaker.rate():.2f} over the last "
-                                        f"{len(lv.breaker.outcomes)} requests")
-        outputs = dict(zip(lv.output_names, values)) if raw else inp.outputs_to_json(lv.output_names, values)
-        return {"model": name, "version": version, "rows": n_rows, "outputs": outputs,
+            lv.since_canary = 0
+        self.record_ok(lv, ms, n_rows, feed, cpu_ms)
+        return values, ms
+
+    def record_ok(self, lv: LoadedVersion, ms: float, n_rows: int, feed: dict | None, cpu_ms: float = 0.0,
+                  background: bool = False) -> None:
+        """A successful run: telemetry (an append; folded in off the request path), the lane's run
+        time (Retry-After, inline runs) and the breaker's window (it can cross the threshold on a
+        success too)."""
+        self.telemetry.get(lv.manifest.name, lv.manifest.version).record_success(ms, n_rows, feed, cpu_ms)
+        if lv.lane is not None:
+            lv.lane.ran(ms)
+        if lv.breaker.record(False):
+            self._trip(lv, background)
+
+    def note_deadline(self, lv: LoadedVersion) -> None:
+        """A request answered 504 before its run started (the scheduler counted it in the lane)."""
+        self.note_error(lv, "deadline")
+
+    def note_error(self, lv: LoadedVersion, kind: str) -> None:
+        self.telemetry.get(lv.manifest.name, lv.manifest.version).record_error(kind)
+
+    def remote_outcome(self, lv: LoadedVersion, header: dict, arrays: dict, n_rows: int, feed: dict | None,
+                       background: bool = False):
+        """A worker's answer: (outputs, ms, json_outputs) or the AgentError it stands for.
+        ``background``: called on the event loop (see _trip)."""
+        name, version = lv.manifest.name, lv.manifest.version
+        err = header.get("error")
+        if err is None:
+            ms = float(header.get("ms", 0.0))
+            self.record_ok(lv, ms, n_rows, feed, float(header.get("cpu_ms", 0.0)), background)
+            if "json" in header:
+                return None, ms, header["json"]
+            return [arrays[n] for n in lv.output_names], ms, None
+        vt = self.telemetry.get(name, version)
+        vt.record_error(err if err in ("model_input", "runtime", "deadline", "memory") else "worker")
+        msg = header.get("message", "")
+        if err == "deadline":
+            lv.lane.stats.deadline_run += 1
+            if header.get("counts"):
+                self._count_failure(lv, background)
+            return DeadlineMissed(lv.lane, "run", lv.deploy.timeout_ms)
+        if err == "model_input":
+            return AgentError(422, f"model {name} version {version} failed on this input: {msg}", "model_input")
+        if err == "runtime":
+            self._count_failure(lv, background)
+            return AgentError(503, f"model {name} version {version} fails on every input now: {msg}", "runtime")
+        if err == "memory" and not msg.startswith("model "):
+            msg = (f"model {name} version {version} exceeded its memory budget of {lv.deploy.memory_mb} MB "
+                   f"(memory_mb) on this request ({msg}); its worker process was stopped and restarts")
+        return WorkerDown(msg or f"model {name} version {version}: its worker process failed", err)
+
+    def result(self, lv: LoadedVersion, values, n_rows: int, ms: float, raw: bool, jsoned: dict | None = None) -> dict:
+        """The answer's fields. ``raw``: outputs stay numpy arrays (for binary answers)."""
+        if jsoned is not None:
+            outputs = jsoned
+        elif raw:
+            outputs = dict(zip(lv.output_names, values))
+        else:
+            outputs = inp.outputs_to_json(lv.output_names, values)
+        return {"model": lv.manifest.name, "version": lv.manifest.version, "rows": n_rows, "outputs": outputs,
                 "providers": lv.providers, "latency_ms": round(ms, 4)}
+
+    def predict(self, lv: LoadedVersion, feed: dict[str, np.ndarray], n_rows: int, raw: bool = False) -> dict:
+        """Run the model, wherever it runs, from any thread but the event loop's, without the scheduler
+        (the HTTP path in predict.py queues requests and sets deadlines)."""
+        if lv.worker is None:
+            values, ms = self.run_local(lv, feed, n_rows)
+            return self.result(lv, values, n_rows, ms, raw)
+        done = threading.Event()
+        box: list = []
+
+        def reply(header, arrays):
+            box.append((header, arrays))
+            done.set()
+
+        lv.worker.submit({"op": "run", "rows": n_rows, "timeout_s": lv.deploy.timeout_ms / 1000.0}, feed, reply)
+        if not done.wait(lv.deploy.timeout_ms / 1000.0 + 5.0):
+            raise DeadlineMissed(lv.lane, "run", lv.deploy.timeout_ms)
+        out = self.remote_outcome(lv, *box[0], n_rows, feed)
+        if isinstance(out, Exception):
+            raise out
+        values, ms, jsoned = out
+        return self.result(lv, values, n_rows, ms, raw, jsoned)
 
     def record_invalid(self, lv: LoadedVersion) -> None:
         self.telemetry.get(lv.manifest.name, lv.manifest.version).record_error("invalid_input")
@@ -729,7 +998,23 @@ class AgentCore:
             m = self.state["models"].get(entry["model"], {})
             entry["active"] = m.get("active") == entry["version"]
             entry["suspended"] = entry["version"] in m.get("suspended", [])
+            key = (entry["model"], entry["version"])
+            entry.update(self._sharing_metrics(self.loaded.get(key), self.scheduler.lanes.get(key)))
         return snap
+
+    @staticmethod
+    def _sharing_metrics(lv: LoadedVersion | None, lane: Lane | None) -> dict:
+        """How the version shares the device (docs/DEVICE.md, Sharing one device)."""
+        out = {"priority": lv.deploy.priority if lv else None, "isolation": lv.deploy.isolation if lv else None,
+               "queue_length": lane.queued if lane else 0, "running": lane.running if lane else 0}
+        out.update(lane.stats.snapshot() if lane else {"wait_ms": None, "rejected": 0, "deadline_misses": 0,
+                                                           "deadline_misses_queue": 0, "deadline_misses_run": 0})
+        w = lv.worker if lv else None
+        out["worker_restarts"] = w.restarts if w else 0
+        out["worker"] = {k: v for k, v in w.info().items() if k != "rss_mb"} if w else None
+        out["memory_mb"] = w.rss_mb() if w else None
+        out["memory_budget_mb"] = lv.deploy.memory_mb if lv else None
+        return out
 
 
 def _valid_state(st) -> bool:

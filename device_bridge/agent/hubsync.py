@@ -171,6 +171,11 @@ class HubSync:
                 self.buffer.popleft()
 
     @staticmethod
+    def _other_deploy(m: dict, version: int, deploy: dict | None) -> bool:
+        """The hub asks for this installed build with other deploy settings (priority, isolation...)."""
+        return bool(deploy) and m.get("config", {}).get(str(version), {}).get("deploy") != deploy
+
+    @staticmethod
     def _other_providers(m: dict, version: int, providers: list | None, strict: bool) -> bool:
         """The hub asks for this installed build with another provider preference (a deploy run again)."""
         if not providers:
@@ -189,7 +194,9 @@ class HubSync:
                 continue
             m = core.state["models"].get(model)
             providers, strict = want.get("providers"), bool(want.get("strict_providers", False))
-            wish = (want.get("sha256"), tuple(providers or ()), strict)  # what failed is not retried as is
+            deploy = want.get("deploy") if isinstance(want.get("deploy"), dict) else None
+            # what failed is not retried as is
+            wish = (want.get("sha256"), tuple(providers or ()), strict, json.dumps(deploy, sort_keys=True))
             try:
                 if want.get("absent"):
                     if m is not None:
@@ -202,20 +209,22 @@ class HubSync:
                         self.errors[model] = {"sha256": sha, "suspended": True,
                                               "error": f"version {version} is suspended by the circuit breaker"}
                     else:
-                        if m.get("active") != version or self._other_providers(m, version, providers, strict):
+                        if m.get("active") != version or self._other_providers(m, version, providers, strict) \
+                                or self._other_deploy(m, version, deploy):
                             if self.failed.get(model) == wish:
                                 continue  # this activation failed already: its error stays reported
-                            core.activate(model, version, providers or None, strict)
+                            core.activate(model, version, providers or None, strict, deploy=deploy)
                         self.errors.pop(model, None)
                     continue
                 if self.failed.get(model) == wish:
                     continue
                 core.install_from_url(model, f"{self.hub}/v1/blobs/{sha}", sha, providers, strict, True,
-                                      self.token)
+                                      self.token, deploy)
                 self.errors.pop(model, None)
             except AgentError as exc:
                 self.errors[model] = {"sha256": want.get("sha256"), "error": exc.message[:300]}
-                if exc.kind in ("package", "untrusted", "version", "conflict", "load", "providers"):
+                if exc.kind in ("package", "untrusted", "version", "conflict", "load", "providers", "request",
+                                "memory", "memory_budget"):
                     self.failed[model] = wish
             except Exception as exc:  # never let the loop die
                 self.errors[model] = {"sha256": want.get("sha256"), "error": f"{type(exc).__name__}: {exc}"[:300]}

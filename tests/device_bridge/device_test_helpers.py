@@ -148,3 +148,23 @@ def wait_for(fn, timeout: float = 30.0, interval: float = 0.05, what: str = "con
     raise AssertionError(f"timed out waiting for {what}: {last!r}")
 
 
+
+
+def memory_model() -> bytes:
+    """y = sum(ones(n)) for n int64 [N, 1] (first row): a model whose memory is whatever the request
+    asks for (n float32s), to test memory budgets with a real allocation by ONNX Runtime."""
+    nodes = [helper.make_node("Slice", ["n", "zero", "one", "zero"], ["n0"]),
+             helper.make_node("Reshape", ["n0", "flat"], ["n1"]),
+             helper.make_node("ConstantOfShape", ["n1"], ["big"],
+                              value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=1),
+             helper.make_node("Reshape", ["s", "col"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "memory", [helper.make_tensor_value_info("n", TensorProto.INT64, [None, 1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])],
+        [helper.make_tensor("zero", TensorProto.INT64, [1], [0]), helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+         helper.make_tensor("flat", TensorProto.INT64, [1], [1]), helper.make_tensor("col", TensorProto.INT64, [2], [1, 1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model.SerializeToString()

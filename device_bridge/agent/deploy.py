@@ -1,0 +1,113 @@
+"""A deployment's settings for sharing the device: priority class, concurrency, queue, deadline,
+memory budget and isolation.
+
+They come, per field, from (last wins): the class defaults below, the signed manifest's ``deploy``
+field (the package's deploy settings), and the install or activate request (query parameters of a
+binary install, fields of a JSON install or of an activate body, the hub's desired state), which
+the agent keeps per version in ``state.json`` as it keeps a deploy's providers. ``/v1/info`` shows
+the effective settings of each model's active version under ``deploy``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from device_bridge.errors import ApiError
+
+PRIORITIES = ("realtime", "normal", "batch")
+ISOLATIONS = ("thread", "process")
+FIELDS = ("priority", "max_concurrency", "max_queue", "timeout_ms", "memory_mb", "isolation")
+MAX_CONCURRENCY = 64
+MAX_QUEUE = 4096
+MAX_TIMEOUT_MS = 600_000
+MAX_MEMORY_MB = 1 << 20
+PROCESS_OK = os.name == "posix"  # worker processes need fd passing, rlimits and signals
+
+
+@dataclass(frozen=True)
+class DeploySettings:
+    priority: str = "normal"
+    max_concurrency: int = 2     # runs of this deployment at once
+    max_queue: int = 64          # requests waiting for a run; one more is answered 429
+    timeout_ms: int = 10_000     # from the request's arrival to its answer; later: 504
+    memory_mb: int = 256         # the budget: enforced for a worker process, counted for a thread
+    isolation: str = "thread"    # "process": its own worker process; "thread": in the agent
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def class_defaults(priority: str, cores: int) -> dict[str, Any]:
+    """Each class's defaults on a device with ``cores`` cores in the agent's budget."""
+    cores = max(1, cores)
+    if priority == "realtime":
+        return {"priority": priority, "max_concurrency": cores, "max_queue": 16, "timeout_ms": 100,
+                "memory_mb": 256, "isolation": "thread"}
+    if priority == "batch":
+        return {"priority": priority, "max_concurrency": 2, "max_queue": 16, "timeout_ms": 60_000,
+                "memory_mb": 1024, "isolation": "process" if PROCESS_OK else "thread"}
+    return {"priority": "normal", "max_concurrency": cores, "max_queue": 64, "timeout_ms": 10_000,
+            "memory_mb": 256, "isolation": "thread"}
+
+
+def parse(raw: Any, where: str = "request", status: int = 400, kind: str = "request") -> dict[str, Any] | None:
+    """Check deploy settings given as a dict (values may be strings, as query parameters are);
+    returns the fields that were given, typed, or None when none were. A bad one is an ApiError
+    (400 ``request`` by default) naming the field and ``where`` it came from."""
+
+    def bad(msg: str) -> ApiError:
+        return ApiError(status, f"{msg} ({where})", kind)
+
+    def integer(field: str, v: Any, lo: int, hi: int) -> int:
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise bad(f"deploy setting {field} must be an integer from {lo} to {hi}, got {v!r}")
+        return v
+
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise bad(f"deploy settings must be an object of {', '.join(FIELDS)}")
+    unknown = sorted(str(k) for k in raw if k not in FIELDS)
+    if unknown:
+        raise bad(f"unknown deploy setting {unknown[0]!r}; known: {', '.join(FIELDS)}")
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if v is None:
+            continue
+        if k == "priority":
+            if not isinstance(v, str) or v.lower() not in PRIORITIES:
+                raise bad(f"deploy setting priority must be one of {', '.join(PRIORITIES)}, got {v!r}")
+            out[k] = v.lower()
+        elif k == "isolation":
+            if not isinstance(v, str) or v.lower() not in ISOLATIONS:
+                raise bad(f"deploy setting isolation must be one of {', '.join(ISOLATIONS)}, got {v!r}")
+            if v.lower() == "process" and not PROCESS_OK:
+                raise bad("deploy setting isolation = 'process' needs a POSIX system (Linux, Android, macOS)")
+            out[k] = v.lower()
+        elif k == "max_concurrency":
+            out[k] = integer(k, v, 1, MAX_CONCURRENCY)
+        elif k == "max_queue":
+            out[k] = integer(k, v, 0, MAX_QUEUE)
+        elif k == "timeout_ms":
+            out[k] = integer(k, v, 1, MAX_TIMEOUT_MS)
+        elif k == "memory_mb":
+            out[k] = integer(k, v, 16, MAX_MEMORY_MB)
+    return out or None
+
+
+def from_query(params) -> dict[str, Any] | None:
+    """The deploy settings among a binary install's query parameters."""
+    return parse({k: params[k] for k in FIELDS if k in params}, "query")
+
+
+def effective(manifest_deploy: Any, requested: dict | None, cores: int) -> DeploySettings:
+    """Class defaults <- the manifest's signed ``deploy`` field <- the request's settings. The class
+    (priority) is chosen first, so that its defaults fill the fields no one gave."""
+    from_manifest = parse(manifest_deploy, "the package's deploy field", 422, "package") or {}
+    given = {**from_manifest, **(requested or {})}
+    merged = {**class_defaults(given.get("priority", "normal"), cores), **given}
+    return DeploySettings(**merged)
