@@ -145,6 +145,7 @@ def rollout(hub: HubClient, model: str, package: bytes, devices: list[str], *,
             min_requests: int = 0, observe_s: float = 0.0, activation_timeout: float = 60.0,
             telemetry_timeout: float = 30.0, providers: list[str] | None = None,
             strict_providers: bool = False, on_wave: Callable[[int, list[str]], None] | None = None,
+            deploy: dict | None = None,
             poll: float = 0.2, log: Callable[[str], None] | None = None) -> RolloutReport:
     manifest = pkg.read_manifest(package)
     if manifest.name != model:
@@ -159,7 +160,8 @@ def rollout(hub: HubClient, model: str, package: bytes, devices: list[str], *,
         res = WaveResult(i, wave)
         report.waves.append(res)
         before = {d: ((hub.agent(d).get("status") or {}).get(model) or {}).get("active") for d in wave}
-        hub.set_desired(model, sha256=sha, devices=wave, providers=providers, strict_providers=strict_providers)
+        hub.set_desired(model, sha256=sha, devices=wave, providers=providers, strict_providers=strict_providers,
+                        deploy=deploy)
         t_set = time.monotonic()
         say(f"wave {i}: {len(wave)} device(s) -> {model} v{version}")
         pending = _wait_active(hub, model, version, sha, wave, activation_timeout, poll, res, t_set)

@@ -66,3 +66,8 @@ def test_every_word_of_the_language_has_its_handler():
     statements = {name for name, cls in inspect.getmembers(expressions, inspect.isclass)
                   if issubclass(cls, expressions.MLNode) and name not in parts}
     assert set(STATEMENTS) == statements
+    # the parser's heads are those by which a script is known to hold MLSQL (read without sqlglot)
+    from mlsql.language.dialect import STATEMENTS as HEADS
+    from mlsql.language.scripts import STATEMENT_HEADS
+
+    assert sorted(h for h, _ in HEADS) == sorted(STATEMENT_HEADS)

@@ -232,3 +232,30 @@ def test_device_list_temp_file_is_never_readable_by_others(tmp_path):
         os.umask(old)
     assert seen - {0o644} <= {0o600}, seen  # only the planted leftover was ever 0644
     assert stat.S_IMODE(os.stat(tmp_path / "devices.json").st_mode) == 0o600
+
+
+def test_deploy_settings_travel_to_the_agent_and_show_in_sql(env):
+    """DEPLOY's sharing options (priority, deadline, queue, isolation, memory) reach the agent with the
+    install and come back in SHOW DEPLOYMENTS and ML.DEVICE_METRICS; what is not given takes the
+    agent's class defaults; a bad value is refused before anything is sent."""
+    s, _, _ = env
+    s.sql("""CREATE OR REPLACE MODEL shared_mass OPTIONS (model_type = 'linear_reg', input_label_cols = ['body_mass_g'])
+             AS SELECT bill_length_mm, flipper_length_mm, body_mass_g FROM penguins WHERE body_mass_g IS NOT NULL""")
+    s.sql("""DEPLOY MODEL shared_mass TO DEVICE 'd1'
+             OPTIONS (priority = 'batch', timeout_ms = 5000, max_queue = 8, isolation = 'process', memory_mb = 512)""")
+    s.sql("SELECT * FROM ML.PREDICT(MODEL shared_mass, (SELECT * FROM penguins LIMIT 5), STRUCT('d1' AS device))")
+    shown = {r["model"]: r for r in s.sql("SHOW DEPLOYMENTS").to_arrow().to_pylist()}
+    mass = shown["shared_mass"]
+    assert (mass["device"], mass["version"], mass["priority"], mass["isolation"]) == ("d1", 1, "batch", "process")
+    assert (mass["timeout_ms"], mass["max_queue"], mass["memory_mb"]) == (5000, 8, 512)
+    assert mass["max_concurrency"] == 2  # the batch class's default: not given
+    assert mass["worker_restarts"] == 0 and mass["rejected"] == 0 and mass["memory_used_mb"] > 0  # its own process
+    if "species" in shown:  # deployed without options by another test: the normal class's defaults
+        assert (shown["species"]["priority"], shown["species"]["isolation"]) == ("normal", "thread")
+    metrics = {r["model"]: r for r in s.sql("SELECT * FROM ML.DEVICE_METRICS('d1') WHERE active").to_arrow().to_pylist()}
+    assert metrics["shared_mass"]["priority"] == "batch" and metrics["shared_mass"]["queue_length"] == 0
+    assert metrics["shared_mass"]["requests"] >= 1 and metrics["shared_mass"]["deadline_misses"] == 0
+
+    with pytest.raises(MLSQLError, match="priority") as bad:
+        s.sql("DEPLOY MODEL shared_mass TO DEVICE 'd1' OPTIONS (priority = 'urgent')")
+    assert "realtime" in str(bad.value) and "batch" in str(bad.value)

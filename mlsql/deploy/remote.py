@@ -101,8 +101,63 @@ def devices_table(devices: list[Device]) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
+DEPLOYMENTS_SCHEMA = pa.schema([
+    ("device", pa.string()), ("model", pa.string()), ("version", pa.int64()), ("providers", pa.list_(pa.string())),
+    ("priority", pa.string()), ("isolation", pa.string()), ("max_concurrency", pa.int64()),
+    ("max_queue", pa.int64()), ("timeout_ms", pa.int64()), ("memory_mb", pa.int64()),
+    ("queue_length", pa.int64()), ("rejected", pa.int64()), ("deadline_misses", pa.int64()),
+    ("worker_restarts", pa.int64()), ("memory_used_mb", pa.float64()), ("error", pa.string()),
+])
+
+
+def deployments_table(devices: list[Device]) -> pa.Table:
+    """SHOW DEPLOYMENTS: each device's active models, with the settings by which they share it
+    (``/v1/info``'s ``deploy``) and how that goes (``/v1/metrics``: queue, rejections, deadline
+    misses, worker restarts, memory), asked live and in parallel; an unreachable device is one row
+    saying why."""
+
+    def ask_both(dev: Device) -> tuple[dict | None, dict | None, str | None]:
+        c = client_for(dev, timeout=5.0)
+        try:
+            return c.info(), c.metrics(columns=False), None
+        except Exception as exc:
+            return None, None, str(wrap(exc, f"device '{dev.name}'")).splitlines()[0]
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(devices)))) as pool:
+        answers = list(pool.map(ask_both, devices))
+    rows = []
+    for dev, (info, metrics, error) in zip(devices, answers):
+        if error is not None:
+            rows.append({"device": dev.name, "error": error})
+            continue
+        live = {(m.get("model"), m.get("version")): m for m in (metrics or {}).get("models", [])}
+        for name, m in sorted((info.get("models") or {}).items()):
+            if m.get("active") is None:
+                continue
+            settings = m.get("deploy") or {}
+            now = live.get((name, m.get("active"))) or {}
+            rows.append({"device": dev.name, "model": name, "version": m.get("active"),
+                         "providers": [_short(p) for p in m.get("providers") or []],
+                         **{k: settings.get(k) for k in ("priority", "isolation", "max_concurrency", "max_queue",
+                                                         "timeout_ms", "memory_mb")},
+                         **{k: now.get(k) for k in ("queue_length", "rejected", "deadline_misses", "worker_restarts")},
+                         "memory_used_mb": now.get("memory_mb")})
+    return pa.Table.from_pylist(rows, schema=DEPLOYMENTS_SCHEMA)
+
+
 def _short(p: str) -> str:
     return p.replace("ExecutionProvider", "").lower()
+
+
+def deploy_settings(opts: dict) -> dict | None:
+    """DEPLOY's options about sharing the device, as the agent takes them with an install (the
+    agent's class defaults for those not given); None when none were given."""
+    from device_bridge.agent.deploy import FIELDS
+
+    given = {k: opts[k] for k in FIELDS if opts.get(k) is not None}
+    return given or None
 
 
 def resolve_deploy_options(raw: dict) -> dict:
@@ -227,6 +282,10 @@ METRICS_SCHEMA = pa.schema([
     ("error_rate", pa.float64()), ("errors", pa.string()), ("p50_ms", pa.float64()), ("p95_ms", pa.float64()),
     ("p99_ms", pa.float64()), ("throughput_rows_per_s", pa.float64()), ("providers", pa.list_(pa.string())),
     ("node_providers", pa.string()), ("inputs", pa.string()), ("profiled_rows", pa.int64()),
+    # how the version shares the device (docs/DEVICE.md, Sharing one device)
+    ("priority", pa.string()), ("isolation", pa.string()), ("queue_length", pa.int64()),
+    ("wait_p95_ms", pa.float64()), ("rejected", pa.int64()), ("deadline_misses", pa.int64()),
+    ("worker_restarts", pa.int64()), ("memory_mb", pa.float64()),
 ])
 
 
@@ -244,6 +303,9 @@ def metrics_table(dev: Device) -> pa.Table:
             "providers": [_short(p) for p in m.get("providers") or []],
             "node_providers": json.dumps(m.get("node_providers") or {}),
             "inputs": json.dumps(m.get("columns") or {}), "profiled_rows": m.get("profiled_rows"),
+            **{k: m.get(k) for k in ("priority", "isolation", "queue_length", "rejected", "deadline_misses",
+                                     "worker_restarts", "memory_mb")},
+            "wait_p95_ms": (m.get("wait_ms") or {}).get("p95_ms"),
         })
     return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
 
@@ -292,6 +354,7 @@ def deploy_group(group, lm, result, opts: dict):
                 min_requests=int(opts.get("min_requests") or 0), observe_s=float(opts.get("observe_s") or 0.0),
                 activation_timeout=float(opts.get("wave_timeout_s") or 60.0),
                 providers=opts.get("providers") or ["cpu"], strict_providers=opts["strict_providers"], log=log.append,
+                deploy=deploy_settings(opts),
             )
         except MLSQLError:
             raise

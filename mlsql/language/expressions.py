@@ -129,6 +129,10 @@ class ShowDevices(MLNode, exp.Expression):
     arg_types: dict[str, bool] = {}
 
 
+class ShowDeployments(MLNode, exp.Expression):
+    arg_types: dict[str, bool] = {}
+
+
 class ShowJobs(MLNode, exp.Expression):
     arg_types: dict[str, bool] = {}
 

@@ -401,6 +401,20 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("wave_timeout_s", "float", "groups: seconds for a wave to activate", 60.0, min=0, min_open=True),
         _O("observe_s", "float", "groups: seconds to observe a wave before its gates", 0.0, min=0),
         _O("min_requests", "int", "groups: requests per device to wait for before the gates", 0, min=0),
+        # how the deployment shares the device (the agent's class defaults for what is not given;
+        # docs/DEVICE.md, Sharing one device): sent with the install, kept per version on the agent
+        _O("priority", "enum", "the scheduling class: realtime first, batch in what is left", None,
+          choices=("realtime", "normal", "batch"), default_doc="the agent's 'normal'"),
+        _O("max_concurrency", "int", "runs of this model at once", None, min=1, max=64,
+          default_doc="the class's (cores for realtime and normal, 2 for batch)"),
+        _O("max_queue", "int", "requests that may wait for a run; one more is answered 429", None, min=0, max=4096,
+          default_doc="the class's"),
+        _O("timeout_ms", "int", "each request's deadline from its arrival: later, 504", None, min=1, max=600_000,
+          default_doc="the class's (100 realtime, 10 000 normal, 60 000 batch)"),
+        _O("memory_mb", "int", "the model's memory budget (enforced for a worker process)", None, min=1,
+          max=1 << 20, default_doc="the class's (256; 1024 batch)"),
+        _O("isolation", "enum", "'process': its own worker process, restarted if it crashes; 'thread': in the agent",
+          None, choices=("thread", "process"), default_doc="'process' for batch, else 'thread'"),
     ),
     "CREATE DEVICE": (
         _O("url", "str", "the agent's address, http://host:port", required=True, check=_http_url),

@@ -23,9 +23,21 @@ class Statement:
     is_ml: bool = False
 
 
+# MLSQL's statements by their head words: the parser's table (mlsql.language.dialect.STATEMENTS)
+# maps each to its parsing, and tests/test_architecture.py keeps the two the same. Here, without
+# sqlglot, they make the prefilter below.
+STATEMENT_HEADS = (
+    ("CREATE", "MODEL"), ("CREATE", "DEVICE", "GROUP"), ("CREATE", "DEVICE"), ("CREATE", "JOB"),
+    ("SHOW", "MODELS"), ("SHOW", "DEVICES"), ("SHOW", "DEPLOYMENTS"), ("SHOW", "JOBS"),
+    ("DESCRIBE", "MODEL"), ("DESCRIBE", "JOB"), ("DROP", "MODEL"), ("DROP", "DEVICE", "GROUP"),
+    ("DROP", "DEVICE"), ("DROP", "JOB"), ("RUN", "JOB"), ("ALTER", "JOB"), ("EXPORT", "MODEL"),
+    ("DEPLOY", "MODEL"), ("ROLLBACK", "MODEL"), ("EXPLAIN",), ("SET",), ("RESET",),
+)
+
 # Anything that may be MLSQL's own syntax; text without it is plain DuckDB SQL, split and run
 # without a sqlglot parse. A false alarm (a column named "model") only costs the full parse.
-ML_SYNTAX = re.compile(r"\bML\s*\.|\b(MODELS?|DEVICES?|JOBS?)\b|\bEXPLAIN\s+MLSQL\b|\b(SET|RESET)\s+mlsql_",
+_OBJECT_WORDS = sorted({h[1] for h in STATEMENT_HEADS if len(h) > 1})
+ML_SYNTAX = re.compile(r"\bML\s*\.|\b(" + "|".join(_OBJECT_WORDS) + r")\b|\bEXPLAIN\s+MLSQL\b|\b(SET|RESET)\s+mlsql_",
                        re.IGNORECASE)
 
 

@@ -209,7 +209,8 @@ class DeviceStep:
     def describe(self):
         what = {"deploy": f"export + package {self.model}, install on {self.target_kind.lower()} '{self.name}'",
                 "rollback": f"roll {self.model} back on {self.target_kind.lower()} '{self.name}'",
-                "show_devices": "list devices with their live status"}.get(self.action, f"{self.action} '{self.name}'")
+                "show_devices": "list devices with their live status",
+                "show_deployments": "list each device's models with how they share it"}.get(self.action, f"{self.action} '{self.name}'")
         return what, ""
 
 
@@ -368,6 +369,7 @@ STATEMENTS: dict[str, Callable[[Planner, Any, Statement], list]] = {
     "CreateDevice": lambda p, e, st: [DeviceStep("create_device", e.name, e.options(), **_flags(e))],
     "CreateDeviceGroup": lambda p, e, st: [DeviceStep("create_group", e.name, e.options(), **_flags(e))],
     "ShowDevices": lambda p, e, st: [DeviceStep("show_devices")],
+    "ShowDeployments": lambda p, e, st: [DeviceStep("show_deployments")],
     "DropDeviceGroup": lambda p, e, st: [DeviceStep("drop_group", e.name, exists=bool(e.args.get("exists")))],
     "DropDevice": lambda p, e, st: [DeviceStep("drop_device", e.name, exists=bool(e.args.get("exists")))],
     "DeployModel": _plan_deploy,

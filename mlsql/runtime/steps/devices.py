@@ -45,6 +45,10 @@ def _show_devices(s: SessionState, step: P.DeviceStep) -> Result:
     return Result(D.devices_table(s.devices.devices()), kind="show")
 
 
+def _show_deployments(s: SessionState, step: P.DeviceStep) -> Result:
+    return Result(D.deployments_table(s.devices.devices()), kind="show")
+
+
 def _drop_device(s: SessionState, step: P.DeviceStep) -> Result:
     dropped = s.devices.drop(step.name, if_exists=step.exists)
     return Result(pa.table({}), message=f"Dropped device {step.name}." if dropped
@@ -83,7 +87,7 @@ def _rollback(s: SessionState, step: P.DeviceStep) -> Result:
                   message=f"Rolled {step.model.name} back on {dev.name}: version {r.get('active')} is active.")
 
 
-_ACTIONS = {"create_device": _create_device, "show_devices": _show_devices, "drop_device": _drop_device,
+_ACTIONS = {"create_device": _create_device, "show_devices": _show_devices, "show_deployments": _show_deployments, "drop_device": _drop_device,
             "create_group": _create_group, "drop_group": _drop_group, "deploy": _deploy, "rollback": _rollback}
 
 
@@ -121,7 +125,7 @@ def deploy_device(s: SessionState, step: P.DeviceStep) -> Result:
     c = D.client_for(dev)
     try:
         r = c.install(data, providers=opts["providers"] or ["cpu"], strict_providers=opts["strict_providers"],
-                      model=lm.version.name)
+                      model=lm.version.name, deploy=D.deploy_settings(opts))
     except Exception as exc:
         err = D.wrap(exc, f"Deploying {lm.version.ref} to device '{dev.name}' failed")
         if getattr(exc, "status", None) == 409:
