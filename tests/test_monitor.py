@@ -164,6 +164,10 @@ def test_monitor_updates_under_load_while_other_cells_run(rig):
     assert snap["status"] == "live" and snap["error"] == ""
     assert snap["model"] == "species" and snap["version"] == 1
     assert snap["providers"] == ["CPUExecutionProvider"] and snap["node_providers"]["CPUExecutionProvider"] > 0
+    # how it shares the device: deployed without settings, the agent's normal class, in the agent
+    sharing = snap["latest"]["sharing"]
+    assert (sharing["priority"], sharing["isolation"]) == ("normal", "thread")
+    assert sharing["rejected"] == 0 and sharing["deadline_misses"] == 0 and sharing["queue_length"] >= 0
     # points under the load generator's 8-row requests, each from the difference of two polls (the
     # first point is the agent's own windowed figures, which include the DEPLOY's one-row first inference)
     loaded = [p for p in snap["history"][1:] if p["requests_per_s"] and p["requests_per_s"] > 0]

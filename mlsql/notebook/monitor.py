@@ -126,6 +126,10 @@ def _fmt(v: Any, unit: str = "") -> str:
         return f"{v:,.3g}{unit}" if abs(v) < 1000 else f"{v:,.0f}{unit}"
     return f"{v:,}{unit}"
 
+# /v1/metrics' figures of how a version shares the device (docs/DEVICE.md, Sharing one device)
+SHARING_FIELDS = ("priority", "isolation", "queue_length", "rejected", "deadline_misses", "worker_restarts",
+                  "memory_mb")
+
 
 class DeviceMonitor(anywidget.AnyWidget):
     """A live panel for one device: see the module's docstring. ``.stop()`` ends it."""
@@ -248,11 +252,14 @@ class DeviceMonitor(anywidget.AnyWidget):
         errors = sum(int(e.get("error_count") or 0) for e in mine)
         latest = {**point, "total_requests": requests, "total_rows": sum(int(e.get("rows") or 0) for e in mine),
                   "total_errors": errors, "total_error_rate": errors / requests if requests else 0.0,
-                  "suspended": (act_entry or {}).get("suspended", False)}
+                  "suspended": (act_entry or {}).get("suspended", False),
+                  # how the active version shares the device (an agent from before has none of these)
+                  "sharing": {k: (act_entry or {}).get(k) for k in SHARING_FIELDS}}
         per_model: dict[str, int] = {}
         for e in entries:
             per_model[e["model"]] = per_model.get(e["model"], 0) + int(e.get("requests") or 0)
-        models = [{"model": n, "active": active.get(n), "requests": per_model.get(n, 0)}
+        priority = {e["model"]: e.get("priority") for e in entries if e.get("version") == active.get(e["model"])}
+        models = [{"model": n, "active": active.get(n), "requests": per_model.get(n, 0), "priority": priority.get(n)}
                   for n in sorted(set(active) | set(per_model))]
         events = [{"seq": ev.get("seq"), "time": ev.get("time"), "kind": ev.get("kind"), "model": ev.get("model"),
                    "version": ev.get("version"), "text": _event_text(ev)}

@@ -186,6 +186,18 @@ function draw(model, el) {
     latencyTile("p95 ms", times, col("p95_ms")),
     latencyTile("p99 ms", times, col("p99_ms")));
   root.append(tiles);
+  // how the model shares the device: its class, queue, refusals, missed deadlines, worker restarts
+  const sh = latest.sharing || {};
+  if (sh.priority) {
+    const bits = [sh.priority, sh.isolation === "process" ? "own process" : "in the agent",
+                  `queue ${fmt(sh.queue_length)}`, `rejected ${fmt(sh.rejected)}`,
+                  `deadline misses ${fmt(sh.deadline_misses)}`];
+    if (sh.isolation === "process") bits.push(`restarts ${fmt(sh.worker_restarts)}`);
+    if (sh.memory_mb != null) bits.push(`${fmt(sh.memory_mb)} MB`);
+    const bad = (sh.rejected || 0) + (sh.deadline_misses || 0) + (sh.worker_restarts || 0) > 0;
+    root.append(h("div", { class: "mlsql-mon-small mlsql-mon-sharing" + (bad ? " mlsql-mon-bad" : "") },
+      "sharing: " + bits.join(" · ")));
+  }
 
   const charts = h("div", { class: "mlsql-mon-charts" },
     chart("latency (ms)", times, [
@@ -238,7 +250,7 @@ function draw(model, el) {
   const others = (model.get("models") || []).filter((m) => m.model !== mname);
   if (others.length) {
     root.append(h("div", { class: "mlsql-mon-small" },
-      "also on this device: " + others.map((m) => `${m.model}@${m.active ?? "–"} (${fmt(m.requests)} requests)`).join(", ")));
+      "also on this device: " + others.map((m) => `${m.model}@${m.active ?? "–"} (${m.priority ? m.priority + ", " : ""}${fmt(m.requests)} requests)`).join(", ")));
   }
   // keep one panel element for the widget's life and swap only its contents: a panel replaced at
   // every update would flicker, lose a text selection and detach whatever a page holds on to
