@@ -233,14 +233,6 @@ class DeviceClient:
     def events(self) -> list[dict]:
         return self.http.request("GET", "/v1/events")["events"]
 
-    def enroll(self, name: str) -> str:
-        """A fresh credential for agent ``name`` (operator only; replaces any earlier one)."""
-        return self.http.request("POST", f"/v1/agents/{_q(name)}/enroll", b"{}", "application/json")["token"]
-
-    def revoke(self, name: str) -> bool:
-        """Refuse agent ``name``'s credential from now on (operator only); False when it had none."""
-        return self.http.request("DELETE", f"/v1/agents/{_q(name)}/credential")["revoked"]
-
     def stream(self, interval: float = 1.0, count: int | None = None, columns: bool = True) -> Iterator[dict]:
         params = {"interval": interval, "columns": "1" if columns else "0"}
         if count is not None:

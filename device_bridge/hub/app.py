@@ -1,0 +1,193 @@
+"""The hub's HTTP routes: who may call what (the operator token, each agent's own credential),
+and the state and credential stores behind them."""
+
+from __future__ import annotations
+
+import functools
+import hmac
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse
+from starlette.routing import Route
+
+from device_bridge import web
+from device_bridge.hub.credentials import Credentials
+from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
+from device_bridge.hub.state import HubState
+from device_bridge.web import JSONAnswer
+
+
+def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
+                   body_timeout: float = 120.0, enroll_open: bool = False) -> Starlette:
+    """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
+    without a credential, under a name that never had one."""
+    if not token:
+        raise ValueError("the hub needs an operator token")
+    hub = HubState(store, max_package_bytes)
+    creds = Credentials(store)
+    operator_b = token.encode()
+    budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
+    endpoint = web.endpoint_factory(operator_b, budget=budget)
+
+    def caller(request) -> str | None:
+        """None for the operator, else the name of the agent whose credential this is (401 otherwise)."""
+        tok = web.bearer(request)
+        if tok:
+            if hmac.compare_digest(tok, operator_b):
+                request.scope["mlsql.caller"] = None
+                return None
+            name = creds.who(tok)
+            if name is not None:
+                request.scope["mlsql.caller"] = name
+                return name
+        raise HubError(401, "missing or wrong token (Authorization: Bearer <token>: the operator token, "
+                            "or the agent's own credential from enrollment)", "auth")
+
+    def operator(request) -> None:
+        name = caller(request)
+        if name is not None:
+            raise HubError(403, f"agent {name!r}'s credential opens only /v1/agents/{name}/...; "
+                                f"{request.method} {request.url.path} needs the operator token", "forbidden")
+
+    def own(operator_too: bool):
+        def check(request) -> None:
+            name = caller(request)
+            target = request.path_params.get("name")
+            if name is None:
+                if not operator_too:
+                    raise HubError(403, f"{request.method} {request.url.path} is the agent's own call: "
+                                        "it needs that agent's credential, not the operator token", "forbidden")
+                return
+            if name != target:
+                raise HubError(403, f"agent {name!r}'s credential opens only /v1/agents/{name}/..., "
+                                    f"not {request.url.path}", "forbidden")
+        return check
+
+    def blob_reader(request) -> None:
+        name = caller(request)
+        if name is None:
+            return
+        sha = request.path_params["sha"]
+        wanted = {e.get("sha256") for e in hub.state["desired"].get(name, {}).values() if isinstance(e, dict)}
+        if sha not in wanted:
+            raise HubError(403, f"agent {name!r} may download only the packages of its desired state", "forbidden")
+
+    async def body_json(request: Request, limit: int = 16 * 1024 * 1024) -> dict:
+        raw = await web.read_body(request, limit, body_timeout, budget)
+        body = web.parse_json(raw, nonfinite_as_null=True) if raw.strip() else {}
+        if not isinstance(body, dict):
+            raise HubError(400, "body must be a JSON object")
+        return body
+
+    def agent_name(request) -> str:
+        name = request.path_params["name"]
+        if not NAME_RE.match(name):
+            raise HubError(400, f"bad agent name {name!r}")
+        return name
+
+    def view(name: str) -> dict:
+        return {**hub.agent_view(name), "credential": creds.state(name)}
+
+    @endpoint(operator)
+    async def put_blob(request):
+        data = await web.read_body(request, hub.max_package_bytes, body_timeout, budget)
+        return JSONAnswer(await run_in_threadpool(hub.put_blob, data))
+
+    @endpoint(blob_reader)
+    async def get_blob(request):
+        sha = request.path_params["sha"]
+        if not SHA_RE.match(sha) or not (hub.store / "blobs" / sha).exists():
+            raise HubError(404, f"no blob {sha}")
+        return FileResponse(hub.store / "blobs" / sha, media_type="application/octet-stream")
+
+    @endpoint(own(operator_too=False))
+    async def register(request):
+        return JSONAnswer(hub.register(agent_name(request), await body_json(request)))
+
+    @endpoint(own(operator_too=True))
+    async def desired(request):
+        name = agent_name(request)
+        return JSONAnswer({"agent": name, "models": hub.state["desired"].get(name, {})})
+
+    @endpoint(own(operator_too=False))
+    async def report(request):
+        return JSONAnswer(hub.report(agent_name(request), await body_json(request)))
+
+    @endpoint(False)
+    async def enroll(request):
+        name = agent_name(request)
+        try:
+            who, known = caller(request), True
+        except HubError:
+            who, known = None, False
+        if known and who is None:  # the operator: a fresh credential, replacing any earlier one
+            tok = await run_in_threadpool(creds.enroll, name)
+        elif enroll_open:  # dev/tests: first come, first served, never over a name that has (had) one
+            tok = await run_in_threadpool(functools.partial(creds.enroll, name, only_new=True))
+        elif known:
+            raise HubError(403, f"agent {who!r} cannot enroll agents: the operator does", "forbidden")
+        else:
+            raise HubError(401, "enrolling an agent needs the operator token (or a hub started with "
+                                "--enroll-open, for tests and development)", "auth")
+        return JSONAnswer({"agent": name, "token": tok})
+
+    @endpoint(operator)
+    async def revoke(request):
+        name = agent_name(request)
+        return JSONAnswer({"agent": name, "revoked": await run_in_threadpool(creds.revoke, name)})
+
+    @endpoint(operator)
+    async def agents(request):
+        names = sorted(set(hub.state["agents"]) | set(hub.reports))
+        return JSONAnswer({"agents": [view(n) for n in names]})
+
+    @endpoint(operator)
+    async def agent(request):
+        return JSONAnswer(view(agent_name(request)))
+
+    @endpoint(operator)
+    async def set_desired(request):
+        body = await body_json(request)
+        return JSONAnswer(await run_in_threadpool(hub.set_desired, body))
+
+    @endpoint(operator)
+    async def set_group(request):
+        body = await body_json(request)
+        group = name_or_none(request.path_params["group"], "group")
+        devices = names_of(body.get("devices"), "devices")
+        with hub.lock:
+            hub.state["groups"][group] = devices
+            hub.save()
+        return JSONAnswer({"group": group, "devices": devices})
+
+    @endpoint(operator)
+    async def events(request):
+        return JSONAnswer({"events": list(hub.events)})
+
+    @endpoint(operator)
+    async def blobs(request):
+        return JSONAnswer({"blobs": list(hub.state["blobs"].values())})
+
+    routes = [
+        Route("/v1/blobs", put_blob, methods=["POST"]),
+        Route("/v1/blobs", blobs, methods=["GET"]),
+        Route("/v1/blobs/{sha}", get_blob, methods=["GET"]),
+        Route("/v1/agents", agents, methods=["GET"]),
+        Route("/v1/agents/{name}", agent, methods=["GET"]),
+        Route("/v1/agents/{name}/enroll", enroll, methods=["POST"]),
+        Route("/v1/agents/{name}/credential", revoke, methods=["DELETE"]),
+        Route("/v1/agents/{name}/register", register, methods=["POST"]),
+        Route("/v1/agents/{name}/desired", desired, methods=["GET"]),
+        Route("/v1/agents/{name}/report", report, methods=["POST"]),
+        Route("/v1/desired", set_desired, methods=["POST"]),
+        Route("/v1/groups/{group}", set_group, methods=["POST"]),
+        Route("/v1/events", events, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: web.not_found_or_method})
+    app.state.hub = hub
+    app.state.credentials = creds
+    return app
