@@ -875,6 +875,13 @@ class AgentCore:
         A failure counts towards the circuit breaker only when the session fails on a known-good
         input too: a request whose data makes the model fail (an index out of range...) gets a 422
         of kind ``model_input`` and cannot suspend the version for everyone."""
+        values, ms, cpu_ms = self.run_only(lv, feed, ro)
+        self.after_run(lv, feed, n_rows, ms, cpu_ms)
+        return values, ms
+
+    def run_only(self, lv: LoadedVersion, feed: dict[str, np.ndarray], ro=None) -> tuple[list, float, float]:
+        """The run and nothing else on success (outputs, ms, CPU ms): a pool thread holds the
+        interpreter lock as briefly as it can, and the event loop does the bookkeeping (after_run)."""
         name, version = lv.manifest.name, lv.manifest.version
         c0 = time.thread_time()
         t0 = time.perf_counter()
@@ -897,14 +904,15 @@ class AgentCore:
             self._count_failure(lv)
             raise AgentError(503, f"model {name} version {version} fails on every input now: {msg}",
                              "runtime") from None
-        ms = (time.perf_counter() - t0) * 1000.0
-        cpu_ms = (time.thread_time() - c0) * 1000.0
+        return values, (time.perf_counter() - t0) * 1000.0, (time.thread_time() - c0) * 1000.0
+
+    def after_run(self, lv: LoadedVersion, feed: dict, n_rows: int, ms: float, cpu_ms: float) -> None:
+        """A successful run's bookkeeping: the known-good row, telemetry, the breaker."""
         lv.since_canary += 1
         if lv.canary is None or (n_rows <= 8 and lv.since_canary >= CANARY_EVERY):
             lv.canary = {k: np.array(a[:1]) for k, a in feed.items()}
             lv.since_canary = 0
         self.record_ok(lv, ms, n_rows, feed, cpu_ms)
-        return values, ms
 
     def record_ok(self, lv: LoadedVersion, ms: float, n_rows: int, feed: dict | None, cpu_ms: float = 0.0,
                   background: bool = False) -> None:

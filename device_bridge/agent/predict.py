@@ -243,8 +243,10 @@ class Predictor:
                 self.sched.done(lane)
                 raise
 
+            run_only = self.core.run_only
+
             def work():
-                return self.core.run_local(lv, feed, n, ro)
+                return run_only(lv, feed, ro)
         else:
             def work():
                 return self._work(lv, body, ctype, answer, ro)
@@ -273,7 +275,8 @@ class Predictor:
             self.sched.timers.cancel(timer)
         if not light:
             return out
-        values, ms = out
+        values, ms, cpu_ms = out
+        self.core.after_run(lv, feed, n, ms, cpu_ms)
         if n > (BIG_ANSWER_ROWS if answer else BIG_JSON_ANSWER_ROWS):
             return await self.pools["io"].run(lambda: self._encode(lv, values, n, ms, answer))
         return self._encode(lv, values, n, ms, answer)
