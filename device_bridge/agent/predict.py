@@ -178,6 +178,11 @@ class Predictor:
             except DeadlineMissed:
                 core.note_deadline(lv)
                 raise
+        elif time.monotonic() > deadline:  # its body took the whole deadline to arrive
+            self.sched.done(lane)
+            lane.stats.deadline_queue += 1
+            core.note_deadline(lv)
+            raise DeadlineMissed(lane, "queue", lv.deploy.timeout_ms)
         if lv.worker is not None:
             return await self._remote(lv, body, ctype_s, answer, deadline, light)
         if small and lane.run_ms < INLINE_RUN_MS and lane.cls != "batch":
