@@ -306,21 +306,13 @@ def test_open_enrollment_for_development(tmp_path, fleet):
         hub.kill()
 
 
-def test_each_client_has_only_the_routes_its_server_serves(tmp_path):
+def test_each_client_has_only_the_routes_its_server_serves(fleet):
     """DeviceClient talks to an agent, HubClient to a hub: enroll is the hub's route, which an agent
     does not serve (DeviceClient.enroll used to get a 404 from it), so only HubClient has it."""
-    from starlette.testclient import TestClient
-
-    from device_bridge.agent.app import create_app
-    from device_bridge.agent.core import AgentConfig, AgentCore
-    from device_bridge.client import DeviceClient, HubClient
-    from device_bridge.hub import create_hub_app
-
-    auth = {"Authorization": "Bearer t"}
-    with TestClient(create_app(AgentCore(AgentConfig(name="d", store=tmp_path / "agent")), "t")) as agent:
-        assert agent.get("/v1/info", headers=auth).status_code == 200
-        assert agent.post("/v1/agents/d/enroll", headers=auth, json={}).status_code == 404
-    with TestClient(create_hub_app(tmp_path / "hub", "t")) as hub:
-        assert hub.post("/v1/agents/d/enroll", headers=auth, json={}).json()["token"]
+    agent = fleet["agents"]["alpha"]
+    assert _call(agent.url, "GET", "/v1/info", TOKEN)[0] == 200
+    assert _call(agent.url, "POST", "/v1/agents/zulu/enroll", TOKEN, {})[0] == 404
+    status, body = _call(fleet["hub"].url, "POST", "/v1/agents/zulu/enroll", TOKEN, {})
+    assert status == 200 and body["token"]
     assert not hasattr(DeviceClient, "enroll") and not hasattr(DeviceClient, "revoke")
     assert callable(HubClient.enroll) and callable(HubClient.revoke)
