@@ -41,6 +41,26 @@ class Workspace:
     def keys_dir(self) -> Path:
         return self.root / "keys"
 
+    def sample_salt(self) -> str:
+        """The workspace's secret salt for hashed sample columns (DEPLOY ... sample_hash): the same
+        value hashes alike on every device of the workspace, and differently in another workspace.
+        Made on first use, readable by the owner only."""
+        import secrets
+
+        path = self.keys_dir / "sample_salt"
+        if not path.exists():
+            self.keys_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+            try:
+                os.link(tmp, path)  # the first writer wins; a racing one reads its salt
+            except FileExistsError:
+                pass
+            tmp.unlink(missing_ok=True)
+        return path.read_text().strip()
+
     @property
     def exports_dir(self) -> Path:
         return self.root / "exports"

@@ -151,13 +151,47 @@ def _short(p: str) -> str:
     return p.replace("ExecutionProvider", "").lower()
 
 
+SAMPLE_FIELDS = ("sample_rate", "sample_max_mb", "sample_exclude", "sample_hash", "sample_salt")
+
+
 def deploy_settings(opts: dict) -> dict | None:
-    """DEPLOY's options about sharing the device, as the agent takes them with an install (the
-    agent's class defaults for those not given); None when none were given."""
+    """DEPLOY's options about sharing the device and sampling its data, as the agent takes them
+    with an install (the agent's defaults for those not given); None when none were given."""
     from device_bridge.agent.deploy import FIELDS
 
-    given = {k: opts[k] for k in FIELDS if opts.get(k) is not None}
+    given = {k: opts[k] for k in dict.fromkeys((*FIELDS, *SAMPLE_FIELDS)) if opts.get(k) is not None}
     return given or None
+
+
+def with_sampling(opts: dict, inputs: list[str], salt) -> dict:
+    """DEPLOY's sampling options checked against the model's input columns (an excluded or hashed
+    column the model does not read is a mistake worth naming: the column would be sent as is if
+    it were misspelled), with the workspace's salt added when a column is hashed. ``salt`` is
+    called only then."""
+    by_lower = {c.lower(): c for c in inputs}
+    out = dict(opts)
+    for key in ("sample_exclude", "sample_hash"):
+        names = opts.get(key) or []
+        unknown = [n for n in names if n.lower() not in by_lower]
+        if unknown:
+            from mlsql.errors import did_you_mean
+
+            near = did_you_mean(unknown[0], inputs)
+            raise MLSQLError(f"Option {key} names {', '.join(map(repr, unknown))}, which the model does not read",
+                             hint=(f"Did you mean '{near}'? " if near else "")
+                             + "The model's input columns: " + ", ".join(inputs) + ".")
+        if names:
+            out[key] = [by_lower[n.lower()] for n in names]
+    both = {n.lower() for n in opts.get("sample_exclude") or []} & {n.lower() for n in opts.get("sample_hash") or []}
+    if both:
+        raise MLSQLError(f"Column {sorted(both)[0]!r} is both excluded and hashed in the sampling options",
+                         hint="An excluded column is never stored; a hashed one is stored as a keyed hash. Pick one.")
+    if opts.get("sample_hash"):
+        out["sample_salt"] = salt()
+    if not opts.get("sample_rate") and any(opts.get(k) for k in ("sample_max_mb", "sample_exclude", "sample_hash")):
+        raise MLSQLError("Sampling options are set but sample_rate is 0: the device keeps no data",
+                         hint="Add sample_rate = 0.05 (a share of requests) to keep a sample.")
+    return out
 
 
 def resolve_deploy_options(raw: dict) -> dict:
@@ -286,11 +320,22 @@ METRICS_SCHEMA = pa.schema([
     ("priority", pa.string()), ("isolation", pa.string()), ("queue_length", pa.int64()),
     ("wait_p95_ms", pa.float64()), ("rejected", pa.int64()), ("deadline_misses", pa.int64()),
     ("worker_restarts", pa.int64()), ("memory_mb", pa.float64()),
+    # online metrics: sampled predictions against the outcomes that came back (docs/DEVICE.md, Device data)
+    ("sampled_rows", pa.int64()), ("outcomes", pa.int64()), ("online_rows", pa.int64()),
+    ("online_accuracy", pa.float64()), ("online_log_loss", pa.float64()), ("online_roc_auc", pa.float64()),
+    ("online_r2", pa.float64()), ("online_mean_absolute_error", pa.float64()),
 ])
 
 
-def metrics_table(dev: Device) -> pa.Table:
+def metrics_table(dev: Device, online=None) -> pa.Table:
+    """ML.DEVICE_METRICS' rows; ``online(info)`` gives the online metrics per (model, version)."""
     snap = ask(dev, lambda c: c.metrics(), f"Cannot read metrics from device '{dev.name}'")
+    info: dict = {}
+    scores: dict = {}
+    if online is not None:
+        info = ask(dev, lambda c: c.info(), f"Cannot read device '{dev.name}'")
+        if any((m.get("samples") or {}).get("rows") for m in (info.get("models") or {}).values()):
+            scores = online(info)
     rows = []
     for m in snap.get("models", []):
         lat = m.get("latency") or {}
@@ -306,8 +351,18 @@ def metrics_table(dev: Device) -> pa.Table:
             **{k: m.get(k) for k in ("priority", "isolation", "queue_length", "rejected", "deadline_misses",
                                      "worker_restarts", "memory_mb")},
             "wait_p95_ms": (m.get("wait_ms") or {}).get("p95_ms"),
+            **_sampling_counts(info, m),
+            **scores.get((m.get("model"), m.get("version")), {}),
         })
     return pa.Table.from_pylist(rows, schema=METRICS_SCHEMA)
+
+
+def _sampling_counts(info: dict, m: dict) -> dict:
+    """The active version's sample and outcome counts (the agent counts per model)."""
+    sm = ((info.get("models") or {}).get(m.get("model")) or {}).get("samples") or {}
+    if not m.get("active") or not sm:
+        return {}
+    return {"sampled_rows": sm.get("rows"), "outcomes": sm.get("outcomes")}
 
 
 def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list[dict]) -> tuple[float, float]:

@@ -258,9 +258,22 @@ class MLSQLParser(DuckDB.Parser):
             return self.expression(exp.Anonymous(this=toks[i - 2].text, expressions=args))
         model = input_ = settings = None
         extra: list[exp.Expression] = []
-        if name in NO_MODEL_FUNCTIONS:
-            extra = self._parse_csv(self._parse_bitwise)
-            return self.expression(mx.MLFunction(this=name, expressions=extra))
+        if name in NO_MODEL_FUNCTIONS:  # plain arguments, MODEL m and STRUCT(...) settings in any place
+            while self._curr is not None and self._curr.token_type != TokenType.R_PAREN:
+                if self._match_text_seq("MODEL"):
+                    model = self._parse_model_ref()
+                else:
+                    arg = self._parse_bitwise()
+                    if isinstance(arg, exp.Struct):
+                        settings = arg
+                    elif arg is not None:
+                        extra.append(arg)
+                    else:
+                        self.raise_error(f"Unexpected argument to ML.{name}")
+                if not self._match(TokenType.COMMA):
+                    self._expect_arg_end(name)
+                    break
+            return self.expression(mx.MLFunction(this=name, model=model, settings=settings, expressions=extra or None))
         if not self._match_text_seq("MODEL"):
             self.raise_error(f"ML.{name} expects MODEL <name> as its first argument")
         model = self._parse_model_ref()

@@ -32,10 +32,14 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
     "DEVICE_METRICS": ("ML.DEVICE_METRICS('device')",
                        "Per model on the device: version, requests, rows, error_rate, p50/p95/p99 ms, throughput, "
                        "providers really used, input statistics."),
+    "DEVICE_DATA": ("ML.DEVICE_DATA('device' | 'group' [, MODEL m] [, STRUCT(TIMESTAMP '...' AS since, n AS max_rows)])",
+                    "What devices were fed and answered (deploys with sample_rate > 0): device, model, version, "
+                    "request_id, predicted_at, provider, latency_ms, the inputs, the predictions, and label, "
+                    "label_at once an outcome arrived."),
     "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
 }
-# Functions whose first argument is not a model.
-NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "JOB_RUNS")
+# Functions whose first argument is not a model (DEVICE_DATA takes MODEL m later, optionally).
+NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS")
 
 
 # The TRANSFORM functions of CREATE MODEL ... TRANSFORM (ML.STANDARD_SCALER(x) OVER () AS x, ...):

@@ -415,6 +415,15 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
           max=1 << 20, default_doc="the class's (256; 1024 batch)"),
         _O("isolation", "enum", "'process': its own worker process, restarted if it crashes; 'thread': in the agent",
           None, choices=("thread", "process"), default_doc="'process' for batch, else 'thread'"),
+        # what comes back from the device (docs/DEVICE.md, Device data): nothing unless asked
+        _O("sample_rate", "float", "share of prediction requests whose rows the device keeps and sends back "
+                                   "(ML.DEVICE_DATA); 0 keeps nothing: the privacy default", None, min=0, max=1,
+           default_doc="0"),
+        _O("sample_max_mb", "int", "bytes of samples and outcomes the device keeps for this model; the oldest "
+                                   "are dropped first, and counted", None, min=1, max=4096, default_doc="64"),
+        _O("sample_exclude", "list", "input columns never stored or sent", None, items="str", default_doc="none"),
+        _O("sample_hash", "list", "input columns stored as a keyed hash (HMAC-SHA256 with the workspace's "
+                                  "salt), never the raw value", None, items="str", default_doc="none"),
     ),
     "CREATE DEVICE": (
         _O("url", "str", "the agent's address, http://host:port", required=True, check=_http_url),
@@ -461,6 +470,10 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "ML.WEIGHTS": (
         _O("standardize", "bool", "the weights of standardized inputs (mean 0, standard deviation 1), so "
                                   "their magnitudes compare", False),
+    ),
+    "ML.DEVICE_DATA": (
+        _O("since", "str", "only predictions made at or after this time: TIMESTAMP '2026-12-01 10:00' (UTC)"),
+        _O("max_rows", "int", "at most this many rows, the latest", 100_000, min=1, max=10_000_000),
     ),
     "ML.CONFUSION_MATRIX": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",

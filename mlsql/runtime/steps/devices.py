@@ -121,6 +121,7 @@ def deploy_device(s: SessionState, step: P.DeviceStep) -> Result:
                                     "version": [candidate.version], "active": [active], "deployed": [False]}),
                           kind="deploy", message=f"Not deployed to {dev.name}: {reason}.")
     lm, result = deployable(s, step, opts)
+    opts = _sampling(s, lm, opts)
     data = result.package_path.read_bytes()
     c = D.client_for(dev)
     try:
@@ -168,4 +169,12 @@ def deploy_group(s: SessionState, step: P.DeviceStep) -> Result:
                               "required_provider; compare metrics before the DEPLOY ... TO GROUP instead.")
     group = s.devices.group(step.name)
     lm, result = deployable(s, step, opts)
-    return D.deploy_group(group, lm, result, opts)
+    return D.deploy_group(group, lm, result, _sampling(s, lm, opts))
+
+
+def _sampling(s: SessionState, lm, opts: dict) -> dict:
+    """DEPLOY's sampling options checked against the model's raw input columns, with the
+    workspace's salt for hashed columns."""
+    from mlsql.runtime.steps.ml_functions import model_inputs
+
+    return D.with_sampling(opts, model_inputs(lm), s.workspace.sample_salt)

@@ -224,7 +224,21 @@ def _device_metrics(c: Call):
 
     if len(c.step.args) != 1 or not isinstance(c.step.args[0], str):
         raise MLSQLError("ML.DEVICE_METRICS takes one device name: ML.DEVICE_METRICS('my-device')")
-    return metrics_table(c.s.devices.get(c.step.args[0]))
+    from mlsql.deploy.data import online_metrics
+
+    dev = c.s.devices.get(c.step.args[0])
+    return metrics_table(dev, online=lambda info: online_metrics(
+        lambda name, version: load_model(c.s, P.ModelSpec(name, version)), dev, info))
+
+
+def _device_data(c: Call):
+    from mlsql.deploy.data import device_data
+
+    if len(c.step.args) != 1 or not isinstance(c.step.args[0], str):
+        raise MLSQLError("ML.DEVICE_DATA takes a device or device group name first: "
+                         "ML.DEVICE_DATA('my-device' [, MODEL m] [, STRUCT(TIMESTAMP '...' AS since)])")
+    lm = load_model(c.s, c.step.model) if c.step.model is not None else None
+    return device_data(c.s.devices, c.step.args[0], lm, model_inputs(lm) if lm is not None else [], c.settings)
 
 
 def _job_runs(c: Call):
@@ -248,6 +262,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "TRAINING_INFO": MLFunctionSpec(lambda c: c.chart("loss", c.model.training_info)),
     "WEIGHTS": MLFunctionSpec(lambda c: c.model.weights(standardize=bool(c.settings.get("standardize")))),
     "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
+    "DEVICE_DATA": MLFunctionSpec(_device_data, model=False),
     "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),
 }
 

@@ -1,0 +1,178 @@
+"""Device data from SQL: DEPLOY ... sample_rate, ML.DEVICE_DATA, late outcomes, online metrics,
+against a real agent process on loopback. Every expected value comes from the rows the test sent
+(the penguins table, by request id), not from the code under test."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import numpy as np
+import pytest
+from bridge_procs import start_bridge
+
+from mlsql.errors import MLSQLError
+
+TOKEN = "data-test-token"
+N = 300  # predictions sent (sampled at rate 1: all kept)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    import mlsql
+    import mlsql.datasets
+    from device_bridge.keys import load_or_create_keypair
+
+    tmp = tmp_path_factory.mktemp("devdata")
+    s = mlsql.connect(tmp / "ws")
+    mlsql.datasets.load("penguins", session=s)
+    load_or_create_keypair(s.workspace.keys_dir)
+    pub = s.workspace.keys_dir / "signing_key.pub"
+    agent, listening = start_bridge(["serve", "--name", "p7", "--port", "0", "--store", str(tmp / "p7"),
+                                     "--token", TOKEN, "--trust", str(pub)], tmp, "agent")
+    url = listening[0]["url"]
+    try:
+        s.sql(f"CREATE DEVICE 'p7' OPTIONS (url = '{url}', token = '{TOKEN}')")
+        s.sql("""CREATE MODEL species OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['species'],
+                 max_iterations = 10) AS SELECT * FROM penguins""")
+        # the rows the app will send, numbered: request id 'r<i>' is row i of this table
+        s.sql("CREATE TABLE app AS SELECT row_number() OVER (ORDER BY ALL) - 1 AS i, * FROM penguins")
+        yield s, url
+    finally:
+        agent.kill()
+        s.close()
+
+
+def _send(url: str, app, lo: int, hi: int, model: str = "species"):
+    """The app's traffic: rows lo..hi-1 of ``app``, a request of 10 rows at a time, with its own ids."""
+    from device_bridge.client import DeviceClient
+
+    c = DeviceClient(url, TOKEN)
+    try:
+        cols = [c_ for c_ in app.column_names if c_ not in ("i", "species")]
+        for a in range(lo, hi, 10):
+            part = app.slice(a, min(10, hi - a))
+            body = {k: [None if v is None else v for v in part[k].to_pylist()] for k in cols}
+            r = c.predict(model, columns=body, request_ids=[f"r{i}" for i in part["i"].to_pylist()])
+            assert r["request_ids"] == [f"r{i}" for i in part["i"].to_pylist()]
+    finally:
+        c.close()
+
+
+def test_privacy_default_keeps_nothing(env):
+    s, url = env
+    from device_bridge.client import DeviceClient
+
+    s.sql("DEPLOY MODEL species TO DEVICE 'p7'")
+    app = s.sql("SELECT * FROM app ORDER BY i").to_arrow()
+    _send(url, app, 0, 20)
+    c = DeviceClient(url, TOKEN)
+    try:
+        info = c.info()["models"]["species"]
+        assert info["deploy"]["sample_rate"] == 0
+        assert (info.get("samples") or {}).get("rows", 0) == 0
+    finally:
+        c.close()
+    t = s.sql("SELECT * FROM ML.DEVICE_DATA('p7', MODEL species)").to_arrow()
+    assert t.num_rows == 0
+    # the answer's columns are there, typed, even empty
+    assert t.schema.field("bill_length_mm").type == s.sql("SELECT bill_length_mm FROM penguins").to_arrow().schema[0].type
+    assert {"request_id", "label", "label_at", "species", "predicted_species"} <= set(t.column_names)
+
+
+def test_sampling_options_are_checked(env):
+    s, _ = env
+    with pytest.raises(MLSQLError, match="sample_hash names 'sexx'.*does not read") as e:
+        s.sql("DEPLOY MODEL species TO DEVICE 'p7' OPTIONS (sample_rate = 1, sample_hash = ['sexx'])")
+    assert "Did you mean 'sex'" in str(e.value.hint)
+    with pytest.raises(MLSQLError, match="sample_rate is 0"):
+        s.sql("DEPLOY MODEL species TO DEVICE 'p7' OPTIONS (sample_exclude = ['island'])")
+    with pytest.raises(MLSQLError, match="both excluded and hashed"):
+        s.sql("DEPLOY MODEL species TO DEVICE 'p7' OPTIONS (sample_rate = 1, sample_exclude = ['sex'], "
+              "sample_hash = ['sex'])")
+    with pytest.raises(MLSQLError, match="sample_rate"):
+        s.sql("DEPLOY MODEL species TO DEVICE 'p7' OPTIONS (sample_rate = 1.5)")
+
+
+def test_samples_outcomes_and_online_metrics(env):
+    s, url = env
+    from device_bridge.client import DeviceClient
+
+    s.sql("DEPLOY MODEL species TO DEVICE 'p7' OPTIONS (sample_rate = 1, sample_exclude = ['island'], "
+          "sample_hash = ['sex'])")
+    app = s.sql("SELECT * FROM app ORDER BY i").to_arrow()
+    _send(url, app, 0, N)
+    # late outcomes for the first 200 rows: the true species; two ids the device never saw
+    truth = app.slice(0, 200)
+    c = DeviceClient(url, TOKEN)
+    try:
+        r = c.outcomes("species", [{"request_id": f"r{i}", "label": sp}
+                                   for i, sp in zip(truth["i"].to_pylist(), truth["species"].to_pylist())]
+                       + [{"request_id": "nobody", "label": "Adelie"}, {"request_id": "r-none", "label": "x"}])
+        assert (r["recorded"], r["unknown"]) == (200, 2)
+    finally:
+        c.close()
+
+    t = s.sql("SELECT * FROM ML.DEVICE_DATA('p7', MODEL species) WHERE version = 1").to_arrow()
+    ids = t["request_id"].to_pylist()
+    assert t.num_rows == N and sorted(ids) == sorted(f"r{i}" for i in range(N))  # each row once
+    assert "island" not in t.column_names  # excluded: never stored
+    by_id = {f"r{i}": k for k, i in enumerate(app["i"].to_pylist())}
+    rows = [by_id[x] for x in ids]
+    # inputs as sent, with their training types
+    assert t["bill_length_mm"].type == app["bill_length_mm"].type
+    sent = np.array(app["bill_length_mm"].to_pylist(), dtype=float)[rows]
+    got = np.array(t["bill_length_mm"].to_pylist(), dtype=float)
+    # float32 on the wire: 2^-24 relative
+    assert np.allclose(np.nan_to_num(got), np.nan_to_num(sent), rtol=2 ** -23, atol=0)
+    # hashed: HMAC-SHA256 with the workspace's salt, never the raw value
+    salt = s.workspace.sample_salt().encode()
+    raw_sex = [app["sex"][k].as_py() for k in rows]
+    hashed = t["sex"].to_pylist()
+    for raw, h in zip(raw_sex, hashed):
+        if raw is not None:
+            assert h != raw and h == hmac.new(salt, raw.encode(), hashlib.sha256).hexdigest()[:32]
+    # outcomes joined to their own rows; the rest NULL
+    labels = t["label"].to_pylist()
+    for x, k, lab in zip(ids, rows, labels):
+        assert lab == (app["species"][k].as_py() if int(x[1:]) < 200 else None)
+    assert t["species"].to_pylist() == labels
+    # the device's answers equal the notebook's (parity tolerance 1e-4 on probabilities)
+    local = s.sql("SELECT i, predicted_species FROM ML.PREDICT(MODEL species, TABLE app) ORDER BY i").to_arrow()
+    assert t["predicted_species"].to_pylist() == [local["predicted_species"][k].as_py() for k in rows]
+
+    # online metrics: EVALUATE over the labelled field rows equals sklearn on the same rows
+    from sklearn.metrics import accuracy_score, log_loss
+
+    ev = s.sql("SELECT accuracy, log_loss FROM ML.EVALUATE(MODEL species, (SELECT * FROM "
+               "ML.DEVICE_DATA('p7', MODEL species) WHERE label IS NOT NULL))").to_arrow().to_pylist()[0]
+    lab = t.filter(t["label"].is_valid())
+    assert lab.num_rows == 200
+    assert ev["accuracy"] == pytest.approx(accuracy_score(lab["label"].to_pylist(), lab["predicted_species"].to_pylist()))
+    classes = [p["label"] for p in lab["predicted_species_probs"][0].as_py()]
+    probs = np.array([[p["prob"] for p in row] for row in lab["predicted_species_probs"].to_pylist()])
+    # EVALUATE scores in the notebook (float64), the device in float32: PARITY_TOL 1e-4 per probability
+    assert ev["log_loss"] == pytest.approx(log_loss(lab["label"].to_pylist(), probs, labels=classes), abs=1e-3)
+    m = s.sql("SELECT sampled_rows, outcomes, online_rows, online_accuracy, online_log_loss FROM "
+              "ML.DEVICE_METRICS('p7') WHERE model = 'species' AND version = 1").to_arrow().to_pylist()[0]
+    assert m["online_rows"] == 200 and m["outcomes"] == 200 and m["sampled_rows"] >= N
+    assert m["online_accuracy"] == pytest.approx(accuracy_score(lab["label"].to_pylist(),
+                                                                lab["predicted_species"].to_pylist()), rel=1e-12)
+    assert m["online_log_loss"] == pytest.approx(log_loss(lab["label"].to_pylist(), probs, labels=classes), rel=1e-9)
+
+    # since: nothing before a time in the future, everything after one in the past
+    assert s.sql("SELECT count(*) FROM ML.DEVICE_DATA('p7', MODEL species, "
+                 "STRUCT(TIMESTAMP '2999-01-01' AS since))").scalar() == 0
+    assert s.sql("SELECT count(*) FROM ML.DEVICE_DATA('p7', MODEL species, STRUCT(TIMESTAMP '2000-01-01' AS since, "
+                 "7 AS max_rows))").scalar() == 7
+
+
+def test_device_data_errors(env):
+    s, _ = env
+    with pytest.raises(MLSQLError, match="no device or device group is called 'p8'") as e:
+        s.sql("SELECT * FROM ML.DEVICE_DATA('p8')")
+    assert "Did you mean 'p7'" in str(e.value.hint)
+    with pytest.raises(MLSQLError, match="takes a device or device group name"):
+        s.sql("SELECT * FROM ML.DEVICE_DATA(MODEL species)")
+    with pytest.raises(MLSQLError, match="not a timestamp"):
+        s.sql("SELECT * FROM ML.DEVICE_DATA('p7', STRUCT('yesterday' AS since))")
