@@ -202,7 +202,7 @@ def test_spark_gives_duckdbs_values(spark_ws, shared_ws):
               AS SELECT island, species, bill_length_mm, flipper_length_mm, body_mass_g FROM penguins"""
     spark_ws.sql(f"CREATE OR REPLACE MODEL skew_on_spark {body}")
     shared_ws.sql(f"CREATE OR REPLACE MODEL skew_on_duckdb {body}")
-    serving = ("(SELECT island, species, bill_length_mm + 3 AS bill_length_mm, flipper_length_mm FROM penguins "
+    serving = ("(SELECT island, species, bill_length_mm + 10 AS bill_length_mm, flipper_length_mm FROM penguins "
                "WHERE sex = 'female')")
     queries = {
         "skew": "SELECT * FROM ML.VALIDATE_DATA_SKEW(MODEL {m}, " + serving + ")",
