@@ -19,7 +19,7 @@ from sqlglot.tokens import Token, TokenType
 from mlsql.errors import ParseError
 from mlsql.language import expressions as mx
 from mlsql.language.expressions import MLNode
-from mlsql.language.functions import ML_FUNCTIONS, NO_MODEL_FUNCTIONS
+from mlsql.language.functions import ML_FUNCTIONS, NO_MODEL_FUNCTIONS, TWO_INPUT_FUNCTIONS
 from mlsql.language.scripts import (  # noqa: F401  (re-exported: the script-text helpers live without sqlglot)
     ML_SYNTAX,
     Statement,
@@ -256,33 +256,25 @@ class MLSQLParser(DuckDB.Parser):
         if not is_ml:  # a plain function that happens to share the name
             args = self._parse_csv(self._parse_lambda)
             return self.expression(exp.Anonymous(this=toks[i - 2].text, expressions=args))
-        model = input_ = settings = None
+        model = input_ = study = settings = None
         extra: list[exp.Expression] = []
-        if name in NO_MODEL_FUNCTIONS:  # plain arguments, MODEL m and STRUCT(...) settings in any place
-            while self._curr is not None and self._curr.token_type != TokenType.R_PAREN:
-                if self._match_text_seq("MODEL"):
-                    model = self._parse_model_ref()
-                else:
-                    arg = self._parse_bitwise()
-                    if isinstance(arg, exp.Struct):
-                        settings = arg
-                    elif arg is not None:
-                        extra.append(arg)
-                    else:
-                        self.raise_error(f"Unexpected argument to ML.{name}")
-                if not self._match(TokenType.COMMA):
-                    self._expect_arg_end(name)
-                    break
-            return self.expression(mx.MLFunction(this=name, model=model, settings=settings, expressions=extra or None))
-        if not self._match_text_seq("MODEL"):
-            self.raise_error(f"ML.{name} expects MODEL <name> as its first argument")
-        model = self._parse_model_ref()
-        while self._match(TokenType.COMMA) or self._expect_arg_end(name):
-            if self._match(TokenType.TABLE):
-                input_ = self._spanned(self._curr, self._parse_table_parts())
-            elif self._curr is not None and self._curr.token_type == TokenType.L_PAREN and input_ is None:
-                input_ = self._spanned(self._curr, self._parse_table())
-                if not isinstance(input_, exp.Subquery):
+        if name in NO_MODEL_FUNCTIONS:  # its arguments from the first: inputs, values, settings
+            more = self._curr is not None and self._curr.token_type != TokenType.R_PAREN
+        else:
+            if not self._match_text_seq("MODEL"):
+                self.raise_error(f"ML.{name} expects MODEL <name> as its first argument")
+            model = self._parse_model_ref()
+            more = self._match(TokenType.COMMA) or self._expect_arg_end(name)
+        while more:
+            src = None
+            if name in NO_MODEL_FUNCTIONS and model is None and self._match_text_seq("MODEL"):
+                model = self._parse_model_ref()  # ML.DEVICE_DATA('d', MODEL m): a model later, optional
+            elif self._match(TokenType.TABLE):
+                src = self._spanned(self._curr, self._parse_table_parts())
+            elif (self._curr is not None and self._curr.token_type == TokenType.L_PAREN
+                  and (input_ is None or (study is None and name in TWO_INPUT_FUNCTIONS))):
+                src = self._spanned(self._curr, self._parse_table())
+                if not isinstance(src, exp.Subquery):
                     self.raise_error(f"ML.{name} input must be TABLE <name> or a (SELECT ...) query")
             else:
                 arg = self._parse_bitwise()
@@ -292,7 +284,17 @@ class MLSQLParser(DuckDB.Parser):
                     extra.append(arg)
                 else:
                     self.raise_error(f"Unexpected argument to ML.{name}")
-        return self.expression(mx.MLFunction(this=name, model=model, input=input_, settings=settings,
+            if src is not None:
+                if input_ is None:
+                    input_ = src
+                elif study is None and name in TWO_INPUT_FUNCTIONS:
+                    study = src
+                else:
+                    self.raise_error(f"ML.{name} takes {'two inputs' if name in TWO_INPUT_FUNCTIONS else 'one input'}")
+            more = self._match(TokenType.COMMA) or self._expect_arg_end(name)
+        if name in TWO_INPUT_FUNCTIONS and study is None:
+            self.raise_error(f"ML.{name} compares two inputs: ML.{name}(TABLE base | (query), TABLE study | (query))")
+        return self.expression(mx.MLFunction(this=name, model=model, input=input_, study=study, settings=settings,
                                              expressions=extra or None))
 
 
@@ -331,9 +333,9 @@ def _ml_function_sql(gen, e: mx.MLFunction) -> str:
     parts = []
     if e.args.get("model") is not None:
         parts.append("MODEL " + gen.sql(e.args["model"]))
-    src = e.args.get("input")
-    if src is not None:
-        parts.append(("TABLE " + gen.sql(src)) if isinstance(src, exp.Table) else gen.sql(src))
+    for src in (e.args.get("input"), e.args.get("study")):
+        if src is not None:
+            parts.append(("TABLE " + gen.sql(src)) if isinstance(src, exp.Table) else gen.sql(src))
     parts += [gen.sql(x) for x in e.args.get("expressions") or []]
     if e.args.get("settings") is not None:
         parts.append(_literal_sql(e.settings()))

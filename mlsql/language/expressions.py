@@ -86,7 +86,7 @@ class CreateModel(MLNode, exp.Expression):
 class MLFunction(MLNode, exp.Expression):
     """``ML.<FUNC>(MODEL m [, TABLE t | (query)] [, STRUCT(...)])`` used as a table."""
 
-    arg_types = {"this": True, "model": False, "input": False, "settings": False, "expressions": False}
+    arg_types = {"this": True, "model": False, "input": False, "study": False, "settings": False, "expressions": False}
 
     @property
     def func(self) -> str:
@@ -99,6 +99,11 @@ class MLFunction(MLNode, exp.Expression):
     @property
     def input(self) -> exp.Expression | None:
         return self.args.get("input")
+
+    @property
+    def study(self) -> exp.Expression | None:
+        """The second input of a function that compares two (``ML.VALIDATE_DATA_DRIFT``'s study rows)."""
+        return self.args.get("study")
 
     def settings(self) -> dict[str, Any]:
         s = self.args.get("settings")

@@ -37,9 +37,28 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
                     "request_id, predicted_at, provider, latency_ms, the inputs, the predictions, and label, "
                     "label_at once an outcome arrived."),
     "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
+    "VALIDATE_DATA_SKEW": (
+        "ML.VALIDATE_DATA_SKEW(MODEL m, TABLE t | (query) [, STRUCT(0.3 AS categorical_default_threshold, "
+        "'L_INFTY' AS categorical_metric_type, 0.3 AS numerical_default_threshold, "
+        "'JENSEN_SHANNON_DIVERGENCE' AS numerical_metric_type, [('col', 0.1)] AS thresholds)])",
+        "Training-serving skew per model input: input, metric, threshold, value, is_anomaly. The serving "
+        "rows are compared with the training statistics stored with the model (L-infinity distance for "
+        "categories, Jensen-Shannon divergence, log base 2, over the training histogram's bins for numbers)."),
+    "VALIDATE_DATA_DRIFT": (
+        "ML.VALIDATE_DATA_DRIFT(TABLE base | (query), TABLE study | (query) [, STRUCT(10 AS num_histogram_buckets, "
+        "0.3 AS categorical_default_threshold, 'L_INFTY' AS categorical_metric_type, "
+        "0.3 AS numerical_default_threshold, [('col', 0.1)] AS thresholds)])",
+        "Drift between two sets of rows, per column they share: input, metric, threshold, value, is_anomaly "
+        "(as VALIDATE_DATA_SKEW, the first set being the baseline)."),
+    "DESCRIBE_DATA": (
+        "ML.DESCRIBE_DATA(TABLE t | (query) [, STRUCT(2 AS num_quantiles, 1 AS top_k)])",
+        "One row per column: name, num_rows, num_nulls, num_zeros, min, max, mean, stddev, median, quantiles, "
+        "unique, avg_string_length, num_values, top_values."),
 }
 # Functions whose first argument is not a model (DEVICE_DATA takes MODEL m later, optionally).
-NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS")
+NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS", "VALIDATE_DATA_DRIFT", "DESCRIBE_DATA")
+# Functions that read two inputs (TABLE t | (query)), the first being the baseline.
+TWO_INPUT_FUNCTIONS = ("VALIDATE_DATA_DRIFT",)
 
 
 # The TRANSFORM functions of CREATE MODEL ... TRANSFORM (ML.STANDARD_SCALER(x) OVER () AS x, ...):

@@ -312,9 +312,46 @@ def _parameters(name: str, value) -> dict:
     return dict(value)
 
 
+def _thresholds(name: str, v: list) -> dict:
+    """``[('col', 0.1), ...]`` or ``[STRUCT('col' AS name, 0.1 AS threshold), ...]`` → {column: threshold}
+    (BigQuery ML's ARRAY<STRUCT<STRING, FLOAT64>>); each threshold in [0, 1)."""
+    out: dict[str, float] = {}
+    for item in v:
+        if isinstance(item, dict) and set(item) <= {"name", "threshold"} and len(item) == 2:
+            col, t = item["name"], item["threshold"]
+        elif isinstance(item, list | tuple) and len(item) == 2:
+            col, t = item
+        else:
+            raise OptionError(f"Option {name}: {item!r} must be ('column', threshold) or "
+                              "STRUCT('column' AS name, threshold AS threshold)",
+                              hint="For example: [('dep_delay', 0.1), ('carrier', 0.2)] AS thresholds.")
+        if not isinstance(col, str):
+            raise OptionError(f"Option {name}: the column of {item!r} must be a string, got {col!r}")
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t < 1:
+            raise OptionError(f"Option {name}: the threshold of column {col!r} must be a number in [0, 1), got {t!r}")
+        if col.lower() in {c.lower() for c in out}:
+            raise OptionError(f"Option {name}: column {col!r} is given twice")
+        out[col] = float(t)
+    return out
+
+
 _O = Option
 _FRACTION = {"min": 0, "max": 1, "min_open": True, "max_open": True}
 _UNIT = {"min": 0, "max": 1, "min_open": True}
+
+_VALIDATE = (
+    _O("categorical_default_threshold", "float", "the value above which a categorical feature is an anomaly",
+       0.3, min=0, max=1, max_open=True),
+    _O("categorical_metric_type", "enum", "how categorical distributions are compared", "l_infty",
+       choices=("l_infty", "jensen_shannon_divergence"), default_doc="'L_INFTY'"),
+    _O("numerical_default_threshold", "float", "the value above which a numerical feature is an anomaly",
+       0.3, min=0, max=1, max_open=True),
+    _O("numerical_metric_type", "enum", "how numerical distributions are compared (binned)",
+       "jensen_shannon_divergence", choices=("jensen_shannon_divergence",),
+       default_doc="'JENSEN_SHANNON_DIVERGENCE'"),
+    _O("thresholds", "list", "per-column thresholds in [0, 1): [('col', 0.1), ...]", [], items="struct",
+       check=_thresholds),
+)
 
 OPTIONS: dict[str, tuple[Option, ...]] = {
     "CREATE MODEL": (
@@ -478,6 +515,18 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "ML.CONFUSION_MATRIX": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
           0.5, min=0, max=1),
+    ),
+    # BigQuery ML's data validation functions (docs/LANGUAGE.md, Data validation)
+    "ML.VALIDATE_DATA_SKEW": _VALIDATE,
+    "ML.VALIDATE_DATA_DRIFT": (
+        _O("num_histogram_buckets", "int", "equal-width bins between the baseline's minimum and maximum, over which "
+                                           "numerical features are compared", 10, min=1, max=1000),
+        *_VALIDATE,
+    ),
+    "ML.DESCRIBE_DATA": (
+        _O("num_quantiles", "int", "quantiles of numerical columns: num_quantiles + 1 values, minimum to maximum",
+          2, min=1, max=100_000),
+        _O("top_k", "int", "most frequent values listed per column in top_values", 1, min=1, max=10_000),
     ),
 }
 del _O

@@ -101,6 +101,7 @@ class MLStep:
     settings: dict[str, Any]  # STRUCT(...) settings, checked
     output: str
     args: list[Any] = field(default_factory=list)
+    study: exp.Expression | None = None  # ML.VALIDATE_DATA_DRIFT's second input: a query tree
 
     kind = "ml"
 
@@ -287,15 +288,17 @@ class Planner:
                     settings=validate(f"ML.{node.func}", node.settings()),
                     output=name,
                     args=[_literal(a) for a in node.args_list],
+                    study=self._input(node, tree, node.study) if node.study is not None else None,
                 )
             )
             mx.replace_with_table(node, name)
         return steps, tree
 
     @staticmethod
-    def _input(node, tree: exp.Expression) -> exp.Expression | None:
+    def _input(node, tree: exp.Expression, src=None) -> exp.Expression | None:
+        """The rows ``node`` reads (its input, or ``src``: another of its inputs) as a query tree."""
         exp, _ = _sqlglot()
-        src = node.input
+        src = node.input if src is None else src
         if src is None:
             return None
         if isinstance(src, exp.Table):

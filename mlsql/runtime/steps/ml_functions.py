@@ -151,6 +151,7 @@ class Call:
     settings: dict
     scorer: Any
     charts: list | None
+    params: dict | None = None  # the statement's parameters, for a handler that reads its input itself
 
     @property
     def model(self):
@@ -175,12 +176,14 @@ class MLFunctionSpec:
     """What the runner needs to know of an ML function: ``run`` computes its rows; ``model``: it
     takes MODEL m; ``scores``: it reads its input through the model (so the input is checked for
     every column the model reads, on every engine, before anything runs); ``in_executors``: an
-    engine with an ``executor_scorer`` computes it where its data is."""
+    engine with an ``executor_scorer`` computes it where its data is; ``reads_rows``: its input's
+    rows are fetched for it (else it sends its own aggregate queries over ``step.input``)."""
 
     run: Callable[[Call], Any]
     model: bool = True
     scores: bool = False
     in_executors: bool = False
+    reads_rows: bool = True
 
 
 def _predict(c: Call):
@@ -241,6 +244,17 @@ def _device_data(c: Call):
     return device_data(c.s.devices, c.step.args[0], lm, model_inputs(lm) if lm is not None else [], c.settings)
 
 
+def _validation(name: str):
+    """A handler of mlsql.runtime.steps.validation, imported on first use."""
+
+    def run(c: Call):
+        from mlsql.runtime.steps import validation
+
+        return getattr(validation, name)(c)
+
+    return run
+
+
 def _job_runs(c: Call):
     from mlsql.jobs.statements import job_runs_table
 
@@ -264,6 +278,9 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
     "DEVICE_DATA": MLFunctionSpec(_device_data, model=False),
     "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),
+    "VALIDATE_DATA_SKEW": MLFunctionSpec(_validation("validate_skew"), reads_rows=False),
+    "VALIDATE_DATA_DRIFT": MLFunctionSpec(_validation("validate_drift"), model=False, reads_rows=False),
+    "DESCRIBE_DATA": MLFunctionSpec(_validation("describe_data"), model=False, reads_rows=False),
 }
 
 
@@ -277,13 +294,13 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
     # frame scored there, EVALUATE aggregates there; a device's predictions come back as Arrow
     scorer = s.engine.executor_scorer() if spec.in_executors and not step.settings.get("device") else None
     data = None
-    if step.input is not None:
+    if step.input is not None and spec.reads_rows:
         read = s.engine.dataframe if scorer is not None else s.engine.query
         data = read(step.input, P.params_for(step.input, params))
     lm = load_model(s, step.model) if spec.model else None
     if data is not None and spec.scores:  # on every engine, before any scoring: one message
         missing_inputs(lm.version.ref, model_inputs(lm), _column_names(data), step.func, label=lm.label)
-    return spec.run(Call(s, step, data, lm, step.settings, scorer, charts))
+    return spec.run(Call(s, step, data, lm, step.settings, scorer, charts, params))
 
 
 def _chart(charts: list | None, kind: str, data):
