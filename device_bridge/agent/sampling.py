@@ -56,7 +56,8 @@ DB_FILE = "samples.db"
 COMMIT_INTERVAL_S = 0.025      # group commit: at most one transaction (one fsync) per 25 ms
 MAX_PENDING_BYTES = 64 << 20   # offered but not yet written; beyond: dropped and counted
 MAX_RIDS = 200_000             # sampled requests per model whose ids are remembered for outcomes
-MAX_CHUNK_ROWS = 65_536        # rows per stored chunk (a bigger commit is split)
+MAX_CHUNK_ROWS = 65_536        # rows per stored chunk (a bigger commit is split) ...
+CHUNK_BYTES = 256 << 10        # ... and about this many bytes of Arrow buffers: the bound's granularity
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
 KINDS = ("samples", "outcomes")
 
@@ -262,14 +263,16 @@ class SampleStore:
         self.rid_count = {m: int(c) for m, c in self.conn.execute("SELECT model, COUNT(*) FROM rids GROUP BY model")}
 
     def _insert(self, model: str, kind: str, batch) -> int:
-        """Store ``batch`` (in pieces of at most MAX_CHUNK_ROWS rows) under fresh sequence numbers, inside the
-        caller's transaction; returns the first chunk's seq_first."""
+        """Store ``batch`` (in chunks of at most MAX_CHUNK_ROWS rows and about CHUNK_BYTES) under fresh
+        sequence numbers, inside the caller's transaction; returns the last chunk's seq_first."""
         row = self.conn.execute("SELECT v FROM meta WHERE k = 'next_seq'").fetchone()
         seq = int(row[0]) if row else 1
-        first = seq
+        last_first = seq
         schema_id = hashlib.sha256(batch.schema.serialize().to_pybytes()).hexdigest()[:16]
-        for off in range(0, batch.num_rows, MAX_CHUNK_ROWS):
-            piece = batch.slice(off, MAX_CHUNK_ROWS)
+        step = max(1, min(MAX_CHUNK_ROWS, CHUNK_BYTES * batch.num_rows // max(1, batch.nbytes)))
+        for off in range(0, batch.num_rows, step):
+            piece = batch.slice(off, step)
+            last_first = seq
             data = ipc_bytes(piece)
             self.conn.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                               (seq, seq + piece.num_rows - 1, kind, model, piece.num_rows, len(data), schema_id, data))
@@ -277,12 +280,12 @@ class SampleStore:
             seq += piece.num_rows
         self.conn.execute("INSERT INTO meta(k, v) VALUES ('next_seq', ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v",
                           (seq,))
-        return first
+        return last_first
 
     def _bound(self, model: str, max_bytes: int, keep_from: int) -> None:
-        """Drop this model's oldest chunks over its budget (never the ones just written, from
-        ``keep_from``: one commit bigger than the budget is kept whole until the next) and its oldest
-        request ids over MAX_RIDS; inside the caller's transaction."""
+        """Drop this model's oldest chunks over its budget (never the newest, from ``keep_from``: the
+        store holds at most the budget plus one chunk, about CHUNK_BYTES) and its oldest request ids
+        over MAX_RIDS; inside the caller's transaction."""
         while self.bytes.get(model, 0) > max_bytes:
             row = self.conn.execute("SELECT seq_first, rows, bytes FROM chunks WHERE model = ? AND seq_first < ? "
                                     "ORDER BY seq_first LIMIT 1", (model, keep_from)).fetchone()
@@ -304,7 +307,7 @@ class SampleStore:
                              (model, rid)).fetchone():
             return True
         prefix, dash, idx = rid.rpartition("-")
-        if not dash or not idx.isdigit() or len(idx) > 9:
+        if not dash or not idx.isdigit() or len(idx) > 9 or idx != str(int(idx)):  # rows are <prefix>-<i>, i as written
             return False
         return self.conn.execute("SELECT 1 FROM rids WHERE model = ? AND rid = ? AND n > ? LIMIT 1",
                                  (model, prefix, int(idx))).fetchone() is not None
