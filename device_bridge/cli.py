@@ -257,6 +257,9 @@ def hub(args) -> int:
         print("mlsql-device hub: --token (or MLSQL_HUB_TOKEN) is required: the operator credential",
               file=sys.stderr)
         return 2
+    if args.data_max_mb < 1:
+        print("mlsql-device hub: --data-max-mb must be 1 or more", file=sys.stderr)
+        return 2
     app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
                          body_timeout=args.body_timeout, enroll_open=args.enroll_open,
                          data_max_mb=args.data_max_mb)
