@@ -14,6 +14,10 @@
 - agent cold start: process start -> listening with the model loaded -> first prediction
 - installed size of the agent's dependency closure (onnxruntime, numpy, starlette,
   uvicorn, cryptography and what they require)
+- sampling's cost (``--only sampling``): the same model deployed twice on one agent, sample_rate = 0
+  and sample_rate = 1, measured back to back in alternating rounds: single-row round trip p50 (one
+  client), and rows/s and p50 under 16 connections at batch 1 (JSON) and batch 256 (columns); and
+  whether the store kept every sampled row (rows held + dropped = rows answered)
 - the agent's own cost: its CPU time (with its worker processes) per request under 16 connections,
   against ONNX Runtime's CPU time per run of the same batch (batch 1 JSON, batch 256 columns), for
   this tree and for ``--baseline REV`` (default: the agent before the scheduler, 5 rounds
@@ -279,6 +283,72 @@ def bench_agent_cost(tmp: Path, kp, pub: Path, model_bytes: bytes, seconds: floa
     return out
 
 
+def bench_sampling(tmp: Path, kp, pub: Path, model_bytes: bytes, rounds: int, seconds: float, n_single: int) -> dict:
+    """sample_rate = 1 against sample_rate = 0: one agent, the same model as two deployments, each
+    figure measured for both in alternating rounds (so both see the same machine), medians kept."""
+    store = tmp / "agent-sampling"
+    agent = Agent(["serve", "--name", "bench-s", "--port", "0", "--store", str(store), "--token", TOKEN,
+                   "--trust", str(pub)], tmp / "agent-sampling.json")
+    rng = np.random.default_rng(5)
+    rows = rng.normal(size=(n_single, 20)).astype(np.float32)
+    try:
+        c = DeviceClient(agent.url, TOKEN)
+        for name, rate in (("s0", 0.0), ("s1", 1.0)):
+            c.install(build_package(model_bytes, {"name": name, "version": 1, "providers": ["cpu"]}, kp.private_key),
+                      deploy={"sample_rate": rate, "sample_max_mb": 4096})
+        for name in ("s0", "s1"):
+            for i in range(50):
+                c.predict(name, columns={"input": [rows[i].tolist()]})
+        answered = {"s0": 50, "s1": 50}
+        figures: dict[str, dict[str, list]] = {k: {"s0": [], "s1": []} for k in
+                                               ("single_p50_ms", "b1_rows_per_s", "b1_p50_ms", "b256_rows_per_s",
+                                                "b256_p50_ms")}
+        for r in range(rounds):
+            order = ("s0", "s1") if r % 2 == 0 else ("s1", "s0")
+            for name in order:
+                lat = []
+                for i in range(n_single):
+                    t = time.perf_counter()
+                    c.predict(name, columns={"input": [rows[i].tolist()]})
+                    lat.append(time.perf_counter() - t)
+                answered[name] += n_single
+                figures["single_p50_ms"][name].append(pct(lat, 50))
+            for batch in (1, 256):
+                for name in order:
+                    t = bench_throughput(agent.url, batch, seconds, model=name, tmp=tmp)
+                    answered[name] += int(round(t["rows_per_s"] * seconds)) + batch  # loadgen's count is in rows/s
+                    figures[f"b{batch}_rows_per_s"][name].append(t["rows_per_s"])
+                    figures[f"b{batch}_p50_ms"][name].append(t["p50_ms"])
+        med = {k: {n: float(np.median(v)) for n, v in per.items()} for k, per in figures.items()}
+        ratio = {k: med[k]["s1"] / med[k]["s0"] for k in med}
+        deadline = time.time() + 60
+        while time.time() < deadline and c.info()["models"]["s1"]["samples"]["queued_rows"]:
+            time.sleep(0.2)
+        st = c.info()["models"]["s1"]["samples"]
+        return {"rounds": rounds, "seconds_per_load_run": seconds, "single_row_requests_per_round": n_single,
+                "medians": med, "rate1_over_rate0": ratio, "all_rounds": figures,
+                "store": {"rows_held": st["rows"], "dropped_rows": st["dropped_rows"], "bytes": st["bytes"],
+                          "rows_answered_about": answered["s1"]},
+                "load_avg": os.getloadavg()}
+    finally:
+        agent.stop()
+
+
+def print_sampling(sm: dict) -> None:
+    m, r = sm["medians"], sm["rate1_over_rate0"]
+    print(f"sampling, sample_rate 1 vs 0 ({sm['rounds']} alternating rounds, medians; load avg "
+          f"{', '.join(f'{x:.2f}' for x in sm['load_avg'])}):")
+    print(f"  single row, 1 client: p50 {m['single_p50_ms']['s1']:.3f} vs {m['single_p50_ms']['s0']:.3f} ms "
+          f"(x{r['single_p50_ms']:.3f})")
+    for b in (1, 256):
+        print(f"  batch {b:>3}, 16 connections: {m[f'b{b}_rows_per_s']['s1']:.0f} vs {m[f'b{b}_rows_per_s']['s0']:.0f} "
+              f"rows/s (x{r[f'b{b}_rows_per_s']:.3f}), p50 {m[f'b{b}_p50_ms']['s1']:.2f} vs "
+              f"{m[f'b{b}_p50_ms']['s0']:.2f} ms (x{r[f'b{b}_p50_ms']:.3f})")
+    st = sm["store"]
+    print(f"  store: {st['rows_held']} rows held, {st['dropped_rows']} dropped, {st['bytes'] / 2**20:.1f} MB "
+          f"(about {st['rows_answered_about']} rows answered at sample_rate 1)")
+
+
 def _model_cpu_ms(c: DeviceClient) -> float | None:
     """The agent's own count of its runs' CPU time (an agent before it has none: None)."""
     entry = next((e for e in c.metrics(columns=False)["models"] if e["model"] == "xgb"), None)
@@ -495,13 +565,29 @@ def print_cost(cost: dict) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["cost"], help="run only this section (merged into device.json)")
+    ap.add_argument("--only", choices=["cost", "sampling"], help="run only this section (merged into device.json)")
+    ap.add_argument("--sampling-rounds", type=int, default=4)
     ap.add_argument("--baseline", default=BASELINE,
                     help="git revision whose agent the cost section measures too ('' for none)")
     ap.add_argument("--cost-rounds", type=int, default=5)
     args = ap.parse_args(argv)
     q = args.quick
     out = HERE / "results" / "device.json"
+    if args.only == "sampling":
+        with tempfile.TemporaryDirectory(prefix="bench-device-") as d:
+            tmp = Path(d)
+            kp = load_or_create_keypair(tmp / "keys")
+            pub = tmp / "ws.pub"
+            pub.write_bytes(public_key_to_pem(kp.public_key))
+            sm = bench_sampling(tmp, kp, pub, xgb_onnx(100), 2 if q else args.sampling_rounds, 2.0 if q else 4.0,
+                                300 if q else 1000)
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results["sampling"] = sm
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print_sampling(sm)
+        print(f"wrote {out}")
+        return 0
     if args.only == "cost":
         with tempfile.TemporaryDirectory(prefix="bench-device-") as d:
             tmp = Path(d)
@@ -546,6 +632,8 @@ def main(argv=None):
                 bench_throughput_python_client(agent.url, b, secs / 2, model=m, columns=cols) for b, m, cols in runs]
         finally:
             agent.stop()
+        results["sampling"] = bench_sampling(tmp, kp, pub, model, 2 if q else args.sampling_rounds,
+                                             2.0 if q else 4.0, 300 if q else 1000)
         results["cold_start"] = bench_cold_start(tmp, store, pub, 2 if q else 5)
         results["agent_cost"] = agent_cost_section(tmp, kp, pub, model, args.baseline or None,
                                                    2 if q else args.cost_rounds, 2.0 if q else 4.0)
@@ -578,6 +666,7 @@ def main(argv=None):
           f"{hc['poll_cycles_per_s']:.0f} agent poll cycles/s")
     print(f"agent dependency closure: {results['agent_install_size']['total_mb']} MB installed")
     print_cost(results["agent_cost"])
+    print_sampling(results["sampling"])
     print(f"wrote {out}")
     return 0
 

@@ -1,5 +1,6 @@
-"""Fuzz a real agent and a real hub: malformed JSON, x-mlsql-columns and .npz bodies, lying
-headers, every endpoint, with and without tokens. Passes when no answer is a 5xx, neither
+"""Fuzz a real agent and a real hub: malformed JSON, x-mlsql-columns, .npz and Arrow bodies, lying
+headers, every endpoint (outcomes, samples, device-data uploads and reads included), with and
+without tokens (the agent's own hub credential for its uploads). Passes when no answer is a 5xx, neither
 process dies, and the agent's RSS stays under a bound.
 
     python bench/fuzz_device.py [--requests 10000] [--seconds 300] [--rss-mb 400]
@@ -69,7 +70,7 @@ class Gen:
 
     def json_body(self) -> bytes:
         r = self.r
-        k = r.randrange(12)
+        k = r.randrange(14)
         if k == 0:
             obj = {"rows": [{r.choice(["x", "city", "y", ""]): self.value() for _ in range(r.randrange(3))}
                             for _ in range(r.randrange(4))]}
@@ -92,6 +93,13 @@ class Gen:
         elif k == 8:
             obj = {"url": self.value(), "group": self.value(), "providers": self.value(), "status": self.value(),
                    "errors": self.value(), "telemetry": [{"models": self.value(), "events": self.value()}]}
+        elif k == 12:
+            obj = {"outcomes": [r.choice([{"request_id": self.value(), "label": self.value()},
+                                          {"request_id": "x-0", "label": self.value(), "extra": 1},
+                                          {"request_id": "r" * r.choice([1, 128, 129])}, self.value()])
+                                for _ in range(r.choice([0, 1, 3, 50]))]}
+        elif k == 13:
+            obj = {"columns": {"x": [1.0, 2.0], "city": ["paris", "rome"]}, "request_ids": self.value()}
         elif k == 9:
             return r.choice([b"{" * r.randrange(1, 20000), b"[" * 3000, b'{"columns": {"x": [NaN]}}',
                              b'{"columns": {"x": [1e999], "city": ["a"]}}', b"\xff\xfe", b"", b"null",
@@ -125,6 +133,47 @@ class Gen:
         hlen = len(header) if r.random() < 0.9 else r.choice([0, 2**31, len(header) + 100])
         return b"MLC1" + struct.pack("<I", hlen % 2**32) + header + data
 
+    def arrow_body(self) -> bytes:
+        """Arrow IPC streams: the envelope's columns or some of them, of right and wrong types, odd
+        sequence numbers, compressed or not, cut short or with bytes flipped."""
+        import pyarrow as pa
+
+        r = self.r
+        n = r.choice([0, 1, 3, 20])
+        gens = {
+            "str": lambda: pa.array([r.choice(["a", "", "\u00e9", "x" * 200]) for _ in range(n)], pa.string()),
+            "int64": lambda: pa.array([r.choice([0, 1, -1, 2**62, 5]) for _ in range(n)], pa.int64()),
+            "seq": lambda: pa.array(np.arange(n, dtype=np.int64) + r.choice([1, 50, 2**40]), pa.int64()),
+            "int32": lambda: pa.array([1] * n, pa.int32()),
+            "f64": lambda: pa.array([r.choice([0.0, 1e300, float("nan")]) for _ in range(n)], pa.float64()),
+            "ts": lambda: pa.array([r.choice([0, 1_700_000_000_000_000, 2**62]) for _ in range(n)],
+                                   pa.timestamp(r.choice(["us", "s", "ns"]), tz=r.choice(["UTC", None]))),
+            "null": lambda: pa.nulls(n, pa.string()),
+        }
+        names = ["request_id", "predicted_at", "device", "model", "version", "provider", "latency_ms", "seq",
+                 "in.x", "out.y", "label", "label_at", "zz"]
+        want = {"request_id": "str", "predicted_at": "ts", "device": "str", "model": "str", "version": "int32",
+                "provider": "str", "latency_ms": "f64", "seq": "seq", "in.x": "f64", "out.y": "f64",
+                "label": "str", "label_at": "ts", "zz": "str"}
+        cols = {}
+        for name in (names if r.random() < 0.5 else r.sample(names, r.randrange(0, len(names)))):
+            kind = want[name] if r.random() < 0.95 else r.choice(list(gens))
+            cols[name] = gens[kind]()
+        if "model" in cols and r.random() < 0.7:
+            cols["model"] = pa.array(["scorer"] * n, pa.string())
+        table = pa.table(cols) if cols else pa.table({"a": pa.array([], pa.int8())})
+        sink = pa.BufferOutputStream()
+        opts = pa.ipc.IpcWriteOptions(compression=r.choice([None, "zstd", "lz4"]))
+        with pa.ipc.new_stream(sink, table.schema, options=opts) as w:
+            w.write(table)
+        body = bytearray(sink.getvalue().to_pybytes())
+        if body and r.random() < 0.2:
+            for _ in range(r.randrange(1, 6)):
+                body[r.randrange(len(body))] ^= r.randrange(1, 256)
+        if body and r.random() < 0.1:
+            body = body[: r.randrange(len(body))]
+        return bytes(body)
+
     def npz_body(self) -> bytes:
         r = self.r
         out = io.BytesIO()
@@ -155,24 +204,37 @@ AGENT_PATHS = ["/v1/models/scorer/predict", "/v1/models/wide/predict", "/v1/mode
                "/v1/models/scorer/rollback", "/v1/models/scorer", "/v1/models/nope", "/v1/info", "/v1/health",
                "/v1/metrics", "/v1/metrics?columns=0", "/v1/metrics/stream?count=1&interval=x",
                "/v1/metrics/stream?count=1&interval=nan", "/v1/metrics/stream?count=1", "/v1/events",
-               "/v1/models/..%2f..%2fetc/predict", "/v1/models//predict", "/v1/models/%00/install", "/v1/nothing"]
+               "/v1/models/..%2f..%2fetc/predict", "/v1/models//predict", "/v1/models/%00/install", "/v1/nothing",
+               "/v1/models/scorer/outcomes", "/v1/models/nope/outcomes", "/v1/models/%00/outcomes",
+               "/v1/samples?model=scorer", "/v1/samples?model=scorer&kind=outcomes&since=0&max_rows=5",
+               "/v1/samples?model=scorer&since=-1", "/v1/samples?model=nope", "/v1/samples?kind=x",
+               "/v1/samples?model=scorer&max_rows=abc", "/v1/samples?model=scorer&since=99999999999999999999999"]
 HUB_PATHS = ["/v1/blobs", "/v1/blobs/{sha}", "/v1/blobs/" + "0" * 64, "/v1/blobs/..%2f..%2fetc%2fpasswd",
              "/v1/agents", "/v1/agents/fz", "/v1/agents/%00/register", "/v1/agents/edge-1/register",
              "/v1/agents/edge-1/desired", "/v1/agents/edge-1/report", "/v1/desired", "/v1/groups/field",
-             "/v1/groups/" + "g" * 300, "/v1/events", "/v1/nothing"]
+             "/v1/groups/" + "g" * 300, "/v1/events", "/v1/nothing",
+             "/v1/agents/fz/data?kind=samples&model=scorer&first=1&last=100",
+             "/v1/agents/fz/data?kind=outcomes&model=scorer&first=1&last=5",
+             "/v1/agents/fz/data?kind=samples&model=scorer&first=50&last=1099511627825",
+             "/v1/agents/fz/data?kind=x&model=..&first=-1&last=0", "/v1/agents/fz/data",
+             "/v1/agents/edge-1/data?kind=samples&model=scorer&first=1&last=2",
+             "/v1/data/samples", "/v1/data/outcomes?since=2020-01-01", "/v1/data/samples?since=garbage",
+             "/v1/data/samples?group=_none&model=scorer&max_rows=0", "/v1/data/usage", "/v1/data/nope"]
 CTYPES = ["application/json", "application/x-npz", "application/x-mlsql-columns", "text/plain", "",
-          "application/octet-stream", "application/json; charset=latin1"]
+          "application/octet-stream", "application/json; charset=latin1", "application/vnd.apache.arrow.stream"]
 
 
-def one_request(gen: Gen, agent_url: str, hub_url: str) -> tuple[str, str, str, dict, bytes]:
+def one_request(gen: Gen, agent_url: str, hub_url: str, agent_cred: str | None = None
+                ) -> tuple[str, str, str, dict, bytes]:
     r = gen.r
     to_hub = r.random() < 0.25
     base = hub_url if to_hub else agent_url
     path = r.choice(HUB_PATHS if to_hub else AGENT_PATHS).replace("{sha}", gen.sha)
     if r.random() < 0.8:  # mostly the method the route takes, so that the bodies reach the handlers
-        gets = ("/v1/info", "/v1/health", "/v1/metrics", "/v1/events", "/desired", "/v1/agents", "/v1/blobs/")
-        method = "GET" if any(g in path for g in gets) or path.rstrip("/").endswith(("/fz", "scorer", "nope")) \
-            else "POST"
+        gets = ("/v1/info", "/v1/health", "/v1/metrics", "/v1/events", "/desired", "/v1/agents", "/v1/blobs/",
+                "/v1/samples", "/v1/data/")
+        method = "GET" if (any(g in path for g in gets) or path.rstrip("/").endswith(("/fz", "scorer", "nope"))) \
+            and not path.startswith("/v1/agents/fz/data") and not path.startswith("/v1/agents/edge-1/data") else "POST"
         if path == "/v1/blobs" and r.random() < 0.5:
             method = "GET"
     else:
@@ -180,22 +242,30 @@ def one_request(gen: Gen, agent_url: str, hub_url: str) -> tuple[str, str, str, 
     if not to_hub and method == "DELETE" and path in ("/v1/models/scorer", "/v1/models/wide"):
         method = "GET"  # keep the models installed: deleting is allowed, and would end the test early
     ctype = r.choice(CTYPES)
+    if "/data?" in path and r.random() < 0.7:  # uploads: mostly Arrow, so that the checks are reached
+        ctype = "application/vnd.apache.arrow.stream"
     if method in ("GET", "DELETE"):
         body = b""
     elif "npz" in ctype:
         body = gen.npz_body()
     elif "columns" in ctype:
         body = gen.columns_body()
+    elif "arrow" in ctype:
+        body = gen.arrow_body()
     else:
         body = gen.json_body()
     headers = {"Content-Type": ctype}
     roll = r.random()
-    if roll < 0.75:
+    if roll < 0.75 and agent_cred and to_hub and "/data?" in path:  # an upload: the agent's own credential
+        headers["Authorization"] = f"Bearer {agent_cred}"
+    elif roll < 0.75:
         headers["Authorization"] = f"Bearer {TOKEN}"
     elif roll < 0.85:
         headers["Authorization"] = r.choice(["Bearer x", "Basic a", "Bearer", "Bearer " + "\u00e9" * 3, "x" * 5000])
     if r.random() < 0.1:
         headers["Accept"] = r.choice(["application/x-npz", "application/x-mlsql-columns", "*/*", "text/html"])
+    if r.random() < 0.05 and not to_hub and "/predict" in path:
+        headers["X-Request-Ids"] = r.choice(["p", "a,b", "", "x" * 200, "\u00e9t\u00e9", ",", "a" * 121])
     if r.random() < 0.03:
         headers["Content-Length"] = r.choice(["-1", "abc", "99999999999999999999", str(len(body) + 5)])
     return base, method, path, headers, body
@@ -220,9 +290,13 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
     from test_device_security import float64_model
 
     c = DeviceClient(agent.url, TOKEN)
-    c.install(package(keys, 1))
+    c.install(package(keys, 1), deploy={"sample_rate": 1.0, "sample_hash": ["city"], "sample_salt": "fuzz"})
     c.install(build_package(float64_model(), {"name": "wide", "version": 1, "providers": ["cpu"]}, keys.private_key))
     sha = HubClient(hub.url, TOKEN).upload(package(keys, 1))["sha256"]
+    deadline0 = time.time() + 30
+    while not (store / "hub_token").exists() and time.time() < deadline0:  # the agent enrolls itself
+        time.sleep(0.05)
+    agent_cred = (store / "hub_token").read_text().strip() if (store / "hub_token").exists() else None
     rss_start = rss_mb(agent.p.pid)
     lock = threading.Lock()
     statuses: dict[int, int] = {}
@@ -241,7 +315,7 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
         for _ in range(per_thread):
             if time.time() > deadline:
                 return
-            base, method, path, headers, body = one_request(gen, agent.url, hub.url)
+            base, method, path, headers, body = one_request(gen, agent.url, hub.url, agent_cred)
             hostport = base.split("//", 1)[1]
             for attempt in (0, 1):
                 conn = conns.get(hostport) or http.client.HTTPConnection(hostport, timeout=15)
@@ -296,6 +370,9 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
     try:
         healthy = DeviceClient(agent.url, TOKEN).predict("scorer", columns={"x": [1.0], "city": ["paris"]})["rows"] == 1
         healthy = healthy and bool(HubClient(hub.url, TOKEN).agents())
+        # the device data endpoints still answer: the agent's samples and the hub's Parquet read back
+        healthy = healthy and DeviceClient(agent.url, TOKEN).samples("scorer", max_rows=10)[0].num_rows > 0
+        HubClient(hub.url, TOKEN).device_data("samples", max_rows=10)
     except Exception as exc:  # noqa: BLE001 - reported
         healthy = False
         conn_errors.append({"final_check": repr(exc)})

@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--tls-cert")
     h.add_argument("--tls-key")
     h.add_argument("--max-package-mb", type=float, default=256)
+    h.add_argument("--data-max-mb", type=int, default=1024,
+                   help="device data (samples, outcomes) kept per group, in MB; the oldest files go first")
     h.add_argument("--request-timeout", type=float, default=15.0)
     h.add_argument("--body-timeout", type=float, default=120.0)
     h.add_argument("--ready-file")
@@ -255,8 +257,12 @@ def hub(args) -> int:
         print("mlsql-device hub: --token (or MLSQL_HUB_TOKEN) is required: the operator credential",
               file=sys.stderr)
         return 2
+    if args.data_max_mb < 1:
+        print("mlsql-device hub: --data-max-mb must be 1 or more", file=sys.stderr)
+        return 2
     app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
-                         body_timeout=args.body_timeout, enroll_open=args.enroll_open)
+                         body_timeout=args.body_timeout, enroll_open=args.enroll_open,
+                         data_max_mb=args.data_max_mb)
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     scheme = "https" if args.tls_cert else "http"

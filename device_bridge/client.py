@@ -51,11 +51,17 @@ class _HTTP:
             c.close()
             self.local.conn = None
 
+    def last_header(self, name: str) -> str | None:
+        """A header of this thread's last answer."""
+        resp = getattr(self.local, "last", None)
+        return resp.getheader(name) if resp is not None else None
+
     def request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
-                params: dict | None = None, raw: bool = False, accept: str | None = None) -> Any:
+                params: dict | None = None, raw: bool = False, accept: str | None = None,
+                headers: dict | None = None) -> Any:
         if params:
             path += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
-        headers = {}
+        headers = dict(headers or {})
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
         if ctype:
@@ -68,6 +74,7 @@ class _HTTP:
                 conn.request(method, self.base + path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                self.local.last = resp
                 break
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     http.client.CannotSendRequest) as exc:
@@ -230,6 +237,24 @@ class DeviceClient:
     def metrics(self, columns: bool = True) -> dict:
         return self.http.request("GET", "/v1/metrics", params=None if columns else {"columns": "0"})
 
+    def samples(self, model: str, kind: str = "samples", since: int = 0, max_rows: int = 100_000):
+        """The device's sampled rows (``kind='samples'``) or recorded outcomes (``'outcomes'``) of
+        ``model`` after cursor ``since``, oldest first: (pyarrow.Table with a ``seq`` column, the
+        cursor to pass next time). For a device without a hub (one with a hub keeps only what the
+        hub has not acknowledged yet)."""
+        import pyarrow as pa
+
+        data = self.http.request("GET", "/v1/samples", params={"model": model, "kind": kind, "since": since,
+                                                               "max_rows": max_rows}, raw=True)
+        cursor = int(self.http.last_header("X-Next-Cursor") or since)
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all(), cursor
+
+    def outcomes(self, model: str, outcomes: list[dict]) -> dict:
+        """Record late true answers: ``[{"request_id": ..., "label": ...}]`` -> {"recorded", "unknown"}
+        (unknown: ids of no sampled request of this model; counted, not an error)."""
+        return self.http.request("POST", f"/v1/models/{_q(model)}/outcomes", _json({"outcomes": outcomes}),
+                                 "application/json")
+
     def events(self) -> list[dict]:
         return self.http.request("GET", "/v1/events")["events"]
 
@@ -278,6 +303,23 @@ class HubClient:
 
     def events(self) -> list[dict]:
         return self.http.request("GET", "/v1/events")["events"]
+
+    def device_data(self, kind: str = "samples", group: str | None = None, model: str | None = None,
+                    since=None, max_rows: int = 100_000):
+        """The samples or outcomes agents uploaded (operator token): a pyarrow.Table, oldest first,
+        schemas unified. ``since``: an ISO timestamp string or a datetime (rows at or after it)."""
+        import pyarrow as pa
+
+        if since is not None and not isinstance(since, str):
+            since = since.isoformat()
+        data = self.http.request("GET", f"/v1/data/{_q(kind)}",
+                                 params={"group": group, "model": model, "since": since, "max_rows": max_rows},
+                                 raw=True)
+        return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+
+    def data_usage(self) -> dict:
+        """Bytes, files and dropped rows of device data per group at the hub."""
+        return self.http.request("GET", "/v1/data/usage")
 
     def enroll(self, name: str) -> str:
         """A fresh credential for agent ``name`` (operator only; replaces any earlier one)."""

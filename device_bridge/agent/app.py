@@ -25,6 +25,9 @@ BIG_PARSE = inp.BIG_PARSE    # bodies (or .npz contents) over this are parsed un
 BIG_PARSES_AT_ONCE = 2       # ... so that a few large requests cannot multiply their memory
 MAX_STREAMS = 8              # concurrent /v1/metrics/stream answers
 MIN_STREAM_INTERVAL = 0.25   # seconds: a snapshot costs a pass over every version's statistics
+MAX_OUTCOMES = 10_000        # outcomes in one POST /v1/models/{name}/outcomes ...
+MAX_OUTCOMES_BODY = 1 << 20  # ... and its bytes
+MAX_SAMPLE_ROWS = 1_000_000  # rows one GET /v1/samples answers at most
 
 
 def _bool(v: Any, what: str) -> bool:
@@ -51,6 +54,40 @@ def _version(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
         raise AgentError(400, f"version must be a positive integer, got {v!r}")
     return v
+
+
+def check_outcomes(body: Any) -> list[tuple[str, str]]:
+    """POST /v1/models/{name}/outcomes's body -> [(request_id, label as JSON text)]; a bad one is a 400
+    naming the field (and nothing is recorded: the route checks everything before it writes)."""
+    if not isinstance(body, dict) or set(body) != {"outcomes"}:
+        raise AgentError(400, 'outcomes: the body must be {"outcomes": [{"request_id": ..., "label": ...}]}',
+                         "request")
+    items = body["outcomes"]
+    if not isinstance(items, list):
+        raise AgentError(400, "outcomes must be a list of {request_id, label} objects", "request")
+    if len(items) > MAX_OUTCOMES:
+        raise AgentError(413, f"outcomes: {len(items)} outcomes, over the limit of {MAX_OUTCOMES} per request",
+                         "too_large")
+    out = []
+    for i, o in enumerate(items):
+        if not isinstance(o, dict):
+            raise AgentError(400, f"outcomes[{i}] must be an object with request_id and label", "request")
+        extra = sorted(set(map(str, o)) - {"request_id", "label"})
+        if extra:
+            raise AgentError(400, f"outcomes[{i}].{extra[0]}: unknown field (an outcome has request_id and label)",
+                             "request")
+        rid = o.get("request_id")
+        if not isinstance(rid, str) or not 0 < len(rid) <= 128:
+            raise AgentError(400, f"outcomes[{i}].request_id must be a string of 1 to 128 characters", "request")
+        if "label" not in o:
+            raise AgentError(400, f"outcomes[{i}].label is missing", "request")
+        label = o["label"]
+        if label is None or not isinstance(label, str | int | float | bool):
+            raise AgentError(400, f"outcomes[{i}].label must be a JSON scalar (string, number or boolean)", "request")
+        if isinstance(label, str) and len(label) > 4096:
+            raise AgentError(400, f"outcomes[{i}].label: a string label has at most 4096 characters", "request")
+        out.append((rid, json.dumps(label, ensure_ascii=False, allow_nan=False)))
+    return out
 
 
 def create_app(core: AgentCore, token: str, open_reads: bool = False, request_timeout: float = 15.0,
@@ -171,6 +208,49 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         return Response(ans.body, status_code=ans.status, headers={k.decode(): v.decode() for k, v in ans.headers},
                         media_type=ans.ctype.decode())
 
+    @endpoint(True)
+    async def outcomes(request):
+        name = name_of(request)
+        core._model(name)
+        raw = await read_body(request, MAX_OUTCOMES_BODY)
+        checked = check_outcomes(parse_json(raw))
+        return JSONAnswer(await run_in_threadpool(core.record_outcomes, name, checked))
+
+    @endpoint(True)  # the token always, even with --open-reads: samples are the callers' data
+    async def samples(request):
+        q = request.query_params
+        extra = sorted(set(q) - {"model", "kind", "since", "max_rows"})
+        if extra:
+            raise AgentError(400, f"unknown parameter {extra[0]!r}: /v1/samples takes model, kind, since, max_rows")
+        model = q.get("model")
+        if not model:
+            raise AgentError(400, "model: name the model (/v1/samples?model=NAME)")
+        kind = q.get("kind", "samples")
+        if kind not in ("samples", "outcomes"):
+            raise AgentError(400, f"kind must be samples or outcomes, got {kind!r}")
+        try:
+            since = int(q.get("since", "0"))
+            max_rows = int(q.get("max_rows", "100000"))
+        except ValueError:
+            raise AgentError(400, "since (a cursor) and max_rows must be integers") from None
+        if not 0 <= since < 2**62 or not 1 <= max_rows <= MAX_SAMPLE_ROWS:
+            raise AgentError(400, f"since must be 0 or more and max_rows from 1 to {MAX_SAMPLE_ROWS}")
+        core._model(model)
+
+        def read():
+            from device_bridge.agent.sampling import ipc_bytes
+
+            if core.samples is None:
+                return None, since
+            table, last = core.samples.read(model, kind, since, max_rows)
+            return (ipc_bytes(table) if table is not None else None), last
+
+        data, last = await run_in_threadpool(read)
+        if data is None:
+            data = await run_in_threadpool(_empty_stream, kind)
+        return Response(data, media_type="application/vnd.apache.arrow.stream",
+                        headers={"X-Next-Cursor": str(last)})
+
     @endpoint(read_auth)
     async def metrics(request):
         cols = request.query_params.get("columns", "1") not in ("0", "false")
@@ -235,6 +315,8 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         Route("/v1/models/{name}/activate", activate, methods=["POST"]),
         Route("/v1/models/{name}/rollback", rollback, methods=["POST"]),
         Route("/v1/models/{name}/predict", predict, methods=["POST"]),
+        Route("/v1/models/{name}/outcomes", outcomes, methods=["POST"]),
+        Route("/v1/samples", samples, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: web.not_found_or_method})
 
@@ -252,3 +334,21 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         await app(scope, receive, send)
 
     return agent_app
+
+
+def _empty_stream(kind: str) -> bytes:
+    """An Arrow stream with no rows: the envelope columns only (a model's inputs and outputs are not
+    known without a row)."""
+    import pyarrow as pa
+
+    from device_bridge.agent.sampling import ipc_bytes
+
+    ts = pa.timestamp("us", tz="UTC")
+    if kind == "outcomes":
+        fields = [("request_id", pa.string()), ("label", pa.string()), ("label_at", ts), ("device", pa.string()),
+                  ("model", pa.string())]
+    else:
+        fields = [("request_id", pa.string()), ("predicted_at", ts), ("device", pa.string()), ("model", pa.string()),
+                  ("version", pa.int32()), ("provider", pa.string()), ("latency_ms", pa.float64())]
+    fields.append(("seq", pa.int64()))
+    return ipc_bytes(pa.schema(fields).empty_table())

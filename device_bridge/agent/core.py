@@ -40,6 +40,8 @@ from device_bridge import urls
 from device_bridge.agent import deploy as deploy_mod
 from device_bridge.agent import inputs as inp
 from device_bridge.agent.deploy import DeploySettings
+from device_bridge.agent.sampling import DB_FILE as SAMPLES_DB
+from device_bridge.agent.sampling import SampleSpec, SampleStore, spec_for
 from device_bridge.agent.scheduler import DeadlineMissed, Lane, Scheduler
 from device_bridge.agent.workers import WorkerDown, WorkerProcess, WorkerSpec
 from device_bridge.errors import ApiError
@@ -106,6 +108,7 @@ class LoadedVersion:
     lane: Lane | None = None            # its place in the scheduler
     worker: WorkerProcess | None = None  # isolation = 'process': the worker that holds the session
     threads: int = 1                    # ONNX Runtime intra-op threads of its session
+    sampling: SampleSpec | None = None  # what its deploy samples (None: sample_rate = 0, nothing kept)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -158,6 +161,10 @@ class AgentCore:
         if not self.rebuilt:
             self._cleanup()
         self.load_errors: dict[str, str] = {}
+        self.samples: SampleStore | None = None  # opened when a deploy first samples (or one left rows)
+        self.samples_lock = threading.Lock()
+        if (self.store / SAMPLES_DB).exists():
+            self.sample_store()
         for name, m in self.state["models"].items():
             if m.get("active") is not None:
                 try:
@@ -437,6 +444,9 @@ class AgentCore:
                                    self.config.breaker_threshold),
             strict=plan.strict, deploy=settings, worker=worker, threads=threads,
         )
+        lv.sampling = spec_for(self.config.name, lv)
+        if lv.sampling is not None:
+            self.sample_store()
         lv.lane = self.scheduler.lane(key, settings.priority, settings.max_concurrency, settings.max_queue,
                                       settings.timeout_ms)
         vt = self.telemetry.get(name, version)
@@ -453,11 +463,35 @@ class AgentCore:
             old.worker.stop()
         return lv
 
+    # ------------------------------------------------------------------ samples
+
+    def sample_store(self) -> SampleStore:
+        """The device's sample store (sampling.py), opened on first use: a device whose deploys never
+        sample has no samples.db at all."""
+        if self.samples is None:
+            with self.samples_lock:
+                if self.samples is None:
+                    self.samples = SampleStore(self.store, self.config.name, self.note_background)
+        return self.samples
+
+    def sample_budget(self, name: str) -> int:
+        """The bytes ``name``'s samples and outcomes may take: its active version's sample_max_mb."""
+        m = self.state["models"].get(name) or {}
+        lv = self.loaded.get((name, m.get("active")))
+        return (lv.deploy.sample_max_mb if lv else deploy_mod.DeploySettings.sample_max_mb) << 20
+
+    def record_outcomes(self, name: str, outcomes: list[tuple[str, str]]) -> dict:
+        """Late true answers (checked already by the route): recorded for the sampled request ids of
+        this model, counted as unknown for the others (sampling.py)."""
+        self._model(name)
+        return self.sample_store().record_outcomes(name, outcomes, self.sample_budget(name))
+
     # ------------------------------------------------------------------ info
 
     def info(self) -> dict:
         import onnxruntime as ort
 
+        sample_stats = self.samples.stats() if self.samples is not None else {}
         models = {}
         for name, m in self.state["models"].items():
             active = m.get("active")
@@ -477,6 +511,7 @@ class AgentCore:
                 "deploy": lv.deploy.to_dict() if lv else None,
                 "intra_op_threads": lv.threads if lv else None,
                 "worker": lv.worker.info() if lv and lv.worker else None,
+                "samples": dict(sample_stats.get(name, _NO_SAMPLES)),
             }
         return {
             "name": self.config.name, "agent_version": "0.1.0",
@@ -1023,6 +1058,10 @@ class AgentCore:
         out["memory_mb"] = w.rss_mb() if w else None
         out["memory_budget_mb"] = lv.deploy.memory_mb if lv else None
         return out
+
+
+_NO_SAMPLES = {"rows": 0, "bytes": 0, "dropped_rows": 0, "pending_upload_rows": 0, "outcomes": 0,
+               "unknown_outcomes": 0, "queued_rows": 0}
 
 
 def _valid_state(st) -> bool:

@@ -18,7 +18,12 @@ from device_bridge.errors import ApiError
 
 PRIORITIES = ("realtime", "normal", "batch")
 ISOLATIONS = ("thread", "process")
-FIELDS = ("priority", "max_concurrency", "max_queue", "timeout_ms", "memory_mb", "isolation")
+FIELDS = ("priority", "max_concurrency", "max_queue", "timeout_ms", "memory_mb", "isolation",
+          "sample_rate", "sample_max_mb", "sample_exclude", "sample_hash", "sample_salt")
+SAMPLE_FIELDS = ("sample_rate", "sample_max_mb", "sample_exclude", "sample_hash", "sample_salt")
+MAX_SAMPLE_MB = 4096
+MAX_SAMPLE_COLUMNS = 1024  # names in sample_exclude / sample_hash
+MAX_SALT = 1024
 MAX_CONCURRENCY = 64
 MAX_QUEUE = 4096
 MAX_TIMEOUT_MS = 600_000
@@ -34,9 +39,19 @@ class DeploySettings:
     timeout_ms: int = 10_000     # from the request's arrival to its answer; later: 504
     memory_mb: int = 256         # the budget: enforced for a worker process, counted for a thread
     isolation: str = "thread"    # "process": its own worker process; "thread": in the agent
+    # sampling (sampling.py): nothing is kept unless a deploy asks (sample_rate > 0)
+    sample_rate: float = 0.0     # share of predict requests whose rows are kept
+    sample_max_mb: int = 64      # bytes of samples + outcomes kept on the device for this model
+    sample_exclude: tuple = ()   # input columns never stored
+    sample_hash: tuple = ()      # input columns stored as HMAC-SHA256(sample_salt, str(value))[:32]
+    sample_salt: str | None = None  # the workspace's salt: never shown (to_dict says "set")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["sample_exclude"] = list(self.sample_exclude)
+        d["sample_hash"] = list(self.sample_hash)
+        d["sample_salt"] = "set" if self.sample_salt else None
+        return d
 
 
 def class_defaults(priority: str, cores: int) -> dict[str, Any]:
@@ -96,6 +111,32 @@ def parse(raw: Any, where: str = "request", status: int = 400, kind: str = "requ
             out[k] = integer(k, v, 1, MAX_TIMEOUT_MS)
         elif k == "memory_mb":
             out[k] = integer(k, v, 16, MAX_MEMORY_MB)
+        elif k == "sample_rate":
+            if isinstance(v, str):
+                try:
+                    v = float(v.strip())
+                except ValueError:
+                    raise bad(f"deploy setting sample_rate must be a number from 0 to 1, got {v!r}") from None
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0.0 <= v <= 1.0:
+                raise bad(f"deploy setting sample_rate must be a number from 0 to 1, got {v!r}")
+            out[k] = float(v)
+        elif k == "sample_max_mb":
+            out[k] = integer(k, v, 1, MAX_SAMPLE_MB)
+        elif k in ("sample_exclude", "sample_hash"):
+            if isinstance(v, str):  # the query-parameter form: comma-separated
+                v = [c.strip() for c in v.split(",") if c.strip()]
+            if not isinstance(v, list | tuple) or len(v) > MAX_SAMPLE_COLUMNS \
+                    or not all(isinstance(c, str) and 0 < len(c) <= 256 for c in v):
+                raise bad(f"deploy setting {k} must be a list of column names, got {str(v)[:80]!r}")
+            out[k] = sorted(set(v))
+        elif k == "sample_salt":
+            if not isinstance(v, str) or not 0 < len(v) <= MAX_SALT:
+                raise bad(f"deploy setting sample_salt must be a non-empty string of at most {MAX_SALT} characters")
+            out[k] = v
+    if out.get("sample_hash") and set(out["sample_hash"]) & set(out.get("sample_exclude") or ()):
+        both = sorted(set(out["sample_hash"]) & set(out["sample_exclude"]))
+        raise bad(f"deploy setting sample_hash and sample_exclude both name {both[0]!r}: a column is either "
+                  "excluded or hashed")
     return out or None
 
 
@@ -110,4 +151,11 @@ def effective(manifest_deploy: Any, requested: dict | None, cores: int) -> Deplo
     from_manifest = parse(manifest_deploy, "the package's deploy field", 422, "package") or {}
     given = {**from_manifest, **(requested or {})}
     merged = {**class_defaults(given.get("priority", "normal"), cores), **given}
-    return DeploySettings(**merged)
+    for k in ("sample_exclude", "sample_hash"):
+        if k in merged:
+            merged[k] = tuple(merged[k])
+    s = DeploySettings(**merged)
+    if s.sample_rate > 0 and s.sample_hash and not s.sample_salt:
+        raise ApiError(400, "deploy setting sample_hash needs sample_salt (the workspace's salt): without one a "
+                            "hashed column could be reversed by hashing guesses", "request")
+    return s

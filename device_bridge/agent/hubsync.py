@@ -3,6 +3,12 @@
 Telemetry that cannot be sent stays in a bounded deque on the device and goes
 with the next successful report.
 
+Device data (sampling.py) goes after each report: per (model, kind), the store's chunks in seq
+order, as Arrow IPC streams with zstd buffers of at most ``UPLOAD_BYTES`` of rows (a body stays
+under the hub's 8 MiB), to ``POST /v1/agents/{name}/data``. A chunk is deleted only once the hub
+has acknowledged every row of it; a failed or cut upload is sent again whole, and the hub's
+high-water mark keeps the retry from storing a row twice.
+
 The agent talks to the hub with its own credential (never the device token): ``--hub-token``,
 ``--hub-token-file``, or ``STORE/hub_token``; without one it asks the hub to enroll it, which
 only a hub started with ``--enroll-open`` does, and keeps the answer in ``STORE/hub_token`` (0600).
@@ -26,6 +32,15 @@ from device_bridge.agent.core import AgentCore, AgentError
 from device_bridge.web import dumps
 
 log = logging.getLogger("device_bridge.hubsync")
+
+UPLOAD_BYTES = 4 << 20     # rows (uncompressed Arrow) per upload; zstd makes the body smaller still
+MAX_UPLOAD_BODY = 8 << 20  # the hub's limit: a body over it is split in halves by rows
+UPLOAD_SECONDS = 5.0       # of uploading per report cycle at most (the desired state is polled meanwhile)
+# test hooks (read with MLSQL_DEVICE_TEST_HOOKS=1 only): seconds to sleep between the hub's answer to
+# an upload and the agent's deleting what it acknowledged (a kill -9 there: the retry case), and
+# rows per upload at most (many small uploads)
+UPLOAD_PAUSE_ENV = "MLSQL_DEVICE_TEST_UPLOAD_PAUSE"
+UPLOAD_ROWS_ENV = "MLSQL_DEVICE_TEST_UPLOAD_ROWS"
 
 
 class HubAnswer(OSError):
@@ -76,6 +91,9 @@ class HubSync:
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, name=f"hubsync-{core.config.name}", daemon=True)
         self.last_ok: float | None = None
+        self.pause = float(os.environ.get(UPLOAD_PAUSE_ENV, "0") or 0) if core.hooks else 0.0
+        self.max_rows = int(os.environ.get(UPLOAD_ROWS_ENV, "0") or 0) if core.hooks else 0
+        self.uploaded_rows = 0
 
     def start(self) -> None:
         self.thread.start()
@@ -169,6 +187,79 @@ class HubSync:
         for _ in items:  # sent: drop them (new ones may have arrived meanwhile)
             if self.buffer:
                 self.buffer.popleft()
+        try:
+            self.upload()
+            self.errors.pop("data", None)
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            self.errors["data"] = str(exc)[:300]
+
+    def _post_data(self, model: str, kind: str, first: int, last: int, body: bytes) -> dict:
+        from urllib.parse import urlencode
+
+        path = f"/v1/agents/{self.core.config.name}/data?" + urlencode(
+            {"kind": kind, "model": model, "first": first, "last": last})
+        req = urllib.request.Request(self.hub + path, data=body, method="POST")
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Content-Type", "application/vnd.apache.arrow.stream")
+        try:
+            with urls.open_url(req, timeout=60) as resp:
+                return json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            try:
+                msg = json.loads(exc.read(4096)).get("error")
+            except Exception:  # noqa: BLE001 - not the hub's JSON
+                msg = None
+            raise HubAnswer(exc.code, f"hub answered {exc.code} to the {kind} upload of {model}: "
+                                      f"{msg or exc.reason}") from None
+
+    def _send(self, model: str, kind: str, table) -> None:
+        """One upload of ``table`` (rows with seq), split in halves while its body is over the limit;
+        each acknowledged part deletes the chunks it completes."""
+        from device_bridge.agent.sampling import ipc_bytes
+
+        body = ipc_bytes(table, compression="zstd")
+        if len(body) > MAX_UPLOAD_BODY and table.num_rows > 1:
+            half = table.num_rows // 2
+            self._send(model, kind, table.slice(0, half))
+            self._send(model, kind, table.slice(half))
+            return
+        seq = table.column("seq")
+        first, last = int(seq[0].as_py()), int(seq[-1].as_py())
+        answer = self._post_data(model, kind, first, last, body)
+        acked = answer.get("acked") if isinstance(answer, dict) else None
+        if not isinstance(acked, int):
+            raise ValueError(f"the hub's answer to an upload holds no acked seq: {str(answer)[:200]}")
+        if self.pause:
+            time.sleep(self.pause)
+        self.core.samples.acked(model, kind, min(acked, last))
+        self.uploaded_rows += table.num_rows
+
+    def upload(self) -> None:
+        """Send what the sample store holds, oldest first, for at most UPLOAD_SECONDS."""
+        store = self.core.samples
+        if store is None:
+            return
+        import pyarrow as pa
+
+        deadline = time.monotonic() + UPLOAD_SECONDS
+        for model, kind, chunks in store.pending(4 * UPLOAD_BYTES):
+            i = 0
+            while i < len(chunks):
+                if time.monotonic() > deadline:
+                    return
+                batch, size = [chunks[i]], chunks[i][3]
+                i += 1
+                while i < len(chunks) and chunks[i][2] == batch[0][2] and size + chunks[i][3] <= UPLOAD_BYTES:
+                    batch.append(chunks[i])
+                    size += chunks[i][3]
+                    i += 1
+                tables = [t for t in (store.chunk_table(c[0]) for c in batch) if t is not None]
+                if not tables:
+                    continue
+                table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+                step = self.max_rows or table.num_rows
+                for off in range(0, table.num_rows, step):
+                    self._send(model, kind, table.slice(off, step))
 
     @staticmethod
     def _other_deploy(m: dict, version: int, deploy: dict | None) -> bool:

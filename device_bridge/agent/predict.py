@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
+import random
 import threading
 import time
 from typing import Any, NamedTuple
@@ -56,6 +58,8 @@ BIG_JSON_ANSWER_ROWS = 256  # ... (JSON, which costs a Python object per value)
 DEADLINE_SLACK_S = 0.002   # a worker stops its own run at the deadline: its answer goes first
 OVERRUN_MIN_S = 1.0        # a worker whose run is still going max(this, 4 x timeout) late is killed
 _JSON = b"application/json"
+MAX_REQUEST_ID = 128       # characters of one request id (a caller's)
+MAX_REQUEST_PREFIX = 120   # characters of a caller's X-Request-Ids prefix (ids are <prefix>-<row>)
 
 
 class Answer(NamedTuple):
@@ -72,7 +76,7 @@ def error_answer(status: int, message: str, kind: str, headers: list | None = No
 class _Remote:
     """One run in a worker process, as the event loop follows it."""
 
-    __slots__ = ("lv", "lane", "answer", "feed", "rows", "finished", "timed_out", "timer")
+    __slots__ = ("lv", "lane", "answer", "feed", "rows", "finished", "timed_out", "timer", "prefix", "ids")
 
     def __init__(self, lv: LoadedVersion, answer: asyncio.Future):
         self.lv = lv
@@ -83,6 +87,8 @@ class _Remote:
         self.finished = False
         self.timed_out = False
         self.timer: list | None = None
+        self.prefix: str | None = None
+        self.ids: list | None = None
 
 
 class Predictor:
@@ -137,7 +143,7 @@ class Predictor:
 
     async def _predict(self, scope: dict, receive, name: str) -> Answer:
         arrived = time.monotonic()
-        auth = ctype = length = accept = None
+        auth = ctype = length = accept = rid = None
         for k, v in scope["headers"]:
             if k == b"authorization":
                 auth = v
@@ -147,6 +153,8 @@ class Predictor:
                 length = v
             elif k == b"accept":
                 accept = v
+            elif k == b"x-request-ids":
+                rid = v
         if self.read_auth and not hmac.compare_digest(_bearer(auth), self.token_b):
             return error_answer(401, "missing or wrong token (Authorization: Bearer <token>)", "auth")
         version = None
@@ -184,28 +192,41 @@ class Predictor:
             core.note_deadline(lv)
             raise DeadlineMissed(lane, "queue", lv.deploy.timeout_ms)
         if lv.worker is not None:
-            return await self._remote(lv, body, ctype_s, answer, deadline, light)
+            return await self._remote(lv, body, ctype_s, answer, deadline, light, rid)
         if small and lane.run_ms < INLINE_RUN_MS and lane.cls != "batch":
             try:
-                return self._work(lv, body, ctype_s, answer, None)
+                return self._work(lv, body, ctype_s, answer, None, rid)
             finally:
                 self.sched.done(lane)
-        return await self._threaded(lv, body, ctype_s, answer, deadline, light)
+        return await self._threaded(lv, body, ctype_s, answer, deadline, light, rid)
 
     # ------------------------------------------------------------------ in this process
 
-    def _parse(self, lv: LoadedVersion, body: bytes, ctype: str) -> tuple[dict, int]:
+    def _parse(self, lv: LoadedVersion, body: bytes, ctype: str, rid: bytes | None
+               ) -> tuple[dict, int, str | None, list | None]:
+        """The feed, its rows, and the caller's request ids: a prefix (X-Request-Ids) or one id per row
+        (the JSON body's ``request_ids``, or a comma-separated X-Request-Ids); None, None when none."""
+        body_ids = None
         try:
             if ctype == COLUMNS_TYPE:
-                return inp.feed_from_columns(body, lv.specs, self.max_body)
-            if ctype in NPZ_TYPES:
-                return inp.feed_from_npz(body, lv.specs, self.max_body, self.big_parses)
-            # each row is at least one object (rows) or each vector value one list (columns)
-            max_containers = inp.MAX_ROWS * (len(lv.specs) + 1) + 16
-            if len(body) > inp.BIG_PARSE:
-                with self.big_parses:
-                    return inp.feed_from_json(web.parse_json(body, max_containers, check_floats=False), lv.specs)
-            return inp.feed_from_json(web.parse_json(body, max_containers, check_floats=False), lv.specs)
+                feed, n = inp.feed_from_columns(body, lv.specs, self.max_body)
+            elif ctype in NPZ_TYPES:
+                feed, n = inp.feed_from_npz(body, lv.specs, self.max_body, self.big_parses)
+            else:
+                # each row is at least one object (rows) or each vector value one list (columns)
+                max_containers = inp.MAX_ROWS * (len(lv.specs) + 1) + 16
+                if len(body) > inp.BIG_PARSE:
+                    with self.big_parses:
+                        payload = web.parse_json(body, max_containers, check_floats=False)
+                else:
+                    payload = web.parse_json(body, max_containers, check_floats=False)
+                if isinstance(payload, dict) and "request_ids" in payload:
+                    body_ids = payload.pop("request_ids")
+                    if body_ids is None:
+                        raise inp.InputError("request_ids must be a list of strings, one per row")
+                feed, n = inp.feed_from_json(payload, lv.specs)
+            prefix, ids = _request_ids(rid, body_ids, n)
+            return feed, n, prefix, ids
         except inp.LimitError as exc:
             self.core.record_invalid(lv)
             raise AgentError(413, str(exc), "too_large") from None
@@ -216,23 +237,33 @@ class Predictor:
             self.core.record_invalid(lv)
             raise
 
-    def _encode(self, lv: LoadedVersion, values, n: int, ms: float, answer: str | None,
-                jsoned: dict | None = None) -> Answer:
+    def _encode(self, lv: LoadedVersion, feed: dict, values, n: int, ms: float, answer: str | None,
+                jsoned: dict | None, prefix: str | None, ids: list | None) -> Answer:
+        """The answer, with its request ids; a sampled request's rows go to the sample store here
+        (an append of references: the store's writer thread builds and writes the rows)."""
+        if ids is None and prefix is None:
+            prefix = os.urandom(16).hex()
+        spec = lv.sampling
+        if spec is not None and (spec.rate >= 1.0 or random.random() < spec.rate):
+            self.core.samples.offer(spec, time.time(), ms, n, feed, values, jsoned, prefix, ids)
         result = self.core.result(lv, values, n, ms, raw=answer is not None, jsoned=jsoned)
         if answer is not None:
             data = inp.outputs_to_columns(result) if answer == "columns" else inp.outputs_to_npz(result)
             if data is not None:
-                return Answer(200, COLUMNS_TYPE.encode() if answer == "columns" else b"application/x-npz", data, [])
+                hdr = prefix if ids is None else ",".join(ids)
+                return Answer(200, COLUMNS_TYPE.encode() if answer == "columns" else b"application/x-npz", data,
+                              [(b"x-request-ids", hdr.encode("utf-8"))])
             result["outputs"] = inp.outputs_to_json(list(result["outputs"]), list(result["outputs"].values()))
+        result["request_ids"] = ids if ids is not None else [f"{prefix}-{i}" for i in range(n)]
         return Answer(200, _JSON, web.dumps(result), [])
 
-    def _work(self, lv: LoadedVersion, body: bytes, ctype: str, answer: str | None, ro) -> Answer:
-        feed, n = self._parse(lv, body, ctype)
+    def _work(self, lv: LoadedVersion, body: bytes, ctype: str, answer: str | None, ro, rid) -> Answer:
+        feed, n, prefix, ids = self._parse(lv, body, ctype, rid)
         values, ms = self.core.run_local(lv, feed, n, ro)
-        return self._encode(lv, values, n, ms, answer)
+        return self._encode(lv, feed, values, n, ms, answer, None, prefix, ids)
 
     async def _threaded(self, lv: LoadedVersion, body: bytes, ctype: str, answer: str | None,
-                        deadline: float, light: bool) -> Answer:
+                        deadline: float, light: bool, rid: bytes | None) -> Answer:
         """A run in the class's pool. A light body is parsed, and its answer encoded, here on the event
         loop: the Python work of a request stays on one thread, whose caches hold it (in a pool thread
         that just woke on the other core, parsing and encoding a 256-row batch took 4 to 5 times as
@@ -243,7 +274,7 @@ class Predictor:
         ro = self.RunOptions()
         if light:
             try:
-                feed, n = self._parse(lv, body, ctype)
+                feed, n, prefix, ids = self._parse(lv, body, ctype, rid)
             except BaseException:
                 self.sched.done(lane)
                 raise
@@ -254,7 +285,7 @@ class Predictor:
                 return run_only(lv, feed, ro)
         else:
             def work():
-                return self._work(lv, body, ctype, answer, ro)
+                return self._work(lv, body, ctype, answer, ro, rid)
 
         def finished(ok: bool, value: Any) -> None:
             self.sched.done(lane)
@@ -283,13 +314,13 @@ class Predictor:
         values, ms, cpu_ms = out
         self.core.after_run(lv, feed, n, ms, cpu_ms)
         if n > (BIG_ANSWER_ROWS if answer else BIG_JSON_ANSWER_ROWS):
-            return await self.pools["io"].run(lambda: self._encode(lv, values, n, ms, answer))
-        return self._encode(lv, values, n, ms, answer)
+            return await self.pools["io"].run(lambda: self._encode(lv, feed, values, n, ms, answer, None, prefix, ids))
+        return self._encode(lv, feed, values, n, ms, answer, None, prefix, ids)
 
     # ------------------------------------------------------------------ in a worker process
 
     async def _remote(self, lv: LoadedVersion, body: bytes, ctype: str, answer: str | None, deadline: float,
-                      light: bool) -> Answer:
+                      light: bool, rid: bytes | None) -> Answer:
         loop = asyncio.get_running_loop()
         call = _Remote(lv, loop.create_future())
         timeout_s = lv.deploy.timeout_ms / 1000.0
@@ -304,7 +335,7 @@ class Predictor:
                 box.post(self._on_reply, call, header, arrays)
 
         def send() -> None:
-            call.feed, call.rows = self._parse(lv, body, ctype)
+            call.feed, call.rows, call.prefix, call.ids = self._parse(lv, body, ctype, rid)
             remaining = max(0.001, min(timeout_s, deadline - time.monotonic()))
             lv.worker.submit({"op": "run", "rows": call.rows, "timeout_s": remaining}, call.feed, reply)
 
@@ -319,10 +350,12 @@ class Predictor:
                 self.core.note_error(lv, exc.kind)  # refused while its worker restarts
             raise
         call.timer = self.sched.timers.add(deadline + DEADLINE_SLACK_S, lambda: self._on_deadline(call))
+        feed = call.feed  # _on_reply lets go of it
         values, ms, jsoned = await call.answer
         if call.rows > (BIG_ANSWER_ROWS if answer else BIG_JSON_ANSWER_ROWS):
-            return await self.pools["io"].run(lambda: self._encode(lv, values, call.rows, ms, answer, jsoned))
-        return self._encode(lv, values, call.rows, ms, answer, jsoned)
+            return await self.pools["io"].run(lambda: self._encode(lv, feed, values, call.rows, ms, answer, jsoned,
+                                                                   call.prefix, call.ids))
+        return self._encode(lv, feed, values, call.rows, ms, answer, jsoned, call.prefix, call.ids)
 
     def _on_reply(self, call: _Remote, header: dict, arrays: dict) -> None:
         if call.finished:
@@ -366,6 +399,34 @@ def _bearer(h: bytes | None) -> bytes:
     if h is None or h[:7].lower() != b"bearer ":
         return b"\0"  # never equal to a token (tokens are text)
     return h[7:].strip()
+
+
+def _request_ids(header: bytes | None, body_ids: Any, n: int) -> tuple[str | None, list | None]:
+    """The caller's request ids, checked: (prefix, None), (None, one id per row) or (None, None)."""
+    if body_ids is not None:
+        if header is not None:
+            raise inp.InputError("request_ids: give them in the body or in the X-Request-Ids header, not both")
+        if not isinstance(body_ids, list) or len(body_ids) != n:
+            raise inp.InputError(f"request_ids must be a list of {n} strings, one per row")
+        for i, r in enumerate(body_ids):
+            if not isinstance(r, str) or not 0 < len(r) <= MAX_REQUEST_ID:
+                raise inp.InputError(f"request_ids[{i}] must be a string of 1 to {MAX_REQUEST_ID} characters")
+        return None, body_ids
+    if header is None:
+        return None, None
+    try:
+        h = header.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise inp.InputError("X-Request-Ids must be UTF-8 text") from None
+    if "," in h:
+        ids = [r.strip() for r in h.split(",")]
+        if len(ids) != n or not all(0 < len(r) <= MAX_REQUEST_ID for r in ids):
+            raise inp.InputError(f"X-Request-Ids holds {len(ids)} comma-separated ids; the request has {n} rows "
+                                 f"(or give one prefix: ids are <prefix>-<row>), each 1 to {MAX_REQUEST_ID} characters")
+        return None, ids
+    if not 0 < len(h) <= MAX_REQUEST_PREFIX:
+        raise inp.InputError(f"X-Request-Ids must be a prefix of 1 to {MAX_REQUEST_PREFIX} characters")
+    return h, None
 
 
 def _version(v: Any) -> int:

@@ -11,24 +11,27 @@ from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from device_bridge import web
 from device_bridge.hub.credentials import Credentials
+from device_bridge.hub.data import MAX_READ_ROWS, MAX_UPLOAD_BYTES, NO_GROUP, DataStore, parse_since
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
 from device_bridge.hub.state import HubState
 from device_bridge.web import JSONAnswer
 
 
 def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
-                   body_timeout: float = 120.0, enroll_open: bool = False) -> Starlette:
+                   body_timeout: float = 120.0, enroll_open: bool = False, data_max_mb: int = 1024) -> Starlette:
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
-    without a credential, under a name that never had one."""
+    without a credential, under a name that never had one. ``data_max_mb``: device data kept per
+    group (data.py)."""
     if not token:
         raise ValueError("the hub needs an operator token")
     hub = HubState(store, max_package_bytes)
     creds = Credentials(store)
+    data = DataStore(store, data_max_mb)
     operator_b = token.encode()
     budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
     endpoint = web.endpoint_factory(operator_b, budget=budget)
@@ -164,6 +167,59 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             hub.save()
         return JSONAnswer({"group": group, "devices": devices})
 
+    def group_of(name: str) -> str:
+        """The agent's group now: a group the operator lists it in, else the one it registered with."""
+        with hub.lock:
+            for g, members in sorted(hub.state["groups"].items()):
+                if name in members:
+                    return g
+            return (hub.state["agents"].get(name) or {}).get("group") or NO_GROUP
+
+    @endpoint(own(operator_too=False))
+    async def upload_data(request):
+        name = agent_name(request)
+        q = request.query_params
+        extra = sorted(set(q) - {"kind", "model", "first", "last"})
+        if extra:
+            raise HubError(400, f"unknown parameter {extra[0]!r}: an upload takes kind, model, first, last")
+        try:
+            first, last = int(q.get("first", "")), int(q.get("last", ""))
+        except ValueError:
+            raise HubError(400, "first and last must be integers (the rows' seq range)") from None
+        body = await web.read_body(request, MAX_UPLOAD_BYTES, body_timeout, budget)
+        return JSONAnswer(await run_in_threadpool(data.upload, name, group_of(name), q.get("kind", ""),
+                                                  q.get("model", ""), first, last, body))
+
+    @endpoint(operator)
+    async def read_data(request):
+        from device_bridge.agent.sampling import ipc_bytes
+
+        kind = request.path_params["kind"]
+        if kind == "usage":
+            return JSONAnswer(await run_in_threadpool(data.usage))
+        q = request.query_params
+        extra = sorted(set(q) - {"group", "model", "since", "max_rows"})
+        if extra:
+            raise HubError(400, f"unknown parameter {extra[0]!r}: takes group, model, since, max_rows")
+        group = q.get("group") or None
+        if group is not None and group != NO_GROUP:
+            name_or_none(group, "group")
+        model = name_or_none(q.get("model") or None, "model")
+        try:
+            max_rows = int(q.get("max_rows", "100000"))
+        except ValueError:
+            raise HubError(400, "max_rows must be an integer") from None
+        if not 1 <= max_rows <= MAX_READ_ROWS:
+            raise HubError(400, f"max_rows must be from 1 to {MAX_READ_ROWS}")
+        since = parse_since(q.get("since"))
+
+        def read() -> bytes:
+            table = data.read(kind, group, model, since, max_rows)
+            return ipc_bytes(table if table is not None else data.empty(kind))
+
+        body = await run_in_threadpool(read)
+        return Response(body, media_type="application/vnd.apache.arrow.stream")
+
     @endpoint(operator)
     async def events(request):
         return JSONAnswer({"events": list(hub.events)})
@@ -183,6 +239,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         Route("/v1/agents/{name}/register", register, methods=["POST"]),
         Route("/v1/agents/{name}/desired", desired, methods=["GET"]),
         Route("/v1/agents/{name}/report", report, methods=["POST"]),
+        Route("/v1/agents/{name}/data", upload_data, methods=["POST"]),
+        Route("/v1/data/{kind}", read_data, methods=["GET"]),
         Route("/v1/desired", set_desired, methods=["POST"]),
         Route("/v1/groups/{group}", set_group, methods=["POST"]),
         Route("/v1/events", events, methods=["GET"]),
@@ -190,4 +248,5 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     app = Starlette(routes=routes, exception_handlers={HTTPException: web.not_found_or_method})
     app.state.hub = hub
     app.state.credentials = creds
+    app.state.data = data
     return app

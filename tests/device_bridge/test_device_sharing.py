@@ -30,6 +30,10 @@ HOOKS = {"MLSQL_DEVICE_TEST_HOOKS": "1"}
 ROW = {"x": [1.0], "city": ["paris"]}
 
 
+# the sampling settings nobody gave: nothing sampled (the privacy default, docs/DEVICE.md)
+NO_SAMPLING = {"sample_rate": 0.0, "sample_max_mb": 64, "sample_exclude": [], "sample_hash": [], "sample_salt": None}
+
+
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     return make_keys(tmp_path_factory.mktemp("keys"))
@@ -59,7 +63,7 @@ def test_deploy_settings_come_from_the_package_then_the_request_and_are_checked(
         c.install(package(keys, 1, name="m", deploy={"priority": "batch", "timeout_ms": 5000}))
         d = c.info()["models"]["m"]["deploy"]
         assert d == {"priority": "batch", "timeout_ms": 5000, "isolation": "process", "max_concurrency": 2,
-                     "max_queue": 16, "memory_mb": 1024}
+                     "max_queue": 16, "memory_mb": 1024, **NO_SAMPLING}
         assert c.info()["models"]["m"]["worker"]["state"] == "ready"
         # the request's settings win over the package's, field by field; kept with the version
         r = c.install(package(keys, 2, name="m", deploy={"priority": "batch", "timeout_ms": 5000}),
@@ -75,7 +79,7 @@ def test_deploy_settings_come_from_the_package_then_the_request_and_are_checked(
         d = c.info()["models"]["m"]["deploy"]
         cores = c.info()["scheduler"]["cores"]  # realtime's default: a run per core
         assert d == {"priority": "realtime", "timeout_ms": 5000, "isolation": "thread", "max_concurrency": cores,
-                     "max_queue": 16, "memory_mb": 256}
+                     "max_queue": 16, "memory_mb": 256, **NO_SAMPLING}
         m = _model_metrics(c, "m")
         assert m["priority"] == "realtime" and m["isolation"] == "thread"
         # bad settings: 4xx naming the field, the model untouched
