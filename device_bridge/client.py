@@ -171,9 +171,11 @@ class DeviceClient:
         """``deploy``: deploy settings (priority, max_concurrency, max_queue, timeout_ms, memory_mb,
         isolation; docs/DEVICE.md), over the package's own."""
         path = f"/v1/models/{_q(model)}/install" if model else "/v1/models/install"
+        # query form: lists comma-separated (sample_exclude, sample_hash)
+        settings = {k: ",".join(v) if isinstance(v, list | tuple) else v for k, v in (deploy or {}).items()}
         params = {"providers": ",".join(providers) if providers else None,
                   "strict_providers": "true" if strict_providers else "false",
-                  "activate": "true" if activate else "false", **(deploy or {})}
+                  "activate": "true" if activate else "false", **settings}
         return self.http.request("POST", path, bytes(package_bytes), "application/octet-stream", params)
 
     def install_from_url(self, model: str, url: str, sha256: str | None = None,
@@ -199,10 +201,14 @@ class DeviceClient:
                                  params={"version": version} if version else None)
 
     def predict(self, model: str, columns: dict[str, list] | None = None, rows: list[dict] | None = None,
-                version: int | None = None) -> dict:
+                version: int | None = None, request_ids: list[str] | None = None) -> dict:
+        """JSON prediction; the answer's ``request_ids`` name each row (``request_ids``: the caller's
+        own, one per row, for outcomes posted later)."""
         if (columns is None) == (rows is None):
             raise DeviceError("give columns or rows")
-        body = {"columns": columns} if columns is not None else {"rows": rows}
+        body: dict[str, Any] = {"columns": columns} if columns is not None else {"rows": rows}
+        if request_ids is not None:
+            body["request_ids"] = list(request_ids)
         return self.http.request("POST", f"/v1/models/{_q(model)}/predict", _json(body), "application/json",
                                  {"version": version} if version else None)
 

@@ -36,14 +36,14 @@ def env(tmp_path_factory):
         s.sql("""CREATE MODEL species OPTIONS (model_type = 'boosted_tree_classifier', input_label_cols = ['species'],
                  max_iterations = 10) AS SELECT * FROM penguins""")
         # the rows the app will send, numbered: request id 'r<i>' is row i of this table
-        s.sql("CREATE TABLE app AS SELECT row_number() OVER (ORDER BY ALL) - 1 AS i, * FROM penguins")
+        s.sql("CREATE TABLE app AS SELECT row_number() OVER (ORDER BY species, island, bill_length_mm, bill_depth_mm, flipper_length_mm, body_mass_g, sex) - 1 AS i, * FROM penguins")
         yield s, url
     finally:
         agent.kill()
         s.close()
 
 
-def _send(url: str, app, lo: int, hi: int, model: str = "species"):
+def _send(url: str, app, lo: int, hi: int, model: str = "species", prefix: str = "r"):
     """The app's traffic: rows lo..hi-1 of ``app``, a request of 10 rows at a time, with its own ids."""
     from device_bridge.client import DeviceClient
 
@@ -53,8 +53,9 @@ def _send(url: str, app, lo: int, hi: int, model: str = "species"):
         for a in range(lo, hi, 10):
             part = app.slice(a, min(10, hi - a))
             body = {k: [None if v is None else v for v in part[k].to_pylist()] for k in cols}
-            r = c.predict(model, columns=body, request_ids=[f"r{i}" for i in part["i"].to_pylist()])
-            assert r["request_ids"] == [f"r{i}" for i in part["i"].to_pylist()]
+            ids = [f"{prefix}{i}" for i in part["i"].to_pylist()]
+            r = c.predict(model, columns=body, request_ids=ids)
+            assert r["request_ids"] == ids
     finally:
         c.close()
 
@@ -113,7 +114,7 @@ def test_samples_outcomes_and_online_metrics(env):
     finally:
         c.close()
 
-    t = s.sql("SELECT * FROM ML.DEVICE_DATA('p7', MODEL species) WHERE version = 1").to_arrow()
+    t = s.sql("SELECT * FROM ML.DEVICE_DATA('p7', MODEL species) WHERE version = 1 AND request_id LIKE 'r%'").to_arrow()
     ids = t["request_id"].to_pylist()
     assert t.num_rows == N and sorted(ids) == sorted(f"r{i}" for i in range(N))  # each row once
     assert "island" not in t.column_names  # excluded: never stored
@@ -141,21 +142,51 @@ def test_samples_outcomes_and_online_metrics(env):
     local = s.sql("SELECT i, predicted_species FROM ML.PREDICT(MODEL species, TABLE app) ORDER BY i").to_arrow()
     assert t["predicted_species"].to_pylist() == [local["predicted_species"][k].as_py() for k in rows]
 
-    # online metrics: EVALUATE over the labelled field rows equals sklearn on the same rows
+    # an excluded input cannot be scored in the notebook: EVALUATE says which column is missing
+    with pytest.raises(MLSQLError, match="no column 'island'"):
+        s.sql("SELECT * FROM ML.EVALUATE(MODEL species, (SELECT * FROM ML.DEVICE_DATA('p7', MODEL species) "
+              "WHERE label IS NOT NULL))")
+
+
+def test_online_metrics(env):
+    s, url = env
     from sklearn.metrics import accuracy_score, log_loss
 
-    ev = s.sql("SELECT accuracy, log_loss FROM ML.EVALUATE(MODEL species, (SELECT * FROM "
-               "ML.DEVICE_DATA('p7', MODEL species) WHERE label IS NOT NULL))").to_arrow().to_pylist()[0]
+    from device_bridge.client import DeviceClient
+
+    # every input kept this time (the same version, its deploy settings replaced)
+    s.sql("DEPLOY MODEL species TO DEVICE 'p7' OPTIONS (sample_rate = 1)")
+    app = s.sql("SELECT * FROM app ORDER BY i").to_arrow()
+    _send(url, app, 0, 150, prefix="s")
+    c = DeviceClient(url, TOKEN)
+    try:
+        truth = app.slice(0, 100)
+        r = c.outcomes("species", [{"request_id": f"s{i}", "label": sp}
+                                   for i, sp in zip(truth["i"].to_pylist(), truth["species"].to_pylist())])
+        assert (r["recorded"], r["unknown"]) == (100, 0)
+    finally:
+        c.close()
+    field = "(SELECT * FROM ML.DEVICE_DATA('p7', MODEL species) WHERE label IS NOT NULL AND request_id LIKE 's%')"
+    ev = s.sql(f"SELECT accuracy, log_loss FROM ML.EVALUATE(MODEL species, {field})").to_arrow().to_pylist()[0]
+    t = s.sql(f"SELECT * FROM {field}").to_arrow()
     lab = t.filter(t["label"].is_valid())
-    assert lab.num_rows == 200
+    assert lab.num_rows == 100
+    # the labels are the true species of the rows sent under those ids
+    by_id = dict(zip((f"s{i}" for i in app["i"].to_pylist()), app["species"].to_pylist()))
+    assert lab["label"].to_pylist() == [by_id[x] for x in lab["request_id"].to_pylist()]
     assert ev["accuracy"] == pytest.approx(accuracy_score(lab["label"].to_pylist(), lab["predicted_species"].to_pylist()))
     classes = [p["label"] for p in lab["predicted_species_probs"][0].as_py()]
     probs = np.array([[p["prob"] for p in row] for row in lab["predicted_species_probs"].to_pylist()])
     # EVALUATE scores in the notebook (float64), the device in float32: PARITY_TOL 1e-4 per probability
     assert ev["log_loss"] == pytest.approx(log_loss(lab["label"].to_pylist(), probs, labels=classes), abs=1e-3)
+    # ML.DEVICE_METRICS' online metrics cover every labelled row of the version: 200 (the first
+    # test's, with sex hashed: an unknown category to the model) and these 100
     m = s.sql("SELECT sampled_rows, outcomes, online_rows, online_accuracy, online_log_loss FROM "
               "ML.DEVICE_METRICS('p7') WHERE model = 'species' AND version = 1").to_arrow().to_pylist()[0]
-    assert m["online_rows"] == 200 and m["outcomes"] == 200 and m["sampled_rows"] >= N
+    allrows = s.sql("SELECT * FROM ML.DEVICE_DATA('p7', MODEL species) WHERE label IS NOT NULL").to_arrow()
+    assert m["online_rows"] == 300 == allrows.num_rows and m["outcomes"] == 300 and m["sampled_rows"] >= N + 150
+    lab = allrows
+    probs = np.array([[p["prob"] for p in row] for row in lab["predicted_species_probs"].to_pylist()])
     assert m["online_accuracy"] == pytest.approx(accuracy_score(lab["label"].to_pylist(),
                                                                 lab["predicted_species"].to_pylist()), rel=1e-12)
     assert m["online_log_loss"] == pytest.approx(log_loss(lab["label"].to_pylist(), probs, labels=classes), rel=1e-9)
@@ -171,7 +202,7 @@ def test_device_data_errors(env):
     s, _ = env
     with pytest.raises(MLSQLError, match="no device or device group is called 'p8'") as e:
         s.sql("SELECT * FROM ML.DEVICE_DATA('p8')")
-    assert "Did you mean 'p7'" in str(e.value.hint)
+    assert "Known devices and groups: p7" in str(e.value.hint)
     with pytest.raises(MLSQLError, match="takes a device or device group name"):
         s.sql("SELECT * FROM ML.DEVICE_DATA(MODEL species)")
     with pytest.raises(MLSQLError, match="not a timestamp"):

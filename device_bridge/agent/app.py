@@ -17,7 +17,7 @@ from starlette.routing import Route
 from device_bridge import web
 from device_bridge.agent import deploy as deploy_mod
 from device_bridge.agent import inputs as inp
-from device_bridge.agent.core import AgentCore, AgentError
+from device_bridge.agent.core import READ_YOUR_WRITES_S, AgentCore, AgentError
 from device_bridge.agent.predict import Predictor
 from device_bridge.web import JSONAnswer, parse_json
 
@@ -242,6 +242,7 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
 
             if core.samples is None:
                 return None, since
+            core.samples.flush(READ_YOUR_WRITES_S)  # rows answered before this call are in the answer
             table, last = core.samples.read(model, kind, since, max_rows)
             return (ipc_bytes(table) if table is not None else None), last
 

@@ -58,6 +58,8 @@ CANARY_EVERY = 64  # the known-good row is refreshed from every 64th small reque
 log = logging.getLogger("device_bridge.agent")
 
 
+READ_YOUR_WRITES_S = 2.0  # outcomes and sample reads first wait this long at most for queued samples
+
 class AgentError(ApiError):
     """An error with an HTTP status, a message for the caller and a ``kind`` (device_bridge.errors)."""
 
@@ -484,7 +486,11 @@ class AgentCore:
         """Late true answers (checked already by the route): recorded for the sampled request ids of
         this model, counted as unknown for the others (sampling.py)."""
         self._model(name)
-        return self.sample_store().record_outcomes(name, outcomes, self.sample_budget(name))
+        store = self.sample_store()
+        # an app posts an outcome right after its answer: the rows it answered may still be on
+        # their way to disk (the writer commits every 25 ms), and must count as known
+        store.flush(READ_YOUR_WRITES_S)
+        return store.record_outcomes(name, outcomes, self.sample_budget(name))
 
     # ------------------------------------------------------------------ info
 

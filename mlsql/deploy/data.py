@@ -115,9 +115,10 @@ def fetch(store, target: str, model: str | None, since: datetime | None, max_row
         from mlsql.errors import did_you_mean
 
         near = did_you_mean(target, sorted(names | set(groups)))
+        known = ", ".join(sorted(names | set(groups))) or "none yet"
         raise MLSQLError(f"ML.DEVICE_DATA: no device or device group is called '{target}'",
-                         hint=(f"Did you mean '{near}'? " if near else "")
-                         + "CREATE DEVICE or CREATE DEVICE GROUP registers one; SHOW DEVICES lists them.")
+                         hint=(f"Did you mean '{near}'? " if near else "") + f"Known devices and groups: {known} "
+                         "(CREATE DEVICE or CREATE DEVICE GROUP registers one).")
     parts: dict[str, list[pa.Table]] = {"samples": [], "outcomes": []}
     for kind in parts:
         for how, src in sources:
@@ -236,10 +237,15 @@ def shape(samples: pa.Table | None, outcomes: pa.Table | None, lm=None, inputs: 
     last = _latest_outcomes(outcomes)
     if last is not None:
         keys = [k for k in ("device", "model", "request_id") if k in last.column_names and k in table.column_names]
-        table = table.join(last, keys=keys, join_type="left outer", use_threads=False)
-        labels = table["label"].combine_chunks()
-        table = table.set_column(table.column_names.index("label"), "label",
-                                 _labels_of(labels, ltype) if ltype is not None else labels)
+        # Arrow's hash join carries no nested columns (the probabilities): join the keys and a row
+        # number, then put the outcomes beside the rows in their order
+        import numpy as np
+
+        keyed = table.select(keys).append_column("__row", pa.array(np.arange(table.num_rows)))
+        found = keyed.join(last, keys=keys, join_type="left outer", use_threads=False).sort_by("__row")
+        labels = found["label"].combine_chunks()
+        table = table.append_column("label", _labels_of(labels, ltype) if ltype is not None else labels)
+        table = table.append_column("label_at", found["label_at"])
     else:
         table = table.append_column("label", pa.nulls(table.num_rows, ltype or pa.string()))
         table = table.append_column("label_at", pa.nulls(table.num_rows, _TS))

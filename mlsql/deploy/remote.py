@@ -365,6 +365,9 @@ def _sampling_counts(info: dict, m: dict) -> dict:
     return {"sampled_rows": sm.get("rows"), "outcomes": sm.get("outcomes")}
 
 
+FIRST_INFERENCE_ID = "mlsql-deploy-check"  # the request id of DEPLOY's own first prediction
+
+
 def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list[dict]) -> tuple[float, float]:
     """Round-trip and on-device milliseconds of one single-row prediction right after a deploy."""
     c = client_for(dev)
@@ -373,7 +376,8 @@ def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list
         body = {k: [None if isinstance(x, float) and np.isnan(x) else x for x in arr.tolist()]
                 for k, arr in cols.items()}
         t0 = time.perf_counter()
-        r = c.predict(model_name, columns=body)
+        # named, so that a sampled deploy's own check is told apart from the app's traffic
+        r = c.predict(model_name, columns=body, request_ids=[FIRST_INFERENCE_ID])
         return (time.perf_counter() - t0) * 1000.0, float(r.get("latency_ms") or 0.0)
     finally:
         c.close()

@@ -510,7 +510,7 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     ),
     "ML.DEVICE_DATA": (
         _O("since", "str", "only predictions made at or after this time: TIMESTAMP '2026-12-01 10:00' (UTC)"),
-        _O("max_rows", "int", "at most this many rows, the latest", 100_000, min=1, max=10_000_000),
+        _O("max_rows", "int", "at most this many rows, the latest", 100_000, min=1, max=1_000_000),
     ),
     "ML.CONFUSION_MATRIX": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
