@@ -52,6 +52,15 @@ ROUND_TRIP = [
     "CREATE JOB nightly OPTIONS (schedule = '0 3 * * *') AS NOTEBOOK 'notebooks/retrain.ipynb'",
     "SHOW JOBS",
     "DROP JOB nightly",
+    "CREATE OR REPLACE ALERT low_acc OPTIONS (every = '5 minutes', notify = ['json://127.0.0.1:8123/hook']) "
+    "AS (SELECT * FROM scores WHERE accuracy < 0.8)",
+    "CREATE ALERT IF NOT EXISTS skew OPTIONS (every = '1h', notify = ['mailto://a@b.c']) AS (SELECT 1 WHERE FALSE)",
+    "SHOW ALERTS",
+    "DESCRIBE ALERT low_acc",
+    "CHECK ALERT low_acc",
+    "DROP ALERT IF EXISTS low_acc",
+    "SELECT * FROM ML.ALERT_HISTORY('low_acc')",
+    "SELECT * FROM ML.ALERT_HISTORY()",
 ]
 
 

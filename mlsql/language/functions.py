@@ -33,9 +33,12 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
                        "Per model on the device: version, requests, rows, error_rate, p50/p95/p99 ms, throughput, "
                        "providers really used, input statistics."),
     "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
+    "ALERT_HISTORY": ("ML.ALERT_HISTORY(['alert'])",
+                      "One row per check of an alert: checked_at, status, rows, fired, notified, attempts, error, "
+                      "preview of the first rows."),
 }
 # Functions whose first argument is not a model.
-NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "JOB_RUNS")
+NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "JOB_RUNS", "ALERT_HISTORY")
 
 
 # The TRANSFORM functions of CREATE MODEL ... TRANSFORM (ML.STANDARD_SCALER(x) OVER () AS x, ...):

@@ -233,6 +233,12 @@ def _job_runs(c: Call):
     return job_runs_table(c.s.workspace, c.step.args)
 
 
+def _alert_history(c: Call):
+    from mlsql.jobs.alert_statements import alert_history_table
+
+    return alert_history_table(c.s.workspace, c.step.args)
+
+
 # name -> how to run it; the language parses ML.<name>(...) for the names in
 # mlsql.language.functions.ML_FUNCTIONS, and the options table checks their STRUCT settings
 ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
@@ -249,6 +255,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "WEIGHTS": MLFunctionSpec(lambda c: c.model.weights(standardize=bool(c.settings.get("standardize")))),
     "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
     "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),
+    "ALERT_HISTORY": MLFunctionSpec(_alert_history, model=False),
 }
 
 
