@@ -261,7 +261,10 @@ def test_panel_alerts_show_fired_and_failing(lab_server, lab_workspace, browser_
     c = check_alert(lab_workspace, "ui_low_accuracy")
     assert c.status == "fired" and not c.notified and c.error, c
     page = browser_page
-    page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
+    page.locator(".jp-SideBar [data-id='mlsql-panel']").wait_for(timeout=60_000)
+    if not page.locator("#mlsql-panel").is_visible():  # JupyterLab restores a panel an earlier test opened
+        page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
+    page.locator("#mlsql-panel .mlsql-panel-refresh").click()
     alert = page.locator("#mlsql-panel .mlsql-alert.mlsql-alert-fired", has_text="ui_low_accuracy")
     alert.wait_for(timeout=30_000)
     text = alert.inner_text()
