@@ -261,3 +261,13 @@ def test_the_scheduler_process_fires_an_alert_on_its_schedule(tmp_path, ws, sess
         assert offset >= 1.9 and abs(offset - 2 * round(offset / 2)) < 0.3, offset
     text = log.read_text()
     assert "alert tick scheduled (every 2s)" in text and "alert tick check" in text and "Traceback" not in text
+
+
+def test_apprise_loads_only_to_send(ws):
+    """%load_ext mlsql, the scheduler's module and a statement about alerts leave apprise unimported."""
+    code = ("import sys, mlsql, mlsql.notebook.magic, mlsql.jobs.scheduler\n"
+            f"s = mlsql.connect({str(ws.root)!r}); s.sql('SHOW ALERTS'); s.sql('SELECT * FROM ML.ALERT_HISTORY()')\n"
+            "print('apprise' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
