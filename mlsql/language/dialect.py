@@ -487,8 +487,9 @@ def _job_body_as_string(chunk: list[Token], text: str) -> list[Token]:
     """``CREATE JOB … AS ( <statements> )`` and ``CREATE ALERT … AS ( <query> )``: the body, semicolons
     and all, as one string token, so the statement parses as ``AS ('<statements>')`` and the body
     keeps its exact text."""
-    words = [t.text.upper() for t in chunk[:8]]
-    if not {"JOB", "ALERT"} & set(words[:4]) or words[0] != "CREATE":
+    words = [t.text.upper() for t in chunk[:4]]
+    head = words[3:4] if words[1:3] == ["OR", "REPLACE"] else words[1:2]
+    if words[:1] != ["CREATE"] or head not in (["JOB"], ["ALERT"]):
         return chunk
     for i, t in enumerate(chunk[:-1]):
         if t.token_type == TokenType.ALIAS and chunk[i + 1].token_type == TokenType.L_PAREN:
