@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
             dev.print_help()
             return 2
         return _device(args, extra)
+    if args.command == "alerts":
+        if args.action is None:
+            print("usage: mlsql alerts {list,check,history,drop} ... (mlsql alerts --help)", file=sys.stderr)
+            return 2
+        from mlsql.jobs.cli import alerts_main
+
+        return alerts_main(args)
     if args.command in ("scheduler", "jobs"):
         from mlsql.jobs.cli import main as jobs_main
 
@@ -77,6 +84,21 @@ def _add_job_commands(sub) -> None:
             p.add_argument("--limit", type=int, default=20, help="runs to show (default: 20)")
         if name == "drop":
             p.add_argument("--if-exists", action="store_true", help="no error when there is no such job")
+    alerts = sub.add_parser("alerts", help="list, check now, show the history of, or drop alerts")
+    asub = alerts.add_subparsers(dest="action", metavar="{list,check,history,drop}")
+    lst = asub.add_parser("list", help="every alert: interval, where it notifies, last check, last fired, last error")
+    lst.add_argument("--workspace", help=ws_help)
+    for name, text in (("check", "check an alert now, here, and wait (exit status 1 when its query failed or its "
+                                 "notification could not be sent)"),
+                       ("history", "an alert's checks, newest first"),
+                       ("drop", "remove an alert and its history")):
+        p = asub.add_parser(name, help=text)
+        p.add_argument("name", help="the alert")
+        p.add_argument("--workspace", help=ws_help)
+        if name == "history":
+            p.add_argument("--limit", type=int, default=20, help="checks to show (default: 20)")
+        if name == "drop":
+            p.add_argument("--if-exists", action="store_true", help="no error when there is no such alert")
     exp = jsub.add_parser("export", help="print an Airflow DAG or a papermill command that runs the job elsewhere")
     exp.add_argument("name", help="the job")
     exp.add_argument("--format", choices=["airflow", "papermill"], default="papermill",

@@ -250,6 +250,14 @@ class JobError(MLSQLError):
     """A scheduled job could not be created, run or changed."""
 
 
+class UnknownAlertError(UnknownNameError):
+    kind = "alert"
+
+
+class AlertError(MLSQLError):
+    """An alert could not be created, checked or changed."""
+
+
 class UnknownFunctionError(UnknownNameError):
     kind = "function"
 

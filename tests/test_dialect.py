@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlglot import exp
 
 from mlsql.errors import ParseError, UnknownVariableError
 from mlsql.language.dialect import mx, parse_one, parse_script, substitute_variables
@@ -52,6 +53,15 @@ ROUND_TRIP = [
     "CREATE JOB nightly OPTIONS (schedule = '0 3 * * *') AS NOTEBOOK 'notebooks/retrain.ipynb'",
     "SHOW JOBS",
     "DROP JOB nightly",
+    "CREATE OR REPLACE ALERT low_acc OPTIONS (every = '5 minutes', notify = ['json://127.0.0.1:8123/hook']) "
+    "AS (SELECT * FROM scores WHERE accuracy < 0.8)",
+    "CREATE ALERT IF NOT EXISTS skew OPTIONS (every = '1h', notify = ['mailto://a@b.c']) AS (SELECT 1 WHERE FALSE)",
+    "SHOW ALERTS",
+    "DESCRIBE ALERT low_acc",
+    "CHECK ALERT low_acc",
+    "DROP ALERT IF EXISTS low_acc",
+    "SELECT * FROM ML.ALERT_HISTORY('low_acc')",
+    "SELECT * FROM ML.ALERT_HISTORY()",
 ]
 
 
@@ -78,6 +88,8 @@ PLAIN = [
     "SUMMARIZE t",
     "SELECT predict FROM t",  # a column named like an ML function is just a column
     "SELECT evaluate(1)",  # and so is a plain function call
+    "CREATE TABLE alert AS (SELECT 1 AS x)",  # a table named like a statement's word is just a table
+    "SELECT alert, job FROM alerts",
 ]
 
 
@@ -149,3 +161,11 @@ def test_variable_substitution():
     with pytest.raises(UnknownVariableError) as info:
         substitute_variables("SELECT 1,\n  ${threshhold}", {"threshold": 1})
     assert "line 2, column 3" in str(info.value) and "Did you mean 'threshold'?" in str(info.value)
+
+
+def test_a_table_named_like_a_statement_word_is_read_as_duckdb_sql():
+    """Only CREATE [OR REPLACE] JOB | ALERT takes its AS ( ... ) as a body of text; a table named
+    alert or job keeps sqlglot's own tree of its query."""
+    for sql in ("CREATE TABLE alert AS (SELECT 1 AS x)", "CREATE OR REPLACE TABLE job AS (SELECT 1 AS x)"):
+        (st,) = parse_script(sql)
+        assert not st.is_ml and st.expression is not None and st.expression.find(exp.Select) is not None, sql

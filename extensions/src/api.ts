@@ -3,7 +3,7 @@ import { URLExt } from '@jupyterlab/coreutils';
 import { ServerConnection } from '@jupyterlab/services';
 
 import { IDeployBody, IDeployStatus } from './logic/deploy';
-import { IDevice, IGroup, IJob, IModel } from './logic/format';
+import { IAlert, IDevice, IGroup, IJob, IModel } from './logic/format';
 
 export async function requestAPI<T>(endPoint: string, init: RequestInit = {}): Promise<T> {
   const settings = ServerConnection.makeSettings();
@@ -43,6 +43,7 @@ export const api = {
   models: () => requestAPI<{ models: IModel[] }>('models'),
   devices: () => requestAPI<{ devices: IDevice[]; groups: IGroup[] }>('devices'),
   jobs: () => requestAPI<{ jobs: IJob[] }>('jobs'),
+  alerts: () => requestAPI<{ alerts: IAlert[] }>('alerts'),
   info: () => requestAPI<{ version: string; workspace: string; mlflow_ui: string | null }>('info'),
   deploy: (body: IDeployBody) => requestAPI<{ id: string }>('deploys', { method: 'POST', body: JSON.stringify(body) }),
   deployStatus: (id: string) => requestAPI<IDeployStatus>(`deploys/${encodeURIComponent(id)}`)

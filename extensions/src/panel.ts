@@ -1,7 +1,8 @@
 /**
  * The MLSQL side panel: models (versions, metrics, aliases, devices, MLflow run link), devices
  * (online, active model/version, providers used, p95, error rate; refreshed every 2 s while the
- * panel is visible), deploys started here, and jobs (next run, last status, output notebook).
+ * panel is visible), deploys started here, jobs (next run, last status, output notebook) and alerts
+ * (interval, last fired, last error).
  */
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
@@ -9,7 +10,7 @@ import { Widget } from '@lumino/widgets';
 import { api } from './api';
 import { DeployLog } from './deployDialog';
 import { deploySummary, formatPlacement } from './logic/deploy';
-import { deviceRows, jobRows, modelRows } from './logic/format';
+import { alertRows, deviceRows, jobRows, modelRows } from './logic/format';
 
 const REFRESH_MS = 2000;
 
@@ -32,6 +33,7 @@ export class MlsqlPanel extends Widget {
   private devices = el('div', { className: 'mlsql-panel-devices' });
   private deploys = el('div', { className: 'mlsql-panel-deploys' });
   private jobs = el('div', { className: 'mlsql-panel-jobs' });
+  private alerts = el('div', { className: 'mlsql-panel-alerts' });
   private status = el('div', { className: 'mlsql-panel-status' });
   private timer: number | null = null;
   private tick = 0;
@@ -40,7 +42,7 @@ export class MlsqlPanel extends Widget {
     super();
     this.id = 'mlsql-panel';
     this.addClass('mlsql-panel');
-    this.title.caption = 'MLSQL: models, devices, jobs';
+    this.title.caption = 'MLSQL: models, devices, jobs, alerts';
     const refresh = el('button', { className: 'jp-Button jp-mod-styled mlsql-panel-refresh', textContent: 'Refresh' });
     refresh.onclick = () => void this.refresh(true);
     const deploy = el('button', { className: 'jp-Button jp-mod-styled jp-mod-accept mlsql-panel-deploy', textContent: 'Deploy…' });
@@ -55,7 +57,9 @@ export class MlsqlPanel extends Widget {
       el('h3', { textContent: 'Deploys' }),
       this.deploys,
       el('h3', { textContent: 'Jobs' }),
-      this.jobs
+      this.jobs,
+      el('h3', { textContent: 'Alerts' }),
+      this.alerts
     );
     this.log.changed.connect((_, status) => {
       this.renderDeploys();
@@ -87,20 +91,28 @@ export class MlsqlPanel extends Widget {
     }
   }
 
-  /** Devices every time; models and jobs on the first call, every 5th, and on demand. */
+  /** Devices every time; models, jobs and alerts on the first call, every 5th, and on demand. */
   async refresh(all: boolean): Promise<void> {
     if (!this.isVisible && !all) {
       return;
     }
     const full = all || this.tick++ % 5 === 0;
     try {
-      const [d, m, j] = await Promise.all([api.devices(), full ? api.models() : null, full ? api.jobs() : null]);
+      const [d, m, j, a] = await Promise.all([
+        api.devices(),
+        full ? api.models() : null,
+        full ? api.jobs() : null,
+        full ? api.alerts() : null
+      ]);
       this.renderDevices(d.devices);
       if (m) {
         this.renderModels(m.models);
       }
       if (j) {
         this.renderJobs(j.jobs);
+      }
+      if (a) {
+        this.renderAlerts(a.alerts);
       }
       this.status.textContent = '';
       this.status.className = 'mlsql-panel-status';
@@ -205,6 +217,26 @@ export class MlsqlPanel extends Widget {
           el('div', { className: 'mlsql-detail mlsql-job-when', textContent: `${r.schedule} · next ${r.next}` })
         );
       })
+    );
+  }
+
+  private renderAlerts(alerts: Parameters<typeof alertRows>[0]): void {
+    const rows = alertRows(alerts);
+    if (!rows.length) {
+      this.alerts.replaceChildren(el('p', { className: 'mlsql-empty', textContent: 'No alerts (CREATE ALERT).' }));
+      return;
+    }
+    this.alerts.replaceChildren(
+      ...rows.map(r =>
+        el(
+          'div',
+          { className: `mlsql-alert mlsql-alert-${r.state}`, title: r.title },
+          el('div', {}, el('span', { className: 'mlsql-name', textContent: r.name }), el('span', { className: 'mlsql-detail', textContent: ` · last: ${r.last}` })),
+          el('div', { className: 'mlsql-alert-last-fired', textContent: r.fired }),
+          ...(r.error ? [el('div', { className: 'mlsql-alert-error mlsql-failed', textContent: r.error, title: r.error })] : []),
+          el('div', { className: 'mlsql-detail mlsql-alert-when', textContent: r.when })
+        )
+      )
     );
   }
 }

@@ -1,4 +1,4 @@
-import { activeModels, deviceRows, formatMetrics, formatNumber, jobRows, metricsOn, modelRows, relativeTime } from '../src/logic/format';
+import { activeModels, alertRows, deviceRows, formatMetrics, formatNumber, jobRows, metricsOn, modelRows, relativeTime } from '../src/logic/format';
 
 describe('panel rows', () => {
   it('formats numbers as people read them', () => {
@@ -65,5 +65,22 @@ describe('panel rows', () => {
       notebook: 'jobs/nightly/out.ipynb', notebookFile: '/srv/root/jobs/nightly/out.ipynb' });
     const [x] = jobRows([{ name: 'x', paused: true, last_output_notebook: '/elsewhere/out.ipynb', last_output_notebook_path: null }], now);
     expect(x).toMatchObject({ schedule: 'manual (paused)', last: 'never run', notebook: null, notebookFile: '/elsewhere/out.ipynb' });
+  });
+
+  it('lists alerts with their interval, last fired time and last error, marking the firing and the failing', () => {
+    const now = new Date('2026-12-01T12:00:00Z');
+    const rows = alertRows([
+      { name: 'skew', every: '1h', notify: ['mailto://bob:****@example.com'], last_status: 'query_failed',
+        last_checked: '2026-12-01T11:58:00Z', fired_count: 0, last_error: 'Catalog Error: Table scores does not exist\n  SELECT' },
+      { name: 'low_acc', every: '5m', notify: ['json://127.0.0.1:8123/hook', 'slack://T...2/A...D/T...Q'],
+        next_check: '2026-12-01T12:03:00Z', last_status: 'fired', last_checked: '2026-12-01T11:58:00Z',
+        last_fired: '2026-12-01T11:58:00Z', fired_count: 4, last_error: null },
+      { name: 'quiet', every: '1 day' }
+    ], now);
+    expect(rows.map(r => r.name)).toEqual(['low_acc', 'quiet', 'skew']);
+    expect(rows[0]).toEqual({ name: 'low_acc', when: 'every 5m · next in 3 min', fired: 'fired 2 min ago (4 times)',
+      last: 'fired 2 min ago', error: '', state: 'fired', title: 'json://127.0.0.1:8123/hook\nslack://T...2/A...D/T...Q' });
+    expect(rows[1]).toMatchObject({ when: 'every 1 day', fired: 'never fired', last: 'never checked', state: 'ok', title: '' });
+    expect(rows[2]).toMatchObject({ fired: 'never fired', error: 'Catalog Error: Table scores does not exist', state: 'failed' });
   });
 });

@@ -79,6 +79,60 @@ def _jobs(args) -> int:
     return 0
 
 
+def alerts_main(args) -> int:
+    """``mlsql alerts list | check NAME | history NAME | drop NAME``."""
+    from mlsql.jobs.alerts import AlertStore, check_alert, mask_url
+    from mlsql.jobs.options import format_duration
+    from mlsql.workspace import Workspace
+
+    try:
+        ws = Workspace.open(args.workspace)
+        store = AlertStore(ws)
+        if args.action == "list":
+            specs = store.list()
+            if not specs:
+                print("No alerts in this workspace (CREATE ALERT makes one: see docs/JOBS.md)")
+            else:
+                rows = []
+                for s in specs:
+                    m = store.summary(s.name)
+                    err = (m["last_error"] or "").strip().splitlines()
+                    rows.append([s.name, format_duration(s.options["every"]),
+                                 ", ".join(mask_url(u) for u in s.options["notify"]),
+                                 f"{m['last_status']} {_when(m['last_checked'])}" if m["last_checked"] else "-",
+                                 _when(m["last_fired"]), m["fired_count"], err[0][:80] if err else ""])
+                _table(["name", "every", "notify", "last check", "last fired", "fired", "last error"], rows)
+            _print_scheduler(ws)
+        elif args.action == "check":
+            _log_to_stderr()
+            c = check_alert(ws, args.name, trigger="manual")
+            _print_checks([c])
+            if c.status == "query_failed" or (c.error and not c.notified):
+                print(f"mlsql: alert {c.alert}: {c.error}", file=sys.stderr)
+                return 1
+        elif args.action == "history":
+            _print_checks(store.checks(args.name, limit=args.limit))
+        elif args.action == "drop":
+            print(f"Dropped alert {args.name}" if store.drop(args.name, if_exists=args.if_exists)
+                  else f"No alert {args.name}")
+        return 0
+    except MLSQLError as exc:
+        print(f"mlsql: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_checks(checks) -> None:
+    if not checks:
+        print("No checks yet")
+        return
+    rows = []
+    for c in checks:
+        err = (c.error or "").strip().splitlines()
+        rows.append([c.check_id, c.trigger, _when(c.checked_at), c.status, "-" if c.rows is None else c.rows,
+                     "yes" if c.notified else "no", c.attempts, err[0][:80] if err else ""])
+    _table(["check", "trigger", "checked", "status", "rows", "notified", "attempts", "error"], rows)
+
+
 def scheduler_holder(ws) -> str | None:
     """Who schedules this workspace now ('' when its holder is unknown), or None when no one does.
 

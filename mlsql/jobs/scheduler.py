@@ -9,6 +9,9 @@ less than ``grace_s`` (1 hour) ago without a run gets one run as soon as the sch
 however many times were missed (coalesced); older missed times are skipped, and the job goes
 on at its next time. Inside a running scheduler APScheduler applies the same rule
 (``misfire_grace_time`` = ``grace_s``, ``coalesce``).
+
+Alerts (:mod:`mlsql.jobs.alerts`) are checked by the same scheduler, every ``every`` from their
+creation; a check missed while no scheduler ran is not made up (the next one comes at its time).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 from datetime import timedelta
 
 from mlsql.errors import JobError, UnknownJobError, WorkspaceError
+from mlsql.jobs.alerts import AlertSpec, AlertStore, alert_trigger, check_alert
 from mlsql.jobs.runner import run_job
 from mlsql.jobs.store import JobSpec, JobStore, _parse, trigger_for, utcnow
 from mlsql.workspace import Workspace
@@ -37,6 +41,7 @@ class Scheduler:
 
         self.workspace = workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
         self.store = JobStore(self.workspace)
+        self.alerts = AlertStore(self.workspace)
         self.poll_s = poll_s
         self.grace_s = grace_s
         self.max_workers = max_workers
@@ -64,6 +69,13 @@ class Scheduler:
         if aps is None:
             return {}
         return {j.name: j.next_run_time for j in aps.get_jobs() if j.id.startswith("job:")}
+
+    def scheduled_alerts(self) -> dict:
+        """Alert name -> next scheduled check time, for the alerts this scheduler has loaded."""
+        aps = self._aps
+        if aps is None:
+            return {}
+        return {j.name: j.next_run_time for j in aps.get_jobs() if j.id.startswith("alert:")}
 
     def start(self) -> Scheduler:
         """Start in the background. JobError when another process already schedules this workspace."""
@@ -94,8 +106,10 @@ class Scheduler:
         except BaseException:
             self._teardown(wait=False)
             raise
-        log.info("scheduler started for workspace %s (%d job%s)", self.workspace.root, len(self._loaded),
-                 "" if len(self._loaded) == 1 else "s")
+        n_alerts = sum(k.startswith("alert:") for k in self._loaded)
+        n_jobs = len(self._loaded) - n_alerts
+        log.info("scheduler started for workspace %s (%d job%s, %d alert%s)", self.workspace.root, n_jobs,
+                 "" if n_jobs == 1 else "s", n_alerts, "" if n_alerts == 1 else "s")
         return self
 
     def run_forever(self) -> None:
@@ -149,7 +163,7 @@ class Scheduler:
                 return
             self._version = version
             specs = {s.name.lower(): s for s in self.store.list()}
-            for key in list(self._loaded):
+            for key in [k for k in self._loaded if not k.startswith("alert:")]:
                 if key not in specs or specs[key].paused or self._loaded[key] != _fingerprint(specs[key]):
                     self._remove(key)
                     if key not in specs:
@@ -158,6 +172,13 @@ class Scheduler:
                 if spec.paused or key in self._loaded:
                     continue
                 self._add(key, spec)
+            alerts = {f"alert:{a.name.lower()}": a for a in self.alerts.list()}
+            for key in [k for k in self._loaded if k.startswith("alert:")]:
+                if key not in alerts or alerts[key].paused or self._loaded[key] != _alert_fingerprint(alerts[key]):
+                    self._remove_alert(key)
+            for key, alert in alerts.items():
+                if not alert.paused and key not in self._loaded:
+                    self._add_alert(key, alert)
 
     def _remove(self, key: str) -> None:
         for job_id in (f"job:{key}", f"catchup:{key}"):
@@ -166,6 +187,39 @@ class Scheduler:
             except Exception:  # not scheduled (a catch-up that already ran)
                 pass
         self._loaded.pop(key, None)
+
+    def _remove_alert(self, key: str) -> None:
+        try:
+            self._aps.remove_job(key)
+        except Exception:  # not scheduled
+            pass
+        self._loaded.pop(key, None)
+        log.info("alert %s unscheduled", key.split(":", 1)[1])
+
+    def _add_alert(self, key: str, alert: AlertSpec) -> None:
+        try:
+            trigger = alert_trigger(alert)
+        except Exception as exc:  # a definition this version cannot read: say so, keep the others
+            log.error("alert %s cannot be scheduled: %s", alert.name, exc)
+            return
+        # a second instance reaches check_alert, which records it as skipped when the previous check still runs
+        self._aps.add_job(self._fire_alert, trigger, args=[alert.name], id=key, name=alert.name, max_instances=2)
+        self._loaded[key] = _alert_fingerprint(alert)
+        nxt = self._aps.get_job(key)
+        log.info("alert %s scheduled (%s), next check %s", alert.name, alert.every_text,
+                 nxt.next_run_time.isoformat(timespec="seconds") if nxt and nxt.next_run_time else "-")
+
+    def _fire_alert(self, name: str) -> None:
+        from mlsql.errors import UnknownAlertError
+
+        if self._cancel.is_set():
+            return
+        try:
+            check_alert(self.workspace, self.alerts.get(name), trigger="schedule", cancel=self._cancel)
+        except UnknownAlertError:
+            pass  # dropped since it was scheduled
+        except Exception:
+            log.exception("alert %s could not be checked", name)
 
     def _add(self, key: str, spec: JobSpec) -> None:
         try:
@@ -218,6 +272,10 @@ class Scheduler:
             pass  # dropped since it was scheduled
         except Exception:
             log.exception("job %s could not run", name)
+
+
+def _alert_fingerprint(alert: AlertSpec) -> tuple:
+    return (alert.query, json.dumps(alert.options, sort_keys=True), alert.created_at, alert.updated_at)
 
 
 def _fingerprint(spec: JobSpec) -> tuple:

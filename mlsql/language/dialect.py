@@ -90,6 +90,19 @@ class MLSQLParser(DuckDB.Parser):
         self._advance()
         return self.expression(mx.AlterJob(this=name, action=action))
 
+    def _parse_create_alert(self, replace: bool):
+        exists = self._match_text_seq("IF", "NOT", "EXISTS")
+        name = self._parse_object_name("alert")
+        options = self._parse_options()
+        if not self._match(TokenType.ALIAS) or not self._match(TokenType.L_PAREN):
+            self.raise_error("Expected AS (<query>) after CREATE ALERT's OPTIONS")
+        body = self._parse_string()
+        if body is None or not body.this.strip():
+            self.raise_error("Expected the alert's query inside AS ( ... )")
+        if not self._match(TokenType.R_PAREN):
+            self.raise_error("Expected ')' after the alert's query")
+        return self.expression(mx.CreateAlert(this=name, replace=replace, exists=exists, options=options, body=body))
+
     def _parse_deploy(self):
         ref = self._parse_model_ref()
         if not self._match_text_seq("TO"):
@@ -353,6 +366,8 @@ def _named_sql(keyword: str):
         if isinstance(e, mx.CreateJob):
             text += (" AS NOTEBOOK " + gen.sql(e.args["notebook"]) if e.args.get("notebook") is not None
                      else f" AS ({e.body})")
+        elif isinstance(e, mx.CreateAlert):
+            text += f" AS ({e.body})"
         return text
 
     return gen_sql
@@ -379,6 +394,11 @@ STATEMENTS: list[tuple[tuple[str, ...], Callable[[MLSQLParser, bool], exp.Expres
     (("DROP", "JOB"), lambda p, _: p._parse_drop(mx.DropJob, "job")),
     (("RUN", "JOB"), lambda p, _: p.expression(mx.RunJob(this=p._parse_object_name("job")))),
     (("ALTER", "JOB"), lambda p, _: p._parse_alter_job()),
+    (("CREATE", "ALERT"), lambda p, replace: p._parse_create_alert(replace)),
+    (("SHOW", "ALERTS"), lambda p, _: p.expression(mx.ShowAlerts())),
+    (("DESCRIBE", "ALERT"), lambda p, _: p.expression(mx.DescribeAlert(this=p._parse_object_name("alert")))),
+    (("DROP", "ALERT"), lambda p, _: p._parse_drop(mx.DropAlert, "alert")),
+    (("CHECK", "ALERT"), lambda p, _: p.expression(mx.CheckAlert(this=p._parse_object_name("alert")))),
     (("EXPORT", "MODEL"), lambda p, _: p.expression(mx.ExportModel(this=p._parse_model_ref(),
                                                                     options=p._parse_options()))),
     (("DEPLOY", "MODEL"), lambda p, _: p._parse_deploy()),
@@ -410,6 +430,11 @@ class MLSQLGenerator(DuckDB.Generator):
         mx.DescribeJob: _named_sql("DESCRIBE JOB"),
         mx.RunJob: _named_sql("RUN JOB"),
         mx.AlterJob: lambda g, e: f"ALTER JOB {g.sql(e.this)} {e.args['action']}",
+        mx.ShowAlerts: lambda g, e: "SHOW ALERTS",
+        mx.CreateAlert: _named_sql("CREATE ALERT"),
+        mx.DropAlert: _named_sql("DROP ALERT"),
+        mx.DescribeAlert: _named_sql("DESCRIBE ALERT"),
+        mx.CheckAlert: _named_sql("CHECK ALERT"),
         # plain SQL under EXPLAIN means DuckDB's; MLSQL's plan of it is spelled EXPLAIN MLSQL
         mx.Explain: lambda g, e: "EXPLAIN " + ("" if any(isinstance(n, MLNode) for n in e.this.walk()) else "MLSQL ")
         + g.sql(e.this),
@@ -474,10 +499,12 @@ def _split(tokens: list[Token]) -> list[list[Token]]:
 
 
 def _job_body_as_string(chunk: list[Token], text: str) -> list[Token]:
-    """``CREATE JOB … AS ( <statements> )``: the body, semicolons and all, as one string token,
-    so the statement parses as ``AS ('<statements>')`` and the body keeps its exact text."""
-    words = [t.text.upper() for t in chunk[:8]]
-    if "JOB" not in words[:4] or words[0] != "CREATE":
+    """``CREATE JOB … AS ( <statements> )`` and ``CREATE ALERT … AS ( <query> )``: the body, semicolons
+    and all, as one string token, so the statement parses as ``AS ('<statements>')`` and the body
+    keeps its exact text."""
+    words = [t.text.upper() for t in chunk[:4]]
+    head = words[3:4] if words[1:3] == ["OR", "REPLACE"] else words[1:2]
+    if words[:1] != ["CREATE"] or head not in (["JOB"], ["ALERT"]):
         return chunk
     for i, t in enumerate(chunk[:-1]):
         if t.token_type == TokenType.ALIAS and chunk[i + 1].token_type == TokenType.L_PAREN:

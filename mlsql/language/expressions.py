@@ -142,6 +142,10 @@ class ShowJobs(MLNode, exp.Expression):
     arg_types: dict[str, bool] = {}
 
 
+class ShowAlerts(MLNode, exp.Expression):
+    arg_types: dict[str, bool] = {}
+
+
 class DescribeModel(MLNode, exp.Expression):
     arg_types = {"this": True}
 
@@ -217,6 +221,28 @@ class RunJob(_Named):
 
 class AlterJob(_Named):
     arg_types = {"this": True, "action": True}
+
+
+class CreateAlert(_Named):
+    """``CREATE ALERT a OPTIONS (every = ..., notify = [...]) AS (<query>)``: fires when the query returns rows."""
+
+    arg_types = {"this": True, "replace": False, "exists": False, "options": False, "body": True}
+
+    @property
+    def body(self) -> str:
+        return self.args["body"].this
+
+
+class DropAlert(_Named):
+    pass
+
+
+class DescribeAlert(_Named):
+    pass
+
+
+class CheckAlert(_Named):
+    """``CHECK ALERT a``: run the alert's check now (query, notification, history row) and wait."""
 
 
 class Explain(MLNode, exp.Expression):

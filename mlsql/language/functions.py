@@ -54,9 +54,13 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
         "ML.DESCRIBE_DATA(TABLE t | (query) [, STRUCT(2 AS num_quantiles, 1 AS top_k)])",
         "One row per column: name, num_rows, num_nulls, num_zeros, min, max, mean, stddev, median, quantiles, "
         "unique, avg_string_length, num_values, top_values."),
+    "ALERT_HISTORY": ("ML.ALERT_HISTORY(['alert'])",
+                      "One row per check of an alert: checked_at, status, rows, fired, notified, attempts, error, "
+                      "preview of the first rows."),
 }
 # Functions whose first argument is not a model (DEVICE_DATA takes MODEL m later, optionally).
-NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS", "VALIDATE_DATA_DRIFT", "DESCRIBE_DATA")
+NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS", "VALIDATE_DATA_DRIFT", "DESCRIBE_DATA",
+                      "ALERT_HISTORY")
 # Functions that read two inputs (TABLE t | (query)), the first being the baseline.
 TWO_INPUT_FUNCTIONS = ("VALIDATE_DATA_DRIFT",)
 

@@ -293,6 +293,17 @@ def _http_url(name: str, v: str) -> str:
     return v
 
 
+def _notify_urls(name: str, value: list) -> list:
+    """Each a URL with a scheme (which service, apprise checks when the alert is created)."""
+    for url in value:
+        if "://" not in url or not url.split("://", 1)[0].replace("+", "").isalnum():
+            raise OptionError(f"Option {name}: {url!r} is not a notification URL",
+                              hint="Use an apprise URL: 'json://host:port/path' (a JSON webhook), "
+                                   "'mailto://user:password@example.com', 'slack://...' (https://github.com/"
+                                   "caronc/apprise/wiki lists them all).")
+    return value
+
+
 def _parameters(name: str, value) -> dict:
     import json
 
@@ -490,6 +501,24 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("kernel", "str", "a Jupyter kernel name; none: the notebook's own", None),
         _O("description", "str", "free text", None),
     ),
+    "CREATE ALERT": (
+        _O("every", "duration", "how often the alert's query is checked ('5 minutes', '1h', or seconds)",
+           required=True),
+        _O("notify", "list", "where a fired alert is sent: apprise URLs ('json://host/path', 'mailto://...', "
+                             "'slack://...')", required=True, items="str", min_items=1, check=_notify_urls),
+        _O("message", "str", "the notification's text before the rows; {alert} and {rows} are replaced", None),
+        _O("max_rows", "int", "how many of the query's rows the notification and the history show", 5, min=0,
+           max=100),
+        _O("cooldown", "duration", "after a notification, checks that fire again within this time are recorded "
+                                   "but not sent", 0.0, min=0, default_doc="0 (every firing check is sent)"),
+        _O("retries", "int", "how many times a failed notification is tried again within one check", 2, min=0,
+           max=10),
+        _O("retry_backoff", "duration", "wait before the first retry; doubles for each next one", 1.0, min=0,
+           default_doc="'1s'"),
+        _O("timeout", "duration", "time for the query of one check", 300.0,
+           default_doc="'5 minutes'"),
+        _O("description", "str", "free text", None),
+    ),
     "ML.PREDICT": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
           0.5, min=0, max=1),
@@ -535,7 +564,7 @@ del _O
 _WHERE = {k: (f"in {k}'s STRUCT(...)" if k.startswith("ML.") else f"in {k} OPTIONS") for k in OPTIONS}
 _SHORT = {"model": "CREATE MODEL", "export": "EXPORT MODEL", "deploy": "DEPLOY MODEL", "device": "CREATE DEVICE",
           "group": "CREATE DEVICE GROUP", "device group": "CREATE DEVICE GROUP", "device_group": "CREATE DEVICE GROUP",
-          "job": "CREATE JOB"}
+          "job": "CREATE JOB", "alert": "CREATE ALERT"}
 
 
 def kind_of(statement_kind: str) -> str:

@@ -32,6 +32,7 @@ STATEMENT_HEADS = (
     ("DESCRIBE", "MODEL"), ("DESCRIBE", "JOB"), ("DROP", "MODEL"), ("DROP", "DEVICE", "GROUP"),
     ("DROP", "DEVICE"), ("DROP", "JOB"), ("RUN", "JOB"), ("ALTER", "JOB"), ("EXPORT", "MODEL"),
     ("DEPLOY", "MODEL"), ("ROLLBACK", "MODEL"), ("EXPLAIN",), ("SET",), ("RESET",),
+    ("CREATE", "ALERT"), ("SHOW", "ALERTS"), ("DESCRIBE", "ALERT"), ("DROP", "ALERT"), ("CHECK", "ALERT"),
 )
 
 # Anything that may be MLSQL's own syntax; text without it is plain DuckDB SQL, split and run

@@ -235,6 +235,25 @@ class JobStep:
 
 
 @dataclass
+class AlertStep:
+    """An alert statement: action is create, show, describe, drop or check."""
+
+    action: str
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    body: str | None = None
+    replace: bool = False
+    exists: bool = False
+    kind = "alert"
+
+    def describe(self):
+        what = {"create": f"create alert '{self.name}'", "show": "list alerts with their last check",
+                "check": f"check alert '{self.name}' now (its query, then its notification)"}.get(
+            self.action, f"{self.action} alert '{self.name}'")
+        return what, self.body or ""
+
+
+@dataclass
 class Plan:
     statement: Statement
     steps: list = field(default_factory=list)
@@ -383,6 +402,11 @@ STATEMENTS: dict[str, Callable[[Planner, Any, Statement], list]] = {
     "DropJob": lambda p, e, st: [JobStep("drop", e.name, exists=bool(e.args.get("exists")))],
     "RunJob": lambda p, e, st: [JobStep("run", e.name)],
     "AlterJob": lambda p, e, st: [JobStep(e.args["action"].lower(), e.name)],
+    "CreateAlert": lambda p, e, st: [AlertStep("create", e.name, e.options(), e.body, **_flags(e))],
+    "ShowAlerts": lambda p, e, st: [AlertStep("show")],
+    "DescribeAlert": lambda p, e, st: [AlertStep("describe", e.name)],
+    "DropAlert": lambda p, e, st: [AlertStep("drop", e.name, exists=bool(e.args.get("exists")))],
+    "CheckAlert": lambda p, e, st: [AlertStep("check", e.name)],
 }
 
 

@@ -368,6 +368,12 @@ def _job(s: Session, step: P.JobStep, ctx: _StepContext) -> Result:
     return run_job_step(s.workspace, step)
 
 
+def _alert(s: Session, step: P.AlertStep, ctx: _StepContext) -> Result:
+    from mlsql.jobs.alert_statements import run_alert_step
+
+    return run_alert_step(s.workspace, step)
+
+
 # plan step type -> the function that runs it: handler(session, step, ctx) -> Result
 _HANDLERS = {
     P.QueryStep: Session._run_query,
@@ -381,4 +387,5 @@ _HANDLERS = {
     P.ExportStep: lambda s, step, ctx: export.export(s, step.model, step.options),
     P.DeviceStep: lambda s, step, ctx: devices.device_step(s, step),
     P.JobStep: _job,
+    P.AlertStep: _alert,
 }

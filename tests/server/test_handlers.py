@@ -129,6 +129,31 @@ async def test_jobs_last_is_the_run_in_progress(jp_fetch, workspace):
         store.drop("busy")
 
 
+async def test_alerts(jp_fetch, workspace):
+    """The panel's Alerts section: every alert with its interval, masked notify URLs, and its
+    last check, last fired time and last error, as recorded."""
+    from mlsql.jobs.alerts import AlertCheck, AlertSpec, AlertStore, resolve_alert_options
+    from mlsql.jobs.store import utcnow
+
+    store = AlertStore(workspace)
+    store.create(AlertSpec("low_acc", "SELECT 1", resolve_alert_options(
+        {"every": "5 minutes", "notify": ["json://127.0.0.1:9/hook", "mailto://bob:hunter2@example.com"]})))
+    try:
+        fired_at = utcnow()
+        store.record_start(AlertCheck("c-fired", "low_acc", "schedule", fired_at, utcnow(), "fired", 3, True, False, 3,
+                                      "Notification failed after 3 attempts: json://127.0.0.1:9/hook: refused"))
+        store.record_start(AlertCheck("c-ok", "low_acc", "schedule", utcnow(), utcnow(), "ok", 0, False, False, 0))
+        (alert,) = (await get(jp_fetch, "alerts"))["alerts"]
+        assert alert["name"] == "low_acc" and alert["every"] == "5m", alert
+        assert alert["notify"][0] == "json://127.0.0.1:9/hook" and "hunter2" not in json.dumps(alert)
+        assert alert["last_status"] == "ok" and alert["fired_count"] == 1
+        assert alert["last_fired"] == fired_at.isoformat(timespec="seconds")
+        assert alert["last_error"].startswith("Notification failed after 3 attempts")
+        assert alert["next_check"] > alert["last_checked"]
+    finally:
+        store.drop("low_acc")
+
+
 async def test_deploy_end_to_end(jp_fetch):
     r = await jp_fetch("mlsql", "api", "deploys", method="POST",
                        body=json.dumps({"model": "species", "version": None, "device": "d1", "group": None,
@@ -190,7 +215,7 @@ async def test_not_json_is_400(jp_fetch):
     assert info.value.code == 400 and json.loads(info.value.response.body)["message"].startswith("body: ")
 
 
-@pytest.mark.parametrize("path", ["info", "models", "devices", "jobs", "deploys/d1-1"])
+@pytest.mark.parametrize("path", ["info", "models", "devices", "jobs", "alerts", "deploys/d1-1"])
 async def test_refused_without_a_token(jp_fetch, path):
     for headers in ({"Authorization": ""}, {"Authorization": "token wrong"}):
         with pytest.raises(HTTPClientError) as info:

@@ -249,6 +249,36 @@ def test_panel_jobs_fit_the_sidebar(lab_server, lab_workspace, browser_page):
     page.screenshot(path=str(ARTIFACTS / "extension-6-panel-jobs.png"))
 
 
+def test_panel_alerts_show_fired_and_failing(lab_server, lab_workspace, browser_page):
+    """The side panel's Alerts section: an alert checked for real that fired and whose webhook
+    was down shows its last check, how often it fired and the notification's error, marked as
+    firing, inside the sidebar's width."""
+    from mlsql.jobs import AlertSpec, AlertStore, check_alert, resolve_alert_options
+
+    store = AlertStore(lab_workspace)
+    store.create(AlertSpec("ui_low_accuracy", "SELECT 42 AS answer", resolve_alert_options(
+        {"every": "1h", "notify": ["json://127.0.0.1:9/hook"], "retries": 0})), replace=True)
+    c = check_alert(lab_workspace, "ui_low_accuracy")
+    assert c.status == "fired" and not c.notified and c.error, c
+    page = browser_page
+    page.locator(".jp-SideBar [data-id='mlsql-panel']").wait_for(timeout=60_000)
+    if not page.locator("#mlsql-panel").is_visible():  # JupyterLab restores a panel an earlier test opened
+        page.locator(".jp-SideBar [data-id='mlsql-panel']").click()
+    page.locator("#mlsql-panel .mlsql-panel-refresh").click()
+    alert = page.locator("#mlsql-panel .mlsql-alert.mlsql-alert-fired", has_text="ui_low_accuracy")
+    alert.wait_for(timeout=30_000)
+    text = alert.inner_text()
+    assert "last: fired" in text and "(1 time)" in text and "every 1h" in text, text
+    assert "Notification failed after 1 attempt" in alert.locator(".mlsql-alert-error").inner_text()
+    panel = page.locator("#mlsql-panel").bounding_box()
+    assert page.locator("#mlsql-panel .mlsql-panel-alerts").evaluate("e => e.scrollWidth <= e.clientWidth")
+    for part in (".mlsql-name", ".mlsql-alert-last-fired", ".mlsql-alert-error", ".mlsql-alert-when"):
+        b = alert.locator(part).first.bounding_box()
+        assert b and b["x"] + b["width"] <= panel["x"] + panel["width"] + 0.5, (part, b, panel)
+    page.locator(".mlsql-panel-alerts").scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "extension-7-panel-alerts.png"))
+
+
 def test_error_span_marked_and_cleared(lab_server, lab_workspace, browser_page):
     url, _, root = lab_server
     _prepare(lab_workspace)

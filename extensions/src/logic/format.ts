@@ -58,6 +58,21 @@ export interface IJob {
   paused?: boolean;
 }
 
+export interface IAlert {
+  name: string;
+  /** the check interval, '5m' */
+  every?: string | null;
+  /** where it notifies, secrets masked by the server */
+  notify?: string[];
+  next_check?: string | null;
+  last_checked?: string | null;
+  /** ok | fired | cooldown | query_failed | skipped */
+  last_status?: string | null;
+  last_fired?: string | null;
+  fired_count?: number;
+  last_error?: string | null;
+}
+
 /** A number as people read it: 3 significant digits below 1000, thousands separated above. */
 export function formatNumber(x: number | null | undefined): string {
   if (x === null || x === undefined || Number.isNaN(x)) {
@@ -217,4 +232,38 @@ export function jobRows(jobs: IJob[], now: Date = new Date()): IJobRow[] {
       notebook: j.last_output_notebook_path || null,
       notebookFile: j.last_output_notebook || null
     }));
+}
+
+export interface IAlertRow {
+  name: string;
+  /** 'every 5m · next in 3 min' */
+  when: string;
+  /** 'fired 2 min ago (4 times)' or 'never fired' */
+  fired: string;
+  /** the last check: 'ok 1 min ago', 'never checked' */
+  last: string;
+  /** the newest error (a failed query or notification), first line; '' when none */
+  error: string;
+  /** whether the alert is firing now (its last check fired) or failing: the row is marked */
+  state: 'fired' | 'failed' | 'ok';
+  /** the notify URLs, for the row's tooltip */
+  title: string;
+}
+
+export function alertRows(alerts: IAlert[], now: Date = new Date()): IAlertRow[] {
+  return [...alerts]
+    .sort((a, b) => a.name.localeCompare(b.name))
+    .map(a => {
+      const n = a.fired_count ?? 0;
+      const status = a.last_status ?? null;
+      return {
+        name: a.name,
+        when: `every ${a.every || '?'}${a.next_check ? ` · next ${relativeTime(a.next_check, now)}` : ''}`,
+        fired: a.last_fired ? `fired ${relativeTime(a.last_fired, now)} (${n} time${n === 1 ? '' : 's'})` : 'never fired',
+        last: status ? `${status}${a.last_checked ? ` ${relativeTime(a.last_checked, now)}` : ''}` : 'never checked',
+        error: (a.last_error ?? '').split('\n')[0],
+        state: status === 'query_failed' ? 'failed' : status === 'fired' || status === 'cooldown' ? 'fired' : 'ok',
+        title: (a.notify ?? []).join('\n')
+      };
+    });
 }

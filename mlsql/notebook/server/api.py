@@ -1,4 +1,4 @@
-"""The REST API the JupyterLab extension reads: models, devices, deploys, jobs (docs/EXTENSION.md).
+"""The REST API the JupyterLab extension reads: models, devices, deploys, jobs, alerts (docs/EXTENSION.md).
 
 Every handler is a jupyter_server ``APIHandler`` behind ``@tornado.web.authenticated``: the
 server's token or login cookie, and XSRF for a POST made with cookies. The data is the
@@ -222,6 +222,25 @@ class API:
                         "last_output_notebook_path": self._contents_path(last.output_path if last else None)})
         return {"jobs": out}
 
+    def alerts(self) -> dict:
+        from mlsql.jobs.alerts import AlertStore, mask_url
+        from mlsql.jobs.options import format_duration
+
+        store = AlertStore(self.workspace)
+        out = []
+        for a in store.list():
+            m = store.summary(a.name)
+            try:
+                nxt = store.next_check_time(a)
+            except Exception:
+                nxt = None
+            out.append({"name": a.name, "every": format_duration(a.options.get("every")),
+                        "notify": [mask_url(u) for u in a.options.get("notify") or []], "next_check": _utc(nxt),
+                        "last_checked": _utc(m["last_checked"]), "last_status": m["last_status"],
+                        "last_fired": _utc(m["last_fired"]), "fired_count": m["fired_count"],
+                        "last_error": m["last_error"]})
+        return {"alerts": out}
+
     def _contents_path(self, path: str | None) -> str | None:
         """``path`` relative to the server's root (what JupyterLab opens), None when outside it."""
         if not path or not self.root_dir:
@@ -413,6 +432,12 @@ class JobsHandler(_Handler):
         await self._answer(self.api.jobs)
 
 
+class AlertsHandler(_Handler):
+    @tornado.web.authenticated
+    async def get(self):
+        await self._answer(self.api.alerts)
+
+
 class DeploysHandler(_Handler):
     @tornado.web.authenticated
     async def post(self):
@@ -451,6 +476,7 @@ def add_handlers(serverapp, workspace: Workspace) -> API:
         (url_path_join(base, "models"), ModelsHandler),
         (url_path_join(base, "devices"), DevicesHandler),
         (url_path_join(base, "jobs"), JobsHandler),
+        (url_path_join(base, "alerts"), AlertsHandler),
         (url_path_join(base, "deploys"), DeploysHandler),
         (url_path_join(base, r"deploys/([\w-]+)"), DeployHandler),
     ])

@@ -261,6 +261,12 @@ def _job_runs(c: Call):
     return job_runs_table(c.s.workspace, c.step.args)
 
 
+def _alert_history(c: Call):
+    from mlsql.jobs.alert_statements import alert_history_table
+
+    return alert_history_table(c.s.workspace, c.step.args)
+
+
 # name -> how to run it; the language parses ML.<name>(...) for the names in
 # mlsql.language.functions.ML_FUNCTIONS, and the options table checks their STRUCT settings
 ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
@@ -281,6 +287,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "VALIDATE_DATA_SKEW": MLFunctionSpec(_validation("validate_skew"), reads_rows=False),
     "VALIDATE_DATA_DRIFT": MLFunctionSpec(_validation("validate_drift"), model=False, reads_rows=False),
     "DESCRIBE_DATA": MLFunctionSpec(_validation("describe_data"), model=False, reads_rows=False),
+    "ALERT_HISTORY": MLFunctionSpec(_alert_history, model=False),
 }
 
 
