@@ -159,7 +159,7 @@ def test_retrain_job_notebook_scheduled_against_a_local_agent(tmp_path):
         url = json.loads(ready.read_text())["devices"][0]["url"]
         s.sql(f"""CREATE JOB nightly_retrain OPTIONS (every = '4s', timeout = '5m',
                   parameters = {{'through_month': 3, 'device': 'nightly', 'device_url': '{url}', 'device_token': 't0k'}})
-                  AS NOTEBOOK '{NOTEBOOKS / "05_retrain_job.ipynb"}'""")
+                  AS NOTEBOOK '{NOTEBOOKS / "06_retrain_job.ipynb"}'""")
         sched = subprocess.Popen([sys.executable, "-m", "mlsql.cli", "scheduler", "--workspace", str(ws)],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         deadline = time.time() + 600
@@ -195,3 +195,21 @@ def test_spark_notebook(tmp_path):
     text = "\n".join(outputs_text(c) for c in nb.cells)
     assert "Created model late_model_spark version 1" in text
     assert "late_model_spark" in text and "parity max diff" in text
+
+
+@pytest.mark.slow
+def test_closed_loop_notebook(tmp_path):
+    """05_closed_loop: sampling on a real agent, late labels, online accuracy falling after the
+    shift, skew on the shifted column only, an alert on a real webhook, a retrain on field data
+    that is better on fresh traffic and goes to the device (the notebook asserts each step too)."""
+    nb = execute("05_closed_loop.ipynb", tmp_path)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    text = {c.source: outputs_text(c) for c in code}
+    traffic = next(t for s, t in text.items() if s.startswith("def app("))
+    assert traffic.count("{'recorded': 1000, 'unknown': 0}") == 2
+    skew = next(t for s, t in text.items() if "-o skew" in s)
+    assert "city" in skew and "L_INFTY" in skew
+    deployed = next(t for s, t in text.items() if "DEPLOY MODEL late@champion" in s)
+    assert "Deployed late@2 to phone-7 (version 2 active, previous 1)" in deployed

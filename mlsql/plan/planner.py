@@ -49,6 +49,13 @@ def sql_text(sql: str | exp.Expression) -> str:
     return sql if isinstance(sql, str) else sql.sql("duckdb")
 
 
+def _mlsql_text(tree: exp.Expression) -> str:
+    """A tree with ML functions in it, written out in MLSQL's own dialect (it parses back)."""
+    from mlsql.language.dialect import MLSQL
+
+    return tree.sql(dialect=MLSQL)
+
+
 def _sqlglot():
     from sqlglot import exp
 
@@ -120,6 +127,9 @@ class CreateModelStep:
     transform: list[exp.Expression] | None
     query: exp.Expression
     statement: str
+    # the training query as written when it reads ML table functions (ML.DEVICE_DATA...): ``query``
+    # then reads their temporary results, which export and deploy cannot read again later
+    source_sql: str | None = None
 
     kind = "create_model"
 
@@ -358,7 +368,8 @@ def _plan_create_model(planner: Planner, e, stmt: Statement) -> list:
     given = e.options()
     checked = validate("CREATE MODEL", given)  # every option, aliases included, before any data is read
     steps, query = planner.lift_ml_functions(e.query.copy())
-    return [*steps, CreateModelStep(model=e.model.name, replace=bool(e.args.get("replace")),
+    source = _mlsql_text(e.query) if steps else None  # the query as written, ML functions in it
+    return [*steps, CreateModelStep(model=e.model.name, replace=bool(e.args.get("replace")), source_sql=source,
                                     if_not_exists=bool(e.args.get("exists")), options=checked, given=given,
                                     transform=e.transform, query=query, statement=stmt.sql)]
 

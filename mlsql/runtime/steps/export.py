@@ -24,9 +24,31 @@ def sample_rows(s: SessionState, lm: LoadedModel, n: int = 2000) -> pa.Table:
     if not query:
         raise MLSQLError(f"Model {lm.version.ref} does not record its training query; retrain it to export")
     params = lm.meta.get("query_params") or None
-    if n <= 16:  # a probe row: no need to scan the whole training query
-        return s.engine.query(f"SELECT * FROM ({query}) AS t LIMIT {int(n)}", params)
-    return s.engine.sample(query, n, seed=42, params=params)
+    source = lm.meta.get("query_mlsql")
+    temps: list[str] = []
+    try:
+        if source:  # it reads ML table functions (e.g. ML.DEVICE_DATA): run them again first
+            query = _with_ml_functions(s, source, params, temps)
+        if n <= 16:  # a probe row: no need to scan the whole training query
+            return s.engine.query(f"SELECT * FROM ({query}) AS t LIMIT {int(n)}", params)
+        return s.engine.sample(query, n, seed=42, params=params)
+    finally:
+        for name in temps:
+            s.engine.unregister(name)
+
+
+def _with_ml_functions(s: SessionState, source: str, params, temps: list[str]) -> str:
+    """``source``, a query with ML table functions in it: each function run and registered under
+    a temporary name (added to ``temps``), and the query over those names."""
+    from mlsql.language.dialect import parse_script
+    from mlsql.runtime.steps.ml_functions import run_ml
+
+    stmt = parse_script(source)[0]
+    steps, tree = P.Planner(s.engine.temp_name).lift_ml_functions(stmt.expression.copy())
+    for step in steps:
+        s.engine.register(step.output, run_ml(s, step, params))
+        temps.append(step.output)
+    return P.sql_text(tree)
 
 
 def native_predict(s: SessionState, lm: LoadedModel):

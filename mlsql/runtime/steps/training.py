@@ -86,6 +86,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             (d / TRANSFORM_FILE).write_text(transform.to_json())
         meta = {
             "query_sql": step.query_sql,
+            "query_mlsql": step.source_sql,  # set when the query reads ML functions: run again through them
             # the values of its {name} / $name parameters: export and deploy sample the same rows
             "query_params": _json_safe(query_params),
             "input_columns": input_columns,
