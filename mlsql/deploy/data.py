@@ -251,8 +251,9 @@ def shape(samples: pa.Table | None, outcomes: pa.Table | None, lm=None, inputs: 
         table = table.append_column("label_at", pa.nulls(table.num_rows, _TS))
     if label and label.lower() not in {c.lower() for c in table.column_names}:
         table = table.append_column(label, table["label"])
-    order = [("predicted_at", "ascending"), ("request_id", "ascending")]
-    return table.sort_by([o for o in order if o[0] in table.column_names])
+    # oldest first; within one time (one request) in the order the device kept them, its rows'
+    # order (Arrow's sort is stable, and the wire rows come in the device's sequence)
+    return table.sort_by([("predicted_at", "ascending")]) if "predicted_at" in table.column_names else table
 
 
 def _probs(t: pa.ChunkedArray, classes: list, ltype) -> pa.Array:
