@@ -213,3 +213,45 @@ def test_device_data_errors(env):
         s.sql("SELECT * FROM ML.DEVICE_DATA(MODEL species)")
     with pytest.raises(MLSQLError, match="not a timestamp"):
         s.sql("SELECT * FROM ML.DEVICE_DATA('p7', STRUCT('yesterday' AS since))")
+
+
+def test_field_debugging_and_retraining_queries_as_documented(env):
+    """The two queries docs/LANGUAGE.md gives (Device data): the rows where the device's answer and
+    the notebook's differ, and a retrain on the labelled field rows."""
+    s, url = env
+    s.sql("DEPLOY MODEL species TO DEVICE 'p7' OPTIONS (sample_rate = 1)")
+    # 60 rows of all three species (the table is ordered by species)
+    app = s.sql("SELECT * FROM app WHERE i % 5 = 0 ORDER BY i LIMIT 60").to_arrow()
+    _send(url, app, 0, 60, prefix="f")
+    debug = """
+        SELECT d.provider, d.request_id, d.predicted_species AS on_device, n.predicted_species AS in_notebook,
+               list_max(list_transform(list_zip(d.predicted_species_probs, n.predicted_species_probs),
+                                       lambda p: abs(p[1].prob - p[2].prob))) AS gap
+        FROM ML.DEVICE_DATA('p7', MODEL species@1) AS d
+        JOIN ML.PREDICT(MODEL species@1, (SELECT * EXCLUDE (predicted_species, predicted_species_probs)
+                                          FROM ML.DEVICE_DATA('p7', MODEL species@1))) AS n USING (request_id)
+        WHERE d.version = 1 AND starts_with(request_id, 'f') AND gap > {tol}"""
+    # float32 on the device, float64 in the notebook: within the export's parity tolerance
+    assert s.sql(debug.format(tol="1e-4")).to_arrow().num_rows == 0
+    every = s.sql(debug.format(tol="-1")).to_arrow()
+    assert every.num_rows == 60 and every["on_device"].to_pylist() == every["in_notebook"].to_pylist()
+    assert 0 <= max(every["gap"].to_pylist()) < 1e-4
+
+    c = __import__("device_bridge.client", fromlist=["DeviceClient"]).DeviceClient(url, TOKEN)
+    try:
+        part = app.slice(0, 60)
+        c.outcomes("species", [{"request_id": f"f{i}", "label": sp}
+                               for i, sp in zip(part["i"].to_pylist(), part["species"].to_pylist())])
+    finally:
+        c.close()
+    r = s.sql("""
+        CREATE OR REPLACE MODEL field_species OPTIONS (model_type = 'logistic_reg', input_label_cols = ['species'])
+        AS SELECT * EXCLUDE (device, model, version, request_id, predicted_at, provider, latency_ms,
+                             predicted_species, predicted_species_probs, label, label_at)
+           FROM ML.DEVICE_DATA('p7', MODEL species) WHERE label IS NOT NULL AND starts_with(request_id, 'f')""")
+    assert "Created model field_species version 1" in r.message
+    rows = s.sql("SHOW MODELS").to_arrow().to_pylist()
+    assert next(m for m in rows if m["model"] == "field_species")["training_rows"] == 60
+    # a model trained on ML.DEVICE_DATA exports and deploys: its query runs the function again
+    d = s.sql("DEPLOY MODEL field_species TO DEVICE 'p7'")
+    assert "Deployed field_species@1 to p7" in d.message
