@@ -255,3 +255,77 @@ def test_field_debugging_and_retraining_queries_as_documented(env):
     # a model trained on ML.DEVICE_DATA exports and deploys: its query runs the function again
     d = s.sql("DEPLOY MODEL field_species TO DEVICE 'p7'")
     assert "Deployed field_species@1 to p7" in d.message
+
+
+@pytest.mark.slow
+def test_device_data_of_a_group_through_its_hub(env, tmp_path):
+    """Two agents of group 'field' upload to their hub in their report cycle; ML.DEVICE_DATA('field')
+    reads the hub's store: every sampled row once, with its device, and the outcomes joined."""
+    s, _ = env
+    from device_bridge.client import DeviceClient
+
+    pub = s.workspace.keys_dir / "signing_key.pub"
+    hub, hl = start_bridge(["hub", "--port", "0", "--store", str(tmp_path / "hub"), "--token", TOKEN,
+                            "--enroll-open"], tmp_path, "hub")
+    fleet, devices = start_bridge(["serve", "--name", "edge", "--devices", "2", "--port", "0", "--store",
+                                   str(tmp_path / "fleet"), "--token", TOKEN, "--trust", str(pub), "--hub",
+                                   hl[0]["url"], "--hub-interval", "0.2", "--group", "field"], tmp_path, "fleet")
+    try:
+        s.sql(f"CREATE OR REPLACE DEVICE GROUP 'field' OPTIONS (hub = '{hl[0]['url']}', hub_token = '{TOKEN}', "
+              "devices = ['edge-0', 'edge-1'])")
+        ok = s.sql("DEPLOY MODEL species TO GROUP 'field' OPTIONS (batch_size = 2, sample_rate = 1)")
+        assert "every gate passed" in ok.message
+        app = s.sql("SELECT * FROM app WHERE i % 4 = 0 ORDER BY i LIMIT 60").to_arrow()
+        for k, dev in enumerate(sorted(devices, key=lambda d: d["name"])):
+            part = app.slice(30 * k, 30)
+            _send(dev["url"], part, 0, 30, prefix=f"e{k}-")
+            c = DeviceClient(dev["url"], TOKEN)
+            try:
+                r = c.outcomes("species", [{"request_id": f"e{k}-{i}", "label": sp}
+                                           for i, sp in zip(part["i"].to_pylist()[:20], part["species"].to_pylist())])
+                assert r["recorded"] == 20
+            finally:
+                c.close()
+        query = ("SELECT device, request_id, label, species FROM ML.DEVICE_DATA('field', MODEL species) "
+                 "WHERE starts_with(request_id, 'e')")
+        import time
+
+        deadline = time.time() + 60
+        got = s.sql(query).to_arrow()
+        while (got.num_rows < 60 or got["label"].null_count > 20) and time.time() < deadline:
+            time.sleep(0.3)
+            got = s.sql(query).to_arrow()
+        assert got.num_rows == 60 and len(set(got["request_id"].to_pylist())) == 60  # each row once
+        by_id = {f"e{k}-{i}": (f"edge-{k}", sp, n < 20) for k in (0, 1)
+                 for n, (i, sp) in enumerate(zip(app.slice(30 * k, 30)["i"].to_pylist(),
+                                                 app.slice(30 * k, 30)["species"].to_pylist()))}
+        for row in got.to_pylist():
+            device, species, labelled = by_id[row["request_id"]]
+            assert row["device"] == device
+            assert row["label"] == (species if labelled else None) == row["species"]
+    finally:
+        fleet.kill()
+        hub.kill()
+
+
+def test_device_data_on_spark_equals_duckdb(spark_ws, shared_ws, penguin_models, tmp_path):
+    """The same device's rows read by a Spark session and a DuckDB session of one workspace."""
+    from device_bridge.keys import load_or_create_keypair
+
+    load_or_create_keypair(shared_ws.workspace.keys_dir)
+    pub = shared_ws.workspace.keys_dir / "signing_key.pub"
+    agent, listening = start_bridge(["serve", "--name", "sp", "--port", "0", "--store", str(tmp_path / "sp"),
+                                     "--token", TOKEN, "--trust", str(pub)], tmp_path, "agent")
+    try:
+        shared_ws.sql(f"CREATE OR REPLACE DEVICE 'sp' OPTIONS (url = '{listening[0]['url']}', token = '{TOKEN}')")
+        shared_ws.sql("DEPLOY MODEL species_model TO DEVICE 'sp' OPTIONS (sample_rate = 1)")
+        app = shared_ws.sql("SELECT row_number() OVER () AS i, * EXCLUDE (year) FROM penguins LIMIT 40").to_arrow()
+        _send(listening[0]["url"], app, 0, 40, model="species_model", prefix="k")
+        q = ("SELECT request_id, version, island, bill_length_mm, predicted_species, label "
+             "FROM ML.DEVICE_DATA('sp', MODEL species_model) WHERE request_id LIKE 'k%' ORDER BY request_id")
+        on_duckdb = shared_ws.sql(q).to_arrow()
+        on_spark = spark_ws.sql(q).to_arrow()
+        assert on_duckdb.num_rows == 40
+        assert on_spark.to_pylist() == on_duckdb.to_pylist()
+    finally:
+        agent.kill()

@@ -466,7 +466,6 @@ def ipc_bytes(batch_or_table, compression: str | None = None) -> bytes:
 def read_ipc(data: bytes):
     """A stored chunk as a table, the chunk's constants (dictionary columns) as plain columns."""
     import pyarrow as pa
-
     import pyarrow.compute as pc
 
     t = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
@@ -559,7 +558,6 @@ def _hashed(arrays: list, salt: bytes):
 def build_sample_batch(device: str, group: list):
     """The sample rows of a group of requests of one model version and one input/output shape."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     spec = group[0][0]
     counts = np.fromiter((it[3] for it in group), np.int64, len(group))

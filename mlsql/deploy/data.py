@@ -212,6 +212,8 @@ def shape(samples: pa.Table | None, outcomes: pa.Table | None, lm=None, inputs: 
     for name in samples.column_names:
         if name.startswith("in."):
             col, t = name[3:], samples[name]
+            if pa.types.is_floating(t.type):  # a missing value travels as NaN (ONNX's missing): NULL again
+                t = pc.if_else(pc.is_nan(t), pa.scalar(None, t.type), t)
             want = _type_of(by_lower.get(col.lower()))
             if want is not None and t.type != want:
                 try:
