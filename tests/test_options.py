@@ -192,7 +192,7 @@ def test_options_for_lists_names_types_and_docs():
     assert "max_tree_depth" not in linear and "hidden_units" not in linear and "l1_reg" in linear
     assert ("opset", "int", "ONNX opset of the file (a graph that needs a newer one is refused)") in options_for("export")
     assert {n for n, _, _ in options_for("DEPLOY MODEL")} >= {"providers", "max_error_rate", "min_requests"}
-    assert [n for n, _, _ in options_for("ML.EXPLAIN_PREDICT")] == ["top_k_features", "threshold"]
+    assert [n for n, _, _ in options_for("ML.EXPLAIN_PREDICT")] == ["top_k_features", "threshold", "trial_id"]
     assert options_for("ML.TRAINING_INFO") == []
     for kind, opts in OPTIONS.items():
         for o in opts:

@@ -68,7 +68,7 @@ def test_every_ml_function_with_its_argument_shape(tmp_path):
         assert functions[name]["kind"] == "table"
         assert functions[name]["model"] is (name not in lang_functions.NO_MODEL_FUNCTIONS)
         assert functions[name]["settings"] == [o.name for o in options.OPTIONS.get(f"ML.{name}", ())]
-    assert functions["PREDICT"]["settings"] == ["threshold", "device"]
+    assert functions["PREDICT"]["settings"] == ["threshold", "device", "trial_id"]
     assert functions["DEVICE_METRICS"]["model"] is False
     for name in TRANSFORM_FUNCTIONS:
         assert functions[name] == {"kind": "transform", "model": False, "settings": []}

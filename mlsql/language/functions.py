@@ -8,20 +8,23 @@ from __future__ import annotations
 # ML.<name>(...) table functions: how each is written and what it gives (completion shows both; the
 # runtime's mlsql.runtime.steps.ml_functions.ML_FUNCTIONS runs each)
 ML_FUNCTIONS: dict[str, tuple[str, str]] = {
-    "PREDICT": ("ML.PREDICT(MODEL m, TABLE t | (query) [, STRUCT(0.5 AS threshold | 'd' AS device)])",
+    "PREDICT": ("ML.PREDICT(MODEL m, TABLE t | (query) [, STRUCT(0.5 AS threshold | 'd' AS device | 3 AS trial_id)])",
                 "Predictions: predicted_<label> (and predicted_<label>_probs for classifiers), then the input "
                 "columns. With STRUCT('d' AS device) the rows are predicted on that device."),
-    "EVALUATE": ("ML.EVALUATE(MODEL m [, TABLE t | (query)] [, STRUCT(0.5 AS threshold)])",
+    "EVALUATE": ("ML.EVALUATE(MODEL m [, TABLE t | (query)] [, STRUCT(0.5 AS threshold | 3 AS trial_id)])",
                  "One row of metrics: precision, recall, accuracy, f1_score, log_loss, roc_auc for classifiers; "
                  "mean_absolute_error, mean_squared_error, r2_score... for regressors. Without input: the "
                  "held-out split's metrics from training."),
-    "EXPLAIN_PREDICT": ("ML.EXPLAIN_PREDICT(MODEL m, TABLE t | (query) [, STRUCT(k AS top_k_features)])",
+    "EXPLAIN_PREDICT": ("ML.EXPLAIN_PREDICT(MODEL m, TABLE t | (query) [, STRUCT(k AS top_k_features | 3 AS trial_id)])",
                         "The prediction with top_feature_attributions (SHAP values for trees, coef x (x - mean) "
                         "for linear models), baseline_prediction_value, prediction_value, approximation_error."),
     "FEATURE_IMPORTANCE": ("ML.FEATURE_IMPORTANCE(MODEL m)",
                            "feature, importance_weight, importance_gain, importance_cover (tree models)."),
     "TRAINING_INFO": ("ML.TRAINING_INFO(MODEL m)",
                       "One row per iteration: iteration, loss, eval_loss, learning_rate, duration_ms."),
+    "TRIAL_INFO": ("ML.TRIAL_INFO(MODEL m)",
+                   "A tuned model's trials: trial_id, hyperparameters, hparam_tuning_evaluation_metrics (on the "
+                   "evaluation rows), training_loss, eval_loss, status, error_message, is_optimal."),
     "CONFUSION_MATRIX": ("ML.CONFUSION_MATRIX(MODEL m, TABLE t | (query) [, STRUCT(0.5 AS threshold)])",
                          "expected_label and one column per predicted label."),
     "ROC_CURVE": ("ML.ROC_CURVE(MODEL m, TABLE t | (query))",

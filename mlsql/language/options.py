@@ -60,6 +60,9 @@ class Option:
     required: bool = False
     default_doc: str | None = None  # how docs show the default, where the value alone does not say
     check: Callable[[str, Any], Any] | None = None  # a further check of the typed value; returns it
+    # hyperparameter tuning (num_trials): BigQuery ML's default search space and its scale, for an option
+    # that takes HPARAM_RANGE / HPARAM_CANDIDATES; () for one that cannot be tuned
+    tune: tuple = ()  # ('range', lo, hi, 'linear' | 'log') or ('candidates', [values])
 
     def applies_to(self, model_type: str | None) -> bool:
         return not model_type or not self.model_types or model_type.lower() in self.model_types
@@ -94,6 +97,45 @@ def _range_text(o: Option, each: str = "") -> str:
     if o.max is not None:
         return f"{each} {'<' if o.max_open else '<='} {o.max:g}"
     return ""
+
+
+# -- hyperparameter search spaces -------------------------------------------------------------
+@dataclass(frozen=True)
+class HParamRange:
+    """``HPARAM_RANGE(lo, hi)``: a continuous (or whole-number) search space for one option."""
+
+    lo: float
+    hi: float
+    scale: str = "linear"  # 'linear' or 'log', from the option's BigQuery ML scale
+
+    def __str__(self) -> str:
+        return f"HPARAM_RANGE({self.lo:g}, {self.hi:g})"
+
+
+@dataclass(frozen=True)
+class HParamCandidates:
+    """``HPARAM_CANDIDATES([a, b, ...])``: a discrete search space for one option."""
+
+    values: tuple
+
+    def __str__(self) -> str:
+        return "HPARAM_CANDIDATES([" + ", ".join(repr(v) for v in self.values) + "])"
+
+
+HPARAM_FUNCTIONS = ("HPARAM_RANGE", "HPARAM_CANDIDATES")
+
+
+def _hparam(name: str, args: list) -> HParamRange | HParamCandidates:
+    if name == "HPARAM_RANGE":
+        if len(args) == 1 and isinstance(args[0], list):
+            args = args[0]
+        if len(args) != 2:
+            raise OptionError(f"HPARAM_RANGE takes two numbers (min, max), got {len(args)}",
+                              hint="For example: learn_rate = HPARAM_RANGE(0.01, 0.3).")
+        return HParamRange(*args)
+    if len(args) == 1 and isinstance(args[0], list):
+        args = args[0]
+    return HParamCandidates(tuple(tuple(a) if isinstance(a, list) else a for a in args))
 
 
 # -- reading SQL literals ------------------------------------------------------------------
@@ -148,6 +190,8 @@ def read_literal(e: exp.Expression | None, *, where: str | None = None) -> Any:
         return out
     if isinstance(e, exp.Column | exp.Identifier | exp.Var) and not where:
         return e.name
+    if isinstance(e, exp.Anonymous) and str(e.this).upper() in HPARAM_FUNCTIONS and not where:
+        return _hparam(str(e.this).upper(), [read_literal(x) for x in e.expressions])
     if where:
         raise OptionError(f"{where} must be a literal, got {e.sql('duckdb')}")
     return e.sql("duckdb")
@@ -185,6 +229,8 @@ def _item(o: Option, kind: str, v):
 
 
 def _convert(o: Option, v):
+    if isinstance(v, HParamRange | HParamCandidates):
+        return _convert_space(o, v)
     t = o.type
     if t in ("int", "float"):
         return _number(o, v, whole=t == "int")
@@ -220,6 +266,36 @@ def _convert(o: Option, v):
             raise _bad(o, v)
         return v
     raise AssertionError(t)
+
+
+def _convert_space(o: Option, v):
+    """An HPARAM_RANGE / HPARAM_CANDIDATES given for ``o``: each bound or candidate is checked as a
+    value of the option would be; the range takes the option's BigQuery ML scale."""
+    if not o.tune:
+        raise OptionError(f"Option {o.name} cannot be tuned ({v})",
+                          hint="Tunable options: " + ", ".join(t.name for t in OPTIONS["CREATE MODEL"] if t.tune) + ".")
+    if isinstance(v, HParamRange):
+        if o.type not in ("int", "float"):
+            raise OptionError(f"Option {o.name} takes HPARAM_CANDIDATES([...]), not a range", hint=f"{o.name} is {o.allowed()}.")
+        lo, hi = _number(o, v.lo, whole=o.type == "int"), _number(o, v.hi, whole=o.type == "int")
+        if not lo < hi:
+            raise OptionError(f"Option {o.name} = {v}: the minimum must be below the maximum")
+        scale = o.tune[3] if o.tune[0] == "range" else "linear"
+        if scale == "log" and lo <= 0:  # BigQuery ML's (0, x] on a log scale: its lowest value is tiny, not 0
+            lo = LOG_FLOOR
+        return HParamRange(lo, hi, scale)
+    if not v.values:
+        raise OptionError(f"Option {o.name} = {v} needs at least one candidate")
+    values = []
+    for c in v.values:
+        c = list(c) if isinstance(c, tuple) else c
+        values.append(_convert(o, c))
+    if len({repr(x) for x in values}) != len(values):
+        raise OptionError(f"Option {o.name} = {v} lists a candidate twice")
+    return HParamCandidates(tuple(tuple(x) if isinstance(x, list) else x for x in values))
+
+
+LOG_FLOOR = 1e-5  # where a log-scale range written from 0 starts
 
 
 def parse_duration(option: str, value, *, allow_zero: bool = False) -> float:
@@ -346,6 +422,26 @@ def _thresholds(name: str, v: list) -> dict:
     return out
 
 
+REGRESSION_OBJECTIVES = ("mean_absolute_error", "mean_squared_error", "mean_squared_log_error",
+                         "median_absolute_error", "r2_score", "explained_variance")
+CLASSIFICATION_OBJECTIVES = ("precision", "recall", "accuracy", "f1_score", "log_loss", "roc_auc")
+MINIMIZED = ("mean_absolute_error", "mean_squared_error", "mean_squared_log_error", "median_absolute_error",
+             "log_loss")
+
+
+def _objectives(name: str, v: list) -> list:
+    out = []
+    for m in v:
+        if m.lower() not in REGRESSION_OBJECTIVES + CLASSIFICATION_OBJECTIVES:
+            near = did_you_mean(m.lower(), REGRESSION_OBJECTIVES + CLASSIFICATION_OBJECTIVES)
+            raise OptionError(f"Option {name}: {m!r} is not a tuning objective",
+                              hint=(f"Did you mean '{near}'? " if near else "") + "Regressors: "
+                              + ", ".join(REGRESSION_OBJECTIVES) + "; classifiers: " + ", ".join(CLASSIFICATION_OBJECTIVES)
+                              + ".")
+        out.append(m.lower())
+    return out
+
+
 _O = Option
 _FRACTION = {"min": 0, "max": 1, "min_open": True, "max_open": True}
 _UNIT = {"min": 0, "max": 1, "min_open": True}
@@ -370,10 +466,13 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("input_label_cols", "list", "the label column (one)", ["label"], items="str", min_items=1, max_items=1),
         _O("max_iterations", "int", "boosting rounds (trees), L-BFGS iterations (logistic), epochs (dnn)", 20, min=1),
         _O("learn_rate", "float", "step size", 0.3, min=0, min_open=True,
-          default_doc="0.3 (trees), 0.1 (linear), 0.001 (dnn)"),
-        _O("max_tree_depth", "int", "maximum depth of a tree", 6, min=1, model_types=TREES),
-        _O("l1_reg", "float", "L1 regularization (linear_reg with l1_reg is a lasso)", 0.0, min=0),
-        _O("l2_reg", "float", "L2 regularization", 0.0, min=0, default_doc="1.0 (trees), 0 (others)"),
+          default_doc="0.3 (trees), 0.1 (linear), 0.001 (dnn)", tune=("range", 0.0, 1.0, "linear")),
+        _O("max_tree_depth", "int", "maximum depth of a tree", 6, min=1, model_types=TREES,
+          tune=("range", 1, 10, "linear")),
+        _O("l1_reg", "float", "L1 regularization (linear_reg with l1_reg is a lasso)", 0.0, min=0,
+          tune=("range", 0.0, 10.0, "log")),
+        _O("l2_reg", "float", "L2 regularization", 0.0, min=0, default_doc="1.0 (trees), 0 (others)",
+          tune=("range", 0.0, 10.0, "log")),
         _O("early_stop", "bool", "stop when the relative improvement of the (eval) loss falls below min_rel_progress",
           True),
         _O("min_rel_progress", "float", "the improvement early_stop asks of each iteration", 0.01, min=0),
@@ -385,25 +484,53 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
           model_types=CLASSIFIERS, check=_class_weights),
         _O("auto_class_weights", "bool", "weights inversely proportional to class frequency", False,
           model_types=CLASSIFIERS),
-        _O("subsample", "float", "share of rows each tree sees", 1.0, model_types=TREES, **_UNIT),
-        _O("colsample_bytree", "float", "share of columns each tree sees", 1.0, model_types=TREES, **_UNIT),
-        _O("colsample_bylevel", "float", "share of columns each tree level sees", 1.0, model_types=TREES, **_UNIT),
-        _O("colsample_bynode", "float", "share of columns each split sees", 1.0, model_types=TREES, **_UNIT),
-        _O("min_split_loss", "float", "loss reduction a split needs (xgboost's gamma)", 0.0, min=0, model_types=TREES),
-        _O("min_tree_child_weight", "float", "hessian weight a leaf needs", 1.0, min=0, model_types=TREES),
-        _O("num_parallel_tree", "int", "trees grown per round (random-forest boosting)", 1, min=1, model_types=TREES),
+        _O("subsample", "float", "share of rows each tree sees", 1.0, model_types=TREES, **_UNIT,
+          tune=("range", 0.0, 1.0, "linear")),
+        _O("colsample_bytree", "float", "share of columns each tree sees", 1.0, model_types=TREES, **_UNIT,
+          tune=("range", 0.0, 1.0, "linear")),
+        _O("colsample_bylevel", "float", "share of columns each tree level sees", 1.0, model_types=TREES, **_UNIT,
+          tune=("range", 0.0, 1.0, "linear")),
+        _O("colsample_bynode", "float", "share of columns each split sees", 1.0, model_types=TREES, **_UNIT,
+          tune=("range", 0.0, 1.0, "linear")),
+        _O("min_split_loss", "float", "loss reduction a split needs (xgboost's gamma)", 0.0, min=0, model_types=TREES,
+          tune=("range", 0.0, 20.0, "linear")),
+        _O("min_tree_child_weight", "float", "hessian weight a leaf needs", 1.0, min=0, model_types=TREES,
+          tune=("range", 0.0, 20.0, "linear")),
+        _O("num_parallel_tree", "int", "trees grown per round (random-forest boosting)", 1, min=1, model_types=TREES,
+          tune=("range", 1, 10, "linear")),
         _O("tree_method", "enum", "xgboost's tree construction", "hist", choices=("hist", "approx", "exact", "auto"),
-          model_types=TREES),
-        _O("booster_type", "enum", "xgboost's booster", "gbtree", choices=("gbtree", "dart"), model_types=TREES),
+          model_types=TREES, tune=("candidates", ["hist", "approx", "exact", "auto"])),
+        _O("booster_type", "enum", "xgboost's booster", "gbtree", choices=("gbtree", "dart"), model_types=TREES,
+          tune=("candidates", ["gbtree", "dart"])),
         _O("enable_global_explain", "bool", "accepted for compatibility with BigQuery ML", False),
-        _O("hidden_units", "list", "layer sizes", [128, 64], items="int", min=1, min_items=1, model_types=DNN),
+        _O("hidden_units", "list", "layer sizes", [128, 64], items="int", min=1, min_items=1, model_types=DNN,
+          tune=("candidates", [[128, 64]])),
         _O("activation_fn", "enum", "activation of the hidden layers", "relu",
-          choices=("relu", "relu6", "tanh", "sigmoid", "gelu", "elu", "selu", "crelu"), model_types=DNN),
-        _O("dropout", "float", "dropout rate", 0.0, min=0, max=1, max_open=True, model_types=DNN),
-        _O("batch_size", "int", "rows per minibatch", 1024, min=1, model_types=DNN),
+          choices=("relu", "relu6", "tanh", "sigmoid", "gelu", "elu", "selu", "crelu"), model_types=DNN,
+          tune=("candidates", ["relu", "relu6", "tanh", "sigmoid", "gelu", "elu", "selu", "crelu"])),
+        _O("dropout", "float", "dropout rate", 0.0, min=0, max=1, max_open=True, model_types=DNN,
+          tune=("range", 0.0, 0.8, "linear")),
+        _O("batch_size", "int", "rows per minibatch", 1024, min=1, model_types=DNN, tune=("range", 16, 1024, "log")),
         _O("optimizer", "enum", "the optimizer", "adam", choices=("adam", "adagrad", "sgd", "rmsprop", "ftrl"),
-          model_types=DNN),
+          model_types=DNN, tune=("candidates", ["adam", "adagrad", "sgd", "rmsprop", "ftrl"])),
         _O("random_seed", "int", "seed of the data split and the trainer (MLSQL extension)", 42),
+        # hyperparameter tuning, BigQuery ML's names (docs/LANGUAGE.md, Hyperparameter tuning)
+        _O("num_trials", "int", "tune: train this many trials, each with hyperparameters from the search space "
+                                "(HPARAM_RANGE / HPARAM_CANDIDATES options), and keep the best", None, min=1, max=100,
+           default_doc="no tuning"),
+        _O("max_parallel_trials", "int", "tune: trials run at once, each in its own process with its share of "
+                                         "the cores", 1, min=1, max=50),
+        _O("hparam_tuning_algorithm", "enum", "tune: how trials pick hyperparameters: Optuna's TPE, random or "
+                                             "grid sampler", "vizier_default",
+           choices=("vizier_default", "random_search", "grid_search"), default_doc="'VIZIER_DEFAULT'"),
+        _O("hparam_tuning_objectives", "list", "tune: the metric on the evaluation split that picks the best trial",
+           None, items="str", min_items=1, max_items=1, check=_objectives,
+           default_doc="['r2_score'] (regressors), ['roc_auc'] (classifiers)"),
+        _O("data_split_test_fraction", "float", "tune: share held out as the test split, which no trial sees "
+                                               "(ML.EVALUATE without input reports it)", None, min=0, max=1,
+           max_open=True, default_doc="0.1 when tuning ('auto_split', 'random')"),
+        _O("resume", "bool", "tune: continue the interrupted tuning of this model (its stored Optuna study) "
+                             "instead of starting over (MLSQL extension)", False),
         _O("num_threads", "int", "CPU threads (MLSQL extension)", None, min=1, model_types=TREES + LINEAR,
           default_doc="all cores"),
         _O("aliases", "list", "registry aliases to point at the new version, e.g. ['champion']", [], items="str"),
@@ -523,15 +650,21 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
           0.5, min=0, max=1),
         _O("device", "str", "a registered device: predict there instead of in the notebook"),
+        _O("trial_id", "int", "a tuned model: use this trial's model instead of the optimal one", None, min=1,
+           default_doc="the optimal trial"),
     ),
     "ML.EXPLAIN_PREDICT": (
         _O("top_k_features", "int", "how many attributions to return per row", 5, min=1),
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
           0.5, min=0, max=1),
+        _O("trial_id", "int", "a tuned model: use this trial's model instead of the optimal one", None, min=1,
+           default_doc="the optimal trial"),
     ),
     "ML.EVALUATE": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
           0.5, min=0, max=1),
+        _O("trial_id", "int", "a tuned model: use this trial's model instead of the optimal one", None, min=1,
+           default_doc="the optimal trial"),
     ),
     "ML.WEIGHTS": (
         _O("standardize", "bool", "the weights of standardized inputs (mean 0, standard deviation 1), so "
@@ -639,6 +772,8 @@ def validate(statement_kind: str, raw: dict[str, Any] | None, *, defaults: bool 
         if not table[name].applies_to(model_type):  # BigQuery ML refuses these too, rather than ignore them
             bad(OptionError(f"Option {name} applies to {', '.join(table[name].model_types)}, not {model_type}"),
                 name, at_name=True)
+    if kind == "CREATE MODEL":
+        _check_tuning(out, bad)
     given = {str(k).lower() for k, v in (raw or {}).items() if v is not None}
     for o in table.values():
         if o.required and o.name not in given:  # given but wrong is reported above
@@ -650,6 +785,35 @@ def validate(statement_kind: str, raw: dict[str, Any] | None, *, defaults: bool 
     if errors:
         raise errors[0].add(errors[1:], f"{len(errors)} bad options {where}") if len(errors) > 1 else errors[0]
     return out
+
+
+TUNING_OPTIONS = ("max_parallel_trials", "hparam_tuning_algorithm", "hparam_tuning_objectives",
+                  "data_split_test_fraction", "resume")
+
+
+def _check_tuning(out: dict, bad) -> None:
+    """A search space and the tuning options need num_trials; the objective must be one of the model
+    type's; grid search takes candidates only."""
+    spaces = [k for k, v in out.items() if isinstance(v, HParamRange | HParamCandidates)]
+    if "num_trials" not in out:
+        for k in spaces:
+            bad(OptionError(f"Option {k} = {out[k]} needs num_trials (how many trials to tune it with)",
+                            hint="Add num_trials = 10 to OPTIONS, or give a single value."), k)
+        for k in TUNING_OPTIONS:
+            if k in out and k != "resume":
+                bad(OptionError(f"Option {k} needs num_trials: it tunes"), k, True)
+        return
+    mt = str(out.get("model_type") or "")
+    objs = out.get("hparam_tuning_objectives") or []
+    allowed = CLASSIFICATION_OBJECTIVES if mt in CLASSIFIERS else REGRESSION_OBJECTIVES
+    for m in objs:
+        if mt and m not in allowed:
+            bad(OptionError(f"Option hparam_tuning_objectives: {m!r} is not an objective of {mt}",
+                            hint="Use one of: " + ", ".join(allowed) + "."), "hparam_tuning_objectives")
+    if out.get("hparam_tuning_algorithm") == "grid_search":
+        for k in spaces:
+            if isinstance(out[k], HParamRange):
+                bad(OptionError(f"Option {k} = {out[k]}: GRID_SEARCH takes HPARAM_CANDIDATES only"), k)
 
 
 def defaults(statement_kind: str) -> dict[str, Any]:
@@ -690,7 +854,27 @@ def markdown(kinds: Iterable[str] | None = None) -> str:
             out.append(f"| `{o.name}` | {o.type} | {_show_default(o).replace('|', chr(92) + '|')} | {applies} | "
                        f"{allowed} | {o.doc} |")
         out.append("")
+    if kinds is None:
+        out += tuning_markdown()
     return "\n".join(out).rstrip() + "\n"
+
+
+def tuning_markdown() -> list[str]:
+    """The hyperparameters each model type can tune (HPARAM_RANGE / HPARAM_CANDIDATES), with
+    BigQuery ML's default search space and scale, and the tuning objectives (first: the default)."""
+    out = ["#### Hyperparameter tuning", "", "| model type | objectives (default first) | hyperparameter | "
+           "default search space | scale |", "|---|---|---|---|---|"]
+    for mt in MODEL_TYPES:
+        objs = ["roc_auc", *[o for o in CLASSIFICATION_OBJECTIVES if o != "roc_auc"]] if mt in CLASSIFIERS else \
+            ["r2_score", *[o for o in REGRESSION_OBJECTIVES if o != "r2_score"]]
+        for i, o in enumerate(x for x in OPTIONS["CREATE MODEL"] if x.tune and x.applies_to(mt)):
+            if o.tune[0] == "range":
+                space, scale = f"[{o.tune[1]:g}, {o.tune[2]:g}]", o.tune[3].upper()
+            else:
+                space, scale = "candidates " + ", ".join(str(v) for v in o.tune[1]), "—"
+            out.append(f"| {mt if i == 0 else ''} | {', '.join(objs) if i == 0 else ''} | `{o.name}` | {space} | {scale} |")
+    out.append("")
+    return out
 
 
 if __name__ == "__main__":  # python -m mlsql.language.options: print the reference docs/LANGUAGE.md holds

@@ -44,6 +44,14 @@ class Options:
     optimizer: str = "adam"
     random_seed: int = 42
     num_threads: int | None = None
+    # hyperparameter tuning (mlsql.ml.tuning): num_trials None = no tuning
+    num_trials: int | None = None
+    max_parallel_trials: int = 1
+    hparam_tuning_algorithm: str = "vizier_default"
+    hparam_tuning_objectives: list[str] | None = None
+    data_split_test_fraction: float | None = None
+    resume: bool = False
+    search_space: dict = field(default_factory=dict)  # option -> HParamRange | HParamCandidates
     given: dict = field(default_factory=dict)  # what the user wrote, for the registry
 
     @classmethod
@@ -51,6 +59,17 @@ class Options:
         """The options of values already checked by the options table (``checked``), BigQuery ML's
         defaults filled in; ``given``: what the user wrote, kept for the registry."""
         return _from_checked(checked, given)
+
+    @property
+    def tuned(self) -> bool:
+        return self.num_trials is not None
+
+    @property
+    def objective(self) -> str:
+        """The tuning objective: the one given, or BigQuery ML's default for the model type."""
+        if self.hparam_tuning_objectives:
+            return self.hparam_tuning_objectives[0]
+        return "roc_auc" if self.is_classifier else "r2_score"
 
     @property
     def is_classifier(self) -> bool:
@@ -90,8 +109,13 @@ def _from_checked(checked: dict[str, Any], given: dict[str, Any]) -> Options:
         setattr(opts, k, v)
     if "input_label_cols" in values:
         opts.label = values.pop("input_label_cols")[0]
+    from mlsql.language.options import HParamCandidates, HParamRange
+
     for k, v in values.items():
-        setattr(opts, k, v)
+        if isinstance(v, HParamRange | HParamCandidates):
+            opts.search_space[k] = v  # the option keeps its default; each trial sets its own value
+        else:
+            setattr(opts, k, v)
     if opts.data_split_method == "custom" and not opts.data_split_col:
         raise OptionError("data_split_method = 'custom' needs data_split_col (a BOOL column: TRUE = evaluation row)")
     if opts.class_weights and opts.auto_class_weights:

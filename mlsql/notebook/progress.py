@@ -87,7 +87,7 @@ class TrainingProgress:
         losses = ""
         if self.rows:
             last = self.rows[-1]
-            shown = [f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss") if isinstance(last.get(k), (int, float))]
+            shown = [f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss", "best") if isinstance(last.get(k), (int, float))]
             losses = f" · {', '.join(shown)}" if shown else ""
         if self.stopped:
             unit = "epoch" if self.stopped.endswith("epoch") else "iteration"
@@ -118,7 +118,7 @@ class _TextView:
             self.bar_.total = self.p.total
         if self.p.rows:
             self.bar_.set_postfix({k: f"{v:.4g}" for k, v in self.p.rows[-1].items()
-                                   if k in ("loss", "eval_loss") and isinstance(v, (int, float))}, refresh=False)
+                                   if k in ("loss", "eval_loss", "best") and isinstance(v, (int, float))}, refresh=False)
         self.bar_.refresh()
 
     def curve(self) -> None:
@@ -154,7 +154,7 @@ class _WidgetView:
                 self.progress.max = p.total
             self.progress.value = p.iteration
             last = p.rows[-1] if p.rows else {}
-            shown = " ".join(f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss")
+            shown = " ".join(f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss", "best")
                              if isinstance(last.get(k), (int, float)))
             where = f"{p.iteration}/{p.total}" if p.total else str(p.iteration)
             self.status.value = f"<span style='font-size:90%'>{where} · {html.escape(shown)}</span>"
@@ -166,7 +166,7 @@ class _WidgetView:
 
         rows = self.p.rows
         series = {}
-        for key, label in (("loss", "training rows"), ("eval_loss", "evaluation rows")):
+        for key, label in (("loss", "training rows"), ("eval_loss", "evaluation rows"), ("best", "best trial so far")):
             ys = np.array([r.get(key) if isinstance(r.get(key), (int, float)) else np.nan for r in rows], float)
             if np.isfinite(ys).any():
                 series[label] = ys

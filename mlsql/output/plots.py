@@ -146,7 +146,46 @@ class LossPanel:
         ax.grid(alpha=0.3)
 
 
-Panel = RocPanel | ConfusionPanel | BarPanel | LossPanel
+@dataclass
+class ScatterPanel:
+    """A tuning's trials: the objective by trial (with the best so far), or one hyperparameter
+    against the objective; the optimal trial marked."""
+
+    xs: np.ndarray
+    ys: np.ndarray
+    optimal: int  # index of the optimal trial in xs/ys, -1 if none
+    xlabel: str
+    ylabel: str
+    title: str
+    best_so_far: np.ndarray | None = None
+    log_x: bool = False
+    kind: str = "scatter"
+
+    def summary(self) -> str:
+        from mlsql.output.formats import format_number
+
+        ok = np.isfinite(self.ys)
+        if not ok.any():
+            return f"{self.title}: no finished trials"
+        best = format_number(float(self.ys[self.optimal])) if self.optimal >= 0 else "—"
+        return f"{self.title}: {int(ok.sum())} trials, optimal {self.ylabel} {best}"
+
+    def draw(self, ax) -> None:
+        ok = np.isfinite(self.ys)
+        ax.scatter(self.xs[ok], self.ys[ok], s=18, alpha=0.8, label="trial")
+        if self.best_so_far is not None:
+            ax.step(self.xs, self.best_so_far, where="post", lw=1.2, label="best so far")
+        if self.optimal >= 0:
+            ax.scatter([self.xs[self.optimal]], [self.ys[self.optimal]], s=80, marker="*", color="#c62828",
+                       label="optimal", zorder=3)
+        if self.log_x:
+            ax.set_xscale("log")
+        ax.set(xlabel=self.xlabel, ylabel=self.ylabel, title=self.title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+
+Panel = RocPanel | ConfusionPanel | BarPanel | LossPanel | ScatterPanel
 
 
 # -- building panels from what ML functions return ------------------------------------------------
@@ -233,11 +272,38 @@ def loss_panel(training_info, title: str = "Loss by iteration") -> LossPanel | N
     return LossPanel(it, series, title)
 
 
+def trials_panels(data: dict) -> list:
+    """A tuning's trials ({'trials': rows as ML.TRIAL_INFO, 'objective': name}): the objective by
+    trial, then each numeric hyperparameter against the objective (at most 3 charts of them)."""
+    trials, objective = data["trials"], data["objective"]
+    if not trials:
+        return []
+    ys = np.array([(r.get("hparam_tuning_evaluation_metrics") or {}).get(objective) for r in trials], float)
+    ids = np.array([r["trial_id"] for r in trials], float)
+    optimal = next((i for i, r in enumerate(trials) if r.get("is_optimal")), -1)
+    minimize = objective in ("mean_absolute_error", "mean_squared_error", "mean_squared_log_error",
+                             "median_absolute_error", "log_loss")
+    filled = np.where(np.isfinite(ys), ys, np.inf if minimize else -np.inf)
+    best = np.minimum.accumulate(filled) if minimize else np.maximum.accumulate(filled)
+    best = np.where(np.isfinite(best), best, np.nan)
+    out: list = [ScatterPanel(ids, ys, optimal, "trial", objective, f"{objective} by trial", best)]
+    names = sorted({k for r in trials for k, v in (r.get("hyperparameters") or {}).items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)})
+    for name in names[:3]:
+        xs = np.array([(r.get("hyperparameters") or {}).get(name, np.nan) for r in trials], float)
+        pos = xs[np.isfinite(xs)]
+        log = bool(len(pos)) and pos.min() > 0 and pos.max() / pos.min() > 100
+        out.append(ScatterPanel(xs, ys, optimal, name, objective, f"{objective} against {name}", log_x=log))
+    return out
+
+
 def panels(kind: str, data) -> list:
     """The charts of one kind of ML output: 'evaluation' (an Evaluation), 'importance',
     'attribution', 'loss', 'roc_table' or 'confusion_table' (the function's Arrow table)."""
     if kind == "evaluation":
         return evaluation_panels(data)
+    if kind == "trials":
+        return trials_panels(data)
     made = {"importance": importance_panel, "attribution": attribution_panel, "loss": loss_panel,
             "roc_table": roc_table_panel, "confusion_table": confusion_table_panel}[kind](data)
     return [made] if made is not None else []

@@ -131,6 +131,7 @@ class Registry:
         started: float | None = None,
         ended: float | None = None,
         examples: tuple[Any, Any] | None = None,
+        trials: list[dict] | None = None,
     ) -> ModelVersion:
         """Log a run for a trained model and add it as the next version of ``name``.
 
@@ -173,6 +174,8 @@ class Registry:
             if examples is not None:
                 _write_signature(Path(model_dir), run_id, *examples)
             client.log_artifacts(run_id, str(model_dir), "model")
+            for trial in trials or []:
+                self._log_trial(run_id, name, trial, start_ms)
             client.set_terminated(run_id, end_time=end_ms)
         except BaseException:  # an interrupt too: the run is marked failed, no version is made
             client.set_terminated(run_id, status="FAILED", end_time=end_ms)
@@ -194,6 +197,35 @@ class Registry:
         for alias in aliases:
             client.set_registered_model_alias(name, alias, mv.version)
         return self.get(name, int(mv.version))
+
+    def _log_trial(self, parent_run_id: str, name: str, trial: dict, default_ms: int) -> None:
+        """One tuning trial as a child run of the model's run: its hyperparameters, its metrics on
+        the evaluation rows, its duration and status (its model is in the parent's artifacts,
+        model/trials/<trial_id>/)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self.client
+        start = int(trial["started"] * 1000) if trial.get("started") else default_ms
+        end = int(trial["ended"] * 1000) if trial.get("ended") else start
+        run = client.create_run(self.experiment_id, run_name=f"{name} trial {trial['trial_id']}", start_time=start,
+                                tags={"mlflow.parentRunId": parent_run_id})
+        metrics = [Metric(k, float(v), end, 0) for k, v in (trial.get("hparam_tuning_evaluation_metrics") or {}).items()
+                   if _is_number(v)]
+        metrics += [Metric(k, float(trial[k]), end, 0) for k in ("training_loss", "eval_loss") if _is_number(trial.get(k))]
+        metrics.append(Metric("duration_s", (end - start) / 1000, end, 0))
+        tags = [RunTag(_TAG + "trial_id", str(trial["trial_id"])), RunTag(_TAG + "status", trial["status"]),
+                RunTag(_TAG + "is_optimal", str(bool(trial.get("is_optimal"))).lower())]
+        if trial.get("error_message"):
+            tags.append(RunTag(_TAG + "error_message", _short(trial["error_message"], 4000)))
+        client.log_batch(run.info.run_id, metrics=metrics, tags=tags,
+                         params=[Param(k, _short(v, 6000)) for k, v in sorted((trial.get("hyperparameters") or {}).items())])
+        status = {"SUCCEEDED": "FINISHED", "STOPPED": "KILLED"}.get(trial["status"], "FAILED")
+        client.set_terminated(run.info.run_id, status=status, end_time=end)
+
+    def trial_runs(self, mv: ModelVersion) -> list:
+        """The MLflow child runs of a tuned model version's trials."""
+        return self.client.search_runs([self.experiment_id],
+                                       filter_string=f"tags.mlflow.parentRunId = '{mv.run_id}'", max_results=1000)
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         self.get(name, version)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 TRANSFORM_FILE = "transform.json"
 META_FILE = "mlsql_meta.json"
+TRIALS_FILE = "trials.json"  # a tuned model's trials (ML.TRIAL_INFO); their models in trials/<trial_id>/
 
 
 @dataclass
@@ -39,22 +40,56 @@ class LoadedModel:
         return [f.name for f in self.model.features]
 
 
-def load_model(s: SessionState, spec: P.ModelSpec) -> LoadedModel:
-    """The model version ``spec`` names, loaded once per session."""
+def load_model(s: SessionState, spec: P.ModelSpec, trial_id: int | None = None) -> LoadedModel:
+    """The model version ``spec`` names, loaded once per session; of a tuned model, the optimal
+    trial's model, or trial ``trial_id``'s (BigQuery ML's STRUCT(3 AS trial_id))."""
     mv = s.registry.get(spec.name, spec.version, spec.alias)
-    key = (mv.name, mv.version)
+    key = (mv.name, mv.version) if trial_id is None else (mv.name, mv.version, int(trial_id))
     if key not in s.loaded_models:
         from mlsql.ml import TrainedModel
         from mlsql.plan.transform import FittedTransform
 
         path = s.registry.local_path(mv)
-        model = TrainedModel.load(path)
+        model_path = path if trial_id is None else trial_folder(path, mv.ref, int(trial_id))
+        model = TrainedModel.load(model_path)
         tf = path / TRANSFORM_FILE
         transform = FittedTransform.from_json(tf.read_text()) if tf.exists() else None
         meta_path = path / META_FILE
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         s.loaded_models[key] = LoadedModel(mv, model, transform, meta)
     return s.loaded_models[key]
+
+
+def trial_folder(path, ref: str, trial_id: int):
+    """Where trial ``trial_id`` of the tuned model at ``path`` is kept, or an error saying which trials exist."""
+    trials = path / TRIALS_FILE
+    if not trials.exists():
+        raise MLSQLError(f"Model {ref} was not tuned: it has no trial {trial_id}",
+                         hint="trial_id selects a trial of a model trained with num_trials.")
+    rows = json.loads(trials.read_text())
+    row = next((r for r in rows if r["trial_id"] == trial_id), None)
+    if row is None:
+        raise MLSQLError(f"Model {ref} has no trial {trial_id}",
+                         hint=f"Its trials: {', '.join(str(r['trial_id']) for r in rows)}.")
+    if row["status"] != "SUCCEEDED":
+        raise MLSQLError(f"Trial {trial_id} of model {ref} has no model: it {row['status'].lower()}",
+                         hint=row.get("error_message") or None)
+    return path / "trials" / str(trial_id)
+
+
+def _trial_info(c: Call):
+    from mlsql.ml.tuning import trial_info
+
+    path = c.s.registry.local_path(c.lm.version) / TRIALS_FILE
+    if not path.exists():
+        raise MLSQLError(f"Model {c.lm.version.ref} was not tuned: ML.TRIAL_INFO has no trials to show",
+                         hint="Train it with OPTIONS (num_trials = 10, ...) to tune it.")
+    data = json.loads(path.read_text())
+    out = trial_info(data)
+    objective = c.lm.meta.get("tuning_objective") or (
+        "roc_auc" if c.lm.model.is_classifier else "r2_score")
+    c.chart("trials", {"trials": data, "objective": objective})
+    return out
 
 
 def model_features(s: SessionState, lm: LoadedModel, data: pa.Table, *, need_label: bool, func: str) -> pa.Table:
@@ -281,6 +316,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "FEATURE_IMPORTANCE": MLFunctionSpec(lambda c: c.chart("importance", c.model.feature_importance())),
     "TRAINING_INFO": MLFunctionSpec(lambda c: c.chart("loss", c.model.training_info)),
     "WEIGHTS": MLFunctionSpec(lambda c: c.model.weights(standardize=bool(c.settings.get("standardize")))),
+    "TRIAL_INFO": MLFunctionSpec(_trial_info),
     "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
     "DEVICE_DATA": MLFunctionSpec(_device_data, model=False),
     "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),
@@ -304,7 +340,7 @@ def run_ml(s: SessionState, step: P.MLStep, params, charts: list | None = None) 
     if step.input is not None and spec.reads_rows:
         read = s.engine.dataframe if scorer is not None else s.engine.query
         data = read(step.input, P.params_for(step.input, params))
-    lm = load_model(s, step.model) if spec.model else None
+    lm = load_model(s, step.model, step.settings.get("trial_id")) if spec.model else None
     if data is not None and spec.scores:  # on every engine, before any scoring: one message
         missing_inputs(lm.version.ref, model_inputs(lm), _column_names(data), step.func, label=lm.label)
     return spec.run(Call(s, step, data, lm, step.settings, scorer, charts, params))

@@ -12,7 +12,7 @@ from mlsql.errors import MLSQLError
 from mlsql.output.result import Result
 from mlsql.plan import planner as P
 from mlsql.runtime.steps import SessionState
-from mlsql.runtime.steps.ml_functions import META_FILE, TRANSFORM_FILE
+from mlsql.runtime.steps.ml_functions import META_FILE, TRANSFORM_FILE, TRIALS_FILE
 
 
 def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[str]) -> Result:
@@ -64,13 +64,18 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
         sample, sample_features = data.slice(0, 50), features
     rows, data_hash = fp.rows, fp.digest
 
-    reporter = s.progress(f"Training {name}", 0) if s.progress else None
+    tuning = None
     started = time.time()  # the MLflow run spans the training, not its registration
-    try:
-        model = train(features, opts, progress=reporter.update if reporter else None)
-    finally:
-        if reporter is not None:
-            reporter.close()
+    if opts.tuned:
+        tuning = _tune(s, name, features, opts, raw, data_hash)
+        model = tuning.model
+    else:
+        reporter = s.progress(f"Training {name}", 0) if s.progress else None
+        try:
+            model = train(features, opts, progress=reporter.update if reporter else None)
+        finally:
+            if reporter is not None:
+                reporter.close()
     ended = time.time()
     if transform is not None and model.label not in transform.output_columns:
         raise MLSQLError(f"TRANSFORM must output the label column '{model.label}'")
@@ -102,8 +107,19 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             "query_dialect": "duckdb",
             "engine": s.engine.name,
         }
+        if tuning is not None:  # every finished trial's model, and ML.TRIAL_INFO's rows
+            import shutil
+
+            from mlsql.ml.tuning import TRIALS
+
+            for r in tuning.trials:
+                src = tuning.folder / TRIALS / str(r["trial_id"])
+                if r["status"] == "SUCCEEDED" and src.exists():
+                    shutil.copytree(src, d / TRIALS / str(r["trial_id"]))
+            (d / TRIALS_FILE).write_text(json.dumps(tuning.trials, indent=1, default=str))
+            meta["optimal_trial_id"], meta["tuning_objective"] = tuning.optimal, opts.objective
         (d / META_FILE).write_text(json.dumps(meta, indent=1))
-        params_log = {k: v for k, v in raw.items()}
+        params_log = {k: str(v) if _is_space(v) else v for k, v in raw.items()}
         mv = s.registry.register(
             name, d,
             params=params_log,
@@ -114,7 +130,12 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
                   "data_rows": str(rows), "data_hash": data_hash},
             aliases=aliases,
             started=started, ended=ended, examples=_examples(model, sample, sample_features, meta["input_columns"]),
+            trials=tuning.trials if tuning is not None else None,
         )
+    if tuning is not None:
+        import shutil
+
+        shutil.rmtree(tuning.folder, ignore_errors=True)  # registered: nothing is left to resume
     metrics = {k: v for k, v in model.eval_metrics.items() if v is not None}
     table = pa.table({
         "model": [name], "version": [mv.version], "model_type": [model.model_type],
@@ -127,8 +148,45 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
                  f"On the {model.n_train:,} training rows (no evaluation split): ") + shown
     from mlsql.output import plots
 
-    return Result(table, kind="create_model", plots=plots.panels("loss", model.training_info),
+    if tuning is not None:
+        ok = sum(r["status"] == "SUCCEEDED" for r in tuning.trials)
+        shown = (f"Tuned over {len(tuning.trials)} trials ({ok} succeeded); optimal trial {tuning.optimal} "
+                 f"({opts.objective} = {next(r['value'] for r in tuning.trials if r['is_optimal']):.4g} on the "
+                 f"evaluation rows). " + shown)
+        panels = plots.panels("trials", {"trials": tuning.trials, "objective": opts.objective})
+    else:
+        panels = plots.panels("loss", model.training_info)
+    return Result(table, kind="create_model", plots=panels,
                   message=f"Created model {name} version {mv.version} ({model.model_type}). {shown}")
+
+
+def _is_space(v) -> bool:
+    from mlsql.language.options import HParamCandidates, HParamRange
+
+    return isinstance(v, HParamRange | HParamCandidates)
+
+
+def _tune(s: SessionState, name: str, features, opts, raw: dict, data_hash: str):
+    """Run the trials of ``num_trials`` (mlsql.ml.tuning); the study is kept in the workspace
+    (``tuning/<model>/``) until the model is registered, so ``resume = TRUE`` can continue it."""
+    import hashlib
+
+    from mlsql.ml.tuning import tune
+
+    fingerprint = hashlib.sha256(json.dumps(
+        [data_hash, {k: str(v) for k, v in sorted(raw.items()) if k.lower() != "resume"}]).encode()).hexdigest()
+    folder = s.workspace.root / "tuning" / name
+    reporter = s.progress(f"Tuning {name}", opts.num_trials) if s.progress else None
+
+    def progress(done, total, info):
+        if reporter is not None:
+            reporter.update(done, total, {"best": info["best"]} if info["best"] is not None else {})
+
+    try:
+        return tune(features, opts, folder, fingerprint=fingerprint, progress=progress)
+    finally:
+        if reporter is not None:
+            reporter.close()
 
 
 def _examples(model, sample: pa.Table, features: pa.Table, input_columns: list[str]):
