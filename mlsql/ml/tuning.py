@@ -315,15 +315,24 @@ def tune(table: pa.Table, opts: Options, folder: Path, *, fingerprint: str, prog
     def record(trial_obj_id, r):
         rows[r["trial_id"]] = r
         storage.set_trial_user_attr(trial_obj_id, "mlsql", _jsonable(r))
+        # the grid sampler calls study.stop() when its grid is done, which Optuna allows only inside
+        # its own optimize loop; this loop asks sampler.is_exhausted itself
+        study._thread_local.in_optimize_loop = True
+        try:
+            _tell(r, trial_obj_id)
+        finally:
+            study._thread_local.in_optimize_loop = False
+        if progress is not None:
+            b = best()
+            progress(len(rows), opts.num_trials, {"best": b["value"] if b else None, "objective": objective,
+                                                  "trial": r})
+
+    def _tell(r, trial_obj_id):
         if r["status"] == "SUCCEEDED":
             study.tell(trial_obj_id_map[trial_obj_id], r["value"])
         else:
             study.tell(trial_obj_id_map[trial_obj_id],
                        state=TrialState.PRUNED if r["status"] == "STOPPED" else TrialState.FAIL)
-        if progress is not None:
-            b = best()
-            progress(len(rows), opts.num_trials, {"best": b["value"] if b else None, "objective": objective,
-                                                  "trial": r})
 
     trial_obj_id_map: dict[int, object] = {}
 

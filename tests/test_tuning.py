@@ -1,0 +1,177 @@
+"""Hyperparameter tuning (CREATE MODEL ... num_trials): the tuned model against the untuned default on
+the same evaluation rows (r2 by scikit-learn from ML.PREDICT's rows), ML.TRIAL_INFO, trial_id, and a
+tuning killed mid-way and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import r2_score
+
+pytest.importorskip("optuna")
+
+# a fixed split by a hash of the row (BigQuery ML's tuning split column: 'TRAIN' / 'EVAL' / 'TEST')
+SPLIT = """CREATE OR REPLACE TABLE pg AS
+    SELECT species, island, bill_length_mm, bill_depth_mm, flipper_length_mm, sex, body_mass_g,
+           CASE WHEN hash(rowid) % 10 < 7 THEN 'TRAIN' WHEN hash(rowid) % 10 < 9 THEN 'EVAL' ELSE 'TEST' END AS split
+    FROM (SELECT *, row_number() OVER () AS rowid FROM penguins) WHERE body_mass_g IS NOT NULL"""
+COLS = "species, island, bill_length_mm, bill_depth_mm, flipper_length_mm, sex, body_mass_g"
+
+
+def _r2(s, model, struct=""):
+    t = s.sql(f"SELECT body_mass_g, predicted_body_mass_g FROM ML.PREDICT(MODEL {model}, "
+              f"(SELECT {COLS} FROM pg WHERE split = 'EVAL'){struct})").to_arrow()
+    return r2_score(t.column(0).to_numpy(), t.column(1).to_numpy())
+
+
+@pytest.fixture(scope="module")
+def tuned(shared_ws):
+    s = shared_ws
+    s.sql(SPLIT)
+    # the untuned default: the same training rows, the same evaluation rows
+    s.sql(f"""CREATE OR REPLACE MODEL mass_default OPTIONS (model_type = 'boosted_tree_regressor',
+              input_label_cols = ['body_mass_g'], data_split_method = 'custom', data_split_col = 'is_eval')
+              AS SELECT {COLS}, split = 'EVAL' AS is_eval FROM pg WHERE split <> 'TEST'""")
+    r = s.sql(f"""CREATE OR REPLACE MODEL mass_tuned OPTIONS (model_type = 'boosted_tree_regressor',
+              input_label_cols = ['body_mass_g'], num_trials = 12, max_parallel_trials = 1,
+              data_split_method = 'custom', data_split_col = 'split',
+              learn_rate = HPARAM_RANGE(0.02, 0.5), max_tree_depth = HPARAM_CANDIDATES([1, 2, 3, 4, 6]),
+              l2_reg = HPARAM_RANGE(0, 10), max_iterations = 40)
+              AS SELECT {COLS}, split FROM pg""")
+    return s, r
+
+
+def test_tuned_beats_the_default_on_the_eval_split(tuned):
+    s, _ = tuned
+    default, best = _r2(s, "mass_default"), _r2(s, "mass_tuned")
+    print(f"eval r2: untuned default {default:.4f}, tuned (12 trials) {best:.4f}")
+    assert best > default
+    # the optimal trial is the one whose evaluation r2 (computed at training) is the highest, and
+    # scikit-learn's r2 of its predictions on the same rows is that number (float64 sums: rel 1e-9)
+    info = s.sql("SELECT trial_id, hparam_tuning_evaluation_metrics.r2_score AS r2, is_optimal, status "
+                 "FROM ML.TRIAL_INFO(MODEL mass_tuned)").to_arrow().to_pylist()
+    ok = [r for r in info if r["status"] == "SUCCEEDED"]
+    assert max(ok, key=lambda r: r["r2"])["is_optimal"]
+    assert best == pytest.approx(max(r["r2"] for r in ok), rel=1e-9)
+
+
+def test_trial_info_rows_and_trial_id(tuned):
+    s, _ = tuned
+    info = s.sql("SELECT * FROM ML.TRIAL_INFO(MODEL mass_tuned)").to_arrow()
+    assert info.column_names == ["trial_id", "hyperparameters", "hparam_tuning_evaluation_metrics", "training_loss",
+                                 "eval_loss", "status", "error_message", "is_optimal"]
+    rows = info.to_pylist()
+    assert [r["trial_id"] for r in rows] == list(range(1, 13))
+    assert sum(r["is_optimal"] for r in rows) == 1
+    for r in rows:
+        hp = r["hyperparameters"]
+        assert 0.02 <= hp["learn_rate"] <= 0.5 and hp["max_tree_depth"] in (1, 2, 3, 4, 6) and 0 <= hp["l2_reg"] <= 10
+    # trial_id selects a trial: ML.EVALUATE's r2 on the evaluation rows is scikit-learn's r2 of that
+    # trial's ML.PREDICT rows, and is the r2 ML.TRIAL_INFO recorded for it at training
+    done = [r for r in rows if r["status"] == "SUCCEEDED" and not r["is_optimal"]]
+    for r in done[:2]:
+        ev = s.sql(f"SELECT r2_score FROM ML.EVALUATE(MODEL mass_tuned, (SELECT {COLS} FROM pg WHERE split = 'EVAL'), "
+                   f"STRUCT({r['trial_id']} AS trial_id))").to_arrow().column(0)[0].as_py()
+        by_hand = _r2(s, "mass_tuned", f", STRUCT({r['trial_id']} AS trial_id)")
+        assert ev == pytest.approx(by_hand, rel=1e-9)
+        assert ev == pytest.approx(r["hparam_tuning_evaluation_metrics"]["r2_score"], rel=1e-9)
+    assert len({round(r["hparam_tuning_evaluation_metrics"]["r2_score"], 9) for r in done}) > 1  # trials differ
+
+
+def test_trials_are_mlflow_child_runs(tuned):
+    s, _ = tuned
+    mv = s.registry.get("mass_tuned")
+    runs = s.registry.trial_runs(mv)
+    assert sorted(int(r.data.tags["mlsql.trial_id"]) for r in runs) == list(range(1, 13))
+    assert sum(r.data.tags["mlsql.is_optimal"] == "true" for r in runs) == 1
+
+
+def test_bad_tuning_options(session):
+    from mlsql.errors import OptionError
+
+    with pytest.raises(OptionError, match="needs num_trials"):
+        session.sql("CREATE MODEL x OPTIONS (model_type = 'linear_reg', l2_reg = HPARAM_RANGE(0, 1)) AS SELECT 1 AS label")
+    with pytest.raises(OptionError, match="cannot be tuned"):
+        session.sql("CREATE MODEL x OPTIONS (model_type = 'linear_reg', num_trials = 2, "
+                    "random_seed = HPARAM_CANDIDATES([1, 2])) AS SELECT 1 AS label")
+    with pytest.raises(OptionError, match="not an objective of linear_reg"):
+        session.sql("CREATE MODEL x OPTIONS (model_type = 'linear_reg', num_trials = 2, "
+                    "hparam_tuning_objectives = ['roc_auc']) AS SELECT 1 AS label")
+
+
+KILLED = """
+import sys, mlsql
+def main():
+    s = mlsql.connect(sys.argv[1])
+    s.sql('''{statement}''')
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_killed_tuning_resumes_without_repeating_trials(shared_ws, tmp_path):
+    """Kill the process after 3 of 8 trials; resume = TRUE ends with 8 trials, the first 3 not trained again."""
+    import mlsql
+
+    s0 = shared_ws
+    s0.sql(SPLIT)
+    ws = tmp_path / "ws"
+    s = mlsql.connect(ws)
+    s.register("pg_df", s0.sql("SELECT * FROM pg").to_arrow())
+    s.sql("CREATE TABLE pg AS SELECT * FROM pg_df")
+    s.close()
+    statement = (f"CREATE OR REPLACE MODEL m OPTIONS (model_type = 'boosted_tree_regressor', "
+                 f"input_label_cols = ['body_mass_g'], num_trials = 8, max_iterations = 60, early_stop = FALSE, "
+                 f"data_split_method = 'custom', data_split_col = 'split', "
+                 f"learn_rate = HPARAM_RANGE(0.02, 0.5), max_tree_depth = HPARAM_CANDIDATES([2, 4, 6]){{resume}}) "
+                 f"AS SELECT {COLS}, split FROM pg")
+    script = tmp_path / "tune.py"
+    script.write_text(textwrap.dedent(KILLED.format(statement=statement.format(resume=""))))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    p = subprocess.Popen([sys.executable, str(script), str(ws)], env=env)
+    trials = ws / "tuning" / "m" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None:
+        if trials.exists() and len([d for d in trials.iterdir() if (d / "model.json").exists()]) >= 3:
+            break
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = time.time()
+    done_before = {d.name for d in trials.iterdir() if (d / "model.json").exists()}
+    assert 3 <= len(done_before) < 8, done_before
+    s = mlsql.connect(ws)
+    try:
+        s.sql(statement.format(resume=", resume = TRUE"))
+        rows = s.sql("SELECT trial_id, status FROM ML.TRIAL_INFO(MODEL m)").to_arrow().to_pylist()
+        assert len(rows) == 8
+        kept = json.loads((s.registry.local_path(s.registry.get("m")) / "trials.json").read_text())
+        before = [r for r in kept if r["started"] < killed_at]
+        assert {str(r["trial_id"]) for r in before if r["ended"] < killed_at} >= done_before
+        assert not (ws / "tuning" / "m").exists()  # registered: nothing left to resume
+    finally:
+        s.close()
+
+
+def test_parallel_trials_in_processes(session):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 3))
+    session.register("d", pa.table({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "label": x @ [1.0, -2.0, 0.5]}))
+    session.sql("""CREATE MODEL lin OPTIONS (model_type = 'linear_reg', num_trials = 4, max_parallel_trials = 2,
+                   hparam_tuning_algorithm = 'GRID_SEARCH', l2_reg = HPARAM_CANDIDATES([0, 1, 100, 10000]))
+                   AS SELECT * FROM d""")
+    rows = session.sql("SELECT * FROM ML.TRIAL_INFO(MODEL lin) ORDER BY trial_id").to_arrow().to_pylist()
+    assert sorted(r["hyperparameters"]["l2_reg"] for r in rows) == [0, 1, 100, 10000]  # the whole grid, once
+    best = next(r for r in rows if r["is_optimal"])
+    assert best["hyperparameters"]["l2_reg"] in (0, 1)  # the data has no noise: heavy ridge loses r2
