@@ -128,13 +128,14 @@ def split(table: pa.Table, opts: Options) -> tuple[pa.Table, pa.Table | None]:
             ev = pc.fill_null(c, False).to_numpy(zero_copy_only=False)
             test = np.zeros(n, bool)
         else:
-            v = pc.utf8_upper(c.cast(pa.string())).to_pylist()
-            bad = {x for x in v if x not in ("TRAIN", "EVAL", "TEST")}
-            if bad:
+            v = pc.utf8_upper(c.cast(pa.string()))
+            known = pc.fill_null(pc.is_in(v, value_set=pa.array(["TRAIN", "EVAL", "TEST"])), False)
+            if not pc.all(known).as_py():
+                bad = pc.unique(v.filter(pc.invert(known))).to_pylist()
                 raise TrainingError(f"data_split_col '{split_col}' must hold 'TRAIN', 'EVAL' or 'TEST' when tuning, "
                                     f"got {sorted(map(str, bad))[:3]}")
-            ev = np.array([x == "EVAL" for x in v])
-            test = np.array([x == "TEST" for x in v])
+            ev = pc.equal(v, "EVAL").to_numpy(zero_copy_only=False)
+            test = pc.equal(v, "TEST").to_numpy(zero_copy_only=False)
     if not ev.any():
         raise TrainingError("The tuning split leaves no evaluation rows to compare trials on")
     keep = [c for c in table.column_names if c != split_col]
