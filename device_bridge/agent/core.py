@@ -43,7 +43,7 @@ from device_bridge.agent.deploy import DeploySettings
 from device_bridge.agent.sampling import DB_FILE as SAMPLES_DB
 from device_bridge.agent.sampling import SampleSpec, SampleStore, spec_for
 from device_bridge.agent.scheduler import DeadlineMissed, Lane, Scheduler
-from device_bridge.agent.workers import WorkerDown, WorkerProcess, WorkerSpec
+from device_bridge.agent.workers import CoreReserve, WorkerDown, WorkerProcess, WorkerSpec
 from device_bridge.errors import ApiError
 from device_bridge.telemetry import CircuitBreaker, Telemetry
 
@@ -58,6 +58,7 @@ CANARY_EVERY = 64  # the known-good row is refreshed from every 64th small reque
 log = logging.getLogger("device_bridge.agent")
 
 
+RESERVE_ENV = "MLSQL_DEVICE_REALTIME_RESERVE"
 READ_YOUR_WRITES_S = 2.0  # outcomes and sample reads first wait this long at most for queued samples
 
 class AgentError(ApiError):
@@ -89,6 +90,11 @@ class AgentConfig:
     batch_cpu: str = "idle"      # batch worker processes' CPU priority: idle (SCHED_IDLE), nice, normal
     batch_nice: int = 10         # their nice value with batch_cpu = "nice" (or where SCHED_IDLE is missing)
     memory_budget_mb: int | None = None  # the device's total for the active versions' memory_mb
+    # cores kept free of batch worker processes while realtime requests arrive (workers.CoreReserve);
+    # None: env MLSQL_DEVICE_REALTIME_RESERVE, else 1 on a device of 4 cores or more, 0 below (on 2
+    # cores it would halve batch throughput)
+    realtime_reserve: int | None = None
+    realtime_window_ms: int = 1000  # ... for this long after the last realtime request
 
 
 @dataclass
@@ -153,6 +159,8 @@ class AgentCore:
         self.loop = None  # the agent's event loop, once it runs (attach_loop): it reads worker answers
         self.cores = config.cores if config.cores > 0 else (os.cpu_count() or 1)
         self.scheduler = Scheduler(self.cores, priorities=config.priorities)
+        self.reserve = CoreReserve(self._realtime_reserve() if config.priorities else 0,
+                                   config.realtime_window_ms / 1000.0, self._batch_workers)
         self.telemetry = Telemetry(secret=self._secret())
         self.loaded: dict[tuple[str, int], LoadedVersion] = {}
         self.background: dict[str, dict] = {}  # background loop -> last ok / last error
@@ -324,6 +332,21 @@ class AgentCore:
             return 1
         return max(1, (self.cores - 1) // max(1, s.max_concurrency))
 
+    def _realtime_reserve(self) -> int:
+        if self.config.realtime_reserve is not None:
+            return self.config.realtime_reserve
+        env = os.environ.get(RESERVE_ENV, "").strip()
+        if env:
+            try:
+                return max(0, int(env))
+            except ValueError:
+                log.warning("%s=%r is not a number of cores: ignored", RESERVE_ENV, env)
+        return 1 if self.cores >= 4 else 0
+
+    def _batch_workers(self) -> list[WorkerProcess]:
+        return [lv.worker for lv in list(self.loaded.values())
+                if lv.worker is not None and lv.deploy.priority == "batch"]
+
     def class_cpu(self, s: DeploySettings) -> tuple[str | None, int]:
         """A worker's CPU priority: batch workers below everything else (with priorities on)."""
         if self.config.priorities and s.priority == "batch" and self.config.batch_cpu != "normal":
@@ -403,6 +426,8 @@ class AgentCore:
                 concurrency=settings.max_concurrency, memory_mb=settings.memory_mb,
                 nice=self.class_cpu(settings)[1], cpu_policy=self.class_cpu(settings)[0], profile=fresh),
                 self._worker_event(name, version), self.loop)
+            if settings.priority == "batch":
+                worker.cpus = self.reserve.confine()
             ready = worker.start()
             session, res_providers = None, ready["providers"]
             requested, attempts = ready["requested"], ready["attempts"]
@@ -531,7 +556,7 @@ class AgentCore:
             "state": {"rebuilt": self.rebuilt, "unaccounted": list(self.unaccounted)},
             "scheduler": {**self.scheduler.describe(), "cores": self.cores,
                           "batch_cpu": self.config.batch_cpu if self.config.priorities else "normal",
-                          "batch_nice": self.config.batch_nice,
+                          "batch_nice": self.config.batch_nice, "realtime_reserve": self.reserve.describe(),
                           "intra_op_threads": {c: self.class_threads(DeploySettings(**deploy_mod.class_defaults(c, self.cores)))
                                                for c in deploy_mod.PRIORITIES}},
             "memory_budget_mb": self.config.memory_budget_mb, "memory_committed_mb": self.memory_committed_mb(),

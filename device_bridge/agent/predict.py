@@ -98,6 +98,7 @@ class Predictor:
 
         self.core = core
         self.sched = core.scheduler
+        self.reserve = core.reserve
         self.token_b = token_b
         self.read_auth = read_auth
         self.max_body = core.config.max_body_bytes
@@ -179,6 +180,8 @@ class Predictor:
         # a columns body is read with one frombuffer per column: cheaper than a hop to a thread
         light = small or (ctype_s == COLUMNS_TYPE and len(body) <= LIGHT_COLUMNS_BODY)
         lane = lv.lane
+        if lane.cls == "realtime" and self.reserve.enabled:
+            self.reserve.note(arrived, self.sched.timers)
         deadline = arrived + lv.deploy.timeout_ms / 1000.0
         if not self.sched.try_start(lane):
             try:

@@ -446,3 +446,81 @@ def test_ipc_sender_never_blocks_on_a_worker_that_reads_nothing():
         for _ in range(100):  # the other end is gone: an error, not a hang
             sender.send(ipc.pack({"id": 99}, {"v": msgs[0]}))
             time.sleep(0.01)
+
+
+def _thread_cpus(pid: int) -> set[frozenset]:
+    """The CPU affinity of every thread of a process (one set each; usually all equal)."""
+    import os
+
+    out = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out.add(frozenset(os.sched_getaffinity(int(tid))))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity") or len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="needs Linux CPU affinity and 2 cores")
+def test_realtime_traffic_keeps_a_core_free_of_batch_workers_and_gives_it_back_when_quiet(tmp_path, keys):
+    import os
+
+    every = frozenset(os.sched_getaffinity(0))
+    kept = frozenset(sorted(every)[1:])  # the lowest core is the one kept for realtime work
+    a, store = _agent(tmp_path, keys, env={**HOOKS, "MLSQL_DEVICE_REALTIME_RESERVE": "1"})
+    try:
+        c = DeviceClient(a.url, TOKEN, timeout=60)
+        c.install(package(keys, 1, name="bt"), deploy={"priority": "batch"})  # its own worker (batch default)
+        c.install(package(keys, 1, name="nt"), deploy={"isolation": "process"})  # a normal worker: never confined
+        c.install(package(keys, 1, name="rt", mult=3.0), deploy={"priority": "realtime"})
+        info = c.info()
+        assert info["scheduler"]["realtime_reserve"]["cores"] == 1
+        assert info["scheduler"]["realtime_reserve"]["active"] is False
+        bt_pid = info["models"]["bt"]["worker"]["pid"]
+        nt_pid = info["models"]["nt"]["worker"]["pid"]
+        assert _thread_cpus(bt_pid) == {every}
+        c.predict("bt", columns=ROW)  # batch traffic alone changes nothing
+        assert _thread_cpus(bt_pid) == {every}
+        assert c.predict("rt", columns=ROW)["outputs"]["y"] == [[4.0]]
+        r = c.info()["scheduler"]["realtime_reserve"]
+        assert r["active"] is True and r["batch_cpus"] == sorted(kept)
+        assert _thread_cpus(bt_pid) == {kept}  # every thread, ONNX Runtime's included
+        assert _thread_cpus(nt_pid) == {every}
+        assert c.predict("bt", columns=ROW)["outputs"]["y"] == [[3.0]]
+        # a batch worker started while realtime traffic goes on (a restart) is confined from its start
+        _crash_on(store, "bt", 1, 13.0, "segfault")
+        with pytest.raises(DeviceUnavailableError):
+            c.predict("bt", columns={"x": [13.0], "city": ["paris"]})
+
+        def restarted():
+            c.predict("rt", columns=ROW)
+            w = c.info()["models"]["bt"]["worker"]
+            return w["pid"] if w["state"] == "ready" and w["pid"] != bt_pid else None
+
+        new_pid = wait_for(restarted, timeout=20, what="bt restarted")
+        assert _thread_cpus(new_pid) == {kept}
+        # quiet for the window (1 s): every core again
+        wait_for(lambda: _thread_cpus(new_pid) == {every}, timeout=10, what="cores given back")
+        r = c.info()["scheduler"]["realtime_reserve"]
+        assert r["active"] is False and r["changes"] >= 2
+        assert c.predict("bt", columns=ROW)["outputs"]["y"] == [[3.0]]
+    finally:
+        a.kill()
+
+
+def test_no_core_is_reserved_below_four_cores_unless_asked(tmp_path, keys):
+    a, _ = _agent(tmp_path, keys, extra=["--cores", "2"])
+    try:
+        c = DeviceClient(a.url, TOKEN, timeout=60)
+        assert c.info()["scheduler"]["realtime_reserve"]["cores"] == 0
+    finally:
+        a.kill()
+    a, _ = _agent(tmp_path, keys, extra=["--cores", "4"], name="four")
+    try:
+        c = DeviceClient(a.url, TOKEN, timeout=60)
+        import os
+        want = 1 if hasattr(os, "sched_setaffinity") and len(os.sched_getaffinity(0)) >= 2 else 0
+        assert c.info()["scheduler"]["realtime_reserve"]["cores"] == want
+    finally:
+        a.kill()
