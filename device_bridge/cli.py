@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                         "preempts them at once), nice (--batch-nice), normal (the agent's own)")
     s.add_argument("--batch-nice", type=int, default=10,
                    help="nice value of batch worker processes with --batch-cpu nice, or where SCHED_IDLE is missing")
+    s.add_argument("--realtime-reserve", type=int, default=None,
+                   help="cores kept free of batch work while realtime requests arrive (batch worker processes "
+                        "are confined to the others, and get every core back after 1 s without one); default: "
+                        "1 on devices of 4 or more cores, 0 below, or $MLSQL_DEVICE_REALTIME_RESERVE")
     s.add_argument("--memory-budget-mb", type=int, default=None,
                    help="the device's total for the active versions' memory_mb: an install or activation past it "
                         "is refused (409 memory_budget); default: no total")
@@ -150,8 +154,10 @@ def serve(args) -> int:
         print("mlsql-device: --ort-threads must be 0 (ONNX Runtime's default) or more", file=sys.stderr)
         return 2
     if args.cores < 0 or not 0 <= args.batch_nice <= 19 or (args.memory_budget_mb is not None
-                                                             and args.memory_budget_mb < 16):
-        print("mlsql-device: --cores must be 0 (all) or more, --batch-nice 0 to 19, --memory-budget-mb at least 16",
+                                                             and args.memory_budget_mb < 16) \
+            or (args.realtime_reserve is not None and args.realtime_reserve < 0):
+        print("mlsql-device: --cores must be 0 (all) or more, --batch-nice 0 to 19, --memory-budget-mb at least 16, "
+              "--realtime-reserve 0 or more",
               file=sys.stderr)
         return 2
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -190,7 +196,7 @@ def serve(args) -> int:
             breaker_threshold=args.breaker_threshold, hub_url=args.hub,
             hub_token=args.hub_token, available_providers=fake, ort_threads=args.ort_threads,
             cores=args.cores, priorities=args.priorities == "on", batch_nice=args.batch_nice,
-            batch_cpu=args.batch_cpu,
+            batch_cpu=args.batch_cpu, realtime_reserve=args.realtime_reserve,
             memory_budget_mb=args.memory_budget_mb)
         port = args.port if args.devices <= 1 or args.port == 0 else args.port + i
         try:

@@ -524,3 +524,17 @@ def test_no_core_is_reserved_below_four_cores_unless_asked(tmp_path, keys):
         assert c.info()["scheduler"]["realtime_reserve"]["cores"] == want
     finally:
         a.kill()
+
+
+def test_the_reserve_is_set_on_the_command_line(tmp_path, keys):
+    """--realtime-reserve 1 keeps a core on a 2-core budget (where the default keeps none)."""
+    import os
+
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("CPU affinity with 2 or more cores is needed to keep one")
+    a, _ = _agent(tmp_path, keys, extra=["--cores", "2", "--realtime-reserve", "1"], name="cli")
+    try:
+        c = DeviceClient(a.url, TOKEN, timeout=60)
+        assert c.info()["scheduler"]["realtime_reserve"]["cores"] == 1
+    finally:
+        a.kill()
