@@ -174,3 +174,11 @@ def test_parallel_trials_in_processes(session):
     assert sorted(r["hyperparameters"]["l2_reg"] for r in rows) == [0, 1, 100, 10000]  # the whole grid, once
     best = next(r for r in rows if r["is_optimal"])
     assert best["hyperparameters"]["l2_reg"] in (0, 1)  # the data has no noise: heavy ridge loses r2
+    # two at a time, in two processes: some trials' runs (MLflow child runs, start to end) overlap,
+    # each trial's process is not this one
+    runs = session.registry.trial_runs(session.registry.get("lin"))
+    spans = sorted((r.info.start_time, r.info.end_time) for r in runs)
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans
+    import os
+
+    assert {r.data.tags.get("mlsql.trial_pid") for r in runs} - {str(os.getpid()), None}

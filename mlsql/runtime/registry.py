@@ -214,6 +214,7 @@ class Registry:
         metrics += [Metric(k, float(trial[k]), end, 0) for k in ("training_loss", "eval_loss") if _is_number(trial.get(k))]
         metrics.append(Metric("duration_s", (end - start) / 1000, end, 0))
         tags = [RunTag(_TAG + "trial_id", str(trial["trial_id"])), RunTag(_TAG + "status", trial["status"]),
+                *([RunTag(_TAG + "trial_pid", str(trial["pid"]))] if trial.get("pid") else []),
                 RunTag(_TAG + "is_optimal", str(bool(trial.get("is_optimal"))).lower())]
         if trial.get("error_message"):
             tags.append(RunTag(_TAG + "error_message", _short(trial["error_message"], 4000)))
