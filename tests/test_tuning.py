@@ -182,3 +182,31 @@ def test_parallel_trials_in_processes(session):
     import os
 
     assert {r.data.tags.get("mlsql.trial_pid") for r in runs} - {str(os.getpid()), None}
+
+
+def test_the_same_statement_on_spark(tuned, spark_ws):
+    """Spark brings the rows to the driver as Arrow and tunes there, as DuckDB does: the same grid
+    gives the same trials, with the same evaluation metrics as DuckDB's (the same rows, the same
+    single-process xgboost; float32 histogram sums in whatever order the rows come: rel 1e-6)."""
+    s, _ = tuned
+    spark_ws.sql("CREATE OR REPLACE TEMP VIEW pg AS SELECT * FROM workspace.pg")
+    stmt = f"""CREATE OR REPLACE MODEL {{name}} OPTIONS (model_type = 'boosted_tree_regressor',
+              input_label_cols = ['body_mass_g'], num_trials = 3, hparam_tuning_algorithm = 'GRID_SEARCH',
+              data_split_method = 'custom', data_split_col = 'split', max_iterations = 20,
+              max_tree_depth = HPARAM_CANDIDATES([2, 3, 4]))
+              AS SELECT {COLS}, split FROM pg ORDER BY species, island, bill_length_mm, bill_depth_mm,
+                 flipper_length_mm, sex, body_mass_g"""
+    r = spark_ws.sql(stmt.format(name="mass_spark_tuned"))
+    assert "Tuned over 3 trials" in r.message
+    s.sql(stmt.format(name="mass_duck_tuned"))
+    q = ("SELECT hyperparameters.max_tree_depth AS depth, hparam_tuning_evaluation_metrics.r2_score AS r2, "
+         "is_optimal FROM ML.TRIAL_INFO(MODEL {name}) ORDER BY depth")
+    on_spark = spark_ws.sql(q.format(name="mass_spark_tuned")).to_arrow().to_pylist()
+    on_duck = s.sql(q.format(name="mass_duck_tuned")).to_arrow().to_pylist()
+    assert [x["depth"] for x in on_spark] == [2, 3, 4] and sum(x["is_optimal"] for x in on_spark) == 1
+    for a, b in zip(on_spark, on_duck):
+        assert a["r2"] == pytest.approx(b["r2"], rel=1e-6) and a["is_optimal"] == b["is_optimal"]
+    # the tuned model scores on Spark like any other
+    ev = spark_ws.sql("SELECT r2_score FROM ML.EVALUATE(MODEL mass_spark_tuned, "
+                      "(SELECT * FROM pg WHERE split = 'EVAL'))").to_arrow().column(0)[0].as_py()
+    assert ev == pytest.approx(next(x["r2"] for x in on_spark if x["is_optimal"]), rel=1e-6)

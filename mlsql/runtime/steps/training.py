@@ -36,7 +36,9 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
     opts = Options.checked(step.options, given=raw)  # checked once, by the planner
 
     query_params = P.params_for(step.query, params)
-    trainer = s.engine.executor_trainer(opts.family)
+    # tuning trains on the driver, in processes (mlsql.ml.tuning): on Spark the rows come to it as
+    # Arrow, as on DuckDB; a plain CREATE MODEL trains where the engine's data is
+    trainer = s.engine.executor_trainer(opts.family) if not opts.tuned else None
     if trainer is not None:  # e.g. Spark: the rows stay in the executors
         from functools import partial
 
