@@ -57,13 +57,19 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
         "ML.DESCRIBE_DATA(TABLE t | (query) [, STRUCT(2 AS num_quantiles, 1 AS top_k)])",
         "One row per column: name, num_rows, num_nulls, num_zeros, min, max, mean, stddev, median, quantiles, "
         "unique, avg_string_length, num_values, top_values."),
+    "COMPARE_MODELS": (
+        "ML.COMPARE_MODELS(['m1', 'm2@3', 'm3@champion'], TABLE t | (query) [, STRUCT(0.5 AS threshold, "
+        "'roc_auc' AS order_by)])",
+        "Several models evaluated on the same rows, one row each, best first: model, name, version, model_type, "
+        "rank, then ML.EVALUATE's metrics (columns a model has no value for are NULL); charts the main metrics "
+        "side by side (and the ROC curves of binary classifiers)."),
     "ALERT_HISTORY": ("ML.ALERT_HISTORY(['alert'])",
                       "One row per check of an alert: checked_at, status, rows, fired, notified, attempts, error, "
                       "preview of the first rows."),
 }
 # Functions whose first argument is not a model (DEVICE_DATA takes MODEL m later, optionally).
 NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS", "VALIDATE_DATA_DRIFT", "DESCRIBE_DATA",
-                      "ALERT_HISTORY")
+                      "ALERT_HISTORY", "COMPARE_MODELS")
 # Functions that read two inputs (TABLE t | (query)), the first being the baseline.
 TWO_INPUT_FUNCTIONS = ("VALIDATE_DATA_DRIFT",)
 

@@ -552,6 +552,9 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("package", "bool", "also write a signed device package <file>.mlpkg", False),
         _O("providers", "list", "preferred execution providers recorded in the package (implies package = TRUE)",
           None, items="str", min_items=1, check=_providers),
+        _O("trial_id", "int", "a tuned model: export this trial's model instead of the optimal one (the ONNX "
+                              "file only: a device package holds the version's optimal trial)", None, min=1,
+           default_doc="the optimal trial"),
     ),
     "DEPLOY MODEL": (
         _O("providers", "list", "ordered provider preference; the agent falls back down the list", ["cpu"],
@@ -665,6 +668,12 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
           0.5, min=0, max=1),
         _O("trial_id", "int", "a tuned model: use this trial's model instead of the optimal one", None, min=1,
            default_doc="the optimal trial"),
+    ),
+    "ML.COMPARE_MODELS": (
+        _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
+          0.5, min=0, max=1),
+        _O("order_by", "str", "the metric that ranks the models (the best first; lower is better for errors "
+                              "and log_loss)", None, default_doc="'roc_auc' (classifiers), 'r2_score' (regressors)"),
     ),
     "ML.WEIGHTS": (
         _O("standardize", "bool", "the weights of standardized inputs (mean 0, standard deviation 1), so "

@@ -66,20 +66,28 @@ def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = Fals
     report (``quiet``: the ExportResult)."""
     from mlsql.export import export_model
 
-    lm = load_model(s, spec)
+    trial = opts.get("trial_id")
+    if trial is not None and (opts.get("package") or opts.get("providers")):
+        raise MLSQLError(f"EXPORT MODEL {spec} OPTIONS (trial_id = {trial}) writes the trial's ONNX file only, "
+                         "not a device package",
+                         hint=f"A package is identified on devices by its model version, which holds the optimal "
+                              f"trial; to deploy trial {trial}, train it as a version of its own (CREATE OR REPLACE "
+                              f"MODEL with that trial's hyperparameters from ML.TRIAL_INFO).")
+    lm = load_model(s, spec, trial)
     mv = lm.version
     sample = sample_rows(s, lm)
     calibration = None
     if opts.get("calibration_query"):
         calibration = s.engine.query(str(opts["calibration_query"]))
-    suffix = "" if opts["quantize"] == "none" else f"_{opts['quantize']}"
+    suffix = ("" if trial is None else f"_trial{int(trial)}") + ("" if opts["quantize"] == "none" else f"_{opts['quantize']}")
     # into the workspace, never beside the notebook: a relative uri is relative to <workspace>/exports
     out = Path(str(opts.get("uri") or f"{mv.name}_v{mv.version}{suffix}.onnx")).expanduser()
     uri = str(out if out.is_absolute() else s.workspace.exports_dir / out)
     raw_schema = lm.meta.get("training_schema", {})
     result = export_model(lm.model, lm.transform, raw_schema,
-                          {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers", "package")},
-                          sample, native_predict(s, lm), Path(uri).expanduser(), calibration, name=mv.ref,
+                          {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers", "package", "trial_id")},
+                          sample, native_predict(s, lm), Path(uri).expanduser(), calibration,
+                          name=mv.ref if trial is None else f"{mv.ref} trial {int(trial)}",
                           rows_from=SAMPLE_ROWS_FROM)
     report_path = result.path.with_suffix(".parity.json")
     report_path.write_text(json.dumps(result.report.to_dict(), indent=1, default=str))
@@ -91,13 +99,15 @@ def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = Fals
         s.registry.log_artifact(mv, report_path, "exports")
         if result.package_path is not None:
             s.registry.log_artifact(mv, result.package_path, "exports")
-        s.registry.set_version_tag(mv, f"export.{opts['quantize']}", str(result.path))
+        tag = f"export.{opts['quantize']}" + ("" if trial is None else f".trial{int(trial)}")
+        s.registry.set_version_tag(mv, tag, str(result.path))
     except Exception as exc:  # the file is written; say the registry could not record it
         raise MLSQLError(f"Exported {mv.ref} to {result.path}, but the registry could not record it: {exc}") from exc
     if quiet:
         return result
     r = result.report
-    msg = (f"Exported {mv.ref} to {result.path} ({r.size_bytes / 1024:.1f} KiB, quantize={r.quantize}); "
+    what = mv.ref if trial is None else f"trial {int(trial)} of {mv.ref}"
+    msg = (f"Exported {what} to {result.path} ({r.size_bytes / 1024:.1f} KiB, quantize={r.quantize}); "
            f"parity max diff {r.max_abs_diff:.2g} on {r.rows} {r.rows_from}")
     if result.package_path is not None:
         msg += f"; signed package {result.package_path}"

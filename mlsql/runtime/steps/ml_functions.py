@@ -296,6 +296,34 @@ def _job_runs(c: Call):
     return job_runs_table(c.s.workspace, c.step.args)
 
 
+def _compare_models(c: Call):
+    """ML.COMPARE_MODELS (mlsql.runtime.steps.compare): every listed model loaded and its inputs
+    checked before any is scored, then each evaluated as ML.EVALUATE does, on the same rows."""
+    from mlsql.runtime.steps.compare import comparison, model_specs, one_kind
+
+    specs = model_specs(c.step.args)
+    data = c.rows()
+    loaded = [(ref, load_model(c.s, spec)) for ref, spec in specs]
+    classifier = one_kind(loaded)
+    cols = _column_names(data)
+    for _, lm in loaded:  # one message, before anything is scored
+        missing_inputs(lm.version.ref, model_inputs(lm), cols, "COMPARE_MODELS", label=lm.label)
+        if lm.label.lower() not in {x.lower() for x in cols} and lm.transform is None:
+            raise UnknownColumnError(lm.label, cols, message=(
+                f"ML.COMPARE_MODELS input has no label column '{lm.label}' for model {lm.version.ref}"))
+    threshold = c.threshold()
+    evaluations = []
+    for _, lm in loaded:
+        if c.scorer is not None:  # Spark: each model's metrics aggregated in the executors
+            evaluations.append(c.scorer.evaluate(c.s.engine, lm, data, threshold.get("threshold")))
+        else:
+            feats = model_features(c.s, lm, data, need_label=True, func="COMPARE_MODELS")
+            evaluations.append(lm.model.evaluation_of(feats, **threshold))
+    table, charts = comparison(loaded, evaluations, c.settings.get("order_by"), classifier)
+    c.chart("compare", charts)
+    return table
+
+
 def _alert_history(c: Call):
     from mlsql.jobs.alert_statements import alert_history_table
 
@@ -324,6 +352,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "VALIDATE_DATA_DRIFT": MLFunctionSpec(_validation("validate_drift"), model=False, reads_rows=False),
     "DESCRIBE_DATA": MLFunctionSpec(_validation("describe_data"), model=False, reads_rows=False),
     "ALERT_HISTORY": MLFunctionSpec(_alert_history, model=False),
+    "COMPARE_MODELS": MLFunctionSpec(_compare_models, model=False, in_executors=True),
 }
 
 
