@@ -559,6 +559,9 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "DEPLOY MODEL": (
         _O("providers", "list", "ordered provider preference; the agent falls back down the list", ["cpu"],
           items="str", min_items=1, check=_providers),
+        _O("trial_id", "int", "a tuned model: deploy this trial, registered first as a version of its own "
+                              "(once; the next DEPLOY of it finds that version)", None, min=1,
+           default_doc="the optimal trial"),
         _O("strict_providers", "bool", "fail the deploy instead of falling back to another provider", False),
         _O("quantize", "enum", "the exported form, as EXPORT", "none", choices=QUANTIZE),
         _O("tree_format", "enum", "the exported form of boosted trees, as EXPORT", "ensemble", choices=TREE_FORMATS),

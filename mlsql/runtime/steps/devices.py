@@ -71,9 +71,18 @@ def _drop_group(s: SessionState, step: P.DeviceStep) -> Result:
 
 
 def _deploy(s: SessionState, step: P.DeviceStep) -> Result:
-    if step.target_kind == "GROUP":
-        return deploy_group(s, step)
-    return deploy_device(s, step)
+    said = ""
+    if step.options.get("trial_id") is not None:  # a trial of a tuned model: a version of its own first
+        from dataclasses import replace
+
+        from mlsql.runtime.steps.training import register_trial
+
+        spec, said = register_trial(s, step.model, int(step.options["trial_id"]))
+        step = replace(step, model=spec)
+    r = deploy_group(s, step) if step.target_kind == "GROUP" else deploy_device(s, step)
+    if said:
+        r.message = said + (r.message or "")
+    return r
 
 
 def _rollback(s: SessionState, step: P.DeviceStep) -> Result:

@@ -70,9 +70,9 @@ def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = Fals
     if trial is not None and (opts.get("package") or opts.get("providers")):
         raise MLSQLError(f"EXPORT MODEL {spec} OPTIONS (trial_id = {trial}) writes the trial's ONNX file only, "
                          "not a device package",
-                         hint=f"A package is identified on devices by its model version, which holds the optimal "
-                              f"trial; to deploy trial {trial}, train it as a version of its own (CREATE OR REPLACE "
-                              f"MODEL with that trial's hyperparameters from ML.TRIAL_INFO).")
+                         hint=f"A device knows a package by its model version, which holds the optimal trial: "
+                              f"DEPLOY MODEL {spec} ... OPTIONS (trial_id = {trial}) registers trial {trial} as a "
+                              f"version of its own and deploys it; EXPORT that version to package it.")
     lm = load_model(s, spec, trial)
     mv = lm.version
     sample = sample_rows(s, lm)
