@@ -30,6 +30,8 @@ TYPES = ("int", "float", "bool", "str", "list", "enum", "struct", "duration")
 
 MODEL_TYPES = ("boosted_tree_classifier", "boosted_tree_regressor", "linear_reg", "logistic_reg",
                "dnn_classifier", "dnn_regressor")
+# models trained elsewhere, imported from a file (CREATE MODEL m OPTIONS (model_type = 'onnx', model_path = ...))
+IMPORTED = ("onnx", "torch", "xgboost")
 CLASSIFIERS = ("boosted_tree_classifier", "logistic_reg", "dnn_classifier")
 TREES = ("boosted_tree_classifier", "boosted_tree_regressor")
 LINEAR = ("linear_reg", "logistic_reg")
@@ -462,7 +464,8 @@ _VALIDATE = (
 
 OPTIONS: dict[str, tuple[Option, ...]] = {
     "CREATE MODEL": (
-        _O("model_type", "enum", "the kind of model to train", choices=MODEL_TYPES, required=True),
+        _O("model_type", "enum", "the kind of model to train (or, with model_path, to import)",
+          choices=MODEL_TYPES + IMPORTED, required=True),
         _O("input_label_cols", "list", "the label column (one)", ["label"], items="str", min_items=1, max_items=1),
         _O("max_iterations", "int", "boosting rounds (trees), L-BFGS iterations (logistic), epochs (dnn)", 20, min=1),
         _O("learn_rate", "float", "step size", 0.3, min=0, min_open=True,
@@ -533,6 +536,13 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
                              "instead of starting over (MLSQL extension)", False),
         _O("num_threads", "int", "CPU threads (MLSQL extension)", None, min=1, model_types=TREES + LINEAR,
           default_doc="all cores"),
+        # importing a model trained elsewhere (docs/LANGUAGE.md, Importing models)
+        _O("model_path", "str", "import: the ONNX, torch (torch.export / TorchScript) or xgboost (JSON / UBJ) "
+                                "file, or an MLflow URI models:/name/version, runs:/id/path", model_types=IMPORTED),
+        _O("output_cols", "list", "import: the column name of each graph output, in the graph's order", None,
+          items="str", min_items=1, model_types=("onnx", "torch"), default_doc="as ML.PREDICT names them"),
+        _O("class_labels", "list", "import: the label of each class of a classifier's probabilities, in order",
+          None, min_items=2, model_types=("onnx", "torch"), default_doc="0, 1, ..."),
         _O("aliases", "list", "registry aliases to point at the new version, e.g. ['champion']", [], items="str"),
         _O("alias", "list", "the same as aliases", [], items="str"),
     ),

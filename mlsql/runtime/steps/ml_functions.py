@@ -46,12 +46,12 @@ def load_model(s: SessionState, spec: P.ModelSpec, trial_id: int | None = None) 
     mv = s.registry.get(spec.name, spec.version, spec.alias)
     key = (mv.name, mv.version) if trial_id is None else (mv.name, mv.version, int(trial_id))
     if key not in s.loaded_models:
-        from mlsql.ml import TrainedModel
+        from mlsql.ml.imported import load_any
         from mlsql.plan.transform import FittedTransform
 
         path = s.registry.local_path(mv)
         model_path = path if trial_id is None else trial_folder(path, mv.ref, int(trial_id))
-        model = TrainedModel.load(model_path)
+        model = load_any(model_path)  # a TrainedModel, or an ImportedModel (an ONNX graph)
         tf = path / TRANSFORM_FILE
         transform = FittedTransform.from_json(tf.read_text()) if tf.exists() else None
         meta_path = path / META_FILE
