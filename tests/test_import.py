@@ -226,3 +226,73 @@ def test_xgboost_booster_import_equals_booster_predict(ws, fmt):
     # the same float32 trees, summed by xgboost in both (DMatrix here, inplace_predict in MLSQL)
     assert np.abs(_probs(out, "predicted_digit_probs") - want).max() <= TOL
     assert out.column("predicted_digit").to_pylist() == want.argmax(axis=1).tolist()
+
+
+# -- torch ---------------------------------------------------------------------------------------------
+
+
+def _digits_cnn():
+    """A small CNN trained on scikit-learn's bundled 8×8 digits (offline), a few seconds on 2 cores."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    _, pixels, target = _digits_table()
+    X, y = torch.from_numpy(pixels.reshape(-1, 1, 8, 8)), torch.from_numpy(target)
+
+    class CNN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+            self.c2 = torch.nn.Conv2d(8, 16, 3, padding=1)
+            self.fc = torch.nn.Linear(16 * 2 * 2, 10)
+
+        def forward(self, x):
+            x = torch.nn.functional.max_pool2d(torch.relu(self.c1(x)), 2)
+            x = torch.nn.functional.max_pool2d(torch.relu(self.c2(x)), 2)
+            return self.fc(x.flatten(1))
+
+    m = CNN()
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(3):
+        for i in range(0, len(X), 128):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(m(X[i:i + 128]), y[i:i + 128]).backward()
+            opt.step()
+    return m.eval(), X
+
+
+# ONNX Runtime's float32 convolutions and matrix products against torch's on the same weights:
+# other kernels sum in another order, ~1e-6 relative on logits of magnitude ~10, so ~1e-5 absolute at
+# most on the logits and less on probabilities (softmax's derivative is at most 1/4). A wrong weight,
+# layout or row order moves probabilities by 1e-2 and more.
+TORCH_TOL = 1e-4
+
+
+@pytest.mark.parametrize("form", ["export", "torchscript"])
+def test_torch_import_digits_cnn_equals_torch_by_hand(ws, form):
+    import torch
+
+    m, X = _digits_cnn()
+    path = ws.files / f"cnn_{form}.pt2"
+    if form == "export":
+        batch = torch.export.Dim("batch", min=1)
+        torch.export.save(torch.export.export(m, (X[:8],), dynamic_shapes=({0: batch},)), str(path))
+        select = "pixels"  # FLOAT[64] feeds the program's [batch, 1, 8, 8] input
+    else:
+        torch.jit.save(torch.jit.script(m), str(path))
+        select = ("[[pixels[1:8], pixels[9:16], pixels[17:24], pixels[25:32], pixels[33:40], pixels[41:48], "
+                  "pixels[49:56], pixels[57:64]]]::FLOAT[8][8][1] AS pixels")  # TorchScript: shapes from the column
+    r = ws.sql(f"CREATE OR REPLACE MODEL cnn_{form} OPTIONS (model_type = 'torch', model_path = '{path}', "
+               f"input_label_cols = ['digit']) AS SELECT {select}, digit FROM digits LIMIT 64")
+    assert r.table.column("outputs")[0].as_py() == "predicted_digit, predicted_digit_probs"
+    out = ws.sql(f"SELECT * FROM ML.PREDICT(MODEL cnn_{form}, (SELECT {select}, digit FROM digits))").table
+    assert out.num_rows == 1797
+    x = torch.tensor(np.array(out.column("pixels").to_pylist(), dtype=np.float32).reshape(-1, 1, 8, 8))
+    with torch.no_grad():
+        want = torch.softmax(m(x).double(), dim=1).numpy()
+    assert np.abs(_probs(out, "predicted_digit_probs") - want).max() <= TORCH_TOL
+    agree = (np.array(out.column("predicted_digit").to_pylist()) == want.argmax(axis=1)).mean()
+    assert agree >= 0.999  # a row whose top two classes tie within float32 rounding may differ
+    acc = ws.sql(f"SELECT accuracy FROM ML.EVALUATE(MODEL cnn_{form}, (SELECT {select}, digit FROM digits))").table
+    assert acc.column(0)[0].as_py() == pytest.approx((want.argmax(axis=1) == out.column("digit").to_numpy()).mean(),
+                                                      abs=2 / 1797)

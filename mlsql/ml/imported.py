@@ -505,26 +505,55 @@ def torch_to_onnx(path: Path, rows: dict[str, np.ndarray], opset: int = 18) -> b
     program, kind = load_torch(path)
     names = list(rows)
     args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in rows.values())
-    module = program.module() if kind == "export" else program
-    batch = torch.export.Dim("batch", min=1)
+    import logging
+
+    quiet = logging.getLogger("torch.onnx")  # the exporter logs each optional library it skips
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            exported = torch.export.export(module, args, dynamic_shapes=[{0: batch} for _ in args])
-            onnx_program = torch.onnx.export(exported, args, dynamo=True, input_names=names,
-                                             opset_version=opset, verbose=False)
-        buf = io.BytesIO()
+            if kind == "export":
+                # the program keeps the shapes it was exported with: a batch dimension exported as
+                # dynamic stays so; a fixed one (torch.export.export without dynamic_shapes) gives a
+                # graph of that batch size, which ML.PREDICT feeds in batches of it
+                first = next(n for n in program.graph.nodes if n.op == "placeholder"
+                             and n.name in set(program.graph_signature.user_inputs))
+                b = first.meta["val"].shape[0]
+                if isinstance(b, int):
+                    args = tuple(torch.cat([a, a[-1:].repeat(max(b - len(a), 0), *[1] * (a.dim() - 1))])[:b]
+                                 for a in args)
+                onnx_program = torch.onnx.export(program, args, dynamo=True, input_names=names,
+                                                 opset_version=opset, verbose=False)
+            else:
+                # a ScriptModule is no Python code torch.export can trace: TorchScript's own exporter
+                # (the batch dimension of every input and output dynamic)
+                with torch.no_grad():
+                    got = program(*args)
+                n_out = 1 if isinstance(got, torch.Tensor) else len(got)
+                outs = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+                buf = io.BytesIO()
+                torch.onnx.export(program, args, buf, dynamo=False, input_names=names, output_names=outs,
+                                  opset_version=min(opset, 17),
+                                  dynamic_axes={k: {0: "batch"} for k in [*names, *outs]})
+                return buf.getvalue()
         onnx_program.model_proto.ir_version = min(onnx_program.model_proto.ir_version, 10)
-        buf.write(onnx_program.model_proto.SerializeToString())
-        return buf.getvalue()
+        return onnx_program.model_proto.SerializeToString()
     except ModelImportError:
         raise
+    except ImportError as exc:
+        raise ModelImportError(f"{path}: exporting a torch program to ONNX needs {exc.name or 'onnxscript'}",
+                               hint="pip install 'mlsql[torch]' (torch and onnxscript).") from None
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # the exporter's first line is often a banner ("step 1/3 ..."); its cause says what failed
+        cause = exc.__cause__ or exc
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ModelImportError(f"{path}: the torch program could not be exported to ONNX on the example rows "
                                f"({first[:300]})",
                                hint="The AS SELECT's columns feed forward()'s arguments in order; check their "
                                     "shapes and types.") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def evaluation_of_rows(model: TrainedModel, table: pa.Table) -> dict:
