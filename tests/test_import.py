@@ -296,3 +296,29 @@ def test_torch_import_digits_cnn_equals_torch_by_hand(ws, form):
     acc = ws.sql(f"SELECT accuracy FROM ML.EVALUATE(MODEL cnn_{form}, (SELECT {select}, digit FROM digits))").table
     assert acc.column(0)[0].as_py() == pytest.approx((want.argmax(axis=1) == out.column("digit").to_numpy()).mean(),
                                                       abs=2 / 1797)
+
+
+# -- Spark -----------------------------------------------------------------------------------------------
+
+
+def test_imported_graph_on_spark_equals_onnx_runtime_by_hand(spark_ws, tmp_path):
+    """On Spark the graph runs in the executors (Arrow batches through mapInArrow): the same
+    answers as ONNX Runtime called by hand on the rows Spark returns."""
+    s = spark_ws
+    table, _, _ = _digits_table()
+    s.register("digits_spark", table.slice(0, 400))
+    path = _mlp_graph(tmp_path / "mlp_spark.onnx", softmax=False, seed=5)
+    s.sql(f"CREATE OR REPLACE MODEL mlp_spark OPTIONS (model_type = 'onnx', model_path = '{path}', "
+          f"input_label_cols = ['digit'])")
+    out = s.sql("SELECT * FROM ML.PREDICT(MODEL mlp_spark, TABLE digits_spark)").table
+    assert out.num_rows == 400
+    x = np.array(out.column("pixels").to_pylist(), dtype=np.float32)
+    (logits,) = _by_hand(path, {"pixels": x})
+    assert np.abs(_probs(out, "predicted_digit_probs") - _softmax(logits)).max() <= TOL
+    assert out.column("predicted_digit").to_pylist() == logits.argmax(axis=1).tolist()
+    # ML.EVALUATE aggregates on the cluster: accuracy as sklearn counts it
+    from sklearn.metrics import accuracy_score
+
+    ev = s.sql("SELECT * FROM ML.EVALUATE(MODEL mlp_spark, TABLE digits_spark)").table
+    assert ev.column("accuracy")[0].as_py() == pytest.approx(
+        accuracy_score(out.column("digit").to_numpy(), logits.argmax(axis=1)), abs=1e-12)
