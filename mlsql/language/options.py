@@ -549,7 +549,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "EXPORT MODEL": (
         _O("uri", "str", "where to write the ONNX file (a local path; relative to <workspace>/exports)", None,
           default_doc="<workspace>/exports/<name>_v<version>[_<quantize>].onnx", check=_no_cloud_uri),
-        _O("format", "enum", "the export format", "onnx", choices=("onnx",)),
+        _O("format", "enum", "the export format: onnx, or also ONNX Runtime's ORT format optimized offline (.ort "
+                             "beside the .onnx)", "onnx", choices=("onnx", "ort")),
         _O("quantize", "enum", "int8 (dynamic), int8_static (calibrated QDQ), fp16 weights, or none", "none",
           choices=QUANTIZE),
         _O("tree_format", "enum", "boosted trees as a TreeEnsemble, tensor ops (tensor) or GEMMs (gemm)",
@@ -558,6 +559,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
           MAX_METRIC_DROP, min=0),
         _O("calibration_query", "str", "rows (raw columns) that calibrate int8_static", None,
           default_doc="2,000 rows sampled from the training query"),
+        _O("calibrate", "str", "calibrate = (SELECT ...): the same as calibration_query, the query written in the "
+                               "statement", None, default_doc="calibration_query's"),
         _O("opset", "int", "ONNX opset of the file (a graph that needs a newer one is refused)", 17, min=13, max=21),
         _O("package", "bool", "also write a signed device package <file>.mlpkg", False),
         _O("providers", "list", "preferred execution providers recorded in the package (implies package = TRUE)",
@@ -570,6 +573,7 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("quantize", "enum", "the exported form, as EXPORT", "none", choices=QUANTIZE),
         _O("tree_format", "enum", "the exported form of boosted trees, as EXPORT", "ensemble", choices=TREE_FORMATS),
         _O("calibration_query", "str", "rows that calibrate int8_static, as EXPORT"),
+        _O("calibrate", "str", "calibrate = (SELECT ...): rows that calibrate int8_static, as EXPORT"),
         _O("max_metric_drop", "float", "as EXPORT: a quantized form that loses more is refused before sending",
           MAX_METRIC_DROP, min=0),
         _O("only_if_better", "str", "a metric name: deploy only if this version beats the one active on the device"),
@@ -675,6 +679,14 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
           0.5, min=0, max=1),
         _O("trial_id", "int", "a tuned model: use this trial's model instead of the optimal one", None, min=1,
            default_doc="the optimal trial"),
+    ),
+    "ML.PROFILE": (
+        _O("device", "str", "a registered device: profile the model deployed there", None,
+           default_doc="in the notebook's process"),
+        _O("batch_sizes", "list", "rows per run; each is profiled", [1, 32], items="int", min=1, max=1024,
+           min_items=1, max_items=4),
+        _O("runs", "int", "timed runs per batch size (after 3 warm-up runs)", 50, min=1, max=200),
+        _O("provider", "enum", "the execution provider to run on", "cpu", choices=PROVIDERS),
     ),
     "ML.WEIGHTS": (
         _O("standardize", "bool", "the weights of standardized inputs (mean 0, standard deviation 1), so "

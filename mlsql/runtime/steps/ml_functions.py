@@ -290,6 +290,12 @@ def _validation(name: str):
     return run
 
 
+def _profile(c: Call):
+    from mlsql.runtime.steps.profile import profile
+
+    return profile(c)
+
+
 def _job_runs(c: Call):
     from mlsql.jobs.statements import job_runs_table
 
@@ -324,6 +330,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "VALIDATE_DATA_DRIFT": MLFunctionSpec(_validation("validate_drift"), model=False, reads_rows=False),
     "DESCRIBE_DATA": MLFunctionSpec(_validation("describe_data"), model=False, reads_rows=False),
     "ALERT_HISTORY": MLFunctionSpec(_alert_history, model=False),
+    "PROFILE": MLFunctionSpec(_profile),
 }
 
 
