@@ -520,3 +520,19 @@ def test_export_ort_format_runs_like_the_onnx_file(ws, tmp_path):
     b = _by_hand(tmp_path / "out.onnx", {"pixels": x})
     # the offline optimizations fuse nodes (Gemm + Relu); the arithmetic is the same float32 kernels'
     assert a[0].tolist() == b[0].tolist() and np.abs(a[1] - b[1]).max() <= TOL
+
+
+def test_import_from_the_registry_by_mlflow_uri(ws, tmp_path):
+    """model_path = 'models:/name/version': the file comes from the workspace's MLflow store (here the
+    ONNX graph kept with an earlier import), and a URI that names nothing is a clear error."""
+    path = _mlp_graph(tmp_path / "reg_src.onnx", softmax=True, seed=21)
+    ws.sql(f"CREATE OR REPLACE MODEL src_m OPTIONS (model_type = 'onnx', model_path = '{path}')")
+    v = ws.registry.get("src_m").version
+    ws.sql(f"CREATE OR REPLACE MODEL copy_m OPTIONS (model_type = 'onnx', model_path = 'models:/src_m/{v}')")
+    out = ws.sql("SELECT * FROM ML.PREDICT(MODEL copy_m, (SELECT pixels FROM digits LIMIT 30))").table
+    x = np.array(out.column("pixels").to_pylist(), dtype=np.float32)
+    (p,) = _by_hand(path, {"pixels": x})
+    assert np.abs(_probs(out) - p).max() <= TOL
+    with pytest.raises(MLSQLError, match=r"models:/no_such_model/1: not found in the workspace's MLflow store"):
+        ws.sql("CREATE MODEL bad_uri OPTIONS (model_type = 'onnx', model_path = 'models:/no_such_model/1')")
+    assert not ws.registry.exists("bad_uri")

@@ -26,14 +26,21 @@ def resolve_path(s: SessionState, model_path: str, model_type: str, into: Path) 
     ``runs:/<run id>/<path>``) of the workspace's store, downloaded into ``into``."""
     if not model_path.startswith(("models:/", "runs:/")):
         return Path(model_path).expanduser()
-    import mlflow.artifacts
-
-    s.registry.client  # noqa: B018 -- sets the workspace's tracking URI
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_path, dst_path=str(into),
-                                                         tracking_uri=s.workspace.tracking_uri))
+        if model_path.startswith("models:/"):  # the workspace's registry: models:/name/3, models:/name@alias
+            ref = model_path[len("models:/"):].strip("/")
+            name, _, rest = ref.replace("@", "/@", 1).partition("/")
+            version = int(rest) if rest.isdigit() else None
+            alias = rest[1:] if rest.startswith("@") else (rest or None) if version is None else None
+            local = s.registry.local_path(s.registry.get(name, version, alias))
+        else:
+            import mlflow.artifacts
+
+            s.registry.client  # noqa: B018 -- creates the workspace's store if it is new
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_path, dst_path=str(into),
+                                                             tracking_uri=s.workspace.tracking_uri))
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = str(getattr(exc, "message", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelImportError(f"{model_path}: not found in the workspace's MLflow store ({first[:200]})") from None
     if local.is_dir():
         found = sorted(p for p in local.rglob("*") if p.suffix.lower() in _SUFFIXES[model_type])
