@@ -187,6 +187,10 @@ def test_bad_imports_are_clear_errors_and_register_nothing(ws):
         with pytest.raises(MLSQLError, match=message):
             ws.sql(f"CREATE MODEL {name} OPTIONS ({opts}){tail}")
         assert not ws.registry.exists(name), f"case {i} registered a model"
+    with pytest.raises(MLSQLError, match=r"An imported onnx model cannot have a TRANSFORM"):
+        ws.sql(f"CREATE MODEL bad_t TRANSFORM (pixels) OPTIONS (model_type = 'onnx', model_path = '{f / 'ok.onnx'}') "
+               f"AS SELECT pixels FROM digits")
+    assert not ws.registry.exists("bad_t")
     # option errors come before any file is read
     with pytest.raises(MLSQLError, match=r"model_type = 'onnx' imports a model: it needs OPTIONS \(model_path"):
         ws.sql("CREATE MODEL bad_x OPTIONS (model_type = 'onnx') AS SELECT 1 AS x")
@@ -227,6 +231,13 @@ def test_xgboost_booster_import_equals_booster_predict(ws, fmt):
     # the same float32 trees, summed by xgboost in both (DMatrix here, inplace_predict in MLSQL)
     assert np.abs(_probs(out, "predicted_digit_probs") - want).max() <= TOL
     assert out.column("predicted_digit").to_pylist() == want.argmax(axis=1).tolist()
+    if fmt == "json":  # it exports to MLSQL's own tree forms: the tensor form, run by hand, is the booster
+        e = ws.sql(f"EXPORT MODEL xgb_{fmt} OPTIONS (uri = '{ws.files / 'xgb_tensor.onnx'}', "
+                   f"tree_format = 'tensor')").export
+        feeds = {i["name"]: out.column(i["name"]).to_numpy().astype(np.float64) for i in e.inputs}
+        _, p = _by_hand(ws.files / "xgb_tensor.onnx", feeds)
+        # float32 leaf sums in another order than xgboost's: ~1e-7 on probabilities
+        assert np.abs(p - want).max() <= TOL
 
 
 # -- torch ---------------------------------------------------------------------------------------------
@@ -539,3 +550,24 @@ def test_import_from_the_registry_by_mlflow_uri(ws, tmp_path):
     with pytest.raises(MLSQLError, match=r"models:/no_such_model/1: not found in the workspace's MLflow store"):
         ws.sql("CREATE MODEL bad_uri OPTIONS (model_type = 'onnx', model_path = 'models:/no_such_model/1')")
     assert not ws.registry.exists("bad_uri")
+
+
+def test_quantization_gate_without_a_label_is_output_agreement(ws, tmp_path):
+    """Example rows without the label column: the export's gate compares the quantized graph's classes
+    with the native model's (agreement 1.0 before quantization), and refuses past max_metric_drop."""
+    path = _mlp_graph(tmp_path / "nolabel.onnx", softmax=True, seed=31)
+    ws.sql(f"CREATE OR REPLACE MODEL nolabel OPTIONS (model_type = 'onnx', model_path = '{path}') "
+           f"AS SELECT pixels FROM digits")
+    rep = ws.sql(f"EXPORT MODEL nolabel OPTIONS (uri = '{tmp_path / 'q.onnx'}', quantize = 'int8_static', "
+                 f"max_metric_drop = 1, calibrate = (SELECT pixels FROM digits LIMIT 200))").export.report
+    assert rep.metric == "agreement" and rep.metric_native == 1.0 and rep.metric_onnx == 1.0
+    x = np.array(ws.sql("SELECT pixels FROM digits").table.column(0).to_pylist(), dtype=np.float32)
+    (p,) = _by_hand(path, {"pixels": x})
+    _, q = _by_hand(tmp_path / "q.onnx", {"pixels": x})
+    # the report's agreement is the share of rows whose class the quantized file keeps, counted here by hand
+    assert rep.metric_quantized == pytest.approx((q.argmax(axis=1) == p.argmax(axis=1)).mean(), abs=1e-12)
+    if rep.metric_quantized < 1.0:  # a gate of 0 then refuses, and nothing is written
+        with pytest.raises(MLSQLError, match="loses accuracy: agreement 1.0000 native"):
+            ws.sql(f"EXPORT MODEL nolabel OPTIONS (uri = '{tmp_path / 'q0.onnx'}', quantize = 'int8_static', "
+                   f"max_metric_drop = 0, calibrate = (SELECT pixels FROM digits LIMIT 200))")
+        assert not (tmp_path / "q0.onnx").exists()
