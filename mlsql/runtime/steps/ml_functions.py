@@ -236,6 +236,8 @@ def _predict(c: Call):
 
 
 def _explain_predict(c: Call):
+    if getattr(c.model, "onnx_bytes", None) is not None:  # an imported graph: refused before any engine work
+        c.model.explain_predict(None)
     if c.scorer is not None:
         return c.scorer.predict(c.s.engine, c.lm, c.rows(), "EXPLAIN_PREDICT", c.settings)
     out = c.model.explain_predict(c.features(need_label=False), top_k=int(c.settings.get("top_k_features", 5)))
