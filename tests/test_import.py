@@ -547,6 +547,10 @@ def test_import_from_the_registry_by_mlflow_uri(ws, tmp_path):
     x = np.array(out.column("pixels").to_pylist(), dtype=np.float32)
     (p,) = _by_hand(path, {"pixels": x})
     assert np.abs(_probs(out) - p).max() <= TOL
+    run = ws.registry.get("src_m").run_id  # runs:/<run id>/<path>: a file of the run's artifacts, through MLflow
+    ws.sql(f"CREATE OR REPLACE MODEL copy_r OPTIONS (model_type = 'onnx', model_path = 'runs:/{run}/model/model.onnx')")
+    again = ws.sql("SELECT * FROM ML.PREDICT(MODEL copy_r, (SELECT pixels FROM digits LIMIT 30))").table
+    assert np.abs(_probs(again) - p).max() <= TOL
     with pytest.raises(MLSQLError, match=r"models:/no_such_model/1: not found in the workspace's MLflow store"):
         ws.sql("CREATE MODEL bad_uri OPTIONS (model_type = 'onnx', model_path = 'models:/no_such_model/1')")
     assert not ws.registry.exists("bad_uri")
