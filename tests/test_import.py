@@ -517,7 +517,7 @@ def test_device_profile_endpoint_is_authenticated_bounded_and_one_at_a_time(ws, 
 # -- the ORT format ---------------------------------------------------------------------------------------
 
 
-def test_export_ort_format_runs_like_the_onnx_file(ws, tmp_path):
+def test_export_ort_format_runs_like_the_onnx_file(ws, agent, tmp_path):
     path = _mlp_graph(tmp_path / "mlp_ort.onnx", softmax=False, seed=11)
     ws.sql(f"CREATE OR REPLACE MODEL mlp_ort OPTIONS (model_type = 'onnx', model_path = '{path}', "
            f"input_label_cols = ['digit']) AS SELECT pixels, digit FROM digits")
@@ -534,6 +534,19 @@ def test_export_ort_format_runs_like_the_onnx_file(ws, tmp_path):
     b = _by_hand(tmp_path / "out.onnx", {"pixels": x})
     # the offline optimizations fuse nodes (Gemm + Relu); the arithmetic is the same float32 kernels'
     assert a[0].tolist() == b[0].tolist() and np.abs(a[1] - b[1]).max() <= TOL
+    # deployed in the ORT format: the device loads the .ort file and answers as the notebook does
+    d = ws.sql(f"DEPLOY MODEL mlp_ort TO DEVICE '{agent}' OPTIONS (format = 'ort')")
+    assert int(d.table.column("package_bytes")[0].as_py()) > 0
+    from device_bridge.package import _read_members
+
+    rows = "(SELECT pixels FROM digits LIMIT 100)"
+    remote = ws.sql(f"SELECT * FROM ML.PREDICT(MODEL mlp_ort, {rows}, STRUCT('{agent}' AS device))").table
+    local = ws.sql(f"SELECT * FROM ML.PREDICT(MODEL mlp_ort, {rows})").table
+    assert remote.column("predicted_digit").to_pylist() == local.column("predicted_digit").to_pylist()
+    # the device's float32 softmax against ML.PREDICT's float64 one over the same logits
+    assert np.abs(_probs(remote, "predicted_digit_probs") - _probs(local, "predicted_digit_probs")).max() <= TOL
+    pkg_files = sorted((ws.workspace.exports_dir).glob("mlp_ort_v1*.mlpkg"))
+    assert pkg_files and _read_members(pkg_files[-1].read_bytes())["model.onnx"][4:8] == b"ORTM"
 
 
 def test_import_from_the_registry_by_mlflow_uri(ws, tmp_path):

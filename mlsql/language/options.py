@@ -574,6 +574,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("tree_format", "enum", "the exported form of boosted trees, as EXPORT", "ensemble", choices=TREE_FORMATS),
         _O("calibration_query", "str", "rows that calibrate int8_static, as EXPORT"),
         _O("calibrate", "str", "calibrate = (SELECT ...): rows that calibrate int8_static, as EXPORT"),
+        _O("format", "enum", "the form the device loads: onnx, or ONNX Runtime's ORT format optimized offline",
+           "onnx", choices=("onnx", "ort")),
         _O("max_metric_drop", "float", "as EXPORT: a quantized form that loses more is refused before sending",
           MAX_METRIC_DROP, min=0),
         _O("only_if_better", "str", "a metric name: deploy only if this version beats the one active on the device"),

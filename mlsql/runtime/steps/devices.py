@@ -103,6 +103,8 @@ def deployable(s: SessionState, step: P.DeviceStep, opts: dict):
         export_opts["calibration_query"] = opts["calibration_query"]
     if opts.get("calibrate"):
         export_opts["calibrate"] = opts["calibrate"]
+    if opts.get("format"):
+        export_opts["format"] = opts["format"]
     from mlsql.export import resolve_export_options
 
     # DEPLOY's options mapped onto EXPORT MODEL's: checked by EXPORT's table, its defaults filled in

@@ -105,7 +105,12 @@ def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = Fals
     report_path.write_text(json.dumps(report, indent=1, default=str))
     result.package_path = None
     if opts.get("package") or opts.get("providers"):
-        result.package_path = package(s, lm, result, opts.get("providers"))
+        packaged = result
+        if result.ort is not None:  # the package carries the ORT file: the device loads it without optimizing
+            import dataclasses
+
+            packaged = dataclasses.replace(result, model_bytes=Path(result.ort.path).read_bytes())
+        result.package_path = package(s, lm, packaged, opts.get("providers"))
     try:
         s.registry.log_artifact(mv, result.path, "exports")
         s.registry.log_artifact(mv, report_path, "exports")
