@@ -32,6 +32,10 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             )
     # aliases are the registry's, not the trainer's: kept out of the model's options
     aliases = step.options.get("aliases") or step.options.get("alias") or []
+    if step.imported:  # a model trained elsewhere: read from its file, not trained
+        from mlsql.runtime.steps.imports import import_model
+
+        return import_model(s, step, params, aliases)
     raw = {k: v for k, v in step.given.items() if k.lower() not in ("aliases", "alias")}
     opts = Options.checked(step.options, given=raw)  # checked once, by the planner
 
