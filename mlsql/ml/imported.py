@@ -504,7 +504,8 @@ def torch_to_onnx(path: Path, rows: dict[str, np.ndarray], opset: int = 18) -> b
 
     program, kind = load_torch(path)
     names = list(rows)
-    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in rows.values())
+    # a copy: Arrow's buffers are read-only, and torch wants tensors it may write (it warns otherwise)
+    args = tuple(torch.from_numpy(np.array(v, copy=True, order="C")) for v in rows.values())
     import logging
 
     quiet = logging.getLogger("torch.onnx")  # the exporter logs each optional library it skips
