@@ -68,6 +68,11 @@ def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = Fals
 
     lm = load_model(s, spec)
     mv = lm.version
+    if lm.model.model_type == "arima_plus":
+        raise MLSQLError(f"EXPORT MODEL {mv.ref}: an arima_plus model has no ONNX form (its forecast is a table, "
+                         "not a function of input rows)",
+                         hint=f"Save its forecast instead: COPY (SELECT * FROM ML.FORECAST(MODEL {mv.name}, "
+                              "STRUCT(30 AS horizon))) TO 'forecast.parquet'.")
     sample = sample_rows(s, lm)
     calibration = None
     if opts.get("calibration_query"):
