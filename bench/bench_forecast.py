@@ -4,7 +4,7 @@ Arrow UDF per series), on synthetic daily series of two years.
 Each series: 730 days of a level, a weekly pattern, a random walk and noise (numpy, seeded), written
 once as parquet. Each engine runs the whole ``CREATE MODEL ... OPTIONS (model_type = 'arima_plus',
 time_series_id_col = 'id')`` statement (reading the rows, fitting, saving and registering the model);
-series per second = series / the statement's wall time. Also: one series fitted alone in this process
+series per second = series / the statement's wall time. Results are merged into --out by (engine, series). Also: one series fitted alone in this process
 (the cost of one fit, without any parallelism or bookkeeping).
 
     .venv/bin/python bench/bench_forecast.py [--series 1000 10000] [--engines duckdb spark]
@@ -70,13 +70,16 @@ def run(engine: str, n: int, path: Path, ws: Path) -> dict:
     try:
         if engine == "spark":
             s.sql("SELECT 1")  # start the JVM before the clock
+        load_before = os.getloadavg()[0]
         t0 = time.perf_counter()
         r = s.sql(MODEL.format(tag=f"{engine}_{n}", path=path))
         wall = time.perf_counter() - t0
         series = r.table.column("time_series")[0].as_py()
         assert series == n, (series, n)
         return {"engine": engine, "series": n, "points": n * DAYS, "seconds": round(wall, 2),
-                "series_per_second": round(n / wall, 2)}
+                "series_per_second": round(n / wall, 2),
+                # the machine is shared: the 1-minute load average before and after says how busy it was
+                "load_average_before_after": [round(load_before, 1), round(os.getloadavg()[0], 1)]}
     finally:
         s.close()
 
@@ -101,6 +104,10 @@ def main() -> None:
             results.append(r)
             print(f"{engine:7s} {n:6d} series: {r['seconds']:8.1f} s, {r['series_per_second']:7.1f} series/s",
                   flush=True)
+    old = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+    # earlier runs' figures of other engines or sizes are kept; a rerun replaces its own
+    done = {(r["engine"], r["series"]) for r in results}
+    results = [r for r in old.get("results", []) if (r["engine"], r["series"]) not in done] + results
     out = {
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                     "python": platform.python_version()},

@@ -72,6 +72,10 @@ def fit_forecast(engine, query, params, ts_want: str, data_want: str, ids_want: 
     if not id_cols:
         df = df.withColumn(_NO_ID, F.lit(0))
     fn = partial(_fit_group, ts_col, data_col, id_cols, asdict(cfg))
+    # the series spread over every task slot: the rows of many series are few bytes, and Spark's
+    # adaptive execution would otherwise coalesce them into one partition fitted by one core
+    slots = engine.workers() if hasattr(engine, "workers") else 2
+    df = df.repartition(max(2, 4 * slots), *groups)
     fits = df.groupBy(*groups).applyInArrow(fn, "fit binary").toArrow()
     results = [pickle.loads(b) for b in fits.column("fit").to_pylist()]
     results.sort(key=lambda r: r[0])  # the order DuckDB's path gives: sorted by the id columns
