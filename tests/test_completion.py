@@ -46,7 +46,7 @@ def test_tables_columns_models_functions(ws):
     assert matches(ws, "SELECT penguins.isl FROM penguins", len("SELECT penguins.isl")) == ["island"]
     assert matches(ws, "SELECT * FROM ML.PREDICT(MODEL spec") == ["species_model"]
     assert matches(ws, "SELECT * FROM ML.PREDICT(MODEL species_model@") == ["2", "1", "champion"]
-    assert matches(ws, "SELECT * FROM ML.EXPL") == ["EXPLAIN_PREDICT"]
+    assert matches(ws, "SELECT * FROM ML.EXPL") == ["EXPLAIN_FORECAST", "EXPLAIN_PREDICT"]
     assert "ML.PREDICT" in matches(ws, "SELECT * FROM ML")
     assert "penguins" in matches(ws, "SELECT * FROM workspace.")
     assert "avg" in matches(ws, "SELECT av")

@@ -268,3 +268,18 @@ def test_import_and_profile_notebook(tmp_path):
     assert "CPUExecutionProvider" in text
     assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))  # the bars
     assert (tmp_path / "ws" / "exports" / "digits_cnn_v1_int8_static.ort").exists()
+
+
+@pytest.mark.slow
+def test_forecast_notebook(tmp_path):
+    nb = execute("08_forecast_and_cluster.ipynb", tmp_path)
+    assert not _errors(nb), _errors(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    train = next(c for c in code if "CREATE OR REPLACE MODEL daily_flights" in c.source)
+    assert "Created model daily_flights version 1 (arima_plus): 3 time series" in outputs_text(train)
+    plot = next(c for c in code if "fill_between" in c.source)
+    assert any("image/png" in o.get("data", {}) for o in plot.outputs)  # the forecast chart was drawn
+    mape = next(c for c in code if "seasonal_naive_mape" in c.source)
+    assert "arima_plus_mape" in outputs_text(mape)
+    # the place the kmeans section goes once that model type is merged
+    assert any("CLUSTER SECTION" in c.source for c in nb.cells if c.cell_type == "markdown")

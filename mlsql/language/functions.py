@@ -43,6 +43,26 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
                 "The model's ONNX graph run with ONNX Runtime's profiler, in-process or on a device: per operator "
                 "node, op_type, provider, batch_size, calls, total_ms, mean_ms, share_of_time; summary rows "
                 "session_load_ms, mean_ms, p50_ms, p95_ms, peak_rss_mb, model_size_bytes (in value)."),
+    # time series (arima_plus; docs/LANGUAGE.md, Time series)
+    "FORECAST": ("ML.FORECAST(MODEL m [, STRUCT(30 AS horizon, 0.9 AS confidence_level)])",
+                 "An arima_plus model's forecast per series: the series id columns, forecast_timestamp, "
+                 "forecast_value, standard_error, confidence_level, prediction_interval_lower_bound, "
+                 "prediction_interval_upper_bound."),
+    "EXPLAIN_FORECAST": ("ML.EXPLAIN_FORECAST(MODEL m [, STRUCT(30 AS horizon, 0.9 AS confidence_level)])",
+                         "History and forecast of an arima_plus model, decomposed: time_series_timestamp, "
+                         "time_series_type ('history' | 'forecast'), time_series_data, time_series_adjusted_data, "
+                         "standard_error, the interval, trend, seasonal_period_<yearly|...|hourly>, "
+                         "spikes_and_dips, residual."),
+    "DETECT_ANOMALIES": ("ML.DETECT_ANOMALIES(MODEL m [, STRUCT(0.95 AS anomaly_prob_threshold)] [, TABLE t | (query)])",
+                         "arima_plus: the history (no input) or new rows with is_anomaly, lower_bound, upper_bound, "
+                         "anomaly_probability."),
+    "ARIMA_EVALUATE": ("ML.ARIMA_EVALUATE(MODEL m)",
+                       "One row per series of an arima_plus model: non_seasonal_p, non_seasonal_d, non_seasonal_q, "
+                       "has_drift, log_likelihood, AIC, variance, seasonal_periods, has_holiday_effect, "
+                       "has_spikes_and_dips, has_step_changes, error_message."),
+    "ARIMA_COEFFICIENTS": ("ML.ARIMA_COEFFICIENTS(MODEL m)",
+                           "One row per series of an arima_plus model: ar_coefficients, ma_coefficients, "
+                           "intercept_or_drift."),
     "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
     "VALIDATE_DATA_SKEW": (
         "ML.VALIDATE_DATA_SKEW(MODEL m, TABLE t | (query) [, STRUCT(0.3 AS categorical_default_threshold, "

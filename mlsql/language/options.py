@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 TYPES = ("int", "float", "bool", "str", "list", "enum", "struct", "duration")
 
 MODEL_TYPES = ("boosted_tree_classifier", "boosted_tree_regressor", "linear_reg", "logistic_reg",
-               "dnn_classifier", "dnn_regressor")
+               "dnn_classifier", "dnn_regressor", "arima_plus")
+FORECASTERS = ("arima_plus",)  # time-series models (mlsql/ml/forecast.py): no label, no tuning
 # models trained elsewhere, imported from a file (CREATE MODEL m OPTIONS (model_type = 'onnx', model_path = ...))
 IMPORTED = ("onnx", "torch", "xgboost")
 CLASSIFIERS = ("boosted_tree_classifier", "logistic_reg", "dnn_classifier")
@@ -424,6 +425,14 @@ def _thresholds(name: str, v: list) -> dict:
     return out
 
 
+def _unsupported(name: str, v):
+    """An option of BigQuery ML's that MLSQL does not implement: refused, not silently ignored."""
+    if v is False:
+        return v
+    raise OptionError(f"Option {name} = {v!r} is not supported by MLSQL's arima_plus",
+                      hint="Leave it out (docs/LANGUAGE.md, Time series, lists what is modelled).")
+
+
 REGRESSION_OBJECTIVES = ("mean_absolute_error", "mean_squared_error", "mean_squared_log_error",
                          "median_absolute_error", "r2_score", "explained_variance")
 CLASSIFICATION_OBJECTIVES = ("precision", "recall", "accuracy", "f1_score", "log_loss", "roc_auc")
@@ -543,6 +552,35 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
           items="str", min_items=1, model_types=("onnx", "torch"), default_doc="as ML.PREDICT names them"),
         _O("class_labels", "list", "import: the label of each class of a classifier's probabilities, in order",
           None, min_items=2, model_types=("onnx", "torch"), default_doc="0, 1, ..."),
+        # arima_plus (mlsql/ml/forecast.py; docs/LANGUAGE.md, Time series)
+        _O("time_series_timestamp_col", "str", "arima_plus: the DATE or TIMESTAMP column of the series' points",
+           model_types=FORECASTERS, default_doc="required"),
+        _O("time_series_data_col", "str", "arima_plus: the numeric column to forecast", model_types=FORECASTERS,
+           default_doc="required"),
+        _O("time_series_id_col", "list", "arima_plus: the column(s) naming each series: one model, one ARIMA per "
+                                         "series", None, items="str", min_items=1, model_types=FORECASTERS,
+           default_doc="one series"),
+        _O("horizon", "int", "arima_plus: steps forecast at training; ML.FORECAST may ask for up to this many",
+           1000, min=1, max=10_000, model_types=FORECASTERS),
+        _O("auto_arima", "bool", "arima_plus: choose the ARIMA order per series (statsforecast's AutoARIMA, "
+                                 "stepwise by AICc); FALSE: non_seasonal_order", True, model_types=FORECASTERS),
+        _O("auto_arima_max_order", "int", "arima_plus: the largest p + q auto_arima tries", 5, min=1, max=5,
+           model_types=FORECASTERS),
+        _O("non_seasonal_order", "list", "arima_plus with auto_arima = FALSE: (p, d, q)", None, items="int", min=0,
+           min_items=3, max_items=3, model_types=FORECASTERS, default_doc="(0, 1, 1)"),
+        _O("include_drift", "bool", "arima_plus with auto_arima = FALSE: a drift term (d = 1)", False,
+           model_types=FORECASTERS),
+        _O("data_frequency", "enum", "arima_plus: the series' frequency; auto_frequency: the median step",
+           "auto_frequency", choices=("auto_frequency", "per_minute", "hourly", "daily", "weekly", "monthly",
+                                      "quarterly", "yearly"), model_types=FORECASTERS, default_doc="'AUTO_FREQUENCY'"),
+        _O("decompose_time_series", "bool", "arima_plus: take out seasonal components (MSTL) before the ARIMA",
+           True, model_types=FORECASTERS),
+        _O("clean_spikes_and_dips", "bool", "arima_plus: replace points whose remainder is > 8 robust standard "
+                                            "deviations from its median", True, model_types=FORECASTERS),
+        _O("adjust_step_changes", "bool", "arima_plus: not supported (BigQuery ML's default is TRUE); TRUE is "
+                                          "refused", False, model_types=FORECASTERS, check=_unsupported),
+        _O("holiday_region", "str", "arima_plus: not supported (holiday effects are not modelled); refused",
+           model_types=FORECASTERS, check=_unsupported),
         _O("aliases", "list", "registry aliases to point at the new version, e.g. ['champion']", [], items="str"),
         _O("alias", "list", "the same as aliases", [], items="str"),
     ),
@@ -709,6 +747,18 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "ML.DEVICE_DATA": (
         _O("since", "str", "only predictions made at or after this time: TIMESTAMP '2026-12-01 10:00' (UTC)"),
         _O("max_rows", "int", "at most this many rows, the latest", 100_000, min=1, max=1_000_000),
+    ),
+    "ML.FORECAST": (
+        _O("horizon", "int", "steps to forecast (at most the model's horizon option)", 3, min=1, max=10_000),
+        _O("confidence_level", "float", "the share of the prediction interval", 0.95, min=0, max=1, max_open=True),
+    ),
+    "ML.EXPLAIN_FORECAST": (
+        _O("horizon", "int", "steps to forecast (at most the model's horizon option)", 3, min=1, max=10_000),
+        _O("confidence_level", "float", "the share of the prediction interval", 0.95, min=0, max=1, max_open=True),
+    ),
+    "ML.DETECT_ANOMALIES": (
+        _O("anomaly_prob_threshold", "float", "arima_plus: a point is an anomaly when its anomaly_probability is "
+                                              "above this", 0.95, min=0, max=1, max_open=True),
     ),
     "ML.CONFUSION_MATRIX": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
@@ -900,7 +950,7 @@ def tuning_markdown() -> list[str]:
     BigQuery ML's default search space and scale, and the tuning objectives (first: the default)."""
     out = ["#### Hyperparameter tuning", "", "| model type | objectives (default first) | hyperparameter | "
            "default search space | scale |", "|---|---|---|---|---|"]
-    for mt in MODEL_TYPES:
+    for mt in (m for m in MODEL_TYPES if m not in FORECASTERS):
         objs = ["roc_auc", *[o for o in CLASSIFICATION_OBJECTIVES if o != "roc_auc"]] if mt in CLASSIFIERS else \
             ["r2_score", *[o for o in REGRESSION_OBJECTIVES if o != "r2_score"]]
         for i, o in enumerate(x for x in OPTIONS["CREATE MODEL"] if x.tune and x.applies_to(mt)):

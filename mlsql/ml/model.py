@@ -319,6 +319,10 @@ class TrainedModel:
 
         folder = Path(folder)
         meta = json.loads((folder / "model.json").read_text())
+        if meta["model_type"] == "arima_plus":  # a time-series model: its own class and files
+            from mlsql.ml.forecast import ArimaPlusModel
+
+            return ArimaPlusModel.load(folder)
         model = cls(
             model_type=meta["model_type"], task=meta["task"], label=meta["label"],
             label_type=meta["label_type"], classes=meta["classes"],

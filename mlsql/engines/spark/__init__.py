@@ -380,6 +380,10 @@ class SparkEngine(Engine):
         """Classic sessions train every family in the executors (``dnn`` is refused there with a
         hint). Spark Connect sessions train linear models in the executors too; boosted trees and
         DNNs come to the driver, because xgboost.spark needs a SparkContext, which Connect hides."""
+        if family == "arima":  # one grouped Arrow UDF call per series, classic and Connect alike
+            from mlsql.engines.spark import forecast as spark_forecast
+
+            return spark_forecast
         if self.remote is None or family == "linear":
             from mlsql.engines.spark import train as spark_train
 

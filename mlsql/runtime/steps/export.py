@@ -75,6 +75,11 @@ def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = Fals
                               f"version of its own and deploys it; EXPORT that version to package it.")
     lm = load_model(s, spec, trial)
     mv = lm.version
+    if lm.model.model_type == "arima_plus":
+        raise MLSQLError(f"EXPORT MODEL {mv.ref}: an arima_plus model has no ONNX form (its forecast is a table, "
+                         "not a function of input rows)",
+                         hint=f"Save its forecast instead: COPY (SELECT * FROM ML.FORECAST(MODEL {mv.name}, "
+                              "STRUCT(30 AS horizon))) TO 'forecast.parquet'.")
     calibration = None
     calib_sql = calibration_sql(opts)
     if calib_sql:

@@ -246,6 +246,8 @@ def _explain_predict(c: Call):
 
 
 def _evaluate(c: Call):
+    if c.model.model_type == "arima_plus":
+        return _forecasting("evaluate")(c)
     if c.data is None:
         metrics = dict(c.model.eval_metrics)
         c.chart("evaluation", c.model.evaluation)  # the curves of the evaluation rows kept at training
@@ -296,6 +298,25 @@ def _profile(c: Call):
     from mlsql.runtime.steps.profile import profile
 
     return profile(c)
+
+
+def _forecasting(name: str):
+    """A handler of mlsql.runtime.steps.forecast (arima_plus), imported on first use."""
+
+    def run(c: Call):
+        from mlsql.runtime.steps import forecast
+
+        return getattr(forecast, name)(c)
+
+    return run
+
+
+def _detect_anomalies(c: Call):
+    """ML.DETECT_ANOMALIES: each model type's own computation."""
+    if c.model.model_type == "arima_plus":
+        return _forecasting("detect_anomalies")(c)
+    raise ModelError(f"ML.DETECT_ANOMALIES is not available for {c.model.model_type} models",
+                     hint="It reads arima_plus models.")
 
 
 def _job_runs(c: Call):
@@ -353,6 +374,11 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "TRAINING_INFO": MLFunctionSpec(lambda c: c.chart("loss", c.model.training_info)),
     "WEIGHTS": MLFunctionSpec(lambda c: c.model.weights(standardize=bool(c.settings.get("standardize")))),
     "TRIAL_INFO": MLFunctionSpec(_trial_info),
+    "FORECAST": MLFunctionSpec(_forecasting("forecast")),
+    "EXPLAIN_FORECAST": MLFunctionSpec(_forecasting("explain_forecast")),
+    "ARIMA_EVALUATE": MLFunctionSpec(_forecasting("arima_evaluate")),
+    "ARIMA_COEFFICIENTS": MLFunctionSpec(_forecasting("arima_coefficients")),
+    "DETECT_ANOMALIES": MLFunctionSpec(_detect_anomalies),
     "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
     "DEVICE_DATA": MLFunctionSpec(_device_data, model=False),
     "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),

@@ -37,6 +37,10 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
 
         return import_model(s, step, params, aliases)
     raw = {k: v for k, v in step.given.items() if k.lower() not in ("aliases", "alias")}
+    if step.options.get("model_type") == "arima_plus":  # time series: mlsql/runtime/steps/forecast.py
+        from mlsql.runtime.steps.forecast import create_arima_model
+
+        return create_arima_model(s, step, params, temps, aliases=aliases, raw=raw, meta_file=META_FILE)
     opts = Options.checked(step.options, given=raw)  # checked once, by the planner
 
     query_params = P.params_for(step.query, params)
