@@ -77,9 +77,20 @@ def _fmt(v) -> str:
 
 
 def _outputs_as_array(model, outs: list[np.ndarray]) -> np.ndarray:
+    """The graph's output that the native model's ``predict_raw`` gives: a regressor's value, a
+    classifier's probabilities, kmeans' distance to each centroid, pca's components."""
+    if model.estimator.kind == "kmeans":
+        return np.asarray(outs[1], dtype=np.float64)
+    if model.estimator.kind == "pca":
+        return np.asarray(outs[0], dtype=np.float64)
     if model.task == "regression":
         return np.asarray(outs[0], dtype=np.float64)
     return np.asarray(outs[1], dtype=np.float64)
+
+
+def _relative(model) -> bool:
+    """Values, not probabilities: float32 keeps ~7 digits of them, so compare relative to the value."""
+    return model.task == "regression" or model.estimator.kind in ("kmeans", "pca")
 
 
 def _latency(fn, batch: int, n: int) -> float:
@@ -112,9 +123,19 @@ def _gate_hint(model, opts: dict, tried: list[str]) -> str:
     return f"Tried {'; '.join(tried)}. Try " + ", ".join(tips) + "."
 
 
-def _metric(model, sample: pa.Table, pred: np.ndarray) -> tuple[str | None, float | None]:
+def _metric(model, sample: pa.Table, pred: np.ndarray, native: np.ndarray) -> tuple[str | None, float | None]:
+    """The metric the quantization gate holds to (higher is better): a supervised model's own on the
+    sample's labels; for kmeans the share of rows put in the native model's cluster, for pca the r2
+    of the components against the native ones (both 1 for the native model itself)."""
     from mlsql.ml import metrics as M
 
+    if model.estimator.kind == "kmeans":
+        return "centroid_agreement", float(np.mean(pred.argmin(axis=1) == native.argmin(axis=1)))
+    if model.estimator.kind == "pca":
+        spread = float(((native - native.mean(axis=0)) ** 2).sum())
+        return "component_r2", 1.0 - float(((pred - native) ** 2).sum()) / spread if spread > 0 else 1.0
+    if model.label is None:
+        return None, None
     by_lower = {c.lower(): c for c in sample.column_names}
     if model.label.lower() not in by_lower:
         return None, None
@@ -185,12 +206,12 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
         raise ExportError(f"The exported graph does not run on ONNX Runtime: {exc}") from exc
     native = np.asarray(native_predict(sample), dtype=np.float64)
     diff = np.abs(onnx_out - native)
-    if model.task == "regression":  # float32 holds ~7 digits: compare relative to the value
+    if _relative(model):  # float32 holds ~7 digits: compare relative to the value
         diff = diff / np.maximum(1.0, np.abs(native))
     max_diff, mean_diff = float(np.nanmax(diff)), float(np.nanmean(diff))
 
-    metric, m_native = _metric(model, sample, native)
-    _, m_onnx = _metric(model, sample, onnx_out)
+    metric, m_native = _metric(model, sample, native, native)
+    _, m_onnx = _metric(model, sample, onnx_out, native)
     q_bytes, q_out, m_q, q_sess, chosen = fp32, None, None, None, None
     qd = drop = None
 
@@ -231,13 +252,13 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
             q_bytes = quantize(proto, opts["quantize"], calib_feeds, settings).SerializeToString()
             q_sess = ort_session(q_bytes)
             q_out = _outputs_as_array(model, q_sess.run(None, feed))
-            m_q = _metric(model, sample, q_out)[1]
+            m_q = _metric(model, sample, q_out, native)[1]
             chosen = settings.describe(opts["quantize"])
             tried.append(f"{chosen}: {metric} {m_q:.4f}" if m_q is not None else chosen)
             if m_q is None or m_native - m_q <= opts["max_metric_drop"]:
                 break
     qd = None if q_out is None else np.abs(q_out - native)
-    if qd is not None and model.task == "regression":
+    if qd is not None and _relative(model):
         qd = qd / np.maximum(1.0, np.abs(native))
     drop = None if m_q is None or m_native is None else m_native - m_q
     if drop is not None and drop > opts["max_metric_drop"]:

@@ -39,6 +39,7 @@ TRIALS = "trials"
 # tunable hyperparameters of each family with their default ranges (docs/LANGUAGE.md)
 DEFAULT_SPACE = {
     "boosted_tree": ("learn_rate", "max_tree_depth", "l2_reg", "subsample", "min_tree_child_weight"),
+    "random_forest": ("max_tree_depth", "l2_reg", "subsample", "min_tree_child_weight"),
     "linear": ("l1_reg", "l2_reg"),
     "dnn": ("learn_rate", "dropout", "batch_size"),
 }
