@@ -195,6 +195,22 @@ def test_ml_functions_refuse_the_wrong_model_type(ws):
         ws.sql("SELECT * FROM ML.FEATURE_IMPORTANCE(MODEL km_small)")
 
 
+@pytest.mark.parametrize("quantize", ["none", "int8", "int8_static", "fp16"])
+def test_kmeans_and_pca_export_in_every_quantized_form(ws, quantize):
+    """k-means (distances + ArgMin) and PCA (a MatMul) exported fp32 and quantized: fp32 parity within
+    PARITY_TOL, and a quantized graph keeps its metric (every row in the native model's cluster; the
+    components' r2 against the native ones) within max_metric_drop, or the export is refused."""
+    ws.sql(f"CREATE OR REPLACE MODEL km_q OPTIONS (model_type = 'kmeans', num_clusters = 3) AS SELECT {FEATURES} "
+           "FROM penguins")
+    ws.sql(f"CREATE OR REPLACE MODEL p_q OPTIONS (model_type = 'pca', num_principal_components = 3) AS SELECT "
+           f"{FEATURES} FROM penguins")
+    for name, metric in (("km_q", "centroid_agreement"), ("p_q", "component_r2")):
+        rep = ws.sql(f"EXPORT MODEL {name} OPTIONS (quantize = '{quantize}')").export.report
+        assert rep.passed and rep.max_abs_diff < 1e-4 and rep.metric == metric, rep.to_dict()
+        if quantize != "none":
+            assert rep.metric_native - rep.metric_quantized <= 0.005, rep.to_dict()  # max_metric_drop's default
+
+
 @pytest.mark.parametrize("fmt", ["ensemble", "tensor", "gemm"])
 def test_multiclass_trees_in_parallel_export_to_their_classes(ws, fmt):
     """With several trees a round (num_parallel_tree) a multiclass booster holds each class's trees
