@@ -242,6 +242,8 @@ def _predict(c: Call):
 
 
 def _explain_predict(c: Call):
+    if not c.model.supervised:  # kmeans, pca: refused here, not in an executor
+        return c.model.explain_predict(c.rows())
     if c.scorer is not None:
         return c.scorer.predict(c.s.engine, c.lm, c.rows(), "EXPLAIN_PREDICT", c.settings)
     out = c.model.explain_predict(c.features(need_label=False), top_k=int(c.settings.get("top_k_features", 5)))
