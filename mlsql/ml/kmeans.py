@@ -232,11 +232,14 @@ def _update(Z: np.ndarray, labels: np.ndarray, C: np.ndarray, distance: str) -> 
     """Each centroid at the mean of its rows (cosine: then back on the unit sphere); one with no
     rows stays where it was."""
     k, d = C.shape
-    sums = np.zeros((k, d))
-    np.add.at(sums, labels, Z)
     counts = np.bincount(labels, minlength=k).astype(np.float64)
-    out = C.copy()
     has = counts > 0
+    # each cluster's rows summed in one pass: the rows ordered by cluster, summed segment by segment
+    order = np.argsort(labels, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    sums = np.zeros((k, d))
+    sums[has] = np.add.reduceat(Z[order], starts[has], axis=0)
+    out = C.copy()
     out[has] = sums[has] / counts[has, None]
     if distance == "cosine":
         out[has] = _unit(out[has])
