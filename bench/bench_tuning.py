@@ -80,6 +80,26 @@ def mlsql_tune(table, opts, folder: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _imports() -> float:
+    t0 = time.perf_counter()
+    import xgboost  # noqa: F401
+
+    import mlsql.ml.model  # noqa: F401
+    return time.perf_counter() - t0
+
+
+def worker_start() -> float:
+    """Seconds from asking for a spawned worker to its first answer (what a tuning with
+    max_parallel_trials > 1 pays once per worker, before its first trial)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_imports).result()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="one month, fewer rounds (a smoke run)")
@@ -138,6 +158,22 @@ def main() -> None:
     plain = time.perf_counter() - t0
     out["statement"] = {"tuned_create_model_s": whole, "plain_create_model_s": plain, "bare_loop_s": b,
                         "overhead_vs_bare_plus_plain": whole / (b + plain) - 1}
+    # 3. why parallel trials gain what they gain: one trial with 1 and with 2 threads (a trial alone
+    # gets every core), and the start of a spawned worker (Python, pyarrow, xgboost imported)
+    from mlsql.ml.model import train
+    from mlsql.ml.tuning import split, trial_options
+
+    rows, _ = split(table, opts)
+    by_threads: dict = {1: [], 2: []}
+    for _ in range(rounds):
+        for n in (1, 2):
+            t0 = time.perf_counter()
+            train(rows, trial_options(opts, {"l2_reg": 1.0}, n))
+            by_threads[n].append(time.perf_counter() - t0)
+    one, two = statistics.median(by_threads[1]), statistics.median(by_threads[2])
+    out["threads"] = {"one_thread_s": by_threads[1], "two_threads_s": by_threads[2],
+                      "thread_speedup": one / two, "process_ceiling": 2 * two / one,
+                      "worker_start_s": worker_start()}
     out["load_avg_after"] = list(os.getloadavg())
     out["quick"] = args.quick
     s.close()
@@ -153,6 +189,11 @@ def main() -> None:
     bk = out["bookkeeping"]
     print(f"  bookkeeping: tune() {bk['tune_median_s']:.2f} s vs bare Optuna loop {bk['bare_median_s']:.2f} s for "
           f"{len(GRID4)} trials: {100 * bk['overhead']:+.1f} % ({bk['per_trial_ms']:.0f} ms a trial; goal <= 5 %)")
+    th = out["threads"]
+    print(f"  one trial: 1 thread {statistics.median(th['one_thread_s']):.2f} s, 2 threads "
+          f"{statistics.median(th['two_threads_s']):.2f} s (x{th['thread_speedup']:.2f}): two 1-thread trials at once "
+          f"can reach at most x{th['process_ceiling']:.2f} over one 2-thread trial; a spawned worker starts in "
+          f"{th['worker_start_s']:.2f} s")
     st = out["statement"]
     print(f"  whole tuned CREATE MODEL {st['tuned_create_model_s']:.2f} s vs bare loop + plain CREATE MODEL "
           f"{st['bare_loop_s'] + st['plain_create_model_s']:.2f} s: {100 * st['overhead_vs_bare_plus_plain']:+.1f} %")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from mlsql.errors import MLSQLError
 
 __version__ = "0.1.0"
-__all__ = ["MLSQLError", "Session", "connect", "__version__", "load_ipython_extension"]
+__all__ = ["MLSQLError", "Session", "connect", "__version__", "load_ipython_extension", "plot_trials"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlsql.runtime.session import Session
@@ -39,4 +39,8 @@ def __getattr__(name: str):
         from mlsql.notebook.monitor import monitor
 
         return monitor
+    if name == "plot_trials":  # a tuned model's charts again (mlsql.notebook.trials)
+        from mlsql.notebook.trials import plot_trials
+
+        return plot_trials
     raise AttributeError(f"module 'mlsql' has no attribute {name!r}")

@@ -213,3 +213,58 @@ def test_closed_loop_notebook(tmp_path):
     assert "city" in skew and "L_INFTY" in skew
     deployed = next(t for s, t in text.items() if "DEPLOY MODEL late@champion" in s)
     assert "Deployed late@2 to phone-7 (version 2 active, previous 1)" in deployed
+
+
+@pytest.mark.slow
+def test_tune_and_compare_notebook(tmp_path):
+    """notebooks/09: tuning draws its trials chart, ML.COMPARE_MODELS gives three rows best first whose
+    r2 is scikit-learn's r2 of each model's predictions on the same TEST rows, and plot_trials draws."""
+    import mlsql
+    from sklearn.metrics import r2_score
+
+    nb = execute("09_tune_and_compare.ipynb", tmp_path)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    tune = next(c for c in code if "CREATE OR REPLACE MODEL mass_tuned" in c.source)
+    assert "Tuned over 12 trials" in outputs_text(tune)
+    assert any("image/png" in o.get("data", {}) for o in tune.outputs)  # the trials chart
+    plot = next(c for c in code if "plot_trials" in c.source)
+    assert any("image/png" in o.get("data", {}) for o in plot.outputs)
+    s = mlsql.connect(tmp_path / "ws")
+    try:
+        table = s.sql("SELECT * FROM ML.COMPARE_MODELS(['mass_default', 'mass_linear', 'mass_tuned'], "
+                      "(SELECT * FROM pg WHERE split = 'TEST'))").to_arrow().to_pylist()
+        assert sorted(r["model"] for r in table) == ["mass_default", "mass_linear", "mass_tuned"]
+        assert [r["r2_score"] for r in table] == sorted((r["r2_score"] for r in table), reverse=True)
+        for r in table:  # float64 sums in another order: rel 1e-9
+            t = s.sql(f"SELECT body_mass_g, predicted_body_mass_g FROM ML.PREDICT(MODEL {r['model']}, "
+                      "(SELECT * FROM pg WHERE split = 'TEST'))").to_arrow()
+            assert r["r2_score"] == pytest.approx(r2_score(t.column(0).to_numpy(), t.column(1).to_numpy()), rel=1e-9)
+    finally:
+        s.close()
+
+
+@pytest.mark.slow
+def test_import_and_profile_notebook(tmp_path):
+    """07: a torch CNN and an xgboost booster trained in the notebook, imported, quantized with SQL
+    calibration, profiled, deployed to a local agent; the notebook's own asserts compare ML.PREDICT
+    with torch by hand and the device's answers with the notebook's."""
+    root = str(NOTEBOOKS.parent)  # this checkout's mlsql in the kernel, whatever is installed
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+    try:
+        nb = execute("07_import_and_profile.ipynb", tmp_path)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert not _errors(nb), _errors(nb)
+    text = "\n".join(outputs_text(c) for c in nb.cells)
+    assert "Imported model digits_cnn version 1 (torch)" in text and "Imported model digits_xgb" in text
+    assert "quantize=int8_static" in text and "ORT format" in text
+    assert "Deployed digits_cnn@1 to edge-7" in text and "same labels True" in text
+    assert "CPUExecutionProvider" in text
+    assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))  # the bars
+    assert (tmp_path / "ws" / "exports" / "digits_cnn_v1_int8_static.ort").exists()

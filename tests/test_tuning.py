@@ -86,6 +86,49 @@ def test_trial_info_rows_and_trial_id(tuned):
     assert len({round(r["hparam_tuning_evaluation_metrics"]["r2_score"], 9) for r in done}) > 1  # trials differ
 
 
+def test_export_a_trial_and_plot_trials_again(tuned):
+    """EXPORT MODEL ... OPTIONS (trial_id = n) writes that trial's graph: ONNX Runtime called by hand on
+    the file answers as ML.PREDICT with STRUCT(n AS trial_id) (float32 graph against the float64
+    booster sums: PARITY_TOL's 1e-4 relative), not as the optimal trial. mlsql.plot_trials redraws
+    the statement's charts from ML.TRIAL_INFO."""
+    import onnxruntime as ort
+
+    import mlsql
+    from mlsql.errors import MLSQLError
+
+    s, _ = tuned
+    rows = s.sql("SELECT trial_id, is_optimal, status FROM ML.TRIAL_INFO(MODEL mass_tuned)").to_arrow().to_pylist()
+    other = next(r["trial_id"] for r in rows if r["status"] == "SUCCEEDED" and not r["is_optimal"])
+    r = s.sql(f"EXPORT MODEL mass_tuned OPTIONS (trial_id = {other})")
+    path = r.export.path
+    assert path.name.endswith(f"_trial{other}.onnx") and path.exists() and f"trial {other} of" in r.message
+    data = s.sql(f"SELECT {COLS} FROM pg WHERE split = 'EVAL' AND sex IS NOT NULL").to_arrow()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        col = data.column(i.name).to_numpy(zero_copy_only=False)
+        col = col.astype({"tensor(float)": np.float32, "tensor(double)": np.float64,
+                          "tensor(int64)": np.int64}.get(i.type, object))
+        feeds[i.name] = col if len(i.shape) == 1 else col.reshape(-1, 1)
+    onnx_pred = sess.run(None, feeds)[0].reshape(-1).astype(float)
+    q = f"(SELECT {COLS} FROM pg WHERE split = 'EVAL' AND sex IS NOT NULL)"
+    trial_pred = s.sql(f"SELECT predicted_body_mass_g FROM ML.PREDICT(MODEL mass_tuned, {q}, "
+                       f"STRUCT({other} AS trial_id))").to_arrow().column(0).to_numpy()
+    optimal_pred = s.sql(f"SELECT predicted_body_mass_g FROM ML.PREDICT(MODEL mass_tuned, {q})").to_arrow().column(0).to_numpy()
+    assert np.allclose(onnx_pred, trial_pred, rtol=1e-4)
+    assert not np.allclose(onnx_pred, optimal_pred, rtol=1e-4)
+    with pytest.raises(MLSQLError, match="ONNX file only, not a device package"):
+        s.sql(f"EXPORT MODEL mass_tuned OPTIONS (trial_id = {other}, package = TRUE)")
+    with pytest.raises(MLSQLError, match="has no trial 99"):
+        s.sql("EXPORT MODEL mass_tuned OPTIONS (trial_id = 99)")
+    charts = mlsql.plot_trials("mass_tuned", session=s)
+    scatter = charts.panels[0]
+    assert list(scatter.xs) == [float(r["trial_id"]) for r in rows]
+    assert "image/png" in charts._repr_mimebundle_()
+    with pytest.raises(MLSQLError, match="is not a model name"):
+        mlsql.plot_trials("mass_tuned; DROP TABLE pg", session=s)
+
+
 def test_trials_are_mlflow_child_runs(tuned):
     s, _ = tuned
     mv = s.registry.get("mass_tuned")
@@ -139,14 +182,22 @@ def test_killed_tuning_resumes_without_repeating_trials(shared_ws, tmp_path):
     p = subprocess.Popen([sys.executable, str(script), str(ws)], env=env)
     trials = ws / "tuning" / "m" / "trials"
     deadline = time.time() + 240
+    # a trial writes its model, then the study records it: with 4 models written, at least 3 trials are
+    # recorded (one at a time), whatever moment the kill falls on
     while time.time() < deadline and p.poll() is None:
-        if trials.exists() and len([d for d in trials.iterdir() if (d / "model.json").exists()]) >= 3:
+        if trials.exists() and len([d for d in trials.iterdir() if (d / "model.json").exists()]) >= 4:
             break
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
     killed_at = time.time()
-    done_before = {d.name for d in trials.iterdir() if (d / "model.json").exists()}
+    # finished = recorded in the study (Optuna's journal file, read with Optuna itself)
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="mlsql", storage=optuna.storages.JournalStorage(
+        JournalFileBackend(str(ws / "tuning" / "m" / "study.journal"))))
+    done_before = {str(t.user_attrs["mlsql"]["trial_id"]) for t in study.get_trials() if "mlsql" in t.user_attrs}
     assert 3 <= len(done_before) < 8, done_before
     s = mlsql.connect(ws)
     try:

@@ -320,7 +320,8 @@ class AgentCore:
     def settings_for(self, manifest: pkg.Manifest, requested: dict | None) -> DeploySettings:
         """The deploy settings a version runs with: class defaults <- the package's ``deploy`` field
         <- the request's (see deploy.py)."""
-        return deploy_mod.effective(manifest.extra.get("deploy"), requested, self.cores)
+        return deploy_mod.effective(manifest.extra.get("deploy"), requested, self.cores,
+                                    [c.name for c in manifest.inputs])
 
     def class_threads(self, s: DeploySettings) -> int:
         """ONNX Runtime intra-op threads for a session of this class, from the budget of cores:

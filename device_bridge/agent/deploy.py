@@ -145,9 +145,12 @@ def from_query(params) -> dict[str, Any] | None:
     return parse({k: params[k] for k in FIELDS if k in params}, "query")
 
 
-def effective(manifest_deploy: Any, requested: dict | None, cores: int) -> DeploySettings:
+def effective(manifest_deploy: Any, requested: dict | None, cores: int,
+              inputs: list[str] | None = None) -> DeploySettings:
     """Class defaults <- the manifest's signed ``deploy`` field <- the request's settings. The class
-    (priority) is chosen first, so that its defaults fill the fields no one gave."""
+    (priority) is chosen first, so that its defaults fill the fields no one gave. ``inputs``: the
+    model's input columns, which every name in sample_exclude / sample_hash must be (a typo would
+    leave the column it meant stored as it is)."""
     from_manifest = parse(manifest_deploy, "the package's deploy field", 422, "package") or {}
     given = {**from_manifest, **(requested or {})}
     merged = {**class_defaults(given.get("priority", "normal"), cores), **given}
@@ -155,6 +158,14 @@ def effective(manifest_deploy: Any, requested: dict | None, cores: int) -> Deplo
         if k in merged:
             merged[k] = tuple(merged[k])
     s = DeploySettings(**merged)
+    if inputs is not None:
+        known = set(inputs)
+        for k in ("sample_exclude", "sample_hash"):
+            odd = [c for c in getattr(s, k) if c not in known]
+            if odd:
+                shown = ", ".join(inputs[:30]) + (f", ... ({len(inputs) - 30} more)" if len(inputs) > 30 else "")
+                raise ApiError(400, f"deploy setting {k} names {odd[0]!r}, which is not an input of the model "
+                                    f"(its inputs: {shown})", "request")
     if s.sample_rate > 0 and s.sample_hash and not s.sample_salt:
         raise ApiError(400, "deploy setting sample_hash needs sample_salt (the workspace's salt): without one a "
                             "hashed column could be reversed by hashing guesses", "request")

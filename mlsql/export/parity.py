@@ -123,22 +123,30 @@ def _gate_hint(model, opts: dict, tried: list[str]) -> str:
     return f"Tried {'; '.join(tried)}. Try " + ", ".join(tips) + "."
 
 
-def _metric(model, sample: pa.Table, pred: np.ndarray, native: np.ndarray) -> tuple[str | None, float | None]:
-    """The metric the quantization gate holds to (higher is better): a supervised model's own on the
-    sample's labels; for kmeans the share of rows put in the native model's cluster, for pca the r2
-    of the components against the native ones (both 1 for the native model itself)."""
+def _metric(model, sample: pa.Table, pred: np.ndarray, native: np.ndarray | None = None
+            ) -> tuple[str | None, float | None]:
+    """The headline metric of ``pred`` on ``sample``'s labels (the quantization gate holds to it:
+    higher is better); without a label column (an imported model's example rows may have none),
+    with ``native`` given: how far ``pred`` agrees with it (``agreement``: the share of rows with the
+    same class, or r2 of the values against native's). kmeans: the share of rows put in the native
+    model's cluster; pca: the r2 of the components against the native ones (both 1 for the native
+    model itself)."""
     from mlsql.ml import metrics as M
 
-    if model.estimator.kind == "kmeans":
+    if model.estimator.kind == "kmeans" and native is not None:
         return "centroid_agreement", float(np.mean(pred.argmin(axis=1) == native.argmin(axis=1)))
-    if model.estimator.kind == "pca":
+    if model.estimator.kind == "pca" and native is not None:
         spread = float(((native - native.mean(axis=0)) ** 2).sum())
         return "component_r2", 1.0 - float(((pred - native) ** 2).sum()) / spread if spread > 0 else 1.0
     if model.label is None:
         return None, None
     by_lower = {c.lower(): c for c in sample.column_names}
     if model.label.lower() not in by_lower:
-        return None, None
+        if native is None or model.task not in ("classification", "regression"):
+            return None, None
+        if model.task == "regression":
+            return "agreement_r2", M.regression_metrics(native, pred)["r2_score"]
+        return "agreement", float((np.argmax(pred, axis=1) == np.argmax(native, axis=1)).mean())
     try:
         sub, y = model._labelled(sample)
     except Exception:
@@ -192,7 +200,8 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
     MODEL's, checked (``resolve_export_options``)."""
     opts = options
     proto, inputs, outputs = build_graph(model, transform, raw_schema, opts["tree_format"])
-    _set_opset(proto, opts["opset"])
+    if getattr(model, "onnx_bytes", None) is None:  # an imported graph keeps the opset it was made at
+        _set_opset(proto, opts["opset"])
     fp32 = proto.SerializeToString()
     if sample.num_rows == 0:
         raise ExportError("No rows to check the exported model against (the training query returned none)")

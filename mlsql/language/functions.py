@@ -56,6 +56,10 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
                     "What devices were fed and answered (deploys with sample_rate > 0): device, model, version, "
                     "request_id, predicted_at, provider, latency_ms, the inputs, the predictions, and label, "
                     "label_at once an outcome arrived."),
+    "PROFILE": ("ML.PROFILE(MODEL m [, STRUCT('d' AS device, [1, 32] AS batch_sizes, 50 AS runs, 'cpu' AS provider)])",
+                "The model's ONNX graph run with ONNX Runtime's profiler, in-process or on a device: per operator "
+                "node, op_type, provider, batch_size, calls, total_ms, mean_ms, share_of_time; summary rows "
+                "session_load_ms, mean_ms, p50_ms, p95_ms, peak_rss_mb, model_size_bytes (in value)."),
     "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
     "VALIDATE_DATA_SKEW": (
         "ML.VALIDATE_DATA_SKEW(MODEL m, TABLE t | (query) [, STRUCT(0.3 AS categorical_default_threshold, "
@@ -74,13 +78,19 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
         "ML.DESCRIBE_DATA(TABLE t | (query) [, STRUCT(2 AS num_quantiles, 1 AS top_k)])",
         "One row per column: name, num_rows, num_nulls, num_zeros, min, max, mean, stddev, median, quantiles, "
         "unique, avg_string_length, num_values, top_values."),
+    "COMPARE_MODELS": (
+        "ML.COMPARE_MODELS(['m1', 'm2@3', 'm3@champion'], TABLE t | (query) [, STRUCT(0.5 AS threshold, "
+        "'roc_auc' AS order_by)])",
+        "Several models evaluated on the same rows, one row each, best first: model, name, version, model_type, "
+        "rank, then ML.EVALUATE's metrics (columns a model has no value for are NULL); charts the main metrics "
+        "side by side (and the ROC curves of binary classifiers)."),
     "ALERT_HISTORY": ("ML.ALERT_HISTORY(['alert'])",
                       "One row per check of an alert: checked_at, status, rows, fired, notified, attempts, error, "
                       "preview of the first rows."),
 }
 # Functions whose first argument is not a model (DEVICE_DATA takes MODEL m later, optionally).
 NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS", "VALIDATE_DATA_DRIFT", "DESCRIBE_DATA",
-                      "ALERT_HISTORY")
+                      "ALERT_HISTORY", "COMPARE_MODELS")
 # Functions that read two inputs (TABLE t | (query)), the first being the baseline.
 TWO_INPUT_FUNCTIONS = ("VALIDATE_DATA_DRIFT",)
 

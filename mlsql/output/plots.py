@@ -297,6 +297,23 @@ def trials_panels(data: dict) -> list:
     return out
 
 
+def compare_panels(data: dict) -> list:
+    """``ML.COMPARE_MODELS`` ({'table': its rows, best first; 'metrics': the metrics to chart;
+    'roc': (model, Evaluation) pairs}): one bar chart per metric, a bar per model, and the ROC curves
+    of binary classifiers in one chart."""
+    table, out = data["table"], []
+    models = [str(m) for m in table.column("model").to_pylist()]
+    for metric in data["metrics"]:
+        if metric in table.column_names:
+            vals = table.column(metric).to_numpy(zero_copy_only=False).astype(np.float64)
+            out.append(BarPanel(f"{metric} by model", models, vals, metric))
+    curves = [RocCurve(name, ev.roc[0].false_positive_rate, ev.roc[0].true_positive_rate, ev.roc[0].thresholds,
+                       ev.roc[0].auc) for name, ev in data.get("roc") or [] if ev is not None and len(ev.roc) == 1]
+    if len(curves) > 1:
+        out.append(RocPanel(curves))
+    return out
+
+
 def panels(kind: str, data) -> list:
     """The charts of one kind of ML output: 'evaluation' (an Evaluation), 'importance',
     'attribution', 'loss', 'roc_table' or 'confusion_table' (the function's Arrow table)."""
@@ -304,6 +321,8 @@ def panels(kind: str, data) -> list:
         return evaluation_panels(data)
     if kind == "trials":
         return trials_panels(data)
+    if kind == "compare":
+        return compare_panels(data)
     made = {"importance": importance_panel, "attribution": attribution_panel, "loss": loss_panel,
             "roc_table": roc_table_panel, "confusion_table": confusion_table_panel}[kind](data)
     return [made] if made is not None else []
@@ -335,3 +354,16 @@ def summary(panels: list) -> str:
 def bundle(panels: list) -> dict:
     """The display bundle: the PNG and its text summary (shown where images are not)."""
     return {"image/png": render_png(panels), "text/plain": summary(panels)}
+
+
+@dataclass
+class Charts:
+    """Panels shown on their own (``mlsql.plot_trials``): the PNG in a notebook, the summary elsewhere."""
+
+    panels: list
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict:
+        return bundle(self.panels) if self.panels else {"text/plain": "(no charts)"}
+
+    def __repr__(self) -> str:
+        return summary(self.panels) or "(no charts)"

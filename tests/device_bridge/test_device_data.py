@@ -33,6 +33,7 @@ from onnx import TensorProto, helper
 
 from device_bridge.agent.sampling import CHUNK_BYTES
 from device_bridge.client import DeviceClient, HubClient
+from device_bridge.errors import DeviceRequestError
 from device_bridge.package import build_package
 
 pytestmark = pytest.mark.timeout(240)
@@ -128,6 +129,22 @@ def test_nothing_is_sampled_unless_a_deploy_asks(device):
     assert c.outcomes("quiet", [{"request_id": ans["request_ids"][0], "label": 1}]) == {"recorded": 0, "unknown": 1}
     table, cursor = c.samples("quiet", "outcomes")
     assert table.num_rows == 0 and cursor == 0
+
+
+def test_sampling_names_must_be_inputs(device):
+    """A name in sample_exclude / sample_hash that the model does not read is refused by the agent
+    itself (a direct API caller's typo would otherwise store the column it meant): 400 naming it and
+    the model's inputs, nothing installed."""
+    c, kp = device["c"], device["kp"]
+    for field in ("sample_exclude", "sample_hash"):
+        with pytest.raises(DeviceRequestError, match=f"deploy setting {field} names 'ctiy', which is not an input "
+                                                     "of the model \(its inputs: x, city\)") as e:
+            c.install(package(kp, 1, name="typo"), deploy={"sample_rate": 1.0, field: ["ctiy"],
+                                                          "sample_salt": "s"})
+        assert e.value.status == 400
+    assert "typo" not in c.info()["models"]
+    c.install(package(kp, 1, name="typo"), deploy={"sample_rate": 1.0, "sample_exclude": ["city"]})
+    assert c.info()["models"]["typo"]["deploy"]["sample_exclude"] == ["city"]
 
 
 def test_direct_device_serves_its_samples_by_cursor_exactly_once(device):

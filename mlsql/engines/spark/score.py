@@ -69,7 +69,16 @@ def _struct(schema: pa.Schema):
 
 def prediction_schema(model, func: str) -> pa.Schema:
     """The columns ML.PREDICT / ML.EXPLAIN_PREDICT / ML.DETECT_ANOMALIES put before the input's."""
+    if func == "PREDICT" and hasattr(model, "output_schema"):  # an imported graph: its own outputs
+        return pa.schema([pa.field(f.name, _listed(f.type)) for f in model.output_schema()])
     return model.prediction_schema(func)
+
+
+def _listed(t: pa.DataType) -> pa.DataType:
+    """Fixed-size arrays as Spark's arrays (it has no fixed-size form)."""
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        return pa.list_(_listed(t.value_type))
+    return t
 
 
 # -- the model's inputs as columns of the input DataFrame ---------------------------------------

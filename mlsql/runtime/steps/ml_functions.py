@@ -46,12 +46,12 @@ def load_model(s: SessionState, spec: P.ModelSpec, trial_id: int | None = None) 
     mv = s.registry.get(spec.name, spec.version, spec.alias)
     key = (mv.name, mv.version) if trial_id is None else (mv.name, mv.version, int(trial_id))
     if key not in s.loaded_models:
-        from mlsql.ml import TrainedModel
+        from mlsql.ml.imported import load_any
         from mlsql.plan.transform import FittedTransform
 
         path = s.registry.local_path(mv)
         model_path = path if trial_id is None else trial_folder(path, mv.ref, int(trial_id))
-        model = TrainedModel.load(model_path)
+        model = load_any(model_path)  # a TrainedModel, or an ImportedModel (an ONNX graph)
         tf = path / TRANSFORM_FILE
         transform = FittedTransform.from_json(tf.read_text()) if tf.exists() else None
         meta_path = path / META_FILE
@@ -244,6 +244,8 @@ def _predict(c: Call):
 def _explain_predict(c: Call):
     if not c.model.supervised:  # kmeans, pca: refused here, not in an executor
         return c.model.explain_predict(c.rows())
+    if getattr(c.model, "onnx_bytes", None) is not None:  # an imported graph: refused before any engine work
+        c.model.explain_predict(None)
     if c.scorer is not None:
         return c.scorer.predict(c.s.engine, c.lm, c.rows(), "EXPLAIN_PREDICT", c.settings)
     out = c.model.explain_predict(c.features(need_label=False), top_k=int(c.settings.get("top_k_features", 5)))
@@ -324,10 +326,44 @@ def _validation(name: str):
     return run
 
 
+def _profile(c: Call):
+    from mlsql.runtime.steps.profile import profile
+
+    return profile(c)
+
+
 def _job_runs(c: Call):
     from mlsql.jobs.statements import job_runs_table
 
     return job_runs_table(c.s.workspace, c.step.args)
+
+
+def _compare_models(c: Call):
+    """ML.COMPARE_MODELS (mlsql.runtime.steps.compare): every listed model loaded and its inputs
+    checked before any is scored, then each evaluated as ML.EVALUATE does, on the same rows."""
+    from mlsql.runtime.steps.compare import comparison, model_specs, one_kind
+
+    specs = model_specs(c.step.args)
+    data = c.rows()
+    loaded = [(ref, load_model(c.s, spec)) for ref, spec in specs]
+    classifier = one_kind(loaded)
+    cols = _column_names(data)
+    for _, lm in loaded:  # one message, before anything is scored
+        missing_inputs(lm.version.ref, model_inputs(lm), cols, "COMPARE_MODELS", label=lm.label)
+        if lm.label.lower() not in {x.lower() for x in cols} and lm.transform is None:
+            raise UnknownColumnError(lm.label, cols, message=(
+                f"ML.COMPARE_MODELS input has no label column '{lm.label}' for model {lm.version.ref}"))
+    threshold = c.threshold()
+    evaluations = []
+    for _, lm in loaded:
+        if c.scorer is not None:  # Spark: each model's metrics aggregated in the executors
+            evaluations.append(c.scorer.evaluate(c.s.engine, lm, data, threshold.get("threshold")))
+        else:
+            feats = model_features(c.s, lm, data, need_label=True, func="COMPARE_MODELS")
+            evaluations.append(lm.model.evaluation_of(feats, **threshold))
+    table, charts = comparison(loaded, evaluations, c.settings.get("order_by"), classifier)
+    c.chart("compare", charts)
+    return table
 
 
 def _alert_history(c: Call):
@@ -364,6 +400,8 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "VALIDATE_DATA_DRIFT": MLFunctionSpec(_validation("validate_drift"), model=False, reads_rows=False),
     "DESCRIBE_DATA": MLFunctionSpec(_validation("describe_data"), model=False, reads_rows=False),
     "ALERT_HISTORY": MLFunctionSpec(_alert_history, model=False),
+    "COMPARE_MODELS": MLFunctionSpec(_compare_models, model=False, in_executors=True),
+    "PROFILE": MLFunctionSpec(_profile),
 }
 
 
