@@ -14,6 +14,7 @@ PENGUIN_COLS = "species, island, bill_length_mm, bill_depth_mm, flipper_length_m
 MODELS = {
     "bt_cls": ("boosted_tree_classifier", "species", "max_iterations = 15"),
     "bt_reg": ("boosted_tree_regressor", "body_mass_g", "max_iterations = 15"),
+    "rf_cls": ("random_forest_classifier", "species", "num_parallel_tree = 10, max_tree_depth = 6"),
     "lin": ("linear_reg", "body_mass_g", "l2_reg = 0.1"),
     "logit": ("logistic_reg", "species", "max_iterations = 50"),
     "dnn_cls": ("dnn_classifier", "species", "hidden_units = [32, 16], max_iterations = 40, batch_size = 32, learn_rate = 0.01"),
@@ -37,7 +38,7 @@ def ws(tmp_path_factory):
 
 
 CASES = [(m, q, tf) for m in MODELS for q in ("none", "int8", "int8_static", "fp16")
-         for tf in (("ensemble", "tensor", "gemm") if m.startswith("bt") else ("ensemble",))]
+         for tf in (("ensemble", "tensor", "gemm") if m.startswith(("bt", "rf")) else ("ensemble",))]
 
 
 def export_within_gate(s, model: str, quantize: str, tree_format: str, uri=None):
@@ -74,7 +75,7 @@ def test_parity_every_model_type_and_quantization(ws, tmp_path, model, quantize,
     assert out.exists() and out.stat().st_size == rep.size_bytes
     if quantize != "none":
         assert set(rep.latency_ms) == {"native", "onnx_fp32", f"onnx_{quantize}"}
-    if model.startswith("bt") and quantize != "none":
+    if model.startswith(("bt", "rf")) and quantize != "none":
         # split thresholds and leaves stay float32 in every form: the quantized trees route every row alike
         assert rep.max_abs_diff_quantized <= 1e-4, rep.to_dict()
     # the file runs on its own with raw columns, strings included, and NULLs as NaN / ''

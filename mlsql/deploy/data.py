@@ -284,9 +284,10 @@ def _empty(lm, inputs: list[str]) -> pa.Table:
         types = {k.lower(): v for k, v in (lm.meta.get("training_schema") or {}).items()}
         fields += [pa.field(c, _type_of(types.get(c.lower())) or pa.string()) for c in inputs]
         ltype = _type_of(getattr(lm.model, "label_type", None)) or pa.string()
-        fields.append(pa.field(f"predicted_{lm.label}", ltype))
+        if lm.label is not None:  # kmeans, pca: no label; their outputs come as the device named them
+            fields.append(pa.field(f"predicted_{lm.label}", ltype))
     fields += [pa.field("label", ltype), pa.field("label_at", _TS)]
-    if lm is not None and lm.label.lower() not in {f.name.lower() for f in fields}:
+    if lm is not None and lm.label is not None and lm.label.lower() not in {f.name.lower() for f in fields}:
         fields.append(pa.field(lm.label, ltype))
     return pa.schema(fields).empty_table()
 

@@ -281,19 +281,17 @@ def remote_profile(dev: Device, model_name: str, version: int | None, batch_size
         c.close()
 
 
-def remote_predict(dev: Device, model_name: str, version: int | None, data: pa.Table, label: str,
-                   classes: list | None, label_type: str) -> pa.Table:
-    """ML.PREDICT on a device: batches of raw columns out, prediction columns back (BigQuery ML's names)."""
+def remote_outputs(dev: Device, model_name: str, version: int | None, data: pa.Table,
+                   names: list[str]) -> dict[str, np.ndarray]:
+    """The graph's outputs ``names`` for ``data``'s rows, run on the device in batches."""
     c = client_for(dev)
+    got: dict[str, list] = {name: [] for name in names}
     try:
         try:
             info = c.model(model_name)
         except Exception as exc:
             raise wrap(exc, f"Device '{dev.name}' cannot serve model {model_name}") from None
         inputs = info.get("inputs") or []
-        pred_name = f"predicted_{label}"
-        values: list = []
-        probs: list = []
         for a in range(0, max(data.num_rows, 1), PREDICT_BATCH):
             part = data.slice(a, PREDICT_BATCH)
             if part.num_rows == 0:
@@ -302,14 +300,22 @@ def remote_predict(dev: Device, model_name: str, version: int | None, data: pa.T
                 r = c.predict_batch(model_name, columns_for(part, inputs), version=version)
             except Exception as exc:
                 raise wrap(exc, f"Prediction on device '{dev.name}' failed") from None
-            outs = r["outputs"]
-            values.append(np.asarray(outs[pred_name]))
-            if classes is not None:
-                probs.append(np.asarray(outs[f"{pred_name}_probs"], dtype=np.float64))
+            for name in names:
+                got[name].append(np.asarray(r["outputs"][name]))
     finally:
         c.close()
+    return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in got.items()}
+
+
+def remote_predict(dev: Device, model_name: str, version: int | None, data: pa.Table, label: str,
+                   classes: list | None, label_type: str) -> pa.Table:
+    """ML.PREDICT on a device: batches of raw columns out, prediction columns back (BigQuery ML's names)."""
+    pred_name = f"predicted_{label}"
+    outs = remote_outputs(dev, model_name, version, data,
+                          [pred_name] + ([f"{pred_name}_probs"] if classes is not None else []))
     n = data.num_rows
-    values = np.concatenate(values) if values else np.zeros(0)
+    values = outs[pred_name]
+    probs = [outs[f"{pred_name}_probs"].astype(np.float64)] if classes is not None and n else []
     if classes is None:
         return pa.table({pred_name: pa.array(values.astype(np.float64), pa.float64())})
     from mlsql.ml.model import _type_from_str

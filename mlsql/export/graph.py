@@ -137,6 +137,9 @@ def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str =
     g.stage = "est"
     est = model.estimator
     n_features = len(model.encoded_names)
+    if est.kind in ("kmeans", "pca"):
+        outputs = (_kmeans if est.kind == "kmeans" else _pca)(g, X, est)
+        return g.model(doc=f"MLSQL {model.model_type}"), inputs, outputs
     if est.kind == "xgboost":
         from mlsql.export.trees import ensemble, margin_base, parse_booster, tensor, traversal
 
@@ -201,6 +204,61 @@ def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str =
         outputs += [{"name": label_out, "type": ctype[1], "shape": [None]},
                     {"name": f"{label_out}_probs", "type": "float32", "shape": [None, len(model.classes)]}]
     return g.model(doc=f"MLSQL {model.model_type} predicting {model.label}"), inputs, outputs
+
+
+def _standardized(g, X: str, est) -> str:
+    """(x - shift) / scale in double, as the native model computes it (a timestamp minus its float32
+    mean would keep two digits), then float32."""
+    from onnx import TensorProto
+
+    Xd = g.op("Cast", [X], to=TensorProto.DOUBLE)
+    Z = g.op("Div", [g.op("Sub", [Xd, g.const(np.asarray(est.shift, np.float64), hint="shift")]),
+                     g.const(np.asarray(est.scale, np.float64), hint="scale")])
+    return g.op("Cast", [Z], to=TensorProto.FLOAT)
+
+
+def _kmeans(g, X: str, est) -> list[dict]:
+    """k-means as tensor ops: the distance of each row to each centroid, then ArgMin.
+
+    ``CENTROID_ID`` [N] (int64, 1-based) and ``centroid_distances`` [N, k] (float32: the distance to
+    centroid 1, 2, ..., k; ML.PREDICT's NEAREST_CENTROIDS_DISTANCE is these, sorted). Euclidean:
+    sqrt(sum((z - c)^2)) by broadcasting, with no |z|^2 - 2 z.c + |c|^2 cancellation; cosine:
+    1 - (z / |z|) . c with unit centroids."""
+    from onnx import TensorProto
+
+    Z = _standardized(g, X, est)
+    C = np.asarray(est.centroids, np.float32)
+    k = len(C)
+    if est.distance == "cosine":
+        norm = g.op("Sqrt", [g.op("ReduceSum", [g.op("Mul", [Z, Z]), g.const(np.array([1], np.int64))], keepdims=1)])
+        safe = g.op("Where", [g.op("Greater", [norm, g.const(np.float32(0))]), norm, g.const(np.float32(1))])
+        cos = g.op("MatMul", [g.op("Div", [Z, safe]), g.const(C.T.copy(), hint="centroids_t")])
+        dist = g.op("Clip", [g.op("Sub", [g.const(np.float32(1)), cos]), g.const(np.float32(0)),
+                             g.const(np.float32(2))])
+    else:
+        diff = g.op("Sub", [g.op("Unsqueeze", [Z, g.const(np.array([1], np.int64))]),
+                            g.const(C[None, :, :], hint="centroids")])  # [N, k, d]
+        d2 = g.op("ReduceSum", [g.op("Mul", [diff, diff]), g.const(np.array([2], np.int64))], keepdims=0)
+        dist = g.op("Sqrt", [d2])
+    g.stage = "post"
+    nearest = g.op("Add", [g.op("ArgMin", [dist], axis=1, keepdims=0), g.const(np.int64(1))])
+    g.add_output(nearest, "CENTROID_ID", TensorProto.INT64, ["N"])
+    g.add_output(dist, "centroid_distances", TensorProto.FLOAT, ["N", k])
+    return [{"name": "CENTROID_ID", "type": "int64", "shape": [None]},
+            {"name": "centroid_distances", "type": "float32", "shape": [None, k]}]
+
+
+def _pca(g, X: str, est) -> list[dict]:
+    """PCA as one MatMul: ``principal_components`` [N, k] (float32), column j being
+    ``principal_component_<j+1>`` of ML.PREDICT."""
+    from onnx import TensorProto
+
+    Z = _standardized(g, X, est)
+    V = np.asarray(est.components, np.float32)
+    P = g.op("MatMul", [Z, g.const(V.T.copy(), hint="components")])
+    g.stage = "post"
+    g.add_output(P, "principal_components", TensorProto.FLOAT, ["N", len(V)])
+    return [{"name": "principal_components", "type": "float32", "shape": [None, len(V)]}]
 
 
 def _activation(g, z: str, name: str) -> str:

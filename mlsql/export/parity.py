@@ -77,9 +77,20 @@ def _fmt(v) -> str:
 
 
 def _outputs_as_array(model, outs: list[np.ndarray]) -> np.ndarray:
+    """The graph's output that the native model's ``predict_raw`` gives: a regressor's value, a
+    classifier's probabilities, kmeans' distance to each centroid, pca's components."""
+    if model.estimator.kind == "kmeans":
+        return np.asarray(outs[1], dtype=np.float64)
+    if model.estimator.kind == "pca":
+        return np.asarray(outs[0], dtype=np.float64)
     if model.task == "regression":
         return np.asarray(outs[0], dtype=np.float64)
     return np.asarray(outs[1], dtype=np.float64)
+
+
+def _relative(model) -> bool:
+    """Values, not probabilities: float32 keeps ~7 digits of them, so compare relative to the value."""
+    return model.task == "regression" or model.estimator.kind in ("kmeans", "pca")
 
 
 def _latency(fn, batch: int, n: int) -> float:
@@ -114,11 +125,21 @@ def _gate_hint(model, opts: dict, tried: list[str]) -> str:
 
 def _metric(model, sample: pa.Table, pred: np.ndarray, native: np.ndarray | None = None
             ) -> tuple[str | None, float | None]:
-    """The headline metric of ``pred`` on ``sample``'s labels; without a label column (an imported
-    model's example rows may have none), with ``native`` given: how far ``pred`` agrees with it
-    (``agreement``: the share of rows with the same class, or r2 of the values against native's)."""
+    """The headline metric of ``pred`` on ``sample``'s labels (the quantization gate holds to it:
+    higher is better); without a label column (an imported model's example rows may have none),
+    with ``native`` given: how far ``pred`` agrees with it (``agreement``: the share of rows with the
+    same class, or r2 of the values against native's). kmeans: the share of rows put in the native
+    model's cluster; pca: the r2 of the components against the native ones (both 1 for the native
+    model itself)."""
     from mlsql.ml import metrics as M
 
+    if model.estimator.kind == "kmeans" and native is not None:
+        return "centroid_agreement", float(np.mean(pred.argmin(axis=1) == native.argmin(axis=1)))
+    if model.estimator.kind == "pca" and native is not None:
+        spread = float(((native - native.mean(axis=0)) ** 2).sum())
+        return "component_r2", 1.0 - float(((pred - native) ** 2).sum()) / spread if spread > 0 else 1.0
+    if model.label is None:
+        return None, None
     by_lower = {c.lower(): c for c in sample.column_names}
     if model.label.lower() not in by_lower:
         if native is None or model.task not in ("classification", "regression"):
@@ -194,7 +215,7 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
         raise ExportError(f"The exported graph does not run on ONNX Runtime: {exc}") from exc
     native = np.asarray(native_predict(sample), dtype=np.float64)
     diff = np.abs(onnx_out - native)
-    if model.task == "regression":  # float32 holds ~7 digits: compare relative to the value
+    if _relative(model):  # float32 holds ~7 digits: compare relative to the value
         diff = diff / np.maximum(1.0, np.abs(native))
     max_diff, mean_diff = float(np.nanmax(diff)), float(np.nanmean(diff))
 
@@ -246,7 +267,7 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
             if m_q is None or m_native - m_q <= opts["max_metric_drop"]:
                 break
     qd = None if q_out is None else np.abs(q_out - native)
-    if qd is not None and model.task == "regression":
+    if qd is not None and _relative(model):
         qd = qd / np.maximum(1.0, np.abs(native))
     drop = None if m_q is None or m_native is None else m_native - m_q
     if drop is not None and drop > opts["max_metric_drop"]:

@@ -36,11 +36,33 @@ class Tree:
     leaf: dict[int, float]  # leaf node -> value
 
 
+def tree_classes(booster, n_trees: int, n_out: int) -> list[int]:
+    """The output column each tree adds to: xgboost's ``tree_info``. With several trees a round
+    (``num_parallel_tree``, a random forest) a multiclass round holds each class's trees together
+    ([0, 0, 1, 1, 2, 2] for 3 classes × 2), so the tree's index modulo the classes is not its class."""
+    try:
+        gb = json.loads(booster.save_raw("json"))["learner"]["gradient_booster"]
+        info = (gb["model"] if "model" in gb else gb["gbtree"]["model"])["tree_info"]  # dart wraps a gbtree
+        if len(info) == n_trees:
+            return [int(c) for c in info]
+    except (KeyError, TypeError, ValueError):  # another booster (dart keeps it elsewhere): the layout instead
+        pass
+    per_round = 1
+    try:
+        per_round = int(json.loads(booster.save_config())["learner"]["gradient_booster"]["gbtree_model_param"]
+                        ["num_parallel_tree"])
+    except (KeyError, TypeError, ValueError):
+        pass
+    return [(i // per_round) % n_out for i in range(n_trees)]
+
+
 def parse_booster(booster, n_out: int) -> list[Tree]:
     trees = []
-    for i, text in enumerate(booster.get_dump(dump_format="json")):
+    dump = booster.get_dump(dump_format="json")
+    classes = tree_classes(booster, len(dump), n_out)
+    for i, text in enumerate(dump):
         root = json.loads(text)
-        t = Tree(cls=i % n_out, node_ids=[], feature={}, threshold={}, yes={}, no={}, leaf={})
+        t = Tree(cls=classes[i], node_ids=[], feature={}, threshold={}, yes={}, no={}, leaf={})
         stack = [root]
         while stack:
             n = stack.pop()
@@ -177,6 +199,12 @@ def traversal(g: Graph, X: str, trees: list[Tree], n_out: int, base: np.ndarray)
     looked up with GatherElements: ORT's Gather over a 1-D table costs about five times as
     much per element. A NaN feature takes the no branch, as the TreeEnsemble form does.
     """
+    # the leaves are summed per class from a [N, trees / n_out, n_out] view: tree i must add to class
+    # i % n_out, so the trees are dealt class by class (a forest's round holds each class's trees together)
+    by_cls = [[t for t in trees if t.cls == c] for c in range(n_out)]
+    if len({len(b) for b in by_cls}) != 1:
+        raise ValueError("tree_format = 'tensor' needs the same number of trees for every class")
+    trees = [by_cls[c][i] for i in range(len(by_cls[0])) for c in range(n_out)]
     D = max(1, max(tree_depth(t) for t in trees))
     feat, thr, no_child, leaf_val, roots = [], [], [], [], []
 
@@ -212,7 +240,7 @@ def traversal(g: Graph, X: str, trees: list[Tree], n_out: int, base: np.ndarray)
         yes = g.op("Cast", [g.op("Less", [v, g.op("GatherElements", [table["threshold"], h], axis=1)])],
                    to=TensorProto.INT32)
         h = g.op("Sub", [g.op("GatherElements", [table["no_child"], h], axis=1), yes])
-    # xgboost grows one tree per class and round, in class order: tree i adds to class i % n_out
+    # dealt above so that tree i adds to class i % n_out
     by_class = g.op("Concat", [n_rows, g.const(np.array([n_trees // n_out, n_out], np.int64))], axis=0)
     leaves = g.op("GatherElements", [table["leaf"], h], axis=1)
     vals = g.op("Reshape", [leaves, by_class], allowzero=1)  # [N, rounds, n_out]

@@ -10,11 +10,13 @@ from __future__ import annotations
 ML_FUNCTIONS: dict[str, tuple[str, str]] = {
     "PREDICT": ("ML.PREDICT(MODEL m, TABLE t | (query) [, STRUCT(0.5 AS threshold | 'd' AS device | 3 AS trial_id)])",
                 "Predictions: predicted_<label> (and predicted_<label>_probs for classifiers), then the input "
-                "columns. With STRUCT('d' AS device) the rows are predicted on that device."),
+                "columns; kmeans: CENTROID_ID and NEAREST_CENTROIDS_DISTANCE; pca: principal_component_1..k. "
+                "With STRUCT('d' AS device) the rows are predicted on that device."),
     "EVALUATE": ("ML.EVALUATE(MODEL m [, TABLE t | (query)] [, STRUCT(0.5 AS threshold | 3 AS trial_id)])",
                  "One row of metrics: precision, recall, accuracy, f1_score, log_loss, roc_auc for classifiers; "
-                 "mean_absolute_error, mean_squared_error, r2_score... for regressors. Without input: the "
-                 "held-out split's metrics from training."),
+                 "mean_absolute_error, mean_squared_error, r2_score... for regressors; davies_bouldin_index, "
+                 "mean_squared_distance for kmeans; total_explained_variance_ratio for pca. Without input: the "
+                 "held-out split's metrics from training (kmeans, pca: the training rows')."),
     "EXPLAIN_PREDICT": ("ML.EXPLAIN_PREDICT(MODEL m, TABLE t | (query) [, STRUCT(k AS top_k_features | 3 AS trial_id)])",
                         "The prediction with top_feature_attributions (SHAP values for trees, coef x (x - mean) "
                         "for linear models), baseline_prediction_value, prediction_value, approximation_error."),
@@ -29,6 +31,24 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
                          "expected_label and one column per predicted label."),
     "ROC_CURVE": ("ML.ROC_CURVE(MODEL m, TABLE t | (query))",
                   "threshold, recall, false_positive_rate and the counts (binary classifiers)."),
+    "CENTROIDS": ("ML.CENTROIDS(MODEL m [, STRUCT(TRUE AS standardize)])",
+                  "A kmeans model's centroids: centroid_id, feature, numerical_value (numbers), categorical_value "
+                  "(strings: category, value = the share of the cluster's rows in it); standardize: the "
+                  "standardized values."),
+    "DETECT_ANOMALIES": ("ML.DETECT_ANOMALIES(MODEL m [, STRUCT(0.02 AS contamination | 0.95 AS anomaly_prob_threshold)] "
+                         "[, TABLE t | (query)])",
+                         "The input rows with is_anomaly and their score: kmeans, normalized_distance (the distance "
+                         "to the nearest centroid over that centroid's median training distance) and CENTROID_ID; "
+                         "pca, mean_squared_error (of the row rebuilt from its principal components); a row is an "
+                         "anomaly when its score passes the training rows' (1 - contamination) quantile. arima_plus: "
+                         "the history (no input) or new rows with is_anomaly, lower_bound, upper_bound, "
+                         "anomaly_probability (above anomaly_prob_threshold)."),
+    "PRINCIPAL_COMPONENTS": ("ML.PRINCIPAL_COMPONENTS(MODEL m)",
+                             "A pca model's components: principal_component_id, feature, numerical_value "
+                             "(numbers), categorical_value (strings: category, value)."),
+    "PRINCIPAL_COMPONENT_INFO": ("ML.PRINCIPAL_COMPONENT_INFO(MODEL m)",
+                                 "One row per principal component: principal_component_id, eigenvalue, "
+                                 "explained_variance_ratio, cumulative_explained_variance_ratio."),
     "WEIGHTS": ("ML.WEIGHTS(MODEL m [, STRUCT(TRUE AS standardize)])",
                 "A linear or logistic model's coefficients: processed_input, weight (numbers), category_weights "
                 "(strings: category, weight), __INTERCEPT__; standardize: the weights of standardized inputs."),
@@ -53,9 +73,6 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
                          "time_series_type ('history' | 'forecast'), time_series_data, time_series_adjusted_data, "
                          "standard_error, the interval, trend, seasonal_period_<yearly|...|hourly>, "
                          "spikes_and_dips, residual."),
-    "DETECT_ANOMALIES": ("ML.DETECT_ANOMALIES(MODEL m [, STRUCT(0.95 AS anomaly_prob_threshold)] [, TABLE t | (query)])",
-                         "arima_plus: the history (no input) or new rows with is_anomaly, lower_bound, upper_bound, "
-                         "anomaly_probability."),
     "ARIMA_EVALUATE": ("ML.ARIMA_EVALUATE(MODEL m)",
                        "One row per series of an arima_plus model: non_seasonal_p, non_seasonal_d, non_seasonal_q, "
                        "has_drift, log_likelihood, AIC, variance, seasonal_periods, has_holiday_effect, "

@@ -28,15 +28,23 @@ if TYPE_CHECKING:
 
 TYPES = ("int", "float", "bool", "str", "list", "enum", "struct", "duration")
 
-MODEL_TYPES = ("boosted_tree_classifier", "boosted_tree_regressor", "linear_reg", "logistic_reg",
-               "dnn_classifier", "dnn_regressor", "arima_plus")
+MODEL_TYPES = ("boosted_tree_classifier", "boosted_tree_regressor", "random_forest_classifier",
+               "random_forest_regressor", "linear_reg", "logistic_reg", "dnn_classifier", "dnn_regressor",
+               "kmeans", "pca", "arima_plus")
 FORECASTERS = ("arima_plus",)  # time-series models (mlsql/ml/forecast.py): no label, no tuning
 # models trained elsewhere, imported from a file (CREATE MODEL m OPTIONS (model_type = 'onnx', model_path = ...))
 IMPORTED = ("onnx", "torch", "xgboost")
-CLASSIFIERS = ("boosted_tree_classifier", "logistic_reg", "dnn_classifier")
-TREES = ("boosted_tree_classifier", "boosted_tree_regressor")
+CLASSIFIERS = ("boosted_tree_classifier", "random_forest_classifier", "logistic_reg", "dnn_classifier")
+BOOSTED = ("boosted_tree_classifier", "boosted_tree_regressor")
+FORESTS = ("random_forest_classifier", "random_forest_regressor")
+TREES = BOOSTED + FORESTS  # xgboost's trees: boosted, or a random forest (num_parallel_tree trees in one round)
 LINEAR = ("linear_reg", "logistic_reg")
 DNN = ("dnn_classifier", "dnn_regressor")
+KMEANS = ("kmeans",)
+PCA = ("pca",)
+UNSUPERVISED = KMEANS + PCA  # no label: no input_label_cols, no data split, no tuning objective
+SUPERVISED = TREES + LINEAR + DNN
+ITERATIVE = BOOSTED + LINEAR + DNN + KMEANS  # max_iterations and learn_rate have a meaning (a forest grows once)
 QUANTIZE = ("none", "int8", "int8_static", "fp16")
 TREE_FORMATS = ("ensemble", "tensor", "gemm")
 PROVIDERS = ("nnapi", "cuda", "tensorrt", "coreml", "openvino", "dml", "rocm", "qnn", "xnnpack", "cpu")
@@ -475,46 +483,53 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "CREATE MODEL": (
         _O("model_type", "enum", "the kind of model to train (or, with model_path, to import)",
           choices=MODEL_TYPES + IMPORTED, required=True),
-        _O("input_label_cols", "list", "the label column (one)", ["label"], items="str", min_items=1, max_items=1),
-        _O("max_iterations", "int", "boosting rounds (trees), L-BFGS iterations (logistic), epochs (dnn)", 20, min=1),
-        _O("learn_rate", "float", "step size", 0.3, min=0, min_open=True,
+        _O("input_label_cols", "list", "the label column (one)", ["label"], items="str", min_items=1, max_items=1,
+           model_types=SUPERVISED + IMPORTED),
+        _O("max_iterations", "int", "boosting rounds (boosted trees), L-BFGS iterations (logistic), epochs (dnn), "
+                                    "Lloyd iterations (kmeans)", 20, min=1, model_types=ITERATIVE),
+        _O("learn_rate", "float", "step size", 0.3, min=0, min_open=True, model_types=BOOSTED + LINEAR + DNN,
           default_doc="0.3 (trees), 0.1 (linear), 0.001 (dnn)", tune=("range", 0.0, 1.0, "linear")),
         _O("max_tree_depth", "int", "maximum depth of a tree", 6, min=1, model_types=TREES,
-          tune=("range", 1, 10, "linear")),
+          default_doc="6 (boosted trees), 20 (random forests)", tune=("range", 1, 10, "linear")),
         _O("l1_reg", "float", "L1 regularization (linear_reg with l1_reg is a lasso)", 0.0, min=0,
-          tune=("range", 0.0, 10.0, "log")),
-        _O("l2_reg", "float", "L2 regularization", 0.0, min=0, default_doc="1.0 (trees), 0 (others)",
-          tune=("range", 0.0, 10.0, "log")),
+          model_types=SUPERVISED, tune=("range", 0.0, 10.0, "log")),
+        _O("l2_reg", "float", "L2 regularization", 0.0, min=0, model_types=SUPERVISED,
+          default_doc="1.0 (trees, forests), 0 (others)", tune=("range", 0.0, 10.0, "log")),
         _O("early_stop", "bool", "stop when the relative improvement of the (eval) loss falls below min_rel_progress",
-          True),
-        _O("min_rel_progress", "float", "the improvement early_stop asks of each iteration", 0.01, min=0),
+          True, model_types=SUPERVISED + KMEANS),
+        _O("min_rel_progress", "float", "the improvement early_stop asks of each iteration", 0.01, min=0,
+           model_types=SUPERVISED + KMEANS),
         _O("data_split_method", "enum", "how rows are held out for evaluation", "auto_split",
-          choices=("auto_split", "random", "seq", "custom", "no_split")),
-        _O("data_split_eval_fraction", "float", "share held out for 'random' and 'seq'", 0.2, **_FRACTION),
-        _O("data_split_col", "str", "ordering column for 'seq', BOOL flag column for 'custom' (TRUE = evaluation)"),
+          choices=("auto_split", "random", "seq", "custom", "no_split"), model_types=SUPERVISED),
+        _O("data_split_eval_fraction", "float", "share held out for 'random' and 'seq'", 0.2, model_types=SUPERVISED,
+           **_FRACTION),
+        _O("data_split_col", "str", "ordering column for 'seq', BOOL flag column for 'custom' (TRUE = evaluation)",
+           model_types=SUPERVISED),
         _O("class_weights", "struct", "weight per label: [STRUCT('a', 0.2), STRUCT('b', 0.8)] or STRUCT(0.2 AS a, ...)",
           model_types=CLASSIFIERS, check=_class_weights),
         _O("auto_class_weights", "bool", "weights inversely proportional to class frequency", False,
           model_types=CLASSIFIERS),
         _O("subsample", "float", "share of rows each tree sees", 1.0, model_types=TREES, **_UNIT,
-          tune=("range", 0.0, 1.0, "linear")),
+          default_doc="1.0 (boosted trees), 0.8 (random forests)", tune=("range", 0.0, 1.0, "linear")),
         _O("colsample_bytree", "float", "share of columns each tree sees", 1.0, model_types=TREES, **_UNIT,
           tune=("range", 0.0, 1.0, "linear")),
         _O("colsample_bylevel", "float", "share of columns each tree level sees", 1.0, model_types=TREES, **_UNIT,
           tune=("range", 0.0, 1.0, "linear")),
         _O("colsample_bynode", "float", "share of columns each split sees", 1.0, model_types=TREES, **_UNIT,
-          tune=("range", 0.0, 1.0, "linear")),
+          default_doc="1.0 (boosted trees), 0.8 (random forests)", tune=("range", 0.0, 1.0, "linear")),
         _O("min_split_loss", "float", "loss reduction a split needs (xgboost's gamma)", 0.0, min=0, model_types=TREES,
           tune=("range", 0.0, 20.0, "linear")),
         _O("min_tree_child_weight", "float", "hessian weight a leaf needs", 1.0, min=0, model_types=TREES,
           tune=("range", 0.0, 20.0, "linear")),
-        _O("num_parallel_tree", "int", "trees grown per round (random-forest boosting)", 1, min=1, model_types=TREES,
-          tune=("range", 1, 10, "linear")),
+        _O("num_parallel_tree", "int", "trees grown per round (random-forest boosting); a random forest's trees "
+                                       "(at least 2)", 1, min=1, model_types=TREES,
+          default_doc="1 (boosted trees), 100 (random forests)", tune=("range", 1, 10, "linear")),
         _O("tree_method", "enum", "xgboost's tree construction", "hist", choices=("hist", "approx", "exact", "auto"),
           model_types=TREES, tune=("candidates", ["hist", "approx", "exact", "auto"])),
-        _O("booster_type", "enum", "xgboost's booster", "gbtree", choices=("gbtree", "dart"), model_types=TREES,
+        _O("booster_type", "enum", "xgboost's booster", "gbtree", choices=("gbtree", "dart"), model_types=BOOSTED,
           tune=("candidates", ["gbtree", "dart"])),
-        _O("enable_global_explain", "bool", "accepted for compatibility with BigQuery ML", False),
+        _O("enable_global_explain", "bool", "accepted for compatibility with BigQuery ML", False,
+           model_types=SUPERVISED),
         _O("hidden_units", "list", "layer sizes", [128, 64], items="int", min=1, min_items=1, model_types=DNN,
           tune=("candidates", [[128, 64]])),
         _O("activation_fn", "enum", "activation of the hidden layers", "relu",
@@ -525,24 +540,48 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("batch_size", "int", "rows per minibatch", 1024, min=1, model_types=DNN, tune=("range", 16, 1024, "log")),
         _O("optimizer", "enum", "the optimizer", "adam", choices=("adam", "adagrad", "sgd", "rmsprop", "ftrl"),
           model_types=DNN, tune=("candidates", ["adam", "adagrad", "sgd", "rmsprop", "ftrl"])),
+        # k-means (mlsql/ml/kmeans.py): BigQuery ML's options
+        _O("num_clusters", "int", "how many clusters", None, min=2, max=100, model_types=KMEANS,
+           default_doc="round(log10(rows)), at least 2"),
+        _O("kmeans_init_method", "enum", "the first centroids: random training rows, k-means++ (scikit-learn's; "
+                                         "Spark ML's k-means|| on Spark), or the rows kmeans_init_col marks",
+           "random", choices=("random", "kmeans++", "custom"), model_types=KMEANS, default_doc="'RANDOM'"),
+        _O("kmeans_init_col", "str", "'custom': a BOOL column, TRUE on the num_clusters rows that are the first "
+                                     "centroids (not a feature)", model_types=KMEANS),
+        _O("distance_type", "enum", "the distance between a row and a centroid (cosine: 1 - cosine similarity)",
+           "euclidean", choices=("euclidean", "cosine"), model_types=KMEANS, default_doc="'EUCLIDEAN'"),
+        _O("standardize_features", "bool", "scale each numerical feature to mean 0 and standard deviation 1 first",
+           True, model_types=KMEANS),
+        # principal component analysis (mlsql/ml/pca.py): BigQuery ML's options
+        _O("num_principal_components", "int", "how many principal components to keep", None, min=1, max=10_000,
+           model_types=PCA, default_doc="— (this or pca_explained_variance_ratio)"),
+        _O("pca_explained_variance_ratio", "float", "keep the fewest components that explain at least this share "
+                                                    "of the variance", None, min=0, max=1, min_open=True,
+           max_open=True, model_types=PCA, default_doc="— (this or num_principal_components)"),
+        _O("scale_features", "bool", "scale each numerical feature to unit variance (features are always centred)",
+           True, model_types=PCA),
+        _O("pca_solver", "enum", "'full' (exact SVD), 'randomized' (randomized SVD) or 'auto' (scikit-learn's "
+                                 "choice by size)", "auto", choices=("full", "randomized", "auto"), model_types=PCA,
+           default_doc="'AUTO'"),
         _O("random_seed", "int", "seed of the data split and the trainer (MLSQL extension)", 42),
         # hyperparameter tuning, BigQuery ML's names (docs/LANGUAGE.md, Hyperparameter tuning)
         _O("num_trials", "int", "tune: train this many trials, each with hyperparameters from the search space "
                                 "(HPARAM_RANGE / HPARAM_CANDIDATES options), and keep the best", None, min=1, max=100,
-           default_doc="no tuning"),
+           default_doc="no tuning", model_types=SUPERVISED),
         _O("max_parallel_trials", "int", "tune: trials run at once, each in its own process with its share of "
-                                         "the cores", 1, min=1, max=50),
+                                         "the cores", 1, min=1, max=50, model_types=SUPERVISED),
         _O("hparam_tuning_algorithm", "enum", "tune: how trials pick hyperparameters: Optuna's TPE, random or "
                                              "grid sampler", "vizier_default",
-           choices=("vizier_default", "random_search", "grid_search"), default_doc="'VIZIER_DEFAULT'"),
+           choices=("vizier_default", "random_search", "grid_search"), default_doc="'VIZIER_DEFAULT'",
+           model_types=SUPERVISED),
         _O("hparam_tuning_objectives", "list", "tune: the metric on the evaluation split that picks the best trial",
            None, items="str", min_items=1, max_items=1, check=_objectives,
-           default_doc="['r2_score'] (regressors), ['roc_auc'] (classifiers)"),
+           default_doc="['r2_score'] (regressors), ['roc_auc'] (classifiers)", model_types=SUPERVISED),
         _O("data_split_test_fraction", "float", "tune: share held out as the test split, which no trial sees "
                                                "(ML.EVALUATE without input reports it)", None, min=0, max=1,
-           max_open=True, default_doc="0.1 when tuning ('auto_split', 'random')"),
+           max_open=True, default_doc="0.1 when tuning ('auto_split', 'random')", model_types=SUPERVISED),
         _O("resume", "bool", "tune: continue the interrupted tuning of this model (its stored Optuna study) "
-                             "instead of starting over (MLSQL extension)", False),
+                             "instead of starting over (MLSQL extension)", False, model_types=SUPERVISED),
         _O("num_threads", "int", "CPU threads (MLSQL extension)", None, min=1, model_types=TREES + LINEAR,
           default_doc="all cores"),
         # importing a model trained elsewhere (docs/LANGUAGE.md, Importing models)
@@ -740,6 +779,17 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("runs", "int", "timed runs per batch size (after 3 warm-up runs)", 50, min=1, max=200),
         _O("provider", "enum", "the execution provider to run on", "cpu", choices=PROVIDERS),
     ),
+    "ML.CENTROIDS": (
+        _O("standardize", "bool", "the centroids of standardized numerical features (mean 0, standard deviation 1), "
+                                  "so their magnitudes compare", False),
+    ),
+    "ML.DETECT_ANOMALIES": (
+        _O("contamination", "float", "kmeans, pca: the share of the training rows that count as anomalies: a row is "
+                                     "one when its score passes that quantile of the training rows' scores", None,
+           min=0, max=0.5, default_doc="required for kmeans and pca"),
+        _O("anomaly_prob_threshold", "float", "arima_plus: a point is an anomaly when its anomaly_probability is "
+                                              "above this", 0.95, min=0, max=1, max_open=True),
+    ),
     "ML.WEIGHTS": (
         _O("standardize", "bool", "the weights of standardized inputs (mean 0, standard deviation 1), so "
                                   "their magnitudes compare", False),
@@ -755,10 +805,6 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "ML.EXPLAIN_FORECAST": (
         _O("horizon", "int", "steps to forecast (at most the model's horizon option)", 3, min=1, max=10_000),
         _O("confidence_level", "float", "the share of the prediction interval", 0.95, min=0, max=1, max_open=True),
-    ),
-    "ML.DETECT_ANOMALIES": (
-        _O("anomaly_prob_threshold", "float", "arima_plus: a point is an anomaly when its anomaly_probability is "
-                                              "above this", 0.95, min=0, max=1, max_open=True),
     ),
     "ML.CONFUSION_MATRIX": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
@@ -925,7 +971,10 @@ def _show_default(o: Option) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
-_APPLIES = {(): "all", TREES: "boosted trees", CLASSIFIERS: "classifiers", DNN: "dnn", TREES + LINEAR: "trees, linear"}
+_APPLIES = {(): "all", TREES: "boosted trees, random forests", BOOSTED: "boosted trees", CLASSIFIERS: "classifiers",
+            DNN: "dnn", TREES + LINEAR: "trees, forests, linear", SUPERVISED: "models trained here, but kmeans, pca",
+            SUPERVISED + IMPORTED: "all but kmeans, pca", SUPERVISED + KMEANS: "models trained here, but pca",
+            ITERATIVE: "boosted trees, linear, dnn, kmeans", BOOSTED + LINEAR + DNN: "boosted trees, linear, dnn"}
 
 
 def markdown(kinds: Iterable[str] | None = None) -> str:

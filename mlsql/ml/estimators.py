@@ -383,7 +383,7 @@ class LinearEstimator:
 
 def make_estimator(opts):
     fam = opts.family
-    if fam == "boosted_tree":
+    if fam in ("boosted_tree", "random_forest"):  # a forest: xgboost's random-forest mode (mlsql.ml.options)
         return XGBEstimator()
     if fam == "linear":
         return LinearEstimator()
@@ -404,6 +404,14 @@ def load_estimator(folder):
         return XGBEstimator.load(folder)
     if kind == "linear":
         return LinearEstimator.load(folder)
+    if kind == "kmeans":
+        from mlsql.ml.kmeans import KMeansEstimator
+
+        return KMeansEstimator.load(folder)
+    if kind == "pca":
+        from mlsql.ml.pca import PCAEstimator
+
+        return PCAEstimator.load(folder)
     from mlsql.ml.dnn import DNNEstimator
 
     return DNNEstimator.load(folder)

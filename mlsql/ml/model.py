@@ -69,6 +69,20 @@ def _eval_mask(table: pa.Table, opts: Options, n: int) -> np.ndarray | None:
     return mask
 
 
+# model types with their own TrainedModel class (no label: what they give is not a prediction of one)
+MODEL_CLASSES = {"kmeans": ("mlsql.ml.unsupervised", "KMeansModel"), "pca": ("mlsql.ml.unsupervised", "PCAModel")}
+
+
+def model_class(model_type: str) -> type[TrainedModel]:
+    """The class that trains, loads and scores models of ``model_type`` (imported on first use)."""
+    where = MODEL_CLASSES.get(model_type)
+    if where is None:
+        return TrainedModel
+    import importlib
+
+    return getattr(importlib.import_module(where[0]), where[1])
+
+
 class TrainedModel:
     """A trained model and everything needed to reuse it: encoding, classes, metrics."""
 
@@ -96,6 +110,33 @@ class TrainedModel:
     @property
     def is_classifier(self) -> bool:
         return self.task == "classification"
+
+    @property
+    def supervised(self) -> bool:
+        """Trained to predict a label (every type but kmeans and pca)."""
+        return self.label is not None
+
+    def prediction_schema(self, func: str = "PREDICT") -> pa.Schema:
+        """The columns ML.PREDICT (``func``: or ML.EXPLAIN_PREDICT, ML.DETECT_ANOMALIES) puts before the input's."""
+        name = f"predicted_{self.label}"
+        if self.is_classifier:
+            t = self._label_arrow_type()
+            fields = [pa.field(name, t),
+                      pa.field(f"{name}_probs", pa.list_(pa.struct([("label", t), ("prob", pa.float64())])))]
+        else:
+            fields = [pa.field(name, pa.float64())]
+        if func == "EXPLAIN_PREDICT":
+            fields += [pa.field("top_feature_attributions",
+                                pa.list_(pa.struct([("feature", pa.string()), ("attribution", pa.float64())]))),
+                       pa.field("baseline_prediction_value", pa.float64()),
+                       pa.field("prediction_value", pa.float64()),
+                       pa.field("approximation_error", pa.float64())]
+        return pa.schema(fields)
+
+    def detect_anomalies(self, features: pa.Table, contamination: float) -> pa.Table:
+        raise ModelError(f"ML.DETECT_ANOMALIES is available for kmeans and pca models, not {self.model_type}",
+                         hint="Train a kmeans or pca model on the rows, then ML.DETECT_ANOMALIES(MODEL m, "
+                              "STRUCT(0.02 AS contamination), TABLE t).")
 
     def encode(self, table: pa.Table) -> np.ndarray:
         return encode(table, self.features)
@@ -238,7 +279,7 @@ class TrainedModel:
         imp = self.estimator.importance()
         if imp is None:
             raise ModelError(
-                f"ML.FEATURE_IMPORTANCE is available for boosted tree models, not {self.model_type}",
+                f"ML.FEATURE_IMPORTANCE is available for boosted tree and random forest models, not {self.model_type}",
                 hint="Use ML.EXPLAIN_PREDICT for per-row attributions.",
             )
         groups = feature_of_column(self.features)
@@ -323,7 +364,7 @@ class TrainedModel:
             from mlsql.ml.forecast import ArimaPlusModel
 
             return ArimaPlusModel.load(folder)
-        model = cls(
+        model = model_class(meta["model_type"])(
             model_type=meta["model_type"], task=meta["task"], label=meta["label"],
             label_type=meta["label_type"], classes=meta["classes"],
             features=[FeatureSpec(**f) for f in meta["features"]],
@@ -384,6 +425,10 @@ def class_weights(opts: Options, classes, counts: np.ndarray, n_fit: int, label:
 
 def train(table: pa.Table, opts: Options, progress=None) -> TrainedModel:
     """Train the model ``opts`` describes on ``table`` (features + label, as Arrow)."""
+    if table.num_rows == 0:
+        raise TrainingError("The training query returned no rows")
+    if not opts.supervised:  # kmeans, pca: every column is a feature
+        return model_class(opts.model_type).train(table, opts, progress)
     label = _find(table, opts.label)
     if label is None:
         raise UnknownColumnError(

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlsql.errors import OptionError
-from mlsql.language.options import CLASSIFIERS, MODEL_TYPES, validate
+from mlsql.language.options import CLASSIFIERS, MODEL_TYPES, UNSUPERVISED, validate
 
 __all__ = ["CLASSIFIERS", "FAMILY_DEFAULTS", "MODEL_TYPES", "Options", "resolve_options"]
 
@@ -37,6 +37,17 @@ class Options:
     tree_method: str = "hist"
     booster_type: str = "gbtree"
     enable_global_explain: bool = False
+    # kmeans
+    num_clusters: int | None = None  # None: round(log10(rows)), at least 2
+    kmeans_init_method: str = "random"
+    kmeans_init_col: str | None = None
+    distance_type: str = "euclidean"
+    standardize_features: bool = True
+    # pca
+    num_principal_components: int | None = None
+    pca_explained_variance_ratio: float | None = None
+    scale_features: bool = True
+    pca_solver: str = "auto"
     hidden_units: list[int] = field(default_factory=lambda: [128, 64])
     activation_fn: str = "relu"
     dropout: float = 0.0
@@ -76,17 +87,38 @@ class Options:
         return self.model_type in CLASSIFIERS
 
     @property
+    def supervised(self) -> bool:
+        """A label to learn (every type but kmeans and pca)."""
+        return self.model_type not in UNSUPERVISED
+
+    @property
     def family(self) -> str:
         if self.model_type.startswith("boosted_tree"):
             return "boosted_tree"
+        if self.model_type.startswith("random_forest"):
+            return "random_forest"
         if self.model_type.startswith("dnn"):
             return "dnn"
+        if self.model_type in ("kmeans", "pca"):
+            return self.model_type
         return "linear"
+
+    @property
+    def xgboost(self) -> bool:
+        """Trained by xgboost: boosted trees, and random forests (xgboost's random-forest mode)."""
+        return self.family in ("boosted_tree", "random_forest")
 
 
 # BigQuery ML defaults that differ by model family.
 FAMILY_DEFAULTS = {
     "boosted_tree": {"learn_rate": 0.3, "l2_reg": 1.0, "max_iterations": 20},
+    # xgboost's random-forest mode, as BigQuery ML trains random forests: num_parallel_tree trees grown in
+    # one round with learning rate 1 (each tree's leaves scaled by 1 / num_parallel_tree: their mean),
+    # rows and columns subsampled so that the trees differ
+    "random_forest": {"learn_rate": 1.0, "l2_reg": 1.0, "max_iterations": 1, "max_tree_depth": 20,
+                      "subsample": 0.8, "colsample_bynode": 0.8, "num_parallel_tree": 100},
+    "kmeans": {"max_iterations": 20},
+    "pca": {},
     "linear": {"learn_rate": 0.1, "l2_reg": 0.0, "max_iterations": 20},
     "dnn": {"learn_rate": 0.001, "l2_reg": 0.0, "max_iterations": 20},
 }
@@ -120,7 +152,30 @@ def _from_checked(checked: dict[str, Any], given: dict[str, Any]) -> Options:
         raise OptionError("data_split_method = 'custom' needs data_split_col (a BOOL column: TRUE = evaluation row)")
     if opts.class_weights and opts.auto_class_weights:
         raise OptionError("Give either class_weights or auto_class_weights, not both")
+    if opts.family == "random_forest" and opts.num_parallel_tree < 2 and "num_parallel_tree" not in opts.search_space:
+        raise _about("num_parallel_tree", OptionError(
+            f"Option num_parallel_tree = {opts.num_parallel_tree}: a random forest has at least 2 trees",
+            hint="Use boosted_tree_* for a single tree grown in rounds."))
+    if opts.model_type == "kmeans":
+        if opts.kmeans_init_method == "custom" and not opts.kmeans_init_col:
+            raise _about("kmeans_init_method", OptionError(
+                "kmeans_init_method = 'CUSTOM' needs kmeans_init_col (a BOOL column: TRUE on the rows that are the "
+                "first centroids)"))
+        if opts.kmeans_init_col and opts.kmeans_init_method != "custom":
+            raise _about("kmeans_init_col", OptionError(
+                "kmeans_init_col is read only with kmeans_init_method = 'CUSTOM'"))
+    if opts.model_type == "pca":
+        both = opts.num_principal_components is not None and opts.pca_explained_variance_ratio is not None
+        if both or (opts.num_principal_components is None and opts.pca_explained_variance_ratio is None):
+            raise OptionError("pca needs " + ("one of " if both else "") + "num_principal_components or "
+                              "pca_explained_variance_ratio" + (", not both" if both else ""),
+                              hint="For example: num_principal_components = 3, or pca_explained_variance_ratio = 0.9.")
     return opts
+
+
+def _about(option: str, err: OptionError) -> OptionError:
+    err.option, err.statement_kind = option, "CREATE MODEL"
+    return err
 
 
 def early_stop_reason(key: str, min_rel: float, unit: str) -> str:

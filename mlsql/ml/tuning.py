@@ -39,6 +39,7 @@ TRIALS = "trials"
 # tunable hyperparameters of each family with their default ranges (docs/LANGUAGE.md)
 DEFAULT_SPACE = {
     "boosted_tree": ("learn_rate", "max_tree_depth", "l2_reg", "subsample", "min_tree_child_weight"),
+    "random_forest": ("max_tree_depth", "l2_reg", "subsample", "min_tree_child_weight"),
     "linear": ("l1_reg", "l2_reg"),
     "dnn": ("learn_rate", "dropout", "batch_size"),
 }
@@ -301,11 +302,20 @@ def tune(table: pa.Table, opts: Options, folder: Path, *, fingerprint: str, prog
     study.set_user_attr("fingerprint", fingerprint)
     rows: dict[int, dict] = {}
     for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.RUNNING:  # its process died: run it again, do not count it
+        done = t.user_attrs.get("mlsql")
+        if t.state == TrialState.RUNNING and done is not None:
+            # its result was recorded, the process died before telling the study: tell it now
+            if done["status"] == "SUCCEEDED":
+                storage.set_trial_state_values(t._trial_id, TrialState.COMPLETE, [done["value"]])
+            else:
+                storage.set_trial_state_values(
+                    t._trial_id, TrialState.PRUNED if done["status"] == "STOPPED" else TrialState.FAIL)
+            rows[done["trial_id"]] = done
+        elif t.state == TrialState.RUNNING:  # its process died mid-trial: run it again, do not count it
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        elif "mlsql" in t.user_attrs and not t.user_attrs.get("interrupted"):
-            rows[t.user_attrs["mlsql"]["trial_id"]] = t.user_attrs["mlsql"]
+        elif done is not None and not t.user_attrs.get("interrupted"):
+            rows[done["trial_id"]] = done
 
     trial_rows, test_rows = split(table, opts)
     cores = cpu_count or os.cpu_count() or 1

@@ -378,12 +378,18 @@ class SparkEngine(Engine):
 
     def executor_trainer(self, family: str):
         """Classic sessions train every family in the executors (``dnn`` is refused there with a
-        hint). Spark Connect sessions train linear models in the executors too; boosted trees and
-        DNNs come to the driver, because xgboost.spark needs a SparkContext, which Connect hides."""
+        hint). Spark Connect sessions train linear models, kmeans and pca in the executors too;
+        boosted trees, random forests and DNNs come to the driver, because xgboost.spark needs a
+        SparkContext, which Connect hides. kmeans and pca train with Spark ML; arima_plus series in a
+        grouped Arrow UDF."""
         if family == "arima":  # one grouped Arrow UDF call per series, classic and Connect alike
             from mlsql.engines.spark import forecast as spark_forecast
 
             return spark_forecast
+        if family in ("kmeans", "pca"):
+            from mlsql.engines.spark import unsupervised
+
+            return unsupervised
         if self.remote is None or family == "linear":
             from mlsql.engines.spark import train as spark_train
 

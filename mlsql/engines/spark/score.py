@@ -67,28 +67,11 @@ def _struct(schema: pa.Schema):
     return StructType([StructField(f.name, _spark_type(f.type), True) for f in schema])
 
 
-def _label_type(model) -> pa.DataType:
-    return model._label_arrow_type()
-
-
 def prediction_schema(model, func: str) -> pa.Schema:
-    """The columns ML.PREDICT / ML.EXPLAIN_PREDICT put before the input's."""
+    """The columns ML.PREDICT / ML.EXPLAIN_PREDICT / ML.DETECT_ANOMALIES put before the input's."""
     if func == "PREDICT" and hasattr(model, "output_schema"):  # an imported graph: its own outputs
         return pa.schema([pa.field(f.name, _listed(f.type)) for f in model.output_schema()])
-    name = f"predicted_{model.label}"
-    if model.is_classifier:
-        t = _label_type(model)
-        fields = [pa.field(name, t),
-                  pa.field(f"{name}_probs", pa.list_(pa.struct([("label", t), ("prob", pa.float64())])))]
-    else:
-        fields = [pa.field(name, pa.float64())]
-    if func == "EXPLAIN_PREDICT":
-        fields += [pa.field("top_feature_attributions",
-                            pa.list_(pa.struct([("feature", pa.string()), ("attribution", pa.float64())]))),
-                   pa.field("baseline_prediction_value", pa.float64()),
-                   pa.field("prediction_value", pa.float64()),
-                   pa.field("approximation_error", pa.float64())]
-    return pa.schema(fields)
+    return model.prediction_schema(func)
 
 
 def _listed(t: pa.DataType) -> pa.DataType:
@@ -109,14 +92,16 @@ def with_features(engine, lm, df, *, need_label: bool, func: str):
 
     model = lm.model
     cols = df.columns
-    label = lm.label
+    label = lm.label or ""  # kmeans, pca: no label ("" is no column's name)
+    need_label = need_label and bool(label)
     if need_label and label.lower() not in {c.lower() for c in cols} and lm.transform is None:
         raise UnknownColumnError(label, cols,
                                  message=f"ML.{func} input has no label column '{label}' for model {lm.version.ref}")
     if lm.transform is not None:
         tmp = engine.temp_name("in")
         engine.register(tmp, df)
-        select = sqlglot.parse_one(lm.transform.select_sql(tmp, cols, optional=set() if need_label else {label}),
+        select = sqlglot.parse_one(lm.transform.select_sql(tmp, cols, optional=set() if need_label or not label
+                                                           else {label}),
                                    read="duckdb")
         produced = {}
         for i, item in enumerate(select.expressions):
@@ -128,7 +113,7 @@ def with_features(engine, lm, df, *, need_label: bool, func: str):
     else:
         frame, produced, available = df, {c: c for c in cols}, cols
     by_lower = {c.lower(): c for c in available}
-    wanted = lm.feature_names + ([label] if label.lower() in by_lower else [])
+    wanted = lm.feature_names + ([label] if label and label.lower() in by_lower else [])
     where = {}
     for name in wanted:
         real = by_lower.get(name.lower())
@@ -162,6 +147,8 @@ def predict(engine, lm, df, func: str, settings: dict):
     kw = {}
     if func == "EXPLAIN_PREDICT":
         kw["top_k"] = int(settings.get("top_k_features", 5))
+    elif func == "DETECT_ANOMALIES":
+        kw["contamination"] = float(settings["contamination"])
     elif "threshold" in settings:
         kw["threshold"] = float(settings["threshold"])
     fn = partial(_score_batches, model_bytes(model), func, where, head, keep, kw)
@@ -174,7 +161,9 @@ def _score_batches(blob, func, where, head, keep, kw, batches):
         if batch.num_rows == 0:
             continue
         feats = _inputs(batch, where)
-        got = model.explain_predict(feats, **kw) if func == "EXPLAIN_PREDICT" else model.predict(feats, **kw)
+        run = {"EXPLAIN_PREDICT": model.explain_predict, "DETECT_ANOMALIES": model.detect_anomalies}.get(
+            func, model.predict)
+        got = run(feats, **kw)
         arrays = [got.column(f.name).cast(f.type) for f in head]
         names = list(head.names) + keep
         arrays += [batch.column(c) for c in keep]
@@ -189,9 +178,42 @@ def evaluate(engine, lm, df, threshold: float | None = None) -> M.Evaluation:
     """ML.EVALUATE of ``df``: the metrics of ``TrainedModel.evaluate`` (and a classifier's confusion
     matrix), aggregated on the cluster."""
     frame, where = with_features(engine, lm, df, need_label=True, func="EVALUATE")
+    if not lm.model.supervised:  # kmeans, pca: their sums per batch, added up here
+        return unsupervised_metrics(lm.model, frame, where)
     if lm.label not in where:
         raise UnknownColumnError(lm.label, df.columns, message=f"Input has no label column '{lm.label}'")
     return metrics(engine, lm.model, frame, where, threshold)
+
+
+def unsupervised_metrics(model, frame, where: dict[str, str] | None, encoded_width: int | None = None) -> M.Evaluation:
+    """ML.EVALUATE of a kmeans or pca model: each batch's sums (``mlsql.ml.kmeans.evaluation_sums``,
+    ``mlsql.ml.pca.evaluation_sums``) computed where the rows are, combined on the driver by the
+    same code that combines the DuckDB path's one batch. ``encoded_width``: ``frame`` holds the
+    encoded matrix (float columns f0, f1, ...) instead of the model's inputs."""
+    import importlib
+    import json
+
+    module = importlib.import_module(f"mlsql.ml.{model.model_type}")
+    fn = partial(_evaluation_sums, model_bytes(model), where, encoded_width)
+    parts = [json.loads(r["s"]) for r in frame.mapInArrow(fn, "s string").collect()]
+    return module.combine_evaluation(model.estimator, parts)
+
+
+def _evaluation_sums(blob, where, width, batches):
+    import importlib
+    import json
+
+    model = _model(blob)
+    module = importlib.import_module(f"mlsql.ml.{model.model_type}")
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        if width is None:
+            X = model.encode(_inputs(batch, where))
+        else:
+            X = np.column_stack([batch.column(j).to_numpy(zero_copy_only=False) for j in range(width)])
+        yield pa.RecordBatch.from_arrays([pa.array([json.dumps(module.evaluation_sums(model.estimator, X))])],
+                                         names=["s"])
 
 
 def metrics(engine, model, frame, where: dict[str, str] | None, threshold: float | None = None,

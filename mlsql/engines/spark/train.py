@@ -9,9 +9,10 @@ places. Then (``mapInArrow``, Arrow batches) the statistics the feature encoding
 (means, categories, classes), computed with ``mlsql.ml.features`` on each batch, and the
 encoded matrix.
 
-- ``boosted_tree_*``: ``xgboost.spark`` across the executors (``num_workers`` = the session's
-  task slots); its booster is an ordinary ``xgboost.Booster``, so the model is the same
-  ``XGBEstimator`` the DuckDB path makes.
+- ``boosted_tree_*`` and ``random_forest_*``: ``xgboost.spark`` across the executors
+  (``num_workers`` = the session's task slots; a forest is its random-forest mode, one round of
+  ``num_parallel_tree`` trees); its booster is an ordinary ``xgboost.Booster``, so the model is the
+  same ``XGBEstimator`` the DuckDB path makes.
 - ``linear_reg`` / ``logistic_reg``: the same ``LinearEstimator`` as on DuckDB, its sums
   computed on the cluster: the weighted Gram matrix and moments for least squares (one pass),
   the loss and gradient of each L-BFGS step for the logistic model (one pass over the cached
@@ -541,7 +542,7 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
     if not has_eval:
         idf = idf.withColumn(EVAL, F.lit(False))
         n_train = n
-    encoding = "ordinal" if opts.family == "boosted_tree" else "onehot"
+    encoding = "ordinal" if opts.xgboost else "onehot"
     specs = []
     for name in feature_names:
         at = str(schema.field(name).type)
@@ -571,7 +572,7 @@ def _train_indexed(engine, idf, opts, task, label, feature_names, schema, n, pla
     else:
         encoded = idf.mapInArrow(partial(_encode, [s.to_dict() for s in specs], label, info), _struct(enc_schema))
     k = len(classes) if classes else 1
-    if opts.family == "boosted_tree":
+    if opts.xgboost:  # boosted trees, and random forests (xgboost's random-forest mode: one round)
         y_mean = sum(s["y_sum"] for s in stats) / n_train if task == "regression" else None
         estimator, history = _fit_xgboost(engine, encoded, width, opts, task, k, has_eval, class_weights, y_mean,
                                           progress)

@@ -45,7 +45,7 @@ def describe_table(s: SessionState, spec: P.ModelSpec) -> pa.Table:
         ("name", mv.name), ("version", str(mv.version)),
         ("versions", ", ".join(str(v.version) for v in all_versions)),
         ("aliases", ", ".join(mv.aliases)), ("model_type", lm.model.model_type),
-        ("label", lm.label), ("created", mv.created.isoformat(timespec="seconds")),
+        ("label", lm.label or ""), ("created", mv.created.isoformat(timespec="seconds")),
         ("features", ", ".join(lm.feature_names)),
         ("input_columns", ", ".join(lm.meta.get("input_columns", lm.feature_names))),
     ]

@@ -95,7 +95,8 @@ def _trial_info(c: Call):
 def model_features(s: SessionState, lm: LoadedModel, data: pa.Table, *, need_label: bool, func: str) -> pa.Table:
     """The model's input columns (after TRANSFORM) for ``data``; label kept if present."""
     cols = data.column_names
-    label = lm.label
+    label = lm.label or ""  # kmeans, pca: no label ("" is no column's name)
+    need_label = need_label and bool(label)
     if need_label and label.lower() not in {c.lower() for c in cols} and lm.transform is None:
         raise UnknownColumnError(
             label, cols, message=f"ML.{func} input has no label column '{label}' for model {lm.version.ref}"
@@ -104,13 +105,13 @@ def model_features(s: SessionState, lm: LoadedModel, data: pa.Table, *, need_lab
         tmp = s.engine.temp_name("in")
         s.engine.register(tmp, data)
         try:
-            sql = lm.transform.select_sql(tmp, cols, optional=set() if need_label else {label})
+            sql = lm.transform.select_sql(tmp, cols, optional=set() if need_label or not label else {label})
             data = s.engine.query(sql)
         finally:
             s.engine.unregister(tmp)
         cols = data.column_names
     by_lower = {c.lower(): c for c in cols}
-    wanted = lm.feature_names + ([label] if label.lower() in by_lower else [])
+    wanted = lm.feature_names + ([label] if label and label.lower() in by_lower else [])
     missing_inputs(lm.version.ref, lm.feature_names, cols, func, label=label)
     arrays, names = [], []
     for name in wanted:
@@ -131,7 +132,7 @@ def model_inputs(lm: LoadedModel) -> list[str]:
         return lm.feature_names
     out: dict[str, str] = {}
     for name in lm.transform.output_columns:
-        if name.lower() != lm.label.lower():
+        if name.lower() != (lm.label or "").lower():
             out.update({c.lower(): c for c in lm.transform.reads.get(name, []) if c.lower() not in out})
     return list(out.values())
 
@@ -228,6 +229,11 @@ def _predict(c: Call):
         data, model = c.rows(), c.model
         dev = c.s.devices.get(str(c.settings["device"]))
         version = c.lm.version.version if (c.step.model.version or c.step.model.alias) else None
+        if not model.supervised:  # kmeans, pca: the graph's outputs, as ML.PREDICT names them
+            from mlsql.deploy.remote import remote_outputs
+
+            outs = remote_outputs(dev, c.lm.version.name, version, data, model.graph_outputs())
+            return _hconcat(model.predictions_from_outputs(outs), data)
         preds = remote_predict(dev, c.lm.version.name, version, data, c.lm.label, model.classes, model.label_type)
         return _hconcat(preds, data)
     if c.scorer is not None:
@@ -236,6 +242,8 @@ def _predict(c: Call):
 
 
 def _explain_predict(c: Call):
+    if not c.model.supervised:  # kmeans, pca: refused here, not in an executor
+        return c.model.explain_predict(c.rows())
     if getattr(c.model, "onnx_bytes", None) is not None:  # an imported graph: refused before any engine work
         c.model.explain_predict(None)
     if c.scorer is not None:
@@ -259,6 +267,36 @@ def _evaluate(c: Call):
         metrics = ev.metrics
         c.chart("evaluation", ev)
     return pa.table({k: pa.array([v], pa.float64()) for k, v in metrics.items()})
+
+
+def _unsupervised(c: Call, kind: str, func: str):
+    """The model of ``c``, which must be a ``kind`` model (kmeans, pca) for ``func``."""
+    if c.model.model_type != kind:
+        raise ModelError(f"ML.{func} is available for {kind} models, not {c.model.model_type}",
+                         hint={"kmeans": "Train one with OPTIONS (model_type = 'kmeans', num_clusters = 4).",
+                               "pca": "Train one with OPTIONS (model_type = 'pca', num_principal_components = 3)."
+                               }[kind])
+    return c.model
+
+
+def _detect_anomalies(c: Call):
+    """ML.DETECT_ANOMALIES: a small dispatch on the model's type; each type computes its own
+    anomalies (mlsql.ml.kmeans.detect_anomalies, mlsql.ml.pca.detect_anomalies,
+    mlsql.runtime.steps.forecast.detect_anomalies). kmeans and pca score in the executors on Spark;
+    arima_plus brings a lazy frame's rows to the driver (forecast._rows)."""
+    model = c.model
+    if model.model_type == "arima_plus":  # the history, or new rows, against the forecast's intervals
+        return _forecasting("detect_anomalies")(c)
+    if model.model_type in ("kmeans", "pca"):
+        if "contamination" not in c.settings:
+            raise MLSQLError(f"ML.DETECT_ANOMALIES of a {model.model_type} model needs STRUCT(x AS contamination)",
+                             hint=f"For example: ML.DETECT_ANOMALIES(MODEL {c.step.model}, STRUCT(0.02 AS "
+                                  "contamination), TABLE t): the share of training rows that count as anomalies.")
+        contamination = float(c.settings["contamination"])
+        if c.scorer is not None:
+            return c.scorer.predict(c.s.engine, c.lm, c.rows(), "DETECT_ANOMALIES", c.settings)
+        return _hconcat(model.detect_anomalies(c.features(need_label=False), contamination), c.rows())
+    return model.detect_anomalies(None, 0.0)  # says which model types it takes
 
 
 def _device_metrics(c: Call):
@@ -309,14 +347,6 @@ def _forecasting(name: str):
         return getattr(forecast, name)(c)
 
     return run
-
-
-def _detect_anomalies(c: Call):
-    """ML.DETECT_ANOMALIES: each model type's own computation."""
-    if c.model.model_type == "arima_plus":
-        return _forecasting("detect_anomalies")(c)
-    raise ModelError(f"ML.DETECT_ANOMALIES is not available for {c.model.model_type} models",
-                     hint="It reads arima_plus models.")
 
 
 def _job_runs(c: Call):
@@ -373,12 +403,17 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "FEATURE_IMPORTANCE": MLFunctionSpec(lambda c: c.chart("importance", c.model.feature_importance())),
     "TRAINING_INFO": MLFunctionSpec(lambda c: c.chart("loss", c.model.training_info)),
     "WEIGHTS": MLFunctionSpec(lambda c: c.model.weights(standardize=bool(c.settings.get("standardize")))),
+    "CENTROIDS": MLFunctionSpec(lambda c: _unsupervised(c, "kmeans", "CENTROIDS").centroids(
+        standardize=bool(c.settings.get("standardize")))),
+    "DETECT_ANOMALIES": MLFunctionSpec(_detect_anomalies, scores=True, in_executors=True),
+    "PRINCIPAL_COMPONENTS": MLFunctionSpec(lambda c: _unsupervised(c, "pca", "PRINCIPAL_COMPONENTS").components()),
+    "PRINCIPAL_COMPONENT_INFO": MLFunctionSpec(
+        lambda c: _unsupervised(c, "pca", "PRINCIPAL_COMPONENT_INFO").component_info()),
     "TRIAL_INFO": MLFunctionSpec(_trial_info),
     "FORECAST": MLFunctionSpec(_forecasting("forecast")),
     "EXPLAIN_FORECAST": MLFunctionSpec(_forecasting("explain_forecast")),
     "ARIMA_EVALUATE": MLFunctionSpec(_forecasting("arima_evaluate")),
     "ARIMA_COEFFICIENTS": MLFunctionSpec(_forecasting("arima_coefficients")),
-    "DETECT_ANOMALIES": MLFunctionSpec(_detect_anomalies),
     "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
     "DEVICE_DATA": MLFunctionSpec(_device_data, model=False),
     "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),

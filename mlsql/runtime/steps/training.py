@@ -87,7 +87,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             if reporter is not None:
                 reporter.close()
     ended = time.time()
-    if transform is not None and model.label not in transform.output_columns:
+    if transform is not None and model.label is not None and model.label not in transform.output_columns:
         raise MLSQLError(f"TRANSFORM must output the label column '{model.label}'")
     input_columns = transform.input_columns if transform else [f.name for f in model.features]
     from mlsql.runtime.steps.stats import training_statistics
@@ -136,7 +136,7 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             metrics=model.eval_metrics,
             iterations=model.training_info.to_pylist(),
             sql=step.statement,
-            tags={"model_type": model.model_type, "label": model.label,
+            tags={"model_type": model.model_type, "label": model.label or "",
                   "data_rows": str(rows), "data_hash": data_hash},
             aliases=aliases,
             started=started, ended=ended, examples=_examples(model, sample, sample_features, meta["input_columns"]),
