@@ -281,5 +281,18 @@ def test_forecast_notebook(tmp_path):
     assert any("image/png" in o.get("data", {}) for o in plot.outputs)  # the forecast chart was drawn
     mape = next(c for c in code if "seasonal_naive_mape" in c.source)
     assert "arima_plus_mape" in outputs_text(mape)
-    # the place the kmeans section goes once that model type is merged
-    assert any("CLUSTER SECTION" in c.source for c in nb.cells if c.cell_type == "markdown")
+    # the cluster section: a kmeans model of the routes, each route in one of its 4 clusters, the scatter drawn
+    km = next(c for c in code if "CREATE OR REPLACE MODEL route_clusters" in c.source)
+    assert "Created model route_clusters version 1 (kmeans)" in outputs_text(km)
+    scatter = next(c for c in code if "CENTROID_ID" in c.source and "scatter" in c.source)
+    assert any("image/png" in o.get("data", {}) for o in scatter.outputs)
+    import mlsql
+
+    s = mlsql.connect(tmp_path / "ws")
+    try:
+        routes = s.sql("SELECT count(*) FROM routes").scalar()
+        got = s.sql("SELECT CENTROID_ID AS c, count(*) AS n FROM ML.PREDICT(MODEL route_clusters, TABLE routes) "
+                    "GROUP BY ALL").to_arrow().to_pylist()
+        assert sorted(r["c"] for r in got) == [1, 2, 3, 4] and sum(r["n"] for r in got) == routes
+    finally:
+        s.close()
