@@ -343,6 +343,30 @@ def test_imported_graph_on_spark_equals_onnx_runtime_by_hand(spark_ws, tmp_path)
         accuracy_score(out.column("digit").to_numpy(), logits.argmax(axis=1)), abs=1e-12)
 
 
+def test_torch_import_on_spark_equals_torch_by_hand(spark_ws, cnn, tmp_path):
+    """A torch program imported on Spark: its example rows come from Spark SQL, its graph runs in the
+    executors, and its probabilities are torch's own on the rows Spark returns (TORCH_TOL)."""
+    import torch
+
+    m, X = cnn
+    s = spark_ws
+    table, _, _ = _digits_table()
+    s.register("digits_torch_spark", table.slice(0, 300))
+    path = tmp_path / "cnn_spark.pt2"
+    batch = torch.export.Dim("batch", min=1)
+    torch.export.save(torch.export.export(m, (X[:8],), dynamic_shapes=({0: batch},)), str(path))
+    s.sql(f"CREATE OR REPLACE MODEL cnn_spark OPTIONS (model_type = 'torch', model_path = '{path}', "
+          f"input_label_cols = ['digit']) AS SELECT pixels, digit FROM digits_torch_spark LIMIT 64")
+    out = s.sql("SELECT * FROM ML.PREDICT(MODEL cnn_spark, TABLE digits_torch_spark)").table
+    assert out.num_rows == 300
+    x = torch.tensor(np.array(out.column("pixels").to_pylist(), dtype=np.float32).reshape(-1, 1, 8, 8))
+    with torch.no_grad():
+        want = torch.softmax(m(x).double(), dim=1).numpy()
+    assert np.abs(_probs(out, "predicted_digit_probs") - want).max() <= TORCH_TOL
+    agree = (np.array(out.column("predicted_digit").to_pylist()) == want.argmax(axis=1)).mean()
+    assert agree >= 0.99  # a row whose top two classes tie within float32 rounding may differ
+
+
 # -- EXPORT and DEPLOY of an imported model ------------------------------------------------------------
 
 
