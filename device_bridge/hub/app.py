@@ -17,20 +17,23 @@ from starlette.routing import Route
 from device_bridge import web
 from device_bridge.hub.credentials import Credentials
 from device_bridge.hub.data import MAX_READ_ROWS, MAX_UPLOAD_BYTES, NO_GROUP, DataStore, parse_since
+from device_bridge.hub.db import Database
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
 from device_bridge.hub.state import HubState
 from device_bridge.web import JSONAnswer
 
 
 def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
-                   body_timeout: float = 120.0, enroll_open: bool = False, data_max_mb: int = 1024) -> Starlette:
+                   body_timeout: float = 120.0, enroll_open: bool = False, data_max_mb: int = 1024,
+                   db: str | None = None) -> Starlette:
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
     without a credential, under a name that never had one. ``data_max_mb``: device data kept per
-    group (data.py)."""
+    group (data.py). ``db``: the state's database (db.py; default SQLite in ``STORE/hub.db``)."""
     if not token:
         raise ValueError("the hub needs an operator token")
-    hub = HubState(store, max_package_bytes)
-    creds = Credentials(store)
+    database = Database(store, db)
+    hub = HubState(store, max_package_bytes, database)
+    creds = Credentials(store, database)
     data = DataStore(store, data_max_mb)
     operator_b = token.encode()
     budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
@@ -75,7 +78,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         if name is None:
             return
         sha = request.path_params["sha"]
-        wanted = {e.get("sha256") for e in hub.state["desired"].get(name, {}).values() if isinstance(e, dict)}
+        wanted = {e.get("sha256") for e in hub.desired_of(name).values() if isinstance(e, dict)}
         if sha not in wanted:
             raise HubError(403, f"agent {name!r} may download only the packages of its desired state", "forbidden")
 
@@ -114,7 +117,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     @endpoint(own(operator_too=True))
     async def desired(request):
         name = agent_name(request)
-        return JSONAnswer({"agent": name, "models": hub.state["desired"].get(name, {})})
+        return JSONAnswer({"agent": name, "models": hub.desired_of(name)})
 
     @endpoint(own(operator_too=False))
     async def report(request):
@@ -145,8 +148,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint(operator)
     async def agents(request):
-        names = sorted(set(hub.state["agents"]) | set(hub.reports))
-        return JSONAnswer({"agents": [view(n) for n in names]})
+        return JSONAnswer({"agents": [view(n) for n in hub.agent_list()]})
 
     @endpoint(operator)
     async def agent(request):
@@ -162,18 +164,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         body = await body_json(request)
         group = name_or_none(request.path_params["group"], "group")
         devices = names_of(body.get("devices"), "devices")
-        with hub.lock:
-            hub.state["groups"][group] = devices
-            hub.save()
+        hub.set_group(group, devices)
         return JSONAnswer({"group": group, "devices": devices})
 
     def group_of(name: str) -> str:
-        """The agent's group now: a group the operator lists it in, else the one it registered with."""
-        with hub.lock:
-            for g, members in sorted(hub.state["groups"].items()):
-                if name in members:
-                    return g
-            return (hub.state["agents"].get(name) or {}).get("group") or NO_GROUP
+        return hub.group_of(name, NO_GROUP)
 
     @endpoint(own(operator_too=False))
     async def upload_data(request):
@@ -222,11 +217,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint(operator)
     async def events(request):
-        return JSONAnswer({"events": list(hub.events)})
+        return JSONAnswer({"events": hub.events()})
 
     @endpoint(operator)
     async def blobs(request):
-        return JSONAnswer({"blobs": list(hub.state["blobs"].values())})
+        return JSONAnswer({"blobs": hub.blobs()})
 
     routes = [
         Route("/v1/blobs", put_blob, methods=["POST"]),

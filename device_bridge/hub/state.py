@@ -1,41 +1,30 @@
-"""The hub's state: agents, groups and desired state in one JSON file replaced atomically, and
-packages as content-addressed blobs named by their sha256."""
+"""The hub's state: agents, groups, desired state, reports and events in the hub's database (db.py),
+and packages as content-addressed blobs named by their sha256."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from device_bridge import package as pkg
 from device_bridge.agent import deploy as deploy_settings
 from device_bridge.agent.core import atomic_write
+from device_bridge.hub.db import MAX_EVENTS, Database
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
 
 
 class HubState:
-    def __init__(self, store: str | Path, max_package_bytes: int):
+    """Agents, groups, desired and previous desired state, the blob index, last reports and events,
+    in the hub's database (db.py); packages as files under ``STORE/blobs``. Nothing is kept only in
+    this process, so any number of hubs on one database answer alike."""
+
+    def __init__(self, store: str | Path, max_package_bytes: int, db: Database | None = None):
         self.store = Path(store)
         (self.store / "blobs").mkdir(parents=True, exist_ok=True)
         self.max_package_bytes = max_package_bytes
-        self.lock = threading.RLock()
-        path = self.store / "hub_state.json"
-        self.state = {"agents": {}, "groups": {}, "desired": {}, "previous": {}, "blobs": {}}
-        if path.exists():
-            try:
-                self.state.update(json.loads(path.read_bytes()))
-            except (OSError, ValueError):
-                pass
-        self.reports: dict[str, dict] = {}          # agent -> last report (memory only)
-        self.history: dict[str, deque] = {}          # agent -> recent telemetry snapshots
-        self.events: deque = deque(maxlen=1000)
-        self.event_seq: dict[str, int] = {}
-
-    def save(self) -> None:
-        atomic_write(self.store / "hub_state.json", json.dumps(self.state, sort_keys=True).encode())
+        self.db = db or Database(self.store)
 
     def put_blob(self, data: bytes) -> dict:
         if len(data) > self.max_package_bytes:
@@ -49,22 +38,62 @@ class HubState:
         if not path.exists():
             atomic_write(path, data)
         meta = {"sha256": sha, "name": manifest.name, "version": manifest.version, "size": len(data)}
-        with self.lock:
-            self.state["blobs"][sha] = meta
-            self.save()
+        with self.db.tx(lock=True) as t:
+            t.run("INSERT INTO blobs (sha256, meta, seq) SELECT ?, ?, COALESCE(MAX(seq), 0) + 1 FROM blobs WHERE true "
+                  "ON CONFLICT (sha256) DO UPDATE SET meta = excluded.meta", (sha, json.dumps(meta)))
         return meta
+
+    def blob(self, sha: str) -> dict | None:
+        with self.db.tx() as t:
+            row = t.one("SELECT meta FROM blobs WHERE sha256 = ?", (sha,))
+        return json.loads(row[0]) if row else None
+
+    def blobs(self) -> list[dict]:
+        with self.db.tx() as t:
+            return [json.loads(m) for (m,) in t.all("SELECT meta FROM blobs ORDER BY seq, sha256")]
+
+    def desired_of(self, name: str) -> dict:
+        with self.db.tx() as t:
+            return {m: json.loads(e) for m, e in t.all("SELECT model, entry FROM desired WHERE agent = ? "
+                                                       "ORDER BY model", (name,))}
+
+    def agent_list(self) -> list[str]:
+        """Every agent that registered or reported."""
+        with self.db.tx() as t:
+            return sorted({n for (n,) in t.all("SELECT name FROM agents UNION SELECT agent FROM reports")})
+
+    def set_group(self, group: str, devices: list[str]) -> None:
+        with self.db.tx() as t:
+            t.run("INSERT INTO groups (name, devices) VALUES (?, ?) "
+                  "ON CONFLICT (name) DO UPDATE SET devices = excluded.devices", (group, json.dumps(devices)))
+
+    def group_of(self, name: str, no_group: str) -> str:
+        """The agent's group now: a group the operator lists it in, else the one it registered with."""
+        with self.db.tx() as t:
+            for g, members in t.all("SELECT name, devices FROM groups ORDER BY name"):
+                if name in json.loads(members):
+                    return g
+            row = t.one("SELECT grp FROM agents WHERE name = ?", (name,))
+        return (row[0] if row else None) or no_group
+
+    def events(self) -> list[dict]:
+        with self.db.tx() as t:
+            rows = t.all("SELECT body FROM events ORDER BY id DESC LIMIT ?", (MAX_EVENTS,))
+        return [json.loads(b) for (b,) in reversed(rows)]
 
     def agent_names(self, devices=None, group=None) -> list[str]:
         names: list[str] = []
         group = name_or_none(group, "group")
         if group is not None:
-            if group not in self.state["groups"]:
-                known = {a for a, info in self.state["agents"].items() if info.get("group") == group}
+            with self.db.tx() as t:
+                row = t.one("SELECT devices FROM groups WHERE name = ?", (group,))
+                known = [n for (n,) in t.all("SELECT name FROM agents WHERE grp = ? ORDER BY name", (group,))]
+            if row is None:
                 if not known:
                     raise HubError(404, f"unknown group {group!r}")
-                names += sorted(known)
+                names += known
             else:
-                names += self.state["groups"][group]
+                names += json.loads(row[0])
         if devices is not None:
             names += names_of(devices, "devices")
         if not names:
@@ -84,7 +113,7 @@ class HubState:
             sha = body.get("sha256")
             if not isinstance(sha, str) or not SHA_RE.match(sha):
                 raise HubError(400, "sha256 must be the 64 hex digits of an uploaded package")
-            meta = self.state["blobs"].get(sha)
+            meta = self.blob(sha)
             if meta is None:
                 raise HubError(404, f"no package with sha256 {sha} on the hub; upload it first")
             if meta["name"] != model:
@@ -98,21 +127,18 @@ class HubState:
             deploy = deploy_settings.parse(body.get("deploy"), "desired state")  # checked here, applied by agents
             if deploy:
                 entry["deploy"] = deploy
-        with self.lock:
+        with self.db.tx(lock=True) as t:  # every target or none
             for a in targets:
-                cur = self.state["desired"].setdefault(a, {})
-                prev = self.state["previous"].setdefault(a, {})
+                row = t.one("SELECT entry FROM desired WHERE agent = ? AND model = ?", (a, model))
+                cur = json.loads(row[0]) if row else None
                 if entry is None:  # restore what was desired before the last change
-                    old = prev.pop(model, None)
-                    if old is None:
-                        cur[model] = {"absent": True}
-                    else:
-                        cur[model] = old
+                    old = t.one("SELECT entry FROM previous WHERE agent = ? AND model = ?", (a, model))
+                    t.run("DELETE FROM previous WHERE agent = ? AND model = ?", (a, model))
+                    _put(t, "desired", a, model, json.loads(old[0]) if old else {"absent": True})
                     continue
-                if model in cur and cur[model] != entry:
-                    prev[model] = cur[model]
-                cur[model] = entry
-            self.save()
+                if cur is not None and cur != entry:
+                    _put(t, "previous", a, model, cur)
+                _put(t, "desired", a, model, entry)
         return {"model": model, "devices": targets, "desired": entry}
 
     def register(self, name: str, body: dict) -> dict:
@@ -124,12 +150,13 @@ class HubState:
         if providers is not None and not (isinstance(providers, list) and len(providers) <= 64
                                           and all(isinstance(p, str) for p in providers)):
             raise HubError(400, "providers must be a list of names")
-        with self.lock:
-            # the agent's declared group counts where the operator has not listed the group's
-            # members (POST /v1/groups/{g}); an agent never edits such a list
-            self.state["agents"][name] = {"url": url, "group": group,
-                                          "providers": providers, "registered_at": time.time()}
-            self.save()
+        # the agent's declared group counts where the operator has not listed the group's
+        # members (POST /v1/groups/{g}); an agent never edits such a list
+        with self.db.tx() as t:
+            t.run("INSERT INTO agents (name, url, grp, providers, registered_at) VALUES (?, ?, ?, ?, ?) "
+                  "ON CONFLICT (name) DO UPDATE SET url = excluded.url, grp = excluded.grp, "
+                  "providers = excluded.providers, registered_at = excluded.registered_at",
+                  (name, url, group, json.dumps(providers), time.time()))
         return {"ok": True}
 
     def report(self, name: str, body: dict) -> dict:
@@ -139,29 +166,45 @@ class HubState:
         for field in ("status", "errors"):
             if body.get(field) is not None and not isinstance(body[field], dict):
                 raise HubError(400, f"{field} must be an object")
-        hist = self.history.setdefault(name, deque(maxlen=20))
-        for snap in tel[-20:]:
-            if isinstance(snap, dict):
-                hist.append(snap)
+        snaps = [snap for snap in tel[-20:] if isinstance(snap, dict)]
+        with self.db.tx() as t:
+            row = t.one("SELECT seq FROM event_marks WHERE agent = ?", (name,))
+            mark = row[0] if row else 0
+            new_mark = mark
+            for snap in snaps:
                 for ev in snap.get("events", []) or []:
-                    if isinstance(ev, dict) and isinstance(ev.get("seq"), int) \
-                            and ev["seq"] > self.event_seq.get(name, 0):
-                        self.event_seq[name] = ev["seq"]
-                        self.events.append({**ev, "agent": name})  # the credential's name wins
-        self.reports[name] = {"status": body.get("status"), "errors": body.get("errors"),
-                              "url": body.get("url"), "last_seen": time.time(),
-                              "telemetry": hist[-1] if hist else None}
-        if name not in self.state["agents"] and isinstance(body.get("url"), str):
+                    if isinstance(ev, dict) and isinstance(ev.get("seq"), int) and ev["seq"] > new_mark:
+                        new_mark = ev["seq"]
+                        t.run("INSERT INTO events (agent, seq, body) VALUES (?, ?, ?)",
+                              (name, ev["seq"], json.dumps({**ev, "agent": name})))  # the credential's name wins
+            if new_mark != mark:
+                t.run("INSERT INTO event_marks (agent, seq) VALUES (?, ?) "
+                      "ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq", (name, new_mark))
+                t.run("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (MAX_EVENTS,))
+            last = snaps[-1] if snaps else None
+            if last is None:  # a report without telemetry keeps the last snapshot the hub had
+                old = t.one("SELECT body FROM reports WHERE agent = ?", (name,))
+                last = json.loads(old[0]).get("telemetry") if old else None
+            body_out = {"status": body.get("status"), "errors": body.get("errors"), "url": body.get("url"),
+                        "telemetry": last}
+            t.run("INSERT INTO reports (agent, body, last_seen) VALUES (?, ?, ?) "
+                  "ON CONFLICT (agent) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen",
+                  (name, json.dumps(body_out), time.time()))
+            registered = t.one("SELECT 1 FROM agents WHERE name = ?", (name,)) is not None
+        if not registered and isinstance(body.get("url"), str):
             self.register(name, {"url": body["url"]})
         return {"ok": True, "received": len(tel)}
 
     def agent_view(self, name: str) -> dict:
-        info = self.state["agents"].get(name)
-        rep = self.reports.get(name, {})
-        if info is None and not rep:
+        with self.db.tx() as t:
+            a = t.one("SELECT url, grp, providers, registered_at FROM agents WHERE name = ?", (name,))
+            r = t.one("SELECT body, last_seen FROM reports WHERE agent = ?", (name,))
+        if a is None and r is None:
             raise HubError(404, f"unknown agent {name!r}")
+        info = {"url": a[0], "group": a[1], "providers": json.loads(a[2]), "registered_at": a[3]} if a else {}
+        rep = {**json.loads(r[0]), "last_seen": r[1]} if r else {}
         seen = rep.get("last_seen")
-        return {"name": name, **(info or {}), "desired": self.state["desired"].get(name, {}),
+        return {"name": name, **info, "desired": self.desired_of(name),
                 "status": rep.get("status"), "errors": rep.get("errors"), "last_seen": seen,
                 # seconds since the last report, by the hub's clock: a rollout counts only reports
                 # made after it set the desired state, whatever the two machines' clocks say
@@ -169,3 +212,6 @@ class HubState:
                 "telemetry": rep.get("telemetry")}
 
 
+def _put(t, table: str, agent: str, model: str, entry: dict) -> None:
+    t.run(f"INSERT INTO {table} (agent, model, entry) VALUES (?, ?, ?) "
+          "ON CONFLICT (agent, model) DO UPDATE SET entry = excluded.entry", (agent, model, json.dumps(entry, sort_keys=True)))

@@ -9,9 +9,11 @@ operator's token does the rest. Real hub and agent processes on loopback.
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -83,8 +85,10 @@ def fleet(tmp_path_factory):
 def test_the_agent_credential_is_its_own_and_not_the_device_token(fleet):
     a, b = fleet["tokens"]["alpha"], fleet["tokens"]["bravo"]
     assert a != b and TOKEN not in (a, b) and len(a) > 40
-    creds = json.loads((fleet["tmp"] / "hub" / "credentials.json").read_text())
-    assert a not in json.dumps(creds) and set(creds) == {"alpha", "bravo"}  # kept hashed
+    with sqlite3.connect(fleet["tmp"] / "hub" / "hub.db") as con:  # the hub's database, read directly
+        creds = dict(con.execute("SELECT name, sha256 FROM credentials").fetchall())
+    assert set(creds) == {"alpha", "bravo"} and creds["alpha"] == hashlib.sha256(a.encode()).hexdigest()
+    assert a not in json.dumps(creds)  # kept hashed
     assert stat.S_IMODE(os.stat(fleet["tmp"] / "store-alpha" / "hub_token").st_mode) == 0o600
     # an agent's own calls work with it; the device token opens nothing at the hub
     url = fleet["hub"].url
