@@ -242,7 +242,17 @@ def _read_json(path: Path):
 
 
 def import_json_store(t: Tx, store: Path) -> None:
-    """``hub_state.json`` and ``credentials.json`` into the new schema, inside its transaction."""
+    """``hub_state.json`` and ``credentials.json`` into the new schema, inside its transaction: a
+    file that is not what those hubs wrote stops the start, and nothing of it is kept."""
+    try:
+        _import(t, store)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise HubError(500, f"cannot import {store / 'hub_state.json'} or {store / 'credentials.json'} into the "
+                            f"hub's database: not the layout those hubs wrote ({exc}); nothing was imported. "
+                            "Repair or move the file to start", "store") from None
+
+
+def _import(t: Tx, store: Path) -> None:
     state = _read_json(store / "hub_state.json") or {}
     for name, info in (state.get("agents") or {}).items():
         info = info or {}
