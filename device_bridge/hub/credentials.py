@@ -28,7 +28,7 @@ class Credentials:
     def who(self, token: bytes) -> str | None:
         """The agent this token belongs to (None: no enrolled agent holds it)."""
         digest = _digest(token)
-        with self.db.tx() as t:
+        with self.db.read() as t:
             row = t.one("SELECT name, sha256 FROM credentials WHERE sha256 = ?", (digest,))
         if row and hmac.compare_digest(row[1] or "", digest):
             return row[0]
@@ -36,7 +36,7 @@ class Credentials:
 
     def state(self, name: str) -> str | None:
         """``enrolled``, ``revoked`` or None (never enrolled)."""
-        with self.db.tx() as t:
+        with self.db.read() as t:
             row = t.one("SELECT sha256 FROM credentials WHERE name = ?", (name,))
         if row is None:
             return None

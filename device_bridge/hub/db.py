@@ -112,13 +112,27 @@ class Database:
         return q if self.kind == "sqlite" else q.replace("?", "%s")
 
     @contextmanager
-    def tx(self, lock: bool = False):
+    def read(self):
+        """Reads outside a transaction (each statement sees the latest commit): one round trip per
+        statement, where a transaction would add two more."""
+        con = self._con()
+        try:
+            yield Tx(self, con.cursor())
+        except (sqlite3.Error, _pg_error()) as exc:
+            self._drop_broken(con)
+            raise HubError(503, f"the hub's database {self.describe} failed: {exc}", "store") from None
+
+    @contextmanager
+    def tx(self, lock: bool = False, durable: bool = True):
         """One transaction; yields a ``Tx``. ``lock``: writers that read before they write (desired
-        state, credentials) run one at a time, across every process on this database."""
+        state, credentials) run one at a time, across every process on this database. ``durable=False``
+        (an agent's report, sent again at its next poll): PostgreSQL answers before its log reaches
+        the disk; a crash may lose that last report, never leave half of it (SQLite in WAL with
+        synchronous=NORMAL does the same for every commit)."""
         con = self._con()
         try:
             if self.kind == "sqlite":
-                con.execute("BEGIN IMMEDIATE" if lock else "BEGIN")
+                con.execute("BEGIN IMMEDIATE")  # a writer: take the lock first, never upgrade to it (SQLITE_BUSY)
                 try:
                     yield Tx(self, con.cursor())
                 except BaseException:
@@ -128,6 +142,8 @@ class Database:
             else:
                 with con.transaction():
                     cur = con.cursor()
+                    if not durable:
+                        cur.execute("SET LOCAL synchronous_commit = off")
                     if lock:
                         cur.execute("SELECT pg_advisory_xact_lock(7301)")
                     yield Tx(self, cur)

@@ -44,22 +44,22 @@ class HubState:
         return meta
 
     def blob(self, sha: str) -> dict | None:
-        with self.db.tx() as t:
+        with self.db.read() as t:
             row = t.one("SELECT meta FROM blobs WHERE sha256 = ?", (sha,))
         return json.loads(row[0]) if row else None
 
     def blobs(self) -> list[dict]:
-        with self.db.tx() as t:
+        with self.db.read() as t:
             return [json.loads(m) for (m,) in t.all("SELECT meta FROM blobs ORDER BY seq, sha256")]
 
     def desired_of(self, name: str) -> dict:
-        with self.db.tx() as t:
+        with self.db.read() as t:
             return {m: json.loads(e) for m, e in t.all("SELECT model, entry FROM desired WHERE agent = ? "
                                                        "ORDER BY model", (name,))}
 
     def agent_list(self) -> list[str]:
         """Every agent that registered or reported."""
-        with self.db.tx() as t:
+        with self.db.read() as t:
             return sorted({n for (n,) in t.all("SELECT name FROM agents UNION SELECT agent FROM reports")})
 
     def set_group(self, group: str, devices: list[str]) -> None:
@@ -69,7 +69,7 @@ class HubState:
 
     def group_of(self, name: str, no_group: str) -> str:
         """The agent's group now: a group the operator lists it in, else the one it registered with."""
-        with self.db.tx() as t:
+        with self.db.read() as t:
             for g, members in t.all("SELECT name, devices FROM groups ORDER BY name"):
                 if name in json.loads(members):
                     return g
@@ -77,7 +77,7 @@ class HubState:
         return (row[0] if row else None) or no_group
 
     def events(self) -> list[dict]:
-        with self.db.tx() as t:
+        with self.db.read() as t:
             rows = t.all("SELECT body FROM events ORDER BY id DESC LIMIT ?", (MAX_EVENTS,))
         return [json.loads(b) for (b,) in reversed(rows)]
 
@@ -85,7 +85,7 @@ class HubState:
         names: list[str] = []
         group = name_or_none(group, "group")
         if group is not None:
-            with self.db.tx() as t:
+            with self.db.read() as t:
                 row = t.one("SELECT devices FROM groups WHERE name = ?", (group,))
                 known = [n for (n,) in t.all("SELECT name FROM agents WHERE grp = ? ORDER BY name", (group,))]
             if row is None:
@@ -167,7 +167,7 @@ class HubState:
             if body.get(field) is not None and not isinstance(body[field], dict):
                 raise HubError(400, f"{field} must be an object")
         snaps = [snap for snap in tel[-20:] if isinstance(snap, dict)]
-        with self.db.tx() as t:
+        with self.db.tx(durable=False) as t:
             row = t.one("SELECT seq FROM event_marks WHERE agent = ?", (name,))
             mark = row[0] if row else 0
             new_mark = mark
@@ -196,7 +196,7 @@ class HubState:
         return {"ok": True, "received": len(tel)}
 
     def agent_view(self, name: str) -> dict:
-        with self.db.tx() as t:
+        with self.db.read() as t:
             a = t.one("SELECT url, grp, providers, registered_at FROM agents WHERE name = ?", (name,))
             r = t.one("SELECT body, last_seen FROM reports WHERE agent = ?", (name,))
         if a is None and r is None:
