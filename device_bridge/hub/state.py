@@ -25,6 +25,7 @@ class HubState:
         (self.store / "blobs").mkdir(parents=True, exist_ok=True)
         self.max_package_bytes = max_package_bytes
         self.db = db or Database(self.store)
+        self._registered: set[str] = set()  # agents known to be registered (no call removes one)
 
     def put_blob(self, data: bytes) -> dict:
         if len(data) > self.max_package_bytes:
@@ -167,11 +168,12 @@ class HubState:
             if body.get(field) is not None and not isinstance(body[field], dict):
                 raise HubError(400, f"{field} must be an object")
         snaps = [snap for snap in tel[-20:] if isinstance(snap, dict)]
+        events = any(snap.get("events") for snap in snaps)
         with self.db.tx(durable=False) as t:
-            row = t.one("SELECT seq FROM event_marks WHERE agent = ?", (name,))
+            row = t.one("SELECT seq FROM event_marks WHERE agent = ?", (name,)) if events else None
             mark = row[0] if row else 0
             new_mark = mark
-            for snap in snaps:
+            for snap in snaps if events else ():
                 for ev in snap.get("events", []) or []:
                     if isinstance(ev, dict) and isinstance(ev.get("seq"), int) and ev["seq"] > new_mark:
                         new_mark = ev["seq"]
@@ -190,8 +192,11 @@ class HubState:
             t.run("INSERT INTO reports (agent, body, last_seen) VALUES (?, ?, ?) "
                   "ON CONFLICT (agent) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen",
                   (name, json.dumps(body_out), time.time()))
-            registered = t.one("SELECT 1 FROM agents WHERE name = ?", (name,)) is not None
-        if not registered and isinstance(body.get("url"), str):
+            registered = name in self._registered or \
+                t.one("SELECT 1 FROM agents WHERE name = ?", (name,)) is not None
+        if registered:
+            self._registered.add(name)
+        elif isinstance(body.get("url"), str):
             self.register(name, {"url": body["url"]})
         return {"ok": True, "received": len(tel)}
 

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import itertools
 import json
 import random
 import shutil
 import sqlite3
 import subprocess
 import sys
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -41,30 +39,6 @@ from device_bridge.client import HubClient
 
 pytestmark = pytest.mark.timeout(120)
 OLD_STORE = Path(__file__).parent / "hub_store_json"
-_db_numbers = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def postgres():
-    """A real PostgreSQL server for the session, started and stopped here; each call of the fixture's
-    value is a fresh database on it. Its folder is not under pytest's (kept 0700 by pytest): run as
-    root, pgserver runs the server as its own system user, which must reach the folder."""
-    import pgserver
-    import psycopg
-
-    folder = Path(tempfile.mkdtemp(prefix="mlsql-pg-"))
-    srv = pgserver.get_server(folder, cleanup_mode="stop")
-    uri = srv.get_uri()
-
-    def new_database() -> str:
-        name = f"hub{next(_db_numbers)}"
-        with psycopg.connect(uri, autocommit=True) as con:
-            con.execute(f"CREATE DATABASE {name}")
-        return uri.replace("/postgres?", f"/{name}?")
-
-    yield new_database
-    srv.cleanup()
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
