@@ -83,14 +83,13 @@ class Database:
 
     def _connect(self):
         if self.kind == "sqlite":
+            # created 0600 before SQLite opens it (it holds the credentials' hashes): SQLite gives its
+            # -wal and -shm files the database file's mode
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commits, never corrupt
             con.execute("PRAGMA busy_timeout=30000")
-            try:
-                os.chmod(self.path, 0o600)  # it holds the credentials' hashes
-            except OSError:
-                pass
             return con
         import psycopg
 

@@ -15,6 +15,7 @@ import json
 import random
 import shutil
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -132,6 +133,9 @@ def test_the_state_survives_a_kill_9_of_the_hub(tmp_path, db_url):
     assert call(hub.url, "POST", "/v1/agents/d1/report", tok, report)[0] == 200
     before = {"agent": hc.agent("d1"), "blobs": hc.http.request("GET", "/v1/blobs")["blobs"], "events": hc.events()}
     hub.kill()  # SIGKILL: no shutdown code runs
+    if db_url is None:  # the database and its write-ahead log hold credential hashes: owner only
+        db_files = sorted((tmp_path / "hub").glob("hub.db*"))
+        assert len(db_files) == 3 and {stat.S_IMODE(f.stat().st_mode) for f in db_files} == {0o600}
 
     hub = start_hub(tmp_path, hub_args(db_url))
     try:
@@ -297,3 +301,25 @@ def test_two_replicas_on_one_postgresql_serve_one_agent_and_it_carries_on_when_o
         for p in (agent, a, b):
             if p is not None:
                 p.kill()
+
+
+def test_a_lost_postgresql_connection_costs_one_answer_not_the_hub(tmp_path, postgres):
+    import psycopg
+
+    url = postgres()
+    hub = start_hub(tmp_path, ["--db", url])
+    try:
+        hc = HubClient(hub.url, TOKEN)
+        hc.set_group("field", ["d1", "d2"])
+        assert call(hub.url, "GET", "/v1/agents", TOKEN)[0] == 200
+        with psycopg.connect(url, autocommit=True) as con:  # as a database restart or a failover would
+            killed = con.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchall()
+        assert killed and all(ok for (ok,) in killed)
+        answers = [call(hub.url, "GET", "/v1/agents", TOKEN) for _ in range(3)]
+        for status, body in answers:  # a stale connection answers 503 'store' once, then is opened again
+            assert status == 200 or (status == 503 and json.loads(body)["kind"] == "store"), (status, body)
+        assert answers[-1][0] == 200 and hub.alive()
+        assert hc.set_desired("scorer", absent=True, group="field")["devices"] == ["d1", "d2"]
+    finally:
+        hub.kill()
