@@ -7,6 +7,7 @@ import functools
 import hmac
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -37,7 +38,31 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     data = DataStore(store, data_max_mb)
     operator_b = token.encode()
     budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
-    endpoint = web.endpoint_factory(operator_b, budget=budget)
+    base_endpoint = web.endpoint_factory(operator_b, budget=budget)
+    limiter: list = []
+
+    async def on_db(fn, *args):
+        """SQLite answers in microseconds: on the event loop. PostgreSQL is a round trip away: in a
+        worker thread (at most 8 at once, each with its own connection), so that one slow answer
+        does not hold every other request."""
+        if database.kind == "sqlite":
+            return fn(*args)
+        if not limiter:
+            limiter.append(anyio.CapacityLimiter(8))
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter[0])
+
+    def endpoint(check):
+        """web's endpoint, with the caller's check (a credential look-up) run through on_db."""
+        if not callable(check):
+            return base_endpoint(check)
+
+        def deco(fn):
+            @functools.wraps(fn)
+            async def checked(request):
+                await on_db(check, request)
+                return await fn(request)
+            return base_endpoint(False)(checked)
+        return deco
 
     def caller(request) -> str | None:
         """None for the operator, else the name of the agent whose credential this is (401 otherwise)."""
@@ -112,22 +137,24 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint(own(operator_too=False))
     async def register(request):
-        return JSONAnswer(hub.register(agent_name(request), await body_json(request)))
+        name, body = agent_name(request), await body_json(request)
+        return JSONAnswer(await on_db(hub.register, name, body))
 
     @endpoint(own(operator_too=True))
     async def desired(request):
         name = agent_name(request)
-        return JSONAnswer({"agent": name, "models": hub.desired_of(name)})
+        return JSONAnswer({"agent": name, "models": await on_db(hub.desired_of, name)})
 
     @endpoint(own(operator_too=False))
     async def report(request):
-        return JSONAnswer(hub.report(agent_name(request), await body_json(request)))
+        name, body = agent_name(request), await body_json(request)
+        return JSONAnswer(await on_db(hub.report, name, body))
 
     @endpoint(False)
     async def enroll(request):
         name = agent_name(request)
         try:
-            who, known = caller(request), True
+            who, known = await on_db(caller, request), True
         except HubError:
             who, known = None, False
         if known and who is None:  # the operator: a fresh credential, replacing any earlier one
@@ -148,11 +175,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint(operator)
     async def agents(request):
-        return JSONAnswer({"agents": [view(n) for n in hub.agent_list()]})
+        return JSONAnswer({"agents": await on_db(lambda: [view(n) for n in hub.agent_list()])})
 
     @endpoint(operator)
     async def agent(request):
-        return JSONAnswer(view(agent_name(request)))
+        return JSONAnswer(await on_db(view, agent_name(request)))
 
     @endpoint(operator)
     async def set_desired(request):
@@ -164,7 +191,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         body = await body_json(request)
         group = name_or_none(request.path_params["group"], "group")
         devices = names_of(body.get("devices"), "devices")
-        hub.set_group(group, devices)
+        await on_db(hub.set_group, group, devices)
         return JSONAnswer({"group": group, "devices": devices})
 
     def group_of(name: str) -> str:
@@ -182,7 +209,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         except ValueError:
             raise HubError(400, "first and last must be integers (the rows' seq range)") from None
         body = await web.read_body(request, MAX_UPLOAD_BYTES, body_timeout, budget)
-        return JSONAnswer(await run_in_threadpool(data.upload, name, group_of(name), q.get("kind", ""),
+        group = await on_db(group_of, name)
+        return JSONAnswer(await run_in_threadpool(data.upload, name, group, q.get("kind", ""),
                                                   q.get("model", ""), first, last, body))
 
     @endpoint(operator)
@@ -217,11 +245,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint(operator)
     async def events(request):
-        return JSONAnswer({"events": hub.events()})
+        return JSONAnswer({"events": await on_db(hub.events)})
 
     @endpoint(operator)
     async def blobs(request):
-        return JSONAnswer({"blobs": hub.blobs()})
+        return JSONAnswer({"blobs": await on_db(hub.blobs)})
 
     routes = [
         Route("/v1/blobs", put_blob, methods=["POST"]),

@@ -67,6 +67,14 @@ class Database:
             self.kind = "sqlite"
             self.path = Path(url[len("sqlite:///"):])
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # created 0600 before SQLite opens it (it holds the credentials' hashes; SQLite gives its
+            # -wal and -shm files the database file's mode), and only then: closing any descriptor
+            # of an open database file would drop this process's SQLite locks on it
+            if not self.path.exists():
+                try:
+                    os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                except FileExistsError:  # another process made it meanwhile
+                    pass
         elif url.startswith(("postgresql://", "postgres://")):
             self.kind = "postgresql"
             try:
@@ -83,9 +91,6 @@ class Database:
 
     def _connect(self):
         if self.kind == "sqlite":
-            # created 0600 before SQLite opens it (it holds the credentials' hashes): SQLite gives its
-            # -wal and -shm files the database file's mode
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             con.execute("PRAGMA journal_mode=WAL")
             con.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commits, never corrupt
@@ -115,11 +120,14 @@ class Database:
         """Reads outside a transaction (each statement sees the latest commit): one round trip per
         statement, where a transaction would add two more."""
         con = self._con()
+        cur = con.cursor()
         try:
-            yield Tx(self, con.cursor())
+            yield Tx(self, cur)
         except (sqlite3.Error, _pg_error()) as exc:
             self._drop_broken(con)
             raise HubError(503, f"the hub's database {self.describe} failed: {exc}", "store") from None
+        finally:
+            _close(cur)
 
     @contextmanager
     def tx(self, lock: bool = False, durable: bool = True):
@@ -132,11 +140,14 @@ class Database:
         try:
             if self.kind == "sqlite":
                 con.execute("BEGIN IMMEDIATE")  # a writer: take the lock first, never upgrade to it (SQLITE_BUSY)
+                cur = con.cursor()
                 try:
-                    yield Tx(self, con.cursor())
+                    yield Tx(self, cur)
                 except BaseException:
+                    _close(cur)
                     con.execute("ROLLBACK")
                     raise
+                _close(cur)
                 con.execute("COMMIT")
             else:
                 with con.transaction():
@@ -210,8 +221,11 @@ class Tx:
         self.cur.execute(self.db._sql(q), args)
 
     def one(self, q: str, args: tuple = ()):
+        # every row read: a statement left half-read would hold SQLite's snapshot (and so hide
+        # what other processes commit) until its cursor is collected
         self.cur.execute(self.db._sql(q), args)
-        return self.cur.fetchone()
+        rows = self.cur.fetchall()
+        return rows[0] if rows else None
 
     def all(self, q: str, args: tuple = ()) -> list:
         self.cur.execute(self.db._sql(q), args)
@@ -221,6 +235,13 @@ class Tx:
         if self.db.kind == "sqlite":
             return self.one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)) is not None
         return self.one("SELECT to_regclass(?)", (name,))[0] is not None
+
+
+def _close(cur) -> None:
+    try:
+        cur.close()
+    except Exception:  # noqa: BLE001 - a connection already gone
+        pass
 
 
 def _pg_error():

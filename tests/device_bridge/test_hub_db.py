@@ -323,3 +323,29 @@ def test_a_lost_postgresql_connection_costs_one_answer_not_the_hub(tmp_path, pos
         assert hc.set_desired("scorer", absent=True, group="field")["devices"] == ["d1", "d2"]
     finally:
         hub.kill()
+
+
+def test_the_cli_revokes_on_a_running_hub_at_once(tmp_path, db_url):
+    """`hub revoke` is another process writing the hub's database: the running hub's next answer
+    follows it, after the hub has opened connections in several threads (an upload runs in a worker)."""
+    kp = make_keys(tmp_path / "keys")
+    hub = start_hub(tmp_path, hub_args(db_url))
+    try:
+        hc = HubClient(hub.url, TOKEN)
+        hc.upload(package(kp, 1))  # in a worker thread, with its own connection
+
+        def cli(action: str) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "device_bridge", "hub", action, "d1", "--store",
+                                   str(tmp_path / "hub"), *hub_args(db_url)], capture_output=True, text=True,
+                                  timeout=60)
+
+        tok = cli("enroll").stdout.strip()
+        for _ in range(3):
+            assert call(hub.url, "POST", "/v1/agents/d1/register", tok, {"url": "http://d1:7070"})[0] == 200
+            assert call(hub.url, "GET", "/v1/agents/d1/desired", tok)[0] == 200
+        out = cli("revoke")
+        assert out.returncode == 0 and json.loads(out.stdout) == {"agent": "d1", "revoked": True}, out.stderr
+        assert call(hub.url, "GET", "/v1/agents/d1/desired", tok)[0] == 401
+        assert hc.agent("d1")["credential"] == "revoked"
+    finally:
+        hub.kill()
