@@ -70,7 +70,7 @@ class Gen:
 
     def json_body(self) -> bytes:
         r = self.r
-        k = r.randrange(14)
+        k = r.randrange(15)
         if k == 0:
             obj = {"rows": [{r.choice(["x", "city", "y", ""]): self.value() for _ in range(r.randrange(3))}
                             for _ in range(r.randrange(4))]}
@@ -98,6 +98,10 @@ class Gen:
                                           {"request_id": "x-0", "label": self.value(), "extra": 1},
                                           {"request_id": "r" * r.choice([1, 128, 129])}, self.value()])
                                 for _ in range(r.choice([0, 1, 3, 50]))]}
+        elif k == 14:  # ML.PROFILE on the device: small valid settings now and then, garbage otherwise
+            obj = {"batch_sizes": r.choice([[1], [1, 2], self.value(), [0], [10**9]]),
+                   "runs": r.choice([1, 2, self.value(), 10**9]), "provider": r.choice(["cpu", self.value()]),
+                   **({"version": self.value()} if r.random() < 0.3 else {})}
         elif k == 13:
             obj = {"columns": {"x": [1.0, 2.0], "city": ["paris", "rome"]}, "request_ids": self.value()}
         elif k == 9:
@@ -206,6 +210,7 @@ AGENT_PATHS = ["/v1/models/scorer/predict", "/v1/models/wide/predict", "/v1/mode
                "/v1/metrics/stream?count=1&interval=nan", "/v1/metrics/stream?count=1", "/v1/events",
                "/v1/models/..%2f..%2fetc/predict", "/v1/models//predict", "/v1/models/%00/install", "/v1/nothing",
                "/v1/models/scorer/outcomes", "/v1/models/nope/outcomes", "/v1/models/%00/outcomes",
+               "/v1/models/scorer/profile", "/v1/models/nope/profile", "/v1/models/%00/profile",
                "/v1/samples?model=scorer", "/v1/samples?model=scorer&kind=outcomes&since=0&max_rows=5",
                "/v1/samples?model=scorer&since=-1", "/v1/samples?model=nope", "/v1/samples?kind=x",
                "/v1/samples?model=scorer&max_rows=abc", "/v1/samples?model=scorer&since=99999999999999999999999"]

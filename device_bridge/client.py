@@ -196,6 +196,14 @@ class DeviceClient:
     def rollback(self, model: str) -> dict:
         return self.http.request("POST", f"/v1/models/{_q(model)}/rollback", b"{}", "application/json")
 
+    def profile(self, model: str, batch_sizes: list[int], runs: int, provider: str = "cpu",
+                version: int | None = None) -> dict:
+        """ML.PROFILE on the device: ``{"name", "version", "rows": [...]}`` (device_bridge.profiling)."""
+        body = {"batch_sizes": list(batch_sizes), "runs": int(runs), "provider": provider}
+        if version is not None:
+            body["version"] = int(version)
+        return self.http.request("POST", f"/v1/models/{_q(model)}/profile", _json(body), "application/json")
+
     def delete(self, model: str, version: int | None = None) -> dict:
         return self.http.request("DELETE", f"/v1/models/{_q(model)}",
                                  params={"version": version} if version else None)

@@ -121,6 +121,16 @@ def _session_options(strict: bool, providers: list[str], threads: int = 0):
     return so
 
 
+def is_ort_format(path: str) -> bool:
+    """The file is in ONNX Runtime's ORT format (a FlatBuffer whose identifier, at byte 4, is ORTM),
+    which ORT reads only when told so, whatever the file's name (a package names it model.onnx)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)[4:8] == b"ORTM"
+    except OSError:
+        return False
+
+
 @dataclass
 class SessionResult:
     session: Any
@@ -142,6 +152,8 @@ def create_session(model_path: str, plan: ProviderPlan, session_factory=None, th
         import onnxruntime as ort
 
         def session_factory(path, so, providers):
+            if is_ort_format(path):  # optimized offline (EXPORT ... format = 'ort'): loaded as it is
+                so.add_session_config_entry("session.load_model_format", "ORT")
             return ort.InferenceSession(path, sess_options=so, providers=providers)
 
     attempts = []

@@ -335,6 +335,11 @@ class ModelError(MLSQLError):
     """A model cannot do what was asked (wrong input columns, wrong kind of model)."""
 
 
+class ModelImportError(ModelError):
+    """A model file given to CREATE MODEL ... OPTIONS (model_path = ...) cannot be imported: missing,
+    corrupt, an operator the runtime lacks, inputs no column feeds. The message names the file."""
+
+
 class WorkspaceError(MLSQLError):
     """The workspace cannot be used (locked by another process, unreadable)."""
 

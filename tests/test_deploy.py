@@ -259,3 +259,36 @@ def test_deploy_settings_travel_to_the_agent_and_show_in_sql(env):
     with pytest.raises(MLSQLError, match="priority") as bad:
         s.sql("DEPLOY MODEL shared_mass TO DEVICE 'd1' OPTIONS (priority = 'urgent')")
     assert "realtime" in str(bad.value) and "batch" in str(bad.value)
+
+
+def test_deploy_a_trial_of_a_tuned_model(env):
+    """DEPLOY ... OPTIONS (trial_id = n): the trial is registered once as a version of its own (a device
+    knows a package by its version) and the device answers as ML.PREDICT with STRUCT(n AS trial_id)
+    does, not as the optimal trial; deploying it again reuses that version."""
+    s, _, _ = env
+    s.sql("""CREATE OR REPLACE MODEL mass_t OPTIONS (model_type = 'boosted_tree_regressor',
+             input_label_cols = ['body_mass_g'], num_trials = 3, hparam_tuning_algorithm = 'GRID_SEARCH',
+             max_iterations = 15, max_tree_depth = HPARAM_CANDIDATES([1, 3, 5]))
+             AS SELECT * EXCLUDE (species) FROM penguins WHERE body_mass_g IS NOT NULL""")
+    trials = s.sql("SELECT trial_id, is_optimal FROM ML.TRIAL_INFO(MODEL mass_t)").to_arrow().to_pylist()
+    other = next(r["trial_id"] for r in trials if not r["is_optimal"])
+    r = s.sql(f"DEPLOY MODEL mass_t TO DEVICE 'd1' OPTIONS (trial_id = {other})")
+    assert r.message.startswith(f"Registered trial {other} of mass_t@1 as mass_t@2. Deployed mass_t@2 to d1"), r.message
+    q = "(SELECT * EXCLUDE (species) FROM penguins WHERE body_mass_g IS NOT NULL AND sex IS NOT NULL)"
+    on_device = s.sql(f"SELECT predicted_body_mass_g FROM ML.PREDICT(MODEL mass_t, {q}, STRUCT('d1' AS device))"
+                      ).to_arrow().column(0).to_pylist()
+    trial = s.sql(f"SELECT predicted_body_mass_g FROM ML.PREDICT(MODEL mass_t@1, {q}, STRUCT({other} AS trial_id))"
+                  ).to_arrow().column(0).to_pylist()
+    optimal = s.sql(f"SELECT predicted_body_mass_g FROM ML.PREDICT(MODEL mass_t@1, {q})").to_arrow().column(0).to_pylist()
+    # the device's float32 graph against the float64 booster sums: PARITY_TOL, 1e-4 relative
+    assert all(abs(a - b) <= 1e-4 * max(1.0, abs(b)) for a, b in zip(on_device, trial))
+    assert any(abs(a - b) > 1e-2 * abs(b) for a, b in zip(on_device, optimal))
+    info = s.sql("SELECT * FROM ML.TRIAL_INFO(MODEL mass_t@1)").to_arrow().num_rows
+    assert info == 3  # the tuned version keeps its trials
+    again = s.sql(f"DEPLOY MODEL mass_t TO DEVICE 'd1' OPTIONS (trial_id = {other})")
+    assert again.message.startswith(f"Trial {other} of mass_t@1 is mass_t@2."), again.message
+    assert [v.version for v in s.registry.versions("mass_t")] == [1, 2]
+    # the name alone still means the tuned model (the trial is mass_t@2)
+    assert s.sql("SELECT count(*) FROM ML.TRIAL_INFO(MODEL mass_t)").scalar() == 3
+    with pytest.raises(MLSQLError, match="has no trial 9"):
+        s.sql("DEPLOY MODEL mass_t@1 TO DEVICE 'd1' OPTIONS (trial_id = 9)")

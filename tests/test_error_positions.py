@@ -132,6 +132,16 @@ def test_a_duckdb_error_in_a_later_statement_names_the_cells_line(kernels):
     assert (data["line"], data["column"], data["end_column"]) == (3, 17, 31)
 
 
+def _model_types() -> str:
+    """model_type's allowed values as the message lists them (the options table's, in its order)."""
+    from mlsql.language.options import OPTIONS
+
+    return ", ".join(repr(c) for c in next(o for o in OPTIONS["CREATE MODEL"] if o.name == "model_type").choices)
+
+
+_MODEL_TYPES = _model_types()
+
+
 def test_an_invalid_option_value_has_its_position(kernels):
     cell = ("%%mlsql\nSELECT 1;\n"
             "CREATE MODEL m OPTIONS (model_type = 'logistic_regression', input_label_cols = ['species'])\n"
@@ -140,8 +150,7 @@ def test_an_invalid_option_value_has_its_position(kernels):
     src = cell.split("\n")[2]
     col = src.index("'logistic_regression'") + 1
     assert err == (f"Statement 2 (line 3): Option model_type = 'logistic_regression' is not one of "
-                   f"'boosted_tree_classifier', 'boosted_tree_regressor', 'linear_reg', 'logistic_reg', "
-                   f"'dnn_classifier', 'dnn_regressor'. Line 3, Col: {col}.\n"
+                   f"{_MODEL_TYPES}. Line 3, Col: {col}.\n"
                    f"  {src}\n  {' ' * (col - 1)}^\nDid you mean 'logistic_reg'?")
     assert (data["kind"], data["line"], data["column"], data["end_line"], data["end_column"]) == \
         ("OptionError", 3, col, 3, col + len("'logistic_regression'"))
@@ -159,9 +168,7 @@ def test_every_bad_option_of_a_statement_is_reported_with_its_position(kernels):
     assert err.split("\n")[0] == "Statement 2 (line 3): 3 bad options in CREATE MODEL OPTIONS"
     blocks = [b for b in err.split("\n") if "Line " in b]
     assert blocks == [
-        f"Option model_type = 'logistic_regression' is not one of 'boosted_tree_classifier', "
-        f"'boosted_tree_regressor', 'linear_reg', 'logistic_reg', 'dnn_classifier', 'dnn_regressor'. "
-        f"Line 3, Col: {at[0][1]}.",
+        f"Option model_type = 'logistic_regression' is not one of {_MODEL_TYPES}. Line 3, Col: {at[0][1]}.",
         f"Unknown option 'max_depht' in CREATE MODEL OPTIONS. Line 3, Col: {at[1][1]}.",
         f"Option max_iterations = -1 must be a whole number >= 1. Line 4, Col: {at[2][1]}.",
     ]

@@ -243,3 +243,28 @@ def test_tune_and_compare_notebook(tmp_path):
             assert r["r2_score"] == pytest.approx(r2_score(t.column(0).to_numpy(), t.column(1).to_numpy()), rel=1e-9)
     finally:
         s.close()
+
+
+@pytest.mark.slow
+def test_import_and_profile_notebook(tmp_path):
+    """07: a torch CNN and an xgboost booster trained in the notebook, imported, quantized with SQL
+    calibration, profiled, deployed to a local agent; the notebook's own asserts compare ML.PREDICT
+    with torch by hand and the device's answers with the notebook's."""
+    root = str(NOTEBOOKS.parent)  # this checkout's mlsql in the kernel, whatever is installed
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root + (os.pathsep + old if old else "")
+    try:
+        nb = execute("07_import_and_profile.ipynb", tmp_path)
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert not _errors(nb), _errors(nb)
+    text = "\n".join(outputs_text(c) for c in nb.cells)
+    assert "Imported model digits_cnn version 1 (torch)" in text and "Imported model digits_xgb" in text
+    assert "quantize=int8_static" in text and "ORT format" in text
+    assert "Deployed digits_cnn@1 to edge-7" in text and "same labels True" in text
+    assert "CPUExecutionProvider" in text
+    assert any("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))  # the bars
+    assert (tmp_path / "ws" / "exports" / "digits_cnn_v1_int8_static.ort").exists()

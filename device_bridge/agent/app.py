@@ -216,6 +216,15 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         checked = check_outcomes(parse_json(raw))
         return JSONAnswer(await run_in_threadpool(core.record_outcomes, name, checked))
 
+    @endpoint(True)  # the token always: a profile takes the device's cores for a while
+    async def profile(request):
+        from device_bridge.agent.profile import check_body, run_profile
+
+        name = name_of(request)
+        settings = check_body(await _json_body(request))
+        core._model(name)
+        return JSONAnswer(await run_in_threadpool(run_profile, core, name, settings))
+
     @endpoint(True)  # the token always, even with --open-reads: samples are the callers' data
     async def samples(request):
         q = request.query_params
@@ -317,6 +326,7 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         Route("/v1/models/{name}/rollback", rollback, methods=["POST"]),
         Route("/v1/models/{name}/predict", predict, methods=["POST"]),
         Route("/v1/models/{name}/outcomes", outcomes, methods=["POST"]),
+        Route("/v1/models/{name}/profile", profile, methods=["POST"]),
         Route("/v1/samples", samples, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: web.not_found_or_method})

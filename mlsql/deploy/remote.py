@@ -253,7 +253,11 @@ def columns_for(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
                                      message=f"Input has no column '{spec['name']}', which the deployed model takes")
         col = table.column(real)
         t = spec["type"]
-        if t == "string":
+        if len(spec.get("shape") or [None]) > 1:  # an imported graph's tensor input (an array per row)
+            from mlsql.export.imported import tensor_feed
+
+            out[spec["name"]] = tensor_feed(col, spec)
+        elif t == "string":
             out[spec["name"]] = np.asarray(pc.fill_null(col.cast(pa.string()), "").to_numpy(zero_copy_only=False),
                                            dtype=object)
         elif t == "bool":
@@ -263,6 +267,18 @@ def columns_for(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
 
             out[spec["name"]] = numeric_values(col).astype(np.dtype(t))
     return out
+
+
+def remote_profile(dev: Device, model_name: str, version: int | None, batch_sizes: list[int], runs: int,
+                   provider: str) -> list[dict]:
+    """ML.PROFILE on a device: the agent profiles the version it has installed (one profile at a time)."""
+    c = client_for(dev, timeout=600.0)
+    try:
+        return c.profile(model_name, batch_sizes, runs, provider, version)["rows"]
+    except Exception as exc:
+        raise wrap(exc, f"Profiling {model_name} on device '{dev.name}' failed") from None
+    finally:
+        c.close()
 
 
 def remote_predict(dev: Device, model_name: str, version: int | None, data: pa.Table, label: str,

@@ -38,7 +38,12 @@ def feeds(table: pa.Table, inputs: list[dict]) -> dict[str, np.ndarray]:
     out = {}
     for spec in inputs:
         col = table.column(by_lower[spec["name"].lower()])
-        if spec["type"] == "float64":
+        if len(spec.get("shape") or [None]) > 1 or spec["type"] not in ("float64", "string", "bool"):
+            # an imported graph's tensor input: each row's array as the input's shape and type
+            from mlsql.export.imported import tensor_feed
+
+            out[spec["name"]] = tensor_feed(col, spec)
+        elif spec["type"] == "float64":
             out[spec["name"]] = numeric_values(col)
         elif spec["type"] == "string":
             s = pc.fill_null(col.cast(pa.string()), "")
@@ -56,6 +61,10 @@ def build_graph(model, transform, raw_schema: dict[str, str], tree_format: str =
     from mlsql.export.builder import Graph
     from mlsql.export.sqlexpr import Compiler, V
 
+    if getattr(model, "onnx_bytes", None) is not None:  # an imported graph is its own estimator
+        from mlsql.export.imported import imported_graph
+
+        return imported_graph(model)
     g = Graph()
     feature_names = [f.name for f in model.features]
     if transform is not None:

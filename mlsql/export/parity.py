@@ -112,12 +112,20 @@ def _gate_hint(model, opts: dict, tried: list[str]) -> str:
     return f"Tried {'; '.join(tried)}. Try " + ", ".join(tips) + "."
 
 
-def _metric(model, sample: pa.Table, pred: np.ndarray) -> tuple[str | None, float | None]:
+def _metric(model, sample: pa.Table, pred: np.ndarray, native: np.ndarray | None = None
+            ) -> tuple[str | None, float | None]:
+    """The headline metric of ``pred`` on ``sample``'s labels; without a label column (an imported
+    model's example rows may have none), with ``native`` given: how far ``pred`` agrees with it
+    (``agreement``: the share of rows with the same class, or r2 of the values against native's)."""
     from mlsql.ml import metrics as M
 
     by_lower = {c.lower(): c for c in sample.column_names}
     if model.label.lower() not in by_lower:
-        return None, None
+        if native is None or model.task not in ("classification", "regression"):
+            return None, None
+        if model.task == "regression":
+            return "agreement_r2", M.regression_metrics(native, pred)["r2_score"]
+        return "agreement", float((np.argmax(pred, axis=1) == np.argmax(native, axis=1)).mean())
     try:
         sub, y = model._labelled(sample)
     except Exception:
@@ -171,7 +179,8 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
     MODEL's, checked (``resolve_export_options``)."""
     opts = options
     proto, inputs, outputs = build_graph(model, transform, raw_schema, opts["tree_format"])
-    _set_opset(proto, opts["opset"])
+    if getattr(model, "onnx_bytes", None) is None:  # an imported graph keeps the opset it was made at
+        _set_opset(proto, opts["opset"])
     fp32 = proto.SerializeToString()
     if sample.num_rows == 0:
         raise ExportError("No rows to check the exported model against (the training query returned none)")
@@ -189,8 +198,8 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
         diff = diff / np.maximum(1.0, np.abs(native))
     max_diff, mean_diff = float(np.nanmax(diff)), float(np.nanmean(diff))
 
-    metric, m_native = _metric(model, sample, native)
-    _, m_onnx = _metric(model, sample, onnx_out)
+    metric, m_native = _metric(model, sample, native, native)
+    _, m_onnx = _metric(model, sample, onnx_out, native)
     q_bytes, q_out, m_q, q_sess, chosen = fp32, None, None, None, None
     qd = drop = None
 
@@ -231,7 +240,7 @@ def export_model(model, transform, raw_schema: dict[str, str], options: dict, sa
             q_bytes = quantize(proto, opts["quantize"], calib_feeds, settings).SerializeToString()
             q_sess = ort_session(q_bytes)
             q_out = _outputs_as_array(model, q_sess.run(None, feed))
-            m_q = _metric(model, sample, q_out)[1]
+            m_q = _metric(model, sample, q_out, native)[1]
             chosen = settings.describe(opts["quantize"])
             tried.append(f"{chosen}: {metric} {m_q:.4f}" if m_q is not None else chosen)
             if m_q is None or m_native - m_q <= opts["max_metric_drop"]:

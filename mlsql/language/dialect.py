@@ -156,7 +156,11 @@ class MLSQLParser(DuckDB.Parser):
             elif options is None and self._match_text_seq("OPTIONS", advance=False):
                 options = self._parse_options()
         if not self._match(TokenType.ALIAS):
-            self.raise_error("Expected AS <query> after CREATE MODEL's OPTIONS (the training data)")
+            # an imported model (OPTIONS (model_path = ...)) needs no training query
+            if not any(o.this.name.lower() == "model_path" for o in options or []):
+                self.raise_error("Expected AS <query> after CREATE MODEL's OPTIONS (the training data)")
+            return self.expression(mx.CreateModel(this=ref, replace=replace, exists=exists,
+                                                  transform=transform, options=options))
         query = self._parse_statement()
         if query is None:
             self.raise_error("Expected the training query after AS")
@@ -339,7 +343,8 @@ def _create_model_sql(gen, e: mx.CreateModel) -> str:
     text = " ".join(parts)
     if e.args.get("transform"):
         text += " TRANSFORM (" + ", ".join(gen.sql(t) for t in e.args["transform"]) + ")"
-    return text + _opts_sql(gen, e) + " AS " + gen.sql(e.args["query"])
+    query = e.args.get("query")
+    return text + _opts_sql(gen, e) + (" AS " + gen.sql(query) if query is not None else "")
 
 
 def _ml_function_sql(gen, e: mx.MLFunction) -> str:

@@ -65,7 +65,7 @@ class CreateModel(MLNode, exp.Expression):
     """``CREATE [OR REPLACE] MODEL [IF NOT EXISTS] m [TRANSFORM (...)] [OPTIONS (...)] AS query``."""
 
     arg_types = {"this": True, "replace": False, "exists": False, "transform": False,
-                 "options": False, "query": True}
+                 "options": False, "query": False}  # no query: an imported model (model_path)
 
     @property
     def model(self) -> ModelRef:
@@ -76,8 +76,8 @@ class CreateModel(MLNode, exp.Expression):
         return self.args.get("transform") or None
 
     @property
-    def query(self) -> exp.Expression:
-        return self.args["query"]
+    def query(self) -> exp.Expression | None:
+        return self.args.get("query")
 
     def options(self) -> dict[str, Any]:
         return options_dict(self.args.get("options"))

@@ -39,6 +39,10 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
                     "What devices were fed and answered (deploys with sample_rate > 0): device, model, version, "
                     "request_id, predicted_at, provider, latency_ms, the inputs, the predictions, and label, "
                     "label_at once an outcome arrived."),
+    "PROFILE": ("ML.PROFILE(MODEL m [, STRUCT('d' AS device, [1, 32] AS batch_sizes, 50 AS runs, 'cpu' AS provider)])",
+                "The model's ONNX graph run with ONNX Runtime's profiler, in-process or on a device: per operator "
+                "node, op_type, provider, batch_size, calls, total_ms, mean_ms, share_of_time; summary rows "
+                "session_load_ms, mean_ms, p50_ms, p95_ms, peak_rss_mb, model_size_bytes (in value)."),
     "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
     "VALIDATE_DATA_SKEW": (
         "ML.VALIDATE_DATA_SKEW(MODEL m, TABLE t | (query) [, STRUCT(0.3 AS categorical_default_threshold, "

@@ -30,6 +30,8 @@ TYPES = ("int", "float", "bool", "str", "list", "enum", "struct", "duration")
 
 MODEL_TYPES = ("boosted_tree_classifier", "boosted_tree_regressor", "linear_reg", "logistic_reg",
                "dnn_classifier", "dnn_regressor")
+# models trained elsewhere, imported from a file (CREATE MODEL m OPTIONS (model_type = 'onnx', model_path = ...))
+IMPORTED = ("onnx", "torch", "xgboost")
 CLASSIFIERS = ("boosted_tree_classifier", "logistic_reg", "dnn_classifier")
 TREES = ("boosted_tree_classifier", "boosted_tree_regressor")
 LINEAR = ("linear_reg", "logistic_reg")
@@ -462,7 +464,8 @@ _VALIDATE = (
 
 OPTIONS: dict[str, tuple[Option, ...]] = {
     "CREATE MODEL": (
-        _O("model_type", "enum", "the kind of model to train", choices=MODEL_TYPES, required=True),
+        _O("model_type", "enum", "the kind of model to train (or, with model_path, to import)",
+          choices=MODEL_TYPES + IMPORTED, required=True),
         _O("input_label_cols", "list", "the label column (one)", ["label"], items="str", min_items=1, max_items=1),
         _O("max_iterations", "int", "boosting rounds (trees), L-BFGS iterations (logistic), epochs (dnn)", 20, min=1),
         _O("learn_rate", "float", "step size", 0.3, min=0, min_open=True,
@@ -533,13 +536,21 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
                              "instead of starting over (MLSQL extension)", False),
         _O("num_threads", "int", "CPU threads (MLSQL extension)", None, min=1, model_types=TREES + LINEAR,
           default_doc="all cores"),
+        # importing a model trained elsewhere (docs/LANGUAGE.md, Importing models)
+        _O("model_path", "str", "import: the ONNX, torch (torch.export / TorchScript) or xgboost (JSON / UBJ) "
+                                "file, or an MLflow URI models:/name/version, runs:/id/path", model_types=IMPORTED),
+        _O("output_cols", "list", "import: the column name of each graph output, in the graph's order", None,
+          items="str", min_items=1, model_types=("onnx", "torch"), default_doc="as ML.PREDICT names them"),
+        _O("class_labels", "list", "import: the label of each class of a classifier's probabilities, in order",
+          None, min_items=2, model_types=("onnx", "torch"), default_doc="0, 1, ..."),
         _O("aliases", "list", "registry aliases to point at the new version, e.g. ['champion']", [], items="str"),
         _O("alias", "list", "the same as aliases", [], items="str"),
     ),
     "EXPORT MODEL": (
         _O("uri", "str", "where to write the ONNX file (a local path; relative to <workspace>/exports)", None,
           default_doc="<workspace>/exports/<name>_v<version>[_<quantize>].onnx", check=_no_cloud_uri),
-        _O("format", "enum", "the export format", "onnx", choices=("onnx",)),
+        _O("format", "enum", "the export format: onnx, or also ONNX Runtime's ORT format optimized offline (.ort "
+                             "beside the .onnx)", "onnx", choices=("onnx", "ort")),
         _O("quantize", "enum", "int8 (dynamic), int8_static (calibrated QDQ), fp16 weights, or none", "none",
           choices=QUANTIZE),
         _O("tree_format", "enum", "boosted trees as a TreeEnsemble, tensor ops (tensor) or GEMMs (gemm)",
@@ -548,6 +559,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
           MAX_METRIC_DROP, min=0),
         _O("calibration_query", "str", "rows (raw columns) that calibrate int8_static", None,
           default_doc="2,000 rows sampled from the training query"),
+        _O("calibrate", "str", "calibrate = (SELECT ...): the same as calibration_query, the query written in the "
+                               "statement", None, default_doc="calibration_query's"),
         _O("opset", "int", "ONNX opset of the file (a graph that needs a newer one is refused)", 17, min=13, max=21),
         _O("package", "bool", "also write a signed device package <file>.mlpkg", False),
         _O("providers", "list", "preferred execution providers recorded in the package (implies package = TRUE)",
@@ -559,10 +572,16 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
     "DEPLOY MODEL": (
         _O("providers", "list", "ordered provider preference; the agent falls back down the list", ["cpu"],
           items="str", min_items=1, check=_providers),
+        _O("trial_id", "int", "a tuned model: deploy this trial, registered first as a version of its own "
+                              "(once; the next DEPLOY of it finds that version)", None, min=1,
+           default_doc="the optimal trial"),
         _O("strict_providers", "bool", "fail the deploy instead of falling back to another provider", False),
         _O("quantize", "enum", "the exported form, as EXPORT", "none", choices=QUANTIZE),
         _O("tree_format", "enum", "the exported form of boosted trees, as EXPORT", "ensemble", choices=TREE_FORMATS),
         _O("calibration_query", "str", "rows that calibrate int8_static, as EXPORT"),
+        _O("calibrate", "str", "calibrate = (SELECT ...): rows that calibrate int8_static, as EXPORT"),
+        _O("format", "enum", "the form the device loads: onnx, or ONNX Runtime's ORT format optimized offline",
+           "onnx", choices=("onnx", "ort")),
         _O("max_metric_drop", "float", "as EXPORT: a quantized form that loses more is refused before sending",
           MAX_METRIC_DROP, min=0),
         _O("only_if_better", "str", "a metric name: deploy only if this version beats the one active on the device"),
@@ -674,6 +693,14 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
           0.5, min=0, max=1),
         _O("order_by", "str", "the metric that ranks the models (the best first; lower is better for errors "
                               "and log_loss)", None, default_doc="'roc_auc' (classifiers), 'r2_score' (regressors)"),
+    ),
+    "ML.PROFILE": (
+        _O("device", "str", "a registered device: profile the model deployed there", None,
+           default_doc="in the notebook's process"),
+        _O("batch_sizes", "list", "rows per run; each is profiled", [1, 32], items="int", min=1, max=1024,
+           min_items=1, max_items=4),
+        _O("runs", "int", "timed runs per batch size (after 3 warm-up runs)", 50, min=1, max=200),
+        _O("provider", "enum", "the execution provider to run on", "cpu", choices=PROVIDERS),
     ),
     "ML.WEIGHTS": (
         _O("standardize", "bool", "the weights of standardized inputs (mean 0, standard deviation 1), so "

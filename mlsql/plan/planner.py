@@ -125,7 +125,7 @@ class CreateModelStep:
     options: dict[str, Any]  # checked
     given: dict[str, Any]  # as written, for the registry
     transform: list[exp.Expression] | None
-    query: exp.Expression
+    query: exp.Expression | None  # None: an imported model without example rows (model_path)
     statement: str
     # the training query as written when it reads ML table functions (ML.DEVICE_DATA...): ``query``
     # then reads their temporary results, which export and deploy cannot read again later
@@ -137,10 +137,17 @@ class CreateModelStep:
     def query_sql(self) -> str:
         """The training query in MLSQL's (DuckDB) SQL: what the registry keeps, so that export and
         deploy read the same rows again on any engine."""
-        return sql_text(self.query)
+        return sql_text(self.query) if self.query is not None else ""
+
+    @property
+    def imported(self) -> bool:
+        """OPTIONS (model_path = ...): a model trained elsewhere, imported rather than trained."""
+        return "model_path" in self.options
 
     def describe(self) -> tuple[str, str]:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.given.items())
+        if self.imported:
+            return f"import model {self.model}: {opts}", self.query_sql
         fit = "fit TRANSFORM, " if self.transform else ""
         return f"train model {self.model}: {fit}{opts}", self.query_sql
 
@@ -367,11 +374,33 @@ def _plan_create_model(planner: Planner, e, stmt: Statement) -> list:
 
     given = e.options()
     checked = validate("CREATE MODEL", given)  # every option, aliases included, before any data is read
-    steps, query = planner.lift_ml_functions(e.query.copy())
-    source = _mlsql_text(e.query) if steps else None  # the query as written, ML functions in it
+    _check_import(checked, e)
+    if e.query is None:  # an imported model with no example rows
+        steps, query, source = [], None, None
+    else:
+        steps, query = planner.lift_ml_functions(e.query.copy())
+        source = _mlsql_text(e.query) if steps else None  # the query as written, ML functions in it
     return [*steps, CreateModelStep(model=e.model.name, replace=bool(e.args.get("replace")), source_sql=source,
                                     if_not_exists=bool(e.args.get("exists")), options=checked, given=given,
                                     transform=e.transform, query=query, statement=stmt.sql)]
+
+
+def _check_import(checked: dict, e) -> None:
+    """model_path and an imported model_type go together; torch needs example rows to trace;
+    an imported model has no TRANSFORM (its graph is its own preprocessing)."""
+    from mlsql.errors import OptionError
+    from mlsql.language.options import IMPORTED
+
+    mt = checked.get("model_type")
+    if mt in IMPORTED and "model_path" not in checked:
+        raise OptionError(f"model_type = '{mt}' imports a model: it needs OPTIONS (model_path = '<file>')",
+                          hint="model_path names the file (or models:/name/version) to import.")
+    if mt in IMPORTED and e.transform:
+        raise OptionError(f"An imported {mt} model cannot have a TRANSFORM: its graph takes the columns as they are",
+                          hint="Compute the columns in the AS SELECT, or in the query given to ML.PREDICT.")
+    if mt == "torch" and e.query is None:
+        raise OptionError("model_type = 'torch' needs AS SELECT ...: example rows whose columns feed forward() "
+                          "in order, from which the graph is traced to ONNX")
 
 
 def _plan_export(planner: Planner, e, stmt: Statement) -> list:

@@ -282,7 +282,9 @@ class Registry:
         return sorted(out, key=lambda v: v.version)
 
     def get(self, name: str, version: int | None = None, alias: str | None = None) -> ModelVersion:
-        """The version asked for: by number, by alias, or the latest."""
+        """The version asked for: by number, by alias, or the latest trained one (a tuning trial
+        registered as a version of its own for DEPLOY, tag ``mlsql.from_trial``, is not: the model's
+        name alone still means what CREATE MODEL made last; the trial is name@version)."""
         versions = self.versions(name)
         if not versions:
             raise UnknownModelError(name, self.names(), message=f"Model '{name}' has no versions")
@@ -303,7 +305,8 @@ class Registry:
                 f"Model '{name}' has no version {version}",
                 hint=f"Versions: {', '.join(str(v.version) for v in versions)}",
             )
-        return versions[-1]
+        trained = [v for v in versions if not v.tags.get(_TAG + "from_trial")]
+        return (trained or versions)[-1]
 
     def run_metrics(self, mv: ModelVersion) -> dict[str, float]:
         return dict(self.client.get_run(mv.run_id).data.metrics)

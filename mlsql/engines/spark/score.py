@@ -73,6 +73,8 @@ def _label_type(model) -> pa.DataType:
 
 def prediction_schema(model, func: str) -> pa.Schema:
     """The columns ML.PREDICT / ML.EXPLAIN_PREDICT put before the input's."""
+    if func == "PREDICT" and hasattr(model, "output_schema"):  # an imported graph: its own outputs
+        return pa.schema([pa.field(f.name, _listed(f.type)) for f in model.output_schema()])
     name = f"predicted_{model.label}"
     if model.is_classifier:
         t = _label_type(model)
@@ -87,6 +89,13 @@ def prediction_schema(model, func: str) -> pa.Schema:
                    pa.field("prediction_value", pa.float64()),
                    pa.field("approximation_error", pa.float64())]
     return pa.schema(fields)
+
+
+def _listed(t: pa.DataType) -> pa.DataType:
+    """Fixed-size arrays as Spark's arrays (it has no fixed-size form)."""
+    if pa.types.is_fixed_size_list(t) or pa.types.is_list(t):
+        return pa.list_(_listed(t.value_type))
+    return t
 
 
 # -- the model's inputs as columns of the input DataFrame ---------------------------------------

@@ -12,7 +12,7 @@ from mlsql.errors import MLSQLError
 from mlsql.output.result import Result
 from mlsql.plan import planner as P
 from mlsql.runtime.steps import SessionState
-from mlsql.runtime.steps.export import export, sample_rows
+from mlsql.runtime.steps.export import calibration_sql, export, sample_rows
 from mlsql.runtime.steps.ml_functions import load_model
 
 D = LazyModule("mlsql.deploy.remote")  # numpy and the bridge client load with the first device statement
@@ -71,9 +71,18 @@ def _drop_group(s: SessionState, step: P.DeviceStep) -> Result:
 
 
 def _deploy(s: SessionState, step: P.DeviceStep) -> Result:
-    if step.target_kind == "GROUP":
-        return deploy_group(s, step)
-    return deploy_device(s, step)
+    said = ""
+    if step.options.get("trial_id") is not None:  # a trial of a tuned model: a version of its own first
+        from dataclasses import replace
+
+        from mlsql.runtime.steps.training import register_trial
+
+        spec, said = register_trial(s, step.model, int(step.options["trial_id"]))
+        step = replace(step, model=spec)
+    r = deploy_group(s, step) if step.target_kind == "GROUP" else deploy_device(s, step)
+    if said:
+        r.message = said + (r.message or "")
+    return r
 
 
 def _rollback(s: SessionState, step: P.DeviceStep) -> Result:
@@ -101,6 +110,10 @@ def deployable(s: SessionState, step: P.DeviceStep, opts: dict):
                    "max_metric_drop": opts["max_metric_drop"]}
     if opts.get("calibration_query"):
         export_opts["calibration_query"] = opts["calibration_query"]
+    if opts.get("calibrate"):
+        export_opts["calibrate"] = opts["calibrate"]
+    if opts.get("format"):
+        export_opts["format"] = opts["format"]
     from mlsql.export import resolve_export_options
 
     # DEPLOY's options mapped onto EXPORT MODEL's: checked by EXPORT's table, its defaults filled in
@@ -137,7 +150,10 @@ def deploy_device(s: SessionState, step: P.DeviceStep) -> Result:
     finally:
         c.close()
     try:
-        sample = sample_rows(s, lm, 1)
+        if lm.meta.get("query_sql") or not calibration_sql(opts):
+            sample = sample_rows(s, lm, 1)
+        else:  # an import without example rows: a row of its calibration query
+            sample = s.engine.query(f"SELECT * FROM ({calibration_sql(opts)}) AS t LIMIT 1")
         rtt, on_device = D.first_inference(dev, lm.version.name, sample, result.inputs)
     except MLSQLError:
         raise

@@ -70,35 +70,62 @@ def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = Fals
     if trial is not None and (opts.get("package") or opts.get("providers")):
         raise MLSQLError(f"EXPORT MODEL {spec} OPTIONS (trial_id = {trial}) writes the trial's ONNX file only, "
                          "not a device package",
-                         hint=f"A package is identified on devices by its model version, which holds the optimal "
-                              f"trial; to deploy trial {trial}, train it as a version of its own (CREATE OR REPLACE "
-                              f"MODEL with that trial's hyperparameters from ML.TRIAL_INFO).")
+                         hint=f"A device knows a package by its model version, which holds the optimal trial: "
+                              f"DEPLOY MODEL {spec} ... OPTIONS (trial_id = {trial}) registers trial {trial} as a "
+                              f"version of its own and deploys it; EXPORT that version to package it.")
     lm = load_model(s, spec, trial)
     mv = lm.version
-    sample = sample_rows(s, lm)
     calibration = None
-    if opts.get("calibration_query"):
-        calibration = s.engine.query(str(opts["calibration_query"]))
+    calib_sql = calibration_sql(opts)
+    if calib_sql:
+        calibration = s.engine.query(calib_sql)
+        if calibration.num_rows == 0:
+            raise MLSQLError(f"The calibration rows of the export of {mv.ref} are empty: {calib_sql}")
+    if not lm.meta.get("query_sql") and lm.meta.get("imported_from") and calibration is not None:
+        sample = calibration  # an import without example rows: its parity is checked on the calibration rows
+    elif not lm.meta.get("query_sql") and lm.meta.get("imported_from"):
+        raise MLSQLError(f"Model {mv.ref} was imported without example rows, so its export has no rows to check "
+                         f"the ONNX graph on",
+                         hint="Give the EXPORT OPTIONS (calibrate = (SELECT ...)) rows the model reads, or import it "
+                              "again with AS SELECT ... .")
+    else:
+        sample = sample_rows(s, lm)
     suffix = ("" if trial is None else f"_trial{int(trial)}") + ("" if opts["quantize"] == "none" else f"_{opts['quantize']}")
     # into the workspace, never beside the notebook: a relative uri is relative to <workspace>/exports
     out = Path(str(opts.get("uri") or f"{mv.name}_v{mv.version}{suffix}.onnx")).expanduser()
     uri = str(out if out.is_absolute() else s.workspace.exports_dir / out)
     raw_schema = lm.meta.get("training_schema", {})
     result = export_model(lm.model, lm.transform, raw_schema,
-                          {k: v for k, v in opts.items() if k not in ("uri", "calibration_query", "providers", "package", "trial_id")},
+                          {k: v for k, v in opts.items()
+                           if k not in ("uri", "calibration_query", "calibrate", "providers", "package", "trial_id")},
                           sample, native_predict(s, lm), Path(uri).expanduser(), calibration,
                           name=mv.ref if trial is None else f"{mv.ref} trial {int(trial)}",
                           rows_from=SAMPLE_ROWS_FROM)
+    result.ort = None
+    if opts.get("format") == "ort":  # the ORT format beside the .onnx, optimized offline
+        from mlsql.export.ortformat import to_ort_format
+
+        result.ort = to_ort_format(result.model_bytes, result.path.with_suffix(".ort"))
     report_path = result.path.with_suffix(".parity.json")
-    report_path.write_text(json.dumps(result.report.to_dict(), indent=1, default=str))
+    report = result.report.to_dict()
+    if result.ort is not None:
+        report["ort_format"] = result.ort.to_dict()
+    report_path.write_text(json.dumps(report, indent=1, default=str))
     result.package_path = None
     if opts.get("package") or opts.get("providers"):
-        result.package_path = package(s, lm, result, opts.get("providers"))
+        packaged = result
+        if result.ort is not None:  # the package carries the ORT file: the device loads it without optimizing
+            import dataclasses
+
+            packaged = dataclasses.replace(result, model_bytes=Path(result.ort.path).read_bytes())
+        result.package_path = package(s, lm, packaged, opts.get("providers"))
     try:
         s.registry.log_artifact(mv, result.path, "exports")
         s.registry.log_artifact(mv, report_path, "exports")
         if result.package_path is not None:
             s.registry.log_artifact(mv, result.package_path, "exports")
+        if result.ort is not None:
+            s.registry.log_artifact(mv, Path(result.ort.path), "exports")
         tag = f"export.{opts['quantize']}" + ("" if trial is None else f".trial{int(trial)}")
         s.registry.set_version_tag(mv, tag, str(result.path))
     except Exception as exc:  # the file is written; say the registry could not record it
@@ -115,9 +142,29 @@ def export(s: SessionState, spec: P.ModelSpec, opts: dict, *, quiet: bool = Fals
         msg += f"; on those rows {r.metric} {r.metric_native:.4f} native, {r.metric_onnx:.4f} ONNX"
         if r.metric_quantized is not None:
             msg += f", {r.metric_quantized:.4f} {r.quantize}"
-    out = Result(r.to_table(), kind="export", message=msg)
+    table = r.to_table()
+    if result.ort is not None:
+        o = result.ort
+        msg += (f"; ORT format {o.path}: {o.size_bytes / 1024:.1f} KiB ({o.size_bytes / o.size_bytes_onnx:.2f}× "
+                f"the ONNX file), loads in {o.load_ms:.2f} ms against {o.load_ms_onnx:.2f} ms for the ONNX file "
+                f"with its optimizations (median of this machine)")
+        extra = [(f"ort_format.{k}", f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in o.to_dict().items()]
+        table = pa.concat_tables([table, pa.table({"property": [e[0] for e in extra], "value": [e[1] for e in extra]})])
+    out = Result(table, kind="export", message=msg)
     out.export = result
     return out
+
+
+def calibration_sql(opts: dict) -> str | None:
+    """The query whose rows calibrate int8_static: ``calibrate = (SELECT ...)`` (a query in the
+    statement) or ``calibration_query = 'SELECT ...'`` (a string), or None."""
+    q = opts.get("calibrate") or opts.get("calibration_query")
+    if not q:
+        return None
+    q = str(q).strip()
+    while q.startswith("(") and q.endswith(")"):
+        q = q[1:-1].strip()
+    return q
 
 
 def package_statistics(s: SessionState, lm: LoadedModel, inputs: list[dict]) -> dict:

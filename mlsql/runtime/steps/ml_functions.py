@@ -46,12 +46,12 @@ def load_model(s: SessionState, spec: P.ModelSpec, trial_id: int | None = None) 
     mv = s.registry.get(spec.name, spec.version, spec.alias)
     key = (mv.name, mv.version) if trial_id is None else (mv.name, mv.version, int(trial_id))
     if key not in s.loaded_models:
-        from mlsql.ml import TrainedModel
+        from mlsql.ml.imported import load_any
         from mlsql.plan.transform import FittedTransform
 
         path = s.registry.local_path(mv)
         model_path = path if trial_id is None else trial_folder(path, mv.ref, int(trial_id))
-        model = TrainedModel.load(model_path)
+        model = load_any(model_path)  # a TrainedModel, or an ImportedModel (an ONNX graph)
         tf = path / TRANSFORM_FILE
         transform = FittedTransform.from_json(tf.read_text()) if tf.exists() else None
         meta_path = path / META_FILE
@@ -236,6 +236,8 @@ def _predict(c: Call):
 
 
 def _explain_predict(c: Call):
+    if getattr(c.model, "onnx_bytes", None) is not None:  # an imported graph: refused before any engine work
+        c.model.explain_predict(None)
     if c.scorer is not None:
         return c.scorer.predict(c.s.engine, c.lm, c.rows(), "EXPLAIN_PREDICT", c.settings)
     out = c.model.explain_predict(c.features(need_label=False), top_k=int(c.settings.get("top_k_features", 5)))
@@ -288,6 +290,12 @@ def _validation(name: str):
         return getattr(validation, name)(c)
 
     return run
+
+
+def _profile(c: Call):
+    from mlsql.runtime.steps.profile import profile
+
+    return profile(c)
 
 
 def _job_runs(c: Call):
@@ -353,6 +361,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "DESCRIBE_DATA": MLFunctionSpec(_validation("describe_data"), model=False, reads_rows=False),
     "ALERT_HISTORY": MLFunctionSpec(_alert_history, model=False),
     "COMPARE_MODELS": MLFunctionSpec(_compare_models, model=False, in_executors=True),
+    "PROFILE": MLFunctionSpec(_profile),
 }
 
 

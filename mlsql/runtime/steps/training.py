@@ -32,6 +32,10 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             )
     # aliases are the registry's, not the trainer's: kept out of the model's options
     aliases = step.options.get("aliases") or step.options.get("alias") or []
+    if step.imported:  # a model trained elsewhere: read from its file, not trained
+        from mlsql.runtime.steps.imports import import_model
+
+        return import_model(s, step, params, aliases)
     raw = {k: v for k, v in step.given.items() if k.lower() not in ("aliases", "alias")}
     opts = Options.checked(step.options, given=raw)  # checked once, by the planner
 
@@ -210,3 +214,45 @@ def _json_safe(params: dict | None) -> dict | None:
     if not params:
         return None
     return json.loads(json.dumps(params, default=str))
+
+
+def register_trial(s: SessionState, spec: P.ModelSpec, trial_id: int) -> tuple[P.ModelSpec, str]:
+    """Trial ``trial_id`` of the tuned version ``spec`` as a model version of its own, so that a device
+    can hold it (a device knows a package by its model version, and the tuned version holds the
+    optimal trial): registered once, and found again by its ``from_trial`` tag on the next DEPLOY.
+    Returns the version to deploy and what was done, for the statement's message. The optimal
+    trial is the tuned version itself."""
+    import shutil
+
+    from mlsql.runtime.steps.ml_functions import load_model, trial_folder
+
+    lm = load_model(s, spec)
+    mv = lm.version
+    path = s.registry.local_path(mv)
+    folder = trial_folder(path, mv.ref, int(trial_id))  # an error when not tuned, or no such trial
+    if int(trial_id) == lm.meta.get("optimal_trial_id"):
+        return P.ModelSpec(mv.name, mv.version), f"Trial {trial_id} is {mv.ref}'s optimal trial. "
+    key = f"{mv.name}@{mv.version} trial {int(trial_id)}"
+    for v in s.registry.versions(mv.name):
+        if v.tags.get("mlsql.from_trial") == key:
+            return P.ModelSpec(v.name, v.version), f"Trial {trial_id} of {mv.ref} is {v.ref}. "
+    row = next(r for r in json.loads((path / TRIALS_FILE).read_text()) if r["trial_id"] == int(trial_id))
+    with tempfile.TemporaryDirectory(prefix="mlsql-trial-") as tmp:
+        d = Path(tmp) / "model"
+        # the version's files (TRANSFORM, signature, ...) with the trial's model in place of the optimal one
+        shutil.copytree(path, d, ignore=shutil.ignore_patterns("trials", TRIALS_FILE, "statement.sql", "exports"))
+        shutil.copytree(folder, d, dirs_exist_ok=True)
+        meta = {k: v for k, v in lm.meta.items() if k not in ("optimal_trial_id", "tuning_objective")}
+        meta["from_trial"] = {"version": mv.ref, "trial_id": int(trial_id),
+                              "metrics_on": "the tuning's evaluation rows"}
+        (d / META_FILE).write_text(json.dumps(meta, indent=1))
+        sql = (path / "statement.sql").read_text() if (path / "statement.sql").exists() else ""
+        new = s.registry.register(
+            mv.name, d,
+            params={**{k: v for k, v in (row.get("hyperparameters") or {}).items()},
+                    "from_trial": key},
+            metrics={k: v for k, v in (row.get("hparam_tuning_evaluation_metrics") or {}).items()},
+            sql=sql,
+            tags={"model_type": mv.model_type, "label": mv.tags.get("mlsql.label", ""), "from_trial": key},
+        )
+    return P.ModelSpec(new.name, new.version), f"Registered trial {trial_id} of {mv.ref} as {new.ref}. "
