@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -109,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="device data (samples, outcomes) kept per group, in MB; the oldest files go first")
     h.add_argument("--request-timeout", type=float, default=15.0)
     h.add_argument("--body-timeout", type=float, default=120.0)
+    h.add_argument("--report-flush-ms", type=float, default=float(os.environ.get("MLSQL_HUB_REPORT_FLUSH_MS", 200)),
+                   help="agents' reports and events reach the database this often, all in one transaction "
+                        "(or env MLSQL_HUB_REPORT_FLUSH_MS; default 200; 0: each report at once): other "
+                        "replicas see a report at most this late, and a crash loses at most this much "
+                        "telemetry (the next poll sends a fresh report)")
     h.add_argument("--ready-file")
     return p
 
@@ -276,7 +282,8 @@ def hub(args) -> int:
     try:
         app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
                              body_timeout=args.body_timeout, enroll_open=args.enroll_open,
-                             data_max_mb=args.data_max_mb, db=args.db)
+                             data_max_mb=args.data_max_mb, db=args.db,
+                             report_flush_s=max(0.0, args.report_flush_ms) / 1000)
     except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
         print(f"mlsql-device hub: {exc.message}", file=sys.stderr)
         return 2
@@ -285,8 +292,18 @@ def hub(args) -> int:
     scheme = "https" if args.tls_cert else "http"
     _write_ready(args.ready_file, {"pid": os.getpid(), "port": port, "url": f"{scheme}://{args.host}:{port}"})
     print(json.dumps({"listening": f"{scheme}://{args.host}:{port}"}), flush=True)
-    asyncio.run(_serve_all([(_server(app, args), sock)]))
+    # SIGTERM (uvicorn catches it, stops serving, then raises it again): exit through the finally
+    # below, which writes the reports still pending, instead of dying at once
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    try:
+        asyncio.run(_serve_all([(_server(app, args), sock)]))
+    finally:
+        app.state.hub.close()
     return 0
+
+
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

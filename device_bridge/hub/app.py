@@ -20,20 +20,23 @@ from device_bridge.hub.credentials import Credentials
 from device_bridge.hub.data import MAX_READ_ROWS, MAX_UPLOAD_BYTES, NO_GROUP, DataStore, parse_since
 from device_bridge.hub.db import Database
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
-from device_bridge.hub.state import HubState
+from device_bridge.hub.state import FLUSH_S, HubState
 from device_bridge.web import JSONAnswer
 
 
 def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
                    body_timeout: float = 120.0, enroll_open: bool = False, data_max_mb: int = 1024,
-                   db: str | None = None) -> Starlette:
+                   db: str | None = None, report_flush_s: float = FLUSH_S) -> Starlette:
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
     without a credential, under a name that never had one. ``data_max_mb``: device data kept per
-    group (data.py). ``db``: the state's database (db.py; default SQLite in ``STORE/hub.db``)."""
+    group (data.py). ``db``: the state's database (db.py; default SQLite in ``STORE/hub.db``).
+    ``report_flush_s``: agents' reports reach the database this often, in one transaction (state.py;
+    0: each at once). Call ``app.state.hub.close()`` at shutdown to write the last ones."""
     if not token:
         raise ValueError("the hub needs an operator token")
     database = Database(store, db)
-    hub = HubState(store, max_package_bytes, database)
+    hub = HubState(store, max_package_bytes, database, report_flush_s)
+    hub.start_flusher()
     creds = Credentials(store, database)
     data = DataStore(store, data_max_mb)
     operator_b = token.encode()

@@ -63,6 +63,7 @@ class Database:
         self._local = threading.local()
         self._all: list = []
         self._mu = threading.Lock()
+        self.commits = 0  # transactions committed by this process (the report flusher's tests count them)
         if url.startswith("sqlite:///"):
             self.kind = "sqlite"
             self.path = Path(url[len("sqlite:///"):])
@@ -149,6 +150,7 @@ class Database:
                     raise
                 _close(cur)
                 con.execute("COMMIT")
+                self.commits += 1
             else:
                 with con.transaction():
                     cur = con.cursor()
@@ -157,6 +159,7 @@ class Database:
                     if lock:
                         cur.execute("SELECT pg_advisory_xact_lock(7301)")
                     yield Tx(self, cur)
+                self.commits += 1
         except (sqlite3.Error, _pg_error()) as exc:
             self._drop_broken(con)
             raise HubError(503, f"the hub's database {self.describe} failed: {exc}", "store") from None

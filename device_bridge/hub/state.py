@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from device_bridge import package as pkg
@@ -14,18 +17,42 @@ from device_bridge.agent.core import atomic_write
 from device_bridge.hub.db import MAX_EVENTS, Database
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
 
+log = logging.getLogger("device_bridge.hub")
+FLUSH_S = 0.2  # reports and events reach the database at most this long after they arrive
+
+
+@dataclass
+class _Report:
+    body: dict  # status, errors, url, telemetry (the last snapshot)
+    last_seen: float  # the hub's clock
+    keeps_telemetry: bool = False  # it brought none: the database's last snapshot stays
+
 
 class HubState:
     """Agents, groups, desired and previous desired state, the blob index, last reports and events,
-    in the hub's database (db.py); packages as files under ``STORE/blobs``. Nothing is kept only in
-    this process, so any number of hubs on one database answer alike."""
+    in the hub's database (db.py); packages as files under ``STORE/blobs``. Only reports and events
+    wait in this process, at most ``flush_s`` (write-behind: ``start_flusher``, ``close``); everything
+    else is written before the call answers, so any number of hubs on one database answer alike."""
 
-    def __init__(self, store: str | Path, max_package_bytes: int, db: Database | None = None):
+    def __init__(self, store: str | Path, max_package_bytes: int, db: Database | None = None,
+                 flush_s: float = FLUSH_S):
         self.store = Path(store)
         (self.store / "blobs").mkdir(parents=True, exist_ok=True)
         self.max_package_bytes = max_package_bytes
         self.db = db or Database(self.store)
         self._registered: set[str] = set()  # agents known to be registered (no call removes one)
+        # reports are written behind (report(), flush()): a report is in this process's view at once
+        # and in the database within flush_s, all of an interval's in one transaction
+        self.flush_s = flush_s
+        self._mu = threading.Lock()
+        self._flush_mu = threading.Lock()  # one flush at a time, so an older batch never lands last
+        self._pending: dict[str, _Report] = {}
+        self._writing: dict[str, _Report] = {}
+        self._events: list[tuple[str, int, dict]] = []
+        self._writing_events: list[tuple[str, int, dict]] = []
+        self._marks: dict[str, int] = {}  # newest event seq seen per agent (this process and the database)
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
 
     def put_blob(self, data: bytes) -> dict:
         if len(data) > self.max_package_bytes:
@@ -61,7 +88,8 @@ class HubState:
     def agent_list(self) -> list[str]:
         """Every agent that registered or reported."""
         with self.db.read() as t:
-            return sorted({n for (n,) in t.all("SELECT name FROM agents UNION SELECT agent FROM reports")})
+            names = {n for (n,) in t.all("SELECT name FROM agents UNION SELECT agent FROM reports")}
+        return sorted(names | set(self._local_reports()))
 
     def set_group(self, group: str, devices: list[str]) -> None:
         with self.db.tx() as t:
@@ -80,7 +108,9 @@ class HubState:
     def events(self) -> list[dict]:
         with self.db.read() as t:
             rows = t.all("SELECT body FROM events ORDER BY id DESC LIMIT ?", (MAX_EVENTS,))
-        return [json.loads(b) for (b,) in reversed(rows)]
+        with self._mu:  # this process's, not yet written: the newest
+            mine = [body for _, _, body in self._writing_events + self._events]
+        return ([json.loads(b) for (b,) in reversed(rows)] + mine)[-MAX_EVENTS:]
 
     def agent_names(self, devices=None, group=None) -> list[str]:
         names: list[str] = []
@@ -161,6 +191,8 @@ class HubState:
         return {"ok": True}
 
     def report(self, name: str, body: dict) -> dict:
+        """An agent's report: in this process's view at once, in the database at the next flush
+        (``flush_s``), with every other report and event of that interval in one transaction."""
         tel = body.get("telemetry") or []
         if not isinstance(tel, list):
             raise HubError(400, "telemetry must be a list")
@@ -168,46 +200,111 @@ class HubState:
             if body.get(field) is not None and not isinstance(body[field], dict):
                 raise HubError(400, f"{field} must be an object")
         snaps = [snap for snap in tel[-20:] if isinstance(snap, dict)]
-        events = any(snap.get("events") for snap in snaps)
-        with self.db.tx(durable=False) as t:
-            row = t.one("SELECT seq FROM event_marks WHERE agent = ?", (name,)) if events else None
-            mark = row[0] if row else 0
-            new_mark = mark
-            for snap in snaps if events else ():
-                for ev in snap.get("events", []) or []:
-                    if isinstance(ev, dict) and isinstance(ev.get("seq"), int) and ev["seq"] > new_mark:
-                        new_mark = ev["seq"]
-                        t.run("INSERT INTO events (agent, seq, body) VALUES (?, ?, ?)",
-                              (name, ev["seq"], json.dumps({**ev, "agent": name})))  # the credential's name wins
-            if new_mark != mark:
-                t.run("INSERT INTO event_marks (agent, seq) VALUES (?, ?) "
-                      "ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq", (name, new_mark))
-                t.run("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (MAX_EVENTS,))
-            last = snaps[-1] if snaps else None
-            if last is None:  # a report without telemetry keeps the last snapshot the hub had
-                old = t.one("SELECT body FROM reports WHERE agent = ?", (name,))
-                last = json.loads(old[0]).get("telemetry") if old else None
-            body_out = {"status": body.get("status"), "errors": body.get("errors"), "url": body.get("url"),
-                        "telemetry": last}
-            t.run("INSERT INTO reports (agent, body, last_seen) VALUES (?, ?, ?) "
-                  "ON CONFLICT (agent) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen",
-                  (name, json.dumps(body_out), time.time()))
-            registered = name in self._registered or \
-                t.one("SELECT 1 FROM agents WHERE name = ?", (name,)) is not None
-        if registered:
-            self._registered.add(name)
-        elif isinstance(body.get("url"), str):
-            self.register(name, {"url": body["url"]})
+        evs = [ev for snap in snaps for ev in (snap.get("events") or []) if isinstance(ev, dict)
+               and isinstance(ev.get("seq"), int)]
+        mark = self._mark_of(name) if evs else 0
+        last = snaps[-1] if snaps else None
+        rep = _Report({"status": body.get("status"), "errors": body.get("errors"), "url": body.get("url"),
+                       "telemetry": last}, time.time(), keeps_telemetry=last is None)
+        with self._mu:
+            for ev in evs:
+                if ev["seq"] > mark:
+                    mark = ev["seq"]
+                    self._events.append((name, mark, {**ev, "agent": name}))  # the credential's name wins
+            if evs:
+                self._marks[name] = max(mark, self._marks.get(name, 0))
+                del self._events[:-MAX_EVENTS]
+            old = self._pending.get(name)
+            if rep.keeps_telemetry and old is not None:  # a report without telemetry keeps the last snapshot
+                rep.body["telemetry"], rep.keeps_telemetry = old.body["telemetry"], old.keeps_telemetry
+            self._pending[name] = rep
+        if self.flush_s <= 0:
+            self.flush()
+        if name not in self._registered:
+            with self.db.read() as t:
+                registered = t.one("SELECT 1 FROM agents WHERE name = ?", (name,)) is not None
+            if registered:
+                self._registered.add(name)
+            elif isinstance(body.get("url"), str):
+                self.register(name, {"url": body["url"]})
         return {"ok": True, "received": len(tel)}
+
+    def _mark_of(self, name: str) -> int:
+        """The newest event seq the hub has from this agent (events at or below it are repeats)."""
+        with self._mu:
+            if name in self._marks:
+                return self._marks[name]
+        with self.db.read() as t:
+            row = t.one("SELECT seq FROM event_marks WHERE agent = ?", (name,))
+        with self._mu:
+            self._marks[name] = max(row[0] if row else 0, self._marks.get(name, 0))
+            return self._marks[name]
+
+    def _local_reports(self) -> dict[str, _Report]:
+        """Reports made here and not yet in the database (being written, or waiting)."""
+        with self._mu:
+            return {**self._writing, **self._pending}
+
+    def flush(self) -> int:
+        """Every pending report and event into the database, in one transaction; returns how many
+        reports. On a failure they stay pending (a newer report of the same agent wins) for the
+        next flush."""
+        with self._flush_mu:
+            with self._mu:
+                reports, events = self._pending, self._events
+                self._pending, self._events = {}, []
+                self._writing = reports
+                self._writing_events = events
+            if not reports and not events:
+                return 0
+            try:
+                with self.db.tx(durable=False) as t:
+                    _write(t, reports, events)
+            except BaseException:
+                with self._mu:
+                    self._pending = {**reports, **self._pending}
+                    self._events = (events + self._events)[-MAX_EVENTS:]
+                raise
+            finally:
+                with self._mu:
+                    self._writing, self._writing_events = {}, []
+            return len(reports)
+
+    def start_flusher(self) -> None:
+        """Write pending reports every ``flush_s`` seconds in a thread of its own (its own connection)."""
+        if self.flush_s <= 0 or self._flusher is not None:
+            return
+        self._flusher = threading.Thread(target=self._flush_loop, name="hub-report-flusher", daemon=True)
+        self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(self.flush_s):
+            try:
+                self.flush()
+            except Exception as exc:  # noqa: BLE001 - the database away: kept pending, tried again
+                log.warning("hub: reports not written to %s (kept, tried again in %.1f s): %s",
+                            self.db.describe, self.flush_s, getattr(exc, "message", exc))
+
+    def close(self) -> None:
+        """Stop the flusher and write what is pending (a clean shutdown loses no report)."""
+        self._stop.set()
+        if self._flusher is not None:
+            self._flusher.join(30)
+            self._flusher = None
+        self.flush()
 
     def agent_view(self, name: str) -> dict:
         with self.db.read() as t:
             a = t.one("SELECT url, grp, providers, registered_at FROM agents WHERE name = ?", (name,))
             r = t.one("SELECT body, last_seen FROM reports WHERE agent = ?", (name,))
-        if a is None and r is None:
+        mine = self._local_reports().get(name)
+        if a is None and r is None and mine is None:
             raise HubError(404, f"unknown agent {name!r}")
         info = {"url": a[0], "group": a[1], "providers": json.loads(a[2]), "registered_at": a[3]} if a else {}
         rep = {**json.loads(r[0]), "last_seen": r[1]} if r else {}
+        if mine is not None and mine.last_seen >= (rep.get("last_seen") or 0):  # another replica's may be newer
+            telemetry = rep.get("telemetry") if mine.keeps_telemetry else mine.body["telemetry"]
+            rep = {**mine.body, "telemetry": telemetry, "last_seen": mine.last_seen}
         seen = rep.get("last_seen")
         return {"name": name, **info, "desired": self.desired_of(name),
                 "status": rep.get("status"), "errors": rep.get("errors"), "last_seen": seen,
@@ -220,3 +317,30 @@ class HubState:
 def _put(t, table: str, agent: str, model: str, entry: dict) -> None:
     t.run(f"INSERT INTO {table} (agent, model, entry) VALUES (?, ?, ?) "
           "ON CONFLICT (agent, model) DO UPDATE SET entry = excluded.entry", (agent, model, json.dumps(entry, sort_keys=True)))
+
+
+def _write(t, reports: dict[str, _Report], events: list[tuple[str, int, dict]]) -> None:
+    """One flush's statements: events newer than the database's mark of their agent (another replica
+    may have written some), then each agent's last report."""
+    marks: dict[str, int] = {}
+    for agent, seq, body in events:
+        if agent not in marks:
+            row = t.one("SELECT seq FROM event_marks WHERE agent = ?", (agent,))
+            marks[agent] = row[0] if row else 0
+        if seq > marks[agent]:
+            marks[agent] = seq
+            t.run("INSERT INTO events (agent, seq, body) VALUES (?, ?, ?)", (agent, seq, json.dumps(body)))
+    for agent, seq in marks.items():
+        t.run("INSERT INTO event_marks (agent, seq) VALUES (?, ?) "
+              "ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq", (agent, seq))
+    if events:
+        t.run("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (MAX_EVENTS,))
+    for agent, rep in reports.items():
+        body = rep.body
+        if rep.keeps_telemetry:
+            old = t.one("SELECT body FROM reports WHERE agent = ?", (agent,))
+            body = {**body, "telemetry": json.loads(old[0]).get("telemetry") if old else None}
+        t.run("INSERT INTO reports (agent, body, last_seen) VALUES (?, ?, ?) "
+              "ON CONFLICT (agent) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen "
+              "WHERE excluded.last_seen >= reports.last_seen",  # another replica's newer report stays
+              (agent, json.dumps(body), rep.last_seen))

@@ -33,3 +33,9 @@ def postgres():
     yield new_database
     srv.cleanup()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request):
+    """None (the default: SQLite in STORE/hub.db) or a fresh PostgreSQL database."""
+    return None if request.param == "sqlite" else request.getfixturevalue("postgres")()

@@ -32,6 +32,7 @@ from device_test_helpers import (
     package,
     start_agent,
     start_hub,
+    stored,
     trust,
     wait_for,
 )
@@ -40,12 +41,6 @@ from device_bridge.client import HubClient
 
 pytestmark = pytest.mark.timeout(120)
 OLD_STORE = Path(__file__).parent / "hub_store_json"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request):
-    """None (the default: SQLite in STORE/hub.db) or a fresh PostgreSQL database."""
-    return None if request.param == "sqlite" else request.getfixturevalue("postgres")()
 
 
 def hub_args(db_url) -> list[str]:
@@ -132,6 +127,8 @@ def test_the_state_survives_a_kill_9_of_the_hub(tmp_path, db_url):
               "telemetry": [{"t": 1, "events": [{"seq": 3, "kind": "installed", "model": "scorer"}]}]}
     assert call(hub.url, "POST", "/v1/agents/d1/report", tok, report)[0] == 200
     before = {"agent": hc.agent("d1"), "blobs": hc.http.request("GET", "/v1/blobs")["blobs"], "events": hc.events()}
+    # reports are written behind (at most --report-flush-ms later): wait until the database has this one
+    wait_for(lambda: stored(tmp_path / "hub", db_url, "SELECT 1 FROM reports WHERE agent = 'd1'"), what="report flushed")
     hub.kill()  # SIGKILL: no shutdown code runs
     if db_url is None:  # the database and its write-ahead log hold credential hashes: owner only
         db_files = sorted((tmp_path / "hub").glob("hub.db*"))
