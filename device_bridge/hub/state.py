@@ -202,7 +202,7 @@ class HubState:
         snaps = [snap for snap in tel[-20:] if isinstance(snap, dict)]
         evs = [ev for snap in snaps for ev in (snap.get("events") or []) if isinstance(ev, dict)
                and isinstance(ev.get("seq"), int)]
-        mark = self._mark_of(name) if evs else 0
+        mark = self._mark_of(name)  # read once per agent and process, then kept here
         last = snaps[-1] if snaps else None
         rep = _Report({"status": body.get("status"), "errors": body.get("errors"), "url": body.get("url"),
                        "telemetry": last}, time.time(), keeps_telemetry=last is None)
@@ -228,6 +228,11 @@ class HubState:
             elif isinstance(body.get("url"), str):
                 self.register(name, {"url": body["url"]})
         return {"ok": True, "received": len(tel)}
+
+    def report_is_local(self, name: str) -> bool:
+        """Whether a report of this agent touches no database now (its registration and event mark
+        are known here): the hub then takes it on its event loop, with no thread."""
+        return self.flush_s > 0 and name in self._registered and name in self._marks
 
     def _mark_of(self, name: str) -> int:
         """The newest event seq the hub has from this agent (events at or below it are repeats)."""
