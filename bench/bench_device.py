@@ -473,6 +473,7 @@ def bench_hub_stores(tmp: Path, kp, rounds: int, seconds: float, json_rev: str |
     body.write_text(json.dumps(report))
     stores = (["json"] if tree else []) + ["sqlite", "postgresql"]
     runs: dict[str, list[dict]] = {k: [] for k in stores}
+    load_start = os.getloadavg()
     try:
         for r in range(rounds):
             for kind in stores:
@@ -504,7 +505,7 @@ def bench_hub_stores(tmp: Path, kp, rounds: int, seconds: float, json_rev: str |
         if tree:
             remove_tree(tree)
     out = {"clients": clients, "seconds": seconds, "rounds": rounds, "json_rev": json_rev,
-           "report_bytes": body.stat().st_size, "load_avg": os.getloadavg()}
+           "report_bytes": body.stat().st_size, "load_avg_start": load_start, "load_avg": os.getloadavg()}
     for kind, rs in runs.items():
         out[kind] = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
     return out
@@ -512,7 +513,8 @@ def bench_hub_stores(tmp: Path, kp, rounds: int, seconds: float, json_rev: str |
 
 def print_hub_stores(hs: dict) -> None:
     print(f"hub state store, one hub process, {hs['clients']} clients, median of {hs['rounds']} interleaved rounds "
-          f"(load average at the end {hs['load_avg'][0]:.1f}):")
+          f"(load average {hs.get('load_avg_start', [float('nan')])[0]:.1f} at the start, "
+          f"{hs['load_avg'][0]:.1f} at the end):")
     for kind in ("json", "sqlite", "postgresql"):
         if kind in hs:
             x = hs[kind]
