@@ -87,9 +87,10 @@ class HubState:
 
     def agent_list(self) -> list[str]:
         """Every agent that registered or reported."""
+        mine = set(self._local_reports())
         with self.db.read() as t:
             names = {n for (n,) in t.all("SELECT name FROM agents UNION SELECT agent FROM reports")}
-        return sorted(names | set(self._local_reports()))
+        return sorted(names | mine)
 
     def set_group(self, group: str, devices: list[str]) -> None:
         with self.db.tx() as t:
@@ -106,11 +107,13 @@ class HubState:
         return (row[0] if row else None) or no_group
 
     def events(self) -> list[dict]:
+        with self._mu:  # this process's, not yet written (the newest): read first, as in agent_view
+            mine = self._writing_events + self._events
         with self.db.read() as t:
-            rows = t.all("SELECT body FROM events ORDER BY id DESC LIMIT ?", (MAX_EVENTS,))
-        with self._mu:  # this process's, not yet written: the newest
-            mine = [body for _, _, body in self._writing_events + self._events]
-        return ([json.loads(b) for (b,) in reversed(rows)] + mine)[-MAX_EVENTS:]
+            rows = t.all("SELECT agent, seq, body FROM events ORDER BY id DESC LIMIT ?", (MAX_EVENTS,))
+        written = {(a, q) for a, q, _ in rows}  # a flush may have landed between the two reads
+        return ([json.loads(b) for _, _, b in reversed(rows)]
+                + [body for a, q, body in mine if (a, q) not in written])[-MAX_EVENTS:]
 
     def agent_names(self, devices=None, group=None) -> list[str]:
         names: list[str] = []
@@ -214,10 +217,7 @@ class HubState:
             if evs:
                 self._marks[name] = max(mark, self._marks.get(name, 0))
                 del self._events[:-MAX_EVENTS]
-            old = self._pending.get(name)
-            if rep.keeps_telemetry and old is not None:  # a report without telemetry keeps the last snapshot
-                rep.body["telemetry"], rep.keeps_telemetry = old.body["telemetry"], old.keeps_telemetry
-            self._pending[name] = rep
+            self._pending[name] = _newer(self._pending.get(name) or self._writing.get(name), rep)
         if self.flush_s <= 0:
             self.flush()
         if name not in self._registered:
@@ -267,7 +267,8 @@ class HubState:
                     _write(t, reports, events)
             except BaseException:
                 with self._mu:
-                    self._pending = {**reports, **self._pending}
+                    self._pending = {a: _newer(r, self._pending.get(a)) for a, r in reports.items()} | \
+                        {a: r for a, r in self._pending.items() if a not in reports}
                     self._events = (events + self._events)[-MAX_EVENTS:]
                 raise
             finally:
@@ -299,10 +300,11 @@ class HubState:
         self.flush()
 
     def agent_view(self, name: str) -> dict:
+        # this process's report before the database's: one flushed in between is then in the second
+        mine = self._local_reports().get(name)
         with self.db.read() as t:
             a = t.one("SELECT url, grp, providers, registered_at FROM agents WHERE name = ?", (name,))
             r = t.one("SELECT body, last_seen FROM reports WHERE agent = ?", (name,))
-        mine = self._local_reports().get(name)
         if a is None and r is None and mine is None:
             raise HubError(404, f"unknown agent {name!r}")
         info = {"url": a[0], "group": a[1], "providers": json.loads(a[2]), "registered_at": a[3]} if a else {}
@@ -324,6 +326,15 @@ def _put(t, table: str, agent: str, model: str, entry: dict) -> None:
           "ON CONFLICT (agent, model) DO UPDATE SET entry = excluded.entry", (agent, model, json.dumps(entry, sort_keys=True)))
 
 
+def _newer(old: _Report | None, new: _Report | None) -> _Report | None:
+    """An agent's newer report; one without telemetry keeps the older one's last snapshot."""
+    if old is None or new is None:
+        return new or old
+    if new.keeps_telemetry:
+        new.body["telemetry"], new.keeps_telemetry = old.body["telemetry"], old.keeps_telemetry
+    return new
+
+
 def _write(t, reports: dict[str, _Report], events: list[tuple[str, int, dict]]) -> None:
     """One flush's statements: events newer than the database's mark of their agent (another replica
     may have written some), then each agent's last report."""
@@ -335,12 +346,12 @@ def _write(t, reports: dict[str, _Report], events: list[tuple[str, int, dict]]) 
         if seq > marks[agent]:
             marks[agent] = seq
             t.run("INSERT INTO events (agent, seq, body) VALUES (?, ?, ?)", (agent, seq, json.dumps(body)))
-    for agent, seq in marks.items():
+    for agent, seq in sorted(marks.items()):  # rows in one order in every replica: no deadlock between flushes
         t.run("INSERT INTO event_marks (agent, seq) VALUES (?, ?) "
               "ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq", (agent, seq))
     if events:
         t.run("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (MAX_EVENTS,))
-    for agent, rep in reports.items():
+    for agent, rep in sorted(reports.items(), key=lambda kv: kv[0]):
         body = rep.body
         if rep.keeps_telemetry:
             old = t.one("SELECT body FROM reports WHERE agent = ?", (agent,))
