@@ -22,6 +22,8 @@
   against ONNX Runtime's CPU time per run of the same batch (batch 1 JSON, batch 256 columns), for
   this tree and for ``--baseline REV`` (default: the agent before the scheduler, 5 rounds
   interleaved so that both see the same machine). ``--only cost`` runs just that.
+- the hub's state store (``--only hub_store``): one hub process's poll cycles/s on the JSON file of
+  the hub before its database (``--hub-json-rev``), on SQLite and on PostgreSQL, rounds interleaved
 
 Prints a table and writes bench/results/device.json.
 """
@@ -33,6 +35,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -444,6 +447,82 @@ def bench_hub_capacity(hub_url, hc, name, tmp: Path, seconds: float, clients: in
             "report_p99_ms": r["p99_ms"], "poll_cycles_per_s": cycle}
 
 
+HUB_JSON_REV = "b50fa22"  # the hub before its database: state in one JSON file, reports in memory
+
+
+def bench_hub_stores(tmp: Path, kp, rounds: int, seconds: float, json_rev: str | None = HUB_JSON_REV,
+                     clients: int = 16) -> dict:
+    """One hub process's poll cycles/s (GET desired + POST report, as bench_hub_capacity) on each state
+    store: the JSON file of ``json_rev`` (run from a worktree of that revision), SQLite (the default)
+    and PostgreSQL (a local pgserver, over its Unix socket), rounds interleaved so all see the same
+    machine. The report carries status and one telemetry snapshot of about the size an agent sends."""
+    import pgserver
+
+    tree = baseline_tree(json_rev, tmp) if json_rev else None
+    pg_dir = Path(tempfile.mkdtemp(prefix="bench-pg-"))  # outside tmp: run as root, pgserver's own user reads it
+    srv = pgserver.get_server(pg_dir, cleanup_mode="stop")
+    pkg = build_package(xgb_onnx(10), {"name": "xgb", "version": 1, "providers": ["cpu"]}, kp.private_key)
+    snap = {"t": time.time(), "models": {"xgb": {"1": {"requests": 12345, "errors": 0, "provider": "CPUExecutionProvider",
+                                                      "latency_ms": {"p50": 1.1, "p95": 2.0, "p99": 3.2},
+                                                      "inputs": {f"f{i}": {"mean": 0.5, "std": 0.29, "n": 1000}
+                                                                 for i in range(20)}}}},
+            "events": []}
+    report = {"url": "http://10.0.0.1:7070", "status": {"xgb": {"active": 1, "versions": [1]}}, "errors": {},
+              "telemetry": [snap]}
+    body = tmp / "hub-report.json"
+    body.write_text(json.dumps(report))
+    stores = (["json"] if tree else []) + ["sqlite", "postgresql"]
+    runs: dict[str, list[dict]] = {k: [] for k in stores}
+    load_start = os.getloadavg()
+    try:
+        for r in range(rounds):
+            for kind in stores:
+                args = ["hub", "--port", "0", "--store", str(tmp / f"hub-{kind}-{r}"), "--token", TOKEN]
+                if kind == "postgresql":
+                    with __import__("psycopg").connect(srv.get_uri(), autocommit=True) as con:
+                        con.execute(f"CREATE DATABASE bench{r}")
+                    args += ["--db", srv.get_uri().replace("/postgres?", f"/bench{r}?")]
+                hub = Agent(args, tmp / f"hub-{kind}-{r}.json", tree=tree if kind == "json" else None)
+                try:
+                    hc = HubClient(hub.url, TOKEN)
+                    tok = hc.enroll("d1")
+                    DeviceClient(hub.url, tok).http.request("POST", "/v1/agents/d1/register",
+                                                            json.dumps({"url": report["url"]}).encode(),
+                                                            "application/json")
+                    hc.set_desired("xgb", pkg, devices=["d1"])
+                    g = _loadgen(hub.url, "/v1/agents/d1/desired", clients, seconds, "GET", token=tok)
+                    p = _loadgen(hub.url, "/v1/agents/d1/report", clients, seconds, "POST", "application/json",
+                                 body, tok)
+                    runs[kind].append({"desired_get_per_s": g["requests_per_s"], "desired_p99_ms": g["p99_ms"],
+                                       "report_post_per_s": p["requests_per_s"], "report_p99_ms": p["p99_ms"],
+                                       "poll_cycles_per_s": 1.0 / (1.0 / g["requests_per_s"]
+                                                                   + 1.0 / p["requests_per_s"])})
+                finally:
+                    hub.stop()
+    finally:
+        srv.cleanup()
+        shutil.rmtree(pg_dir, ignore_errors=True)
+        if tree:
+            remove_tree(tree)
+    out = {"clients": clients, "seconds": seconds, "rounds": rounds, "json_rev": json_rev,
+           "report_bytes": body.stat().st_size, "load_avg_start": load_start, "load_avg": os.getloadavg()}
+    for kind, rs in runs.items():
+        out[kind] = {k: statistics.median(x[k] for x in rs) for k in rs[0]}
+    return out
+
+
+def print_hub_stores(hs: dict) -> None:
+    print(f"hub state store, one hub process, {hs['clients']} clients, median of {hs['rounds']} interleaved rounds "
+          f"(load average {hs.get('load_avg_start', [float('nan')])[0]:.1f} at the start, "
+          f"{hs['load_avg'][0]:.1f} at the end):")
+    for kind in ("json", "sqlite", "postgresql"):
+        if kind in hs:
+            x = hs[kind]
+            print(f"  {kind:<10} {x['poll_cycles_per_s']:7.0f} poll cycles/s   ({x['desired_get_per_s']:.0f} desired GETs/s, "
+                  f"p99 {x['desired_p99_ms']:.1f} ms; {x['report_post_per_s']:.0f} report POSTs/s, "
+                  f"p99 {x['report_p99_ms']:.1f} ms)")
+
+
 def bench_cold_start(tmp: Path, store: Path, pub: Path, runs: int):
     out = []
     for i in range(runs):
@@ -565,7 +644,10 @@ def print_cost(cost: dict) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", choices=["cost", "sampling"], help="run only this section (merged into device.json)")
+    ap.add_argument("--only", choices=["cost", "sampling", "hub_store"],
+                    help="run only this section (merged into device.json)")
+    ap.add_argument("--hub-json-rev", default=HUB_JSON_REV,
+                    help="git revision of the JSON-file hub the hub_store section compares with ('' for none)")
     ap.add_argument("--sampling-rounds", type=int, default=4)
     ap.add_argument("--baseline", default=BASELINE,
                     help="git revision whose agent the cost section measures too ('' for none)")
@@ -586,6 +668,18 @@ def main(argv=None):
         out.parent.mkdir(exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         print_sampling(sm)
+        print(f"wrote {out}")
+        return 0
+    if args.only == "hub_store":
+        with tempfile.TemporaryDirectory(prefix="bench-device-") as d:
+            tmp = Path(d)
+            hs = bench_hub_stores(tmp, load_or_create_keypair(tmp / "keys"), 1 if q else 3, 2.0 if q else 4.0,
+                                  args.hub_json_rev or None)
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results["hub_store"] = hs
+        out.parent.mkdir(exist_ok=True)
+        out.write_text(json.dumps(results, indent=2))
+        print_hub_stores(hs)
         print(f"wrote {out}")
         return 0
     if args.only == "cost":

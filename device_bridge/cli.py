@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -81,8 +82,8 @@ def _parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("hub", help="run the fleet hub (or: hub enroll NAME / hub revoke NAME --store DIR)",
                        usage="mlsql-device hub [serve] --store DIR --token T [options]\n"
-                             "       mlsql-device hub enroll NAME --store DIR [--out FILE]\n"
-                             "       mlsql-device hub revoke NAME --store DIR")
+                             "       mlsql-device hub enroll NAME --store DIR [--db URL] [--out FILE]\n"
+                             "       mlsql-device hub revoke NAME --store DIR [--db URL]")
     h.add_argument("action", nargs="?", choices=["serve", "enroll", "revoke"], default="serve",
                    help="serve (default): run the hub; enroll NAME: print (or --out) a fresh credential for "
                         "agent NAME, replacing its earlier one; revoke NAME: refuse NAME's credential. "
@@ -91,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--out", help="enroll: write the credential to this file (0600) instead of printing it")
     h.add_argument("--port", type=int, default=7000)
     h.add_argument("--host", default="127.0.0.1")
-    h.add_argument("--store", required=True)
+    h.add_argument("--store", required=True, help="folder holding packages (blobs/), device data and, by "
+                                                  "default, the state's database (hub.db)")
+    h.add_argument("--db", default=os.environ.get("MLSQL_HUB_DB"),
+                   help="the state's database (or env MLSQL_HUB_DB): sqlite:///PATH (default STORE/hub.db) or "
+                        "postgresql://user:pw@host/db for several hub processes on one state")
     h.add_argument("--token", "--operator-token", dest="token", default=os.environ.get("MLSQL_HUB_TOKEN"),
                    help="the operator credential (or env MLSQL_HUB_TOKEN): desired state, rollouts, fleet "
                         "reads, enrollment. Agents get their own (enroll)")
@@ -105,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="device data (samples, outcomes) kept per group, in MB; the oldest files go first")
     h.add_argument("--request-timeout", type=float, default=15.0)
     h.add_argument("--body-timeout", type=float, default=120.0)
+    h.add_argument("--report-flush-ms", type=float, default=float(os.environ.get("MLSQL_HUB_REPORT_FLUSH_MS", 200)),
+                   help="agents' reports and events reach the database this often, all in one transaction "
+                        "(or env MLSQL_HUB_REPORT_FLUSH_MS; default 200; 0: each report at once): other "
+                        "replicas see a report at most this late, and a crash loses at most this much "
+                        "telemetry (the next poll sends a fresh report)")
     h.add_argument("--ready-file")
     return p
 
@@ -231,13 +241,14 @@ def hub_credential(args) -> int:
     from device_bridge.agent.hubsync import write_token_file
     from device_bridge.errors import ApiError
     from device_bridge.hub import Credentials
+    from device_bridge.hub.db import Database
 
     if not args.name:
         print(f"mlsql-device hub {args.action}: name the agent (mlsql-device hub {args.action} NAME --store DIR)",
               file=sys.stderr)
         return 2
-    creds = Credentials(args.store)
     try:
+        creds = Credentials(args.store, Database(args.store, args.db))
         if args.action == "revoke":
             had = creds.revoke(args.name)
             print(json.dumps({"agent": args.name, "revoked": had}))
@@ -266,16 +277,33 @@ def hub(args) -> int:
     if args.data_max_mb < 1:
         print("mlsql-device hub: --data-max-mb must be 1 or more", file=sys.stderr)
         return 2
-    app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
-                         body_timeout=args.body_timeout, enroll_open=args.enroll_open,
-                         data_max_mb=args.data_max_mb)
+    from device_bridge.errors import ApiError
+
+    try:
+        app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
+                             body_timeout=args.body_timeout, enroll_open=args.enroll_open,
+                             data_max_mb=args.data_max_mb, db=args.db,
+                             report_flush_s=max(0.0, args.report_flush_ms) / 1000)
+    except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
+        print(f"mlsql-device hub: {exc.message}", file=sys.stderr)
+        return 2
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]
     scheme = "https" if args.tls_cert else "http"
     _write_ready(args.ready_file, {"pid": os.getpid(), "port": port, "url": f"{scheme}://{args.host}:{port}"})
     print(json.dumps({"listening": f"{scheme}://{args.host}:{port}"}), flush=True)
-    asyncio.run(_serve_all([(_server(app, args), sock)]))
+    # SIGTERM (uvicorn catches it, stops serving, then raises it again): exit through the finally
+    # below, which writes the reports still pending, instead of dying at once
+    signal.signal(signal.SIGTERM, _exit_on_term)
+    try:
+        asyncio.run(_serve_all([(_server(app, args), sock)]))
+    finally:
+        app.state.hub.close()
     return 0
+
+
+def _exit_on_term(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

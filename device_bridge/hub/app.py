@@ -7,6 +7,7 @@ import functools
 import hmac
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -17,24 +18,54 @@ from starlette.routing import Route
 from device_bridge import web
 from device_bridge.hub.credentials import Credentials
 from device_bridge.hub.data import MAX_READ_ROWS, MAX_UPLOAD_BYTES, NO_GROUP, DataStore, parse_since
+from device_bridge.hub.db import Database
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
-from device_bridge.hub.state import HubState
+from device_bridge.hub.state import FLUSH_S, HubState
 from device_bridge.web import JSONAnswer
 
 
 def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
-                   body_timeout: float = 120.0, enroll_open: bool = False, data_max_mb: int = 1024) -> Starlette:
+                   body_timeout: float = 120.0, enroll_open: bool = False, data_max_mb: int = 1024,
+                   db: str | None = None, report_flush_s: float = FLUSH_S) -> Starlette:
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
     without a credential, under a name that never had one. ``data_max_mb``: device data kept per
-    group (data.py)."""
+    group (data.py). ``db``: the state's database (db.py; default SQLite in ``STORE/hub.db``).
+    ``report_flush_s``: agents' reports reach the database this often, in one transaction (state.py;
+    0: each at once). Call ``app.state.hub.close()`` at shutdown to write the last ones."""
     if not token:
         raise ValueError("the hub needs an operator token")
-    hub = HubState(store, max_package_bytes)
-    creds = Credentials(store)
+    database = Database(store, db)
+    hub = HubState(store, max_package_bytes, database, report_flush_s)
+    hub.start_flusher()
+    creds = Credentials(store, database)
     data = DataStore(store, data_max_mb)
     operator_b = token.encode()
     budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
-    endpoint = web.endpoint_factory(operator_b, budget=budget)
+    base_endpoint = web.endpoint_factory(operator_b, budget=budget)
+    limiter: list = []
+
+    async def on_db(fn, *args):
+        """SQLite answers in microseconds: on the event loop. PostgreSQL is a round trip away: in a
+        worker thread (at most 8 at once, each with its own connection), so that one slow answer
+        does not hold every other request."""
+        if database.kind == "sqlite":
+            return fn(*args)
+        if not limiter:
+            limiter.append(anyio.CapacityLimiter(8))
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=limiter[0])
+
+    def endpoint(check):
+        """web's endpoint, with the caller's check (a credential look-up) run through on_db."""
+        if not callable(check):
+            return base_endpoint(check)
+
+        def deco(fn):
+            @functools.wraps(fn)
+            async def checked(request):
+                await on_db(check, request)
+                return await fn(request)
+            return base_endpoint(False)(checked)
+        return deco
 
     def caller(request) -> str | None:
         """None for the operator, else the name of the agent whose credential this is (401 otherwise)."""
@@ -75,7 +106,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         if name is None:
             return
         sha = request.path_params["sha"]
-        wanted = {e.get("sha256") for e in hub.state["desired"].get(name, {}).values() if isinstance(e, dict)}
+        wanted = {e.get("sha256") for e in hub.desired_of(name).values() if isinstance(e, dict)}
         if sha not in wanted:
             raise HubError(403, f"agent {name!r} may download only the packages of its desired state", "forbidden")
 
@@ -109,22 +140,26 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint(own(operator_too=False))
     async def register(request):
-        return JSONAnswer(hub.register(agent_name(request), await body_json(request)))
+        name, body = agent_name(request), await body_json(request)
+        return JSONAnswer(await on_db(hub.register, name, body))
 
     @endpoint(own(operator_too=True))
     async def desired(request):
         name = agent_name(request)
-        return JSONAnswer({"agent": name, "models": hub.state["desired"].get(name, {})})
+        return JSONAnswer({"agent": name, "models": await on_db(hub.desired_of, name)})
 
     @endpoint(own(operator_too=False))
     async def report(request):
-        return JSONAnswer(hub.report(agent_name(request), await body_json(request)))
+        name, body = agent_name(request), await body_json(request)
+        if hub.report_is_local(name):  # written behind (state.py): no database call on this path
+            return JSONAnswer(hub.report(name, body))
+        return JSONAnswer(await on_db(hub.report, name, body))
 
     @endpoint(False)
     async def enroll(request):
         name = agent_name(request)
         try:
-            who, known = caller(request), True
+            who, known = await on_db(caller, request), True
         except HubError:
             who, known = None, False
         if known and who is None:  # the operator: a fresh credential, replacing any earlier one
@@ -145,12 +180,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint(operator)
     async def agents(request):
-        names = sorted(set(hub.state["agents"]) | set(hub.reports))
-        return JSONAnswer({"agents": [view(n) for n in names]})
+        return JSONAnswer({"agents": await on_db(lambda: [view(n) for n in hub.agent_list()])})
 
     @endpoint(operator)
     async def agent(request):
-        return JSONAnswer(view(agent_name(request)))
+        return JSONAnswer(await on_db(view, agent_name(request)))
 
     @endpoint(operator)
     async def set_desired(request):
@@ -162,18 +196,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         body = await body_json(request)
         group = name_or_none(request.path_params["group"], "group")
         devices = names_of(body.get("devices"), "devices")
-        with hub.lock:
-            hub.state["groups"][group] = devices
-            hub.save()
+        await on_db(hub.set_group, group, devices)
         return JSONAnswer({"group": group, "devices": devices})
 
     def group_of(name: str) -> str:
-        """The agent's group now: a group the operator lists it in, else the one it registered with."""
-        with hub.lock:
-            for g, members in sorted(hub.state["groups"].items()):
-                if name in members:
-                    return g
-            return (hub.state["agents"].get(name) or {}).get("group") or NO_GROUP
+        return hub.group_of(name, NO_GROUP)
 
     @endpoint(own(operator_too=False))
     async def upload_data(request):
@@ -187,7 +214,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         except ValueError:
             raise HubError(400, "first and last must be integers (the rows' seq range)") from None
         body = await web.read_body(request, MAX_UPLOAD_BYTES, body_timeout, budget)
-        return JSONAnswer(await run_in_threadpool(data.upload, name, group_of(name), q.get("kind", ""),
+        group = await on_db(group_of, name)
+        return JSONAnswer(await run_in_threadpool(data.upload, name, group, q.get("kind", ""),
                                                   q.get("model", ""), first, last, body))
 
     @endpoint(operator)
@@ -222,11 +250,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
     @endpoint(operator)
     async def events(request):
-        return JSONAnswer({"events": list(hub.events)})
+        return JSONAnswer({"events": await on_db(hub.events)})
 
     @endpoint(operator)
     async def blobs(request):
-        return JSONAnswer({"blobs": list(hub.state["blobs"].values())})
+        return JSONAnswer({"blobs": await on_db(hub.blobs)})
 
     routes = [
         Route("/v1/blobs", put_blob, methods=["POST"]),

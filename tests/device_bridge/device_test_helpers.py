@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -120,6 +121,21 @@ def start_hub(tmp: Path, extra: list[str] | None = None, name: str = "hub") -> P
     """A hub whose operator token is TOKEN (agents get their own credentials: ``enroll``)."""
     return Proc(["hub", "--port", "0", "--store", str(tmp / name), "--token", TOKEN, *(extra or [])],
                 tmp / f"ready-{name}.json")
+
+
+def stored(store: Path, db_url: str | None, sql: str) -> list:
+    """The rows of ``sql`` read straight from a hub's database (``STORE/hub.db``, or the PostgreSQL of
+    ``db_url``), without the hub's code."""
+    if db_url is None:
+        con = sqlite3.connect(store / "hub.db", timeout=30)
+        try:
+            return con.execute(sql).fetchall()
+        finally:
+            con.close()
+    import psycopg
+
+    with psycopg.connect(db_url, autocommit=True) as con:
+        return con.execute(sql).fetchall()
 
 
 def enroll(hub_url: str, name: str, store: Path) -> str:

@@ -138,7 +138,7 @@ def test_sampling_names_must_be_inputs(device):
     c, kp = device["c"], device["kp"]
     for field in ("sample_exclude", "sample_hash"):
         with pytest.raises(DeviceRequestError, match=f"deploy setting {field} names 'ctiy', which is not an input "
-                                                     "of the model \(its inputs: x, city\)") as e:
+                                                     r"of the model \(its inputs: x, city\)") as e:
             c.install(package(kp, 1, name="typo"), deploy={"sample_rate": 1.0, field: ["ctiy"],
                                                           "sample_salt": "s"})
         assert e.value.status == 400

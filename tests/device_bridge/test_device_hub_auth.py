@@ -9,9 +9,11 @@ operator's token does the rest. Real hub and agent processes on loopback.
 
 from __future__ import annotations
 
+import hashlib
 import http.server
 import json
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -53,17 +55,29 @@ def _call(url: str, method: str, path: str, token: str | None, body: dict | None
         return e.code, json.loads(e.read() or b"null")
 
 
+def _db_rows(fleet, query: str) -> list[tuple]:
+    if not fleet["db_args"]:
+        with sqlite3.connect(fleet["tmp"] / "hub" / "hub.db") as con:
+            return con.execute(query).fetchall()
+    import psycopg
+
+    with psycopg.connect(fleet["db_args"][1]) as con:
+        return con.execute(query).fetchall()
+
+
 def _forbidden(answer) -> bool:
     status, body = answer
     return status == 403 and body["kind"] == "forbidden"
 
 
-@pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """A hub, and agents alpha and bravo, each with its own credential and v1 of 'scorer' active."""
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def fleet(tmp_path_factory, request):
+    """A hub, and agents alpha and bravo, each with its own credential and v1 of 'scorer' active; the
+    hub's state in SQLite (the default) or in a real PostgreSQL (conftest.py): every test runs on both."""
     tmp = tmp_path_factory.mktemp("hubauth")
     kp = make_keys(tmp / "keys")
-    hub = start_hub(tmp)
+    db_args = [] if request.param == "sqlite" else ["--db", request.getfixturevalue("postgres")()]
+    hub = start_hub(tmp, db_args)
     hc = HubClient(hub.url, TOKEN)
     agents, tokens = {}, {}
     for name in ("alpha", "bravo"):
@@ -75,7 +89,8 @@ def fleet(tmp_path_factory):
     hc.set_desired("scorer", sha256=sha, devices=["alpha", "bravo"])
     wait_for(lambda: all(((hc.agent(n).get("status") or {}).get("scorer") or {}).get("active") == 1
                          for n in agents), what="v1 active on alpha and bravo")
-    yield {"hub": hub, "hc": hc, "agents": agents, "tokens": tokens, "kp": kp, "tmp": tmp, "sha": sha}
+    yield {"hub": hub, "hc": hc, "agents": agents, "tokens": tokens, "kp": kp, "tmp": tmp, "sha": sha,
+           "db_args": db_args}
     for p in [*agents.values(), hub]:
         p.kill()
 
@@ -83,8 +98,9 @@ def fleet(tmp_path_factory):
 def test_the_agent_credential_is_its_own_and_not_the_device_token(fleet):
     a, b = fleet["tokens"]["alpha"], fleet["tokens"]["bravo"]
     assert a != b and TOKEN not in (a, b) and len(a) > 40
-    creds = json.loads((fleet["tmp"] / "hub" / "credentials.json").read_text())
-    assert a not in json.dumps(creds) and set(creds) == {"alpha", "bravo"}  # kept hashed
+    creds = dict(_db_rows(fleet, "SELECT name, sha256 FROM credentials"))  # the hub's database, read directly
+    assert set(creds) == {"alpha", "bravo"} and creds["alpha"] == hashlib.sha256(a.encode()).hexdigest()
+    assert a not in json.dumps(creds)  # kept hashed
     assert stat.S_IMODE(os.stat(fleet["tmp"] / "store-alpha" / "hub_token").st_mode) == 0o600
     # an agent's own calls work with it; the device token opens nothing at the hub
     url = fleet["hub"].url
@@ -200,7 +216,8 @@ def test_a_revoked_credential_is_refused(fleet):
     token_file = tmp / "delta.token"
     # the operator's offline path: the CLI writes the hub's store, the running hub reads it again
     out = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "enroll", "delta", "--store",
-                          str(tmp / "hub"), "--out", str(token_file)], capture_output=True, text=True)
+                          str(tmp / "hub"), *fleet["db_args"], "--out", str(token_file)],
+                         capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
     token = token_file.read_text().strip()
@@ -210,7 +227,7 @@ def test_a_revoked_credential_is_refused(fleet):
         wait_for(lambda: hc.agent("delta")["last_seen"], what="delta reports")
         assert _call(hub.url, "GET", "/v1/agents/delta/desired", token)[0] == 200
         out = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "revoke", "delta", "--store",
-                              str(tmp / "hub")], capture_output=True, text=True)
+                              str(tmp / "hub"), *fleet["db_args"]], capture_output=True, text=True)
         assert out.returncode == 0 and json.loads(out.stdout)["revoked"] is True, out
         status, body = _call(hub.url, "GET", "/v1/agents/delta/desired", token)
         assert status == 401 and body["kind"] == "auth"
@@ -221,7 +238,8 @@ def test_a_revoked_credential_is_refused(fleet):
         # enrolled again into the same file: the running agent picks the new credential up
         t_again = time.time()
         out = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "enroll", "delta", "--store",
-                              str(tmp / "hub"), "--out", str(token_file)], capture_output=True, text=True)
+                              str(tmp / "hub"), *fleet["db_args"], "--out", str(token_file)],
+                             capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         wait_for(lambda: (d.info()["background"]["hubsync"]["last_ok"] or 0) > t_again + 0.3,
                  what="delta reports again")
