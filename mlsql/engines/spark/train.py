@@ -86,6 +86,19 @@ def _random_split(seed: int, fraction: float, batches):
         yield pa.RecordBatch.from_arrays(list(b.columns) + [pa.array(ev)], names=list(b.schema.names) + [EVAL])
 
 
+def add_column_summaries(t: pa.Table, numeric: list[str], categorical: list[str], sums: dict, cats: dict) -> None:
+    """Add ``t``'s rows to the running summaries the encoding is learnt from: per numeric column its
+    sum, count and whether any value is finite (``sums``), per string column its values (``cats``)."""
+    for c in numeric:
+        x = numeric_values(t.column(c))
+        s = sums[c]
+        s[0] += float(np.nansum(x))
+        s[1] += int(np.count_nonzero(~np.isnan(x)))
+        s[2] = s[2] or bool(np.isfinite(x).any())
+    for c in categorical:
+        cats[c].update(pc.unique(string_values(t.column(c)).drop_null()).to_pylist())
+
+
 def _statistics(numeric: list[str], categorical: list[str], label: str, classifier: bool, has_eval: bool, batches):
     """What the encoding learns, summed over this partition's training rows (all rows for the classes)."""
     sums = {c: [0.0, 0, False] for c in numeric}
@@ -99,15 +112,7 @@ def _statistics(numeric: list[str], categorical: list[str], label: str, classifi
         tt = t.filter(pa.array(train)) if not train.all() else t
         n_train += tt.num_rows
         n_eval += t.num_rows - tt.num_rows
-        for c in numeric:
-            x = numeric_values(tt.column(c))
-            s = sums[c]
-            s[0] += float(np.nansum(x))
-            s[1] += int(np.count_nonzero(~np.isnan(x)))
-            s[2] = s[2] or bool(np.isfinite(x).any())
-        for c in categorical:
-            vals = string_values(tt.column(c))
-            cats[c].update(v for v in pc.unique(vals.drop_null()).to_pylist())
+        add_column_summaries(tt, numeric, categorical, sums, cats)
         if classifier:
             try:
                 values, _ = _label_values(t.column(label))

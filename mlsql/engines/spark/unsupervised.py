@@ -30,9 +30,12 @@ import numpy as np
 import pyarrow as pa
 
 from mlsql.engines.spark import score as S
-from mlsql.engines.spark.train import prepare  # noqa: F401 - the trainer's other half, shared with supervised types
+from mlsql.engines.spark.train import (
+    add_column_summaries,
+    prepare,  # noqa: F401 - the trainer's other half, shared with supervised types
+)
 from mlsql.errors import TrainingError, UnknownColumnError
-from mlsql.ml.features import MAX_CATEGORIES, FeatureSpec, _kind, encode, numeric_values, string_values
+from mlsql.ml.features import MAX_CATEGORIES, FeatureSpec, _kind, encode
 from mlsql.ml.unsupervised import KMeansModel, PCAModel
 
 FEATURES = "__mlsql_features"
@@ -53,16 +56,7 @@ def _statistics(numeric: list[str], categorical: list[str], batches):
     for b in batches:
         t = pa.Table.from_batches([b])
         n += t.num_rows
-        for c in numeric:
-            x = numeric_values(t.column(c))
-            s = sums[c]
-            s[0] += float(np.nansum(x))
-            s[1] += int(np.count_nonzero(~np.isnan(x)))
-            s[2] = s[2] or bool(np.isfinite(x).any())
-        for c in categorical:
-            import pyarrow.compute as pc
-
-            cats[c].update(pc.unique(string_values(t.column(c)).drop_null()).to_pylist())
+        add_column_summaries(t, numeric, categorical, sums, cats)
     yield pa.RecordBatch.from_arrays([pa.array([json.dumps({"n": n, "sums": sums,
                                                             "cats": {c: sorted(v) for c, v in cats.items()}})])],
                                      names=["stats"])
