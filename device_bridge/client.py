@@ -248,6 +248,22 @@ class DeviceClient:
             return {**meta, "outputs": arrays}
         return ans
 
+    def post_events(self, table: str, rows: list[dict] | None = None, columns: dict | None = None) -> dict:
+        """Events for the device's feature views: JSON ``rows``, or ``columns`` (numpy arrays) sent as
+        application/x-mlsql-columns. All are applied, or none (an error)."""
+        if (rows is None) == (columns is None):
+            raise DeviceError("give rows or columns")
+        if rows is not None:
+            return self.http.request("POST", "/v1/events", _json({"table": table, "rows": rows}), "application/json")
+        from device_bridge import columns as colfmt
+
+        return self.http.request("POST", "/v1/events", colfmt.encode(columns, {"table": table}), colfmt.CONTENT_TYPE)
+
+    def features(self, view: str, key: Any, at: int | str | None = None) -> dict:
+        """A key's feature values as of ``at`` (microseconds since the epoch or ISO-8601; None: now)."""
+        params = {"key": key, **({"at": at} if at is not None else {})}
+        return self.http.request("GET", f"/v1/features/{_q(view)}", params=params)
+
     def metrics(self, columns: bool = True) -> dict:
         return self.http.request("GET", "/v1/metrics", params=None if columns else {"columns": "0"})
 

@@ -18,7 +18,7 @@ from device_bridge import web
 from device_bridge.agent import deploy as deploy_mod
 from device_bridge.agent import inputs as inp
 from device_bridge.agent.core import READ_YOUR_WRITES_S, AgentCore, AgentError
-from device_bridge.agent.predict import Predictor
+from device_bridge.agent.predict import COLUMNS_TYPE, Predictor
 from device_bridge.web import JSONAnswer, parse_json
 
 BIG_PARSE = inp.BIG_PARSE    # bodies (or .npz contents) over this are parsed under a semaphore ...
@@ -262,6 +262,82 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
                         headers={"X-Next-Cursor": str(last)})
 
     @endpoint(read_auth)
+    async def post_events(request):
+        """The app's events for the device's feature views (features.py): all applied, or none."""
+        from device_bridge.agent import features as feat
+
+        fs = core.features
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        is_json = ctype in ("application/json", "")
+        if not is_json and ctype != COLUMNS_TYPE:
+            raise AgentError(415, f"unsupported content type {ctype!r}: send application/json or {COLUMNS_TYPE}",
+                             "content_type")
+        raw = await read_body(request, min(max_body, core.config.max_json_bytes) if is_json else max_body)
+        table_q = request.query_params.get("table")
+        if fs is None:
+            raise AgentError(404, f"table: unknown event table {table_q or ''!r}: no feature view is installed "
+                                  "on this device", "not_found")
+
+        def work():
+            if is_json:
+                body = parse_json(raw, 2 * feat.MAX_EVENT_ROWS + 16)
+                if not isinstance(body, dict) or set(body) != {"table", "rows"}:
+                    raise AgentError(400, 'events: the body must be {"table": NAME, "rows": [{column: value}, ...]}',
+                                     "invalid_input")
+                table, rows = body["table"], body["rows"]
+                if not isinstance(table, str):
+                    raise AgentError(400, "table must be the event table's name", "invalid_input")
+                if not isinstance(rows, list) or not rows:
+                    raise AgentError(400, "rows must be a non-empty list of events", "invalid_input")
+                if len(rows) > feat.MAX_EVENT_ROWS:
+                    raise AgentError(413, f"rows: {len(rows)} events, over the limit of {feat.MAX_EVENT_ROWS} per "
+                                          "request", "too_large")
+                return fs.ingest(table, lambda schema, key, tcol: feat.columns_from_rows(rows, schema, key, tcol))
+            from device_bridge.columns import ColumnsError, decode
+
+            try:
+                arrays, meta = decode(raw, max_body)
+            except ColumnsError as exc:
+                raise AgentError(400, str(exc), "invalid_input") from None
+            table = table_q or meta.get("table")
+            if not isinstance(table, str):
+                raise AgentError(400, "table: name the event table (?table=NAME, or the batch's meta.table)",
+                                 "invalid_input")
+            return fs.ingest(table, lambda schema, key, tcol: feat.columns_from_arrays(arrays, schema, key, tcol))
+
+        return JSONAnswer(await run_in_threadpool(work))
+
+    @endpoint(read_auth)
+    async def features(request):
+        """A key's current feature values, for debugging (GET /v1/features/{view}?key=...&at=...)."""
+        import numpy as np
+
+        from device_bridge.agent import features as feat
+
+        q = request.query_params
+        extra = sorted(set(q) - {"key", "at"})
+        if extra:
+            raise AgentError(400, f"unknown parameter {extra[0]!r}: /v1/features/VIEW takes key and at")
+        fs = core.features
+        name = request.path_params["view"]
+        if fs is None:
+            raise AgentError(404, f"unknown feature view {name!r} (installed: none)", "not_found")
+        st = fs.view(name)
+        if "key" not in q:
+            raise AgentError(400, f"key: give the view's key (/v1/features/{name}?key=...; its key column is "
+                                  f"{st.view.key})")
+        key = q["key"]
+        if st.view.schema[st.view.key] == "int64":
+            try:
+                key = int(key)
+            except ValueError:
+                raise AgentError(400, f"key: view {name}'s key {st.view.key} is an integer, got {key[:40]!r}") from None
+        at = feat.parse_at_text(q["at"], 1) if "at" in q else feat.parse_at(None, 1)
+        vals = await run_in_threadpool(fs.lookup, name, np.array([key]), at)
+        return JSONAnswer({"view": name, "key": key, "at": int(at[0]),
+                           "features": {k: feat.to_json(v, nl)[0] for k, (v, nl) in vals.items()}})
+
+    @endpoint(read_auth)
     async def metrics(request):
         cols = request.query_params.get("columns", "1") not in ("0", "false")
         return JSONAnswer(await run_in_threadpool(core.metrics, cols))
@@ -318,6 +394,8 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         Route("/v1/metrics", metrics, methods=["GET"]),
         Route("/v1/metrics/stream", stream, methods=["GET"]),
         Route("/v1/events", events, methods=["GET"]),
+        Route("/v1/events", post_events, methods=["POST"]),
+        Route("/v1/features/{view}", features, methods=["GET"]),
         Route("/v1/models/install", install, methods=["POST"]),
         Route("/v1/models/{name}", model_info, methods=["GET"]),
         Route("/v1/models/{name}", delete, methods=["DELETE"]),
