@@ -86,6 +86,7 @@ MAX_FEATURES = 256
 MAX_EXPR_DEPTH = 32
 MAX_EXPR_NODES = 256
 SNAPSHOT_MIN_BYTES = 4 << 20        # the log is not replaced by a snapshot below this size
+SNAPSHOT_ENV = "MLSQL_DEVICE_TEST_SNAPSHOT_BYTES"  # test hook: another SNAPSHOT_MIN_BYTES
 INT64_MIN = np.iinfo(np.int64).min
 INT64_MAX = np.iinfo(np.int64).max
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
@@ -964,6 +965,7 @@ class FeatureStore:
             CREATE INDEX IF NOT EXISTS log_by_view ON log(view, id);
         """)
         os.chmod(self.path, 0o600)
+        self.snapshot_min = int(os.environ.get(SNAPSHOT_ENV, SNAPSHOT_MIN_BYTES))
         self.views: dict[str, ViewState] = {}
         self.by_table: dict[str, list[str]] = {}
         self.log_bytes: dict[str, int] = {}
@@ -1170,7 +1172,7 @@ class FeatureStore:
                 st.apply(keys, batch)
                 self.log_bytes[name] = self.log_bytes.get(name, 0) + len(data)
                 if st.counts["merges"] != merges and st.tail_n == 0 \
-                        and self.log_bytes[name] > max(SNAPSHOT_MIN_BYTES, 2 * st.rows_bytes()):
+                        and self.log_bytes[name] > max(self.snapshot_min, 2 * st.rows_bytes()):
                     try:
                         self._snapshot(st)
                     except sqlite3.Error:  # the log stays as it was: still the whole state

@@ -449,7 +449,8 @@ def test_bounds_evict_oldest_keys_and_count_them(tmp_path):
     keys = make_keys(tmp_path / "keys")
     store = tmp_path / "store-b"
     trust(store, keys)
-    agent = start_agent(tmp_path, name="b", store=store)
+    snap = {"MLSQL_DEVICE_TEST_SNAPSHOT_BYTES": "0"}  # the log is replaced by a snapshot at any size
+    agent = start_agent(tmp_path, name="b", store=store, env=snap)
     c = DeviceClient(agent.url, TOKEN)
     feats = [f for f in feature_list() if f["name"] in ("n_1d", "qty_1d")]
     c.install(build_package(linear_model(["n_1d"], [1.0]),
@@ -462,10 +463,13 @@ def test_bounds_evict_oldest_keys_and_count_them(tmp_path):
     ts = T0 + k * 60 * US - (np.arange(n) // 200)
     order = np.argsort(ts, kind="stable")
     rows = [{"user_id": f"k{int(k[i]):03d}", "ts": int(ts[i]), "qty": 1} for i in order]
-    for lo in range(0, n, 20_000):
-        c.post_events("app_events", rows[lo:lo + 20_000])
+    c.post_events("app_events", rows[:20_000])
+    log_first = c.metrics()["features"]["user_activity"]["log_bytes"]
+    c.post_events("app_events", rows[20_000:])
     m = c.metrics()["features"]["user_activity"]
     assert m["keys"] == 50 and m["evicted_keys_max_keys"] == 150 and m["merges"] == 1
+    # the merge replaced the log by a snapshot of the 50 keys left: smaller than the first 20,000 events
+    assert m["log_bytes"] < log_first
     at = T0 + 200 * 60 * US
     per_key = np.bincount(k, minlength=200)
     assert c.features("user_activity", "k199", at)["features"]["n_1d"] == per_key[199]
@@ -479,7 +483,7 @@ def test_bounds_evict_oldest_keys_and_count_them(tmp_path):
     err = _status(lambda: c.features("user_activity", "k199", at))
     assert err.status == 400 and "at" in err.message
     agent.kill(signal.SIGKILL)
-    agent = start_agent(tmp_path, name="b", store=store)
+    agent = start_agent(tmp_path, name="b", store=store, env=snap)
     try:
         c = DeviceClient(agent.url, TOKEN)
         m2 = c.metrics()["features"]["user_activity"]
