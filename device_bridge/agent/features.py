@@ -773,8 +773,8 @@ class ViewState:
         # the horizon
         cutoff = self.newest_seen - v.horizon
         keep = cols["t"] >= cutoff
-        if cutoff > self.dropped_before:
-            self.dropped_before = cutoff
+        if not keep.all():  # a lookup whose window reaches a dropped row's time is refused from now on
+            self.dropped_before = max(self.dropped_before, int(cols["t"][~keep].max()) + 1)
         self.counts["expired_rows"] += int((~keep).sum())
         # keys with no event left inside the horizon are dropped (the view's ttl_us is at least its longest
         # window: the horizon, one day longer, keeps everything an exact lookup needs); then max_keys and
@@ -828,6 +828,38 @@ class ViewState:
         """The state's bytes: the columns, the per-key arrays and about 100 bytes per key's entry."""
         return self.rows_bytes() + self.newest.nbytes + self.offsets.nbytes + 100 * len(self.ids)
 
+    def _lookup_one(self, key, at: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """One probe: the key's base slice and its tail rows, which together are in arrival order (every
+        tail row arrived after every base row)."""
+        i = self.ids.get(key)
+        parts = []
+        if i is not None:
+            if i < len(self.offsets) - 1:
+                parts.append(slice(int(self.offsets[i]), int(self.offsets[i + 1])))
+            if self.tail_n:
+                parts.append(np.flatnonzero(self.tail["k"][:self.tail_n] == i))
+
+        def col(c):
+            if not parts:
+                return self.base[c][:0]
+            if len(parts) == 1:
+                return self.base[c][parts[0]] if isinstance(parts[0], slice) else self.tail[c][parts[0]]
+            return np.concatenate([self.base[c][parts[0]], self.tail[c][parts[1]]])
+
+        t = col("t")
+        in_time = {}
+        out = {}
+        for j, f in enumerate(self.view.features):
+            w = f.window_us
+            if w not in in_time:
+                in_time[w] = (t >= at - w) & (t <= at)
+            mask = in_time[w] & col(f"ok{j}")
+            v = None if f.agg == "count" else col(f"v{j}")[mask]
+            val, null = _one(f, v, t[mask])
+            out[f.name] = (np.array([val], dtype=_np_type(f.type) if f.type != "string" else None),
+                           np.array([null]))
+        return out
+
     def lookup(self, keys: np.ndarray, at: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Every feature of the view for each (key, at) probe: {name: (values, null mask)}."""
         v = self.view
@@ -836,8 +868,10 @@ class ViewState:
         if self.dropped_before > INT64_MIN and (low < self.dropped_before).any():
             i = int(np.flatnonzero(low < self.dropped_before)[0])
             raise _bad(f"at: {int(at[i])} reaches back before the state the view keeps (events before "
-                       f"{self.dropped_before} were dropped: the longest window plus one day behind the newest "
-                       "event); ask for a later time")
+                       f"{self.dropped_before} were dropped: the view keeps its longest window plus one day behind "
+                       "the newest event); ask for a later time")
+        if p_n == 1:
+            return self._lookup_one(keys[0].item() if hasattr(keys[0], "item") else keys[0], int(at[0]))
         ids = self.key_ids(keys, create=False)
         # rows of the base: one slice per probe
         known = ids >= 0
@@ -887,6 +921,28 @@ class ViewState:
             out[f.name] = _aggregate(f, probe[mask], None if f.agg == "count" else col(f"v{i}")[mask],
                                      t[mask], s[mask], p_n)
         return out
+
+
+def _one(f: Feature, v, t: np.ndarray):
+    """One feature's value (value, is NULL) from its rows in the window, in arrival order."""
+    n = len(t)
+    if f.agg == "count":
+        return n, False
+    if f.agg == "count_distinct":
+        return len(np.unique(v)), False
+    if n == 0:
+        return _EMPTY.get(f.type, 0), True
+    if f.agg == "sum":
+        return v.sum(dtype=np.int64 if v.dtype.kind in "iu" else np.float64), False
+    if f.agg == "avg":
+        total = v.sum(dtype=np.int64) if v.dtype.kind in "iu" else v.sum(dtype=np.float64)
+        return total / n, False
+    if f.agg == "min":
+        return v.min(), False
+    if f.agg == "max":
+        return v.max(), False
+    # last: the latest time; at a tie the latest arrival, the last of the rows (they are in arrival order)
+    return v[np.flatnonzero(t == t.max())[-1]], False
 
 
 def _aggregate(f: Feature, p: np.ndarray, v, t: np.ndarray, s: np.ndarray, n: int):
