@@ -280,7 +280,8 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
 
         def work():
             if is_json:
-                body = parse_json(raw, 2 * feat.MAX_EVENT_ROWS + 16)
+                # floats are checked per column (a non-finite value is refused naming it), not per number here
+                body = parse_json(raw, 2 * feat.MAX_EVENT_ROWS + 16, check_floats=False)
                 if not isinstance(body, dict) or set(body) != {"table", "rows"}:
                     raise AgentError(400, 'events: the body must be {"table": NAME, "rows": [{column: value}, ...]}',
                                      "invalid_input")
