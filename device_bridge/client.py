@@ -171,8 +171,9 @@ class DeviceClient:
         """``deploy``: deploy settings (priority, max_concurrency, max_queue, timeout_ms, memory_mb,
         isolation; docs/DEVICE.md), over the package's own."""
         path = f"/v1/models/{_q(model)}/install" if model else "/v1/models/install"
-        # query form: lists comma-separated (sample_exclude, sample_hash)
-        settings = {k: ",".join(v) if isinstance(v, list | tuple) else v for k, v in (deploy or {}).items()}
+        # query form: lists comma-separated (sample_exclude, sample_hash), objects as JSON (trigger)
+        settings = {k: ",".join(v) if isinstance(v, list | tuple) else json.dumps(v) if isinstance(v, dict) else v
+                    for k, v in (deploy or {}).items()}
         params = {"providers": ",".join(providers) if providers else None,
                   "strict_providers": "true" if strict_providers else "false",
                   "activate": "true" if activate else "false", **settings}

@@ -339,6 +339,30 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
                            "features": {k: feat.to_json(v, nl)[0] for k, (v, nl) in vals.items()}})
 
     @endpoint(read_auth)
+    async def latest(request):
+        """A triggered model's latest answer for a key (GET /v1/models/{name}/latest?key=...)."""
+        name = name_of(request)
+        q = request.query_params
+        lv = core.resolve(name)
+        trig = lv.deploy.trigger
+        if not trig or core.triggers is None:
+            raise AgentError(404, f"model {name} has no trigger (deploy setting trigger)", "not_found")
+        if "key" not in q:
+            raise AgentError(400, "key: give the key (/v1/models/NAME/latest?key=...)")
+        key = q["key"]
+        key_col = next(iter(lv.binding.keys))
+        if lv.binding.keys[key_col][1] == "int64":
+            try:
+                key = int(key)
+            except ValueError:
+                raise AgentError(400, f"key: {key_col} is an integer, got {key[:40]!r}") from None
+        got = core.triggers.get(name, key)
+        if got is None:
+            raise AgentError(404, f"model {name} has no answer for key {key!r} yet (no matching event since the "
+                                  "agent started)", "not_found")
+        return JSONAnswer({"model": name, "key": key, **got})
+
+    @endpoint(read_auth)
     async def metrics(request):
         cols = request.query_params.get("columns", "1") not in ("0", "false")
         return JSONAnswer(await run_in_threadpool(core.metrics, cols))
@@ -405,6 +429,7 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         Route("/v1/models/{name}/rollback", rollback, methods=["POST"]),
         Route("/v1/models/{name}/predict", predict, methods=["POST"]),
         Route("/v1/models/{name}/outcomes", outcomes, methods=["POST"]),
+        Route("/v1/models/{name}/latest", latest, methods=["GET"]),
         Route("/v1/models/{name}/profile", profile, methods=["POST"]),
         Route("/v1/samples", samples, methods=["GET"]),
     ]

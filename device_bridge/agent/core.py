@@ -181,6 +181,7 @@ class AgentCore:
             self.sample_store()
         self.features: feat_mod.FeatureStore | None = None  # opened when a package first carries a view
         self.features_lock = threading.Lock()
+        self.triggers = None  # triggers.Triggers, started by the first deploy with a trigger
         if (self.store / feat_mod.DB_FILE).exists():
             self.feature_store()
         for name, m in self.state["models"].items():
@@ -489,6 +490,14 @@ class AgentCore:
             if lv.binding is not None:
                 lv.request_specs = lv.binding.request_specs(specs)
         lv.input_names = frozenset(s.name for s in specs)
+        if settings.trigger:
+            from device_bridge.agent import triggers as trig_mod
+
+            if not fv:
+                raise AgentError(400, "deploy setting trigger: the package carries no feature view, so no event "
+                                      "can trigger it", "request")
+            trig_mod.check(settings.trigger, self.features, lv)
+            self.trigger_runner()
         lv.sampling = spec_for(self.config.name, lv)
         if lv.sampling is not None:
             self.sample_store()
@@ -527,6 +536,25 @@ class AgentCore:
                 if self.features is None:
                     self.features = feat_mod.FeatureStore(self.store)
         return self.features
+
+    def trigger_runner(self):
+        """The thread that runs triggered models (triggers.py), started with the first trigger."""
+        if self.triggers is None:
+            from device_bridge.agent.triggers import Triggers
+
+            with self.features_lock:
+                if self.triggers is None:
+                    self.triggers = Triggers(self)
+                    self.feature_store().listener = self.triggers.on_events
+        return self.triggers
+
+    def active_versions(self) -> list[LoadedVersion]:
+        out = []
+        for n, m in list(self.state["models"].items()):
+            lv = self.loaded.get((n, m.get("active")))
+            if lv is not None:
+                out.append(lv)
+        return out
 
     def sample_budget(self, name: str) -> int:
         """The bytes ``name``'s samples and outcomes may take: its active version's sample_max_mb."""
@@ -689,7 +717,7 @@ class AgentCore:
                 time.sleep(float(pause))
             try:
                 lv = self._load(name, version, providers, strict, folder=final, deploy=deploy)
-            except AgentError:
+            except ApiError:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
             except Exception as exc:
@@ -1101,6 +1129,7 @@ class AgentCore:
         snap = self.telemetry.snapshot(columns)
         snap["agent"] = self.config.name
         snap["features"] = self.features.metrics() if self.features is not None else {}
+        snap["triggers"] = self.triggers.metrics() if self.triggers is not None else {}
         snap["active"] = {n: m.get("active") for n, m in self.state["models"].items()}
         for entry in snap["models"]:
             m = self.state["models"].get(entry["model"], {})

@@ -1025,6 +1025,7 @@ class FeatureStore:
         self.views: dict[str, ViewState] = {}
         self.by_table: dict[str, list[str]] = {}
         self.log_bytes: dict[str, int] = {}
+        self.listener = None  # (table, cols, n, commit time) after a POST applied: the triggers
         for (spec,) in self.conn.execute("SELECT spec FROM views").fetchall():
             self._open(check_spec(json.loads(spec)))
 
@@ -1233,6 +1234,11 @@ class FeatureStore:
                         self._snapshot(st)
                     except sqlite3.Error:  # the log stays as it was: still the whole state
                         log.exception("snapshot of feature view %s failed", name)
+        if self.listener is not None:
+            try:
+                self.listener(table, cols, n, time.time())
+            except Exception:  # noqa: BLE001 - the events are in; a trigger's failure is its own
+                log.exception("triggers failed on table %s", table)
         return {"table": table, "rows": n, "views": names}
 
     # -------------------------------------------------------------- reading

@@ -704,6 +704,9 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
            max=1 << 31, default_doc="1 000 000"),
         _O("max_state_mb", "int", "bytes of each feature view's state on the device; over it the keys with the "
                                   "oldest events are evicted first", None, min=1, max=1 << 16, default_doc="256"),
+        _O("trigger", "struct", "run the model on the device when a matching event arrives, keeping the latest "
+                                "answer per key: STRUCT('app_events' AS on_table, 'kind = ''purchase''' AS "
+                                "when_sql)", None, default_doc="none"),
     ),
     "CREATE DEVICE": (
         _O("url", "str", "the agent's address, http://host:port", required=True, check=_http_url),

@@ -545,3 +545,50 @@ def test_no_views_no_store(env, tmp_path):
     finally:
         agent.kill()
 
+
+
+def test_trigger_runs_the_model_for_matching_events(env, tmp_path):
+    """DEPLOY's trigger (compiled from SQL by the notebook side): a purchase event runs the model for its
+    key with the features as of the event and the event's own price; the answer equals the same graph
+    fed those values; a key with no matching event has none; the latency is in /v1/metrics."""
+    from mlsql.deploy.triggers import compile_trigger
+
+    keys = make_keys(tmp_path / "keys")
+    store = tmp_path / "store-t"
+    trust(store, keys)
+    agent = start_agent(tmp_path, name="t", store=store)
+    try:
+        c = DeviceClient(agent.url, TOKEN)
+        inputs = ["price", "clicks_1h", "qty_1d"]
+        trig = compile_trigger({"on_table": "app_events", "when_sql": "kind = 'purchase' AND price > 5"})
+        c.install(build_package(linear_model(inputs, [1.0, 10.0, 2.0]),
+                                {"name": "buyer", "version": 1, "providers": ["cpu"],
+                                 "feature_views": [view_spec()]}, keys.private_key), deploy={"trigger": trig})
+        c.install(build_package(linear_model(inputs, [1.0, 10.0, 2.0]),
+                                {"name": "plain", "version": 1, "providers": ["cpu"]}, keys.private_key))
+        t = T0 + 40 * D
+        c.post_events("app_events", [
+            {"user_id": "t1", "ts": t, "kind": "click", "price": 1.0, "qty": 1},
+            {"user_id": "t1", "ts": t + 5, "kind": "purchase", "price": 20.0, "qty": 1},  # a match, not the latest
+            {"user_id": "t1", "ts": t + 10, "kind": "click", "price": 1.0, "qty": 2},
+            {"user_id": "t2", "ts": t + 10, "kind": "purchase", "price": 3.0, "qty": 1},  # price <= 5: no run
+            {"user_id": "t1", "ts": t + 20, "kind": "purchase", "price": 30.0, "qty": 4},
+            {"user_id": "t1", "ts": t + 30, "kind": "click", "price": 1.0, "qty": 8}])  # after: not in its features
+        got = wait_for(lambda: c.http.request("GET", "/v1/models/buyer/latest", params={"key": "t1"}),
+                       what="the triggered answer")
+        vals = c.features("user_activity", "t1", t + 20)["features"]
+        assert (vals["clicks_1h"], vals["qty_1d"]) == (2, 8)
+        direct = c.predict("plain", columns={"price": [[30.0]], "clicks_1h": [[2.0]], "qty_1d": [[8.0]]})
+        assert got["outputs"]["y"] == direct["outputs"]["y"][0] and got["at"] == t + 20
+        err = _status(lambda: c.http.request("GET", "/v1/models/buyer/latest", params={"key": "t2"}))
+        assert err.status == 404
+        trig_m = c.metrics()["triggers"]["buyer"]
+        assert trig_m["keys"] == 1 and trig_m["errors"] == 0 and trig_m["latency_ms"]["n"] == 1
+        # a trigger on a table the model's views do not read is refused at install
+        bad = compile_trigger({"on_table": "other_events", "when_sql": "kind = 'x'"})
+        err = _status(lambda: c.install(build_package(linear_model(inputs, [1.0, 1.0, 1.0]), {
+            "name": "buyer2", "version": 1, "providers": ["cpu"], "feature_views": [view_spec()]}, keys.private_key),
+            deploy={"trigger": bad}))
+        assert err.status == 400 and "other_events" in err.message
+    finally:
+        agent.kill()
