@@ -82,7 +82,7 @@ class Gen:
             obj = {"columns": {"x": [self.value() for _ in range(r.randrange(1, 4))],
                                "city": [self.value() for _ in range(r.randrange(1, 4))]}}
             if r.random() < 0.3:  # the feature view model: its key column, and sometimes at
-                obj = {"columns": {"x": [[r.choice([1.0, self.value()])]], "user_id": [r.choice(["u1", self.value()])]}}
+                obj = {"columns": {"price": [[r.choice([1.0, self.value()])]], "user_id": [r.choice(["u1", self.value()])]}}
                 if r.random() < 0.5:
                     obj["at"] = r.choice([1_790_000_000_000_000, "2026-01-01T00:00:00Z", self.value(), [1, 2]])
         elif k == 4:
@@ -252,7 +252,8 @@ AGENT_PATHS = ["/v1/models/scorer/predict", "/v1/models/wide/predict", "/v1/mode
                "/v1/features/fv?key=u1&at=abc", "/v1/features/fv?key=u1&at=2026-01-01T00:00:00Z",
                "/v1/features/fv?key=u1&at=-99999999999999999999", "/v1/features/fv", "/v1/features/nope?key=1",
                "/v1/features/fv?key=u1&zz=1", "/v1/models/fvm/predict", "/v1/models/fvm/predict?at=1790000000000000",
-               "/v1/models/fvm/predict?at=nope"]
+               "/v1/models/fvm/predict?at=nope", "/v1/models/fvm/latest?key=u1", "/v1/models/fvm/latest",
+               "/v1/models/scorer/latest?key=u1"]
 HUB_PATHS = ["/v1/blobs", "/v1/blobs/{sha}", "/v1/blobs/" + "0" * 64, "/v1/blobs/..%2f..%2fetc%2fpasswd",
              "/v1/agents", "/v1/agents/fz", "/v1/agents/%00/register", "/v1/agents/edge-1/register",
              "/v1/agents/edge-1/desired", "/v1/agents/edge-1/report", "/v1/desired", "/v1/groups/field",
@@ -276,7 +277,7 @@ def one_request(gen: Gen, agent_url: str, hub_url: str, agent_cred: str | None =
     path = r.choice(HUB_PATHS if to_hub else AGENT_PATHS).replace("{sha}", gen.sha)
     if r.random() < 0.8:  # mostly the method the route takes, so that the bodies reach the handlers
         gets = ("/v1/info", "/v1/health", "/v1/metrics", "/v1/events", "/desired", "/v1/agents", "/v1/blobs/",
-                "/v1/samples", "/v1/data/")
+                "/v1/samples", "/v1/data/", "/v1/features/", "/latest")
         method = "GET" if (any(g in path for g in gets) or path.rstrip("/").endswith(("/fz", "scorer", "nope"))) \
             and not path.startswith("/v1/agents/fz/data") and not path.startswith("/v1/agents/edge-1/data") else "POST"
         if path == "/v1/blobs" and r.random() < 0.5:
@@ -343,10 +344,12 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
     c.install(build_package(float64_model(), {"name": "wide", "version": 1, "providers": ["cpu"]}, keys.private_key))
     from test_features_agent import linear_model, view_spec
 
-    c.install(build_package(linear_model(["x", "clicks_1h", "last_category_1d"][:2], [1.0, 2.0]),
+    c.install(build_package(linear_model(["price", "clicks_1h"], [1.0, 2.0]),
                             {"name": "fvm", "version": 1, "providers": ["cpu"],
                              "feature_views": [view_spec(name="fv")]}, keys.private_key),
-              deploy={"sample_rate": 1.0, "max_keys": 1000, "max_state_mb": 8})
+              deploy={"sample_rate": 1.0, "max_keys": 1000, "max_state_mb": 8,
+                      "trigger": {"on_table": "app_events", "when": {"op": "=", "args": [{"col": "kind"},
+                                                                                        {"lit": "click"}]}}})
     sha = HubClient(hub.url, TOKEN).upload(package(keys, 1))["sha256"]
     deadline0 = time.time() + 30
     while not (store / "hub_token").exists() and time.time() < deadline0:  # the agent enrolls itself
