@@ -321,6 +321,10 @@ def test_bad_events_name_the_field_and_apply_nothing(env):
         assert err.status == status and field in err.message, (rows[1], err.status, err.message)
     err = _status(lambda: c.post_events("nope_events", [good]))
     assert err.status == 404 and "nope_events" in err.message
+    # a number out of float64's range (JSON 1e400): refused naming the field
+    raw = b'{"table": "app_events", "rows": [{"user_id": "bad", "ts": %d, "price": 1e400}]}' % at
+    err = _status(lambda: c.http.request("POST", "/v1/events", raw, "application/json"))
+    assert err.status == 400 and "rows[0].price" in err.message
     # a body over the limit: 413, before anything is parsed
     big = json.dumps({"table": "app_events", "rows": [good] * 10}).encode() + b" " * (17 << 20)
     err = _status(lambda: c.http.request("POST", "/v1/events", big, "application/json"))
@@ -374,6 +378,14 @@ def test_predict_fills_view_features_like_the_values_sent(env):
     assert err.status == 400 and "clicks_1h" in err.message and "user_activity" in err.message
     info = c.info()["models"]["scorer"]
     assert info["feature_views"] == ["user_activity"]
+    # with sampling on, the sample holds the request's inputs and the filled-in features, no event column
+    c.activate("scorer", 1, deploy={"sample_rate": 1.0})
+    c.http.request("POST", "/v1/models/scorer/predict", json.dumps(
+        {"columns": {"user_id": ["p1"], "x": [[1.0]]}, "at": at}).encode(), "application/json")
+    table = c.samples("scorer")[0]
+    cols = {n for n in table.column_names if n.startswith("in.")}
+    assert cols == {"in.x", "in.clicks_1h", "in.avg_price_2d", "in.qty_1d"}, cols
+    assert table.column("in.clicks_1h").to_pylist()[-1] in (2, [2], 2.0, [2.0])
 
 
 def test_changed_view_is_a_conflict(env):
