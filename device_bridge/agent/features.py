@@ -854,10 +854,10 @@ class ViewState:
             if w not in in_time:
                 in_time[w] = (t >= at - w) & (t <= at)
             mask = in_time[w] & col(f"ok{j}")
-            v = None if f.agg == "count" else col(f"v{j}")[mask]
-            val, null = _one(f, v, t[mask])
-            out[f.name] = (np.array([val], dtype=_np_type(f.type) if f.type != "string" else None),
-                           np.array([null]))
+            if f.agg == "count":
+                out[f.name] = (int(np.count_nonzero(mask)), False)
+                continue
+            out[f.name] = _one(f, col(f"v{j}")[mask], t[mask])
         return out
 
     def lookup(self, keys: np.ndarray, at: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -871,7 +871,9 @@ class ViewState:
                        f"{self.dropped_before} were dropped: the view keeps its longest window plus one day behind "
                        "the newest event); ask for a later time")
         if p_n == 1:
-            return self._lookup_one(keys[0].item() if hasattr(keys[0], "item") else keys[0], int(at[0]))
+            one = self._lookup_one(keys[0].item() if hasattr(keys[0], "item") else keys[0], int(at[0]))
+            return {f.name: (np.array([one[f.name][0]], dtype=_np_type(f.type) if f.type != "string" else None),
+                             np.array([one[f.name][1]])) for f in v.features}
         ids = self.key_ids(keys, create=False)
         # rows of the base: one slice per probe
         known = ids >= 0
@@ -1254,6 +1256,14 @@ class FeatureStore:
         with self.lock:
             return self.view(name).lookup(keys, at)
 
+    def lookup_one(self, name: str, key: Any, at: int) -> dict:
+        """One key as of one time: {feature: (Python or numpy scalar, is NULL)} (the predict of one row)."""
+        with self.lock:
+            st = self.view(name)
+            if st.dropped_before > INT64_MIN and at - st.view.max_window < st.dropped_before:
+                return st.lookup(np.array([key]), np.array([at], np.int64))  # its 400, worded once
+            return st._lookup_one(key, at)
+
     def metrics(self) -> dict:
         with self.lock:
             return {name: {"table": st.view.table, "keys": len(st.ids), "rows": len(st.base["k"]) + st.tail_n,
@@ -1326,7 +1336,12 @@ class Binding:
         for k, (views, _) in self.keys.items():
             keys = np.asarray(feed[k]).reshape(n)
             for vname in views:
-                values[vname] = store.lookup(vname, keys, at)
+                if n == 1:  # one row: scalars, no batch machinery
+                    key = keys[0].item() if hasattr(keys[0], "item") else keys[0]
+                    values[vname] = {f: (np.array([v]), np.array([null])) for f, (v, null) in
+                                     store.lookup_one(vname, key, int(at[0])).items()}
+                else:
+                    values[vname] = store.lookup(vname, keys, at)
         for k in self.keys:
             if k not in model_inputs:
                 feed.pop(k, None)
