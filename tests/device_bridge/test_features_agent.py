@@ -604,3 +604,40 @@ def test_trigger_runs_the_model_for_matching_events(env, tmp_path):
         assert err.status == 400 and "other_events" in err.message
     finally:
         agent.kill()
+
+
+def test_integer_keys_and_mixed_timestamps(env, tmp_path):
+    """A view keyed by an int64 column: events as JSON (timestamps as integers and ISO strings in one
+    batch) and as binary columns; GET /v1/features and predict take the key as an integer."""
+    keys = make_keys(tmp_path / "keys")
+    store = tmp_path / "store-i"
+    trust(store, keys)
+    agent = start_agent(tmp_path, name="i", store=store)
+    try:
+        c = DeviceClient(agent.url, TOKEN)
+        schema = [{"name": "uid", "type": "int64"}, {"name": "ts", "type": "timestamp"},
+                  {"name": "amount", "type": "float64"}]
+        spec = {"format": 1, "name": "spend", "table": "payments", "key": "uid", "time_col": "ts", "ttl_us": 2 * D,
+                "schema": schema, "sql": "(by hand)",
+                "features": [{"name": "paid_1h", "agg": "sum", "arg": {"col": "amount"}, "filter": None,
+                              "window_us": H, "type": "float64"},
+                             {"name": "n_1h", "agg": "count", "arg": None, "filter": None, "window_us": H,
+                              "type": "int64"}]}
+        c.install(build_package(linear_model(["paid_1h", "n_1h"], [1.0, 100.0]),
+                                {"name": "payer", "version": 1, "providers": ["cpu"], "feature_views": [spec]},
+                                keys.private_key))
+        t = T0 + 50 * D
+        iso = np.datetime_as_string(np.datetime64(t + 1, "us"), unit="us")  # no offset: read as UTC
+        c.post_events("payments", [{"uid": 7, "ts": t, "amount": 2.5}, {"uid": 7, "ts": iso, "amount": 1.0},
+                                   {"uid": 8, "ts": t, "amount": 9.0}])
+        c.post_events("payments", columns={"uid": np.array([7, 7]), "ts": np.array([t + 2, t + H + 3]),
+                                           "amount": np.array([0.5, 100.0])})
+        assert c.features("spend", 7, t + 2)["features"] == {"paid_1h": 4.0, "n_1h": 3}
+        assert c.features("spend", 7, t + H + 1)["features"] == {"paid_1h": 1.5, "n_1h": 2}  # t out; t + 1 = at - w in
+        y = c.http.request("POST", "/v1/models/payer/predict", json.dumps(
+            {"columns": {"uid": [7, 8, 9]}, "at": t + 2}).encode(), "application/json")["outputs"]["y"]
+        assert y[0] == [4.0 + 300.0] and y[1] == [9.0 + 100.0] and y[2] == [None]  # 9: no event, sum NULL
+        err = _status(lambda: c.features("spend", "seven", t))
+        assert err.status == 400 and "integer" in err.message
+    finally:
+        agent.kill()
