@@ -55,6 +55,7 @@ with numpy; the only Python loop is over the batch's *distinct* keys (a dict loo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -724,8 +725,24 @@ class ViewState:
                 self.newest = grown
         return np.asarray(ids, np.int64)[inv.reshape(-1)]
 
-    def apply(self, keys: np.ndarray, batch: dict[str, np.ndarray]) -> None:
-        """Add one batch (keys and evaluated columns, in arrival order); a full tail is merged."""
+    def apply(self, keys: np.ndarray, batch: dict[str, np.ndarray], lock=None) -> None:
+        """Add one batch (keys and evaluated columns, in arrival order); a full tail is merged. ``lock``:
+        the readers' lock, held while the state changes: for the append, and for the swap of a merge,
+        whose new columns are built without it (the caller is the only writer), so that a lookup
+        waits for a merge's swap only, never for its sort."""
+        lock = lock if lock is not None else contextlib.nullcontext()
+        with lock:
+            self._append(keys, batch)
+        if self.tail_n >= TAIL_ROWS:
+            new = self._build_merge()
+            with lock:
+                self.__dict__.update(new)
+
+    def merge(self) -> None:
+        """Merge the tail into the base now (no concurrent reader)."""
+        self.__dict__.update(self._build_merge())
+
+    def _append(self, keys: np.ndarray, batch: dict[str, np.ndarray]) -> None:
         n = len(keys)
         ids = self.key_ids(keys, create=True)
         t = batch["t"]
@@ -753,11 +770,10 @@ class ViewState:
                 dst = self.tail[c] = dst.astype(src.dtype)
             dst[self.tail_n:need] = src
         self.tail_n = need
-        if self.tail_n >= TAIL_ROWS:
-            self.merge()
 
-    def merge(self) -> None:
-        """Merge the tail into the base, then drop what is past the horizon and over the bounds."""
+    def _build_merge(self) -> dict:
+        """The state after merging the tail into the base and dropping what is past the horizon and over
+        the bounds, as new attribute values: nothing of the current state is changed (readers go on)."""
         v = self.view
         m = self.tail_n
         tk = self.tail["k"][:m]
@@ -768,14 +784,15 @@ class ViewState:
         for c in self.names:
             both = np.concatenate([self.base[c], self.tail[c][:m][order_t]])
             cols[c] = both[order]
-        self.tail_n = 0
-        self.counts["merges"] += 1
+        counts = dict(self.counts)
+        counts["merges"] += 1
         # the horizon
         cutoff = self.newest_seen - v.horizon
         keep = cols["t"] >= cutoff
+        dropped_before = self.dropped_before
         if not keep.all():  # a lookup whose window reaches a dropped row's time is refused from now on
-            self.dropped_before = max(self.dropped_before, int(cols["t"][~keep].max()) + 1)
-        self.counts["expired_rows"] += int((~keep).sum())
+            dropped_before = max(dropped_before, int(cols["t"][~keep].max()) + 1)
+        counts["expired_rows"] += int((~keep).sum())
         # keys with no event left inside the horizon are dropped (the view's ttl_us is at least its longest
         # window: the horizon, one day longer, keeps everything an exact lookup needs); then max_keys and
         # max_state_mb, oldest newest-event first
@@ -783,39 +800,42 @@ class ViewState:
             if len(self.ids) != len(self.key_of) else np.arange(len(self.key_of), dtype=np.int64)
         rows_per_key = np.bincount(cols["k"][keep], minlength=len(self.key_of))
         evict_ttl = rows_per_key[live] == 0
-        self.counts["evicted_keys_ttl"] += int(evict_ttl.sum())
+        counts["evicted_keys_ttl"] += int(evict_ttl.sum())
         rest = live[~evict_ttl]
         order_old = rest[np.argsort(self.newest[rest], kind="stable")]
         n_over_keys = max(0, len(order_old) - self.max_keys)
-        self.counts["evicted_keys_max_keys"] += n_over_keys
+        counts["evicted_keys_max_keys"] += n_over_keys
         survivors = order_old[n_over_keys:]
         row_bytes = sum(np.dtype(cols[c].dtype).itemsize for c in self.names)
         budget_rows = (self.max_state_mb << 20) // max(1, row_bytes)
         rows_left = np.cumsum(rows_per_key[survivors][::-1])[::-1]  # rows kept if evicting before i
         n_over_state = int(np.searchsorted(-rows_left, -budget_rows, side="left")) if len(rows_left) else 0
-        self.counts["evicted_keys_max_state"] += n_over_state
+        counts["evicted_keys_max_state"] += n_over_state
         evicted = np.concatenate([live[evict_ttl], order_old[:n_over_keys], survivors[:n_over_state]])
+        ids, key_of, newest = self.ids, self.key_of, self.newest
         if len(evicted):
-            gone = np.zeros(len(self.key_of), bool)
+            ids, key_of, newest = dict(ids), list(key_of), newest.copy()
+            gone = np.zeros(len(key_of), bool)
             gone[evicted] = True
             keep &= ~gone[cols["k"]]
             for i in evicted.tolist():
-                del self.ids[self.key_of[i]]
-                self.key_of[i] = None
-            self.newest[evicted] = INT64_MIN
+                del ids[key_of[i]]
+                key_of[i] = None
+            newest[evicted] = INT64_MIN
         for c in self.names:
             cols[c] = cols[c][keep]
         # ids are renumbered densely when evictions left more than half of them unused
-        if len(self.key_of) > 2 * len(self.ids) + 1024:
-            old_live = np.array([i for i, k in enumerate(self.key_of) if k is not None], np.int64)
-            remap = np.full(len(self.key_of), -1, np.int64)
+        if len(key_of) > 2 * len(ids) + 1024:
+            old_live = np.array([i for i, k in enumerate(key_of) if k is not None], np.int64)
+            remap = np.full(len(key_of), -1, np.int64)
             remap[old_live] = np.arange(len(old_live))
             cols["k"] = remap[cols["k"]]
-            self.key_of = [self.key_of[i] for i in old_live.tolist()]
-            self.ids = {k: i for i, k in enumerate(self.key_of)}
-            self.newest = self.newest[old_live].copy()
-        self.base = cols
-        self.offsets = np.searchsorted(cols["k"], np.arange(len(self.key_of) + 1, dtype=np.int64)).astype(np.int64)
+            key_of = [key_of[i] for i in old_live.tolist()]
+            ids = {k: i for i, k in enumerate(key_of)}
+            newest = newest[old_live].copy()
+        offsets = np.searchsorted(cols["k"], np.arange(len(key_of) + 1, dtype=np.int64)).astype(np.int64)
+        return {"base": cols, "offsets": offsets, "tail_n": 0, "counts": counts, "dropped_before": dropped_before,
+                "ids": ids, "key_of": key_of, "newest": newest}
 
     # -------------------------------------------------------------- reading
 
@@ -1010,7 +1030,8 @@ class FeatureStore:
 
     def __init__(self, store: Path):
         self.path = Path(store) / DB_FILE
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()        # the state: readers (lookups, metrics) and its changes
+        self.write_lock = threading.RLock()  # one writer at a time: the log's order is the state's
         self.conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         self.conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a commit survives the agent's crash or kill -9 (it is in the WAL file when
@@ -1064,7 +1085,7 @@ class FeatureStore:
 
     def install(self, views: list[View], model: str, max_keys: int | None, max_state_mb: int | None) -> None:
         """Install (idempotently) the views of ``model``; bounds given are recorded in the log."""
-        with self.lock:
+        with self.write_lock, self.lock:
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 for v in views:
@@ -1215,7 +1236,7 @@ class FeatureStore:
                            f"({now} µs since the epoch)")
         evaluated = [(v, cols[v.key][0], evaluate_view(v, cols, n)) for v in views]
         blobs = [(v.name, encode({"key": keys, **batch})) for v, keys, batch in evaluated]
-        with self.lock:
+        with self.write_lock:  # lookups go on meanwhile: they wait only for the state's changes (apply)
             self.conn.execute("BEGIN IMMEDIATE")
             try:
                 for name, data in blobs:
@@ -1228,7 +1249,7 @@ class FeatureStore:
             for (name, data), (_v, keys, batch) in zip(blobs, evaluated):
                 st = self.views[name]
                 merges = st.counts["merges"]
-                st.apply(keys, batch)
+                st.apply(keys, batch, self.lock)
                 self.log_bytes[name] = self.log_bytes.get(name, 0) + len(data)
                 if st.counts["merges"] != merges and st.tail_n == 0 \
                         and self.log_bytes[name] > max(self.snapshot_min, 2 * st.rows_bytes()):
