@@ -276,6 +276,14 @@ def test_feature_view_bounds_travel_to_the_agent(env):
     assert (deploy["max_keys"], deploy["max_state_mb"]) == (5000, 16)
     with pytest.raises(MLSQLError, match="max_keys"):
         s.sql("DEPLOY MODEL bounded_mass TO DEVICE 'd1' OPTIONS (max_keys = 0)")
+    # trigger: the condition is compiled here and checked there (this model reads no feature view)
+    with pytest.raises(MLSQLError, match="UPPER"):
+        s.sql("DEPLOY MODEL bounded_mass TO DEVICE 'd1' OPTIONS (trigger = STRUCT('app_events' AS on_table, "
+              "'upper(kind) = ''X''' AS when_sql))")
+    with pytest.raises(DeviceError, match="no feature view"):
+        s.sql("DEPLOY MODEL bounded_mass TO DEVICE 'd1' OPTIONS (trigger = STRUCT('app_events' AS on_table, "
+              "'kind = ''purchase''' AS when_sql))")
+    assert DeviceClient(url, TOKEN).info()["models"]["bounded_mass"]["active"] == 1  # the failed DEPLOYs left it
 
 
 def test_deploy_a_trial_of_a_tuned_model(env):
