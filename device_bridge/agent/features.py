@@ -200,6 +200,8 @@ def check_spec(raw: Any, where: str = "feature_views") -> View:
         arg_type = None
         if arg is not None:
             arg_type = expr_type(arg, schema, f"{w}: arg")
+            if isinstance(arg, dict) and schema.get(arg.get("col")) == "timestamp":
+                arg_type = "timestamp"  # min, max, last of the time itself: a timestamp (microseconds)
         elif agg != "count":
             raise bad(f"{w}: {agg} needs an arg")
         if flt is not None and expr_type(flt, schema, f"{w}: filter") not in ("bool", "null"):
