@@ -9,6 +9,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -249,16 +250,21 @@ class DeviceClient:
             return {**meta, "outputs": arrays}
         return ans
 
-    def post_events(self, table: str, rows: list[dict] | None = None, columns: dict | None = None) -> dict:
+    def post_events(self, table: str, rows: list[dict] | None = None, columns: dict | None = None,
+                    batch_id: str | None = None) -> dict:
         """Events for the device's feature views: JSON ``rows``, or ``columns`` (numpy arrays) sent as
-        application/x-mlsql-columns. All are applied, or none (an error)."""
+        application/x-mlsql-columns. All are applied, or none (an error). ``batch_id`` (default: a new
+        random one) makes the request's own retry, after a lost answer, apply the batch once."""
         if (rows is None) == (columns is None):
             raise DeviceError("give rows or columns")
+        batch_id = batch_id or uuid.uuid4().hex
         if rows is not None:
-            return self.http.request("POST", "/v1/events", _json({"table": table, "rows": rows}), "application/json")
+            return self.http.request("POST", "/v1/events", _json({"table": table, "rows": rows, "batch_id": batch_id}),
+                                     "application/json")
         from device_bridge import columns as colfmt
 
-        return self.http.request("POST", "/v1/events", colfmt.encode(columns, {"table": table}), colfmt.CONTENT_TYPE)
+        return self.http.request("POST", "/v1/events", colfmt.encode(columns, {"table": table, "batch_id": batch_id}),
+                                 colfmt.CONTENT_TYPE)
 
     def features(self, view: str, key: Any, at: int | str | None = None) -> dict:
         """A key's feature values as of ``at`` (microseconds since the epoch or ISO-8601; None: now)."""

@@ -56,6 +56,15 @@ def _version(v: Any) -> int:
     return v
 
 
+def _batch_id(v: Any) -> str | None:
+    """POST /v1/events' optional batch id (a retry with the same id is applied once)."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not 0 < len(v) <= 128:
+        raise AgentError(400, "batch_id must be a string of 1 to 128 characters", "invalid_input")
+    return v
+
+
 def check_outcomes(body: Any) -> list[tuple[str, str]]:
     """POST /v1/models/{name}/outcomes's body -> [(request_id, label as JSON text)]; a bad one is a 400
     naming the field (and nothing is recorded: the route checks everything before it writes)."""
@@ -282,10 +291,11 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
             if is_json:
                 # floats are checked per column (a non-finite value is refused naming it), not per number here
                 body = parse_json(raw, 2 * feat.MAX_EVENT_ROWS + 16, check_floats=False)
-                if not isinstance(body, dict) or set(body) != {"table", "rows"}:
-                    raise AgentError(400, 'events: the body must be {"table": NAME, "rows": [{column: value}, ...]}',
-                                     "invalid_input")
+                if not isinstance(body, dict) or not {"table", "rows"} <= set(body) <= {"table", "rows", "batch_id"}:
+                    raise AgentError(400, 'events: the body must be {"table": NAME, "rows": [{column: value}, ...], '
+                                          '"batch_id"?: ID}', "invalid_input")
                 table, rows = body["table"], body["rows"]
+                batch_id = _batch_id(body.get("batch_id"))
                 if not isinstance(table, str):
                     raise AgentError(400, "table must be the event table's name", "invalid_input")
                 if not isinstance(rows, list) or not rows:
@@ -293,7 +303,8 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
                 if len(rows) > feat.MAX_EVENT_ROWS:
                     raise AgentError(413, f"rows: {len(rows)} events, over the limit of {feat.MAX_EVENT_ROWS} per "
                                           "request", "too_large")
-                return fs.ingest(table, lambda schema, key, tcol: feat.columns_from_rows(rows, schema, key, tcol))
+                return fs.ingest(table, lambda schema, key, tcol: feat.columns_from_rows(rows, schema, key, tcol),
+                                 batch_id)
             from device_bridge.columns import ColumnsError, decode
 
             try:
@@ -304,7 +315,9 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
             if not isinstance(table, str):
                 raise AgentError(400, "table: name the event table (?table=NAME, or the batch's meta.table)",
                                  "invalid_input")
-            return fs.ingest(table, lambda schema, key, tcol: feat.columns_from_arrays(arrays, schema, key, tcol))
+            batch_id = _batch_id(request.query_params.get("batch_id", meta.get("batch_id")))
+            return fs.ingest(table, lambda schema, key, tcol: feat.columns_from_arrays(arrays, schema, key, tcol),
+                             batch_id)
 
         return JSONAnswer(await run_in_threadpool(work))
 

@@ -80,6 +80,7 @@ FUTURE_US = 86_400_000_000          # an event more than a day ahead of the agen
 HORIZON_SLACK_US = 86_400_000_000   # rows are kept this long past the longest window
 TAIL_ROWS = 32_768                  # events between two merges of the tail into the base
 MAX_EVENT_ROWS = 100_000            # events in one POST /v1/events
+MAX_BATCH_IDS = 100_000             # the callers' batch ids remembered (all tables), to apply a retry once
 DEFAULT_MAX_KEYS = 1_000_000
 DEFAULT_MAX_STATE_MB = 256
 MAX_DISTINCT_DEFAULT = 64
@@ -1044,6 +1045,8 @@ class FeatureStore:
             CREATE TABLE IF NOT EXISTS log(id INTEGER PRIMARY KEY AUTOINCREMENT, view TEXT NOT NULL,
                 kind TEXT NOT NULL, rows INTEGER NOT NULL, bytes INTEGER NOT NULL, data BLOB NOT NULL);
             CREATE INDEX IF NOT EXISTS log_by_view ON log(view, id);
+            CREATE TABLE IF NOT EXISTS batches(n INTEGER PRIMARY KEY AUTOINCREMENT, tbl TEXT NOT NULL,
+                id TEXT NOT NULL, rows INTEGER NOT NULL, UNIQUE(tbl, id));
         """)
         os.chmod(self.path, 0o600)
         self.snapshot_min = int(os.environ.get(SNAPSHOT_ENV, SNAPSHOT_MIN_BYTES))
@@ -1206,9 +1209,11 @@ class FeatureStore:
 
     # -------------------------------------------------------------- events
 
-    def ingest(self, table: str, cols_fn) -> dict:
+    def ingest(self, table: str, cols_fn, batch_id: str | None = None) -> dict:
         """``cols_fn(schema, key, time_col) -> (cols, n)`` reads the request's events; checked and
-        evaluated for every view of ``table`` before anything is written; then one transaction."""
+        evaluated for every view of ``table`` before anything is written; then one transaction.
+        ``batch_id``: the caller's id for the batch; a batch whose id the table has seen among its last
+        ``MAX_BATCH_IDS`` is not applied again (a retry after a lost answer), and answered as before."""
         from device_bridge.columns import encode
 
         names = self.by_table.get(table)
@@ -1239,8 +1244,16 @@ class FeatureStore:
         evaluated = [(v, cols[v.key][0], evaluate_view(v, cols, n)) for v in views]
         blobs = [(v.name, encode({"key": keys, **batch})) for v, keys, batch in evaluated]
         with self.write_lock:  # lookups go on meanwhile: they wait only for the state's changes (apply)
+            if batch_id is not None:
+                row = self.conn.execute("SELECT rows FROM batches WHERE tbl = ? AND id = ?", (table, batch_id)).fetchone()
+                if row is not None:
+                    return {"table": table, "rows": int(row[0]), "views": names, "duplicate": True}
             self.conn.execute("BEGIN IMMEDIATE")
             try:
+                if batch_id is not None:
+                    self.conn.execute("INSERT INTO batches(tbl, id, rows) VALUES (?, ?, ?)", (table, batch_id, n))
+                    self.conn.execute("DELETE FROM batches WHERE n <= (SELECT MAX(n) FROM batches) - ?",
+                                      (MAX_BATCH_IDS,))
                 for name, data in blobs:
                     self.conn.execute("INSERT INTO log(view, kind, rows, bytes, data) VALUES (?, 'events', ?, ?, ?)",
                                       (name, n, len(data), data))
@@ -1264,7 +1277,7 @@ class FeatureStore:
                 self.listener(table, cols, n, time.time())
             except Exception:  # noqa: BLE001 - the events are in; a trigger's failure is its own
                 log.exception("triggers failed on table %s", table)
-        return {"table": table, "rows": n, "views": names}
+        return {"table": table, "rows": n, "views": names, "duplicate": False}
 
     # -------------------------------------------------------------- reading
 

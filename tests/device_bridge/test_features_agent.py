@@ -432,7 +432,8 @@ def test_acknowledged_events_survive_kill_9(tmp_path):
             conn = http.client.HTTPConnection(host, timeout=10)  # no retry: a lost answer is not resent
             inflight[:] = [b]
             try:
-                conn.request("POST", "/v1/events", json.dumps({"table": "app_events", "rows": rows}),
+                conn.request("POST", "/v1/events", json.dumps({"table": "app_events", "rows": rows,
+                                                               "batch_id": f"k{b}"}),
                              {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
                 if conn.getresponse().status == 200:
                     acked.append(b)
@@ -461,6 +462,14 @@ def test_acknowledged_events_survive_kill_9(tmp_path):
         n_all = c.features("user_activity", "all", at)["features"]["n_1d"]
         assert n_all == len(acked) + (n_last == 200 and last not in acked)
         assert c.features("user_activity", f"b{max(acked) + 2}", at)["features"]["n_1d"] == 0
+        # the client retries the batch in flight and an acknowledged one (same batch ids): each applied once
+        for b in (last, acked[-1]):
+            rows = [{"user_id": f"b{b}", "ts": T0 + b, "qty": 1} for _ in range(200)] + \
+                   [{"user_id": "all", "ts": T0 + b, "qty": 1}]
+            dup = c.post_events("app_events", rows, batch_id=f"k{b}")["duplicate"]
+            assert dup == (b in acked or n_last == 200)
+            assert c.features("user_activity", f"b{b}", at)["features"]["n_1d"] == 200
+        assert c.features("user_activity", "all", at)["features"]["n_1d"] == len(set(acked) | {last})
         print(f"acknowledged {len(acked)} batches before the kill; the one in flight applied: {n_last == 200}")
     finally:
         agent.kill()
@@ -641,3 +650,19 @@ def test_integer_keys_and_mixed_timestamps(env, tmp_path):
         assert err.status == 400 and "integer" in err.message
     finally:
         agent.kill()
+
+
+def test_a_retried_batch_is_applied_once(env):
+    """A batch posted again with the same batch_id (a retry after a lost answer) is acknowledged and not
+    applied twice; another id is another batch."""
+    c = env["client"]
+    at = T0 + 60 * D
+    rows = [{"user_id": "retry", "ts": at, "kind": "click", "qty": 1}]
+    assert c.post_events("app_events", rows, batch_id="b-1")["duplicate"] is False
+    assert c.post_events("app_events", rows, batch_id="b-1") == {"table": "app_events", "rows": 1,
+                                                                 "views": ["user_activity"], "duplicate": True}
+    assert c.features("user_activity", "retry", at)["features"]["n_1d"] == 1
+    c.post_events("app_events", rows, batch_id="b-2")
+    assert c.features("user_activity", "retry", at)["features"]["n_1d"] == 2
+    err = _status(lambda: c.post_events("app_events", rows, batch_id="x" * 129))
+    assert err.status == 400 and "batch_id" in err.message
