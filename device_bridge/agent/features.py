@@ -685,6 +685,8 @@ class ViewState:
     def __init__(self, view: View):
         self.view = view
         self.names = _col_names(view)
+        # per feature: (feature, its flag column, its value column or None for a count)
+        self.plan = tuple((f, f"ok{j}", None if f.agg == "count" else f"v{j}") for j, f in enumerate(view.features))
         self.ids: dict = {}               # key value -> id
         self.key_of: list = []            # id -> key value (None once evicted)
         self.newest = np.zeros(0, np.int64)  # per id: its newest event time
@@ -872,15 +874,15 @@ class ViewState:
         t = col("t")
         in_time = {}
         out = {}
-        for j, f in enumerate(self.view.features):
+        for f, ok, val in self.plan:
             w = f.window_us
             if w not in in_time:
                 in_time[w] = (t >= at - w) & (t <= at)
-            mask = in_time[w] & col(f"ok{j}")
-            if f.agg == "count":
+            mask = in_time[w] & col(ok)
+            if val is None:  # count
                 out[f.name] = (int(np.count_nonzero(mask)), False)
                 continue
-            out[f.name] = _one(f, col(f"v{j}")[mask], t[mask])
+            out[f.name] = _one(f, col(val)[mask], t[mask])
         return out
 
     def lookup(self, keys: np.ndarray, at: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -1318,6 +1320,8 @@ def parse_at(v: Any, n: int, where: str = "at") -> np.ndarray:
     list of one per row; None: the agent's clock."""
     if v is None:
         return np.full(n, _now_us(), np.int64)
+    if type(v) is int and INT64_MIN < v < INT64_MAX:  # the common case: one time in microseconds
+        return np.full(n, v, np.int64)
     if isinstance(v, list):
         if len(v) != n:
             raise _bad(f"{where}: {len(v)} times for {n} rows")
@@ -1365,19 +1369,31 @@ class Binding:
                 out.append(InputSpec(k, "string" if t == "string" else "int64", (), False))
         return out
 
+    def _fill_one(self, store: FeatureStore, feed: dict, at: int, model_inputs: set) -> dict:
+        """One row: the key's features as scalars, no batch machinery."""
+        values = {}
+        for k, (views, _) in self.keys.items():
+            key = np.asarray(feed[k]).reshape(1)[0]
+            key = key.item() if hasattr(key, "item") else key
+            for vname in views:
+                values[vname] = store.lookup_one(vname, key, at)
+            if k not in model_inputs:
+                feed.pop(k, None)
+        for spec, vname, fname in self.fills:
+            v, null = values[vname][fname]
+            feed[spec.name] = _fill_one_value(spec, vname, fname, v, null)
+        return feed
+
     def fill(self, store: FeatureStore, feed: dict, n: int, at: np.ndarray, model_inputs: set) -> dict:
         """The feed with the view features filled in, from the state as of ``at`` for each row's key;
         key columns that are not model inputs are taken out."""
+        if n == 1:
+            return self._fill_one(store, feed, int(at[0]), model_inputs)
         values: dict[str, dict] = {}
         for k, (views, _) in self.keys.items():
             keys = np.asarray(feed[k]).reshape(n)
             for vname in views:
-                if n == 1:  # one row: scalars, no batch machinery
-                    key = keys[0].item() if hasattr(keys[0], "item") else keys[0]
-                    values[vname] = {f: (np.array([v]), np.array([null])) for f, (v, null) in
-                                     store.lookup_one(vname, key, int(at[0])).items()}
-                else:
-                    values[vname] = store.lookup(vname, keys, at)
+                values[vname] = store.lookup(vname, keys, at)
         for k in self.keys:
             if k not in model_inputs:
                 feed.pop(k, None)
@@ -1402,6 +1418,20 @@ class Binding:
                 arr = arr.reshape(n, 1)
             feed[spec.name] = arr
         return feed
+
+
+def _fill_one_value(spec, vname: str, fname: str, v, null: bool) -> np.ndarray:
+    t = spec.type
+    if null:
+        if t.startswith("float"):
+            v = np.nan
+        elif t == "string":
+            v = ""
+        else:
+            raise _bad(f"feature {fname} of view {vname} is NULL for row 0 (no event in its window), and the "
+                       f"model's input {spec.name} is {t}, which cannot hold a NULL", 422, "model_input")
+    arr = np.array([v], dtype=object if t == "string" else t)
+    return arr.reshape(1, 1) if spec.row_shape == (1,) else arr
 
 
 def bind(inputs: list, views: list[View]) -> Binding | None:
