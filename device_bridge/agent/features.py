@@ -163,7 +163,11 @@ def check_spec(raw: Any, where: str = "feature_views") -> View:
         if not isinstance(v, str) or not 0 < len(v) <= 128 or not set(v) <= _NAME_OK:
             raise bad(f"{k} must be a name of 1 to 128 letters, digits, '_', '.' or '-', got {v!r}")
     where = f"{where} {raw['name']}"
-    ttl = _int(raw.get("ttl_us"), f"{where}: ttl_us")
+    ttl = raw.get("ttl_us")
+    if ttl is None:  # no ttl given: the longest window (the device keeps a day more anyway: the horizon)
+        windows = [f.get("window_us") for f in raw.get("features") or [] if isinstance(f, dict)]
+        ttl = max([w for w in windows if isinstance(w, int) and not isinstance(w, bool)] or [1])
+    ttl = _int(ttl, f"{where}: ttl_us")
     schema_raw = raw.get("schema")
     if not isinstance(schema_raw, list) or not schema_raw or len(schema_raw) > 1024:
         raise bad("schema must be a non-empty list of {name, type}")
