@@ -27,15 +27,16 @@ When the tail is full it is merged into the base (a stable sort of the tail, con
 the sorted base: numpy's timsort merges the two runs), and then the view's bounds are applied:
 
 - rows older than the horizon are dropped (``expired_rows``);
-- keys whose newest event is older than ``max(ttl, horizon)`` behind the newest event seen are
-  dropped (``evicted_keys_ttl``);
+- keys with no row left inside the horizon are dropped (``evicted_keys_ttl``: the view's ttl is at
+  least every window, and the horizon keeps what any exact lookup needs);
 - over ``max_keys`` or ``max_state_mb`` (deploy settings; defaults ``DEFAULT_MAX_KEYS`` and
   ``DEFAULT_MAX_STATE_MB``), the keys with the oldest newest event go first
   (``evicted_keys_max_keys``, ``evicted_keys_max_state``). An evicted key starts again empty.
 
 The bounds hold after each merge: between two merges the state can pass them by at most one tail.
-A lookup ``at`` whose longest window reaches before the horizon already dropped is refused (400),
-never answered from a truncated window.
+A lookup whose longest window reaches back to a dropped row's time is refused (400), never answered
+from a truncated window. A merge's new columns are built without the readers' lock (there is one
+writer at a time) and swapped in under it: a lookup never waits for the sort.
 
 Durability (``STORE/features.db``, SQLite in WAL mode, ``synchronous=NORMAL``): a POST /v1/events
 is answered 200 only after its transaction committed (one transaction per request, all views of
@@ -45,8 +46,9 @@ the commits since the WAL's last checkpoint, never tear one. The log holds, per 
 the evaluated columns (device_bridge.columns' binary form, numpy only: pyarrow is imported only to
 read JSON events); the in-memory state is a deterministic fold of the log (merges happen at the
 same event counts, with the bounds recorded in the log), so a restart rebuilds exactly the state
-that answered before it, and no event is applied twice. When the log grows past twice the state,
-it is replaced, in one transaction, by a snapshot of the state just after a merge.
+that answered before it, and no event is applied twice. A caller's ``batch_id`` is stored in the
+same transaction, so a retried batch (its answer lost) is applied once. When the log grows past
+twice the state, it is replaced, in one transaction, by a snapshot of the state just after a merge.
 
 Ingest is vectorized: JSON rows become Arrow columns in one ``pyarrow.array`` call (C++), binary
 batches are numpy arrays already, and the view's expressions are evaluated over the whole batch
