@@ -70,15 +70,21 @@ class Gen:
 
     def json_body(self) -> bytes:
         r = self.r
-        k = r.randrange(15)
-        if k == 0:
-            obj = {"rows": [{r.choice(["x", "city", "y", ""]): self.value() for _ in range(r.randrange(3))}
+        k = r.randrange(17)
+        if k in (15, 16):
+            return self.events_body()
+        elif k == 0:
+            obj = {"rows": [{r.choice(["x", "city", "y", "", "user_id"]): self.value() for _ in range(r.randrange(3))}
                             for _ in range(r.randrange(4))]}
         elif k == 1:
             obj = {"columns": {r.choice(["x", "city", "v"]): self.value() for _ in range(2)}}
         elif k in (2, 3):
             obj = {"columns": {"x": [self.value() for _ in range(r.randrange(1, 4))],
                                "city": [self.value() for _ in range(r.randrange(1, 4))]}}
+            if r.random() < 0.3:  # the feature view model: its key column, and sometimes at
+                obj = {"columns": {"price": [[r.choice([1.0, self.value()])]], "user_id": [r.choice(["u1", self.value()])]}}
+                if r.random() < 0.5:
+                    obj["at"] = r.choice([1_790_000_000_000_000, "2026-01-01T00:00:00Z", self.value(), [1, 2]])
         elif k == 4:
             obj = {"columns": {"v": [[self.value()]]}}
         elif k == 5:
@@ -117,6 +123,23 @@ class Gen:
         except (ValueError, UnicodeEncodeError, OverflowError):
             return b"{}"
 
+    def events_body(self) -> bytes:
+        """POST /v1/events: valid events half of the time, odd fields, types and tables otherwise."""
+        r = self.r
+        cols = ["user_id", "ts", "kind", "price", "qty", "category", "zz"]
+        good = {"user_id": r.choice(["u1", "u2"]), "ts": 1_790_000_000_000_000 + r.randrange(10**9),
+                "kind": "click", "price": 1.5, "qty": 2, "category": "c"}
+        rows = [dict(good) if r.random() < 0.7 else
+                {r.choice(cols): r.choice([self.value(), r.choice(["2026-01-01T00:00:00Z", "garbage", 2**62])])
+                 for _ in range(r.randrange(6))} for _ in range(r.choice([0, 1, 1, 3, 40]))]
+        obj = {"table": r.choice(["app_events", "app_events", "app_events", "nope", 5, None]), "rows": rows}
+        if r.random() < 0.1:
+            obj[r.choice(["columns", "at", "zz"])] = self.value()
+        try:
+            return json.dumps(obj).encode()
+        except (ValueError, UnicodeEncodeError, OverflowError):
+            return b"{}"
+
     def columns_body(self) -> bytes:
         r = self.r
         cols = []
@@ -125,6 +148,17 @@ class Gen:
             d, sh = r.choice(DTYPES), r.choice(SHAPES)
             cols.append({"name": name, "dtype": d, "shape": sh})
             data += bytes(r.randrange(256) for _ in range(r.choice([0, 4, 8, 64])))
+        if r.random() < 0.1:  # events as binary columns, right or wrong types
+            from device_bridge.columns import encode
+
+            n = r.randrange(1, 50)
+            cols_ev = {"user_id": np.array([r.choice(["u1", "u2", ""])] * n),
+                       "ts": np.full(n, r.choice([1_790_000_000_000_000, 2**62, -1]), np.int64).astype(
+                           r.choice(["<i8", "<f8", "<u8"])),
+                       "price": np.full(n, r.choice([1.0, np.nan, np.inf]))}
+            for name in r.sample(list(cols_ev), r.randrange(0, 2)):
+                del cols_ev[name]
+            return encode(cols_ev, r.choice([{"table": "app_events"}, {"table": 5}, {}]))
         if r.random() < 0.3:  # a valid batch
             from device_bridge.columns import encode
 
@@ -213,7 +247,13 @@ AGENT_PATHS = ["/v1/models/scorer/predict", "/v1/models/wide/predict", "/v1/mode
                "/v1/models/scorer/profile", "/v1/models/nope/profile", "/v1/models/%00/profile",
                "/v1/samples?model=scorer", "/v1/samples?model=scorer&kind=outcomes&since=0&max_rows=5",
                "/v1/samples?model=scorer&since=-1", "/v1/samples?model=nope", "/v1/samples?kind=x",
-               "/v1/samples?model=scorer&max_rows=abc", "/v1/samples?model=scorer&since=99999999999999999999999"]
+               "/v1/samples?model=scorer&max_rows=abc", "/v1/samples?model=scorer&since=99999999999999999999999",
+               "/v1/events?table=app_events", "/v1/events?table=nope", "/v1/features/fv?key=u1",
+               "/v1/features/fv?key=u1&at=abc", "/v1/features/fv?key=u1&at=2026-01-01T00:00:00Z",
+               "/v1/features/fv?key=u1&at=-99999999999999999999", "/v1/features/fv", "/v1/features/nope?key=1",
+               "/v1/features/fv?key=u1&zz=1", "/v1/models/fvm/predict", "/v1/models/fvm/predict?at=1790000000000000",
+               "/v1/models/fvm/predict?at=nope", "/v1/models/fvm/latest?key=u1", "/v1/models/fvm/latest",
+               "/v1/models/scorer/latest?key=u1"]
 HUB_PATHS = ["/v1/blobs", "/v1/blobs/{sha}", "/v1/blobs/" + "0" * 64, "/v1/blobs/..%2f..%2fetc%2fpasswd",
              "/v1/agents", "/v1/agents/fz", "/v1/agents/%00/register", "/v1/agents/edge-1/register",
              "/v1/agents/edge-1/desired", "/v1/agents/edge-1/report", "/v1/desired", "/v1/groups/field",
@@ -237,11 +277,13 @@ def one_request(gen: Gen, agent_url: str, hub_url: str, agent_cred: str | None =
     path = r.choice(HUB_PATHS if to_hub else AGENT_PATHS).replace("{sha}", gen.sha)
     if r.random() < 0.8:  # mostly the method the route takes, so that the bodies reach the handlers
         gets = ("/v1/info", "/v1/health", "/v1/metrics", "/v1/events", "/desired", "/v1/agents", "/v1/blobs/",
-                "/v1/samples", "/v1/data/")
+                "/v1/samples", "/v1/data/", "/v1/features/", "/latest")
         method = "GET" if (any(g in path for g in gets) or path.rstrip("/").endswith(("/fz", "scorer", "nope"))) \
             and not path.startswith("/v1/agents/fz/data") and not path.startswith("/v1/agents/edge-1/data") else "POST"
         if path == "/v1/blobs" and r.random() < 0.5:
             method = "GET"
+        if path.startswith("/v1/events") and r.random() < 0.7:  # GET: telemetry events; POST: app events
+            method = "POST"
     else:
         method = r.choice(["POST", "GET", "DELETE", "PUT", "PATCH"])
     if not to_hub and method == "DELETE" and path in ("/v1/models/scorer", "/v1/models/wide"):
@@ -259,6 +301,9 @@ def one_request(gen: Gen, agent_url: str, hub_url: str, agent_cred: str | None =
         body = gen.arrow_body()
     else:
         body = gen.json_body()
+    if path.startswith("/v1/events") and method == "POST" and r.random() < 0.6:
+        ctype = r.choice(["application/json", "application/json", ""])
+        body = gen.events_body()
     headers = {"Content-Type": ctype}
     roll = r.random()
     if roll < 0.75 and agent_cred and to_hub and "/data?" in path:  # an upload: the agent's own credential
@@ -297,6 +342,14 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
     c = DeviceClient(agent.url, TOKEN)
     c.install(package(keys, 1), deploy={"sample_rate": 1.0, "sample_hash": ["city"], "sample_salt": "fuzz"})
     c.install(build_package(float64_model(), {"name": "wide", "version": 1, "providers": ["cpu"]}, keys.private_key))
+    from test_features_agent import linear_model, view_spec
+
+    c.install(build_package(linear_model(["price", "clicks_1h"], [1.0, 2.0]),
+                            {"name": "fvm", "version": 1, "providers": ["cpu"],
+                             "feature_views": [view_spec(name="fv")]}, keys.private_key),
+              deploy={"sample_rate": 1.0, "max_keys": 1000, "max_state_mb": 8,
+                      "trigger": {"on_table": "app_events", "when": {"op": "=", "args": [{"col": "kind"},
+                                                                                        {"lit": "click"}]}}})
     sha = HubClient(hub.url, TOKEN).upload(package(keys, 1))["sha256"]
     deadline0 = time.time() + 30
     while not (store / "hub_token").exists() and time.time() < deadline0:  # the agent enrolls itself
@@ -382,6 +435,11 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
         healthy = False
         conn_errors.append({"final_check": repr(exc)})
     bg = DeviceClient(agent.url, TOKEN).info().get("background", {}) if alive["agent"] else {}
+    try:  # the valid events among the fuzz reached the feature view (the checks were passed, not only hit)
+        fv = DeviceClient(agent.url, TOKEN).metrics()["features"]["fv"]
+        feature_events = {"events": fv["events"], "batches": fv["batches"], "keys": fv["keys"]}
+    except Exception as exc:  # noqa: BLE001 - reported
+        feature_events = {"error": repr(exc)}
     agent.kill()
     hub.kill()
     res = {
@@ -391,7 +449,7 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
         "connection_errors": len(conn_errors), "examples_connection_errors": conn_errors[:10],
         "crashes": sum(not v for v in alive.values()), "alive": alive, "healthy_after": healthy,
         "agent_rss_mb": {"start": round(rss_start, 1), "max": round(rss_max[0], 1), "bound": rss_bound_mb},
-        "background": bg, "seed": seed, "threads": threads,
+        "background": bg, "seed": seed, "threads": threads, "feature_events": feature_events,
     }
     res["ok"] = (res["5xx"] == 0 and res["crashes"] == 0 and healthy and res["connection_errors"] == 0
                  and not no_kind

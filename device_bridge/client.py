@@ -9,6 +9,7 @@ import socket
 import ssl
 import threading
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -171,8 +172,9 @@ class DeviceClient:
         """``deploy``: deploy settings (priority, max_concurrency, max_queue, timeout_ms, memory_mb,
         isolation; docs/DEVICE.md), over the package's own."""
         path = f"/v1/models/{_q(model)}/install" if model else "/v1/models/install"
-        # query form: lists comma-separated (sample_exclude, sample_hash)
-        settings = {k: ",".join(v) if isinstance(v, list | tuple) else v for k, v in (deploy or {}).items()}
+        # query form: lists comma-separated (sample_exclude, sample_hash), objects as JSON (trigger)
+        settings = {k: ",".join(v) if isinstance(v, list | tuple) else json.dumps(v) if isinstance(v, dict) else v
+                    for k, v in (deploy or {}).items()}
         params = {"providers": ",".join(providers) if providers else None,
                   "strict_providers": "true" if strict_providers else "false",
                   "activate": "true" if activate else "false", **settings}
@@ -247,6 +249,27 @@ class DeviceClient:
             meta = json.loads(arrays.pop("__meta__").tobytes().decode())
             return {**meta, "outputs": arrays}
         return ans
+
+    def post_events(self, table: str, rows: list[dict] | None = None, columns: dict | None = None,
+                    batch_id: str | None = None) -> dict:
+        """Events for the device's feature views: JSON ``rows``, or ``columns`` (numpy arrays) sent as
+        application/x-mlsql-columns. All are applied, or none (an error). ``batch_id`` (default: a new
+        random one) makes the request's own retry, after a lost answer, apply the batch once."""
+        if (rows is None) == (columns is None):
+            raise DeviceError("give rows or columns")
+        batch_id = batch_id or uuid.uuid4().hex
+        if rows is not None:
+            return self.http.request("POST", "/v1/events", _json({"table": table, "rows": rows, "batch_id": batch_id}),
+                                     "application/json")
+        from device_bridge import columns as colfmt
+
+        return self.http.request("POST", "/v1/events", colfmt.encode(columns, {"table": table, "batch_id": batch_id}),
+                                 colfmt.CONTENT_TYPE)
+
+    def features(self, view: str, key: Any, at: int | str | None = None) -> dict:
+        """A key's feature values as of ``at`` (microseconds since the epoch or ISO-8601; None: now)."""
+        params = {"key": key, **({"at": at} if at is not None else {})}
+        return self.http.request("GET", f"/v1/features/{_q(view)}", params=params)
 
     def metrics(self, columns: bool = True) -> dict:
         return self.http.request("GET", "/v1/metrics", params=None if columns else {"columns": "0"})

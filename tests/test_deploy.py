@@ -261,6 +261,31 @@ def test_deploy_settings_travel_to_the_agent_and_show_in_sql(env):
     assert "realtime" in str(bad.value) and "batch" in str(bad.value)
 
 
+def test_feature_view_bounds_travel_to_the_agent(env):
+    """DEPLOY's max_keys and max_state_mb (the bounds of the package's feature views) reach the agent's
+    deploy settings; a bad value is refused before anything is sent."""
+    from device_bridge.client import DeviceClient
+
+    s, tmp, _ = env
+    s.sql("""CREATE OR REPLACE MODEL bounded_mass OPTIONS (model_type = 'linear_reg', input_label_cols = ['body_mass_g'])
+             AS SELECT flipper_length_mm, body_mass_g FROM penguins WHERE body_mass_g IS NOT NULL""")
+    s.sql("DEPLOY MODEL bounded_mass TO DEVICE 'd1' OPTIONS (max_keys = 5000, max_state_mb = 16)")
+    ready = json.loads((tmp / "agent.ready.json").read_text())
+    url = (ready.get("listening") or ready.get("devices") or [ready])[0]["url"]
+    deploy = DeviceClient(url, TOKEN).info()["models"]["bounded_mass"]["deploy"]
+    assert (deploy["max_keys"], deploy["max_state_mb"]) == (5000, 16)
+    with pytest.raises(MLSQLError, match="max_keys"):
+        s.sql("DEPLOY MODEL bounded_mass TO DEVICE 'd1' OPTIONS (max_keys = 0)")
+    # trigger: the condition is compiled here and checked there (this model reads no feature view)
+    with pytest.raises(MLSQLError, match="UPPER"):
+        s.sql("DEPLOY MODEL bounded_mass TO DEVICE 'd1' OPTIONS (trigger = STRUCT('app_events' AS on_table, "
+              "'upper(kind) = ''X''' AS when_sql))")
+    with pytest.raises(DeviceError, match="no feature view"):
+        s.sql("DEPLOY MODEL bounded_mass TO DEVICE 'd1' OPTIONS (trigger = STRUCT('app_events' AS on_table, "
+              "'kind = ''purchase''' AS when_sql))")
+    assert DeviceClient(url, TOKEN).info()["models"]["bounded_mass"]["active"] == 1  # the failed DEPLOYs left it
+
+
 def test_deploy_a_trial_of_a_tuned_model(env):
     """DEPLOY ... OPTIONS (trial_id = n): the trial is registered once as a version of its own (a device
     knows a package by its version) and the device answers as ML.PREDICT with STRUCT(n AS trial_id)

@@ -18,7 +18,7 @@ from device_bridge import web
 from device_bridge.agent import deploy as deploy_mod
 from device_bridge.agent import inputs as inp
 from device_bridge.agent.core import READ_YOUR_WRITES_S, AgentCore, AgentError
-from device_bridge.agent.predict import Predictor
+from device_bridge.agent.predict import COLUMNS_TYPE, Predictor
 from device_bridge.web import JSONAnswer, parse_json
 
 BIG_PARSE = inp.BIG_PARSE    # bodies (or .npz contents) over this are parsed under a semaphore ...
@@ -53,6 +53,15 @@ def _version(v: Any) -> int:
         v = int(v)
     if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
         raise AgentError(400, f"version must be a positive integer, got {v!r}")
+    return v
+
+
+def _batch_id(v: Any) -> str | None:
+    """POST /v1/events' optional batch id (a retry with the same id is applied once)."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not 0 < len(v) <= 128:
+        raise AgentError(400, "batch_id must be a string of 1 to 128 characters", "invalid_input")
     return v
 
 
@@ -262,6 +271,111 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
                         headers={"X-Next-Cursor": str(last)})
 
     @endpoint(read_auth)
+    async def post_events(request):
+        """The app's events for the device's feature views (features.py): all applied, or none."""
+        from device_bridge.agent import features as feat
+
+        fs = core.features
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        is_json = ctype in ("application/json", "")
+        if not is_json and ctype != COLUMNS_TYPE:
+            raise AgentError(415, f"unsupported content type {ctype!r}: send application/json or {COLUMNS_TYPE}",
+                             "content_type")
+        raw = await read_body(request, min(max_body, core.config.max_json_bytes) if is_json else max_body)
+        table_q = request.query_params.get("table")
+        if fs is None:
+            raise AgentError(404, f"table: unknown event table {table_q or ''!r}: no feature view is installed "
+                                  "on this device", "not_found")
+
+        def work():
+            if is_json:
+                # floats are checked per column (a non-finite value is refused naming it), not per number here
+                body = parse_json(raw, 2 * feat.MAX_EVENT_ROWS + 16, check_floats=False)
+                if not isinstance(body, dict) or not {"table", "rows"} <= set(body) <= {"table", "rows", "batch_id"}:
+                    raise AgentError(400, 'events: the body must be {"table": NAME, "rows": [{column: value}, ...], '
+                                          '"batch_id"?: ID}', "invalid_input")
+                table, rows = body["table"], body["rows"]
+                batch_id = _batch_id(body.get("batch_id"))
+                if not isinstance(table, str):
+                    raise AgentError(400, "table must be the event table's name", "invalid_input")
+                if not isinstance(rows, list) or not rows:
+                    raise AgentError(400, "rows must be a non-empty list of events", "invalid_input")
+                if len(rows) > feat.MAX_EVENT_ROWS:
+                    raise AgentError(413, f"rows: {len(rows)} events, over the limit of {feat.MAX_EVENT_ROWS} per "
+                                          "request", "too_large")
+                return fs.ingest(table, lambda schema, key, tcol: feat.columns_from_rows(rows, schema, key, tcol),
+                                 batch_id)
+            from device_bridge.columns import ColumnsError, decode
+
+            try:
+                arrays, meta = decode(raw, max_body)
+            except ColumnsError as exc:
+                raise AgentError(400, str(exc), "invalid_input") from None
+            table = table_q or meta.get("table")
+            if not isinstance(table, str):
+                raise AgentError(400, "table: name the event table (?table=NAME, or the batch's meta.table)",
+                                 "invalid_input")
+            batch_id = _batch_id(request.query_params.get("batch_id", meta.get("batch_id")))
+            return fs.ingest(table, lambda schema, key, tcol: feat.columns_from_arrays(arrays, schema, key, tcol),
+                             batch_id)
+
+        return JSONAnswer(await run_in_threadpool(work))
+
+    @endpoint(read_auth)
+    async def features(request):
+        """A key's current feature values, for debugging (GET /v1/features/{view}?key=...&at=...)."""
+        import numpy as np
+
+        from device_bridge.agent import features as feat
+
+        q = request.query_params
+        extra = sorted(set(q) - {"key", "at"})
+        if extra:
+            raise AgentError(400, f"unknown parameter {extra[0]!r}: /v1/features/VIEW takes key and at")
+        fs = core.features
+        name = request.path_params["view"]
+        if fs is None:
+            raise AgentError(404, f"unknown feature view {name!r} (installed: none)", "not_found")
+        st = fs.view(name)
+        if "key" not in q:
+            raise AgentError(400, f"key: give the view's key (/v1/features/{name}?key=...; its key column is "
+                                  f"{st.view.key})")
+        key = q["key"]
+        if st.view.schema[st.view.key] == "int64":
+            try:
+                key = int(key)
+            except ValueError:
+                raise AgentError(400, f"key: view {name}'s key {st.view.key} is an integer, got {key[:40]!r}") from None
+        at = feat.parse_at_text(q["at"], 1) if "at" in q else feat.parse_at(None, 1)
+        vals = await run_in_threadpool(fs.lookup, name, np.array([key]), at)
+        return JSONAnswer({"view": name, "key": key, "at": int(at[0]),
+                           "features": {k: feat.to_json(v, nl)[0] for k, (v, nl) in vals.items()}})
+
+    @endpoint(read_auth)
+    async def latest(request):
+        """A triggered model's latest answer for a key (GET /v1/models/{name}/latest?key=...)."""
+        name = name_of(request)
+        q = request.query_params
+        lv = core.resolve(name)
+        trig = lv.deploy.trigger
+        if not trig or core.triggers is None:
+            raise AgentError(404, f"model {name} has no trigger (deploy setting trigger)", "not_found")
+        if "key" not in q:
+            raise AgentError(400, "key: give the key (/v1/models/NAME/latest?key=...)")
+        key = q["key"]
+        key_col = next(iter(lv.binding.keys))
+        if lv.binding.keys[key_col][1] == "int64":
+            try:
+                key = int(key)
+            except ValueError:
+                raise AgentError(400, f"key: {key_col} is an integer, got {key[:40]!r}") from None
+        got = core.triggers.get(name, key)
+        if got is None:
+            raise AgentError(404, f"model {name} has no answer for key {key!r} yet (no matching event since the "
+                                  "agent started)", "not_found")
+        return JSONAnswer({"model": name, "key": key, **got})
+
+    @endpoint(read_auth)
     async def metrics(request):
         cols = request.query_params.get("columns", "1") not in ("0", "false")
         return JSONAnswer(await run_in_threadpool(core.metrics, cols))
@@ -318,6 +432,8 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         Route("/v1/metrics", metrics, methods=["GET"]),
         Route("/v1/metrics/stream", stream, methods=["GET"]),
         Route("/v1/events", events, methods=["GET"]),
+        Route("/v1/events", post_events, methods=["POST"]),
+        Route("/v1/features/{view}", features, methods=["GET"]),
         Route("/v1/models/install", install, methods=["POST"]),
         Route("/v1/models/{name}", model_info, methods=["GET"]),
         Route("/v1/models/{name}", delete, methods=["DELETE"]),
@@ -326,6 +442,7 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         Route("/v1/models/{name}/rollback", rollback, methods=["POST"]),
         Route("/v1/models/{name}/predict", predict, methods=["POST"]),
         Route("/v1/models/{name}/outcomes", outcomes, methods=["POST"]),
+        Route("/v1/models/{name}/latest", latest, methods=["GET"]),
         Route("/v1/models/{name}/profile", profile, methods=["POST"]),
         Route("/v1/samples", samples, methods=["GET"]),
     ]

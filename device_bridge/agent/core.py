@@ -38,6 +38,7 @@ from device_bridge import package as pkg
 from device_bridge import providers as prov
 from device_bridge import urls
 from device_bridge.agent import deploy as deploy_mod
+from device_bridge.agent import features as feat_mod
 from device_bridge.agent import inputs as inp
 from device_bridge.agent.deploy import DeploySettings
 from device_bridge.agent.sampling import DB_FILE as SAMPLES_DB
@@ -117,6 +118,9 @@ class LoadedVersion:
     worker: WorkerProcess | None = None  # isolation = 'process': the worker that holds the session
     threads: int = 1                    # ONNX Runtime intra-op threads of its session
     sampling: SampleSpec | None = None  # what its deploy samples (None: sample_rate = 0, nothing kept)
+    binding: Any = None                 # features.Binding: inputs filled in from feature views (or None)
+    request_specs: list | None = None   # with a binding: the columns a request sends (keys, not features)
+    input_names: frozenset = frozenset()
 
     @property
     def key(self) -> tuple[str, int]:
@@ -175,6 +179,11 @@ class AgentCore:
         self.samples_lock = threading.Lock()
         if (self.store / SAMPLES_DB).exists():
             self.sample_store()
+        self.features: feat_mod.FeatureStore | None = None  # opened when a package first carries a view
+        self.features_lock = threading.Lock()
+        self.triggers = None  # triggers.Triggers, started by the first deploy with a trigger
+        if (self.store / feat_mod.DB_FILE).exists():
+            self.feature_store()
         for name, m in self.state["models"].items():
             if m.get("active") is not None:
                 try:
@@ -472,6 +481,23 @@ class AgentCore:
                                    self.config.breaker_threshold),
             strict=plan.strict, deploy=settings, worker=worker, threads=threads,
         )
+        fv = manifest.extra.get("feature_views")
+        if fv:
+            fs = self.feature_store()
+            views = fs.check_install(fv)
+            fs.install(views, name, settings.max_keys, settings.max_state_mb)
+            lv.binding = feat_mod.bind(specs, views)
+            if lv.binding is not None:
+                lv.request_specs = lv.binding.request_specs(specs)
+        lv.input_names = frozenset(s.name for s in specs)
+        if settings.trigger:
+            from device_bridge.agent import triggers as trig_mod
+
+            if not fv:
+                raise AgentError(400, "deploy setting trigger: the package carries no feature view, so no event "
+                                      "can trigger it", "request")
+            trig_mod.check(settings.trigger, self.features, lv)
+            self.trigger_runner()
         lv.sampling = spec_for(self.config.name, lv)
         if lv.sampling is not None:
             self.sample_store()
@@ -501,6 +527,34 @@ class AgentCore:
                 if self.samples is None:
                     self.samples = SampleStore(self.store, self.config.name, self.note_background)
         return self.samples
+
+    def feature_store(self) -> feat_mod.FeatureStore:
+        """The device's feature views (features.py), opened on first use: a device whose packages carry
+        no view has no features.db."""
+        if self.features is None:
+            with self.features_lock:
+                if self.features is None:
+                    self.features = feat_mod.FeatureStore(self.store)
+        return self.features
+
+    def trigger_runner(self):
+        """The thread that runs triggered models (triggers.py), started with the first trigger."""
+        if self.triggers is None:
+            from device_bridge.agent.triggers import Triggers
+
+            with self.features_lock:
+                if self.triggers is None:
+                    self.triggers = Triggers(self)
+                    self.feature_store().listener = self.triggers.on_events
+        return self.triggers
+
+    def active_versions(self) -> list[LoadedVersion]:
+        out = []
+        for n, m in list(self.state["models"].items()):
+            lv = self.loaded.get((n, m.get("active")))
+            if lv is not None:
+                out.append(lv)
+        return out
 
     def sample_budget(self, name: str) -> int:
         """The bytes ``name``'s samples and outcomes may take: its active version's sample_max_mb."""
@@ -544,6 +598,7 @@ class AgentCore:
                 "intra_op_threads": lv.threads if lv else None,
                 "worker": lv.worker.info() if lv and lv.worker else None,
                 "samples": dict(sample_stats.get(name, _NO_SAMPLES)),
+                "feature_views": sorted({v for _, v, _ in lv.binding.fills}) if lv and lv.binding else [],
             }
         return {
             "name": self.config.name, "agent_version": "0.1.0",
@@ -602,6 +657,11 @@ class AgentCore:
                 raise AgentError(400, str(exc)) from None
         deploy = deploy_mod.parse(deploy)
         settings = self.settings_for(manifest, deploy)  # a bad deploy field in the package: refused here
+        if manifest.extra.get("feature_views"):  # a bad or conflicting view: refused before anything is written
+            if not isinstance(manifest.extra["feature_views"], list):
+                raise AgentError(422, "package refused: feature_views must be a list of view specs", "package")
+            views = self.feature_store().check_install(manifest.extra["feature_views"])
+            feat_mod.bind([inp.make_spec(c, None) for c in manifest.inputs], views)
         sha = sha256 or hashlib.sha256(data).hexdigest()
         with self.lock:
             m = self.state["models"].get(name)
@@ -657,7 +717,7 @@ class AgentCore:
                 time.sleep(float(pause))
             try:
                 lv = self._load(name, version, providers, strict, folder=final, deploy=deploy)
-            except AgentError:
+            except ApiError:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
             except Exception as exc:
@@ -1068,6 +1128,8 @@ class AgentCore:
     def metrics(self, columns: bool = True) -> dict:
         snap = self.telemetry.snapshot(columns)
         snap["agent"] = self.config.name
+        snap["features"] = self.features.metrics() if self.features is not None else {}
+        snap["triggers"] = self.triggers.metrics() if self.triggers is not None else {}
         snap["active"] = {n: m.get("active") for n, m in self.state["models"].items()}
         for entry in snap["models"]:
             m = self.state["models"].get(entry["model"], {})

@@ -10,6 +10,7 @@ the effective settings of each model's active version under ``deploy``.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -19,9 +20,12 @@ from device_bridge.errors import ApiError
 PRIORITIES = ("realtime", "normal", "batch")
 ISOLATIONS = ("thread", "process")
 FIELDS = ("priority", "max_concurrency", "max_queue", "timeout_ms", "memory_mb", "isolation",
-          "sample_rate", "sample_max_mb", "sample_exclude", "sample_hash", "sample_salt")
+          "sample_rate", "sample_max_mb", "sample_exclude", "sample_hash", "sample_salt", "max_keys", "max_state_mb", "trigger")
 SAMPLE_FIELDS = ("sample_rate", "sample_max_mb", "sample_exclude", "sample_hash", "sample_salt")
 MAX_SAMPLE_MB = 4096
+MAX_FEATURE_KEYS = 1 << 31
+MAX_STATE_MB = 1 << 16
+MAX_TRIGGER = 16 * 1024
 MAX_SAMPLE_COLUMNS = 1024  # names in sample_exclude / sample_hash
 MAX_SALT = 1024
 MAX_CONCURRENCY = 64
@@ -45,6 +49,10 @@ class DeploySettings:
     sample_exclude: tuple = ()   # input columns never stored
     sample_hash: tuple = ()      # input columns stored as HMAC-SHA256(sample_salt, str(value))[:32]
     sample_salt: str | None = None  # the workspace's salt: never shown (to_dict says "set")
+    # feature views (features.py): the bounds of the views the package carries; None: the store's defaults
+    max_keys: int | None = None      # keys kept per view; over it the keys with the oldest events go first
+    max_state_mb: int | None = None  # bytes of a view's state columns
+    trigger: dict | None = None      # {"on_table", "when"}: run the model for an event's key (triggers.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -122,6 +130,21 @@ def parse(raw: Any, where: str = "request", status: int = 400, kind: str = "requ
             out[k] = float(v)
         elif k == "sample_max_mb":
             out[k] = integer(k, v, 1, MAX_SAMPLE_MB)
+        elif k == "max_keys":
+            out[k] = integer(k, v, 1, MAX_FEATURE_KEYS)
+        elif k == "max_state_mb":
+            out[k] = integer(k, v, 1, MAX_STATE_MB)
+        elif k == "trigger":
+            if isinstance(v, str):  # the query-parameter form: JSON
+                try:
+                    v = json.loads(v)
+                except ValueError:
+                    raise bad("deploy setting trigger must be a JSON object {on_table, when}") from None
+            if not isinstance(v, dict) or set(v) - {"on_table", "when"} or not isinstance(v.get("on_table"), str) \
+                    or not (v.get("when") is None or isinstance(v["when"], dict)) or len(json.dumps(v)) > MAX_TRIGGER:
+                raise bad("deploy setting trigger must be {\"on_table\": TABLE, \"when\": <expression> or null} "
+                          f"of at most {MAX_TRIGGER} bytes")
+            out[k] = {"on_table": v["on_table"], "when": v.get("when")}
         elif k in ("sample_exclude", "sample_hash"):
             if isinstance(v, str):  # the query-parameter form: comma-separated
                 v = [c.strip() for c in v.split(",") if c.strip()]

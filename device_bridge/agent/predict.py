@@ -37,6 +37,7 @@ from urllib.parse import parse_qs
 from starlette.requests import ClientDisconnect
 
 from device_bridge import web
+from device_bridge.agent import features as feat_mod
 from device_bridge.agent import inputs as inp
 from device_bridge.agent.core import AgentCore, AgentError, LoadedVersion
 from device_bridge.agent.runners import Pools, inbox
@@ -163,6 +164,8 @@ class Predictor:
             q = parse_qs(scope["query_string"].decode("latin-1"))
             if "version" in q:
                 version = _version(q["version"][-1])
+            if "at" in q:  # a model with feature views: the time its features are read as of
+                rid = (rid, q["at"][-1])
         core = self.core
         lv = core.resolve(name, version)
         ctype_s = ctype.decode("latin-1").split(";")[0].strip().lower() if ctype else ""
@@ -210,11 +213,15 @@ class Predictor:
         """The feed, its rows, and the caller's request ids: a prefix (X-Request-Ids) or one id per row
         (the JSON body's ``request_ids``, or a comma-separated X-Request-Ids); None, None when none."""
         body_ids = None
+        at_q = at_body = None
+        if isinstance(rid, tuple):
+            rid, at_q = rid
+        specs = lv.request_specs or lv.specs
         try:
             if ctype == COLUMNS_TYPE:
-                feed, n = inp.feed_from_columns(body, lv.specs, self.max_body)
+                feed, n = inp.feed_from_columns(body, specs, self.max_body)
             elif ctype in NPZ_TYPES:
-                feed, n = inp.feed_from_npz(body, lv.specs, self.max_body, self.big_parses)
+                feed, n = inp.feed_from_npz(body, specs, self.max_body, self.big_parses)
             else:
                 # each row is at least one object (rows) or each vector value one list (columns)
                 max_containers = inp.MAX_ROWS * (len(lv.specs) + 1) + 16
@@ -227,7 +234,16 @@ class Predictor:
                     body_ids = payload.pop("request_ids")
                     if body_ids is None:
                         raise inp.InputError("request_ids must be a list of strings, one per row")
-                feed, n = inp.feed_from_json(payload, lv.specs)
+                if lv.binding is not None and isinstance(payload, dict):
+                    _refuse_features(lv, payload)
+                    at_body = payload.pop("at", None)
+                feed, n = inp.feed_from_json(payload, specs)
+            if lv.binding is not None:
+                if at_body is not None and at_q is not None:
+                    raise inp.InputError("at: give it in the body or in the query, not both")
+                at = (feat_mod.parse_at(at_body, n) if at_body is not None else
+                      feat_mod.parse_at_text(at_q, n) if at_q is not None else feat_mod.parse_at(None, n))
+                feed = lv.binding.fill(self.core.features, feed, n, at, lv.input_names)
             prefix, ids = _request_ids(rid, body_ids, n)
             return feed, n, prefix, ids
         except inp.LimitError as exc:
@@ -402,6 +418,21 @@ def _bearer(h: bytes | None) -> bytes:
     if h is None or h[:7].lower() != b"bearer ":
         return b"\0"  # never equal to a token (tokens are text)
     return h[7:].strip()
+
+
+def _refuse_features(lv: LoadedVersion, payload: dict) -> None:
+    """A request that sends a column the agent fills in from a feature view is refused: two sources
+    for one input would hide skew (docs/DEVICE.md)."""
+    sent = set()
+    if isinstance(payload.get("columns"), dict):
+        sent = set(payload["columns"])
+    elif isinstance(payload.get("rows"), list) and payload["rows"] and isinstance(payload["rows"][0], dict):
+        sent = set(payload["rows"][0])
+    both = sorted(sent & lv.binding.names)
+    if both:
+        view = next(v for s, v, _ in lv.binding.fills if s.name == both[0])
+        raise inp.InputError(f"{both[0]}: this input is filled in from feature view {view} on the device; "
+                             "do not send it (send the key column and, optionally, at)")
 
 
 def _request_ids(header: bytes | None, body_ids: Any, n: int) -> tuple[str | None, list | None]:

@@ -160,6 +160,10 @@ def deploy_settings(opts: dict) -> dict | None:
     from device_bridge.agent.deploy import FIELDS
 
     given = {k: opts[k] for k in dict.fromkeys((*FIELDS, *SAMPLE_FIELDS)) if opts.get(k) is not None}
+    if "trigger" in given:  # its SQL condition, compiled to the expression tree the agent evaluates
+        from mlsql.deploy.triggers import compile_trigger
+
+        given["trigger"] = compile_trigger(given["trigger"])
     return given or None
 
 

@@ -698,6 +698,15 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("sample_exclude", "list", "input columns never stored or sent", None, items="str", default_doc="none"),
         _O("sample_hash", "list", "input columns stored as a keyed hash (HMAC-SHA256 with the workspace's "
                                   "salt), never the raw value", None, items="str", default_doc="none"),
+        # the state of the feature views the package carries (docs/DEVICE.md, Feature views on the device)
+        _O("max_keys", "int", "keys each feature view of the model keeps on the device; over it the keys with "
+                              "the oldest events are evicted first (counted in /v1/metrics)", None, min=1,
+           max=1 << 31, default_doc="1 000 000"),
+        _O("max_state_mb", "int", "bytes of each feature view's state on the device; over it the keys with the "
+                                  "oldest events are evicted first", None, min=1, max=1 << 16, default_doc="256"),
+        _O("trigger", "struct", "run the model on the device when a matching event arrives, keeping the latest "
+                                "answer per key: STRUCT('app_events' AS on_table, 'kind = ''purchase''' AS "
+                                "when_sql)", None, default_doc="none"),
     ),
     "CREATE DEVICE": (
         _O("url", "str", "the agent's address, http://host:port", required=True, check=_http_url),

@@ -25,3 +25,4 @@ def test_fuzz_agent_and_hub_no_5xx_no_crash_bounded_rss(tmp_path):
     assert res["errors_without_kind"] == 0, res["examples_without_kind"]
     assert res["crashes"] == 0 and res["healthy_after"] and res["connection_errors"] == 0, res
     assert res["agent_rss_mb"]["max"] < 400, res["agent_rss_mb"]
+    assert res["feature_events"].get("batches", 0) > 0, res["feature_events"]  # valid events got through

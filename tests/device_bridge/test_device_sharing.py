@@ -31,7 +31,9 @@ ROW = {"x": [1.0], "city": ["paris"]}
 
 
 # the sampling settings nobody gave: nothing sampled (the privacy default, docs/DEVICE.md)
-NO_SAMPLING = {"sample_rate": 0.0, "sample_max_mb": 64, "sample_exclude": [], "sample_hash": [], "sample_salt": None}
+NO_SAMPLING = {"sample_rate": 0.0, "sample_max_mb": 64, "sample_exclude": [], "sample_hash": [], "sample_salt": None,
+               # nor feature view bounds or a trigger (features.py, triggers.py): the store's defaults, none
+               "max_keys": None, "max_state_mb": None, "trigger": None}
 
 
 @pytest.fixture(scope="module")
