@@ -195,6 +195,21 @@ def test_an_unknown_or_unreachable_database_is_a_clear_error(tmp_path):
     assert rc == 2 and "cannot reach the hub's database" in err and "secret" not in err, err
 
 
+def test_a_password_given_as_a_query_parameter_is_masked_too(tmp_path):
+    """libpq takes the password as ``?password=...`` as well as ``user:pw@``: the hub's error on
+    stderr names the database with that masked, and a driver message that quotes it is scrubbed."""
+    rc, err = hub_fails_to_start(tmp_path, "--store", str(tmp_path / "h"), "--db",
+                                 f"postgresql://u@/db?host={tmp_path}/nowhere&password=Sw0rdfish&sslmode=disable")
+    assert rc == 2 and "cannot reach the hub's database" in err, err
+    assert "Sw0rdfish" not in err and "password=***" in err and "sslmode=disable" in err, err
+    from device_bridge.hub.db import Database, HubError
+
+    with pytest.raises(HubError) as exc:
+        Database(tmp_path / "h2", "postgresql://u:Tr0ub4dor@/db?host=/nowhere&password=Sw0rdfish")
+    assert "Tr0ub4dor" not in exc.value.message and "Sw0rdfish" not in exc.value.message, exc.value.message
+    assert "u:***@" in exc.value.message and "password=***" in exc.value.message, exc.value.message
+
+
 class RoundRobin:
     """A TCP balancer on loopback for the replica test: each new connection goes to a hub picked at
     random (seeded: an agent's poll cycle is two connections, so strict turns would send every poll
