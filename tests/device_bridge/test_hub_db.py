@@ -208,6 +208,8 @@ def test_a_password_given_as_a_query_parameter_is_masked_too(tmp_path):
         Database(tmp_path / "h2", "postgresql://u:Tr0ub4dor@/db?host=/nowhere&password=Sw0rdfish")
     assert "Tr0ub4dor" not in exc.value.message and "Sw0rdfish" not in exc.value.message, exc.value.message
     assert "u:***@" in exc.value.message and "password=***" in exc.value.message, exc.value.message
+    rc, err = hub_fails_to_start(tmp_path, "--store", str(tmp_path / "h"), "--db", "mysql://h/db?password=Sw0rdfish")
+    assert rc == 2 and "--db must be" in err and "Sw0rdfish" not in err and "password=***" in err, err
 
 
 class RoundRobin:
