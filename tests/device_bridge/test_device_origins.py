@@ -100,6 +100,7 @@ def test_origins_in_order_a_down_origin_a_cut_download_resumed_and_a_tampered_bl
         asked = cdn.requests_for(sha(v1))
         assert [(e["range"], e["status"], e["sent"]) for e in asked] == [
             (None, 200, 20_000), ("bytes=20000-", 206, len(v1) - 20_000)], asked
+        assert all(e["authorization"] is None for e in cdn.log + bad.log)  # the hub credential stays with the hub
         ev = downloads(agent)[-1]
         assert ev["via"] == "full" and ev["url"] == f"{cdn.url}/{sha(v1)}" and ev["bytes"] == len(v1)
         assert [a["url"].split("/")[2] for a in ev["attempts"]][:2] == [down.split("/")[2], bad.url.split("/")[2]]
