@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -214,3 +215,50 @@ def test_delta_updates_once_per_pair_and_the_full_package_when_a_delta_does_not_
     finally:
         for p in (*agents, hub):
             p.kill()
+
+
+def test_bad_delta_requests_origins_and_publish_calls_are_clear_errors(tmp_path):
+    kp = make_keys(tmp_path / "keys")
+    hub = start_hub(tmp_path)
+    try:
+        hc = HubClient(hub.url, TOKEN)
+        v1, v2 = big_package(kp, 1, 2.0, 1), big_package(kp, 2, 3.0, 1)
+        other = build_package(scorer_model(1.0), {"name": "other", "version": 1, "providers": ["cpu"]}, kp.private_key)
+        for p in (v1, v2, other):
+            hc.upload(p)
+        cred = hc.enroll("dx")
+        hc.set_desired("scorer", sha256=sha(v2), devices=["dx"])
+
+        def get(path: str, token: str = TOKEN):
+            req = urllib.request.Request(hub.url + path, headers={"Authorization": f"Bearer {token}"})
+            try:
+                with urllib.request.urlopen(req, timeout=10) as r:
+                    return r.status, r.read()
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())["error"]
+
+        delta = f"/v1/blobs/{sha(v2)}/delta"
+        assert get(f"{delta}?from=abc") == (400, "from must be the sha256 (64 hex digits) of the package the agent has")
+        code, msg = get(f"{delta}?from={sha(v1)}&x=1")
+        assert code == 400 and "unknown parameter 'x'" in msg
+        code, msg = get(f"{delta}?from={sha(other)}")  # another model's package: no delta between them
+        assert code == 404 and "not an older version of scorer" in msg
+        code, msg = get(f"/v1/blobs/{sha(v1)}/delta?from={sha(v2)}")  # backwards
+        assert code == 404 and "not an older version" in msg
+        code, msg = get(f"/v1/blobs/{sha(other)}/delta?from={sha(v1)}", cred)  # not in dx's desired state
+        assert code == 403 and "only the packages of its desired state" in msg
+        code, body = get(f"{delta}?from={sha(v1)}", cred)
+        assert code == 200 and len(body) < len(v2) // 2
+        assert get(f"{delta}?from={sha(v1)}", "wrong")[0] == 401
+        assert not (tmp_path / "hub" / "deltas" / f"{sha(other)}-{sha(v2)}.zst").exists()
+    finally:
+        hub.kill()
+    for args, err in (([ "--origin", "ftp://x/y"], "must be an http(s) base URL"),
+                      (["--hub-blobs", "off"], "name at least one origin"),
+                      (["--delta-max-ratio", "2"], "--delta-max-ratio must be in (0, 1]")):
+        p = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "--store", str(tmp_path / "h2"), "--token",
+                            TOKEN, "--port", "0", *args], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and err in p.stderr, p.stderr
+    p = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "publish", "--store", str(tmp_path / "h2")],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "name the folder" in p.stderr, p.stderr
