@@ -10,6 +10,7 @@ import pytest
 from device_test_helpers import TOKEN, Proc, make_keys, package, start_hub, wait_for
 
 from device_bridge.client import DeviceClient, HubClient
+from device_bridge.errors import DeviceError
 from device_bridge.keys import public_key_to_pem
 
 pytestmark = pytest.mark.timeout(120)
@@ -43,6 +44,18 @@ def test_devices_joining_mid_rollout_get_their_wave_and_sleepers_converge_in_one
             status = hc.status()
             return {n: ((status.get(n) or {}).get("status") or {}).get("scorer", {}).get("active") for n in names}
 
+        for kwargs, err in (({"devices": early, "percent": 50}, "percent needs a group (and no devices)"),
+                            ({"group": "field", "percent": 0}, "percent must be a number in (0, 100], got 0"),
+                            ({"group": "field", "percent": "50"}, "percent must be a number in (0, 100], got '50'"),
+                            ({"group": "field", "percent": 101}, "percent must be a number in (0, 100], got 101")):
+            with pytest.raises(DeviceError) as exc:
+                hc.set_desired("scorer", v1, **kwargs)
+            assert exc.value.status == 400 and err in str(exc.value), exc.value
+        with pytest.raises(DeviceError) as exc:
+            hc.set_desired("scorer", group="field", restore_previous=True, percent=50)
+        assert "restore_previous takes no percent" in str(exc.value)
+        for d in early:  # the refused calls desired nothing
+            assert hc.http.request("GET", f"/v1/agents/{d}/desired")["models"] == {}
         hc.set_desired("scorer", v1, group="field")
         wait_for(lambda: set(active(early).values()) == {1}, what="v1 on the group")
 
@@ -77,6 +90,16 @@ def test_devices_joining_mid_rollout_get_their_wave_and_sleepers_converge_in_one
             assert [(e["sha256"], e["via"]) for e in got] == expected, (info["name"], got)
             y = c.predict("scorer", columns={"x": [1.0], "city": ["rome"]})["outputs"]["y"][0][0]
             assert y == pytest.approx(3.0)  # y = 3 x: exact in float32
+
+        # the rollout undone for the group: the hub desires v1 for every device, those that only ever
+        # had the rule's answer too; the devices that have v1 installed go back to it (a joiner that
+        # got v2 first, and the sleeper, refuse to install an older version: anti-rollback)
+        hc.set_desired("scorer", group="field", restore_previous=True)
+        sha1 = hashlib.sha256(v1).hexdigest()
+        for d in [*early, *late, "sleeper"]:
+            assert hc.http.request("GET", f"/v1/agents/{d}/desired")["models"]["scorer"]["sha256"] == sha1, d
+        had_v1 = [*early, *(d for d in late if want_late[d] == 1)]
+        wait_for(lambda: set(active(had_v1).values()) == {1}, what=f"v1 again on {had_v1}")
     finally:
         for p in (*procs.values(), hub):
             p.kill()
