@@ -46,11 +46,22 @@ def pair(name: str, old: bytes, new: bytes) -> dict:
     apply_s = time.perf_counter() - t0
     assert hashlib.sha256(back).hexdigest() == hashlib.sha256(new).hexdigest()
     alone = len(zstandard.ZstdCompressor(level=delta.LEVEL).compress(new))
-    r = {"pair": name, "old_bytes": len(old), "full_bytes": len(new), "delta_bytes": len(d),
-         "delta_over_full": len(d) / len(new), "zstd_alone_bytes": alone, "zstd_alone_over_full": alone / len(new),
-         "sent_as_delta": len(d) <= MAX_RATIO * len(new), "make_s": make_s, "apply_s": apply_s}
-    print(f"{name:<42}{len(new) / 1024:>10.1f}{len(d) / 1024:>11.1f}{r['delta_over_full']:>9.3f}"
-          f"{r['zstd_alone_over_full']:>10.3f}{make_s:>9.2f}{apply_s * 1000:>10.1f}")
+    r = {
+        "pair": name,
+        "old_bytes": len(old),
+        "full_bytes": len(new),
+        "delta_bytes": len(d),
+        "delta_over_full": len(d) / len(new),
+        "zstd_alone_bytes": alone,
+        "zstd_alone_over_full": alone / len(new),
+        "sent_as_delta": len(d) <= MAX_RATIO * len(new),
+        "make_s": make_s,
+        "apply_s": apply_s,
+    }
+    print(
+        f"{name:<42}{len(new) / 1024:>10.1f}{len(d) / 1024:>11.1f}{r['delta_over_full']:>9.3f}"
+        f"{r['zstd_alone_over_full']:>10.3f}{make_s:>9.2f}{apply_s * 1000:>10.1f}"
+    )
     return r
 
 
@@ -78,8 +89,10 @@ def trees(tmp: Path, rows: int, rounds: int) -> list[dict]:
     more = build(rounds + 1, 1)
     reseeded = build(rounds, 2)
     s.close()
-    return [pair(f"boosted tree: {rounds} -> {rounds + 1} rounds", base, more),
-            pair(f"boosted tree: {rounds} rounds, new seed", base, reseeded)]
+    return [
+        pair(f"boosted tree: {rounds} -> {rounds + 1} rounds", base, more),
+        pair(f"boosted tree: {rounds} rounds, new seed", base, reseeded),
+    ]
 
 
 def mlp(tmp: Path, steps: int, more: int) -> list[dict]:
@@ -91,8 +104,15 @@ def mlp(tmp: Path, steps: int, more: int) -> list[dict]:
     from device_bridge.package import build_package
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(32, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256),
-                              torch.nn.ReLU(), torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(32, 512),
+        torch.nn.ReLU(),
+        torch.nn.Linear(512, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 1),
+    )
     X = torch.randn(8192, 32)
     y = (X[:, :4].sum(1, keepdim=True) > 0).float()
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
@@ -107,13 +127,29 @@ def mlp(tmp: Path, steps: int, more: int) -> list[dict]:
 
     def package(version: int) -> bytes:
         path = tmp / f"mlp{version}.onnx"
-        warnings.filterwarnings("ignore", category=DeprecationWarning)  # the TorchScript exporter: a plain MLP
-        torch.onnx.export(net, (X[:2],), str(path), input_names=["x"], output_names=["y"],
-                          dynamic_axes={"x": {0: "n"}, "y": {0: "n"}}, dynamo=False)
-        return build_package(path.read_bytes(), {"name": "mlp", "version": version, "providers": ["cpu"],
-                                                 "inputs": [{"name": "x", "type": "float32", "shape": [None, 32]}],
-                                                 "outputs": [{"name": "y", "type": "float32", "shape": [None, 1]}]},
-                             kp.private_key)
+        warnings.filterwarnings(
+            "ignore", category=DeprecationWarning
+        )  # the TorchScript exporter: a plain MLP
+        torch.onnx.export(
+            net,
+            (X[:2],),
+            str(path),
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+            dynamo=False,
+        )
+        return build_package(
+            path.read_bytes(),
+            {
+                "name": "mlp",
+                "version": version,
+                "providers": ["cpu"],
+                "inputs": [{"name": "x", "type": "float32", "shape": [None, 32]}],
+                "outputs": [{"name": "y", "type": "float32", "shape": [None, 1]}],
+            },
+            kp.private_key,
+        )
 
     train(steps)
     v1 = package(1)
@@ -123,8 +159,10 @@ def mlp(tmp: Path, steps: int, more: int) -> list[dict]:
     net.load_state_dict(state)  # from v1 again: only the output layer fine-tuned (the rest frozen)
     train(more, torch.optim.Adam(net[-1].parameters(), lr=1e-3))
     v2_head = package(2)
-    return [pair(f"MLP 32-512-256-128-1: +{more} Adam steps", v1, v2),
-            pair(f"MLP: +{more} steps, output layer only", v1, v2_head)]
+    return [
+        pair(f"MLP 32-512-256-128-1: +{more} Adam steps", v1, v2),
+        pair(f"MLP: +{more} steps, output layer only", v1, v2_head),
+    ]
 
 
 def main() -> None:
@@ -133,12 +171,21 @@ def main() -> None:
     args = ap.parse_args()
     rows, rounds = (5_000, 20) if args.quick else (50_000, 100)
     load_before = os.getloadavg()
-    print(f"{'pair':<42}{'full KiB':>10}{'delta KiB':>11}{'delta/full':>9}{'zstd/full':>10}{'make s':>9}{'apply ms':>10}")
+    print(
+        f"{'pair':<42}{'full KiB':>10}{'delta KiB':>11}{'delta/full':>9}{'zstd/full':>10}{'make s':>9}{'apply ms':>10}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         results = trees(Path(tmp), rows, rounds) + mlp(Path(tmp), 200, 5)
-    out = {"quick": args.quick, "rows": rows, "rounds": rounds, "pairs": results,
-           "loadavg_before": load_before, "loadavg_after": os.getloadavg(), "cpus": os.cpu_count(),
-           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = {
+        "quick": args.quick,
+        "rows": rows,
+        "rounds": rounds,
+        "pairs": results,
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     print(f"load average before {load_before}, after {out['loadavg_after']}")
     res_dir = HERE / "results"
     res_dir.mkdir(exist_ok=True)

@@ -30,8 +30,12 @@ def make(old: bytes, new: bytes, level: int = LEVEL) -> bytes:
     import zstandard as zstd
 
     params = zstd.ZstdCompressionParameters.from_level(
-        level, window_log=_window_log(len(old), len(new)), source_size=len(new), write_content_size=True,
-        write_checksum=True)
+        level,
+        window_log=_window_log(len(old), len(new)),
+        source_size=len(new),
+        write_content_size=True,
+        write_checksum=True,
+    )
     d = zstd.ZstdCompressionDict(old, dict_type=zstd.DICT_TYPE_RAWCONTENT)
     return zstd.ZstdCompressor(dict_data=d, compression_params=params).compress(new)
 
@@ -48,11 +52,15 @@ def apply(old: bytes, delta: bytes, limit: int) -> bytes:
     except zstd.ZstdError as exc:
         raise DeltaError(f"bad zstd frame header: {exc}") from None
     if size < 0 or size > limit:
-        raise DeltaError(f"the delta rebuilds {size} bytes, over the limit of {limit}" if size > 0
-                         else "the delta does not say its size")
+        raise DeltaError(
+            f"the delta rebuilds {size} bytes, over the limit of {limit}"
+            if size > 0
+            else "the delta does not say its size"
+        )
     d = zstd.ZstdCompressionDict(old, dict_type=zstd.DICT_TYPE_RAWCONTENT)
     try:
-        return zstd.ZstdDecompressor(dict_data=d, max_window_size=1 << _window_log(len(old), size)).decompress(
-            delta, max_output_size=size)
+        return zstd.ZstdDecompressor(
+            dict_data=d, max_window_size=1 << _window_log(len(old), size)
+        ).decompress(delta, max_output_size=size)
     except zstd.ZstdError as exc:
         raise DeltaError(f"the delta does not apply: {exc}") from None

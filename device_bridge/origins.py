@@ -26,7 +26,7 @@ from pathlib import Path
 
 from device_bridge import urls
 
-MAX_PARTIALS = 2        # part files kept under STORE/downloads (the oldest go first)
+MAX_PARTIALS = 2  # part files kept under STORE/downloads (the oldest go first)
 RESUMES_PER_ORIGIN = 3  # resumed requests to one origin after a cut, before the next origin
 CHUNK = 1 << 16
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
@@ -58,9 +58,12 @@ def part_path(folder: Path, sha: str) -> Path:
 
 def _trim_partials(folder: Path, keep: str) -> None:
     """At most MAX_PARTIALS part files, ``keep``'s among them: the oldest others go."""
-    parts = sorted((p for p in folder.glob("*.part") if p.name != f"{keep}.part"),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
-    for p in parts[MAX_PARTIALS - 1:]:
+    parts = sorted(
+        (p for p in folder.glob("*.part") if p.name != f"{keep}.part"),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for p in parts[MAX_PARTIALS - 1 :]:
         p.unlink(missing_ok=True)
 
 
@@ -86,7 +89,9 @@ def _get(url: str, part: Path, limit: int, headers: dict, timeout: float, attemp
             m = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
             if not m or int(m.group(1)) != have:
                 part.unlink(missing_ok=True)
-                raise OSError(f"Content-Range {resp.headers.get('Content-Range')!r} does not start at byte {have}")
+                raise OSError(
+                    f"Content-Range {resp.headers.get('Content-Range')!r} does not start at byte {have}"
+                )
         elif resp.status == 200:
             mode, have = "wb", 0  # the whole file (an origin without Range): from the start
         else:
@@ -113,9 +118,15 @@ def _get(url: str, part: Path, limit: int, headers: dict, timeout: float, attemp
             raise OSError(f"answer cut after {got} of {expected} bytes")
 
 
-def fetch(candidates: list[str], sha: str, folder: Path, limit: int,
-          headers_for: Callable[[str], dict] | None = None, timeout: float = 60.0,
-          attempts: list[Attempt] | None = None) -> Fetched:
+def fetch(
+    candidates: list[str],
+    sha: str,
+    folder: Path,
+    limit: int,
+    headers_for: Callable[[str], dict] | None = None,
+    timeout: float = 60.0,
+    attempts: list[Attempt] | None = None,
+) -> Fetched:
     """The package ``sha`` from the first of ``candidates`` that gives bytes with that sha256.
     ``headers_for(url)``: extra headers per URL (the hub credential, for the hub's own URL only)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -138,7 +149,10 @@ def fetch(candidates: list[str], sha: str, folder: Path, limit: int,
             tried.append(a)
             try:
                 _get(url, part, limit, headers, timeout, a)
-            except (OSError, ValueError) as exc:  # urllib's errors, a cut answer, http.client's IncompleteRead
+            except (
+                OSError,
+                ValueError,
+            ) as exc:  # urllib's errors, a cut answer, http.client's IncompleteRead
                 a.error = f"{type(exc).__name__}: {exc}"[:300]
                 if a.status == 416 and a.start and not restarted:  # a part this origin does not continue
                     restarted = True
@@ -171,4 +185,3 @@ def resolve(hub: str, entry_urls, sha: str) -> list[str]:
         if isinstance(u, str) and len(u) <= 2048:
             out.append(hub + u if u.startswith("/") else u)
     return out
-

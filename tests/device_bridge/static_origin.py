@@ -17,7 +17,9 @@ _RANGE = re.compile(r"^bytes=(\d+)-$")
 class StaticOrigin:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
-        self.log: list[dict] = []  # per request: path, range and authorization (headers or None), status, sent
+        self.log: list[
+            dict
+        ] = []  # per request: path, range and authorization (headers or None), status, sent
         self.cut_after: dict[str, int] = {}  # name -> bytes sent before the connection is closed (once)
         self.stall_after: dict[str, int] = {}  # name -> bytes sent before the answer stalls (once)
         self.release = threading.Event()
@@ -31,8 +33,13 @@ class StaticOrigin:
 
             def do_GET(self):
                 name = self.path.lstrip("/")
-                entry = {"path": self.path, "range": self.headers.get("Range"),
-                         "authorization": self.headers.get("Authorization"), "status": None, "sent": 0}
+                entry = {
+                    "path": self.path,
+                    "range": self.headers.get("Range"),
+                    "authorization": self.headers.get("Authorization"),
+                    "status": None,
+                    "sent": 0,
+                }
                 origin.log.append(entry)
                 path = origin.folder / name
                 if "/" in name or not name or not path.is_file():

@@ -17,7 +17,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from device_test_helpers import TOKEN, enroll, make_keys, scorer_model, start_agent, start_hub, trust, wait_for
+from device_test_helpers import (
+    TOKEN,
+    enroll,
+    make_keys,
+    scorer_model,
+    start_agent,
+    start_hub,
+    trust,
+    wait_for,
+)
 from static_origin import StaticOrigin, dead_url
 
 from device_bridge.client import DeviceClient, HubClient
@@ -31,8 +40,12 @@ def sha(data: bytes) -> str:
 
 
 def publish(hub_store: Path, folder: Path) -> dict:
-    p = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "publish", str(folder), "--store",
-                        str(hub_store)], capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "device_bridge", "hub", "publish", str(folder), "--store", str(hub_store)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout)
 
@@ -53,15 +66,21 @@ def downloads(agent) -> list[dict]:
 
 
 def predict(agent, version: int | None = None) -> float:
-    out = DeviceClient(agent.url, TOKEN).predict("scorer", columns={"x": [1.0], "city": ["rome"]}, version=version)
+    out = DeviceClient(agent.url, TOKEN).predict(
+        "scorer", columns={"x": [1.0], "city": ["rome"]}, version=version
+    )
     return out["outputs"]["y"][0][0] if "outputs" in out else out["y"][0][0]
 
 
 def big_package(kp, version: int, mult: float, seed: int) -> bytes:
     """A package with 64 KiB of random weights beside the graph: big enough that a cut answer is cut
     mid-file, and a new seed makes a delta as large as the package."""
-    return build_package(scorer_model(mult), {"name": "scorer", "version": version, "providers": ["cpu"]},
-                         kp.private_key, extra_files={"weights.bin": random.Random(seed).randbytes(1 << 16)})
+    return build_package(
+        scorer_model(mult),
+        {"name": "scorer", "version": version, "providers": ["cpu"]},
+        kp.private_key,
+        extra_files={"weights.bin": random.Random(seed).randbytes(1 << 16)},
+    )
 
 
 def test_origins_in_order_a_down_origin_a_cut_download_resumed_and_a_tampered_blob_refused(tmp_path):
@@ -72,8 +91,21 @@ def test_origins_in_order_a_down_origin_a_cut_download_resumed_and_a_tampered_bl
     bad_site.mkdir()
     bad = StaticOrigin(bad_site)
     down = dead_url()
-    hub = start_hub(tmp_path, ["--origin", down, "--origin", bad.url + "/", "--origin", cdn.url,
-                               "--hub-blobs", "last", "--deltas", "off"])
+    hub = start_hub(
+        tmp_path,
+        [
+            "--origin",
+            down,
+            "--origin",
+            bad.url + "/",
+            "--origin",
+            cdn.url,
+            "--hub-blobs",
+            "last",
+            "--deltas",
+            "off",
+        ],
+    )
     agent = None
     try:
         hc = HubClient(hub.url, TOKEN)
@@ -86,8 +118,10 @@ def test_origins_in_order_a_down_origin_a_cut_download_resumed_and_a_tampered_bl
         assert publish(tmp_path / "hub", site)["already_there"] == 2  # nothing written twice
 
         # the hub's own blob endpoint answers Range as a static origin does
-        req = urllib.request.Request(f"{hub.url}/v1/blobs/{sha(v1)}",
-                                     headers={"Authorization": f"Bearer {TOKEN}", "Range": "bytes=1000-"})
+        req = urllib.request.Request(
+            f"{hub.url}/v1/blobs/{sha(v1)}",
+            headers={"Authorization": f"Bearer {TOKEN}", "Range": "bytes=1000-"},
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 206 and r.headers["Content-Range"] == f"bytes 1000-{len(v1) - 1}/{len(v1)}"
             assert r.read() == v1[1000:]
@@ -100,11 +134,18 @@ def test_origins_in_order_a_down_origin_a_cut_download_resumed_and_a_tampered_bl
         wait_for(lambda: active(hc, "dev") == 1, what="v1 active")
         asked = cdn.requests_for(sha(v1))
         assert [(e["range"], e["status"], e["sent"]) for e in asked] == [
-            (None, 200, 20_000), ("bytes=20000-", 206, len(v1) - 20_000)], asked
-        assert all(e["authorization"] is None for e in cdn.log + bad.log)  # the hub credential stays with the hub
+            (None, 200, 20_000),
+            ("bytes=20000-", 206, len(v1) - 20_000),
+        ], asked
+        assert all(
+            e["authorization"] is None for e in cdn.log + bad.log
+        )  # the hub credential stays with the hub
         ev = downloads(agent)[-1]
         assert ev["via"] == "full" and ev["url"] == f"{cdn.url}/{sha(v1)}" and ev["bytes"] == len(v1)
-        assert [a["url"].split("/")[2] for a in ev["attempts"]][:2] == [down.split("/")[2], bad.url.split("/")[2]]
+        assert [a["url"].split("/")[2] for a in ev["attempts"]][:2] == [
+            down.split("/")[2],
+            bad.url.split("/")[2],
+        ]
         assert predict(agent) == pytest.approx(2.0)  # y = x * 2 (float32 of exact small integers)
 
         # v2: the second origin now serves a tampered copy (one byte flipped): refused by its hash,
@@ -116,10 +157,15 @@ def test_origins_in_order_a_down_origin_a_cut_download_resumed_and_a_tampered_bl
         wait_for(lambda: active(hc, "dev") == 2, what="v2 active")
         ev = downloads(agent)[-1]
         assert ev["url"] == f"{cdn.url}/{sha(v2)}", ev
-        assert any("sha256 mismatch" in (a["error"] or "") and a["url"].startswith(bad.url) for a in ev["attempts"])
+        assert any(
+            "sha256 mismatch" in (a["error"] or "") and a["url"].startswith(bad.url) for a in ev["attempts"]
+        )
         info = DeviceClient(agent.url, TOKEN).info()
-        scorer = info["models"]["scorer"] if isinstance(info["models"], dict) else \
-            next(m for m in info["models"] if m["name"] == "scorer")
+        scorer = (
+            info["models"]["scorer"]
+            if isinstance(info["models"], dict)
+            else next(m for m in info["models"] if m["name"] == "scorer")
+        )
         assert scorer["versions"] == [1, 2], scorer
         assert not list((tmp_path / "store-dev" / "downloads").glob("*.part"))
         assert predict(agent) == pytest.approx(3.0) and predict(agent, version=1) == pytest.approx(2.0)
@@ -146,7 +192,9 @@ def test_a_download_cut_by_a_killed_agent_resumes_from_its_part_file_after_a_res
         agent, store = agent_on(tmp_path, hub, kp)
         hc.set_desired("scorer", sha256=sha(v1), devices=["dev"])
         part = store / "downloads" / f"{sha(v1)}.part"
-        wait_for(lambda: part.exists() and part.stat().st_size == 30_000, what="30,000 bytes in the part file")
+        wait_for(
+            lambda: part.exists() and part.stat().st_size == 30_000, what="30,000 bytes in the part file"
+        )
         agent.kill()
         cdn.release.set()
         agent = start_agent(tmp_path, "dev", store, ["--hub", hub.url, "--hub-interval", "0.2"])
@@ -223,7 +271,9 @@ def test_bad_delta_requests_origins_and_publish_calls_are_clear_errors(tmp_path)
     try:
         hc = HubClient(hub.url, TOKEN)
         v1, v2 = big_package(kp, 1, 2.0, 1), big_package(kp, 2, 3.0, 1)
-        other = build_package(scorer_model(1.0), {"name": "other", "version": 1, "providers": ["cpu"]}, kp.private_key)
+        other = build_package(
+            scorer_model(1.0), {"name": "other", "version": 1, "providers": ["cpu"]}, kp.private_key
+        )
         for p in (v1, v2, other):
             hc.upload(p)
         cred = hc.enroll("dx")
@@ -238,7 +288,10 @@ def test_bad_delta_requests_origins_and_publish_calls_are_clear_errors(tmp_path)
                 return e.code, json.loads(e.read())["error"]
 
         delta = f"/v1/blobs/{sha(v2)}/delta"
-        assert get(f"{delta}?from=abc") == (400, "from must be the sha256 (64 hex digits) of the package the agent has")
+        assert get(f"{delta}?from=abc") == (
+            400,
+            "from must be the sha256 (64 hex digits) of the package the agent has",
+        )
         code, msg = get(f"{delta}?from={sha(v1)}&x=1")
         assert code == 400 and "unknown parameter 'x'" in msg
         code, msg = get(f"{delta}?from={sha(other)}")  # another model's package: no delta between them
@@ -253,12 +306,34 @@ def test_bad_delta_requests_origins_and_publish_calls_are_clear_errors(tmp_path)
         assert not (tmp_path / "hub" / "deltas" / f"{sha(other)}-{sha(v2)}.zst").exists()
     finally:
         hub.kill()
-    for args, err in (([ "--origin", "ftp://x/y"], "must be an http(s) base URL"),
-                      (["--hub-blobs", "off"], "name at least one origin"),
-                      (["--delta-max-ratio", "2"], "--delta-max-ratio must be in (0, 1]")):
-        p = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "--store", str(tmp_path / "h2"), "--token",
-                            TOKEN, "--port", "0", *args], capture_output=True, text=True, timeout=60)
+    for args, err in (
+        (["--origin", "ftp://x/y"], "must be an http(s) base URL"),
+        (["--hub-blobs", "off"], "name at least one origin"),
+        (["--delta-max-ratio", "2"], "--delta-max-ratio must be in (0, 1]"),
+    ):
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "device_bridge",
+                "hub",
+                "--store",
+                str(tmp_path / "h2"),
+                "--token",
+                TOKEN,
+                "--port",
+                "0",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert p.returncode == 2 and err in p.stderr, p.stderr
-    p = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "publish", "--store", str(tmp_path / "h2")],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "device_bridge", "hub", "publish", "--store", str(tmp_path / "h2")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and "name the folder" in p.stderr, p.stderr

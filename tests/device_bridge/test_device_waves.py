@@ -29,9 +29,30 @@ def test_devices_joining_mid_rollout_get_their_wave_and_sleepers_converge_in_one
     procs: dict[str, Proc] = {}
 
     def devices(prefix: str, k: int) -> Proc:
-        return Proc(["serve", "--name", prefix, "--devices", str(k), "--port", "0", "--store", str(tmp_path / prefix),
-                     "--token", TOKEN, "--trust", str(pub), "--hub", hub.url, "--hub-interval", "0.2",
-                     "--group", "field"], tmp_path / f"ready-{prefix}.json")
+        return Proc(
+            [
+                "serve",
+                "--name",
+                prefix,
+                "--devices",
+                str(k),
+                "--port",
+                "0",
+                "--store",
+                str(tmp_path / prefix),
+                "--token",
+                TOKEN,
+                "--trust",
+                str(pub),
+                "--hub",
+                hub.url,
+                "--hub-interval",
+                "0.2",
+                "--group",
+                "field",
+            ],
+            tmp_path / f"ready-{prefix}.json",
+        )
 
     try:
         hc = HubClient(hub.url, TOKEN)
@@ -42,12 +63,16 @@ def test_devices_joining_mid_rollout_get_their_wave_and_sleepers_converge_in_one
 
         def active(names):
             status = hc.status()
-            return {n: ((status.get(n) or {}).get("status") or {}).get("scorer", {}).get("active") for n in names}
+            return {
+                n: ((status.get(n) or {}).get("status") or {}).get("scorer", {}).get("active") for n in names
+            }
 
-        for kwargs, err in (({"devices": early, "percent": 50}, "percent needs a group (and no devices)"),
-                            ({"group": "field", "percent": 0}, "percent must be a number in (0, 100], got 0"),
-                            ({"group": "field", "percent": "50"}, "percent must be a number in (0, 100], got '50'"),
-                            ({"group": "field", "percent": 101}, "percent must be a number in (0, 100], got 101")):
+        for kwargs, err in (
+            ({"devices": early, "percent": 50}, "percent needs a group (and no devices)"),
+            ({"group": "field", "percent": 0}, "percent must be a number in (0, 100], got 0"),
+            ({"group": "field", "percent": "50"}, "percent must be a number in (0, 100], got '50'"),
+            ({"group": "field", "percent": 101}, "percent must be a number in (0, 100], got 101"),
+        ):
             with pytest.raises(DeviceError) as exc:
                 hc.set_desired("scorer", v1, **kwargs)
             assert exc.value.status == 400 and err in str(exc.value), exc.value
