@@ -86,10 +86,11 @@ class HubState:
         (``set_desired`` with a group): the new entry when the agent's wave point (waves.py) is under
         the rule's percent, else what the group had before. So a device that joins mid-rollout gets
         the wave its hash falls into, and one that slept through the rollout the final state."""
-        with self.db.read() as t:
-            own = {m: json.loads(e) for m, e in t.all("SELECT model, entry FROM desired WHERE agent = ? "
-                                                      "ORDER BY model", (name,))}
-            rules = t.all("SELECT key, value FROM meta WHERE key LIKE 'rule:%' ORDER BY key")
+        with self.db.read() as t:  # one round trip: the agent's entries and every group's rules
+            rows = t.all("SELECT 0, model, entry FROM desired WHERE agent = ? UNION ALL "
+                         "SELECT 1, key, value FROM meta WHERE key LIKE ? ORDER BY 1, 2", (name, "rule:%"))
+        own = {m: json.loads(e) for kind, m, e in rows if kind == 0}
+        rules = [(k, v) for kind, k, v in rows if kind == 1]
         if not rules:
             return own
         group = self.group_of(name, "")

@@ -21,11 +21,11 @@ def point(device: str, model: str) -> float:
     return int(hashlib.sha256(f"{model}\0{device}".encode()).hexdigest()[:16], 16) / 2**64 * 100
 
 
-def test_devices_joining_mid_rollout_get_their_wave_and_sleepers_converge_in_one_download(tmp_path):
+def test_devices_joining_mid_rollout_get_their_wave_and_sleepers_converge_in_one_download(tmp_path, db_url):
     kp = make_keys(tmp_path / "keys")
     pub = tmp_path / "ws.pub"
     pub.write_bytes(public_key_to_pem(kp.public_key))
-    hub = start_hub(tmp_path, ["--enroll-open"])
+    hub = start_hub(tmp_path, ["--enroll-open", *(["--db", db_url] if db_url else [])])
     procs: dict[str, Proc] = {}
 
     def devices(prefix: str, k: int) -> Proc:
