@@ -93,8 +93,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(any HTTP server, CDN or S3-compatible bucket serving DIR; see --origin). "
                         "enroll, revoke and publish work on the hub's store, also while the hub runs")
     h.add_argument("name", nargs="?", help="agent name (enroll, revoke); the folder (publish)")
-    h.add_argument("--origin", action="append",
-                   default=[o for o in os.environ.get("MLSQL_HUB_ORIGINS", "").split(",") if o.strip()],
+    h.add_argument("--origin", action="append", default=None,
                    help="base URL of a static origin holding the blobs as BASE/SHA256 (hub publish writes "
                         "them); repeatable, tried in this order (or env MLSQL_HUB_ORIGINS, comma-separated). "
                         "Agents verify each package's sha256 and signature whatever its origin")
@@ -352,7 +351,9 @@ def hub(args) -> int:
         app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
                              body_timeout=args.body_timeout, enroll_open=args.enroll_open,
                              data_max_mb=args.data_max_mb, db=args.db,
-                             report_flush_s=max(0.0, args.report_flush_ms) / 1000, origins=args.origin,
+                             report_flush_s=max(0.0, args.report_flush_ms) / 1000,
+                             origins=args.origin if args.origin is not None else  # the flags, else the env's list
+                             [o for o in os.environ.get("MLSQL_HUB_ORIGINS", "").split(",") if o.strip()],
                              hub_blobs=args.hub_blobs, deltas=args.deltas == "on",
                              delta_max_ratio=args.delta_max_ratio)
     except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
