@@ -23,6 +23,7 @@ class StaticOrigin:
         self.cut_after: dict[str, int] = {}  # name -> bytes sent before the connection is closed (once)
         self.stall_after: dict[str, int] = {}  # name -> bytes sent before the answer stalls (once)
         self.release = threading.Event()
+        self.ignore_range = False  # answer 200 with the whole file, as a server without Range support does
         origin = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,7 +49,7 @@ class StaticOrigin:
                     return
                 data = path.read_bytes()
                 start, status = 0, 200
-                rng = self.headers.get("Range")
+                rng = None if origin.ignore_range else self.headers.get("Range")
                 if rng:
                     m = _RANGE.match(rng)
                     if not m or int(m.group(1)) >= len(data):

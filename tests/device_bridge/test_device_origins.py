@@ -337,3 +337,43 @@ def test_bad_delta_requests_origins_and_publish_calls_are_clear_errors(tmp_path)
         timeout=60,
     )
     assert p.returncode == 2 and "name the folder" in p.stderr, p.stderr
+
+
+def test_part_files_are_bounded_and_a_part_that_does_not_continue_the_file_is_started_over(tmp_path):
+    """origins.fetch on its own (the agent's download), against a real static origin."""
+    from device_bridge import origins
+
+    site = tmp_path / "site"
+    site.mkdir()
+    blob = random.Random(7).randbytes(50_000)
+    (site / sha(blob)).write_bytes(blob)
+    cdn = StaticOrigin(site)
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    try:
+        # three stale part files of other packages: the two newest others go down to one, plus this one
+        for i, name in enumerate(("a" * 64, "b" * 64, "c" * 64)):
+            p = folder / f"{name}.part"
+            p.write_bytes(b"x" * 10)
+            os.utime(p, (1_000_000 + i, 1_000_000 + i))
+        # a part whose bytes are not this file's head, at an origin that ignores Range: it answers the
+        # whole file (200), which replaces the part
+        origins.part_path(folder, sha(blob)).write_bytes(b"\0" * 1000)
+        cdn.ignore_range = True
+        got = origins.fetch([f"{cdn.url}/{sha(blob)}"], sha(blob), folder, 1 << 20)
+        assert got.data == blob and [(a.start, a.status) for a in got.attempts] == [(1000, 200)]
+        assert sorted(p.name for p in folder.iterdir()) == [f"{'c' * 64}.part"]  # the newest other part stays
+        # the same wrong head at an origin that honours Range: the bytes do not hash to the package, so
+        # the part is dropped and the origin asked for the whole file once
+        origins.part_path(folder, sha(blob)).write_bytes(b"\0" * 1000)
+        cdn.ignore_range = False
+        got = origins.fetch([f"{cdn.url}/{sha(blob)}"], sha(blob), folder, 1 << 20)
+        assert got.data == blob
+        assert [(a.start, a.status) for a in got.attempts] == [(1000, 206), (0, 200)], got.attempts
+        assert "sha256 mismatch" in got.attempts[0].error
+        # over the device's package limit: refused, nothing kept
+        with pytest.raises(origins.FetchError, match="over the limit of 10000"):
+            origins.fetch([f"{cdn.url}/{sha(blob)}"], sha(blob), folder, 10_000)
+        assert not origins.part_path(folder, sha(blob)).exists()
+    finally:
+        cdn.close()
