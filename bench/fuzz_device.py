@@ -255,6 +255,8 @@ AGENT_PATHS = ["/v1/models/scorer/predict", "/v1/models/wide/predict", "/v1/mode
                "/v1/models/fvm/predict?at=nope", "/v1/models/fvm/latest?key=u1", "/v1/models/fvm/latest",
                "/v1/models/scorer/latest?key=u1"]
 HUB_PATHS = ["/v1/blobs", "/v1/blobs/{sha}", "/v1/blobs/" + "0" * 64, "/v1/blobs/..%2f..%2fetc%2fpasswd",
+             "/v1/blobs/{sha}/delta?from={sha}", "/v1/blobs/{sha}/delta?from=" + "0" * 64,
+             "/v1/blobs/{sha}/delta", "/v1/blobs/{sha}/delta?from=..%2f..&x=1", "/v1/blobs/%00/delta?from=zz",
              "/v1/agents", "/v1/agents/fz", "/v1/agents/%00/register", "/v1/agents/edge-1/register",
              "/v1/agents/edge-1/desired", "/v1/agents/edge-1/report", "/v1/desired", "/v1/groups/field",
              "/v1/groups/" + "g" * 300, "/v1/events", "/v1/nothing",

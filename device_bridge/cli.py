@@ -80,15 +80,32 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ready-file", help="write {devices: [{name, port, url}]} here once listening")
     s.add_argument("--fake-providers", help=argparse.SUPPRESS)  # tests: comma list of 'available' providers
 
-    h = sub.add_parser("hub", help="run the fleet hub (or: hub enroll NAME / hub revoke NAME --store DIR)",
+    h = sub.add_parser("hub", help="run the fleet hub (or: hub enroll NAME / hub revoke NAME / hub publish DIR "
+                                   "--store DIR)",
                        usage="mlsql-device hub [serve] --store DIR --token T [options]\n"
                              "       mlsql-device hub enroll NAME --store DIR [--db URL] [--out FILE]\n"
-                             "       mlsql-device hub revoke NAME --store DIR [--db URL]")
-    h.add_argument("action", nargs="?", choices=["serve", "enroll", "revoke"], default="serve",
+                             "       mlsql-device hub revoke NAME --store DIR [--db URL]\n"
+                             "       mlsql-device hub publish DIR --store DIR [--db URL]")
+    h.add_argument("action", nargs="?", choices=["serve", "enroll", "revoke", "publish"], default="serve",
                    help="serve (default): run the hub; enroll NAME: print (or --out) a fresh credential for "
-                        "agent NAME, replacing its earlier one; revoke NAME: refuse NAME's credential. "
-                        "enroll and revoke work on the hub's store, also while the hub runs")
-    h.add_argument("name", nargs="?", help="agent name (enroll, revoke)")
+                        "agent NAME, replacing its earlier one; revoke NAME: refuse NAME's credential; "
+                        "publish DIR: copy every package blob into DIR as DIR/SHA256, for a static origin "
+                        "(any HTTP server, CDN or S3-compatible bucket serving DIR; see --origin). "
+                        "enroll, revoke and publish work on the hub's store, also while the hub runs")
+    h.add_argument("name", nargs="?", help="agent name (enroll, revoke); the folder (publish)")
+    h.add_argument("--origin", action="append", default=None,
+                   help="base URL of a static origin holding the blobs as BASE/SHA256 (hub publish writes "
+                        "them); repeatable, tried in this order (or env MLSQL_HUB_ORIGINS, comma-separated). "
+                        "Agents verify each package's sha256 and signature whatever its origin")
+    h.add_argument("--hub-blobs", choices=["first", "last", "off"], default="first",
+                   help="where the hub's own blob URL (/v1/blobs/SHA256) goes in each package's URL list: "
+                        "first (default), last (the origins first, the hub as the fallback) or off")
+    h.add_argument("--deltas", choices=["on", "off"], default="on",
+                   help="on (default): an agent with an older version of a model installed may download "
+                        "/v1/blobs/SHA256/delta?from=OLD, a zstd delta made once per pair and kept under "
+                        "STORE/deltas; off: full packages only")
+    h.add_argument("--delta-max-ratio", type=float, default=0.5,
+                   help="a delta over this fraction of the full package is not sent (the full package is)")
     h.add_argument("--out", help="enroll: write the credential to this file (0600) instead of printing it")
     h.add_argument("--port", type=int, default=7000)
     h.add_argument("--host", default="127.0.0.1")
@@ -265,9 +282,57 @@ def hub_credential(args) -> int:
     return 0
 
 
+def hub_publish(args) -> int:
+    """``hub publish DIR``: every blob of the hub's database into DIR as DIR/SHA256 (written to a
+    temporary name, then renamed: a static server never serves half a file); blobs already there with
+    the right bytes are left alone."""
+    import hashlib
+    import shutil
+
+    from device_bridge.errors import ApiError
+    from device_bridge.hub.db import Database
+    from device_bridge.hub.state import HubState
+
+    if not args.name:
+        print("mlsql-device hub publish: name the folder (mlsql-device hub publish DIR --store STORE)",
+              file=sys.stderr)
+        return 2
+    out = Path(args.name)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        state = HubState(args.store, 0, Database(args.store, args.db), flush_s=0)
+        metas = state.blobs()
+    except ApiError as exc:
+        print(f"mlsql-device hub publish: {exc.message}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mlsql-device hub publish: cannot write {out}: {exc}", file=sys.stderr)
+        return 2
+    written, kept, missing = [], [], []
+    for meta in metas:
+        sha = meta["sha256"]
+        src, dst = Path(args.store) / "blobs" / sha, out / sha
+        if not src.exists():
+            missing.append(sha)
+            continue
+        if dst.exists() and dst.stat().st_size == src.stat().st_size \
+                and hashlib.sha256(dst.read_bytes()).hexdigest() == sha:
+            kept.append(sha)
+            continue
+        tmp = out / f".{sha}.tmp"
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+        written.append(sha)
+    print(json.dumps({"folder": str(out), "written": len(written), "already_there": len(kept),
+                      "missing_from_store": missing}))
+    return 1 if missing else 0
+
+
 def hub(args) -> int:
     from device_bridge.hub import create_hub_app
 
+    if args.action == "publish":
+        return hub_publish(args)
     if args.action != "serve":
         return hub_credential(args)
     if not args.token:
@@ -279,13 +344,23 @@ def hub(args) -> int:
         return 2
     from device_bridge.errors import ApiError
 
+    if not 0 < args.delta_max_ratio <= 1:
+        print("mlsql-device hub: --delta-max-ratio must be in (0, 1]", file=sys.stderr)
+        return 2
     try:
         app = create_hub_app(args.store, args.token, int(args.max_package_mb * 1024 * 1024),
                              body_timeout=args.body_timeout, enroll_open=args.enroll_open,
                              data_max_mb=args.data_max_mb, db=args.db,
-                             report_flush_s=max(0.0, args.report_flush_ms) / 1000)
+                             report_flush_s=max(0.0, args.report_flush_ms) / 1000,
+                             origins=args.origin if args.origin is not None else  # the flags, else the env's list
+                             [o for o in os.environ.get("MLSQL_HUB_ORIGINS", "").split(",") if o.strip()],
+                             hub_blobs=args.hub_blobs, deltas=args.deltas == "on",
+                             delta_max_ratio=args.delta_max_ratio)
     except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
         print(f"mlsql-device hub: {exc.message}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # --origin, --hub-blobs
+        print(f"mlsql-device hub: {exc}", file=sys.stderr)
         return 2
     sock = _bind(args.host, args.port)
     port = sock.getsockname()[1]

@@ -316,12 +316,15 @@ class HubClient:
     def set_desired(self, model: str, package: bytes | None = None, *, sha256: str | None = None,
                     devices: list[str] | None = None, group: str | None = None,
                     providers: list[str] | None = None, strict_providers: bool = False,
-                    absent: bool = False, restore_previous: bool = False, deploy: dict | None = None) -> dict:
+                    absent: bool = False, restore_previous: bool = False, deploy: dict | None = None,
+                    percent: float | None = None) -> dict:
+        """``group`` (without ``devices``): also the group's rule for devices that join it later;
+        ``percent``: only the group's devices whose wave point is under it (device_bridge/waves.py)."""
         if package is not None:
             sha256 = self.upload(package)["sha256"]
         body = {"model": model, "sha256": sha256, "devices": devices, "group": group, "providers": providers,
                 "strict_providers": strict_providers, "absent": absent, "restore_previous": restore_previous,
-                "deploy": deploy}
+                "deploy": deploy, "percent": percent}
         return self.http.request("POST", "/v1/desired", _json({k: v for k, v in body.items() if v is not None}),
                                  "application/json")
 

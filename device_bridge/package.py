@@ -507,3 +507,21 @@ def _encode(manifest_bytes: bytes, signature: bytes, files: dict[str, bytes]) ->
     out += _END.pack(b"PK\x05\x06", 0, 0, len(entries), len(entries), len(central), cd_offset, 0)
     return bytes(out)
 
+
+
+def encode_installed(folder: str | os.PathLike) -> bytes:
+    """The package bytes of an installed version, rebuilt from its folder (manifest.json, manifest.sig
+    and the files the manifest lists): a package is its canonical encoding, so these are the very
+    bytes that were installed (the base a delta update applies to). Not verified here: the caller
+    compares the sha256 with the one recorded at install."""
+    folder = Path(folder)
+    try:
+        manifest_bytes = (folder / MANIFEST_FILE).read_bytes()
+        signature = (folder / SIGNATURE_FILE).read_bytes()
+        manifest = manifest_from_json(manifest_bytes)
+        files = {name: (folder / name).read_bytes() for name in manifest.files}
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"cannot read the installed version in {folder}: {exc}") from None
+    if MODEL_FILE not in files:
+        raise PackageError(f"the installed version in {folder} lists no {MODEL_FILE}")
+    return _encode(manifest_bytes, signature, files)

@@ -19,10 +19,12 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--engine", default="duckdb", help="engine (default: duckdb)")
     run.add_argument("--max-rows", type=int, default=20, help="rows to print per result (default: 20)")
     hub = sub.add_parser("hub", help="the fleet hub devices poll (see docs/DEVICE.md)")
-    hub.add_argument("action", choices=["serve", "enroll", "revoke"],
-                     help="serve: run the hub; enroll NAME / revoke NAME: an agent's own hub credential")
+    hub.add_argument("action", choices=["serve", "enroll", "revoke", "publish"],
+                     help="serve: run the hub; enroll NAME / revoke NAME: an agent's own hub credential; "
+                          "publish DIR: the package blobs as DIR/SHA256, for a static origin")
     hub.add_argument("hub_args", nargs=argparse.REMAINDER,
-                     help="serve: --port P --store DIR --token T; enroll/revoke: NAME --store DIR (mlsql-device hub)")
+                     help="serve: --port P --store DIR --token T [--origin URL]; enroll/revoke: NAME --store DIR; "
+                          "publish: DIR --store DIR (mlsql-device hub)")
     dev = sub.add_parser("device", help="the local device agent and the workspace's signing key")
     dsub = dev.add_subparsers(dest="action", metavar="{key,serve}")
     key = dsub.add_parser("key", help="print the path of the workspace's public signing key (made on first use)")

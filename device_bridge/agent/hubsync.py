@@ -16,6 +16,7 @@ only a hub started with ``--enroll-open`` does, and keeps the answer in ``STORE/
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,8 +27,9 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
+from device_bridge import delta, origins, urls
+from device_bridge import package as pkg
 from device_bridge import providers as prov
-from device_bridge import urls
 from device_bridge.agent.core import AgentCore, AgentError
 from device_bridge.web import dumps
 
@@ -261,6 +263,67 @@ class HubSync:
                 for off in range(0, table.num_rows, step):
                     self._send(model, kind, table.slice(off, step))
 
+    def _headers_for(self, url: str) -> dict:
+        """The agent's hub credential goes to the hub's exact origin only, never to a static origin."""
+        return {"Authorization": f"Bearer {self.token}"} if self.token and urls.same_origin(url, self.hub) else {}
+
+    def download(self, model: str, want: dict) -> bytes:
+        """The package of a desired entry, its sha256 checked: rebuilt from a delta against the newest
+        installed version when the hub offers one (delta.py), else from the first of its URLs that
+        gives it (origins.py: the hub's own blob store, static origins; resumed with Range). Each
+        download is an event (``download``: via delta or which URL, bytes moved, what failed)."""
+        sha = want["sha256"]
+        limit = self.core.config.max_package_bytes
+        info: dict = {"model": model, "sha256": sha}
+        data = self._via_delta(model, want, sha, limit, info)
+        if data is not None:
+            self.core.telemetry.event("download", **info)
+            return data
+        attempts: list[origins.Attempt] = []
+        try:
+            fetched = origins.fetch(origins.resolve(self.hub, want.get("urls"), sha), sha,
+                                    Path(self.core.store) / "downloads", limit, self._headers_for, attempts=attempts)
+        except origins.FetchError as exc:
+            self.core.telemetry.event("download", **info, via="none", error=str(exc)[:300],
+                                      attempts=[_attempt(a) for a in attempts[-8:]])
+            raise AgentError(424, f"cannot download the package: {exc}", "download") from None
+        self.core.telemetry.event("download", **info, via="full", url=fetched.url, bytes=len(fetched.data),
+                                  attempts=[_attempt(a) for a in fetched.attempts[-8:]])
+        return fetched.data
+
+    def _via_delta(self, model: str, want: dict, sha: str, limit: int, info: dict) -> bytes | None:
+        """The package rebuilt from the hub's delta, or None (no installed base, no delta offered or
+        worth sending, or one that does not rebuild ``sha``: ``info['delta_error']`` says which)."""
+        path = want.get("delta")
+        m = self.core.state["models"].get(model) or {}
+        shas = m.get("sha256", {})
+        bases = [v for v in m.get("versions", []) if shas.get(str(v)) and v < (want.get("version") or 0)]
+        if not isinstance(path, str) or not path.startswith("/") or not bases:
+            return None
+        base = max(bases)
+        old_sha = shas[str(base)]
+        try:
+            old = pkg.encode_installed(self.core._folder(model, base))
+            if hashlib.sha256(old).hexdigest() != old_sha:
+                raise delta.DeltaError(f"installed version {base} no longer rebuilds its package")
+            req = urllib.request.Request(f"{self.hub}{path}?from={old_sha}",
+                                         headers={"Authorization": f"Bearer {self.token}"})
+            with urls.open_url(req, timeout=60) as resp:
+                d = resp.read(limit + 1)
+            if len(d) > limit:
+                raise delta.DeltaError("the delta is over the package limit")
+            new = delta.apply(old, d, limit)
+            if hashlib.sha256(new).hexdigest() != sha:
+                raise delta.DeltaError(f"the rebuilt package is not {sha[:12]}")
+        except urllib.error.HTTPError as exc:
+            info["delta_error"] = f"hub answered {exc.code}" + (" (no delta)" if exc.code == 404 else "")
+            return None
+        except (OSError, ValueError, pkg.PackageError) as exc:  # DeltaError is a ValueError
+            info["delta_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            return None
+        info.update(via="delta", base=base, base_sha256=old_sha, bytes=len(d), package_bytes=len(new))
+        return new
+
     @staticmethod
     def _other_deploy(m: dict, version: int, deploy: dict | None) -> bool:
         """The hub asks for this installed build with other deploy settings (priority, isolation...)."""
@@ -309,8 +372,8 @@ class HubSync:
                     continue
                 if self.failed.get(model) == wish:
                     continue
-                core.install_from_url(model, f"{self.hub}/v1/blobs/{sha}", sha, providers, strict, True,
-                                      self.token, deploy)
+                data = self.download(model, want)
+                core.install(model, data, providers, strict, True, sha256=sha, deploy=deploy)
                 self.errors.pop(model, None)
             except AgentError as exc:
                 self.errors[model] = {"sha256": want.get("sha256"), "error": exc.message[:300]}
@@ -319,3 +382,7 @@ class HubSync:
                     self.failed[model] = wish
             except Exception as exc:  # never let the loop die
                 self.errors[model] = {"sha256": want.get("sha256"), "error": f"{type(exc).__name__}: {exc}"[:300]}
+
+
+def _attempt(a: origins.Attempt) -> dict:
+    return {"url": a.url, "start": a.start, "status": a.status, "received": a.received, "error": a.error}

@@ -19,6 +19,7 @@ from device_bridge import web
 from device_bridge.hub.credentials import Credentials
 from device_bridge.hub.data import MAX_READ_ROWS, MAX_UPLOAD_BYTES, NO_GROUP, DataStore, parse_since
 from device_bridge.hub.db import Database
+from device_bridge.hub.deltas import MAX_RATIO, DeltaCache
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
 from device_bridge.hub.state import FLUSH_S, HubState
 from device_bridge.web import JSONAnswer
@@ -26,19 +27,30 @@ from device_bridge.web import JSONAnswer
 
 def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
                    body_timeout: float = 120.0, enroll_open: bool = False, data_max_mb: int = 1024,
-                   db: str | None = None, report_flush_s: float = FLUSH_S) -> Starlette:
+                   db: str | None = None, report_flush_s: float = FLUSH_S, origins: list[str] | None = None,
+                   hub_blobs: str = "first", deltas: bool = True, delta_max_ratio: float = MAX_RATIO) -> Starlette:
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
     without a credential, under a name that never had one. ``data_max_mb``: device data kept per
     group (data.py). ``db``: the state's database (db.py; default SQLite in ``STORE/hub.db``).
     ``report_flush_s``: agents' reports reach the database this often, in one transaction (state.py;
-    0: each at once). Call ``app.state.hub.close()`` at shutdown to write the last ones."""
+    0: each at once). Call ``app.state.hub.close()`` at shutdown to write the last ones.
+    ``origins``: base URLs of static origins holding the blobs as ``BASE/SHA`` (``mlsql-device hub
+    publish``), advertised in each desired entry's ``urls`` after (``hub_blobs="first"``) or before
+    (``"last"``) the hub's own ``/v1/blobs/SHA``, or instead of it (``"off"``). ``deltas``: offer
+    ``/v1/blobs/SHA/delta?from=OLD`` (hub/deltas.py), at most ``delta_max_ratio`` of the package."""
     if not token:
         raise ValueError("the hub needs an operator token")
+    origins = check_origins(origins or [])
+    if hub_blobs not in ("first", "last", "off"):
+        raise ValueError("hub_blobs must be first, last or off")
+    if hub_blobs == "off" and not origins:
+        raise ValueError("with the hub's own blob URL off, name at least one origin")
     database = Database(store, db)
     hub = HubState(store, max_package_bytes, database, report_flush_s)
     hub.start_flusher()
     creds = Credentials(store, database)
     data = DataStore(store, data_max_mb)
+    delta_cache = DeltaCache(Path(store), delta_max_ratio) if deltas else None
     operator_b = token.encode()
     budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
     base_endpoint = web.endpoint_factory(operator_b, budget=budget)
@@ -143,10 +155,53 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         name, body = agent_name(request), await body_json(request)
         return JSONAnswer(await on_db(hub.register, name, body))
 
+    def with_urls(models: dict) -> dict:
+        """Each package's URLs, in the order agents try them (docs/DEVICE.md "Package origins"); the
+        hub's own as a path, which the agent resolves against the hub URL it polls."""
+        for entry in models.values():
+            sha = entry.get("sha256") if isinstance(entry, dict) else None
+            if not sha:
+                continue
+            own_url = [] if hub_blobs == "off" else [f"/v1/blobs/{sha}"]
+            others = [f"{o}/{sha}" for o in origins]
+            entry["urls"] = own_url + others if hub_blobs == "first" else others + own_url
+            if delta_cache is not None:
+                entry["delta"] = f"/v1/blobs/{sha}/delta"
+        return models
+
     @endpoint(own(operator_too=True))
     async def desired(request):
         name = agent_name(request)
-        return JSONAnswer({"agent": name, "models": await on_db(hub.desired_of, name)})
+        return JSONAnswer({"agent": name, "models": with_urls(await on_db(hub.desired_of, name))})
+
+    @endpoint(blob_reader)
+    async def get_delta(request):
+        """The package SHA as a zstd delta from package ``from`` (an older version of the same model,
+        which the agent has installed); 404 ``no_delta`` when the hub has none worth sending: the
+        agent then downloads the full package."""
+        sha = request.path_params["sha"]
+        extra = sorted(set(request.query_params) - {"from"})
+        if extra:
+            raise HubError(400, f"unknown parameter {extra[0]!r}: a delta takes from")
+        old = request.query_params.get("from", "")
+        if not SHA_RE.match(sha):
+            raise HubError(404, f"no blob {sha}")
+        if not SHA_RE.match(old):
+            raise HubError(400, "from must be the sha256 (64 hex digits) of the package the agent has")
+        if delta_cache is None:
+            raise HubError(404, "this hub serves no deltas (started with --deltas off)", "no_delta")
+        new_meta, old_meta = await on_db(hub.blob, sha), await on_db(hub.blob, old)
+        if new_meta is None:
+            raise HubError(404, f"no blob {sha}")
+        if old_meta is None or old_meta.get("name") != new_meta.get("name") \
+                or not old_meta.get("version", 0) < new_meta.get("version", 0):
+            raise HubError(404, f"no delta to {sha[:12]} from {old[:12]}: not an older version of "
+                                f"{new_meta.get('name')} on this hub", "no_delta")
+        path = await run_in_threadpool(delta_cache.path, old, sha)
+        if path is None:
+            raise HubError(404, f"the delta from {old[:12]} to {sha[:12]} is over {delta_cache.max_ratio:.0%} "
+                                "of the package: download the package", "no_delta")
+        return FileResponse(path, media_type="application/zstd", headers={"X-MLSQL-Delta-From": old})
 
     @endpoint(own(operator_too=False))
     async def report(request):
@@ -260,6 +315,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         Route("/v1/blobs", put_blob, methods=["POST"]),
         Route("/v1/blobs", blobs, methods=["GET"]),
         Route("/v1/blobs/{sha}", get_blob, methods=["GET"]),
+        Route("/v1/blobs/{sha}/delta", get_delta, methods=["GET"]),
         Route("/v1/agents", agents, methods=["GET"]),
         Route("/v1/agents/{name}", agent, methods=["GET"]),
         Route("/v1/agents/{name}/enroll", enroll, methods=["POST"]),
@@ -277,4 +333,18 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     app.state.hub = hub
     app.state.credentials = creds
     app.state.data = data
+    app.state.deltas = delta_cache
     return app
+
+
+def check_origins(origins: list[str]) -> list[str]:
+    """Static origins' base URLs: http(s), no query or fragment, no trailing slash."""
+    from device_bridge import urls
+
+    out = []
+    for o in origins:
+        o = o.strip().rstrip("/")
+        if urls.origin(o) is None or "?" in o or "#" in o:
+            raise ValueError(f"origin {o!r} must be an http(s) base URL (the blobs are BASE/SHA256)")
+        out.append(o)
+    return out

@@ -177,6 +177,7 @@ class DataStore:
             raise HubError(413, f"upload of {len(body)} bytes is over the limit of {MAX_UPLOAD_BYTES}", "too_large")
         try:
             table = pa.ipc.open_stream(pa.py_buffer(body)).read_all()
+            table.validate(full=True)  # reading checks no string's UTF-8 (nor offsets): a lying body stops here
         except (pa.ArrowException, OSError, ValueError, MemoryError) as exc:
             raise _bad(f"the body is not an Arrow IPC stream: {str(exc)[:200]}") from None
         table = self.check(kind, model, table, first, last, agent)

@@ -102,7 +102,14 @@ class Database:
         try:
             return psycopg.connect(self.url, autocommit=True, connect_timeout=10)
         except psycopg.Error as exc:
-            raise HubError(503, f"cannot reach the hub's database {self.describe}: {exc}".strip(), "store") from None
+            raise HubError(503, self._scrub(f"cannot reach the hub's database {self.describe}: {exc}".strip()),
+                           "store") from None
+
+    def _scrub(self, text: str) -> str:
+        """A driver's message may quote the connection string: never its password."""
+        for secret in _secrets(self.url):
+            text = text.replace(secret, "***")
+        return text
 
     def _con(self):
         con = getattr(self._local, "con", None)
@@ -126,7 +133,7 @@ class Database:
             yield Tx(self, cur)
         except (sqlite3.Error, _pg_error()) as exc:
             self._drop_broken(con)
-            raise HubError(503, f"the hub's database {self.describe} failed: {exc}", "store") from None
+            raise HubError(503, self._scrub(f"the hub's database {self.describe} failed: {exc}"), "store") from None
         finally:
             _close(cur)
 
@@ -162,7 +169,7 @@ class Database:
                 self.commits += 1
         except (sqlite3.Error, _pg_error()) as exc:
             self._drop_broken(con)
-            raise HubError(503, f"the hub's database {self.describe} failed: {exc}", "store") from None
+            raise HubError(503, self._scrub(f"the hub's database {self.describe} failed: {exc}"), "store") from None
 
     def _drop_broken(self, con) -> None:
         """A connection the server closed is opened again by the next call."""
@@ -257,12 +264,42 @@ def _pg_error():
 
 
 def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
-    return url
+    """The URL without its password, for messages: the ``user:pw@`` one and any ``password=`` of the
+    query string (libpq's own parameter; ``?password=...`` is as valid a way to give it)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"  # not a URL urllib can read: show none of it
+    netloc = parts.netloc
+    if "@" in netloc:
+        creds, host = netloc.rsplit("@", 1)
+        if ":" in creds:
+            netloc = f"{creds.split(':', 1)[0]}:***@{host}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(k.lower() == "password" for k, _ in pairs):
+            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*/")
+    # by hand, not urlunsplit: that drops the empty host of postgresql:///db?host=/run/...
+    return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+            + (f"#{parts.fragment}" if parts.fragment else ""))
+
+
+def _secrets(url: str) -> list[str]:
+    """The password(s) in ``url`` (as written and decoded), to scrub from a driver's error text."""
+    from urllib.parse import parse_qsl, unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return []
+    found = []
+    if parts.password:
+        found += [parts.password, unquote(parts.password)]
+    found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() == "password"]
+    return sorted({s for s in found if s}, key=len, reverse=True)
 
 
 # -- the JSON store of earlier hubs -------------------------------------------------------------

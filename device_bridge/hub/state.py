@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device_bridge import package as pkg
+from device_bridge import waves
 from device_bridge.agent import deploy as deploy_settings
 from device_bridge.agent.core import atomic_write
 from device_bridge.hub.db import MAX_EVENTS, Database
@@ -81,9 +82,29 @@ class HubState:
             return [json.loads(m) for (m,) in t.all("SELECT meta FROM blobs ORDER BY seq, sha256")]
 
     def desired_of(self, name: str) -> dict:
-        with self.db.read() as t:
-            return {m: json.loads(e) for m, e in t.all("SELECT model, entry FROM desired WHERE agent = ? "
-                                                       "ORDER BY model", (name,))}
+        """The agent's own entries, and for a model it has none of, its group's rollout rule
+        (``set_desired`` with a group): the new entry when the agent's wave point (waves.py) is under
+        the rule's percent, else what the group had before. So a device that joins mid-rollout gets
+        the wave its hash falls into, and one that slept through the rollout the final state."""
+        with self.db.read() as t:  # one round trip: the agent's entries and every group's rules
+            rows = t.all("SELECT 0, model, entry FROM desired WHERE agent = ? UNION ALL "
+                         # substr, not LIKE: SQLite prepares a LIKE with a bound pattern again at each
+                         # call (4x the read's time); a key range would depend on PostgreSQL's collation
+                         "SELECT 1, key, value FROM meta WHERE substr(key, 1, 5) = ? ORDER BY 1, 2", (name, "rule:"))
+        own = {m: json.loads(e) for kind, m, e in rows if kind == 0}
+        rules = [(k, v) for kind, k, v in rows if kind == 1]
+        if not rules:
+            return own
+        group = self.group_of(name, "")
+        for key, value in rules:
+            _, g, model = key.split(":", 2)
+            if g != group or model in own:
+                continue
+            rule = json.loads(value)
+            entry = rule["entry"] if waves.bucket(name, model) < rule["percent"] else rule.get("base")
+            if entry is not None:
+                own[model] = entry
+        return own
 
     def agent_list(self) -> list[str]:
         """Every agent that registered or reported."""
@@ -135,9 +156,24 @@ class HubState:
         return list(dict.fromkeys(names))
 
     def set_desired(self, body: dict) -> dict:
+        """``devices`` and/or ``group``. With a group (and no devices) the entry is also the group's
+        rollout rule, kept for devices that join it later (desired_of); ``percent`` (default 100)
+        limits it to the group's devices whose wave point (waves.py) is under it: call again with a
+        larger percent for the next wave."""
         model = body.get("model")
         if not isinstance(model, str) or not NAME_RE.match(model):
             raise HubError(400, "model must be a model name")
+        percent = body.get("percent")
+        group_rule = body.get("group") is not None and body.get("devices") is None
+        if percent is not None:
+            if not group_rule:
+                raise HubError(400, "percent needs a group (and no devices): it picks the group's devices "
+                                    "by their wave point")
+            if isinstance(percent, bool) or not isinstance(percent, int | float) or not 0 < percent <= 100:
+                raise HubError(400, f"percent must be a number in (0, 100], got {percent!r}")
+            if body.get("restore_previous"):
+                raise HubError(400, "restore_previous takes no percent: it restores the whole group")
+        percent = 100.0 if percent is None else float(percent)
         targets = self.agent_names(body.get("devices"), body.get("group"))
         if body.get("absent"):
             entry = {"absent": True}
@@ -161,13 +197,20 @@ class HubState:
             deploy = deploy_settings.parse(body.get("deploy"), "desired state")  # checked here, applied by agents
             if deploy:
                 entry["deploy"] = deploy
+        if group_rule and entry is not None and percent < 100:
+            targets = [a for a in targets if waves.bucket(a, model) < percent]
         with self.db.tx(lock=True) as t:  # every target or none
+            if group_rule:
+                _set_rule(t, body["group"], model, entry, percent)
             for a in targets:
                 row = t.one("SELECT entry FROM desired WHERE agent = ? AND model = ?", (a, model))
                 cur = json.loads(row[0]) if row else None
                 if entry is None:  # restore what was desired before the last change
                     old = t.one("SELECT entry FROM previous WHERE agent = ? AND model = ?", (a, model))
                     t.run("DELETE FROM previous WHERE agent = ? AND model = ?", (a, model))
+                    if old is None and group_rule:  # it had no entry of its own before: the group's rule again
+                        t.run("DELETE FROM desired WHERE agent = ? AND model = ?", (a, model))
+                        continue
                     _put(t, "desired", a, model, json.loads(old[0]) if old else {"absent": True})
                     continue
                 if cur is not None and cur != entry:
@@ -319,6 +362,26 @@ class HubState:
                 # made after it set the desired state, whatever the two machines' clocks say
                 "age_s": None if seen is None else max(0.0, time.time() - seen),
                 "telemetry": rep.get("telemetry")}
+
+
+def _set_rule(t, group: str, model: str, entry: dict | None, percent: float) -> None:
+    """The group's rollout rule for ``model`` (in the meta table: ``rule:GROUP:MODEL``, names hold no
+    ':'): ``entry`` for the devices under ``percent``, ``base`` (what the group had before) for the
+    others, ``previous`` (the rule before this rollout) for restore_previous (``entry`` None)."""
+    key = f"rule:{group}:{model}"
+    row = t.one("SELECT value FROM meta WHERE key = ?", (key,))
+    old = json.loads(row[0]) if row else None
+    if entry is None:  # restore_previous: the rule before this rollout; none before it: the model absent
+        new = (old or {}).get("previous") or {"entry": {"absent": True}, "percent": 100.0, "base": None,
+                                              "previous": None}
+    elif old is not None and old["entry"] == entry:  # the same rollout's next wave
+        new = {**old, "percent": percent}
+    else:
+        base = None if old is None else (old["entry"] if old["percent"] >= 100 else old.get("base"))
+        prev = None if old is None else {k: v for k, v in old.items() if k != "previous"}
+        new = {"entry": entry, "percent": percent, "base": base, "previous": prev}
+    t.run("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+          (key, json.dumps(new, sort_keys=True)))
 
 
 def _put(t, table: str, agent: str, model: str, entry: dict) -> None:
