@@ -70,7 +70,7 @@ class Gen:
 
     def json_body(self) -> bytes:
         r = self.r
-        k = r.randrange(15)
+        k = r.randrange(16)
         if k == 0:
             obj = {"rows": [{r.choice(["x", "city", "y", ""]): self.value() for _ in range(r.randrange(3))}
                             for _ in range(r.randrange(4))]}
@@ -102,6 +102,11 @@ class Gen:
             obj = {"batch_sizes": r.choice([[1], [1, 2], self.value(), [0], [10**9]]),
                    "runs": r.choice([1, 2, self.value(), 10**9]), "provider": r.choice(["cpu", self.value()]),
                    **({"version": self.value()} if r.random() < 0.3 else {})}
+        elif k == 15:  # an experiment's settings (PUT /v1/models/{name}/experiment)
+            obj = {"id": r.choice(["e", self.value(), "e" * 300]), "unit": r.choice(["device", "request", self.value()]),
+                   "arms": r.choice([[{"version": 1, "share": 0.5}, {"version": 2, "share": 0.5}],
+                                     [{"version": self.value(), "share": self.value()}] * r.choice([1, 2, 17]),
+                                     self.value()])}
         elif k == 13:
             obj = {"columns": {"x": [1.0, 2.0], "city": ["paris", "rome"]}, "request_ids": self.value()}
         elif k == 9:
@@ -211,6 +216,7 @@ AGENT_PATHS = ["/v1/models/scorer/predict", "/v1/models/wide/predict", "/v1/mode
                "/v1/models/..%2f..%2fetc/predict", "/v1/models//predict", "/v1/models/%00/install", "/v1/nothing",
                "/v1/models/scorer/outcomes", "/v1/models/nope/outcomes", "/v1/models/%00/outcomes",
                "/v1/models/scorer/profile", "/v1/models/nope/profile", "/v1/models/%00/profile",
+               "/v1/models/scorer/experiment", "/v1/models/nope/experiment", "/v1/models/%00/experiment",
                "/v1/samples?model=scorer", "/v1/samples?model=scorer&kind=outcomes&since=0&max_rows=5",
                "/v1/samples?model=scorer&since=-1", "/v1/samples?model=nope", "/v1/samples?kind=x",
                "/v1/samples?model=scorer&max_rows=abc", "/v1/samples?model=scorer&since=99999999999999999999999"]
@@ -242,6 +248,8 @@ def one_request(gen: Gen, agent_url: str, hub_url: str, agent_cred: str | None =
             and not path.startswith("/v1/agents/fz/data") and not path.startswith("/v1/agents/edge-1/data") else "POST"
         if path == "/v1/blobs" and r.random() < 0.5:
             method = "GET"
+        if path.endswith("/experiment"):
+            method = "PUT" if r.random() < 0.8 else "DELETE"
     else:
         method = r.choice(["POST", "GET", "DELETE", "PUT", "PATCH"])
     if not to_hub and method == "DELETE" and path in ("/v1/models/scorer", "/v1/models/wide"):

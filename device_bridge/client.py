@@ -269,6 +269,14 @@ class DeviceClient:
         return self.http.request("POST", f"/v1/models/{_q(model)}/outcomes", _json({"outcomes": outcomes}),
                                  "application/json")
 
+    def set_experiment(self, model: str, experiment: dict) -> dict:
+        """Start an experiment on the model: ``{"id", "unit": "device" | "request", "arms": [{"version",
+        "share"}]}`` (its arms' versions installed); unpinned predictions then run their arm's version."""
+        return self.http.request("PUT", f"/v1/models/{_q(model)}/experiment", _json(experiment), "application/json")
+
+    def stop_experiment(self, model: str) -> dict:
+        return self.http.request("DELETE", f"/v1/models/{_q(model)}/experiment")
+
     def events(self) -> list[dict]:
         return self.http.request("GET", "/v1/events")["events"]
 

@@ -45,6 +45,8 @@ from device_bridge.agent.sampling import SampleSpec, SampleStore, spec_for
 from device_bridge.agent.scheduler import DeadlineMissed, Lane, Scheduler
 from device_bridge.agent.workers import CoreReserve, WorkerDown, WorkerProcess, WorkerSpec
 from device_bridge.errors import ApiError
+from device_bridge.experiments import arm_index
+from device_bridge.experiments import check as check_experiment
 from device_bridge.telemetry import CircuitBreaker, Telemetry
 
 STATE_FILE = "state.json"
@@ -167,6 +169,8 @@ class AgentCore:
         self.unaccounted: list[str] = []
         self.rebuilt = False
         self.state = self._read_state()
+        self.experiments: dict[str, tuple[dict, int | None]] = {}  # model -> (experiment, the device's arm)
+        self._index_experiments()
         self.started = time.time()
         if not self.rebuilt:
             self._cleanup()
@@ -544,6 +548,8 @@ class AgentCore:
                 "intra_op_threads": lv.threads if lv else None,
                 "worker": lv.worker.info() if lv and lv.worker else None,
                 "samples": dict(sample_stats.get(name, _NO_SAMPLES)),
+                "experiment": m.get("experiment"),
+                "experiment_arm": (self.experiments.get(name) or (None, None))[1],
             }
         return {
             "name": self.config.name, "agent_version": "0.1.0",
@@ -705,12 +711,14 @@ class AgentCore:
 
     def _prune(self, mm: dict, previous: int | None = None) -> list[int]:
         """Drop the oldest versions over --keep-versions, never the active one nor the one it
-        replaced: that is where a rollback goes, and anti-rollback would refuse to install it again."""
+        replaced: that is where a rollback goes, and anti-rollback would refuse to install it again.
+        A running experiment's arms are never dropped either."""
         keep = max(1, self.config.keep_versions)
+        arms = {a["version"] for a in (mm.get("experiment") or {}).get("arms", [])}
         pruned = []
         while len(mm["versions"]) > keep:
-            victim = next((v for v in mm["versions"] if v != mm.get("active") and (v != previous or keep < 2)),
-                          None)
+            victim = next((v for v in mm["versions"] if v != mm.get("active") and (v != previous or keep < 2)
+                           and v not in arms), None)
             if victim is None:
                 break
             mm["versions"].remove(victim)
@@ -873,6 +881,68 @@ class AgentCore:
             self.telemetry.event("circuit_breaker", **ev)
 
     # ------------------------------------------------------------------ predict
+
+    # ------------------------------------------------------------------ experiments
+
+    def _index_experiments(self) -> None:
+        """The running experiments by model, with this device's arm where the unit is the device
+        (computed once: the predict path reads a dict)."""
+        out = {}
+        for name, m in self.state["models"].items():
+            e = m.get("experiment")
+            if e:
+                shares = [a["share"] for a in e["arms"]]
+                mine = e["arms"][arm_index(e["id"], self.config.name, shares)]["version"] \
+                    if e["unit"] == "device" else None
+                out[name] = (e, mine)
+        self.experiments = out
+
+    def set_experiment(self, name: str, raw: Any) -> dict:
+        """Start (or replace) the experiment on ``name``: its arms' versions must be installed."""
+        try:
+            e = check_experiment(raw)
+        except ValueError as exc:
+            raise AgentError(400, str(exc), "request") from None
+        with self.lock:
+            m = self._model(name)
+            missing = [a["version"] for a in e["arms"] if a["version"] not in m["versions"]]
+            if missing:
+                raise AgentError(409, f"experiment {e['id']}: model {name} has no version {missing[0]} installed "
+                                      f"(installed: {', '.join(map(str, m['versions']))})", "not_found")
+            st = self._copy_state()
+            st["models"][name]["experiment"] = e
+            self._write_state(st)
+            self._index_experiments()
+        self.telemetry.event("experiment_started", model=name, experiment=e["id"], unit=e["unit"],
+                             arms=[a["version"] for a in e["arms"]])
+        return {"model": name, "experiment": e, "arm": self.experiments[name][1]}
+
+    def clear_experiment(self, name: str) -> dict:
+        with self.lock:
+            m = self._model(name)
+            had = m.get("experiment")
+            if had:
+                st = self._copy_state()
+                st["models"][name].pop("experiment", None)
+                self._write_state(st)
+                self._index_experiments()
+        if had:
+            self.telemetry.event("experiment_stopped", model=name, experiment=had["id"])
+        return {"model": name, "stopped": (had or {}).get("id")}
+
+    def experiment_version(self, name: str, rid: bytes | None) -> int | None:
+        """The version an unpinned request to ``name`` runs while an experiment runs on it: this
+        device's arm (unit 'device'), or the arm of the request's id (unit 'request': the
+        X-Request-Ids header's prefix or first id; a request without one gets a fresh random id, as
+        its answer does). None when no experiment runs."""
+        got = self.experiments.get(name)
+        if got is None:
+            return None
+        e, mine = got
+        if mine is not None:
+            return mine
+        key = rid.decode("utf-8", "replace").split(",", 1)[0] if rid else os.urandom(16).hex()
+        return e["arms"][arm_index(e["id"], key, [a["share"] for a in e["arms"]])]["version"]
 
     def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
         m = self.state["models"].get(name)

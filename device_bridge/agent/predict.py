@@ -164,6 +164,8 @@ class Predictor:
             if "version" in q:
                 version = _version(q["version"][-1])
         core = self.core
+        if version is None and core.experiments:  # an experiment's arm (device_bridge/experiments.py)
+            version = core.experiment_version(name, rid)
         lv = core.resolve(name, version)
         ctype_s = ctype.decode("latin-1").split(";")[0].strip().lower() if ctype else ""
         is_json = ctype_s in ("application/json", "")
