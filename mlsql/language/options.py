@@ -433,6 +433,48 @@ def _thresholds(name: str, v: list) -> dict:
     return out
 
 
+# the metrics an experiment reads out (mlsql/ml/experiments.py says which test each gets)
+EXPERIMENT_METRICS = ("accuracy", "error_rate", "log_loss", "mean_absolute_error", "mean_squared_error", "latency_ms",
+                      "p50_latency_ms", "p95_latency_ms", "p99_latency_ms")
+
+
+def _arms(name: str, v: list) -> list:
+    """``[STRUCT('m@3' AS model, 0.5 AS share), ...]`` → [{"model", "share"}]: versions named, shares
+    in (0, 1] summing to 1, no model twice."""
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, dict) or set(item) != {"model", "share"}:
+            raise OptionError(f"Option {name}: arm {i + 1} must be STRUCT('model@version' AS model, share AS share), "
+                              f"got {item!r}")
+        model, share = item["model"], item["share"]
+        if not isinstance(model, str) or "@" not in model or not model.rsplit("@", 1)[1].isdigit():
+            raise OptionError(f"Option {name}: arm {i + 1}'s model must name a version, 'model@3', got {model!r}")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise OptionError(f"Option {name}: arm {i + 1}'s share must be a number in (0, 1], got {share!r}")
+        out.append({"model": model, "share": float(share)})
+    total = sum(a["share"] for a in out)
+    if abs(total - 1.0) > 1e-9:
+        raise OptionError(f"Option {name}: the arms' shares sum to {total:g}, not 1",
+                          hint="For two arms: 0.5 and 0.5, or 0.9 and 0.1.")
+    models = [a["model"].lower() for a in out]
+    if len(set(models)) != len(models):
+        raise OptionError(f"Option {name}: an arm is given twice ({sorted(m for m in models if models.count(m) > 1)[0]})")
+    return out
+
+
+def _experiment_metrics(name: str, v: list) -> list:
+    out = []
+    for m in v:
+        if m.lower() not in EXPERIMENT_METRICS:
+            near = did_you_mean(m, EXPERIMENT_METRICS)
+            raise OptionError(f"Option {name}: unknown metric {m!r}",
+                              hint=(f"Did you mean '{near}'? " if near else "") + "Metrics: "
+                              + ", ".join(EXPERIMENT_METRICS) + ".")
+        if m.lower() not in out:
+            out.append(m.lower())
+    return out
+
+
 def _unsupported(name: str, v):
     """An option of BigQuery ML's that MLSQL does not implement: refused, not silently ignored."""
     if v is False:
@@ -699,6 +741,26 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("sample_hash", "list", "input columns stored as a keyed hash (HMAC-SHA256 with the workspace's "
                                   "salt), never the raw value", None, items="str", default_doc="none"),
     ),
+    "CREATE EXPERIMENT": (
+        _O("arms", "list", "the arms, control first: [STRUCT('m@3' AS model, 0.5 AS share), ...], versions of one "
+                           "model, shares summing to 1", required=True, items="struct", min_items=2, max_items=16,
+           check=_arms),
+        _O("unit", "str", "what is assigned to an arm: 'device' (each device serves one arm) or 'request'",
+           "device"),
+        _O("metrics", "list", "what the readout compares (each with its test: docs/LANGUAGE.md, Experiments)",
+           ["accuracy", "log_loss", "p95_latency_ms"], items="str", min_items=1, check=_experiment_metrics),
+        _O("primary_metric", "str", "the metric the decision is about; one of metrics", None,
+           default_doc="the first of metrics"),
+        _O("min_samples_per_arm", "int", "labelled rows each arm needs before its result counts", 1000, min=1),
+        _O("alpha", "float", "the significance level of each comparison with the control", 0.05, min=0, max=0.5,
+           min_open=True, max_open=True),
+        _O("power", "float", "the power samples_needed is computed for", 0.8, min=0, max=1, min_open=True,
+           max_open=True),
+        _O("mde", "float", "the minimum detectable effect samples_needed is computed for (absolute)", None, min=0,
+           min_open=True, default_doc="0.02 for a proportion, 5 % of the control's value otherwise"),
+        _O("sample_rate", "float", "share of requests whose rows each device keeps for the readout", 1.0, min=0,
+           max=1, min_open=True),
+    ),
     "CREATE DEVICE": (
         _O("url", "str", "the agent's address, http://host:port", required=True, check=_http_url),
         _O("token", "str", "the agent's device token", ""),
@@ -829,7 +891,7 @@ del _O
 _WHERE = {k: (f"in {k}'s STRUCT(...)" if k.startswith("ML.") else f"in {k} OPTIONS") for k in OPTIONS}
 _SHORT = {"model": "CREATE MODEL", "export": "EXPORT MODEL", "deploy": "DEPLOY MODEL", "device": "CREATE DEVICE",
           "group": "CREATE DEVICE GROUP", "device group": "CREATE DEVICE GROUP", "device_group": "CREATE DEVICE GROUP",
-          "job": "CREATE JOB", "alert": "CREATE ALERT"}
+          "job": "CREATE JOB", "alert": "CREATE ALERT", "experiment": "CREATE EXPERIMENT"}
 
 
 def kind_of(statement_kind: str) -> str:
