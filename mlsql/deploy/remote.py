@@ -405,7 +405,7 @@ def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list
         c.close()
 
 
-def deploy_group(group, lm, result, opts: dict):
+def deploy_group(group, lm, result, opts: dict, quality_gate=None):
     """DEPLOY MODEL ... TO GROUP: a staged rollout through the group's hub, gated wave by wave."""
     from device_bridge.client import HubClient
     from device_bridge.rollout import rollout
@@ -435,7 +435,7 @@ def deploy_group(group, lm, result, opts: dict):
                 min_requests=int(opts.get("min_requests") or 0), observe_s=float(opts.get("observe_s") or 0.0),
                 activation_timeout=float(opts.get("wave_timeout_s") or 60.0),
                 providers=opts.get("providers") or ["cpu"], strict_providers=opts["strict_providers"], log=log.append,
-                deploy=deploy_settings(opts),
+                deploy=deploy_settings(opts), quality_gate=quality_gate,
             )
         except MLSQLError:
             raise

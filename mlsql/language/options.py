@@ -69,6 +69,7 @@ class Option:
     max_items: int | None = None
     model_types: tuple[str, ...] = ()  # CREATE MODEL: the model types it applies to (empty: all)
     required: bool = False
+    struct_ok: bool = False  # a number option that also takes a STRUCT(...), which its check reads
     default_doc: str | None = None  # how docs show the default, where the value alone does not say
     check: Callable[[str, Any], Any] | None = None  # a further check of the typed value; returns it
     # hyperparameter tuning (num_trials): BigQuery ML's default search space and its scale, for an option
@@ -243,6 +244,8 @@ def _convert(o: Option, v):
     if isinstance(v, HParamRange | HParamCandidates):
         return _convert_space(o, v)
     t = o.type
+    if t in ("int", "float") and o.struct_ok and isinstance(v, dict):
+        return v  # its check reads the STRUCT
     if t in ("int", "float"):
         return _number(o, v, whole=t == "int")
     if t == "bool":
@@ -475,6 +478,26 @@ def _experiment_metrics(name: str, v: list) -> list:
     return out
 
 
+QUALITY_METRICS = ("accuracy", "error_rate", "log_loss", "mean_absolute_error", "mean_squared_error")
+
+
+def _metric_drop(name: str, v):
+    """A number (the export's quantization bound), or STRUCT('accuracy' AS metric, 0.02 AS drop): the
+    rollout's quality gate."""
+    if not isinstance(v, dict):
+        return v
+    if set(v) != {"metric", "drop"}:
+        raise OptionError(f"Option {name} = {v!r}: the quality gate is STRUCT('accuracy' AS metric, 0.02 AS drop)")
+    metric, drop = v["metric"], v["drop"]
+    if not isinstance(metric, str) or metric.lower() not in QUALITY_METRICS:
+        near = did_you_mean(str(metric), QUALITY_METRICS)
+        raise OptionError(f"Option {name}: unknown metric {metric!r}",
+                          hint=(f"Did you mean '{near}'? " if near else "") + "Metrics: " + ", ".join(QUALITY_METRICS) + ".")
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop or not math.isfinite(drop):
+        raise OptionError(f"Option {name}: drop must be a number >= 0, got {drop!r}")
+    return {"metric": metric.lower(), "drop": float(drop)}
+
+
 def _unsupported(name: str, v):
     """An option of BigQuery ML's that MLSQL does not implement: refused, not silently ignored."""
     if v is False:
@@ -701,8 +724,13 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("calibrate", "str", "calibrate = (SELECT ...): rows that calibrate int8_static, as EXPORT"),
         _O("format", "enum", "the form the device loads: onnx, or ONNX Runtime's ORT format optimized offline",
            "onnx", choices=("onnx", "ort")),
-        _O("max_metric_drop", "float", "as EXPORT: a quantized form that loses more is refused before sending",
-          MAX_METRIC_DROP, min=0),
+        _O("max_metric_drop", "float", "as EXPORT: a quantized form that loses more is refused before sending; "
+                                       "groups: STRUCT('accuracy' AS metric, 0.02 AS drop) gates each wave on the "
+                                       "online metric from late outcomes (docs/DEVICE.md, Staged rollout)",
+           MAX_METRIC_DROP, min=0, struct_ok=True, check=_metric_drop),
+        _O("min_outcomes", "int", "groups, with max_metric_drop = STRUCT(...): labelled rows of the new version on "
+                                  "a wave's devices (and of the previous version) before the quality gate",
+           500, min=1),
         _O("only_if_better", "str", "a metric name: deploy only if this version beats the one active on the device"),
         _O("rollout_percent", "float", "groups: wave size as a share of the fleet", None, min=0, max=100,
           min_open=True, default_doc="one wave"),

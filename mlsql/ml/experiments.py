@@ -309,3 +309,43 @@ def _f(x) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def row_observations(t, label_name: str | None, classes: list | None) -> dict:
+    """Per labelled row of ``t`` (ML.DEVICE_DATA's shape: ``predicted_<label>``, ``_probs``, ``label``):
+    correct (0/1) as accuracy, wrong as error_rate, its log loss (classifiers, clipped at float64's
+    epsilon), its absolute and squared error (regressors), as numpy arrays."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = t.num_rows
+    out: dict[str, np.ndarray] = {}
+    if n == 0 or label_name is None:
+        return out
+    pred = t[f"predicted_{label_name}"]
+    label = t["label"]
+    if classes is not None:
+        same = (
+            pc.equal(pred.cast(pa.string()), label.cast(pa.string()))
+            if pred.type != label.type
+            else pc.equal(pred, label)
+        )
+        correct = pc.fill_null(same, False).to_numpy(zero_copy_only=False).astype(np.float64)
+        out["accuracy"], out["error_rate"] = correct, 1.0 - correct
+        probs_col = f"predicted_{label_name}_probs"
+        if probs_col in t.column_names:
+            k = len(classes)
+            flat = pc.list_flatten(t[probs_col])
+            if len(flat) == n * k:
+                cls = pc.struct_field(flat, "label").cast(pa.string()).to_numpy(zero_copy_only=False)
+                p = pc.struct_field(flat, "prob").to_numpy(zero_copy_only=False).astype(np.float64)
+                truth = np.repeat(label.cast(pa.string()).to_numpy(zero_copy_only=False), k)
+                p_true = (p * (cls == truth)).reshape(n, k).sum(axis=1)
+                # log loss per row, clipped as sklearn's log_loss clips (eps = float64's machine epsilon)
+                out["log_loss"] = -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0))
+    else:
+        y = label.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        yhat = pred.cast(pa.float64()).to_numpy(zero_copy_only=False)
+        out["mean_absolute_error"] = np.abs(yhat - y)
+        out["mean_squared_error"] = (yhat - y) ** 2
+    return out

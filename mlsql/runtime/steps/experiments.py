@@ -243,7 +243,7 @@ def readout_rows(s: SessionState, record: dict, load_model) -> list[dict]:
             assigned[arm] = len(pc.unique(part["device"])) if record["unit"] == "device" else per_req.num_rows
             lat = per_req["latency_ms_max"].to_numpy(zero_copy_only=False).astype(np.float64)
             labelled = part.filter(pc.is_valid(part["label"]))
-            obs = _observations(labelled, lm)
+            obs = X.row_observations(labelled, lm.label, lm.model.classes)
             for metric in record["metrics"]:
                 data[arm][metric] = lat if "latency" in metric else obs.get(metric, np.zeros(0))
     r = X.readout(
@@ -297,45 +297,6 @@ def _better(row) -> bool | None:
         return None
     good = row.delta_vs_control < 0 if row.metric in LOWER_IS_BETTER else row.delta_vs_control > 0
     return bool(row.significant and good)
-
-
-def _observations(t, lm) -> dict:
-    """Per labelled row: correct (0/1), its log loss (classifiers), its absolute and squared error
-    (regressors), as numpy arrays."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    n = t.num_rows
-    out: dict[str, np.ndarray] = {}
-    if n == 0 or lm.label is None:
-        return out
-    pred = t[f"predicted_{lm.label}"]
-    label = t["label"]
-    if lm.model.classes is not None:
-        same = (
-            pc.equal(pred.cast(pa.string()), label.cast(pa.string()))
-            if pred.type != label.type
-            else pc.equal(pred, label)
-        )
-        correct = pc.fill_null(same, False).to_numpy(zero_copy_only=False).astype(np.float64)
-        out["accuracy"], out["error_rate"] = correct, 1.0 - correct
-        probs_col = f"predicted_{lm.label}_probs"
-        if probs_col in t.column_names:
-            k = len(lm.model.classes)
-            flat = pc.list_flatten(t[probs_col])
-            if len(flat) == n * k:
-                cls = pc.struct_field(flat, "label").cast(pa.string()).to_numpy(zero_copy_only=False)
-                p = pc.struct_field(flat, "prob").to_numpy(zero_copy_only=False).astype(np.float64)
-                truth = np.repeat(label.cast(pa.string()).to_numpy(zero_copy_only=False), k)
-                p_true = (p * (cls == truth)).reshape(n, k).sum(axis=1)
-                # log loss per row, clipped as sklearn's log_loss clips (eps = float64's machine epsilon)
-                out["log_loss"] = -np.log(np.clip(p_true, np.finfo(np.float64).eps, 1.0))
-    else:
-        y = label.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        yhat = pred.cast(pa.float64()).to_numpy(zero_copy_only=False)
-        out["mean_absolute_error"] = np.abs(yhat - y)
-        out["mean_squared_error"] = (yhat - y) ** 2
-    return out
 
 
 def stop(s: SessionState, step: P.ExperimentStep, load_model) -> Result:
