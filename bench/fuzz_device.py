@@ -89,7 +89,10 @@ class Gen:
         elif k == 7:
             obj = {"model": r.choice(["scorer", 5, None, "../x"]), "sha256": r.choice([self.sha, "0" * 64, 5]),
                    "devices": self.value(), "group": self.value(), "absent": self.value(),
-                   "restore_previous": self.value(), "providers": self.value()}
+                   "restore_previous": self.value(), "providers": self.value(),
+                   **({"experiment": r.choice([self.value(), {"id": "e", "unit": "device", "arms": [
+                       {"version": 1, "share": 0.5, "sha256": r.choice([self.sha, "0" * 64])},
+                       {"version": self.value(), "share": 0.5, "sha256": self.sha}]}])} if r.random() < 0.3 else {})}
         elif k == 8:
             obj = {"url": self.value(), "group": self.value(), "providers": self.value(), "status": self.value(),
                    "errors": self.value(), "telemetry": [{"models": self.value(), "events": self.value()}]}

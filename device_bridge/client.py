@@ -301,12 +301,15 @@ class HubClient:
     def set_desired(self, model: str, package: bytes | None = None, *, sha256: str | None = None,
                     devices: list[str] | None = None, group: str | None = None,
                     providers: list[str] | None = None, strict_providers: bool = False,
-                    absent: bool = False, restore_previous: bool = False, deploy: dict | None = None) -> dict:
+                    absent: bool = False, restore_previous: bool = False, deploy: dict | None = None,
+                    experiment: dict | None = None) -> dict:
+        """``experiment``: ``{"id", "unit", "arms": [{"version", "share", "sha256"}]}``, every arm an
+        uploaded package of the model: the agents install them all and route by arm."""
         if package is not None:
             sha256 = self.upload(package)["sha256"]
         body = {"model": model, "sha256": sha256, "devices": devices, "group": group, "providers": providers,
                 "strict_providers": strict_providers, "absent": absent, "restore_previous": restore_previous,
-                "deploy": deploy}
+                "deploy": deploy, "experiment": experiment}
         return self.http.request("POST", "/v1/desired", _json({k: v for k, v in body.items() if v is not None}),
                                  "application/json")
 

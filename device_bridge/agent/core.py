@@ -573,7 +573,8 @@ class AgentCore:
         """Compact state for the hub."""
         return {name: {"active": m.get("active"), "versions": m.get("versions", []),
                        "suspended": m.get("suspended", []),
-                       "sha256": m.get("sha256", {}).get(str(m.get("active")))}
+                       "sha256": m.get("sha256", {}).get(str(m.get("active"))),
+                       "experiment": (m.get("experiment") or {}).get("id")}
                 for name, m in self.state["models"].items()}
 
     # ------------------------------------------------------------------ install

@@ -107,6 +107,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             return
         sha = request.path_params["sha"]
         wanted = {e.get("sha256") for e in hub.desired_of(name).values() if isinstance(e, dict)}
+        wanted |= {a.get("sha256") for e in hub.desired_of(name).values() if isinstance(e, dict)
+                   for a in (e.get("experiment") or {}).get("arms", [])}  # an experiment's arms too
         if sha not in wanted:
             raise HubError(403, f"agent {name!r} may download only the packages of its desired state", "forbidden")
 

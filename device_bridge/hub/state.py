@@ -161,6 +161,8 @@ class HubState:
             deploy = deploy_settings.parse(body.get("deploy"), "desired state")  # checked here, applied by agents
             if deploy:
                 entry["deploy"] = deploy
+            if body.get("experiment") is not None:
+                entry["experiment"] = self._experiment(model, body["experiment"])
         with self.db.tx(lock=True) as t:  # every target or none
             for a in targets:
                 row = t.one("SELECT entry FROM desired WHERE agent = ? AND model = ?", (a, model))
@@ -174,6 +176,29 @@ class HubState:
                     _put(t, "previous", a, model, cur)
                 _put(t, "desired", a, model, entry)
         return {"model": model, "devices": targets, "desired": entry}
+
+    def _experiment(self, model: str, raw) -> dict:
+        """A desired state's experiment: device_bridge.experiments' settings, each arm with the sha256 of
+        an uploaded package of this model and version (the agents install every arm)."""
+        from device_bridge.experiments import check
+
+        arms = raw.get("arms") if isinstance(raw, dict) else None
+        if not isinstance(arms, list) or not all(isinstance(a, dict) for a in arms):
+            raise HubError(400, "experiment.arms must be a list of {version, share, sha256}")
+        try:
+            e = check({**raw, "arms": [{k: v for k, v in a.items() if k != "sha256"} for a in arms]})
+        except ValueError as exc:
+            raise HubError(400, str(exc)) from None
+        for i, (a, raw_arm) in enumerate(zip(e["arms"], arms)):
+            sha = raw_arm.get("sha256")
+            if not isinstance(sha, str) or not SHA_RE.match(sha):
+                raise HubError(400, f"experiment.arms[{i}].sha256 must be the 64 hex digits of an uploaded package")
+            meta = self.blob(sha)
+            if meta is None or meta["name"] != model or meta["version"] != a["version"]:
+                raise HubError(400, f"experiment.arms[{i}].sha256 is no uploaded package of {model} "
+                                    f"version {a['version']}")
+            a["sha256"] = sha
+        return e
 
     def register(self, name: str, body: dict) -> dict:
         url = body.get("url")

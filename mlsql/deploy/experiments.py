@@ -135,3 +135,134 @@ def stop_on_devices(devices: list, model: str, quiet: bool = False) -> None:
                 raise wrap(exc, f"Stopping the experiment on device '{dev.name}' failed") from None
         finally:
             c.close()
+
+
+def hub_names(group, hub) -> list[str]:
+    """The agents of a hub group: those it lists, else every agent registered at the hub under its name."""
+    from mlsql.deploy.remote import _HUB_AUTH_HINT, wrap
+    from mlsql.errors import DeviceError
+
+    names = list(group.devices)
+    if not names:
+        try:
+            names = sorted(a["name"] for a in hub.agents() if a.get("group") == group.name)
+        except Exception as exc:
+            raise wrap(exc, f"Cannot list the agents of hub {group.hub}", _HUB_AUTH_HINT) from None
+    if not names:
+        raise DeviceError(
+            f"Device group '{group.name}' has no devices (none listed, none registered at {group.hub})"
+        )
+    return names
+
+
+def _wait_hub(hub, names: list[str], model: str, want: str | None, timeout_s: float) -> list[str]:
+    """Wait until every agent reports ``want`` as the model's experiment id (None: no experiment);
+    the agents that did not, when the time is up."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = hub.status()
+        pending = [
+            n
+            for n in names
+            if ((status.get(n, {}).get("status") or {}).get(model) or {}).get("experiment") != want
+        ]
+        if not pending or time.monotonic() > deadline:
+            return pending
+        time.sleep(0.2)
+
+
+def start_on_hub(
+    group,
+    model: str,
+    packages: list[tuple[int, bytes]],
+    deploy: dict | None,
+    record: dict,
+    timeout_s: float = 60.0,
+) -> list[dict[str, Any]]:
+    """The same through the group's hub: every arm's package uploaded, each agent's desired state the
+    control with the experiment (the agents install every arm and start it), then the wait until each
+    reports it; an agent that does not in ``timeout_s`` gets its previous desired state back, and the
+    error names it."""
+    from device_bridge.client import HubClient
+    from device_bridge.experiments import arm_index
+    from mlsql.deploy.remote import _HUB_AUTH_HINT, wrap
+    from mlsql.errors import DeviceError
+
+    hub = HubClient(group.hub, group.hub_token or "", timeout=30.0)
+    try:
+        names = hub_names(group, hub)
+        try:
+            shas = {v: hub.upload(data)["sha256"] for v, data in packages}
+            record["hub_shas"] = {str(v): sha for v, sha in shas.items()}
+            settings = agent_settings(record)
+            for a in settings["arms"]:
+                a["sha256"] = shas[a["version"]]
+            control = record["arms"][0]["version"]
+            hub.set_desired(
+                model,
+                sha256=shas[control],
+                devices=names,
+                providers=["cpu"],
+                deploy=deploy,
+                experiment=settings,
+            )
+            pending = _wait_hub(hub, names, model, record["id"], timeout_s)
+            if pending:
+                hub.set_desired(model, devices=names, restore_previous=True)
+                raise DeviceError(
+                    f"Starting experiment '{record['name']}' on group '{group.name}' failed: "
+                    f"{', '.join(pending)} did not report it within {timeout_s:g} s; the group's "
+                    "previous desired state is restored"
+                )
+        except MLSQLError:
+            raise
+        except Exception as exc:
+            raise wrap(
+                exc, f"Starting experiment '{record['name']}' on group '{group.name}' failed", _HUB_AUTH_HINT
+            ) from None
+    finally:
+        hub.close()
+    shares = [a["share"] for a in record["arms"]]
+    return [
+        {
+            "device": n,
+            "arm_version": record["arms"][arm_index(record["id"], n, shares)]["version"]
+            if record["unit"] == "device"
+            else None,
+        }
+        for n in names
+    ]
+
+
+def stop_on_hub(group, record: dict, timeout_s: float = 60.0) -> None:
+    """Each agent's desired state back to the control without the experiment; waits until they report it."""
+    from device_bridge.client import HubClient
+    from mlsql.deploy.remote import _HUB_AUTH_HINT, wrap
+    from mlsql.errors import DeviceError
+
+    hub = HubClient(group.hub, group.hub_token or "", timeout=30.0)
+    try:
+        names = hub_names(group, hub)
+        control = str(record["arms"][0]["version"])
+        try:
+            hub.set_desired(
+                record["model"],
+                sha256=record["hub_shas"][control],
+                devices=names,
+                providers=["cpu"],
+                deploy=record.get("deploy"),
+            )
+            pending = _wait_hub(hub, names, record["model"], None, timeout_s)
+        except Exception as exc:
+            raise wrap(
+                exc, f"Stopping experiment '{record['name']}' on group '{group.name}' failed", _HUB_AUTH_HINT
+            ) from None
+        if pending:
+            raise DeviceError(
+                f"Stopping experiment '{record['name']}': {', '.join(pending)} still report it after "
+                f"{timeout_s:g} s (their desired state has none; they stop at their next poll)"
+            )
+    finally:
+        hub.close()

@@ -64,11 +64,14 @@ def test_device_arm_is_served_recorded_and_sticky(tmp_path):
             },
         )
         assert r["arm"] == 1
-        assert _y(c) == 2.0  # x * 2: version 1 serves this device
-        assert _y(c, version=2) == 3.0  # a pinned version is served as asked
+        assert _y(c, request_ids=["routed"]) == 2.0  # x * 2: version 1 serves this device
+        assert _y(c, version=2, request_ids=["pinned"]) == 3.0  # a pinned version is served as asked
         table, _ = c.samples("scorer")
-        arms = table.column("version").to_pylist()
-        assert arms[-2:] == [1, 2]  # the arm (its version) is in each sample row
+        version_of = dict(zip(table.column("request_id").to_pylist(), table.column("version").to_pylist()))
+        assert (version_of["routed"], version_of["pinned"]) == (
+            1,
+            2,
+        )  # the arm (its version) is in the sample
         agent.kill()
         agent = start_agent(tmp_path, name, store)  # restart
         c = DeviceClient(agent.url, TOKEN)

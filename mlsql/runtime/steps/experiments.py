@@ -61,7 +61,7 @@ def experiment_step(s: SessionState, step: P.ExperimentStep, load_model, deploya
     if step.action == "create":
         return create(s, step, load_model, deployable)
     if step.action == "stop":
-        return stop(s, step, load_model)
+        return stop(s, step, load_model, deployable)
     return show(s, step)
 
 
@@ -72,13 +72,10 @@ def _store(s: SessionState):
 
 
 def _group_devices(s: SessionState, group_name: str) -> list:
+    """The devices of a group the notebook reaches directly ([] for a group behind a hub)."""
     group = s.devices.group(group_name)
     if group.hub:
-        raise MLSQLError(
-            f"Device group '{group_name}' is behind a hub: experiments run on groups of devices the "
-            "notebook reaches directly for now",
-            hint="CREATE DEVICE GROUP 'g' OPTIONS (devices = ['a', 'b', ...]) of CREATE DEVICE's.",
-        )
+        return []
     if not group.devices:
         raise MLSQLError(
             f"Device group '{group_name}' has no devices: an experiment needs at least one",
@@ -89,7 +86,7 @@ def _group_devices(s: SessionState, group_name: str) -> list:
 
 def create(s: SessionState, step: P.ExperimentStep, load_model, deployable) -> Result:
     from mlsql.deploy import remote as D
-    from mlsql.deploy.experiments import start_on_devices
+    from mlsql.deploy.experiments import start_on_devices, start_on_hub
 
     o = dict(step.options)
     if o["unit"] not in ("device", "request"):
@@ -173,9 +170,14 @@ def create(s: SessionState, step: P.ExperimentStep, load_model, deployable) -> R
             )
             _lm, exported = deployable(s, dstep, deploy_opts)
             packages.append((a["version"], exported.package_path.read_bytes()))
-        rows = start_on_devices(devices, arms[0]["name"], packages, D.deploy_settings(deploy_opts), record)
+        record["deploy"] = D.deploy_settings(deploy_opts)
+        group = s.devices.group(step.group)
+        if group.hub:  # through the hub: every agent installs the arms its desired state names
+            rows = start_on_hub(group, arms[0]["name"], packages, record["deploy"], record)
+        else:
+            rows = start_on_devices(devices, arms[0]["name"], packages, record["deploy"], record)
         record["status"] = "running"
-        record["devices"] = [d.name for d in devices]
+        record["devices"] = [r["device"] for r in rows]
         store.put(record)
     letters = _arm_names(record)
     by_version = {a["version"]: letters[i] for i, a in enumerate(arms)}
@@ -194,7 +196,7 @@ def create(s: SessionState, step: P.ExperimentStep, load_model, deployable) -> R
         table,
         kind="experiment",
         message=(
-            f"Started experiment {step.name} on group {step.group} ({len(devices)} devices, unit {record['unit']}): "
+            f"Started experiment {step.name} on group {step.group} ({len(rows)} devices, unit {record['unit']}): "
             f"{split}; primary metric {primary}"
         ),
     )
@@ -299,8 +301,8 @@ def _better(row) -> bool | None:
     return bool(row.significant and good)
 
 
-def stop(s: SessionState, step: P.ExperimentStep, load_model) -> Result:
-    from mlsql.deploy.experiments import stop_on_devices
+def stop(s: SessionState, step: P.ExperimentStep, load_model, deployable) -> Result:
+    from mlsql.deploy.experiments import stop_on_devices, stop_on_hub
 
     store = _store(s)
     record = store.get(step.name)
@@ -318,17 +320,38 @@ def stop(s: SessionState, step: P.ExperimentStep, load_model) -> Result:
                 hint="Its arms: " + ", ".join(a["model"] for a in record["arms"]) + ".",
             )
     final = readout_rows(s, record, load_model)
+    group = s.devices.group(record["group"])
     devices = _group_devices(s, record["group"])
-    stop_on_devices(devices, record["model"])
-    promoted_rows = []
-    if winner is not None:
+    if group.hub:
+        stop_on_hub(group, record)
+    else:
+        stop_on_devices(devices, record["model"])
+    promoted_rows: list = []
+    rollout = None
+    if (
+        winner is not None and group.hub
+    ):  # the normal staged rollout (DEPLOY ... TO GROUP), every gate included
+        from mlsql.deploy import remote as D
+
+        opts = D.resolve_deploy_options({"sample_rate": (record.get("deploy") or {}).get("sample_rate")})
+        dstep = P.DeviceStep(
+            "deploy", group.name, opts, P.ModelSpec(winner["name"], winner["version"]), "GROUP"
+        )
+        lm, exported = deployable(s, dstep, opts)
+        rollout = D.deploy_group(group, lm, exported, opts)
+        promoted_rows = [n for w in rollout.rollout.waves for n in w.devices]
+    elif winner is not None:
         promoted_rows = _promote(s, devices, record["model"], winner["version"])
     with store.locked():
         record = store.get(step.name)
         record.update(
             status="stopped",
             stopped_at=datetime.now(UTC).isoformat(),
-            promoted=winner["model"] if winner else None,
+            promoted=None
+            if winner is None
+            else winner["model"]
+            if rollout is None or rollout.rollout.ok
+            else f"{winner['model']} (rollout stopped: {rollout.message})",
         )
         for row in final:
             row["status"] = "stopped"
@@ -336,7 +359,9 @@ def stop(s: SessionState, step: P.ExperimentStep, load_model) -> Result:
         store.put(record)
     table = pa.Table.from_pylist(final, schema=_schema())
     msg = f"Stopped experiment {step.name}; its final readout is kept (ML.EXPERIMENT_RESULTS('{step.name}'))"
-    if winner is not None:
+    if rollout is not None:
+        msg += f"; promotion: {rollout.message}"
+    elif winner is not None:
         msg += f"; promoted {winner['model']} to group {record['group']} ({len(promoted_rows)} devices)"
     out = Result(table, kind="experiment", message=msg)
     return out
