@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 UNITS = ("device", "request")  # besides these, an input column's name
+MAX_UNIT = 128
 MAX_ARMS = 16
 MAX_ID = 200
 
@@ -36,6 +37,27 @@ def arm_index(experiment: str, unit: Any, shares: list[float]) -> int:
     return len(shares) - 1  # float rounding of a sum of shares just under 1
 
 
+def column_arms(experiment: str, values, shares: list[float]):
+    """The arm of each row for a column unit: ``values`` a numpy array of the column (one value per
+    row); each distinct value hashed once (its text, ``str(value)``). Returns an int array."""
+    import numpy as np
+
+    flat = np.asarray(values).reshape(len(values), -1)[:, 0]
+    uniq, inverse = np.unique(flat, return_inverse=True)
+    arms = np.fromiter((arm_index(experiment, _text(v), shares) for v in uniq.tolist()), np.int64, len(uniq))
+    return arms[inverse.reshape(-1)]
+
+
+def _text(v: Any) -> str:
+    """A column value's text as the hash reads it: a string as is, a bytes value decoded, a whole
+    float as an integer (so 7 and 7.0 are one unit), anything else str()."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "surrogateescape")
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    return str(v)
+
+
 def check(raw: Any) -> dict:
     """An experiment's settings as the agent keeps them: ``{"id", "unit", "arms": [{"version",
     "share"}]}``; raises ValueError naming the field."""
@@ -48,8 +70,10 @@ def check(raw: Any) -> dict:
     if not isinstance(eid, str) or not 0 < len(eid) <= MAX_ID:
         raise ValueError(f"experiment.id must be a string of 1 to {MAX_ID} characters")
     unit = raw.get("unit", "device")
-    if unit not in UNITS:
-        raise ValueError(f"experiment.unit must be one of {', '.join(UNITS)}, got {unit!r}")
+    if not isinstance(unit, str) or not 0 < len(unit) <= MAX_UNIT:
+        raise ValueError(
+            f"experiment.unit must be {', '.join(UNITS)} or an input column's name, got {unit!r}"
+        )
     arms = raw.get("arms")
     if not isinstance(arms, list) or not 2 <= len(arms) <= MAX_ARMS:
         raise ValueError(f"experiment.arms must be a list of 2 to {MAX_ARMS} arms")

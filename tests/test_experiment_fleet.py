@@ -125,6 +125,7 @@ def test_bad_experiments_are_refused_and_change_nothing(fleet):
             ", metrics = ['accuracy'], primary_metric = 'log_loss'",
             "primary_metric = 'log_loss' is not among",
         ),
+        (ARMS, ", unit = 'colour'", "unit = 'colour': not 'device', 'request' or an input column of m@1"),
     ]
     for arms, more, message in cases:
         with pytest.raises(MLSQLError, match=message):

@@ -910,6 +910,12 @@ class AgentCore:
             if missing:
                 raise AgentError(409, f"experiment {e['id']}: model {name} has no version {missing[0]} installed "
                                       f"(installed: {', '.join(map(str, m['versions']))})", "not_found")
+            if e["unit"] not in ("device", "request"):  # an input column: every arm must read it
+                for a in e["arms"]:
+                    names = [c.name for c in self.resolve(name, a["version"]).manifest.inputs]
+                    if e["unit"] not in names:
+                        raise AgentError(400, f"experiment.unit {e['unit']!r} is not an input column of {name} "
+                                              f"version {a['version']} (its inputs: {', '.join(names)})", "request")
             st = self._copy_state()
             st["models"][name]["experiment"] = e
             self._write_state(st)
@@ -942,8 +948,31 @@ class AgentCore:
         e, mine = got
         if mine is not None:
             return mine
+        if e["unit"] != "request":
+            return None  # by an input column: chosen once the body is read (column_version)
         key = rid.decode("utf-8", "replace").split(",", 1)[0] if rid else os.urandom(16).hex()
         return e["arms"][arm_index(e["id"], key, [a["share"] for a in e["arms"]])]["version"]
+
+    def column_unit(self, name: str) -> dict | None:
+        """The running experiment on ``name`` when its unit is an input column."""
+        got = self.experiments.get(name)
+        return got[0] if got is not None and got[0]["unit"] not in ("device", "request") else None
+
+    def column_version(self, e: dict, feed: dict) -> int:
+        """The arm's version of a request whose rows are all in one arm by the experiment's column; a
+        batch whose rows fall in different arms is refused (400 naming two rows of two arms)."""
+        from device_bridge.experiments import column_arms
+
+        col = feed.get(e["unit"])
+        if col is None or len(col) == 0:
+            return e["arms"][0]["version"]
+        arms = column_arms(e["id"], col, [a["share"] for a in e["arms"]])
+        if (arms != arms[0]).any():
+            j = int(np.argmax(arms != arms[0]))
+            raise AgentError(400, f"experiment {e['id']} assigns by column {e['unit']!r}: rows 0 and {j} of this "
+                                  f"request fall in different arms; send each {e['unit']}'s rows in a request of "
+                                  "their own", "invalid_input")
+        return e["arms"][int(arms[0])]["version"]
 
     def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
         m = self.state["models"].get(name)

@@ -175,6 +175,11 @@ class Predictor:
                                   f"{COLUMNS_TYPE} or application/x-npz", "content_type")
         body = await web.read_body_asgi(scope, receive, length, self.max_json if is_json else self.max_body,
                                         self.body_timeout, self.budget)
+        if version is None and core.experiments:
+            e = core.column_unit(name)
+            if e is not None:  # by an input column: the rows' arm, from the body read with the control's inputs
+                feed, _n, _p, _ids = self._parse(lv, body, ctype_s, rid)
+                lv = core.resolve(name, core.column_version(e, feed))
         accept_s = accept.decode("latin-1") if accept else ""
         answer = ("columns" if COLUMNS_TYPE in accept_s else
                   "npz" if any(t in accept_s for t in NPZ_TYPES) else None)

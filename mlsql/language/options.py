@@ -773,7 +773,8 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("arms", "list", "the arms, control first: [STRUCT('m@3' AS model, 0.5 AS share), ...], versions of one "
                            "model, shares summing to 1", required=True, items="struct", min_items=2, max_items=16,
            check=_arms),
-        _O("unit", "str", "what is assigned to an arm: 'device' (each device serves one arm) or 'request'",
+        _O("unit", "str", "what is assigned to an arm: 'device' (each device serves one arm), 'request', or an input "
+           "column's name ('user_id': each value's rows go to one arm)",
            "device"),
         _O("metrics", "list", "what the readout compares (each with its test: docs/LANGUAGE.md, Experiments)",
            ["accuracy", "log_loss", "p95_latency_ms"], items="str", min_items=1, check=_experiment_metrics),

@@ -141,3 +141,47 @@ def test_request_unit_and_bad_settings(tmp_path):
         assert ei.value.code == 401
     finally:
         agent.kill()
+
+
+def test_column_unit_routes_each_value_and_refuses_mixed_batches(tmp_path):
+    kp = make_keys(tmp_path / "keys")
+    store = tmp_path / "store"
+    trust(store, kp)
+    agent = start_agent(tmp_path, "dev-c", store)
+    try:
+        c = DeviceClient(agent.url, TOKEN)
+        c.install(package(kp, 1, mult=2.0))
+        c.install(package(kp, 2, mult=3.0))
+        shares = [0.5, 0.5]
+        with pytest.raises(Exception, match="'colour' is not an input column of scorer"):
+            c.set_experiment(
+                "scorer",
+                {
+                    "id": "exp-c",
+                    "unit": "colour",
+                    "arms": [{"version": 1, "share": 0.5}, {"version": 2, "share": 0.5}],
+                },
+            )
+        c.set_experiment(
+            "scorer",
+            {
+                "id": "exp-c",
+                "unit": "city",
+                "arms": [{"version": 1, "share": 0.5}, {"version": 2, "share": 0.5}],
+            },
+        )
+        cities = [f"city{i}" for i in range(12)]
+        arm = {ct: arm_index("exp-c", ct, shares) for ct in cities}
+        assert set(arm.values()) == {0, 1}  # both arms among these values (found, not assumed)
+        for ct in cities:  # x * 2 on version 1, x * 3 on version 2 (no city is 'paris': + 0)
+            y = c.predict("scorer", columns={"x": [1.0, 1.0], "city": [ct, ct]})["outputs"]["y"]
+            assert np.asarray(y).ravel().tolist() == [2.0 + arm[ct]] * 2
+        same = [ct for ct in cities if arm[ct] == 1][:2]
+        y = c.predict("scorer", columns={"x": [1.0, 1.0], "city": same})["outputs"]["y"]
+        assert np.asarray(y).ravel().tolist() == [3.0, 3.0]  # several values of one arm: one run
+        a0, a1 = next(ct for ct in cities if arm[ct] == 0), next(ct for ct in cities if arm[ct] == 1)
+        with pytest.raises(Exception, match="rows 0 and 2 of this request fall in different arms") as ei:
+            c.predict("scorer", columns={"x": [1.0, 1.0, 1.0], "city": [a0, a0, a1]})
+        assert getattr(ei.value, "status", None) == 400
+    finally:
+        agent.kill()

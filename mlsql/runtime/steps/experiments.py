@@ -89,11 +89,6 @@ def create(s: SessionState, step: P.ExperimentStep, load_model, deployable) -> R
     from mlsql.deploy.experiments import start_on_devices, start_on_hub
 
     o = dict(step.options)
-    if o["unit"] not in ("device", "request"):
-        raise OptionError(
-            f"Option unit = {o['unit']!r}: an experiment assigns by 'device' or 'request'",
-            hint="Assignment by an input column (unit = 'user_id') is not available yet.",
-        )
     metrics = o["metrics"]
     primary = (o.get("primary_metric") or metrics[0]).lower()
     if primary not in metrics:
@@ -113,6 +108,26 @@ def create(s: SessionState, step: P.ExperimentStep, load_model, deployable) -> R
                 "share": a["share"],
             }
         )
+    if o["unit"] not in ("device", "request"):  # an input column: every arm must read it
+        for a in arms:
+            lm = load_model(s, P.ModelSpec(a["name"], a["version"]))
+            reads = (
+                lm.feature_names
+                if lm.transform is None
+                else [c for cols in lm.transform.reads.values() for c in cols]
+            )
+            if o["unit"].lower() not in {c.lower() for c in reads}:
+                from mlsql.errors import did_you_mean
+
+                near = did_you_mean(o["unit"], reads)
+                raise OptionError(
+                    f"Option unit = {o['unit']!r}: not 'device', 'request' or an input column of {a['model']}",
+                    hint=(f"Did you mean '{near}'? " if near else "")
+                    + "Its input columns: "
+                    + ", ".join(reads)
+                    + ".",
+                )
+            o["unit"] = next(c for c in reads if c.lower() == o["unit"].lower())
     if len({a["name"].lower() for a in arms}) != 1:
         raise OptionError(
             "Option arms: every arm must be a version of one model "
@@ -242,7 +257,14 @@ def readout_rows(s: SessionState, record: dict, load_model) -> list[dict]:
             arm = letters[i]
             part = t.filter(pc.equal(t["version"], a["version"]))
             per_req = part.group_by(["device", "__req"], use_threads=False).aggregate([("latency_ms", "max")])
-            assigned[arm] = len(pc.unique(part["device"])) if record["unit"] == "device" else per_req.num_rows
+            unit = record["unit"]
+            assigned[arm] = (
+                len(pc.unique(part["device"]))
+                if unit == "device"
+                else per_req.num_rows
+                if unit == "request" or unit not in part.column_names
+                else len(pc.unique(part[unit]))
+            )  # a column: its distinct values
             lat = per_req["latency_ms_max"].to_numpy(zero_copy_only=False).astype(np.float64)
             labelled = part.filter(pc.is_valid(part["label"]))
             obs = X.row_observations(labelled, lm.label, lm.model.classes)
