@@ -202,3 +202,45 @@ def test_worse_arm_is_detected_and_its_promotion_refused(fleet):
     assert after.equals(before)  # the final readout is kept
     shown = s.sql("SHOW EXPERIMENTS").to_arrow().to_pylist()
     assert [(e["experiment"], e["status"]) for e in shown] == [("ab", "stopped")]
+
+
+def test_monitor_widget_shows_the_experiment_and_its_button_promotes(fleet):
+    """The experiment monitor (mlsql/notebook/experiment_monitor.py): the arms side by side as the
+    readout has them, the primary metric's points with their intervals, the sample-ratio flag, and the
+    Promote button's message running STOP EXPERIMENT ... PROMOTE through the session."""
+    from device_bridge.client import DeviceClient
+    from mlsql.notebook.experiment_monitor import ExperimentMonitor
+
+    s, urls = fleet
+    s.sql(
+        f"CREATE EXPERIMENT w ON GROUP 'field' OPTIONS (arms = {ARMS}, unit = 'request', metrics = ['accuracy'])"
+    )
+    replay(urls, world(REQUESTS * ROWS_PER_REQUEST, seed=4), "w")
+    m = ExperimentMonitor(s, "w", interval=60)  # its thread reads once; the test refreshes by hand
+    try:
+        m.refresh()
+        q = "SELECT arm, model, n, delta_vs_control FROM ML.EXPERIMENT_RESULTS('w') WHERE metric = 'accuracy' ORDER BY arm"
+        sql = s.sql(q).to_arrow().to_pylist()
+        assert (
+            [(a["arm"], a["model"]) for a in m.arms]
+            == [(r["arm"], r["model"]) for r in sql]
+            == [("A", "m@1"), ("B", "m@2")]
+        )
+        assert [a["metrics"]["accuracy"]["n"] for a in m.arms] == [r["n"] for r in sql]
+        assert m.arms[1]["metrics"]["accuracy"]["delta_vs_control"] == pytest.approx(
+            sql[1]["delta_vs_control"], rel=1e-12
+        )
+        assert m.primary_metric == "accuracy" and m.trustworthy and m.status == "running"
+        points = [p for p in m.history if p[1] == "B"]
+        assert points and points[-1][3] < points[-1][2] < points[-1][4]  # value inside its interval
+        m.promote("m@9")
+        assert "not an arm of experiment 'w'" in m.promote_result and m.status == "running"
+        m._on_message(m, {"promote": "m@1"}, [])  # what the button sends
+        assert "promoted m@1 to group field" in m.promote_result and m.status == "stopped"
+    finally:
+        m.stop()
+    shown = [e for e in s.sql("SHOW EXPERIMENTS").to_arrow().to_pylist() if e["experiment"] == "w"]
+    assert [(e["status"], e["promoted"]) for e in shown] == [("stopped", "m@1")]
+    for url in urls:
+        info = DeviceClient(url, TOKEN).info()["models"]["m"]
+        assert info["active"] == 1 and info["experiment"] is None
