@@ -329,6 +329,10 @@ class HubClient:
     def events(self) -> list[dict]:
         return self.http.request("GET", "/v1/events")["events"]
 
+    def post_event(self, event: str, **fields) -> dict:
+        """Record an operator event at the hub (``rollout_stopped`` ...), shown with the agents' events."""
+        return self.http.request("POST", "/v1/events", _json({"event": event, **fields}), "application/json")
+
     def device_data(self, kind: str = "samples", group: str | None = None, model: str | None = None,
                     since=None, max_rows: int = 100_000):
         """The samples or outcomes agents uploaded (operator token): a pyarrow.Table, oldest first,

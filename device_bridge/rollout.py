@@ -188,6 +188,11 @@ def rollout(hub: HubClient, model: str, package: bytes, devices: list[str], *,
                 res.metrics["quality"] = q_metrics
         if res.failures:
             say(f"wave {i} failed: {'; '.join(res.failures)}; rolling back")
+            try:  # the reason in the hub's events too (a hub without operator events: only in the report)
+                hub.post_event("rollout_stopped", model=model, version=version, wave=i, devices=wave,
+                               failures=res.failures, metrics=res.metrics)
+            except Exception as exc:  # noqa: BLE001 - the rollout's own report still says why
+                say(f"could not record the stop at the hub: {exc}")
             hub.set_desired(model, devices=wave, restore_previous=True)
             back = _wait_restored(hub, model, before, activation_timeout, poll, time.monotonic())
             res.status = "rolled_back" if not back else "failed"

@@ -138,6 +138,17 @@ def test_a_degraded_model_stops_at_its_first_wave(tmp_path):
         # the degraded version is about 12 points worse on the world's truth: far beyond the 0.02 bound
         # (at n >= 500 an accuracy's standard error is under 0.02, so 0.06 is over 3 of them)
         assert q["worse_by"] > 0.06 and q["value"] < q["previous_value"]
+        # the reason in the hub's events too
+        stops = [e for e in HubClient(hl[0]["url"], TOKEN).events() if e.get("event") == "rollout_stopped"]
+        assert len(stops) == 1 and stops[0]["version"] == 2 and stops[0]["wave"] == 0
+        assert (
+            "online accuracy of version 2" in stops[0]["failures"][0]
+            and stops[0]["metrics"]["quality"]["n"] >= 500
+        )
+        from device_bridge.errors import DeviceRequestError
+
+        with pytest.raises(DeviceRequestError, match="event must be a lower-case name"):
+            HubClient(hl[0]["url"], TOKEN).post_event("Rollout Stopped!")
         status = HubClient(hl[0]["url"], TOKEN).status()
         assert {
             n: ((status[n].get("status") or {}).get("m") or {}).get("active") for n in names

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from device_bridge.hub.db import MAX_EVENTS, Database
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
 
 log = logging.getLogger("device_bridge.hub")
+OPERATOR = "~operator"  # the name operator events are kept under (NAME_RE allows no agent this name)
 FLUSH_S = 0.2  # reports and events reach the database at most this long after they arrive
 
 
@@ -114,6 +116,22 @@ class HubState:
         written = {(a, q) for a, q, _ in rows}  # a flush may have landed between the two reads
         return ([json.loads(b) for _, _, b in reversed(rows)]
                 + [body for a, q, body in mine if (a, q) not in written])[-MAX_EVENTS:]
+
+    def operator_event(self, body: dict) -> dict:
+        """An event the operator's side records (a rollout that stopped, and why): kept with the agents'
+        events, under a name no agent can have, newest last in GET /v1/events."""
+        kind = body.get("event") if isinstance(body, dict) else None
+        if not isinstance(kind, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", kind):
+            raise HubError(400, "event must be a lower-case name of at most 64 letters, digits and '_'")
+        ev = {**body, "agent": None, "source": "operator", "time": time.time()}
+        with self._mu:
+            seq = max(time.time_ns(), self._marks.get(OPERATOR, 0) + 1)
+            self._marks[OPERATOR] = seq
+            self._events.append((OPERATOR, seq, ev))
+            del self._events[:-MAX_EVENTS]
+        if self.flush_s <= 0:
+            self.flush()
+        return {"recorded": kind}
 
     def agent_names(self, devices=None, group=None) -> list[str]:
         names: list[str] = []
