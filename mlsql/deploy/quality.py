@@ -3,8 +3,8 @@ STRUCT('accuracy' AS metric, 0.02 AS drop), min_outcomes = 500)``.
 
 After a wave's other gates passed, the gate reads the group's device data from its hub (samples
 joined with their latest outcomes, as ``ML.DEVICE_DATA`` does) until the new version has
-``min_outcomes`` labelled rows on the wave's devices since the wave started and the previous
-version has as many on the group, or the wave's time (``wave_timeout_s``) is up. The wave passes
+``min_outcomes`` labelled rows on the wave's devices and the previous version has as many on the
+group (rows predicted from a day before the wave on), or the wave's time (``wave_timeout_s``) is up. The wave passes
 when the new version's online metric is no worse than the previous version's by more than
 ``drop`` (accuracy: lower by at most ``drop``; error_rate, log_loss, errors: higher by at most
 ``drop``). Otherwise the rollout stops and the wave is rolled back (device_bridge/rollout.py);
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
@@ -25,6 +25,7 @@ from mlsql.deploy.data import _concat, _hub_rows, shape
 
 MAX_ROWS = 1_000_000
 POLL_S = 0.5
+PREVIOUS_WINDOW_S = 86_400  # the previous version's rows of the last day before the wave count
 
 
 def online_metric_gate(group, lm_new, load_version, gate: dict, min_outcomes: int, timeout_s: float):
@@ -50,8 +51,10 @@ def online_metric_gate(group, lm_new, load_version, gate: dict, min_outcomes: in
         started = datetime.now(UTC)
         deadline = time.monotonic() + timeout_s
         while True:
-            samples = _concat(_hub_rows(group, model, "samples", None, MAX_ROWS))
-            outcomes = _concat(_hub_rows(group, model, "outcomes", None, MAX_ROWS))
+            # the last day's rows (a hub answers the oldest first, up to MAX_ROWS)
+            since = started - timedelta(seconds=PREVIOUS_WINDOW_S)
+            samples = _concat(_hub_rows(group, model, "samples", since, MAX_ROWS))
+            outcomes = _concat(_hub_rows(group, model, "outcomes", since, MAX_ROWS))
             new_t = old_t = None
             if samples is not None and samples.num_rows:
                 t = shape(samples, outcomes, lm_new, max_rows=MAX_ROWS)

@@ -238,7 +238,9 @@ def readout_rows(s: SessionState, record: dict, load_model) -> list[dict]:
 
     arms = record["arms"]
     lm = load_model(s, P.ModelSpec(arms[0]["name"], arms[0]["version"]))
-    samples, outcomes = fetch(s.devices, record["group"], record["model"], None, READ_MAX_ROWS)
+    # since the start: a hub answers the oldest rows first, up to READ_MAX_ROWS (a device, all it keeps)
+    since = parse_since(record["started_at"])
+    samples, outcomes = fetch(s.devices, record["group"], record["model"], since, READ_MAX_ROWS)
     letters = _arm_names(record)
     data: dict[str, dict[str, np.ndarray]] = {a: {} for a in letters}
     assigned = dict.fromkeys(letters, 0)
