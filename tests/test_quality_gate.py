@@ -67,6 +67,27 @@ class App(threading.Thread):
             self.error = exc
 
 
+RECEIVED: list[dict] = []
+
+
+def webhook() -> str:
+    """A local JSON webhook (what apprise's json:// posts to); what it receives goes to RECEIVED."""
+    import http.server
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            RECEIVED.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return f"json://127.0.0.1:{srv.server_address[1]}/hook"
+
+
 def test_a_degraded_model_stops_at_its_first_wave(tmp_path):
     import mlsql
     from device_bridge.client import HubClient
@@ -125,9 +146,10 @@ def test_a_degraded_model_stops_at_its_first_wave(tmp_path):
         app = App([d["url"] for d in devices])
         app.start()
 
+        hook_url = webhook()
         bad = s.sql(
             f"DEPLOY MODEL m@2 TO GROUP 'field' OPTIONS (rollout_percent = 25, sample_rate = 1, {GATE}, "
-            "min_outcomes = 500, wave_timeout_s = 60)"
+            f"min_outcomes = 500, wave_timeout_s = 60, notify = ['{hook_url}'])"
         )
         waves = bad.to_arrow().to_pylist()
         print(bad.message)
@@ -138,6 +160,12 @@ def test_a_degraded_model_stops_at_its_first_wave(tmp_path):
         # the degraded version is about 12 points worse on the world's truth: far beyond the 0.02 bound
         # (at n >= 500 an accuracy's standard error is under 0.02, so 0.06 is over 3 of them)
         assert q["worse_by"] > 0.06 and q["value"] < q["previous_value"]
+        # the alert: one notification with the stop and its reason
+        assert "; notified" in bad.message and len(RECEIVED) == 1
+        assert (
+            "stopped at wave 0" in RECEIVED[0]["title"]
+            and "online accuracy of version 2" in RECEIVED[0]["message"]
+        )
         # the reason in the hub's events too
         stops = [e for e in HubClient(hl[0]["url"], TOKEN).events() if e.get("event") == "rollout_stopped"]
         assert len(stops) == 1 and stops[0]["version"] == 2 and stops[0]["wave"] == 0

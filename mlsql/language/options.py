@@ -728,6 +728,9 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
                                        "groups: STRUCT('accuracy' AS metric, 0.02 AS drop) gates each wave on the "
                                        "online metric from late outcomes (docs/DEVICE.md, Staged rollout)",
            MAX_METRIC_DROP, min=0, struct_ok=True, check=_metric_drop),
+        _O("notify", "list", "groups: where a stopped rollout is announced, with its reason: apprise URLs "
+                             "('json://host/path', 'mailto://...', 'slack://...'), as CREATE ALERT's", None,
+           items="str", check=_notify_urls, default_doc="none"),
         _O("min_outcomes", "int", "groups, with max_metric_drop = STRUCT(...): labelled rows of the new version on "
                                   "a wave's devices (and of the previous version) before the quality gate",
            500, min=1),

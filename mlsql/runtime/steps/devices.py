@@ -199,7 +199,15 @@ def deploy_group(s: SessionState, step: P.DeviceStep) -> Result:
         gate = online_metric_gate(group, lm, lambda v: load_model(s, P.ModelSpec(lm.version.name, v)),
                                   opts["max_metric_drop"], int(opts["min_outcomes"]),
                                   float(opts.get("wave_timeout_s") or 60.0))
-    return D.deploy_group(group, lm, result, _sampling(s, lm, opts), quality_gate=gate)
+    r = D.deploy_group(group, lm, result, _sampling(s, lm, opts), quality_gate=gate)
+    if not r.rollout.ok and opts.get("notify"):  # the alert: the stop and its reason, as CREATE ALERT sends
+        from mlsql.jobs.alerts import send
+
+        bad = r.rollout.waves[-1]
+        body = "\n".join([*bad.failures, json.dumps(bad.metrics, default=str)])
+        ok, _attempts, err = send(opts["notify"], r.message.split(":")[0], body)
+        r.message += "; notified" if ok else f"; the notification failed: {err}"
+    return r
 
 
 def _sampling(s: SessionState, lm, opts: dict) -> dict:
