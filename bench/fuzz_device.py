@@ -106,7 +106,8 @@ class Gen:
                    "runs": r.choice([1, 2, self.value(), 10**9]), "provider": r.choice(["cpu", self.value()]),
                    **({"version": self.value()} if r.random() < 0.3 else {})}
         elif k == 15:  # an experiment's settings (PUT /v1/models/{name}/experiment)
-            obj = {"id": r.choice(["e", self.value(), "e" * 300]), "unit": r.choice(["device", "request", self.value()]),
+            obj = {"id": r.choice(["e", self.value(), "e" * 300]),
+                   "unit": r.choice(["device", "request", "city", "x", self.value()]),
                    "arms": r.choice([[{"version": 1, "share": 0.5}, {"version": 2, "share": 0.5}],
                                      [{"version": self.value(), "share": self.value()}] * r.choice([1, 2, 17]),
                                      self.value()])}
@@ -308,6 +309,11 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
     c = DeviceClient(agent.url, TOKEN)
     c.install(package(keys, 1), deploy={"sample_rate": 1.0, "sample_hash": ["city"], "sample_salt": "fuzz"})
     c.install(build_package(float64_model(), {"name": "wide", "version": 1, "providers": ["cpu"]}, keys.private_key))
+    # a second version and an experiment by column: predictions go through the arm routing from the start
+    c.install(package(keys, 2, mult=3.0), activate=False, deploy={"sample_rate": 1.0, "sample_hash": ["city"],
+                                                                   "sample_salt": "fuzz"})
+    c.set_experiment("scorer", {"id": "fz", "unit": "city",
+                                "arms": [{"version": 1, "share": 0.5}, {"version": 2, "share": 0.5}]})
     sha = HubClient(hub.url, TOKEN).upload(package(keys, 1))["sha256"]
     deadline0 = time.time() + 30
     while not (store / "hub_token").exists() and time.time() < deadline0:  # the agent enrolls itself

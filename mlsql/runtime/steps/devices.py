@@ -131,6 +131,11 @@ def deploy_device(s: SessionState, step: P.DeviceStep) -> Result:
 
         raise OptionError("max_metric_drop = STRUCT(...) gates the waves of DEPLOY ... TO GROUP",
                           hint="DEPLOY ... TO DEVICE takes a number: the quantized form's largest metric drop.")
+    if opts.get("notify"):
+        from mlsql.errors import OptionError
+
+        raise OptionError("notify announces a stopped rollout of DEPLOY ... TO GROUP",
+                          hint="A DEPLOY ... TO DEVICE fails in its cell (or job run) instead.")
     dev = s.devices.get(step.name)
     if opts.get("only_if_better"):
         candidate = load_model(s, step.model).version
