@@ -188,6 +188,23 @@ def test_worse_arm_is_detected_and_its_promotion_refused(fleet):
     )
     with pytest.raises(MLSQLError, match="not promoting m@2: accuracy -0.0"):
         s.sql(rule)
+    # the same rule as a scheduled job, run now: its run fails with the refusal and promotes nothing
+    import os
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)  # this checkout's mlsql in the job's kernel
+    old_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = root + (os.pathsep + old_path if old_path else "")
+    try:
+        s.sql(f"CREATE JOB promote_b OPTIONS (every = '1h') AS ({rule})")
+        with pytest.raises(MLSQLError, match="Job promote_b failed") as job:
+            s.sql("RUN JOB promote_b")
+        assert "not promoting m@2: accuracy -0.0" in str(job.value)
+    finally:
+        if old_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old_path
     shown = s.sql("SHOW EXPERIMENTS").to_arrow().to_pylist()
     assert [(e["experiment"], e["status"], e["promoted"]) for e in shown] == [("ab", "running", None)]
 
