@@ -168,8 +168,8 @@ class AgentCore:
         self.background: dict[str, dict] = {}  # background loop -> last ok / last error
         self.unaccounted: list[str] = []
         self.rebuilt = False
-        self.state = self._read_state()
         self.experiments: dict[str, tuple[dict, int | None]] = {}  # model -> (experiment, the device's arm)
+        self.state = self._read_state()  # (every state write indexes the experiments again)
         self._index_experiments()
         self.started = time.time()
         if not self.rebuilt:
@@ -279,6 +279,7 @@ class AgentCore:
         state["generation"] = int(state.get("generation", 0)) + 1
         atomic_write(self.store / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
         self.state = state
+        self._index_experiments()  # a model deleted (or installed again) takes its experiment with it
 
     def _copy_state(self) -> dict:
         return json.loads(json.dumps(self.state))

@@ -139,6 +139,10 @@ def test_request_unit_and_bad_settings(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as ei:
             urllib.request.urlopen(req, timeout=10)
         assert ei.value.code == 401
+        # a model deleted takes its experiment with it: installed again, it serves its active version
+        c.delete("scorer")
+        c.install(package(kp, 3, mult=5.0))
+        assert _y(c) == 5.0 and c.info()["models"]["scorer"]["experiment"] is None
     finally:
         agent.kill()
 
