@@ -173,6 +173,14 @@ def test_a_degraded_model_stops_at_its_first_wave(tmp_path):
             "online accuracy of version 2" in stops[0]["failures"][0]
             and stops[0]["metrics"]["quality"]["n"] >= 500
         )
+        # and in SHOW DEPLOYMENTS, beside each agent's model: every agent back on version 1
+        rows = [r for r in s.sql("SHOW DEPLOYMENTS").to_arrow().to_pylist() if r["group"] == "field"]
+        assert sorted(r["device"] for r in rows) == names and {r["version"] for r in rows} == {1}
+        assert all(
+            "version 2 stopped at wave 0" in r["rollout_stopped"]
+            and "online accuracy" in r["rollout_stopped"]
+            for r in rows
+        )
         from device_bridge.errors import DeviceRequestError
 
         with pytest.raises(DeviceRequestError, match="event must be a lower-case name"):

@@ -46,7 +46,7 @@ def _show_devices(s: SessionState, step: P.DeviceStep) -> Result:
 
 
 def _show_deployments(s: SessionState, step: P.DeviceStep) -> Result:
-    return Result(D.deployments_table(s.devices.devices()), kind="show")
+    return Result(D.deployments_table(s.devices.devices(), s.devices.groups()), kind="show")
 
 
 def _drop_device(s: SessionState, step: P.DeviceStep) -> Result:
