@@ -95,7 +95,10 @@ class Gen:
         elif k == 7:
             obj = {"model": r.choice(["scorer", 5, None, "../x"]), "sha256": r.choice([self.sha, "0" * 64, 5]),
                    "devices": self.value(), "group": self.value(), "absent": self.value(),
-                   "restore_previous": self.value(), "providers": self.value()}
+                   "restore_previous": self.value(), "providers": self.value(),
+                   **({"experiment": r.choice([self.value(), {"id": "e", "unit": "device", "arms": [
+                       {"version": 1, "share": 0.5, "sha256": r.choice([self.sha, "0" * 64])},
+                       {"version": self.value(), "share": 0.5, "sha256": self.sha}]}])} if r.random() < 0.3 else {})}
         elif k == 8:
             obj = {"url": self.value(), "group": self.value(), "providers": self.value(), "status": self.value(),
                    "errors": self.value(), "telemetry": [{"models": self.value(), "events": self.value()}]}
@@ -108,6 +111,12 @@ class Gen:
             obj = {"batch_sizes": r.choice([[1], [1, 2], self.value(), [0], [10**9]]),
                    "runs": r.choice([1, 2, self.value(), 10**9]), "provider": r.choice(["cpu", self.value()]),
                    **({"version": self.value()} if r.random() < 0.3 else {})}
+        elif k == 15:  # an experiment's settings (PUT /v1/models/{name}/experiment)
+            obj = {"id": r.choice(["e", self.value(), "e" * 300]),
+                   "unit": r.choice(["device", "request", "city", "x", self.value()]),
+                   "arms": r.choice([[{"version": 1, "share": 0.5}, {"version": 2, "share": 0.5}],
+                                     [{"version": self.value(), "share": self.value()}] * r.choice([1, 2, 17]),
+                                     self.value()])}
         elif k == 13:
             obj = {"columns": {"x": [1.0, 2.0], "city": ["paris", "rome"]}, "request_ids": self.value()}
         elif k == 9:
@@ -245,6 +254,7 @@ AGENT_PATHS = ["/v1/models/scorer/predict", "/v1/models/wide/predict", "/v1/mode
                "/v1/models/..%2f..%2fetc/predict", "/v1/models//predict", "/v1/models/%00/install", "/v1/nothing",
                "/v1/models/scorer/outcomes", "/v1/models/nope/outcomes", "/v1/models/%00/outcomes",
                "/v1/models/scorer/profile", "/v1/models/nope/profile", "/v1/models/%00/profile",
+               "/v1/models/scorer/experiment", "/v1/models/nope/experiment", "/v1/models/%00/experiment",
                "/v1/samples?model=scorer", "/v1/samples?model=scorer&kind=outcomes&since=0&max_rows=5",
                "/v1/samples?model=scorer&since=-1", "/v1/samples?model=nope", "/v1/samples?kind=x",
                "/v1/samples?model=scorer&max_rows=abc", "/v1/samples?model=scorer&since=99999999999999999999999",
@@ -286,6 +296,8 @@ def one_request(gen: Gen, agent_url: str, hub_url: str, agent_cred: str | None =
             method = "GET"
         if path.startswith("/v1/events") and r.random() < 0.7:  # GET: telemetry events; POST: app events
             method = "POST"
+        if path.endswith("/experiment"):
+            method = "PUT" if r.random() < 0.8 else "DELETE"
     else:
         method = r.choice(["POST", "GET", "DELETE", "PUT", "PATCH"])
     if not to_hub and method == "DELETE" and path in ("/v1/models/scorer", "/v1/models/wide"):
@@ -352,6 +364,11 @@ def run(n_requests: int = 10_000, seconds: float = 300.0, seed: int = 1, threads
               deploy={"sample_rate": 1.0, "max_keys": 1000, "max_state_mb": 8,
                       "trigger": {"on_table": "app_events", "when": {"op": "=", "args": [{"col": "kind"},
                                                                                         {"lit": "click"}]}}})
+    # a second version and an experiment by column: predictions go through the arm routing from the start
+    c.install(package(keys, 2, mult=3.0), activate=False, deploy={"sample_rate": 1.0, "sample_hash": ["city"],
+                                                                   "sample_salt": "fuzz"})
+    c.set_experiment("scorer", {"id": "fz", "unit": "city",
+                                "arms": [{"version": 1, "share": 0.5}, {"version": 2, "share": 0.5}]})
     sha = HubClient(hub.url, TOKEN).upload(package(keys, 1))["sha256"]
     deadline0 = time.time() + 30
     while not (store / "hub_token").exists() and time.time() < deadline0:  # the agent enrolls itself

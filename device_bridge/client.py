@@ -292,6 +292,14 @@ class DeviceClient:
         return self.http.request("POST", f"/v1/models/{_q(model)}/outcomes", _json({"outcomes": outcomes}),
                                  "application/json")
 
+    def set_experiment(self, model: str, experiment: dict) -> dict:
+        """Start an experiment on the model: ``{"id", "unit": "device" | "request", "arms": [{"version",
+        "share"}]}`` (its arms' versions installed); unpinned predictions then run their arm's version."""
+        return self.http.request("PUT", f"/v1/models/{_q(model)}/experiment", _json(experiment), "application/json")
+
+    def stop_experiment(self, model: str) -> dict:
+        return self.http.request("DELETE", f"/v1/models/{_q(model)}/experiment")
+
     def events(self) -> list[dict]:
         return self.http.request("GET", "/v1/events")["events"]
 
@@ -317,14 +325,16 @@ class HubClient:
                     devices: list[str] | None = None, group: str | None = None,
                     providers: list[str] | None = None, strict_providers: bool = False,
                     absent: bool = False, restore_previous: bool = False, deploy: dict | None = None,
-                    percent: float | None = None) -> dict:
+                    percent: float | None = None, experiment: dict | None = None) -> dict:
         """``group`` (without ``devices``): also the group's rule for devices that join it later;
-        ``percent``: only the group's devices whose wave point is under it (device_bridge/waves.py)."""
+        ``percent``: only the group's devices whose wave point is under it (device_bridge/waves.py).
+        ``experiment``: ``{"id", "unit", "arms": [{"version", "share", "sha256"}]}``, every arm an
+        uploaded package of the model: the agents install them all and route by arm."""
         if package is not None:
             sha256 = self.upload(package)["sha256"]
         body = {"model": model, "sha256": sha256, "devices": devices, "group": group, "providers": providers,
                 "strict_providers": strict_providers, "absent": absent, "restore_previous": restore_previous,
-                "deploy": deploy, "percent": percent}
+                "deploy": deploy, "percent": percent, "experiment": experiment}
         return self.http.request("POST", "/v1/desired", _json({k: v for k, v in body.items() if v is not None}),
                                  "application/json")
 
@@ -343,6 +353,10 @@ class HubClient:
 
     def events(self) -> list[dict]:
         return self.http.request("GET", "/v1/events")["events"]
+
+    def post_event(self, event: str, **fields) -> dict:
+        """Record an operator event at the hub (``rollout_stopped`` ...), shown with the agents' events."""
+        return self.http.request("POST", "/v1/events", _json({"event": event, **fields}), "application/json")
 
     def device_data(self, kind: str = "samples", group: str | None = None, model: str | None = None,
                     since=None, max_rows: int = 100_000):

@@ -12,6 +12,10 @@ telemetry from the hub and checks the gates:
   manifest's ``training_stats`` (``{col: {"mean", "std"}}``, top level or in
   ``metrics``) describes
 
+- ``quality_gate``: a callable ``(wave index, wave devices, version, {device: version before})`` ->
+  ``(failures, metrics)``, run after the gates above passed: the notebook's check of the new
+  version's online metric from late outcomes against the previous version's (mlsql/deploy/quality.py)
+
 A failed gate stops the rollout and puts the wave's devices back on what they had
 (the hub's previous desired state; ``absent`` when the model is new to them).
 
@@ -145,7 +149,7 @@ def rollout(hub: HubClient, model: str, package: bytes, devices: list[str], *,
             min_requests: int = 0, observe_s: float = 0.0, activation_timeout: float = 60.0,
             telemetry_timeout: float = 30.0, providers: list[str] | None = None,
             strict_providers: bool = False, on_wave: Callable[[int, list[str]], None] | None = None,
-            deploy: dict | None = None,
+            deploy: dict | None = None, quality_gate: Callable | None = None,
             poll: float = 0.2, log: Callable[[str], None] | None = None) -> RolloutReport:
     manifest = pkg.read_manifest(package)
     if manifest.name != model:
@@ -178,8 +182,17 @@ def rollout(hub: HubClient, model: str, package: bytes, devices: list[str], *,
                                                max_drift=max_drift)
             res.failures += failures
             res.metrics = metrics
+            if quality_gate is not None and not res.failures:
+                q_failures, q_metrics = quality_gate(i, wave, version, before)
+                res.failures += q_failures
+                res.metrics["quality"] = q_metrics
         if res.failures:
             say(f"wave {i} failed: {'; '.join(res.failures)}; rolling back")
+            try:  # the reason in the hub's events too (a hub without operator events: only in the report)
+                hub.post_event("rollout_stopped", model=model, version=version, wave=i, devices=wave,
+                               failures=res.failures, metrics=res.metrics)
+            except Exception as exc:  # noqa: BLE001 - the rollout's own report still says why
+                say(f"could not record the stop at the hub: {exc}")
             hub.set_desired(model, devices=wave, restore_previous=True)
             back = _wait_restored(hub, model, before, activation_timeout, poll, time.monotonic())
             res.status = "rolled_back" if not back else "failed"

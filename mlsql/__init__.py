@@ -39,6 +39,10 @@ def __getattr__(name: str):
         from mlsql.notebook.monitor import monitor
 
         return monitor
+    if name == "experiment_monitor":  # an A/B experiment's live panel (mlsql.notebook.experiment_monitor)
+        from mlsql.notebook.experiment_monitor import experiment_monitor
+
+        return experiment_monitor
     if name == "plot_trials":  # a tuned model's charts again (mlsql.notebook.trials)
         from mlsql.notebook.trials import plot_trials
 

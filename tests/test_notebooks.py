@@ -296,3 +296,16 @@ def test_forecast_notebook(tmp_path):
         assert sorted(r["c"] for r in got) == [1, 2, 3, 4] and sum(r["n"] for r in got) == routes
     finally:
         s.close()
+
+
+def test_experiment_notebook(tmp_path):
+    """notebooks/11: an A/B experiment on two local agents; the readout finds arm B worse with p < 0.01, the
+    promotion rule refuses it, and the stopped experiment keeps its readout (the notebook asserts each step)."""
+    nb = execute("11_experiment.ipynb", tmp_path)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    text = {c.source: outputs_text(c) for c in nb.cells if c.cell_type == "code"}
+    assert next(t for s, t in text.items() if s.startswith('TOKEN = "demo-token"')).strip() == "6400"
+    assert "not promoting m@2: accuracy delta -0.0" in next(t for s, t in text.items() if "error('not promoting" in s)
+    shown = next(t for s, t in text.items() if "STOP EXPERIMENT ab" in s)
+    assert "stopped" in shown and "m@2 (0.5)" in shown

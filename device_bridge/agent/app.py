@@ -218,6 +218,15 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
                         media_type=ans.ctype.decode())
 
     @endpoint(True)
+    async def experiment(request):
+        """PUT: start an experiment on the model ({id, unit, arms: [{version, share}]}); DELETE: stop it."""
+        name = name_of(request)
+        if request.method == "DELETE":
+            return JSONAnswer(await run_in_threadpool(core.clear_experiment, name))
+        body = await _json_body(request, 16 * 1024)
+        return JSONAnswer(await run_in_threadpool(core.set_experiment, name, body))
+
+    @endpoint(True)
     async def outcomes(request):
         name = name_of(request)
         core._model(name)
@@ -443,6 +452,7 @@ def create_app(core: AgentCore, token: str, open_reads: bool = False, request_ti
         Route("/v1/models/{name}/predict", predict, methods=["POST"]),
         Route("/v1/models/{name}/outcomes", outcomes, methods=["POST"]),
         Route("/v1/models/{name}/latest", latest, methods=["GET"]),
+        Route("/v1/models/{name}/experiment", experiment, methods=["PUT", "DELETE"]),
         Route("/v1/models/{name}/profile", profile, methods=["POST"]),
         Route("/v1/samples", samples, methods=["GET"]),
     ]

@@ -46,6 +46,8 @@ from device_bridge.agent.sampling import SampleSpec, SampleStore, spec_for
 from device_bridge.agent.scheduler import DeadlineMissed, Lane, Scheduler
 from device_bridge.agent.workers import CoreReserve, WorkerDown, WorkerProcess, WorkerSpec
 from device_bridge.errors import ApiError
+from device_bridge.experiments import arm_index
+from device_bridge.experiments import check as check_experiment
 from device_bridge.telemetry import CircuitBreaker, Telemetry
 
 STATE_FILE = "state.json"
@@ -170,7 +172,9 @@ class AgentCore:
         self.background: dict[str, dict] = {}  # background loop -> last ok / last error
         self.unaccounted: list[str] = []
         self.rebuilt = False
-        self.state = self._read_state()
+        self.experiments: dict[str, tuple[dict, int | None]] = {}  # model -> (experiment, the device's arm)
+        self.state = self._read_state()  # (every state write indexes the experiments again)
+        self._index_experiments()
         self.started = time.time()
         if not self.rebuilt:
             self._cleanup()
@@ -284,6 +288,7 @@ class AgentCore:
         state["generation"] = int(state.get("generation", 0)) + 1
         atomic_write(self.store / STATE_FILE, json.dumps(state, indent=1, sort_keys=True).encode())
         self.state = state
+        self._index_experiments()  # a model deleted (or installed again) takes its experiment with it
 
     def _copy_state(self) -> dict:
         return json.loads(json.dumps(self.state))
@@ -599,6 +604,8 @@ class AgentCore:
                 "worker": lv.worker.info() if lv and lv.worker else None,
                 "samples": dict(sample_stats.get(name, _NO_SAMPLES)),
                 "feature_views": sorted({v for _, v, _ in lv.binding.fills}) if lv and lv.binding else [],
+                "experiment": m.get("experiment"),
+                "experiment_arm": (self.experiments.get(name) or (None, None))[1],
             }
         return {
             "name": self.config.name, "agent_version": "0.1.0",
@@ -622,7 +629,8 @@ class AgentCore:
         """Compact state for the hub."""
         return {name: {"active": m.get("active"), "versions": m.get("versions", []),
                        "suspended": m.get("suspended", []),
-                       "sha256": m.get("sha256", {}).get(str(m.get("active")))}
+                       "sha256": m.get("sha256", {}).get(str(m.get("active"))),
+                       "experiment": (m.get("experiment") or {}).get("id")}
                 for name, m in self.state["models"].items()}
 
     # ------------------------------------------------------------------ install
@@ -765,12 +773,14 @@ class AgentCore:
 
     def _prune(self, mm: dict, previous: int | None = None) -> list[int]:
         """Drop the oldest versions over --keep-versions, never the active one nor the one it
-        replaced: that is where a rollback goes, and anti-rollback would refuse to install it again."""
+        replaced: that is where a rollback goes, and anti-rollback would refuse to install it again.
+        A running experiment's arms are never dropped either."""
         keep = max(1, self.config.keep_versions)
+        arms = {a["version"] for a in (mm.get("experiment") or {}).get("arms", [])}
         pruned = []
         while len(mm["versions"]) > keep:
-            victim = next((v for v in mm["versions"] if v != mm.get("active") and (v != previous or keep < 2)),
-                          None)
+            victim = next((v for v in mm["versions"] if v != mm.get("active") and (v != previous or keep < 2)
+                           and v not in arms), None)
             if victim is None:
                 break
             mm["versions"].remove(victim)
@@ -933,6 +943,97 @@ class AgentCore:
             self.telemetry.event("circuit_breaker", **ev)
 
     # ------------------------------------------------------------------ predict
+
+    # ------------------------------------------------------------------ experiments
+
+    def _index_experiments(self) -> None:
+        """The running experiments by model, with this device's arm where the unit is the device
+        (computed once: the predict path reads a dict)."""
+        out = {}
+        for name, m in self.state["models"].items():
+            e = m.get("experiment")
+            if e:
+                shares = [a["share"] for a in e["arms"]]
+                mine = e["arms"][arm_index(e["id"], self.config.name, shares)]["version"] \
+                    if e["unit"] == "device" else None
+                out[name] = (e, mine)
+        self.experiments = out
+
+    def set_experiment(self, name: str, raw: Any) -> dict:
+        """Start (or replace) the experiment on ``name``: its arms' versions must be installed."""
+        try:
+            e = check_experiment(raw)
+        except ValueError as exc:
+            raise AgentError(400, str(exc), "request") from None
+        with self.lock:
+            m = self._model(name)
+            missing = [a["version"] for a in e["arms"] if a["version"] not in m["versions"]]
+            if missing:
+                raise AgentError(409, f"experiment {e['id']}: model {name} has no version {missing[0]} installed "
+                                      f"(installed: {', '.join(map(str, m['versions']))})", "not_found")
+            if e["unit"] not in ("device", "request"):  # an input column: every arm must read it
+                for a in e["arms"]:
+                    names = [c.name for c in self.resolve(name, a["version"]).manifest.inputs]
+                    if e["unit"] not in names:
+                        raise AgentError(400, f"experiment.unit {e['unit']!r} is not an input column of {name} "
+                                              f"version {a['version']} (its inputs: {', '.join(names)})", "request")
+            st = self._copy_state()
+            st["models"][name]["experiment"] = e
+            self._write_state(st)
+            self._index_experiments()
+        self.telemetry.event("experiment_started", model=name, experiment=e["id"], unit=e["unit"],
+                             arms=[a["version"] for a in e["arms"]])
+        return {"model": name, "experiment": e, "arm": self.experiments[name][1]}
+
+    def clear_experiment(self, name: str) -> dict:
+        with self.lock:
+            m = self._model(name)
+            had = m.get("experiment")
+            if had:
+                st = self._copy_state()
+                st["models"][name].pop("experiment", None)
+                self._write_state(st)
+                self._index_experiments()
+        if had:
+            self.telemetry.event("experiment_stopped", model=name, experiment=had["id"])
+        return {"model": name, "stopped": (had or {}).get("id")}
+
+    def experiment_version(self, name: str, rid: bytes | None) -> int | None:
+        """The version an unpinned request to ``name`` runs while an experiment runs on it: this
+        device's arm (unit 'device'), or the arm of the request's id (unit 'request': the
+        X-Request-Ids header's prefix or first id; a request without one gets a fresh random id, as
+        its answer does). None when no experiment runs."""
+        got = self.experiments.get(name)
+        if got is None:
+            return None
+        e, mine = got
+        if mine is not None:
+            return mine
+        if e["unit"] != "request":
+            return None  # by an input column: chosen once the body is read (column_version)
+        key = rid.decode("utf-8", "replace").split(",", 1)[0] if rid else os.urandom(16).hex()
+        return e["arms"][arm_index(e["id"], key, [a["share"] for a in e["arms"]])]["version"]
+
+    def column_unit(self, name: str) -> dict | None:
+        """The running experiment on ``name`` when its unit is an input column."""
+        got = self.experiments.get(name)
+        return got[0] if got is not None and got[0]["unit"] not in ("device", "request") else None
+
+    def column_version(self, e: dict, feed: dict) -> int:
+        """The arm's version of a request whose rows are all in one arm by the experiment's column; a
+        batch whose rows fall in different arms is refused (400 naming two rows of two arms)."""
+        from device_bridge.experiments import column_arms
+
+        col = feed.get(e["unit"])
+        if col is None or len(col) == 0:
+            return e["arms"][0]["version"]
+        arms = column_arms(e["id"], col, [a["share"] for a in e["arms"]])
+        if (arms != arms[0]).any():
+            j = int(np.argmax(arms != arms[0]))
+            raise AgentError(400, f"experiment {e['id']} assigns by column {e['unit']!r}: rows 0 and {j} of this "
+                                  f"request fall in different arms; send each {e['unit']}'s rows in a request of "
+                                  "their own", "invalid_input")
+        return e["arms"][int(arms[0])]["version"]
 
     def resolve(self, name: str, version: int | None = None) -> LoadedVersion:
         m = self.state["models"].get(name)

@@ -341,6 +341,26 @@ class HubSync:
         cfg = m.get("config", {}).get(str(version), {})
         return cfg.get("providers") != names or bool(cfg.get("strict")) != strict
 
+    def _experiment(self, model: str, m: dict | None, want: dict, providers, strict: bool, deploy) -> None:
+        """An experiment in the desired state: every arm installed (not activated), then the agent's
+        experiment set to it; none there: a running one stopped."""
+        e = want.get("experiment") if isinstance(want.get("experiment"), dict) else None
+        core = self.core
+        if e is None:
+            if m is not None and m.get("experiment"):
+                core.clear_experiment(model)
+            return
+        for a in e.get("arms", []):
+            if not (m and a.get("version") in m.get("versions", [])
+                    and m.get("sha256", {}).get(str(a.get("version"))) == a.get("sha256")):
+                core.install_from_url(model, f"{self.hub}/v1/blobs/{a.get('sha256')}", a.get("sha256"), providers,
+                                      strict, False, self.token, deploy)
+                m = core.state["models"].get(model)
+        settings = {"id": e.get("id"), "unit": e.get("unit"),
+                    "arms": [{"version": a.get("version"), "share": a.get("share")} for a in e.get("arms", [])]}
+        if (m or {}).get("experiment") != settings:
+            core.set_experiment(model, settings)
+
     def apply(self, models: dict) -> None:
         core = self.core
         for model, want in models.items():
@@ -357,6 +377,8 @@ class HubSync:
                         core.delete(model)
                     self.errors.pop(model, None)
                     continue
+                self._experiment(model, m, want, providers, strict, deploy)
+                m = core.state["models"].get(model)
                 sha, version = want.get("sha256"), want.get("version")
                 if m and version in m.get("versions", []) and m.get("sha256", {}).get(str(version)) == sha:
                     if version in m.get("suspended", []):

@@ -167,6 +167,8 @@ class Predictor:
             if "at" in q:  # a model with feature views: the time its features are read as of
                 rid = (rid, q["at"][-1])
         core = self.core
+        if version is None and core.experiments:  # an experiment's arm (device_bridge/experiments.py)
+            version = core.experiment_version(name, rid)
         lv = core.resolve(name, version)
         ctype_s = ctype.decode("latin-1").split(";")[0].strip().lower() if ctype else ""
         is_json = ctype_s in ("application/json", "")
@@ -176,6 +178,11 @@ class Predictor:
                                   f"{COLUMNS_TYPE} or application/x-npz", "content_type")
         body = await web.read_body_asgi(scope, receive, length, self.max_json if is_json else self.max_body,
                                         self.body_timeout, self.budget)
+        if version is None and core.experiments:
+            e = core.column_unit(name)
+            if e is not None:  # by an input column: the rows' arm, from the body read with the control's inputs
+                feed, _n, _p, _ids = self._parse(lv, body, ctype_s, rid)
+                lv = core.resolve(name, core.column_version(e, feed))
         accept_s = accept.decode("latin-1") if accept else ""
         answer = ("columns" if COLUMNS_TYPE in accept_s else
                   "npz" if any(t in accept_s for t in NPZ_TYPES) else None)

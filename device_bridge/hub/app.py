@@ -119,6 +119,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             return
         sha = request.path_params["sha"]
         wanted = {e.get("sha256") for e in hub.desired_of(name).values() if isinstance(e, dict)}
+        wanted |= {a.get("sha256") for e in hub.desired_of(name).values() if isinstance(e, dict)
+                   for a in (e.get("experiment") or {}).get("arms", [])}  # an experiment's arms too
         if sha not in wanted:
             raise HubError(403, f"agent {name!r} may download only the packages of its desired state", "forbidden")
 
@@ -247,6 +249,11 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         return JSONAnswer(await run_in_threadpool(hub.set_desired, body))
 
     @endpoint(operator)
+    async def post_event(request):
+        body = await body_json(request, 64 * 1024)
+        return JSONAnswer(await run_in_threadpool(hub.operator_event, body))
+
+    @endpoint(operator)
     async def set_group(request):
         body = await body_json(request)
         group = name_or_none(request.path_params["group"], "group")
@@ -328,6 +335,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         Route("/v1/desired", set_desired, methods=["POST"]),
         Route("/v1/groups/{group}", set_group, methods=["POST"]),
         Route("/v1/events", events, methods=["GET"]),
+        Route("/v1/events", post_event, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: web.not_found_or_method})
     app.state.hub = hub

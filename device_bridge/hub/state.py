@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from device_bridge.hub.db import MAX_EVENTS, Database
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
 
 log = logging.getLogger("device_bridge.hub")
+OPERATOR = "~operator"  # the name operator events are kept under (NAME_RE allows no agent this name)
 FLUSH_S = 0.2  # reports and events reach the database at most this long after they arrive
 
 
@@ -136,6 +138,22 @@ class HubState:
         return ([json.loads(b) for _, _, b in reversed(rows)]
                 + [body for a, q, body in mine if (a, q) not in written])[-MAX_EVENTS:]
 
+    def operator_event(self, body: dict) -> dict:
+        """An event the operator's side records (a rollout that stopped, and why): kept with the agents'
+        events, under a name no agent can have, newest last in GET /v1/events."""
+        kind = body.get("event") if isinstance(body, dict) else None
+        if not isinstance(kind, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", kind):
+            raise HubError(400, "event must be a lower-case name of at most 64 letters, digits and '_'")
+        ev = {**body, "agent": None, "source": "operator", "time": time.time()}
+        with self._mu:
+            seq = max(time.time_ns(), self._marks.get(OPERATOR, 0) + 1)
+            self._marks[OPERATOR] = seq
+            self._events.append((OPERATOR, seq, ev))
+            del self._events[:-MAX_EVENTS]
+        if self.flush_s <= 0:
+            self.flush()
+        return {"recorded": kind}
+
     def agent_names(self, devices=None, group=None) -> list[str]:
         names: list[str] = []
         group = name_or_none(group, "group")
@@ -197,6 +215,8 @@ class HubState:
             deploy = deploy_settings.parse(body.get("deploy"), "desired state")  # checked here, applied by agents
             if deploy:
                 entry["deploy"] = deploy
+            if body.get("experiment") is not None:
+                entry["experiment"] = self._experiment(model, body["experiment"])
         if group_rule and entry is not None and percent < 100:
             targets = [a for a in targets if waves.bucket(a, model) < percent]
         with self.db.tx(lock=True) as t:  # every target or none
@@ -217,6 +237,29 @@ class HubState:
                     _put(t, "previous", a, model, cur)
                 _put(t, "desired", a, model, entry)
         return {"model": model, "devices": targets, "desired": entry}
+
+    def _experiment(self, model: str, raw) -> dict:
+        """A desired state's experiment: device_bridge.experiments' settings, each arm with the sha256 of
+        an uploaded package of this model and version (the agents install every arm)."""
+        from device_bridge.experiments import check
+
+        arms = raw.get("arms") if isinstance(raw, dict) else None
+        if not isinstance(arms, list) or not all(isinstance(a, dict) for a in arms):
+            raise HubError(400, "experiment.arms must be a list of {version, share, sha256}")
+        try:
+            e = check({**raw, "arms": [{k: v for k, v in a.items() if k != "sha256"} for a in arms]})
+        except ValueError as exc:
+            raise HubError(400, str(exc)) from None
+        for i, (a, raw_arm) in enumerate(zip(e["arms"], arms)):
+            sha = raw_arm.get("sha256")
+            if not isinstance(sha, str) or not SHA_RE.match(sha):
+                raise HubError(400, f"experiment.arms[{i}].sha256 must be the 64 hex digits of an uploaded package")
+            meta = self.blob(sha)
+            if meta is None or meta["name"] != model or meta["version"] != a["version"]:
+                raise HubError(400, f"experiment.arms[{i}].sha256 is no uploaded package of {model} "
+                                    f"version {a['version']}")
+            a["sha256"] = sha
+        return e
 
     def register(self, name: str, body: dict) -> dict:
         url = body.get("url")

@@ -107,10 +107,12 @@ DEPLOYMENTS_SCHEMA = pa.schema([
     ("max_queue", pa.int64()), ("timeout_ms", pa.int64()), ("memory_mb", pa.int64()),
     ("queue_length", pa.int64()), ("rejected", pa.int64()), ("deadline_misses", pa.int64()),
     ("worker_restarts", pa.int64()), ("memory_used_mb", pa.float64()), ("error", pa.string()),
+    # agents of a group behind a hub: the group, and the last stopped rollout of the model with its reason
+    ("group", pa.string()), ("rollout_stopped", pa.string()),
 ])
 
 
-def deployments_table(devices: list[Device]) -> pa.Table:
+def deployments_table(devices: list[Device], groups: list | None = None) -> pa.Table:
     """SHOW DEPLOYMENTS: each device's active models, with the settings by which they share it
     (``/v1/info``'s ``deploy``) and how that goes (``/v1/metrics``: queue, rejections, deadline
     misses, worker restarts, memory), asked live and in parallel; an unreachable device is one row
@@ -144,7 +146,38 @@ def deployments_table(devices: list[Device]) -> pa.Table:
                                                          "timeout_ms", "memory_mb")},
                          **{k: now.get(k) for k in ("queue_length", "rejected", "deadline_misses", "worker_restarts")},
                          "memory_used_mb": now.get("memory_mb")})
+    for g in groups or []:
+        if g.hub:
+            rows += _hub_deployments(g)
     return pa.Table.from_pylist(rows, schema=DEPLOYMENTS_SCHEMA)
+
+
+def _hub_deployments(group) -> list[dict]:
+    """A hub group's agents' active models (their last report), each with the last ``rollout_stopped``
+    event of its model at the hub (the stopped wave's version, devices and reason); an unreachable
+    hub is one row with ``error``."""
+    from device_bridge.client import HubClient
+
+    hub = HubClient(group.hub, group.hub_token or "", timeout=5.0)
+    try:
+        status, events = hub.status(), hub.events()
+    except Exception as exc:
+        return [{"group": group.name, "error": str(wrap(exc, f"hub {group.hub}")).splitlines()[0]}]
+    finally:
+        hub.close()
+    stops = {}
+    for ev in events:  # newest last: the last one per model wins
+        if ev.get("event") == "rollout_stopped":
+            stops[ev.get("model")] = (f"version {ev.get('version')} stopped at wave {ev.get('wave')} on "
+                                      f"{', '.join(ev.get('devices') or [])}: {'; '.join(ev.get('failures') or [])}")
+    names = set(group.devices) or {n for n, a in status.items() if a.get("group") == group.name}
+    rows = []
+    for name in sorted(names):
+        for model, st in sorted(((status.get(name) or {}).get("status") or {}).items()):
+            if isinstance(st, dict) and st.get("active") is not None:
+                rows.append({"device": name, "model": model, "version": st.get("active"), "group": group.name,
+                             "rollout_stopped": stops.get(model)})
+    return rows
 
 
 def _short(p: str) -> str:
@@ -409,7 +442,7 @@ def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list
         c.close()
 
 
-def deploy_group(group, lm, result, opts: dict):
+def deploy_group(group, lm, result, opts: dict, quality_gate=None):
     """DEPLOY MODEL ... TO GROUP: a staged rollout through the group's hub, gated wave by wave."""
     from device_bridge.client import HubClient
     from device_bridge.rollout import rollout
@@ -439,7 +472,7 @@ def deploy_group(group, lm, result, opts: dict):
                 min_requests=int(opts.get("min_requests") or 0), observe_s=float(opts.get("observe_s") or 0.0),
                 activation_timeout=float(opts.get("wave_timeout_s") or 60.0),
                 providers=opts.get("providers") or ["cpu"], strict_providers=opts["strict_providers"], log=log.append,
-                deploy=deploy_settings(opts),
+                deploy=deploy_settings(opts), quality_gate=quality_gate,
             )
         except MLSQLError:
             raise

@@ -103,6 +103,23 @@ class MLSQLParser(DuckDB.Parser):
             self.raise_error("Expected ')' after the alert's query")
         return self.expression(mx.CreateAlert(this=name, replace=replace, exists=exists, options=options, body=body))
 
+    def _parse_create_experiment(self):
+        name = self._parse_object_name("experiment")
+        if not self._match(TokenType.ON) or self._curr is None or self._curr.text.upper() != "GROUP":
+            self.raise_error("Expected ON GROUP '<name>' after CREATE EXPERIMENT <name>")
+        self._advance()
+        group = self._parse_object_name("group")
+        return self.expression(mx.CreateExperiment(this=name, group=group, options=self._parse_options()))
+
+    def _parse_stop_experiment(self):
+        name = self._parse_object_name("experiment")
+        promote = None
+        if self._match_text_seq("PROMOTE"):
+            promote = self._parse_string()
+            if promote is None:
+                self.raise_error("Expected the winning version after PROMOTE: PROMOTE 'model@version'")
+        return self.expression(mx.StopExperiment(this=name, promote=promote))
+
     def _parse_deploy(self):
         ref = self._parse_model_ref()
         if not self._match_text_seq("TO"):
@@ -408,6 +425,9 @@ STATEMENTS: list[tuple[tuple[str, ...], Callable[[MLSQLParser, bool], exp.Expres
                                                                     options=p._parse_options()))),
     (("DEPLOY", "MODEL"), lambda p, _: p._parse_deploy()),
     (("ROLLBACK", "MODEL"), lambda p, _: p._parse_rollback()),
+    (("CREATE", "EXPERIMENT"), lambda p, _: p._parse_create_experiment()),
+    (("STOP", "EXPERIMENT"), lambda p, _: p._parse_stop_experiment()),
+    (("SHOW", "EXPERIMENTS"), lambda p, _: p.expression(mx.ShowExperiments())),
     (("EXPLAIN",), lambda p, _: p._parse_explain()),
     (("SET",), lambda p, _: p._parse_mlsql_setting(reset=False)),
     (("RESET",), lambda p, _: p._parse_mlsql_setting(reset=True)),
@@ -449,6 +469,11 @@ class MLSQLGenerator(DuckDB.Generator):
             f"DEPLOY MODEL {g.sql(e.this)} TO {e.args['kind']} {g.sql(e.args['target'])}" + _opts_sql(g, e)
         ),
         mx.RollbackModel: lambda g, e: f"ROLLBACK MODEL {g.sql(e.this)} ON {e.args['kind']} {g.sql(e.args['target'])}",
+        mx.CreateExperiment: lambda g, e: f"CREATE EXPERIMENT {g.sql(e.this)} ON GROUP {g.sql(e.args['group'])}"
+        + _opts_sql(g, e),
+        mx.StopExperiment: lambda g, e: f"STOP EXPERIMENT {g.sql(e.this)}"
+        + (f" PROMOTE {g.sql(e.args['promote'])}" if e.args.get("promote") else ""),
+        mx.ShowExperiments: lambda g, e: "SHOW EXPERIMENTS",
     }
 
 

@@ -316,3 +316,28 @@ class RollbackModel(MLNode, exp.Expression):
 
 
 
+
+
+class CreateExperiment(_Named):
+    """``CREATE EXPERIMENT e ON GROUP 'g' OPTIONS (arms = [...], ...)``: an A/B experiment on a device group."""
+
+    arg_types = {"this": True, "group": True, "options": False}
+
+    @property
+    def group(self) -> str:
+        return _name_of(self.args["group"])
+
+
+class StopExperiment(_Named):
+    """``STOP EXPERIMENT e [PROMOTE 'm@v']``."""
+
+    arg_types = {"this": True, "promote": False}
+
+    @property
+    def promote(self) -> str | None:
+        p = self.args.get("promote")
+        return _name_of(p) if p is not None else None
+
+
+class ShowExperiments(MLNode, exp.Expression):
+    arg_types: dict[str, bool] = {}

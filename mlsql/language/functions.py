@@ -104,13 +104,17 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
         "Several models evaluated on the same rows, one row each, best first: model, name, version, model_type, "
         "rank, then ML.EVALUATE's metrics (columns a model has no value for are NULL); charts the main metrics "
         "side by side (and the ROC curves of binary classifiers)."),
+    "EXPERIMENT_RESULTS": ("ML.EXPERIMENT_RESULTS('experiment')",
+                           "An experiment's readout, one row per arm and metric: arm, model, metric, test, n, value, "
+                           "ci_low, ci_high, delta_vs_control, relative_delta, p_value, significant, samples_needed, "
+                           "and the sample-ratio check (srm_p_value, trustworthy)."),
     "ALERT_HISTORY": ("ML.ALERT_HISTORY(['alert'])",
                       "One row per check of an alert: checked_at, status, rows, fired, notified, attempts, error, "
                       "preview of the first rows."),
 }
 # Functions whose first argument is not a model (DEVICE_DATA takes MODEL m later, optionally).
 NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS", "VALIDATE_DATA_DRIFT", "DESCRIBE_DATA",
-                      "ALERT_HISTORY", "COMPARE_MODELS")
+                      "ALERT_HISTORY", "COMPARE_MODELS", "EXPERIMENT_RESULTS")
 # Functions that read two inputs (TABLE t | (query)), the first being the baseline.
 TWO_INPUT_FUNCTIONS = ("VALIDATE_DATA_DRIFT",)
 

@@ -69,6 +69,7 @@ class Option:
     max_items: int | None = None
     model_types: tuple[str, ...] = ()  # CREATE MODEL: the model types it applies to (empty: all)
     required: bool = False
+    struct_ok: bool = False  # a number option that also takes a STRUCT(...), which its check reads
     default_doc: str | None = None  # how docs show the default, where the value alone does not say
     check: Callable[[str, Any], Any] | None = None  # a further check of the typed value; returns it
     # hyperparameter tuning (num_trials): BigQuery ML's default search space and its scale, for an option
@@ -243,6 +244,8 @@ def _convert(o: Option, v):
     if isinstance(v, HParamRange | HParamCandidates):
         return _convert_space(o, v)
     t = o.type
+    if t in ("int", "float") and o.struct_ok and isinstance(v, dict):
+        return v  # its check reads the STRUCT
     if t in ("int", "float"):
         return _number(o, v, whole=t == "int")
     if t == "bool":
@@ -431,6 +434,68 @@ def _thresholds(name: str, v: list) -> dict:
             raise OptionError(f"Option {name}: column {col!r} is given twice")
         out[col] = float(t)
     return out
+
+
+# the metrics an experiment reads out (mlsql/ml/experiments.py says which test each gets)
+EXPERIMENT_METRICS = ("accuracy", "error_rate", "log_loss", "mean_absolute_error", "mean_squared_error", "latency_ms",
+                      "p50_latency_ms", "p95_latency_ms", "p99_latency_ms")
+
+
+def _arms(name: str, v: list) -> list:
+    """``[STRUCT('m@3' AS model, 0.5 AS share), ...]`` → [{"model", "share"}]: versions named, shares
+    in (0, 1] summing to 1, no model twice."""
+    out = []
+    for i, item in enumerate(v):
+        if not isinstance(item, dict) or set(item) != {"model", "share"}:
+            raise OptionError(f"Option {name}: arm {i + 1} must be STRUCT('model@version' AS model, share AS share), "
+                              f"got {item!r}")
+        model, share = item["model"], item["share"]
+        if not isinstance(model, str) or "@" not in model or not model.rsplit("@", 1)[1].isdigit():
+            raise OptionError(f"Option {name}: arm {i + 1}'s model must name a version, 'model@3', got {model!r}")
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise OptionError(f"Option {name}: arm {i + 1}'s share must be a number in (0, 1], got {share!r}")
+        out.append({"model": model, "share": float(share)})
+    total = sum(a["share"] for a in out)
+    if abs(total - 1.0) > 1e-9:
+        raise OptionError(f"Option {name}: the arms' shares sum to {total:g}, not 1",
+                          hint="For two arms: 0.5 and 0.5, or 0.9 and 0.1.")
+    models = [a["model"].lower() for a in out]
+    if len(set(models)) != len(models):
+        raise OptionError(f"Option {name}: an arm is given twice ({sorted(m for m in models if models.count(m) > 1)[0]})")
+    return out
+
+
+def _experiment_metrics(name: str, v: list) -> list:
+    out = []
+    for m in v:
+        if m.lower() not in EXPERIMENT_METRICS:
+            near = did_you_mean(m, EXPERIMENT_METRICS)
+            raise OptionError(f"Option {name}: unknown metric {m!r}",
+                              hint=(f"Did you mean '{near}'? " if near else "") + "Metrics: "
+                              + ", ".join(EXPERIMENT_METRICS) + ".")
+        if m.lower() not in out:
+            out.append(m.lower())
+    return out
+
+
+QUALITY_METRICS = ("accuracy", "error_rate", "log_loss", "mean_absolute_error", "mean_squared_error")
+
+
+def _metric_drop(name: str, v):
+    """A number (the export's quantization bound), or STRUCT('accuracy' AS metric, 0.02 AS drop): the
+    rollout's quality gate."""
+    if not isinstance(v, dict):
+        return v
+    if set(v) != {"metric", "drop"}:
+        raise OptionError(f"Option {name} = {v!r}: the quality gate is STRUCT('accuracy' AS metric, 0.02 AS drop)")
+    metric, drop = v["metric"], v["drop"]
+    if not isinstance(metric, str) or metric.lower() not in QUALITY_METRICS:
+        near = did_you_mean(str(metric), QUALITY_METRICS)
+        raise OptionError(f"Option {name}: unknown metric {metric!r}",
+                          hint=(f"Did you mean '{near}'? " if near else "") + "Metrics: " + ", ".join(QUALITY_METRICS) + ".")
+    if isinstance(drop, bool) or not isinstance(drop, int | float) or not 0 <= drop or not math.isfinite(drop):
+        raise OptionError(f"Option {name}: drop must be a number >= 0, got {drop!r}")
+    return {"metric": metric.lower(), "drop": float(drop)}
 
 
 def _unsupported(name: str, v):
@@ -659,8 +724,16 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("calibrate", "str", "calibrate = (SELECT ...): rows that calibrate int8_static, as EXPORT"),
         _O("format", "enum", "the form the device loads: onnx, or ONNX Runtime's ORT format optimized offline",
            "onnx", choices=("onnx", "ort")),
-        _O("max_metric_drop", "float", "as EXPORT: a quantized form that loses more is refused before sending",
-          MAX_METRIC_DROP, min=0),
+        _O("max_metric_drop", "float", "as EXPORT: a quantized form that loses more is refused before sending; "
+                                       "groups: STRUCT('accuracy' AS metric, 0.02 AS drop) gates each wave on the "
+                                       "online metric from late outcomes (docs/DEVICE.md, Staged rollout)",
+           MAX_METRIC_DROP, min=0, struct_ok=True, check=_metric_drop),
+        _O("notify", "list", "groups: where a stopped rollout is announced, with its reason: apprise URLs "
+                             "('json://host/path', 'mailto://...', 'slack://...'), as CREATE ALERT's", None,
+           items="str", check=_notify_urls, default_doc="none"),
+        _O("min_outcomes", "int", "groups, with max_metric_drop = STRUCT(...): labelled rows of the new version on "
+                                  "a wave's devices (and of the previous version) before the quality gate",
+           500, min=1),
         _O("only_if_better", "str", "a metric name: deploy only if this version beats the one active on the device"),
         _O("rollout_percent", "float", "groups: wave size as a share of the fleet", None, min=0, max=100,
           min_open=True, default_doc="one wave"),
@@ -707,6 +780,27 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
         _O("trigger", "struct", "run the model on the device when a matching event arrives, keeping the latest "
                                 "answer per key: STRUCT('app_events' AS on_table, 'kind = ''purchase''' AS "
                                 "when_sql)", None, default_doc="none"),
+    ),
+    "CREATE EXPERIMENT": (
+        _O("arms", "list", "the arms, control first: [STRUCT('m@3' AS model, 0.5 AS share), ...], versions of one "
+                           "model, shares summing to 1", required=True, items="struct", min_items=2, max_items=16,
+           check=_arms),
+        _O("unit", "str", "what is assigned to an arm: 'device' (each device serves one arm), 'request', or an input "
+           "column's name ('user_id': each value's rows go to one arm)",
+           "device"),
+        _O("metrics", "list", "what the readout compares (each with its test: docs/LANGUAGE.md, Experiments)",
+           ["accuracy", "log_loss", "p95_latency_ms"], items="str", min_items=1, check=_experiment_metrics),
+        _O("primary_metric", "str", "the metric the decision is about; one of metrics", None,
+           default_doc="the first of metrics"),
+        _O("min_samples_per_arm", "int", "labelled rows each arm needs before its result counts", 1000, min=1),
+        _O("alpha", "float", "the significance level of each comparison with the control", 0.05, min=0, max=0.5,
+           min_open=True, max_open=True),
+        _O("power", "float", "the power samples_needed is computed for", 0.8, min=0, max=1, min_open=True,
+           max_open=True),
+        _O("mde", "float", "the minimum detectable effect samples_needed is computed for (absolute)", None, min=0,
+           min_open=True, default_doc="0.02 for a proportion, 5 % of the control's value otherwise"),
+        _O("sample_rate", "float", "share of requests whose rows each device keeps for the readout", 1.0, min=0,
+           max=1, min_open=True),
     ),
     "CREATE DEVICE": (
         _O("url", "str", "the agent's address, http://host:port", required=True, check=_http_url),
@@ -838,7 +932,7 @@ del _O
 _WHERE = {k: (f"in {k}'s STRUCT(...)" if k.startswith("ML.") else f"in {k} OPTIONS") for k in OPTIONS}
 _SHORT = {"model": "CREATE MODEL", "export": "EXPORT MODEL", "deploy": "DEPLOY MODEL", "device": "CREATE DEVICE",
           "group": "CREATE DEVICE GROUP", "device group": "CREATE DEVICE GROUP", "device_group": "CREATE DEVICE GROUP",
-          "job": "CREATE JOB", "alert": "CREATE ALERT"}
+          "job": "CREATE JOB", "alert": "CREATE ALERT", "experiment": "CREATE EXPERIMENT"}
 
 
 def kind_of(statement_kind: str) -> str:

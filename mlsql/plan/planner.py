@@ -271,6 +271,25 @@ class AlertStep:
 
 
 @dataclass
+class ExperimentStep:
+    """An experiment statement: action is create, stop or show."""
+
+    action: str
+    name: str = ""
+    group: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # CREATE EXPERIMENT's, checked, defaults filled in
+    promote: str | None = None
+    kind = "experiment"
+
+    def describe(self):
+        what = {"create": f"install every arm on each device of group '{self.group}', start experiment '{self.name}'",
+                "stop": f"stop experiment '{self.name}', keep its final readout"
+                        + (f", promote {self.promote} to its group" if self.promote else ""),
+                "show": "list experiments with their state"}[self.action]
+        return what, ""
+
+
+@dataclass
 class Plan:
     statement: Statement
     steps: list = field(default_factory=list)
@@ -447,7 +466,16 @@ STATEMENTS: dict[str, Callable[[Planner, Any, Statement], list]] = {
     "DescribeAlert": lambda p, e, st: [AlertStep("describe", e.name)],
     "DropAlert": lambda p, e, st: [AlertStep("drop", e.name, exists=bool(e.args.get("exists")))],
     "CheckAlert": lambda p, e, st: [AlertStep("check", e.name)],
+    "CreateExperiment": lambda p, e, st: [_plan_experiment(e)],
+    "StopExperiment": lambda p, e, st: [ExperimentStep("stop", e.name, promote=e.promote)],
+    "ShowExperiments": lambda p, e, st: [ExperimentStep("show")],
 }
+
+
+def _plan_experiment(e) -> ExperimentStep:
+    from mlsql.language.options import validate
+
+    return ExperimentStep("create", e.name, e.group, validate("CREATE EXPERIMENT", e.options(), defaults=True))
 
 
 def _visible_ctes(node, tree: exp.Expression) -> list[exp.CTE]:

@@ -374,6 +374,12 @@ def _alert(s: Session, step: P.AlertStep, ctx: _StepContext) -> Result:
     return run_alert_step(s.workspace, step)
 
 
+def _experiment(s: Session, step: P.ExperimentStep, ctx: _StepContext) -> Result:
+    from mlsql.runtime.steps.experiments import experiment_step
+
+    return experiment_step(s, step, load_model, devices.deployable)
+
+
 # plan step type -> the function that runs it: handler(session, step, ctx) -> Result
 _HANDLERS = {
     P.QueryStep: Session._run_query,
@@ -388,4 +394,5 @@ _HANDLERS = {
     P.DeviceStep: lambda s, step, ctx: devices.device_step(s, step),
     P.JobStep: _job,
     P.AlertStep: _alert,
+    P.ExperimentStep: _experiment,
 }

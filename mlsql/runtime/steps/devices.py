@@ -46,7 +46,7 @@ def _show_devices(s: SessionState, step: P.DeviceStep) -> Result:
 
 
 def _show_deployments(s: SessionState, step: P.DeviceStep) -> Result:
-    return Result(D.deployments_table(s.devices.devices()), kind="show")
+    return Result(D.deployments_table(s.devices.devices(), s.devices.groups()), kind="show")
 
 
 def _drop_device(s: SessionState, step: P.DeviceStep) -> Result:
@@ -106,8 +106,10 @@ def deployable(s: SessionState, step: P.DeviceStep, opts: dict):
     The deploy's providers travel with the install, not in the package: the same version and
     export options give the same bytes, so deploying again (with other providers or not)
     re-activates what the device has instead of conflicting with it."""
+    drop = opts["max_metric_drop"]
     export_opts = {"quantize": opts["quantize"], "tree_format": opts["tree_format"], "package": True,
-                   "max_metric_drop": opts["max_metric_drop"]}
+                   # a STRUCT is the rollout's quality gate (mlsql/deploy/quality.py), not the export's bound
+                   "max_metric_drop": drop if not isinstance(drop, dict) else None}
     if opts.get("calibration_query"):
         export_opts["calibration_query"] = opts["calibration_query"]
     if opts.get("calibrate"):
@@ -124,6 +126,16 @@ def deployable(s: SessionState, step: P.DeviceStep, opts: dict):
 def deploy_device(s: SessionState, step: P.DeviceStep) -> Result:
     """DEPLOY MODEL ... TO DEVICE: install the signed package, then one prediction on the device."""
     opts = step.options  # DEPLOY's options, checked by the planner (defaults filled in)
+    if isinstance(opts.get("max_metric_drop"), dict):
+        from mlsql.errors import OptionError
+
+        raise OptionError("max_metric_drop = STRUCT(...) gates the waves of DEPLOY ... TO GROUP",
+                          hint="DEPLOY ... TO DEVICE takes a number: the quantized form's largest metric drop.")
+    if opts.get("notify"):
+        from mlsql.errors import OptionError
+
+        raise OptionError("notify announces a stopped rollout of DEPLOY ... TO GROUP",
+                          hint="A DEPLOY ... TO DEVICE fails in its cell (or job run) instead.")
     dev = s.devices.get(step.name)
     if opts.get("only_if_better"):
         candidate = load_model(s, step.model).version
@@ -185,7 +197,22 @@ def deploy_group(s: SessionState, step: P.DeviceStep) -> Result:
                               "required_provider; compare metrics before the DEPLOY ... TO GROUP instead.")
     group = s.devices.group(step.name)
     lm, result = deployable(s, step, opts)
-    return D.deploy_group(group, lm, result, _sampling(s, lm, opts))
+    gate = None
+    if isinstance(opts.get("max_metric_drop"), dict):  # the quality gate on late outcomes
+        from mlsql.deploy.quality import online_metric_gate
+
+        gate = online_metric_gate(group, lm, lambda v: load_model(s, P.ModelSpec(lm.version.name, v)),
+                                  opts["max_metric_drop"], int(opts["min_outcomes"]),
+                                  float(opts.get("wave_timeout_s") or 60.0))
+    r = D.deploy_group(group, lm, result, _sampling(s, lm, opts), quality_gate=gate)
+    if not r.rollout.ok and opts.get("notify"):  # the alert: the stop and its reason, as CREATE ALERT sends
+        from mlsql.jobs.alerts import send
+
+        bad = r.rollout.waves[-1]
+        body = "\n".join([*bad.failures, json.dumps(bad.metrics, default=str)])
+        ok, _attempts, err = send(opts["notify"], r.message.split(":")[0], body)
+        r.message += "; notified" if ok else f"; the notification failed: {err}"
+    return r
 
 
 def _sampling(s: SessionState, lm, opts: dict) -> dict:

@@ -321,6 +321,14 @@ def _device_data(c: Call):
     return device_data(c.s.devices, c.step.args[0], lm, model_inputs(lm) if lm is not None else [], c.settings)
 
 
+def _experiment_results(c: Call):
+    if len(c.step.args) != 1 or not isinstance(c.step.args[0], str):
+        raise MLSQLError("ML.EXPERIMENT_RESULTS takes one experiment name: ML.EXPERIMENT_RESULTS('my_experiment')")
+    from mlsql.runtime.steps.experiments import results_table
+
+    return results_table(c.s, c.step.args[0], load_model)
+
+
 def _validation(name: str):
     """A handler of mlsql.runtime.steps.validation, imported on first use."""
 
@@ -417,6 +425,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "DEVICE_METRICS": MLFunctionSpec(_device_metrics, model=False),
     "DEVICE_DATA": MLFunctionSpec(_device_data, model=False),
     "JOB_RUNS": MLFunctionSpec(_job_runs, model=False),
+    "EXPERIMENT_RESULTS": MLFunctionSpec(_experiment_results, model=False),
     "VALIDATE_DATA_SKEW": MLFunctionSpec(_validation("validate_skew"), reads_rows=False),
     "VALIDATE_DATA_DRIFT": MLFunctionSpec(_validation("validate_drift"), model=False, reads_rows=False),
     "DESCRIBE_DATA": MLFunctionSpec(_validation("describe_data"), model=False, reads_rows=False),
