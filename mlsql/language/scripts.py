@@ -33,6 +33,8 @@ STATEMENT_HEADS = (
     ("DROP", "DEVICE"), ("DROP", "JOB"), ("RUN", "JOB"), ("ALTER", "JOB"), ("EXPORT", "MODEL"),
     ("DEPLOY", "MODEL"), ("ROLLBACK", "MODEL"), ("EXPLAIN",), ("SET",), ("RESET",),
     ("CREATE", "ALERT"), ("SHOW", "ALERTS"), ("DESCRIBE", "ALERT"), ("DROP", "ALERT"), ("CHECK", "ALERT"),
+    ("CREATE", "FEATURE", "VIEW"), ("SHOW", "FEATURE", "VIEWS"), ("DESCRIBE", "FEATURE", "VIEW"),
+    ("DROP", "FEATURE", "VIEW"),
 )
 
 # Anything that may be MLSQL's own syntax; text without it is plain DuckDB SQL, split and run
