@@ -88,7 +88,7 @@ class _Compiler:
         for sub in select.find_all(exp.Subquery, exp.Select):
             if sub is not select:
                 self.refuse("a subquery cannot run on a device: a feature view reads its event table only",
-                            sub, "SELECT" if isinstance(sub, exp.Select) else None, before=isinstance(sub, exp.Select))
+                            sub, r"\(\s*SELECT", before=True)
         for arg, what in (("joins", "a JOIN"), ("group", "GROUP BY"), ("having", "HAVING"), ("order", "ORDER BY"),
                           ("limit", "LIMIT"), ("qualify", "QUALIFY"), ("distinct", "SELECT DISTINCT"),
                           ("with", "WITH"), ("with_", "WITH")):
@@ -244,7 +244,7 @@ class _Compiler:
             self.refuse("EXCLUDE in a window frame is not supported", order_at, "EXCLUDE")
         us = self.interval_us(start, order_at)
         if us > self.ttl_us:
-            self.refuse(f"the window INTERVAL {start.sql('duckdb')[9:]} is longer than the view's ttl "
+            self.refuse(f"the window INTERVAL {_interval_words(start)} is longer than the view's ttl "
                         f"({self.ttl_us / 86_400_000_000:g} days): a device keeps a key's events for ttl only",
                         order_at, "INTERVAL")
         return us
@@ -357,6 +357,11 @@ class _Compiler:
 
     def type_of(self, e: dict | None) -> str | None:
         return expr_type(e, {self.names[k]: t for k, t in self.types.items()})
+
+
+def _interval_words(node: exp.Interval) -> str:
+    unit = node.args.get("unit")
+    return f"{node.this.name if node.this is not None else ''} {unit.name if unit is not None else ''}".strip()
 
 
 def expr_type(e: dict | None, types: dict[str, str | None]) -> str | None:

@@ -203,5 +203,6 @@ def package(s: SessionState, lm: LoadedModel, result, providers=None) -> Path:
         classes=lm.model.classes, model_type=lm.model.model_type, metrics=dict(lm.model.eval_metrics),
         stats=package_statistics(s, lm, result.inputs), providers=list(providers or ["cpu"]), out=path,
         created_at=mv.created.isoformat(timespec="seconds"),  # UTC (the registry's timestamp)
+        feature_views=lm.meta.get("feature_views") or None,
     )
     return path

@@ -87,7 +87,7 @@ def _create(s: SessionState, step: P.FeatureViewStep) -> Result:
     table = table_node.sql("duckdb")
     try:
         schema = s.engine.query(f"SELECT * FROM {table} LIMIT 0").schema
-    except EngineError:
+    except (EngineError, UnknownTableError):
         err = UnknownTableError(table_node.name, s.engine.table_names(),
                                 message=f"CREATE FEATURE VIEW {name}: no event table '{table}'")
         err.at = extent(table_node)

@@ -1,0 +1,449 @@
+"""Feature views (docs/LANGUAGE.md, Feature views): CREATE/SHOW/DESCRIBE/DROP FEATURE VIEW compile
+window SQL to the view spec a device installs, refuse what a device cannot compute, and
+ML.FEATURES_AT gives point-in-time values equal to a hand-written DuckDB range join (a different
+formulation), to a numpy evaluator of the spec, and on Spark to the same answers."""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import mlsql
+from mlsql.errors import FeatureViewError, MLSQLError, UnknownColumnError, UnknownNameError, UnknownTableError
+
+HOUR, DAY = 3_600_000_000, 86_400_000_000
+T0 = 1_704_067_200_000_000  # 2024-01-01 00:00:00 UTC in microseconds
+
+VIEW = """CREATE FEATURE VIEW user_activity OPTIONS (key = 'user_id', time_col = 'ts', ttl = INTERVAL 30 DAYS) AS
+SELECT user_id,
+       count(*) FILTER (WHERE kind = 'click') OVER h1 AS clicks_1h,
+       count(price) OVER h1 AS priced_1h,
+       sum(qty) FILTER (WHERE kind IN ('click', 'buy')) OVER h6 AS qty_6h,
+       sum(price * qty) OVER d1 AS spend_1d,
+       avg(price) OVER d1 AS avg_price_1d,
+       min(qty) OVER h6 AS min_qty_6h,
+       max(price / qty) FILTER (WHERE NOT kind = 'view' OR kind IS NULL) OVER d1 AS max_unit_1d,
+       arg_max(category, ts) OVER d1 AS last_category,
+       count(DISTINCT kind) OVER d1 AS n_kinds_1d,
+       sum(CASE WHEN coalesce(qty, 0) > 2 THEN 1 ELSE -1 END) OVER (PARTITION BY user_id ORDER BY ts
+           RANGE BETWEEN INTERVAL 90 MINUTES PRECEDING AND CURRENT ROW) AS big_90m
+FROM app_events
+WINDOW h1 AS (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW),
+       h6 AS (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 6 HOURS PRECEDING AND CURRENT ROW),
+       d1 AS (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 DAY PRECEDING AND CURRENT ROW)"""
+
+EXACT = ["clicks_1h", "priced_1h", "qty_6h", "min_qty_6h", "max_unit_1d", "last_category", "n_kinds_1d", "big_90m"]
+ROUNDED = ["spend_1d", "avg_price_1d"]  # float64 sums: the engine adds in another order than the reference
+
+
+def event_log(n: int, keys: int, seed: int) -> pa.Table:
+    """Events of ``keys`` users over 3 days, in arrival order (``seq``), with ties (a quarter of the
+    events share their time with another event of the same user), NULLs in every value column and
+    zero quantities (price / qty divides by zero)."""
+    rng = np.random.default_rng(seed)
+    user = rng.integers(0, keys, n)
+    ts = T0 + rng.integers(0, 3 * DAY // 1_000_000, n) * 1_000_000
+    tie = rng.random(n) < 0.25
+    order = np.argsort(user, kind="stable")  # each tie copies the time of the previous event of its user
+    same = np.r_[False, user[order][1:] == user[order][:-1]]
+    copy_from = np.where(same & tie[order], np.r_[order[0], order[:-1]], order)
+    ts[order] = ts[copy_from]
+    kinds = np.array(["click", "view", "buy", None], dtype=object)[rng.integers(0, 4, n)]
+    price = np.round(rng.gamma(2.0, 10.0, n), 2)
+    qty = rng.integers(0, 5, n)
+    cats = np.array(["shoes", "books", "games", None], dtype=object)[rng.integers(0, 4, n)]
+    return pa.table({
+        "seq": pa.array(np.arange(n), pa.int64()),
+        "user_id": pa.array([f"u{u}" for u in user]),
+        "ts": pa.array(ts, pa.timestamp("us")),
+        "kind": pa.array(kinds, pa.string()),
+        "price": pa.array(price, mask=rng.random(n) < 0.1),
+        "qty": pa.array(qty.astype(np.int32), mask=rng.random(n) < 0.1),
+        "category": pa.array(cats, pa.string()),
+    })
+
+
+def probes_for(events: pa.Table, n: int, seed: int) -> pa.Table:
+    """Probe rows: at event times exactly, a microsecond after them, at random times, and for users
+    without any event."""
+    rng = np.random.default_rng(seed)
+    ev_ts = events["ts"].cast(pa.int64()).to_numpy()
+    ev_user = events["user_id"].to_numpy(zero_copy_only=False)
+    pick = rng.integers(0, len(ev_ts), n)
+    shift = rng.choice([0, 1, -1, 37 * 60_000_000, HOUR, DAY], n)
+    users = ev_user[pick].astype(object)
+    users[: n // 20] = "nobody"
+    return pa.table({"user_id": pa.array(users, pa.string()),
+                     "at": pa.array(ev_ts[pick] + shift, pa.timestamp("us")),
+                     "label": pa.array(rng.random(n))})
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace with an event log of 2,000 events of 40 users, the view, and probe rows."""
+    s = mlsql.connect(tmp_path_factory.mktemp("fv") / "ws")
+    events = event_log(2000, 40, seed=7)
+    s.register("ev_arrow", events)
+    s.sql("CREATE TABLE app_events AS SELECT * FROM ev_arrow")
+    s.register("pr_arrow", probes_for(events, 400, seed=8))
+    s.sql("CREATE TABLE probes AS SELECT * FROM pr_arrow")
+    s.sql(VIEW)
+    yield s
+    s.close()
+
+
+PROBE_QUERY = "(SELECT user_id, at, label FROM probes)"
+
+
+def by_hand(con, where: str = "") -> pa.Table:
+    """The features by a range self-join and GROUP BY, written by hand from the view's SQL (not from
+    its spec): each feature's own time bound and filter in its FILTER clause."""
+    return con.sql(f"""
+        WITH p AS (SELECT row_number() OVER (ORDER BY rowid) AS pid, * FROM probes {where})
+        SELECT p.pid,
+          count(*) FILTER (WHERE e.ts >= p.at - INTERVAL 1 HOUR AND e.kind = 'click') AS clicks_1h,
+          count(e.price) FILTER (WHERE e.ts >= p.at - INTERVAL 1 HOUR) AS priced_1h,
+          sum(e.qty) FILTER (WHERE e.ts >= p.at - INTERVAL 6 HOURS AND e.kind IN ('click', 'buy')) AS qty_6h,
+          sum(e.price * e.qty) AS spend_1d,
+          avg(e.price) AS avg_price_1d,
+          min(e.qty) FILTER (WHERE e.ts >= p.at - INTERVAL 6 HOURS) AS min_qty_6h,
+          max(e.price / nullif(e.qty, 0)) FILTER (WHERE e.kind IS DISTINCT FROM 'view') AS max_unit_1d,
+          arg_max(e.category, (e.ts, e.seq)) FILTER (WHERE e.category IS NOT NULL) AS last_category,
+          count(DISTINCT e.kind) AS n_kinds_1d,
+          sum(CASE WHEN coalesce(e.qty, 0) > 2 THEN 1 ELSE -1 END)
+              FILTER (WHERE e.ts >= p.at - INTERVAL 90 MINUTES) AS big_90m
+        FROM p LEFT JOIN app_events e
+          ON e.user_id = p.user_id AND e.ts <= p.at AND e.ts >= p.at - INTERVAL 1 DAY
+        GROUP BY p.pid ORDER BY p.pid""").to_arrow_table()
+
+
+def _raw(s) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    for name in ("app_events", "probes"):
+        con.register(f"{name}_t", s.sql(f"SELECT * FROM {name} ORDER BY rowid").table)
+        con.sql(f"CREATE TABLE {name} AS SELECT * FROM {name}_t")
+    return con
+
+
+def assert_same_features(got: pa.Table, want: pa.Table) -> int:
+    assert got.num_rows == want.num_rows
+    for c in EXACT:
+        assert got[c].to_pylist() == [None if v is None else v for v in want[c].cast(got[c].type).to_pylist()], c
+    for c in ROUNDED:
+        g, w = (np.array(t[c].to_pylist(), dtype=float) for t in (got, want))
+        assert np.array_equal(np.isnan(g), np.isnan(w)), c
+        # float64 sums of ≤ 2,000 values of magnitude ≤ ~1e3 added in another order: relative 1e-12
+        np.testing.assert_allclose(g[~np.isnan(g)], w[~np.isnan(w)], rtol=1e-12, err_msg=c)
+    return got.num_rows
+
+
+# -- statements and the spec ---------------------------------------------------------------------------
+def test_create_compiles_the_view_to_its_spec(ws):
+    d = ws.workspace.feature_views_dir / "user_activity.json"
+    spec = json.loads(d.read_text())["spec"]
+    assert (spec["format"], spec["name"], spec["table"], spec["key"], spec["time_col"], spec["ttl_us"]) == (
+        1, "user_activity", "app_events", "user_id", "ts", 30 * DAY)
+    assert spec["schema"] == [{"name": "seq", "type": "int64"}, {"name": "user_id", "type": "string"},
+                              {"name": "ts", "type": "timestamp"}, {"name": "kind", "type": "string"},
+                              {"name": "price", "type": "float64"}, {"name": "qty", "type": "int64"},
+                              {"name": "category", "type": "string"}]
+    f = {x["name"]: x for x in spec["features"]}
+    assert list(f) == [*EXACT[:3], "spend_1d", "avg_price_1d", "min_qty_6h", "max_unit_1d", "last_category",
+                       "n_kinds_1d", "big_90m"]
+    assert f["clicks_1h"] == {"name": "clicks_1h", "agg": "count", "arg": None, "window_us": HOUR, "type": "int64",
+                              "filter": {"op": "=", "args": [{"col": "kind"}, {"lit": "click"}]}}
+    assert f["qty_6h"]["filter"] == {"op": "in", "args": [{"col": "kind"}, {"lit": "click"}, {"lit": "buy"}]}
+    assert (f["qty_6h"]["agg"], f["qty_6h"]["type"], f["qty_6h"]["window_us"]) == ("sum", "int64", 6 * HOUR)
+    assert f["spend_1d"]["arg"] == {"op": "*", "args": [{"col": "price"}, {"col": "qty"}]}
+    assert (f["spend_1d"]["type"], f["avg_price_1d"]["type"], f["min_qty_6h"]["type"]) == ("float64",) * 2 + ("int64",)
+    assert f["max_unit_1d"]["filter"] == {"op": "or", "args": [
+        {"op": "not", "args": [{"op": "=", "args": [{"col": "kind"}, {"lit": "view"}]}]},
+        {"op": "is_null", "args": [{"col": "kind"}]}]}
+    assert (f["last_category"]["agg"], f["last_category"]["arg"], f["last_category"]["type"]) == (
+        "last", {"col": "category"}, "string")
+    assert f["n_kinds_1d"] == {"name": "n_kinds_1d", "agg": "count_distinct", "arg": {"col": "kind"}, "filter": None,
+                               "window_us": DAY, "type": "int64", "max_distinct": 64}
+    assert f["big_90m"]["window_us"] == 90 * 60_000_000
+    assert f["big_90m"]["arg"]["op"] == "case" and f["big_90m"]["arg"]["args"][2] == {"lit": -1}
+    assert spec["sql"].startswith("CREATE FEATURE VIEW user_activity")
+
+
+def test_show_describe_drop_and_a_new_session_sees_the_view(ws, tmp_path):
+    rows = ws.sql("SHOW FEATURE VIEWS").table.to_pylist()
+    assert [(r["feature_view"], r["table"], r["key"], r["ttl"], len(r["features"])) for r in rows] == [
+        ("user_activity", "app_events", "user_id", "30 days", 10)]
+    d = ws.sql("DESCRIBE FEATURE VIEW user_activity")
+    desc = {r["feature"]: r for r in d.table.to_pylist()}
+    assert (desc["clicks_1h"]["arg"], desc["clicks_1h"]["filter"], desc["clicks_1h"]["window"]) == (
+        "*", "(kind = 'click')", "1 hour")
+    assert "key user_id, time ts, ttl 30 days" in d.message
+    with mlsql.connect(ws.workspace.root) as other:  # a new session on the same workspace
+        other.sql(VIEW.replace("user_activity", "second_view", 1))
+        with pytest.raises(FeatureViewError, match="already exists") as exc:
+            other.sql(VIEW.replace("user_activity", "second_view", 1))
+        assert "CREATE OR REPLACE FEATURE VIEW second_view" in str(exc.value)
+        assert "nothing changed" in other.sql(VIEW.replace("VIEW user_activity", "VIEW IF NOT EXISTS second_view",
+                                                            1)).message
+        other.sql(VIEW.replace("CREATE FEATURE VIEW user_activity", "CREATE OR REPLACE FEATURE VIEW second_view")
+                  .replace("INTERVAL 90 MINUTES", "INTERVAL 2 HOURS"))
+        assert other.sql("DESCRIBE FEATURE VIEW second_view").table["window_us"].to_pylist()[-1] == 2 * HOUR
+    assert [r["feature_view"] for r in ws.sql("SHOW FEATURE VIEWS").table.to_pylist()] == [
+        "second_view", "user_activity"]
+    ws.sql("DROP FEATURE VIEW second_view")
+    with pytest.raises(UnknownNameError, match="Unknown feature view 'second_vew'") as exc:
+        ws.sql("DESCRIBE FEATURE VIEW second_vew")
+    assert "Did you mean 'user_activity'" not in str(exc.value)
+    with pytest.raises(UnknownNameError, match="user_activty") as exc:
+        ws.sql("DROP FEATURE VIEW user_activty")
+    assert "Did you mean 'user_activity'?" in str(exc.value)
+    assert "nothing dropped" in ws.sql("DROP FEATURE VIEW IF EXISTS second_view").message
+    assert [r["feature_view"] for r in ws.sql("SHOW FEATURE VIEWS").table.to_pylist()] == ["user_activity"]
+
+
+H = "CREATE FEATURE VIEW bad OPTIONS (key = 'user_id', time_col = 'ts', ttl = INTERVAL 7 DAYS) AS\n"
+W1 = "OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW)"
+
+
+@pytest.mark.parametrize("body, error, message, at", [
+    (f"SELECT user_id, count(*) {W1} AS c\nFROM app_events JOIN probes ON app_events.user_id = probes.user_id",
+     FeatureViewError, "a JOIN is not allowed", "JOIN"),
+    (f"SELECT user_id, count(*) {W1} AS c FROM (SELECT * FROM app_events)", FeatureViewError,
+     "a subquery cannot run on a device", "(SELECT * FROM app_events"),
+    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN UNBOUNDED PRECEDING AND "
+     "CURRENT ROW) AS c FROM app_events", FeatureViewError, "an unbounded window", "UNBOUNDED"),
+    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING "
+     "AND INTERVAL 1 HOUR FOLLOWING) AS c FROM app_events", FeatureViewError, "a FOLLOWING window", "FOLLOWING"),
+    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) "
+     "AS c FROM app_events", FeatureViewError, "a ROWS frame counts rows, not time", "ROWS"),
+    ("SELECT user_id, count(*) OVER (PARTITION BY user_id, kind ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR "
+     "PRECEDING AND CURRENT ROW) AS c FROM app_events", FeatureViewError, "a second partition key (kind)", "kind"),
+    ("SELECT user_id, count(*) OVER (PARTITION BY kind ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND "
+     "CURRENT ROW) AS c FROM app_events", FeatureViewError, "PARTITION BY kind: the view's key is user_id", "kind"),
+    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY seq RANGE BETWEEN INTERVAL 1 HOUR PRECEDING "
+     "AND CURRENT ROW) AS c FROM app_events", FeatureViewError, "a window must be ORDER BY ts", "seq"),
+    (f"SELECT user_id, stddev(price) {W1} AS c FROM app_events", FeatureViewError,
+     "the aggregate stddev(...) is not supported", "stddev"),
+    (f"SELECT user_id, sum(abs(price)) {W1} AS c FROM app_events", FeatureViewError,
+     "abs(...) is not supported inside a feature", "abs"),
+    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 8 DAYS PRECEDING AND "
+     "CURRENT ROW) AS c FROM app_events", FeatureViewError, "is longer than the view's ttl (7 days)", "INTERVAL"),
+    (f"SELECT user_id, sum(prices) {W1} AS c FROM app_events", UnknownColumnError, "Unknown column 'prices'",
+     "prices"),
+    (f"SELECT user_id, count(*) {W1} AS c FROM app_event", UnknownTableError, "no event table 'app_event'",
+     "app_event"),
+])
+def test_a_view_a_device_cannot_compute_is_refused_where_it_is(ws, body, error, message, at):
+    sql = "SELECT 1;\n" + H + body  # the statement's place in the script: the error points into the script
+    with pytest.raises(error) as exc:
+        ws.sql(sql)
+    e = exc.value
+    assert message in str(e)
+    sp = e.span(sql)
+    line = sql.split("\n")[sp.line - 1]
+    assert line[sp.column - 1:].startswith(at), (line, sp)
+    if error is UnknownColumnError:
+        assert "Did you mean 'price'?" in str(e)
+    if error is UnknownTableError:
+        assert "Did you mean 'app_events'?" in str(e)
+    # nothing was stored, and the earlier view is as it was
+    assert [r["feature_view"] for r in ws.sql("SHOW FEATURE VIEWS").table.to_pylist()] == ["user_activity"]
+
+
+# -- ML.FEATURES_AT ------------------------------------------------------------------------------------
+def test_features_at_equals_a_range_join_by_hand(ws):
+    got = ws.sql(f"SELECT * FROM ML.FEATURES_AT(user_activity, {PROBE_QUERY})").table
+    assert got.column_names[:3] == ["user_id", "at", "label"]
+    probes = ws.sql('SELECT user_id, "at", label FROM probes ORDER BY rowid').table
+    assert got.select(["user_id", "at", "label"]).equals(probes)  # every probe row, in its order
+    want = by_hand(_raw(ws))
+    assert assert_same_features(got, want) == 400
+    # users without events: counts 0, the rest NULL
+    none = got.filter(pa.compute.equal(got["user_id"], "nobody")).to_pylist()
+    assert none and all(r["clicks_1h"] == 0 and r["n_kinds_1d"] == 0 and r["spend_1d"] is None
+                        and r["last_category"] is None for r in none)
+    # the log has ties that matter for last_category and NULLs in every column
+    ev = ws.sql("SELECT count(*) - count(DISTINCT (user_id, ts)) AS ties, count(*) - count(category) AS nulls "
+                "FROM app_events").table.to_pylist()[0]
+    assert ev["ties"] > 100 and ev["nulls"] > 100
+
+
+def test_the_boundary_at_and_one_microsecond_after(session):
+    """An event exactly at ``at`` counts; one a microsecond after does not; one exactly at ``at - w``
+    counts; one a microsecond before that does not."""
+    at = T0 + 5 * DAY
+    times = [at - HOUR - 1, at - HOUR, at - 1, at, at + 1]
+    session.register("e", pa.table({"k": ["a"] * 5, "ts": pa.array(times, pa.timestamp("us")),
+                                    "v": [1, 10, 100, 1000, 10000], "tag": ["w-1", "w", "a-1", "a", "a+1"]}))
+    session.sql("CREATE TABLE ev AS SELECT * FROM e")
+    session.sql("""CREATE FEATURE VIEW b OPTIONS (key = 'k', time_col = 'ts', ttl = INTERVAL 1 DAY) AS
+        SELECT k, count(*) OVER w AS n, sum(v) OVER w AS s, arg_max(tag, ts) OVER w AS last_tag,
+               min(tag) OVER w AS first_tag
+        FROM ev WINDOW w AS (PARTITION BY k ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW)""")
+    session.register("p", pa.table({"k": ["a", "a", "a"], "at": pa.array([at, at - 1, at + HOUR], pa.timestamp("us"))}))
+    got = session.sql("SELECT * FROM ML.FEATURES_AT(b, (SELECT k, at FROM p))").table.to_pylist()
+    assert [(r["n"], r["s"], r["last_tag"]) for r in got] == [
+        (3, 10 + 100 + 1000, "a"),  # at: at - w, at - 1µs and at itself; not at + 1µs nor at - w - 1µs
+        (3, 1 + 10 + 100, "a-1"),  # at - 1µs: the window [at - w - 1µs, at - 1µs]
+        (2, 1000 + 10000, "a+1"),  # at + w: at itself is exactly at its window's start
+    ]
+    # the probe's time as whole microseconds gives the same
+    us = session.sql("SELECT * FROM ML.FEATURES_AT(b, (SELECT k, epoch_us(at) AS at FROM p))").table
+    assert us["s"].to_pylist() == [1110, 111, 11000]
+
+
+def test_features_at_errors_name_what_is_missing(ws):
+    with pytest.raises(UnknownColumnError, match="the probe rows have no column 'at'") as exc:
+        ws.sql("SELECT * FROM ML.FEATURES_AT(user_activity, (SELECT user_id, at AS t FROM probes))")
+    assert "Did you mean 't'" not in str(exc.value) and "Select it" in str(exc.value)
+    with pytest.raises(UnknownNameError, match="Unknown feature view 'user_activit'"):
+        ws.sql("SELECT * FROM ML.FEATURES_AT(user_activit, (SELECT user_id, at FROM probes))")
+    with pytest.raises(MLSQLError, match="already have a column 'clicks_1h'"):
+        ws.sql("SELECT * FROM ML.FEATURES_AT(user_activity, (SELECT user_id, at, 1 AS clicks_1h FROM probes))")
+
+
+# -- the spec is faithful: a numpy evaluator of the spec (the agent side's reference) ----------------------
+def _eval(e: dict, cols: dict[str, tuple[np.ndarray, np.ndarray]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values, valid) of a spec expression over columns of (values, valid), SQL's three-valued logic."""
+    if "col" in e:
+        return cols[e["col"]]
+    if "lit" in e:
+        v = e["lit"]
+        return np.full(n, v, dtype=object), np.full(n, v is not None)
+    op, args = e["op"], [_eval(a, cols, n) for a in e["args"]]
+    if op in ("+", "-", "*", "/", "=", "<>", "<", "<=", ">", ">="):
+        (a, va), (b, vb) = args
+        ok = va & vb
+        a, b = np.where(ok, a, 1), np.where(ok, b, 1)
+        if op == "/":
+            ok = ok & (b != 0)
+            return np.where(ok, a.astype(float) / np.where(b == 0, 1, b).astype(float), np.nan), ok
+        f = {"+": np.add, "-": np.subtract, "*": np.multiply, "=": np.equal, "<>": np.not_equal, "<": np.less,
+             "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}[op]
+        return f(a, b), ok
+    if op in ("and", "or"):
+        (a, va), (b, vb) = args
+        a, b = a.astype(bool) & va, b.astype(bool) & vb  # the value where valid
+        if op == "and":
+            return a & b, (va & vb) | (va & ~a) | (vb & ~b)
+        return a | b, (va & vb) | a | b
+    if op == "not":
+        return ~args[0][0].astype(bool), args[0][1]
+    if op == "neg":
+        return -args[0][0], args[0][1]
+    if op in ("is_null", "is_not_null"):
+        return (~args[0][1] if op == "is_null" else args[0][1].copy()), np.ones(n, bool)
+    if op == "in":
+        (a, va), rest = args[0], args[1:]
+        return np.isin(a, [r[0][0] for r in rest]), va
+    if op == "coalesce":
+        out, ok = args[-1][0].copy(), args[-1][1].copy()
+        for v, valid in reversed(args[:-1]):
+            out, ok = np.where(valid, v, out), valid | ok
+        return out, ok
+    if op == "case":
+        out, ok = args[-1][0].astype(object).copy(), args[-1][1].copy()
+        for (c, vc), (v, vv) in reversed(list(zip(args[:-1:2], args[1:-1:2]))):
+            hit = c.astype(bool) & vc
+            out, ok = np.where(hit, v, out), np.where(hit, vv, ok)
+        return out, ok
+    raise AssertionError(op)
+
+
+def reference(spec: dict, events: pa.Table, probes: pa.Table) -> dict[str, list]:
+    """The spec's features per probe: per key and probe, the events in [at - w, at] that pass the
+    filter, aggregated in numpy. The order of arrival (``last``'s ties) is the table's row order."""
+    n = events.num_rows
+    cols = {}
+    for c in spec["schema"]:
+        arr = events[c["name"]]
+        valid = ~np.asarray(arr.is_null())
+        vals = (arr.cast(pa.int64()) if c["type"] == "timestamp" else arr).to_numpy(zero_copy_only=False)
+        cols[c["name"]] = (np.asarray(vals, dtype=object) if c["type"] == "string" else vals, valid)
+    keys = cols[spec["key"]][0]
+    ts = cols[spec["time_col"]][0].astype(np.int64)
+    p_keys = probes[spec["key"]].to_numpy(zero_copy_only=False)
+    p_at = probes["at"].cast(pa.int64()).to_numpy()
+    out: dict[str, list] = {}
+    for f in spec["features"]:
+        if f["arg"] is None:
+            val, ok = np.ones(n), np.ones(n, bool)
+        else:
+            val, ok = _eval(f["arg"], cols, n)
+        if f["filter"] is not None:
+            c, vc = _eval(f["filter"], cols, n)
+            ok = ok & vc & c.astype(bool)
+        res = []
+        for k, at in zip(p_keys, p_at):
+            m = ok & (keys == k) & (ts >= at - f["window_us"]) & (ts <= at)
+            v = val[m]
+            if f["agg"] == "count":
+                res.append(int(m.sum()))
+            elif f["agg"] == "count_distinct":
+                res.append(min(len(set(v.tolist())), f["max_distinct"]))
+            elif not m.any():
+                res.append(None)
+            elif f["agg"] == "sum":
+                res.append(int(v.astype(np.int64).sum()) if f["type"] == "int64" else float(v.astype(float).sum()))
+            elif f["agg"] == "avg":
+                res.append(float(v.astype(float).mean()))
+            elif f["agg"] in ("min", "max"):
+                res.append(v.min() if f["agg"] == "min" else v.max())
+            else:  # last: the latest time, then the latest arrival
+                idx = np.flatnonzero(m)
+                res.append(val[idx[np.lexsort((idx, ts[idx]))[-1]]])
+        out[f["name"]] = res
+    return out
+
+
+def test_the_spec_evaluated_in_numpy_equals_features_at(ws):
+    spec = json.loads((ws.workspace.feature_views_dir / "user_activity.json").read_text())["spec"]
+    events = ws.sql("SELECT * FROM app_events ORDER BY rowid").table
+    probes = ws.sql('SELECT user_id, "at", label FROM probes ORDER BY rowid').table
+    want = reference(spec, events, probes)
+    got = ws.sql(f"SELECT * FROM ML.FEATURES_AT(user_activity, {PROBE_QUERY})").table
+    mismatches = 0
+    for c in EXACT:
+        g = got[c].to_pylist()
+        w = [None if v is None else type(g_ if g_ is not None else v)(v) for v, g_ in zip(want[c], g)]
+        mismatches += sum(a != b for a, b in zip(g, w))
+    for c in ROUNDED:
+        g = np.array(got[c].to_pylist(), dtype=float)
+        w = np.array(want[c], dtype=float)
+        # float64 sums and means of ≤ 2,000 values in another order: relative 1e-12
+        mismatches += int((np.isnan(g) != np.isnan(w)).sum())
+        both = ~np.isnan(g) & ~np.isnan(w)
+        mismatches += int((~np.isclose(g[both], w[both], rtol=1e-12, atol=0)).sum())
+    print(f"spec reference vs ML.FEATURES_AT: {mismatches} mismatches over {got.num_rows} probes x "
+          f"{len(EXACT) + len(ROUNDED)} features")
+    assert mismatches == 0
+
+
+# -- the same on every engine (Spark) ------------------------------------------------------------------
+def test_features_at_on_every_engine_equals_the_range_join(backend, request):
+    """The same view and probes on each engine (DuckDB, Spark): the answer of the hand-written range
+    join on raw DuckDB (never the engine under test)."""
+    shared = request.getfixturevalue("shared_ws")
+    if not shared.engine.has_relation("fv_app_events"):
+        events = event_log(2000, 40, seed=11)
+        shared.register("fv_ev_arrow", events)
+        shared.sql("CREATE OR REPLACE TABLE fv_app_events AS SELECT * FROM fv_ev_arrow")
+        shared.register("fv_pr_arrow", probes_for(events, 300, seed=12))
+        shared.sql("CREATE OR REPLACE TABLE fv_probes AS SELECT * FROM fv_pr_arrow")
+        shared.sql(VIEW.replace("CREATE FEATURE VIEW user_activity", "CREATE OR REPLACE FEATURE VIEW fv_engines")
+                   .replace("FROM app_events", "FROM fv_app_events"))
+    if backend is not shared:  # Spark reads the workspace's tables as views, as the other engine tests do
+        for t in ("fv_app_events", "fv_probes"):
+            backend.sql(f"CREATE OR REPLACE TEMP VIEW {t} AS SELECT * FROM workspace.{t}")
+    got = backend.sql("SELECT * FROM ML.FEATURES_AT(fv_engines, (SELECT user_id, at, label FROM fv_probes))").table
+    con = duckdb.connect()
+    for t in ("fv_app_events", "fv_probes"):
+        con.register(f"{t}_t", shared.sql(f"SELECT * FROM {t} ORDER BY rowid").table)
+        con.sql(f"CREATE TABLE {t[3:]} AS SELECT * FROM {t}_t")
+    want = by_hand(con)
+    assert got["user_id"].to_pylist() == con.sql("SELECT user_id FROM probes ORDER BY rowid").to_arrow_table()[
+        "user_id"].to_pylist()
+    assert assert_same_features(got, want) == 300
