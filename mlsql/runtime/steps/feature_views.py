@@ -28,7 +28,6 @@ from mlsql.plan import planner as P
 from mlsql.runtime.steps import SessionState
 
 if TYPE_CHECKING:
-    from mlsql.runtime.steps.ml_functions import Call
     from mlsql.workspace import Workspace
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
@@ -152,9 +151,10 @@ def _duration(us: int) -> str:
 AT_COLUMN = "at"
 
 
-def features_at(c: Call) -> pa.Table:
+def features_at(c) -> pa.Table:
     """``ML.FEATURES_AT(view, (probes))``: each probe row (in its order) with the view's features
-    as of its ``at`` column, by one engine query (mlsql.plan.feature_sql)."""
+    as of its ``at`` column, by one engine query (mlsql.plan.feature_sql). ``c``: the call
+    (mlsql.runtime.steps.ml_functions.Call, which imports this module)."""
     import sqlglot
     from sqlglot import exp
 
