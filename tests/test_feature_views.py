@@ -283,16 +283,19 @@ def test_the_boundary_at_and_one_microsecond_after(session):
         SELECT k, count(*) OVER w AS n, sum(v) OVER w AS s, arg_max(tag, ts) OVER w AS last_tag,
                min(tag) OVER w AS first_tag
         FROM ev WINDOW w AS (PARTITION BY k ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW)""")
-    session.register("p", pa.table({"k": ["a", "a", "a"], "at": pa.array([at, at - 1, at + HOUR], pa.timestamp("us"))}))
+    session.register("p", pa.table({"k": ["a", "a", "a", None, "a"],
+                                    "at": pa.array([at, at - 1, at + HOUR, at, None], pa.timestamp("us"))}))
     got = session.sql("SELECT * FROM ML.FEATURES_AT(b, (SELECT k, at FROM p))").table.to_pylist()
     assert [(r["n"], r["s"], r["last_tag"]) for r in got] == [
         (3, 10 + 100 + 1000, "a"),  # at: at - w, at - 1µs and at itself; not at + 1µs nor at - w - 1µs
         (3, 1 + 10 + 100, "a-1"),  # at - 1µs: the window [at - w - 1µs, at - 1µs]
         (2, 1000 + 10000, "a+1"),  # at + w: at itself is exactly at its window's start
+        (0, None, None),  # a NULL key has no events
+        (0, None, None),  # nor has a NULL time
     ]
     # the probe's time as whole microseconds gives the same
     us = session.sql("SELECT * FROM ML.FEATURES_AT(b, (SELECT k, epoch_us(at) AS at FROM p))").table
-    assert us["s"].to_pylist() == [1110, 111, 11000]
+    assert us["s"].to_pylist() == [1110, 111, 11000, None, None]
 
 
 def test_features_at_errors_name_what_is_missing(ws):
