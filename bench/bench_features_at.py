@@ -103,14 +103,20 @@ def _same(a, b) -> None:
             x, y = (np.array(t[c].to_pylist(), dtype=float) for t in (a, b))
             # float64 means of ≤ ~2,500 values of magnitude ≤ 100, summed in another order: relative 1e-12
             assert np.array_equal(np.isnan(x), np.isnan(y)) and np.allclose(
-                x[~np.isnan(x)], y[~np.isnan(y)], rtol=1e-12, atol=0), c
+                x[~np.isnan(x)], y[~np.isnan(y)], rtol=1e-12, atol=0
+            ), c
         else:
             assert a[c].to_pylist() == b[c].to_pylist(), c
     assert a["user_id"].to_pylist() == b["user_id"].to_pylist()
 
 
-def run(n_events: int = 10_000_000, n_keys: int = 2000, n_probes: int = 100_000, repeats: int = 3,
-        workspace: str | os.PathLike | None = None) -> dict:
+def run(
+    n_events: int = 10_000_000,
+    n_keys: int = 2000,
+    n_probes: int = 100_000,
+    repeats: int = 3,
+    workspace: str | os.PathLike | None = None,
+) -> dict:
     """Time ML.FEATURES_AT against the hand-written SQL; the figures as a dict (also what is saved)."""
     import mlsql
 
@@ -127,20 +133,27 @@ def run(n_events: int = 10_000_000, n_keys: int = 2000, n_probes: int = 100_000,
         _same(ours, hand)
         times: dict[str, list[float]] = {"ours": [], "by_hand": []}
         for i in range(repeats):
-            for side in (("ours", "by_hand") if i % 2 == 0 else ("by_hand", "ours")):
+            for side in ("ours", "by_hand") if i % 2 == 0 else ("by_hand", "ours"):
                 t = time.perf_counter()
                 got = s.sql(OURS if side == "ours" else BY_HAND).table
                 times[side].append(time.perf_counter() - t)
                 assert got.num_rows == n_probes
         best = {k: min(v) for k, v in times.items()}
         out = {
-            "events": n_events, "keys": n_keys, "probes": n_probes, "features": len(FEATURES),
-            "repeats": repeats, "generate_s": round(gen_s, 3),
-            "ours_s": round(best["ours"], 3), "by_hand_s": round(best["by_hand"], 3),
-            "ratio": round(best["ours"] / best["by_hand"], 3), "goal_ratio": 1.1,
+            "events": n_events,
+            "keys": n_keys,
+            "probes": n_probes,
+            "features": len(FEATURES),
+            "repeats": repeats,
+            "generate_s": round(gen_s, 3),
+            "ours_s": round(best["ours"], 3),
+            "by_hand_s": round(best["by_hand"], 3),
+            "ratio": round(best["ours"] / best["by_hand"], 3),
+            "goal_ratio": 1.1,
             "runs_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "threads": int(s.sql("SELECT current_setting('threads') AS t").table["t"][0].as_py()),
-            "cpus": os.cpu_count(), "loadavg_before": [round(x, 2) for x in load_before],
+            "cpus": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         }
     finally:
@@ -157,12 +170,16 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "features_at.json"))
     a = ap.parse_args()
     res = run(a.events, a.keys, a.probes, a.repeats)
-    print(f"ML.FEATURES_AT over {res['events']:,} events, {res['keys']:,} keys, {res['probes']:,} probes, "
-          f"{res['features']} features")
+    print(
+        f"ML.FEATURES_AT over {res['events']:,} events, {res['keys']:,} keys, {res['probes']:,} probes, "
+        f"{res['features']} features"
+    )
     print(f"  ours     {res['ours_s']:8.3f} s   runs {res['runs_s']['ours']}")
     print(f"  by hand  {res['by_hand_s']:8.3f} s   runs {res['runs_s']['by_hand']}")
-    print(f"  ratio    {res['ratio']:8.3f}     (goal ≤ {res['goal_ratio']})   load average before "
-          f"{res['loadavg_before']}, after {res['loadavg_after']}")
+    print(
+        f"  ratio    {res['ratio']:8.3f}     (goal ≤ {res['goal_ratio']})   load average before "
+        f"{res['loadavg_before']}, after {res['loadavg_after']}"
+    )
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
 

@@ -36,7 +36,16 @@ WINDOW h1 AS (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRE
        h6 AS (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 6 HOURS PRECEDING AND CURRENT ROW),
        d1 AS (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 DAY PRECEDING AND CURRENT ROW)"""
 
-EXACT = ["clicks_1h", "priced_1h", "qty_6h", "min_qty_6h", "max_unit_1d", "last_category", "n_kinds_1d", "big_90m"]
+EXACT = [
+    "clicks_1h",
+    "priced_1h",
+    "qty_6h",
+    "min_qty_6h",
+    "max_unit_1d",
+    "last_category",
+    "n_kinds_1d",
+    "big_90m",
+]
 ROUNDED = ["spend_1d", "avg_price_1d"]  # float64 sums: the engine adds in another order than the reference
 
 
@@ -56,15 +65,17 @@ def event_log(n: int, keys: int, seed: int) -> pa.Table:
     price = np.round(rng.gamma(2.0, 10.0, n), 2)
     qty = rng.integers(0, 5, n)
     cats = np.array(["shoes", "books", "games", None], dtype=object)[rng.integers(0, 4, n)]
-    return pa.table({
-        "seq": pa.array(np.arange(n), pa.int64()),
-        "user_id": pa.array([f"u{u}" for u in user]),
-        "ts": pa.array(ts, pa.timestamp("us")),
-        "kind": pa.array(kinds, pa.string()),
-        "price": pa.array(price, mask=rng.random(n) < 0.1),
-        "qty": pa.array(qty.astype(np.int32), mask=rng.random(n) < 0.1),
-        "category": pa.array(cats, pa.string()),
-    })
+    return pa.table(
+        {
+            "seq": pa.array(np.arange(n), pa.int64()),
+            "user_id": pa.array([f"u{u}" for u in user]),
+            "ts": pa.array(ts, pa.timestamp("us")),
+            "kind": pa.array(kinds, pa.string()),
+            "price": pa.array(price, mask=rng.random(n) < 0.1),
+            "qty": pa.array(qty.astype(np.int32), mask=rng.random(n) < 0.1),
+            "category": pa.array(cats, pa.string()),
+        }
+    )
 
 
 def probes_for(events: pa.Table, n: int, seed: int) -> pa.Table:
@@ -77,9 +88,13 @@ def probes_for(events: pa.Table, n: int, seed: int) -> pa.Table:
     shift = rng.choice([0, 1, -1, 37 * 60_000_000, HOUR, DAY], n)
     users = ev_user[pick].astype(object)
     users[: n // 20] = "nobody"
-    return pa.table({"user_id": pa.array(users, pa.string()),
-                     "at": pa.array(ev_ts[pick] + shift, pa.timestamp("us")),
-                     "label": pa.array(rng.random(n))})
+    return pa.table(
+        {
+            "user_id": pa.array(users, pa.string()),
+            "at": pa.array(ev_ts[pick] + shift, pa.timestamp("us")),
+            "label": pa.array(rng.random(n)),
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +147,9 @@ def _raw(s) -> duckdb.DuckDBPyConnection:
 def assert_same_features(got: pa.Table, want: pa.Table) -> int:
     assert got.num_rows == want.num_rows
     for c in EXACT:
-        assert got[c].to_pylist() == [None if v is None else v for v in want[c].cast(got[c].type).to_pylist()], c
+        assert got[c].to_pylist() == [
+            None if v is None else v for v in want[c].cast(got[c].type).to_pylist()
+        ], c
     for c in ROUNDED:
         g, w = (np.array(t[c].to_pylist(), dtype=float) for t in (got, want))
         assert np.array_equal(np.isnan(g), np.isnan(w)), c
@@ -146,27 +163,68 @@ def test_create_compiles_the_view_to_its_spec(ws):
     d = ws.workspace.feature_views_dir / "user_activity.json"
     spec = json.loads(d.read_text())["spec"]
     assert (spec["format"], spec["name"], spec["table"], spec["key"], spec["time_col"], spec["ttl_us"]) == (
-        1, "user_activity", "app_events", "user_id", "ts", 30 * DAY)
-    assert spec["schema"] == [{"name": "seq", "type": "int64"}, {"name": "user_id", "type": "string"},
-                              {"name": "ts", "type": "timestamp"}, {"name": "kind", "type": "string"},
-                              {"name": "price", "type": "float64"}, {"name": "qty", "type": "int64"},
-                              {"name": "category", "type": "string"}]
+        1,
+        "user_activity",
+        "app_events",
+        "user_id",
+        "ts",
+        30 * DAY,
+    )
+    assert spec["schema"] == [
+        {"name": "seq", "type": "int64"},
+        {"name": "user_id", "type": "string"},
+        {"name": "ts", "type": "timestamp"},
+        {"name": "kind", "type": "string"},
+        {"name": "price", "type": "float64"},
+        {"name": "qty", "type": "int64"},
+        {"name": "category", "type": "string"},
+    ]
     f = {x["name"]: x for x in spec["features"]}
-    assert list(f) == [*EXACT[:3], "spend_1d", "avg_price_1d", "min_qty_6h", "max_unit_1d", "last_category",
-                       "n_kinds_1d", "big_90m"]
-    assert f["clicks_1h"] == {"name": "clicks_1h", "agg": "count", "arg": None, "window_us": HOUR, "type": "int64",
-                              "filter": {"op": "=", "args": [{"col": "kind"}, {"lit": "click"}]}}
+    assert list(f) == [
+        *EXACT[:3],
+        "spend_1d",
+        "avg_price_1d",
+        "min_qty_6h",
+        "max_unit_1d",
+        "last_category",
+        "n_kinds_1d",
+        "big_90m",
+    ]
+    assert f["clicks_1h"] == {
+        "name": "clicks_1h",
+        "agg": "count",
+        "arg": None,
+        "window_us": HOUR,
+        "type": "int64",
+        "filter": {"op": "=", "args": [{"col": "kind"}, {"lit": "click"}]},
+    }
     assert f["qty_6h"]["filter"] == {"op": "in", "args": [{"col": "kind"}, {"lit": "click"}, {"lit": "buy"}]}
     assert (f["qty_6h"]["agg"], f["qty_6h"]["type"], f["qty_6h"]["window_us"]) == ("sum", "int64", 6 * HOUR)
     assert f["spend_1d"]["arg"] == {"op": "*", "args": [{"col": "price"}, {"col": "qty"}]}
-    assert (f["spend_1d"]["type"], f["avg_price_1d"]["type"], f["min_qty_6h"]["type"]) == ("float64",) * 2 + ("int64",)
-    assert f["max_unit_1d"]["filter"] == {"op": "or", "args": [
-        {"op": "not", "args": [{"op": "=", "args": [{"col": "kind"}, {"lit": "view"}]}]},
-        {"op": "is_null", "args": [{"col": "kind"}]}]}
+    assert (f["spend_1d"]["type"], f["avg_price_1d"]["type"], f["min_qty_6h"]["type"]) == ("float64",) * 2 + (
+        "int64",
+    )
+    assert f["max_unit_1d"]["filter"] == {
+        "op": "or",
+        "args": [
+            {"op": "not", "args": [{"op": "=", "args": [{"col": "kind"}, {"lit": "view"}]}]},
+            {"op": "is_null", "args": [{"col": "kind"}]},
+        ],
+    }
     assert (f["last_category"]["agg"], f["last_category"]["arg"], f["last_category"]["type"]) == (
-        "last", {"col": "category"}, "string")
-    assert f["n_kinds_1d"] == {"name": "n_kinds_1d", "agg": "count_distinct", "arg": {"col": "kind"}, "filter": None,
-                               "window_us": DAY, "type": "int64", "max_distinct": 64}
+        "last",
+        {"col": "category"},
+        "string",
+    )
+    assert f["n_kinds_1d"] == {
+        "name": "n_kinds_1d",
+        "agg": "count_distinct",
+        "arg": {"col": "kind"},
+        "filter": None,
+        "window_us": DAY,
+        "type": "int64",
+        "max_distinct": 64,
+    }
     assert f["big_90m"]["window_us"] == 90 * 60_000_000
     assert f["big_90m"]["arg"]["op"] == "case" and f["big_90m"]["arg"]["args"][2] == {"lit": -1}
     assert spec["sql"].startswith("CREATE FEATURE VIEW user_activity")
@@ -175,24 +233,35 @@ def test_create_compiles_the_view_to_its_spec(ws):
 def test_show_describe_drop_and_a_new_session_sees_the_view(ws, tmp_path):
     rows = ws.sql("SHOW FEATURE VIEWS").table.to_pylist()
     assert [(r["feature_view"], r["table"], r["key"], r["ttl"], len(r["features"])) for r in rows] == [
-        ("user_activity", "app_events", "user_id", "30 days", 10)]
+        ("user_activity", "app_events", "user_id", "30 days", 10)
+    ]
     d = ws.sql("DESCRIBE FEATURE VIEW user_activity")
     desc = {r["feature"]: r for r in d.table.to_pylist()}
     assert (desc["clicks_1h"]["arg"], desc["clicks_1h"]["filter"], desc["clicks_1h"]["window"]) == (
-        "*", "(kind = 'click')", "1 hour")
+        "*",
+        "(kind = 'click')",
+        "1 hour",
+    )
     assert "key user_id, time ts, ttl 30 days" in d.message
     with mlsql.connect(ws.workspace.root) as other:  # a new session on the same workspace
         other.sql(VIEW.replace("user_activity", "second_view", 1))
         with pytest.raises(FeatureViewError, match="already exists") as exc:
             other.sql(VIEW.replace("user_activity", "second_view", 1))
         assert "CREATE OR REPLACE FEATURE VIEW second_view" in str(exc.value)
-        assert "nothing changed" in other.sql(VIEW.replace("VIEW user_activity", "VIEW IF NOT EXISTS second_view",
-                                                            1)).message
-        other.sql(VIEW.replace("CREATE FEATURE VIEW user_activity", "CREATE OR REPLACE FEATURE VIEW second_view")
-                  .replace("INTERVAL 90 MINUTES", "INTERVAL 2 HOURS"))
+        assert (
+            "nothing changed"
+            in other.sql(VIEW.replace("VIEW user_activity", "VIEW IF NOT EXISTS second_view", 1)).message
+        )
+        other.sql(
+            VIEW.replace(
+                "CREATE FEATURE VIEW user_activity", "CREATE OR REPLACE FEATURE VIEW second_view"
+            ).replace("INTERVAL 90 MINUTES", "INTERVAL 2 HOURS")
+        )
         assert other.sql("DESCRIBE FEATURE VIEW second_view").table["window_us"].to_pylist()[-1] == 2 * HOUR
     assert [r["feature_view"] for r in ws.sql("SHOW FEATURE VIEWS").table.to_pylist()] == [
-        "second_view", "user_activity"]
+        "second_view",
+        "user_activity",
+    ]
     ws.sql("DROP FEATURE VIEW second_view")
     with pytest.raises(UnknownNameError, match="Unknown feature view 'second_vew'") as exc:
         ws.sql("DESCRIBE FEATURE VIEW second_vew")
@@ -208,34 +277,96 @@ H = "CREATE FEATURE VIEW bad OPTIONS (key = 'user_id', time_col = 'ts', ttl = IN
 W1 = "OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW)"
 
 
-@pytest.mark.parametrize("body, error, message, at", [
-    (f"SELECT user_id, count(*) {W1} AS c\nFROM app_events JOIN probes ON app_events.user_id = probes.user_id",
-     FeatureViewError, "a JOIN is not allowed", "JOIN"),
-    (f"SELECT user_id, count(*) {W1} AS c FROM (SELECT * FROM app_events)", FeatureViewError,
-     "a subquery cannot run on a device", "(SELECT * FROM app_events"),
-    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN UNBOUNDED PRECEDING AND "
-     "CURRENT ROW) AS c FROM app_events", FeatureViewError, "an unbounded window", "UNBOUNDED"),
-    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING "
-     "AND INTERVAL 1 HOUR FOLLOWING) AS c FROM app_events", FeatureViewError, "a FOLLOWING window", "FOLLOWING"),
-    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) "
-     "AS c FROM app_events", FeatureViewError, "a ROWS frame counts rows, not time", "ROWS"),
-    ("SELECT user_id, count(*) OVER (PARTITION BY user_id, kind ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR "
-     "PRECEDING AND CURRENT ROW) AS c FROM app_events", FeatureViewError, "a second partition key (kind)", "kind"),
-    ("SELECT user_id, count(*) OVER (PARTITION BY kind ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND "
-     "CURRENT ROW) AS c FROM app_events", FeatureViewError, "PARTITION BY kind: the view's key is user_id", "kind"),
-    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY seq RANGE BETWEEN INTERVAL 1 HOUR PRECEDING "
-     "AND CURRENT ROW) AS c FROM app_events", FeatureViewError, "a window must be ORDER BY ts", "seq"),
-    (f"SELECT user_id, stddev(price) {W1} AS c FROM app_events", FeatureViewError,
-     "the aggregate stddev(...) is not supported", "stddev"),
-    (f"SELECT user_id, sum(abs(price)) {W1} AS c FROM app_events", FeatureViewError,
-     "abs(...) is not supported inside a feature", "abs"),
-    ("SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 8 DAYS PRECEDING AND "
-     "CURRENT ROW) AS c FROM app_events", FeatureViewError, "is longer than the view's ttl (7 days)", "INTERVAL"),
-    (f"SELECT user_id, sum(prices) {W1} AS c FROM app_events", UnknownColumnError, "Unknown column 'prices'",
-     "prices"),
-    (f"SELECT user_id, count(*) {W1} AS c FROM app_event", UnknownTableError, "no event table 'app_event'",
-     "app_event"),
-])
+@pytest.mark.parametrize(
+    "body, error, message, at",
+    [
+        (
+            f"SELECT user_id, count(*) {W1} AS c\nFROM app_events JOIN probes ON app_events.user_id = probes.user_id",
+            FeatureViewError,
+            "a JOIN is not allowed",
+            "JOIN",
+        ),
+        (
+            f"SELECT user_id, count(*) {W1} AS c FROM (SELECT * FROM app_events)",
+            FeatureViewError,
+            "a subquery cannot run on a device",
+            "(SELECT * FROM app_events",
+        ),
+        (
+            "SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN UNBOUNDED PRECEDING AND "
+            "CURRENT ROW) AS c FROM app_events",
+            FeatureViewError,
+            "an unbounded window",
+            "UNBOUNDED",
+        ),
+        (
+            "SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING "
+            "AND INTERVAL 1 HOUR FOLLOWING) AS c FROM app_events",
+            FeatureViewError,
+            "a FOLLOWING window",
+            "FOLLOWING",
+        ),
+        (
+            "SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) "
+            "AS c FROM app_events",
+            FeatureViewError,
+            "a ROWS frame counts rows, not time",
+            "ROWS",
+        ),
+        (
+            "SELECT user_id, count(*) OVER (PARTITION BY user_id, kind ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR "
+            "PRECEDING AND CURRENT ROW) AS c FROM app_events",
+            FeatureViewError,
+            "a second partition key (kind)",
+            "kind",
+        ),
+        (
+            "SELECT user_id, count(*) OVER (PARTITION BY kind ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND "
+            "CURRENT ROW) AS c FROM app_events",
+            FeatureViewError,
+            "PARTITION BY kind: the view's key is user_id",
+            "kind",
+        ),
+        (
+            "SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY seq RANGE BETWEEN INTERVAL 1 HOUR PRECEDING "
+            "AND CURRENT ROW) AS c FROM app_events",
+            FeatureViewError,
+            "a window must be ORDER BY ts",
+            "seq",
+        ),
+        (
+            f"SELECT user_id, stddev(price) {W1} AS c FROM app_events",
+            FeatureViewError,
+            "the aggregate stddev(...) is not supported",
+            "stddev",
+        ),
+        (
+            f"SELECT user_id, sum(abs(price)) {W1} AS c FROM app_events",
+            FeatureViewError,
+            "abs(...) is not supported inside a feature",
+            "abs",
+        ),
+        (
+            "SELECT user_id, count(*) OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 8 DAYS PRECEDING AND "
+            "CURRENT ROW) AS c FROM app_events",
+            FeatureViewError,
+            "is longer than the view's ttl (7 days)",
+            "INTERVAL",
+        ),
+        (
+            f"SELECT user_id, sum(prices) {W1} AS c FROM app_events",
+            UnknownColumnError,
+            "Unknown column 'prices'",
+            "prices",
+        ),
+        (
+            f"SELECT user_id, count(*) {W1} AS c FROM app_event",
+            UnknownTableError,
+            "no event table 'app_event'",
+            "app_event",
+        ),
+    ],
+)
 def test_a_view_a_device_cannot_compute_is_refused_where_it_is(ws, body, error, message, at):
     sql = "SELECT 1;\n" + H + body  # the statement's place in the script: the error points into the script
     with pytest.raises(error) as exc:
@@ -244,7 +375,7 @@ def test_a_view_a_device_cannot_compute_is_refused_where_it_is(ws, body, error, 
     assert message in str(e)
     sp = e.span(sql)
     line = sql.split("\n")[sp.line - 1]
-    assert line[sp.column - 1:].startswith(at), (line, sp)
+    assert line[sp.column - 1 :].startswith(at), (line, sp)
     if error is UnknownColumnError:
         assert "Did you mean 'price'?" in str(e)
     if error is UnknownTableError:
@@ -263,11 +394,15 @@ def test_features_at_equals_a_range_join_by_hand(ws):
     assert assert_same_features(got, want) == 400
     # users without events: counts 0, the rest NULL
     none = got.filter(pa.compute.equal(got["user_id"], "nobody")).to_pylist()
-    assert none and all(r["clicks_1h"] == 0 and r["n_kinds_1d"] == 0 and r["spend_1d"] is None
-                        and r["last_category"] is None for r in none)
+    assert none and all(
+        r["clicks_1h"] == 0 and r["n_kinds_1d"] == 0 and r["spend_1d"] is None and r["last_category"] is None
+        for r in none
+    )
     # the log has ties that matter for last_category and NULLs in every column
-    ev = ws.sql("SELECT count(*) - count(DISTINCT (user_id, ts)) AS ties, count(*) - count(category) AS nulls "
-                "FROM app_events").table.to_pylist()[0]
+    ev = ws.sql(
+        "SELECT count(*) - count(DISTINCT (user_id, ts)) AS ties, count(*) - count(category) AS nulls "
+        "FROM app_events"
+    ).table.to_pylist()[0]
     assert ev["ties"] > 100 and ev["nulls"] > 100
 
 
@@ -276,15 +411,31 @@ def test_the_boundary_at_and_one_microsecond_after(session):
     counts; one a microsecond before that does not."""
     at = T0 + 5 * DAY
     times = [at - HOUR - 1, at - HOUR, at - 1, at, at + 1]
-    session.register("e", pa.table({"k": ["a"] * 5, "ts": pa.array(times, pa.timestamp("us")),
-                                    "v": [1, 10, 100, 1000, 10000], "tag": ["w-1", "w", "a-1", "a", "a+1"]}))
+    session.register(
+        "e",
+        pa.table(
+            {
+                "k": ["a"] * 5,
+                "ts": pa.array(times, pa.timestamp("us")),
+                "v": [1, 10, 100, 1000, 10000],
+                "tag": ["w-1", "w", "a-1", "a", "a+1"],
+            }
+        ),
+    )
     session.sql("CREATE TABLE ev AS SELECT * FROM e")
     session.sql("""CREATE FEATURE VIEW b OPTIONS (key = 'k', time_col = 'ts', ttl = INTERVAL 1 DAY) AS
         SELECT k, count(*) OVER w AS n, sum(v) OVER w AS s, arg_max(tag, ts) OVER w AS last_tag,
                min(tag) OVER w AS first_tag
         FROM ev WINDOW w AS (PARTITION BY k ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW)""")
-    session.register("p", pa.table({"k": ["a", "a", "a", None, "a"],
-                                    "at": pa.array([at, at - 1, at + HOUR, at, None], pa.timestamp("us"))}))
+    session.register(
+        "p",
+        pa.table(
+            {
+                "k": ["a", "a", "a", None, "a"],
+                "at": pa.array([at, at - 1, at + HOUR, at, None], pa.timestamp("us")),
+            }
+        ),
+    )
     got = session.sql("SELECT * FROM ML.FEATURES_AT(b, (SELECT k, at FROM p))").table.to_pylist()
     assert [(r["n"], r["s"], r["last_tag"]) for r in got] == [
         (3, 10 + 100 + 1000, "a"),  # at: at - w, at - 1µs and at itself; not at + 1µs nor at - w - 1µs
@@ -305,7 +456,9 @@ def test_features_at_errors_name_what_is_missing(ws):
     with pytest.raises(UnknownNameError, match="Unknown feature view 'user_activit'"):
         ws.sql("SELECT * FROM ML.FEATURES_AT(user_activit, (SELECT user_id, at FROM probes))")
     with pytest.raises(MLSQLError, match="already have a column 'clicks_1h'"):
-        ws.sql("SELECT * FROM ML.FEATURES_AT(user_activity, (SELECT user_id, at, 1 AS clicks_1h FROM probes))")
+        ws.sql(
+            "SELECT * FROM ML.FEATURES_AT(user_activity, (SELECT user_id, at, 1 AS clicks_1h FROM probes))"
+        )
 
 
 # -- the spec is faithful: a numpy evaluator of the spec (the agent side's reference) ----------------------
@@ -324,8 +477,17 @@ def _eval(e: dict, cols: dict[str, tuple[np.ndarray, np.ndarray]], n: int) -> tu
         if op == "/":
             ok = ok & (b != 0)
             return np.where(ok, a.astype(float) / np.where(b == 0, 1, b).astype(float), np.nan), ok
-        f = {"+": np.add, "-": np.subtract, "*": np.multiply, "=": np.equal, "<>": np.not_equal, "<": np.less,
-             "<=": np.less_equal, ">": np.greater, ">=": np.greater_equal}[op]
+        f = {
+            "+": np.add,
+            "-": np.subtract,
+            "*": np.multiply,
+            "=": np.equal,
+            "<>": np.not_equal,
+            "<": np.less,
+            "<=": np.less_equal,
+            ">": np.greater,
+            ">=": np.greater_equal,
+        }[op]
         return f(a, b), ok
     if op in ("and", "or"):
         (a, va), (b, vb) = args
@@ -390,7 +552,9 @@ def reference(spec: dict, events: pa.Table, probes: pa.Table) -> dict[str, list]
             elif not m.any():
                 res.append(None)
             elif f["agg"] == "sum":
-                res.append(int(v.astype(np.int64).sum()) if f["type"] == "int64" else float(v.astype(float).sum()))
+                res.append(
+                    int(v.astype(np.int64).sum()) if f["type"] == "int64" else float(v.astype(float).sum())
+                )
             elif f["agg"] == "avg":
                 res.append(float(v.astype(float).mean()))
             elif f["agg"] in ("min", "max"):
@@ -420,8 +584,10 @@ def test_the_spec_evaluated_in_numpy_equals_features_at(ws):
         mismatches += int((np.isnan(g) != np.isnan(w)).sum())
         both = ~np.isnan(g) & ~np.isnan(w)
         mismatches += int((~np.isclose(g[both], w[both], rtol=1e-12, atol=0)).sum())
-    print(f"spec reference vs ML.FEATURES_AT: {mismatches} mismatches over {got.num_rows} probes x "
-          f"{len(EXACT) + len(ROUNDED)} features")
+    print(
+        f"spec reference vs ML.FEATURES_AT: {mismatches} mismatches over {got.num_rows} probes x "
+        f"{len(EXACT) + len(ROUNDED)} features"
+    )
     assert mismatches == 0
 
 
@@ -436,19 +602,26 @@ def test_features_at_on_every_engine_equals_the_range_join(backend, request):
         shared.sql("CREATE OR REPLACE TABLE fv_app_events AS SELECT * FROM fv_ev_arrow")
         shared.register("fv_pr_arrow", probes_for(events, 300, seed=12))
         shared.sql("CREATE OR REPLACE TABLE fv_probes AS SELECT * FROM fv_pr_arrow")
-        shared.sql(VIEW.replace("CREATE FEATURE VIEW user_activity", "CREATE OR REPLACE FEATURE VIEW fv_engines")
-                   .replace("FROM app_events", "FROM fv_app_events"))
+        shared.sql(
+            VIEW.replace(
+                "CREATE FEATURE VIEW user_activity", "CREATE OR REPLACE FEATURE VIEW fv_engines"
+            ).replace("FROM app_events", "FROM fv_app_events")
+        )
     if backend is not shared:  # Spark reads the workspace's tables as views, as the other engine tests do
         for t in ("fv_app_events", "fv_probes"):
             backend.sql(f"CREATE OR REPLACE TEMP VIEW {t} AS SELECT * FROM workspace.{t}")
-    got = backend.sql("SELECT * FROM ML.FEATURES_AT(fv_engines, (SELECT user_id, at, label FROM fv_probes))").table
+    got = backend.sql(
+        "SELECT * FROM ML.FEATURES_AT(fv_engines, (SELECT user_id, at, label FROM fv_probes))"
+    ).table
     con = duckdb.connect()
     for t in ("fv_app_events", "fv_probes"):
         con.register(f"{t}_t", shared.sql(f"SELECT * FROM {t} ORDER BY rowid").table)
         con.sql(f"CREATE TABLE {t[3:]} AS SELECT * FROM {t}_t")
     want = by_hand(con)
-    assert got["user_id"].to_pylist() == con.sql("SELECT user_id FROM probes ORDER BY rowid").to_arrow_table()[
-        "user_id"].to_pylist()
+    assert (
+        got["user_id"].to_pylist()
+        == con.sql("SELECT user_id FROM probes ORDER BY rowid").to_arrow_table()["user_id"].to_pylist()
+    )
     assert assert_same_features(got, want) == 300
 
 
@@ -463,8 +636,10 @@ def test_a_model_trained_on_features_at_carries_the_view_in_its_package(ws):
                AS SELECT clicks_1h, avg_price_1d, n_kinds_1d, label FROM ML.FEATURES_AT(user_activity, {PROBE_QUERY})""")
     desc = {r["property"]: r["value"] for r in ws.sql("DESCRIBE MODEL fv_model").table.to_pylist()}
     assert {k: v for k, v in desc.items() if k.startswith("feature_view.")} == {
-        "feature_view.clicks_1h": "user_activity", "feature_view.avg_price_1d": "user_activity",
-        "feature_view.n_kinds_1d": "user_activity"}
+        "feature_view.clicks_1h": "user_activity",
+        "feature_view.avg_price_1d": "user_activity",
+        "feature_view.n_kinds_1d": "user_activity",
+    }
     path = ws.sql("EXPORT MODEL fv_model OPTIONS (package = TRUE)").export.package_path
     key = load_or_create_keypair(ws.workspace.keys_dir).public_key
     manifest, _ = verify_package(path.read_bytes(), [key])  # signed: the spec is covered by the signature

@@ -18,12 +18,35 @@ from __future__ import annotations
 
 from sqlglot import exp
 
-SQL_TYPES = {"duckdb": {"bool": "BOOLEAN", "int64": "BIGINT", "float64": "DOUBLE", "string": "VARCHAR",
-                        "timestamp": "TIMESTAMP"},
-             "spark": {"bool": "BOOLEAN", "int64": "BIGINT", "float64": "DOUBLE", "string": "STRING",
-                       "timestamp": "TIMESTAMP"}}
-_OPS = {"+": exp.Add, "-": exp.Sub, "*": exp.Mul, "=": exp.EQ, "<>": exp.NEQ, "<": exp.LT, "<=": exp.LTE,
-        ">": exp.GT, ">=": exp.GTE, "and": exp.And, "or": exp.Or}
+SQL_TYPES = {
+    "duckdb": {
+        "bool": "BOOLEAN",
+        "int64": "BIGINT",
+        "float64": "DOUBLE",
+        "string": "VARCHAR",
+        "timestamp": "TIMESTAMP",
+    },
+    "spark": {
+        "bool": "BOOLEAN",
+        "int64": "BIGINT",
+        "float64": "DOUBLE",
+        "string": "STRING",
+        "timestamp": "TIMESTAMP",
+    },
+}
+_OPS = {
+    "+": exp.Add,
+    "-": exp.Sub,
+    "*": exp.Mul,
+    "=": exp.EQ,
+    "<>": exp.NEQ,
+    "<": exp.LT,
+    "<=": exp.LTE,
+    ">": exp.GT,
+    ">=": exp.GTE,
+    "and": exp.And,
+    "or": exp.Or,
+}
 
 
 def expression(e: dict) -> exp.Expression:
@@ -46,8 +69,10 @@ def expression(e: dict) -> exp.Expression:
     if op == "/":
         num = exp.Cast(this=args[0], to=exp.DataType.build("DOUBLE"))
         zero = exp.EQ(this=args[1].copy(), expression=exp.Literal.number(0))
-        return exp.Case(ifs=[exp.If(this=zero, true=exp.Null())],
-                        default=exp.Div(this=num, expression=exp.Paren(this=args[1])))
+        return exp.Case(
+            ifs=[exp.If(this=zero, true=exp.Null())],
+            default=exp.Div(this=num, expression=exp.Paren(this=args[1])),
+        )
     if op == "neg":
         return exp.Neg(this=exp.Paren(this=args[0]))
     if op == "not":
@@ -75,8 +100,17 @@ def value_type(spec: dict, f: dict) -> str | None:
     return f["type"]  # int64 sums in BIGINT (DuckDB would widen to HUGEINT), float64 in DOUBLE
 
 
-def features_at_sql(spec: dict, *, events: str, probes: str, probe_columns: list[str], key: str, at: str,
-                    at_is_micros: bool, dialect: str) -> str:
+def features_at_sql(
+    spec: dict,
+    *,
+    events: str,
+    probes: str,
+    probe_columns: list[str],
+    key: str,
+    at: str,
+    at_is_micros: bool,
+    dialect: str,
+) -> str:
     """The query giving each row of ``probes`` (its columns ``probe_columns``, ``key`` the view's key
     and ``at`` the time) with the view's features as of ``at``. ``events`` and ``probes`` are
     queries in the engine's SQL (``dialect``: 'duckdb' or 'spark'); ``at_is_micros``: the probe's time
@@ -127,8 +161,10 @@ def features_at_sql(spec: dict, *, events: str, probes: str, probe_columns: list
 
     aggs = []
     for i, f in enumerate(spec["features"]):
-        over = (f"OVER (PARTITION BY __k ORDER BY __t RANGE BETWEEN {int(f['window_us'])} PRECEDING "
-                "AND CURRENT ROW)")
+        over = (
+            f"OVER (PARTITION BY __k ORDER BY __t RANGE BETWEEN {int(f['window_us'])} PRECEDING "
+            "AND CURRENT ROW)"
+        )
         v = f"__v{i}"
         a = f["agg"]
         if a == "count":
@@ -148,19 +184,23 @@ def features_at_sql(spec: dict, *, events: str, probes: str, probe_columns: list
     feats = ", ".join(f"__w.{q(f['name'])}" for f in spec["features"])
     if spark:
         probe_out = ", ".join(f"__w.{a} AS {q(c)}" for c, a in zip(probe_columns, carried))
-        return (f"WITH __p AS (SELECT {row_id} AS __pid, * FROM ({probes}) AS __q), "
-                f"__u AS (SELECT {', '.join(ev_cols)} FROM ({events}) AS __e WHERE {k} IS NOT NULL AND {t} IS NOT NULL "
-                f"UNION ALL SELECT {', '.join(pr_cols)} FROM __p), "
-                f"__w AS (SELECT __pid, {', '.join(carried + aggs)} FROM __u) "
-                f"SELECT {probe_out + ', ' if probe_out else ''}{feats} FROM __w WHERE __w.__pid IS NOT NULL "
-                "ORDER BY __w.__pid")
-    probe_out = ", ".join(f"__p.{q(c)}" for c in probe_columns)
-    return (f"WITH __p AS MATERIALIZED (SELECT {row_id} AS __pid, * FROM ({probes}) AS __q), "
+        return (
+            f"WITH __p AS (SELECT {row_id} AS __pid, * FROM ({probes}) AS __q), "
             f"__u AS (SELECT {', '.join(ev_cols)} FROM ({events}) AS __e WHERE {k} IS NOT NULL AND {t} IS NOT NULL "
             f"UNION ALL SELECT {', '.join(pr_cols)} FROM __p), "
-            f"__w AS (SELECT * FROM (SELECT __pid, {', '.join(aggs)} FROM __u) AS __a WHERE __pid IS NOT NULL) "
-            f"SELECT {probe_out + ', ' if probe_out else ''}{feats} FROM __p JOIN __w ON __p.__pid = __w.__pid "
-            "ORDER BY __p.__pid")
+            f"__w AS (SELECT __pid, {', '.join(carried + aggs)} FROM __u) "
+            f"SELECT {probe_out + ', ' if probe_out else ''}{feats} FROM __w WHERE __w.__pid IS NOT NULL "
+            "ORDER BY __w.__pid"
+        )
+    probe_out = ", ".join(f"__p.{q(c)}" for c in probe_columns)
+    return (
+        f"WITH __p AS MATERIALIZED (SELECT {row_id} AS __pid, * FROM ({probes}) AS __q), "
+        f"__u AS (SELECT {', '.join(ev_cols)} FROM ({events}) AS __e WHERE {k} IS NOT NULL AND {t} IS NOT NULL "
+        f"UNION ALL SELECT {', '.join(pr_cols)} FROM __p), "
+        f"__w AS (SELECT * FROM (SELECT __pid, {', '.join(aggs)} FROM __u) AS __a WHERE __pid IS NOT NULL) "
+        f"SELECT {probe_out + ', ' if probe_out else ''}{feats} FROM __p JOIN __w ON __p.__pid = __w.__pid "
+        "ORDER BY __p.__pid"
+    )
 
 
 def _arg_type(spec: dict, f: dict) -> str:

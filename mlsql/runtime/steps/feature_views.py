@@ -47,8 +47,9 @@ def load_view(ws: Workspace, name: str) -> dict:
     """The spec of feature view ``name``, or an error naming the nearest view."""
     path = _path(ws, str(name))
     if not _NAME.match(str(name)) or not path.exists():
-        raise UnknownFeatureViewError(str(name), view_names(ws),
-                                      hint=None if view_names(ws) else "Create one with CREATE FEATURE VIEW.")
+        raise UnknownFeatureViewError(
+            str(name), view_names(ws), hint=None if view_names(ws) else "Create one with CREATE FEATURE VIEW."
+        )
     return json.loads(path.read_text())["spec"]
 
 
@@ -77,8 +78,10 @@ def _create(s: SessionState, step: P.FeatureViewStep) -> Result:
         if step.exists:
             return Result(pa.table({}), message=f"Feature view {name} already exists; nothing changed.")
         if not step.replace:
-            raise FeatureViewError(f"Feature view '{name}' already exists",
-                                   hint=f"Use CREATE OR REPLACE FEATURE VIEW {name}, or DROP FEATURE VIEW {name}.")
+            raise FeatureViewError(
+                f"Feature view '{name}' already exists",
+                hint=f"Use CREATE OR REPLACE FEATURE VIEW {name}, or DROP FEATURE VIEW {name}.",
+            )
     table_node = event_table(step.query)
     if table_node is None:  # not one table: the compiler names what it is instead
         compile_view(name, step.query, step.options, [], table="", sql=step.statement, start=step.start)
@@ -87,12 +90,22 @@ def _create(s: SessionState, step: P.FeatureViewStep) -> Result:
     try:
         schema = s.engine.query(f"SELECT * FROM {table} LIMIT 0").schema
     except (EngineError, UnknownTableError):
-        err = UnknownTableError(table_node.name, s.engine.table_names(),
-                                message=f"CREATE FEATURE VIEW {name}: no event table '{table}'")
+        err = UnknownTableError(
+            table_node.name,
+            s.engine.table_names(),
+            message=f"CREATE FEATURE VIEW {name}: no event table '{table}'",
+        )
         err.at = extent(table_node)
         raise err from None
-    spec = compile_view(name, step.query, step.options, [(f.name, str(f.type)) for f in schema], table=table,
-                        sql=step.statement, start=step.start)
+    spec = compile_view(
+        name,
+        step.query,
+        step.options,
+        [(f.name, str(f.type)) for f in schema],
+        table=table,
+        sql=step.statement,
+        start=step.start,
+    )
     _save(s.workspace, spec)
     feats = ", ".join(f["name"] for f in spec["features"])
     return Result(pa.table({}), message=f"Created feature view {name} over {table}: {feats}.")
@@ -103,12 +116,28 @@ def _show(s: SessionState, step: P.FeatureViewStep) -> Result:
     for n in view_names(s.workspace):
         doc = json.loads(_path(s.workspace, n).read_text())
         spec = doc["spec"]
-        rows.append({"feature_view": spec["name"], "table": spec["table"], "key": spec["key"],
-                     "time_col": spec["time_col"], "ttl": _duration(spec["ttl_us"]),
-                     "features": [f["name"] for f in spec["features"]], "created": doc.get("created", "")})
-    schema = pa.schema([("feature_view", pa.string()), ("table", pa.string()), ("key", pa.string()),
-                        ("time_col", pa.string()), ("ttl", pa.string()), ("features", pa.list_(pa.string())),
-                        ("created", pa.string())])
+        rows.append(
+            {
+                "feature_view": spec["name"],
+                "table": spec["table"],
+                "key": spec["key"],
+                "time_col": spec["time_col"],
+                "ttl": _duration(spec["ttl_us"]),
+                "features": [f["name"] for f in spec["features"]],
+                "created": doc.get("created", ""),
+            }
+        )
+    schema = pa.schema(
+        [
+            ("feature_view", pa.string()),
+            ("table", pa.string()),
+            ("key", pa.string()),
+            ("time_col", pa.string()),
+            ("ttl", pa.string()),
+            ("features", pa.list_(pa.string())),
+            ("created", pa.string()),
+        ]
+    )
     return Result(pa.Table.from_pylist(rows, schema=schema), kind="show")
 
 
@@ -118,14 +147,33 @@ def _describe(s: SessionState, step: P.FeatureViewStep) -> Result:
     from mlsql.language.feature_views import describe_expr
 
     spec = load_view(s.workspace, step.name)
-    rows = [{"feature": f["name"], "agg": f["agg"], "arg": describe_expr(f["arg"]) or "*",
-             "filter": describe_expr(f["filter"]) or None, "window": _duration(f["window_us"]),
-             "window_us": int(f["window_us"]), "type": f["type"]} for f in spec["features"]]
-    schema = pa.schema([("feature", pa.string()), ("agg", pa.string()), ("arg", pa.string()),
-                        ("filter", pa.string()), ("window", pa.string()), ("window_us", pa.int64()),
-                        ("type", pa.string())])
-    msg = (f"Feature view {spec['name']} over {spec['table']}: key {spec['key']}, time {spec['time_col']}, "
-           f"ttl {_duration(spec['ttl_us'])}.")
+    rows = [
+        {
+            "feature": f["name"],
+            "agg": f["agg"],
+            "arg": describe_expr(f["arg"]) or "*",
+            "filter": describe_expr(f["filter"]) or None,
+            "window": _duration(f["window_us"]),
+            "window_us": int(f["window_us"]),
+            "type": f["type"],
+        }
+        for f in spec["features"]
+    ]
+    schema = pa.schema(
+        [
+            ("feature", pa.string()),
+            ("agg", pa.string()),
+            ("arg", pa.string()),
+            ("filter", pa.string()),
+            ("window", pa.string()),
+            ("window_us", pa.int64()),
+            ("type", pa.string()),
+        ]
+    )
+    msg = (
+        f"Feature view {spec['name']} over {spec['table']}: key {spec['key']}, time {spec['time_col']}, "
+        f"ttl {_duration(spec['ttl_us'])}."
+    )
     return Result(pa.Table.from_pylist(rows, schema=schema), kind="describe", message=msg)
 
 
@@ -140,8 +188,12 @@ def _drop(s: SessionState, step: P.FeatureViewStep) -> Result:
 
 
 def _duration(us: int) -> str:
-    for unit, n in (("days", 86_400_000_000), ("hours", 3_600_000_000), ("minutes", 60_000_000),
-                    ("seconds", 1_000_000)):
+    for unit, n in (
+        ("days", 86_400_000_000),
+        ("hours", 3_600_000_000),
+        ("minutes", 60_000_000),
+        ("seconds", 1_000_000),
+    ):
         if us % n == 0:
             return f"{us // n} {unit if us // n != 1 else unit[:-1]}"
     return f"{us} microseconds"
@@ -162,8 +214,10 @@ def features_at(c) -> pa.Table:
 
     s, step = c.s, c.step
     if len(step.args) != 1 or not isinstance(step.args[0], str) or step.input is None:
-        raise MLSQLError("ML.FEATURES_AT takes a feature view and the probe rows: "
-                         "ML.FEATURES_AT(my_view, (SELECT <key>, <time> AS at, ... FROM ...))")
+        raise MLSQLError(
+            "ML.FEATURES_AT takes a feature view and the probe rows: "
+            "ML.FEATURES_AT(my_view, (SELECT <key>, <time> AS at, ... FROM ...))"
+        )
     spec = load_view(s.workspace, step.args[0])
     dialect = s.engine.dialect
     if dialect not in ("duckdb", "spark"):
@@ -176,25 +230,42 @@ def features_at(c) -> pa.Table:
     for want in (spec["key"], AT_COLUMN):
         if want.lower() not in by_lower:
             what = "the view's key" if want == spec["key"] else "the time to compute the features at"
-            err = UnknownColumnError(want, cols, message=(
-                f"ML.FEATURES_AT({spec['name']}, ...): the probe rows have no column '{want}' ({what})"),
-                hint=f"Select it, e.g. (SELECT {spec['key']}, ts AS at, ... FROM ...).")
+            err = UnknownColumnError(
+                want,
+                cols,
+                message=(
+                    f"ML.FEATURES_AT({spec['name']}, ...): the probe rows have no column '{want}' ({what})"
+                ),
+                hint=f"Select it, e.g. (SELECT {spec['key']}, ts AS at, ... FROM ...).",
+            )
             err.function = "FEATURES_AT"
             raise err
     taken = [f["name"] for f in spec["features"] if f["name"].lower() in by_lower]
     if taken:
-        raise MLSQLError(f"ML.FEATURES_AT({spec['name']}, ...): the probe rows already have a column "
-                         f"'{taken[0]}', a feature of the view",
-                         hint="Leave it out of the probe rows, or rename it there.")
+        raise MLSQLError(
+            f"ML.FEATURES_AT({spec['name']}, ...): the probe rows already have a column "
+            f"'{taken[0]}', a feature of the view",
+            hint="Leave it out of the probe rows, or rename it there.",
+        )
     at_col = by_lower[AT_COLUMN]
     at_type = probe_schema.field(at_col).type
     micros = pa.types.is_integer(at_type)
     if not (micros or pa.types.is_timestamp(at_type)):
-        raise MLSQLError(f"ML.FEATURES_AT: the probe column '{at_col}' is {at_type}; it must be a TIMESTAMP "
-                         "(or whole microseconds since the epoch)")
+        raise MLSQLError(
+            f"ML.FEATURES_AT: the probe column '{at_col}' is {at_type}; it must be a TIMESTAMP "
+            "(or whole microseconds since the epoch)"
+        )
     events = s.engine.render(sqlglot.parse_one(f"SELECT * FROM {spec['table']}", read="duckdb"))
     probes = s.engine.render(step.input)
-    sql = features_at_sql(spec, events=events, probes=probes, probe_columns=cols, key=by_lower[spec["key"].lower()],
-                          at=at_col, at_is_micros=micros, dialect=dialect)
+    sql = features_at_sql(
+        spec,
+        events=events,
+        probes=probes,
+        probe_columns=cols,
+        key=by_lower[spec["key"].lower()],
+        at=at_col,
+        at_is_micros=micros,
+        dialect=dialect,
+    )
     kw = {"dialect": "spark"} if dialect == "spark" else {}
     return s.engine.query(sql, params, **kw)
