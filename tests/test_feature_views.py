@@ -646,3 +646,32 @@ def test_a_model_trained_on_features_at_carries_the_view_in_its_package(ws):
     spec = json.loads((ws.workspace.feature_views_dir / "user_activity.json").read_text())["spec"]
     assert manifest.to_dict()["feature_views"] == [spec]
     assert {i.name for i in manifest.inputs} == {"clicks_1h", "avg_price_1d", "n_kinds_1d"}
+
+
+def test_where_is_every_features_filter_and_the_probe_order_is_kept(ws):
+    """The view's WHERE is ANDed into each feature's filter; probes come back in their query's order."""
+    ws.sql("""CREATE OR REPLACE FEATURE VIEW buys OPTIONS (key = 'user_id', time_col = 'ts', ttl = '1 day') AS
+        SELECT count(*) FILTER (WHERE qty > 1) OVER w AS big_buys, count(*) OVER w AS buys
+        FROM app_events WHERE kind = 'buy'
+        WINDOW w AS (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 6 HOURS PRECEDING AND CURRENT ROW)""")
+    f = {
+        x["name"]: x
+        for x in json.loads((ws.workspace.feature_views_dir / "buys.json").read_text())["spec"]["features"]
+    }
+    is_buy = {"op": "=", "args": [{"col": "kind"}, {"lit": "buy"}]}
+    assert f["buys"]["filter"] == is_buy
+    assert f["big_buys"]["filter"] == {
+        "op": "and",
+        "args": [is_buy, {"op": ">", "args": [{"col": "qty"}, {"lit": 1}]}],
+    }
+    got = ws.sql(
+        "SELECT * FROM ML.FEATURES_AT(buys, (SELECT user_id, at, label FROM probes ORDER BY label DESC))"
+    ).table
+    assert got["label"].to_pylist() == sorted(got["label"].to_pylist(), reverse=True)
+    want = ws.sql("""SELECT p.label, count(e.ts) FILTER (WHERE e.qty > 1) AS big_buys, count(e.ts) AS buys
+        FROM probes p LEFT JOIN app_events e ON e.user_id = p.user_id AND e.kind = 'buy'
+          AND e.ts BETWEEN p."at" - INTERVAL 6 HOURS AND p."at"
+        GROUP BY p.rowid, p.label ORDER BY p.label DESC""").table
+    assert got["big_buys"].to_pylist() == want["big_buys"].to_pylist()
+    assert got["buys"].to_pylist() == want["buys"].to_pylist() and sum(want["buys"].to_pylist()) > 50
+    ws.sql("DROP FEATURE VIEW buys")
