@@ -675,3 +675,16 @@ def test_where_is_every_features_filter_and_the_probe_order_is_kept(ws):
     assert got["big_buys"].to_pylist() == want["big_buys"].to_pylist()
     assert got["buys"].to_pylist() == want["buys"].to_pylist() and sum(want["buys"].to_pylist()) > 50
     ws.sql("DROP FEATURE VIEW buys")
+
+
+def test_a_time_column_that_is_not_a_timestamp_is_refused_at_its_option(ws):
+    sql = (
+        H.replace("time_col = 'ts'", "time_col = 'seq'")
+        + f"SELECT count(*) {W1.replace('ts', 'seq')} AS n FROM app_events"
+    )
+    with pytest.raises(
+        MLSQLError, match="Option time_col = 'seq': the column is int64, not a TIMESTAMP"
+    ) as exc:
+        ws.sql(sql)
+    sp = exc.value.span(sql)
+    assert sql.split("\n")[sp.line - 1][sp.column - 1 :].startswith("'seq'")

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from mlsql.errors import FeatureViewError, UnknownColumnError
+from mlsql.errors import FeatureViewError, OptionError, UnknownColumnError
 from mlsql.language.positions import extent
 
 FORMAT = 1
@@ -197,15 +197,24 @@ class _Compiler:
                 raise err
         tt = self.raw_types[self.time_col.lower()]
         if self.types[self.time_col.lower()] != "timestamp":
-            raise FeatureViewError(
+            self.option_error(
+                "time_col",
                 f"Option time_col = '{self.time_col}': the column is {tt}, not a TIMESTAMP",
-                hint="A feature view's windows are time ranges over a TIMESTAMP column.",
+                "A feature view's windows are time ranges over a TIMESTAMP column.",
             )
         if self.types[self.key.lower()] not in ("int64", "string", "bool"):
-            raise FeatureViewError(
-                f"Option key = '{self.key}': the column is {self.raw_types[self.key.lower()]}; "
-                "a key is a whole number or a string"
+            self.option_error(
+                "key",
+                f"Option key = '{self.key}': the column is {self.raw_types[self.key.lower()]}",
+                "A key is a whole number, a string or a boolean.",
             )
+
+    @staticmethod
+    def option_error(option: str, message: str, hint: str) -> None:
+        """An error about an option's value: the session points at the value in OPTIONS (...)."""
+        err = OptionError(message, hint=hint)
+        err.option, err.statement_kind = option, "CREATE FEATURE VIEW"
+        raise err
 
     # -- one feature ---------------------------------------------------------------------------
     def feature(self, name: str, win: exp.Window, windows: dict, base_filter) -> dict:
