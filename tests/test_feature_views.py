@@ -632,18 +632,20 @@ def test_a_model_trained_on_features_at_carries_the_view_in_its_package(ws):
     from device_bridge.keys import load_or_create_keypair
     from device_bridge.package import verify_package
 
+    ws.sql(VIEW.replace("FEATURE VIEW user_activity", "FEATURE VIEW trained_on"))
+    spec = json.loads((ws.workspace.feature_views_dir / "trained_on.json").read_text())["spec"]
     ws.sql(f"""CREATE MODEL fv_model OPTIONS (model_type = 'linear_reg', input_label_cols = ['label'])
-               AS SELECT clicks_1h, avg_price_1d, n_kinds_1d, label FROM ML.FEATURES_AT(user_activity, {PROBE_QUERY})""")
+               AS SELECT clicks_1h, avg_price_1d, n_kinds_1d, label FROM ML.FEATURES_AT(trained_on, {PROBE_QUERY})""")
     desc = {r["property"]: r["value"] for r in ws.sql("DESCRIBE MODEL fv_model").table.to_pylist()}
     assert {k: v for k, v in desc.items() if k.startswith("feature_view.")} == {
-        "feature_view.clicks_1h": "user_activity",
-        "feature_view.avg_price_1d": "user_activity",
-        "feature_view.n_kinds_1d": "user_activity",
+        "feature_view.clicks_1h": "trained_on",
+        "feature_view.avg_price_1d": "trained_on",
+        "feature_view.n_kinds_1d": "trained_on",
     }
+    ws.sql("DROP FEATURE VIEW trained_on")  # the model keeps the spec it was trained on: export needs no view
     path = ws.sql("EXPORT MODEL fv_model OPTIONS (package = TRUE)").export.package_path
     key = load_or_create_keypair(ws.workspace.keys_dir).public_key
     manifest, _ = verify_package(path.read_bytes(), [key])  # signed: the spec is covered by the signature
-    spec = json.loads((ws.workspace.feature_views_dir / "user_activity.json").read_text())["spec"]
     assert manifest.to_dict()["feature_views"] == [spec]
     assert {i.name for i in manifest.inputs} == {"clicks_1h", "avg_price_1d", "n_kinds_1d"}
 

@@ -218,7 +218,8 @@ def features_at(c) -> pa.Table:
             "ML.FEATURES_AT takes a feature view and the probe rows: "
             "ML.FEATURES_AT(my_view, (SELECT <key>, <time> AS at, ... FROM ...))"
         )
-    spec = load_view(s.workspace, step.args[0])
+    # the spec a model was trained on, when its training rows are read again (export), else the workspace's
+    spec = c.settings.get("view_spec") or load_view(s.workspace, step.args[0])
     dialect = s.engine.dialect
     if dialect not in ("duckdb", "spark"):
         raise MLSQLError(f"ML.FEATURES_AT runs on DuckDB and Spark, not on the {s.engine.name} engine")
