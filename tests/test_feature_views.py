@@ -369,13 +369,16 @@ def test_the_boundary_at_and_one_microsecond_after(session):
                 "ts": pa.array(times, pa.timestamp("us")),
                 "v": [1, 10, 100, 1000, 10000],
                 "tag": ["w-1", "w", "a-1", "a", "a+1"],
+                "big": pa.array(
+                    [2_000_000_000] * 5, pa.int32()
+                ),  # big * 2 is past INTEGER: int64 as on a device
             }
         ),
     )
     session.sql("CREATE TABLE ev AS SELECT * FROM e")
     session.sql("""CREATE FEATURE VIEW b OPTIONS (key = 'k', time_col = 'ts', ttl = INTERVAL 1 DAY) AS
         SELECT k, count(*) OVER w AS n, sum(v) OVER w AS s, arg_max(tag, ts) OVER w AS last_tag,
-               min(tag) OVER w AS first_tag
+               min(tag) OVER w AS first_tag, sum(big * 2) OVER w AS big2
         FROM ev WINDOW w AS (PARTITION BY k ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW)""")
     session.register(
         "p",
@@ -387,6 +390,7 @@ def test_the_boundary_at_and_one_microsecond_after(session):
         ),
     )
     got = session.sql("SELECT * FROM ML.FEATURES_AT(b, (SELECT k, at FROM p))").table.to_pylist()
+    assert [r["big2"] for r in got] == [12_000_000_000, 12_000_000_000, 8_000_000_000, None, None]
     assert [(r["n"], r["s"], r["last_tag"]) for r in got] == [
         (3, 10 + 100 + 1000, "a"),  # at: at - w, at - 1µs and at itself; not at + 1µs nor at - w - 1µs
         (3, 1 + 10 + 100, "a-1"),  # at - 1µs: the window [at - w - 1µs, at - 1µs]

@@ -49,11 +49,15 @@ _OPS = {
 }
 
 
-def expression(e: dict) -> exp.Expression:
+def expression(e: dict, casts: dict[str, str] | None = None) -> exp.Expression:
     """A spec expression (``{"col"}``, ``{"lit"}``, ``{"op", "args"}``) as a sqlglot tree, with the
-    contract's meaning on every engine (``/`` in float64, x / 0 is NULL)."""
+    contract's meaning on every engine (``/`` in float64, x / 0 is NULL). ``casts``: column → SQL
+    type, so that arithmetic is in the contract's int64 / float64 whatever the table's own widths
+    (an INTEGER column's ``x * 2`` would overflow at 2^31 in DuckDB, not on a device)."""
     if "col" in e:
-        return exp.column(exp.to_identifier(e["col"], quoted=True))
+        col = exp.column(exp.to_identifier(e["col"], quoted=True))
+        to = (casts or {}).get(e["col"])
+        return exp.Cast(this=col, to=exp.DataType.build(to)) if to else col
     if "lit" in e:
         v = e["lit"]
         if v is None:
@@ -63,7 +67,7 @@ def expression(e: dict) -> exp.Expression:
         if isinstance(v, int | float):
             return exp.Literal.number(v) if v >= 0 else exp.Neg(this=exp.Literal.number(-v))
         return exp.Literal.string(str(v))
-    op, args = e["op"], [expression(a) for a in e["args"]]
+    op, args = e["op"], [expression(a, casts) for a in e["args"]]
     if op in _OPS:
         return exp.Paren(this=_OPS[op](this=args[0], expression=args[1]))
     if op == "/":
@@ -131,14 +135,15 @@ def features_at_sql(
     key_type = types[next(c["type"] for c in spec["schema"] if c["name"] == spec["key"])]
     has_last = any(f["agg"] == "last" for f in spec["features"])
 
+    casts = {c["name"]: types[c["type"]] for c in spec["schema"] if c["type"] in ("int64", "float64")}
     values, value_types = [], []
     for f in spec["features"]:
-        arg = expression(f["arg"]) if f["arg"] is not None else exp.Literal.number(1)
+        arg = expression(f["arg"], casts) if f["arg"] is not None else exp.Literal.number(1)
         vt = value_type(spec, f)
         if vt is not None:
             arg = exp.Cast(this=arg, to=exp.DataType.build(types[vt]))
         if f["filter"] is not None:
-            arg = exp.Case(ifs=[exp.If(this=expression(f["filter"]), true=arg)])
+            arg = exp.Case(ifs=[exp.If(this=expression(f["filter"], casts), true=arg)])
         values.append(sql(arg))
         value_types.append(types[vt] if vt is not None else ("BIGINT" if f["arg"] is None else None))
     null_values = []
