@@ -258,6 +258,20 @@ class AlertError(MLSQLError):
     """An alert could not be created, checked or changed."""
 
 
+class UnknownFeatureViewError(UnknownNameError):
+    kind = "feature view"
+
+
+class FeatureViewError(MLSQLError):
+    """A feature view that cannot be defined (a construct a device cannot compute incrementally, a
+    window longer than the view's ttl, ...) or used. ``at``: the character offsets (start, end
+    exclusive) in the script of the construct named, when known (mlsql.language.positions)."""
+
+    def __init__(self, message: str, *, hint: str | None = None, at: tuple[int, int] | None = None):
+        super().__init__(message, hint=hint)
+        self.at = at
+
+
 class UnknownFunctionError(UnknownNameError):
     kind = "function"
 

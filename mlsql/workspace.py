@@ -38,6 +38,11 @@ class Workspace:
         return self.root / "devices.json"
 
     @property
+    def feature_views_dir(self) -> Path:
+        """One JSON view spec per feature view (mlsql.runtime.steps.feature_views)."""
+        return self.root / "feature_views"
+
+    @property
     def keys_dir(self) -> Path:
         return self.root / "keys"
 

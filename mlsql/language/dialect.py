@@ -204,6 +204,18 @@ class MLSQLParser(DuckDB.Parser):
             self.raise_error("Expected ')' after the job's statements")
         return self.expression(mx.CreateJob(this=name, replace=replace, exists=exists, options=options, body=body))
 
+    def _parse_create_feature_view(self, replace: bool):
+        exists = self._match_text_seq("IF", "NOT", "EXISTS")
+        name = self._parse_object_name("feature view")
+        options = self._parse_options()
+        if not self._match(TokenType.ALIAS):
+            self.raise_error("Expected AS SELECT ... after CREATE FEATURE VIEW's OPTIONS")
+        query = self._parse_statement()
+        if query is None:
+            self.raise_error("Expected the feature view's SELECT after AS")
+        return self.expression(mx.CreateFeatureView(this=name, replace=replace, exists=exists, options=options,
+                                                    query=query))
+
     def _parse_named(self, cls, replace: bool):
         exists = self._match_text_seq("IF", "NOT", "EXISTS")
         name = self._parse_object_name("device group" if cls is mx.CreateDeviceGroup else "device")
@@ -390,6 +402,8 @@ def _named_sql(keyword: str):
                      else f" AS ({e.body})")
         elif isinstance(e, mx.CreateAlert):
             text += f" AS ({e.body})"
+        elif isinstance(e, mx.CreateFeatureView):
+            text += " AS " + gen.sql(e.query)
         return text
 
     return gen_sql
@@ -421,6 +435,11 @@ STATEMENTS: list[tuple[tuple[str, ...], Callable[[MLSQLParser, bool], exp.Expres
     (("DESCRIBE", "ALERT"), lambda p, _: p.expression(mx.DescribeAlert(this=p._parse_object_name("alert")))),
     (("DROP", "ALERT"), lambda p, _: p._parse_drop(mx.DropAlert, "alert")),
     (("CHECK", "ALERT"), lambda p, _: p.expression(mx.CheckAlert(this=p._parse_object_name("alert")))),
+    (("CREATE", "FEATURE", "VIEW"), lambda p, replace: p._parse_create_feature_view(replace)),
+    (("SHOW", "FEATURE", "VIEWS"), lambda p, _: p.expression(mx.ShowFeatureViews())),
+    (("DESCRIBE", "FEATURE", "VIEW"), lambda p, _: p.expression(
+        mx.DescribeFeatureView(this=p._parse_object_name("feature view")))),
+    (("DROP", "FEATURE", "VIEW"), lambda p, _: p._parse_drop(mx.DropFeatureView, "feature view")),
     (("EXPORT", "MODEL"), lambda p, _: p.expression(mx.ExportModel(this=p._parse_model_ref(),
                                                                     options=p._parse_options()))),
     (("DEPLOY", "MODEL"), lambda p, _: p._parse_deploy()),
@@ -460,6 +479,10 @@ class MLSQLGenerator(DuckDB.Generator):
         mx.DropAlert: _named_sql("DROP ALERT"),
         mx.DescribeAlert: _named_sql("DESCRIBE ALERT"),
         mx.CheckAlert: _named_sql("CHECK ALERT"),
+        mx.CreateFeatureView: _named_sql("CREATE FEATURE VIEW"),
+        mx.ShowFeatureViews: lambda g, e: "SHOW FEATURE VIEWS",
+        mx.DescribeFeatureView: _named_sql("DESCRIBE FEATURE VIEW"),
+        mx.DropFeatureView: _named_sql("DROP FEATURE VIEW"),
         # plain SQL under EXPLAIN means DuckDB's; MLSQL's plan of it is spelled EXPLAIN MLSQL
         mx.Explain: lambda g, e: "EXPLAIN " + ("" if any(isinstance(n, MLNode) for n in e.this.walk()) else "MLSQL ")
         + g.sql(e.this),

@@ -245,6 +245,45 @@ class CheckAlert(_Named):
     """``CHECK ALERT a``: run the alert's check now (query, notification, history row) and wait."""
 
 
+class CreateFeatureView(_Named):
+    """``CREATE [OR REPLACE] FEATURE VIEW [IF NOT EXISTS] v OPTIONS (key = ..., time_col = ..., ttl = ...)
+    AS SELECT ... WINDOW ...``: window aggregates over an event table, compiled to a view spec
+    (mlsql.language.feature_views)."""
+
+    arg_types = {"this": True, "replace": False, "exists": False, "options": False, "query": True}
+
+    @property
+    def query(self) -> exp.Expression:
+        return self.args["query"]
+
+    def options(self) -> dict[str, Any]:
+        # ttl = INTERVAL 30 DAYS: the options table reads durations as text ('30 days')
+        out = {}
+        for o in self.args.get("options") or []:
+            v = o.expression
+            out[o.this.name.lower()] = interval_text(v) if isinstance(v, exp.Interval) else to_python(v)
+        return out
+
+
+def interval_text(node: exp.Interval) -> str:
+    """``INTERVAL 30 DAYS`` / ``INTERVAL '30' DAY`` / ``INTERVAL '90 minutes'`` → ``'30 days'``."""
+    value = node.this.name if node.this is not None else ""
+    unit = node.args.get("unit")
+    return f"{value} {unit.name}".strip() if unit is not None else value
+
+
+class ShowFeatureViews(MLNode, exp.Expression):
+    arg_types: dict[str, bool] = {}
+
+
+class DescribeFeatureView(_Named):
+    pass
+
+
+class DropFeatureView(_Named):
+    pass
+
+
 class Explain(MLNode, exp.Expression):
     arg_types = {"this": True}
 

@@ -80,6 +80,10 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
     "ARIMA_COEFFICIENTS": ("ML.ARIMA_COEFFICIENTS(MODEL m)",
                            "One row per series of an arima_plus model: ar_coefficients, ma_coefficients, "
                            "intercept_or_drift."),
+    "FEATURES_AT": ("ML.FEATURES_AT(view, TABLE t | (SELECT key, at, ... FROM ...))",
+                    "Each probe row with the feature view's features as of its time `at`: every feature "
+                    "aggregates the view's events with the row's key and at - window <= time <= at (both "
+                    "ends included, nothing after at); probe rows in their order."),
     "JOB_RUNS": ("ML.JOB_RUNS(['job'])", "The runs of scheduled jobs: start, end, status, error, output notebook."),
     "VALIDATE_DATA_SKEW": (
         "ML.VALIDATE_DATA_SKEW(MODEL m, TABLE t | (query) [, STRUCT(0.3 AS categorical_default_threshold, "
@@ -114,7 +118,8 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
 }
 # Functions whose first argument is not a model (DEVICE_DATA takes MODEL m later, optionally).
 NO_MODEL_FUNCTIONS = ("DEVICE_METRICS", "DEVICE_DATA", "JOB_RUNS", "VALIDATE_DATA_DRIFT", "DESCRIBE_DATA",
-                      "ALERT_HISTORY", "COMPARE_MODELS", "EXPERIMENT_RESULTS")
+                      "ALERT_HISTORY", "COMPARE_MODELS", "EXPERIMENT_RESULTS",
+                      "FEATURES_AT")
 # Functions that read two inputs (TABLE t | (query)), the first being the baseline.
 TWO_INPUT_FUNCTIONS = ("VALIDATE_DATA_DRIFT",)
 

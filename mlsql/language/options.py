@@ -848,6 +848,17 @@ OPTIONS: dict[str, tuple[Option, ...]] = {
            default_doc="'5 minutes'"),
         _O("description", "str", "free text", None),
     ),
+    "CREATE FEATURE VIEW": (
+        _O("key", "str", "the event table's column the view is partitioned by: every window's PARTITION BY",
+           required=True),
+        _O("time_col", "str", "the event table's TIMESTAMP column: every window's ORDER BY", required=True),
+        _O("ttl", "duration", "how long a key's events matter: every window must be at most this long; a device "
+                              "may drop a key's state once its newest event is older (INTERVAL 30 DAYS, '30 days')",
+           required=True),
+        _O("max_distinct", "int", "count(DISTINCT x) features: at most this many distinct values are counted per "
+                                  "key and window (the value is capped there, offline and on the device)", 64,
+           min=1, max=65536),
+    ),
     "ML.PREDICT": (
         _O("threshold", "float", "binary classifiers: the probability from which the positive label is predicted",
           0.5, min=0, max=1),
@@ -932,7 +943,8 @@ del _O
 _WHERE = {k: (f"in {k}'s STRUCT(...)" if k.startswith("ML.") else f"in {k} OPTIONS") for k in OPTIONS}
 _SHORT = {"model": "CREATE MODEL", "export": "EXPORT MODEL", "deploy": "DEPLOY MODEL", "device": "CREATE DEVICE",
           "group": "CREATE DEVICE GROUP", "device group": "CREATE DEVICE GROUP", "device_group": "CREATE DEVICE GROUP",
-          "job": "CREATE JOB", "alert": "CREATE ALERT", "experiment": "CREATE EXPERIMENT"}
+          "job": "CREATE JOB", "alert": "CREATE ALERT", "experiment": "CREATE EXPERIMENT",
+          "feature view": "CREATE FEATURE VIEW"}
 
 
 def kind_of(statement_kind: str) -> str:

@@ -30,6 +30,9 @@ def locate(error: MLSQLError, tree: exp.Expression | None) -> tuple[int, int] | 
     """``(start, end)`` (end exclusive) of what ``error`` is about in ``tree``, or None."""
     if tree is None:
         return None
+    at = getattr(error, "at", None)  # an error that knows its offsets (a feature view's construct)
+    if isinstance(at, tuple) and len(at) == 2:
+        return at
     node: exp.Expression | None = None
     if isinstance(error, UnknownOptionError):
         node = _option_key(tree, error.name, error.statement_kind)

@@ -34,6 +34,8 @@ STATEMENT_HEADS = (
     ("DEPLOY", "MODEL"), ("ROLLBACK", "MODEL"), ("EXPLAIN",), ("SET",), ("RESET",),
     ("CREATE", "ALERT"), ("SHOW", "ALERTS"), ("DESCRIBE", "ALERT"), ("DROP", "ALERT"), ("CHECK", "ALERT"),
     ("CREATE", "EXPERIMENT"), ("STOP", "EXPERIMENT"), ("SHOW", "EXPERIMENTS"),
+    ("CREATE", "FEATURE", "VIEW"), ("SHOW", "FEATURE", "VIEWS"), ("DESCRIBE", "FEATURE", "VIEW"),
+    ("DROP", "FEATURE", "VIEW"),
 )
 
 # Anything that may be MLSQL's own syntax; text without it is plain DuckDB SQL, split and run

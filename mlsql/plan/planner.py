@@ -130,6 +130,8 @@ class CreateModelStep:
     # the training query as written when it reads ML table functions (ML.DEVICE_DATA...): ``query``
     # then reads their temporary results, which export and deploy cannot read again later
     source_sql: str | None = None
+    # the feature views its query reads through ML.FEATURES_AT: their specs go with the model
+    feature_views: list[str] = field(default_factory=list)
 
     kind = "create_model"
 
@@ -290,6 +292,29 @@ class ExperimentStep:
 
 
 @dataclass
+class FeatureViewStep:
+    """A feature view statement: action is create, show, describe or drop. CREATE carries the checked
+    OPTIONS, the SELECT's tree and the statement's text and offset in the script (a refusal points into
+    it); the runtime reads the event table's schema and compiles the spec
+    (mlsql.language.feature_views)."""
+
+    action: str
+    name: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    query: exp.Expression | None = None
+    statement: str = ""
+    start: int = 0
+    replace: bool = False
+    exists: bool = False
+    kind = "feature_view"
+
+    def describe(self):
+        what = {"create": f"compile feature view '{self.name}' to its spec, store it in the workspace",
+                "show": "list feature views"}.get(self.action, f"{self.action} feature view '{self.name}'")
+        return what, self.statement if self.action == "create" else ""
+
+
+@dataclass
 class Plan:
     statement: Statement
     steps: list = field(default_factory=list)
@@ -399,7 +424,9 @@ def _plan_create_model(planner: Planner, e, stmt: Statement) -> list:
     else:
         steps, query = planner.lift_ml_functions(e.query.copy())
         source = _mlsql_text(e.query) if steps else None  # the query as written, ML functions in it
+    views = list(dict.fromkeys(str(st.args[0]) for st in steps if st.func == "FEATURES_AT" and st.args))
     return [*steps, CreateModelStep(model=e.model.name, replace=bool(e.args.get("replace")), source_sql=source,
+                                    feature_views=views,
                                     if_not_exists=bool(e.args.get("exists")), options=checked, given=given,
                                     transform=e.transform, query=query, statement=stmt.sql)]
 
@@ -433,6 +460,13 @@ def _plan_deploy(planner: Planner, e, stmt: Statement) -> list:
 
     return [DeviceStep("deploy", e.target, validate("DEPLOY MODEL", e.options(), defaults=True),
                        ModelSpec.of(e.model), e.target_kind)]
+
+
+def _plan_create_feature_view(planner: Planner, e, stmt: Statement) -> list:
+    from mlsql.language.options import validate
+
+    return [FeatureViewStep("create", e.name, validate("CREATE FEATURE VIEW", e.options(), defaults=True),
+                            e.query, stmt.sql, stmt.start, **_flags(e))]
 
 
 def _flags(e) -> dict:
@@ -469,6 +503,10 @@ STATEMENTS: dict[str, Callable[[Planner, Any, Statement], list]] = {
     "CreateExperiment": lambda p, e, st: [_plan_experiment(e)],
     "StopExperiment": lambda p, e, st: [ExperimentStep("stop", e.name, promote=e.promote)],
     "ShowExperiments": lambda p, e, st: [ExperimentStep("show")],
+    "CreateFeatureView": _plan_create_feature_view,
+    "ShowFeatureViews": lambda p, e, st: [FeatureViewStep("show")],
+    "DescribeFeatureView": lambda p, e, st: [FeatureViewStep("describe", e.name)],
+    "DropFeatureView": lambda p, e, st: [FeatureViewStep("drop", e.name, exists=bool(e.args.get("exists")))],
 }
 
 

@@ -23,7 +23,7 @@ from mlsql.language.scripts import ML_SYNTAX, Statement, plain_statements, subst
 from mlsql.output.result import Result
 from mlsql.plan import planner as P
 from mlsql.runtime.registry import Registry
-from mlsql.runtime.steps import catalog, devices, export, ml_functions, training
+from mlsql.runtime.steps import catalog, devices, export, feature_views, ml_functions, training
 from mlsql.runtime.steps.ml_functions import LoadedModel, load_model
 from mlsql.workspace import Workspace
 
@@ -395,4 +395,5 @@ _HANDLERS = {
     P.JobStep: _job,
     P.AlertStep: _alert,
     P.ExperimentStep: _experiment,
+    P.FeatureViewStep: lambda s, step, ctx: feature_views.feature_view_step(s, step),
 }

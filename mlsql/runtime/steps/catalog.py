@@ -51,6 +51,8 @@ def describe_table(s: SessionState, spec: P.ModelSpec) -> pa.Table:
     ]
     if lm.transform is not None:
         props += [(f"transform.{n}", sql) for n, sql in lm.transform.items]
+    if lm.meta.get("feature_inputs"):  # inputs a device fills in from a feature view (ML.FEATURES_AT)
+        props += [(f"feature_view.{c}", v) for c, v in lm.meta["feature_inputs"].items()]
     props += [(f"metric.{k}", f"{v:.6g}") for k, v in lm.model.eval_metrics.items() if v is not None]
     props += [("data_rows", str(lm.meta.get("data_rows", ""))), ("data_hash", lm.meta.get("data_hash", "")),
               ("run_id", mv.run_id)]

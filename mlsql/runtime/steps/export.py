@@ -28,7 +28,7 @@ def sample_rows(s: SessionState, lm: LoadedModel, n: int = 2000) -> pa.Table:
     temps: list[str] = []
     try:
         if source:  # it reads ML table functions (e.g. ML.DEVICE_DATA): run them again first
-            query = _with_ml_functions(s, source, params, temps)
+            query = _with_ml_functions(s, source, params, temps, lm.meta.get("feature_views") or [])
         if n <= 16:  # a probe row: no need to scan the whole training query
             return s.engine.query(f"SELECT * FROM ({query}) AS t LIMIT {int(n)}", params)
         return s.engine.sample(query, n, seed=42, params=params)
@@ -37,15 +37,20 @@ def sample_rows(s: SessionState, lm: LoadedModel, n: int = 2000) -> pa.Table:
             s.engine.unregister(name)
 
 
-def _with_ml_functions(s: SessionState, source: str, params, temps: list[str]) -> str:
+def _with_ml_functions(s: SessionState, source: str, params, temps: list[str], views: list[dict]) -> str:
     """``source``, a query with ML table functions in it: each function run and registered under
-    a temporary name (added to ``temps``), and the query over those names."""
+    a temporary name (added to ``temps``), and the query over those names. ``views``: the feature
+    view specs the model was trained on, which ML.FEATURES_AT uses rather than the workspace's
+    (the view may have been replaced or dropped since)."""
     from mlsql.language.dialect import parse_script
     from mlsql.runtime.steps.ml_functions import run_ml
 
     stmt = parse_script(source)[0]
     steps, tree = P.Planner(s.engine.temp_name).lift_ml_functions(stmt.expression.copy())
+    by_name = {v["name"].lower(): v for v in views}
     for step in steps:
+        if step.func == "FEATURES_AT" and step.args and str(step.args[0]).lower() in by_name:
+            step.settings = {**step.settings, "view_spec": by_name[str(step.args[0]).lower()]}
         s.engine.register(step.output, run_ml(s, step, params))
         temps.append(step.output)
     return P.sql_text(tree)
@@ -203,5 +208,6 @@ def package(s: SessionState, lm: LoadedModel, result, providers=None) -> Path:
         classes=lm.model.classes, model_type=lm.model.model_type, metrics=dict(lm.model.eval_metrics),
         stats=package_statistics(s, lm, result.inputs), providers=list(providers or ["cpu"]), out=path,
         created_at=mv.created.isoformat(timespec="seconds"),  # UTC (the registry's timestamp)
+        feature_views=lm.meta.get("feature_views") or None,
     )
     return path

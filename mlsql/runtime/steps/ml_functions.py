@@ -391,6 +391,12 @@ def _compare_models(c: Call):
     return table
 
 
+def _features_at(c: Call):
+    from mlsql.runtime.steps.feature_views import features_at
+
+    return features_at(c)
+
+
 def _alert_history(c: Call):
     from mlsql.jobs.alert_statements import alert_history_table
 
@@ -432,6 +438,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "ALERT_HISTORY": MLFunctionSpec(_alert_history, model=False),
     "COMPARE_MODELS": MLFunctionSpec(_compare_models, model=False, in_executors=True),
     "PROFILE": MLFunctionSpec(_profile),
+    "FEATURES_AT": MLFunctionSpec(_features_at, model=False, reads_rows=False),
 }
 
 

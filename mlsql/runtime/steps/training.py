@@ -117,6 +117,14 @@ def create_model(s: SessionState, step: P.CreateModelStep, params, temps: list[s
             "query_dialect": "duckdb",
             "engine": s.engine.name,
         }
+        if step.feature_views:  # trained on ML.FEATURES_AT: the views' specs go with the model and its packages
+            from mlsql.runtime.steps.feature_views import load_view
+
+            specs = [load_view(s.workspace, v) for v in step.feature_views]
+            meta["feature_views"] = specs
+            # which model inputs are which view's features: a device fills those in from the view's state
+            meta["feature_inputs"] = {c: sp["name"] for sp in specs for f in sp["features"] for c in input_columns
+                                      if c.lower() == f["name"].lower()}
         if tuning is not None:  # every finished trial's model, and ML.TRIAL_INFO's rows
             import shutil
 
