@@ -219,8 +219,9 @@ def test_closed_loop_notebook(tmp_path):
 def test_tune_and_compare_notebook(tmp_path):
     """notebooks/09: tuning draws its trials chart, ML.COMPARE_MODELS gives three rows best first whose
     r2 is scikit-learn's r2 of each model's predictions on the same TEST rows, and plot_trials draws."""
-    import mlsql
     from sklearn.metrics import r2_score
+
+    import mlsql
 
     nb = execute("09_tune_and_compare.ipynb", tmp_path)
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]

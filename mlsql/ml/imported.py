@@ -330,7 +330,7 @@ class ImportedModel(TrainedModel):
     def output_schema(self) -> pa.Schema:
         """The columns ML.PREDICT puts before the input's (Spark builds its result type from it)."""
         empty = {}
-        for f, inp in zip(self.features, self.spec["inputs"]):
+        for _f, inp in zip(self.features, self.spec["inputs"]):
             shape = [d or 1 for d in inp["shape"][1:]] if inp["shape"] else []
             empty[inp["name"]] = np.zeros([1, *shape], dtype=_DTYPES.get(inp["elem"], object))
         got = self.predict(pa.table({f.name: _tensor_column(empty[i["name"]]) if i["shape"][1:] else
