@@ -6,17 +6,16 @@ lock file, so two kernels on one workspace never lose each other's devices.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlsql.errors import MLSQLError, OptionError, UnknownDeviceError
 from mlsql.language.options import options_of, validate
+from mlsql.locks import flocked
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 # declared, with their types and defaults, in mlsql.language.options' table
@@ -48,15 +47,8 @@ class DeviceStore:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    @contextmanager
     def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return flocked(self.path)
 
     def _read(self) -> dict[str, Any]:
         if not self.path.exists():

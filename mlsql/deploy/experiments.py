@@ -8,14 +8,13 @@ the assignment on each agent) is :func:`start_on_devices` / :func:`stop_on_devic
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlsql.errors import MLSQLError, UnknownNameError
+from mlsql.locks import flocked
 
 
 class UnknownExperimentError(UnknownNameError):
@@ -26,15 +25,8 @@ class ExperimentStore:
     def __init__(self, path: Path):
         self.path = Path(path)
 
-    @contextmanager
     def locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        return flocked(self.path)
 
     def all(self) -> list[dict[str, Any]]:
         """Every experiment, oldest first (an experiment created again under its name is a new entry)."""
@@ -137,22 +129,6 @@ def stop_on_devices(devices: list, model: str, quiet: bool = False) -> None:
             c.close()
 
 
-def hub_names(group, hub) -> list[str]:
-    """The agents of a hub group: those it lists, else every agent registered at the hub under its name."""
-    from mlsql.deploy.remote import _HUB_AUTH_HINT, wrap
-    from mlsql.errors import DeviceError
-
-    names = list(group.devices)
-    if not names:
-        try:
-            names = sorted(a["name"] for a in hub.agents() if a.get("group") == group.name)
-        except Exception as exc:
-            raise wrap(exc, f"Cannot list the agents of hub {group.hub}", _HUB_AUTH_HINT) from None
-    if not names:
-        raise DeviceError(
-            f"Device group '{group.name}' has no devices (none listed, none registered at {group.hub})"
-        )
-    return names
 
 
 def _wait_hub(hub, names: list[str], model: str, want: str | None, timeout_s: float) -> list[str]:
@@ -187,7 +163,7 @@ def start_on_hub(
     error names it."""
     from device_bridge.client import HubClient
     from device_bridge.experiments import arm_index
-    from mlsql.deploy.remote import _HUB_AUTH_HINT, wrap
+    from mlsql.deploy.remote import _HUB_AUTH_HINT, hub_names, wrap
     from mlsql.errors import DeviceError
 
     hub = HubClient(group.hub, group.hub_token or "", timeout=30.0)
@@ -239,7 +215,7 @@ def start_on_hub(
 def stop_on_hub(group, record: dict, timeout_s: float = 60.0) -> None:
     """Each agent's desired state back to the control without the experiment; waits until they report it."""
     from device_bridge.client import HubClient
-    from mlsql.deploy.remote import _HUB_AUTH_HINT, wrap
+    from mlsql.deploy.remote import _HUB_AUTH_HINT, hub_names, wrap
     from mlsql.errors import DeviceError
 
     hub = HubClient(group.hub, group.hub_token or "", timeout=30.0)

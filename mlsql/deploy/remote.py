@@ -454,14 +454,7 @@ def deploy_group(group, lm, result, opts: dict, quality_gate=None):
                                "hub_token = '...', devices = [...]); start one with `mlsql hub serve`.")
     hub = HubClient(group.hub, group.hub_token or "", timeout=30.0)
     try:
-        devices = list(group.devices)
-        if not devices:
-            try:
-                devices = sorted(a["name"] for a in hub.agents() if a.get("group") == group.name)
-            except Exception as exc:
-                raise wrap(exc, f"Cannot list the agents of hub {group.hub}", _HUB_AUTH_HINT) from None
-        if not devices:
-            raise DeviceError(f"Device group '{group.name}' has no devices (none listed, none registered at {group.hub})")
+        devices = hub_names(group, hub)
         log: list[str] = []
         try:
             report = rollout(
@@ -496,3 +489,16 @@ def deploy_group(group, lm, result, opts: dict, quality_gate=None):
     out = Result(table, kind="rollout", message=msg)
     out.rollout = report
     return out
+
+
+def hub_names(group, hub) -> list[str]:
+    """The agents of a hub group: those it lists, else every agent registered at the hub under its name."""
+    names = list(group.devices)
+    if not names:
+        try:
+            names = sorted(a["name"] for a in hub.agents() if a.get("group") == group.name)
+        except Exception as exc:
+            raise wrap(exc, f"Cannot list the agents of hub {group.hub}", _HUB_AUTH_HINT) from None
+    if not names:
+        raise DeviceError(f"Device group '{group.name}' has no devices (none listed, none registered at {group.hub})")
+    return names
