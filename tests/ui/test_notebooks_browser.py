@@ -21,6 +21,9 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 AGENT_TOKEN = "local-dev-token"  # make lab's local agent
 EXPECTED_TAG = "stderr-expected"
+# What a notebook's outputs must say, checked here on the notebook as it ran in the browser. The Spark
+# notebook (the slowest, about 80 s) is executed only here, not also by nbclient in tests/test_notebooks.py.
+SHOWS = {"02_spark.ipynb": ["Created model late_model_spark version 1", "late_model_spark", "parity max diff"]}
 
 pytestmark = pytest.mark.slow
 
@@ -126,6 +129,10 @@ def test_notebook_runs_clean_from_the_ui(first_hour, name):
     saved = json.loads((root / name).read_text())
     shown = page.locator(".jp-Notebook").inner_text()
     problems = _problems(saved, shown)
+    said = "\n".join("".join(o.get("text", "")) + "".join(o.get("data", {}).get("text/plain", ""))
+                     + "".join(o.get("data", {}).get("text/html", ""))
+                     for c in saved["cells"] for o in c.get("outputs", []))
+    problems += [f"no output says {want!r}" for want in SHOWS.get(name, []) if want not in said]
     if problems:  # keep the notebook as it ran, beside its screenshot
         shutil.copy(root / name, ARTIFACTS / f"notebook-{name}")
     assert not problems, f"{name} after Run All ({took:.0f} s):\n  " + "\n  ".join(problems)
