@@ -106,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
                         "STORE/deltas; off: full packages only")
     h.add_argument("--delta-max-ratio", type=float, default=0.5,
                    help="a delta over this fraction of the full package is not sent (the full package is)")
+    h.add_argument("--lease-s", type=float, default=10.0,
+                   help="scheduled rollouts (POST /v1/rollouts): the lease one hub process holds to advance "
+                        "their waves; another takes over this long after it dies")
+    h.add_argument("--replica", help="this hub process's name in the lease (default host:pid:random)")
+    h.add_argument("--max-held", type=int, default=20000,
+                   help="long-polls of the desired state held at once by this process; past it, answered at once")
+    h.add_argument("--recheck-s", type=float, default=1.0,
+                   help="how often a held long-poll looks for a change made through another hub process")
     h.add_argument("--out", help="enroll: write the credential to this file (0600) instead of printing it")
     h.add_argument("--port", type=int, default=7000)
     h.add_argument("--host", default="127.0.0.1")
@@ -344,6 +352,10 @@ def hub(args) -> int:
         return 2
     from device_bridge.errors import ApiError
 
+    if not (0.2 <= args.lease_s <= 3600 and args.max_held >= 0 and 0.05 <= args.recheck_s <= 60):
+        print("mlsql-device hub: --lease-s must be 0.2 to 3600, --max-held 0 or more, --recheck-s 0.05 to 60",
+              file=sys.stderr)
+        return 2
     if not 0 < args.delta_max_ratio <= 1:
         print("mlsql-device hub: --delta-max-ratio must be in (0, 1]", file=sys.stderr)
         return 2
@@ -355,7 +367,8 @@ def hub(args) -> int:
                              origins=args.origin if args.origin is not None else  # the flags, else the env's list
                              [o for o in os.environ.get("MLSQL_HUB_ORIGINS", "").split(",") if o.strip()],
                              hub_blobs=args.hub_blobs, deltas=args.deltas == "on",
-                             delta_max_ratio=args.delta_max_ratio)
+                             delta_max_ratio=args.delta_max_ratio, lease_s=args.lease_s,
+                             max_held=args.max_held, recheck_s=args.recheck_s, replica=args.replica)
     except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
         print(f"mlsql-device hub: {exc.message}", file=sys.stderr)
         return 2

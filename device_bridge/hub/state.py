@@ -155,11 +155,12 @@ class HubState:
             raise HubError(400, "name devices or a group")
         return list(dict.fromkeys(names))
 
-    def set_desired(self, body: dict) -> dict:
+    def set_desired(self, body: dict, then=None) -> dict:
         """``devices`` and/or ``group``. With a group (and no devices) the entry is also the group's
         rollout rule, kept for devices that join it later (desired_of); ``percent`` (default 100)
         limits it to the group's devices whose wave point (waves.py) is under it: call again with a
-        larger percent for the next wave."""
+        larger percent for the next wave. ``then(t)``: run first in the same transaction (a scheduled
+        rollout's lease and step check, hub/schedule.py); what it raises undoes the whole change."""
         model = body.get("model")
         if not isinstance(model, str) or not NAME_RE.match(model):
             raise HubError(400, "model must be a model name")
@@ -200,6 +201,8 @@ class HubState:
         if group_rule and entry is not None and percent < 100:
             targets = [a for a in targets if waves.bucket(a, model) < percent]
         with self.db.tx(lock=True) as t:  # every target or none
+            if then is not None:
+                then(t)
             if group_rule:
                 _set_rule(t, body["group"], model, entry, percent)
             for a in targets:
