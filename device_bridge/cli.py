@@ -37,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="file holding this agent's hub credential (default STORE/hub_token; with --devices K, "
                         "each device reads STORE/NAME-i/hub_token). Without one the agent asks the hub to "
                         "enroll it, which a hub started with --enroll-open does, and keeps it there")
-    s.add_argument("--hub-interval", type=float, default=1.0, help="seconds between hub polls")
+    s.add_argument("--hub-interval", type=float, default=1.0,
+                   help="seconds between reports to the hub (and desired-state polls, without long-poll)")
+    s.add_argument("--hub-wait", type=float, default=30.0,
+                   help="long-poll: hold GET desired up to this many seconds (capped by the hub's maximum), so a "
+                        "new desired state arrives at once and an idle agent makes no desired-state polls; "
+                        "0: poll every --hub-interval")
     s.add_argument("--group", help="group to register with at the hub")
     s.add_argument("--keep-versions", type=int, default=3)
     s.add_argument("--max-package-mb", type=float, default=256)
@@ -249,7 +254,7 @@ def serve(args) -> int:
         devices.append({"name": name, "port": real_port, "url": url})
         if args.hub:
             sync = HubSync(core, args.hub, cfg.hub_token, url, args.hub_interval, group=args.group,
-                           token_file=args.hub_token_file)
+                           token_file=args.hub_token_file, wait=max(0.0, args.hub_wait))
             if sync.token and sync.token == args.token:
                 print(f"mlsql-device: {sync.token_file} holds the device token; the hub credential must "
                       "be the agent's own (mlsql-device hub enroll NAME)", file=sys.stderr)
