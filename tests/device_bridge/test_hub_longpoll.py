@@ -12,7 +12,17 @@ import urllib.error
 import urllib.request
 
 import pytest
-from device_test_helpers import TOKEN, Proc, enroll, make_keys, package, start_agent, start_hub, trust, wait_for
+from device_test_helpers import (
+    TOKEN,
+    Proc,
+    enroll,
+    make_keys,
+    package,
+    start_agent,
+    start_hub,
+    trust,
+    wait_for,
+)
 
 from device_bridge.client import HubClient
 
