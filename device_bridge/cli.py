@@ -117,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--replica", help="this hub process's name in the lease (default host:pid:random)")
     h.add_argument("--max-held", type=int, default=20000,
                    help="long-polls of the desired state held at once by this process; past it, answered at once")
+    h.add_argument("--max-wait-s", type=float, default=60.0,
+                   help="the longest an agent's long-poll is held (1 to 3600): an idle agent asks again once "
+                        "per wait, so a longer one costs the hub less, as far as the network's idle timeouts "
+                        "(NAT, proxies) allow")
     h.add_argument("--recheck-s", type=float, default=1.0,
                    help="how often a held long-poll looks for a change made through another hub process")
     h.add_argument("--out", help="enroll: write the credential to this file (0600) instead of printing it")
@@ -373,7 +377,8 @@ def hub(args) -> int:
                              [o for o in os.environ.get("MLSQL_HUB_ORIGINS", "").split(",") if o.strip()],
                              hub_blobs=args.hub_blobs, deltas=args.deltas == "on",
                              delta_max_ratio=args.delta_max_ratio, lease_s=args.lease_s,
-                             max_held=args.max_held, recheck_s=args.recheck_s, replica=args.replica)
+                             max_held=args.max_held, recheck_s=args.recheck_s, replica=args.replica,
+                             max_wait_s=args.max_wait_s)
     except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
         print(f"mlsql-device hub: {exc.message}", file=sys.stderr)
         return 2

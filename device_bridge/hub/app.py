@@ -34,6 +34,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
                    db: str | None = None, report_flush_s: float = FLUSH_S, origins: list[str] | None = None,
                    hub_blobs: str = "first", deltas: bool = True, delta_max_ratio: float = MAX_RATIO,
                    lease_s: float = LEASE_S, max_held: int = MAX_HELD, recheck_s: float = RECHECK_S,
+                   max_wait_s: float = MAX_WAIT_S,
                    replica: str | None = None) -> Starlette:
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
     without a credential, under a name that never had one. ``data_max_mb``: device data kept per
@@ -45,7 +46,9 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     (``"last"``) the hub's own ``/v1/blobs/SHA``, or instead of it (``"off"``). ``deltas``: offer
     ``/v1/blobs/SHA/delta?from=OLD`` (hub/deltas.py), at most ``delta_max_ratio`` of the package.
     ``lease_s``: the scheduled rollouts' lease (hub/schedule.py; ``replica`` names this process in it).
-    ``max_held``, ``recheck_s``: long-polls of the desired state (hub/longpoll.py)."""
+    ``max_held``, ``recheck_s``, ``max_wait_s``: long-polls of the desired state (hub/longpoll.py)."""
+    if not 1 <= max_wait_s <= 3600:
+        raise ValueError("max_wait_s must be 1 to 3600 seconds")
     if not token:
         raise ValueError("the hub needs an operator token")
     origins = check_origins(origins or [])
@@ -196,8 +199,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             wait = float(request.query_params.get("wait", "0"))
         except ValueError:
             raise HubError(400, "wait must be a number of seconds") from None
-        if not 0 <= wait <= MAX_WAIT_S:  # also refuses nan
-            raise HubError(400, f"wait must be from 0 to {MAX_WAIT_S:g} seconds, got {wait:g}")
+        if not 0 <= wait <= max_wait_s:  # also refuses nan
+            raise HubError(400, f"wait must be from 0 to {max_wait_s:g} seconds, got {wait:g}")
         have = request.headers.get("if-none-match")
         found: list = []
 
@@ -209,8 +212,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             if not found:
                 await changed()
             doc, etag = found
-            return JSONAnswer(doc, headers={"ETag": etag, "X-MLSQL-Max-Wait": f"{MAX_WAIT_S:g}"})
-        return Response(status_code=304, headers={"ETag": found[1], "X-MLSQL-Max-Wait": f"{MAX_WAIT_S:g}"})
+            return JSONAnswer(doc, headers={"ETag": etag, "X-MLSQL-Max-Wait": f"{max_wait_s:g}"})
+        return Response(status_code=304, headers={"ETag": found[1], "X-MLSQL-Max-Wait": f"{max_wait_s:g}"})
 
     @endpoint(blob_reader)
     async def get_delta(request):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-MAX_WAIT_S = 60.0  # the longest a request is held; the agent asks for less
+MAX_WAIT_S = 60.0  # the longest a request is held by default (--max-wait-s); the agent asks for less
 MAX_HELD = 20_000  # held requests per hub process (each is an open connection and a coroutine)
 RECHECK_S = 1.0  # how often a replica looks for another replica's changes
 GEN_KEY = "desired_gen"
