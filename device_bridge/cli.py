@@ -114,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--lease-s", type=float, default=10.0,
                    help="scheduled rollouts (POST /v1/rollouts): the lease one hub process holds to advance "
                         "their waves; another takes over this long after it dies")
+    h.add_argument("--drive-rollouts", choices=["on", "off"], default="on",
+                   help="off: this process never takes the scheduled rollouts' lease (leave it to a few "
+                        "processes of a large hub tier); it still creates, shows and stops them")
     h.add_argument("--replica", help="this hub process's name in the lease (default host:pid:random)")
     h.add_argument("--max-held", type=int, default=20000,
                    help="long-polls of the desired state held at once by this process; past it, answered at once")
@@ -378,7 +381,7 @@ def hub(args) -> int:
                              hub_blobs=args.hub_blobs, deltas=args.deltas == "on",
                              delta_max_ratio=args.delta_max_ratio, lease_s=args.lease_s,
                              max_held=args.max_held, recheck_s=args.recheck_s, replica=args.replica,
-                             max_wait_s=args.max_wait_s)
+                             max_wait_s=args.max_wait_s, drive_rollouts=args.drive_rollouts == "on")
     except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
         print(f"mlsql-device hub: {exc.message}", file=sys.stderr)
         return 2

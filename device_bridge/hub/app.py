@@ -34,7 +34,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
                    db: str | None = None, report_flush_s: float = FLUSH_S, origins: list[str] | None = None,
                    hub_blobs: str = "first", deltas: bool = True, delta_max_ratio: float = MAX_RATIO,
                    lease_s: float = LEASE_S, max_held: int = MAX_HELD, recheck_s: float = RECHECK_S,
-                   max_wait_s: float = MAX_WAIT_S,
+                   max_wait_s: float = MAX_WAIT_S, drive_rollouts: bool = True,
                    replica: str | None = None) -> Starlette:
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
     without a credential, under a name that never had one. ``data_max_mb``: device data kept per
@@ -45,7 +45,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     publish``), advertised in each desired entry's ``urls`` after (``hub_blobs="first"``) or before
     (``"last"``) the hub's own ``/v1/blobs/SHA``, or instead of it (``"off"``). ``deltas``: offer
     ``/v1/blobs/SHA/delta?from=OLD`` (hub/deltas.py), at most ``delta_max_ratio`` of the package.
-    ``lease_s``: the scheduled rollouts' lease (hub/schedule.py; ``replica`` names this process in it).
+    ``lease_s``: the scheduled rollouts' lease (hub/schedule.py; ``replica`` names this process in it);
+    ``drive_rollouts=False``: this process never takes it (it still creates, shows and stops them).
     ``max_held``, ``recheck_s``, ``max_wait_s``: long-polls of the desired state (hub/longpoll.py)."""
     if not 1 <= max_wait_s <= 3600:
         raise ValueError("max_wait_s must be 1 to 3600 seconds")
@@ -68,7 +69,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     limiter: list = []
     waiters = Waiters(lambda: on_db(read_gen, database), max_held, recheck_s)
     scheduler = Scheduler(hub, lease_s, replica, on_change=waiters.wake_threadsafe)
-    scheduler.start()
+    if drive_rollouts:
+        scheduler.start()
 
     async def on_db(fn, *args):
         """SQLite answers in microseconds: on the event loop. PostgreSQL is a round trip away: in a

@@ -113,6 +113,24 @@ def test_two_replicas_advance_each_wave_once_and_the_other_takes_over_when_the_h
             p.kill()
 
 
+def test_a_hub_started_with_drive_rollouts_off_never_advances_a_wave(tmp_path):
+    kp = make_keys(tmp_path / "keys")
+    hub = Proc(["hub", "--port", "0", "--store", str(tmp_path / "hub"), "--token", TOKEN, "--lease-s", "0.4",
+                "--drive-rollouts", "off"], tmp_path / "ready-off.json")
+    try:
+        hc = HubClient(hub.url, TOKEN)
+        hc.set_group("field", DEVICES)
+        v1 = hc.upload(package(kp, 1))["sha256"]
+        body = {"model": "scorer", "group": "field", "sha256": v1, "waves": [10, 100], "every_s": 0.2}
+        assert call(hub.url, "POST", "/v1/rollouts", TOKEN, body)[0] == 200
+        time.sleep(1.5)  # 7 times every_s and nearly 4 lease periods: a driver would have advanced it
+        plan = _plan(hub.url)
+        assert plan["step"] == 0 and plan["status"] == "running"
+        assert json.loads(call(hub.url, "GET", "/v1/rollouts", TOKEN)[1])["lease"] is None  # never taken
+    finally:
+        hub.kill()
+
+
 def test_of_two_stops_at_once_one_rolls_back_and_bad_rollouts_are_refused(tmp_path, postgres):
     url, kp = postgres(), make_keys(tmp_path / "keys")
     hubs = [_replica(tmp_path, url, "A"), _replica(tmp_path, url, "B")]

@@ -100,7 +100,7 @@ def test_a_held_request_ends_at_its_wait_and_a_change_through_another_hub_wakes_
 
 
 def test_past_max_held_a_request_is_answered_at_once(tmp_path):
-    hub = start_hub(tmp_path, ["--max-held", "2"])
+    hub = start_hub(tmp_path, ["--max-held", "2", "--max-wait-s", "5"])
     try:
         token = enroll(hub.url, "d1", tmp_path / "d1")
         _, _, etag, _ = get_desired(hub.url, token)
@@ -119,5 +119,7 @@ def test_past_max_held_a_request_is_answered_at_once(tmp_path):
         assert [tag for tag, _ in done][0] == "third"
         assert {tag: ans[0] for tag, ans in done} == {"held0": 304, "held1": 304, "third": 304}
         assert all(ans[3] >= 3.0 for tag, ans in done if tag != "third")  # the held ones ran to their wait
+        status, err, _, _ = get_desired(hub.url, token, etag, "?wait=6")  # over this hub's --max-wait-s 5
+        assert status == 400 and "from 0 to 5 seconds" in err["error"]
     finally:
         hub.kill()
