@@ -443,6 +443,7 @@ def main() -> int:
     finally:
         if srv is not None:
             srv.cleanup()
+            shutil.rmtree(pg_dir, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     out = {"bench": "fleet", "machine_cores": os.cpu_count(), "loadavg_before": load_before,
            "loadavg_after": os.getloadavg(), "seconds": round(time.time() - t_start, 1),
