@@ -121,13 +121,12 @@ def test_a_hub_started_with_drive_rollouts_off_never_advances_a_wave(tmp_path):
     try:
         hc = HubClient(hub.url, TOKEN)
         hc.set_group("field", DEVICES)
-        v1 = hc.upload(package(kp, 1))["sha256"]
-        body = {"model": "scorer", "group": "field", "sha256": v1, "waves": [10, 100], "every_s": 0.2}
-        assert call(hub.url, "POST", "/v1/rollouts", TOKEN, body)[0] == 200
+        plan = hc.schedule_rollout("scorer", "field", [10, 100], 0.2, package(kp, 1))
+        assert plan["step"] == 0 and plan["waves"] == [10, 100]
         time.sleep(1.5)  # 7 times every_s and nearly 4 lease periods: a driver would have advanced it
-        plan = _plan(hub.url)
-        assert plan["step"] == 0 and plan["status"] == "running"
-        assert json.loads(call(hub.url, "GET", "/v1/rollouts", TOKEN)[1])["lease"] is None  # never taken
+        assert _plan(hub.url)["step"] == 0 and _plan(hub.url)["status"] == "running"
+        assert hc.rollouts()["lease"] is None  # never taken
+        assert hc.stop_rollout("field", "scorer")["status"] == "stopped"
     finally:
         hub.kill()
 
