@@ -276,7 +276,11 @@ HUB_PATHS = ["/v1/blobs", "/v1/blobs/{sha}", "/v1/blobs/" + "0" * 64, "/v1/blobs
              "/v1/agents/fz/data?kind=x&model=..&first=-1&last=0", "/v1/agents/fz/data",
              "/v1/agents/edge-1/data?kind=samples&model=scorer&first=1&last=2",
              "/v1/data/samples", "/v1/data/outcomes?since=2020-01-01", "/v1/data/samples?since=garbage",
-             "/v1/data/samples?group=_none&model=scorer&max_rows=0", "/v1/data/usage", "/v1/data/nope"]
+             "/v1/data/samples?group=_none&model=scorer&max_rows=0", "/v1/data/usage", "/v1/data/nope",
+             "/v1/agents/edge-1/desired?wait=0.05", "/v1/agents/edge-1/desired?wait=99",
+             "/v1/agents/edge-1/desired?wait=nan", "/v1/agents/edge-1/desired?wait=1e400&x=1",
+             "/v1/rollouts", "/v1/rollouts/field/scorer", "/v1/rollouts/field/scorer/stop",
+             "/v1/rollouts/" + "g" * 300 + "/scorer/stop", "/v1/rollouts/field/%00"]
 CTYPES = ["application/json", "application/x-npz", "application/x-mlsql-columns", "text/plain", "",
           "application/octet-stream", "application/json; charset=latin1", "application/vnd.apache.arrow.stream"]
 
@@ -326,6 +330,8 @@ def one_request(gen: Gen, agent_url: str, hub_url: str, agent_cred: str | None =
         headers["Authorization"] = f"Bearer {TOKEN}"
     elif roll < 0.85:
         headers["Authorization"] = r.choice(["Bearer x", "Basic a", "Bearer", "Bearer " + "\u00e9" * 3, "x" * 5000])
+    if "/desired" in path and r.random() < 0.5:  # long-poll: a held request (a short wait) or at once
+        headers["If-None-Match"] = r.choice(['"0"', "*", "", "\u00e9" * 3, "x" * 3000])
     if r.random() < 0.1:
         headers["Accept"] = r.choice(["application/x-npz", "application/x-mlsql-columns", "*/*", "text/html"])
     if r.random() < 0.05 and not to_hub and "/predict" in path:

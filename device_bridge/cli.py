@@ -37,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="file holding this agent's hub credential (default STORE/hub_token; with --devices K, "
                         "each device reads STORE/NAME-i/hub_token). Without one the agent asks the hub to "
                         "enroll it, which a hub started with --enroll-open does, and keeps it there")
-    s.add_argument("--hub-interval", type=float, default=1.0, help="seconds between hub polls")
+    s.add_argument("--hub-interval", type=float, default=1.0,
+                   help="seconds between reports to the hub (and desired-state polls, without long-poll)")
+    s.add_argument("--hub-wait", type=float, default=30.0,
+                   help="long-poll: hold GET desired up to this many seconds (capped by the hub's maximum), so a "
+                        "new desired state arrives at once and an idle agent makes no desired-state polls; "
+                        "0: poll every --hub-interval")
     s.add_argument("--group", help="group to register with at the hub")
     s.add_argument("--keep-versions", type=int, default=3)
     s.add_argument("--max-package-mb", type=float, default=256)
@@ -106,6 +111,21 @@ def _parser() -> argparse.ArgumentParser:
                         "STORE/deltas; off: full packages only")
     h.add_argument("--delta-max-ratio", type=float, default=0.5,
                    help="a delta over this fraction of the full package is not sent (the full package is)")
+    h.add_argument("--lease-s", type=float, default=10.0,
+                   help="scheduled rollouts (POST /v1/rollouts): the lease one hub process holds to advance "
+                        "their waves; another takes over this long after it dies")
+    h.add_argument("--drive-rollouts", choices=["on", "off"], default="on",
+                   help="off: this process never takes the scheduled rollouts' lease (leave it to a few "
+                        "processes of a large hub tier); it still creates, shows and stops them")
+    h.add_argument("--replica", help="this hub process's name in the lease (default host:pid:random)")
+    h.add_argument("--max-held", type=int, default=20000,
+                   help="long-polls of the desired state held at once by this process; past it, answered at once")
+    h.add_argument("--max-wait-s", type=float, default=60.0,
+                   help="the longest an agent's long-poll is held (1 to 3600): an idle agent asks again once "
+                        "per wait, so a longer one costs the hub less, as far as the network's idle timeouts "
+                        "(NAT, proxies) allow")
+    h.add_argument("--recheck-s", type=float, default=1.0,
+                   help="how often a held long-poll looks for a change made through another hub process")
     h.add_argument("--out", help="enroll: write the credential to this file (0600) instead of printing it")
     h.add_argument("--port", type=int, default=7000)
     h.add_argument("--host", default="127.0.0.1")
@@ -241,7 +261,7 @@ def serve(args) -> int:
         devices.append({"name": name, "port": real_port, "url": url})
         if args.hub:
             sync = HubSync(core, args.hub, cfg.hub_token, url, args.hub_interval, group=args.group,
-                           token_file=args.hub_token_file)
+                           token_file=args.hub_token_file, wait=max(0.0, args.hub_wait))
             if sync.token and sync.token == args.token:
                 print(f"mlsql-device: {sync.token_file} holds the device token; the hub credential must "
                       "be the agent's own (mlsql-device hub enroll NAME)", file=sys.stderr)
@@ -344,6 +364,10 @@ def hub(args) -> int:
         return 2
     from device_bridge.errors import ApiError
 
+    if not (0.2 <= args.lease_s <= 3600 and args.max_held >= 0 and 0.05 <= args.recheck_s <= 60):
+        print("mlsql-device hub: --lease-s must be 0.2 to 3600, --max-held 0 or more, --recheck-s 0.05 to 60",
+              file=sys.stderr)
+        return 2
     if not 0 < args.delta_max_ratio <= 1:
         print("mlsql-device hub: --delta-max-ratio must be in (0, 1]", file=sys.stderr)
         return 2
@@ -355,7 +379,9 @@ def hub(args) -> int:
                              origins=args.origin if args.origin is not None else  # the flags, else the env's list
                              [o for o in os.environ.get("MLSQL_HUB_ORIGINS", "").split(",") if o.strip()],
                              hub_blobs=args.hub_blobs, deltas=args.deltas == "on",
-                             delta_max_ratio=args.delta_max_ratio)
+                             delta_max_ratio=args.delta_max_ratio, lease_s=args.lease_s,
+                             max_held=args.max_held, recheck_s=args.recheck_s, replica=args.replica,
+                             max_wait_s=args.max_wait_s, drive_rollouts=args.drive_rollouts == "on")
     except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
         print(f"mlsql-device hub: {exc.message}", file=sys.stderr)
         return 2

@@ -342,6 +342,24 @@ class HubClient:
         return self.http.request("POST", f"/v1/groups/{_q(group)}", _json({"devices": devices}),
                                  "application/json")
 
+    def schedule_rollout(self, model: str, group: str, waves: list[float], every_s: float,
+                         package: bytes | None = None, *, sha256: str | None = None, **desired) -> dict:
+        """A rollout the hub advances itself, ``waves`` percents of the group (the last 100), one
+        every ``every_s`` seconds; ``desired``: providers, strict_providers, deploy (docs/DEVICE.md,
+        "Scheduled rollouts and the lease")."""
+        if package is not None:
+            sha256 = self.upload(package)["sha256"]
+        body = {"model": model, "group": group, "sha256": sha256, "waves": waves, "every_s": every_s, **desired}
+        return self.http.request("POST", "/v1/rollouts", _json(body), "application/json")
+
+    def rollouts(self) -> dict:
+        """``{"rollouts": [...], "lease": {"holder", "expires_in_s"} or None, "replica": this hub's name}``."""
+        return self.http.request("GET", "/v1/rollouts")
+
+    def stop_rollout(self, group: str, model: str, rollback: bool = False) -> dict:
+        return self.http.request("POST", f"/v1/rollouts/{_q(group)}/{_q(model)}/stop", _json({"rollback": rollback}),
+                                 "application/json")
+
     def agents(self) -> list[dict]:
         return self.http.request("GET", "/v1/agents")["agents"]
 

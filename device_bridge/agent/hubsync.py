@@ -77,7 +77,7 @@ def write_token_file(path: str | Path, token: str) -> None:
 class HubSync:
     def __init__(self, core: AgentCore, hub_url: str, token: str | None, agent_url: str,
                  interval: float = 1.0, buffer: int = 120, group: str | None = None,
-                 token_file: str | Path | None = None):
+                 token_file: str | Path | None = None, wait: float = 30.0):
         self.core = core
         self.hub = hub_url.rstrip("/")
         self.token_file = Path(token_file) if token_file else Path(core.store) / "hub_token"
@@ -85,6 +85,18 @@ class HubSync:
         core.config.hub_token = self.token
         self.agent_url = agent_url
         self.interval = interval
+        # long-poll (hub/longpoll.py): a thread of its own holds GET desired?wait= with the ETag of
+        # the state it has; the report loop then reconciles the last desired state locally, each
+        # interval, with no desired GET. 0, or a hub that does not answer with X-MLSQL-Max-Wait:
+        # the timed poll, a GET every interval
+        self.wait = wait
+        self.etag: str | None = None
+        self.models: dict | None = None  # the last desired state the hub sent
+        self.watching = False
+        self.max_wait = 0.0
+        self.watcher: threading.Thread | None = None
+        self.wake = threading.Event()  # a new desired state applied: report at once
+        self.apply_mu = threading.Lock()
         self.group = group
         self.buffer: deque = deque(maxlen=buffer)
         self.errors: dict[str, str] = {}
@@ -148,7 +160,53 @@ class HubSync:
             except Exception as exc:  # noqa: BLE001 - the loop outlives any error, and says so
                 log.exception("hub sync cycle failed")
                 self.core.note_background("hubsync", exc)
-            self.stop.wait(self.interval)
+            self.wake.wait(self.interval)
+            self.wake.clear()
+
+    def _desired(self, etag: str | None, wait: float) -> tuple[int, dict | None, str | None, float]:
+        """GET desired (``wait`` s, ``If-None-Match: etag``): (status 200 or 304, the document, its
+        ETag, the hub's longest wait; 0 when it does not long-poll)."""
+        name = self.core.config.name
+        req = urllib.request.Request(f"{self.hub}/v1/agents/{name}/desired" + (f"?wait={wait:g}" if wait else ""))
+        req.add_header("Authorization", f"Bearer {self.token}")
+        if etag:
+            req.add_header("If-None-Match", etag)
+        try:
+            with urls.open_url(req, timeout=wait + 10) as resp:
+                return 200, json.loads(resp.read() or b"null"), resp.headers.get("ETag"), \
+                    float(resp.headers.get("X-MLSQL-Max-Wait") or 0)
+        except urllib.error.HTTPError as exc:
+            if exc.code == 304:
+                return 304, None, exc.headers.get("ETag") or etag, float(exc.headers.get("X-MLSQL-Max-Wait") or 0)
+            try:
+                msg = json.loads(exc.read(4096)).get("error")
+            except Exception:  # noqa: BLE001 - not the hub's JSON
+                msg = None
+            raise HubAnswer(exc.code, f"hub answered {exc.code} to GET desired: {msg or exc.reason}") from None
+
+    def _take(self, doc, etag: str | None) -> None:
+        models = doc.get("models", {}) if isinstance(doc, dict) else {}
+        with self.apply_mu:
+            self.apply(models)
+            self.models, self.etag = models, etag
+
+    def watch(self) -> None:
+        """The long-poll loop: a new desired state is applied (and reported) as soon as the hub has it."""
+        while not self.stop.is_set():
+            try:
+                status, doc, etag, max_wait = self._desired(self.etag, min(self.wait, self.max_wait))
+                if not max_wait:  # a hub without long-poll: back to the timed poll
+                    self.watching = False
+                    self.watcher = None
+                    return
+                self.watching = True
+                if status == 200:
+                    self._take(doc, etag)
+                    self.wake.set()
+            except (HubAnswer, urllib.error.URLError, OSError, ValueError) as exc:
+                self.watching = False  # the report loop polls meanwhile
+                self.errors["hub"] = str(exc)[:200]
+                self.stop.wait(self.interval)
 
     def cycle(self) -> None:
         name = self.core.config.name
@@ -166,8 +224,16 @@ class HubSync:
                            {"url": self.agent_url, "group": self.group,
                             "providers": self.core.available_providers()})
                 self.registered = True
-            desired = self._call("GET", f"/v1/agents/{name}/desired")
-            self.apply(desired.get("models", {}) if isinstance(desired, dict) else {})
+            if self.watching and self.models is not None:  # long-poll brings changes: reconcile locally
+                with self.apply_mu:
+                    self.apply(self.models)
+            else:
+                _, desired, etag, max_wait = self._desired(None, 0)
+                self._take(desired, etag)
+                if self.wait > 0 and max_wait and etag and self.watcher is None:
+                    self.max_wait = max_wait
+                    self.watcher = threading.Thread(target=self.watch, name=f"hubwatch-{name}", daemon=True)
+                    self.watcher.start()
         except (urllib.error.URLError, OSError, ValueError) as exc:
             self.errors["hub"] = str(exc)[:200]
         try:

@@ -4,7 +4,9 @@ and the state and credential stores behind them."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import hmac
+import json
 from pathlib import Path
 
 import anyio
@@ -21,6 +23,8 @@ from device_bridge.hub.data import MAX_READ_ROWS, MAX_UPLOAD_BYTES, NO_GROUP, Da
 from device_bridge.hub.db import Database
 from device_bridge.hub.deltas import MAX_RATIO, DeltaCache
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
+from device_bridge.hub.longpoll import MAX_HELD, MAX_WAIT_S, RECHECK_S, Waiters, bump, read_gen
+from device_bridge.hub.schedule import LEASE_S, Scheduler
 from device_bridge.hub.state import FLUSH_S, HubState
 from device_bridge.web import JSONAnswer
 
@@ -28,7 +32,10 @@ from device_bridge.web import JSONAnswer
 def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 * 1024 * 1024,
                    body_timeout: float = 120.0, enroll_open: bool = False, data_max_mb: int = 1024,
                    db: str | None = None, report_flush_s: float = FLUSH_S, origins: list[str] | None = None,
-                   hub_blobs: str = "first", deltas: bool = True, delta_max_ratio: float = MAX_RATIO) -> Starlette:
+                   hub_blobs: str = "first", deltas: bool = True, delta_max_ratio: float = MAX_RATIO,
+                   lease_s: float = LEASE_S, max_held: int = MAX_HELD, recheck_s: float = RECHECK_S,
+                   max_wait_s: float = MAX_WAIT_S, drive_rollouts: bool = True,
+                   replica: str | None = None) -> Starlette:
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
     without a credential, under a name that never had one. ``data_max_mb``: device data kept per
     group (data.py). ``db``: the state's database (db.py; default SQLite in ``STORE/hub.db``).
@@ -37,7 +44,12 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     ``origins``: base URLs of static origins holding the blobs as ``BASE/SHA`` (``mlsql-device hub
     publish``), advertised in each desired entry's ``urls`` after (``hub_blobs="first"``) or before
     (``"last"``) the hub's own ``/v1/blobs/SHA``, or instead of it (``"off"``). ``deltas``: offer
-    ``/v1/blobs/SHA/delta?from=OLD`` (hub/deltas.py), at most ``delta_max_ratio`` of the package."""
+    ``/v1/blobs/SHA/delta?from=OLD`` (hub/deltas.py), at most ``delta_max_ratio`` of the package.
+    ``lease_s``: the scheduled rollouts' lease (hub/schedule.py; ``replica`` names this process in it);
+    ``drive_rollouts=False``: this process never takes it (it still creates, shows and stops them).
+    ``max_held``, ``recheck_s``, ``max_wait_s``: long-polls of the desired state (hub/longpoll.py)."""
+    if not 1 <= max_wait_s <= 3600:
+        raise ValueError("max_wait_s must be 1 to 3600 seconds")
     if not token:
         raise ValueError("the hub needs an operator token")
     origins = check_origins(origins or [])
@@ -55,6 +67,10 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
     base_endpoint = web.endpoint_factory(operator_b, budget=budget)
     limiter: list = []
+    waiters = Waiters(lambda: on_db(read_gen, database), max_held, recheck_s)
+    scheduler = Scheduler(hub, lease_s, replica, on_change=waiters.wake_threadsafe)
+    if drive_rollouts:
+        scheduler.start()
 
     async def on_db(fn, *args):
         """SQLite answers in microseconds: on the event loop. PostgreSQL is a round trip away: in a
@@ -171,10 +187,37 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
                 entry["delta"] = f"/v1/blobs/{sha}/delta"
         return models
 
+    def desired_doc(name: str) -> tuple[dict, str]:
+        doc = {"agent": name, "models": with_urls(hub.desired_of(name))}
+        return doc, '"' + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32] + '"'
+
     @endpoint(own(operator_too=True))
     async def desired(request):
+        """``?wait=S`` with ``If-None-Match: ETAG`` (the state the agent has): held until it changes
+        or S seconds pass, then 304 (hub/longpoll.py)."""
         name = agent_name(request)
-        return JSONAnswer({"agent": name, "models": with_urls(await on_db(hub.desired_of, name))})
+        extra = sorted(set(request.query_params) - {"wait"})
+        if extra:
+            raise HubError(400, f"unknown parameter {extra[0]!r}: the desired state takes wait")
+        try:
+            wait = float(request.query_params.get("wait", "0"))
+        except ValueError:
+            raise HubError(400, "wait must be a number of seconds") from None
+        if not 0 <= wait <= max_wait_s:  # also refuses nan
+            raise HubError(400, f"wait must be from 0 to {max_wait_s:g} seconds, got {wait:g}")
+        have = request.headers.get("if-none-match")
+        found: list = []
+
+        async def changed() -> bool:
+            found[:] = await on_db(desired_doc, name)
+            return found[1] != have
+
+        if have is None or await changed() or (wait > 0 and await waiters.hold(name, wait, changed)):
+            if not found:
+                await changed()
+            doc, etag = found
+            return JSONAnswer(doc, headers={"ETag": etag, "X-MLSQL-Max-Wait": f"{max_wait_s:g}"})
+        return Response(status_code=304, headers={"ETag": found[1], "X-MLSQL-Max-Wait": f"{max_wait_s:g}"})
 
     @endpoint(blob_reader)
     async def get_delta(request):
@@ -246,7 +289,40 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     @endpoint(operator)
     async def set_desired(request):
         body = await body_json(request)
-        return JSONAnswer(await run_in_threadpool(hub.set_desired, body))
+        out = await run_in_threadpool(hub.set_desired, body, bump)
+        waiters.wake(out["devices"])
+        return JSONAnswer(out)
+
+    @endpoint(operator)
+    async def create_rollout(request):
+        body = await body_json(request)
+        return JSONAnswer(await run_in_threadpool(scheduler.create, body))
+
+    @endpoint(operator)
+    async def rollouts(request):
+        return JSONAnswer(await run_in_threadpool(scheduler.list))
+
+    def plan_path(request) -> tuple[str, str]:
+        group = name_or_none(request.path_params["group"], "group")
+        model = request.path_params["model"]
+        if not NAME_RE.match(model):
+            raise HubError(400, f"bad model name {model!r}")
+        return group, model
+
+    @endpoint(operator)
+    async def rollout(request):
+        return JSONAnswer(await run_in_threadpool(scheduler.get, *plan_path(request)))
+
+    @endpoint(operator)
+    async def stop_rollout(request):
+        group, model = plan_path(request)
+        body = await body_json(request, 4096)
+        extra = sorted(set(body) - {"rollback"})
+        if extra:
+            raise HubError(400, f"unknown field {extra[0]!r}: stopping a rollout takes rollback")
+        if not isinstance(body.get("rollback", False), bool):
+            raise HubError(400, "rollback must be true or false")
+        return JSONAnswer(await run_in_threadpool(scheduler.stop, group, model, body.get("rollback", False)))
 
     @endpoint(operator)
     async def post_event(request):
@@ -259,6 +335,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         group = name_or_none(request.path_params["group"], "group")
         devices = names_of(body.get("devices"), "devices")
         await on_db(hub.set_group, group, devices)
+        await on_db(lambda: _bump_alone(database))
+        waiters.wake(None)
         return JSONAnswer({"group": group, "devices": devices})
 
     def group_of(name: str) -> str:
@@ -334,6 +412,10 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         Route("/v1/data/{kind}", read_data, methods=["GET"]),
         Route("/v1/desired", set_desired, methods=["POST"]),
         Route("/v1/groups/{group}", set_group, methods=["POST"]),
+        Route("/v1/rollouts", create_rollout, methods=["POST"]),
+        Route("/v1/rollouts", rollouts, methods=["GET"]),
+        Route("/v1/rollouts/{group}/{model}", rollout, methods=["GET"]),
+        Route("/v1/rollouts/{group}/{model}/stop", stop_rollout, methods=["POST"]),
         Route("/v1/events", events, methods=["GET"]),
         Route("/v1/events", post_event, methods=["POST"]),
     ]
@@ -342,7 +424,14 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     app.state.credentials = creds
     app.state.data = data
     app.state.deltas = delta_cache
+    app.state.scheduler = scheduler
+    app.state.waiters = waiters
     return app
+
+
+def _bump_alone(database: Database) -> None:
+    with database.tx() as t:
+        bump(t)
 
 
 def check_origins(origins: list[str]) -> list[str]:
