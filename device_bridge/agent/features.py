@@ -961,8 +961,8 @@ def _one(f: Feature, v, t: np.ndarray):
     n = len(t)
     if f.agg == "count":
         return n, False
-    if f.agg == "count_distinct":
-        return len(np.unique(v)), False
+    if f.agg == "count_distinct":  # capped at max_distinct, like ML.FEATURES_AT (docs/DEVICE.md)
+        return min(len(np.unique(v)), f.max_distinct), False
     if n == 0:
         return _EMPTY.get(f.type, 0), True
     if f.agg == "sum":
@@ -991,7 +991,9 @@ def _aggregate(f: Feature, p: np.ndarray, v, t: np.ndarray, s: np.ndarray, n: in
         ps, vs = p[o], v[o]
         new = np.ones(len(ps), bool)
         new[1:] = (ps[1:] != ps[:-1]) | (vs[1:] != vs[:-1])
-        return np.bincount(ps[new], minlength=n).astype(np.int64), np.zeros(n, bool)
+        distinct = np.bincount(ps[new], minlength=n).astype(np.int64)
+        # capped at max_distinct, like ML.FEATURES_AT's least(count(DISTINCT x), max_distinct)
+        return np.minimum(distinct, f.max_distinct), np.zeros(n, bool)
     if f.agg in ("sum", "avg"):
         if v.dtype.kind == "f":
             total = np.bincount(p, weights=v, minlength=n)

@@ -427,11 +427,27 @@ def _sampling_counts(info: dict, m: dict) -> dict:
 FIRST_INFERENCE_ID = "mlsql-deploy-check"  # the request id of DEPLOY's own first prediction
 
 
-def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list[dict]) -> tuple[float, float]:
-    """Round-trip and on-device milliseconds of one single-row prediction right after a deploy."""
+def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list[dict],
+                    feature_views: list[dict] | None = None) -> tuple[float, float]:
+    """Round-trip and on-device milliseconds of one single-row prediction right after a deploy. A
+    model trained on ``ML.FEATURES_AT`` is asked as an app asks it: the inputs its ``feature_views``
+    fill in are not sent, each view's key column is (the sample's key, or an empty key: the device
+    then fills in the features of a key with no events)."""
     c = client_for(dev)
     try:
-        cols = columns_for(sample.slice(0, 1), inputs)
+        row = sample.slice(0, 1)
+        if feature_views:
+            filled = {f["name"].lower() for v in feature_views for f in v["features"]}
+            inputs = [i for i in inputs if i["name"].lower() not in filled]
+            have = {n.lower() for n in row.column_names}
+            for v in feature_views:
+                key_type = next(x["type"] for x in v["schema"] if x["name"] == v["key"])
+                if v["key"].lower() not in have:
+                    row = row.append_column(v["key"], pa.array([0 if key_type == "int64" else ""]))
+                    have.add(v["key"].lower())
+                if all(i["name"].lower() != v["key"].lower() for i in inputs):
+                    inputs = [*inputs, {"name": v["key"], "type": "int64" if key_type == "int64" else "string"}]
+        cols = columns_for(row, inputs)
         body = {k: [None if isinstance(x, float) and np.isnan(x) else x for x in arr.tolist()]
                 for k, arr in cols.items()}
         t0 = time.perf_counter()
