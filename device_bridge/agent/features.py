@@ -8,7 +8,9 @@ Window semantics (identical to the SQL side): the value of a feature with window
 ``at - w <= time_col <= at``, both ends inclusive. ``last`` is the value at the latest time in the
 window, ties at the same time broken by the latest *arrival* (the agent's order of acceptance,
 which offline is the event table's row order); rows whose argument is NULL (or whose FILTER is
-not TRUE) are not in any aggregate.
+not TRUE) are not in any aggregate. ``count_distinct`` is capped at the feature's ``max_distinct``
+(``least(count(DISTINCT x), max_distinct)``, as ``ML.FEATURES_AT`` computes it). The one text of
+these semantics is in docs/DEVICE.md and docs/LANGUAGE.md (kept equal by a test).
 
 State (per view, in memory): **the events still inside the horizon, columnar**, where the horizon
 is the view's longest window plus ``HORIZON_SLACK_US`` (one day) behind the newest event time
