@@ -237,3 +237,38 @@ def test_the_leakage_boundary_is_the_same_offline_and_on_the_device(env):
     assert dev["last_category"] == off["last_category"] == "c2"  # the event at `at`, not the one after
     assert dev["max_price_1d"] == off["max_price_1d"] == 30.0
     assert dev["min_qty_6h"] == off["min_qty_6h"] == 1
+
+
+def test_an_integer_key_and_iso_times_mean_the_same_on_both_sides(env):
+    """A view keyed by a whole-number column (an INTEGER in DuckDB, int64 on the device), its events
+    sent with ISO-8601 times and its probes asked with ISO-8601 ``at``: the same values as offline."""
+    s, c, ev = env["s"], env["client"], env["ev"].slice(0, 5_000)
+    s.register("int_arrow", ev)
+    s.sql("""CREATE TABLE int_events AS SELECT CAST(substr(user_id, 2) AS INTEGER) AS uid, ts, kind, price, qty,
+             category FROM int_arrow""")
+    s.sql("""CREATE FEATURE VIEW by_uid OPTIONS (key = 'uid', time_col = 'ts', ttl = INTERVAL 1 DAY) AS
+             SELECT count(*) OVER w AS n_6h, sum(qty) OVER w AS qty_6h, arg_max(category, ts) OVER w AS cat_6h
+             FROM int_events
+             WINDOW w AS (PARTITION BY uid ORDER BY ts RANGE BETWEEN INTERVAL 6 HOURS PRECEDING AND CURRENT ROW)""")
+    s.sql("""CREATE TABLE int_probes AS SELECT uid, ts + INTERVAL 1 HOUR AS at, 1.0 AS label
+             FROM int_events USING SAMPLE 200 ROWS (reservoir, 5)""")
+    s.sql("""CREATE MODEL by_uid_model OPTIONS (model_type = 'linear_reg', input_label_cols = ['label'])
+             AS SELECT n_6h, label FROM ML.FEATURES_AT(by_uid, (SELECT uid, at, label FROM int_probes))""")
+    s.sql("DEPLOY MODEL by_uid_model TO DEVICE 'phone'")
+    rows = s.sql(
+        "SELECT uid, strftime(ts, '%Y-%m-%dT%H:%M:%S.%f') AS ts, kind, price, qty, category "
+        "FROM int_events ORDER BY rowid"
+    ).table.to_pylist()
+    assert isinstance(rows[0]["uid"], int) and isinstance(rows[0]["ts"], str)
+    c.post_events("int_events", rows)
+    want = s.sql(
+        "SELECT uid, strftime(at, '%Y-%m-%dT%H:%M:%S.%f') AS iso, n_6h, qty_6h, cat_6h "
+        "FROM ML.FEATURES_AT(by_uid, (SELECT uid, at FROM int_probes))"
+    ).table.to_pylist()
+    got = [c.features("by_uid", w["uid"], w["iso"])["features"] for w in want]
+    bad = [
+        (w, g)
+        for w, g in zip(want, got)
+        if (g["n_6h"], g["qty_6h"], g["cat_6h"]) != (w["n_6h"], w["qty_6h"], w["cat_6h"])
+    ]
+    assert not bad and sum(w["n_6h"] for w in want) > 200, bad[:3]
