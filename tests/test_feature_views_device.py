@@ -71,31 +71,31 @@ def probes(ev: pa.Table) -> pa.Table:
     )
 
 
+def load_tables(sess, ev: pa.Table, pr: pa.Table, prefix: str) -> None:
+    """The events, the labels (the probes) and the view, in a session's workspace."""
+    sess.register(f"{prefix}ev_arrow", ev)
+    sess.sql(f"CREATE OR REPLACE TABLE {prefix}app_events AS SELECT * FROM {prefix}ev_arrow")
+    sess.register(f"{prefix}pr_arrow", pr)
+    sess.sql(f"CREATE OR REPLACE TABLE {prefix}labels AS SELECT * FROM {prefix}pr_arrow")
+    sess.sql(VIEW.format(name=f"{prefix}activity", table=f"{prefix}app_events"))
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, spark_ws, shared_ws):
+def env(tmp_path_factory):
     from device_bridge.client import DeviceClient
     from device_bridge.keys import load_or_create_keypair
 
     tmp = tmp_path_factory.mktemp("fvdev")
     s = mlsql.connect(tmp / "ws")
-    ev, pr = time_ordered_events(), None
+    ev = time_ordered_events()
     pr = probes(ev)
-    for sess, prefix in ((s, ""), (shared_ws, "fvd_")):  # Spark reads the shared workspace's tables
-        sess.register(f"{prefix}ev_arrow", ev)
-        sess.sql(f"CREATE OR REPLACE TABLE {prefix}app_events AS SELECT * FROM {prefix}ev_arrow")
-        sess.register(f"{prefix}pr_arrow", pr)
-        sess.sql(f"CREATE OR REPLACE TABLE {prefix}labels AS SELECT * FROM {prefix}pr_arrow")
-        sess.sql(VIEW.format(name=f"{prefix}activity", table=f"{prefix}app_events"))
-    for t in ("fvd_app_events", "fvd_labels"):
-        spark_ws.sql(f"CREATE OR REPLACE TEMP VIEW {t} AS SELECT * FROM workspace.{t}")
+    load_tables(s, ev, pr, "")
     load_or_create_keypair(s.workspace.keys_dir)
     agent, url = start_agent(tmp, token=TOKEN, trust=s.workspace.keys_dir / "signing_key.pub")
     try:
         s.sql(f"CREATE DEVICE 'phone' OPTIONS (url = '{url}', token = '{TOKEN}')")
         yield {
             "s": s,
-            "spark": spark_ws,
-            "shared": shared_ws,
             "ev": ev,
             "pr": pr,
             "client": DeviceClient(url, TOKEN),
@@ -129,11 +129,14 @@ def _mismatches(got: dict, want: pa.Table, where: str) -> int:
     return bad
 
 
-@pytest.mark.slow  # ~1 minute: 100,000 events to a real agent, 2,000 probes, the same on DuckDB and Spark
-def test_device_features_equal_features_at_on_duckdb_and_spark(env):
+@pytest.mark.slow  # 30 s to 90 s here (load 2 to 11): 100,000 events to a real agent, Spark started
+def test_device_features_equal_features_at_on_duckdb_and_spark(env, shared_ws, spark_ws):
     s, c, ev, pr = env["s"], env["client"], env["ev"], env["pr"]
+    load_tables(shared_ws, ev, pr, "fvd_")  # Spark reads the shared workspace's tables, as its other tests do
+    for t in ("fvd_app_events", "fvd_labels"):
+        spark_ws.sql(f"CREATE OR REPLACE TEMP VIEW {t} AS SELECT * FROM workspace.{t}")
     spec = json.loads((s.workspace.feature_views_dir / "activity.json").read_text())["spec"]
-    other = json.loads((env["shared"].workspace.feature_views_dir / "fvd_activity.json").read_text())["spec"]
+    other = json.loads((shared_ws.workspace.feature_views_dir / "fvd_activity.json").read_text())["spec"]
     assert {**other, "name": "activity", "table": "app_events", "sql": None} == {**spec, "sql": None}
     # train on point-in-time features, DEPLOY: the view travels in the package and is installed
     s.sql(f"""CREATE MODEL churn OPTIONS (model_type = 'linear_reg', input_label_cols = ['label'])
@@ -168,7 +171,7 @@ def test_device_features_equal_features_at_on_duckdb_and_spark(env):
 
     q = "SELECT * FROM ML.FEATURES_AT({v}, (SELECT user_id, at, x, label FROM {t})) "
     duck = s.sql(q.format(v="activity", t="labels")).table
-    spark = env["spark"].sql(q.format(v="fvd_activity", t="fvd_labels")).table
+    spark = spark_ws.sql(q.format(v="fvd_activity", t="fvd_labels")).table
     assert duck["user_id"].to_pylist() == spark["user_id"].to_pylist() == users
     assert _mismatches(got, duck, "DuckDB") == 0
     assert _mismatches(got, spark, "Spark") == 0
