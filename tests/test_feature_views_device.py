@@ -14,6 +14,7 @@ from bridge_procs import start_agent
 from feature_view_reference import DAY, HOUR, T0, event_log
 
 import mlsql
+from mlsql.errors import DeviceError
 
 TOKEN = "fv-device-token"
 N_EVENTS, N_KEYS, N_PROBES, BATCH = 100_000, 1_000, 2_000, 2_000
@@ -275,3 +276,10 @@ def test_an_integer_key_and_iso_times_mean_the_same_on_both_sides(env):
         if (g["n_6h"], g["qty_6h"], g["cat_6h"]) != (w["n_6h"], w["qty_6h"], w["cat_6h"])
     ]
     assert not bad and sum(w["n_6h"] for w in want) > 200, bad[:3]
+    # ML.PREDICT on the device cannot take the features from the query's rows: a clear error, not the agent's 400
+    with pytest.raises(DeviceError, match="features of view by_uid are among its inputs") as exc:
+        s.sql(
+            "SELECT * FROM ML.PREDICT(MODEL by_uid_model, (SELECT * FROM ML.FEATURES_AT(by_uid, "
+            "(SELECT uid, at FROM int_probes))), STRUCT('phone' AS device))"
+        )
+    assert "ML.FEATURES_AT" in exc.value.hint

@@ -328,6 +328,15 @@ def remote_outputs(dev: Device, model_name: str, version: int | None, data: pa.T
             info = c.model(model_name)
         except Exception as exc:
             raise wrap(exc, f"Device '{dev.name}' cannot serve model {model_name}") from None
+        if info.get("feature_views"):  # its inputs are filled in from the device's own events, not sent
+            raise DeviceError(
+                f"ML.PREDICT on device '{dev.name}' cannot run {model_name}: features of view "
+                f"{', '.join(info['feature_views'])} are among its inputs, and the device fills them in from the "
+                "events it was sent, as of each request's time, not from the query's rows",
+                hint="Compare offline with ML.PREDICT(MODEL m, (SELECT * FROM ML.FEATURES_AT(view, probes))) and ask "
+                "the device as the app does: POST /v1/models/NAME/predict with the key column and \"at\" "
+                "(docs/DEVICE.md, Feature views on the device).",
+            )
         inputs = info.get("inputs") or []
         for a in range(0, max(data.num_rows, 1), PREDICT_BATCH):
             part = data.slice(a, PREDICT_BATCH)
