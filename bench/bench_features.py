@@ -179,6 +179,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3_000)
     a = ap.parse_args()
     load_before = os.getloadavg()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-features-") as d:
         tmp = Path(d)
         kp = load_or_create_keypair(tmp / "keys")
@@ -217,13 +218,23 @@ def main() -> int:
                   "bytes_per_key": round(m["state_bytes"] / max(1, m["keys"])),
                   "bytes_per_event": round(m["state_bytes"] / max(1, m["rows"]), 1), "log_bytes": m["log_bytes"]},
         "features_at": features_at_figure(),
+        "bench_seconds": None,
         "load_avg_before": [round(x, 2) for x in load_before], "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
         "command": "python bench/bench_features.py " + " ".join(sys.argv[1:]),
     }
+    res["bench_seconds"] = round(time.perf_counter() - started, 1)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1))
+    fa = res["features_at"] or {}
+    print(f"\nThe four figures (issue 25), one run of {res['bench_seconds']:.0f} s, load average before "
+          f"{res['load_avg_before']}, after {res['load_avg_after']}:\n"
+          f"  ingest: {res['ingest']['json_rows_batches_of_1000']['events_per_s']:,} events/s (JSON rows), "
+          f"{res['ingest']['binary_columns_batches_of_10000']['events_per_s']:,} events/s (binary columns); goal 50,000\n"
+          f"  predict p50 added by filling {len(FEATURES)} features in: {lat.get('added_p50_ms')} ms; goal 0.2\n"
+          f"  ML.FEATURES_AT over {fa.get('events', 0):,} events: {fa.get('ratio')}x the hand-written DuckDB SQL; goal 1.1\n"
+          f"  state: {res['state']['bytes_per_key']:,} bytes per key")
     return 0
 
 

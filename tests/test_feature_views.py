@@ -303,6 +303,12 @@ W1 = "OVER (PARTITION BY user_id ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECE
             "is longer than the view's ttl (7 days)",
             "INTERVAL",
         ),
+        (  # the device's arithmetic takes numbers only (DuckDB's + refuses a BOOLEAN too)
+            f"SELECT user_id, sum((kind = 'click') + 1) {W1} AS c FROM app_events",
+            FeatureViewError,
+            "'+' of a bool value",
+            "kind = 'click')",
+        ),
         (
             f"SELECT user_id, sum(prices) {W1} AS c FROM app_events",
             UnknownColumnError,
@@ -540,3 +546,32 @@ def test_a_time_column_that_is_not_a_timestamp_is_refused_at_its_option(ws):
         ws.sql(sql)
     sp = exc.value.span(sql)
     assert sql.split("\n")[sp.line - 1][sp.column - 1 :].startswith("'seq'")
+
+
+def test_a_boolean_key_is_refused_at_create(session):
+    """The device keys its state by a whole number or a string: a BOOLEAN key would install nowhere."""
+    session.sql(
+        "CREATE TABLE flags AS SELECT i % 2 = 0 AS flag, TIMESTAMP '2024-01-01' AS ts FROM range(4) t(i)"
+    )
+    with pytest.raises(MLSQLError, match="Option key = 'flag': the column is bool") as exc:
+        session.sql(
+            "CREATE FEATURE VIEW f OPTIONS (key = 'flag', time_col = 'ts', ttl = '1 day') AS SELECT count(*) OVER "
+            "(PARTITION BY flag ORDER BY ts RANGE BETWEEN INTERVAL 1 HOUR PRECEDING AND CURRENT ROW) AS n FROM flags"
+        )
+    assert "whole number or a string" in exc.value.hint
+    assert session.sql("SHOW FEATURE VIEWS").table.num_rows == 0
+
+
+def test_the_docs_state_the_window_semantics_in_the_same_words():
+    """docs/LANGUAGE.md (the SQL side) and docs/DEVICE.md (the agent) hold one text of the semantics."""
+    from pathlib import Path
+
+    docs = Path(__file__).resolve().parent.parent / "docs"
+
+    def block(name: str) -> str:
+        text = (docs / name).read_text()
+        begin = text.index("<!-- feature-view-semantics:begin")
+        return text[begin : text.index("<!-- feature-view-semantics:end -->", begin)]
+
+    assert block("LANGUAGE.md") == block("DEVICE.md")
+    assert "least(count(DISTINCT x), max_distinct)" in block("DEVICE.md")

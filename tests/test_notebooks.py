@@ -303,3 +303,26 @@ def test_experiment_notebook(tmp_path):
     assert "not promoting m@2: accuracy delta -0.0" in next(t for s, t in text.items() if "error('not promoting" in s)
     shown = next(t for s, t in text.items() if "STOP EXPERIMENT ab" in s)
     assert "stopped" in shown and "m@2 (0.5)" in shown
+
+
+@pytest.mark.slow
+def test_device_features_notebook(tmp_path):
+    """10_device_features: a feature view in SQL, trained on with ML.FEATURES_AT, deployed with its
+    model to a real agent; events replayed to it; the agent's features and predictions equal the
+    notebook's at every probe (the notebook asserts the mismatch count is 0), in a table and a plot."""
+    nb = execute("10_device_features.ipynb", tmp_path)
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors, errors
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    text = {c.source: outputs_text(c) for c in code}
+    deployed = next(t for s, t in text.items() if "DEPLOY MODEL next_purchases" in s)
+    assert "next_purchases" in deployed and "phone-10" in deployed
+    replay = next(t for s, t in text.items() if "def ask(" in s)
+    assert "asked 300 probes" in replay
+    summary = next(c for c in code if "total_mismatches" in c.source)
+    table = outputs_text(summary)
+    assert "last_category" in table and "predicted" in table
+    plot = next(c for c in code if "plt.subplots" in c.source)
+    assert any("image/png" in o.get("data", {}) for o in plot.outputs)  # the plot was drawn
+    metrics = next(t for s, t in text.items() if "phone.metrics()" in s)
+    assert "'events': " in metrics and "'keys': " in metrics

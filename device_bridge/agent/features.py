@@ -8,7 +8,9 @@ Window semantics (identical to the SQL side): the value of a feature with window
 ``at - w <= time_col <= at``, both ends inclusive. ``last`` is the value at the latest time in the
 window, ties at the same time broken by the latest *arrival* (the agent's order of acceptance,
 which offline is the event table's row order); rows whose argument is NULL (or whose FILTER is
-not TRUE) are not in any aggregate.
+not TRUE) are not in any aggregate. ``count_distinct`` is capped at the feature's ``max_distinct``
+(``least(count(DISTINCT x), max_distinct)``, as ``ML.FEATURES_AT`` computes it). The one text of
+these semantics is in docs/DEVICE.md and docs/LANGUAGE.md (kept equal by a test).
 
 State (per view, in memory): **the events still inside the horizon, columnar**, where the horizon
 is the view's longest window plus ``HORIZON_SLACK_US`` (one day) behind the newest event time
@@ -961,8 +963,8 @@ def _one(f: Feature, v, t: np.ndarray):
     n = len(t)
     if f.agg == "count":
         return n, False
-    if f.agg == "count_distinct":
-        return len(np.unique(v)), False
+    if f.agg == "count_distinct":  # capped at max_distinct, like ML.FEATURES_AT (docs/DEVICE.md)
+        return min(len(np.unique(v)), f.max_distinct), False
     if n == 0:
         return _EMPTY.get(f.type, 0), True
     if f.agg == "sum":
@@ -991,7 +993,9 @@ def _aggregate(f: Feature, p: np.ndarray, v, t: np.ndarray, s: np.ndarray, n: in
         ps, vs = p[o], v[o]
         new = np.ones(len(ps), bool)
         new[1:] = (ps[1:] != ps[:-1]) | (vs[1:] != vs[:-1])
-        return np.bincount(ps[new], minlength=n).astype(np.int64), np.zeros(n, bool)
+        distinct = np.bincount(ps[new], minlength=n).astype(np.int64)
+        # capped at max_distinct, like ML.FEATURES_AT's least(count(DISTINCT x), max_distinct)
+        return np.minimum(distinct, f.max_distinct), np.zeros(n, bool)
     if f.agg in ("sum", "avg"):
         if v.dtype.kind == "f":
             total = np.bincount(p, weights=v, minlength=n)

@@ -328,6 +328,15 @@ def remote_outputs(dev: Device, model_name: str, version: int | None, data: pa.T
             info = c.model(model_name)
         except Exception as exc:
             raise wrap(exc, f"Device '{dev.name}' cannot serve model {model_name}") from None
+        if info.get("feature_views"):  # its inputs are filled in from the device's own events, not sent
+            raise DeviceError(
+                f"ML.PREDICT on device '{dev.name}' cannot run {model_name}: features of view "
+                f"{', '.join(info['feature_views'])} are among its inputs, and the device fills them in from the "
+                "events it was sent, as of each request's time, not from the query's rows",
+                hint="Compare offline with ML.PREDICT(MODEL m, (SELECT * FROM ML.FEATURES_AT(view, probes))) and ask "
+                "the device as the app does: POST /v1/models/NAME/predict with the key column and \"at\" "
+                "(docs/DEVICE.md, Feature views on the device).",
+            )
         inputs = info.get("inputs") or []
         for a in range(0, max(data.num_rows, 1), PREDICT_BATCH):
             part = data.slice(a, PREDICT_BATCH)
@@ -427,11 +436,27 @@ def _sampling_counts(info: dict, m: dict) -> dict:
 FIRST_INFERENCE_ID = "mlsql-deploy-check"  # the request id of DEPLOY's own first prediction
 
 
-def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list[dict]) -> tuple[float, float]:
-    """Round-trip and on-device milliseconds of one single-row prediction right after a deploy."""
+def first_inference(dev: Device, model_name: str, sample: pa.Table, inputs: list[dict],
+                    feature_views: list[dict] | None = None) -> tuple[float, float]:
+    """Round-trip and on-device milliseconds of one single-row prediction right after a deploy. A
+    model trained on ``ML.FEATURES_AT`` is asked as an app asks it: the inputs its ``feature_views``
+    fill in are not sent, each view's key column is (the sample's key, or an empty key: the device
+    then fills in the features of a key with no events)."""
     c = client_for(dev)
     try:
-        cols = columns_for(sample.slice(0, 1), inputs)
+        row = sample.slice(0, 1)
+        if feature_views:
+            filled = {f["name"].lower() for v in feature_views for f in v["features"]}
+            inputs = [i for i in inputs if i["name"].lower() not in filled]
+            have = {n.lower() for n in row.column_names}
+            for v in feature_views:
+                key_type = next(x["type"] for x in v["schema"] if x["name"] == v["key"])
+                if v["key"].lower() not in have:
+                    row = row.append_column(v["key"], pa.array([0 if key_type == "int64" else ""]))
+                    have.add(v["key"].lower())
+                if all(i["name"].lower() != v["key"].lower() for i in inputs):
+                    inputs = [*inputs, {"name": v["key"], "type": "int64" if key_type == "int64" else "string"}]
+        cols = columns_for(row, inputs)
         body = {k: [None if isinstance(x, float) and np.isnan(x) else x for x in arr.tolist()]
                 for k, arr in cols.items()}
         t0 = time.perf_counter()

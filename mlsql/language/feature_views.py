@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlglot import exp
 
-from mlsql.errors import FeatureViewError, OptionError, UnknownColumnError
+from mlsql.errors import FeatureViewError, MLSQLError, OptionError, UnknownColumnError
 from mlsql.language.positions import extent
 
 FORMAT = 1
@@ -65,6 +65,8 @@ def spec_type(arrow_type: str) -> str | None:
 
 
 class _Compiler:
+    inside = "inside a feature"  # where an expression is, in a refusal
+
     def __init__(self, name: str, options: dict, schema: list[tuple[str, str]], sql: str, start: int):
         self.name, self.options, self.sql, self.start = name, options, sql, start
         self.types = {n.lower(): spec_type(t) for n, t in schema}
@@ -202,11 +204,11 @@ class _Compiler:
                 f"Option time_col = '{self.time_col}': the column is {tt}, not a TIMESTAMP",
                 "A feature view's windows are time ranges over a TIMESTAMP column.",
             )
-        if self.types[self.key.lower()] not in ("int64", "string", "bool"):
+        if self.types[self.key.lower()] not in ("int64", "string"):  # what the agent keys its state by
             self.option_error(
                 "key",
                 f"Option key = '{self.key}': the column is {self.raw_types[self.key.lower()]}",
-                "A key is a whole number, a string or a boolean.",
+                "A key is a whole number or a string (the device keys its state by one of these).",
             )
 
     @staticmethod
@@ -453,7 +455,7 @@ class _Compiler:
             args = [self.expr(node.this), self.expr(node.expression)]
             if op in ("+", "-", "*", "/"):
                 for a, side in zip(args, (node.this, node.expression)):
-                    if self.type_of(a) not in NUMERIC + (None, "bool"):
+                    if self.type_of(a) not in NUMERIC + (None,):  # the agent's arithmetic: numbers only
                         self.refuse(f"'{op}' of a {self.type_of(a)} value", side)
             return {"op": op, "args": args}
         if isinstance(node, exp.Not):
@@ -503,7 +505,7 @@ class _Compiler:
         if isinstance(node, exp.Anonymous):
             what = str(node.this)
         self.refuse(
-            f"{what.lower()}(...) is not supported inside a feature: a device evaluates + - * /, "
+            f"{what.lower()}(...) is not supported {self.inside}: a device evaluates + - * /, "
             "comparisons, AND/OR/NOT, IS [NOT] NULL, IN, COALESCE and CASE",
             node,
             hint=None,
@@ -575,6 +577,41 @@ def compile_view(
     spec = _Compiler(name, options, schema, sql, start).compile(query, table)
     spec["sql"] = sql
     return spec
+
+
+class _Condition(_Compiler):
+    """A condition with no table at hand (DEPLOY's trigger ``when_sql``): the same expressions as a
+    feature's, its columns taken by name; the agent checks them against its view's schema."""
+
+    inside = "in a trigger condition"
+
+    def __init__(self, sql: str, what: str):
+        self.sql, self.start, self.what = sql, 0, what
+
+    def column(self, node: exp.Column) -> dict:
+        if node.table:
+            self.refuse(f"names {node.sql()}: use the event table's columns, unqualified", node)
+        return {"col": node.name}
+
+    def type_of(self, e: dict | None) -> str | None:
+        return None  # no schema here: the agent types the tree against the view's
+
+    def refuse(self, message: str, node=None, word: str | None = None, *, before: bool = False, hint=None):
+        where = f" ({node.sql()!r} in {self.sql!r})" if node is not None else f" (in {self.sql!r})"
+        raise MLSQLError(f"{self.what}: {message}{where}", hint=hint)
+
+
+def compile_condition(sql: str, what: str) -> dict:
+    """A SQL condition (``kind = 'purchase' AND price > 5``) as the contract's expression tree, the
+    way a feature's FILTER is compiled; ``what`` names it in an error (``Option trigger: when_sql``)."""
+    import sqlglot
+    from sqlglot.errors import ParseError
+
+    try:
+        tree = sqlglot.parse_one(sql, read="duckdb", into=exp.Condition)
+    except ParseError as exc:
+        raise MLSQLError(f"{what} {sql!r} is not a SQL condition: {str(exc).splitlines()[0]}") from None
+    return _Condition(sql, what).expr(tree)
 
 
 def event_table(query: exp.Expression) -> exp.Table | None:

@@ -166,7 +166,8 @@ def deploy_device(s: SessionState, step: P.DeviceStep) -> Result:
             sample = sample_rows(s, lm, 1)
         else:  # an import without example rows: a row of its calibration query
             sample = s.engine.query(f"SELECT * FROM ({calibration_sql(opts)}) AS t LIMIT 1")
-        rtt, on_device = D.first_inference(dev, lm.version.name, sample, result.inputs)
+        rtt, on_device = D.first_inference(dev, lm.version.name, sample, result.inputs,
+                                            lm.meta.get("feature_views"))
     except MLSQLError:
         raise
     except Exception as exc:
