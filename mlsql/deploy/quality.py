@@ -4,11 +4,16 @@ STRUCT('accuracy' AS metric, 0.02 AS drop), min_outcomes = 500)``.
 After a wave's other gates passed, the gate reads the group's device data from its hub (samples
 joined with their latest outcomes, as ``ML.DEVICE_DATA`` does) until the new version has
 ``min_outcomes`` labelled rows on the wave's devices and the previous version has as many on the
-group (rows predicted from a day before the wave on), or the wave's time (``wave_timeout_s``) is up. The wave passes
-when the new version's online metric is no worse than the previous version's by more than
-``drop`` (accuracy: lower by at most ``drop``; error_rate, log_loss, errors: higher by at most
-``drop``). Otherwise the rollout stops and the wave is rolled back (device_bridge/rollout.py);
-the reason names the metric, both values and both counts.
+group (rows predicted from a day before the wave on), or the wave's time (``wave_timeout_s``) is up. The wave stops
+when the new version's online metric is worse than the previous version's by more than ``drop``
+(accuracy: lower; error_rate, log_loss, errors: higher) **with 95 % confidence**: the lower end of
+the one-sided 95 % interval of the difference, ``worse_by - 1.645 * se``, is over ``drop``, where
+``se`` is the standard error of the difference of two means of per-row values (for a proportion,
+the two-proportion z test's unpooled error). The two versions are measured on different requests,
+so their point values differ by sampling noise alone: at 500 outcomes each, an accuracy near 0.88
+moves by about 0.02 between two equally good versions, and a bare ``worse_by > drop`` would stop
+one good rollout in six. Otherwise the rollout stops and the wave is rolled back
+(device_bridge/rollout.py); the reason names the metric, both values, the margin and both counts.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from mlsql.deploy.data import _concat, _hub_rows, shape
 
 MAX_ROWS = 1_000_000
 POLL_S = 0.5
+Z_ONE_SIDED_95 = 1.6448536269514722  # scipy.stats.norm.ppf(0.95), written out: no scipy import here
 PREVIOUS_WINDOW_S = 86_400  # the previous version's rows of the last day before the wave count
 
 
@@ -84,15 +90,19 @@ def online_metric_gate(group, lm_new, load_version, gate: dict, min_outcomes: in
                 ],
                 out,
             )
-        new_v = float(np.mean(row_observations(new_t, lm_new.label, lm_new.model.classes)[metric]))
-        old_v = float(np.mean(row_observations(old_t, lm_prev.label, lm_prev.model.classes)[metric]))
+        new_x = np.asarray(row_observations(new_t, lm_new.label, lm_new.model.classes)[metric], dtype=np.float64)
+        old_x = np.asarray(row_observations(old_t, lm_prev.label, lm_prev.model.classes)[metric], dtype=np.float64)
+        new_v, old_v = float(new_x.mean()), float(old_x.mean())
         worse = new_v - old_v if metric in LOWER_IS_BETTER else old_v - new_v
-        out.update(value=new_v, previous_value=old_v, worse_by=worse)
-        if worse > drop:
+        se = float(np.sqrt(new_x.var() / n_new + old_x.var() / n_old))
+        margin = Z_ONE_SIDED_95 * se
+        out.update(value=new_v, previous_value=old_v, worse_by=worse, se=se, worse_by_at_least=worse - margin)
+        if worse - margin > drop:
             return (
                 [
                     f"online {metric} of version {version} is {new_v:.4f} (n = {n_new}), {worse:.4f} worse than "
-                    f"version {previous}'s {old_v:.4f} (n = {n_old}): over max_metric_drop {drop:g}"
+                    f"version {previous}'s {old_v:.4f} (n = {n_old}); at least {worse - margin:.4f} worse with 95 % "
+                    f"confidence: over max_metric_drop {drop:g}"
                 ],
                 out,
             )
