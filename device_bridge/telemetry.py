@@ -294,11 +294,19 @@ class VersionTelemetry:
 
     def fold(self) -> None:
         """Fold the queued requests into the counters, the latency histogram and the column statistics."""
+        # fold runs on the fold thread and on a /v1/metrics snapshot at once: another fold may have
+        # taken some of what len() counted, so each side takes what is still there (deque.popleft is
+        # atomic), never more
         done = self._done
-        n = len(done)
+        items = []
+        pop = done.popleft
+        for _ in range(len(done)):
+            try:
+                items.append(pop())
+            except IndexError:
+                break
+        n = len(items)
         if n:
-            pop = done.popleft
-            items = [pop() for _ in range(n)]
             arr = np.asarray(items, dtype=np.float64)
             secs = arr[:, 0].astype(np.int64)
             uniq, inv = np.unique(secs, return_inverse=True)
@@ -312,10 +320,9 @@ class VersionTelemetry:
                 for sec, q, r in zip(uniq.tolist(), per_req.tolist(), per_rows.tolist()):
                     self._tick(int(r), int(sec), int(q))
         todo = self._todo
-        k = len(todo)
-        if k:
-            with self.stats_lock:
-                for _ in range(k):
+        if todo:
+            with self.stats_lock:  # counted under the lock that every taker holds
+                for _ in range(len(todo)):
                     columns, rows, nbytes = todo.popleft()
                     self._todo_bytes -= nbytes
                     if rows <= FOLD_CHUNK_ROWS:
