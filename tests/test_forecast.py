@@ -48,7 +48,9 @@ def by_hand(counts):
         train = dates < np.datetime64("2013-12-01")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            m = MSTL(season_length=[7], trend_forecaster=AutoARIMA(season_length=1, max_order=5, max_p=5, max_q=5))
+            m = MSTL(season_length=[7], trend_forecaster=AutoARIMA(
+                season_length=1, max_order=5, max_p=5, max_q=5,
+                approximation=True))  # 334 points > 150: MLSQL searches by CSS, as R's auto.arima
             m.fit(n[train])
         fits[origin] = m
     return fits
