@@ -43,6 +43,10 @@ ML_FUNCTIONS: dict[str, tuple[str, str]] = {
                          "anomaly when its score passes the training rows' (1 - contamination) quantile. arima_plus: "
                          "the history (no input) or new rows with is_anomaly, lower_bound, upper_bound, "
                          "anomaly_probability (above anomaly_prob_threshold)."),
+    "GENERATE_EMBEDDING": ("ML.GENERATE_EMBEDDING(MODEL m, TABLE t | (query))",
+                           "A pca model's embedding of each row: ml_generate_embedding_result, an ARRAY<DOUBLE> of "
+                           "its k principal components (ML.PREDICT's principal_component_1..k as one column), "
+                           "then the input columns."),
     "PRINCIPAL_COMPONENTS": ("ML.PRINCIPAL_COMPONENTS(MODEL m)",
                              "A pca model's components: principal_component_id, feature, numerical_value "
                              "(numbers), categorical_value (strings: category, value)."),

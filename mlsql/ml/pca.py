@@ -149,6 +149,18 @@ def predictions_of(P: np.ndarray) -> pa.Table:
     return pa.table({name: pa.array(P[:, i], pa.float64()) for i, name in enumerate(column_names(P.shape[1]))})
 
 
+EMBEDDING_SCHEMA = pa.schema([("ml_generate_embedding_result", pa.list_(pa.float64()))])
+
+
+def embeddings(est: PCAEstimator, X) -> pa.Table:
+    """ML.GENERATE_EMBEDDING's column: each row's projection as one ARRAY<DOUBLE> of k values (the
+    same numbers as ML.PREDICT's principal_component_1 … k), built from the matrix without a row loop."""
+    P = np.ascontiguousarray(est.transform(X), dtype=np.float64)
+    n, k = P.shape
+    offsets = pa.array(np.arange(0, (n + 1) * k, k, dtype=np.int32))
+    return pa.table([pa.ListArray.from_arrays(offsets, pa.array(P.ravel()))], schema=EMBEDDING_SCHEMA)
+
+
 def evaluation(est: PCAEstimator, X=None) -> M.Evaluation:
     """ML.EVALUATE's total_explained_variance_ratio: of the training rows (``X`` None), or the share of
     these rows' variance (about the training mean, standardized) that the components keep."""

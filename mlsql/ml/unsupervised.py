@@ -36,6 +36,8 @@ class UnsupervisedModel(TrainedModel):
         return self.module.detect_anomalies(self.estimator, self.encode(features), contamination)
 
     def prediction_schema(self, func: str = "PREDICT") -> pa.Schema:
+        if func == "GENERATE_EMBEDDING":
+            return P.EMBEDDING_SCHEMA
         return self.module.ANOMALY_SCHEMA if func == "DETECT_ANOMALIES" else self._prediction_schema()
 
     def _prediction_schema(self) -> pa.Schema:
@@ -110,6 +112,9 @@ class PCAModel(UnsupervisedModel):
     def predictions_from_outputs(self, outs: dict) -> pa.Table:
         """ML.PREDICT's columns from the exported graph's outputs (a device's answer)."""
         return P.predictions_of(np.asarray(outs["principal_components"]).reshape(-1, len(self.estimator.components)))
+
+    def generate_embedding(self, features: pa.Table) -> pa.Table:
+        return P.embeddings(self.estimator, self.encode(features))
 
     def components(self) -> pa.Table:
         return P.components_table(self.estimator, self.features)

@@ -253,6 +253,8 @@ def test_kmeans_evaluate_and_anomalies_by_hand(backend, raw):
 
     with pytest.raises(MLSQLError, match="ML.EXPLAIN_PREDICT is not available for kmeans models"):
         backend.sql(f"SELECT * FROM ML.EXPLAIN_PREDICT(MODEL {name}, ({q}))")
+    with pytest.raises(MLSQLError, match="ML.GENERATE_EMBEDDING is available for pca models, not kmeans"):
+        backend.sql(f"SELECT * FROM ML.GENERATE_EMBEDDING(MODEL {name}, ({q}))")
 
 
 # -- PCA -----------------------------------------------------------------------------------------
@@ -291,6 +293,12 @@ def test_pca_is_sklearns_pca(backend, raw):
                        f"FROM ML.PREDICT(MODEL {name}, ({q}))").table
     P = np.column_stack([pred.column(i).to_pylist() for i in range(3)])
     assert np.abs(P - sk.transform(Z)).max() < 1e-6
+    # the embedding: the same projection as one ARRAY<DOUBLE> per row, then the input columns
+    emb = backend.sql(f"SELECT * FROM ML.GENERATE_EMBEDDING(MODEL {name}, ({q}))").table
+    assert emb.column_names[0] == "ml_generate_embedding_result" and emb.num_rows == rows.num_rows
+    assert emb.column_names[1:] == rows.column_names
+    E = np.array(emb.column(0).to_pylist())
+    assert E.shape == (rows.num_rows, 3) and np.abs(E - sk.transform(Z)).max() < 1e-6
 
 
 def test_unsupervised_exports_pass_parity(backend):

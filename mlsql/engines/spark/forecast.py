@@ -25,7 +25,9 @@ def _fit_group(ts_col: str, data_col: str, id_cols: list[str], cfg: dict, table)
     """One series (all its rows, one Arrow table) → one row: its key and fit, pickled."""
     import pyarrow as pa
 
-    from mlsql.ml.forecast import ForecastConfig, _timestamps, _values, fit_group
+    from mlsql.ml.forecast import ForecastConfig, _timestamps, _values, fit_group, one_thread_per_worker
+
+    one_thread_per_worker()  # a Python worker per task slot, each fitting its series
 
     key = tuple(table.column(c)[0].as_py() for c in id_cols)
     if any(k is None for k in key):

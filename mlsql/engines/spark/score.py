@@ -161,8 +161,8 @@ def _score_batches(blob, func, where, head, keep, kw, batches):
         if batch.num_rows == 0:
             continue
         feats = _inputs(batch, where)
-        run = {"EXPLAIN_PREDICT": model.explain_predict, "DETECT_ANOMALIES": model.detect_anomalies}.get(
-            func, model.predict)
+        run = {"EXPLAIN_PREDICT": model.explain_predict, "DETECT_ANOMALIES": model.detect_anomalies,
+               "GENERATE_EMBEDDING": getattr(model, "generate_embedding", None)}.get(func, model.predict)
         got = run(feats, **kw)
         arrays = [got.column(f.name).cast(f.type) for f in head]
         names = list(head.names) + keep

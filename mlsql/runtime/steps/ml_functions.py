@@ -299,6 +299,15 @@ def _detect_anomalies(c: Call):
     return model.detect_anomalies(None, 0.0)  # says which model types it takes
 
 
+def _generate_embedding(c: Call):
+    """ML.GENERATE_EMBEDDING of a pca model: each row's principal components as one array (Spark: in
+    the executors, as ML.PREDICT)."""
+    model = _unsupervised(c, "pca", "GENERATE_EMBEDDING")
+    if c.scorer is not None:
+        return c.scorer.predict(c.s.engine, c.lm, c.rows(), "GENERATE_EMBEDDING", c.settings)
+    return _hconcat(model.generate_embedding(c.features(need_label=False)), c.data)
+
+
 def _device_metrics(c: Call):
     from mlsql.deploy.remote import metrics_table
 
@@ -420,6 +429,7 @@ ML_FUNCTIONS: dict[str, MLFunctionSpec] = {
     "CENTROIDS": MLFunctionSpec(lambda c: _unsupervised(c, "kmeans", "CENTROIDS").centroids(
         standardize=bool(c.settings.get("standardize")))),
     "DETECT_ANOMALIES": MLFunctionSpec(_detect_anomalies, scores=True, in_executors=True),
+    "GENERATE_EMBEDDING": MLFunctionSpec(_generate_embedding, scores=True, in_executors=True),
     "PRINCIPAL_COMPONENTS": MLFunctionSpec(lambda c: _unsupervised(c, "pca", "PRINCIPAL_COMPONENTS").components()),
     "PRINCIPAL_COMPONENT_INFO": MLFunctionSpec(
         lambda c: _unsupervised(c, "pca", "PRINCIPAL_COMPONENT_INFO").component_info()),
