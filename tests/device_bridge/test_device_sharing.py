@@ -407,6 +407,23 @@ def test_ipc_messages_round_trip_arrays_of_every_kind():
     a.close()
     with pytest.raises(ipc.Closed):
         ipc.recv(b)
+    # the same messages through Frames (how the event loop and a worker read a socket: whatever one
+    # read gave), whole, and cut at every few bytes (inside prefixes, headers and arrays)
+    small = b"".join(bytes(p) for p in ipc.pack({"id": 1, "op": "run"}, arrays))
+    stream = small + b"".join(bytes(p) for p in ipc.pack({"id": 2}, {"big": big})) + small
+    for data, step in ((stream, len(stream)), (stream, 65536), (stream, 300_001), (small * 3, 7), (small * 3, 1)):
+        frames, msgs = ipc.Frames(), []
+        for i in range(0, len(data), step):
+            msgs += frames.feed(data[i:i + step])
+        assert [h for h, _ in msgs] == ([{"id": 1, "op": "run"}, {"id": 2}, {"id": 1, "op": "run"}]
+                                        if data is stream else [{"id": 1, "op": "run"}] * 3)
+        for h, got in msgs:
+            if h["id"] == 2:
+                assert np.array_equal(got["big"], big)
+            else:
+                assert got["s"].tolist() == ["paris", "", "zürich"]
+                assert all(np.array_equal(got[k], arrays[k]) for k in ("f", "i", "e", "b"))
+        assert not frames.buf  # nothing left over
 
 
 def test_the_hubs_desired_deploy_settings_reach_the_agent(tmp_path, keys):
