@@ -99,6 +99,9 @@ class Agent:
     def stop(self):
         self.p.kill()
         self.p.wait()
+        from device_bridge.agent.memlimit import sweep_dead
+
+        sweep_dead(wait_s=5.0)  # its workers' memory cgroups, once they are gone (memlimit.py)
 
 
 def pct(xs, q):

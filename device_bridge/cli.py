@@ -72,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--memory-budget-mb", type=int, default=None,
                    help="the device's total for the active versions' memory_mb: an install or activation past it "
                         "is refused (409 memory_budget); default: no total")
+    s.add_argument("--memory-limit", choices=["auto", "cgroup", "rlimit"], default=os.environ.get(
+                       "MLSQL_DEVICE_MEMORY_LIMIT", "auto"),
+                   help="how a worker process's memory_mb is enforced: auto (default; its own memory cgroup where "
+                        "the agent may create one, else RLIMIT_AS), cgroup (refuse to start without one), rlimit "
+                        "(RLIMIT_AS); or $MLSQL_DEVICE_MEMORY_LIMIT")
     s.add_argument("--open-reads", action="store_true",
                    help="serve info, metrics, events and predict without the token (default: token required; "
                         "health is always open)")
@@ -192,6 +197,7 @@ def serve(args) -> int:
     from device_bridge.agent.app import create_app
     from device_bridge.agent.core import AgentConfig, AgentCore, StoreError
     from device_bridge.agent.hubsync import HubSync
+    from device_bridge.agent.memlimit import Unavailable as MemoryLimitUnavailable
     from device_bridge.agent.storelock import StoreInUse, claim
 
     if not args.token:
@@ -244,12 +250,12 @@ def serve(args) -> int:
             hub_token=args.hub_token, available_providers=fake, ort_threads=args.ort_threads,
             cores=args.cores, priorities=args.priorities == "on", batch_nice=args.batch_nice,
             batch_cpu=args.batch_cpu, realtime_reserve=args.realtime_reserve,
-            memory_budget_mb=args.memory_budget_mb)
+            memory_budget_mb=args.memory_budget_mb, memory_limit=args.memory_limit)
         port = args.port if args.devices <= 1 or args.port == 0 else args.port + i
         try:
             claims.append(claim(store, name, port or None))  # held until this process ends
             core = AgentCore(cfg)
-        except (StoreError, StoreInUse) as exc:
+        except (StoreError, StoreInUse, MemoryLimitUnavailable) as exc:
             print(f"mlsql-device: {exc}", file=sys.stderr)
             return 2
         sock = _bind(args.host, port)

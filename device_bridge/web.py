@@ -401,7 +401,10 @@ def server_config(app, *, tls_cert=None, tls_key=None, request_timeout: float = 
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     except ImportError:  # httptools not installed
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
+    # no X-Forwarded-* middleware (nothing here reads a client's address: it was a coroutine layer and
+    # a header scan on every request) and no "server: uvicorn" header (two regex checks per answer)
     return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                          proxy_headers=False, server_header=False,
                           ssl_certfile=tls_cert, ssl_keyfile=tls_key,
                           http=_guarded(base, request_timeout),
                           timeout_keep_alive=max(1, int(request_timeout)),

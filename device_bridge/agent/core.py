@@ -40,6 +40,7 @@ from device_bridge import urls
 from device_bridge.agent import deploy as deploy_mod
 from device_bridge.agent import features as feat_mod
 from device_bridge.agent import inputs as inp
+from device_bridge.agent import memlimit
 from device_bridge.agent.deploy import DeploySettings
 from device_bridge.agent.sampling import DB_FILE as SAMPLES_DB
 from device_bridge.agent.sampling import SampleSpec, SampleStore, spec_for
@@ -98,6 +99,9 @@ class AgentConfig:
     # cores it would halve batch throughput)
     realtime_reserve: int | None = None
     realtime_window_ms: int = 1000  # ... for this long after the last realtime request
+    # how a worker's memory_mb is enforced (memlimit.py): auto (a cgroup where the agent may make one,
+    # else RLIMIT_AS), cgroup (refuse to start without one), rlimit (RLIMIT_AS)
+    memory_limit: str = "auto"
 
 
 @dataclass
@@ -168,6 +172,7 @@ class AgentCore:
         self.reserve = CoreReserve(self._realtime_reserve() if config.priorities else 0,
                                    config.realtime_window_ms / 1000.0, self._batch_workers)
         self.telemetry = Telemetry(secret=self._secret())
+        self.memory_limits = memlimit.detect(config.memory_limit)  # memlimit.Unavailable: refused
         self.loaded: dict[tuple[str, int], LoadedVersion] = {}
         self.background: dict[str, dict] = {}  # background loop -> last ok / last error
         self.unaccounted: list[str] = []
@@ -439,7 +444,8 @@ class AgentCore:
                 name=name, version=version, folder=folder, model_path=model_path, preference=plan.preference,
                 available=plan.available, candidates=plan.candidates, strict=plan.strict, threads=threads,
                 concurrency=settings.max_concurrency, memory_mb=settings.memory_mb,
-                nice=self.class_cpu(settings)[1], cpu_policy=self.class_cpu(settings)[0], profile=fresh),
+                nice=self.class_cpu(settings)[1], cpu_policy=self.class_cpu(settings)[0], profile=fresh,
+                limits=self.memory_limits),
                 self._worker_event(name, version), self.loop)
             if settings.priority == "batch":
                 worker.cpus = self.reserve.confine()
@@ -623,6 +629,7 @@ class AgentCore:
                           "intra_op_threads": {c: self.class_threads(DeploySettings(**deploy_mod.class_defaults(c, self.cores)))
                                                for c in deploy_mod.PRIORITIES}},
             "memory_budget_mb": self.config.memory_budget_mb, "memory_committed_mb": self.memory_committed_mb(),
+            "memory_limit": self.memory_limits.describe(),
         }
 
     def status(self) -> dict:

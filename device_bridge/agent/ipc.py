@@ -150,9 +150,28 @@ class Frames:
         self.loads = loads
 
     def feed(self, data: bytes) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
-        buf = self.buf
-        buf += data
         out = []
+        buf = self.buf
+        if not buf:
+            # nothing left over (the usual case): the whole messages at the start of ``data`` are each
+            # copied once, into their own buffer, not appended to ``buf`` and copied out again (three
+            # copies of a batch: 50 us for a 4,096-row one, on the event loop for a worker's answer)
+            data = memoryview(data)
+            n = len(data)
+            pos = 0
+            while n - pos >= PREFIX.size:
+                hlen, dlen = PREFIX.unpack_from(data, pos)
+                if hlen + dlen > MAX_MESSAGE:
+                    raise Closed(f"message of {hlen + dlen} bytes: the stream is out of step")
+                end = pos + PREFIX.size + hlen + dlen
+                if end > n:
+                    break
+                out.append(_decode(bytearray(data[pos + PREFIX.size:end]), hlen, self.loads))
+                pos = end
+            if pos < n:
+                buf += data[pos:]
+            return out
+        buf += data
         while len(buf) >= PREFIX.size:
             hlen, dlen = PREFIX.unpack_from(buf, 0)
             if hlen + dlen > MAX_MESSAGE:
@@ -160,7 +179,7 @@ class Frames:
             end = PREFIX.size + hlen + dlen
             if len(buf) < end:
                 break
-            msg = bytearray(buf[PREFIX.size:end])  # its own buffer: the arrays view it
+            msg = buf[PREFIX.size:end]  # a bytearray of its own (one copy): the arrays view it
             del buf[:end]
             out.append(_decode(msg, hlen, self.loads))
         return out

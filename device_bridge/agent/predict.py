@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import os
 import random
@@ -61,6 +62,11 @@ OVERRUN_MIN_S = 1.0        # a worker whose run is still going max(this, 4 x tim
 _JSON = b"application/json"
 MAX_REQUEST_ID = 128       # characters of one request id (a caller's)
 MAX_REQUEST_PREFIX = 120   # characters of a caller's X-Request-Ids prefix (ids are <prefix>-<row>)
+# generated request id prefixes: 16 random hex digits drawn once per process, then a count (16 hex
+# digits): unique, and no getrandom() per request (a system call that lets the interpreter lock go,
+# and so a pool thread in, on the event loop)
+_ID_BASE = os.urandom(8).hex()
+_ID_SEQ = itertools.count()
 
 
 class Answer(NamedTuple):
@@ -268,7 +274,7 @@ class Predictor:
         """The answer, with its request ids; a sampled request's rows go to the sample store here
         (an append of references: the store's writer thread builds and writes the rows)."""
         if ids is None and prefix is None:
-            prefix = os.urandom(16).hex()
+            prefix = f"{_ID_BASE}{next(_ID_SEQ):016x}"
         spec = lv.sampling
         if spec is not None and (spec.rate >= 1.0 or random.random() < spec.rate):
             self.core.samples.offer(spec, time.time(), ms, n, feed, values, jsoned, prefix, ids)

@@ -8,9 +8,13 @@ agent's death (``PR_SET_PDEATHSIG`` on Linux) ends it.
 
 Limits it sets on itself before loading the model:
 
-- memory (POSIX): ``RLIMIT_AS`` = the address space it has with numpy and onnxruntime imported,
-  plus ``memory_mb``, plus 8 MB per thread (stacks). An allocation beyond fails; the worker answers
-  that request with kind ``memory`` and exits (status 75), and the agent starts a fresh one;
+- memory, where the agent gave it a cgroup (memlimit.py): it moves itself into it first thing, and
+  once numpy and onnxruntime are imported sets the cgroup's limit to what it holds then plus
+  ``memory_mb``; past it the kernel stops it (SIGKILL), and the agent says why;
+- memory otherwise (POSIX): ``RLIMIT_AS`` = the address space it has with numpy and onnxruntime
+  imported, plus ``memory_mb``, plus 8 MB per thread (stacks). An allocation beyond fails; the
+  worker answers that request with kind ``memory`` and exits (status 75), and the agent starts a
+  fresh one;
 - CPU priority: ``nice`` (batch-class workers, when the agent runs with priorities on), so that the
   kernel gives realtime work the cores first.
 
@@ -316,6 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = json.loads((argv or sys.argv[1:])[0])
     _die_with_parent()
     sock = socket.socket(fileno=int(cfg["fd"]))
+    cgroup = cfg.get("cgroup")
+    joined = None
+    if cgroup and cfg.get("memory_mb"):
+        from device_bridge.agent import memlimit
+
+        try:
+            memlimit.join(cgroup)  # before anything is mapped: all of it is charged there
+            joined = memlimit
+        except OSError as exc:
+            print(f"worker: cannot join cgroup {cgroup['path']}: {exc}; RLIMIT_AS instead", file=sys.stderr)
     lower_cpu_priority(cfg.get("cpu_policy"), int(cfg.get("nice") or 0))
     import numpy  # noqa: F401 - mapped before the limit is measured
     import onnxruntime  # noqa: F401
@@ -324,7 +338,18 @@ def main(argv: list[str] | None = None) -> int:
 
     threading.stack_size(THREAD_STACK)
     threads = int(cfg["concurrency"]) + max(0, int(cfg["threads"]) - 1) + 2
-    limit = _limit_memory(cfg.get("memory_mb"), threads)
+    limit, memory_limit = None, None
+    if joined is not None:
+        try:
+            memory_limit = {"mechanism": cgroup["mechanism"], "cgroup": cgroup["path"],
+                            "limit_mb": round(joined.limit(cgroup, int(cfg["memory_mb"])), 1)}
+        except (OSError, ValueError) as exc:
+            print(f"worker: cannot set the limit of cgroup {cgroup['path']}: {exc}; RLIMIT_AS instead",
+                  file=sys.stderr)
+    if memory_limit is None:
+        limit = _limit_memory(cfg.get("memory_mb"), threads)
+        if limit is not None:
+            memory_limit = {"mechanism": "rlimit_as", "cgroup": None, "limit_mb": round(limit, 1)}
     try:
         worker = Worker(cfg, sock)
         ready = worker.load()
@@ -333,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         ipc.send(sock, ipc.pack({"op": "failed", "kind": kind, "error": f"{type(exc).__name__}: {exc}"[:500]}))
         return MEMORY_EXIT if kind == "memory" else LOAD_FAILED_EXIT
     ready["limit_mb"] = limit
+    ready["memory_limit"] = memory_limit
     worker.send(ready)
     worker.serve()
     return 0

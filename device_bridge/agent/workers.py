@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from device_bridge.agent import ipc
+from device_bridge.agent.memlimit import Cgroup, MemoryLimits
 from device_bridge.agent.worker import LOAD_FAILED_EXIT, MEMORY_EXIT
 from device_bridge.errors import ApiError
 
@@ -134,12 +135,17 @@ class WorkerSpec:
     nice: int
     cpu_policy: str | None  # "idle" (SCHED_IDLE), "nice", or None: the agent's own priority
     profile: bool       # measure node placement on the first run
+    limits: MemoryLimits | None = None  # how memory_mb is enforced (memlimit.py); None: RLIMIT_AS
 
 
-def describe_exit(status: int | None, memory_mb: int | None) -> tuple[str, str]:
-    """(reason, kind) for a worker's exit status."""
+def describe_exit(status: int | None, memory_mb: int | None, oom_killed: bool = False) -> tuple[str, str]:
+    """(reason, kind) for a worker's exit status; ``oom_killed``: its cgroup counted a kill for its
+    limit since it started."""
     if status is None:
         return "stopped answering", "worker"
+    if oom_killed and status == -signal.SIGKILL:
+        return (f"exceeded its memory budget of {memory_mb} MB (memory_mb) and was stopped by the kernel "
+                "(its cgroup's memory limit)", "memory")
     if status < 0:
         try:
             name = signal.Signals(-status).name
@@ -183,6 +189,8 @@ class WorkerProcess:
         self.kill_reason: tuple[str, str] | None = None
         self.stopping = False
         self.cpus: set[int] | None = None  # the cores its threads may use (None: the agent's own)
+        self.cgroup: Cgroup | None = None  # its memory cgroup (memlimit.py), made at its first start
+        self.oom_base = 0                  # the cgroup's oom_kill count when the process started
 
     @property
     def label(self) -> str:
@@ -201,10 +209,12 @@ class WorkerProcess:
                     sk.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
                 except OSError:
                     pass
+        cg = self._cgroup()
         cfg = {"fd": child.fileno(), "folder": str(s.folder), "model_path": s.model_path,
                "preference": s.preference, "available": s.available, "candidates": s.candidates,
                "strict": s.strict, "threads": s.threads, "concurrency": s.concurrency,
-               "memory_mb": s.memory_mb, "nice": s.nice, "cpu_policy": s.cpu_policy, "profile": s.profile}
+               "memory_mb": s.memory_mb, "nice": s.nice, "cpu_policy": s.cpu_policy, "profile": s.profile,
+               "cgroup": cg.spec() if cg is not None else None}
         env = dict(os.environ)
         # numpy's BLAS threads are not needed (ORT has its own); fewer malloc arenas keep the address
         # space, and so the memory budget, about the model
@@ -216,6 +226,7 @@ class WorkerProcess:
         except OSError as exc:
             parent.close()
             child.close()
+            self._remove_cgroup()
             raise ApiError(503, f"{self.label}: cannot start its worker process: {exc}", "worker") from None
         child.close()
         parent.settimeout(START_TIMEOUT_S)
@@ -228,14 +239,16 @@ class WorkerProcess:
                 proc.kill()
                 status = proc.wait()
             parent.close()
-            reason, kind = describe_exit(status, s.memory_mb) if not isinstance(exc, TimeoutError) else \
-                (f"did not load within {START_TIMEOUT_S:g} s", "load")
+            reason, kind = describe_exit(status, s.memory_mb, self._oom_killed()) \
+                if not isinstance(exc, TimeoutError) else (f"did not load within {START_TIMEOUT_S:g} s", "load")
+            self._remove_cgroup()  # a next start makes a fresh one
             raise ApiError(503 if kind == "worker" else 422, f"{self.label}: its worker process {reason} while "
                                                              "loading the model", kind) from None
         parent.settimeout(None)
         if header.get("op") != "ready":
             proc.wait()
             parent.close()
+            self._remove_cgroup()
             kind = header.get("kind", "load")
             msg = header.get("error", "unknown error")
             if kind == "memory":
@@ -247,6 +260,7 @@ class WorkerProcess:
                 proc.kill()
                 proc.wait()
                 parent.close()
+                self._remove_cgroup()
                 raise ApiError(503, f"{self.label}: its worker process was stopped", "worker")
             self.gen += 1
             gen = self.gen
@@ -264,6 +278,35 @@ class WorkerProcess:
             threading.Thread(target=self._read, args=(gen, proc, parent), name=f"worker-{s.name}-{s.version}",
                              daemon=True).start()
         return header
+
+    def _cgroup(self) -> Cgroup | None:
+        """A fresh memory cgroup for the process about to start (None: RLIMIT_AS). Fresh, not the
+        previous process's: what that one left charged there (its page cache) would count against
+        the new one's baseline."""
+        s = self.spec
+        self._remove_cgroup()  # the previous process's, if one is left: it has been waited for
+        if s.limits is None or not s.memory_mb:
+            return None
+        cg = s.limits.child(s.name, s.version)
+        if cg is None:
+            return None
+        try:
+            cg.create()
+        except OSError as exc:
+            log.warning("%s: cannot create its cgroup %s (%s): RLIMIT_AS instead", self.label, cg.path, exc)
+            return None
+        self.cgroup = cg
+        self.oom_base = cg.oom_kills()
+        return cg
+
+    def _oom_killed(self) -> bool:
+        return self.cgroup is not None and self.cgroup.oom_kills() > self.oom_base
+
+    def _remove_cgroup(self) -> None:
+        """Once no process of it is left (the worker has been waited for)."""
+        cg, self.cgroup = self.cgroup, None
+        if cg is not None:
+            cg.remove()
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """From now on the event loop reads the answers (a reading thread hands over between two)."""
@@ -369,10 +412,11 @@ class WorkerProcess:
             proc.kill()
             status = proc.wait()
         sock.close()
+        oom = self._oom_killed()
         with self.lock:
             if gen != self.gen:
                 return
-            reason, kind = self.kill_reason or describe_exit(status, self.spec.memory_mb)
+            reason, kind = self.kill_reason or describe_exit(status, self.spec.memory_mb, oom)
             pending, self.pending = self.pending, {}
             stopping = self.stopping
             self.state = "stopped" if stopping else "restarting"
@@ -390,6 +434,7 @@ class WorkerProcess:
                 cb({"error": kind, "message": f"{self.label}: its worker process {reason}; restarting"}, {})
             except Exception:  # noqa: BLE001
                 log.exception("%s: answer callback failed", self.label)
+        self._remove_cgroup()  # a restart makes a fresh one
         if stopping:
             return
         log.warning("%s: worker process (pid %s) %s; restarting in %.1f s", self.label, proc.pid, reason, self.backoff)
@@ -455,7 +500,9 @@ class WorkerProcess:
             while self.pending and time.monotonic() < deadline:
                 time.sleep(0.02)
             if proc is not None and proc.poll() is None:
-                proc.kill()
+                proc.kill()  # its reader sees the end and removes its cgroup (_died)
+            else:  # never started, or gone already: nothing will read its end
+                self._remove_cgroup()
 
         if self.pending and grace_s > 0:
             threading.Thread(target=finish, daemon=True).start()
@@ -479,6 +526,7 @@ class WorkerProcess:
         return {"pid": proc.pid if proc is not None and self.state == "ready" else None, "state": self.state,
                 "restarts": self.restarts, "last_exit": dict(self.last_exit) if self.last_exit else None,
                 "rss_mb": self.rss_mb(), "address_space_limit_mb": self.ready.get("limit_mb"),
+                "memory_limit": self.ready.get("memory_limit"),
                 "next_start_in_s": round(max(0.0, self.next_start - time.monotonic()), 3)
                 if self.next_start and self.state == "restarting" else None}
 

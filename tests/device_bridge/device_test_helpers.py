@@ -80,6 +80,7 @@ def trust(store: Path, kp) -> None:
 class Proc:
     def __init__(self, args: list[str], ready: Path, env: dict | None = None, log: Path | None = None):
         self.ready = ready
+        self.args = args
         if ready.exists():
             ready.unlink()
         self.log = log or ready.with_suffix(".log")
@@ -108,6 +109,11 @@ class Proc:
         if self.p.poll() is None:
             self.p.send_signal(sig)
             self.p.wait(10)
+        if self.args and self.args[0] == "serve":
+            # an agent killed leaves its workers' memory cgroups (memlimit.py): removed once they are gone
+            from device_bridge.agent.memlimit import sweep_dead
+
+            sweep_dead(wait_s=5.0)
 
 
 def start_agent(tmp: Path, name: str = "dev", store: Path | None = None, extra: list[str] | None = None,

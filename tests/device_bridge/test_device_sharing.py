@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,8 +207,11 @@ def test_a_worker_that_crashes_is_restarted_and_the_other_models_never_notice(tm
         a.kill()
 
 
-def test_a_model_past_its_memory_budget_is_stopped_with_a_clear_error(tmp_path, keys):
-    a, _ = _agent(tmp_path, keys)
+@pytest.mark.parametrize("limit", ["auto", "rlimit"])
+def test_a_model_past_its_memory_budget_is_stopped_with_a_clear_error(tmp_path, keys, limit):
+    """Under whichever mechanism the machine gives (auto: the worker's own memory cgroup where the
+    agent may make one, else RLIMIT_AS), and under RLIMIT_AS asked for."""
+    a, _ = _agent(tmp_path, keys, ["--memory-limit", limit])
     try:
         c = DeviceClient(a.url, TOKEN, timeout=60)
         c.install(package(keys, 1, name="other"))
@@ -217,6 +221,22 @@ def test_a_model_past_its_memory_budget_is_stopped_with_a_clear_error(tmp_path, 
         assert c.predict("mem", columns={"n": [[1000]]})["outputs"]["y"] == [[1000.0]]
         m = _model_metrics(c, "mem")
         assert m["memory_budget_mb"] == 64 and 0 < m["memory_mb"]
+        info = c.info()
+        mech = info["memory_limit"]["mechanism"]
+        assert mech in (("cgroup_v2", "cgroup_v1", "rlimit_as") if limit == "auto" else ("rlimit_as",))
+        w = info["models"]["mem"]["worker"]
+        # what the worker enforces: its holding with numpy and onnxruntime imported, plus the 64 MB
+        assert w["memory_limit"]["mechanism"] == mech and w["memory_limit"]["limit_mb"] > 64
+        folder = w["memory_limit"]["cgroup"]
+        if mech != "rlimit_as":  # the worker is in a cgroup of its own, whose limit is the one reported
+            assert Path(folder).parent == Path(info["memory_limit"]["cgroup"])
+            assert (Path(folder) / "cgroup.procs").read_text().split() == [str(w["pid"])]
+            limit_file = "memory.max" if mech == "cgroup_v2" else "memory.limit_in_bytes"
+            # the worker rounds the limit it reports to 0.1 MB
+            assert abs(int((Path(folder) / limit_file).read_text()) / 2**20 - w["memory_limit"]["limit_mb"]) <= 0.05
+        else:
+            # the worker rounds the limit it reports to 0.1 MB
+            assert folder is None and round(w["address_space_limit_mb"], 1) == w["memory_limit"]["limit_mb"]
         # 200 MB of float32s, far past 64 MB (and well within what the machine has)
         with pytest.raises(DeviceUnavailableError, match="exceeded its memory budget of 64 MB") as e:
             c.predict("mem", columns={"n": [[50_000_000]]})
@@ -225,7 +245,15 @@ def test_a_model_past_its_memory_budget_is_stopped_with_a_clear_error(tmp_path, 
         assert wait_for(lambda: c.predict("mem", columns={"n": [[10]]}), timeout=20,
                         what="mem back")["outputs"]["y"] == [[10.0]]
         w = c.info()["models"]["mem"]["worker"]
-        assert w["restarts"] == 1 and w["last_exit"]["kind"] == "memory" and w["last_exit"]["status"] == 75
+        # RLIMIT_AS: the allocation fails and the worker exits 75 itself; a cgroup: the kernel kills it
+        assert w["restarts"] == 1 and w["last_exit"]["kind"] == "memory"
+        assert w["last_exit"]["status"] == (75 if mech == "rlimit_as" else -9)
+        if mech != "rlimit_as":  # the restarted worker is in a fresh cgroup, the dead one's removed
+            again = w["memory_limit"]["cgroup"]
+            assert w["memory_limit"]["mechanism"] == mech and again != folder and not Path(folder).exists()
+            assert (Path(again) / "cgroup.procs").read_text().split() == [str(w["pid"])]
+            c.delete("mem")  # and the model's last one goes with it
+            wait_for(lambda: not Path(again).exists(), timeout=10, what=f"{again} removed")
         assert a.alive()
     finally:
         a.kill()
@@ -379,6 +407,23 @@ def test_ipc_messages_round_trip_arrays_of_every_kind():
     a.close()
     with pytest.raises(ipc.Closed):
         ipc.recv(b)
+    # the same messages through Frames (how the event loop and a worker read a socket: whatever one
+    # read gave), whole, and cut at every few bytes (inside prefixes, headers and arrays)
+    small = b"".join(bytes(p) for p in ipc.pack({"id": 1, "op": "run"}, arrays))
+    stream = small + b"".join(bytes(p) for p in ipc.pack({"id": 2}, {"big": big})) + small
+    for data, step in ((stream, len(stream)), (stream, 65536), (stream, 300_001), (small * 3, 7), (small * 3, 1)):
+        frames, msgs = ipc.Frames(), []
+        for i in range(0, len(data), step):
+            msgs += frames.feed(data[i:i + step])
+        assert [h for h, _ in msgs] == ([{"id": 1, "op": "run"}, {"id": 2}, {"id": 1, "op": "run"}]
+                                        if data is stream else [{"id": 1, "op": "run"}] * 3)
+        for h, got in msgs:
+            if h["id"] == 2:
+                assert np.array_equal(got["big"], big)
+            else:
+                assert got["s"].tolist() == ["paris", "", "zürich"]
+                assert all(np.array_equal(got[k], arrays[k]) for k in ("f", "i", "e", "b"))
+        assert not frames.buf  # nothing left over
 
 
 def test_the_hubs_desired_deploy_settings_reach_the_agent(tmp_path, keys):
