@@ -401,7 +401,9 @@ def server_config(app, *, tls_cert=None, tls_key=None, request_timeout: float = 
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as base
     except ImportError:  # httptools not installed
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
-    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+    # proxy_headers off: nothing here reads the client's address, and uvicorn's middleware for
+    # X-Forwarded-For is one more layer on every request (a hub's poll cycle, an agent's predict)
+    return uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", proxy_headers=False,
                           ssl_certfile=tls_cert, ssl_keyfile=tls_key,
                           http=_guarded(base, request_timeout),
                           timeout_keep_alive=max(1, int(request_timeout)),

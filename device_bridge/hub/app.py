@@ -530,7 +530,8 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             body = web.parse_json(raw, nonfinite_as_null=True) if raw.strip() else {}
             if not isinstance(body, dict):
                 raise HubError(400, "body must be a JSON object")
-            out = web.dumps(hub.report(name, body))
+            ack = hub.report(name, body)
+            out = b'{"ok":true,"received":%d}' % ack["received"]  # what web.dumps(ack) writes
         except ApiError as exc:
             status, out = exc.status, web.dumps({"error": exc.message, "kind": exc.kind})
         except ClientDisconnect:
