@@ -489,12 +489,20 @@ def _write(t, reports: dict[str, _Report], events: list[tuple[str, int, dict]]) 
               "ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq", (agent, seq))
     if events:
         t.run("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (MAX_EVENTS,))
+    # the database's last snapshot of the agents whose report brought none: read in chunks, not a
+    # round trip per agent
+    keep = sorted(a for a, rep in reports.items() if rep.keeps_telemetry)
+    kept: dict[str, object] = {}
+    for i in range(0, len(keep), 500):
+        chunk = keep[i:i + 500]
+        for agent, body in t.all(f"SELECT agent, body FROM reports WHERE agent IN ({', '.join('?' * len(chunk))})",
+                                 tuple(chunk)):
+            kept[agent] = json.loads(body).get("telemetry")
+    rows = []
     for agent, rep in sorted(reports.items(), key=lambda kv: kv[0]):
-        body = rep.body
-        if rep.keeps_telemetry:
-            old = t.one("SELECT body FROM reports WHERE agent = ?", (agent,))
-            body = {**body, "telemetry": json.loads(old[0]).get("telemetry") if old else None}
-        t.run("INSERT INTO reports (agent, body, last_seen) VALUES (?, ?, ?) "
-              "ON CONFLICT (agent) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen "
-              "WHERE excluded.last_seen >= reports.last_seen",  # another replica's newer report stays
-              (agent, json.dumps(body), rep.last_seen))
+        body = {**rep.body, "telemetry": kept.get(agent)} if rep.keeps_telemetry else rep.body
+        rows.append((agent, json.dumps(body), rep.last_seen))
+    t.many("INSERT INTO reports (agent, body, last_seen) VALUES (?, ?, ?) "
+           "ON CONFLICT (agent) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen "
+           "WHERE excluded.last_seen >= reports.last_seen",  # another replica's newer report stays
+           rows)
