@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
@@ -333,8 +334,10 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     async def set_desired(request):
         body = await body_json(request)
         out = await run_in_threadpool(hub.set_desired, body, bump)
-        changed_here(out["devices"])
-        return JSONAnswer(out)
+        cache.drop_docs()  # before the answer: the next poll reads the new state
+        # the held requests are woken once the answer is out: woken first, thousands of them would each
+        # read their new state before the operator's answer left (4 s for 10,000 on SQLite here)
+        return JSONAnswer(out, background=BackgroundTask(waiters.wake, out["devices"]))
 
     @endpoint(operator)
     async def create_rollout(request):
