@@ -10,16 +10,19 @@ then ``GET /v1/agents/NAME/desired`` and ``POST .../report``. They are lean asyn
 (pre-encoded HTTP/1.1 on keep-alive connections, like bench/loadgen.py) in ``--clients`` processes;
 agent i talks to hub i mod H (what a balancer in front of H replicas does). Phases, per setup:
 
-1. timed poll: every agent does desired GET + report back to back for ``--poll-s``: the cycles the
-   hub processes complete per second at saturation (a cycle = one GET + one report);
+1. timed poll: every agent does desired GET + report back to back for ``--poll-warm-s`` and then
+   ``--poll-s``, counted: the cycles the
+   hub processes complete per second at saturation (a cycle = one GET, with ``If-None-Match`` of the
+   state it has after the first, as the agent sends it, + one report);
 2. long-poll idle: every agent holds ``GET desired?wait=30`` with its ETag; requests per second and
    the hub's CPU while the whole fleet is connected and nothing changes, and its RSS;
 3. deploy: the operator's ``POST /v1/desired`` for the group (what DEPLOY calls) moves every agent to
    a 5 MB package served by a static origin (aiohttp's file server, with Range): each agent is woken
    by its long-poll, fetches the first 64 KiB of the package from the origin (1 % of the agents fetch
    all 5 MB and check its sha256: 10,000 full downloads would be 50 GB of loopback copying, which
-   measures this machine's memory bandwidth, not the hub), and reports the new version. Figure: from
-   the POST to the last report answered.
+   measures this machine's memory bandwidth, not the hub), and reports the new version. Figures: from
+   the POST to the last report answered, and the wake itself: from the POST to the last held
+   long-poll answered with the new state, and the answers per second during it, per hub process.
 
 Everything runs on this machine's 2 cores, the hubs, the clients and the origin together, while other
 engineers' tests run: the load average is saved with the figures (bench/results/fleet.json).
@@ -93,6 +96,7 @@ async def client_main(spec: dict) -> dict:
     origin_host, origin_port = spec["origin"]
     counts = {"poll_cycles": 0, "idle_requests": 0, "errors": 0}
     done_at: list[float] = []
+    woken: dict[str, list[float]] = {}  # hub -> when each of its agents had the new state
     hashed = []
     sem = asyncio.Semaphore(200)  # connects at once: the hubs' listen backlogs
 
@@ -132,10 +136,14 @@ async def client_main(spec: dict) -> dict:
         get = req("GET", hub, f"/v1/agents/{name}/desired", token)
         rep1 = req("POST", hub, f"/v1/agents/{name}/report", token, report_body(1))
         await asyncio.sleep((i % 1000) / 1000 * 0.5)
+        ask = get
         while time.time() < sched["poll_until"]:  # 1. timed poll, back to back
-            for raw in (get, rep1):  # each answer counted when it lands in the window: half a cycle
-                code, _, _ = await c.call(raw)
-                if code != 200:
+            for raw in (ask, rep1):  # each answer counted when it lands in the window: half a cycle
+                code, headers, _ = await c.call(raw)
+                if code == 200 and raw is ask:  # the agent asks with the ETag of the state it has
+                    ask = req("GET", hub, f"/v1/agents/{name}/desired", token,
+                              extra=f"If-None-Match: {headers.get('etag', '')}\r\n")
+                if code not in (200, 304):
                     counts["errors"] += 1
                 elif sched["poll_from"] <= time.time() < sched["poll_until"]:
                     counts["poll_cycles"] += 0.5
@@ -166,6 +174,7 @@ async def client_main(spec: dict) -> dict:
             entry = json.loads(body)["models"].get("scorer") or {}
             if entry.get("version") != 2:
                 continue
+            woken.setdefault(hub, []).append(time.time())
             break
         full = i % 100 == 0  # 3. the package from the origin: 1 % whole (hash checked), the rest its head
         oc = Conn(origin_host, origin_port)
@@ -188,7 +197,8 @@ async def client_main(spec: dict) -> dict:
     for c in conns.values():
         c.close()
     return {**counts, "done": len(done_at), "last_done": max(done_at) if done_at else None,
-            "full_downloads": len(hashed), "full_hash_ok": sum(hashed)}
+            "full_downloads": len(hashed), "full_hash_ok": sum(hashed),
+            "woken": {h: [len(ts), min(ts), max(ts)] for h, ts in woken.items()}}
 
 
 def run_origin(folder: str, ready: str) -> None:
@@ -243,7 +253,7 @@ def make_package(kp, version: int, size: int) -> bytes:
 
 
 def one_setup(work: Path, kind: str, hubs_n: int, n: int, clients: int, db_url: str | None, kp,
-              poll_s: float, idle_s: float) -> dict:
+              poll_s: float, idle_s: float, warm_s: float = 5.0) -> dict:
     import psutil
 
     from device_bridge.hub.credentials import _digest
@@ -310,7 +320,10 @@ def one_setup(work: Path, kind: str, hubs_n: int, n: int, clients: int, db_url: 
         reg_s = time.time() - t_reg
         hp = [psutil.Process(p.pid) for p, _ in hubs]
         now = time.time()
-        sched = {"poll_from": now + 1.5, "poll_until": now + 1.5 + poll_s}
+        # the agents poll from now + 1.5 s; cycles and hub CPU are counted after warm_s more, once every
+        # agent's first GET has had its answer built (the hub keeps it: hub/cache.py), as in a fleet
+        # that polls on
+        sched = {"poll_from": now + 1.5 + warm_s, "poll_until": now + 1.5 + warm_s + poll_s}
         sched["deadline"] = sched["poll_until"] + 150
         for cp in cps:
             cp.stdin.write(json.dumps(sched) + "\n")
@@ -353,11 +366,17 @@ def one_setup(work: Path, kind: str, hubs_n: int, n: int, clients: int, db_url: 
         done = sum(r["done"] for r in results)
         last = max((r["last_done"] for r in results if r["last_done"]), default=None)
         poll_cycles = round(sum(r["poll_cycles"] for r in results))
+        wake = {}  # per hub: agents answered with the new state, and the last of them
+        for r in results:
+            for h, (k, _first, last_w) in r["woken"].items():
+                k0, l0 = wake.get(h, (0, 0.0))
+                wake[h] = (k0 + k, max(l0, last_w))
+        wake_per_hub = [wake.get(f"127.0.0.1:{port}", (0, t_deploy)) for _, port in hubs]
         idle = sum(r["idle_requests"] for r in results)
         return {
             "db": kind, "hubs": hubs_n, "agents": n, "client_processes": clients,
             "register_s": round(reg_s, 2),
-            "timed_poll": {"seconds": poll_s, "cycles": poll_cycles,
+            "timed_poll": {"seconds": poll_s, "after_warm_up_s": warm_s, "cycles": poll_cycles,
                            "cycles_per_s": round(poll_cycles / poll_s), "cycles_per_s_per_hub": round(
                                poll_cycles / poll_s / hubs_n),
                            "hub_cpu_s_per_1000_cycles": round(sum(b - a for a, b in zip(c0, c1)) / max(1, poll_cycles)
@@ -377,6 +396,14 @@ def one_setup(work: Path, kind: str, hubs_n: int, n: int, clients: int, db_url: 
                        "full_hash_ok": sum(r["full_hash_ok"] for r in results),
                        "range_bytes_per_agent": RANGE,
                        "hub_cpu_s": round(sum(b - a for a, b in zip(c3, c4)), 2)},
+            # the wake: every agent holds its long-poll; from the POST to the last held request answered
+            # with the new state (each then reads the origin and reports: the deploy figure above)
+            "long_poll_wake": {"answered": sum(k for k, _ in wake_per_hub),
+                               "to_all_answered_s": round(max(last_w for _, last_w in wake_per_hub) - t_deploy, 2),
+                               "answered_per_hub": [k for k, _ in wake_per_hub],
+                               "to_all_answered_s_per_hub": [round(last_w - t_deploy, 2) for _, last_w in wake_per_hub],
+                               "answers_per_s_per_hub": [round(k / max(last_w - t_deploy, 1e-3))
+                                                         for k, last_w in wake_per_hub]},
             "errors": sum(r["errors"] for r in results),
         }
     finally:
@@ -388,11 +415,14 @@ def one_setup(work: Path, kind: str, hubs_n: int, n: int, clients: int, db_url: 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--agents", type=int, default=10_000)
+    ap.add_argument("--agents", type=int, default=None, help="default 10,000 (--quick: 1,000)")
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--poll-s", type=float, default=8.0)
     ap.add_argument("--idle-s", type=float, default=6.0)
-    ap.add_argument("--quick", action="store_true", help="1,000 agents, SQLite with one hub only")
+    ap.add_argument("--poll-warm-s", type=float, default=5.0,
+                    help="seconds of timed poll before the counted --poll-s (each agent's first answer built)")
+    ap.add_argument("--quick", action="store_true",
+                    help="1,000 agents (or --agents), SQLite with one hub only; nothing saved")
     ap.add_argument("--only", choices=["sqlite", "postgresql"],
                     help="run that database's setups only, replacing them in the saved results")
     ap.add_argument("--client")
@@ -415,7 +445,7 @@ def main() -> int:
     setups = [("sqlite", 1)] if args.quick else [("sqlite", 1), ("sqlite", 2), ("postgresql", 1), ("postgresql", 2)]
     if args.only:
         setups = [s for s in setups if s[0] == args.only]
-    n = 1000 if args.quick else args.agents
+    n = args.agents or (1000 if args.quick else 10_000)
     srv = None
     runs = []
     try:
@@ -436,7 +466,7 @@ def main() -> int:
                     con.execute(f"CREATE DATABASE {name}")
                 db_url = uri.replace("/postgres?", f"/{name}?")
             la = os.getloadavg()
-            r = one_setup(work, kind, hubs_n, n, args.clients, db_url, kp, args.poll_s, args.idle_s)
+            r = one_setup(work, kind, hubs_n, n, args.clients, db_url, kp, args.poll_s, args.idle_s, args.poll_warm_s)
             r["loadavg_before"] = [round(x, 2) for x in la]
             runs.append(r)
             print(json.dumps(r), flush=True)

@@ -279,6 +279,8 @@ HUB_PATHS = ["/v1/blobs", "/v1/blobs/{sha}", "/v1/blobs/" + "0" * 64, "/v1/blobs
              "/v1/data/samples?group=_none&model=scorer&max_rows=0", "/v1/data/usage", "/v1/data/nope",
              "/v1/agents/edge-1/desired?wait=0.05", "/v1/agents/edge-1/desired?wait=99",
              "/v1/agents/edge-1/desired?wait=nan", "/v1/agents/edge-1/desired?wait=1e400&x=1",
+             "/v1/agents/fz/desired", "/v1/agents/fz/desired?wait=0.05", "/v1/agents/fz/desired?wait=-1",
+             "/v1/agents/fz/report", "/v1/agents/fz/desired?wait=0&wait=1",
              "/v1/rollouts", "/v1/rollouts/field/scorer", "/v1/rollouts/field/scorer/stop",
              "/v1/rollouts/" + "g" * 300 + "/scorer/stop", "/v1/rollouts/field/%00"]
 CTYPES = ["application/json", "application/x-npz", "application/x-mlsql-columns", "text/plain", "",
@@ -324,8 +326,9 @@ def one_request(gen: Gen, agent_url: str, hub_url: str, agent_cred: str | None =
         body = gen.events_body()
     headers = {"Content-Type": ctype}
     roll = r.random()
-    if roll < 0.75 and agent_cred and to_hub and "/data?" in path:  # an upload: the agent's own credential
-        headers["Authorization"] = f"Bearer {agent_cred}"
+    own = "/data?" in path or path.startswith(("/v1/agents/fz/desired", "/v1/agents/fz/report"))
+    if roll < 0.75 and agent_cred and to_hub and own:  # the agent's own credential: an upload, or the poll
+        headers["Authorization"] = f"Bearer {agent_cred}"  # cycle the hub answers from memory (hub/cache.py)
     elif roll < 0.75:
         headers["Authorization"] = f"Bearer {TOKEN}"
     elif roll < 0.85:

@@ -100,7 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="serve (default): run the hub; enroll NAME: print (or --out) a fresh credential for "
                         "agent NAME, replacing its earlier one; revoke NAME: refuse NAME's credential; "
                         "publish DIR: copy every package blob into DIR as DIR/SHA256, for a static origin "
-                        "(any HTTP server, CDN or S3-compatible bucket serving DIR; see --origin). "
+                        "(any HTTP server, CDN or S3-compatible bucket serving DIR; see --origin), and "
+                        "the deltas between versions (--delta-bases; --deltas off: none). "
                         "enroll, revoke and publish work on the hub's store, also while the hub runs")
     h.add_argument("name", nargs="?", help="agent name (enroll, revoke); the folder (publish)")
     h.add_argument("--origin", action="append", default=None,
@@ -116,6 +117,10 @@ def _parser() -> argparse.ArgumentParser:
                         "STORE/deltas; off: full packages only")
     h.add_argument("--delta-max-ratio", type=float, default=0.5,
                    help="a delta over this fraction of the full package is not sent (the full package is)")
+    h.add_argument("--delta-bases", type=int, default=2,
+                   help="publish: for each package, deltas from this many of its model's newest older "
+                        "versions (0: none), written beside the blobs as DIR/SHA256 of the delta and listed "
+                        "in desired state on the origins (--origin)")
     h.add_argument("--lease-s", type=float, default=10.0,
                    help="scheduled rollouts (POST /v1/rollouts): the lease one hub process holds to advance "
                         "their waves; another takes over this long after it dies")
@@ -130,7 +135,12 @@ def _parser() -> argparse.ArgumentParser:
                         "per wait, so a longer one costs the hub less, as far as the network's idle timeouts "
                         "(NAT, proxies) allow")
     h.add_argument("--recheck-s", type=float, default=1.0,
-                   help="how often a held long-poll looks for a change made through another hub process")
+                   help="how often this process reads the database's change markers: a change made through "
+                        "another hub process (or hub enroll/revoke/publish) reaches the answers it keeps in "
+                        "memory, and its held long-polls, at most this late")
+    h.add_argument("--cache-agents", type=int, default=200_000,
+                   help="agents whose desired-state answer and credential this process keeps in memory "
+                        "(the poll cycle without a database read); the oldest go first")
     h.add_argument("--out", help="enroll: write the credential to this file (0600) instead of printing it")
     h.add_argument("--port", type=int, default=7000)
     h.add_argument("--host", default="127.0.0.1")
@@ -334,6 +344,10 @@ def hub_publish(args) -> int:
     except OSError as exc:
         print(f"mlsql-device hub publish: cannot write {out}: {exc}", file=sys.stderr)
         return 2
+    if not 0 < args.delta_max_ratio <= 1 or args.delta_bases < 0:
+        print("mlsql-device hub publish: --delta-max-ratio must be in (0, 1], --delta-bases 0 or more",
+              file=sys.stderr)
+        return 2
     written, kept, missing = [], [], []
     for meta in metas:
         sha = meta["sha256"]
@@ -349,8 +363,17 @@ def hub_publish(args) -> int:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
         written.append(sha)
+    counts = {}
+    if args.deltas == "on" and args.delta_bases > 0:
+        from device_bridge.hub.deltas import publish
+
+        try:
+            counts = publish(state, out, args.delta_bases, args.delta_max_ratio)
+        except ApiError as exc:
+            print(f"mlsql-device hub publish: {exc.message}", file=sys.stderr)
+            return 2
     print(json.dumps({"folder": str(out), "written": len(written), "already_there": len(kept),
-                      "missing_from_store": missing}))
+                      "missing_from_store": missing, **counts}))
     return 1 if missing else 0
 
 
@@ -370,9 +393,10 @@ def hub(args) -> int:
         return 2
     from device_bridge.errors import ApiError
 
-    if not (0.2 <= args.lease_s <= 3600 and args.max_held >= 0 and 0.05 <= args.recheck_s <= 60):
-        print("mlsql-device hub: --lease-s must be 0.2 to 3600, --max-held 0 or more, --recheck-s 0.05 to 60",
-              file=sys.stderr)
+    if not (0.2 <= args.lease_s <= 3600 and args.max_held >= 0 and 0.05 <= args.recheck_s <= 60
+            and args.cache_agents >= 0):
+        print("mlsql-device hub: --lease-s must be 0.2 to 3600, --max-held 0 or more, --recheck-s 0.05 to 60, "
+              "--cache-agents 0 or more", file=sys.stderr)
         return 2
     if not 0 < args.delta_max_ratio <= 1:
         print("mlsql-device hub: --delta-max-ratio must be in (0, 1]", file=sys.stderr)
@@ -387,7 +411,8 @@ def hub(args) -> int:
                              hub_blobs=args.hub_blobs, deltas=args.deltas == "on",
                              delta_max_ratio=args.delta_max_ratio, lease_s=args.lease_s,
                              max_held=args.max_held, recheck_s=args.recheck_s, replica=args.replica,
-                             max_wait_s=args.max_wait_s, drive_rollouts=args.drive_rollouts == "on")
+                             max_wait_s=args.max_wait_s, drive_rollouts=args.drive_rollouts == "on",
+                             cache_agents=args.cache_agents)
     except ApiError as exc:  # the database: unreachable, damaged, newer than this hub
         print(f"mlsql-device hub: {exc.message}", file=sys.stderr)
         return 2

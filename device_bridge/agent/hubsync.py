@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -35,6 +36,7 @@ from device_bridge.web import dumps
 
 log = logging.getLogger("device_bridge.hubsync")
 
+_SHA = re.compile(r"[0-9a-f]{64}")
 UPLOAD_BYTES = 4 << 20     # rows (uncompressed Arrow) per upload; zstd makes the body smaller still
 MAX_UPLOAD_BODY = 8 << 20  # the hub's limit: a body over it is split in halves by rows
 UPLOAD_SECONDS = 5.0       # of uploading per report cycle at most (the desired state is polled meanwhile)
@@ -227,9 +229,14 @@ class HubSync:
             if self.watching and self.models is not None:  # long-poll brings changes: reconcile locally
                 with self.apply_mu:
                     self.apply(self.models)
-            else:
-                _, desired, etag, max_wait = self._desired(None, 0)
-                self._take(desired, etag)
+            else:  # the timed poll: with the ETag of the state it has, an unchanged one is a bare 304
+                have = self.etag if self.models is not None else None
+                status, desired, etag, max_wait = self._desired(have, 0)
+                if status == 304:
+                    with self.apply_mu:
+                        self.apply(self.models)
+                else:
+                    self._take(desired, etag)
                 if self.wait > 0 and max_wait and etag and self.watcher is None:
                     self.max_wait = max_wait
                     self.watcher = threading.Thread(target=self.watch, name=f"hubwatch-{name}", daemon=True)
@@ -358,20 +365,49 @@ class HubSync:
         return fetched.data
 
     def _via_delta(self, model: str, want: dict, sha: str, limit: int, info: dict) -> bytes | None:
-        """The package rebuilt from the hub's delta, or None (no installed base, no delta offered or
-        worth sending, or one that does not rebuild ``sha``: ``info['delta_error']`` says which)."""
-        path = want.get("delta")
+        """The package rebuilt from a delta against an installed version, or None (no installed
+        base, no delta offered or worth sending, or none that rebuilds ``sha``: ``info['delta_error']``
+        says why). First the deltas ``hub publish`` put on the static origins (``deltas``: each from
+        a base this device has, the newest base first, its URLs in order), then the hub's own."""
         m = self.core.state["models"].get(model) or {}
         shas = m.get("sha256", {})
         bases = [v for v in m.get("versions", []) if shas.get(str(v)) and v < (want.get("version") or 0)]
-        if not isinstance(path, str) or not path.startswith("/") or not bases:
+        if not bases:
+            return None
+        by_sha = {shas[str(v)]: v for v in bases}
+        listed = want.get("deltas") if isinstance(want.get("deltas"), list) else []
+        published = sorted((d for d in listed[:16] if isinstance(d, dict) and d.get("from") in by_sha
+                            and isinstance(d.get("sha256"), str) and _SHA.fullmatch(d["sha256"])  # a file name
+                            and isinstance(d.get("urls"), list)),
+                           key=lambda d: -by_sha[d["from"]])
+        failed: list[str] = []
+        for d in published[:2]:
+            base = by_sha[d["from"]]
+            attempts: list[origins.Attempt] = []
+            try:
+                old = self._base_package(model, base, d["from"])
+                got = origins.fetch([u for u in d["urls"][:16] if isinstance(u, str)], d["sha256"],
+                                    Path(self.core.store) / "downloads" / "deltas", limit, attempts=attempts)
+                new = delta.apply(old, got.data, limit)
+                if hashlib.sha256(new).hexdigest() != sha:
+                    raise delta.DeltaError(f"the rebuilt package is not {sha[:12]}")
+            except (OSError, ValueError, pkg.PackageError) as exc:  # FetchError is an OSError, DeltaError a ValueError
+                failed.append(f"origin delta from version {base}: {type(exc).__name__}: {exc}"[:300])
+                continue
+            info.update(via="delta", url=got.url, base=base, base_sha256=d["from"], bytes=len(got.data),
+                        package_bytes=len(new), attempts=[_attempt(a) for a in attempts[-8:]])
+            if failed:  # an earlier delta (a newer base) that did not do
+                info["delta_error"] = "; ".join(failed)
+            return new
+        path = want.get("delta")
+        if not isinstance(path, str) or not path.startswith("/"):
+            if failed:
+                info["delta_error"] = "; ".join(failed)
             return None
         base = max(bases)
         old_sha = shas[str(base)]
         try:
-            old = pkg.encode_installed(self.core._folder(model, base))
-            if hashlib.sha256(old).hexdigest() != old_sha:
-                raise delta.DeltaError(f"installed version {base} no longer rebuilds its package")
+            old = self._base_package(model, base, old_sha)
             req = urllib.request.Request(f"{self.hub}{path}?from={old_sha}",
                                          headers={"Authorization": f"Bearer {self.token}"})
             with urls.open_url(req, timeout=60) as resp:
@@ -382,13 +418,23 @@ class HubSync:
             if hashlib.sha256(new).hexdigest() != sha:
                 raise delta.DeltaError(f"the rebuilt package is not {sha[:12]}")
         except urllib.error.HTTPError as exc:
-            info["delta_error"] = f"hub answered {exc.code}" + (" (no delta)" if exc.code == 404 else "")
+            failed.append(f"hub answered {exc.code}" + (" (no delta)" if exc.code == 404 else ""))
+            info["delta_error"] = "; ".join(failed)
             return None
         except (OSError, ValueError, pkg.PackageError) as exc:  # DeltaError is a ValueError
-            info["delta_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            failed.append(f"{type(exc).__name__}: {exc}"[:300])
+            info["delta_error"] = "; ".join(failed)
             return None
-        info.update(via="delta", base=base, base_sha256=old_sha, bytes=len(d), package_bytes=len(new))
+        info.update(via="delta", url=f"{self.hub}{path}", base=base, base_sha256=old_sha, bytes=len(d),
+                    package_bytes=len(new))
         return new
+
+    def _base_package(self, model: str, version: int, sha: str) -> bytes:
+        """An installed version's package bytes, rebuilt from its folder and checked against its sha256."""
+        old = pkg.encode_installed(self.core._folder(model, version))
+        if hashlib.sha256(old).hexdigest() != sha:
+            raise delta.DeltaError(f"installed version {version} no longer rebuilds its package")
+        return old
 
     @staticmethod
     def _other_deploy(m: dict, version: int, deploy: dict | None) -> bool:

@@ -7,23 +7,27 @@ import functools
 import hashlib
 import hmac
 import json
+import logging
 from pathlib import Path
 
 import anyio
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
 from device_bridge import web
+from device_bridge.errors import ApiError
+from device_bridge.hub.cache import MAX_ENTRIES, PollCache, read_gens
 from device_bridge.hub.credentials import Credentials
 from device_bridge.hub.data import MAX_READ_ROWS, MAX_UPLOAD_BYTES, NO_GROUP, DataStore, parse_since
 from device_bridge.hub.db import Database
 from device_bridge.hub.deltas import MAX_RATIO, DeltaCache
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
-from device_bridge.hub.longpoll import MAX_HELD, MAX_WAIT_S, RECHECK_S, Waiters, bump, read_gen
+from device_bridge.hub.longpoll import MAX_HELD, MAX_WAIT_S, RECHECK_S, Waiters, bump
 from device_bridge.hub.schedule import LEASE_S, Scheduler
 from device_bridge.hub.state import FLUSH_S, HubState
 from device_bridge.web import JSONAnswer
@@ -35,7 +39,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
                    hub_blobs: str = "first", deltas: bool = True, delta_max_ratio: float = MAX_RATIO,
                    lease_s: float = LEASE_S, max_held: int = MAX_HELD, recheck_s: float = RECHECK_S,
                    max_wait_s: float = MAX_WAIT_S, drive_rollouts: bool = True,
-                   replica: str | None = None) -> Starlette:
+                   replica: str | None = None, cache_agents: int = MAX_ENTRIES):
     """``token``: the operator credential. ``enroll_open`` (tests, dev): an agent may enroll itself,
     without a credential, under a name that never had one. ``data_max_mb``: device data kept per
     group (data.py). ``db``: the state's database (db.py; default SQLite in ``STORE/hub.db``).
@@ -47,7 +51,13 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     ``/v1/blobs/SHA/delta?from=OLD`` (hub/deltas.py), at most ``delta_max_ratio`` of the package.
     ``lease_s``: the scheduled rollouts' lease (hub/schedule.py; ``replica`` names this process in it);
     ``drive_rollouts=False``: this process never takes it (it still creates, shows and stops them).
-    ``max_held``, ``recheck_s``, ``max_wait_s``: long-polls of the desired state (hub/longpoll.py)."""
+    ``max_held``, ``recheck_s``, ``max_wait_s``: long-polls of the desired state (hub/longpoll.py);
+    ``recheck_s`` also bounds how late a change made elsewhere reaches the answers this process keeps
+    in memory (hub/cache.py: at most ``cache_agents`` agents' answers and credentials).
+
+    The returned ASGI app answers an agent's own desired-state GET and report from memory, before
+    Starlette's routing, when its credential and (for the GET) its answer are kept (hub/cache.py);
+    every other request, and those when anything is missing, go through the routes below."""
     if not 1 <= max_wait_s <= 3600:
         raise ValueError("max_wait_s must be 1 to 3600 seconds")
     if not token:
@@ -67,8 +77,20 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     budget = web.BodyBudget(max(3 * max_package_bytes, 64 << 20))
     base_endpoint = web.endpoint_factory(operator_b, budget=budget)
     limiter: list = []
-    waiters = Waiters(lambda: on_db(read_gen, database), max_held, recheck_s)
-    scheduler = Scheduler(hub, lease_s, replica, on_change=waiters.wake_threadsafe)
+    waiters = Waiters(max_held)
+    cache = PollCache(lambda: on_db(read_gens, database), lambda: waiters.wake(None), recheck_s, cache_agents)
+
+    def changed_here(names=None) -> None:
+        """A desired-state change this process made (committed): its answers dropped, its agents woken."""
+        cache.drop_docs()
+        waiters.wake(names)
+
+    def changed_threadsafe(names=None) -> None:  # the rollout driver's thread, a threadpool's
+        loop = cache.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(changed_here, None if names is None else list(names))
+
+    scheduler = Scheduler(hub, lease_s, replica, on_change=changed_threadsafe)
     if drive_rollouts:
         scheduler.start()
 
@@ -102,7 +124,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             if hmac.compare_digest(tok, operator_b):
                 request.scope["mlsql.caller"] = None
                 return None
-            name = creds.who(tok)
+            name = cache.who(tok, creds.who)
             if name is not None:
                 request.scope["mlsql.caller"] = name
                 return name
@@ -140,7 +162,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         if sha not in wanted:
             raise HubError(403, f"agent {name!r} may download only the packages of its desired state", "forbidden")
 
-    async def body_json(request: Request, limit: int = 16 * 1024 * 1024) -> dict:
+    async def body_json(request: Request, limit: int = REPORT_LIMIT) -> dict:
         raw = await web.read_body(request, limit, body_timeout, budget)
         body = web.parse_json(raw, nonfinite_as_null=True) if raw.strip() else {}
         if not isinstance(body, dict):
@@ -171,7 +193,9 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     @endpoint(own(operator_too=False))
     async def register(request):
         name, body = agent_name(request), await body_json(request)
-        return JSONAnswer(await on_db(hub.register, name, body))
+        if await on_db(hub.register_moved, name, body):  # another group: its desired state may differ
+            changed_here([name])
+        return JSONAnswer({"ok": True})
 
     def with_urls(models: dict) -> dict:
         """Each package's URLs, in the order agents try them (docs/DEVICE.md "Package origins"); the
@@ -185,11 +209,25 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             entry["urls"] = own_url + others if hub_blobs == "first" else others + own_url
             if delta_cache is not None:
                 entry["delta"] = f"/v1/blobs/{sha}/delta"
+            published = hub.published_deltas(sha) if origins else []
+            if published:  # `hub publish` wrote them to the origins: tried before the hub's own delta
+                entry["deltas"] = [{**d, "urls": [f"{o}/{d['sha256']}" for o in origins]} for d in published]
         return models
 
-    def desired_doc(name: str) -> tuple[dict, str]:
+    def desired_doc(name: str) -> tuple[bytes, bytes]:
+        """(ETag, body) of the agent's desired state, both encoded once (hub/cache.py keeps them)."""
         doc = {"agent": name, "models": with_urls(hub.desired_of(name))}
-        return doc, '"' + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32] + '"'
+        etag = '"' + hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:32] + '"'
+        return etag.encode(), web.dumps(doc)
+
+    async def doc_for(name: str) -> tuple[bytes, bytes]:
+        hit = cache.docs.get(name)
+        if hit is not None:
+            return hit
+        ticket = cache.ticket()
+        entry = await on_db(desired_doc, name)
+        cache.keep_doc(name, ticket, entry)
+        return entry
 
     @endpoint(own(operator_too=True))
     async def desired(request):
@@ -206,18 +244,21 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         if not 0 <= wait <= max_wait_s:  # also refuses nan
             raise HubError(400, f"wait must be from 0 to {max_wait_s:g} seconds, got {wait:g}")
         have = request.headers.get("if-none-match")
+        have_b = None if have is None else have.encode("latin-1")
         found: list = []
 
         async def changed() -> bool:
-            found[:] = await on_db(desired_doc, name)
-            return found[1] != have
+            found[:] = await doc_for(name)
+            return found[0] != have_b
 
         if have is None or await changed() or (wait > 0 and await waiters.hold(name, wait, changed)):
             if not found:
                 await changed()
-            doc, etag = found
-            return JSONAnswer(doc, headers={"ETag": etag, "X-MLSQL-Max-Wait": f"{max_wait_s:g}"})
-        return Response(status_code=304, headers={"ETag": found[1], "X-MLSQL-Max-Wait": f"{max_wait_s:g}"})
+            etag, body = found
+            return Response(body, media_type="application/json",
+                            headers={"ETag": etag.decode("latin-1"), "X-MLSQL-Max-Wait": f"{max_wait_s:g}"})
+        return Response(status_code=304, headers={"ETag": found[0].decode("latin-1"),
+                                                  "X-MLSQL-Max-Wait": f"{max_wait_s:g}"})
 
     @endpoint(blob_reader)
     async def get_delta(request):
@@ -264,6 +305,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
             who, known = None, False
         if known and who is None:  # the operator: a fresh credential, replacing any earlier one
             tok = await run_in_threadpool(creds.enroll, name)
+            cache.drop_creds()
         elif enroll_open:  # dev/tests: first come, first served, never over a name that has (had) one
             tok = await run_in_threadpool(functools.partial(creds.enroll, name, only_new=True))
         elif known:
@@ -276,7 +318,9 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     @endpoint(operator)
     async def revoke(request):
         name = agent_name(request)
-        return JSONAnswer({"agent": name, "revoked": await run_in_threadpool(creds.revoke, name)})
+        revoked = await run_in_threadpool(creds.revoke, name)
+        cache.drop_creds()
+        return JSONAnswer({"agent": name, "revoked": revoked})
 
     @endpoint(operator)
     async def agents(request):
@@ -290,8 +334,10 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     async def set_desired(request):
         body = await body_json(request)
         out = await run_in_threadpool(hub.set_desired, body, bump)
-        waiters.wake(out["devices"])
-        return JSONAnswer(out)
+        cache.drop_docs()  # before the answer: the next poll reads the new state
+        # the held requests are woken once the answer is out: woken first, thousands of them would each
+        # read their new state before the operator's answer left (4 s for 10,000 on SQLite here)
+        return JSONAnswer(out, background=BackgroundTask(waiters.wake, out["devices"]))
 
     @endpoint(operator)
     async def create_rollout(request):
@@ -336,7 +382,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
         devices = names_of(body.get("devices"), "devices")
         await on_db(hub.set_group, group, devices)
         await on_db(lambda: _bump_alone(database))
-        waiters.wake(None)
+        changed_here(None)
         return JSONAnswer({"group": group, "devices": devices})
 
     def group_of(name: str) -> str:
@@ -426,7 +472,104 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     app.state.deltas = delta_cache
     app.state.scheduler = scheduler
     app.state.waiters = waiters
-    return app
+    app.state.cache = cache
+
+    max_wait_b = f"{max_wait_s:g}".encode()
+
+    async def fast_desired(scope, send, name: str) -> bool:
+        """An agent's own desired-state GET whose answer is in memory: sent as kept (200, or 304 when
+        its If-None-Match is the ETag and it asks for no wait). False: the route answers it."""
+        auth = inm = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"if-none-match":
+                inm = v
+        if cache.known(auth) != name:
+            return False
+        q = scope["query_string"]
+        if q:  # wait=S alone; anything else (and every error) is the route's
+            if not q.startswith(b"wait="):
+                return False
+            try:
+                wait = float(q[5:].decode("ascii"))
+            except (ValueError, UnicodeDecodeError):
+                return False
+            if not 0 <= wait <= max_wait_s:
+                return False
+        else:
+            wait = 0.0
+        hit = cache.docs.get(name)
+        if hit is None:
+            return False
+        etag, body = hit
+        if inm == etag:
+            if wait > 0:  # unchanged, and it may be held: hub/longpoll.py
+                return False
+            await send({"type": "http.response.start", "status": 304,
+                        "headers": [(b"etag", etag), (b"x-mlsql-max-wait", max_wait_b)]})
+            await send({"type": "http.response.body", "body": b""})
+            return True
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json"),
+                                (b"etag", etag), (b"x-mlsql-max-wait", max_wait_b)]})
+        await send({"type": "http.response.body", "body": body})
+        return True
+
+    async def fast_report(scope, receive, send, name: str) -> bool:
+        """An agent's own report when its credential is in memory and the report is written behind
+        (HubState.report_is_local): no database call, no routing. False: the route takes it."""
+        auth = length = None
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"content-length":
+                length = v
+        if cache.known(auth) != name or not hub.report_is_local(name):
+            return False
+        status = 200
+        try:
+            raw = await web.read_body_asgi(scope, receive, length, REPORT_LIMIT, body_timeout, budget)
+            body = web.parse_json(raw, nonfinite_as_null=True) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise HubError(400, "body must be a JSON object")
+            ack = hub.report(name, body)
+            out = b'{"ok":true,"received":%d}' % ack["received"]  # what web.dumps(ack) writes
+        except ApiError as exc:
+            status, out = exc.status, web.dumps({"error": exc.message, "kind": exc.kind})
+        except ClientDisconnect:
+            status, out = 400, web.dumps({"error": "client disconnected", "kind": "request"})
+        except Exception as exc:  # a bug: logged, still a JSON answer
+            log.exception("internal error in POST %s", scope.get("path"))
+            status, out = 500, web.dumps({"error": f"internal error: {type(exc).__name__}", "kind": "internal"})
+        finally:
+            budget.release_scope(scope)
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", b"%d" % len(out)), (b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": out})
+        return True
+
+    async def hub_app(scope, receive, send):
+        if scope["type"] == "http":
+            cache.ensure_watching()
+            path = scope["path"]
+            if path.startswith("/v1/agents/"):
+                name, _, tail = path[11:].partition("/")
+                if tail == "desired":
+                    if scope["method"] == "GET" and await fast_desired(scope, send, name):
+                        return
+                elif tail == "report" and scope["method"] == "POST":
+                    if await fast_report(scope, receive, send, name):
+                        return
+        await app(scope, receive, send)
+
+    hub_app.state = app.state  # type: ignore[attr-defined]
+    hub_app.routes = app  # type: ignore[attr-defined]
+    return hub_app
+
+
+REPORT_LIMIT = 16 * 1024 * 1024  # a JSON body (a report, a desired state, a register)
+log = logging.getLogger("device_bridge.hub")
 
 
 def _bump_alone(database: Database) -> None:

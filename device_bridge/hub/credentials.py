@@ -1,6 +1,7 @@
 """Agent credentials at the hub: one per enrolled agent, kept only as a sha256 in the hub's database
-(table ``credentials``), revocable; ``hub enroll`` / ``hub revoke`` write the same database, so a
-running hub sees them at the next request."""
+(table ``credentials``), revocable; ``hub enroll`` / ``hub revoke`` write the same database, and a
+running hub, which keeps the credentials it has checked in memory (hub/cache.py), drops them within
+``--recheck-s`` of either."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import secrets
 import time
 from pathlib import Path
 
+from device_bridge.hub.cache import bump_key
 from device_bridge.hub.db import Database
 from device_bridge.hub.errors import NAME_RE, HubError
 
@@ -55,6 +57,7 @@ class Credentials:
             t.run("INSERT INTO credentials (name, sha256, enrolled_at, revoked_at) VALUES (?, ?, ?, NULL) "
                   "ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256, enrolled_at = excluded.enrolled_at, "
                   "revoked_at = NULL", (name, _digest(token.encode()), time.time()))
+            bump_key(t, "creds_gen")  # an earlier token of this name: dropped from every hub's memory
         return token
 
     def revoke(self, name: str) -> bool:
@@ -64,4 +67,5 @@ class Credentials:
             t.run("INSERT INTO credentials (name, sha256, enrolled_at, revoked_at) VALUES (?, NULL, NULL, ?) "
                   "ON CONFLICT (name) DO UPDATE SET sha256 = NULL, revoked_at = excluded.revoked_at",
                   (name, time.time()))
+            bump_key(t, "creds_gen")  # every hub process drops the credentials it keeps (hub/cache.py)
         return bool(row and row[0])

@@ -230,6 +230,11 @@ class Tx:
     def run(self, q: str, args: tuple = ()) -> None:
         self.cur.execute(self.db._sql(q), args)
 
+    def many(self, q: str, rows: list) -> None:
+        """One statement for many rows (psycopg pipelines them: one round trip, not one per row)."""
+        if rows:
+            self.cur.executemany(self.db._sql(q), rows)
+
     def one(self, q: str, args: tuple = ()):
         # every row read: a statement left half-read would hold SQLite's snapshot (and so hide
         # what other processes commit) until its cursor is collected

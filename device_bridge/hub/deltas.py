@@ -1,4 +1,6 @@
-"""The hub's delta cache: one zstd delta (device_bridge/delta.py) per (from, to) pair of packages of
+"""The hub's delta cache, and the deltas ``hub publish`` writes for static origins (``publish``).
+
+The cache: one zstd delta (device_bridge/delta.py) per (from, to) pair of packages of
 one model, made at the first agent's request and kept as ``STORE/deltas/FROM-TO.zst``.
 
 A delta over ``max_ratio`` of the full package is not worth it: the pair is marked
@@ -54,3 +56,66 @@ class DeltaCache:
                 return None
             atomic_write(done, d)
             return done
+
+
+def publish(state, out: Path, bases: int, max_ratio: float = MAX_RATIO) -> dict:
+    """``hub publish``'s deltas: for each package, a delta from each of the ``bases`` newest older
+    versions of its model, written into ``out`` as ``out/SHA256`` (the delta's own hash, like every
+    blob there) and recorded in the database (meta rows ``delta:TO:FROM``), so that the hubs list it
+    in desired state as URLs on their origins (hub/app.py). A pair already recorded, with its file in
+    ``out``, is left alone; a pair over ``max_ratio`` of the package is recorded as not worth it
+    (never computed again). One transaction records the run's new pairs and rewrites ``desired_gen``
+    (hub/longpoll.py): every hub process drops its kept answers and wakes its held long-polls."""
+    import hashlib
+    import json
+    import os
+
+    from device_bridge.hub.longpoll import bump
+
+    store = state.store
+    by_model: dict[str, list[dict]] = {}
+    for meta in state.blobs():
+        by_model.setdefault(meta["name"], []).append(meta)
+    with state.db.read() as t:
+        known = dict(t.all("SELECT key, value FROM meta WHERE substr(key, 1, 6) = ?", ("delta:",)))
+    rows: dict[str, dict] = {}
+    counts = {"deltas_written": 0, "deltas_already_there": 0, "deltas_not_worth_it": 0}
+    for metas in by_model.values():
+        metas.sort(key=lambda m: m["version"])
+        for i, new in enumerate(metas):
+            older = [m for m in metas[:i] if m["version"] < new["version"]][-bases:] if bases > 0 else []
+            for old in older:
+                key = f"delta:{new['sha256']}:{old['sha256']}"
+                rec = json.loads(known[key]) if key in known else None
+                if rec is not None and rec.get("none"):
+                    counts["deltas_not_worth_it"] += 1
+                    continue
+                if rec is not None and (out / rec["sha256"]).exists() \
+                        and hashlib.sha256((out / rec["sha256"]).read_bytes()).hexdigest() == rec["sha256"]:
+                    counts["deltas_already_there"] += 1
+                    continue
+                try:
+                    old_b = (store / "blobs" / old["sha256"]).read_bytes()
+                    new_b = (store / "blobs" / new["sha256"]).read_bytes()
+                except FileNotFoundError:  # publish reports the missing blob itself
+                    continue
+                cached = store / "deltas" / f"{old['sha256']}-{new['sha256']}.zst"  # the hub's, if made
+                d = cached.read_bytes() if cached.exists() else delta.make(old_b, new_b)
+                info = {"from_version": old["version"], "to_version": new["version"], "package_size": len(new_b)}
+                if len(d) > max_ratio * len(new_b):
+                    rows[key] = {**info, "none": True, "size": len(d)}
+                    counts["deltas_not_worth_it"] += 1
+                    continue
+                dsha = hashlib.sha256(d).hexdigest()
+                tmp = out / f".{dsha}.tmp"
+                tmp.write_bytes(d)
+                os.replace(tmp, out / dsha)
+                rows[key] = {**info, "sha256": dsha, "size": len(d)}
+                counts["deltas_written"] += 1
+    if rows:
+        with state.db.tx(lock=True) as t:
+            for key, value in rows.items():
+                t.run("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                      (key, json.dumps(value, sort_keys=True)))
+            bump(t)
+    return counts

@@ -17,6 +17,7 @@ from device_bridge import package as pkg
 from device_bridge import waves
 from device_bridge.agent import deploy as deploy_settings
 from device_bridge.agent.core import atomic_write
+from device_bridge.hub.cache import bump_key
 from device_bridge.hub.db import MAX_EVENTS, Database
 from device_bridge.hub.errors import NAME_RE, SHA_RE, HubError, name_or_none, names_of
 
@@ -108,6 +109,17 @@ class HubState:
             if entry is not None:
                 own[model] = entry
         return own
+
+    def published_deltas(self, sha: str) -> list[dict]:
+        """The deltas to package ``sha`` that ``hub publish`` wrote to the static origins (rows
+        ``delta:TO:FROM`` of the meta table): ``[{from, sha256, size}]``, the newest base first."""
+        prefix = f"delta:{sha}:"  # 71 characters: sha is 64 hex digits
+        with self.db.read() as t:
+            rows = t.all("SELECT key, value FROM meta WHERE substr(key, 1, 71) = ?", (prefix,))
+        found = [(json.loads(v), k[len(prefix):]) for k, v in rows]
+        found = [(v, k) for v, k in found if v.get("sha256")]  # {"none": ...}: a pair not worth a delta
+        found.sort(key=lambda vk: -int(vk[0].get("from_version", 0)))
+        return [{"from": k, "sha256": v["sha256"], "size": v["size"]} for v, k in found]
 
     def agent_list(self) -> list[str]:
         """Every agent that registered or reported."""
@@ -266,6 +278,11 @@ class HubState:
         return e
 
     def register(self, name: str, body: dict) -> dict:
+        self.register_moved(name, body)
+        return {"ok": True}
+
+    def register_moved(self, name: str, body: dict) -> bool:
+        """Register (or register again) an agent; True when it came with another group than it had."""
         url = body.get("url")
         if not isinstance(url, str) or len(url) > 2048:
             raise HubError(400, "register needs the agent's url")
@@ -277,11 +294,15 @@ class HubState:
         # the agent's declared group counts where the operator has not listed the group's
         # members (POST /v1/groups/{g}); an agent never edits such a list
         with self.db.tx() as t:
+            row = t.one("SELECT grp FROM agents WHERE name = ?", (name,))
+            moved = (row[0] if row else None) != group
+            if moved:  # its desired state may change: every hub process drops the answers it keeps
+                bump_key(t, "agents_gen")
             t.run("INSERT INTO agents (name, url, grp, providers, registered_at) VALUES (?, ?, ?, ?, ?) "
                   "ON CONFLICT (name) DO UPDATE SET url = excluded.url, grp = excluded.grp, "
                   "providers = excluded.providers, registered_at = excluded.registered_at",
                   (name, url, group, json.dumps(providers), time.time()))
-        return {"ok": True}
+        return moved
 
     def report(self, name: str, body: dict) -> dict:
         """An agent's report: in this process's view at once, in the database at the next flush
@@ -468,12 +489,20 @@ def _write(t, reports: dict[str, _Report], events: list[tuple[str, int, dict]]) 
               "ON CONFLICT (agent) DO UPDATE SET seq = excluded.seq", (agent, seq))
     if events:
         t.run("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (MAX_EVENTS,))
+    # the database's last snapshot of the agents whose report brought none: read in chunks, not a
+    # round trip per agent
+    keep = sorted(a for a, rep in reports.items() if rep.keeps_telemetry)
+    kept: dict[str, object] = {}
+    for i in range(0, len(keep), 500):
+        chunk = keep[i:i + 500]
+        for agent, body in t.all(f"SELECT agent, body FROM reports WHERE agent IN ({', '.join('?' * len(chunk))})",
+                                 tuple(chunk)):
+            kept[agent] = json.loads(body).get("telemetry")
+    rows = []
     for agent, rep in sorted(reports.items(), key=lambda kv: kv[0]):
-        body = rep.body
-        if rep.keeps_telemetry:
-            old = t.one("SELECT body FROM reports WHERE agent = ?", (agent,))
-            body = {**body, "telemetry": json.loads(old[0]).get("telemetry") if old else None}
-        t.run("INSERT INTO reports (agent, body, last_seen) VALUES (?, ?, ?) "
-              "ON CONFLICT (agent) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen "
-              "WHERE excluded.last_seen >= reports.last_seen",  # another replica's newer report stays
-              (agent, json.dumps(body), rep.last_seen))
+        body = {**rep.body, "telemetry": kept.get(agent)} if rep.keeps_telemetry else rep.body
+        rows.append((agent, json.dumps(body), rep.last_seen))
+    t.many("INSERT INTO reports (agent, body, last_seen) VALUES (?, ?, ?) "
+           "ON CONFLICT (agent) DO UPDATE SET body = excluded.body, last_seen = excluded.last_seen "
+           "WHERE excluded.last_seen >= reports.last_seen",  # another replica's newer report stays
+           rows)

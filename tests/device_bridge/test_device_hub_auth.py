@@ -229,6 +229,11 @@ def test_a_revoked_credential_is_refused(fleet):
         out = subprocess.run([sys.executable, "-m", "device_bridge", "hub", "revoke", "delta", "--store",
                               str(tmp / "hub"), *fleet["db_args"]], capture_output=True, text=True)
         assert out.returncode == 0 and json.loads(out.stdout)["revoked"] is True, out
+        # the running hub keeps checked credentials in memory and drops them when the database's
+        # creds_gen changes: within --recheck-s (1 s) of the CLI's commit; 10 s leaves a loaded machine
+        # room to schedule it (docs/DEVICE.md, "The poll cycle from memory")
+        wait_for(lambda: _call(hub.url, "GET", "/v1/agents/delta/desired", token)[0] == 401, timeout=10,
+                 what="the revoked credential refused")
         status, body = _call(hub.url, "GET", "/v1/agents/delta/desired", token)
         assert status == 401 and body["kind"] == "auth"
         assert hc.agent("delta")["credential"] == "revoked"

@@ -24,6 +24,7 @@ from device_test_helpers import (
     scorer_model,
     start_agent,
     start_hub,
+    stored,
     trust,
     wait_for,
 )
@@ -377,3 +378,82 @@ def test_part_files_are_bounded_and_a_part_that_does_not_continue_the_file_is_st
         assert not origins.part_path(folder, sha(blob)).exists()
     finally:
         cdn.close()
+
+
+def test_deltas_published_to_a_static_origin_are_used_and_a_corrupt_one_falls_back_to_the_full_package(
+    tmp_path,
+):
+    """`hub publish` writes the deltas beside the blobs; desired state lists them on the origin; the
+    agent rebuilds the package from the origin's delta without asking the hub for a delta or a blob,
+    and takes the full package when the origin's delta is damaged (and the hub has none)."""
+    kp = make_keys(tmp_path / "keys")
+    site = tmp_path / "site"
+    cdn = StaticOrigin(site)
+    hub = start_hub(tmp_path, ["--origin", cdn.url])  # the hub's own blob URL first, its deltas on
+    agent = None
+    try:
+        hc = HubClient(hub.url, TOKEN)
+        v1, v2, v3 = (big_package(kp, v, m, 1) for v, m in ((1, 2.0), (2, 3.0), (3, 4.0)))  # same weights
+        for p in (v1, v2, v3):
+            hc.upload(p)
+        answer = publish(tmp_path / "hub", site)
+        # --delta-bases 2 (default): v1->v2, v1->v3, v2->v3
+        assert answer["written"] == 3 and answer["deltas_written"] == 3, answer
+        assert publish(tmp_path / "hub", site)["deltas_already_there"] == 3
+        agent, _ = agent_on(tmp_path, hub, kp)
+        hc.set_desired("scorer", sha256=sha(v1), devices=["dev"])
+        wait_for(lambda: active(hc, "dev") == 1, what="v1 active")
+
+        hc.set_desired("scorer", sha256=sha(v2), devices=["dev"])
+        listed = _get_json(hub.url, "/v1/agents/dev/desired")[1]["models"]["scorer"]["deltas"]
+        assert [d["from"] for d in listed] == [sha(v1)]
+        d12 = listed[0]["sha256"]
+        assert listed[0]["urls"] == [f"{cdn.url}/{d12}"] and (site / d12).stat().st_size == listed[0]["size"]
+        wait_for(lambda: active(hc, "dev") == 2, what="v2 active")
+        ev = downloads(agent)[-1]
+        assert ev["via"] == "delta" and ev["url"] == f"{cdn.url}/{d12}" and ev["base"] == 1, ev
+        assert ev["package_bytes"] == len(v2) and ev["bytes"] < 0.05 * len(v2), ev  # the weights copied
+        assert [e["status"] for e in cdn.requests_for(d12)] == [200]
+        assert cdn.requests_for(sha(v2)) == []  # nor the full package from the origin
+        # the hub makes a delta at the first request to its own endpoint: none was asked for
+        assert not (tmp_path / "hub" / "deltas" / f"{sha(v1)}-{sha(v2)}.zst").exists()
+        assert predict(agent) == pytest.approx(3.0)
+
+        # v3: both of the origin's deltas to it (from v2 and from v1, both installed) damaged (their
+        # bytes no longer hash to their names), and the hub has no delta of the pair it would send
+        # (v2 -> v3) worth sending: the full package, checked and signed, is installed
+        damaged = []
+        for base in (v2, v1):
+            (row,) = stored(
+                tmp_path / "hub", None, f"SELECT value FROM meta WHERE key = 'delta:{sha(v3)}:{sha(base)}'"
+            )
+            damaged.append(json.loads(row[0])["sha256"])
+        for d in set(damaged):  # the two deltas may be the same bytes (v1 and v2 differ in one constant)
+            broken = bytearray((site / d).read_bytes())
+            broken[len(broken) // 2] ^= 0xFF
+            (site / d).write_bytes(bytes(broken))
+        (tmp_path / "hub" / "deltas" / f"{sha(v2)}-{sha(v3)}.none").write_bytes(b"")
+        hc.set_desired("scorer", sha256=sha(v3), devices=["dev"])
+        listed = _get_json(hub.url, "/v1/agents/dev/desired")[1]["models"]["scorer"]["deltas"]
+        assert [(d["from"], d["sha256"]) for d in listed] == list(
+            zip([sha(v2), sha(v1)], damaged)
+        )  # newest first
+        wait_for(lambda: active(hc, "dev") == 3, what="v3 active")
+        ev = downloads(agent)[-1]
+        assert ev["via"] == "full" and ev["bytes"] == len(v3), json.dumps(ev)
+        for base in (2, 1):
+            assert f"origin delta from version {base}: FetchError" in ev["delta_error"], ev
+        assert ev["delta_error"].count("sha256 mismatch") == 2, ev
+        assert "no delta" in ev["delta_error"], ev  # then the hub's own: 404
+        assert predict(agent) == pytest.approx(4.0) and predict(agent, version=2) == pytest.approx(3.0)
+    finally:
+        for p in (agent, hub):
+            if p is not None:
+                p.kill()
+        cdn.close()
+
+
+def _get_json(url: str, path: str) -> tuple[int, dict]:
+    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, json.loads(r.read())
