@@ -246,3 +246,38 @@ def test_bad_input_names_what_is_wrong_and_registers_nothing(session):
         with pytest.raises(MLSQLError) as e:
             session.sql(sql)
         assert message in str(e.value), str(e.value)
+
+
+def test_a_script_without_a_main_guard_fits_many_series_in_workers_and_runs_once(tmp_path):
+    """Many series are fitted in worker processes that import nothing of the caller's, so a plain
+    script with no ``if __name__ == "__main__":`` runs its own statements once (multiprocessing's
+    spawn re-imported the script in every worker: its statements ran again there, then failed)."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    root = Path(__file__).resolve().parents[1]
+    # enough series for the worker path on this machine: at least 20,000 points and 2 per core
+    n = max(30, 2 * (os.cpu_count() or 1) + 2)
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent(f'''
+        from pathlib import Path
+
+        import mlsql
+
+        Path({str(tmp_path / "ran.txt")!r}).open("a").write("ran\\n")
+        s = mlsql.connect({str(tmp_path / "ws")!r})
+        s.sql("""CREATE TABLE daily AS SELECT i AS id, DATE '2023-01-01' + d::INTEGER AS day,
+                 100 + 10 * sin(d * 2 * pi() / 7) + (hash(i * 1000 + d) % 1000) / 100.0 AS y
+                 FROM range({n}) r(i), range(730) t(d)""")
+        r = s.sql("""CREATE MODEL fc OPTIONS (model_type = 'arima_plus', time_series_timestamp_col = 'day',
+                     time_series_data_col = 'y', time_series_id_col = 'id', horizon = 7) AS SELECT * FROM daily""")
+        print("series", r.table.column("time_series")[0].as_py())
+        print("rows", s.sql("SELECT count(*) FROM ML.FORECAST(MODEL fc, STRUCT(7 AS horizon))").scalar())
+    '''))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(root)))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"series {n}" in p.stdout and f"rows {7 * n}" in p.stdout
+    assert (tmp_path / "ran.txt").read_text() == "ran\n"  # the script's statements ran once, here

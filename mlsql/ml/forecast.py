@@ -354,18 +354,81 @@ def fit_many(keys: list[tuple], arrays: list, cfg: ForecastConfig, workers: int 
     total = sum(len(a[0]) for a in arrays)
     if workers <= 1 or len(keys) < 2 * workers or total < 20_000:
         return [fit_group(k, ts, y, cfg) for k, (ts, y) in zip(keys, arrays)]
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
     n_chunks = min(len(keys), workers * 8)
     bounds = np.linspace(0, len(keys), n_chunks + 1).astype(int)
     tasks = [(keys[a:b], arrays[a:b], asdict(cfg)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    # spawn, not fork: the parent holds DuckDB's and maybe Spark's threads
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        out = []
-        for part in pool.map(_fit_chunk, tasks):
-            out.extend(part)
-    return out
+    parts = _in_workers(tasks, workers)
+    return [fit for part in parts for fit in part]
+
+
+def _in_workers(tasks: list, workers: int) -> list:
+    """Each task's fits, computed by ``workers`` processes of ``mlsql.ml.fit_worker`` (started fresh:
+    not forked from this process, which holds DuckDB's and maybe Spark's threads, and not by
+    multiprocessing, which would re-import the caller's script). A worker takes the next task when
+    it has answered its last."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+    import threading
+
+    results: list = [None] * len(tasks)
+    todo = iter(range(len(tasks)))
+    lock = threading.Lock()
+    failures: list[str] = []
+    procs: list = []
+    # the workers import mlsql from where this process did (a checkout on sys.path, not installed)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+
+    def serve() -> None:
+        r, w = os.pipe()
+        proc = subprocess.Popen([sys.executable, "-m", "mlsql.ml.fit_worker", str(w)], stdin=subprocess.PIPE,
+                                pass_fds=(w,), env=env)
+        procs.append(proc)
+        os.close(w)
+        answers = os.fdopen(r, "rb")
+        try:
+            while not failures:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    break
+                pickle.dump(tasks[i], proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+                proc.stdin.flush()
+                results[i] = pickle.load(answers)
+        except (EOFError, OSError, pickle.UnpicklingError) as exc:
+            try:  # a worker that died: its exit status says more than the empty pipe
+                failures.append(f"exit status {proc.wait(timeout=5)}")
+            except subprocess.TimeoutExpired:
+                failures.append(repr(exc))
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            answers.close()
+            try:
+                proc.wait(timeout=30 if not failures else 1)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    threads = [threading.Thread(target=serve, name=f"arima-worker-{n}", daemon=True)
+               for n in range(min(workers, len(tasks)))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:  # an interrupt (the notebook's stop button): no worker goes on fitting
+        failures.append("interrupted")
+        for proc in procs:
+            proc.kill()
+        raise
+    if failures:
+        raise TrainingError(f"A worker process fitting the series stopped ({failures[0]})",
+                            hint="Nothing was registered. Look for its error above; on a machine short of "
+                                 "memory, train fewer series per statement.")
+    return results
 
 
 # -- the model ------------------------------------------------------------------------------------
