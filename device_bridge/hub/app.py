@@ -479,12 +479,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     async def fast_desired(scope, send, name: str) -> bool:
         """An agent's own desired-state GET whose answer is in memory: sent as kept (200, or 304 when
         its If-None-Match is the ETag and it asks for no wait). False: the route answers it."""
-        auth = inm = None
-        for k, v in scope["headers"]:
-            if k == b"authorization":
-                auth = v
-            elif k == b"if-none-match":
-                inm = v
+        auth, inm = _headers(scope, b"authorization", b"if-none-match")
         if cache.known(auth) != name:
             return False
         q = scope["query_string"]
@@ -519,12 +514,7 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
     async def fast_report(scope, receive, send, name: str) -> bool:
         """An agent's own report when its credential is in memory and the report is written behind
         (HubState.report_is_local): no database call, no routing. False: the route takes it."""
-        auth = length = None
-        for k, v in scope["headers"]:
-            if k == b"authorization":
-                auth = v
-            elif k == b"content-length":
-                length = v
+        auth, length = _headers(scope, b"authorization", b"content-length")
         if cache.known(auth) != name or not hub.report_is_local(name):
             return False
         status = 200
@@ -570,6 +560,17 @@ def create_hub_app(store: str | Path, token: str, max_package_bytes: int = 256 *
 
 REPORT_LIMIT = 16 * 1024 * 1024  # a JSON body (a report, a desired state, a register)
 log = logging.getLogger("device_bridge.hub")
+
+
+def _headers(scope: dict, a: bytes, b: bytes) -> tuple[bytes | None, bytes | None]:
+    """The values of two (lower-case) headers of an ASGI scope, None where absent: one pass."""
+    va = vb = None
+    for k, v in scope["headers"]:
+        if k == a:
+            va = v
+        elif k == b:
+            vb = v
+    return va, vb
 
 
 def _bump_alone(database: Database) -> None:

@@ -20,6 +20,7 @@ on DuckDB, a grouped Arrow UDF on Spark). statsforecast is imported on first use
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -275,19 +276,14 @@ def fit_group(key: tuple, ts: np.ndarray, y: np.ndarray, cfg: ForecastConfig) ->
         return key, str(exc) + (f" ({exc.hint})" if getattr(exc, "hint", None) else "")
 
 
-_ONE_THREAD = False
-
-
+@functools.cache
 def one_thread_per_worker() -> None:
     """In a worker process that fits series side by side with others (one per core): BLAS on one
-    thread, so that the workers do not each start a pool per core and fight over the cores (12 %
-    faster per fit with 2 workers on 2 cores). Once per process."""
-    global _ONE_THREAD
-    if not _ONE_THREAD:
-        from threadpoolctl import threadpool_limits
+    thread, so that the workers do not each start a pool per core and fight over the cores (a fit
+    was 12 % faster on one thread in a one-process check). Once per process."""
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(1)
-        _ONE_THREAD = True
+    threadpool_limits(1)
 
 
 def _fit_chunk(args) -> list:
