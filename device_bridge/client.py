@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import select
 import socket
 import ssl
 import threading
@@ -14,6 +15,19 @@ from collections.abc import Iterator
 from typing import Any
 
 from device_bridge.errors import DeviceError, DeviceUnreachableError, error_for_status
+
+# a request with one of these methods means the same sent twice: retried once when its connection goes
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
+
+
+def _dropped(sock: socket.socket) -> bool:
+    """Has the server closed (or written unasked to) this idle connection? Readable means either."""
+    try:
+        p = select.poll()  # not select(): a process with a thousand files open has descriptors above 1023
+        p.register(sock, select.POLLIN)
+        return bool(p.poll(0))
+    except (OSError, ValueError):  # closed under us
+        return True
 
 
 class _HTTP:
@@ -37,6 +51,11 @@ class _HTTP:
 
     def _conn(self, timeout=None) -> http.client.HTTPConnection:
         c = getattr(self.local, "conn", None)
+        if c is not None and c.sock is not None and _dropped(c.sock):
+            # the server closed this idle keep-alive connection (its timeout, a restart): a request
+            # sent on it would be lost with no way to tell whether it was applied; open a new one
+            self.close()
+            c = None
         if c is None:
             if self.ctx is not None:
                 c = http.client.HTTPSConnection(self.host, self.port, timeout=timeout or self.timeout,
@@ -59,7 +78,12 @@ class _HTTP:
 
     def request(self, method: str, path: str, body: bytes | None = None, ctype: str | None = None,
                 params: dict | None = None, raw: bool = False, accept: str | None = None,
-                headers: dict | None = None) -> Any:
+                headers: dict | None = None, retry: bool | None = None) -> Any:
+        """``retry``: send the request again, once, when its connection goes before the answer;
+        default: for the methods where twice means once (GET, PUT, DELETE...). A POST is retried only
+        where the caller says it is safe (a prediction, an upload keyed by its content or id)."""
+        if retry is None:
+            retry = method in _IDEMPOTENT
         if params:
             path += "?" + urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         headers = dict(headers or {})
@@ -71,8 +95,10 @@ class _HTTP:
             headers["Accept"] = accept
         for attempt in (0, 1):
             conn = self._conn()
+            sent = False
             try:
                 conn.request(method, self.base + path, body=body, headers=headers)
+                sent = True
                 resp = conn.getresponse()
                 data = resp.read()
                 self.local.last = resp
@@ -80,6 +106,13 @@ class _HTTP:
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
                     http.client.CannotSendRequest) as exc:
                 self.close()
+                if sent and not retry:
+                    # the whole request went out: the server may have applied it before the
+                    # connection went, and a second one could apply it twice (two installs, a batch
+                    # of outcomes recorded twice). Said, not retried.
+                    raise DeviceUnreachableError(
+                        f"{self.url}: connection lost after the request was sent ({exc}); {method} {path} "
+                        "may or may not have been applied: check before sending it again", url=self.url) from None
                 if attempt:
                     raise DeviceUnreachableError(f"{self.url}: connection lost: {exc}", url=self.url) from None
             except (OSError, http.client.HTTPException) as exc:
@@ -220,7 +253,7 @@ class DeviceClient:
         if request_ids is not None:
             body["request_ids"] = list(request_ids)
         return self.http.request("POST", f"/v1/models/{_q(model)}/predict", _json(body), "application/json",
-                                 {"version": version} if version else None)
+                                 {"version": version} if version else None, retry=True)
 
     def predict_batch(self, model: str, columns: dict[str, Any], version: int | None = None,
                       fmt: str = "columns") -> dict:
@@ -237,12 +270,13 @@ class DeviceClient:
         path = f"/v1/models/{_q(model)}/predict"
         if fmt == "columns":
             ans = self.http.request("POST", path, colfmt.encode(columns), colfmt.CONTENT_TYPE, params,
-                                    accept=colfmt.CONTENT_TYPE)
+                                    accept=colfmt.CONTENT_TYPE, retry=True)
             if isinstance(ans, bytes | bytearray):
                 arrays, meta = colfmt.decode(bytes(ans))
                 return {**meta, "outputs": arrays}
             return ans
-        ans = self.http.request("POST", path, _npz(columns), "application/x-npz", params, accept="application/x-npz")
+        ans = self.http.request("POST", path, _npz(columns), "application/x-npz", params, accept="application/x-npz",
+                                 retry=True)
         if isinstance(ans, bytes | bytearray):
             with np.load(io.BytesIO(ans), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
@@ -260,11 +294,11 @@ class DeviceClient:
         batch_id = batch_id or uuid.uuid4().hex
         if rows is not None:
             return self.http.request("POST", "/v1/events", _json({"table": table, "rows": rows, "batch_id": batch_id}),
-                                     "application/json")
+                                     "application/json", retry=True)
         from device_bridge import columns as colfmt
 
         return self.http.request("POST", "/v1/events", colfmt.encode(columns, {"table": table, "batch_id": batch_id}),
-                                 colfmt.CONTENT_TYPE)
+                                 colfmt.CONTENT_TYPE, retry=True)
 
     def features(self, view: str, key: Any, at: int | str | None = None) -> dict:
         """A key's feature values as of ``at`` (microseconds since the epoch or ISO-8601; None: now)."""
@@ -319,7 +353,7 @@ class HubClient:
         self.url = self.http.url
 
     def upload(self, package_bytes: bytes) -> dict:
-        return self.http.request("POST", "/v1/blobs", bytes(package_bytes), "application/octet-stream")
+        return self.http.request("POST", "/v1/blobs", bytes(package_bytes), "application/octet-stream", retry=True)
 
     def set_desired(self, model: str, package: bytes | None = None, *, sha256: str | None = None,
                     devices: list[str] | None = None, group: str | None = None,
@@ -335,12 +369,13 @@ class HubClient:
         body = {"model": model, "sha256": sha256, "devices": devices, "group": group, "providers": providers,
                 "strict_providers": strict_providers, "absent": absent, "restore_previous": restore_previous,
                 "deploy": deploy, "percent": percent, "experiment": experiment}
+        # the same desired state set twice is set once; restoring the previous one twice is not
         return self.http.request("POST", "/v1/desired", _json({k: v for k, v in body.items() if v is not None}),
-                                 "application/json")
+                                 "application/json", retry=not restore_previous)
 
     def set_group(self, group: str, devices: list[str]) -> dict:
         return self.http.request("POST", f"/v1/groups/{_q(group)}", _json({"devices": devices}),
-                                 "application/json")
+                                 "application/json", retry=True)
 
     def schedule_rollout(self, model: str, group: str, waves: list[float], every_s: float,
                          package: bytes | None = None, *, sha256: str | None = None, **desired) -> dict:
