@@ -15,7 +15,11 @@ realtime alone, batch alone, both, so that each sees the same machine):
 For each agent (``--priorities on``, the default, and ``--priorities off``): the realtime load
 alone, the batch load alone, then both at once. Goals (priorities on): realtime p99 under
 saturation at most 2x its p99 alone; batch rows/s beside the light realtime load at least 70 %
-of its rows/s alone.
+of its rows/s alone. While both loads run, the agent's event-loop thread's CPU (its share of a core,
+and per batch request): the work a realtime request waits behind.
+
+The OS floor: a loopback ping-pong at the realtime rate, alone and beside one SCHED_IDLE busy loop
+per core: what the kernel alone does to a round trip's p99 on this machine.
 
 Isolation: the same model deployed as ``normal`` in the agent's threads and in a worker process;
 single-row round trip from one connection (p50 added by the process; goal <= 0.3 ms) and batch-256
@@ -121,15 +125,22 @@ def sharing(tmp: Path, pub: Path, pkg_rt: bytes, pkg_bt: bytes, bodies_: dict, s
             if reserve:  # the reserve lasts 1 s after the last realtime request: batch alone must not start under it
                 time.sleep(1.5)
             bt_alone = run_loads({"bt": bt_cmd})["bt"]
+            loop0 = thread_cpu_s(agent.p.pid)
+            t0 = time.perf_counter()
             both = run_loads({"rt": rt_cmd, "bt": bt_cmd})
+            loop_s, wall = thread_cpu_s(agent.p.pid) - loop0, time.perf_counter() - t0
             runs.append({"realtime_alone": rt_fig(rt_alone), "batch_alone": bt_fig(bt_alone),
-                         "realtime_under_batch": rt_fig(both["rt"]), "batch_beside_realtime": bt_fig(both["bt"])})
+                         "realtime_under_batch": rt_fig(both["rt"]), "batch_beside_realtime": bt_fig(both["bt"]),
+                         # the event loop's thread while both loads ran: its share of a core, and its CPU per
+                         # batch request (the realtime requests' part included: 200 a second, ~0.2 ms each)
+                         "event_loop": {"core_share": loop_s / wall,
+                                        "ms_per_batch_request": loop_s * 1000.0 / max(1, both["bt"]["requests"])}})
         info = c.info()
         metrics = {e["model"]: e for e in c.metrics(columns=False)["models"]}
     finally:
         agent.stop()
     out = {"priorities": priorities, "realtime_reserve": reserve, "rounds": runs}
-    for k in ("realtime_alone", "batch_alone", "realtime_under_batch", "batch_beside_realtime"):
+    for k in ("realtime_alone", "batch_alone", "realtime_under_batch", "batch_beside_realtime", "event_loop"):
         out[k] = {f: float(np.median([r[k][f] for r in runs])) for f in runs[0][k]}
     out["deploy"] = {m: info["models"][m]["deploy"] for m in ("rt", "bt")}
     out["scheduler"] = info["scheduler"]
@@ -137,6 +148,79 @@ def sharing(tmp: Path, pub: Path, pkg_rt: bytes, pkg_bt: bytes, bodies_: dict, s
                                                               "worker_restarts", "memory_mb")} for m in ("rt", "bt")}
     out["realtime_p99_ratio"] = out["realtime_under_batch"]["p99_ms"] / out["realtime_alone"]["p99_ms"]
     out["batch_throughput_ratio"] = out["batch_beside_realtime"]["rows_per_s"] / out["batch_alone"]["rows_per_s"]
+    return out
+
+
+def thread_cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of one thread (default: the process's main one, the agent's event
+    loop), from /proc."""
+    with open(f"/proc/{pid}/task/{tid or pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_BUSY = """import os
+try:
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+except (AttributeError, OSError):
+    os.nice(19)
+while True:
+    pass
+"""
+
+
+def os_floor(seconds: float, rounds: int) -> dict:
+    """What the operating system alone does to a realtime round trip: a loopback TCP ping-pong (one
+    byte each way, TCP_NODELAY, at RT_RATE a second, both ends in this process's threads) alone, then
+    beside one SCHED_IDLE busy loop per core (how the agent runs batch workers). Medians over the
+    rounds. If its p99 grew as much as the agent's realtime p99 does, the agent could not do better."""
+    import socket
+    import threading
+
+    def ping(secs: float) -> list[float]:
+        srv = socket.create_server(("127.0.0.1", 0))
+
+        def echo() -> None:
+            conn, _ = srv.accept()
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with conn:
+                while data := conn.recv(64):
+                    conn.sendall(data)
+
+        threading.Thread(target=echo, daemon=True).start()
+        c = socket.create_connection(srv.getsockname())
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        lat: list[float] = []
+        nxt = t_end = time.perf_counter()
+        t_end += secs
+        while time.perf_counter() < t_end:
+            t = time.perf_counter()
+            c.sendall(b"x")
+            c.recv(64)
+            lat.append((time.perf_counter() - t) * 1000.0)
+            nxt += 1.0 / RT_RATE
+            time.sleep(max(0.0, nxt - time.perf_counter()))
+        c.close()
+        srv.close()
+        return lat
+
+    runs = []
+    for _ in range(rounds):
+        alone = ping(seconds)
+        busy = [subprocess.Popen([sys.executable, "-c", _BUSY]) for _ in range(os.cpu_count() or 1)]
+        try:
+            time.sleep(0.5)
+            beside = ping(seconds)
+        finally:
+            for b in busy:
+                b.kill()
+                b.wait()
+        runs.append({"alone_p50_ms": float(np.percentile(alone, 50)), "alone_p99_ms": float(np.percentile(alone, 99)),
+                     "beside_p50_ms": float(np.percentile(beside, 50)),
+                     "beside_p99_ms": float(np.percentile(beside, 99))})
+    out = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    out["p99_ratio"] = out["beside_p99_ms"] / out["alone_p99_ms"]
+    out["busy_loops"] = os.cpu_count()
     return out
 
 
@@ -210,6 +294,7 @@ def main(argv=None) -> int:
                               "on_reserve1": sharing(tmp, pub, pkg_rt, pkg_bt, bodies_, seconds, "on", rounds, reserve=1),
                               "off": sharing(tmp, pub, pkg_rt, pkg_bt, bodies_, seconds, "off", rounds)}
         results["isolation"] = isolation_cost(tmp, pub, model, kp, bodies_, seconds)
+        results["os_floor"] = os_floor(seconds, rounds)
     on = results["sharing"]["on"]
     res = results["sharing"]["on_reserve1"]
     iso = results["isolation"]
@@ -246,6 +331,14 @@ def main(argv=None) -> int:
           f"{iso['single_row_in_process']['p50_ms']:.3f} ms in a worker (+{iso['single_row_added_p50_ms']:.3f} ms); "
           f"batch 256 {iso['batch256_in_thread_rows_per_s']:,.0f} vs {iso['batch256_in_process_rows_per_s']:,.0f} rows/s "
           f"(x{iso['batch256_process_over_thread']:.2f})")
+    for p in ("on", "on_reserve1", "off"):
+        ev = results["sharing"][p]["event_loop"]
+        print(f"event loop under both loads ({p}): {ev['core_share']:.0%} of a core, {ev['ms_per_batch_request']:.2f} ms "
+              "per batch request")
+    fl = results["os_floor"]
+    print(f"OS floor: loopback ping-pong p50/p99 {fl['alone_p50_ms']:.3f} / {fl['alone_p99_ms']:.3f} ms alone, "
+          f"{fl['beside_p50_ms']:.3f} / {fl['beside_p99_ms']:.3f} ms beside {fl['busy_loops']} SCHED_IDLE busy loops "
+          f"(p99 x{fl['p99_ratio']:.2f})")
     for k, g in results["goals"].items():
         print(f"  {k}: {g['value']:.3f} ({'met' if g['met'] else 'MISSED'})")
     print(f"load average at start {results['machine']['load_avg_at_start'][0]:.2f}, at end "
