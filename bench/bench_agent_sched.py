@@ -125,10 +125,10 @@ def sharing(tmp: Path, pub: Path, pkg_rt: bytes, pkg_bt: bytes, bodies_: dict, s
             if reserve:  # the reserve lasts 1 s after the last realtime request: batch alone must not start under it
                 time.sleep(1.5)
             bt_alone = run_loads({"bt": bt_cmd})["bt"]
-            loop0 = thread_cpu_s(agent.p.pid)
+            loop0 = B.thread_cpu(agent.p.pid)
             t0 = time.perf_counter()
             both = run_loads({"rt": rt_cmd, "bt": bt_cmd})
-            loop_s, wall = thread_cpu_s(agent.p.pid) - loop0, time.perf_counter() - t0
+            loop_s, wall = B.thread_cpu(agent.p.pid) - loop0, time.perf_counter() - t0
             runs.append({"realtime_alone": rt_fig(rt_alone), "batch_alone": bt_fig(bt_alone),
                          "realtime_under_batch": rt_fig(both["rt"]), "batch_beside_realtime": bt_fig(both["bt"]),
                          # the event loop's thread while both loads ran: its share of a core, and its CPU per
@@ -149,14 +149,6 @@ def sharing(tmp: Path, pub: Path, pkg_rt: bytes, pkg_bt: bytes, bodies_: dict, s
     out["realtime_p99_ratio"] = out["realtime_under_batch"]["p99_ms"] / out["realtime_alone"]["p99_ms"]
     out["batch_throughput_ratio"] = out["batch_beside_realtime"]["rows_per_s"] / out["batch_alone"]["rows_per_s"]
     return out
-
-
-def thread_cpu_s(pid: int, tid: int | None = None) -> float:
-    """CPU seconds (user + system) of one thread (default: the process's main one, the agent's event
-    loop), from /proc."""
-    with open(f"/proc/{pid}/task/{tid or pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 _BUSY = """import os

@@ -21,7 +21,10 @@
 - the agent's own cost: its CPU time (with its worker processes) per request under 16 connections,
   against ONNX Runtime's CPU time per run of the same batch (batch 1 JSON, batch 256 columns), for
   this tree and for ``--baseline REV`` (default: the agent before the scheduler, 5 rounds
-  interleaved so that both see the same machine). ``--only cost`` runs just that.
+  interleaved so that both see the same machine), and for bench/floor_server.py, a server that does
+  the prediction and nothing else (run on the event loop, or in a thread): the share any server on
+  this interpreter reaches with each design. Each with its event loop's (main thread's) CPU per
+  request. ``--only cost`` runs just that.
 - the hub's state store (``--only hub_store``): one hub process's poll cycles/s on the JSON file of
   the hub before its database (``--hub-json-rev``), on SQLite and on PostgreSQL, rounds interleaved
 
@@ -229,6 +232,13 @@ def proc_tree_cpu(pid: int) -> float:
     return total
 
 
+def thread_cpu(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) of one thread of a process (default: its main thread), from /proc."""
+    with open(f"/proc/{pid}/task/{tid or pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def ort_cpu_per_run(model_bytes: bytes, batch: int, runs: int) -> float:
     """ONNX Runtime's own CPU per run of this batch, in this process, on one thread with the agent's
     session options (one intra-op thread, no spinning): ms of thread CPU time per run."""
@@ -271,21 +281,63 @@ def bench_agent_cost(tmp: Path, kp, pub: Path, model_bytes: bytes, seconds: floa
             _loadgen(agent.url, "/v1/models/xgb/predict", 16, 1.0, "POST", ctype, body_file, TOKEN, accept)
             m0 = _model_cpu_ms(c)
             c0 = proc_tree_cpu(agent.p.pid)
+            loop0 = thread_cpu(agent.p.pid)
             res = _loadgen(agent.url, "/v1/models/xgb/predict", 16, seconds, "POST", ctype, body_file, TOKEN,
                            accept)
             used = proc_tree_cpu(agent.p.pid) - c0
+            loop_ms = (thread_cpu(agent.p.pid) - loop0) / res["requests"] * 1000.0
             m1 = _model_cpu_ms(c)
             agent_ms = used / res["requests"] * 1000.0
             ort_ms = ort_cpu_per_run(model_bytes, batch, 2000 if batch == 1 else 300)
             out[str(batch)] = {"requests_per_s": res["requests_per_s"], "agent_cpu_ms_per_request": agent_ms,
                                "ort_cpu_ms_per_run": ort_ms, "model_share": ort_ms / agent_ms,
-                               "beyond_model_ms": agent_ms - ort_ms}
+                               "beyond_model_ms": agent_ms - ort_ms,
+                               # the event loop's thread (the process's main one): HTTP, checks, scheduling, answers
+                               "event_loop_cpu_ms_per_request": loop_ms}
             if m0 is not None and m1 is not None:  # what the runs cost in the agent itself (its model_cpu_ms)
                 in_agent = (m1 - m0) / res["requests"]
                 out[str(batch)].update(model_cpu_ms_in_agent=in_agent, model_share_in_agent=in_agent / agent_ms,
                                        beyond_model_in_agent_ms=agent_ms - in_agent)
     finally:
         agent.stop()
+    return out
+
+
+def bench_floor_cost(tmp: Path, model_bytes: bytes, seconds: float, mode: str, tag: str) -> dict:
+    """The same load on bench/floor_server.py (``mode``: inline | thread): the share of a server's CPU
+    in the model when the server does nothing else."""
+    model = tmp / f"floor-{tag}.onnx"
+    model.write_bytes(model_bytes)
+    ready = tmp / f"floor-{tag}.json"
+    if ready.exists():
+        ready.unlink()
+    p = subprocess.Popen([sys.executable, str(HERE / "floor_server.py"), str(model), mode, str(ready)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = {"server": f"floor_{mode}", "clients": 16, "seconds": seconds}
+    try:
+        while not ready.exists():
+            if p.poll() is not None:
+                raise RuntimeError(f"floor server ({mode}) exited")
+            time.sleep(0.005)
+        url = json.loads(ready.read_text())["url"]
+        for batch in (1, 256):
+            _, _, body, ctype, accept = _bodies(batch, None)
+            body_file = tmp / f"floor-body-{batch}.bin"
+            body_file.write_bytes(body)
+            _loadgen(url, "/", 16, 1.0, "POST", ctype, body_file, None, accept)
+            c0 = proc_tree_cpu(p.pid)
+            loop0 = thread_cpu(p.pid)
+            res = _loadgen(url, "/", 16, seconds, "POST", ctype, body_file, None, accept)
+            used = proc_tree_cpu(p.pid) - c0
+            loop_ms = (thread_cpu(p.pid) - loop0) / res["requests"] * 1000.0
+            server_ms = used / res["requests"] * 1000.0
+            ort_ms = ort_cpu_per_run(model_bytes, batch, 2000 if batch == 1 else 300)
+            out[str(batch)] = {"requests_per_s": res["requests_per_s"], "agent_cpu_ms_per_request": server_ms,
+                               "ort_cpu_ms_per_run": ort_ms, "model_share": ort_ms / server_ms,
+                               "beyond_model_ms": server_ms - ort_ms, "event_loop_cpu_ms_per_request": loop_ms}
+    finally:
+        p.kill()
+        p.wait()
     return out
 
 
@@ -611,15 +663,18 @@ BASELINE = "f047c60"  # the agent before the scheduler, worker processes and the
 
 def agent_cost_section(tmp: Path, kp, pub: Path, model: bytes, baseline: str | None, rounds: int,
                        seconds: float) -> dict:
-    """Medians over ``rounds`` rounds, this tree's agent and the baseline's taking turns."""
+    """Medians over ``rounds`` rounds, this tree's agent, the baseline's and the two floor servers
+    (bench/floor_server.py) taking turns."""
     trees = {"current": None}
     if baseline:
         trees["baseline"] = baseline_tree(baseline, tmp)
-    runs: dict[str, list] = {k: [] for k in trees}
+    runs: dict[str, list] = {k: [] for k in (*trees, "floor_inline", "floor_thread")}
     try:
         for i in range(rounds):
             for tag, tree in trees.items():
                 runs[tag].append(bench_agent_cost(tmp, kp, pub, model, seconds, tree, f"{tag}{i}"))
+            for mode in ("inline", "thread"):
+                runs[f"floor_{mode}"].append(bench_floor_cost(tmp, model, seconds, mode, f"{mode}{i}"))
     finally:
         if baseline:
             remove_tree(trees["baseline"])
@@ -631,6 +686,15 @@ def agent_cost_section(tmp: Path, kp, pub: Path, model: bytes, baseline: str | N
 
 
 def print_cost(cost: dict) -> None:
+    for tag in ("floor_inline", "floor_thread"):
+        if tag not in cost:
+            continue
+        for b in ("1", "256"):
+            r = cost[tag][b]
+            print(f"{tag.replace('_', ' ')} (bench/floor_server.py: the prediction and nothing else), batch {b:>3}: "
+                  f"{r['agent_cpu_ms_per_request']:.3f} ms CPU per request, ONNX Runtime {r['ort_cpu_ms_per_run']:.3f}"
+                  f" ms per run: {r['model_share']:.2f} of its CPU in the model, {r['beyond_model_ms']:.3f} ms beyond "
+                  f"it ({r['requests_per_s']:.0f} req/s); its event loop {r['event_loop_cpu_ms_per_request']:.3f} ms")
     for tag in ("baseline", "current"):
         if tag not in cost:
             continue
@@ -641,7 +705,9 @@ def print_cost(cost: dict) -> None:
                   f" ms per run: {r['model_share']:.2f} of the agent's CPU in the model, "
                   f"{r['beyond_model_ms']:.3f} ms beyond it ({r['requests_per_s']:.0f} req/s)"
                   + (f"; runs as the agent counts them: {r['model_cpu_ms_in_agent']:.3f} ms, "
-                     f"{r['model_share_in_agent']:.2f} of its CPU" if "model_cpu_ms_in_agent" in r else ""))
+                     f"{r['model_share_in_agent']:.2f} of its CPU" if "model_cpu_ms_in_agent" in r else "")
+                  + (f"; its event loop {r['event_loop_cpu_ms_per_request']:.3f} ms"
+                     if "event_loop_cpu_ms_per_request" in r else ""))
 
 
 def main(argv=None):
