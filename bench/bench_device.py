@@ -261,12 +261,41 @@ def ort_cpu_per_run(model_bytes: bytes, batch: int, runs: int) -> float:
     return best
 
 
+def _cost_under_load(tmp: Path, url: str, path: str, pid: int, model_bytes: bytes, seconds: float,
+                     token: str | None, counted=None) -> dict:
+    """CPU of process ``pid`` (with its children) and of its main thread (the event loop) per request
+    under 16 connections of bench/loadgen.py, at batch 1 (JSON) and 256 (columns), against ONNX
+    Runtime's CPU per run of the same batch measured in this process. ``counted()``: what the server
+    says its runs cost so far (ms), if it says."""
+    out = {}
+    for batch in (1, 256):
+        _, _, body, ctype, accept = _bodies(batch, None)
+        body_file = tmp / f"cost-body-{batch}.bin"
+        body_file.write_bytes(body)
+        _loadgen(url, path, 16, 1.0, "POST", ctype, body_file, token, accept)
+        m0 = counted() if counted else None
+        c0, loop0 = proc_tree_cpu(pid), thread_cpu(pid)
+        res = _loadgen(url, path, 16, seconds, "POST", ctype, body_file, token, accept)
+        used, loop = proc_tree_cpu(pid) - c0, thread_cpu(pid) - loop0
+        m1 = counted() if counted else None
+        server_ms = used / res["requests"] * 1000.0
+        ort_ms = ort_cpu_per_run(model_bytes, batch, 2000 if batch == 1 else 300)
+        out[str(batch)] = fig = {"requests_per_s": res["requests_per_s"], "agent_cpu_ms_per_request": server_ms,
+                                 "ort_cpu_ms_per_run": ort_ms, "model_share": ort_ms / server_ms,
+                                 "beyond_model_ms": server_ms - ort_ms,
+                                 # the main thread: HTTP, checks, scheduling, answers
+                                 "event_loop_cpu_ms_per_request": loop / res["requests"] * 1000.0}
+        if m0 is not None and m1 is not None:  # what the runs cost as the server counts them
+            in_agent = (m1 - m0) / res["requests"]
+            fig.update(model_cpu_ms_in_agent=in_agent, model_share_in_agent=in_agent / server_ms,
+                       beyond_model_in_agent_ms=server_ms - in_agent)
+    return out
+
+
 def bench_agent_cost(tmp: Path, kp, pub: Path, model_bytes: bytes, seconds: float, tree: Path | None = None,
                      tag: str = "current") -> dict:
-    """The agent's own cost: its CPU time (and its workers') per request under 16 connections of
-    bench/loadgen.py, against ONNX Runtime's CPU time per run of the same batch measured in this
-    process. ``model_share`` is the part of the agent's CPU spent in the model; ``beyond_model_ms``
-    the rest per request."""
+    """The agent's own cost (_cost_under_load): ``model_share`` is the part of the agent's CPU (with
+    its workers) spent in the model; ``beyond_model_ms`` the rest per request."""
     store = tmp / f"cost-{tag}"
     agent = Agent(["serve", "--name", "cost", "--port", "0", "--store", str(store), "--token", TOKEN,
                    "--trust", str(pub)], tmp / f"cost-{tag}.json", tree=tree)
@@ -274,30 +303,8 @@ def bench_agent_cost(tmp: Path, kp, pub: Path, model_bytes: bytes, seconds: floa
     try:
         c = DeviceClient(agent.url, TOKEN)
         c.install(build_package(model_bytes, {"name": "xgb", "version": 1, "providers": ["cpu"]}, kp.private_key))
-        for batch in (1, 256):
-            _, _, body, ctype, accept = _bodies(batch, None)
-            body_file = tmp / f"cost-body-{batch}.bin"
-            body_file.write_bytes(body)
-            _loadgen(agent.url, "/v1/models/xgb/predict", 16, 1.0, "POST", ctype, body_file, TOKEN, accept)
-            m0 = _model_cpu_ms(c)
-            c0 = proc_tree_cpu(agent.p.pid)
-            loop0 = thread_cpu(agent.p.pid)
-            res = _loadgen(agent.url, "/v1/models/xgb/predict", 16, seconds, "POST", ctype, body_file, TOKEN,
-                           accept)
-            used = proc_tree_cpu(agent.p.pid) - c0
-            loop_ms = (thread_cpu(agent.p.pid) - loop0) / res["requests"] * 1000.0
-            m1 = _model_cpu_ms(c)
-            agent_ms = used / res["requests"] * 1000.0
-            ort_ms = ort_cpu_per_run(model_bytes, batch, 2000 if batch == 1 else 300)
-            out[str(batch)] = {"requests_per_s": res["requests_per_s"], "agent_cpu_ms_per_request": agent_ms,
-                               "ort_cpu_ms_per_run": ort_ms, "model_share": ort_ms / agent_ms,
-                               "beyond_model_ms": agent_ms - ort_ms,
-                               # the event loop's thread (the process's main one): HTTP, checks, scheduling, answers
-                               "event_loop_cpu_ms_per_request": loop_ms}
-            if m0 is not None and m1 is not None:  # what the runs cost in the agent itself (its model_cpu_ms)
-                in_agent = (m1 - m0) / res["requests"]
-                out[str(batch)].update(model_cpu_ms_in_agent=in_agent, model_share_in_agent=in_agent / agent_ms,
-                                       beyond_model_in_agent_ms=agent_ms - in_agent)
+        out.update(_cost_under_load(tmp, agent.url, "/v1/models/xgb/predict", agent.p.pid, model_bytes, seconds,
+                                    TOKEN, lambda: _model_cpu_ms(c)))
     finally:
         agent.stop()
     return out
@@ -319,22 +326,8 @@ def bench_floor_cost(tmp: Path, model_bytes: bytes, seconds: float, mode: str, t
             if p.poll() is not None:
                 raise RuntimeError(f"floor server ({mode}) exited")
             time.sleep(0.005)
-        url = json.loads(ready.read_text())["url"]
-        for batch in (1, 256):
-            _, _, body, ctype, accept = _bodies(batch, None)
-            body_file = tmp / f"floor-body-{batch}.bin"
-            body_file.write_bytes(body)
-            _loadgen(url, "/", 16, 1.0, "POST", ctype, body_file, None, accept)
-            c0 = proc_tree_cpu(p.pid)
-            loop0 = thread_cpu(p.pid)
-            res = _loadgen(url, "/", 16, seconds, "POST", ctype, body_file, None, accept)
-            used = proc_tree_cpu(p.pid) - c0
-            loop_ms = (thread_cpu(p.pid) - loop0) / res["requests"] * 1000.0
-            server_ms = used / res["requests"] * 1000.0
-            ort_ms = ort_cpu_per_run(model_bytes, batch, 2000 if batch == 1 else 300)
-            out[str(batch)] = {"requests_per_s": res["requests_per_s"], "agent_cpu_ms_per_request": server_ms,
-                               "ort_cpu_ms_per_run": ort_ms, "model_share": ort_ms / server_ms,
-                               "beyond_model_ms": server_ms - ort_ms, "event_loop_cpu_ms_per_request": loop_ms}
+        out.update(_cost_under_load(tmp, json.loads(ready.read_text())["url"], "/", p.pid, model_bytes, seconds,
+                                    None))
     finally:
         p.kill()
         p.wait()
@@ -686,23 +679,16 @@ def agent_cost_section(tmp: Path, kp, pub: Path, model: bytes, baseline: str | N
 
 
 def print_cost(cost: dict) -> None:
-    for tag in ("floor_inline", "floor_thread"):
+    names = {"floor_inline": "floor inline (bench/floor_server.py: the prediction and nothing else)",
+             "floor_thread": "floor thread (bench/floor_server.py: the prediction and nothing else)",
+             "baseline": f"agent cost (baseline {cost['baseline_revision']})", "current": "agent cost (current)"}
+    for tag, name in names.items():
         if tag not in cost:
             continue
         for b in ("1", "256"):
             r = cost[tag][b]
-            print(f"{tag.replace('_', ' ')} (bench/floor_server.py: the prediction and nothing else), batch {b:>3}: "
-                  f"{r['agent_cpu_ms_per_request']:.3f} ms CPU per request, ONNX Runtime {r['ort_cpu_ms_per_run']:.3f}"
-                  f" ms per run: {r['model_share']:.2f} of its CPU in the model, {r['beyond_model_ms']:.3f} ms beyond "
-                  f"it ({r['requests_per_s']:.0f} req/s); its event loop {r['event_loop_cpu_ms_per_request']:.3f} ms")
-    for tag in ("baseline", "current"):
-        if tag not in cost:
-            continue
-        for b in ("1", "256"):
-            r = cost[tag][b]
-            print(f"agent cost ({tag}{' ' + cost['baseline_revision'] if tag == 'baseline' else ''}), batch {b:>3}: "
-                  f"{r['agent_cpu_ms_per_request']:.3f} ms agent CPU per request, ONNX Runtime {r['ort_cpu_ms_per_run']:.3f}"
-                  f" ms per run: {r['model_share']:.2f} of the agent's CPU in the model, "
+            print(f"{name}, batch {b:>3}: {r['agent_cpu_ms_per_request']:.3f} ms CPU per request, ONNX Runtime "
+                  f"{r['ort_cpu_ms_per_run']:.3f} ms per run: {r['model_share']:.2f} of its CPU in the model, "
                   f"{r['beyond_model_ms']:.3f} ms beyond it ({r['requests_per_s']:.0f} req/s)"
                   + (f"; runs as the agent counts them: {r['model_cpu_ms_in_agent']:.3f} ms, "
                      f"{r['model_share_in_agent']:.2f} of its CPU" if "model_cpu_ms_in_agent" in r else "")
