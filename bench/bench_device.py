@@ -20,7 +20,8 @@
   whether the store kept every sampled row (rows held + dropped = rows answered)
 - the agent's own cost: its CPU time (with its worker processes) per request under 16 connections,
   against ONNX Runtime's CPU time per run of the same batch (batch 1 JSON, batch 256 columns), for
-  this tree and for ``--baseline REV`` (default: the agent before the scheduler, 5 rounds
+  this tree and for ``--baseline REV`` (``--baseline-patch FILE`` applies an experiment kept as a
+  diff in bench/experiments/ to it first; default: the agent before the scheduler, 5 rounds
   interleaved so that both see the same machine), and for bench/floor_server.py, a server that does
   the prediction and nothing else (run on the event loop, or in a thread): the share any server on
   this interpreter reaches with each design. Each with its event loop's (main thread's) CPU per
@@ -406,12 +407,15 @@ def _model_cpu_ms(c: DeviceClient) -> float | None:
     return entry.get("model_cpu_ms") if entry else None
 
 
-def baseline_tree(rev: str, into: Path) -> Path:
-    """A detached git worktree of ``rev`` (removed by remove_tree)."""
+def baseline_tree(rev: str, into: Path, patch: Path | None = None) -> Path:
+    """A detached git worktree of ``rev`` (removed by remove_tree), with ``patch`` applied: an
+    experiment kept as a diff (bench/experiments/) is measured against the tree it was made on."""
     root = HERE.parent
-    tree = into / f"tree-{rev}"
+    tree = into / f"tree-{rev}".replace("/", "-")
     subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=root, check=True,
                    capture_output=True)
+    if patch is not None:
+        subprocess.run(["git", "apply", str(Path(patch).resolve())], cwd=tree, check=True, capture_output=True)
     return tree
 
 
@@ -655,12 +659,12 @@ BASELINE = "f047c60"  # the agent before the scheduler, worker processes and the
 
 
 def agent_cost_section(tmp: Path, kp, pub: Path, model: bytes, baseline: str | None, rounds: int,
-                       seconds: float) -> dict:
-    """Medians over ``rounds`` rounds, this tree's agent, the baseline's and the two floor servers
-    (bench/floor_server.py) taking turns."""
+                       seconds: float, patch: Path | None = None) -> dict:
+    """Medians over ``rounds`` rounds, this tree's agent, the baseline's (``patch`` applied to it) and
+    the two floor servers (bench/floor_server.py) taking turns."""
     trees = {"current": None}
     if baseline:
-        trees["baseline"] = baseline_tree(baseline, tmp)
+        trees["baseline"] = baseline_tree(baseline, tmp, patch)
     runs: dict[str, list] = {k: [] for k in (*trees, "floor_inline", "floor_thread")}
     try:
         for i in range(rounds):
@@ -671,7 +675,8 @@ def agent_cost_section(tmp: Path, kp, pub: Path, model: bytes, baseline: str | N
     finally:
         if baseline:
             remove_tree(trees["baseline"])
-    out = {"baseline_revision": baseline, "rounds": rounds, "seconds": seconds, "runs": runs}
+    out = {"baseline_revision": baseline, "baseline_patch": str(patch) if patch else None, "rounds": rounds,
+           "seconds": seconds, "runs": runs}
     for tag, rs in runs.items():
         out[tag] = {b: {k: statistics.median(r[b][k] for r in rs if k in r[b]) for k in rs[0][b]}
                     for b in ("1", "256")}
@@ -681,7 +686,9 @@ def agent_cost_section(tmp: Path, kp, pub: Path, model: bytes, baseline: str | N
 def print_cost(cost: dict) -> None:
     names = {"floor_inline": "floor inline (bench/floor_server.py: the prediction and nothing else)",
              "floor_thread": "floor thread (bench/floor_server.py: the prediction and nothing else)",
-             "baseline": f"agent cost (baseline {cost['baseline_revision']})", "current": "agent cost (current)"}
+             "baseline": f"agent cost (baseline {cost['baseline_revision']}"
+                         + (f" + {cost['baseline_patch']})" if cost.get("baseline_patch") else ")"),
+             "current": "agent cost (current)"}
     for tag, name in names.items():
         if tag not in cost:
             continue
@@ -706,6 +713,8 @@ def main(argv=None):
     ap.add_argument("--sampling-rounds", type=int, default=4)
     ap.add_argument("--baseline", default=BASELINE,
                     help="git revision whose agent the cost section measures too ('' for none)")
+    ap.add_argument("--baseline-patch", type=Path, default=None,
+                    help="a diff applied to the --baseline tree first: an experiment kept in bench/experiments/")
     ap.add_argument("--cost-rounds", type=int, default=5)
     args = ap.parse_args(argv)
     q = args.quick
@@ -744,7 +753,7 @@ def main(argv=None):
             pub = tmp / "ws.pub"
             pub.write_bytes(public_key_to_pem(kp.public_key))
             cost = agent_cost_section(tmp, kp, pub, xgb_onnx(100), args.baseline or None,
-                                      2 if q else args.cost_rounds, 2.0 if q else 4.0)
+                                      2 if q else args.cost_rounds, 2.0 if q else 4.0, args.baseline_patch)
         cost["load_avg"] = os.getloadavg()
         results = json.loads(out.read_text()) if out.exists() else {}
         results["agent_cost"] = cost
@@ -785,7 +794,8 @@ def main(argv=None):
                                              2.0 if q else 4.0, 300 if q else 1000)
         results["cold_start"] = bench_cold_start(tmp, store, pub, 2 if q else 5)
         results["agent_cost"] = agent_cost_section(tmp, kp, pub, model, args.baseline or None,
-                                                   2 if q else args.cost_rounds, 2.0 if q else 4.0)
+                                                   2 if q else args.cost_rounds, 2.0 if q else 4.0,
+                                                   args.baseline_patch)
         big = xgb_onnx(300 if q else 600, depth=6, seed=3)
         results["fleet_deploy"] = bench_fleet_deploy(tmp, kp, pub, 20 if q else 100, 10 if q else 25, big,
                                                      poll_seconds=1.0 if q else 4.0)
