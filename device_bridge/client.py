@@ -23,9 +23,11 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 def _dropped(sock: socket.socket) -> bool:
     """Has the server closed (or written unasked to) this idle connection? Readable means either."""
     try:
-        p = select.poll()  # not select(): a process with a thousand files open has descriptors above 1023
-        p.register(sock, select.POLLIN)
-        return bool(p.poll(0))
+        if hasattr(select, "poll"):  # not select() here: a busy process has descriptors above 1023
+            p = select.poll()
+            p.register(sock, select.POLLIN)
+            return bool(p.poll(0))
+        return bool(select.select([sock], [], [], 0)[0])  # Windows: no poll(), and no such limit
     except (OSError, ValueError):  # closed under us
         return True
 
